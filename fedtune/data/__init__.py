@@ -1,0 +1,1 @@
+"""Offline datasets, partitioners, encodings and loaders."""

@@ -1,0 +1,128 @@
+"""From a data config to a federation: global test split, client partitions, local test splits.
+
+Everything is index arrays into one ``LabelledData``; nothing is copied per client, so memory
+does not grow with the number of clients. The same config and seed give the same federation in
+every process (server, Ray workers, SuperNodes), which is how clients find their shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from fedtune.config import ConfigError, DataSection
+from fedtune.data.partition import (
+    check_partition,
+    partition_dirichlet,
+    partition_iid,
+    partition_natural,
+    partition_quantity_skew,
+    partition_shards,
+)
+from fedtune.data.sources import LabelledData, load_dataset
+
+# Independent seed streams per random stage, so changing one stage leaves the others alone.
+_SUBSAMPLE, _TEST_SPLIT, _PARTITION, _LOCAL_SPLIT = range(4)
+
+
+def stage_seed(seed: int, stage: int) -> int:
+    """A 32-bit seed for one random stage of data preparation."""
+    return int(np.random.SeedSequence([seed, stage]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Who holds what: rows of ``data`` for the global test and for each client."""
+
+    data: LabelledData
+    test_rows: np.ndarray
+    client_train_rows: tuple[np.ndarray, ...]
+    client_test_rows: tuple[np.ndarray, ...]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_train_rows)
+
+    def client_rows(self, client_id: int) -> np.ndarray:
+        """All rows of one client (train and local test)."""
+        return np.concatenate([self.client_train_rows[client_id], self.client_test_rows[client_id]])
+
+    def label_histogram(self) -> np.ndarray:
+        """Examples per (client, label), train and local test together."""
+        return np.stack([
+            np.bincount(self.data.labels[self.client_rows(c)], minlength=self.data.num_labels)
+            for c in range(self.num_clients)
+        ])
+
+
+def _split_global_test(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    rows = np.arange(len(labels))
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    train, test = train_test_split(rows, test_size=fraction, random_state=seed, stratify=stratify)
+    return np.sort(train), np.sort(test)
+
+
+def _split_local_test(rows: np.ndarray, fraction: float, rng: np.random.Generator):
+    """Hold out a local test split; at least one example stays for training."""
+    if fraction == 0 or len(rows) < 2:
+        return rows, rows[:0]
+    num_test = min(max(1, round(fraction * len(rows))), len(rows) - 1)
+    shuffled = rng.permutation(rows)
+    return np.sort(shuffled[num_test:]), np.sort(shuffled[:num_test])
+
+
+def _partition_pool(cfg: DataSection, data: LabelledData, pool: np.ndarray, seed: int):
+    labels = data.labels[pool]
+    n = cfg.num_clients
+    if n > len(pool):
+        raise ConfigError(
+            f"data.num_clients = {n} is not allowed: must be <= {len(pool)} "
+            f"(training examples of {data.name})"
+        )
+    if cfg.partitioner == "iid":
+        return partition_iid(len(pool), n, seed)
+    if cfg.partitioner == "dirichlet":
+        return partition_dirichlet(labels, n, cfg.alpha, cfg.min_client_examples, seed)
+    if cfg.partitioner == "shards":
+        return partition_shards(labels, n, cfg.labels_per_client, seed)
+    if cfg.partitioner == "quantity_skew":
+        return partition_quantity_skew(len(pool), n, cfg.quantity_alpha,
+                                       cfg.min_client_examples, seed)
+    key = cfg.natural_key or data.default_key
+    if not data.keys or key not in data.keys:
+        allowed = ", ".join(repr(k) for k in (data.keys or {})) or "none (no natural key)"
+        raise ConfigError(
+            f"data.natural_key = {key!r} is not allowed for data.dataset = {data.name!r}: "
+            f"must be one of {allowed}"
+        )
+    return partition_natural(data.keys[key][pool], n, seed)
+
+
+def build_federation(cfg: DataSection, seed: int) -> Federation:
+    """Subsample (optional), hold out the global test set, partition, split local tests."""
+    return _build_cached(tuple(dataclasses.astuple(cfg)), seed)
+
+
+@lru_cache(maxsize=4)
+def _build_cached(cfg_values: tuple, seed: int) -> Federation:
+    cfg = DataSection(*cfg_values)
+    data = load_dataset(cfg.dataset)
+    rows = np.arange(len(data))
+    if cfg.max_examples:
+        if cfg.max_examples < len(data):
+            rng = np.random.default_rng(stage_seed(seed, _SUBSAMPLE))
+            rows = np.sort(rng.choice(rows, size=cfg.max_examples, replace=False))
+    pool_pos, test_pos = _split_global_test(data.labels[rows], cfg.test_fraction,
+                                            stage_seed(seed, _TEST_SPLIT))
+    pool, test_rows = rows[pool_pos], rows[test_pos]
+    parts = _partition_pool(cfg, data, pool, stage_seed(seed, _PARTITION))
+    check_partition(parts, len(pool))
+    rng = np.random.default_rng(stage_seed(seed, _LOCAL_SPLIT))
+    train, test = zip(*(_split_local_test(pool[p], cfg.local_test_fraction, rng) for p in parts))
+    return Federation(data=data, test_rows=test_rows, client_train_rows=tuple(train),
+                      client_test_rows=tuple(test))

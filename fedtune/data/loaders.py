@@ -1,0 +1,68 @@
+"""PyTorch DataLoaders over rows of an encoded dataset.
+
+A loader yields ``(inputs, labels)``: ``inputs`` is the keyword dict a model's ``forward`` takes
+(``input_ids`` + ``attention_mask`` for transformers, ``features`` for the MLP). Batches are
+built from row numbers, so a client's loader holds an index array, never a copy of the data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fedtune.data.encode import Batch, Encoded, TokenIds
+
+
+class RowDataset(Dataset):
+    """Dataset whose items are row numbers; ``collate`` turns a list of rows into a batch."""
+
+    def __init__(self, encoded: Encoded, labels: np.ndarray, rows: np.ndarray) -> None:
+        self.encoded = encoded
+        self.labels = labels
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int) -> int:
+        return int(self.rows[position])
+
+    def collate(self, rows: list[int]) -> Batch:
+        picked = np.asarray(rows, dtype=np.int64)
+        return self.encoded.pad(picked), torch.from_numpy(self.labels[picked])
+
+
+def train_loader(
+    encoded: Encoded, labels: np.ndarray, rows: np.ndarray, batch_size: int, seed: int
+) -> DataLoader:
+    """Shuffled batches; the order depends only on ``seed``.
+
+    Texts are grouped by length (transformers' LengthGroupedSampler: shuffle, sort within
+    mega-batches of 50 batches, shuffle the batches), so dynamic padding pads little: on
+    Rotten Tomatoes this cuts the tokens a step computes on by about a third.
+    """
+    dataset = RowDataset(encoded, labels, rows)
+    batch_size = min(batch_size, max(1, len(rows)))
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(encoded, TokenIds):
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        lengths = (encoded.offsets[dataset.rows + 1] - encoded.offsets[dataset.rows]).tolist()
+        sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                          collate_fn=dataset.collate)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                      collate_fn=dataset.collate)
+
+
+def eval_loader(
+    encoded: Encoded, labels: np.ndarray, rows: np.ndarray, batch_size: int
+) -> DataLoader:
+    """Batches in length order for texts (little padding), in row order otherwise."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if isinstance(encoded, TokenIds):
+        lengths = encoded.offsets[rows + 1] - encoded.offsets[rows]
+        rows = rows[np.argsort(lengths, kind="stable")]
+    dataset = RowDataset(encoded, labels, rows)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate)
