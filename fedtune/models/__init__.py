@@ -1,0 +1,1 @@
+"""Models: MLP and Hugging Face sequence classifiers, weight exchange, save/load."""

