@@ -1,0 +1,205 @@
+"""Command line: ``fedtune run | report | config``. The only module that knows about terminals."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedtune.config import Config, ConfigError, describe, load_config
+
+# (metrics.csv column, short title, format): one terminal line per round, < 80 characters
+METRIC_COLUMNS = (
+    ("round", "round", "{:.0f}"),
+    ("train_loss", "trainloss", "{:.4f}"),
+    ("eval_loss", "testloss", "{:.4f}"),
+    ("eval_accuracy", "testacc", "{:.4f}"),
+    ("eval_macro_f1", "testF1", "{:.4f}"),
+    ("federated_eval_accuracy", "clientacc", "{:.4f}"),
+    ("clients_ok", "ok", "{:.0f}"),
+    ("clients_failed", "fail", "{:.0f}"),
+    ("bytes_up", "MBup", "{:.1f}"),
+    ("wall_s", "sec", "{:.1f}"),
+)
+WIDTHS = (5, 9, 8, 7, 6, 9, 3, 4, 7, 6)
+
+
+def _fmt(value: Any, pattern: str, key: str) -> str:
+    if value in (None, ""):
+        return "-"
+    number = float(value)
+    if key == "bytes_up":
+        number /= 1e6
+    return pattern.format(number)
+
+
+class RichReporter:
+    """Live progress bar (round, clients done, loss, accuracy, time) and a per-round table."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]round {task.fields[round]}/{task.fields[rounds]}"),
+            TextColumn("{task.fields[phase]:>8}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("clients  loss {task.fields[loss]}  acc {task.fields[acc]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task_id: Any = None
+        self.rounds = 0
+
+    def start(self, config: Config, run_dir: Any) -> None:
+        self.rounds = config.run.rounds
+        self.console.print(f"run directory: {run_dir.path}")
+        header = " ".join(f"{title:>{w}}" for (_, title, _), w in zip(METRIC_COLUMNS, WIDTHS))
+        self.console.print(header, style="bold")
+        self.progress.start()
+        self.task_id = self.progress.add_task("fl", total=config.data.num_clients, round=1,
+                                              rounds=self.rounds, phase="train", loss="-",
+                                              acc="-")
+
+    def phase(self, server_round: int, phase: str, done: int, total: int) -> None:
+        self.progress.update(self.task_id, completed=done, total=total, round=server_round,
+                             phase=phase)
+
+    def round_end(self, row: Any) -> None:
+        values = row.__dict__
+        self.console.print(" ".join(f"{_fmt(values.get(key), pattern, key):>{w}}"
+                                    for (key, _, pattern), w in zip(METRIC_COLUMNS, WIDTHS)))
+        self.progress.update(self.task_id, completed=0,
+                             loss=_fmt(row.train_loss, "{:.4f}", ""),
+                             acc=_fmt(row.eval_accuracy, "{:.4f}", ""))
+
+    def finish(self, summary: dict[str, Any], run_dir: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.progress.live.is_started:
+            self.progress.stop()
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from flwr.supercore.logger import FLOWER_LOGGER  # importing it resets its level
+
+    FLOWER_LOGGER.setLevel(logging.WARNING)
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from fedtune.results.run_dir import default_run_path
+    from fedtune.task import task_resources
+
+    config = load_config(args.config, args.set)
+    config.run.dir = str(Path(args.output or config.run.dir or default_run_path(config)))
+    if Path(config.run.dir).exists() and any(Path(config.run.dir).iterdir()):
+        raise ConfigError(f"--output {config.run.dir!r} is not allowed: must be a new or empty "
+                          "directory")
+    _quiet_libraries()
+    task_resources(config)  # data-dependent checks (client counts, keys) before anything starts
+    reporter = RichReporter(console)
+    started = time.perf_counter()
+    try:
+        if config.engine.backend == "inprocess":
+            from fedtune.engine.launch import run_inprocess
+
+            run_inprocess(config, reporter)
+        else:
+            from fedtune.engine.flower_sim import run_flower_simulation
+
+            run_flower_simulation(config, reporter)
+    finally:
+        reporter.close()
+    _print_summary(console, Path(config.run.dir))
+    console.print(f"finished in {time.perf_counter() - started:.1f}s")
+    console.print(f"run directory: {config.run.dir}")
+    return 0
+
+
+def _print_summary(console: Console, run_dir: Path) -> None:
+    from fedtune.results.run_dir import RunDirectory
+
+    directory = RunDirectory(run_dir)
+    summary = directory.read_json("summary.json")
+    table = Table(title=f"{summary['dataset']['name']}: {summary['dataset']['num_clients']} "
+                        f"clients, {summary['rounds_completed']} rounds", padding=(0, 0))
+    for _, title, _ in METRIC_COLUMNS:
+        table.add_column(title, justify="right")
+    for row in directory.metrics():
+        table.add_row(*(_fmt(row.get(key), pattern, key) for key, _, pattern in METRIC_COLUMNS))
+    console.print(table)
+    final = summary["final"]
+    console.print(
+        f"final global test accuracy {final['eval_accuracy']:.4f}, macro-F1 "
+        f"{final['eval_macro_f1']:.4f} (majority class "
+        f"{summary['dataset']['majority_class_accuracy']:.4f}); best "
+        f"{summary['best']['eval_accuracy']:.4f} at round {summary['best']['round']}"
+    )
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from fedtune.results.report import redraw
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.csv").is_file():
+        raise ConfigError(f"{args.run_dir!r} is not a run directory: it has no metrics.csv")
+    for path in redraw(run_dir):
+        console.print(f"wrote {path}")
+    if (run_dir / "summary.json").is_file():
+        _print_summary(console, run_dir)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, console: Console) -> int:
+    table = Table(title="fedtune config keys")
+    for column in ("key", "default", "meaning"):
+        table.add_column(column)
+    for key, default, help_text in describe():
+        table.add_row(key, repr(default), help_text)
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one federated experiment")
+    run.add_argument("config", nargs="?", help="TOML config (default: built-in quickstart)")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override one config key (repeatable)")
+    run.add_argument("--output", help="run directory to create (default: runs/<name>-<time>)")
+    report = sub.add_parser("report", help="redraw plots and print the summary of a run")
+    report.add_argument("run_dir")
+    sub.add_parser("config", help="list every config key with its default")
+    return parser
+
+
+COMMANDS = {"run": cmd_run, "report": cmd_report, "config": cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        return COMMANDS[args.command](args, console)
+    except ConfigError as error:
+        print(f"fedtune: error: {error}", file=sys.stderr)  # one line, never wrapped
+        return 2
+    except KeyboardInterrupt:
+        console.print("[bold yellow]interrupted[/]: finished rounds are in the run directory")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

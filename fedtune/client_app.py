@@ -1,0 +1,88 @@
+"""Flower ClientApp: a message in, local training or evaluation on this client's shard, a reply out.
+
+The client finds its shard from its node config (``partition-id``, set by every simulation
+runtime and by ``flower-supernode --node-config``) and the run config (which rebuilds the same
+federation in every process). Model and data stay resident in the process between messages.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune.config import ConfigError, from_run_config
+from fedtune.models.build import load_shared_state, shared_state
+from fedtune.task import TaskResources, client_round_seed, limit_threads, task_resources, train_settings
+from fedtune.train import evaluate, train_local
+
+PARTITION_KEY = "partition-id"
+ROUND_KEY = "server-round"
+
+
+def _client_id(context: Context, resources: TaskResources) -> int:
+    if PARTITION_KEY not in context.node_config:
+        raise ConfigError("this SuperNode has no node config 'partition-id': start it with "
+                          "--node-config \"partition-id=<0..num_clients-1>\"")
+    client_id = int(context.node_config[PARTITION_KEY])
+    if not 0 <= client_id < resources.federation.num_clients:
+        raise ConfigError(
+            f"partition-id = {client_id} is not allowed: must be in "
+            f"0..{resources.federation.num_clients - 1} (data.num_clients)"
+        )
+    return client_id
+
+
+def _setup(msg: Message, context: Context) -> tuple[TaskResources, int, int]:
+    config = from_run_config(context.run_config)
+    if config.engine.backend != "inprocess":
+        limit_threads(config.engine.client_cpus)
+    resources = task_resources(config)
+    client_id = _client_id(context, resources)
+    arrays = msg.content["arrays"]
+    load_shared_state(resources.model, {name: array.numpy() for name, array in arrays.items()})
+    server_round = int(msg.content["config"].get(ROUND_KEY, 0))
+    return resources, client_id, server_round
+
+
+def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(value) for name, value in arrays.items()})
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this client's training split."""
+    resources, client_id, server_round = _setup(msg, context)
+    torch.manual_seed(client_round_seed(resources.config.run.seed, server_round, client_id))
+    result = train_local(resources.model, resources.client_train_loader(client_id, server_round),
+                         train_settings(resources.config), resources.device)
+    metrics = MetricRecord({
+        "train_loss": result.loss,
+        # FedAvg weights by local dataset size (McMahan et al. 2017), not by examples seen
+        "num-examples": len(resources.federation.client_train_rows[client_id]),
+        "examples-seen": result.num_examples,
+        "num-steps": result.num_steps,
+        "duration-s": result.duration_s,
+        PARTITION_KEY: client_id,
+    })
+    content = RecordDict({"arrays": to_array_record(shared_state(resources.model)),
+                          "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this client's local test split."""
+    resources, client_id, _ = _setup(msg, context)
+    result = evaluate(resources.model, resources.client_test_loader(client_id), resources.device)
+    metrics = MetricRecord({
+        "eval_loss": 0.0 if result.num_examples == 0 else result.loss,
+        "eval_accuracy": 0.0 if result.num_examples == 0 else result.accuracy,
+        "num-examples": result.num_examples,
+        PARTITION_KEY: client_id,
+    })
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

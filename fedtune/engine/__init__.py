@@ -1,0 +1,1 @@
+"""Runtimes that drive the same ServerApp and ClientApp: in-process and Flower's simulation."""

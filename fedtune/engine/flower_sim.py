@@ -1,0 +1,88 @@
+"""Flower's own simulation runtime (Ray), started from Python for ``fedtune run``.
+
+This is the runtime ``flwr run .`` uses. Clients receive the run config the way they do under
+``flwr run``: as the app's declared config fused with the run's overrides. Outside a Flower
+app folder that declaration is written to a temporary folder holding only a pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import tomli_w
+from flwr.app import Context, RecordDict
+from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+from flwr.simulation.run_simulation import _run_simulation
+from flwr.supercore.constant import NOOP_FEDERATION_ID
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.telemetry import EventType
+
+from fedtune.client_app import app as client_app
+from fedtune.config import Config, to_run_config
+from fedtune.server_app import Reporter, make_server_app
+
+
+def backend_config(config: Config) -> dict:
+    """Ray resources: each client gets engine.client_cpus cores and engine.client_gpus GPUs."""
+    import torch
+
+    init_args: dict = {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR",
+                       "log_to_driver": False}  # client failures come back as error replies
+    if torch.cuda.is_available():
+        init_args["num_gpus"] = torch.cuda.device_count()
+    return {
+        "client_resources": {"num_cpus": config.engine.client_cpus,
+                             "num_gpus": config.engine.client_gpus},
+        "init_args": init_args,
+    }
+
+
+def run_flower_simulation(config: Config, reporter: Reporter | None = None) -> None:
+    """Run the ServerApp and ClientApp under Flower's Ray simulation runtime."""
+    run_config = to_run_config(config)
+    # the same Run set-up flwr.simulation.run_simulation makes, plus our run config
+    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    run = Run.create_empty(run_id)
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = run_config
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    server_context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
+                             run_config=run_config)
+    stop = threading.Event()
+    with tempfile.TemporaryDirectory(prefix="fedtune-app-") as app_dir:
+        Path(app_dir, "pyproject.toml").write_text(tomli_w.dumps(app_declaration(run_config)))
+        try:
+            _run_simulation(
+                num_supernodes=config.data.num_clients,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                client_app=client_app,
+                server_app=make_server_app(reporter, stop),
+                backend_config=backend_config(config),
+                server_app_context=server_context,
+                app_dir=app_dir,
+                is_app=True,  # makes the runtime read the run config from app_dir
+                run=run,
+            )
+        finally:
+            stop.set()  # if the runtime died, the ServerApp thread must not wait for replies
+
+
+def app_declaration(run_config: dict) -> dict:
+    """A minimal Flower app pyproject declaring ``run_config`` as the app's config."""
+    return {
+        "project": {"name": "fedtune-run", "version": "1.0.0"},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedtune",
+            "components": {"serverapp": "fedtune.server_app:app",
+                           "clientapp": "fedtune.client_app:app"},
+            "config": run_config,
+        }}},
+    }

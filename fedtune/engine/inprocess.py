@@ -1,0 +1,108 @@
+"""In-process runtime: a Flower ``Grid`` that calls the ClientApp directly, without Ray.
+
+For debugging (breakpoints work in client code) and for fast tests. Each virtual client keeps
+its own Flower ``Context`` (node config with its ``partition-id``, persistent ``state``) for the
+whole run, as in Flower's runtimes. Messages are processed one at a time when replies are
+pulled, so a caller polling ``pull_messages`` sees clients finish one by one.
+"""
+
+from __future__ import annotations
+
+import traceback
+import uuid
+from collections.abc import Iterable, Mapping
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+NODE_ID_OFFSET = 1000  # node ids below this are Flower's own (0: none, 1: SuperLink)
+
+
+def client_contexts(run_id: int, num_clients: int,
+                    run_config: Mapping[str, bool | int | float | str]) -> dict[int, Context]:
+    """One Context per virtual client, keyed by node id (client id + NODE_ID_OFFSET)."""
+    return {
+        NODE_ID_OFFSET + client_id: Context(
+            run_id=run_id,
+            node_id=NODE_ID_OFFSET + client_id,
+            node_config={"partition-id": client_id, "num-partitions": num_clients},
+            state=RecordDict(),
+            run_config=dict(run_config),
+        )
+        for client_id in range(num_clients)
+    }
+
+
+def error_reply(message: Message, error: BaseException) -> Message:
+    """The reply Flower's runtimes send when a ClientApp raises."""
+    reason = "".join(traceback.format_exception_only(type(error), error)).strip()
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                   reply_to=message)
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process."""
+
+    def __init__(self, client_app: ClientApp, run_config: Mapping[str, bool | int | float | str],
+                 num_clients: int, run_id: int = 1) -> None:
+        self._client_app = client_app
+        self._run = Run.create_empty(run_id)
+        # Messages take their source from the process's task identity: here, the server's
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        self.contexts = client_contexts(run_id, num_clients, run_config)
+        self.node_to_client = {node: ctx.node_config["partition-id"]
+                               for node, ctx in self.contexts.items()}
+        self._queued: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return sorted(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            if message.metadata.dst_node_id not in self.contexts:
+                raise ValueError(f"no node {message.metadata.dst_node_id} in this grid")
+            message_id = uuid.uuid4().hex
+            message.metadata.__dict__["_message_id"] = message_id  # as a SuperLink assigns it
+            self._queued[message_id] = message
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Run the ClientApp for the first queued message asked for; return its reply."""
+        for message_id in message_ids:
+            message = self._queued.pop(message_id, None)
+            if message is None:
+                continue
+            context = self.contexts[message.metadata.dst_node_id]
+            try:
+                reply = self._client_app(message, context)
+            except Exception as error:  # noqa: BLE001 - a client's failure is its reply
+                reply = error_reply(message, error)
+            return [reply]
+        return []
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        ids = list(self.push_messages(messages))
+        replies: list[Message] = []
+        while batch := list(self.pull_messages(ids)):
+            replies.extend(batch)
+        return replies

@@ -1,0 +1,62 @@
+"""Figures of a run, drawn from its CSV files (so ``fedtune report`` can redraw them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _column(rows: list[dict[str, str]], name: str) -> np.ndarray:
+    return np.array([float(r[name]) if r.get(name) not in (None, "") else np.nan for r in rows])
+
+
+def plot_accuracy_loss(rows: list[dict[str, str]], path: Path) -> None:
+    """Global test accuracy / macro-F1 and train / test loss against the round."""
+    rounds = _column(rows, "round")
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    acc_ax.plot(rounds, _column(rows, "eval_accuracy"), marker="o", label="global test accuracy")
+    acc_ax.plot(rounds, _column(rows, "eval_macro_f1"), marker="s", label="global test macro-F1")
+    federated = _column(rows, "federated_eval_accuracy")
+    if np.isfinite(federated).any():
+        acc_ax.plot(rounds, federated, marker="^", linestyle="--",
+                    label="clients' local test accuracy")
+    acc_ax.set_xlabel("round")
+    acc_ax.set_ylabel("score")
+    acc_ax.set_ylim(0, 1)
+    acc_ax.grid(alpha=0.3)
+    acc_ax.legend()
+    loss_ax.plot(rounds, _column(rows, "train_loss"), marker="o", label="train loss (clients)")
+    loss_ax.plot(rounds, _column(rows, "eval_loss"), marker="s", label="global test loss")
+    loss_ax.set_xlabel("round")
+    loss_ax.set_ylabel("cross-entropy")
+    loss_ax.grid(alpha=0.3)
+    loss_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_partitions(histogram: np.ndarray, label_names: tuple[str, ...] | list[str],
+                    path: Path) -> None:
+    """Stacked bars: examples of each label held by each client."""
+    num_clients = histogram.shape[0]
+    fig, ax = plt.subplots(figsize=(max(6, min(0.35 * num_clients, 24)), 4))
+    bottom = np.zeros(num_clients)
+    clients = np.arange(num_clients)
+    colours = plt.get_cmap("tab10" if len(label_names) <= 10 else "tab20")
+    for k, name in enumerate(label_names):
+        ax.bar(clients, histogram[:, k], bottom=bottom, label=name, color=colours(k % 20),
+               width=0.85)
+        bottom += histogram[:, k]
+    ax.set_xlabel("client")
+    ax.set_ylabel("examples")
+    ax.set_title("label histogram per client")
+    ax.legend(fontsize="small", ncol=min(len(label_names), 5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

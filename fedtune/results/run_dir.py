@@ -1,0 +1,177 @@
+"""The run directory: the results contract every runtime writes.
+
+```
+<run dir>/config.toml  env.json  metrics.csv  clients.csv  partitions.csv  summary.json
+          model/  plots/
+```
+
+Rows are appended and flushed as each round ends, so a run that dies keeps every finished
+round on disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedtune.config import Config, to_toml
+from fedtune.results.env_info import environment
+
+
+@dataclass
+class RoundRow:
+    """One line of metrics.csv (the contract's columns, then federated evaluation)."""
+
+    round: int
+    train_loss: float | None
+    eval_loss: float | None
+    eval_accuracy: float | None
+    eval_macro_f1: float | None
+    epsilon: float | None
+    max_client_epsilon: float | None
+    clients_sampled: int
+    clients_ok: int
+    clients_failed: int
+    bytes_up: int
+    bytes_down: int
+    wall_s: float
+    federated_eval_loss: float | None = None
+    federated_eval_accuracy: float | None = None
+
+
+@dataclass
+class ClientRow:
+    """One line of clients.csv: one client's training in one round."""
+
+    round: int
+    client_id: int | None
+    num_examples: int | None
+    train_loss: float | None
+    epsilon: float | None
+    duration_s: float | None
+    status: str
+    reason: str = ""
+
+
+METRICS_COLUMNS = [f.name for f in fields(RoundRow)]
+CLIENT_COLUMNS = [f.name for f in fields(ClientRow)]
+
+
+def _cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def _append(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(v) for k, v in row.items()})
+        handle.flush()
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def utc_stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def default_run_path(config: Config) -> Path:
+    """``<run.output_dir>/<run.name>-<UTC time>``, with a counter if that exists already."""
+    base = Path(config.run.output_dir) / f"{config.run.name}-{utc_stamp()}"
+    target, n = base, 1
+    while target.exists():
+        n += 1
+        target = base.with_name(f"{base.name}-{n}")
+    return target
+
+
+class RunDirectory:
+    """Writes (and reads back) one run's results."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, config: Config, path: str | Path | None = None) -> RunDirectory:
+        """A new directory (``path``, or ``<run.output_dir>/<run.name>-<UTC time>``)."""
+        target = Path(path) if path else default_run_path(config)
+        if target.exists() and any(target.iterdir()):
+            raise FileExistsError(f"run directory {target} exists and is not empty")
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "plots").mkdir(exist_ok=True)
+        run_dir = cls(target.resolve())
+        (run_dir.path / "config.toml").write_text(to_toml(config), encoding="utf-8")
+        run_dir.write_json("env.json", environment(config.run.seed))
+        return run_dir
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def clients_csv(self) -> Path:
+        return self.path / "clients.csv"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    def append_round(self, row: RoundRow, clients: list[ClientRow]) -> None:
+        _append(self.clients_csv, CLIENT_COLUMNS, [asdict(c) for c in clients])
+        _append(self.metrics_csv, METRICS_COLUMNS, [asdict(row)])
+
+    def write_partitions(self, histogram: np.ndarray, label_names: tuple[str, ...]) -> None:
+        """partitions.csv: examples per client and label."""
+        with (self.path / "partitions.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["client_id", *label_names, "total"])
+            for client_id, counts in enumerate(histogram):
+                writer.writerow([client_id, *counts.tolist(), int(counts.sum())])
+
+    def write_json(self, name: str, payload: dict) -> None:
+        file = self.path / name
+        partial = file.with_suffix(".tmp")
+        partial.write_text(json.dumps(payload, indent=2, default=_json_default), encoding="utf-8")
+        partial.replace(file)
+
+    def read_json(self, name: str) -> dict:
+        return json.loads((self.path / name).read_text(encoding="utf-8"))
+
+    def metrics(self) -> list[dict[str, str]]:
+        return read_csv(self.metrics_csv)
+
+    def clients(self) -> list[dict[str, str]]:
+        return read_csv(self.clients_csv)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,71 @@
+"""summary.json: final and best metrics, per-class report, time, privacy spent."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from fedtune.config import Config
+from fedtune.results.run_dir import RunDirectory
+from fedtune.task import TaskResources
+from fedtune.train import EvalResult
+
+
+def _number(text: str) -> float | None:
+    return float(text) if text not in ("", None) else None
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: NaN becomes null; nested structures are cleaned too."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def build_summary(config: Config, resources: TaskResources, run_dir: RunDirectory,
+                  final_eval: EvalResult | None, total_s: float) -> dict[str, Any]:
+    rows = run_dir.metrics()
+    federation = resources.federation
+    test_labels = federation.data.labels[federation.test_rows]
+    majority = float(np.bincount(test_labels).max() / len(test_labels))
+    accuracies = [(_number(r["eval_accuracy"]), int(r["round"])) for r in rows]
+    accuracies = [(a, r) for a, r in accuracies if a is not None]
+    best_accuracy, best_round = max(accuracies) if accuracies else (None, None)
+    final = rows[-1] if rows else {}
+    client_sizes = [len(r) for r in federation.client_train_rows]
+    summary = {
+        "run_dir": str(run_dir.path),
+        "status": "finished",
+        "rounds_completed": len(rows),
+        "dataset": {
+            "name": federation.data.name,
+            "labels": list(federation.data.label_names),
+            "global_test_examples": len(federation.test_rows),
+            "client_train_examples": int(sum(client_sizes)),
+            "client_test_examples": int(sum(len(r) for r in federation.client_test_rows)),
+            "num_clients": federation.num_clients,
+            "majority_class_accuracy": majority,
+        },
+        "final": {
+            "round": int(final["round"]) if final else None,
+            "eval_accuracy": _number(final.get("eval_accuracy", "")),
+            "eval_macro_f1": _number(final.get("eval_macro_f1", "")),
+            "eval_loss": _number(final.get("eval_loss", "")),
+            "train_loss": _number(final.get("train_loss", "")),
+            "federated_eval_accuracy": _number(final.get("federated_eval_accuracy", "")),
+        },
+        "best": {"eval_accuracy": best_accuracy, "round": best_round},
+        "classification_report": final_eval.report if final_eval else None,
+        "total_bytes_up": int(sum(int(r["bytes_up"]) for r in rows)),
+        "total_bytes_down": int(sum(int(r["bytes_down"]) for r in rows)),
+        "total_time_s": total_s,
+        "privacy": {"mode": config.privacy.mode, "epsilon": None, "delta": None,
+                    "accountant": None},
+    }
+    return _finite(summary)

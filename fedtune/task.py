@@ -1,0 +1,116 @@
+"""What one process needs to run a configured task, built once and kept resident.
+
+A ``TaskResources`` holds the federation (index arrays), the encoded inputs (token ids,
+hashed features or pixels), the model spec and one resident model. Server, in-process
+clients and every Ray worker call ``task_resources(config)``; the first call per process
+loads and encodes, later calls (every round, every virtual client) reuse it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedtune.config import Config, ConfigError, to_toml
+from fedtune.data.encode import DenseFeatures, Encoded, hash_bag_of_words, input_dim, tokenize
+from fedtune.data.federation import Federation, build_federation
+from fedtune.data.loaders import eval_loader, train_loader
+from fedtune.models.build import ModelSpec, build_model, model_spec
+from fedtune.train import TrainSettings
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("client.device = 'cuda' is not allowed here: no CUDA device is visible; "
+                          "must be 'auto' or 'cpu'")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def client_round_seed(run_seed: int, server_round: int, client_id: int) -> int:
+    """Seed for one client's work in one round (batch order, dropout)."""
+    return int(np.random.SeedSequence([run_seed, server_round, client_id]).generate_state(1)[0])
+
+
+def encode_inputs(config: Config, federation: Federation) -> Encoded:
+    data = federation.data
+    if config.model.kind == "hf":
+        spec = model_spec(config.model, data.label_names, 0)
+        return tokenize(data, spec.path, config.model.max_length)
+    if data.is_text:
+        return hash_bag_of_words(data, config.model.num_features)
+    return DenseFeatures(data.features)
+
+
+def train_settings(config: Config) -> TrainSettings:
+    c = config.client
+    return TrainSettings(optimizer=c.optimizer, lr=c.lr, weight_decay=c.weight_decay,
+                         momentum=c.momentum, local_epochs=c.local_epochs,
+                         local_steps=c.local_steps, max_grad_norm=c.max_grad_norm)
+
+
+@dataclass
+class TaskResources:
+    config: Config
+    federation: Federation
+    encoded: Encoded
+    spec: ModelSpec
+    device: torch.device
+    _model: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> nn.Module:
+        """The resident model (built on first use, then reused with new weights each call)."""
+        if self._model is None:
+            self._model = build_model(self.spec, self.config.run.seed).to(self.device)
+        return self._model
+
+    def client_train_loader(self, client_id: int, server_round: int) -> DataLoader:
+        rows = self.federation.client_train_rows[client_id]
+        seed = client_round_seed(self.config.run.seed, server_round, client_id)
+        return train_loader(self.encoded, self.federation.data.labels, rows,
+                            self.config.client.batch_size, seed)
+
+    def client_test_loader(self, client_id: int) -> DataLoader:
+        return eval_loader(self.encoded, self.federation.data.labels,
+                           self.federation.client_test_rows[client_id],
+                           self.config.client.eval_batch_size)
+
+    def global_test_loader(self) -> DataLoader:
+        return eval_loader(self.encoded, self.federation.data.labels, self.federation.test_rows,
+                           self.config.client.eval_batch_size)
+
+
+_RESIDENT: dict[str, TaskResources] = {}
+_MAX_RESIDENT = 2
+
+
+def task_resources(config: Config) -> TaskResources:
+    """The process-wide resources for this config (keyed by the resolved config text)."""
+    key = to_toml(config)
+    if key not in _RESIDENT:
+        while len(_RESIDENT) >= _MAX_RESIDENT:
+            _RESIDENT.pop(next(iter(_RESIDENT)))
+        _RESIDENT[key] = _build_resources(config)
+    return _RESIDENT[key]
+
+
+def _build_resources(config: Config) -> TaskResources:
+    federation = build_federation(config.data, config.run.seed)
+    encoded = encode_inputs(config, federation)
+    dim = 0 if config.model.kind == "hf" else input_dim(encoded)
+    spec = model_spec(config.model, federation.data.label_names, dim)
+    return TaskResources(config, federation, encoded, spec, resolve_device(config.client.device))
+
+
+def limit_threads(cpus: float) -> None:
+    """Match torch's thread pools to the CPU share a simulated client was given."""
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)

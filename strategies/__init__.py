@@ -1,0 +1,1 @@
+"""Custom Flower strategies, one per file; they depend on flwr and numpy only, never on fedtune."""
