@@ -1,8 +1,9 @@
-"""Command line: ``fedtune run | report | config``. The only module that knows about terminals."""
+"""Command line: ``fedtune run | sweep | report | config``. The only module that knows about terminals."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -108,17 +109,12 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                           "directory")
     _quiet_libraries()
     task_resources(config)  # data-dependent checks (client counts, keys) before anything starts
+    from fedtune.engine.launch import launch
+
     reporter = RichReporter(console)
     started = time.perf_counter()
     try:
-        if config.engine.backend == "inprocess":
-            from fedtune.engine.launch import run_inprocess
-
-            run_inprocess(config, reporter)
-        else:
-            from fedtune.engine.flower_sim import run_flower_simulation
-
-            run_flower_simulation(config, reporter)
+        launch(config, reporter)
     finally:
         reporter.close()
     _print_summary(console, Path(config.run.dir))
@@ -161,6 +157,53 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+class QuietReporter:
+    """Progress of one run inside a sweep: nothing (the sweep prints a line per run)."""
+
+    def start(self, config: Config, run_dir: Any) -> None:
+        pass
+
+    def phase(self, server_round: int, phase: str, done: int, total: int) -> None:
+        pass
+
+    def round_end(self, row: Any) -> None:
+        pass
+
+    def finish(self, summary: dict[str, Any], run_dir: Any) -> None:
+        pass
+
+
+def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+    from fedtune.engine.launch import launch
+    from fedtune.results.plots import plot_sweep
+    from fedtune.sweep import load_sweep, run_sweep, write_table
+
+    spec = load_sweep(args.config, args.set)
+    if args.output:
+        spec.output_dir, spec.name = str(Path(args.output).parent), Path(args.output).name
+    _quiet_libraries()
+    console.print(f"sweep directory: {spec.directory}")
+
+    def on_run(index: int, total: int, run: Any, status: str) -> None:
+        summary = Path(run.config.run.dir) / "summary.json"
+        final = json.loads(summary.read_text())["final"]
+        values = " ".join(f"{k}={v}" for k, v in run.values.items())
+        console.print(f"[{index}/{total}] {values}: {spec.metric} "
+                      f"{_fmt(final.get(spec.metric), '{:.4f}', '')} ({status})",
+                      highlight=False)
+
+    rows = run_sweep(spec, lambda config: launch(config, QuietReporter()), on_run)
+    table = write_table(spec, rows)
+    console.print((spec.directory / "table.md").read_text(), highlight=False)
+    x_key, series_key = spec.extra.get("x"), spec.extra.get("series")
+    if x_key:
+        path = spec.directory / "plot.png"
+        plot_sweep(table, x_key, series_key, spec.metric, path)
+        console.print(f"wrote {path}")
+    console.print(f"sweep directory: {spec.directory}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, console: Console) -> int:
     table = Table(title="fedtune config keys")
     for column in ("key", "default", "meaning"):
@@ -181,16 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="run directory to create (default: runs/<name>-<time>)")
     report = sub.add_parser("report", help="redraw plots and print the summary of a run")
     report.add_argument("run_dir")
+    sweep = sub.add_parser("sweep", help="run a grid of experiments, skip finished ones, "
+                                         "tabulate and plot")
+    sweep.add_argument("config", help="TOML config with a [sweep.grid] table")
+    sweep.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one key of the base config (repeatable)")
+    sweep.add_argument("--output", help="sweep directory (default: <sweep.output_dir>/<name>)")
     sub.add_parser("config", help="list every config key with its default")
     return parser
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "config": cmd_config}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console()
+    console = Console(soft_wrap=True)  # long paths stay on one line, also in logs
     try:
         return COMMANDS[args.command](args, console)
     except ConfigError as error:

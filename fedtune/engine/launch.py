@@ -1,6 +1,8 @@
-"""Start a configured run on the in-process runtime."""
+"""Start a configured run on the runtime its config names."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from fedtune.client_app import app as client_app
 from fedtune.config import Config, to_run_config
@@ -13,3 +15,13 @@ def run_inprocess(config: Config, reporter: Reporter | None = None) -> RunDirect
     """Every client in this process, one after another (no Ray)."""
     grid = InProcessGrid(client_app, to_run_config(config), config.data.num_clients)
     return run_federated(grid, config, reporter)
+
+
+def launch(config: Config, reporter: Reporter | None = None) -> RunDirectory:
+    """Run ``config`` on ``engine.backend``; ``config.run.dir`` must name the run directory."""
+    if config.engine.backend == "inprocess":
+        return run_inprocess(config, reporter)
+    from fedtune.engine.flower_sim import run_flower_simulation
+
+    run_flower_simulation(config, reporter)
+    return RunDirectory(Path(config.run.dir))

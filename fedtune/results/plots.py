@@ -60,3 +60,26 @@ def plot_partitions(histogram: np.ndarray, label_names: tuple[str, ...] | list[s
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_sweep(table: list[dict], x_key: str, series_key: str | None, metric: str,
+               path: Path) -> None:
+    """Mean ± std of ``metric`` against a grid key, one line per value of ``series_key``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series = sorted({str(e.get(series_key)) for e in table}) if series_key else [None]
+    for name in series:
+        points = [e for e in table if series_key is None or str(e.get(series_key)) == name]
+        points = sorted((float(e[x_key]), e["mean"], e["std"]) for e in points
+                        if e["mean"] is not None)
+        if not points:
+            continue
+        xs, means, stds = (np.array(v, dtype=float) for v in zip(*points, strict=True))
+        label = f"{series_key.split('.')[-1]}={name}" if series_key else metric
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(f"final {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

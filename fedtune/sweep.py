@@ -1,0 +1,235 @@
+"""Grids of runs: expand, run what is not finished yet, collect one row per run, summarise.
+
+A sweep file is an ordinary config file plus a ``[sweep]`` table::
+
+    [sweep]
+    name = "privacy-utility"
+    output_dir = "sweeps"            # the sweep directory is <output_dir>/<name>
+    metric = "eval_accuracy"         # a final metric of summary.json to tabulate
+
+    [sweep.grid]                      # every combination of these values is one run
+    "privacy.mode" = ["local", "central"]
+    "run.seed" = [0, 1, 2]
+
+Each run gets its own run directory ``<sweep dir>/runs/<slug>``. A run whose summary.json says
+``finished`` is skipped, so a sweep stopped with Ctrl-C continues where it was; an unfinished
+run directory is started again from scratch. ``results.csv`` has one row per run (grid values,
+final metrics); ``table.csv`` / ``table.md`` give mean ± std of the metric over ``run.seed`` for
+every other combination.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import re
+import shutil
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedtune.config import Config, ConfigError, from_dict, parse_override
+
+SEED_KEY = "run.seed"
+FINAL_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "train_loss",
+                 "federated_eval_accuracy")
+
+
+@dataclass
+class SweepSpec:
+    """A base config, the grid over some of its keys, and where the sweep lives."""
+
+    name: str
+    output_dir: str
+    metric: str
+    base: dict[str, dict[str, Any]]
+    grid: dict[str, list[Any]]
+    extra: dict[str, Any] = field(default_factory=dict)  # other [sweep] keys, for callers
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One point of the grid."""
+
+    values: dict[str, Any]
+    config: Config
+    slug: str
+
+
+def _check_key(key: str) -> tuple[str, str]:
+    if key.count(".") != 1:
+        raise ConfigError(f"sweep.grid key {key!r} is not allowed: must be section.key")
+    section, name = key.split(".")
+    return section, name
+
+
+def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
+    """Read a sweep file; ``--set`` overrides change the base config (not the grid)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"sweep file {str(path)!r} does not exist")
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"sweep file {str(path)!r} is not valid TOML: {err}") from None
+    sweep = raw.pop("sweep", None)
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("grid"), dict) or not sweep["grid"]:
+        raise ConfigError(f"sweep file {str(path)!r} needs a [sweep.grid] table with at least "
+                          "one key, e.g. \"run.seed\" = [0, 1, 2]")
+    grid = dict(sweep.pop("grid"))
+    for key, values in grid.items():
+        _check_key(key)
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep.grid.{key} = {values!r} is not allowed: must be a "
+                              "non-empty list of values")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    metric = sweep.pop("metric", "eval_accuracy")
+    if metric not in FINAL_METRICS:
+        raise ConfigError(f"sweep.metric = {metric!r} is not allowed: must be one of "
+                          + ", ".join(repr(m) for m in FINAL_METRICS))
+    spec = SweepSpec(name=str(sweep.pop("name", file.stem)),
+                     output_dir=str(sweep.pop("output_dir", "sweeps")),
+                     metric=metric, base=raw, grid=grid, extra=sweep)
+    expand(spec)  # every combination must be a valid config before anything runs
+    return spec
+
+
+def _slug(values: dict[str, Any]) -> str:
+    parts = []
+    for key, value in values.items():
+        text = json.dumps(value) if isinstance(value, (list, bool)) else str(value)
+        parts.append(f"{key.split('.')[-1]}={text}")
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", "_".join(parts))
+
+
+def expand(spec: SweepSpec) -> list[SweepRun]:
+    """Every combination of the grid values, as validated configs."""
+    keys = list(spec.grid)
+    runs = []
+    for combination in itertools.product(*(spec.grid[k] for k in keys)):
+        values = dict(zip(keys, combination, strict=True))
+        raw = {section: dict(table) for section, table in spec.base.items()}
+        for key, value in values.items():
+            section, name = _check_key(key)
+            raw.setdefault(section, {})[name] = value
+        try:
+            config = from_dict(raw)
+        except ConfigError as err:
+            raise ConfigError(f"sweep point {values}: {err}") from None
+        slug = _slug(values)
+        config.run.dir = str(spec.directory / "runs" / slug)
+        runs.append(SweepRun(values, config, slug))
+    return runs
+
+
+def is_finished(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return False
+    return json.loads(summary.read_text()).get("status") == "finished"
+
+
+def result_row(run: SweepRun) -> dict[str, Any]:
+    """Grid values and final metrics of a finished run."""
+    summary = json.loads((Path(run.config.run.dir) / "summary.json").read_text())
+    row: dict[str, Any] = dict(run.values)
+    for name in FINAL_METRICS:
+        row[name] = summary["final"].get(name)
+    row["best_eval_accuracy"] = summary["best"]["eval_accuracy"]
+    row["epsilon"] = summary["privacy"].get("epsilon")
+    row["total_bytes"] = summary["total_bytes_up"] + summary["total_bytes_down"]
+    row["total_time_s"] = summary["total_time_s"]
+    row["run_dir"] = run.config.run.dir
+    return row
+
+
+def run_sweep(spec: SweepSpec, run_one: Callable[[Config], Any],
+              on_run: Callable[[int, int, SweepRun, str], None] | None = None
+              ) -> list[dict[str, Any]]:
+    """Run every unfinished point with ``run_one``; returns one result row per point."""
+    spec.directory.mkdir(parents=True, exist_ok=True)
+    runs = expand(spec)
+    rows = []
+    for index, run in enumerate(runs, start=1):
+        run_dir = Path(run.config.run.dir)
+        if is_finished(run_dir):
+            status = "skipped (finished before)"
+        else:
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # an interrupted run starts again
+            run_one(run.config)
+            status = "done"
+        rows.append(result_row(run))
+        write_results(spec, rows)
+        if on_run is not None:
+            on_run(index, len(runs), run, status)
+    write_table(spec, rows)
+    return rows
+
+
+def write_results(spec: SweepSpec, rows: list[dict[str, Any]]) -> Path:
+    path = spec.directory / "results.csv"
+    columns = list(rows[0]) if rows else []
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, list) else v
+                             for k, v in row.items()})
+    return path
+
+
+def group_rows(rows: list[dict[str, Any]], keys: list[str], metric: str
+               ) -> list[dict[str, Any]]:
+    """Mean, std and count of ``metric`` for every combination of ``keys`` (seeds pooled)."""
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        key = tuple(json.dumps(row[k]) for k in keys)
+        value = row.get(metric)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            groups.setdefault(key, []).append(float(value))
+        else:
+            groups.setdefault(key, [])
+    table = []
+    for key, values in groups.items():
+        entry = {k: json.loads(v) for k, v in zip(keys, key, strict=True)}
+        entry["mean"] = float(np.mean(values)) if values else None
+        entry["std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        entry["n"] = len(values)
+        table.append(entry)
+    return table
+
+
+def write_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """table.csv and table.md: mean ± std of the metric over seeds, per other grid values."""
+    keys = [k for k in spec.grid if k != SEED_KEY]
+    table = group_rows(rows, keys, spec.metric)
+    with (spec.directory / "table.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*keys, "mean", "std", "n"])
+        writer.writeheader()
+        writer.writerows(table)
+    (spec.directory / "table.md").write_text(markdown_table(table, keys, spec.metric),
+                                             encoding="utf-8")
+    return table
+
+
+def markdown_table(table: list[dict[str, Any]], keys: list[str], metric: str) -> str:
+    header = [*keys, f"{metric} (mean ± std)", "runs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in table:
+        cells = [str(entry[k]) for k in keys]
+        score = "-" if entry["mean"] is None else f"{entry['mean']:.4f} ± {entry['std']:.4f}"
+        lines.append("| " + " | ".join([*cells, score, str(entry["n"])]) + " |")
+    return "\n".join(lines) + "\n"
