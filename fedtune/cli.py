@@ -1,4 +1,4 @@
-"""Command line: ``fedtune run | sweep | report | config``. The only module that knows about terminals."""
+"""Command line: ``fedtune run | sweep | report | certs | config``. The only module that knows about terminals."""
 
 from __future__ import annotations
 
@@ -204,6 +204,21 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace, console: Console) -> int:
+    from fedtune.deploy.certs import write_credentials
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{args.output!r} is not allowed: must be a new or empty directory "
+                          "(existing keys are never overwritten)")
+    made = write_credentials(out, args.host or ["localhost", "127.0.0.1"], args.supernodes)
+    console.print(f"CA certificate      {made.ca_cert}   (give to every SuperNode and flwr CLI)")
+    console.print(f"SuperLink cert/key  {made.server_cert}  {made.server_key}")
+    for private, public in made.supernode_keys:
+        console.print(f"SuperNode key pair  {private}  {public}   (register the .pub)")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, console: Console) -> int:
     table = Table(title="fedtune config keys")
     for column in ("key", "default", "meaning"):
@@ -230,11 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one key of the base config (repeatable)")
     sweep.add_argument("--output", help="sweep directory (default: <sweep.output_dir>/<name>)")
+    certs = sub.add_parser("certs", help="create a CA, a SuperLink TLS certificate and SuperNode "
+                                         "authentication keys for a deployment")
+    certs.add_argument("output", help="new directory for the files")
+    certs.add_argument("--host", action="append", metavar="NAME_OR_IP",
+                       help="SuperLink host name or IP the certificate is valid for "
+                            "(repeatable; default: localhost and 127.0.0.1)")
+    certs.add_argument("--supernodes", type=int, default=3, help="key pairs to create")
     sub.add_parser("config", help="list every config key with its default")
     return parser
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "config": cmd_config}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "certs": cmd_certs,
+            "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:
