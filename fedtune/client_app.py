@@ -18,32 +18,40 @@ from fedtune.task import TaskResources, client_round_seed, limit_threads, task_r
 from fedtune.train import evaluate, train_local
 
 PARTITION_KEY = "partition-id"
+DATA_PATH_KEY = "data-path"
 ROUND_KEY = "server-round"
 
 
-def _client_id(context: Context, resources: TaskResources) -> int:
+def _client_id(context: Context, num_clients: int) -> int:
+    """The client's id in results; with a benchmark dataset also its partition."""
     if PARTITION_KEY not in context.node_config:
         raise ConfigError("this SuperNode has no node config 'partition-id': start it with "
                           "--node-config \"partition-id=<0..num_clients-1>\"")
     client_id = int(context.node_config[PARTITION_KEY])
-    if not 0 <= client_id < resources.federation.num_clients:
+    if not 0 <= client_id < num_clients:
         raise ConfigError(
             f"partition-id = {client_id} is not allowed: must be in "
-            f"0..{resources.federation.num_clients - 1} (data.num_clients)"
+            f"0..{num_clients - 1} (data.num_clients)"
         )
     return client_id
 
 
-def _setup(msg: Message, context: Context) -> tuple[TaskResources, int, int]:
+def _setup(msg: Message, context: Context) -> tuple[TaskResources, int, int, int]:
+    """Resources, client id, the client's shard in the federation, server round."""
     config = from_run_config(context.run_config)
     if config.engine.backend != "inprocess":
         limit_threads(config.engine.client_cpus)
-    resources = task_resources(config)
-    client_id = _client_id(context, resources)
+    data_path = str(context.node_config.get(DATA_PATH_KEY, ""))
+    if config.data.dataset == "files" and not data_path:
+        raise ConfigError("data.dataset = 'files' needs each SuperNode's own file: start it "
+                          "with --node-config \"partition-id=<i> data-path=<file>\"")
+    resources = task_resources(config, data_path)
+    client_id = _client_id(context, config.data.num_clients)
     arrays = msg.content["arrays"]
     load_shared_state(resources.model, {name: array.numpy() for name, array in arrays.items()})
     server_round = int(msg.content["config"].get(ROUND_KEY, 0))
-    return resources, client_id, server_round
+    shard = 0 if config.data.dataset == "files" else client_id  # a party's file is its shard
+    return resources, client_id, shard, server_round
 
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -56,14 +64,15 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's training split."""
-    resources, client_id, server_round = _setup(msg, context)
-    torch.manual_seed(client_round_seed(resources.config.run.seed, server_round, client_id))
-    result = train_local(resources.model, resources.client_train_loader(client_id, server_round),
+    resources, client_id, shard, server_round = _setup(msg, context)
+    seed = client_round_seed(resources.config.run.seed, server_round, client_id)
+    torch.manual_seed(seed)
+    result = train_local(resources.model, resources.client_train_loader(shard, seed),
                          train_settings(resources.config), resources.device)
     metrics = MetricRecord({
         "train_loss": result.loss,
         # FedAvg weights by local dataset size (McMahan et al. 2017), not by examples seen
-        "num-examples": len(resources.federation.client_train_rows[client_id]),
+        "num-examples": len(resources.federation.client_train_rows[shard]),
         "examples-seen": result.num_examples,
         "num-steps": result.num_steps,
         "duration-s": result.duration_s,
@@ -77,8 +86,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this client's local test split."""
-    resources, client_id, _ = _setup(msg, context)
-    result = evaluate(resources.model, resources.client_test_loader(client_id), resources.device)
+    resources, client_id, shard, _ = _setup(msg, context)
+    result = evaluate(resources.model, resources.client_test_loader(shard), resources.device)
     metrics = MetricRecord({
         "eval_loss": 0.0 if result.num_examples == 0 else result.loss,
         "eval_accuracy": 0.0 if result.num_examples == 0 else result.accuracy,

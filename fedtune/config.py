@@ -47,7 +47,7 @@ def _spec(
     return field(default=default, metadata=meta)
 
 
-DATASETS = ("rotten_tomatoes", "bbc_news", "digits")
+DATASETS = ("rotten_tomatoes", "bbc_news", "digits", "files")
 PARTITIONERS = ("iid", "dirichlet", "shards", "quantity_skew", "natural")
 MODEL_KINDS = ("hf", "mlp")
 TRANSFER_MODES = ("full",)
@@ -70,7 +70,10 @@ class RunSection:
 
 @dataclass
 class DataSection:
-    dataset: str = _spec("rotten_tomatoes", "offline dataset", choices=DATASETS)
+    dataset: str = _spec(
+        "rotten_tomatoes", "offline dataset; files = each SuperNode's own CSV/JSONL (deployment)",
+        choices=DATASETS,
+    )
     num_clients: int = _spec(8, "number of clients (partitions)", ge=1)
     partitioner: str = _spec("natural", "how examples are split over clients", choices=PARTITIONERS)
     alpha: float = _spec(0.5, "Dirichlet concentration over labels (partitioner=dirichlet)", gt=0)
@@ -86,6 +89,10 @@ class DataSection:
     local_test_fraction: float = _spec(0.1, "per-client local test split", ge=0, lt=1)
     max_examples: int = _spec(3000, "use a seeded subsample of this many examples; 0 = all",
                               ge=0)
+    label_names: list[str] = _spec([], "labels of a files dataset, in index order")
+    test_path: str = _spec("", "files dataset: the server's global test file (CSV or JSONL)")
+    text_column: str = _spec("text", "files dataset: column / JSON field holding the text")
+    label_column: str = _spec("label", "files dataset: column / JSON field holding the label")
 
 
 @dataclass
@@ -184,7 +191,9 @@ def _allowed_text(f: dataclasses.Field[Any], kind: Any) -> str:
         if meta[key] is not None:
             bounds.append(f"{sign} {meta[key]:g}")
     name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        kind, "a list of positive integers"
+        kind,
+        "a list of names without commas" if typing.get_args(kind) == (str,)
+        else "a list of positive integers",
     )
     return name + (" " + " and ".join(bounds) if bounds else "")
 
@@ -234,6 +243,16 @@ def _coerce(key: str, value: Any, f: dataclasses.Field[Any], kind: Any) -> Any:
         if not isinstance(value, str):
             raise bad()
         out = value
+    elif typing.get_args(kind) == (str,):  # list[str]
+        if isinstance(value, str):  # run_config form: "fresh,rotten"
+            value_list = [p.strip() for p in value.split(",") if p.strip()]
+        elif isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+            value_list = list(value)
+        else:
+            raise bad()
+        if any("," in v for v in value_list):
+            raise bad()
+        out = value_list
     else:  # list[int]
         if isinstance(value, str):  # run_config form: "256,128"
             parts = [p for p in value.replace(" ", "").split(",") if p]
@@ -319,6 +338,15 @@ def check_consistency(config: Config) -> None:
             "data.dataset = 'digits' is not allowed with model.kind = 'hf': must be a text "
             "dataset (rotten_tomatoes, bbc_news), or set model.kind = 'mlp'"
         )
+    if config.data.dataset == "files":
+        if len(config.data.label_names) < 2:
+            raise ConfigError(
+                f"data.label_names = {config.data.label_names!r} is not allowed with "
+                "data.dataset = 'files': must name at least 2 labels, e.g. [\"neg\", \"pos\"]"
+            )
+        if not config.data.test_path:
+            raise ConfigError("data.test_path = '' is not allowed with data.dataset = 'files': "
+                              "must be the server's global test file (CSV or JSONL)")
     if config.strategy.min_train_clients > config.data.num_clients:
         raise ConfigError(
             f"strategy.min_train_clients = {config.strategy.min_train_clients} is not allowed: "

@@ -166,8 +166,9 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     run_dir = RunDirectory.create(config, config.run.dir or None)
     histogram = resources.federation.label_histogram()
     run_dir.write_partitions(histogram, resources.federation.data.label_names)
-    plot_partitions(histogram, resources.federation.data.label_names,
-                    run_dir.plots_dir / "partitions.png")
+    if len(histogram):  # with private per-party files the server sees no partitions
+        plot_partitions(histogram, resources.federation.data.label_names,
+                        run_dir.plots_dir / "partitions.png")
     reporter.start(config, run_dir)
     started = time.perf_counter()
     wait_for_nodes(grid, config.data.num_clients, config.engine.node_wait_s)

@@ -71,15 +71,14 @@ class TaskResources:
             self._model = build_model(self.spec, self.config.run.seed).to(self.device)
         return self._model
 
-    def client_train_loader(self, client_id: int, server_round: int) -> DataLoader:
-        rows = self.federation.client_train_rows[client_id]
-        seed = client_round_seed(self.config.run.seed, server_round, client_id)
+    def client_train_loader(self, shard: int, seed: int) -> DataLoader:
+        rows = self.federation.client_train_rows[shard]
         return train_loader(self.encoded, self.federation.data.labels, rows,
                             self.config.client.batch_size, seed)
 
-    def client_test_loader(self, client_id: int) -> DataLoader:
+    def client_test_loader(self, shard: int) -> DataLoader:
         return eval_loader(self.encoded, self.federation.data.labels,
-                           self.federation.client_test_rows[client_id],
+                           self.federation.client_test_rows[shard],
                            self.config.client.eval_batch_size)
 
     def global_test_loader(self) -> DataLoader:
@@ -91,18 +90,21 @@ _RESIDENT: dict[str, TaskResources] = {}
 _MAX_RESIDENT = 2
 
 
-def task_resources(config: Config) -> TaskResources:
-    """The process-wide resources for this config (keyed by the resolved config text)."""
-    key = to_toml(config)
+def task_resources(config: Config, data_path: str = "") -> TaskResources:
+    """The process-wide resources for this config (keyed by the resolved config text).
+
+    ``data_path``: a SuperNode's own data file (``data.dataset = "files"``).
+    """
+    key = to_toml(config) + "\0" + data_path
     if key not in _RESIDENT:
         while len(_RESIDENT) >= _MAX_RESIDENT:
             _RESIDENT.pop(next(iter(_RESIDENT)))
-        _RESIDENT[key] = _build_resources(config)
+        _RESIDENT[key] = _build_resources(config, data_path)
     return _RESIDENT[key]
 
 
-def _build_resources(config: Config) -> TaskResources:
-    federation = build_federation(config.data, config.run.seed)
+def _build_resources(config: Config, data_path: str) -> TaskResources:
+    federation = build_federation(config.data, config.run.seed, data_path)
     encoded = encode_inputs(config, federation)
     dim = 0 if config.model.kind == "hf" else input_dim(encoded)
     spec = model_spec(config.model, federation.data.label_names, dim)

@@ -23,6 +23,7 @@ from fedtune.data.partition import (
     partition_quantity_skew,
     partition_shards,
 )
+from fedtune.data.files import load_party_file
 from fedtune.data.sources import LabelledData, load_dataset
 
 # Independent seed streams per random stage, so changing one stage leaves the others alone.
@@ -53,6 +54,8 @@ class Federation:
 
     def label_histogram(self) -> np.ndarray:
         """Examples per (client, label), train and local test together."""
+        if self.num_clients == 0:  # the server of a files dataset sees no client data
+            return np.zeros((0, self.data.num_labels), dtype=np.int64)
         return np.stack([
             np.bincount(self.data.labels[self.client_rows(c)], minlength=self.data.num_labels)
             for c in range(self.num_clients)
@@ -103,14 +106,32 @@ def _partition_pool(cfg: DataSection, data: LabelledData, pool: np.ndarray, seed
     return partition_natural(data.keys[key][pool], n, seed)
 
 
-def build_federation(cfg: DataSection, seed: int) -> Federation:
-    """Subsample (optional), hold out the global test set, partition, split local tests."""
-    return _build_cached(tuple(dataclasses.astuple(cfg)), seed)
+def build_federation(cfg: DataSection, seed: int, data_path: str = "") -> Federation:
+    """Subsample (optional), hold out the global test set, partition, split local tests.
+
+    For ``data.dataset = "files"`` the server's federation is the global test file alone, and a
+    SuperNode's (``data_path``) is its own file as client 0, split into train and local test.
+    """
+    values = tuple(tuple(v) if isinstance(v, list) else v for v in dataclasses.astuple(cfg))
+    return _build_cached(values, seed, data_path)
+
+
+def _files_federation(cfg: DataSection, seed: int, data_path: str) -> Federation:
+    labels = tuple(cfg.label_names)
+    if not data_path:
+        data = load_party_file(cfg.test_path, labels, cfg.text_column, cfg.label_column)
+        return Federation(data, np.arange(len(data)), (), ())
+    data = load_party_file(data_path, labels, cfg.text_column, cfg.label_column)
+    rng = np.random.default_rng(stage_seed(seed, _LOCAL_SPLIT))
+    train, test = _split_local_test(np.arange(len(data)), cfg.local_test_fraction, rng)
+    return Federation(data, np.arange(0), (train,), (test,))
 
 
 @lru_cache(maxsize=4)
-def _build_cached(cfg_values: tuple, seed: int) -> Federation:
+def _build_cached(cfg_values: tuple, seed: int, data_path: str) -> Federation:
     cfg = DataSection(*cfg_values)
+    if cfg.dataset == "files":
+        return _files_federation(cfg, seed, data_path)
     data = load_dataset(cfg.dataset)
     rows = np.arange(len(data))
     if cfg.max_examples:

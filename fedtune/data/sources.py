@@ -72,15 +72,17 @@ def _deduplicate(texts: list[str], labels: list[str]) -> list[int]:
     return [i for text, i in first.items() if text not in conflicting]
 
 
-def _build(
+def build_text_data(
     name: str,
     texts: list[str],
     label_text: list[str],
     keys: dict[str, list[str]] | None = None,
     default_key: str = "",
+    label_names: tuple[str, ...] | None = None,
 ) -> LabelledData:
+    """Deduplicated texts with labels indexed by ``label_names`` (default: sorted names)."""
     keep = _deduplicate(texts, label_text)
-    label_names = tuple(sorted(set(label_text[i] for i in keep)))
+    label_names = label_names or tuple(sorted(set(label_text[i] for i in keep)))
     index = {n: k for k, n in enumerate(label_names)}
     return LabelledData(
         name=name,
@@ -108,7 +110,7 @@ def load_rotten_tomatoes() -> LabelledData:
                 texts.append(row["text"])
                 labels.append(row["category"])
                 movies.append(row["movie_name"])
-    return _build("rotten_tomatoes", texts, labels, {"movie_name": movies}, "movie_name")
+    return build_text_data("rotten_tomatoes", texts, labels, {"movie_name": movies}, "movie_name")
 
 
 def load_bbc_news() -> LabelledData:
@@ -120,7 +122,7 @@ def load_bbc_news() -> LabelledData:
         for file in sorted(class_dir.glob("*.txt")):
             texts.append(file.read_text(encoding="utf-8", errors="replace").strip())
             labels.append(class_dir.name)
-    return _build("bbc_news", texts, labels)
+    return build_text_data("bbc_news", texts, labels)
 
 
 def load_digits() -> LabelledData:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import traceback
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -23,13 +23,20 @@ NODE_ID_OFFSET = 1000  # node ids below this are Flower's own (0: none, 1: Super
 
 
 def client_contexts(run_id: int, num_clients: int,
-                    run_config: Mapping[str, bool | int | float | str]) -> dict[int, Context]:
-    """One Context per virtual client, keyed by node id (client id + NODE_ID_OFFSET)."""
+                    run_config: Mapping[str, bool | int | float | str],
+                    node_configs: Sequence[Mapping[str, bool | int | float | str]] = (),
+                    ) -> dict[int, Context]:
+    """One Context per virtual client, keyed by node id (client id + NODE_ID_OFFSET).
+
+    ``node_configs[i]`` adds to client i's node config (e.g. a ``data-path``).
+    """
+    extra = list(node_configs) or [{}] * num_clients
     return {
         NODE_ID_OFFSET + client_id: Context(
             run_id=run_id,
             node_id=NODE_ID_OFFSET + client_id,
-            node_config={"partition-id": client_id, "num-partitions": num_clients},
+            node_config={"partition-id": client_id, "num-partitions": num_clients,
+                         **extra[client_id]},
             state=RecordDict(),
             run_config=dict(run_config),
         )
@@ -48,14 +55,15 @@ class InProcessGrid(Grid):
     """A Grid whose nodes are ClientApp calls in this process."""
 
     def __init__(self, client_app: ClientApp, run_config: Mapping[str, bool | int | float | str],
-                 num_clients: int, run_id: int = 1) -> None:
+                 num_clients: int, run_id: int = 1,
+                 node_configs: Sequence[Mapping[str, bool | int | float | str]] = ()) -> None:
         self._client_app = client_app
         self._run = Run.create_empty(run_id)
         # Messages take their source from the process's task identity: here, the server's
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
-        self.contexts = client_contexts(run_id, num_clients, run_config)
+        self.contexts = client_contexts(run_id, num_clients, run_config, node_configs)
         self.node_to_client = {node: ctx.node_config["partition-id"]
                                for node, ctx in self.contexts.items()}
         self._queued: dict[str, Message] = {}
