@@ -53,7 +53,7 @@ def test_pyproject_declares_exactly_the_default_config():
     declared = pyproject["tool"]["flwr"]["app"]["config"]
     flat = {f"{section}.{key}": value for section, values in declared.items()
             for key, value in values.items()}
-    assert flat == to_run_config(Config())
+    assert flat == to_run_config(Config()), "run: python scripts/sync_flwr_config.py"
 
 
 def test_quickstart_file_is_the_default():
