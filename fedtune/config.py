@@ -66,6 +66,9 @@ class RunSection:
     rounds: int = _spec(3, "number of federated rounds", ge=1)
     output_dir: str = _spec("runs", "folder that receives the run directory")
     dir: str = _spec("", "exact run directory (must be new or empty); '' = under output_dir")
+    max_rounds_without_update: int = _spec(
+        3, "stop after this many rounds in a row without enough sound client updates", ge=1
+    )
 
 
 @dataclass

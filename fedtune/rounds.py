@@ -31,6 +31,7 @@ class Exchange:
 
     sent: list[Message]
     replies: list[Message] = field(default_factory=list)
+    sent_by_id: dict[str, Message] = field(default_factory=dict)  # message id -> instruction
     timed_out: list[int] = field(default_factory=list)  # node ids that did not answer in time
     bytes_down: int = 0
     bytes_up: int = 0
@@ -42,6 +43,10 @@ class Exchange:
     @property
     def failed(self) -> list[Message]:
         return [r for r in self.replies if r.has_error()]
+
+    def instruction(self, reply: Message) -> Message:
+        """The message this reply answers."""
+        return self.sent_by_id[reply.metadata.reply_to_message_id]
 
 
 class RunStopped(RuntimeError):
@@ -64,6 +69,7 @@ def exchange(
     if not sent:
         return result
     ids = list(grid.push_messages(sent))
+    result.sent_by_id = dict(zip(ids, sent, strict=True))
     destination = {i: m.metadata.dst_node_id for i, m in zip(ids, sent, strict=True)}
     pending = set(ids)
     deadline = time.monotonic() + timeout_s

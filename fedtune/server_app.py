@@ -31,6 +31,7 @@ from fedtune.rounds import Exchange, exchange
 from fedtune.strategy_factory import build_strategy
 from fedtune.task import TaskResources, task_resources
 from fedtune.train import EvalResult, evaluate
+from fedtune.validation import MAX_ANY_EXAMPLES, check_evaluate_reply, check_train_reply
 
 class Reporter(Protocol):
     """Receives progress; the CLI draws it, ``LogReporter`` logs it."""
@@ -106,15 +107,35 @@ def _metric(message: Message, key: str) -> Any:
     return record.get(key)
 
 
-def client_rows(server_round: int, train: Exchange, node_to_client: dict[int, int]) -> list[ClientRow]:
-    """One row per sampled client: ok, failed (error reply) or timeout (no reply)."""
-    rows = []
+def screen_train_replies(train: Exchange, max_examples: int
+                         ) -> tuple[list[Message], list[tuple[Message, str]]]:
+    """(accepted replies, [(rejected reply, reason)])."""
+    accepted, rejected = [], []
     for reply in train.ok:
+        reason = check_train_reply(train.instruction(reply), reply, max_examples)
+        if reason is None and not isinstance(_metric(reply, PARTITION_KEY), int):
+            reason = f"{PARTITION_KEY} is not an integer"
+        if reason is None:
+            accepted.append(reply)
+        else:
+            rejected.append((reply, reason))
+    return accepted, rejected
+
+
+def client_rows(server_round: int, train: Exchange, accepted: list[Message],
+                rejected: list[tuple[Message, str]], node_to_client: dict[int, int]
+                ) -> list[ClientRow]:
+    """One row per sampled client: ok, rejected (bad reply), failed (error), timeout."""
+    rows = []
+    for reply in accepted:
         client_id = int(_metric(reply, PARTITION_KEY))
         node_to_client[reply.metadata.src_node_id] = client_id
         rows.append(ClientRow(server_round, client_id, int(_metric(reply, "num-examples")),
                               float(_metric(reply, "train_loss")), None,
                               float(_metric(reply, "duration-s")), "ok"))
+    for reply, reason in rejected:
+        rows.append(ClientRow(server_round, node_to_client.get(reply.metadata.src_node_id),
+                              None, None, None, None, "rejected", reason))
     for reply in train.failed:
         node = reply.metadata.src_node_id
         reason = _last_line(reply.error.reason)
@@ -178,6 +199,11 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     # a fresh model: the resident one may hold weights of an earlier run in this process
     arrays = to_array_record(shared_state(build_model(resources.spec, config.run.seed)))
     timeout = config.strategy.round_timeout_s
+    federation = resources.federation
+    # a reply may not claim more examples than the federation has (unknown for private files)
+    max_train_examples = sum(map(len, federation.client_train_rows)) or MAX_ANY_EXAMPLES
+    max_test_examples = sum(map(len, federation.client_test_rows)) or MAX_ANY_EXAMPLES
+    rounds_without_update = 0
     final_eval: EvalResult | None = None
     for server_round in range(1, config.run.rounds + 1):
         round_start = time.perf_counter()
@@ -188,37 +214,47 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
         seed_sampling(config.run.seed, server_round, "train")
         train = exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
                          timeout, progress, stop)
-        rows = client_rows(server_round, train, node_to_client)
-        if not train.ok:
-            reasons = "; ".join(sorted({r.reason for r in rows if r.reason}))[:1000]
-            raise RuntimeError(f"round {server_round}: no client returned an update ({reasons})")
-        new_arrays, _ = strategy.aggregate_train(server_round, by_client(train.ok))
-        if new_arrays is not None:
-            arrays = new_arrays
+        accepted, rejected = screen_train_replies(train, max_train_examples)
+        rows = client_rows(server_round, train, accepted, rejected, node_to_client)
+        if len(accepted) >= min(config.strategy.min_train_clients, len(train.sent)) > 0:
+            rounds_without_update = 0
+            new_arrays, _ = strategy.aggregate_train(server_round, by_client(accepted))
+            if new_arrays is not None:
+                arrays = new_arrays
+        else:  # too few sound updates: the global model stays as it was this round
+            rounds_without_update += 1
+            if rounds_without_update >= config.run.max_rounds_without_update:
+                reasons = "; ".join(sorted({r.reason for r in rows if r.reason}))[:1000]
+                raise RuntimeError(
+                    f"round {server_round}: {rounds_without_update} rounds in a row without "
+                    f"enough sound client updates (run.max_rounds_without_update); last "
+                    f"reasons: {reasons}")
 
         seed_sampling(config.run.seed, server_round, "evaluate")
         federated = exchange(
             grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout,
             lambda done, total: progress(done, total, "evaluate"), stop,
         )
+        sound_evaluations = [r for r in federated.ok
+                             if check_evaluate_reply(r, max_test_examples) is None]
         last = server_round == config.run.rounds
         final_eval = evaluate_global(resources, arrays, with_report=last)
         row = RoundRow(
             round=server_round,
-            train_loss=_weighted(train.ok, "train_loss"),
+            train_loss=_weighted(accepted, "train_loss"),
             eval_loss=final_eval.loss,
             eval_accuracy=final_eval.accuracy,
             eval_macro_f1=final_eval.macro_f1,
             epsilon=None,
             max_client_epsilon=None,
             clients_sampled=len(train.sent),
-            clients_ok=len(train.ok),
-            clients_failed=len(train.sent) - len(train.ok),
+            clients_ok=len(accepted),
+            clients_failed=len(train.sent) - len(accepted),
             bytes_up=train.bytes_up + federated.bytes_up,
             bytes_down=train.bytes_down + federated.bytes_down,
             wall_s=time.perf_counter() - round_start,
-            federated_eval_loss=_weighted(federated.ok, "eval_loss"),
-            federated_eval_accuracy=_weighted(federated.ok, "eval_accuracy"),
+            federated_eval_loss=_weighted(sound_evaluations, "eval_loss"),
+            federated_eval_accuracy=_weighted(sound_evaluations, "eval_accuracy"),
         )
         run_dir.append_round(row, rows)
         reporter.round_end(row)

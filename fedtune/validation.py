@@ -1,0 +1,75 @@
+"""Screen client replies before aggregation: a bad reply is rejected with a reason, never used.
+
+A training reply must return, for every ArrayRecord it carries, one that was sent in the
+instruction (same record name), with the same tensor names, shapes and dtypes, all values
+finite; its MetricRecord must hold a positive integer ``num-examples`` (no larger than the
+federation's training data, where that is known) and finite numbers. Arrays are read with
+``numpy.load(allow_pickle=False)`` (Flower's ``Array.numpy``): nothing received is unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+NUM_EXAMPLES = "num-examples"
+MAX_ANY_EXAMPLES = 10**9
+
+
+def _check_arrays(sent: ArrayRecord, received: ArrayRecord, record_name: str) -> str | None:
+    if set(received) != set(sent):
+        missing, extra = sorted(set(sent) - set(received)), sorted(set(received) - set(sent))
+        return f"{record_name}: tensor names differ (missing {missing[:3]}, extra {extra[:3]})"
+    for name, array in received.items():
+        expected = sent[name]
+        if tuple(array.shape) != tuple(expected.shape) or array.dtype != expected.dtype:
+            return (f"{record_name}.{name}: {array.dtype}{list(array.shape)} instead of "
+                    f"{expected.dtype}{list(expected.shape)}")
+        try:
+            values = array.numpy()
+        except (ValueError, TypeError) as error:  # e.g. a pickled object array
+            return f"{record_name}.{name}: unreadable array ({error})"
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+            return f"{record_name}.{name}: non-finite values"
+    return None
+
+
+def _check_metrics(reply: Message, max_examples: int, need_examples: bool) -> str | None:
+    records = list(reply.content.metric_records.values())
+    if len(records) != 1:
+        return f"{len(records)} metric records instead of 1"
+    metrics = records[0]
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            return f"metric {key!r} is not finite"
+    if NUM_EXAMPLES not in metrics:
+        return f"no {NUM_EXAMPLES!r} metric"
+    count = metrics[NUM_EXAMPLES]
+    if isinstance(count, list) or float(count) != int(count):
+        return f"{NUM_EXAMPLES} = {count!r} is not an integer"
+    lowest = 1 if need_examples else 0
+    if not lowest <= int(count) <= max_examples:
+        return f"{NUM_EXAMPLES} = {count!r} is outside {lowest}..{max_examples}"
+    return None
+
+
+def check_train_reply(sent: Message, reply: Message, max_examples: int) -> str | None:
+    """Why a training reply must not be aggregated, or None when it is sound."""
+    received = reply.content.array_records
+    if not received:
+        return "no arrays in the reply"
+    for record_name, record in received.items():
+        if record_name not in sent.content.array_records:
+            return f"array record {record_name!r} was not sent"
+        problem = _check_arrays(sent.content.array_records[record_name], record, record_name)
+        if problem:
+            return problem
+    return _check_metrics(reply, max_examples, need_examples=True)
+
+
+def check_evaluate_reply(reply: Message, max_examples: int) -> str | None:
+    """Why an evaluation reply must not be averaged, or None when it is sound."""
+    return _check_metrics(reply, max_examples, need_examples=False)
