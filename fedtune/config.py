@@ -50,13 +50,15 @@ def _spec(
 DATASETS = ("rotten_tomatoes", "bbc_news", "digits", "files")
 PARTITIONERS = ("iid", "dirichlet", "shards", "quantity_skew", "natural")
 MODEL_KINDS = ("hf", "mlp")
-TRANSFER_MODES = ("full",)
+TRANSFER_MODES = ("scratch", "full", "frozen", "top_k", "lora")
+MLP_TRANSFER_MODES = ("scratch", "full")
 POOLING = ("auto", "cls", "mean")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 STRATEGIES = ("fedavg",)
 PRIVACY_MODES = ("none",)
 BACKENDS = ("flower", "inprocess")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -103,7 +105,20 @@ class ModelSection:
     kind: str = _spec("hf", "hf = Hugging Face sequence classifier, mlp = multilayer perceptron",
                       choices=MODEL_KINDS)
     path: str = _spec("", "local path of a Hugging Face model; '' = bundled all-MiniLM-L6-v2")
-    transfer: str = _spec("full", "what trains: full fine-tune", choices=TRANSFER_MODES)
+    transfer: str = _spec(
+        "full", "what trains (and travels): scratch = random init, all; full = pretrained, all; "
+        "frozen = head only; top_k = last top_k_layers encoder layers + head; lora = LoRA "
+        "adapters + head", choices=TRANSFER_MODES,
+    )
+    top_k_layers: int = _spec(2, "encoder layers that train with transfer = top_k (the last)",
+                              ge=1)
+    lora_r: int = _spec(8, "LoRA rank (transfer = lora)", ge=1)
+    lora_alpha: float = _spec(16.0, "LoRA alpha: adapter updates are scaled by alpha / r", gt=0)
+    lora_dropout: float = _spec(0.1, "dropout on the LoRA adapters' input", ge=0, lt=1)
+    lora_targets: str = _spec(
+        "query,value", "comma-separated names of the linear layers that get LoRA adapters "
+        "(peft target_modules)",
+    )
     pooling: str = _spec(
         "auto", "sentence representation for hf models; auto = the model's own pooling config",
         choices=POOLING,
@@ -126,6 +141,10 @@ class ClientSection:
     eval_batch_size: int = _spec(128, "evaluation batch size", ge=1)
     max_grad_norm: float = _spec(0.0, "clip the gradient norm per step; 0 = off", ge=0)
     device: str = _spec("auto", "where clients compute; auto = cuda when present", choices=DEVICES)
+    precision: str = _spec(
+        "fp32", "local training autocast: fp32 = off, bf16, fp16 (CUDA only, with a gradient "
+        "scaler)", choices=PRECISIONS,
+    )
 
 
 @dataclass
@@ -322,8 +341,34 @@ def _build_section(section_name: str, section_cls: type, values: Mapping[str, An
     return section_cls(**kwargs)
 
 
+def lora_target_names(text: str) -> tuple[str, ...]:
+    """``model.lora_targets`` ("query,value") as a tuple of module names."""
+    return tuple(name for name in text.replace(" ", "").split(",") if name)
+
+
 def check_consistency(config: Config) -> None:
     """Checks that involve more than one key or the file system (no data needed)."""
+    if not lora_target_names(config.model.lora_targets):
+        raise ConfigError(
+            f"model.lora_targets = {config.model.lora_targets!r} is not allowed: must name at "
+            "least one linear layer, e.g. 'query,value'"
+        )
+    if config.model.kind == "mlp" and config.model.transfer not in MLP_TRANSFER_MODES:
+        raise ConfigError(
+            f"model.transfer = {config.model.transfer!r} is not allowed with model.kind = "
+            "'mlp': must be 'scratch' or 'full'"
+        )
+    if config.client.precision == "fp16" and config.client.device == "cpu":
+        raise ConfigError(
+            "client.precision = 'fp16' is not allowed with client.device = 'cpu': must be "
+            "'fp32' or 'bf16' (fp16 autocast needs CUDA)"
+        )
+    if (config.client.device == "cuda" and config.engine.backend == "flower"
+            and config.engine.client_gpus == 0):
+        raise ConfigError(
+            "client.device = 'cuda' is not allowed with engine.client_gpus = 0: Ray gives such "
+            "clients no GPU; set engine.client_gpus > 0 (0.125 = 8 clients share one GPU)"
+        )
     if config.model.path:
         path = Path(config.model.path).expanduser()
         if not (path / "config.json").is_file():

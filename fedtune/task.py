@@ -33,6 +33,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """fp16 autocast needs CUDA (on CPU only bf16 is supported)."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"client.precision = 'fp16' is not allowed on {device.type}: no CUDA "
+                          "device is visible; must be 'fp32' or 'bf16'")
+
+
 def client_round_seed(run_seed: int, server_round: int, client_id: int) -> int:
     """Seed for one client's work in one round (batch order, dropout)."""
     return int(np.random.SeedSequence([run_seed, server_round, client_id]).generate_state(1)[0])
@@ -52,7 +59,8 @@ def train_settings(config: Config) -> TrainSettings:
     c = config.client
     return TrainSettings(optimizer=c.optimizer, lr=c.lr, weight_decay=c.weight_decay,
                          momentum=c.momentum, local_epochs=c.local_epochs,
-                         local_steps=c.local_steps, max_grad_norm=c.max_grad_norm)
+                         local_steps=c.local_steps, max_grad_norm=c.max_grad_norm,
+                         precision=c.precision)
 
 
 @dataclass
@@ -108,7 +116,9 @@ def _build_resources(config: Config, data_path: str) -> TaskResources:
     encoded = encode_inputs(config, federation)
     dim = 0 if config.model.kind == "hf" else input_dim(encoded)
     spec = model_spec(config.model, federation.data.label_names, dim)
-    return TaskResources(config, federation, encoded, spec, resolve_device(config.client.device))
+    device = resolve_device(config.client.device)
+    check_precision(config.client.precision, device)
+    return TaskResources(config, federation, encoded, spec, device)
 
 
 def limit_threads(cpus: float) -> None:

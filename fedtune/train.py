@@ -25,6 +25,10 @@ class TrainSettings:
     local_epochs: int = 1
     local_steps: int = 0
     max_grad_norm: float = 0.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -88,15 +92,21 @@ def train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, settings)
     loss_fn = nn.CrossEntropyLoss()
+    dtype = AUTOCAST_DTYPES.get(settings.precision)
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
     total_loss, seen, steps = 0.0, 0, 0
     for batch in _batches(loader, settings):
         inputs, labels = _to(batch, device)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(logits_of(model, inputs), labels)
-        loss.backward()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(logits_of(model, inputs).float(), labels)
+        scaler.scale(loss).backward()
         if settings.max_grad_norm:
+            scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         total_loss += loss.item() * len(labels)
         seen += len(labels)
         steps += 1

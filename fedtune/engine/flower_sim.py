@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from logging import WARNING
 from pathlib import Path
 
 import tomli_w
+from flwr.common import log
 from flwr.app import Context, RecordDict
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
 from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -35,6 +37,9 @@ def backend_config(config: Config) -> dict:
                        "log_to_driver": False}  # client failures come back as error replies
     if torch.cuda.is_available():
         init_args["num_gpus"] = torch.cuda.device_count()
+        if config.engine.client_gpus == 0 and config.client.device == "auto":
+            log(WARNING, "a GPU is visible but engine.client_gpus = 0: Ray shows clients no "
+                "GPU, so they train on CPU; set engine.client_gpus (0.125 = 8 share one GPU)")
     return {
         "client_resources": {"num_cpus": config.engine.client_cpus,
                              "num_gpus": config.engine.client_gpus},

@@ -1,7 +1,8 @@
 """Build the configured model, exchange its weights as arrays, save and reload it.
 
-``shared_state`` names what travels between server and clients. With full fine-tuning that is
-every entry of the state dict; the other transfer modes narrow it to what trains.
+``shared_state`` holds what travels between server and clients: the trainable parameters and
+the declared shared buffers (``fedtune.models.transfer.travelling_names``). With full
+fine-tuning that is every parameter; frozen, top-k and LoRA modes narrow it to what trains.
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedtune.config import ModelSection
-from fedtune.models.hf import load_hf_classifier, resolve_model_path, uses_mean_pooling
+from fedtune.config import ModelSection, lora_target_names
+from fedtune.models.hf import (
+    classifier_from_config,
+    load_hf_classifier,
+    resolve_model_path,
+    uses_mean_pooling,
+)
 from fedtune.models.mlp import MLP
+from fedtune.models.transfer import TransferSpec, apply_transfer, plain_model, travelling_names
 
 SAVED_META = "fedtune_model.json"
 SAVED_WEIGHTS = "model.safetensors"
@@ -38,6 +45,13 @@ class ModelSpec:
     hidden_sizes: tuple[int, ...] = ()
     num_features: int = 0
     max_length: int = 0
+    transfer: TransferSpec = TransferSpec()  # how it trains; saved weights are always plain
+
+
+def transfer_spec(cfg: ModelSection) -> TransferSpec:
+    return TransferSpec(mode=cfg.transfer, top_k_layers=cfg.top_k_layers, lora_r=cfg.lora_r,
+                        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        lora_targets=lora_target_names(cfg.lora_targets))
 
 
 def model_spec(cfg: ModelSection, label_names: tuple[str, ...], input_dim: int) -> ModelSpec:
@@ -45,31 +59,43 @@ def model_spec(cfg: ModelSection, label_names: tuple[str, ...], input_dim: int) 
     if cfg.kind == "mlp":
         return ModelSpec(kind="mlp", num_labels=len(label_names), label_names=label_names,
                          dropout=cfg.dropout, input_dim=input_dim,
-                         hidden_sizes=tuple(cfg.hidden_sizes), num_features=cfg.num_features)
+                         hidden_sizes=tuple(cfg.hidden_sizes), num_features=cfg.num_features,
+                         transfer=transfer_spec(cfg))
     path = resolve_model_path(cfg.path)
     pooling = cfg.pooling
     if pooling == "auto":
         pooling = "mean" if uses_mean_pooling(path) else "cls"
     return ModelSpec(kind="hf", num_labels=len(label_names), label_names=label_names, path=path,
-                     pooling=pooling, dropout=cfg.dropout, max_length=cfg.max_length)
+                     pooling=pooling, dropout=cfg.dropout, max_length=cfg.max_length,
+                     transfer=transfer_spec(cfg))
 
 
 def build_model(spec: ModelSpec, seed: int) -> nn.Module:
-    """The model with pretrained weights (hf) and a head initialised from ``seed``."""
+    """The model, ready for its transfer mode: pretrained weights (hf, unless scratch), random
+    weights from ``seed`` for the rest, frozen or LoRA-wrapped as ``spec.transfer`` says."""
     torch.manual_seed(seed)
     if spec.kind == "mlp":
         return MLP(spec.input_dim, spec.hidden_sizes, spec.num_labels, spec.dropout)
-    return load_hf_classifier(spec.path, spec.num_labels, spec.pooling, spec.dropout)
+    model = load_hf_classifier(spec.path, spec.num_labels, spec.pooling, spec.dropout,
+                               pretrained=spec.transfer.pretrained)
+    return apply_transfer(model, spec.transfer)
+
+
+def _travelling_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    return {name: tensors[name] for name in travelling_names(model)}
 
 
 def shared_state(model: nn.Module) -> dict[str, np.ndarray]:
-    """The tensors that travel, as CPU numpy arrays (copies)."""
-    return {name: t.detach().cpu().numpy().copy() for name, t in model.state_dict().items()}
+    """The tensors that travel (``travelling_names``), as CPU numpy arrays (copies)."""
+    return {name: t.detach().cpu().numpy().copy()
+            for name, t in _travelling_tensors(model).items()}
 
 
 def load_shared_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     """Overwrite the travelling tensors in place; names and shapes must match exactly."""
-    own = model.state_dict()
+    own = _travelling_tensors(model)
     missing = sorted(set(own) - set(arrays))
     unexpected = sorted(set(arrays) - set(own))
     if missing or unexpected:
@@ -84,9 +110,11 @@ def load_shared_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> Non
 
 
 def save_model(model: nn.Module, spec: ModelSpec, folder: Path) -> None:
-    """Weights as safetensors + the spec; for hf also the encoder config and tokenizer."""
+    """Weights as safetensors + the spec; for hf also the encoder config and tokenizer.
+
+    A LoRA model is saved merged, so ``load_saved_model`` gives a plain model."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in plain_model(model).state_dict().items()}
     save_file(state, str(folder / SAVED_WEIGHTS))
     (folder / SAVED_META).write_text(json.dumps(asdict(spec), indent=2))
     if spec.kind == "hf":
@@ -102,20 +130,16 @@ def load_saved_model(folder: str | Path) -> tuple[nn.Module, ModelSpec]:
     raw = json.loads((folder / SAVED_META).read_text())
     raw["label_names"] = tuple(raw["label_names"])
     raw["hidden_sizes"] = tuple(raw["hidden_sizes"])
+    transfer = raw.get("transfer", {})
+    raw["transfer"] = TransferSpec(**{**transfer, "lora_targets": tuple(
+        transfer.get("lora_targets", TransferSpec.lora_targets))})
     spec = ModelSpec(**raw)
     if spec.kind == "mlp":
         model: nn.Module = MLP(spec.input_dim, spec.hidden_sizes, spec.num_labels, spec.dropout)
     else:
-        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+        from transformers import AutoConfig
 
-        from fedtune.models.hf import MeanPoolingClassifier
-
-        config = AutoConfig.from_pretrained(str(folder))
-        if spec.pooling == "mean":
-            model = MeanPoolingClassifier(AutoModel.from_config(config), spec.num_labels,
-                                          spec.dropout)
-        else:
-            config.num_labels = spec.num_labels
-            model = AutoModelForSequenceClassification.from_config(config)
+        model = classifier_from_config(AutoConfig.from_pretrained(str(folder)), spec.num_labels,
+                                       spec.pooling, spec.dropout)
     model.load_state_dict(load_file(str(folder / SAVED_WEIGHTS)))
     return model.eval(), spec

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,11 +42,18 @@ def uses_mean_pooling(path: str) -> bool:
 
 
 class MeanPoolingClassifier(nn.Module):
-    """Encoder -> mean of the unmasked token vectors -> dropout -> linear head."""
+    """Encoder -> mean of the unmasked token vectors -> dropout -> linear head.
+
+    The encoder's own [CLS] pooler (BERT's ``pooler``), if it has one, is not used: it is frozen
+    so that it never counts as trainable and never travels.
+    """
 
     def __init__(self, encoder: nn.Module, num_labels: int, dropout: float) -> None:
         super().__init__()
         self.encoder = encoder
+        unused_pooler = getattr(encoder, "pooler", None)
+        if isinstance(unused_pooler, nn.Module):
+            unused_pooler.requires_grad_(False)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
 
@@ -65,15 +73,36 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_hf_classifier(path: str, num_labels: int, pooling: str, dropout: float) -> nn.Module:
-    """Pretrained encoder from ``path`` with a freshly initialised head of ``num_labels``."""
+def load_hf_classifier(path: str, num_labels: int, pooling: str, dropout: float,
+                       pretrained: bool = True) -> nn.Module:
+    """Encoder from ``path`` with a freshly initialised head of ``num_labels``.
+
+    ``pretrained=False`` builds the same architecture from the folder's config.json with random
+    weights (training from scratch): no weight file is read.
+    """
     _quiet_transformers()
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     if pooling == "auto":
         pooling = "mean" if uses_mean_pooling(path) else "cls"
+    if not pretrained:
+        return classifier_from_config(AutoConfig.from_pretrained(path), num_labels, pooling,
+                                      dropout)
     if pooling == "mean":
         return MeanPoolingClassifier(AutoModel.from_pretrained(path), num_labels, dropout)
     return AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=num_labels, classifier_dropout=dropout
     )
+
+
+def classifier_from_config(config: Any, num_labels: int, pooling: str,
+                           dropout: float) -> nn.Module:
+    """The classifier of ``pooling`` ('mean' or 'cls') for a transformers config, randomly
+    initialised (weights are then loaded or trained)."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    if pooling == "mean":
+        return MeanPoolingClassifier(AutoModel.from_config(config), num_labels, dropout)
+    config.num_labels = num_labels
+    config.classifier_dropout = dropout
+    return AutoModelForSequenceClassification.from_config(config)
