@@ -11,6 +11,12 @@ A sweep file is an ordinary config file plus a ``[sweep]`` table::
     "privacy.mode" = ["local", "central"]
     "run.seed" = [0, 1, 2]
 
+A grid key may name several config keys joined by commas; its values are then lists that set
+them together (one axis, not a product): ``"model.transfer,client.lr" = [["full", 1e-4],
+["lora", 1e-3]]``. ``columns = ["eval_macro_f1", "total_bytes", ...]`` adds result columns to
+the table (mean over seeds); ``curves = true`` asks for a plot of every run's accuracy against
+the round and against the bytes sent so far.
+
 Each run gets its own run directory ``<sweep dir>/runs/<slug>``. A run whose summary.json says
 ``finished`` is skipped, so a sweep stopped with Ctrl-C continues where it was; an unfinished
 run directory is started again from scratch. ``results.csv`` has one row per run (grid values,
@@ -27,7 +33,7 @@ import math
 import re
 import shutil
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,7 @@ from fedtune.config import Config, ConfigError, from_dict, parse_override
 SEED_KEY = "run.seed"
 FINAL_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "train_loss",
                  "federated_eval_accuracy")
+TOTALS = ("best_eval_accuracy", "epsilon", "total_bytes", "total_bytes_up", "total_time_s")
 
 
 @dataclass
@@ -73,6 +80,19 @@ def _check_key(key: str) -> tuple[str, str]:
     return section, name
 
 
+def _axis_keys(key: str) -> list[str]:
+    """The config keys one grid axis sets: "a.b" or several joined by commas ("a.b,c.d")."""
+    keys = [part.strip() for part in key.split(",")]
+    for part in keys:
+        _check_key(part)
+    return keys
+
+
+def grid_keys(spec: SweepSpec) -> list[str]:
+    """Every config key the grid sets, in order."""
+    return [key for axis in spec.grid for key in _axis_keys(axis)]
+
+
 def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
     """Read a sweep file; ``--set`` overrides change the base config (not the grid)."""
     file = Path(path)
@@ -88,10 +108,13 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
                           "one key, e.g. \"run.seed\" = [0, 1, 2]")
     grid = dict(sweep.pop("grid"))
     for key, values in grid.items():
-        _check_key(key)
+        width = len(_axis_keys(key))
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.grid.{key} = {values!r} is not allowed: must be a "
                               "non-empty list of values")
+        if width > 1 and not all(isinstance(v, list) and len(v) == width for v in values):
+            raise ConfigError(f"sweep.grid.\"{key}\" = {values!r} is not allowed: must be a "
+                              f"list of lists of {width} values, one per key")
     for text in overrides:
         section, key, value = parse_override(text)
         raw.setdefault(section, {})[key] = value
@@ -99,6 +122,10 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
     if metric not in FINAL_METRICS:
         raise ConfigError(f"sweep.metric = {metric!r} is not allowed: must be one of "
                           + ", ".join(repr(m) for m in FINAL_METRICS))
+    columns = sweep.get("columns", [])
+    if not isinstance(columns, list) or not set(columns) <= set(FINAL_METRICS + TOTALS):
+        raise ConfigError(f"sweep.columns = {columns!r} is not allowed: must be a list of "
+                          + ", ".join(repr(c) for c in FINAL_METRICS + TOTALS))
     spec = SweepSpec(name=str(sweep.pop("name", file.stem)),
                      output_dir=str(sweep.pop("output_dir", "sweeps")),
                      metric=metric, base=raw, grid=grid, extra=sweep)
@@ -116,10 +143,13 @@ def _slug(values: dict[str, Any]) -> str:
 
 def expand(spec: SweepSpec) -> list[SweepRun]:
     """Every combination of the grid values, as validated configs."""
-    keys = list(spec.grid)
+    axes = list(spec.grid)
     runs = []
-    for combination in itertools.product(*(spec.grid[k] for k in keys)):
-        values = dict(zip(keys, combination, strict=True))
+    for combination in itertools.product(*(spec.grid[axis] for axis in axes)):
+        values: dict[str, Any] = {}
+        for axis, value in zip(axes, combination, strict=True):
+            keys = _axis_keys(axis)
+            values.update(zip(keys, value, strict=True) if len(keys) > 1 else {axis: value})
         raw = {section: dict(table) for section, table in spec.base.items()}
         for key, value in values.items():
             section, name = _check_key(key)
@@ -150,6 +180,7 @@ def result_row(run: SweepRun) -> dict[str, Any]:
     row["best_eval_accuracy"] = summary["best"]["eval_accuracy"]
     row["epsilon"] = summary["privacy"].get("epsilon")
     row["total_bytes"] = summary["total_bytes_up"] + summary["total_bytes_down"]
+    row["total_bytes_up"] = summary["total_bytes_up"]
     row["total_time_s"] = summary["total_time_s"]
     row["run_dir"] = run.config.run.dir
     return row
@@ -213,23 +244,59 @@ def group_rows(rows: list[dict[str, Any]], keys: list[str], metric: str
 
 
 def write_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """table.csv and table.md: mean ± std of the metric over seeds, per other grid values."""
-    keys = [k for k in spec.grid if k != SEED_KEY]
+    """table.csv and table.md: mean ± std of the metric over seeds, per other grid values,
+    then the mean of each of ``sweep.columns``."""
+    keys = [k for k in grid_keys(spec) if k != SEED_KEY]
     table = group_rows(rows, keys, spec.metric)
+    columns = list(spec.extra.get("columns", []))
+    for column in columns:
+        means = group_rows(rows, keys, column)
+        for entry, extra in zip(table, means, strict=True):
+            entry[column] = extra["mean"]
     with (spec.directory / "table.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*keys, "mean", "std", "n"])
+        writer = csv.DictWriter(handle, fieldnames=[*keys, "mean", "std", "n", *columns])
         writer.writeheader()
         writer.writerows(table)
-    (spec.directory / "table.md").write_text(markdown_table(table, keys, spec.metric),
+    (spec.directory / "table.md").write_text(markdown_table(table, keys, spec.metric, columns),
                                              encoding="utf-8")
     return table
 
 
-def markdown_table(table: list[dict[str, Any]], keys: list[str], metric: str) -> str:
-    header = [*keys, f"{metric} (mean ± std)", "runs"]
+def _cell(column: str, value: Any) -> str:
+    """Bytes in MB, seconds whole, scores with four decimals."""
+    if value is None:
+        return "-"
+    if "bytes" in column:
+        return f"{value / 1e6:,.2f}"
+    if column.endswith("_s"):
+        return f"{value:.0f}"
+    return f"{value:.4f}"
+
+
+def markdown_table(table: list[dict[str, Any]], keys: list[str], metric: str,
+                   columns: Sequence[str] = ()) -> str:
+    titles = [f"{c} (MB)" if "bytes" in c else c for c in columns]
+    header = [*keys, f"{metric} (mean ± std)", "runs", *titles]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in table:
         cells = [str(entry[k]) for k in keys]
         score = "-" if entry["mean"] is None else f"{entry['mean']:.4f} ± {entry['std']:.4f}"
-        lines.append("| " + " | ".join([*cells, score, str(entry["n"])]) + " |")
+        extra = [_cell(c, entry[c]) for c in columns]
+        lines.append("| " + " | ".join([*cells, score, str(entry["n"]), *extra]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def run_curves(spec: SweepSpec) -> list[tuple[str, list[dict[str, str]]]]:
+    """(label, metrics.csv rows) of every finished run, labelled by its grid values (the seed
+    only when the grid has several)."""
+    several_seeds = len(spec.grid.get(SEED_KEY, [])) > 1
+    curves = []
+    for run in expand(spec):
+        if not is_finished(Path(run.config.run.dir)):
+            continue
+        with (Path(run.config.run.dir) / "metrics.csv").open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in run.values.items()
+                         if k != SEED_KEY or several_seeds)
+        curves.append((label, rows))
+    return curves

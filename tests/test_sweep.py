@@ -12,7 +12,8 @@ import pytest
 
 from fedtune.config import ConfigError
 from fedtune.engine.launch import run_inprocess
-from fedtune.sweep import expand, group_rows, load_sweep, run_sweep
+from fedtune.results.plots import plot_curves
+from fedtune.sweep import expand, group_rows, load_sweep, run_curves, run_sweep, write_table
 
 SWEEP = """
 [sweep]
@@ -121,3 +122,41 @@ def test_sweep_cli_writes_results_table_and_plot(tmp_path):
     summary = json.loads((directory / "runs").joinpath(
         sorted(p.name for p in (directory / "runs").iterdir())[0], "summary.json").read_text())
     assert summary["status"] == "finished"
+
+
+LINKED = SWEEP.replace('x = "client.lr"', 'columns = ["eval_macro_f1", "total_bytes"]').replace(
+    '"client.lr" = [0.001, 0.01]', '"client.lr,client.local_steps" = [[0.001, 2], [0.01, 3]]')
+
+
+def test_linked_keys_move_together_and_extra_columns_and_curves_are_written(tmp_path):
+    spec = load_sweep(_write(tmp_path, LINKED))
+    runs = expand(spec)
+    assert [r.values for r in runs] == [
+        {"client.lr": 0.001, "client.local_steps": 2, "run.seed": 0},
+        {"client.lr": 0.001, "client.local_steps": 2, "run.seed": 1},
+        {"client.lr": 0.01, "client.local_steps": 3, "run.seed": 0},
+        {"client.lr": 0.01, "client.local_steps": 3, "run.seed": 1}]
+    assert runs[2].config.client.local_steps == 3 and runs[2].config.client.lr == 0.01
+    rows = run_sweep(spec, run_inprocess)
+    table = write_table(spec, rows)
+    steps_3 = [r for r in rows if r["client.local_steps"] == 3]
+    assert table[1]["total_bytes"] == pytest.approx(np.mean([r["total_bytes"] for r in steps_3]))
+    assert table[1]["eval_macro_f1"] == pytest.approx(
+        np.mean([r["eval_macro_f1"] for r in steps_3]))
+    assert ("| client.lr | client.local_steps | eval_accuracy (mean ± std) | runs | eval_macro_f1 "
+            "| total_bytes (MB) |") in (spec.directory / "table.md").read_text()
+    curves = run_curves(spec)
+    assert [label for label, _ in curves][:2] == ["lr=0.001 local_steps=2 seed=0",
+                                                  "lr=0.001 local_steps=2 seed=1"]
+    assert all(len(metrics) == 1 for _, metrics in curves)
+    plot_curves(curves, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_linked_keys_need_one_value_per_key(tmp_path):
+    text = LINKED.replace("[[0.001, 2], [0.01, 3]]", "[[0.001, 2], [0.01]]")
+    with pytest.raises(ConfigError, match="must be a list of lists of 2 values"):
+        load_sweep(_write(tmp_path, text))
+    with pytest.raises(ConfigError, match="sweep.columns = \\['wall'\\] is not allowed"):
+        load_sweep(_write(tmp_path, LINKED.replace('"total_bytes"]', '"total_bytes"]\n').replace(
+            'columns = ["eval_macro_f1", "total_bytes"]', 'columns = ["wall"]')))

@@ -83,3 +83,24 @@ def plot_sweep(table: list[dict], x_key: str, series_key: str | None, metric: st
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_curves(curves: list[tuple[str, list[dict[str, str]]]], path: Path) -> None:
+    """Global test accuracy of several runs against the round and against the megabytes sent
+    so far (up + down, log scale: transfer modes differ by orders of magnitude)."""
+    fig, (round_ax, bytes_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, rows in curves:
+        accuracy = _column(rows, "eval_accuracy")
+        megabytes = np.cumsum(_column(rows, "bytes_up") + _column(rows, "bytes_down")) / 1e6
+        round_ax.plot(_column(rows, "round"), accuracy, marker="o", label=label)
+        bytes_ax.plot(megabytes, accuracy, marker="o", label=label)
+    round_ax.set_xlabel("round")
+    bytes_ax.set_xlabel("cumulative MB sent (up + down)")
+    bytes_ax.set_xscale("log")
+    for ax in (round_ax, bytes_ax):
+        ax.set_ylabel("global test accuracy")
+        ax.grid(alpha=0.3)
+    round_ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
