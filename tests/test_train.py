@@ -73,3 +73,28 @@ def test_train_order_depends_only_on_seed():
 
     assert torch.equal(first_batch(5), first_batch(5))
     assert not torch.equal(first_batch(5), first_batch(6))
+
+
+def test_bf16_autocast_trains_and_keeps_fp32_weights():
+    encoded, y = _separable()
+    rows = np.arange(300)
+    torch.manual_seed(0)
+    model = MLP(6, [16], 2)
+    before = evaluate(model, eval_loader(encoded, y, rows, 64), CPU)
+    dtypes = set()
+    model.body[0].register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    train_local(model, train_loader(encoded, y, rows, 32, seed=0),
+                TrainSettings(optimizer="sgd", lr=0.5, local_epochs=3, precision="bf16"), CPU)
+    assert dtypes == {torch.bfloat16}  # the forward pass ran under autocast
+    after = evaluate(model, eval_loader(encoded, y, rows, 64), CPU)
+    assert after.loss < before.loss * 0.5 and after.accuracy > 0.9
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fp16_needs_cuda():
+    from fedtune.config import ConfigError
+    from fedtune.task import check_precision
+
+    with pytest.raises(ConfigError, match="client.precision = 'fp16' is not allowed on cpu"):
+        check_precision("fp16", CPU)
+    check_precision("bf16", CPU)
