@@ -18,8 +18,9 @@ the table (mean over seeds); ``curves = true`` asks for a plot of every run's ac
 the round and against the bytes sent so far.
 
 Each run gets its own run directory ``<sweep dir>/runs/<slug>``. A run whose summary.json says
-``finished`` is skipped, so a sweep stopped with Ctrl-C continues where it was; an unfinished
-run directory is started again from scratch. ``results.csv`` has one row per run (grid values,
+``finished`` and whose config.toml is the run's config is skipped, so a sweep stopped with
+Ctrl-C continues where it was; an unfinished run directory, or one made with other settings (the
+sweep file changed since), is started again from scratch. ``results.csv`` has one row per run (grid values,
 final metrics); ``table.csv`` / ``table.md`` give mean ± std of the metric over ``run.seed`` for
 every other combination.
 """
@@ -164,9 +165,13 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
     return runs
 
 
-def is_finished(run_dir: Path) -> bool:
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
+def is_finished(run_dir: Path, config: Config) -> bool:
+    """True when the run finished with this config (a changed sweep file reruns it). The saved
+    config is read with today's defaults, so a key added since with a default does not count."""
+    summary, saved = run_dir / "summary.json", run_dir / "config.toml"
+    if not summary.is_file() or not saved.is_file():
+        return False
+    if from_dict(tomllib.loads(saved.read_text(encoding="utf-8"))) != config:
         return False
     return json.loads(summary.read_text()).get("status") == "finished"
 
@@ -195,11 +200,11 @@ def run_sweep(spec: SweepSpec, run_one: Callable[[Config], Any],
     rows = []
     for index, run in enumerate(runs, start=1):
         run_dir = Path(run.config.run.dir)
-        if is_finished(run_dir):
+        if is_finished(run_dir, run.config):
             status = "skipped (finished before)"
         else:
             if run_dir.exists():
-                shutil.rmtree(run_dir)  # an interrupted run starts again
+                shutil.rmtree(run_dir)  # an interrupted or changed run starts again
             run_one(run.config)
             status = "done"
         rows.append(result_row(run))
@@ -292,7 +297,7 @@ def run_curves(spec: SweepSpec) -> list[tuple[str, list[dict[str, str]]]]:
     several_seeds = len(spec.grid.get(SEED_KEY, [])) > 1
     curves = []
     for run in expand(spec):
-        if not is_finished(Path(run.config.run.dir)):
+        if not is_finished(Path(run.config.run.dir), run.config):
             continue
         with (Path(run.config.run.dir) / "metrics.csv").open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))

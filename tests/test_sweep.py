@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +95,13 @@ def test_finished_runs_are_skipped_and_unfinished_ones_rerun(tmp_path):
     assert [r["eval_accuracy"] for r in again] == [r["eval_accuracy"] for r in rows]
     with (spec.directory / "results.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 4
+    # a setting outside the grid changed in the sweep file: the finished runs are stale
+    changed = load_sweep(_write(tmp_path, SWEEP.replace("local_steps = 3", "local_steps = 4")))
+    started.clear()
+    run_sweep(changed, run_one)
+    assert started == [run.config.run.dir for run in expand(changed)]
+    for run in expand(changed):
+        assert "local_steps = 4" in (Path(run.config.run.dir) / "config.toml").read_text()
 
 
 def test_group_rows_gives_mean_and_sample_std_over_seeds():
