@@ -175,8 +175,8 @@ class QuietReporter:
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from fedtune.engine.launch import launch
-    from fedtune.results.plots import plot_sweep
-    from fedtune.sweep import load_sweep, run_sweep, write_table
+    from fedtune.results.plots import plot_round_curves, plot_sweep
+    from fedtune.sweep import load_sweep, round_curves, run_sweep, write_pivot, write_table
 
     spec = load_sweep(args.config, args.set)
     if args.output:
@@ -199,6 +199,13 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     if x_key:
         path = spec.directory / "plot.png"
         plot_sweep(table, x_key, series_key, spec.metric, path)
+        console.print(f"wrote {path}")
+    if spec.extra.get("rows"):
+        path = write_pivot(spec, table, spec.extra["rows"])
+        console.print(path.read_text(), highlight=False)
+    if spec.extra.get("curves"):
+        path = spec.directory / "curves.png"
+        plot_round_curves(round_curves(spec, rows), spec.extra["curves"], spec.metric, path)
         console.print(f"wrote {path}")
     console.print(f"sweep directory: {spec.directory}")
     return 0
