@@ -1,0 +1,47 @@
+"""A Flower app that does not use fedtune runs SCAFFOLD from strategies/ under `flwr run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_runtimes import FLOWER_CONNECTION, _stop_local_superlink
+
+APP = REPO / "simulations" / "scaffold_app"
+
+
+def test_the_example_app_does_not_import_fedtune():
+    for file in APP.rglob("*.py"):
+        imports = [line for line in file.read_text().splitlines()
+                   if line.startswith(("import ", "from "))]
+        assert not [line for line in imports if "fedtune" in line], file
+        assert any("strategies" in line for line in imports) or file.name != "server_app.py"
+
+
+@pytest.mark.slow
+def test_flwr_run_trains_with_scaffold_from_strategies(tmp_path):
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text(FLOWER_CONNECTION)
+    output = tmp_path / "result.json"
+    env = dict(os.environ, FLWR_HOME=str(flwr_home),
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    flwr = os.path.join(os.path.dirname(sys.executable), "flwr")
+    try:
+        result = subprocess.run(
+            [flwr, "run", ".", "--run-config", f"num-rounds=8 output='{output}'", "--stream"],
+            cwd=APP, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        _stop_local_superlink(flwr_home)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    accuracy = {int(r): a for r, a in json.loads(output.read_text())["accuracy"].items()}
+    print("SCAFFOLD example, held-out accuracy per round:", accuracy)
+    assert sorted(accuracy) == list(range(9))  # round 0 (initial model) and 8 rounds
+    assert accuracy[0] == pytest.approx(0.25)  # the zero model predicts one class of four
+    assert accuracy[8] > 0.9
+    assert json.loads(output.read_text())["control_norm"] > 0
