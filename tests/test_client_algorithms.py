@@ -145,3 +145,7 @@ def test_control_variates_persist_in_each_clients_context_during_a_run(tmp_path)
         assert max(np.abs(v).max() for v in control.values()) > 0
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3  # header and two rounds
+    # the server screened and aggregated every reply, control-variate change included
+    statuses = [line.split(",")[6] for line in
+                (run_dir / "clients.csv").read_text().splitlines()[1:]]
+    assert statuses == ["ok"] * 2 * config.data.num_clients
