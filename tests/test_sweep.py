@@ -163,3 +163,13 @@ def test_plot_options_must_name_grid_keys(tmp_path):
                                           "be one of the grid keys 'client.lr', 'run.seed'"):
         load_sweep(_write(tmp_path, SWEEP.replace('x = "client.lr"',
                                                   'curves = "strategy.name"')))
+
+
+def test_the_non_iid_study_is_a_valid_sweep():
+    from tests.conftest import REPO
+
+    spec = load_sweep(REPO / "simulations" / "non_iid.toml")
+    runs = expand(spec)
+    assert {r.values["strategy.name"] for r in runs} == {"fedavg", "scaffold"}
+    assert all(r.config.client.optimizer == "sgd" and r.config.data.dataset == "bbc_news"
+               for r in runs)
