@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from tests.conftest import REPO
-from tests.test_runtimes import FLOWER_CONNECTION, _stop_local_superlink
+from tests.test_runtimes import flwr_run
 
 APP = REPO / "simulations" / "scaffold_app"
 
@@ -25,19 +22,8 @@ def test_the_example_app_does_not_import_fedtune():
 
 @pytest.mark.slow
 def test_flwr_run_trains_with_scaffold_from_strategies(tmp_path):
-    flwr_home = tmp_path / "flwr-home"
-    flwr_home.mkdir()
-    (flwr_home / "config.toml").write_text(FLOWER_CONNECTION)
     output = tmp_path / "result.json"
-    env = dict(os.environ, FLWR_HOME=str(flwr_home),
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-    flwr = os.path.join(os.path.dirname(sys.executable), "flwr")
-    try:
-        result = subprocess.run(
-            [flwr, "run", ".", "--run-config", f"num-rounds=8 output='{output}'", "--stream"],
-            cwd=APP, env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        _stop_local_superlink(flwr_home)
+    result = flwr_run(APP, f"num-rounds=8 output='{output}'", tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     accuracy = {int(r): a for r, a in json.loads(output.read_text())["accuracy"].items()}
     print("SCAFFOLD example, held-out accuracy per round:", accuracy)
