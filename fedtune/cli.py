@@ -175,8 +175,9 @@ class QuietReporter:
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from fedtune.engine.launch import launch
-    from fedtune.results.plots import plot_curves, plot_sweep
-    from fedtune.sweep import load_sweep, run_curves, run_sweep, write_table
+    from fedtune.results.plots import plot_curves, plot_round_curves, plot_sweep
+    from fedtune.sweep import (load_sweep, round_curves, run_curves, run_sweep, write_pivot,
+                               write_table)
 
     spec = load_sweep(args.config, args.set)
     if args.output:
@@ -200,9 +201,16 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
         path = spec.directory / "plot.png"
         plot_sweep(table, x_key, series_key, spec.metric, path)
         console.print(f"wrote {path}")
+    if spec.extra.get("rows"):
+        path = write_pivot(spec, table, spec.extra["rows"])
+        console.print(path.read_text(), highlight=False)
+    if spec.extra.get("bytes_curves"):
+        path = spec.directory / "bytes_curves.png"
+        plot_curves(run_curves(spec), path)
+        console.print(f"wrote {path}")
     if spec.extra.get("curves"):
         path = spec.directory / "curves.png"
-        plot_curves(run_curves(spec), path)
+        plot_round_curves(round_curves(spec, rows), spec.extra["curves"], spec.metric, path)
         console.print(f"wrote {path}")
     console.print(f"sweep directory: {spec.directory}")
     return 0

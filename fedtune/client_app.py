@@ -12,7 +12,9 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtune.client_algorithms import ClientAlgorithm
 from fedtune.config import ConfigError, from_run_config
+from fedtune.faults import FaultPlan
 from fedtune.models.build import load_shared_state, shared_state
 from fedtune.task import TaskResources, client_round_seed, limit_threads, task_resources, train_settings
 from fedtune.train import evaluate, train_local
@@ -67,8 +69,15 @@ def train(msg: Message, context: Context) -> Message:
     resources, client_id, shard, server_round = _setup(msg, context)
     seed = client_round_seed(resources.config.run.seed, server_round, client_id)
     torch.manual_seed(seed)
+    settings = train_settings(resources.config)
+    global_arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    algorithm = ClientAlgorithm(msg.content, context.state, global_arrays, settings)
     result = train_local(resources.model, resources.client_train_loader(shard, seed),
-                         train_settings(resources.config), resources.device)
+                         settings, resources.device, algorithm.objective(resources.model))
+    local_arrays = shared_state(resources.model)
+    records, extra_metrics = algorithm.reply(local_arrays, result.num_steps)
+    sent = FaultPlan.from_config(resources.config).corrupt_update(client_id, global_arrays,
+                                                                  local_arrays)
     metrics = MetricRecord({
         "train_loss": result.loss,
         # FedAvg weights by local dataset size (McMahan et al. 2017), not by examples seen
@@ -77,9 +86,9 @@ def train(msg: Message, context: Context) -> Message:
         "num-steps": result.num_steps,
         "duration-s": result.duration_s,
         PARTITION_KEY: client_id,
+        **extra_metrics,
     })
-    content = RecordDict({"arrays": to_array_record(shared_state(resources.model)),
-                          "metrics": metrics})
+    content = RecordDict({"arrays": to_array_record(sent), "metrics": metrics, **records})
     return Message(content=content, reply_to=msg)
 
 

@@ -54,7 +54,11 @@ TRANSFER_MODES = ("scratch", "full", "frozen", "top_k", "lora")
 MLP_TRANSFER_MODES = ("scratch", "full")
 POOLING = ("auto", "cls", "mean")
 OPTIMIZERS = ("adamw", "adam", "sgd")
-STRATEGIES = ("fedavg",)
+FLOWER_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+                     "fedtrimmedavg", "fedmedian", "krum", "multikrum")
+OWN_STRATEGIES = ("scaffold", "fednova", "feddyn", "rfa")  # in strategies/
+STRATEGIES = FLOWER_STRATEGIES + OWN_STRATEGIES
+SGD_ONLY_STRATEGIES = ("scaffold", "fednova")
 PRIVACY_MODES = ("none",)
 BACKENDS = ("flower", "inprocess")
 DEVICES = ("auto", "cpu", "cuda")
@@ -159,11 +163,43 @@ class StrategySection:
         1, "fewest clients sampled for training each round (Flower's min_train_nodes)", ge=1
     )
     round_timeout_s: float = _spec(3600.0, "longest wait for the replies of one round", gt=0)
+    # Hyper-parameters: each applies to the strategies named in its help and is ignored by the
+    # others (so one sweep file can set them all while its grid varies strategy.name).
+    proximal_mu: float = _spec(0.01, "proximal weight mu (fedprox; Li et al. 2020 search "
+                                     "0.001-1)", ge=0)
+    server_lr: float = _spec(1.0, "server learning rate (fedavgm, scaffold)", gt=0)
+    server_momentum: float = _spec(0.9, "server momentum (fedavgm; Hsu et al. 2019)", ge=0, lt=1)
+    fedopt_eta: float = _spec(0.01, "server learning rate eta (fedadam, fedyogi, fedadagrad; "
+                                    "Reddi et al. 2021)", gt=0)
+    fedopt_beta_1: float = _spec(0.9, "first-moment decay (fedadam, fedyogi)", ge=0, lt=1)
+    fedopt_beta_2: float = _spec(0.99, "second-moment decay (fedadam, fedyogi)", ge=0, lt=1)
+    fedopt_tau: float = _spec(1e-3, "adaptivity tau (fedadam, fedyogi, fedadagrad)", gt=0)
+    trim_beta: float = _spec(0.2, "fraction cut from each tail per coordinate (fedtrimmedavg)",
+                             ge=0, lt=0.5)
+    num_malicious: int = _spec(0, "assumed Byzantine clients f per round (krum, multikrum)",
+                               ge=0)
+    multikrum_select: int = _spec(
+        0, "updates Multi-Krum averages; 0 = clients per round - num_malicious (multikrum)", ge=0
+    )
+    feddyn_alpha: float = _spec(0.01, "dynamic regulariser weight alpha (feddyn; Acar et al. "
+                                      "2021)", gt=0)
+    rfa_iterations: int = _spec(4, "smoothed Weiszfeld steps after the mean (rfa; Pillutla "
+                                   "et al. 2022)", ge=0)
+    rfa_smoothing: float = _spec(1e-6, "Weiszfeld smoothing nu (rfa)", gt=0)
 
 
 @dataclass
 class PrivacySection:
     mode: str = _spec("none", "differential privacy", choices=PRIVACY_MODES)
+
+
+@dataclass
+class FaultsSection:
+    scale_fraction: float = _spec(
+        0.0, "fraction of clients (drawn once from run.seed) whose every update is scaled",
+        ge=0, le=1
+    )
+    scale_factor: float = _spec(-10.0, "what a scaling client multiplies its update by")
 
 
 @dataclass
@@ -186,6 +222,7 @@ class Config:
     client: ClientSection = field(default_factory=ClientSection)
     strategy: StrategySection = field(default_factory=StrategySection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
     engine: EngineSection = field(default_factory=EngineSection)
 
 
@@ -196,6 +233,7 @@ SECTIONS: dict[str, type] = {
     "client": ClientSection,
     "strategy": StrategySection,
     "privacy": PrivacySection,
+    "faults": FaultsSection,
     "engine": EngineSection,
 }
 
@@ -399,6 +437,44 @@ def check_consistency(config: Config) -> None:
         raise ConfigError(
             f"strategy.min_train_clients = {config.strategy.min_train_clients} is not allowed: "
             f"must be <= data.num_clients = {config.data.num_clients}"
+        )
+    _check_strategy(config)
+    _check_faults(config)
+
+
+def clients_per_round(config: Config) -> int:
+    """How many clients Flower's sampling picks for training each round."""
+    s = config.strategy
+    return max(int(config.data.num_clients * s.fraction_train), s.min_train_clients)
+
+
+def _check_strategy(config: Config) -> None:
+    s = config.strategy
+    if s.name in SGD_ONLY_STRATEGIES and config.client.optimizer != "sgd":
+        raise ConfigError(
+            f"client.optimizer = {config.client.optimizer!r} is not allowed with strategy.name "
+            f"= {s.name!r}: must be 'sgd' (its update rule assumes local SGD steps)"
+        )
+    sampled = clients_per_round(config)
+    if s.name in ("krum", "multikrum") and s.num_malicious >= sampled:
+        raise ConfigError(
+            f"strategy.num_malicious = {s.num_malicious} is not allowed: must be < the "
+            f"{sampled} clients sampled per round"
+        )
+    if s.name == "multikrum" and s.multikrum_select > sampled:
+        raise ConfigError(
+            f"strategy.multikrum_select = {s.multikrum_select} is not allowed: must be <= the "
+            f"{sampled} clients sampled per round (0 = {sampled} - num_malicious)"
+        )
+
+
+def _check_faults(config: Config) -> None:
+    f = config.faults
+    if 0 < f.scale_fraction * config.data.num_clients < 0.5:  # rounds to no client at all
+        raise ConfigError(
+            f"faults.scale_fraction = {f.scale_fraction:g} is not allowed with data.num_clients "
+            f"= {config.data.num_clients}: must pick at least one client (>= "
+            f"{0.5 / config.data.num_clients:g}) or be 0"
         )
 
 

@@ -14,7 +14,7 @@ A sweep file is an ordinary config file plus a ``[sweep]`` table::
 A grid key may name several config keys joined by commas; its values are then lists that set
 them together (one axis, not a product): ``"model.transfer,client.lr" = [["full", 1e-4],
 ["lora", 1e-3]]``. ``columns = ["eval_macro_f1", "total_bytes", ...]`` adds result columns to
-the table (mean over seeds); ``curves = true`` asks for a plot of every run's accuracy against
+the table (mean over seeds); ``bytes_curves = true`` asks for a plot of every run's accuracy against
 the round and against the bytes sent so far.
 
 Each run gets its own run directory ``<sweep dir>/runs/<slug>``. A run whose summary.json says
@@ -22,7 +22,11 @@ Each run gets its own run directory ``<sweep dir>/runs/<slug>``. A run whose sum
 Ctrl-C continues where it was; an unfinished run directory, or one made with other settings (the
 sweep file changed since), is started again from scratch. ``results.csv`` has one row per run (grid values,
 final metrics); ``table.csv`` / ``table.md`` give mean ± std of the metric over ``run.seed`` for
-every other combination.
+every other combination. Optional ``[sweep]`` keys, each naming a grid key: ``x`` and ``series``
+(final metric against ``x``, ``plot.png``), ``rows`` (``table_wide.md``: one row per value of
+that key, one column per combination of the other keys) and ``curves`` (``curves.png``: the
+metric against the round, mean ± std band over seeds, one line per value of that key, one panel
+per combination of the other keys).
 """
 
 from __future__ import annotations
@@ -42,11 +46,13 @@ from typing import Any
 import numpy as np
 
 from fedtune.config import Config, ConfigError, from_dict, parse_override
+from fedtune.results.run_dir import read_csv
 
 SEED_KEY = "run.seed"
 FINAL_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "train_loss",
                  "federated_eval_accuracy")
 TOTALS = ("best_eval_accuracy", "epsilon", "total_bytes", "total_bytes_up", "total_time_s")
+GRID_KEY_OPTIONS = ("x", "series", "rows", "curves")  # [sweep] keys whose value is a grid key
 
 
 @dataclass
@@ -119,6 +125,13 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
     for text in overrides:
         section, key, value = parse_override(text)
         raw.setdefault(section, {})[key] = value
+    for option in GRID_KEY_OPTIONS:
+        if option in sweep and sweep[option] not in grid:
+            raise ConfigError(f"sweep.{option} = {sweep[option]!r} is not allowed: must be one "
+                              "of the grid keys " + ", ".join(repr(k) for k in grid))
+    if not isinstance(sweep.get("bytes_curves", False), bool):
+        raise ConfigError(f"sweep.bytes_curves = {sweep['bytes_curves']!r} is not allowed: must "
+                          "be true or false")
     metric = sweep.pop("metric", "eval_accuracy")
     if metric not in FINAL_METRICS:
         raise ConfigError(f"sweep.metric = {metric!r} is not allowed: must be one of "
@@ -304,4 +317,58 @@ def run_curves(spec: SweepSpec) -> list[tuple[str, list[dict[str, str]]]]:
         label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in run.values.items()
                          if k != SEED_KEY or several_seeds)
         curves.append((label, rows))
+    return curves
+
+
+def _other_keys(spec: SweepSpec, *exclude: str) -> list[str]:
+    return [k for k in spec.grid if k != SEED_KEY and k not in exclude]
+
+
+def pivot_markdown(table: list[dict[str, Any]], row_key: str, column_keys: list[str],
+                   metric: str) -> str:
+    """Mean ± std of ``metric``: one row per value of ``row_key``, one column per combination
+    of ``column_keys``."""
+    def column_of(entry: dict[str, Any]) -> str:
+        return ", ".join(f"{k.split('.')[-1]}={entry[k]}" for k in column_keys) or metric
+
+    columns = list(dict.fromkeys(column_of(e) for e in table))
+    row_values = list(dict.fromkeys(json.dumps(e[row_key]) for e in table))
+    cells = {(json.dumps(e[row_key]), column_of(e)): e for e in table}
+    lines = [f"| {row_key} | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for value in row_values:
+        texts = []
+        for column in columns:
+            entry = cells.get((value, column))
+            texts.append("-" if entry is None or entry["mean"] is None
+                         else f"{entry['mean']:.3f} ± {entry['std']:.3f}")
+        lines.append(f"| {json.loads(value)} | " + " | ".join(texts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_pivot(spec: SweepSpec, table: list[dict[str, Any]], row_key: str) -> Path:
+    path = spec.directory / "table_wide.md"
+    path.write_text(pivot_markdown(table, row_key, _other_keys(spec, row_key), spec.metric),
+                    encoding="utf-8")
+    return path
+
+
+def round_curves(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-round mean and std of the metric over seeds (from each run's metrics.csv), for every
+    combination of the other grid keys."""
+    keys = _other_keys(spec)
+    groups: dict[str, list[list[float]]] = {}
+    for row in rows:
+        metrics = read_csv(Path(row["run_dir"]) / "metrics.csv")
+        values = [float(r[spec.metric]) if r.get(spec.metric) else math.nan for r in metrics]
+        groups.setdefault(json.dumps([row[k] for k in keys]), []).append(values)
+    curves = []
+    for key, runs in groups.items():
+        stacked = np.array(runs, dtype=float)  # runs of one group have the same rounds
+        mean = np.nanmean(stacked, axis=0)
+        spread = (np.nanstd(stacked, axis=0, ddof=1) if len(runs) > 1
+                  else np.zeros(stacked.shape[1]))
+        entry = dict(zip(keys, json.loads(key), strict=True))
+        entry.update(rounds=list(range(1, stacked.shape[1] + 1)), mean=mean.tolist(),
+                     std=spread.tolist(), n=len(runs))
+        curves.append(entry)
     return curves

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedtune.data.encode import Batch
+from fedtune.objective import LocalObjective
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,14 @@ def _batches(loader: DataLoader, settings: TrainSettings) -> Iterator[Batch]:
 
 
 def train_local(
-    model: nn.Module, loader: DataLoader, settings: TrainSettings, device: torch.device
+    model: nn.Module, loader: DataLoader, settings: TrainSettings, device: torch.device,
+    objective: LocalObjective | None = None,
 ) -> TrainResult:
-    """Train in place; returns the mean training loss over the examples seen."""
+    """Train in place; returns the mean training loss over the examples seen.
+
+    ``objective`` adds an algorithm's terms (FedProx, FedDyn, SCAFFOLD) to every gradient; the
+    reported loss is the data loss alone.
+    """
     start = time.perf_counter()
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -102,8 +108,11 @@ def train_local(
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = loss_fn(logits_of(model, inputs).float(), labels)
         scaler.scale(loss).backward()
+        if objective is not None or settings.max_grad_norm:
+            scaler.unscale_(optimizer)  # both act on true gradients (a no-op without fp16)
+        if objective is not None:
+            objective.adjust_gradients(model)
         if settings.max_grad_norm:
-            scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()

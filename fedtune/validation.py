@@ -1,7 +1,7 @@
 """Screen client replies before aggregation: a bad reply is rejected with a reason, never used.
 
 A training reply must return, for every ArrayRecord it carries, one that was sent in the
-instruction (same record name), with the same tensor names, shapes and dtypes, all values
+instruction (same record name, or the sent record it answers: ``ANSWERS``), with the same tensor names, shapes and dtypes, all values
 finite; its MetricRecord must hold a positive integer ``num-examples`` (no larger than the
 federation's training data, where that is known) and finite numbers. Arrays are read with
 ``numpy.load(allow_pickle=False)`` (Flower's ``Array.numpy``): nothing received is unpickled.
@@ -14,8 +14,13 @@ import math
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from strategies.scaffold import CONTROL_DELTA_KEY, CONTROL_KEY
+
 NUM_EXAMPLES = "num-examples"
 MAX_ANY_EXAMPLES = 10**9
+# Reply records that answer a sent record of another name, with the same tensors:
+# SCAFFOLD's change of the client control variate answers the server control variate.
+ANSWERS = {CONTROL_DELTA_KEY: CONTROL_KEY}
 
 
 def _check_arrays(sent: ArrayRecord, received: ArrayRecord, record_name: str) -> str | None:
@@ -62,9 +67,10 @@ def check_train_reply(sent: Message, reply: Message, max_examples: int) -> str |
     if not received:
         return "no arrays in the reply"
     for record_name, record in received.items():
-        if record_name not in sent.content.array_records:
-            return f"array record {record_name!r} was not sent"
-        problem = _check_arrays(sent.content.array_records[record_name], record, record_name)
+        answered = ANSWERS.get(record_name, record_name)
+        if answered not in sent.content.array_records:
+            return f"array record {answered!r} was not sent"
+        problem = _check_arrays(sent.content.array_records[answered], record, record_name)
         if problem:
             return problem
     return _check_metrics(reply, max_examples, need_examples=True)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -37,25 +38,30 @@ def _stop_local_superlink(flwr_home) -> None:
                 pass
 
 
-@pytest.mark.slow
-def test_flwr_run_runs_the_app_and_writes_the_run_directory(tmp_path):
+def flwr_run(app: Path, run_config: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`flwr run` of the app folder ``app`` on a local simulation with its own FLWR_HOME."""
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text(FLOWER_CONNECTION)
-    run_dir = tmp_path / "flwr-run"
     env = dict(os.environ, FLWR_HOME=str(flwr_home),
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    flwr = os.path.join(os.path.dirname(sys.executable), "flwr")
+    try:
+        return subprocess.run([flwr, "run", ".", "--run-config", run_config, "--stream"],
+                              cwd=app, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        _stop_local_superlink(flwr_home)
+
+
+@pytest.mark.slow
+def test_flwr_run_runs_the_app_and_writes_the_run_directory(tmp_path):
+    run_dir = tmp_path / "flwr-run"
     overrides = " ".join([
         "data.dataset='digits'", "model.kind='mlp'", "data.partitioner='iid'",
         "data.num_clients=4", "run.rounds=2", "strategy.fraction_train=1.0",
         "strategy.fraction_evaluate=1.0", "client.lr=0.01", f"run.dir='{run_dir}'",
     ])
-    flwr = os.path.join(os.path.dirname(sys.executable), "flwr")
-    try:
-        result = subprocess.run([flwr, "run", ".", "--run-config", overrides, "--stream"],
-                                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        _stop_local_superlink(flwr_home)
+    result = flwr_run(REPO, overrides, tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     check_contract(run_dir, rounds=2, clients=4)
 

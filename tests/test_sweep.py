@@ -14,7 +14,8 @@ import pytest
 from fedtune.config import ConfigError
 from fedtune.engine.launch import run_inprocess
 from fedtune.results.plots import plot_curves
-from fedtune.sweep import expand, group_rows, load_sweep, run_curves, run_sweep, write_table
+from fedtune.sweep import (expand, group_rows, load_sweep, result_row, round_curves,
+                           run_curves, run_sweep, write_table)
 
 SWEEP = """
 [sweep]
@@ -168,3 +169,54 @@ def test_linked_keys_need_one_value_per_key(tmp_path):
     with pytest.raises(ConfigError, match="sweep.columns = \\['wall'\\] is not allowed"):
         load_sweep(_write(tmp_path, LINKED.replace('"total_bytes"]', '"total_bytes"]\n').replace(
             'columns = ["eval_macro_f1", "total_bytes"]', 'columns = ["wall"]')))
+
+
+STRATEGY_SWEEP = SWEEP.replace('x = "client.lr"', 'rows = "strategy.name"\ncurves = "strategy.name"'
+                               ).replace('"client.lr" = [0.001, 0.01]',
+                                         '"strategy.name" = ["fedavg", "fedavgm"]\n'
+                                         '"data.alpha" = [0.5, 5.0]'
+                                         ).replace('partitioner = "iid"',
+                                                   'partitioner = "dirichlet"'
+                                                   ).replace("rounds = 1", "rounds = 2")
+
+
+def test_wide_table_and_round_curves_with_bands(tmp_path):
+    from fedtune.cli import main
+
+    file = _write(tmp_path, STRATEGY_SWEEP)
+    assert main(["sweep", str(file)]) == 0
+    directory = tmp_path / "sweeps" / "tiny"
+    wide = (directory / "table_wide.md").read_text().splitlines()
+    assert wide[0] == "| strategy.name | alpha=0.5 | alpha=5.0 |"
+    assert [line.split(" |")[0] for line in wide[2:]] == ["| fedavg", "| fedavgm"]
+    assert (directory / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # the band is the mean ± sample std over the seeds of each round
+    spec = load_sweep(file)
+    rows = [result_row(run) for run in expand(spec)]
+    curves = round_curves(spec, rows)
+    assert len(curves) == 4 and all(c["n"] == 2 for c in curves)
+    curve = next(c for c in curves if c["strategy.name"] == "fedavgm"
+                 and c["data.alpha"] == 0.5)
+    runs = [r for r in rows if r["strategy.name"] == "fedavgm" and r["data.alpha"] == 0.5]
+    accuracies = np.array([[float(m["eval_accuracy"]) for m in csv.DictReader(
+        (Path(r["run_dir"]) / "metrics.csv").open())] for r in runs])
+    np.testing.assert_allclose(curve["mean"], accuracies.mean(axis=0))
+    np.testing.assert_allclose(curve["std"], accuracies.std(axis=0, ddof=1))
+    assert f"{np.mean([r['eval_accuracy'] for r in runs]):.3f} ± " in wide[3]
+
+
+def test_plot_options_must_name_grid_keys(tmp_path):
+    with pytest.raises(ConfigError, match="sweep.curves = 'strategy.name' is not allowed: must "
+                                          "be one of the grid keys 'client.lr', 'run.seed'"):
+        load_sweep(_write(tmp_path, SWEEP.replace('x = "client.lr"',
+                                                  'curves = "strategy.name"')))
+
+
+def test_the_non_iid_study_is_a_valid_sweep():
+    from tests.conftest import REPO
+
+    spec = load_sweep(REPO / "simulations" / "non_iid.toml")
+    runs = expand(spec)
+    assert {r.values["strategy.name"] for r in runs} == {"fedavg", "scaffold"}
+    assert all(r.config.client.optimizer == "sgd" and r.config.data.dataset == "bbc_news"
+               for r in runs)

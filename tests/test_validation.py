@@ -19,6 +19,7 @@ from fedtune.config import to_run_config
 from fedtune.engine.inprocess import InProcessGrid
 from fedtune.server_app import run_federated
 from fedtune.validation import check_evaluate_reply, check_train_reply
+from strategies.scaffold import CONTROL_DELTA_KEY, CONTROL_KEY
 from tests.conftest import tiny_config
 
 WEIGHTS = {"w": np.ones((3, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
@@ -78,6 +79,25 @@ def test_sound_reply_passes_and_pickles_are_never_loaded(monkeypatch):
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled"))
     sent, reply = _exchange({**WEIGHTS, "b": _pickled_array()}, GOOD_METRICS)
     assert "unreadable" in check_train_reply(sent, reply, max_examples=100)
+
+
+def test_scaffold_control_change_is_checked_against_the_control_sent():
+    control = {k: np.zeros_like(v) for k, v in WEIGHTS.items()}
+    sent = Message(RecordDict({"arrays": _record(WEIGHTS), CONTROL_KEY: _record(control),
+                               "config": ConfigRecord()}), 1001, "train")
+
+    def reply(delta):
+        return Message(RecordDict({"arrays": _record(WEIGHTS), CONTROL_DELTA_KEY: _record(delta),
+                                   "metrics": MetricRecord(GOOD_METRICS)}), reply_to=sent)
+
+    assert check_train_reply(sent, reply(control), max_examples=100) is None
+    wrong = {**control, "b": np.zeros(5, np.float32)}
+    assert "scaffold-control-delta.b: float32[5] instead of float32[2]" in check_train_reply(
+        sent, reply(wrong), max_examples=100)
+    plain_sent, plain_reply = _exchange(WEIGHTS, GOOD_METRICS)  # a FedAvg instruction
+    plain_reply.content[CONTROL_DELTA_KEY] = _record(control)
+    assert "'scaffold-control' was not sent" in check_train_reply(plain_sent, plain_reply,
+                                                                  max_examples=100)
 
 
 def test_evaluate_replies_need_finite_metrics():

@@ -104,3 +104,39 @@ def plot_curves(curves: list[tuple[str, list[dict[str, str]]]], path: Path) -> N
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_round_curves(curves: list[dict], line_key: str, metric: str, path: Path) -> None:
+    """``metric`` against the round, mean ± std band over seeds: one line per value of
+    ``line_key``, one panel per combination of the other keys of the curves."""
+    panel_keys = [k for k in curves[0] if k not in (line_key, "rounds", "mean", "std", "n")]
+
+    def panel_of(curve: dict) -> str:
+        return ", ".join(f"{k.split('.')[-1]}={curve[k]}" for k in panel_keys) or metric
+
+    panels = list(dict.fromkeys(panel_of(c) for c in curves))
+    lines = list(dict.fromkeys(str(c[line_key]) for c in curves))
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False,
+                             sharex=True)
+    colours = plt.get_cmap("tab10")
+    for ax, panel in zip(axes.flat, panels):
+        for curve in (c for c in curves if panel_of(c) == panel):
+            colour = colours(lines.index(str(curve[line_key])) % 10)
+            rounds, mean, std = (np.array(curve[k], dtype=float) for k in ("rounds", "mean",
+                                                                              "std"))
+            ax.plot(rounds, mean, color=colour, label=str(curve[line_key]))
+            ax.fill_between(rounds, mean - std, mean + std, color=colour, alpha=0.2)
+        ax.set_title(panel, fontsize="medium")
+        ax.set_xlabel("round")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(lines), 8),
+               title=line_key, frameon=False)
+    fig.tight_layout(rect=(0, 0.08 if rows > 1 else 0.14, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

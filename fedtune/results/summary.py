@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 
 from fedtune.config import Config
+from fedtune.faults import FaultPlan
 from fedtune.results.run_dir import RunDirectory
+from fedtune.strategy_factory import strategy_hyperparameters
 from fedtune.task import TaskResources
 from fedtune.train import EvalResult
 
@@ -65,6 +67,8 @@ def build_summary(config: Config, resources: TaskResources, run_dir: RunDirector
         "total_bytes_up": int(sum(int(r["bytes_up"]) for r in rows)),
         "total_bytes_down": int(sum(int(r["bytes_down"]) for r in rows)),
         "total_time_s": total_s,
+        "strategy": {"name": config.strategy.name, **strategy_hyperparameters(config)},
+        "faults": FaultPlan.from_config(config).describe(),
         "privacy": {"mode": config.privacy.mode, "epsilon": None, "delta": None,
                     "accountant": None},
     }

@@ -1,0 +1,1 @@
+"""SCAFFOLD (from fedtune's strategies/ package) in a plain Flower app."""

@@ -1,0 +1,77 @@
+"""NumPy views of Flower records and the reply checks shared by the strategies of this package.
+
+Flower's own ``validate_message_reply_consistency`` insists on exactly one ArrayRecord per
+reply; SCAFFOLD replies carry two (model and control-variate delta), so the strategies here
+check replies against the global model they sent instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
+
+NDArray = np.ndarray
+
+
+def to_numpy(record: ArrayRecord) -> dict[str, NDArray]:
+    """The arrays of a record by name."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def to_record(arrays: Mapping[str, NDArray], like: Mapping[str, NDArray]) -> ArrayRecord:
+    """An ArrayRecord of ``arrays`` cast to the dtypes of ``like`` (float64 maths stays inside)."""
+    return ArrayRecord({name: Array(np.asarray(value, dtype=like[name].dtype))
+                        for name, value in arrays.items()})
+
+
+def floating(arrays: Mapping[str, NDArray]) -> dict[str, NDArray]:
+    """Only the floating-point arrays (integer buffers take no gradient steps)."""
+    return {name: value for name, value in arrays.items() if np.issubdtype(value.dtype, np.floating)}
+
+
+def zeros_like(arrays: Mapping[str, NDArray]) -> dict[str, NDArray]:
+    return {name: np.zeros_like(value) for name, value in arrays.items()}
+
+
+def metric(content: RecordDict, key: str) -> float:
+    """A value of the (single) MetricRecord of a reply."""
+    record: MetricRecord = next(iter(content.metric_records.values()))
+    return float(record[key])  # type: ignore[arg-type]
+
+
+def require_configured(arrays: dict[str, NDArray] | None, strategy: str) -> dict[str, NDArray]:
+    """State that ``configure_train`` sets (global model, control variate) before aggregation."""
+    if arrays is None:
+        raise AggregationError(reason=f"{strategy}: aggregate_train was called before "
+                                      "configure_train, so the global model is unknown")
+    return arrays
+
+
+def check_replies(contents: Iterable[RecordDict], expected: Mapping[str, Mapping[str, NDArray]],
+                  metric_keys: Iterable[str]) -> None:
+    """Each reply holds every expected ArrayRecord with the same names and shapes, one
+    MetricRecord, and every metric named; raise ``InconsistentMessageReplies`` otherwise."""
+    metric_keys = list(metric_keys)
+    for content in contents:
+        for record_key, reference in expected.items():
+            record = content.array_records.get(record_key)
+            if record is None:
+                raise InconsistentMessageReplies(reason=f"a reply has no ArrayRecord "
+                                                        f"'{record_key}'")
+            if set(record) != set(reference):
+                raise InconsistentMessageReplies(reason=f"ArrayRecord '{record_key}' of a reply "
+                                                        "has other array names than expected")
+            for name, array in record.items():
+                if tuple(array.shape) != reference[name].shape:
+                    raise InconsistentMessageReplies(
+                        reason=f"'{record_key}/{name}' has shape {tuple(array.shape)}, "
+                               f"expected {reference[name].shape}")
+        if len(content.metric_records) != 1:
+            raise InconsistentMessageReplies(reason="expected exactly one MetricRecord per reply")
+        record = next(iter(content.metric_records.values()))
+        missing = [key for key in metric_keys if key not in record]
+        if missing:
+            raise InconsistentMessageReplies(reason=f"a reply's metrics lack {missing}")
