@@ -9,17 +9,26 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.config import ConfigError, from_run_config
 from fedtune.models.build import load_shared_state, shared_state
+from fedtune.privacy.accounting import history_from_lists, history_to_lists
+from fedtune.privacy.local_dp import (
+    PrivateTrainResult,
+    local_dp_settings,
+    poisson_loader,
+    train_private,
+)
 from fedtune.task import TaskResources, client_round_seed, limit_threads, task_resources, train_settings
 from fedtune.train import evaluate, train_local
 
 PARTITION_KEY = "partition-id"
 DATA_PATH_KEY = "data-path"
 ROUND_KEY = "server-round"
+ACCOUNTANT_KEY = "dp-accountant"  # in Context.state: this client's DP-SGD history
+STATUS_KEY = "status"  # in a train reply: why training stopped early ("" = it did not)
 
 
 def _client_id(context: Context, num_clients: int) -> int:
@@ -61,15 +70,40 @@ def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 app = ClientApp()
 
 
+def train_with_local_dp(resources: TaskResources, shard: int, seed: int,
+                        context: Context) -> PrivateTrainResult:
+    """DP-SGD whose accountant history lives in this client's Context.state across rounds."""
+    config = resources.config
+    loader = poisson_loader(resources.encoded, resources.federation.data.labels,
+                            resources.federation.client_train_rows[shard],
+                            config.client.batch_size, seed, resources.model)
+    history = (history_from_lists(context.state[ACCOUNTANT_KEY])
+               if ACCOUNTANT_KEY in context.state else [])
+    result = train_private(resources.model, loader, train_settings(config),
+                           local_dp_settings(config), history, resources.device)
+    context.state[ACCOUNTANT_KEY] = ConfigRecord(history_to_lists(result.history))
+    return result
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this client's training split."""
+    """Train the received global model on this client's training split (with local DP:
+    DP-SGD; a client whose budget allows no step replies without arrays, saying why)."""
     resources, client_id, shard, server_round = _setup(msg, context)
     seed = client_round_seed(resources.config.run.seed, server_round, client_id)
     torch.manual_seed(seed)
-    result = train_local(resources.model, resources.client_train_loader(shard, seed),
-                         train_settings(resources.config), resources.device)
-    metrics = MetricRecord({
+    content = RecordDict()
+    if resources.config.privacy.mode == "local":
+        private = train_with_local_dp(resources, shard, seed, context)
+        result = private.train
+        content[STATUS_KEY] = ConfigRecord({"reason": private.stopped})
+        privacy_metrics = {"epsilon": private.epsilon, "noise-multiplier": private.noise_multiplier,
+                           "sample-rate": private.sample_rate}
+    else:
+        result = train_local(resources.model, resources.client_train_loader(shard, seed),
+                             train_settings(resources.config), resources.device)
+        privacy_metrics = {}
+    content["metrics"] = MetricRecord({
         "train_loss": result.loss,
         # FedAvg weights by local dataset size (McMahan et al. 2017), not by examples seen
         "num-examples": len(resources.federation.client_train_rows[shard]),
@@ -77,9 +111,10 @@ def train(msg: Message, context: Context) -> Message:
         "num-steps": result.num_steps,
         "duration-s": result.duration_s,
         PARTITION_KEY: client_id,
+        **privacy_metrics,
     })
-    content = RecordDict({"arrays": to_array_record(shared_state(resources.model)),
-                          "metrics": metrics})
+    if result.num_steps:
+        content["arrays"] = to_array_record(shared_state(resources.model))
     return Message(content=content, reply_to=msg)
 
 

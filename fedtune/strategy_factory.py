@@ -12,10 +12,12 @@ def build_strategy(config: Config) -> Strategy:
     s = config.strategy
     num_clients = config.data.num_clients
     evaluate = s.fraction_evaluate > 0 and config.data.local_test_fraction > 0
-    return FedAvg(
-        fraction_train=s.fraction_train,
-        fraction_evaluate=s.fraction_evaluate if evaluate else 0.0,
-        min_train_nodes=s.min_train_clients,
-        min_evaluate_nodes=1 if evaluate else 0,
-        min_available_nodes=num_clients,
-    )
+    evaluation = {"fraction_evaluate": s.fraction_evaluate if evaluate else 0.0,
+                  "min_evaluate_nodes": 1 if evaluate else 0,
+                  "min_available_nodes": num_clients}
+    if config.privacy.mode == "central":
+        from fedtune.privacy.central import dp_fedavg
+
+        return dp_fedavg(config, **evaluation)
+    return FedAvg(fraction_train=s.fraction_train, min_train_nodes=s.min_train_clients,
+                  **evaluation)

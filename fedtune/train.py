@@ -80,14 +80,21 @@ def _batches(loader: DataLoader, settings: TrainSettings) -> Iterator[Batch]:
 
 
 def train_local(
-    model: nn.Module, loader: DataLoader, settings: TrainSettings, device: torch.device
+    model: nn.Module, loader: DataLoader, settings: TrainSettings, device: torch.device,
+    optimizer: torch.optim.Optimizer | None = None, loss_fn: nn.Module | None = None,
 ) -> TrainResult:
-    """Train in place; returns the mean training loss over the examples seen."""
+    """Train in place; returns the mean training loss over the examples seen.
+
+    ``optimizer`` and ``loss_fn`` default to the configured optimizer over the trainable
+    parameters and cross-entropy; DP-SGD passes Opacus' wrapped ones.
+    """
     start = time.perf_counter()
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, settings)
-    loss_fn = nn.CrossEntropyLoss()
+    if optimizer is None:
+        optimizer = make_optimizer(params, settings)
+    if loss_fn is None:
+        loss_fn = nn.CrossEntropyLoss()
     total_loss, seen, steps = 0.0, 0, 0
     for batch in _batches(loader, settings):
         inputs, labels = _to(batch, device)

@@ -41,6 +41,31 @@ def plot_accuracy_loss(rows: list[dict[str, str]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_epsilon(rows: list[dict[str, str]], target_epsilon: float, path: Path) -> None:
+    """ε spent after every round (central: the run's, local: the largest client's)."""
+    rounds = _column(rows, "round")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for column, label in (("epsilon", "central ε (run)"),
+                          ("max_client_epsilon", "local ε (largest client)")):
+        values = _column(rows, column)
+        if np.isfinite(values).any():
+            ax.plot(rounds, values, marker="o", label=label)
+        elif np.isinf(values).any():
+            ax.text(0.5, 0.5, f"{label} = ∞ (clipping without noise)", ha="center",
+                    transform=ax.transAxes)
+    if 0 < target_epsilon < np.inf:
+        ax.axhline(target_epsilon, color="grey", linestyle="--", label="target ε")
+    ax.set_xlabel("round")
+    ax.set_ylabel("ε spent")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_partitions(histogram: np.ndarray, label_names: tuple[str, ...] | list[str],
                     path: Path) -> None:
     """Stacked bars: examples of each label held by each client."""
