@@ -178,7 +178,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from fedtune.results.plots import plot_sweep
     from fedtune.sweep import load_sweep, run_sweep, write_table
 
-    spec = load_sweep(args.config, args.set)
+    spec = load_sweep(args.config, args.set, args.grid)
     if args.output:
         spec.output_dir, spec.name = str(Path(args.output).parent), Path(args.output).name
     _quiet_libraries()
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("config", help="TOML config with a [sweep.grid] table")
     sweep.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one key of the base config (repeatable)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=[VALUES]",
+                       help="run only these values of one grid key, e.g. run.seed=[0] or "
+                            "model=mlp (repeatable; finished runs still fill the tables)")
     sweep.add_argument("--output", help="sweep directory (default: <sweep.output_dir>/<name>)")
     certs = sub.add_parser("certs", help="create a CA, a SuperLink TLS certificate and SuperNode "
                                          "authentication keys for a deployment")

@@ -11,6 +11,16 @@ A sweep file is an ordinary config file plus a ``[sweep]`` table::
     "privacy.mode" = ["local", "central"]
     "run.seed" = [0, 1, 2]
 
+A grid key without a dot names *variants*: its values are tables of keys set together, each
+with a ``name`` (e.g. a model with its own learning rate)::
+
+    model = [{ name = "minilm", "model.kind" = "hf", "client.lr" = 5e-4 },
+             { name = "mlp", "model.kind" = "mlp", "client.lr" = 0.05 }]
+
+``[sweep.reference]`` sets keys for reference runs (e.g. ``"privacy.mode" = "none"``): one per
+combination of the grid keys it does not set, other than ``x``, whose column stays empty. The
+plot draws them as horizontal lines.
+
 Each run gets its own run directory ``<sweep dir>/runs/<slug>``. A run whose summary.json says
 ``finished`` is skipped, so a sweep stopped with Ctrl-C continues where it was; an unfinished
 run directory is started again from scratch. ``results.csv`` has one row per run (grid values,
@@ -51,6 +61,11 @@ class SweepSpec:
     base: dict[str, dict[str, Any]]
     grid: dict[str, list[Any]]
     extra: dict[str, Any] = field(default_factory=dict)  # other [sweep] keys, for callers
+    reference: dict[str, Any] = field(default_factory=dict)  # keys of the reference runs
+    selection: dict[str, list[Any]] = field(default_factory=dict)  # --grid: what may run
+
+    def selects(self, run: SweepRun) -> bool:
+        return all(run.values.get(k) in allowed for k, allowed in self.selection.items())
 
     @property
     def directory(self) -> Path:
@@ -73,8 +88,27 @@ def _check_key(key: str) -> tuple[str, str]:
     return section, name
 
 
-def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
-    """Read a sweep file; ``--set`` overrides change the base config (not the grid)."""
+def parse_selection(texts: Iterable[str], grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """``--grid key=[values]``: run only these values of a grid key (variants by name)."""
+    selection: dict[str, list[Any]] = {}
+    for text in texts:
+        key, _, raw = text.partition("=")
+        key = key.strip()
+        if key not in grid:
+            raise ConfigError(f"--grid {text!r} is not allowed: the key must be one of "
+                              + ", ".join(grid))
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        selection[key] = value if isinstance(value, list) else [value]
+    return selection
+
+
+def load_sweep(path: str | Path, overrides: Iterable[str] = (),
+               selection: Iterable[str] = ()) -> SweepSpec:
+    """Read a sweep file; ``--set`` overrides change the base config (not the grid), ``--grid``
+    ``selection`` limits what runs (finished runs outside it still fill the tables)."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"sweep file {str(path)!r} does not exist")
@@ -88,10 +122,17 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
                           "one key, e.g. \"run.seed\" = [0, 1, 2]")
     grid = dict(sweep.pop("grid"))
     for key, values in grid.items():
-        _check_key(key)
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.grid.{key} = {values!r} is not allowed: must be a "
                               "non-empty list of values")
+        if "." in key:
+            _check_key(key)
+        elif not all(isinstance(v, dict) and "name" in v for v in values):
+            raise ConfigError(f"sweep.grid.{key} is not allowed: a key without a dot must "
+                              "list variants, tables with a name and section.key entries")
+    reference = dict(sweep.pop("reference", {}))
+    for key in reference:
+        _check_key(key)
     for text in overrides:
         section, key, value = parse_override(text)
         raw.setdefault(section, {})[key] = value
@@ -101,8 +142,10 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
                           + ", ".join(repr(m) for m in FINAL_METRICS))
     spec = SweepSpec(name=str(sweep.pop("name", file.stem)),
                      output_dir=str(sweep.pop("output_dir", "sweeps")),
-                     metric=metric, base=raw, grid=grid, extra=sweep)
+                     metric=metric, base=raw, grid=grid, extra=sweep, reference=reference,
+                     selection=parse_selection(selection, grid))
     expand(spec)  # every combination must be a valid config before anything runs
+    expand_reference(spec)
     return spec
 
 
@@ -114,23 +157,60 @@ def _slug(values: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", "_".join(parts))
 
 
+def _overrides(key: str, value: Any) -> dict[str, Any]:
+    """The config keys one grid value sets: the key itself, or a variant's entries."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "name"}
+    return {key: value}
+
+
+def _label(value: Any) -> Any:
+    return value["name"] if isinstance(value, dict) else value
+
+
+def _build(spec: SweepSpec, overrides: dict[str, Any], values: dict[str, Any],
+           slug: str) -> SweepRun:
+    raw = {section: dict(table) for section, table in spec.base.items()}
+    for key, value in overrides.items():
+        section, name = _check_key(key)
+        raw.setdefault(section, {})[name] = value
+    try:
+        config = from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"sweep point {values}: {err}") from None
+    config.run.dir = str(spec.directory / "runs" / slug)
+    return SweepRun(values, config, slug)
+
+
 def expand(spec: SweepSpec) -> list[SweepRun]:
     """Every combination of the grid values, as validated configs."""
     keys = list(spec.grid)
     runs = []
     for combination in itertools.product(*(spec.grid[k] for k in keys)):
-        values = dict(zip(keys, combination, strict=True))
-        raw = {section: dict(table) for section, table in spec.base.items()}
-        for key, value in values.items():
-            section, name = _check_key(key)
-            raw.setdefault(section, {})[name] = value
-        try:
-            config = from_dict(raw)
-        except ConfigError as err:
-            raise ConfigError(f"sweep point {values}: {err}") from None
-        slug = _slug(values)
-        config.run.dir = str(spec.directory / "runs" / slug)
-        runs.append(SweepRun(values, config, slug))
+        overrides: dict[str, Any] = {}
+        for key, value in zip(keys, combination, strict=True):
+            overrides.update(_overrides(key, value))
+        values = {k: _label(v) for k, v in zip(keys, combination, strict=True)}
+        runs.append(_build(spec, overrides, values, _slug(values)))
+    return runs
+
+
+def expand_reference(spec: SweepSpec) -> list[SweepRun]:
+    """One reference run per combination of the grid keys neither ``x`` nor the reference
+    sets; ``x`` stays empty (None) in its row."""
+    if not spec.reference:
+        return []
+    x_key = spec.extra.get("x")
+    kept = [k for k in spec.grid if k != x_key and k not in spec.reference]
+    runs = []
+    for combination in itertools.product(*(spec.grid[k] for k in kept)):
+        overrides: dict[str, Any] = {}
+        for key, value in zip(kept, combination, strict=True):
+            overrides.update(_overrides(key, value))
+        overrides.update(spec.reference)
+        labels = dict(zip(kept, map(_label, combination), strict=True))
+        values = {k: labels.get(k, spec.reference.get(k)) for k in spec.grid}
+        runs.append(_build(spec, overrides, values, "reference_" + _slug(labels)))
     return runs
 
 
@@ -148,7 +228,8 @@ def result_row(run: SweepRun) -> dict[str, Any]:
     for name in FINAL_METRICS:
         row[name] = summary["final"].get(name)
     row["best_eval_accuracy"] = summary["best"]["eval_accuracy"]
-    row["epsilon"] = summary["privacy"].get("epsilon")
+    spent = summary["privacy"].get("epsilon")
+    row["epsilon"] = None if spent is None else float(spent)  # "inf" in JSON
     row["total_bytes"] = summary["total_bytes_up"] + summary["total_bytes_down"]
     row["total_time_s"] = summary["total_time_s"]
     row["run_dir"] = run.config.run.dir
@@ -160,12 +241,14 @@ def run_sweep(spec: SweepSpec, run_one: Callable[[Config], Any],
               ) -> list[dict[str, Any]]:
     """Run every unfinished point with ``run_one``; returns one result row per point."""
     spec.directory.mkdir(parents=True, exist_ok=True)
-    runs = expand(spec)
+    runs = expand_reference(spec) + expand(spec)
     rows = []
     for index, run in enumerate(runs, start=1):
         run_dir = Path(run.config.run.dir)
         if is_finished(run_dir):
             status = "skipped (finished before)"
+        elif not spec.selects(run):
+            continue
         else:
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # an interrupted run starts again
@@ -213,23 +296,39 @@ def group_rows(rows: list[dict[str, Any]], keys: list[str], metric: str
 
 
 def write_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """table.csv and table.md: mean ± std of the metric over seeds, per other grid values."""
+    """table.csv and table.md: mean ± std of the metric over seeds, per other grid values,
+    with the mean ε spent where runs were private."""
     keys = [k for k in spec.grid if k != SEED_KEY]
     table = group_rows(rows, keys, spec.metric)
+    spent = group_rows(rows, keys, "epsilon")
+    with_epsilon = any(e["mean"] is not None for e in spent)
+    for entry, epsilon in zip(table, spent, strict=True):
+        entry["epsilon_spent"] = epsilon["mean"]
+    columns = [*keys, "mean", "std", "n", *(["epsilon_spent"] if with_epsilon else [])]
     with (spec.directory / "table.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*keys, "mean", "std", "n"])
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(table)
-    (spec.directory / "table.md").write_text(markdown_table(table, keys, spec.metric),
-                                             encoding="utf-8")
+    (spec.directory / "table.md").write_text(
+        markdown_table(table, keys, spec.metric, with_epsilon), encoding="utf-8")
     return table
 
 
-def markdown_table(table: list[dict[str, Any]], keys: list[str], metric: str) -> str:
-    header = [*keys, f"{metric} (mean ± std)", "runs"]
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def markdown_table(table: list[dict[str, Any]], keys: list[str], metric: str,
+                   with_epsilon: bool = False) -> str:
+    header = [*keys, f"{metric} (mean ± std)", "runs", *(["ε spent"] if with_epsilon else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in table:
-        cells = [str(entry[k]) for k in keys]
+        cells = [_text(entry[k]) for k in keys]
         score = "-" if entry["mean"] is None else f"{entry['mean']:.4f} ± {entry['std']:.4f}"
-        lines.append("| " + " | ".join([*cells, score, str(entry["n"])]) + " |")
+        extra = [_text(entry["epsilon_spent"])] if with_epsilon else []
+        lines.append("| " + " | ".join([*cells, score, str(entry["n"]), *extra]) + " |")
     return "\n".join(lines) + "\n"
