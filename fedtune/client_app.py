@@ -103,8 +103,10 @@ def train(msg: Message, context: Context) -> Message:
         result = train_local(resources.model, resources.client_train_loader(shard, seed),
                              train_settings(resources.config), resources.device)
         privacy_metrics = {}
+    # a client that took no step (its privacy budget is spent) measured no loss
+    loss = {"train_loss": result.loss} if result.num_steps else {}
     content["metrics"] = MetricRecord({
-        "train_loss": result.loss,
+        **loss,
         # FedAvg weights by local dataset size (McMahan et al. 2017), not by examples seen
         "num-examples": len(resources.federation.client_train_rows[shard]),
         "examples-seen": result.num_examples,

@@ -143,9 +143,9 @@ def _reply_row(server_round: int, reply: Message, status: str, reason: str,
                node_to_client: dict[int, int]) -> ClientRow:
     client_id = int(_metric(reply, PARTITION_KEY))
     node_to_client[reply.metadata.src_node_id] = client_id
-    epsilon = _metric(reply, "epsilon")
+    epsilon, loss = _metric(reply, "epsilon"), _metric(reply, "train_loss")
     return ClientRow(server_round, client_id, int(_metric(reply, "num-examples")),
-                     float(_metric(reply, "train_loss")),
+                     None if loss is None else float(loss),
                      None if epsilon is None else float(epsilon),
                      float(_metric(reply, "duration-s")), status, reason)
 
