@@ -14,7 +14,12 @@ from opacus.accountants import RDPAccountant
 from fedtune.config import ConfigError, load_config
 from fedtune.engine.launch import run_inprocess
 from fedtune.models.build import build_model, shared_state
-from fedtune.privacy.local_dp import LocalDPSettings, poisson_loader, train_private
+from fedtune.privacy.local_dp import (
+    LocalDPSettings,
+    check_local_delta,
+    poisson_loader,
+    train_private,
+)
 from fedtune.strategy_factory import build_strategy
 from fedtune.task import task_resources, train_settings
 from tests.conftest import MLP_DIGITS, tiny_config
@@ -139,3 +144,7 @@ def test_local_delta_must_be_below_one_over_the_smallest_client(tmp_path):
                          "privacy.delta=0.01")
     with pytest.raises(ConfigError, match="privacy.delta = 0.01 is not allowed: must be < 1/n"):
         task_resources(config)
+    # the server of a files dataset knows no client sizes: each party checks its own
+    check_local_delta(config, [])
+    with pytest.raises(ConfigError, match="smallest client's n = 100 "):
+        check_local_delta(config, [200, 100])
