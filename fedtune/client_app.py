@@ -7,6 +7,8 @@ federation in every process). Model and data stay resident in the process betwee
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -97,8 +99,10 @@ def train(msg: Message, context: Context) -> Message:
         private = train_with_local_dp(resources, shard, seed, context)
         result = private.train
         content[STATUS_KEY] = ConfigRecord({"reason": private.stopped})
-        privacy_metrics = {"epsilon": private.epsilon, "noise-multiplier": private.noise_multiplier,
+        privacy_metrics = {"noise-multiplier": private.noise_multiplier,
                            "sample-rate": private.sample_rate}
+        if math.isfinite(private.epsilon):  # replies carry finite numbers; no noise = no ε
+            privacy_metrics["epsilon"] = private.epsilon
     else:
         result = train_local(resources.model, resources.client_train_loader(shard, seed),
                              train_settings(resources.config), resources.device)

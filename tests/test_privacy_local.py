@@ -74,6 +74,17 @@ def test_a_client_out_of_budget_stops_says_why_and_never_exceeds_the_target(tmp_
     assert summary["rounds_completed"] == 2
 
 
+def test_local_dp_with_infinite_epsilon_clips_without_noise_and_reports_no_epsilon(tmp_path):
+    config = tiny_config(tmp_path, "privacy.mode=local", "privacy.target_epsilon=inf",
+                         "run.rounds=2")
+    run_dir = run_inprocess(config).path
+    rows = _rows(run_dir / "clients.csv")
+    assert rows and {r["status"] for r in rows} == {"ok"}
+    assert all(r["epsilon"] == "" for r in rows)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds_completed"] == 2
+
+
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_dp_sgd_on_a_frozen_transformer_trains_only_what_requires_grad(tmp_path, tiny_bert_path,
                                                                         mode):
