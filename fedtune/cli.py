@@ -176,10 +176,10 @@ class QuietReporter:
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from fedtune.engine.launch import launch
     from fedtune.results.plots import plot_curves, plot_round_curves, plot_sweep
-    from fedtune.sweep import (load_sweep, round_curves, run_curves, run_sweep, write_pivot,
-                               write_table)
+    from fedtune.sweep import (SEED_KEY, grid_keys, load_sweep, round_curves, run_curves,
+                               run_sweep, write_pivot, write_table)
 
-    spec = load_sweep(args.config, args.set)
+    spec = load_sweep(args.config, args.set, args.grid)
     if args.output:
         spec.output_dir, spec.name = str(Path(args.output).parent), Path(args.output).name
     _quiet_libraries()
@@ -199,7 +199,8 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     x_key, series_key = spec.extra.get("x"), spec.extra.get("series")
     if x_key:
         path = spec.directory / "plot.png"
-        plot_sweep(table, x_key, series_key, spec.metric, path)
+        keys = [key for key in grid_keys(spec) if key != SEED_KEY]
+        plot_sweep(table, keys, x_key, series_key, spec.metric, path)
         console.print(f"wrote {path}")
     if spec.extra.get("rows"):
         path = write_pivot(spec, table, spec.extra["rows"])
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("config", help="TOML config with a [sweep.grid] table")
     sweep.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one key of the base config (repeatable)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=[VALUES]",
+                       help="run only these values of one grid key, e.g. run.seed=[0] or "
+                            "model=mlp (repeatable; finished runs still fill the tables)")
     sweep.add_argument("--output", help="sweep directory (default: <sweep.output_dir>/<name>)")
     certs = sub.add_parser("certs", help="create a CA, a SuperLink TLS certificate and SuperNode "
                                          "authentication keys for a deployment")

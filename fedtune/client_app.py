@@ -7,21 +7,32 @@ federation in every process). Model and data stay resident in the process betwee
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.client_algorithms import ClientAlgorithm
 from fedtune.config import ConfigError, from_run_config
 from fedtune.faults import FaultPlan
 from fedtune.models.build import load_shared_state, shared_state
+from fedtune.privacy.accounting import history_from_lists, history_to_lists
+from fedtune.privacy.local_dp import (
+    PrivateTrainResult,
+    local_dp_settings,
+    poisson_loader,
+    train_private,
+)
 from fedtune.task import TaskResources, client_round_seed, limit_threads, task_resources, train_settings
 from fedtune.train import evaluate, train_local
 
 PARTITION_KEY = "partition-id"
 DATA_PATH_KEY = "data-path"
 ROUND_KEY = "server-round"
+ACCOUNTANT_KEY = "dp-accountant"  # in Context.state: this client's DP-SGD history
+STATUS_KEY = "status"  # in a train reply: why training stopped early ("" = it did not)
 
 
 def _client_id(context: Context, num_clients: int) -> int:
@@ -63,32 +74,66 @@ def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 app = ClientApp()
 
 
+def train_with_local_dp(resources: TaskResources, shard: int, seed: int,
+                        context: Context) -> PrivateTrainResult:
+    """DP-SGD whose accountant history lives in this client's Context.state across rounds."""
+    config = resources.config
+    loader = poisson_loader(resources.encoded, resources.federation.data.labels,
+                            resources.federation.client_train_rows[shard],
+                            config.client.batch_size, seed, resources.model)
+    history = (history_from_lists(context.state[ACCOUNTANT_KEY])
+               if ACCOUNTANT_KEY in context.state else [])
+    result = train_private(resources.model, loader, train_settings(config),
+                           local_dp_settings(config), history, resources.device)
+    context.state[ACCOUNTANT_KEY] = ConfigRecord(history_to_lists(result.history))
+    return result
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this client's training split."""
+    """Train the received global model on this client's training split (with local DP:
+    DP-SGD; a client whose budget allows no step replies without arrays, saying why)."""
     resources, client_id, shard, server_round = _setup(msg, context)
     seed = client_round_seed(resources.config.run.seed, server_round, client_id)
     torch.manual_seed(seed)
+    content = RecordDict()
     settings = train_settings(resources.config)
     global_arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
     algorithm = ClientAlgorithm(msg.content, context.state, global_arrays, settings)
-    result = train_local(resources.model, resources.client_train_loader(shard, seed),
-                         settings, resources.device, algorithm.objective(resources.model))
-    local_arrays = shared_state(resources.model)
-    records, extra_metrics = algorithm.reply(local_arrays, result.num_steps)
-    sent = FaultPlan.from_config(resources.config).corrupt_update(client_id, global_arrays,
-                                                                  local_arrays)
-    metrics = MetricRecord({
-        "train_loss": result.loss,
+    if resources.config.privacy.mode == "local":
+        private = train_with_local_dp(resources, shard, seed, context)
+        result = private.train
+        content[STATUS_KEY] = ConfigRecord({"reason": private.stopped})
+        privacy_metrics = {"noise-multiplier": private.noise_multiplier,
+                           "sample-rate": private.sample_rate}
+        if math.isfinite(private.epsilon):  # replies carry finite numbers; no noise = no ε
+            privacy_metrics["epsilon"] = private.epsilon
+    else:
+        result = train_local(resources.model, resources.client_train_loader(shard, seed),
+                             settings, resources.device, algorithm.objective(resources.model))
+        privacy_metrics = {}
+    extra_metrics: dict[str, float] = {}
+    if result.num_steps:
+        local_arrays = shared_state(resources.model)
+        records, extra_metrics = algorithm.reply(local_arrays, result.num_steps)
+        sent = FaultPlan.from_config(resources.config).corrupt_update(client_id, global_arrays,
+                                                                      local_arrays)
+        content["arrays"] = to_array_record(sent)
+        for name, record in records.items():
+            content[name] = record
+    # a client that took no step (its privacy budget is spent) measured no loss
+    loss = {"train_loss": result.loss} if result.num_steps else {}
+    content["metrics"] = MetricRecord({
+        **loss,
         # FedAvg weights by local dataset size (McMahan et al. 2017), not by examples seen
         "num-examples": len(resources.federation.client_train_rows[shard]),
         "examples-seen": result.num_examples,
         "num-steps": result.num_steps,
         "duration-s": result.duration_s,
         PARTITION_KEY: client_id,
+        **privacy_metrics,
         **extra_metrics,
     })
-    content = RecordDict({"arrays": to_array_record(sent), "metrics": metrics, **records})
     return Message(content=content, reply_to=msg)
 
 

@@ -59,7 +59,11 @@ FLOWER_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "feda
 OWN_STRATEGIES = ("scaffold", "fednova", "feddyn", "rfa")  # in strategies/
 STRATEGIES = FLOWER_STRATEGIES + OWN_STRATEGIES
 SGD_ONLY_STRATEGIES = ("scaffold", "fednova")
-PRIVACY_MODES = ("none",)
+# strategies whose clients change the local objective (fedtune.client_algorithms)
+CLIENT_OBJECTIVE_STRATEGIES = ("fedprox", "scaffold", "fednova", "feddyn")
+PRIVACY_MODES = ("none", "local", "central")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
 BACKENDS = ("flower", "inprocess")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -190,7 +194,45 @@ class StrategySection:
 
 @dataclass
 class PrivacySection:
-    mode: str = _spec("none", "differential privacy", choices=PRIVACY_MODES)
+    mode: str = _spec(
+        "none", "differential privacy: local = DP-SGD on every client (per example, Opacus), "
+        "central = DP-FedAvg at the server (per client); in central mode each client is "
+        "sampled with probability strategy.fraction_train", choices=PRIVACY_MODES,
+    )
+    target_epsilon: float = _spec(
+        0.0, "ε the run may spend (local: per client, central: for the run); inf = clip "
+        "without noise; 0 = not set (then give noise_multiplier)", ge=0,
+    )
+    delta: float = _spec(1e-5, "δ of the (ε, δ) guarantee; must be < 1/N (local: N = examples "
+                               "of the smallest client, central: N = data.num_clients)",
+                         gt=0, lt=1)
+    noise_multiplier: float = _spec(
+        0.0, "Gaussian noise std / clipping bound; 0 = derived from target_epsilon", ge=0
+    )
+    accountant: str = _spec("rdp", "privacy accountant (opacus.accountants)",
+                            choices=ACCOUNTANTS)
+    max_grad_norm: float = _spec(1.0, "local: clipping bound of every example's gradient", gt=0)
+    grad_sample_mode: str = _spec(
+        "auto", "local: ghost = ghost clipping (no per-example gradients kept), hooks = "
+                "per-example gradients; auto = ghost unless the model ties parameters",
+        choices=GRAD_SAMPLE_MODES,
+    )
+    client_rounds: int = _spec(
+        0, "local: rounds each client plans to train; its noise makes ε reach target_epsilon "
+           "after client_rounds x its steps per round; 0 = run.rounds", ge=0,
+    )
+    clip_norm: float = _spec(1.0, "central: clipping bound of every client's update (the "
+                                  "starting bound when adaptive)", gt=0)
+    adaptive_clipping: bool = _spec(
+        False, "central: move the bound towards a quantile of update norms (Andrew et al. 2021)"
+    )
+    target_quantile: float = _spec(0.5, "central, adaptive: share of updates left unclipped",
+                                   gt=0, lt=1)
+    clip_lr: float = _spec(0.2, "central, adaptive: geometric step size of the bound", gt=0)
+    clipped_count_stddev: float = _spec(
+        0.0, "central, adaptive: noise std of the unclipped count; 0 = expected cohort / 20",
+        ge=0,
+    )
 
 
 @dataclass
@@ -433,6 +475,7 @@ def check_consistency(config: Config) -> None:
         if not config.data.test_path:
             raise ConfigError("data.test_path = '' is not allowed with data.dataset = 'files': "
                               "must be the server's global test file (CSV or JSONL)")
+    check_privacy(config)
     if config.strategy.min_train_clients > config.data.num_clients:
         raise ConfigError(
             f"strategy.min_train_clients = {config.strategy.min_train_clients} is not allowed: "
@@ -475,6 +518,44 @@ def _check_faults(config: Config) -> None:
             f"faults.scale_fraction = {f.scale_fraction:g} is not allowed with data.num_clients "
             f"= {config.data.num_clients}: must pick at least one client (>= "
             f"{0.5 / config.data.num_clients:g}) or be 0"
+        )
+
+
+def check_privacy(config: Config) -> None:
+    """Privacy keys that only make sense together (data-dependent δ checks: task.py)."""
+    p = config.privacy
+    if p.mode == "none":
+        return
+    if p.target_epsilon and p.noise_multiplier:
+        raise ConfigError(
+            f"privacy.noise_multiplier = {p.noise_multiplier:g} is not allowed with "
+            f"privacy.target_epsilon = {p.target_epsilon:g}: set one of them (the other = 0)"
+        )
+    if not p.target_epsilon and not p.noise_multiplier:
+        raise ConfigError(
+            f"privacy.target_epsilon = 0 is not allowed with privacy.mode = {p.mode!r}: must "
+            "be > 0 (inf = no noise), or set privacy.noise_multiplier > 0"
+        )
+    if p.mode == "central" and p.delta >= 1 / config.data.num_clients:
+        raise ConfigError(
+            f"privacy.delta = {p.delta:g} is not allowed: must be < 1/data.num_clients = "
+            f"{1 / config.data.num_clients:g} (user-level DP protects each client)"
+        )
+    if p.mode == "central" and config.strategy.name != "fedavg":
+        raise ConfigError(
+            f"strategy.name = {config.strategy.name!r} is not allowed with privacy.mode = "
+            "'central': must be 'fedavg' (DP-FedAvg replaces the aggregation)"
+        )
+    if p.mode == "local" and config.strategy.name in CLIENT_OBJECTIVE_STRATEGIES:
+        raise ConfigError(
+            f"strategy.name = {config.strategy.name!r} is not allowed with privacy.mode = "
+            "'local': must be one without a client-side objective (DP-SGD trains plain "
+            f"cross-entropy), not {', '.join(CLIENT_OBJECTIVE_STRATEGIES)}"
+        )
+    if p.mode == "local" and config.client.max_grad_norm:
+        raise ConfigError(
+            f"client.max_grad_norm = {config.client.max_grad_norm:g} is not allowed with "
+            "privacy.mode = 'local': must be 0 (privacy.max_grad_norm clips every example)"
         )
 
 

@@ -21,10 +21,11 @@ from flwr.common import log
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.client_app import PARTITION_KEY, to_array_record
+from fedtune.client_app import PARTITION_KEY, STATUS_KEY, to_array_record
 from fedtune.config import Config, ConfigError, from_run_config
 from fedtune.models.build import build_model, load_shared_state, save_model, shared_state
-from fedtune.results.plots import plot_accuracy_loss, plot_partitions
+from fedtune.privacy.central import CentralBudget
+from fedtune.results.plots import plot_accuracy_loss, plot_epsilon, plot_partitions
 from fedtune.results.run_dir import ClientRow, RoundRow, RunDirectory
 from fedtune.results.summary import build_summary
 from fedtune.rounds import Exchange, exchange
@@ -107,11 +108,27 @@ def _metric(message: Message, key: str) -> Any:
     return record.get(key)
 
 
+def declined_reason(reply: Message, max_examples: int) -> str | None:
+    """Why a client sent no update on purpose (its local privacy budget is spent), when its
+    reply is otherwise sound; None for any other reply."""
+    status = reply.content.config_records.get(STATUS_KEY)
+    if (reply.content.array_records or status is None or not status["reason"]
+            or check_evaluate_reply(reply, max_examples) is not None
+            or not isinstance(_metric(reply, PARTITION_KEY), int)):
+        return None
+    return str(status["reason"])
+
+
 def screen_train_replies(train: Exchange, max_examples: int
-                         ) -> tuple[list[Message], list[tuple[Message, str]]]:
-    """(accepted replies, [(rejected reply, reason)])."""
-    accepted, rejected = [], []
+                         ) -> tuple[list[Message], list[tuple[Message, str]],
+                                    list[tuple[Message, str]]]:
+    """(accepted replies, [(declined reply, reason)], [(rejected reply, reason)])."""
+    accepted, declined, rejected = [], [], []
     for reply in train.ok:
+        reason = declined_reason(reply, max_examples)
+        if reason is not None:
+            declined.append((reply, reason))
+            continue
         reason = check_train_reply(train.instruction(reply), reply, max_examples)
         if reason is None and not isinstance(_metric(reply, PARTITION_KEY), int):
             reason = f"{PARTITION_KEY} is not an integer"
@@ -119,20 +136,28 @@ def screen_train_replies(train: Exchange, max_examples: int
             accepted.append(reply)
         else:
             rejected.append((reply, reason))
-    return accepted, rejected
+    return accepted, declined, rejected
+
+
+def _reply_row(server_round: int, reply: Message, status: str, reason: str,
+               node_to_client: dict[int, int]) -> ClientRow:
+    client_id = int(_metric(reply, PARTITION_KEY))
+    node_to_client[reply.metadata.src_node_id] = client_id
+    epsilon, loss = _metric(reply, "epsilon"), _metric(reply, "train_loss")
+    return ClientRow(server_round, client_id, int(_metric(reply, "num-examples")),
+                     None if loss is None else float(loss),
+                     None if epsilon is None else float(epsilon),
+                     float(_metric(reply, "duration-s")), status, reason)
 
 
 def client_rows(server_round: int, train: Exchange, accepted: list[Message],
-                rejected: list[tuple[Message, str]], node_to_client: dict[int, int]
-                ) -> list[ClientRow]:
-    """One row per sampled client: ok, rejected (bad reply), failed (error), timeout."""
-    rows = []
-    for reply in accepted:
-        client_id = int(_metric(reply, PARTITION_KEY))
-        node_to_client[reply.metadata.src_node_id] = client_id
-        rows.append(ClientRow(server_round, client_id, int(_metric(reply, "num-examples")),
-                              float(_metric(reply, "train_loss")), None,
-                              float(_metric(reply, "duration-s")), "ok"))
+                declined: list[tuple[Message, str]], rejected: list[tuple[Message, str]],
+                node_to_client: dict[int, int]) -> list[ClientRow]:
+    """One row per sampled client: ok, rejected (bad reply, or no update because its privacy
+    budget is spent), failed (error reply) or timeout (no reply)."""
+    rows = [_reply_row(server_round, reply, "ok", "", node_to_client) for reply in accepted]
+    rows += [_reply_row(server_round, reply, "rejected", reason, node_to_client)
+             for reply, reason in declined]
     for reply, reason in rejected:
         rows.append(ClientRow(server_round, node_to_client.get(reply.metadata.src_node_id),
                               None, None, None, None, "rejected", reason))
@@ -167,6 +192,14 @@ def _last_line(text: str) -> str:
     return (lines[-1] if lines else "unknown error")[:400]
 
 
+def max_client_epsilon(client_epsilons: dict[int, float], rows: list[ClientRow]) -> float | None:
+    """Record each client's latest ε; the largest over every client so far (local DP)."""
+    for row in rows:
+        if row.epsilon is not None and row.client_id is not None:
+            client_epsilons[row.client_id] = row.epsilon
+    return max(client_epsilons.values()) if client_epsilons else None
+
+
 def _weighted(messages: list[Message], key: str) -> float | None:
     weights = [float(_metric(m, "num-examples")) for m in messages]
     if not messages or sum(weights) == 0:
@@ -196,6 +229,9 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     node_to_client: dict[int, int] = dict(getattr(grid, "node_to_client", {}))
 
     strategy = build_strategy(config)
+    budget = CentralBudget.from_config(config) if config.privacy.mode == "central" else None
+    client_epsilons: dict[int, float] = {}
+    stop_reason = ""
     # a fresh model: the resident one may hold weights of an earlier run in this process
     arrays = to_array_record(shared_state(build_model(resources.spec, config.run.seed)))
     timeout = config.strategy.round_timeout_s
@@ -207,6 +243,10 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     final_eval: EvalResult | None = None
     for server_round in range(1, config.run.rounds + 1):
         round_start = time.perf_counter()
+        if budget is not None and not budget.next_round_fits():
+            stop_reason = budget.stop_reason(server_round)
+            log(INFO, "fedtune: %s", stop_reason)
+            break
 
         def progress(done: int, total: int, phase: str = "train") -> None:
             reporter.phase(server_round, phase, done, total)
@@ -214,9 +254,15 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
         seed_sampling(config.run.seed, server_round, "train")
         train = exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
                          timeout, progress, stop)
-        accepted, rejected = screen_train_replies(train, max_train_examples)
-        rows = client_rows(server_round, train, accepted, rejected, node_to_client)
-        if len(accepted) >= min(config.strategy.min_train_clients, len(train.sent)) > 0:
+        accepted, declined, rejected = screen_train_replies(train, max_train_examples)
+        rows = client_rows(server_round, train, accepted, declined, rejected, node_to_client)
+        if train.sent and len(declined) == len(train.sent):
+            stop_reason = (f"privacy budget: every client sampled in round {server_round} "
+                           "has spent its budget")
+        # DP-FedAvg releases a noised update every round, even from an empty Poisson cohort:
+        # its accountant counts every round
+        elif budget is not None or (
+                len(accepted) >= min(config.strategy.min_train_clients, len(train.sent)) > 0):
             rounds_without_update = 0
             new_arrays, _ = strategy.aggregate_train(server_round, by_client(accepted))
             if new_arrays is not None:
@@ -229,6 +275,8 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
                     f"round {server_round}: {rounds_without_update} rounds in a row without "
                     f"enough sound client updates (run.max_rounds_without_update); last "
                     f"reasons: {reasons}")
+        if budget is not None:
+            budget.record_round()
 
         seed_sampling(config.run.seed, server_round, "evaluate")
         federated = exchange(
@@ -237,7 +285,8 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
         )
         sound_evaluations = [r for r in federated.ok
                              if check_evaluate_reply(r, max_test_examples) is None]
-        last = server_round == config.run.rounds
+        last = (server_round == config.run.rounds or bool(stop_reason)
+                or (budget is not None and not budget.next_round_fits()))
         final_eval = evaluate_global(resources, arrays, with_report=last)
         row = RoundRow(
             round=server_round,
@@ -245,8 +294,8 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
             eval_loss=final_eval.loss,
             eval_accuracy=final_eval.accuracy,
             eval_macro_f1=final_eval.macro_f1,
-            epsilon=None,
-            max_client_epsilon=None,
+            epsilon=None if budget is None else budget.epsilon,
+            max_client_epsilon=max_client_epsilon(client_epsilons, rows),
             clients_sampled=len(train.sent),
             clients_ok=len(accepted),
             clients_failed=len(train.sent) - len(accepted),
@@ -258,12 +307,18 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
         )
         run_dir.append_round(row, rows)
         reporter.round_end(row)
+        if stop_reason:
+            log(INFO, "fedtune: %s", stop_reason)
+            break
 
     load_shared_state(resources.model, _arrays_to_numpy(arrays))
     save_model(resources.model, resources.spec, run_dir.model_dir)
     plot_accuracy_loss(run_dir.metrics(), run_dir.plots_dir / "accuracy_loss.png")
+    if config.privacy.mode != "none":
+        plot_epsilon(run_dir.metrics(), config.privacy.target_epsilon,
+                     run_dir.plots_dir / "epsilon.png")
     summary = build_summary(config, resources, run_dir, final_eval,
-                            time.perf_counter() - started)
+                            time.perf_counter() - started, stop_reason)
     run_dir.write_json("summary.json", summary)
     reporter.finish(summary, run_dir)
     return run_dir

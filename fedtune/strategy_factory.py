@@ -70,6 +70,12 @@ def build_strategy(config: Config) -> Strategy:
     """The configured strategy; it waits for every client to connect before any round starts."""
     s = config.strategy
     evaluate = s.fraction_evaluate > 0 and config.data.local_test_fraction > 0
+    if config.privacy.mode == "central":  # DP-FedAvg replaces the aggregation
+        from fedtune.privacy.central import dp_fedavg
+
+        return dp_fedavg(config, fraction_evaluate=s.fraction_evaluate if evaluate else 0.0,
+                         min_evaluate_nodes=1 if evaluate else 0,
+                         min_available_nodes=config.data.num_clients)
     return CLASSES[s.name](
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate if evaluate else 0.0,

@@ -17,6 +17,16 @@ them together (one axis, not a product): ``"model.transfer,client.lr" = [["full"
 the table (mean over seeds); ``bytes_curves = true`` asks for a plot of every run's accuracy against
 the round and against the bytes sent so far.
 
+A grid key without a dot names *variants*: its values are tables of keys set together, each
+with a ``name`` (e.g. a model with its own learning rate)::
+
+    model = [{ name = "minilm", "model.kind" = "hf", "client.lr" = 5e-4 },
+             { name = "mlp", "model.kind" = "mlp", "client.lr" = 0.05 }]
+
+``[sweep.reference]`` sets keys for reference runs (e.g. ``"privacy.mode" = "none"``): one per
+combination of the grid keys it does not set, other than ``x``, whose column stays empty. The
+plot draws them as horizontal lines.
+
 Each run gets its own run directory ``<sweep dir>/runs/<slug>``. A run whose summary.json says
 ``finished`` and whose config.toml is the run's config is skipped, so a sweep stopped with
 Ctrl-C continues where it was; an unfinished run directory, or one made with other settings (the
@@ -65,6 +75,11 @@ class SweepSpec:
     base: dict[str, dict[str, Any]]
     grid: dict[str, list[Any]]
     extra: dict[str, Any] = field(default_factory=dict)  # other [sweep] keys, for callers
+    reference: dict[str, Any] = field(default_factory=dict)  # keys of the reference runs
+    selection: dict[str, list[Any]] = field(default_factory=dict)  # --grid: what may run
+
+    def selects(self, run: SweepRun) -> bool:
+        return all(run.values.get(k) in allowed for k, allowed in self.selection.items())
 
     @property
     def directory(self) -> Path:
@@ -88,7 +103,10 @@ def _check_key(key: str) -> tuple[str, str]:
 
 
 def _axis_keys(key: str) -> list[str]:
-    """The config keys one grid axis sets: "a.b" or several joined by commas ("a.b,c.d")."""
+    """The names one grid axis contributes to a run's values: its config key, the keys of a
+    linked axis ("a.b,c.d"), or the axis name of a variant axis (no dot)."""
+    if "." not in key:
+        return [key]
     keys = [part.strip() for part in key.split(",")]
     for part in keys:
         _check_key(part)
@@ -96,12 +114,31 @@ def _axis_keys(key: str) -> list[str]:
 
 
 def grid_keys(spec: SweepSpec) -> list[str]:
-    """Every config key the grid sets, in order."""
+    """Every name the grid sets in a run's values, in order."""
     return [key for axis in spec.grid for key in _axis_keys(axis)]
 
 
-def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
-    """Read a sweep file; ``--set`` overrides change the base config (not the grid)."""
+def parse_selection(texts: Iterable[str], grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """``--grid key=[values]``: run only these values of a grid key (variants by name)."""
+    selection: dict[str, list[Any]] = {}
+    for text in texts:
+        key, _, raw = text.partition("=")
+        key = key.strip()
+        if key not in grid:
+            raise ConfigError(f"--grid {text!r} is not allowed: the key must be one of "
+                              + ", ".join(grid))
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        selection[key] = value if isinstance(value, list) else [value]
+    return selection
+
+
+def load_sweep(path: str | Path, overrides: Iterable[str] = (),
+               selection: Iterable[str] = ()) -> SweepSpec:
+    """Read a sweep file; ``--set`` overrides change the base config (not the grid), ``--grid``
+    ``selection`` limits what runs (finished runs outside it still fill the tables)."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"sweep file {str(path)!r} does not exist")
@@ -115,13 +152,20 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
                           "one key, e.g. \"run.seed\" = [0, 1, 2]")
     grid = dict(sweep.pop("grid"))
     for key, values in grid.items():
-        width = len(_axis_keys(key))
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.grid.{key} = {values!r} is not allowed: must be a "
                               "non-empty list of values")
-        if width > 1 and not all(isinstance(v, list) and len(v) == width for v in values):
+        width = len(_axis_keys(key))
+        if "." not in key:
+            if not all(isinstance(v, dict) and "name" in v for v in values):
+                raise ConfigError(f"sweep.grid.{key} is not allowed: a key without a dot must "
+                                  "list variants, tables with a name and section.key entries")
+        elif width > 1 and not all(isinstance(v, list) and len(v) == width for v in values):
             raise ConfigError(f"sweep.grid.\"{key}\" = {values!r} is not allowed: must be a "
                               f"list of lists of {width} values, one per key")
+    reference = dict(sweep.pop("reference", {}))
+    for key in reference:
+        _check_key(key)
     for text in overrides:
         section, key, value = parse_override(text)
         raw.setdefault(section, {})[key] = value
@@ -142,8 +186,10 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
                           + ", ".join(repr(c) for c in FINAL_METRICS + TOTALS))
     spec = SweepSpec(name=str(sweep.pop("name", file.stem)),
                      output_dir=str(sweep.pop("output_dir", "sweeps")),
-                     metric=metric, base=raw, grid=grid, extra=sweep)
+                     metric=metric, base=raw, grid=grid, extra=sweep, reference=reference,
+                     selection=parse_selection(selection, grid))
     expand(spec)  # every combination must be a valid config before anything runs
+    expand_reference(spec)
     return spec
 
 
@@ -155,26 +201,67 @@ def _slug(values: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", "_".join(parts))
 
 
+def _overrides(axis: str, value: Any) -> dict[str, Any]:
+    """The config keys one grid value sets: the key itself, a variant's entries, or the keys
+    of a linked axis."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "name"}
+    keys = _axis_keys(axis)
+    return dict(zip(keys, value, strict=True)) if len(keys) > 1 else {axis: value}
+
+
+def _labels(axis: str, value: Any) -> dict[str, Any]:
+    """What a run's values record for one grid value (a variant by its name)."""
+    if isinstance(value, dict):
+        return {axis: value["name"]}
+    return _overrides(axis, value)
+
+
+def _build(spec: SweepSpec, overrides: dict[str, Any], values: dict[str, Any],
+           slug: str) -> SweepRun:
+    raw = {section: dict(table) for section, table in spec.base.items()}
+    for key, value in overrides.items():
+        section, name = _check_key(key)
+        raw.setdefault(section, {})[name] = value
+    try:
+        config = from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"sweep point {values}: {err}") from None
+    config.run.dir = str(spec.directory / "runs" / slug)
+    return SweepRun(values, config, slug)
+
+
 def expand(spec: SweepSpec) -> list[SweepRun]:
     """Every combination of the grid values, as validated configs."""
     axes = list(spec.grid)
     runs = []
     for combination in itertools.product(*(spec.grid[axis] for axis in axes)):
+        overrides: dict[str, Any] = {}
         values: dict[str, Any] = {}
         for axis, value in zip(axes, combination, strict=True):
-            keys = _axis_keys(axis)
-            values.update(zip(keys, value, strict=True) if len(keys) > 1 else {axis: value})
-        raw = {section: dict(table) for section, table in spec.base.items()}
-        for key, value in values.items():
-            section, name = _check_key(key)
-            raw.setdefault(section, {})[name] = value
-        try:
-            config = from_dict(raw)
-        except ConfigError as err:
-            raise ConfigError(f"sweep point {values}: {err}") from None
-        slug = _slug(values)
-        config.run.dir = str(spec.directory / "runs" / slug)
-        runs.append(SweepRun(values, config, slug))
+            overrides.update(_overrides(axis, value))
+            values.update(_labels(axis, value))
+        runs.append(_build(spec, overrides, values, _slug(values)))
+    return runs
+
+
+def expand_reference(spec: SweepSpec) -> list[SweepRun]:
+    """One reference run per combination of the grid keys neither ``x`` nor the reference
+    sets; ``x`` stays empty (None) in its row."""
+    if not spec.reference:
+        return []
+    x_key = spec.extra.get("x")
+    kept = [k for k in spec.grid if k != x_key and k not in spec.reference]
+    runs = []
+    for combination in itertools.product(*(spec.grid[k] for k in kept)):
+        overrides: dict[str, Any] = {}
+        labels: dict[str, Any] = {}
+        for axis, value in zip(kept, combination, strict=True):
+            overrides.update(_overrides(axis, value))
+            labels.update(_labels(axis, value))
+        overrides.update(spec.reference)
+        values = {k: labels.get(k, spec.reference.get(k)) for k in grid_keys(spec)}
+        runs.append(_build(spec, overrides, values, "reference_" + _slug(labels)))
     return runs
 
 
@@ -196,7 +283,8 @@ def result_row(run: SweepRun) -> dict[str, Any]:
     for name in FINAL_METRICS:
         row[name] = summary["final"].get(name)
     row["best_eval_accuracy"] = summary["best"]["eval_accuracy"]
-    row["epsilon"] = summary["privacy"].get("epsilon")
+    spent = summary["privacy"].get("epsilon")
+    row["epsilon"] = None if spent is None else float(spent)  # "inf" in JSON
     row["total_bytes"] = summary["total_bytes_up"] + summary["total_bytes_down"]
     row["total_bytes_up"] = summary["total_bytes_up"]
     row["total_time_s"] = summary["total_time_s"]
@@ -209,12 +297,14 @@ def run_sweep(spec: SweepSpec, run_one: Callable[[Config], Any],
               ) -> list[dict[str, Any]]:
     """Run every unfinished point with ``run_one``; returns one result row per point."""
     spec.directory.mkdir(parents=True, exist_ok=True)
-    runs = expand(spec)
+    runs = expand_reference(spec) + expand(spec)
     rows = []
     for index, run in enumerate(runs, start=1):
         run_dir = Path(run.config.run.dir)
         if is_finished(run_dir, run.config):
             status = "skipped (finished before)"
+        elif not spec.selects(run):
+            continue
         else:
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # an interrupted or changed run starts again
@@ -263,7 +353,7 @@ def group_rows(rows: list[dict[str, Any]], keys: list[str], metric: str
 
 def write_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """table.csv and table.md: mean ± std of the metric over seeds, per other grid values,
-    then the mean of each of ``sweep.columns``."""
+    then the mean of each of ``sweep.columns``, and the mean ε spent where runs were private."""
     keys = [k for k in grid_keys(spec) if k != SEED_KEY]
     table = group_rows(rows, keys, spec.metric)
     columns = list(spec.extra.get("columns", []))
@@ -271,6 +361,10 @@ def write_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, A
         means = group_rows(rows, keys, column)
         for entry, extra in zip(table, means, strict=True):
             entry[column] = extra["mean"]
+    if any(row.get("epsilon") is not None for row in rows):
+        for entry, spent in zip(table, group_rows(rows, keys, "epsilon"), strict=True):
+            entry["epsilon_spent"] = spent["mean"]
+        columns.append("epsilon_spent")
     with (spec.directory / "table.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=[*keys, "mean", "std", "n", *columns])
         writer.writeheader()
@@ -281,23 +375,34 @@ def write_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, A
 
 
 def _cell(column: str, value: Any) -> str:
-    """Bytes in MB, seconds whole, scores with four decimals."""
+    """Bytes in MB, seconds whole, ε with three digits, scores with four decimals."""
     if value is None:
         return "-"
     if "bytes" in column:
         return f"{value / 1e6:,.2f}"
     if column.endswith("_s"):
         return f"{value:.0f}"
+    if column == "epsilon_spent":
+        return f"{value:.3g}"
     return f"{value:.4f}"
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
 
 
 def markdown_table(table: list[dict[str, Any]], keys: list[str], metric: str,
                    columns: Sequence[str] = ()) -> str:
-    titles = [f"{c} (MB)" if "bytes" in c else c for c in columns]
+    titles = [f"{c} (MB)" if "bytes" in c else "ε spent" if c == "epsilon_spent" else c
+              for c in columns]
     header = [*keys, f"{metric} (mean ± std)", "runs", *titles]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in table:
-        cells = [str(entry[k]) for k in keys]
+        cells = [_text(entry[k]) for k in keys]
         score = "-" if entry["mean"] is None else f"{entry['mean']:.4f} ± {entry['std']:.4f}"
         extra = [_cell(c, entry[c]) for c in columns]
         lines.append("| " + " | ".join([*cells, score, str(entry["n"]), *extra]) + " |")

@@ -113,6 +113,10 @@ def task_resources(config: Config, data_path: str = "") -> TaskResources:
 
 def _build_resources(config: Config, data_path: str) -> TaskResources:
     federation = build_federation(config.data, config.run.seed, data_path)
+    if config.privacy.mode == "local":
+        from fedtune.privacy.local_dp import check_local_delta
+
+        check_local_delta(config, [len(rows) for rows in federation.client_train_rows])
     encoded = encode_inputs(config, federation)
     dim = 0 if config.model.kind == "hf" else input_dim(encoded)
     spec = model_spec(config.model, federation.data.label_names, dim)

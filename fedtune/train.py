@@ -86,18 +86,23 @@ def _batches(loader: DataLoader, settings: TrainSettings) -> Iterator[Batch]:
 
 def train_local(
     model: nn.Module, loader: DataLoader, settings: TrainSettings, device: torch.device,
-    objective: LocalObjective | None = None,
+    objective: LocalObjective | None = None, optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: nn.Module | None = None,
 ) -> TrainResult:
     """Train in place; returns the mean training loss over the examples seen.
 
     ``objective`` adds an algorithm's terms (FedProx, FedDyn, SCAFFOLD) to every gradient; the
-    reported loss is the data loss alone.
+    reported loss is the data loss alone. ``optimizer`` and ``loss_fn`` default to the
+    configured optimizer over the trainable parameters and cross-entropy; DP-SGD passes Opacus'
+    wrapped ones.
     """
     start = time.perf_counter()
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, settings)
-    loss_fn = nn.CrossEntropyLoss()
+    if optimizer is None:
+        optimizer = make_optimizer(params, settings)
+    if loss_fn is None:
+        loss_fn = nn.CrossEntropyLoss()
     dtype = AUTOCAST_DTYPES.get(settings.precision)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")

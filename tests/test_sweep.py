@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ import pytest
 from fedtune.config import ConfigError
 from fedtune.engine.launch import run_inprocess
 from fedtune.results.plots import plot_curves
-from fedtune.sweep import (expand, group_rows, load_sweep, result_row, round_curves,
-                           run_curves, run_sweep, write_table)
+from fedtune.sweep import (expand, expand_reference, group_rows, load_sweep, markdown_table,
+                           result_row, round_curves, run_curves, run_sweep, write_table)
 
 SWEEP = """
 [sweep]
@@ -220,3 +221,52 @@ def test_the_non_iid_study_is_a_valid_sweep():
     assert {r.values["strategy.name"] for r in runs} == {"fedavg", "scaffold"}
     assert all(r.config.client.optimizer == "sgd" and r.config.data.dataset == "bbc_news"
                for r in runs)
+
+
+VARIANTS = SWEEP.replace('"run.seed" = [0, 1]', '''"run.seed" = [0, 1]
+model = [{{ name = "small", "model.hidden_sizes" = [8] }},
+         {{ name = "big", "model.hidden_sizes" = [32] }}]
+
+[sweep.reference]
+"client.local_steps" = 1''')
+
+
+def test_variants_set_their_keys_together_and_references_leave_x_empty(tmp_path):
+    spec = load_sweep(_write(tmp_path, VARIANTS))
+    runs = expand(spec)
+    assert len(runs) == 8
+    assert {(r.values["model"], tuple(r.config.model.hidden_sizes)) for r in runs} == {
+        ("small", (8,)), ("big", (32,))}
+    references = expand_reference(spec)  # one per (model, seed); x = client.lr stays empty
+    assert len(references) == 4
+    assert all(r.values["client.lr"] is None and r.slug.startswith("reference_")
+               and r.config.client.local_steps == 1 for r in references)
+    assert {(r.values["model"], r.values["run.seed"]) for r in references} == {
+        ("small", 0), ("small", 1), ("big", 0), ("big", 1)}
+
+
+def test_grid_selection_runs_only_the_chosen_values(tmp_path):
+    spec = load_sweep(_write(tmp_path, VARIANTS), selection=["model=big", "run.seed=[1]"])
+    chosen = [r for r in expand(spec) + expand_reference(spec) if spec.selects(r)]
+    assert len(chosen) == 3
+    assert all(r.values["model"] == "big" and r.values["run.seed"] == 1 for r in chosen)
+    with pytest.raises(ConfigError, match="--grid 'optimizer=adam' is not allowed"):
+        load_sweep(_write(tmp_path, VARIANTS), selection=["optimizer=adam"])
+
+
+def test_a_variant_without_a_name_is_refused(tmp_path):
+    text = VARIANTS.replace('name = "small", ', "")
+    with pytest.raises(ConfigError, match="sweep.grid.model is not allowed"):
+        load_sweep(_write(tmp_path, text))
+
+
+def test_markdown_table_shows_epsilon_spent_and_infinity():
+    table = [{"privacy.target_epsilon": math.inf, "mean": 0.75, "std": 0.01, "n": 3,
+              "epsilon_spent": math.inf},
+             {"privacy.target_epsilon": 1.0, "mean": 0.6, "std": 0.02, "n": 3,
+              "epsilon_spent": 0.998}]
+    text = markdown_table(table, ["privacy.target_epsilon"], "eval_accuracy",
+                          ["epsilon_spent"])
+    assert "| privacy.target_epsilon | eval_accuracy (mean ± std) | runs | ε spent |" in text
+    assert "| inf | 0.7500 ± 0.0100 | 3 | inf |" in text
+    assert "| 1 | 0.6000 ± 0.0200 | 3 | 0.998 |" in text

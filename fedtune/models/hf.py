@@ -56,9 +56,16 @@ class MeanPoolingClassifier(nn.Module):
             unused_pooler.requires_grad_(False)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+        if getattr(encoder, "pooler", None) is not None:
+            # mean pooling never uses the [CLS] pooler: no gradient reaches it (DP-SGD
+            # demands one for every trainable parameter)
+            encoder.pooler.requires_grad_(False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                **encoder_inputs: torch.Tensor) -> torch.Tensor:
+        """``encoder_inputs``: e.g. per-example ``position_ids`` (DP-SGD needs them)."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              **encoder_inputs).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         return self.classifier(self.dropout(pooled))

@@ -41,6 +41,31 @@ def plot_accuracy_loss(rows: list[dict[str, str]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_epsilon(rows: list[dict[str, str]], target_epsilon: float, path: Path) -> None:
+    """ε spent after every round (central: the run's, local: the largest client's)."""
+    rounds = _column(rows, "round")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for column, label in (("epsilon", "central ε (run)"),
+                          ("max_client_epsilon", "local ε (largest client)")):
+        values = _column(rows, column)
+        if np.isfinite(values).any():
+            ax.plot(rounds, values, marker="o", label=label)
+        elif np.isinf(values).any():
+            ax.text(0.5, 0.5, f"{label} = ∞ (clipping without noise)", ha="center",
+                    transform=ax.transAxes)
+    if 0 < target_epsilon < np.inf:
+        ax.axhline(target_epsilon, color="grey", linestyle="--", label="target ε")
+    ax.set_xlabel("round")
+    ax.set_ylabel("ε spent")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_partitions(histogram: np.ndarray, label_names: tuple[str, ...] | list[str],
                     path: Path) -> None:
     """Stacked bars: examples of each label held by each client."""
@@ -62,24 +87,53 @@ def plot_partitions(histogram: np.ndarray, label_names: tuple[str, ...] | list[s
     plt.close(fig)
 
 
-def plot_sweep(table: list[dict], x_key: str, series_key: str | None, metric: str,
-               path: Path) -> None:
-    """Mean ± std of ``metric`` against a grid key, one line per value of ``series_key``."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    series = sorted({str(e.get(series_key)) for e in table}) if series_key else [None]
-    for name in series:
-        points = [e for e in table if series_key is None or str(e.get(series_key)) == name]
-        points = sorted((float(e[x_key]), e["mean"], e["std"]) for e in points
-                        if e["mean"] is not None)
-        if not points:
+def plot_sweep(table: list[dict], keys: list[str], x_key: str, series_key: str | None,
+               metric: str, path: Path) -> None:
+    """Mean ± std of ``metric`` against a grid key, one line per combination of the other
+    keys (``series_key`` first in the label). Entries without an x value (reference runs)
+    become horizontal lines; x = inf is drawn right of the largest finite x, marked ∞."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    other = [k for k in keys if k != x_key]
+    if series_key in other:
+        other.remove(series_key)
+        other.insert(0, series_key)
+    finite = [float(e[x_key]) for e in table
+              if e.get(x_key) is not None and np.isfinite(float(e[x_key]))]
+    top = max(finite) if finite else 1.0
+    log_x = bool(finite) and min(finite) > 0 and top / min(finite) >= 10
+    inf_at = top * 2 if log_x else top + 1
+
+    def label(entry: dict) -> str:
+        return ", ".join(f"{k.split('.')[-1]}={entry[k]}" for k in other
+                         if entry.get(k) is not None)
+
+    lines: dict[str, list] = {}
+    for entry in table:
+        if entry["mean"] is None:
             continue
-        xs, means, stds = (np.array(v, dtype=float) for v in zip(*points, strict=True))
-        label = f"{series_key.split('.')[-1]}={name}" if series_key else metric
-        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
+        if entry.get(x_key) is None:
+            line = ax.axhline(entry["mean"], linestyle="--", color="grey", alpha=0.8)
+            line.set_color(plt.get_cmap("tab10")(len(lines) % 10))
+            ax.axhspan(entry["mean"] - entry["std"], entry["mean"] + entry["std"],
+                       color=line.get_color(), alpha=0.08)
+            line.set_label(f"reference: {label(entry)}")
+            continue
+        x = float(entry[x_key])
+        lines.setdefault(label(entry), []).append(
+            (inf_at if np.isinf(x) else x, entry["mean"], entry["std"]))
+    for name, points in lines.items():
+        xs, means, stds = (np.array(v, dtype=float) for v in zip(*sorted(points), strict=True))
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=name or metric)
+    if log_x:
+        ax.set_xscale("log")
+    if any(e.get(x_key) is not None and np.isinf(float(e[x_key])) for e in table):
+        ticks = sorted(set(finite)) + [inf_at]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks[:-1]] + ["∞"])
+        ax.minorticks_off()
     ax.set_xlabel(x_key)
     ax.set_ylabel(f"final {metric}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import tomllib
+
 import numpy as np
 
-from fedtune.results.plots import plot_accuracy_loss, plot_partitions
+from fedtune.results.plots import plot_accuracy_loss, plot_epsilon, plot_partitions
 from fedtune.results.run_dir import RunDirectory, read_csv
 
 
 def redraw(path: Path) -> list[Path]:
-    """Rewrite plots/accuracy_loss.png and plots/partitions.png; returns the files written."""
+    """Rewrite plots/accuracy_loss.png, partitions.png and (with DP) epsilon.png; returns
+    the files written."""
     run_dir = RunDirectory(path)
     run_dir.plots_dir.mkdir(exist_ok=True)
     written = [run_dir.plots_dir / "accuracy_loss.png"]
     plot_accuracy_loss(run_dir.metrics(), written[0])
+    config_file = path / "config.toml"
+    privacy = (tomllib.loads(config_file.read_text(encoding="utf-8")).get("privacy", {})
+               if config_file.is_file() else {})
+    if privacy.get("mode", "none") != "none":
+        written.append(run_dir.plots_dir / "epsilon.png")
+        plot_epsilon(run_dir.metrics(), float(privacy.get("target_epsilon", 0.0)), written[-1])
     partitions = read_csv(path / "partitions.csv")
     if partitions:
         labels = [k for k in partitions[0] if k not in ("client_id", "total")]

@@ -20,9 +20,12 @@ def _number(text: str) -> float | None:
 
 
 def _finite(value: Any) -> Any:
-    """JSON has no NaN: NaN becomes null; nested structures are cleaned too."""
+    """JSON has no NaN or infinity: NaN becomes null, ±inf the string "inf"/"-inf"; nested
+    structures are cleaned too."""
     if isinstance(value, float) and math.isnan(value):
         return None
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"  # float("inf") reads it back
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -30,8 +33,21 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def privacy_summary(config: Config, rows: list[dict[str, str]]) -> dict[str, Any]:
+    """mode, ε spent (central: the run's; local: the largest client's), δ, accountant."""
+    p = config.privacy
+    if p.mode == "none":
+        return {"mode": "none", "epsilon": None, "delta": None, "accountant": None}
+    column = "epsilon" if p.mode == "central" else "max_client_epsilon"
+    spent = [_number(r[column]) for r in rows if _number(r[column]) is not None]
+    return {"mode": p.mode, "epsilon": spent[-1] if spent else 0.0, "delta": p.delta,
+            "accountant": p.accountant, "target_epsilon": p.target_epsilon or None,
+            "noise_multiplier": p.noise_multiplier or None}
+
+
 def build_summary(config: Config, resources: TaskResources, run_dir: RunDirectory,
-                  final_eval: EvalResult | None, total_s: float) -> dict[str, Any]:
+                  final_eval: EvalResult | None, total_s: float,
+                  stop_reason: str = "") -> dict[str, Any]:
     rows = run_dir.metrics()
     federation = resources.federation
     test_labels = federation.data.labels[federation.test_rows]
@@ -69,7 +85,7 @@ def build_summary(config: Config, resources: TaskResources, run_dir: RunDirector
         "total_time_s": total_s,
         "strategy": {"name": config.strategy.name, **strategy_hyperparameters(config)},
         "faults": FaultPlan.from_config(config).describe(),
-        "privacy": {"mode": config.privacy.mode, "epsilon": None, "delta": None,
-                    "accountant": None},
+        "privacy": privacy_summary(config, rows),
+        "stop_reason": stop_reason,
     }
     return _finite(summary)

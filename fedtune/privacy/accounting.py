@@ -1,0 +1,111 @@
+"""ε of repeated Poisson-subsampled Gaussian mechanisms, computed by opacus.accountants.
+
+A *history* is Opacus' own accountant format: a list of ``(noise_multiplier, sample_rate,
+steps)``, one entry per run of identical steps. The same functions serve a client's DP-SGD
+steps (sample-level DP, Abadi et al. 2016) and the server's DP-FedAvg rounds (user-level DP,
+McMahan et al. 2018): each step or round samples every record (example or client) with
+probability ``sample_rate`` and adds Gaussian noise of ``noise_multiplier`` times the
+sensitivity. Accountants: ``rdp`` (Rényi DP of the subsampled Gaussian, Mironov et al. 2019)
+and ``prv`` (numerical composition of privacy random variables, Gopi et al. 2021, tighter).
+Pure math, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+MECHANISMS = ("rdp", "prv")
+
+HistoryEntry = tuple[float, float, int]
+
+
+def compose(history: Sequence[HistoryEntry], noise_multiplier: float, sample_rate: float,
+            steps: int) -> list[HistoryEntry]:
+    """``history`` followed by ``steps`` more steps (merged into the last entry when equal)."""
+    out = [(float(n), float(q), int(s)) for n, q, s in history]
+    if steps <= 0:
+        return out
+    if out and out[-1][:2] == (float(noise_multiplier), float(sample_rate)):
+        out[-1] = (out[-1][0], out[-1][1], out[-1][2] + steps)
+    else:
+        out.append((float(noise_multiplier), float(sample_rate), int(steps)))
+    return out
+
+
+def total_steps(history: Sequence[HistoryEntry]) -> int:
+    return sum(int(s) for _, _, s in history)
+
+
+def epsilon(history: Sequence[HistoryEntry], delta: float, mechanism: str) -> float:
+    """ε spent by ``history`` at ``delta``: 0 without steps, inf if any step had no noise."""
+    steps = tuple((float(n), float(q), int(s)) for n, q, s in history if s > 0)
+    if not steps:
+        return 0.0
+    if any(n <= 0 for n, _, _ in steps):
+        return math.inf
+    return _epsilon(steps, delta, mechanism)
+
+
+@lru_cache(maxsize=4096)  # clients ask for the same histories round after round
+def _epsilon(history: tuple[HistoryEntry, ...], delta: float, mechanism: str) -> float:
+    accountant = create_accountant(mechanism=mechanism)
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta=delta))
+
+
+@lru_cache(maxsize=1024)
+def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                     mechanism: str) -> float:
+    """The smallest noise multiplier (to 0.01 in ε) whose ``steps`` stay within the target.
+
+    ``target_epsilon = inf`` asks for no noise (clipping only).
+    """
+    if math.isinf(target_epsilon):
+        return 0.0
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=sample_rate, steps=max(1, steps),
+                                      accountant=mechanism))
+
+
+def steps_within_budget(history: Sequence[HistoryEntry], noise_multiplier: float,
+                        sample_rate: float, wanted: int, target_epsilon: float, delta: float,
+                        mechanism: str) -> int:
+    """The most steps (at most ``wanted``) after which ε is still <= ``target_epsilon``.
+
+    ε only grows with every step, so a binary search over the step count finds it.
+    """
+    if math.isinf(target_epsilon):
+        return wanted
+
+    def fits(steps: int) -> bool:
+        spent = epsilon(compose(history, noise_multiplier, sample_rate, steps), delta, mechanism)
+        return spent <= target_epsilon
+
+    if fits(wanted):
+        return wanted
+    fitting, too_many = 0, wanted
+    while too_many - fitting > 1:
+        middle = (fitting + too_many) // 2
+        if fits(middle):
+            fitting = middle
+        else:
+            too_many = middle
+    return fitting
+
+
+def history_to_lists(history: Sequence[HistoryEntry]) -> dict[str, list]:
+    """Columns of a history (what a Flower ConfigRecord can hold)."""
+    return {"noise": [float(n) for n, _, _ in history],
+            "rate": [float(q) for _, q, _ in history],
+            "steps": [int(s) for _, _, s in history]}
+
+
+def history_from_lists(columns: Mapping[str, Sequence]) -> list[HistoryEntry]:
+    """Inverse of ``history_to_lists``."""
+    return [(float(n), float(q), int(s)) for n, q, s in
+            zip(columns["noise"], columns["rate"], columns["steps"], strict=True)]
