@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -98,25 +100,68 @@ def _quiet_libraries() -> None:
     FLOWER_LOGGER.setLevel(logging.WARNING)
 
 
-def cmd_run(args: argparse.Namespace, console: Console) -> int:
+def _run_config(args: argparse.Namespace) -> Config:
+    """The config of a new run, or of the run ``--resume`` continues (its own config.toml)."""
     from fedtune.results.run_dir import default_run_path
-    from fedtune.task import task_resources
+    from fedtune.resume import check_resumable
 
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.config or args.output:
+            raise ConfigError("--resume takes the config and directory from RUN_DIR: drop the "
+                              "config file and --output (--set run.rounds=N may extend it)")
+        if not (run_dir / "config.toml").is_file():
+            raise ConfigError(f"--resume {args.resume!r} is not allowed: must be a run "
+                              "directory (it has no config.toml)")
+        config = load_config(run_dir / "config.toml", args.set)
+        config.run.dir, config.run.resume = str(run_dir), True
+        check_resumable(config)
+        return config
     config = load_config(args.config, args.set)
     config.run.dir = str(Path(args.output or config.run.dir or default_run_path(config)))
     if Path(config.run.dir).exists() and any(Path(config.run.dir).iterdir()):
         raise ConfigError(f"--output {config.run.dir!r} is not allowed: must be a new or empty "
                           "directory")
+    return config
+
+
+def _stop_on_ctrl_c(console: Console) -> threading.Event:
+    """First Ctrl-C: finish the client being waited for, checkpoint, stop. Second: abort."""
+    stop = threading.Event()
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        console.print("[bold yellow]stopping[/]: writing a checkpoint of the last finished "
+                      "round (Ctrl-C again aborts without it)")
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    return stop
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from fedtune.rounds import RunStopped
+    from fedtune.task import task_resources
+
+    config = _run_config(args)
     _quiet_libraries()
     task_resources(config)  # data-dependent checks (client counts, keys) before anything starts
     from fedtune.engine.launch import launch
 
     reporter = RichReporter(console)
     started = time.perf_counter()
+    stop = _stop_on_ctrl_c(console)
     try:
-        launch(config, reporter)
+        launch(config, reporter, stop)
+    except RunStopped:
+        reporter.close()
+        console.print(f"[bold yellow]stopped[/]: checkpoint in {config.run.dir}/checkpoint; "
+                      f"continue with: fedtune run --resume {config.run.dir}")
+        return 130
     finally:
         reporter.close()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     _print_summary(console, Path(config.run.dir))
     console.print(f"finished in {time.perf_counter() - started:.1f}s")
     console.print(f"run directory: {config.run.dir}")
@@ -250,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one config key (repeatable)")
     run.add_argument("--output", help="run directory to create (default: runs/<name>-<time>)")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its checkpoint")
     report = sub.add_parser("report", help="redraw plots and print the summary of a run")
     report.add_argument("run_dir")
     sweep = sub.add_parser("sweep", help="run a grid of experiments, skip finished ones, "

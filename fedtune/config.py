@@ -79,6 +79,12 @@ class RunSection:
     max_rounds_without_update: int = _spec(
         3, "stop after this many rounds in a row without enough sound client updates", ge=1
     )
+    checkpoint_every: int = _spec(
+        1, "write <run dir>/checkpoint/ every this many rounds (also on Ctrl-C); 0 = only on "
+        "Ctrl-C or failure", ge=0
+    )
+    resume: bool = _spec(False, "continue the run in run.dir from its checkpoint "
+                                "(`fedtune run --resume RUN_DIR` sets it)")
 
 
 @dataclass

@@ -13,6 +13,8 @@ import math
 import random
 import threading
 import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,10 +23,12 @@ from flwr.common import log
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedtune.checkpoint import read_checkpoint
 from fedtune.client_app import PARTITION_KEY, STATUS_KEY, to_array_record
 from fedtune.config import Config, ConfigError, from_run_config
 from fedtune.models.build import build_model, load_shared_state, save_model, shared_state
 from fedtune.privacy.central import CentralBudget
+from fedtune.resume import Checkpointer, check_resumable
 from fedtune.results.plots import plot_accuracy_loss, plot_epsilon, plot_partitions
 from fedtune.results.run_dir import ClientRow, RoundRow, RunDirectory
 from fedtune.results.summary import build_summary
@@ -208,120 +212,184 @@ def _weighted(messages: list[Message], key: str) -> float | None:
     return float(np.average(values, weights=weights))
 
 
+@dataclass
+class RoundState:
+    """What the server carries from one round to the next (and what a checkpoint restores)."""
+
+    arrays: ArrayRecord
+    server_round: int = 0  # the last completed round
+    rounds_without_update: int = 0
+    elapsed_s: float = 0.0  # time spent in earlier sessions of a resumed run
+    node_to_client: dict[int, int] = field(default_factory=dict)
+    budget: CentralBudget | None = None  # central DP: the run's accountant
+    client_epsilons: dict[int, float] = field(default_factory=dict)  # local DP: latest ε each
+    stop_reason: str = ""  # why the run ended before run.rounds (privacy budget)
+
+
+def _start_run(config: Config, resources: TaskResources, strategy: Any, grid: Grid
+               ) -> tuple[RunDirectory, RoundState, Checkpointer]:
+    """A new run directory and initial model, or the state a checkpoint saved (run.resume)."""
+    if not config.run.resume:
+        run_dir = RunDirectory.create(config, config.run.dir or None)
+        histogram = resources.federation.label_histogram()
+        run_dir.write_partitions(histogram, resources.federation.data.label_names)
+        if len(histogram):  # with private per-party files the server sees no partitions
+            plot_partitions(histogram, resources.federation.data.label_names,
+                            run_dir.plots_dir / "partitions.png")
+        # a fresh model: the resident one may hold weights of an earlier run in this process
+        arrays = to_array_record(shared_state(build_model(resources.spec, config.run.seed)))
+        state = RoundState(arrays, node_to_client=dict(getattr(grid, "node_to_client", {})),
+                           budget=_central_budget(config))
+        return run_dir, state, Checkpointer(run_dir.path, config, grid, _stateful(strategy, state))
+    run_dir = RunDirectory.open(config)
+    check_resumable(config)
+    checkpoint = read_checkpoint(run_dir.path)
+    run_dir.truncate_after(checkpoint.server_round)
+    run_dir.write_config(config)  # run.rounds may have grown
+    state = RoundState(
+        to_array_record(checkpoint.global_arrays), checkpoint.server_round,
+        int(checkpoint.counters["rounds_without_update"]),
+        float(checkpoint.counters["elapsed_s"]),
+        {int(node): client for node, client in checkpoint.counters["node_to_client"].items()},
+        _central_budget(config),
+        {int(client): value
+         for client, value in checkpoint.counters["client_epsilons"].items()},
+        checkpoint.counters["stop_reason"],
+    )
+    checkpointer = Checkpointer(run_dir.path, config, grid, _stateful(strategy, state))
+    checkpointer.restore(checkpoint)
+    log(INFO, "fedtune: resuming %s after round %d", run_dir.path, checkpoint.server_round)
+    return run_dir, state, checkpointer
+
+
+def _central_budget(config: Config) -> CentralBudget | None:
+    return CentralBudget.from_config(config) if config.privacy.mode == "central" else None
+
+
+def _stateful(strategy: Any, state: RoundState) -> SimpleNamespace:
+    """The server objects whose attributes a checkpoint keeps."""
+    return SimpleNamespace(strategy=strategy, budget=state.budget)
+
+
 def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
                   stop: threading.Event | None = None) -> RunDirectory:
     """Run every round of the configured federation on ``grid``; returns the run directory.
 
-    Setting ``stop`` (from another thread) ends the run while it waits for replies.
+    Setting ``stop`` (from another thread) ends the run while it waits for replies, with
+    ``RunStopped``. Whenever the run ends early, the last finished round is checkpointed.
     """
     reporter = reporter or LogReporter()
     torch.manual_seed(config.run.seed)
     resources = task_resources(config)
-    run_dir = RunDirectory.create(config, config.run.dir or None)
-    histogram = resources.federation.label_histogram()
-    run_dir.write_partitions(histogram, resources.federation.data.label_names)
-    if len(histogram):  # with private per-party files the server sees no partitions
-        plot_partitions(histogram, resources.federation.data.label_names,
-                        run_dir.plots_dir / "partitions.png")
-    reporter.start(config, run_dir)
-    started = time.perf_counter()
-    wait_for_nodes(grid, config.data.num_clients, config.engine.node_wait_s)
-    node_to_client: dict[int, int] = dict(getattr(grid, "node_to_client", {}))
-
     strategy = build_strategy(config)
-    budget = CentralBudget.from_config(config) if config.privacy.mode == "central" else None
-    client_epsilons: dict[int, float] = {}
-    stop_reason = ""
-    # a fresh model: the resident one may hold weights of an earlier run in this process
-    arrays = to_array_record(shared_state(build_model(resources.spec, config.run.seed)))
-    timeout = config.strategy.round_timeout_s
-    federation = resources.federation
-    # a reply may not claim more examples than the federation has (unknown for private files)
-    max_train_examples = sum(map(len, federation.client_train_rows)) or MAX_ANY_EXAMPLES
-    max_test_examples = sum(map(len, federation.client_test_rows)) or MAX_ANY_EXAMPLES
-    rounds_without_update = 0
+    run_dir, state, checkpointer = _start_run(config, resources, strategy, grid)
+    reporter.start(config, run_dir)
+    wait_for_nodes(grid, config.data.num_clients, config.engine.node_wait_s)
+    started = time.perf_counter()
     final_eval: EvalResult | None = None
-    for server_round in range(1, config.run.rounds + 1):
-        round_start = time.perf_counter()
-        if budget is not None and not budget.next_round_fits():
-            stop_reason = budget.stop_reason(server_round)
-            log(INFO, "fedtune: %s", stop_reason)
-            break
-
-        def progress(done: int, total: int, phase: str = "train") -> None:
-            reporter.phase(server_round, phase, done, total)
-
-        seed_sampling(config.run.seed, server_round, "train")
-        train = exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-                         timeout, progress, stop)
-        accepted, declined, rejected = screen_train_replies(train, max_train_examples)
-        rows = client_rows(server_round, train, accepted, declined, rejected, node_to_client)
-        if train.sent and len(declined) == len(train.sent):
-            stop_reason = (f"privacy budget: every client sampled in round {server_round} "
-                           "has spent its budget")
-        # DP-FedAvg releases a noised update every round, even from an empty Poisson cohort:
-        # its accountant counts every round
-        elif budget is not None or (
-                len(accepted) >= min(config.strategy.min_train_clients, len(train.sent)) > 0):
-            rounds_without_update = 0
-            new_arrays, _ = strategy.aggregate_train(server_round, by_client(accepted))
-            if new_arrays is not None:
-                arrays = new_arrays
-        else:  # too few sound updates: the global model stays as it was this round
-            rounds_without_update += 1
-            if rounds_without_update >= config.run.max_rounds_without_update:
-                reasons = "; ".join(sorted({r.reason for r in rows if r.reason}))[:1000]
-                raise RuntimeError(
-                    f"round {server_round}: {rounds_without_update} rounds in a row without "
-                    f"enough sound client updates (run.max_rounds_without_update); last "
-                    f"reasons: {reasons}")
-        if budget is not None:
-            budget.record_round()
-
-        seed_sampling(config.run.seed, server_round, "evaluate")
-        federated = exchange(
-            grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout,
-            lambda done, total: progress(done, total, "evaluate"), stop,
-        )
-        sound_evaluations = [r for r in federated.ok
-                             if check_evaluate_reply(r, max_test_examples) is None]
-        last = (server_round == config.run.rounds or bool(stop_reason)
-                or (budget is not None and not budget.next_round_fits()))
-        final_eval = evaluate_global(resources, arrays, with_report=last)
-        row = RoundRow(
-            round=server_round,
-            train_loss=_weighted(accepted, "train_loss"),
-            eval_loss=final_eval.loss,
-            eval_accuracy=final_eval.accuracy,
-            eval_macro_f1=final_eval.macro_f1,
-            epsilon=None if budget is None else budget.epsilon,
-            max_client_epsilon=max_client_epsilon(client_epsilons, rows),
-            clients_sampled=len(train.sent),
-            clients_ok=len(accepted),
-            clients_failed=len(train.sent) - len(accepted),
-            bytes_up=train.bytes_up + federated.bytes_up,
-            bytes_down=train.bytes_down + federated.bytes_down,
-            wall_s=time.perf_counter() - round_start,
-            federated_eval_loss=_weighted(sound_evaluations, "eval_loss"),
-            federated_eval_accuracy=_weighted(sound_evaluations, "eval_accuracy"),
-        )
-        run_dir.append_round(row, rows)
-        reporter.round_end(row)
-        if stop_reason:
-            log(INFO, "fedtune: %s", stop_reason)
-            break
-
-    load_shared_state(resources.model, _arrays_to_numpy(arrays))
+    try:
+        for server_round in range(state.server_round + 1, config.run.rounds + 1):
+            if state.stop_reason:
+                break
+            if state.budget is not None and not state.budget.next_round_fits():
+                state.stop_reason = state.budget.stop_reason(server_round)
+                break
+            final_eval = _run_round(grid, config, resources, strategy, state, server_round,
+                                    run_dir, reporter, stop)
+            state.server_round = server_round
+            checkpointer.round_end(state, time.perf_counter() - started)
+    except BaseException:
+        checkpointer.save_latest()
+        raise
+    if final_eval is None:  # resumed after the last round: evaluate what the checkpoint holds
+        final_eval = evaluate_global(resources, state.arrays, with_report=True)
+    if state.stop_reason:
+        log(INFO, "fedtune: %s", state.stop_reason)
+    load_shared_state(resources.model, _arrays_to_numpy(state.arrays))
     save_model(resources.model, resources.spec, run_dir.model_dir)
     plot_accuracy_loss(run_dir.metrics(), run_dir.plots_dir / "accuracy_loss.png")
     if config.privacy.mode != "none":
         plot_epsilon(run_dir.metrics(), config.privacy.target_epsilon,
                      run_dir.plots_dir / "epsilon.png")
     summary = build_summary(config, resources, run_dir, final_eval,
-                            time.perf_counter() - started, stop_reason)
+                            state.elapsed_s + time.perf_counter() - started, state.stop_reason)
     run_dir.write_json("summary.json", summary)
     reporter.finish(summary, run_dir)
     return run_dir
+
+
+def _run_round(grid: Grid, config: Config, resources: TaskResources, strategy: Any,
+               state: RoundState, server_round: int, run_dir: RunDirectory, reporter: Reporter,
+               stop: threading.Event | None) -> EvalResult:
+    """Train, aggregate, evaluate and record one round; updates ``state`` in place."""
+    round_start = time.perf_counter()
+    timeout = config.strategy.round_timeout_s
+    federation = resources.federation
+    # a reply may not claim more examples than the federation has (unknown for private files)
+    max_train_examples = sum(map(len, federation.client_train_rows)) or MAX_ANY_EXAMPLES
+    max_test_examples = sum(map(len, federation.client_test_rows)) or MAX_ANY_EXAMPLES
+
+    def progress(done: int, total: int, phase: str = "train") -> None:
+        reporter.phase(server_round, phase, done, total)
+
+    seed_sampling(config.run.seed, server_round, "train")
+    train = exchange(grid, strategy.configure_train(server_round, state.arrays, ConfigRecord(),
+                                                    grid), timeout, progress, stop)
+    accepted, declined, rejected = screen_train_replies(train, max_train_examples)
+    rows = client_rows(server_round, train, accepted, declined, rejected, state.node_to_client)
+    budget = state.budget
+    if train.sent and len(declined) == len(train.sent):
+        state.stop_reason = (f"privacy budget: every client sampled in round {server_round} "
+                             "has spent its budget")
+    # DP-FedAvg releases a noised update every round, even from an empty Poisson cohort:
+    # its accountant counts every round
+    elif budget is not None or (
+            len(accepted) >= min(config.strategy.min_train_clients, len(train.sent)) > 0):
+        state.rounds_without_update = 0
+        new_arrays, _ = strategy.aggregate_train(server_round, by_client(accepted))
+        if new_arrays is not None:
+            state.arrays = new_arrays
+    else:  # too few sound updates: the global model stays as it was this round
+        state.rounds_without_update += 1
+        if state.rounds_without_update >= config.run.max_rounds_without_update:
+            reasons = "; ".join(sorted({r.reason for r in rows if r.reason}))[:1000]
+            raise RuntimeError(
+                f"round {server_round}: {state.rounds_without_update} rounds in a row without "
+                f"enough sound client updates (run.max_rounds_without_update); last "
+                f"reasons: {reasons}")
+    if budget is not None:
+        budget.record_round()
+
+    seed_sampling(config.run.seed, server_round, "evaluate")
+    federated = exchange(
+        grid, strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(), grid),
+        timeout, lambda done, total: progress(done, total, "evaluate"), stop,
+    )
+    sound_evaluations = [r for r in federated.ok
+                         if check_evaluate_reply(r, max_test_examples) is None]
+    last = (server_round == config.run.rounds or bool(state.stop_reason)
+            or (budget is not None and not budget.next_round_fits()))
+    global_eval = evaluate_global(resources, state.arrays, with_report=last)
+    row = RoundRow(
+        round=server_round,
+        train_loss=_weighted(accepted, "train_loss"),
+        eval_loss=global_eval.loss,
+        eval_accuracy=global_eval.accuracy,
+        eval_macro_f1=global_eval.macro_f1,
+        epsilon=None if budget is None else budget.epsilon,
+        max_client_epsilon=max_client_epsilon(state.client_epsilons, rows),
+        clients_sampled=len(train.sent),
+        clients_ok=len(accepted),
+        clients_failed=len(train.sent) - len(accepted),
+        bytes_up=train.bytes_up + federated.bytes_up,
+        bytes_down=train.bytes_down + federated.bytes_down,
+        wall_s=time.perf_counter() - round_start,
+        federated_eval_loss=_weighted(sound_evaluations, "eval_loss"),
+        federated_eval_accuracy=_weighted(sound_evaluations, "eval_accuracy"),
+    )
+    run_dir.append_round(row, rows)
+    reporter.round_end(row)
+    return global_eval
 
 
 def make_server_app(reporter: Reporter | None = None,

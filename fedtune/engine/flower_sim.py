@@ -47,8 +47,10 @@ def backend_config(config: Config) -> dict:
     }
 
 
-def run_flower_simulation(config: Config, reporter: Reporter | None = None) -> None:
-    """Run the ServerApp and ClientApp under Flower's Ray simulation runtime."""
+def run_flower_simulation(config: Config, reporter: Reporter | None = None,
+                          stop: threading.Event | None = None) -> bool:
+    """Run the ServerApp and ClientApp under Flower's Ray simulation runtime; True if ``stop``
+    (see ``fedtune.engine.launch.launch``) ended it."""
     run_config = to_run_config(config)
     # the same Run set-up flwr.simulation.run_simulation makes, plus our run config
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
@@ -61,7 +63,7 @@ def run_flower_simulation(config: Config, reporter: Reporter | None = None) -> N
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     server_context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
                              run_config=run_config)
-    stop = threading.Event()
+    stop = stop or threading.Event()
     with tempfile.TemporaryDirectory(prefix="fedtune-app-") as app_dir:
         Path(app_dir, "pyproject.toml").write_text(tomli_w.dumps(app_declaration(run_config)))
         try:
@@ -77,7 +79,9 @@ def run_flower_simulation(config: Config, reporter: Reporter | None = None) -> N
                 run=run,
             )
         finally:
+            requested = stop.is_set()
             stop.set()  # if the runtime died, the ServerApp thread must not wait for replies
+    return requested
 
 
 def app_declaration(run_config: dict) -> dict:

@@ -19,6 +19,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedtune.checkpoint import state_from_bytes, state_to_bytes
+
 NODE_ID_OFFSET = 1000  # node ids below this are Flower's own (0: none, 1: SuperLink)
 
 
@@ -67,6 +69,7 @@ class InProcessGrid(Grid):
         self.node_to_client = {node: ctx.node_config["partition-id"]
                                for node, ctx in self.contexts.items()}
         self._queued: dict[str, Message] = {}
+        self._touched: set[int] = set()  # nodes that handled a message since the last capture
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -100,12 +103,27 @@ class InProcessGrid(Grid):
             if message is None:
                 continue
             context = self.contexts[message.metadata.dst_node_id]
+            self._touched.add(message.metadata.dst_node_id)
             try:
                 reply = self._client_app(message, context)
             except Exception as error:  # noqa: BLE001 - a client's failure is its reply
                 reply = error_reply(message, error)
             return [reply]
         return []
+
+    def changed_client_states(self) -> dict[int, bytes]:
+        """Serialised Context.state of each client that handled a message since the last call
+        (keyed by partition id), for checkpoints."""
+        changed = {self.node_to_client[node]: state_to_bytes(self.contexts[node].state)
+                   for node in sorted(self._touched)}
+        self._touched.clear()
+        return changed
+
+    def restore_client_states(self, states: Mapping[int, bytes]) -> None:
+        """Give clients back the Context.state a checkpoint recorded."""
+        for node, client in self.node_to_client.items():
+            if client in states:
+                self.contexts[node].state = state_from_bytes(states[client])
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

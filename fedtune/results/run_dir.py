@@ -11,6 +11,7 @@ round on disk.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fedtune.config import Config, to_toml
+from fedtune.config import Config, ConfigError, to_toml
 from fedtune.results.env_info import environment
 
 
@@ -119,9 +120,34 @@ class RunDirectory:
         target.mkdir(parents=True, exist_ok=True)
         (target / "plots").mkdir(exist_ok=True)
         run_dir = cls(target.resolve())
-        (run_dir.path / "config.toml").write_text(to_toml(config), encoding="utf-8")
+        run_dir.write_config(config)
         run_dir.write_json("env.json", environment(config.run.seed))
         return run_dir
+
+    @classmethod
+    def open(cls, config: Config) -> RunDirectory:
+        """The existing directory ``run.dir`` of a run to resume."""
+        target = Path(config.run.dir) if config.run.dir else None
+        if target is None or not (target / "config.toml").is_file():
+            raise ConfigError(f"run.dir = {config.run.dir!r} is not allowed with run.resume = "
+                              "true: must be an existing run directory (with config.toml)")
+        return cls(target.resolve())
+
+    def write_config(self, config: Config) -> None:
+        """config.toml: the resolved config (as a new run would be started from it)."""
+        resolved = copy.deepcopy(config)
+        resolved.run.resume = False
+        (self.path / "config.toml").write_text(to_toml(resolved), encoding="utf-8")
+
+    def truncate_after(self, server_round: int) -> None:
+        """Drop rows of rounds after ``server_round`` (written after the checkpoint was)."""
+        for path, columns in ((self.metrics_csv, METRICS_COLUMNS),
+                              (self.clients_csv, CLIENT_COLUMNS)):
+            kept = [row for row in read_csv(path) if int(row["round"]) <= server_round]
+            partial = path.with_suffix(".tmp")
+            partial.unlink(missing_ok=True)
+            _append(partial, columns, kept)
+            partial.replace(path)
 
     @property
     def metrics_csv(self) -> Path:
