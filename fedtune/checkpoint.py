@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 CHECKPOINT_DIR = "checkpoint"
 _PARTIAL = ".partial"
@@ -45,10 +46,10 @@ def _encode(value: Any, path: str, arrays: dict[str, np.ndarray]) -> dict[str, A
     if isinstance(value, np.generic):
         return {"v": value.item()}
     if isinstance(value, np.ndarray):
-        arrays[path] = np.ascontiguousarray(value)
+        arrays[path] = np.array(value, order="C")  # a copy: the owner may change it in place
         return {"a": path}
     if isinstance(value, torch.Tensor):
-        arrays[path] = value.detach().cpu().contiguous().numpy()
+        arrays[path] = value.detach().cpu().numpy().copy()
         return {"t": path}
     if isinstance(value, ArrayRecord):
         names = list(value.keys())
@@ -86,8 +87,10 @@ def _decode(node: dict[str, Any], arrays: Mapping[str, np.ndarray], current: Any
     if "t" in node:
         return torch.from_numpy(arrays[node["t"]].copy())
     if "record" in node:
-        return ArrayRecord({name: _decode(child, arrays, None)
-                            for name, child in node["record"].items()})
+        record = ArrayRecord()
+        for name, child in node["record"].items():
+            record[name] = Array(_decode(child, arrays, None))
+        return record
     if "seq" in node:
         items = [_decode(child, arrays, None) for child in node["seq"]]
         return tuple(items) if node["tuple"] else items
@@ -171,7 +174,16 @@ class Checkpoint:
 
 
 def _save_arrays(arrays: Mapping[str, np.ndarray], path: Path) -> None:
-    save_file({key: np.ascontiguousarray(value) for key, value in arrays.items()}, str(path))
+    """safetensors sorts names; the order is kept in its metadata because it matters (a
+    strategy that draws noise tensor by tensor draws it in this order)."""
+    save_file({key: np.ascontiguousarray(value) for key, value in arrays.items()}, str(path),
+              metadata={"order": json.dumps(list(arrays))})
+
+
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with safe_open(str(path), framework="numpy") as handle:
+        order = json.loads(handle.metadata()["order"])
+        return {key: handle.get_tensor(key) for key in order}
 
 
 def write_checkpoint(run_path: Path, checkpoint: Checkpoint) -> Path:
@@ -234,12 +246,12 @@ def read_checkpoint(run_path: Path) -> Checkpoint:
     states = None
     if meta["client_states"]:
         states = {int(client): data.tobytes()
-                  for client, data in load_file(str(directory / "clients.safetensors")).items()}
+                  for client, data in _load_arrays(directory / "clients.safetensors").items()}
     return Checkpoint(
         server_round=int(meta["round"]),
-        global_arrays=load_file(str(directory / "global.safetensors")),
-        strategy=(meta["strategy"], load_file(str(directory / "strategy.safetensors"))),
-        rng=(meta["rng"], load_file(str(directory / "rng.safetensors"))),
+        global_arrays=_load_arrays(directory / "global.safetensors"),
+        strategy=(meta["strategy"], _load_arrays(directory / "strategy.safetensors")),
+        rng=(meta["rng"], _load_arrays(directory / "rng.safetensors")),
         client_states=states,
         counters=meta["counters"],
     )

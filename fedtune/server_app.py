@@ -94,6 +94,16 @@ def wait_for_nodes(grid: Grid, needed: int, wait_s: float) -> list[int]:
         time.sleep(0.5)
 
 
+def same_dtypes(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
+    """``arrays`` in the dtypes of ``like``: Flower's FedOpt strategies (FedAdam, FedYogi,
+    FedAdagrad) return float64 for a float32 model, which clients would then have to answer."""
+    if all(arrays[name].dtype == like[name].dtype for name in arrays.keys() if name in like):
+        return arrays
+    return to_array_record({name: array.numpy().astype(np.dtype(like[name].dtype), copy=False)
+                            if name in like else array.numpy()
+                            for name, array in arrays.items()})
+
+
 def _arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in arrays.items()}
 
@@ -348,7 +358,7 @@ def _run_round(grid: Grid, config: Config, resources: TaskResources, strategy: A
         state.rounds_without_update = 0
         new_arrays, _ = strategy.aggregate_train(server_round, by_client(accepted))
         if new_arrays is not None:
-            state.arrays = new_arrays
+            state.arrays = same_dtypes(new_arrays, state.arrays)
     else:  # too few sound updates: the global model stays as it was this round
         state.rounds_without_update += 1
         if state.rounds_without_update >= config.run.max_rounds_without_update:

@@ -157,6 +157,8 @@ def test_stopped_run_resumes_bit_identical(tmp_path, extra):
     import threading
 
     reference = run_inprocess(tiny_config(tmp_path / "a", *FIVE_ROUNDS, *extra)).path
+    statuses = {row["status"] for row in _rows_without_time(reference, "clients.csv")}
+    assert statuses == {"ok"}  # every update was aggregated: the state really moved
 
     config = tiny_config(tmp_path / "b", *FIVE_ROUNDS, "run.checkpoint_every=0", *extra)
     stop = threading.Event()
