@@ -8,6 +8,7 @@ federation in every process). Model and data stay resident in the process betwee
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -96,6 +97,9 @@ def train(msg: Message, context: Context) -> Message:
     resources, client_id, shard, server_round = _setup(msg, context)
     seed = client_round_seed(resources.config.run.seed, server_round, client_id)
     torch.manual_seed(seed)
+    faults = FaultPlan.from_config(resources.config)
+    faults.check_crash(client_id, server_round)
+    time.sleep(faults.delay_s(client_id, server_round))
     content = RecordDict()
     settings = train_settings(resources.config)
     global_arrays = {name: array.numpy() for name, array in msg.content["arrays"].items()}
@@ -116,8 +120,7 @@ def train(msg: Message, context: Context) -> Message:
     if result.num_steps:
         local_arrays = shared_state(resources.model)
         records, extra_metrics = algorithm.reply(local_arrays, result.num_steps)
-        sent = FaultPlan.from_config(resources.config).corrupt_update(client_id, global_arrays,
-                                                                      local_arrays)
+        sent = faults.corrupt_update(client_id, global_arrays, local_arrays)
         content["arrays"] = to_array_record(sent)
         for name, record in records.items():
             content[name] = record

@@ -67,6 +67,7 @@ GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
 BACKENDS = ("flower", "inprocess")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
+STRAGGLER_DELAYS = ("constant", "exponential")
 
 
 @dataclass
@@ -248,6 +249,22 @@ class FaultsSection:
         ge=0, le=1
     )
     scale_factor: float = _spec(-10.0, "what a scaling client multiplies its update by")
+    nan_fraction: float = _spec(
+        0.0, "fraction of clients (drawn once) whose every update is NaN", ge=0, le=1
+    )
+    wrong_shape_fraction: float = _spec(
+        0.0, "fraction of clients (drawn once) whose every update has a tensor of the wrong "
+        "shape", ge=0, le=1
+    )
+    crash_probability: float = _spec(
+        0.0, "probability that a client crashes each time it is asked to train", ge=0, le=1
+    )
+    straggler_fraction: float = _spec(
+        0.0, "fraction of clients (drawn once) that wait before training", ge=0, le=1
+    )
+    straggler_delay: str = _spec("constant", "distribution of a straggler's wait",
+                                 choices=STRAGGLER_DELAYS)
+    straggler_delay_s: float = _spec(0.0, "mean of a straggler's wait in seconds", ge=0)
 
 
 @dataclass
@@ -518,13 +535,14 @@ def _check_strategy(config: Config) -> None:
 
 
 def _check_faults(config: Config) -> None:
-    f = config.faults
-    if 0 < f.scale_fraction * config.data.num_clients < 0.5:  # rounds to no client at all
-        raise ConfigError(
-            f"faults.scale_fraction = {f.scale_fraction:g} is not allowed with data.num_clients "
-            f"= {config.data.num_clients}: must pick at least one client (>= "
-            f"{0.5 / config.data.num_clients:g}) or be 0"
-        )
+    f, n = config.faults, config.data.num_clients
+    for key in ("scale_fraction", "nan_fraction", "wrong_shape_fraction", "straggler_fraction"):
+        fraction = getattr(f, key)
+        if 0 < fraction * n < 0.5:  # rounds to no client at all
+            raise ConfigError(
+                f"faults.{key} = {fraction:g} is not allowed with data.num_clients = {n}: "
+                f"must pick at least one client (>= {0.5 / n:g}) or be 0"
+            )
 
 
 def check_privacy(config: Config) -> None:

@@ -1,15 +1,24 @@
-"""Misbehaving clients for robustness experiments (the ``[faults]`` config section).
+"""Misbehaving clients for robustness experiments and tests (the ``[faults]`` config section).
 
-A ``FaultPlan`` says which clients misbehave and how. It is derived from the config alone
-(which clients: drawn once from ``run.seed``), so the server and every client process agree,
-and the same clients misbehave in every round. Faults act on a client's finished reply, after
-honest local training, in the order of ``corrupt_update``.
+A ``FaultPlan`` says which clients misbehave and how. It is derived from the config alone, so
+the server and every client process agree:
 
-Kinds so far:
+- crashes (``crash_probability``): each time a client is asked to train it raises with this
+  probability, drawn from (run.seed, round, client); the runtime reports an error reply.
+- stragglers (``straggler_fraction``, ``straggler_delay``, ``straggler_delay_s``): a fixed
+  set of clients waits before training, a constant or exponentially distributed delay with
+  mean ``straggler_delay_s`` drawn per (round, client); with ``strategy.round_timeout_s``
+  they become timeouts.
+- bad updates, each a fixed set of clients drawn once from ``run.seed`` (the same clients
+  every round), applied to the finished reply after honest local training, first that applies:
+  NaN (``nan_fraction``: the first floating tensor is all NaN), wrong shape
+  (``wrong_shape_fraction``: the first tensor loses its last entry along axis 0), scaled
+  (``scale_fraction``, ``scale_factor``: the client sends ``x + factor * (y - x)`` instead of
+  its model ``y``, ``x`` being the global model it received; factor -10 is the sign-flipping,
+  boosting attack of Byzantine-robustness studies).
 
-- scaled update (``scale_fraction``, ``scale_factor``): the client sends
-  ``x + factor * (y - x)`` instead of its model ``y`` (``x``: the global model it received),
-  e.g. factor -10, the sign-flipping, boosting attack of Byzantine-robustness studies.
+No fault library fits here: Flower and Ray inject no client-level faults, so this is written
+by hand, with every draw seeded as the rest of fedtune is.
 """
 
 from __future__ import annotations
@@ -20,7 +29,17 @@ import numpy as np
 
 from fedtune.config import Config
 
-_SCALE_STREAM = 0xFA17  # seed stream of the scaled-update draw, apart from the data stages
+# seed streams of the draws, apart from each other and from the data stages
+_SCALE_STREAM = 0xFA17
+_NAN_STREAM = 0xFA18
+_SHAPE_STREAM = 0xFA19
+_STRAGGLER_STREAM = 0xFA1A
+_CRASH_STREAM = 0xFA1B
+_DELAY_STREAM = 0xFA1C
+
+
+class InjectedCrash(RuntimeError):
+    """A crash ``faults.crash_probability`` asked for."""
 
 
 def draw_clients(num_clients: int, fraction: float, seed: int, stream: int) -> frozenset[int]:
@@ -30,28 +49,93 @@ def draw_clients(num_clients: int, fraction: float, seed: int, stream: int) -> f
     return frozenset(int(c) for c in rng.choice(num_clients, size=count, replace=False))
 
 
+def _round_rng(seed: int, stream: int, server_round: int, client_id: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, stream, server_round, client_id]))
+
+
 @dataclass(frozen=True)
 class FaultPlan:
     """Which clients misbehave, and how."""
 
     scaled_clients: frozenset[int] = frozenset()
     scale_factor: float = 1.0
+    nan_clients: frozenset[int] = frozenset()
+    wrong_shape_clients: frozenset[int] = frozenset()
+    straggler_clients: frozenset[int] = frozenset()
+    straggler_delay: str = "constant"
+    straggler_delay_s: float = 0.0
+    crash_probability: float = 0.0
+    seed: int = 0
 
     @classmethod
     def from_config(cls, config: Config) -> FaultPlan:
-        f = config.faults
-        return cls(draw_clients(config.data.num_clients, f.scale_fraction, config.run.seed,
-                                _SCALE_STREAM), f.scale_factor)
+        f, n, seed = config.faults, config.data.num_clients, config.run.seed
+        return cls(
+            scaled_clients=draw_clients(n, f.scale_fraction, seed, _SCALE_STREAM),
+            scale_factor=f.scale_factor,
+            nan_clients=draw_clients(n, f.nan_fraction, seed, _NAN_STREAM),
+            wrong_shape_clients=draw_clients(n, f.wrong_shape_fraction, seed, _SHAPE_STREAM),
+            straggler_clients=draw_clients(n, f.straggler_fraction, seed, _STRAGGLER_STREAM),
+            straggler_delay=f.straggler_delay,
+            straggler_delay_s=f.straggler_delay_s,
+            crash_probability=f.crash_probability,
+            seed=seed,
+        )
+
+    def crashes(self, client_id: int, server_round: int) -> bool:
+        """Whether ``client_id`` crashes when asked to train in ``server_round``."""
+        if not self.crash_probability:
+            return False
+        draw = _round_rng(self.seed, _CRASH_STREAM, server_round, client_id).random()
+        return bool(draw < self.crash_probability)
+
+    def check_crash(self, client_id: int, server_round: int) -> None:
+        if self.crashes(client_id, server_round):
+            raise InjectedCrash(f"injected fault: client {client_id} crashed in round "
+                                f"{server_round} (faults.crash_probability = "
+                                f"{self.crash_probability:g})")
+
+    def delay_s(self, client_id: int, server_round: int) -> float:
+        """Seconds ``client_id`` waits before training in ``server_round``."""
+        if client_id not in self.straggler_clients or not self.straggler_delay_s:
+            return 0.0
+        if self.straggler_delay == "constant":
+            return self.straggler_delay_s
+        rng = _round_rng(self.seed, _DELAY_STREAM, server_round, client_id)
+        return float(rng.exponential(self.straggler_delay_s))
 
     def corrupt_update(self, client_id: int, global_arrays: dict[str, np.ndarray],
                        local_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """What ``client_id`` sends instead of its honest model ``local_arrays``."""
-        if client_id not in self.scaled_clients:
-            return local_arrays
-        return {name: (global_arrays[name] + self.scale_factor
-                       * (value - global_arrays[name])).astype(value.dtype)
-                for name, value in local_arrays.items()}
+        if client_id in self.nan_clients:
+            return _with_first(local_arrays, lambda a: np.full_like(a, np.nan),
+                               floating_only=True)
+        if client_id in self.wrong_shape_clients:
+            return _with_first(local_arrays, lambda a: a.reshape(-1)[:-1] if a.ndim < 2
+                               else a[:-1])
+        if client_id in self.scaled_clients:
+            return {name: (global_arrays[name] + self.scale_factor
+                           * (value - global_arrays[name])).astype(value.dtype)
+                    for name, value in local_arrays.items()}
+        return local_arrays
 
     def describe(self) -> dict[str, object]:
         """For summary.json: who misbehaved and how."""
-        return {"scaled_clients": sorted(self.scaled_clients), "scale_factor": self.scale_factor}
+        return {"scaled_clients": sorted(self.scaled_clients), "scale_factor": self.scale_factor,
+                "nan_clients": sorted(self.nan_clients),
+                "wrong_shape_clients": sorted(self.wrong_shape_clients),
+                "straggler_clients": sorted(self.straggler_clients),
+                "straggler_delay": self.straggler_delay,
+                "straggler_delay_s": self.straggler_delay_s,
+                "crash_probability": self.crash_probability}
+
+
+def _with_first(arrays: dict[str, np.ndarray], change, floating_only: bool = False
+                ) -> dict[str, np.ndarray]:
+    """``arrays`` with ``change`` applied to the first (floating) tensor."""
+    changed = dict(arrays)
+    for name, value in arrays.items():
+        if value.size and (not floating_only or np.issubdtype(value.dtype, np.floating)):
+            changed[name] = change(value)
+            return changed
+    return changed
