@@ -8,13 +8,20 @@ federation in every process). Model and data stay resident in the process betwee
 from __future__ import annotations
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.config import ConfigError, from_run_config
+from fedtune.config import ConfigError
 from fedtune.models.build import load_shared_state, shared_state
-from fedtune.task import TaskResources, client_round_seed, limit_threads, task_resources, train_settings
+from fedtune.task import (
+    TaskResources,
+    client_round_seed,
+    limit_threads,
+    parsed_run_config,
+    run_config_resources,
+    seed_torch,
+    train_settings,
+)
 from fedtune.train import evaluate, train_local
 
 PARTITION_KEY = "partition-id"
@@ -38,14 +45,14 @@ def _client_id(context: Context, num_clients: int) -> int:
 
 def _setup(msg: Message, context: Context) -> tuple[TaskResources, int, int, int]:
     """Resources, client id, the client's shard in the federation, server round."""
-    config = from_run_config(context.run_config)
+    config = parsed_run_config(context.run_config)
     if config.engine.backend != "inprocess":
         limit_threads(config.engine.client_cpus)
     data_path = str(context.node_config.get(DATA_PATH_KEY, ""))
     if config.data.dataset == "files" and not data_path:
         raise ConfigError("data.dataset = 'files' needs each SuperNode's own file: start it "
                           "with --node-config \"partition-id=<i> data-path=<file>\"")
-    resources = task_resources(config, data_path)
+    resources = run_config_resources(context.run_config, data_path)
     client_id = _client_id(context, config.data.num_clients)
     arrays = msg.content["arrays"]
     load_shared_state(resources.model, {name: array.numpy() for name, array in arrays.items()})
@@ -66,7 +73,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's training split."""
     resources, client_id, shard, server_round = _setup(msg, context)
     seed = client_round_seed(resources.config.run.seed, server_round, client_id)
-    torch.manual_seed(seed)
+    seed_torch(seed)
     result = train_local(resources.model, resources.client_train_loader(shard, seed),
                          train_settings(resources.config), resources.device)
     metrics = MetricRecord({
