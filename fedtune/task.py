@@ -24,6 +24,7 @@ from fedtune.data.federation import Federation, build_federation
 from fedtune.data.loaders import eval_loader, train_loader
 from fedtune.models.build import ModelSpec, build_model, model_spec
 from fedtune.train import TrainSettings
+from fedtune.validation import MAX_ANY_EXAMPLES
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,6 +92,11 @@ class TaskResources:
         return eval_loader(self.encoded, self.federation.data.labels,
                            self.federation.client_test_rows[shard],
                            self.config.client.eval_batch_size)
+
+    def max_train_examples(self) -> int:
+        """The most examples a training reply may claim: the federation's training rows
+        (unknown, so any count, for private per-party files)."""
+        return sum(map(len, self.federation.client_train_rows)) or MAX_ANY_EXAMPLES
 
     def global_test_loader(self) -> DataLoader:
         return eval_loader(self.encoded, self.federation.data.labels, self.federation.test_rows,

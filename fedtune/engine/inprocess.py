@@ -44,6 +44,13 @@ def client_contexts(run_id: int, num_clients: int,
     }
 
 
+def act_as_server(run_id: int) -> None:
+    """Messages take their source from the process's task identity: make it the server's."""
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+
 def error_reply(message: Message, error: BaseException) -> Message:
     """The reply Flower's runtimes send when a ClientApp raises."""
     reason = "".join(traceback.format_exception_only(type(error), error)).strip()
@@ -59,10 +66,7 @@ class InProcessGrid(Grid):
                  node_configs: Sequence[Mapping[str, bool | int | float | str]] = ()) -> None:
         self._client_app = client_app
         self._run = Run.create_empty(run_id)
-        # Messages take their source from the process's task identity: here, the server's
-        TaskIdentity.task_id = 1
-        TaskIdentity.run_id = run_id
-        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        act_as_server(run_id)
         self.contexts = client_contexts(run_id, num_clients, run_config, node_configs)
         self.node_to_client = {node: ctx.node_config["partition-id"]
                                for node, ctx in self.contexts.items()}

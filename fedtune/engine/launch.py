@@ -19,6 +19,10 @@ def run_inprocess(config: Config, reporter: Reporter | None = None) -> RunDirect
 
 def launch(config: Config, reporter: Reporter | None = None) -> RunDirectory:
     """Run ``config`` on ``engine.backend``; ``config.run.dir`` must name the run directory."""
+    if config.engine.backend == "ray":
+        from fedtune.engine.ray_engine import run_ray_engine
+
+        return run_ray_engine(config, reporter)
     if config.engine.backend == "inprocess":
         return run_inprocess(config, reporter)
     from fedtune.engine.flower_sim import run_flower_simulation
