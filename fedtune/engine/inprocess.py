@@ -58,7 +58,24 @@ def error_reply(message: Message, error: BaseException) -> Message:
                    reply_to=message)
 
 
-class InProcessGrid(Grid):
+class SimulatedGrid(Grid):
+    """What every simulated Grid shares: its run, and messages made here (no SuperLink)."""
+
+    _run: Run
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+
+class InProcessGrid(SimulatedGrid):
     """A Grid whose nodes are ClientApp calls in this process."""
 
     def __init__(self, client_app: ClientApp, run_config: Mapping[str, bool | int | float | str],
@@ -71,17 +88,6 @@ class InProcessGrid(Grid):
         self.node_to_client = {node: ctx.node_config["partition-id"]
                                for node, ctx in self.contexts.items()}
         self._queued: dict[str, Message] = {}
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         return sorted(self.contexts)

@@ -48,11 +48,10 @@ from dataclasses import dataclass, field
 import ray
 from flwr.app import ArrayRecord, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
-from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedtune.engine.fold import attach_sum
-from fedtune.engine.inprocess import NODE_ID_OFFSET, act_as_server, error_reply
+from fedtune.engine.inprocess import NODE_ID_OFFSET, SimulatedGrid, act_as_server, error_reply
 from fedtune.engine.ray_pool import ActorFactory, stop_actors
 from fedtune.engine.ray_worker import ClientOutcome, ClientTask, PartialSum
 
@@ -97,7 +96,7 @@ class _Lane:
     retired: bool = False
 
 
-class RayGrid(Grid):
+class RayGrid(SimulatedGrid):
     """A Grid of ``num_clients`` virtual clients served by long-lived Ray actors."""
 
     def __init__(self, factory: ActorFactory, actors: list[ray.actor.ActorHandle],
@@ -124,17 +123,6 @@ class RayGrid(Grid):
         self.restarts = 0  # actors replaced after dying or overrunning
 
     # --- Grid ---
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         return range(NODE_ID_OFFSET, NODE_ID_OFFSET + self._num_clients)
