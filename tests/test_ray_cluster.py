@@ -4,9 +4,11 @@ the engine must join this cluster, not the local Ray that test_ray_engine's fixt
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -15,9 +17,14 @@ from fedtune.server_app import run_federated
 from tests.conftest import rows_of, tiny_config
 
 
+PORT = 26379
+
+
 def _ray_node(*args: str) -> subprocess.Popen:
     """`ray start --block ...` in its own process group, so the test stops exactly the Ray
-    processes it started (never `ray stop`, which stops every Ray on the machine)."""
+    processes it started (never `ray stop`, which stops every Ray on the machine). The head
+    gets its own --temp-dir: `ray start --head` writes its address there, where a later plain
+    `ray.init()` elsewhere on the machine would otherwise find it and try to join."""
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     return subprocess.Popen([ray_cli, "start", "--block", "--node-ip-address=127.0.0.1",
                              "--num-cpus=1", "--disable-usage-stats", *args],
@@ -55,16 +62,32 @@ def _wait_for_nodes(address: str, count: int, timeout_s: float) -> None:
     raise TimeoutError(f"{count} Ray nodes at {address} did not come up in {timeout_s:g}s")
 
 
+def _forget_address(address_file: str, port: int) -> None:
+    """A worker node's `ray start` may write the cluster's address to Ray's default temp dir
+    too; remove it when it names this test's (stopped) cluster."""
+    try:
+        with open(address_file) as handle:
+            ours = handle.read().strip().endswith(f":{port}")
+    except OSError:
+        return
+    if ours:
+        os.remove(address_file)
+
+
 @pytest.mark.slow
 def test_two_node_cluster_on_localhost(tmp_path):
     """`ray start --head` plus one worker node (one CPU each) on 127.0.0.1; the engine joins
     with engine.ray_address, and its two actors can only fit one on each node."""
     import ray
+    from ray._private.utils import get_default_ray_temp_dir as ray_temp_dir
 
     from fedtune.engine.ray_engine import ray_engine_grid
 
-    address = "127.0.0.1:26379"
-    nodes = [_ray_node("--head", "--port=26379", "--include-dashboard=false")]
+    address = f"127.0.0.1:{PORT}"
+    # a short path: Ray's Unix sockets live under it (sun_path holds 107 bytes)
+    temp_dir = tempfile.mkdtemp(prefix="fedtune-ray-", dir="/tmp")
+    nodes = [_ray_node("--head", f"--port={PORT}", "--include-dashboard=false",
+                       f"--temp-dir={temp_dir}")]
     try:
         _wait_for_nodes(address, 1, 120)
         nodes.append(_ray_node(f"--address={address}"))
@@ -77,6 +100,8 @@ def test_two_node_cluster_on_localhost(tmp_path):
     finally:
         for node in reversed(nodes):
             _stop(node)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        _forget_address(os.path.join(ray_temp_dir(), "ray_current_cluster"), PORT)
     rows = rows_of(run_dir / "clients.csv")
     assert len(rows) == 12 and {r["status"] for r in rows} == {"ok"}
     assert len(rows_of(run_dir / "metrics.csv")) == 2
