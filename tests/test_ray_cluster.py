@@ -79,7 +79,7 @@ def test_two_node_cluster_on_localhost(tmp_path):
     """`ray start --head` plus one worker node (one CPU each) on 127.0.0.1; the engine joins
     with engine.ray_address, and its two actors can only fit one on each node."""
     import ray
-    from ray._private.utils import get_default_ray_temp_dir as ray_temp_dir
+    from ray._private.utils import get_ray_address_file
 
     from fedtune.engine.ray_engine import ray_engine_grid
 
@@ -101,7 +101,7 @@ def test_two_node_cluster_on_localhost(tmp_path):
         for node in reversed(nodes):
             _stop(node)
         shutil.rmtree(temp_dir, ignore_errors=True)
-        _forget_address(os.path.join(ray_temp_dir(), "ray_current_cluster"), PORT)
+        _forget_address(get_ray_address_file(None), PORT)
     rows = rows_of(run_dir / "clients.csv")
     assert len(rows) == 12 and {r["status"] for r in rows} == {"ok"}
     assert len(rows_of(run_dir / "metrics.csv")) == 2
