@@ -11,12 +11,11 @@ import math
 import time
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.client_algorithms import ClientAlgorithm
-from fedtune.config import ConfigError, from_run_config
+from fedtune.config import ConfigError
 from fedtune.faults import FaultPlan
 from fedtune.models.build import load_shared_state, shared_state
 from fedtune.privacy.accounting import history_from_lists, history_to_lists
@@ -26,7 +25,15 @@ from fedtune.privacy.local_dp import (
     poisson_loader,
     train_private,
 )
-from fedtune.task import TaskResources, client_round_seed, limit_threads, task_resources, train_settings
+from fedtune.task import (
+    TaskResources,
+    client_round_seed,
+    limit_threads,
+    parsed_run_config,
+    run_config_resources,
+    seed_torch,
+    train_settings,
+)
 from fedtune.train import evaluate, train_local
 
 PARTITION_KEY = "partition-id"
@@ -52,14 +59,14 @@ def _client_id(context: Context, num_clients: int) -> int:
 
 def _setup(msg: Message, context: Context) -> tuple[TaskResources, int, int, int]:
     """Resources, client id, the client's shard in the federation, server round."""
-    config = from_run_config(context.run_config)
+    config = parsed_run_config(context.run_config)
     if config.engine.backend != "inprocess":
         limit_threads(config.engine.client_cpus)
     data_path = str(context.node_config.get(DATA_PATH_KEY, ""))
     if config.data.dataset == "files" and not data_path:
         raise ConfigError("data.dataset = 'files' needs each SuperNode's own file: start it "
                           "with --node-config \"partition-id=<i> data-path=<file>\"")
-    resources = task_resources(config, data_path)
+    resources = run_config_resources(context.run_config, data_path)
     client_id = _client_id(context, config.data.num_clients)
     arrays = msg.content["arrays"]
     load_shared_state(resources.model, {name: array.numpy() for name, array in arrays.items()})
@@ -96,7 +103,7 @@ def train(msg: Message, context: Context) -> Message:
     DP-SGD; a client whose budget allows no step replies without arrays, saying why)."""
     resources, client_id, shard, server_round = _setup(msg, context)
     seed = client_round_seed(resources.config.run.seed, server_round, client_id)
-    torch.manual_seed(seed)
+    seed_torch(seed)
     faults = FaultPlan.from_config(resources.config)
     faults.check_crash(client_id, server_round)
     time.sleep(faults.delay_s(client_id, server_round))

@@ -18,6 +18,7 @@ import tomllib
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,9 @@ CLIENT_OBJECTIVE_STRATEGIES = ("fedprox", "scaffold", "fednova", "feddyn")
 PRIVACY_MODES = ("none", "local", "central")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
-BACKENDS = ("flower", "inprocess")
+BACKENDS = ("ray", "flower", "inprocess")
+# strategies whose aggregate is the example-weighted mean of the updates (engine.aggregate_on_actors)
+WEIGHTED_MEAN_STRATEGIES = ("fedavg",)
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRAGGLER_DELAYS = ("constant", "exponential")
@@ -269,13 +272,28 @@ class FaultsSection:
 
 @dataclass
 class EngineSection:
-    backend: str = _spec("flower", "flower = Flower's Ray simulation, inprocess = no Ray (debug)",
-                         choices=BACKENDS)
+    backend: str = _spec(
+        "ray", "ray = fedtune's engine (persistent Ray actors), flower = Flower's Ray simulation, "
+        "inprocess = no Ray (debug)", choices=BACKENDS,
+    )
     client_cpus: float = _spec(1.0, "CPU cores reserved per simulated client", gt=0)
     client_gpus: float = _spec(0.0, "GPU fraction per simulated client (0.25 = 4 share one)",
                                ge=0, le=1)
     node_wait_s: float = _spec(
-        60.0, "how long the server waits for all clients to connect before it gives up", gt=0
+        60.0, "how long the server waits for all clients (ray: its actors) to start", gt=0
+    )
+    num_actors: int = _spec(
+        0, "ray engine: client actors; 0 = as many as the cluster's CPUs/GPUs allow", ge=0
+    )
+    client_timeout_s: float = _spec(
+        600.0, "ray engine: a client not done after this long is stopped and reported timeout",
+        gt=0,
+    )
+    ray_address: str = _spec(
+        "", "ray engine: address of a running Ray cluster to join ('' = start one here)"
+    )
+    aggregate_on_actors: bool = _spec(
+        False, "ray engine: actors sum FedAvg's weighted updates and send one partial sum each",
     )
 
 
@@ -303,6 +321,7 @@ SECTIONS: dict[str, type] = {
 }
 
 
+@lru_cache(maxsize=None)
 def _field_types(section_cls: type) -> dict[str, Any]:
     return typing.get_type_hints(section_cls)
 
@@ -499,6 +518,22 @@ def check_consistency(config: Config) -> None:
             raise ConfigError("data.test_path = '' is not allowed with data.dataset = 'files': "
                               "must be the server's global test file (CSV or JSONL)")
     check_privacy(config)
+    ray_only = (("ray_address", config.engine.ray_address, ""),
+                ("aggregate_on_actors", config.engine.aggregate_on_actors, False))
+    for key, value, off in ray_only:
+        if value != off and config.engine.backend != "ray":
+            raise ConfigError(
+                f"engine.{key} = {value!r} is not allowed with engine.backend = "
+                f"{config.engine.backend!r}: must be {off!r} (only the ray engine has it)"
+            )
+    if config.engine.aggregate_on_actors and (
+            config.strategy.name not in WEIGHTED_MEAN_STRATEGIES
+            or config.privacy.mode == "central"):
+        raise ConfigError(
+            f"engine.aggregate_on_actors = true is not allowed with strategy.name = "
+            f"{config.strategy.name!r}: must be one of {', '.join(WEIGHTED_MEAN_STRATEGIES)} "
+            "(a plain example-weighted mean, without central DP)"
+        )
     if config.strategy.min_train_clients > config.data.num_clients:
         raise ConfigError(
             f"strategy.min_train_clients = {config.strategy.min_train_clients} is not allowed: "

@@ -86,4 +86,6 @@ def exchange(
         if not arrived:
             time.sleep(PULL_INTERVAL_S)
     result.timed_out = [destination[i] for i in pending]
+    if pending and hasattr(grid, "discard"):  # the Ray engine: drop what will not be pulled
+        grid.discard(pending)
     return result

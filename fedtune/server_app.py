@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from flwr.common import log
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.checkpoint import read_checkpoint
 from fedtune.client_app import PARTITION_KEY, STATUS_KEY, to_array_record
 from fedtune.config import Config, ConfigError, from_run_config
+from fedtune.engine.fold import FOLDED_KEY, folded_mean
 from fedtune.models.build import build_model, load_shared_state, save_model, shared_state
 from fedtune.privacy.central import CentralBudget
 from fedtune.resume import Checkpointer, check_resumable
@@ -36,7 +38,12 @@ from fedtune.rounds import Exchange, exchange
 from fedtune.strategy_factory import build_strategy
 from fedtune.task import TaskResources, task_resources
 from fedtune.train import EvalResult, evaluate
-from fedtune.validation import MAX_ANY_EXAMPLES, check_evaluate_reply, check_train_reply
+from fedtune.validation import (
+    MAX_ANY_EXAMPLES,
+    check_evaluate_reply,
+    check_folded_train_reply,
+    check_train_reply,
+)
 
 class Reporter(Protocol):
     """Receives progress; the CLI draws it, ``LogReporter`` logs it."""
@@ -118,7 +125,8 @@ def evaluate_global(resources: TaskResources, arrays: ArrayRecord,
 
 
 def _metric(message: Message, key: str) -> Any:
-    record: MetricRecord = next(iter(message.content.metric_records.values()))
+    # the first MetricRecord, found without RecordDict.metric_records (which copies them all)
+    record = next(r for r in message.content.values() if isinstance(r, MetricRecord))
     return record.get(key)
 
 
@@ -143,7 +151,10 @@ def screen_train_replies(train: Exchange, max_examples: int
         if reason is not None:
             declined.append((reply, reason))
             continue
-        reason = check_train_reply(train.instruction(reply), reply, max_examples)
+        if FOLDED_KEY in reply.content:  # its arrays were screened on the actor, then summed
+            reason = check_folded_train_reply(reply, max_examples)
+        else:
+            reason = check_train_reply(train.instruction(reply), reply, max_examples)
         if reason is None and not isinstance(_metric(reply, PARTITION_KEY), int):
             reason = f"{PARTITION_KEY} is not an integer"
         if reason is None:
@@ -178,8 +189,10 @@ def client_rows(server_round: int, train: Exchange, accepted: list[Message],
     for reply in train.failed:
         node = reply.metadata.src_node_id
         reason = _last_line(reply.error.reason)
+        # an expired reply (a SuperLink's code; the Ray engine's for engine.client_timeout_s)
+        status = "timeout" if reply.error.code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE else "failed"
         rows.append(ClientRow(server_round, node_to_client.get(node), None, None, None, None,
-                              "failed", reason))
+                              status, reason))
     for node in train.timed_out:
         rows.append(ClientRow(server_round, node_to_client.get(node), None, None, None, None,
                               "timeout", "no reply within strategy.round_timeout_s"))
@@ -336,7 +349,7 @@ def _run_round(grid: Grid, config: Config, resources: TaskResources, strategy: A
     timeout = config.strategy.round_timeout_s
     federation = resources.federation
     # a reply may not claim more examples than the federation has (unknown for private files)
-    max_train_examples = sum(map(len, federation.client_train_rows)) or MAX_ANY_EXAMPLES
+    max_train_examples = resources.max_train_examples()
     max_test_examples = sum(map(len, federation.client_test_rows)) or MAX_ANY_EXAMPLES
 
     def progress(done: int, total: int, phase: str = "train") -> None:
@@ -356,7 +369,10 @@ def _run_round(grid: Grid, config: Config, resources: TaskResources, strategy: A
     elif budget is not None or (
             len(accepted) >= min(config.strategy.min_train_clients, len(train.sent)) > 0):
         state.rounds_without_update = 0
-        new_arrays, _ = strategy.aggregate_train(server_round, by_client(accepted))
+        if config.engine.aggregate_on_actors:  # the actors summed the updates already
+            new_arrays = folded_mean(accepted)
+        else:
+            new_arrays, _ = strategy.aggregate_train(server_round, by_client(accepted))
         if new_arrays is not None:
             state.arrays = same_dtypes(new_arrays, state.arrays)
     else:  # too few sound updates: the global model stays as it was this round

@@ -9,19 +9,22 @@ loads and encodes, later calls (every round, every virtual client) reuse it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedtune.config import Config, ConfigError, to_toml
+from fedtune.config import Config, ConfigError, RunConfigValue, from_run_config, to_toml
 from fedtune.data.encode import DenseFeatures, Encoded, hash_bag_of_words, input_dim, tokenize
 from fedtune.data.federation import Federation, build_federation
 from fedtune.data.loaders import eval_loader, train_loader
 from fedtune.models.build import ModelSpec, build_model, model_spec
 from fedtune.train import TrainSettings
+from fedtune.validation import MAX_ANY_EXAMPLES
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,6 +46,15 @@ def check_precision(precision: str, device: torch.device) -> None:
 def client_round_seed(run_seed: int, server_round: int, client_id: int) -> int:
     """Seed for one client's work in one round (batch order, dropout)."""
     return int(np.random.SeedSequence([run_seed, server_round, client_id]).generate_state(1)[0])
+
+
+def seed_torch(seed: int) -> None:
+    """``torch.manual_seed``, minus its lazy seeding of absent CUDA/XPU/MTIA devices, which
+    formats a Python stack per call and costs more than a small client's training step."""
+    if torch.cuda.is_available():
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def encode_inputs(config: Config, federation: Federation) -> Encoded:
@@ -89,6 +101,11 @@ class TaskResources:
                            self.federation.client_test_rows[shard],
                            self.config.client.eval_batch_size)
 
+    def max_train_examples(self) -> int:
+        """The most examples a training reply may claim: the federation's training rows
+        (unknown, so any count, for private per-party files)."""
+        return sum(map(len, self.federation.client_train_rows)) or MAX_ANY_EXAMPLES
+
     def global_test_loader(self) -> DataLoader:
         return eval_loader(self.encoded, self.federation.data.labels, self.federation.test_rows,
                            self.config.client.eval_batch_size)
@@ -103,7 +120,30 @@ def task_resources(config: Config, data_path: str = "") -> TaskResources:
 
     ``data_path``: a SuperNode's own data file (``data.dataset = "files"``).
     """
-    key = to_toml(config) + "\0" + data_path
+    return _resident(to_toml(config), config, data_path)
+
+
+def run_config_resources(run_config: Mapping[str, RunConfigValue],
+                         data_path: str = "") -> TaskResources:
+    """``task_resources`` for a Flower run config, which is parsed once per process: a
+    simulated client calls this for every message, and parsing costs more than a small step."""
+    key, config = _parse_run_config(tuple(sorted(run_config.items())))
+    return _resident(key, config, data_path)
+
+
+def parsed_run_config(run_config: Mapping[str, RunConfigValue]) -> Config:
+    """The Config of a Flower run config, parsed once per process."""
+    return _parse_run_config(tuple(sorted(run_config.items())))[1]
+
+
+@lru_cache(maxsize=_MAX_RESIDENT)
+def _parse_run_config(items: tuple[tuple[str, RunConfigValue], ...]) -> tuple[str, Config]:
+    config = from_run_config(dict(items))
+    return to_toml(config), config
+
+
+def _resident(config_key: str, config: Config, data_path: str) -> TaskResources:
+    key = config_key + "\0" + data_path
     if key not in _RESIDENT:
         while len(_RESIDENT) >= _MAX_RESIDENT:
             _RESIDENT.pop(next(iter(_RESIDENT)))

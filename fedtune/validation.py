@@ -76,6 +76,13 @@ def check_train_reply(sent: Message, reply: Message, max_examples: int) -> str |
     return _check_metrics(reply, max_examples, need_examples=True)
 
 
+def check_folded_train_reply(reply: Message, max_examples: int) -> str | None:
+    """``check_train_reply`` for a reply whose arrays went into a partial sum where the client
+    ran (the Ray engine's ``engine.aggregate_on_actors``, which checked them there): its
+    metrics."""
+    return _check_metrics(reply, max_examples, need_examples=True)
+
+
 def check_evaluate_reply(reply: Message, max_examples: int) -> str | None:
     """Why an evaluation reply must not be averaged, or None when it is sound."""
     return _check_metrics(reply, max_examples, need_examples=False)

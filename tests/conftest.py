@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -32,6 +34,12 @@ def tiny_config(tmp_path: Path, *overrides: str, base: list[str] = MLP_DIGITS) -
     if not config.run.dir:
         config.run.dir = str(tmp_path / "run")
     return config
+
+
+def rows_of(path: Path) -> list[dict[str, str]]:
+    """The rows of a run directory's CSV file."""
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 @pytest.fixture

@@ -75,6 +75,13 @@ def test_quickstart_file_is_the_default():
     (["model.hidden_sizes=[0]"], "model.hidden_sizes = [0] is not allowed: must be a list"),
     (["client.lr=true"], "client.lr = True is not allowed: must be a number > 0"),
     (["data.dataset=digits"], "data.dataset = 'digits' is not allowed with model.kind = 'hf'"),
+    (["engine.backend=flower", "engine.ray_address=10.0.0.1:6379"],
+     "engine.ray_address = '10.0.0.1:6379' is not allowed with engine.backend = 'flower': "
+     "must be ''"),
+    (["engine.backend=inprocess", "engine.aggregate_on_actors=true"],
+     "engine.aggregate_on_actors = True is not allowed with engine.backend = 'inprocess'"),
+    (["engine.num_actors=-1"], "engine.num_actors = -1 is not allowed: must be an integer >= 0"),
+    (["engine.client_timeout_s=0"], "engine.client_timeout_s = 0 is not allowed: must be a number"),
     (["alpha=3"], "the key must be section.key"),
     (["data.alpha"], "must look like section.key=value"),
 ])

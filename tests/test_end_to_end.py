@@ -154,18 +154,29 @@ def test_text_run_with_a_hugging_face_model(tmp_path, tiny_bert_path):
 
 
 @pytest.mark.slow
-def test_flower_ray_runtime_matches_inprocess(tmp_path):
-    """Flower's simulation runtime (Ray) runs the same apps to the same global model."""
+def test_all_runtimes_reach_the_same_global_model(tmp_path):
+    """Same seed, same config: Flower's simulation runtime, fedtune's Ray engine (with and
+    without aggregation on the actors) and the in-process grid run the same apps to the same
+    final global weights."""
     from fedtune.engine.flower_sim import run_flower_simulation
+    from fedtune.engine.ray_engine import run_ray_engine
 
-    ray_config = tiny_config(tmp_path, "engine.backend=flower", "run.dir=" + str(tmp_path / "r"))
-    run_flower_simulation(ray_config)
-    check_contract(tmp_path / "r", rounds=2, clients=4)
+    flower_config = tiny_config(tmp_path, "engine.backend=flower",
+                                "run.dir=" + str(tmp_path / "flower"))
+    run_flower_simulation(flower_config)
+    check_contract(tmp_path / "flower", rounds=2, clients=4)
+    for name, extra in (("ray", []), ("ray-folded", ["engine.aggregate_on_actors=true"])):
+        run_ray_engine(tiny_config(tmp_path, "engine.backend=ray", *extra,
+                                   "run.dir=" + str(tmp_path / name)))
+        check_contract(tmp_path / name, rounds=2, clients=4)
     local = run_inprocess(tiny_config(tmp_path, "run.dir=" + str(tmp_path / "l"))).path
-    ray_model = load_file(str(tmp_path / "r/model/model.safetensors"))
     local_model = load_file(str(local / "model/model.safetensors"))
-    for name, value in local_model.items():
-        np.testing.assert_allclose(ray_model[name], value, rtol=1e-5, atol=1e-6)
+    for runtime in ("flower", "ray", "ray-folded"):
+        model = load_file(str(tmp_path / runtime / "model/model.safetensors"))
+        assert set(model) == set(local_model)
+        for name, value in local_model.items():
+            np.testing.assert_allclose(model[name], value, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{runtime}: {name}")
 
 
 def test_cli_run_and_report(tmp_path):

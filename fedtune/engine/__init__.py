@@ -1,1 +1,2 @@
-"""Runtimes that drive the same ServerApp and ClientApp: in-process and Flower's simulation."""
+"""Runtimes that drive the same ServerApp and ClientApp: the fast Ray engine, in-process, and
+Flower's simulation."""

@@ -46,6 +46,13 @@ def client_contexts(run_id: int, num_clients: int,
     }
 
 
+def act_as_server(run_id: int) -> None:
+    """Messages take their source from the process's task identity: make it the server's."""
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+
 def error_reply(message: Message, error: BaseException) -> Message:
     """The reply Flower's runtimes send when a ClientApp raises."""
     reason = "".join(traceback.format_exception_only(type(error), error)).strip()
@@ -53,23 +60,10 @@ def error_reply(message: Message, error: BaseException) -> Message:
                    reply_to=message)
 
 
-class InProcessGrid(Grid):
-    """A Grid whose nodes are ClientApp calls in this process."""
+class SimulatedGrid(Grid):
+    """What every simulated Grid shares: its run, and messages made here (no SuperLink)."""
 
-    def __init__(self, client_app: ClientApp, run_config: Mapping[str, bool | int | float | str],
-                 num_clients: int, run_id: int = 1,
-                 node_configs: Sequence[Mapping[str, bool | int | float | str]] = ()) -> None:
-        self._client_app = client_app
-        self._run = Run.create_empty(run_id)
-        # Messages take their source from the process's task identity: here, the server's
-        TaskIdentity.task_id = 1
-        TaskIdentity.run_id = run_id
-        TaskIdentity.node_id = SUPERLINK_NODE_ID
-        self.contexts = client_contexts(run_id, num_clients, run_config, node_configs)
-        self.node_to_client = {node: ctx.node_config["partition-id"]
-                               for node, ctx in self.contexts.items()}
-        self._queued: dict[str, Message] = {}
-        self._touched: set[int] = set()  # nodes that handled a message since the last capture
+    _run: Run
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -81,6 +75,22 @@ class InProcessGrid(Grid):
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+
+class InProcessGrid(SimulatedGrid):
+    """A Grid whose nodes are ClientApp calls in this process."""
+
+    def __init__(self, client_app: ClientApp, run_config: Mapping[str, bool | int | float | str],
+                 num_clients: int, run_id: int = 1,
+                 node_configs: Sequence[Mapping[str, bool | int | float | str]] = ()) -> None:
+        self._client_app = client_app
+        self._run = Run.create_empty(run_id)
+        act_as_server(run_id)
+        self.contexts = client_contexts(run_id, num_clients, run_config, node_configs)
+        self.node_to_client = {node: ctx.node_config["partition-id"]
+                               for node, ctx in self.contexts.items()}
+        self._queued: dict[str, Message] = {}
+        self._touched: set[int] = set()  # nodes that handled a message since the last capture
 
     def get_node_ids(self) -> Iterable[int]:
         return sorted(self.contexts)

@@ -27,6 +27,10 @@ def launch(config: Config, reporter: Reporter | None = None,
     Setting ``stop`` ends the run after the client being waited for, with ``RunStopped`` and a
     checkpoint of the last finished round.
     """
+    if config.engine.backend == "ray":
+        from fedtune.engine.ray_engine import run_ray_engine
+
+        return run_ray_engine(config, reporter, stop)
     if config.engine.backend == "inprocess":
         return run_inprocess(config, reporter, stop)
     from fedtune.engine.flower_sim import run_flower_simulation

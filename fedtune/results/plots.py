@@ -66,22 +66,32 @@ def plot_epsilon(rows: list[dict[str, str]], target_epsilon: float, path: Path) 
     plt.close(fig)
 
 
+MAX_BARS = 100  # clients drawn as bars; more are drawn as stacked areas (one shape per label)
+
+
 def plot_partitions(histogram: np.ndarray, label_names: tuple[str, ...] | list[str],
                     path: Path) -> None:
-    """Stacked bars: examples of each label held by each client."""
+    """Examples of each label held by each client: stacked bars, or stacked areas for many
+    clients (a bar per client and label would take matplotlib minutes at 10,000 clients)."""
     num_clients = histogram.shape[0]
     fig, ax = plt.subplots(figsize=(max(6, min(0.35 * num_clients, 24)), 4))
-    bottom = np.zeros(num_clients)
     clients = np.arange(num_clients)
     colours = plt.get_cmap("tab10" if len(label_names) <= 10 else "tab20")
-    for k, name in enumerate(label_names):
-        ax.bar(clients, histogram[:, k], bottom=bottom, label=name, color=colours(k % 20),
-               width=0.85)
-        bottom += histogram[:, k]
+    palette = [colours(k % 20) for k in range(len(label_names))]
+    if num_clients <= MAX_BARS:
+        bottom = np.zeros(num_clients)
+        for k, name in enumerate(label_names):
+            ax.bar(clients, histogram[:, k], bottom=bottom, label=name, color=palette[k],
+                   width=0.85)
+            bottom += histogram[:, k]
+    else:
+        ax.stackplot(clients, histogram.T, labels=list(label_names), colors=palette,
+                     step="mid")
+        ax.set_xlim(-0.5, num_clients - 0.5)
     ax.set_xlabel("client")
     ax.set_ylabel("examples")
     ax.set_title("label histogram per client")
-    ax.legend(fontsize="small", ncol=min(len(label_names), 5))
+    ax.legend(fontsize="small", ncol=min(len(label_names), 5), loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

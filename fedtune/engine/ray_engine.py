@@ -1,0 +1,48 @@
+"""Start a configured run on the fast engine: the ServerApp on long-lived Ray actors."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+from flwr.clientapp import ClientApp
+
+from fedtune.client_app import app as fedtune_client_app
+from fedtune.config import Config, to_run_config
+from fedtune.engine.ray_grid import RayGrid
+from fedtune.engine.ray_pool import ActorFactory, pool_size, ray_session, start_actors
+from fedtune.results.run_dir import RunDirectory
+from fedtune.server_app import Reporter, run_federated
+
+RAY_RUN_ID = 1
+
+
+@contextmanager
+def ray_engine_grid(config: Config,
+                    client_app: ClientApp = fedtune_client_app) -> Iterator[RayGrid]:
+    """A RayGrid whose actors have loaded their data and model; Ray is started here (or joined
+    at ``engine.ray_address``), and actors and Ray stop on the way out, Ctrl-C included.
+    ``client_app`` is the ClientApp the actors run (tests wrap fedtune's)."""
+    e = config.engine
+    with ray_session(config):
+        factory = ActorFactory(client_app, to_run_config(config), RAY_RUN_ID,
+                               e.client_cpus, e.client_gpus)
+        actors = start_actors(factory, pool_size(config, ray.cluster_resources()),
+                              e.node_wait_s)
+        grid = RayGrid(factory, actors, config.data.num_clients, e.client_timeout_s,
+                       e.node_wait_s, fold_train=e.aggregate_on_actors)
+        try:
+            yield grid
+        finally:
+            grid.close()
+
+
+def run_ray_engine(config: Config, reporter: Reporter | None = None,
+                   stop: threading.Event | None = None,
+                   client_app: ClientApp = fedtune_client_app) -> RunDirectory:
+    """Run every round with the clients served by a pool of long-lived Ray actors (``stop``:
+    see ``fedtune.engine.launch.launch``)."""
+    with ray_engine_grid(config, client_app) as grid:
+        return run_federated(grid, config, reporter, stop)

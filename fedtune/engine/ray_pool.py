@@ -1,0 +1,105 @@
+"""The Ray side of the fast engine: the session, how many actors, starting and stopping them."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import ray
+from flwr.clientapp import ClientApp
+
+from fedtune.config import Config, ConfigError, RunConfigValue
+from fedtune.engine.ray_worker import ClientWorker
+
+
+@contextmanager
+def ray_session(config: Config) -> Iterator[None]:
+    """Start a quiet local Ray (no dashboard, no worker logs) or join ``engine.ray_address``;
+    shut it down (or disconnect) on the way out, Ctrl-C included."""
+    for name, value in (("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"),
+                        ("RAY_USAGE_STATS_ENABLED", "0")):
+        os.environ.setdefault(name, value)
+    if ray.is_initialized():  # a caller's session (a notebook, a benchmark): leave it running
+        yield
+        return
+    args: dict = {"log_to_driver": False, "logging_level": "ERROR",
+                  "configure_logging": True}
+    if config.engine.ray_address:
+        args["address"] = config.engine.ray_address
+    else:
+        args.update(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+        if config.engine.client_gpus > 0:
+            import torch
+
+            args["num_gpus"] = torch.cuda.device_count()
+    ray.init(**args)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def pool_size(config: Config, cluster: Mapping[str, float]) -> int:
+    """engine.num_actors, or as many actors as the cluster's CPUs (and GPUs) hold; never more
+    than there are clients. An impossible request stops the run before anything starts."""
+    e = config.engine
+    fits = math.floor(cluster.get("CPU", 0) / e.client_cpus + 1e-9)
+    if e.client_gpus > 0:
+        fits = min(fits, math.floor(cluster.get("GPU", 0) / e.client_gpus + 1e-9))
+    if fits < 1 or e.num_actors > fits:
+        asked = e.num_actors or 1
+        raise ConfigError(
+            f"engine.num_actors = {asked} is not allowed here: the Ray cluster has "
+            f"{cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs, room for {fits} "
+            f"actors of engine.client_cpus = {e.client_cpus:g} and engine.client_gpus = "
+            f"{e.client_gpus:g}"
+        )
+    return min(e.num_actors or fits, config.data.num_clients)
+
+
+@dataclass
+class ActorFactory:
+    """Starts ``ClientWorker`` actors with the run's resources and arguments."""
+
+    client_app: ClientApp
+    run_config: dict[str, RunConfigValue]
+    run_id: int
+    client_cpus: float
+    client_gpus: float
+
+    def start(self) -> tuple[ray.actor.ActorHandle, ray.ObjectRef]:
+        """A new actor and the reference its ``ready`` (data and model loaded) will fill."""
+        remote = _REMOTE_WORKER.options(num_cpus=self.client_cpus, num_gpus=self.client_gpus,
+                                        max_restarts=0)  # the grid replaces dead actors itself
+        actor = remote.remote(self.client_app, self.run_config, self.run_id, self.client_cpus)
+        return actor, actor.ready.remote()
+
+
+_REMOTE_WORKER = ray.remote(ClientWorker)
+
+
+def start_actors(factory: ActorFactory, count: int, wait_s: float) -> list[ray.actor.ActorHandle]:
+    """Start ``count`` actors and wait until each has loaded its data and model."""
+    started = [factory.start() for _ in range(count)]
+    actors = [actor for actor, _ in started]
+    done, _ = ray.wait([ready for _, ready in started], num_returns=count, timeout=wait_s)
+    try:
+        ray.get(done)  # raises what a failed start raised
+    except BaseException:
+        stop_actors(actors)
+        raise
+    if len(done) < count:
+        stop_actors(actors)
+        raise ConfigError(
+            f"engine.node_wait_s = {wait_s:g} was too short: {len(done)} of {count} Ray actors "
+            "loaded their data and model in time; raise it or lower engine.num_actors"
+        )
+    return actors
+
+
+def stop_actors(actors: list[ray.actor.ActorHandle]) -> None:
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
