@@ -485,7 +485,7 @@ def check_consistency(config: Config) -> None:
             "client.precision = 'fp16' is not allowed with client.device = 'cpu': must be "
             "'fp32' or 'bf16' (fp16 autocast needs CUDA)"
         )
-    if (config.client.device == "cuda" and config.engine.backend == "flower"
+    if (config.client.device == "cuda" and config.engine.backend != "inprocess"
             and config.engine.client_gpus == 0):
         raise ConfigError(
             "client.device = 'cuda' is not allowed with engine.client_gpus = 0: Ray gives such "

@@ -48,7 +48,7 @@ import math
 import re
 import shutil
 import tomllib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,18 +231,22 @@ def _build(spec: SweepSpec, overrides: dict[str, Any], values: dict[str, Any],
     return SweepRun(values, config, slug)
 
 
-def expand(spec: SweepSpec) -> list[SweepRun]:
-    """Every combination of the grid values, as validated configs."""
-    axes = list(spec.grid)
-    runs = []
+def _combinations(spec: SweepSpec, axes: list[str]
+                  ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(config overrides, recorded values) of every combination of the ``axes``' values."""
     for combination in itertools.product(*(spec.grid[axis] for axis in axes)):
         overrides: dict[str, Any] = {}
         values: dict[str, Any] = {}
         for axis, value in zip(axes, combination, strict=True):
             overrides.update(_overrides(axis, value))
             values.update(_labels(axis, value))
-        runs.append(_build(spec, overrides, values, _slug(values)))
-    return runs
+        yield overrides, values
+
+
+def expand(spec: SweepSpec) -> list[SweepRun]:
+    """Every combination of the grid values, as validated configs."""
+    return [_build(spec, overrides, values, _slug(values))
+            for overrides, values in _combinations(spec, list(spec.grid))]
 
 
 def expand_reference(spec: SweepSpec) -> list[SweepRun]:
@@ -253,12 +257,7 @@ def expand_reference(spec: SweepSpec) -> list[SweepRun]:
     x_key = spec.extra.get("x")
     kept = [k for k in spec.grid if k != x_key and k not in spec.reference]
     runs = []
-    for combination in itertools.product(*(spec.grid[k] for k in kept)):
-        overrides: dict[str, Any] = {}
-        labels: dict[str, Any] = {}
-        for axis, value in zip(kept, combination, strict=True):
-            overrides.update(_overrides(axis, value))
-            labels.update(_labels(axis, value))
+    for overrides, labels in _combinations(spec, kept):
         overrides.update(spec.reference)
         values = {k: labels.get(k, spec.reference.get(k)) for k in grid_keys(spec)}
         runs.append(_build(spec, overrides, values, "reference_" + _slug(labels)))

@@ -278,3 +278,25 @@ def test_cli_resume_errors_are_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == (f"fedtune: error: --resume {str(tmp_path)!r} is not "
                                      "allowed: must be a run directory (it has no config.toml)")
+
+
+@pytest.mark.slow
+def test_ray_engine_run_stopped_and_resumed_is_bit_identical(tmp_path):
+    """The fast engine seeds every client by (seed, round, client) and aggregates in client
+    order, so its resumed runs are bit-identical too (client states travel through the
+    checkpoint: SCAFFOLD's variates here)."""
+    import threading
+
+    from fedtune.engine.ray_engine import run_ray_engine
+
+    scaffold = [*STATEFUL["scaffold"], "engine.backend=ray", "engine.num_actors=2",
+                "engine.client_cpus=0.5"]
+    reference = run_ray_engine(tiny_config(tmp_path / "a", *FIVE_ROUNDS, *scaffold)).path
+    config = tiny_config(tmp_path / "b", *FIVE_ROUNDS, "run.checkpoint_every=0", *scaffold)
+    stop = threading.Event()
+    with pytest.raises(RunStopped):
+        run_ray_engine(config, StopAfter(stop, after=2), stop)
+    checkpoint = read_checkpoint(Path(config.run.dir))
+    assert checkpoint.server_round == 2 and checkpoint.client_states  # variates were kept
+    config.run.resume = True
+    _assert_same_run(run_ray_engine(config).path, reference)

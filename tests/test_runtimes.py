@@ -27,15 +27,31 @@ options.backend.client-resources.num-cpus = 1
 
 
 def _stop_local_superlink(flwr_home) -> None:
-    """`flwr run` leaves a detached local SuperLink (and its SuperExec) running."""
+    """`flwr run` leaves a detached local SuperLink (and its SuperExecs) running: stop this
+    test's own (found by its FLWR_HOME), wait for them, kill what does not stop (they hold
+    fixed ports the next `flwr run` needs)."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    for line in out.splitlines()[1:]:
-        pid, _, args = line.strip().partition(" ")
-        if str(flwr_home) in args or ("flower-superexec" in args and "--parent-pid" in args):
+    rows = [line.strip().partition(" ") for line in out.splitlines()[1:]]
+    links = {pid for pid, _, args in rows if str(flwr_home) in args}
+    ours = [int(pid) for pid, _, args in rows
+            if pid in links or any(f"--parent-pid {link}" in args for link in links)]
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ours:
             try:
-                os.kill(int(pid), signal.SIGTERM)
+                os.kill(pid, how)
             except ProcessLookupError:
                 pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in ours):
+            time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has stopped; its parent has not reaped it yet
 
 
 def flwr_run(app: Path, run_config: str, tmp_path: Path) -> subprocess.CompletedProcess:

@@ -130,8 +130,8 @@ def test_multikrum_selects_clients_minus_malicious_by_default():
                                      "data.num_clients = 5: must pick at least one client"),
     (["faults.scale_fraction=1.5"], "faults.scale_fraction = 1.5 is not allowed: must be a number "
                                     ">= 0 and <= 1"),
-    (["faults.crash_probability=0.1"], "faults.crash_probability is not a config key: [faults] "
-                                       "allows scale_fraction, scale_factor"),
+    (["faults.crash_chance=0.1"], "faults.crash_chance is not a config key: [faults] "
+                                  "allows scale_fraction, scale_factor, nan_fraction"),
 ])
 def test_bad_strategy_and_fault_settings_fail_with_one_line(overrides, message):
     with pytest.raises(ConfigError) as error:

@@ -180,7 +180,6 @@ class RayGrid(SimulatedGrid):
         stop_actors([lane.actor for lane in self._lanes])
         self._lanes = []
 
-    @property
     def changed_client_states(self) -> dict[int, bytes]:
         """Serialised Context.state of each client whose state changed since the last call
         (keyed by partition id), for checkpoints."""
@@ -194,6 +193,7 @@ class RayGrid(SimulatedGrid):
         self.states = {NODE_ID_OFFSET + client: state_from_bytes(data)
                        for client, data in states.items()}
 
+    @property
     def actor_count(self) -> int:
         return sum(1 for lane in self._lanes if not lane.retired)
 
