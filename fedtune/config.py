@@ -629,24 +629,32 @@ def parse_override(text: str) -> tuple[str, str, Any]:
             f"--set {text!r} is not allowed: the key must be section.key (e.g. data.alpha)"
         )
     section, key = dotted.split(".")
+    return section, key, toml_value(raw_value)
+
+
+def toml_value(text: str) -> Any:
+    """A command-line value read as a TOML value (1e-3, [1, 2], true), else kept as a string."""
     try:
-        value = tomllib.loads(f"v = {raw_value.strip()}")["v"]
+        return tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw_value.strip()
-    return section, key, value
+        return text.strip()
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """The tables of a TOML file; a missing or broken file is a one-line ConfigError naming
+    ``what`` it is (config file, sweep file)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {err}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Read a TOML config (or the defaults when path is None) and apply --set overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = tomllib.loads(file.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    raw: dict[str, Any] = {} if path is None else read_toml(path, "config file")
     for text in overrides:
         section, key, value = parse_override(text)
         raw.setdefault(section, {})

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from fedtune.config import Config, ConfigError, from_dict, parse_override
+from fedtune.config import Config, ConfigError, from_dict, parse_override, read_toml, toml_value
 from fedtune.results.run_dir import read_csv
 
 SEED_KEY = "run.seed"
@@ -127,10 +127,7 @@ def parse_selection(texts: Iterable[str], grid: dict[str, list[Any]]) -> dict[st
         if key not in grid:
             raise ConfigError(f"--grid {text!r} is not allowed: the key must be one of "
                               + ", ".join(grid))
-        try:
-            value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()
+        value = toml_value(raw)
         selection[key] = value if isinstance(value, list) else [value]
     return selection
 
@@ -140,12 +137,7 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = (),
     """Read a sweep file; ``--set`` overrides change the base config (not the grid), ``--grid``
     ``selection`` limits what runs (finished runs outside it still fill the tables)."""
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} does not exist")
-    try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"sweep file {str(path)!r} is not valid TOML: {err}") from None
+    raw = read_toml(file, "sweep file")
     sweep = raw.pop("sweep", None)
     if not isinstance(sweep, dict) or not isinstance(sweep.get("grid"), dict) or not sweep["grid"]:
         raise ConfigError(f"sweep file {str(path)!r} needs a [sweep.grid] table with at least "
