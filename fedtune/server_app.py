@@ -39,7 +39,6 @@ from fedtune.strategy_factory import build_strategy
 from fedtune.task import TaskResources, task_resources
 from fedtune.train import EvalResult, evaluate
 from fedtune.validation import (
-    MAX_ANY_EXAMPLES,
     check_evaluate_reply,
     check_folded_train_reply,
     check_train_reply,
@@ -347,10 +346,9 @@ def _run_round(grid: Grid, config: Config, resources: TaskResources, strategy: A
     """Train, aggregate, evaluate and record one round; updates ``state`` in place."""
     round_start = time.perf_counter()
     timeout = config.strategy.round_timeout_s
-    federation = resources.federation
     # a reply may not claim more examples than the federation has (unknown for private files)
     max_train_examples = resources.max_train_examples()
-    max_test_examples = sum(map(len, federation.client_test_rows)) or MAX_ANY_EXAMPLES
+    max_test_examples = resources.max_test_examples()
 
     def progress(done: int, total: int, phase: str = "train") -> None:
         reporter.phase(server_round, phase, done, total)

@@ -106,6 +106,10 @@ class TaskResources:
         (unknown, so any count, for private per-party files)."""
         return sum(map(len, self.federation.client_train_rows)) or MAX_ANY_EXAMPLES
 
+    def max_test_examples(self) -> int:
+        """The most examples an evaluation reply may claim (any count for private files)."""
+        return sum(map(len, self.federation.client_test_rows)) or MAX_ANY_EXAMPLES
+
     def global_test_loader(self) -> DataLoader:
         return eval_loader(self.encoded, self.federation.data.labels, self.federation.test_rows,
                            self.config.client.eval_batch_size)
