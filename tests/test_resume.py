@@ -21,6 +21,7 @@ from fedtune.checkpoint import (
     Checkpoint,
     capture_attributes,
     capture_rng,
+    checkpoint_round,
     read_checkpoint,
     restore_attributes,
     restore_rng,
@@ -222,11 +223,21 @@ def _cli_overrides() -> list[str]:
     return [arg for setting in settings for arg in ("--set", setting)]
 
 
+def _checkpointed(run_dir: Path) -> int:
+    try:
+        return checkpoint_round(run_dir) or 0
+    except OSError:  # caught while the writer swapped checkpoint directories
+        return 0
+
+
 def _wait_for_rows(run_dir: Path, rows: int, process: subprocess.Popen, timeout: float) -> None:
+    """Until round ``rows`` is on disk: its metrics row and then its checkpoint (a round's rows
+    are written before its checkpoint, so a kill in between would meet the previous one)."""
     deadline = time.monotonic() + timeout
     metrics = run_dir / "metrics.csv"
     while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) - 1 >= rows:
+        if (metrics.exists() and len(metrics.read_text().splitlines()) - 1 >= rows
+                and _checkpointed(run_dir) >= rows):
             return
         assert process.poll() is None, process.communicate()
         time.sleep(0.02)
