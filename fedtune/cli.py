@@ -103,7 +103,6 @@ def _quiet_libraries() -> None:
 def _run_config(args: argparse.Namespace) -> Config:
     """The config of a new run, or of the run ``--resume`` continues (its own config.toml)."""
     from fedtune.results.run_dir import default_run_path
-    from fedtune.resume import check_resumable
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -115,6 +114,8 @@ def _run_config(args: argparse.Namespace) -> Config:
                               "directory (it has no config.toml)")
         config = load_config(run_dir / "config.toml", args.set)
         config.run.dir, config.run.resume = str(run_dir), True
+        from fedtune.server.resume import check_resumable
+
         check_resumable(config)
         return config
     config = load_config(args.config, args.set)
@@ -141,13 +142,10 @@ def _stop_on_ctrl_c(console: Console) -> threading.Event:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from fedtune.rounds import RunStopped
-    from fedtune.task import task_resources
-
-    config = _run_config(args)
+    config = _run_config(args)  # every config error is reported here, before heavy imports
     _quiet_libraries()
-    task_resources(config)  # data-dependent checks (client counts, keys) before anything starts
     from fedtune.engine.launch import launch
+    from fedtune.server.exchange import RunStopped
 
     reporter = RichReporter(console)
     started = time.perf_counter()
@@ -221,8 +219,8 @@ class QuietReporter:
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from fedtune.engine.launch import launch
     from fedtune.results.plots import plot_curves, plot_round_curves, plot_sweep
-    from fedtune.sweep import (SEED_KEY, grid_keys, load_sweep, round_curves, run_curves,
-                               run_sweep, write_pivot, write_table)
+    from fedtune.studies.sweep import SEED_KEY, grid_keys, load_sweep, run_sweep
+    from fedtune.studies.tables import round_curves, run_curves, write_pivot, write_table
 
     spec = load_sweep(args.config, args.set, args.grid)
     if args.output:

@@ -5,6 +5,13 @@ and a check. ``load_config`` reads a file, applies ``--set section.key=value`` o
 validates; any user error raises ``ConfigError`` with one line naming the key, the value and
 what is allowed, before any work starts.
 
+Four sections are derived from the extension tables (``fedtune.tables``): ``[model]`` from the
+model kinds, ``[strategy]`` from the strategies, ``[privacy]`` from the privacy modes and
+``[engine]`` from the runtimes. Each has a few common keys plus the keys the table's entries
+own; the entry that ``kind`` / ``name`` / ``mode`` / ``backend`` picks checks its own settings.
+This module imports neither torch nor Flower nor Ray: a mistake is reported in well under a
+second.
+
 The same keys flattened with dots ("data.alpha") are Flower's run_config, so
 ``flwr run . --run-config "data.alpha=0.1"`` and ``fedtune run --set data.alpha=0.1`` mean the
 same thing (``to_run_config`` / ``from_run_config``).
@@ -18,56 +25,35 @@ import tomllib
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from fedtune.errors import ConfigError
+from fedtune.tables.datasets import DATASETS
+from fedtune.tables import Key, declared_key, key, owners_of, section_class
+from fedtune.tables.model_kinds import MODEL_KINDS, TRANSFER_MODES, check_model
+from fedtune.tables.privacy_modes import PRIVACY_MODES, check_privacy
+from fedtune.tables.runtimes import RUNTIMES, check_runtime
+from fedtune.tables.strategies import STRATEGIES, check_strategy, clients_per_round
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "clients_per_round",
+    "describe",
+    "from_dict",
+    "from_run_config",
+    "load_config",
+    "to_run_config",
+    "to_toml",
+]
+
 RunConfigValue = bool | int | float | str
 
-
-class ConfigError(ValueError):
-    """A user error in the configuration: one line, names the key, the value, what is allowed."""
-
-
-def _spec(
-    default: Any,
-    help: str,
-    *,
-    choices: tuple[Any, ...] | None = None,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-) -> Any:
-    """A config field with its default, its help line and its allowed values."""
-    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-DATASETS = ("rotten_tomatoes", "bbc_news", "digits", "files")
 PARTITIONERS = ("iid", "dirichlet", "shards", "quantity_skew", "natural")
-MODEL_KINDS = ("hf", "mlp")
-TRANSFER_MODES = ("scratch", "full", "frozen", "top_k", "lora")
-MLP_TRANSFER_MODES = ("scratch", "full")
-POOLING = ("auto", "cls", "mean")
 OPTIMIZERS = ("adamw", "adam", "sgd")
-FLOWER_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
-                     "fedtrimmedavg", "fedmedian", "krum", "multikrum")
-OWN_STRATEGIES = ("scaffold", "fednova", "feddyn", "rfa")  # in strategies/
-STRATEGIES = FLOWER_STRATEGIES + OWN_STRATEGIES
-SGD_ONLY_STRATEGIES = ("scaffold", "fednova")
-# strategies whose clients change the local objective (fedtune.client_algorithms)
-CLIENT_OBJECTIVE_STRATEGIES = ("fedprox", "scaffold", "fednova", "feddyn")
-PRIVACY_MODES = ("none", "local", "central")
-ACCOUNTANTS = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
-BACKENDS = ("ray", "flower", "inprocess")
-# strategies whose aggregate is the example-weighted mean of the updates (engine.aggregate_on_actors)
-WEIGHTED_MEAN_STRATEGIES = ("fedavg",)
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRAGGLER_DELAYS = ("constant", "exponential")
@@ -75,238 +61,148 @@ STRAGGLER_DELAYS = ("constant", "exponential")
 
 @dataclass
 class RunSection:
-    name: str = _spec("fedtune", "run name; the run directory is <output_dir>/<name>-<UTC time>")
-    seed: int = _spec(0, "seed for every random choice (data split, init, sampling, batches)", ge=0)
-    rounds: int = _spec(3, "number of federated rounds", ge=1)
-    output_dir: str = _spec("runs", "folder that receives the run directory")
-    dir: str = _spec("", "exact run directory (must be new or empty); '' = under output_dir")
-    max_rounds_without_update: int = _spec(
+    name: str = key("fedtune", "run name; the run directory is <output_dir>/<name>-<UTC time>")
+    seed: int = key(0, "seed for every random choice (data split, init, sampling, batches)", ge=0)
+    rounds: int = key(3, "number of federated rounds", ge=1)
+    output_dir: str = key("runs", "folder that receives the run directory")
+    dir: str = key("", "exact run directory (must be new or empty); '' = under output_dir")
+    max_rounds_without_update: int = key(
         3, "stop after this many rounds in a row without enough sound client updates", ge=1
     )
-    checkpoint_every: int = _spec(
+    checkpoint_every: int = key(
         1, "write <run dir>/checkpoint/ every this many rounds (also on Ctrl-C); 0 = only on "
         "Ctrl-C or failure", ge=0
     )
-    resume: bool = _spec(False, "continue the run in run.dir from its checkpoint "
+    resume: bool = key(False, "continue the run in run.dir from its checkpoint "
                                 "(`fedtune run --resume RUN_DIR` sets it)")
 
 
 @dataclass
 class DataSection:
-    dataset: str = _spec(
+    dataset: str = key(
         "rotten_tomatoes", "offline dataset; files = each SuperNode's own CSV/JSONL (deployment)",
-        choices=DATASETS,
+        choices=tuple(DATASETS),
     )
-    num_clients: int = _spec(8, "number of clients (partitions)", ge=1)
-    partitioner: str = _spec("natural", "how examples are split over clients", choices=PARTITIONERS)
-    alpha: float = _spec(0.5, "Dirichlet concentration over labels (partitioner=dirichlet)", gt=0)
-    labels_per_client: int = _spec(2, "labels per client (partitioner=shards)", ge=1)
-    quantity_alpha: float = _spec(
+    num_clients: int = key(8, "number of clients (partitions)", ge=1)
+    partitioner: str = key("natural", "how examples are split over clients", choices=PARTITIONERS)
+    alpha: float = key(0.5, "Dirichlet concentration over labels (partitioner=dirichlet)", gt=0)
+    labels_per_client: int = key(2, "labels per client (partitioner=shards)", ge=1)
+    quantity_alpha: float = key(
         0.5, "Dirichlet concentration over client sizes (partitioner=quantity_skew)", gt=0
     )
-    natural_key: str = _spec("", "column that keys natural partitions; '' = dataset's own key")
-    min_client_examples: int = _spec(
+    natural_key: str = key("", "column that keys natural partitions; '' = dataset's own key")
+    min_client_examples: int = key(
         4, "smallest partition a client may get (dirichlet, quantity_skew)", ge=2
     )
-    test_fraction: float = _spec(0.1, "held-out global test split", gt=0, lt=1)
-    local_test_fraction: float = _spec(0.1, "per-client local test split", ge=0, lt=1)
-    max_examples: int = _spec(3000, "use a seeded subsample of this many examples; 0 = all",
+    test_fraction: float = key(0.1, "held-out global test split", gt=0, lt=1)
+    local_test_fraction: float = key(0.1, "per-client local test split", ge=0, lt=1)
+    max_examples: int = key(3000, "use a seeded subsample of this many examples; 0 = all",
                               ge=0)
-    label_names: list[str] = _spec([], "labels of a files dataset, in index order")
-    test_path: str = _spec("", "files dataset: the server's global test file (CSV or JSONL)")
-    text_column: str = _spec("text", "files dataset: column / JSON field holding the text")
-    label_column: str = _spec("label", "files dataset: column / JSON field holding the label")
-
-
-@dataclass
-class ModelSection:
-    kind: str = _spec("hf", "hf = Hugging Face sequence classifier, mlp = multilayer perceptron",
-                      choices=MODEL_KINDS)
-    path: str = _spec("", "local path of a Hugging Face model; '' = bundled all-MiniLM-L6-v2")
-    transfer: str = _spec(
-        "full", "what trains (and travels): scratch = random init, all; full = pretrained, all; "
-        "frozen = head only; top_k = last top_k_layers encoder layers + head; lora = LoRA "
-        "adapters + head", choices=TRANSFER_MODES,
-    )
-    top_k_layers: int = _spec(2, "encoder layers that train with transfer = top_k (the last)",
-                              ge=1)
-    lora_r: int = _spec(8, "LoRA rank (transfer = lora)", ge=1)
-    lora_alpha: float = _spec(16.0, "LoRA alpha: adapter updates are scaled by alpha / r", gt=0)
-    lora_dropout: float = _spec(0.1, "dropout on the LoRA adapters' input", ge=0, lt=1)
-    lora_targets: str = _spec(
-        "query,value", "comma-separated names of the linear layers that get LoRA adapters "
-        "(peft target_modules)",
-    )
-    pooling: str = _spec(
-        "auto", "sentence representation for hf models; auto = the model's own pooling config",
-        choices=POOLING,
-    )
-    max_length: int = _spec(48, "max tokens per text (hf); batches are padded dynamically", ge=8)
-    hidden_sizes: list[int] = _spec([128], "hidden layer sizes of the MLP")
-    num_features: int = _spec(4096, "hashed bag-of-words features for the MLP on text", ge=16)
-    dropout: float = _spec(0.1, "dropout before the classifier head", ge=0, lt=1)
+    label_names: list[str] = key([], "labels of a files dataset, in index order", kind=list[str])
+    test_path: str = key("", "files dataset: the server's global test file (CSV or JSONL)")
+    text_column: str = key("text", "files dataset: column / JSON field holding the text")
+    label_column: str = key("label", "files dataset: column / JSON field holding the label")
 
 
 @dataclass
 class ClientSection:
-    optimizer: str = _spec("adamw", "local optimizer", choices=OPTIMIZERS)
-    lr: float = _spec(1e-4, "local learning rate", gt=0)
-    weight_decay: float = _spec(0.0, "weight decay", ge=0)
-    momentum: float = _spec(0.0, "SGD momentum", ge=0, lt=1)
-    local_epochs: int = _spec(1, "local epochs per round (when local_steps = 0)", ge=1)
-    local_steps: int = _spec(8, "local optimizer steps per round; 0 = use local_epochs", ge=0)
-    batch_size: int = _spec(16, "local training batch size", ge=1)
-    eval_batch_size: int = _spec(128, "evaluation batch size", ge=1)
-    max_grad_norm: float = _spec(0.0, "clip the gradient norm per step; 0 = off", ge=0)
-    device: str = _spec("auto", "where clients compute; auto = cuda when present", choices=DEVICES)
-    precision: str = _spec(
+    optimizer: str = key("adamw", "local optimizer", choices=OPTIMIZERS)
+    lr: float = key(1e-4, "local learning rate", gt=0)
+    weight_decay: float = key(0.0, "weight decay", ge=0)
+    momentum: float = key(0.0, "SGD momentum", ge=0, lt=1)
+    local_epochs: int = key(1, "local epochs per round (when local_steps = 0)", ge=1)
+    local_steps: int = key(8, "local optimizer steps per round; 0 = use local_epochs", ge=0)
+    batch_size: int = key(16, "local training batch size", ge=1)
+    eval_batch_size: int = key(128, "evaluation batch size", ge=1)
+    max_grad_norm: float = key(0.0, "clip the gradient norm per step; 0 = off", ge=0)
+    device: str = key("auto", "where clients compute; auto = cuda when present", choices=DEVICES)
+    precision: str = key(
         "fp32", "local training autocast: fp32 = off, bf16, fp16 (CUDA only, with a gradient "
         "scaler)", choices=PRECISIONS,
     )
 
 
 @dataclass
-class StrategySection:
-    name: str = _spec("fedavg", "aggregation strategy", choices=STRATEGIES)
-    fraction_train: float = _spec(0.25, "fraction of clients sampled for training each round",
-                                  gt=0, le=1)
-    fraction_evaluate: float = _spec(
-        0.25, "fraction of clients sampled for federated evaluation; 0 = none", ge=0, le=1
-    )
-    min_train_clients: int = _spec(
-        1, "fewest clients sampled for training each round (Flower's min_train_nodes)", ge=1
-    )
-    round_timeout_s: float = _spec(3600.0, "longest wait for the replies of one round", gt=0)
-    # Hyper-parameters: each applies to the strategies named in its help and is ignored by the
-    # others (so one sweep file can set them all while its grid varies strategy.name).
-    proximal_mu: float = _spec(0.01, "proximal weight mu (fedprox; Li et al. 2020 search "
-                                     "0.001-1)", ge=0)
-    server_lr: float = _spec(1.0, "server learning rate (fedavgm, scaffold)", gt=0)
-    server_momentum: float = _spec(0.9, "server momentum (fedavgm; Hsu et al. 2019)", ge=0, lt=1)
-    fedopt_eta: float = _spec(0.01, "server learning rate eta (fedadam, fedyogi, fedadagrad; "
-                                    "Reddi et al. 2021)", gt=0)
-    fedopt_beta_1: float = _spec(0.9, "first-moment decay (fedadam, fedyogi)", ge=0, lt=1)
-    fedopt_beta_2: float = _spec(0.99, "second-moment decay (fedadam, fedyogi)", ge=0, lt=1)
-    fedopt_tau: float = _spec(1e-3, "adaptivity tau (fedadam, fedyogi, fedadagrad)", gt=0)
-    trim_beta: float = _spec(0.2, "fraction cut from each tail per coordinate (fedtrimmedavg)",
-                             ge=0, lt=0.5)
-    num_malicious: int = _spec(0, "assumed Byzantine clients f per round (krum, multikrum)",
-                               ge=0)
-    multikrum_select: int = _spec(
-        0, "updates Multi-Krum averages; 0 = clients per round - num_malicious (multikrum)", ge=0
-    )
-    feddyn_alpha: float = _spec(0.01, "dynamic regulariser weight alpha (feddyn; Acar et al. "
-                                      "2021)", gt=0)
-    rfa_iterations: int = _spec(4, "smoothed Weiszfeld steps after the mean (rfa; Pillutla "
-                                   "et al. 2022)", ge=0)
-    rfa_smoothing: float = _spec(1e-6, "Weiszfeld smoothing nu (rfa)", gt=0)
-
-
-@dataclass
-class PrivacySection:
-    mode: str = _spec(
-        "none", "differential privacy: local = DP-SGD on every client (per example, Opacus), "
-        "central = DP-FedAvg at the server (per client); in central mode each client is "
-        "sampled with probability strategy.fraction_train", choices=PRIVACY_MODES,
-    )
-    target_epsilon: float = _spec(
-        0.0, "ε the run may spend (local: per client, central: for the run); inf = clip "
-        "without noise; 0 = not set (then give noise_multiplier)", ge=0,
-    )
-    delta: float = _spec(1e-5, "δ of the (ε, δ) guarantee; must be < 1/N (local: N = examples "
-                               "of the smallest client, central: N = data.num_clients)",
-                         gt=0, lt=1)
-    noise_multiplier: float = _spec(
-        0.0, "Gaussian noise std / clipping bound; 0 = derived from target_epsilon", ge=0
-    )
-    accountant: str = _spec("rdp", "privacy accountant (opacus.accountants)",
-                            choices=ACCOUNTANTS)
-    max_grad_norm: float = _spec(1.0, "local: clipping bound of every example's gradient", gt=0)
-    grad_sample_mode: str = _spec(
-        "auto", "local: ghost = ghost clipping (no per-example gradients kept), hooks = "
-                "per-example gradients; auto = ghost unless the model ties parameters",
-        choices=GRAD_SAMPLE_MODES,
-    )
-    client_rounds: int = _spec(
-        0, "local: rounds each client plans to train; its noise makes ε reach target_epsilon "
-           "after client_rounds x its steps per round; 0 = run.rounds", ge=0,
-    )
-    clip_norm: float = _spec(1.0, "central: clipping bound of every client's update (the "
-                                  "starting bound when adaptive)", gt=0)
-    adaptive_clipping: bool = _spec(
-        False, "central: move the bound towards a quantile of update norms (Andrew et al. 2021)"
-    )
-    target_quantile: float = _spec(0.5, "central, adaptive: share of updates left unclipped",
-                                   gt=0, lt=1)
-    clip_lr: float = _spec(0.2, "central, adaptive: geometric step size of the bound", gt=0)
-    clipped_count_stddev: float = _spec(
-        0.0, "central, adaptive: noise std of the unclipped count; 0 = expected cohort / 20",
-        ge=0,
-    )
-
-
-@dataclass
 class FaultsSection:
-    scale_fraction: float = _spec(
+    scale_fraction: float = key(
         0.0, "fraction of clients (drawn once from run.seed) whose every update is scaled",
         ge=0, le=1
     )
-    scale_factor: float = _spec(-10.0, "what a scaling client multiplies its update by")
-    nan_fraction: float = _spec(
+    scale_factor: float = key(-10.0, "what a scaling client multiplies its update by")
+    nan_fraction: float = key(
         0.0, "fraction of clients (drawn once) whose every update is NaN", ge=0, le=1
     )
-    wrong_shape_fraction: float = _spec(
+    wrong_shape_fraction: float = key(
         0.0, "fraction of clients (drawn once) whose every update has a tensor of the wrong "
         "shape", ge=0, le=1
     )
-    crash_probability: float = _spec(
+    crash_probability: float = key(
         0.0, "probability that a client crashes each time it is asked to train", ge=0, le=1
     )
-    straggler_fraction: float = _spec(
+    straggler_fraction: float = key(
         0.0, "fraction of clients (drawn once) that wait before training", ge=0, le=1
     )
-    straggler_delay: str = _spec("constant", "distribution of a straggler's wait",
+    straggler_delay: str = key("constant", "distribution of a straggler's wait",
                                  choices=STRAGGLER_DELAYS)
-    straggler_delay_s: float = _spec(0.0, "mean of a straggler's wait in seconds", ge=0)
+    straggler_delay_s: float = key(0.0, "mean of a straggler's wait in seconds", ge=0)
 
 
-@dataclass
-class EngineSection:
-    backend: str = _spec(
-        "ray", "ray = fedtune's engine (persistent Ray actors), flower = Flower's Ray simulation, "
-        "inprocess = no Ray (debug)", choices=BACKENDS,
-    )
-    client_cpus: float = _spec(1.0, "CPU cores reserved per simulated client", gt=0)
-    client_gpus: float = _spec(0.0, "GPU fraction per simulated client (0.25 = 4 share one)",
-                               ge=0, le=1)
-    node_wait_s: float = _spec(
-        60.0, "how long the server waits for all clients (ray: its actors) to start", gt=0
-    )
-    num_actors: int = _spec(
-        0, "ray engine: client actors; 0 = as many as the cluster's CPUs/GPUs allow", ge=0
-    )
-    client_timeout_s: float = _spec(
-        600.0, "ray engine: a client not done after this long is stopped and reported timeout",
-        gt=0,
-    )
-    ray_address: str = _spec(
-        "", "ray engine: address of a running Ray cluster to join ('' = start one here)"
-    )
-    aggregate_on_actors: bool = _spec(
-        False, "ray engine: actors sum FedAvg's weighted updates and send one partial sum each",
-    )
+ModelSection = section_class(
+    "ModelSection", "[model]: the model kind (fedtune.tables.model_kinds) and how it trains.",
+    {"kind": Key("hf", "hf = Hugging Face sequence classifier, mlp = multilayer perceptron",
+                 choices=tuple(MODEL_KINDS)),
+     "transfer": Key("full", "what trains (and travels): scratch = random init, all; full = "
+                             "pretrained, all; frozen = head only; top_k = last top_k_layers "
+                             "encoder layers + head; lora = LoRA adapters + head",
+                     choices=TRANSFER_MODES),
+     "dropout": Key(0.1, "dropout before the classifier head", ge=0, lt=1)},
+    MODEL_KINDS)
+
+StrategySection = section_class(
+    "StrategySection", "[strategy]: the aggregation (fedtune.tables.strategies) and sampling. "
+                       "Hyper-parameters apply to the strategies named in their help and are "
+                       "ignored by the others, so one sweep file can set them all.",
+    {"name": Key("fedavg", "aggregation strategy", choices=tuple(STRATEGIES)),
+     "fraction_train": Key(0.25, "fraction of clients sampled for training each round", gt=0,
+                           le=1),
+     "fraction_evaluate": Key(0.25, "fraction of clients sampled for federated evaluation; 0 "
+                                    "= none", ge=0, le=1),
+     "min_train_clients": Key(1, "fewest clients sampled for training each round (Flower's "
+                                 "min_train_nodes)", ge=1),
+     "round_timeout_s": Key(3600.0, "longest wait for the replies of one round", gt=0)},
+    STRATEGIES)
+
+PrivacySection = section_class(
+    "PrivacySection", "[privacy]: the privacy mode (fedtune.privacy) and its budget.",
+    {"mode": Key("none", "differential privacy: local = DP-SGD on every client (per example, "
+                         "Opacus), central = DP-FedAvg at the server (per client); in central "
+                         "mode each client is sampled with probability strategy.fraction_train",
+                 choices=tuple(PRIVACY_MODES))},
+    PRIVACY_MODES)
+
+EngineSection = section_class(
+    "EngineSection", "[engine]: the runtime (fedtune.tables.runtimes) and its resources.",
+    {"backend": Key("ray", "ray = fedtune's engine (persistent Ray actors), flower = Flower's "
+                           "Ray simulation, inprocess = no Ray (debug)",
+                    choices=tuple(RUNTIMES)),
+     "client_cpus": Key(1.0, "CPU cores reserved per simulated client", gt=0),
+     "client_gpus": Key(0.0, "GPU fraction per simulated client (0.25 = 4 share one)", ge=0,
+                        le=1),
+     "node_wait_s": Key(60.0, "how long the server waits for all clients (ray: its actors) to "
+                              "start", gt=0)},
+    RUNTIMES)
 
 
 @dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
-    model: ModelSection = field(default_factory=ModelSection)
+    model: Any = field(default_factory=ModelSection)
     client: ClientSection = field(default_factory=ClientSection)
-    strategy: StrategySection = field(default_factory=StrategySection)
-    privacy: PrivacySection = field(default_factory=PrivacySection)
+    strategy: Any = field(default_factory=StrategySection)
+    privacy: Any = field(default_factory=PrivacySection)
     faults: FaultsSection = field(default_factory=FaultsSection)
-    engine: EngineSection = field(default_factory=EngineSection)
+    engine: Any = field(default_factory=EngineSection)
 
 
 SECTIONS: dict[str, type] = {
@@ -319,21 +215,17 @@ SECTIONS: dict[str, type] = {
     "faults": FaultsSection,
     "engine": EngineSection,
 }
+# the key that picks a table entry, in each derived section
+CHOOSERS = {"model": "kind", "strategy": "name", "privacy": "mode", "engine": "backend"}
 
 
-@lru_cache(maxsize=None)
-def _field_types(section_cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(section_cls)
-
-
-def _allowed_text(f: dataclasses.Field[Any], kind: Any) -> str:
-    meta = f.metadata
-    if meta["choices"]:
-        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+def _allowed_text(declared: Key, kind: Any) -> str:
+    if declared.choices:
+        return "one of " + ", ".join(repr(c) for c in declared.choices)
     bounds = []
-    for key, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-        if meta[key] is not None:
-            bounds.append(f"{sign} {meta[key]:g}")
+    for name, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if getattr(declared, name) is not None:
+            bounds.append(f"{sign} {getattr(declared, name):g}")
     name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         kind,
         "a list of names without commas" if typing.get_args(kind) == (str,)
@@ -342,11 +234,13 @@ def _allowed_text(f: dataclasses.Field[Any], kind: Any) -> str:
     return name + (" " + " and ".join(bounds) if bounds else "")
 
 
-def _coerce(key: str, value: Any, f: dataclasses.Field[Any], kind: Any) -> Any:
-    """Convert one value to the field's type and check it; raise ConfigError naming the key."""
+def _coerce(full_key: str, value: Any, declared: Key) -> Any:
+    """Convert one value to the key's type and check it; raise ConfigError naming the key."""
+    kind = declared.type
 
     def bad() -> ConfigError:
-        return ConfigError(f"{key} = {value!r} is not allowed: must be {_allowed_text(f, kind)}")
+        return ConfigError(f"{full_key} = {value!r} is not allowed: must be "
+                           f"{_allowed_text(declared, kind)}")
 
     if kind is bool:
         if isinstance(value, bool):
@@ -411,18 +305,17 @@ def _coerce(key: str, value: Any, f: dataclasses.Field[Any], kind: Any) -> Any:
         if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value_list):
             raise bad()
         out = list(value_list)
-    meta = f.metadata
-    if meta["choices"] is not None and out not in meta["choices"]:
+    if declared.choices is not None and out not in declared.choices:
         raise bad()
     if isinstance(out, (int, float)) and not isinstance(out, bool):
         checks = (
-            ("gt", lambda b: out > b),
-            ("ge", lambda b: out >= b),
-            ("lt", lambda b: out < b),
-            ("le", lambda b: out <= b),
+            (declared.gt, lambda b: out > b),
+            (declared.ge, lambda b: out >= b),
+            (declared.lt, lambda b: out < b),
+            (declared.le, lambda b: out <= b),
         )
-        for name, ok in checks:
-            if meta[name] is not None and not ok(meta[name]):
+        for bound, ok in checks:
+            if bound is not None and not ok(bound):
                 raise bad()
     return out
 
@@ -450,36 +343,37 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
 
 def _build_section(section_name: str, section_cls: type, values: Mapping[str, Any]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(section_cls)}
-    types = _field_types(section_cls)
     kwargs = {}
-    for key, value in values.items():
-        full_key = f"{section_name}.{key}"
-        if key not in fields:
+    for name, value in values.items():
+        full_key = f"{section_name}.{name}"
+        if name not in fields:
             raise ConfigError(
                 f"{full_key} is not a config key: [{section_name}] allows "
                 + ", ".join(fields)
             )
-        kwargs[key] = _coerce(full_key, value, fields[key], types[key])
+        kwargs[name] = _coerce(full_key, value, declared_key(fields[name]))
     return section_cls(**kwargs)
 
 
-def lora_target_names(text: str) -> tuple[str, ...]:
-    """``model.lora_targets`` ("query,value") as a tuple of module names."""
-    return tuple(name for name in text.replace(" ", "").split(",") if name)
+def _refuse_foreign_keys(config: Config, section_name: str) -> None:
+    """A key owned by other entries of a table must keep its default (it would be ignored)."""
+    section = getattr(config, section_name)
+    chooser = CHOOSERS[section_name]
+    chosen = getattr(section, chooser)
+    for f in dataclasses.fields(section):
+        owners = owners_of(f)
+        value, default = getattr(section, f.name), declared_key(f).default
+        if owners and chosen not in owners and value != default:
+            raise ConfigError(
+                f"{section_name}.{f.name} = {value!r} is not allowed with {section_name}."
+                f"{chooser} = {chosen!r}: must be {default!r} (only {', '.join(owners)} "
+                f"{'has' if len(owners) == 1 else 'have'} it)"
+            )
 
 
 def check_consistency(config: Config) -> None:
-    """Checks that involve more than one key or the file system (no data needed)."""
-    if not lora_target_names(config.model.lora_targets):
-        raise ConfigError(
-            f"model.lora_targets = {config.model.lora_targets!r} is not allowed: must name at "
-            "least one linear layer, e.g. 'query,value'"
-        )
-    if config.model.kind == "mlp" and config.model.transfer not in MLP_TRANSFER_MODES:
-        raise ConfigError(
-            f"model.transfer = {config.model.transfer!r} is not allowed with model.kind = "
-            "'mlp': must be 'scratch' or 'full'"
-        )
+    """Checks that involve more than one key or the file system (no data needed): the general
+    ones here, then each table's chosen entry checks its own settings."""
     if config.client.precision == "fp16" and config.client.device == "cpu":
         raise ConfigError(
             "client.precision = 'fp16' is not allowed with client.device = 'cpu': must be "
@@ -491,22 +385,10 @@ def check_consistency(config: Config) -> None:
             "client.device = 'cuda' is not allowed with engine.client_gpus = 0: Ray gives such "
             "clients no GPU; set engine.client_gpus > 0 (0.125 = 8 clients share one GPU)"
         )
-    if config.model.path:
-        path = Path(config.model.path).expanduser()
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"model.path = {config.model.path!r} is not allowed: must be a folder with a "
-                "Hugging Face config.json (no hub downloads)"
-            )
     if config.model.kind == "mlp" and config.model.path:
         raise ConfigError(
             f"model.path = {config.model.path!r} is not allowed with model.kind = 'mlp': "
             "must be '' (the MLP is built from model.hidden_sizes)"
-        )
-    if config.model.kind == "hf" and config.data.dataset == "digits":
-        raise ConfigError(
-            "data.dataset = 'digits' is not allowed with model.kind = 'hf': must be a text "
-            "dataset (rotten_tomatoes, bbc_news), or set model.kind = 'mlp'"
         )
     if config.data.dataset == "files":
         if len(config.data.label_names) < 2:
@@ -517,105 +399,28 @@ def check_consistency(config: Config) -> None:
         if not config.data.test_path:
             raise ConfigError("data.test_path = '' is not allowed with data.dataset = 'files': "
                               "must be the server's global test file (CSV or JSONL)")
-    check_privacy(config)
-    ray_only = (("ray_address", config.engine.ray_address, ""),
-                ("aggregate_on_actors", config.engine.aggregate_on_actors, False))
-    for key, value, off in ray_only:
-        if value != off and config.engine.backend != "ray":
-            raise ConfigError(
-                f"engine.{key} = {value!r} is not allowed with engine.backend = "
-                f"{config.engine.backend!r}: must be {off!r} (only the ray engine has it)"
-            )
-    if config.engine.aggregate_on_actors and (
-            config.strategy.name not in WEIGHTED_MEAN_STRATEGIES
-            or config.privacy.mode == "central"):
-        raise ConfigError(
-            f"engine.aggregate_on_actors = true is not allowed with strategy.name = "
-            f"{config.strategy.name!r}: must be one of {', '.join(WEIGHTED_MEAN_STRATEGIES)} "
-            "(a plain example-weighted mean, without central DP)"
-        )
     if config.strategy.min_train_clients > config.data.num_clients:
         raise ConfigError(
             f"strategy.min_train_clients = {config.strategy.min_train_clients} is not allowed: "
             f"must be <= data.num_clients = {config.data.num_clients}"
         )
-    _check_strategy(config)
+    check_model(config)
+    check_privacy(config)
+    _refuse_foreign_keys(config, "engine")
+    check_runtime(config)
+    check_strategy(config)
     _check_faults(config)
-
-
-def clients_per_round(config: Config) -> int:
-    """How many clients Flower's sampling picks for training each round."""
-    s = config.strategy
-    return max(int(config.data.num_clients * s.fraction_train), s.min_train_clients)
-
-
-def _check_strategy(config: Config) -> None:
-    s = config.strategy
-    if s.name in SGD_ONLY_STRATEGIES and config.client.optimizer != "sgd":
-        raise ConfigError(
-            f"client.optimizer = {config.client.optimizer!r} is not allowed with strategy.name "
-            f"= {s.name!r}: must be 'sgd' (its update rule assumes local SGD steps)"
-        )
-    sampled = clients_per_round(config)
-    if s.name in ("krum", "multikrum") and s.num_malicious >= sampled:
-        raise ConfigError(
-            f"strategy.num_malicious = {s.num_malicious} is not allowed: must be < the "
-            f"{sampled} clients sampled per round"
-        )
-    if s.name == "multikrum" and s.multikrum_select > sampled:
-        raise ConfigError(
-            f"strategy.multikrum_select = {s.multikrum_select} is not allowed: must be <= the "
-            f"{sampled} clients sampled per round (0 = {sampled} - num_malicious)"
-        )
 
 
 def _check_faults(config: Config) -> None:
     f, n = config.faults, config.data.num_clients
-    for key in ("scale_fraction", "nan_fraction", "wrong_shape_fraction", "straggler_fraction"):
-        fraction = getattr(f, key)
+    for name in ("scale_fraction", "nan_fraction", "wrong_shape_fraction", "straggler_fraction"):
+        fraction = getattr(f, name)
         if 0 < fraction * n < 0.5:  # rounds to no client at all
             raise ConfigError(
-                f"faults.{key} = {fraction:g} is not allowed with data.num_clients = {n}: "
+                f"faults.{name} = {fraction:g} is not allowed with data.num_clients = {n}: "
                 f"must pick at least one client (>= {0.5 / n:g}) or be 0"
             )
-
-
-def check_privacy(config: Config) -> None:
-    """Privacy keys that only make sense together (data-dependent δ checks: task.py)."""
-    p = config.privacy
-    if p.mode == "none":
-        return
-    if p.target_epsilon and p.noise_multiplier:
-        raise ConfigError(
-            f"privacy.noise_multiplier = {p.noise_multiplier:g} is not allowed with "
-            f"privacy.target_epsilon = {p.target_epsilon:g}: set one of them (the other = 0)"
-        )
-    if not p.target_epsilon and not p.noise_multiplier:
-        raise ConfigError(
-            f"privacy.target_epsilon = 0 is not allowed with privacy.mode = {p.mode!r}: must "
-            "be > 0 (inf = no noise), or set privacy.noise_multiplier > 0"
-        )
-    if p.mode == "central" and p.delta >= 1 / config.data.num_clients:
-        raise ConfigError(
-            f"privacy.delta = {p.delta:g} is not allowed: must be < 1/data.num_clients = "
-            f"{1 / config.data.num_clients:g} (user-level DP protects each client)"
-        )
-    if p.mode == "central" and config.strategy.name != "fedavg":
-        raise ConfigError(
-            f"strategy.name = {config.strategy.name!r} is not allowed with privacy.mode = "
-            "'central': must be 'fedavg' (DP-FedAvg replaces the aggregation)"
-        )
-    if p.mode == "local" and config.strategy.name in CLIENT_OBJECTIVE_STRATEGIES:
-        raise ConfigError(
-            f"strategy.name = {config.strategy.name!r} is not allowed with privacy.mode = "
-            "'local': must be one without a client-side objective (DP-SGD trains plain "
-            f"cross-entropy), not {', '.join(CLIENT_OBJECTIVE_STRATEGIES)}"
-        )
-    if p.mode == "local" and config.client.max_grad_norm:
-        raise ConfigError(
-            f"client.max_grad_norm = {config.client.max_grad_norm:g} is not allowed with "
-            "privacy.mode = 'local': must be 0 (privacy.max_grad_norm clips every example)"
-        )
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -678,10 +483,10 @@ def to_run_config(config: Config) -> dict[str, RunConfigValue]:
     """Flatten to Flower's run_config: "section.key" -> scalar (lists become "a,b")."""
     flat: dict[str, RunConfigValue] = {}
     for section_name, values in to_dict(config).items():
-        for key, value in values.items():
+        for name, value in values.items():
             if isinstance(value, list):
                 value = ",".join(str(v) for v in value)
-            flat[f"{section_name}.{key}"] = value
+            flat[f"{section_name}.{name}"] = value
     return flat
 
 
@@ -699,11 +504,14 @@ def from_run_config(run_config: Mapping[str, Any]) -> Config:
 
 
 def describe() -> list[tuple[str, Any, str]]:
-    """(key, default, help) for every key, for `fedtune config` and the docs."""
+    """(key, default, help) for every key, for `fedtune config` and the docs; a key that only
+    some table entries use says which."""
     rows = []
     defaults = to_dict(Config())
     for section_name, section_cls in SECTIONS.items():
         for f in dataclasses.fields(section_cls):
-            rows.append((f"{section_name}.{f.name}", defaults[section_name][f.name],
-                         f.metadata["help"]))
+            help_text = declared_key(f).help
+            if owners_of(f):
+                help_text += f" ({', '.join(owners_of(f))})"
+            rows.append((f"{section_name}.{f.name}", defaults[section_name][f.name], help_text))
     return rows

@@ -19,12 +19,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedtune.config import Config, ConfigError, RunConfigValue, from_run_config, to_toml
-from fedtune.data.encode import DenseFeatures, Encoded, hash_bag_of_words, input_dim, tokenize
+from fedtune.data.encode import Encoded
 from fedtune.data.federation import Federation, build_federation
 from fedtune.data.loaders import eval_loader, train_loader
-from fedtune.models.build import ModelSpec, build_model, model_spec
+from fedtune.models.build import ModelSpec, build_model, model_kind, model_spec
+from fedtune.protocol import MAX_ANY_EXAMPLES
+from fedtune.tables.privacy_modes import privacy_mode
 from fedtune.train import TrainSettings
-from fedtune.validation import MAX_ANY_EXAMPLES
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,16 +58,6 @@ def seed_torch(seed: int) -> None:
         torch.default_generator.manual_seed(seed)
 
 
-def encode_inputs(config: Config, federation: Federation) -> Encoded:
-    data = federation.data
-    if config.model.kind == "hf":
-        spec = model_spec(config.model, data.label_names, 0)
-        return tokenize(data, spec.path, config.model.max_length)
-    if data.is_text:
-        return hash_bag_of_words(data, config.model.num_features)
-    return DenseFeatures(data.features)
-
-
 def train_settings(config: Config) -> TrainSettings:
     c = config.client
     return TrainSettings(optimizer=c.optimizer, lr=c.lr, weight_decay=c.weight_decay,
@@ -83,6 +74,10 @@ class TaskResources:
     spec: ModelSpec
     device: torch.device
     _model: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def train_settings(self) -> TrainSettings:
+        return train_settings(self.config)
 
     @property
     def model(self) -> nn.Module:
@@ -157,13 +152,9 @@ def _resident(config_key: str, config: Config, data_path: str) -> TaskResources:
 
 def _build_resources(config: Config, data_path: str) -> TaskResources:
     federation = build_federation(config.data, config.run.seed, data_path)
-    if config.privacy.mode == "local":
-        from fedtune.privacy.local_dp import check_local_delta
-
-        check_local_delta(config, [len(rows) for rows in federation.client_train_rows])
-    encoded = encode_inputs(config, federation)
-    dim = 0 if config.model.kind == "hf" else input_dim(encoded)
-    spec = model_spec(config.model, federation.data.label_names, dim)
+    privacy_mode(config).check_data(config, [len(rows) for rows in federation.client_train_rows])
+    encoded = model_kind(config.model.kind).encode(config, federation.data)
+    spec = model_spec(config, federation.data.label_names, encoded)
     device = resolve_device(config.client.device)
     check_precision(config.client.precision, device)
     return TaskResources(config, federation, encoded, spec, device)

@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -14,7 +15,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedtune.data.encode import Batch
-from fedtune.objective import LocalObjective
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,13 @@ class TrainSettings:
     local_steps: int = 0
     max_grad_norm: float = 0.0
     precision: str = "fp32"  # fp32 | bf16 | fp16 autocast
+
+
+class GradientTerms(Protocol):
+    """Extra terms of a local objective whose gradients are added after ``backward``
+    (``fedtune.client.objective.LocalObjective``)."""
+
+    def adjust_gradients(self, model: nn.Module) -> None: ...
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,6 +54,22 @@ class EvalResult:
     macro_f1: float
     num_examples: int
     report: dict | None = None
+    truth: np.ndarray | None = None  # the labels and the predictions behind the scores
+    predicted: np.ndarray | None = None
+
+    def classification_report(self, label_names: tuple[str, ...]) -> dict | None:
+        """Per-class precision, recall and F1 (scikit-learn's report) of these predictions."""
+        if self.truth is None or self.predicted is None:
+            return None
+        return per_class_report(self.truth, self.predicted, label_names)
+
+
+def per_class_report(truth: np.ndarray, predicted: np.ndarray,
+                     label_names: tuple[str, ...]) -> dict:
+    return classification_report(
+        truth, predicted, labels=list(range(len(label_names))), target_names=list(label_names),
+        output_dict=True, zero_division=0,
+    )
 
 
 def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -86,7 +109,7 @@ def _batches(loader: DataLoader, settings: TrainSettings) -> Iterator[Batch]:
 
 def train_local(
     model: nn.Module, loader: DataLoader, settings: TrainSettings, device: torch.device,
-    objective: LocalObjective | None = None, optimizer: torch.optim.Optimizer | None = None,
+    objective: GradientTerms | None = None, optimizer: torch.optim.Optimizer | None = None,
     loss_fn: nn.Module | None = None,
 ) -> TrainResult:
     """Train in place; returns the mean training loss over the examples seen.
@@ -148,16 +171,12 @@ def evaluate(
     if not truth:
         return EvalResult(math.nan, math.nan, math.nan, 0)
     y_true, y_pred = np.concatenate(truth), np.concatenate(predicted)
-    report = None
-    if label_names is not None:
-        report = classification_report(
-            y_true, y_pred, labels=list(range(len(label_names))), target_names=list(label_names),
-            output_dict=True, zero_division=0,
-        )
     return EvalResult(
         loss=total_loss / len(y_true),
         accuracy=float((y_true == y_pred).mean()),
         macro_f1=float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
         num_examples=len(y_true),
-        report=report,
+        report=None if label_names is None else per_class_report(y_true, y_pred, label_names),
+        truth=y_true,
+        predicted=y_pred,
     )

@@ -14,7 +14,7 @@ import time
 from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
-from fedtune.client_app import app as fedtune_app
+from fedtune.client.app import app as fedtune_app
 
 RAISES, DIES, STALLS = 1, 2, 3
 STALL_S = 600

@@ -9,7 +9,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from fedtune.client_app import app as client_app
+from fedtune.client.app import app as client_app
 from fedtune.engine.inprocess import InProcessGrid
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from fedtune.config import ConfigError, DataSection
+from fedtune.data.files import load_party_file
 from fedtune.data.partition import (
     check_partition,
     partition_dirichlet,
@@ -23,7 +24,6 @@ from fedtune.data.partition import (
     partition_quantity_skew,
     partition_shards,
 )
-from fedtune.data.files import load_party_file
 from fedtune.data.sources import LabelledData, load_dataset
 
 # Independent seed streams per random stage, so changing one stage leaves the others alone.

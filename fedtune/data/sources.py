@@ -17,14 +17,14 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
+from fedtune.tables.datasets import DATASETS
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per dataset
@@ -141,14 +141,7 @@ def load_digits() -> LabelledData:
     )
 
 
-LOADERS: dict[str, Callable[[], LabelledData]] = {
-    "rotten_tomatoes": load_rotten_tomatoes,
-    "bbc_news": load_bbc_news,
-    "digits": load_digits,
-}
-
-
 @lru_cache(maxsize=4)
 def load_dataset(name: str) -> LabelledData:
-    """Load (once per process) one of the offline datasets by name."""
-    return LOADERS[name]()
+    """Load (once per process) one of the offline datasets by name (``DATASETS``)."""
+    return DATASETS[name].load()()

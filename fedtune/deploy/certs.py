@@ -114,7 +114,7 @@ def write_credentials(folder: Path, hosts: list[str], num_supernodes: int) -> Cr
     if not hosts:
         raise ValueError("at least one host name or IP address is needed for the certificate")
     folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)  # tolerate clock skew
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate clock skew
     ca_key, ca_cert = make_ca(now)
     server_key, server_cert = make_server_cert(ca_key, ca_cert, hosts, now)
     pem = serialization.Encoding.PEM

@@ -14,8 +14,8 @@ from logging import WARNING
 from pathlib import Path
 
 import tomli_w
-from flwr.common import log
 from flwr.app import Context, RecordDict
+from flwr.common import log
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
 from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
 from flwr.simulation.run_simulation import _run_simulation
@@ -24,9 +24,12 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
-from fedtune.client_app import app as client_app
+from fedtune.client.app import app as client_app
 from fedtune.config import Config, to_run_config
-from fedtune.server_app import Reporter, make_server_app
+from fedtune.results.run_dir import RunDirectory
+from fedtune.server.app import make_server_app
+from fedtune.server.exchange import RunStopped
+from fedtune.server.reporting import Reporter
 
 
 def backend_config(config: Config) -> dict:
@@ -84,14 +87,22 @@ def run_flower_simulation(config: Config, reporter: Reporter | None = None,
     return requested
 
 
+def run_flower(config: Config, reporter: Reporter | None = None,
+               stop: threading.Event | None = None) -> RunDirectory:
+    """The ``flower`` runtime: Flower's own Ray simulation (see ``run_flower_simulation``)."""
+    if run_flower_simulation(config, reporter, stop):  # the ServerApp thread ended on stop
+        raise RunStopped("stopped by request")
+    return RunDirectory(Path(config.run.dir))
+
+
 def app_declaration(run_config: dict) -> dict:
     """A minimal Flower app pyproject declaring ``run_config`` as the app's config."""
     return {
         "project": {"name": "fedtune-run", "version": "1.0.0"},
         "tool": {"flwr": {"app": {
             "publisher": "fedtune",
-            "components": {"serverapp": "fedtune.server_app:app",
-                           "clientapp": "fedtune.client_app:app"},
+            "components": {"serverapp": "fedtune.server.app:app",
+                           "clientapp": "fedtune.client.app:app"},
             "config": run_config,
         }}},
     }

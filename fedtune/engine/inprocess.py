@@ -8,6 +8,7 @@ pulled, so a caller polling ``pull_messages`` sees clients finish one by one.
 
 from __future__ import annotations
 
+import threading
 import traceback
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,11 +16,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtune.checkpoint import state_from_bytes, state_to_bytes
+from fedtune.client.app import app as fedtune_client_app
+from fedtune.config import Config, to_run_config
+from fedtune.protocol import NUM_PARTITIONS, PARTITION_ID
+from fedtune.results.run_dir import RunDirectory
+from fedtune.server.app import run_federated
+from fedtune.server.checkpoint import state_from_bytes, state_to_bytes
+from fedtune.server.grid import SimulatedGrid
+from fedtune.server.reporting import Reporter
 
 NODE_ID_OFFSET = 1000  # node ids below this are Flower's own (0: none, 1: SuperLink)
 
@@ -37,7 +44,7 @@ def client_contexts(run_id: int, num_clients: int,
         NODE_ID_OFFSET + client_id: Context(
             run_id=run_id,
             node_id=NODE_ID_OFFSET + client_id,
-            node_config={"partition-id": client_id, "num-partitions": num_clients,
+            node_config={PARTITION_ID: client_id, NUM_PARTITIONS: num_clients,
                          **extra[client_id]},
             state=RecordDict(),
             run_config=dict(run_config),
@@ -60,23 +67,6 @@ def error_reply(message: Message, error: BaseException) -> Message:
                    reply_to=message)
 
 
-class SimulatedGrid(Grid):
-    """What every simulated Grid shares: its run, and messages made here (no SuperLink)."""
-
-    _run: Run
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-
 class InProcessGrid(SimulatedGrid):
     """A Grid whose nodes are ClientApp calls in this process."""
 
@@ -87,7 +77,7 @@ class InProcessGrid(SimulatedGrid):
         self._run = Run.create_empty(run_id)
         act_as_server(run_id)
         self.contexts = client_contexts(run_id, num_clients, run_config, node_configs)
-        self.node_to_client = {node: ctx.node_config["partition-id"]
+        self.node_to_client = {node: int(ctx.node_config[PARTITION_ID])
                                for node, ctx in self.contexts.items()}
         self._queued: dict[str, Message] = {}
         self._touched: set[int] = set()  # nodes that handled a message since the last capture
@@ -121,6 +111,10 @@ class InProcessGrid(SimulatedGrid):
             return [reply]
         return []
 
+    def discard(self, message_ids: Iterable[str]) -> None:
+        for message_id in message_ids:
+            self._queued.pop(message_id, None)
+
     def changed_client_states(self) -> dict[int, bytes]:
         """Serialised Context.state of each client that handled a message since the last call
         (keyed by partition id), for checkpoints."""
@@ -142,3 +136,10 @@ class InProcessGrid(SimulatedGrid):
         while batch := list(self.pull_messages(ids)):
             replies.extend(batch)
         return replies
+
+
+def run_inprocess(config: Config, reporter: Reporter | None = None,
+                  stop: threading.Event | None = None) -> RunDirectory:
+    """The ``inprocess`` runtime: every client in this process, one after another (no Ray)."""
+    grid = InProcessGrid(fedtune_client_app, to_run_config(config), config.data.num_clients)
+    return run_federated(grid, config, reporter, stop)

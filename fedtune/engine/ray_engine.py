@@ -9,12 +9,13 @@ from contextlib import contextmanager
 import ray
 from flwr.clientapp import ClientApp
 
-from fedtune.client_app import app as fedtune_client_app
+from fedtune.client.app import app as fedtune_client_app
 from fedtune.config import Config, to_run_config
 from fedtune.engine.ray_grid import RayGrid
 from fedtune.engine.ray_pool import ActorFactory, pool_size, ray_session, start_actors
 from fedtune.results.run_dir import RunDirectory
-from fedtune.server_app import Reporter, run_federated
+from fedtune.server.app import run_federated
+from fedtune.server.reporting import Reporter
 
 RAY_RUN_ID = 1
 
@@ -42,7 +43,7 @@ def ray_engine_grid(config: Config,
 def run_ray_engine(config: Config, reporter: Reporter | None = None,
                    stop: threading.Event | None = None,
                    client_app: ClientApp = fedtune_client_app) -> RunDirectory:
-    """Run every round with the clients served by a pool of long-lived Ray actors (``stop``:
-    see ``fedtune.engine.launch.launch``)."""
+    """The ``ray`` runtime: every round with the clients served by a pool of long-lived Ray
+    actors (``stop``: see ``fedtune.engine.launch.launch``)."""
     with ray_engine_grid(config, client_app) as grid:
         return run_federated(grid, config, reporter, stop)

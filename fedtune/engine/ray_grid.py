@@ -32,7 +32,7 @@ actor that cannot start retires its slot; with no actor left every queued messag
 the server never waits for nothing.
 
 Push-down (``fold_train``): training updates are folded into per-actor partial sums
-(``fedtune.engine.fold``). An actor's folded replies are held until its partial sum is in and
+(``fedtune.server.folded``). An actor's folded replies are held until its partial sum is in and
 released together, the last one carrying the sum; if the actor dies first, they run again.
 """
 
@@ -50,11 +50,13 @@ from flwr.app import ArrayRecord, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.run import Run
 
-from fedtune.checkpoint import state_from_bytes, state_to_bytes
-from fedtune.engine.fold import attach_sum
-from fedtune.engine.inprocess import NODE_ID_OFFSET, SimulatedGrid, act_as_server, error_reply
+from fedtune.engine.inprocess import NODE_ID_OFFSET, act_as_server, error_reply
 from fedtune.engine.ray_pool import ActorFactory, stop_actors
 from fedtune.engine.ray_worker import ClientOutcome, ClientTask, PartialSum
+from fedtune.protocol import NUM_PARTITIONS, PARTITION_ID
+from fedtune.server.checkpoint import state_from_bytes, state_to_bytes
+from fedtune.server.folded import attach_sum
+from fedtune.server.grid import SimulatedGrid
 
 BATCH_S = 0.05  # client work per Ray call, once the time of a task is known
 MAX_BATCH = 64
@@ -210,8 +212,8 @@ class RayGrid(SimulatedGrid):
         return ClientTask(
             metadata=message.metadata, content=rest, arrays=arrays,
             order=tuple(message.content.keys()),
-            node_config={"partition-id": self.node_to_client[node],
-                         "num-partitions": self._num_clients},
+            node_config={PARTITION_ID: self.node_to_client[node],
+                         NUM_PARTITIONS: self._num_clients},
             state=self.states.get(node), fold=fold,
         )
 

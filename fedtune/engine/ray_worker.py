@@ -22,11 +22,14 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.app.metadata import Metadata
 from flwr.clientapp import ClientApp
 
+from fedtune import protocol
 from fedtune.config import RunConfigValue
-from fedtune.engine.fold import WEIGHT_KEY, WeightedSum, strip_arrays
 from fedtune.engine.inprocess import error_reply
+from fedtune.protocol import MAX_ANY_EXAMPLES
+from fedtune.server.folded import WeightedSum, strip_arrays
+from fedtune.server.screening import check_train_reply
+from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import limit_threads, run_config_resources
-from fedtune.validation import MAX_ANY_EXAMPLES, check_train_reply
 
 ARRAYS_KEPT = 4  # distinct pushed ArrayRecords an actor keeps decoded (train + evaluate, twice)
 
@@ -78,6 +81,7 @@ class ClientWorker:
         self.arrays: OrderedDict[ray.ObjectRef, ArrayRecord] = OrderedDict()
         self.sums: dict[str, PartialSum] = {}
         self.max_examples = MAX_ANY_EXAMPLES  # what a folded reply may claim (set by ready)
+        self.answers: dict[str, str] = {}  # reply records answering a sent one (set by ready)
 
     def ready(self) -> str:
         """Load data and model once; return the Ray node this actor runs on."""
@@ -85,6 +89,7 @@ class ClientWorker:
         resources = run_config_resources(self.run_config)
         _ = resources.model
         self.max_examples = resources.max_train_examples()
+        self.answers = dict(STRATEGIES[resources.config.strategy.name].answers)
         # torch's optimizers import torch._dynamo on first use, which takes seconds: pay for it
         # while starting, not inside the first client's task (and its timeout)
         importlib.import_module("torch._dynamo")
@@ -103,7 +108,8 @@ class ClientWorker:
         try:
             reply = self.client_app(message, context)
             folded = (bool(task.fold) and not reply.has_error()
-                      and check_train_reply(message, reply, self.max_examples) is None)
+                      and check_train_reply(message, reply, self.max_examples,
+                                            self.answers) is None)
             if folded:
                 self._fold(task, reply)
         except Exception as error:  # noqa: BLE001 - a client's failure is its reply
@@ -117,8 +123,7 @@ class ClientWorker:
         return self.sums.pop(fold, PartialSum(WeightedSum(), []))
 
     def _fold(self, task: ClientTask, reply: Message) -> None:
-        metrics = next(iter(reply.content.metric_records.values()))
-        weight = float(metrics[WEIGHT_KEY])
+        weight = float(protocol.metric(reply, protocol.NUM_EXAMPLES))
         partial = self.sums.setdefault(task.fold, PartialSum(WeightedSum(), []))
         partial.total.add(strip_arrays(reply), weight)
         partial.message_ids.append(task.metadata.message_id)

@@ -1,31 +1,29 @@
-"""Build the configured model, exchange its weights as arrays, save and reload it.
+"""The model of a run: its spec, building it, saving and reloading it.
 
-``shared_state`` holds what travels between server and clients: the trainable parameters and
-the declared shared buffers (``fedtune.models.transfer.travelling_names``). With full
-fine-tuning that is every parameter; frozen, top-k and LoRA modes narrow it to what trains.
+What differs between model kinds (how inputs are encoded, how the module is built, what a
+saved folder holds besides the weights) is the kind's implementation, found through
+``fedtune.tables.model_kinds.MODEL_KINDS``; this module is the same for every kind. What travels
+between server and clients is ``fedtune.models.weights``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedtune.config import ModelSection, lora_target_names
-from fedtune.models.hf import (
-    classifier_from_config,
-    load_hf_classifier,
-    resolve_model_path,
-    uses_mean_pooling,
-)
-from fedtune.models.mlp import MLP
-from fedtune.models.transfer import TransferSpec, apply_transfer, plain_model, travelling_names
+from fedtune.models.transfer import TransferSpec, plain_model
+from fedtune.tables.model_kinds import MODEL_KINDS
+
+if TYPE_CHECKING:
+    from fedtune.config import Config
+    from fedtune.data.encode import Encoded
+    from fedtune.data.sources import LabelledData
 
 SAVED_META = "fedtune_model.json"
 SAVED_WEIGHTS = "model.safetensors"
@@ -48,98 +46,64 @@ class ModelSpec:
     transfer: TransferSpec = TransferSpec()  # how it trains; saved weights are always plain
 
 
-def transfer_spec(cfg: ModelSection) -> TransferSpec:
-    return TransferSpec(mode=cfg.transfer, top_k_layers=cfg.top_k_layers, lora_r=cfg.lora_r,
-                        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        lora_targets=lora_target_names(cfg.lora_targets))
+class ModelKind(Protocol):
+    """What a model kind implements (the ``implementation`` of its ``MODEL_KINDS`` entry)."""
+
+    def encode(self, config: Config, data: LabelledData) -> Encoded:
+        """The model inputs of every example (token ids, features), once per process."""
+
+    def spec(self, config: Config, label_names: tuple[str, ...], encoded: Encoded
+             ) -> ModelSpec:
+        """The concrete spec (defaults resolved) of the configured model."""
+
+    def build(self, spec: ModelSpec) -> nn.Module:
+        """A freshly initialised model, ready for its transfer mode (seeded by the caller)."""
+
+    def rebuild(self, folder: Path, spec: ModelSpec) -> nn.Module:
+        """The architecture of a saved model, from its folder alone (weights loaded after)."""
+
+    def save_files(self, spec: ModelSpec, folder: Path) -> None:
+        """What a saved model needs besides weights and spec (configs, tokenizer)."""
 
 
-def model_spec(cfg: ModelSection, label_names: tuple[str, ...], input_dim: int) -> ModelSpec:
-    """Resolve defaults (model path, pooling) into a concrete spec."""
-    if cfg.kind == "mlp":
-        return ModelSpec(kind="mlp", num_labels=len(label_names), label_names=label_names,
-                         dropout=cfg.dropout, input_dim=input_dim,
-                         hidden_sizes=tuple(cfg.hidden_sizes), num_features=cfg.num_features,
-                         transfer=transfer_spec(cfg))
-    path = resolve_model_path(cfg.path)
-    pooling = cfg.pooling
-    if pooling == "auto":
-        pooling = "mean" if uses_mean_pooling(path) else "cls"
-    return ModelSpec(kind="hf", num_labels=len(label_names), label_names=label_names, path=path,
-                     pooling=pooling, dropout=cfg.dropout, max_length=cfg.max_length,
-                     transfer=transfer_spec(cfg))
+def model_kind(kind: str) -> ModelKind:
+    return MODEL_KINDS[kind].load()()
+
+
+def model_spec(config: Config, label_names: tuple[str, ...], encoded: Encoded | None
+               ) -> ModelSpec:
+    """The spec of the configured model for these labels and inputs (``encoded``: what the
+    kind's ``encode`` made; Hugging Face models do not need it)."""
+    return model_kind(config.model.kind).spec(config, label_names, encoded)
 
 
 def build_model(spec: ModelSpec, seed: int) -> nn.Module:
-    """The model, ready for its transfer mode: pretrained weights (hf, unless scratch), random
-    weights from ``seed`` for the rest, frozen or LoRA-wrapped as ``spec.transfer`` says."""
+    """The model, ready for its transfer mode: pretrained weights where its kind has them,
+    random weights from ``seed`` for the rest."""
     torch.manual_seed(seed)
-    if spec.kind == "mlp":
-        return MLP(spec.input_dim, spec.hidden_sizes, spec.num_labels, spec.dropout)
-    model = load_hf_classifier(spec.path, spec.num_labels, spec.pooling, spec.dropout,
-                               pretrained=spec.transfer.pretrained)
-    return apply_transfer(model, spec.transfer)
-
-
-def _travelling_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    tensors = dict(model.named_parameters())
-    tensors.update(model.named_buffers())
-    return {name: tensors[name] for name in travelling_names(model)}
-
-
-def shared_state(model: nn.Module) -> dict[str, np.ndarray]:
-    """The tensors that travel (``travelling_names``), as CPU numpy arrays (copies)."""
-    return {name: t.detach().cpu().numpy().copy()
-            for name, t in _travelling_tensors(model).items()}
-
-
-def load_shared_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
-    """Overwrite the travelling tensors in place; names and shapes must match exactly."""
-    own = _travelling_tensors(model)
-    missing = sorted(set(own) - set(arrays))
-    unexpected = sorted(set(arrays) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"weights do not match the model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    with torch.no_grad():
-        for name, tensor in own.items():
-            value = torch.from_numpy(np.asarray(arrays[name]))
-            if value.shape != tensor.shape:
-                raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(tensor.shape)}")
-            tensor.copy_(value)
+    return model_kind(spec.kind).build(spec)
 
 
 def save_model(model: nn.Module, spec: ModelSpec, folder: Path) -> None:
-    """Weights as safetensors + the spec; for hf also the encoder config and tokenizer.
-
-    A LoRA model is saved merged, so ``load_saved_model`` gives a plain model."""
+    """Weights as safetensors + the spec + the kind's files (for hf the encoder config and
+    tokenizer). A LoRA model is saved merged, so ``load_saved_model`` gives a plain model."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in plain_model(model).state_dict().items()}
     save_file(state, str(folder / SAVED_WEIGHTS))
     (folder / SAVED_META).write_text(json.dumps(asdict(spec), indent=2))
-    if spec.kind == "hf":
-        from transformers import AutoConfig, AutoTokenizer
-
-        AutoConfig.from_pretrained(spec.path).save_pretrained(str(folder))
-        AutoTokenizer.from_pretrained(spec.path).save_pretrained(str(folder))
+    model_kind(spec.kind).save_files(spec, folder)
 
 
 def load_saved_model(folder: str | Path) -> tuple[nn.Module, ModelSpec]:
     """Rebuild a model saved by ``save_model`` (no pretrained download, no original folder)."""
     folder = Path(folder)
-    raw = json.loads((folder / SAVED_META).read_text())
+    raw: dict[str, Any] = json.loads((folder / SAVED_META).read_text())
     raw["label_names"] = tuple(raw["label_names"])
     raw["hidden_sizes"] = tuple(raw["hidden_sizes"])
     transfer = raw.get("transfer", {})
     raw["transfer"] = TransferSpec(**{**transfer, "lora_targets": tuple(
         transfer.get("lora_targets", TransferSpec.lora_targets))})
     spec = ModelSpec(**raw)
-    if spec.kind == "mlp":
-        model: nn.Module = MLP(spec.input_dim, spec.hidden_sizes, spec.num_labels, spec.dropout)
-    else:
-        from transformers import AutoConfig
-
-        model = classifier_from_config(AutoConfig.from_pretrained(str(folder)), spec.num_labels,
-                                       spec.pooling, spec.dropout)
+    model = model_kind(spec.kind).rebuild(folder, spec)
     model.load_state_dict(load_file(str(folder / SAVED_WEIGHTS)))
     return model.eval(), spec

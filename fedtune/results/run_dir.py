@@ -16,7 +16,7 @@ import csv
 import json
 import math
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def utc_stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def default_run_path(config: Config) -> Path:
@@ -148,6 +148,13 @@ class RunDirectory:
             partial.unlink(missing_ok=True)
             _append(partial, columns, kept)
             partial.replace(path)
+        lines = self.strategy_metrics_jsonl
+        if lines.exists():
+            kept_lines = [line for line in lines.read_text(encoding="utf-8").splitlines()
+                          if line and json.loads(line)["round"] <= server_round]
+            partial = lines.with_suffix(".tmp")
+            partial.write_text("".join(line + "\n" for line in kept_lines), encoding="utf-8")
+            partial.replace(lines)
 
     @property
     def metrics_csv(self) -> Path:
@@ -165,9 +172,21 @@ class RunDirectory:
     def plots_dir(self) -> Path:
         return self.path / "plots"
 
-    def append_round(self, row: RoundRow, clients: list[ClientRow]) -> None:
+    @property
+    def strategy_metrics_jsonl(self) -> Path:
+        return self.path / "strategy_metrics.jsonl"
+
+    def append_round(self, row: RoundRow, clients: list[ClientRow],
+                     strategy_metrics: dict[str, Any] | None = None) -> None:
+        """The round's clients.csv rows, its metrics.csv row, and (when the strategy
+        aggregated any) a strategy_metrics.jsonl line: ``{"round": r, "train": {...}}``."""
         _append(self.clients_csv, CLIENT_COLUMNS, [asdict(c) for c in clients])
         _append(self.metrics_csv, METRICS_COLUMNS, [asdict(row)])
+        if strategy_metrics:
+            line = json.dumps(json_safe({"round": row.round, "train": strategy_metrics}),
+                              default=_json_default)
+            with self.strategy_metrics_jsonl.open("a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
 
     def write_partitions(self, histogram: np.ndarray, label_names: tuple[str, ...]) -> None:
         """partitions.csv: examples per client and label."""
@@ -191,6 +210,20 @@ class RunDirectory:
 
     def clients(self) -> list[dict[str, str]]:
         return read_csv(self.clients_csv)
+
+
+def json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity: NaN becomes null, ±inf the string "inf"/"-inf"; nested
+    structures are cleaned too."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"  # float("inf") reads it back
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:

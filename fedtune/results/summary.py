@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from fedtune.config import Config
 from fedtune.faults import FaultPlan
-from fedtune.results.run_dir import RunDirectory
-from fedtune.strategy_factory import strategy_hyperparameters
+from fedtune.results.run_dir import RunDirectory, json_safe
 from fedtune.task import TaskResources
 from fedtune.train import EvalResult
 
@@ -19,35 +17,11 @@ def _number(text: str) -> float | None:
     return float(text) if text not in ("", None) else None
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: NaN becomes null, ±inf the string "inf"/"-inf"; nested
-    structures are cleaned too."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"  # float("inf") reads it back
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
-def privacy_summary(config: Config, rows: list[dict[str, str]]) -> dict[str, Any]:
-    """mode, ε spent (central: the run's; local: the largest client's), δ, accountant."""
-    p = config.privacy
-    if p.mode == "none":
-        return {"mode": "none", "epsilon": None, "delta": None, "accountant": None}
-    column = "epsilon" if p.mode == "central" else "max_client_epsilon"
-    spent = [_number(r[column]) for r in rows if _number(r[column]) is not None]
-    return {"mode": p.mode, "epsilon": spent[-1] if spent else 0.0, "delta": p.delta,
-            "accountant": p.accountant, "target_epsilon": p.target_epsilon or None,
-            "noise_multiplier": p.noise_multiplier or None}
-
-
 def build_summary(config: Config, resources: TaskResources, run_dir: RunDirectory,
-                  final_eval: EvalResult | None, total_s: float,
-                  stop_reason: str = "") -> dict[str, Any]:
+                  final_eval: EvalResult, total_s: float, stop_reason: str,
+                  **sections: dict[str, Any]) -> dict[str, Any]:
+    """summary.json: final and best metrics, the dataset, bytes, time, faults and the given
+    ``sections`` (the strategy, privacy and runtime parts the server knows)."""
     rows = run_dir.metrics()
     federation = resources.federation
     test_labels = federation.data.labels[federation.test_rows]
@@ -79,13 +53,12 @@ def build_summary(config: Config, resources: TaskResources, run_dir: RunDirector
             "federated_eval_accuracy": _number(final.get("federated_eval_accuracy", "")),
         },
         "best": {"eval_accuracy": best_accuracy, "round": best_round},
-        "classification_report": final_eval.report if final_eval else None,
+        "classification_report": final_eval.classification_report(federation.data.label_names),
         "total_bytes_up": int(sum(int(r["bytes_up"]) for r in rows)),
         "total_bytes_down": int(sum(int(r["bytes_down"]) for r in rows)),
         "total_time_s": total_s,
-        "strategy": {"name": config.strategy.name, **strategy_hyperparameters(config)},
         "faults": FaultPlan.from_config(config).describe(),
-        "privacy": privacy_summary(config, rows),
+        **sections,
         "stop_reason": stop_reason,
     }
-    return _finite(summary)
+    return json_safe(summary)

@@ -1,0 +1,44 @@
+"""The weights that travel between server and clients, as named numpy arrays.
+
+``shared_state`` holds what travels: the trainable parameters and the declared shared buffers
+(``fedtune.models.transfer.travelling_names``). With full fine-tuning that is every parameter;
+frozen, top-k and LoRA modes narrow it to what trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedtune.models.transfer import travelling_names
+
+
+def _travelling_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    return {name: tensors[name] for name in travelling_names(model)}
+
+
+def shared_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """The tensors that travel (``travelling_names``), as CPU numpy arrays (copies)."""
+    return {name: t.detach().cpu().numpy().copy()
+            for name, t in _travelling_tensors(model).items()}
+
+
+def load_shared_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Overwrite the travelling tensors in place; names and shapes must match exactly."""
+    own = _travelling_tensors(model)
+    missing = sorted(set(own) - set(arrays))
+    unexpected = sorted(set(arrays) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            value = torch.from_numpy(np.asarray(arrays[name]))
+            if value.shape != tensor.shape:
+                raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(tensor.shape)}")
+            tensor.copy_(value)

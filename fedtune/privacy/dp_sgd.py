@@ -1,0 +1,197 @@
+"""DP-SGD on one client (Abadi et al. 2016) with Opacus' PrivacyEngine: the Opacus side of
+``privacy.mode = "local"`` (``fedtune.privacy.local``).
+
+Every step draws a Poisson sample of the client's examples (Opacus' DPDataLoader), clips each
+example's gradient to ``max_grad_norm`` and adds Gaussian noise of ``noise_multiplier`` times
+that bound. Per-example norms come from ghost clipping (Li et al. 2022; Opacus
+``grad_sample_mode="ghost"``, no per-example gradients are stored) or from per-example
+gradients (``"hooks"``). Only parameters with ``requires_grad`` are trained and privatised, so
+frozen encoders and LoRA adapters work as they are.
+
+The accountant's history is handed in and handed back: the caller keeps it (a Flower client in
+its ``Context.state``), so ε accumulates over every round the client trains. Before a round the
+client computes how many steps its budget still allows and trains at most that many.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedtune.data.encode import Batch, Encoded
+from fedtune.data.loaders import RowDataset
+from fedtune.privacy.accounting import (
+    HistoryEntry,
+    compose,
+    epsilon,
+    noise_for_target,
+    steps_within_budget,
+    total_steps,
+)
+from fedtune.train import TrainResult, TrainSettings, make_optimizer, train_local
+
+
+@dataclass(frozen=True)
+class LocalDPSettings:
+    """One client's DP-SGD parameters (``local_dp_settings`` reads them from the config)."""
+
+    delta: float
+    max_grad_norm: float
+    accountant: str
+    grad_sample_mode: str = "auto"
+    target_epsilon: float = 0.0  # 0 = no target: noise_multiplier is given
+    noise_multiplier: float = 0.0
+    planned_rounds: int = 1  # rounds the noise is planned for (when derived from the target)
+
+
+@dataclass(frozen=True)
+class PrivateTrainResult:
+    train: TrainResult
+    history: list[HistoryEntry]
+    epsilon: float
+    noise_multiplier: float
+    sample_rate: float
+    stopped: str  # why training stopped early ("" when every planned step ran)
+
+
+class PoissonRows(RowDataset):
+    """Row numbers as 1-tuples (Opacus' DPDataLoader reads an item's structure).
+
+    For transformers, batches also carry per-example contiguous ``position_ids`` (and
+    ``token_type_ids``) when the model takes them: a shared (1, L) buffer has no per-example
+    gradient and an expanded view breaks ghost clipping's embedding norms.
+    """
+
+    def __init__(self, encoded: Encoded, labels: np.ndarray, rows: np.ndarray,
+                 position_inputs: frozenset[str] = frozenset()) -> None:
+        super().__init__(encoded, labels, rows)
+        self.position_inputs = position_inputs
+
+    def __getitem__(self, position: int) -> tuple[int]:  # type: ignore[override]
+        return (int(self.rows[position]),)
+
+    def collate(self, items: list[tuple[int]]) -> Batch:  # type: ignore[override]
+        """A batch; an empty Poisson sample gives tensors with 0 rows."""
+        inputs, labels = super().collate([row for (row,) in items])
+        if "input_ids" in inputs:
+            batch, width = inputs["input_ids"].shape
+            if "position_ids" in self.position_inputs:
+                inputs["position_ids"] = torch.arange(width).repeat(batch, 1)
+            if "token_type_ids" in self.position_inputs:
+                inputs["token_type_ids"] = torch.zeros(batch, width, dtype=torch.long)
+        return inputs, labels
+
+
+def poisson_loader(encoded: Encoded, labels: np.ndarray, rows: np.ndarray, batch_size: int,
+                   seed: int, model: nn.Module) -> DPDataLoader:
+    """Opacus' Poisson-sampling loader: each example joins each batch with probability
+    1/ceil(n/batch_size), so batches hold ``batch_size`` examples on average."""
+    accepted = _encoder_accepts(model) & {"position_ids", "token_type_ids"}
+    dataset = PoissonRows(encoded, labels, rows, frozenset(accepted))
+    plain = DataLoader(dataset, batch_size=min(batch_size, len(dataset)),
+                       collate_fn=dataset.collate,
+                       generator=torch.Generator().manual_seed(seed))
+    loader = DPDataLoader.from_data_loader(plain)
+    loader.collate_fn = dataset.collate  # ours builds empty batches from the first one too
+    return loader
+
+
+def accounted_sample_rate(loader: DataLoader) -> float:
+    """The rate Opacus' accountant records for one step over ``loader`` (1 / its length),
+    never below the loader's true Poisson rate."""
+    return 1.0 / len(loader)
+
+
+def ties_parameters(model: nn.Module) -> bool:
+    """True if one parameter object appears under two names (ghost clipping forbids it)."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    return len(named) != len({id(p) for _, p in named})
+
+
+def resolve_grad_sample_mode(model: nn.Module, mode: str) -> str:
+    if mode == "auto":
+        return "hooks" if ties_parameters(model) else "ghost"
+    return mode
+
+
+def _encoder_accepts(model: nn.Module) -> set[str]:
+    """Keyword inputs the innermost transformers model accepts (empty for the MLP)."""
+    inner = getattr(model, "encoder", model)
+    if not hasattr(inner, "config"):
+        return set()
+    return set(inspect.signature(inner.forward).parameters)
+
+
+def steps_per_round(settings: TrainSettings, loader: DataLoader) -> int:
+    """local_steps, or local_epochs passes of ``len(loader)`` Poisson batches."""
+    return settings.local_steps or settings.local_epochs * len(loader)
+
+
+def client_noise(dp: LocalDPSettings, sample_rate: float, steps_each_round: int) -> float:
+    """The given noise multiplier, or the one that spends ``target_epsilon`` exactly over
+    ``planned_rounds`` rounds of ``steps_each_round`` steps."""
+    if dp.noise_multiplier:
+        return dp.noise_multiplier
+    return noise_for_target(dp.target_epsilon, dp.delta, sample_rate,
+                            dp.planned_rounds * steps_each_round, dp.accountant)
+
+
+def train_private(model: nn.Module, loader: DPDataLoader, settings: TrainSettings,
+                  dp: LocalDPSettings, history: Sequence[HistoryEntry],
+                  device: torch.device) -> PrivateTrainResult:
+    """DP-SGD on a copy of ``model`` (Opacus never touches it), whose trained weights are then
+    copied back, so ``model``'s names never carry Opacus' ``_module.`` prefix."""
+    sample_rate = accounted_sample_rate(loader)
+    wanted = steps_per_round(settings, loader)
+    noise = client_noise(dp, sample_rate, wanted)
+    allowed = wanted
+    if dp.target_epsilon:
+        allowed = steps_within_budget(history, noise, sample_rate, wanted, dp.target_epsilon,
+                                      dp.delta, dp.accountant)
+    spent_before = epsilon(history, dp.delta, dp.accountant)
+    stopped = ""
+    if allowed < wanted:
+        stopped = (f"privacy budget: trained {allowed} of {wanted} steps; one more step would "
+                   f"take epsilon from {_eps_text(history, noise, sample_rate, allowed, dp)} "
+                   f"above target_epsilon {dp.target_epsilon:g} (after {total_steps(history)} "
+                   f"earlier steps, epsilon {spent_before:.4g})")
+    if allowed == 0:
+        return PrivateTrainResult(TrainResult(math.nan, 0, 0, 0.0), list(history), spent_before,
+                                  noise, sample_rate, stopped)
+
+    private = copy.deepcopy(model).to(device).train()
+    optimizer = make_optimizer([p for p in private.parameters() if p.requires_grad], settings)
+    engine = PrivacyEngine(accountant=dp.accountant)
+    engine.accountant.history = list(history)
+    mode = resolve_grad_sample_mode(private, dp.grad_sample_mode)
+    wrapped = engine.make_private(
+        module=private, optimizer=optimizer, data_loader=loader, criterion=nn.CrossEntropyLoss(),
+        noise_multiplier=noise, max_grad_norm=dp.max_grad_norm, poisson_sampling=False,
+        grad_sample_mode=mode,
+    )
+    dp_model, dp_optimizer = wrapped[0], wrapped[1]
+    criterion = wrapped[2] if mode == "ghost" else None
+    result = train_local(dp_model, wrapped[-1], replace(settings, local_steps=allowed),
+                         device, optimizer=dp_optimizer, loss_fn=criterion)
+    with torch.no_grad():
+        model.load_state_dict(private.state_dict())
+    new_history = [(float(n), float(q), int(s)) for n, q, s in engine.accountant.history]
+    return PrivateTrainResult(result, new_history, epsilon(new_history, dp.delta, dp.accountant),
+                              noise, sample_rate, stopped)
+
+
+def _eps_text(history: Sequence[HistoryEntry], noise: float, rate: float, steps: int,
+              dp: LocalDPSettings) -> str:
+    now = epsilon(compose(history, noise, rate, steps), dp.delta, dp.accountant)
+    after = epsilon(compose(history, noise, rate, steps + 1), dp.delta, dp.accountant)
+    return f"{now:.4g} to {after:.4g}"

@@ -1,0 +1,94 @@
+"""The interface every privacy mode implements (``fedtune.tables.privacy_modes.PRIVACY_MODES``).
+
+A mode has two sides. Before the run and on the server: ``plan`` (fixed once, before any
+worker starts: σ), ``check_data``, ``strategy`` (how it wraps or replaces the aggregation)
+and ``server`` (its state during the run: stop rule, metrics.csv columns, summary.json part,
+checkpointed with the run). On each client: ``train`` (how local training runs under it).
+The base classes are the mode without privacy; a mode overrides what it changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fedtune.train import GradientTerms, TrainResult, train_local
+
+if TYPE_CHECKING:
+    from flwr.app import Message, RecordDict
+    from flwr.serverapp.strategy import Strategy
+
+    from fedtune.config import Config
+    from fedtune.results.run_dir import ClientRow
+    from fedtune.task import TaskResources
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What a mode fixed before the run started (summary.json records it)."""
+
+    noise_multiplier: float | None = None  # σ of the run's mechanism (None: none, or per client)
+    sample_rate: float | None = None  # q of the run's mechanism
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """One client's local training under a privacy mode."""
+
+    result: TrainResult
+    metrics: dict[str, float] = field(default_factory=dict)  # extra reply metrics
+    status: str | None = None  # the reply's STATUS reason ("" = ran in full); None = no record
+
+
+class PrivacyServer:
+    """The server's side of a mode during one run; its attributes go into checkpoints."""
+
+    # a client may answer "no update: my privacy budget is spent" (a reply without arrays)
+    accepts_declines = False
+    # the mechanism releases a (noised) model every round, even from no sound update
+    releases_empty_rounds = False
+
+    def stop_before(self, server_round: int) -> str:
+        """Why ``server_round`` must not run ("" = it may)."""
+        return ""
+
+    def record_round(self, rows: Sequence[ClientRow], replies: Sequence[Message]) -> None:
+        """Account for a finished round (its client rows and accepted train replies)."""
+
+    def columns(self) -> dict[str, float | None]:
+        """This mode's values of metrics.csv's privacy columns after the latest round."""
+        return {"epsilon": None, "max_client_epsilon": None}
+
+    def summary(self, config: Config, plan: PrivacyPlan) -> dict[str, Any]:
+        """summary.json's "privacy" part."""
+        return {"mode": config.privacy.mode, "epsilon": None, "delta": None, "accountant": None}
+
+
+class PrivacyMode:
+    """A privacy mode (the base class is the mode without privacy)."""
+
+    def plan(self, config: Config) -> PrivacyPlan:
+        """Fix what the whole run uses (σ); raise ConfigError for settings that cannot work."""
+        return PrivacyPlan()
+
+    def check_data(self, config: Config, client_sizes: Sequence[int]) -> None:
+        """Checks that need the clients' training-set sizes (empty: the server does not know
+        them, as with per-party files)."""
+
+    def strategy(self, config: Config, plan: PrivacyPlan, evaluate_args: dict[str, Any]
+                 ) -> Strategy | None:
+        """A strategy that replaces the configured one (None: keep it)."""
+        return None
+
+    def server(self, config: Config, plan: PrivacyPlan) -> PrivacyServer:
+        return PrivacyServer()
+
+    def train(self, resources: TaskResources, shard: int, seed: int, state: RecordDict,
+              objective: GradientTerms | None) -> LocalTraining:
+        """Train the resident model on client ``shard``'s training split; ``state`` is the
+        client's Context.state, ``objective`` its strategy's extra terms."""
+        result = train_local(resources.model, resources.client_train_loader(shard, seed),
+                             resources.train_settings, resources.device, objective)
+        return LocalTraining(result)

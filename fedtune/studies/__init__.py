@@ -1,0 +1,1 @@
+"""Studies: grids of runs (sweeps), their tables and curves."""

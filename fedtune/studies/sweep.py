@@ -1,0 +1,316 @@
+"""Grids of runs: expand, run what is not finished yet, collect one row per run, summarise.
+
+A sweep file is an ordinary config file plus a ``[sweep]`` table::
+
+    [sweep]
+    name = "privacy-utility"
+    output_dir = "sweeps"            # the sweep directory is <output_dir>/<name>
+    metric = "eval_accuracy"         # a final metric of summary.json to tabulate
+
+    [sweep.grid]                      # every combination of these values is one run
+    "privacy.mode" = ["local", "central"]
+    "run.seed" = [0, 1, 2]
+
+A grid key may name several config keys joined by commas; its values are then lists that set
+them together (one axis, not a product): ``"model.transfer,client.lr" = [["full", 1e-4],
+["lora", 1e-3]]``. ``columns = ["eval_macro_f1", "total_bytes", ...]`` adds result columns to
+the table (mean over seeds); ``bytes_curves = true`` asks for a plot of every run's accuracy against
+the round and against the bytes sent so far.
+
+A grid key without a dot names *variants*: its values are tables of keys set together, each
+with a ``name`` (e.g. a model with its own learning rate)::
+
+    model = [{ name = "minilm", "model.kind" = "hf", "client.lr" = 5e-4 },
+             { name = "mlp", "model.kind" = "mlp", "client.lr" = 0.05 }]
+
+``[sweep.reference]`` sets keys for reference runs (e.g. ``"privacy.mode" = "none"``): one per
+combination of the grid keys it does not set, other than ``x``, whose column stays empty. The
+plot draws them as horizontal lines.
+
+Each run gets its own run directory ``<sweep dir>/runs/<slug>``. A run whose summary.json says
+``finished`` and whose config.toml is the run's config is skipped, so a sweep stopped with
+Ctrl-C continues where it was; an unfinished run directory, or one made with other settings (the
+sweep file changed since), is started again from scratch. ``results.csv`` has one row per run (grid values,
+final metrics); ``table.csv`` / ``table.md`` give mean ± std of the metric over ``run.seed`` for
+every other combination. Optional ``[sweep]`` keys, each naming a grid key: ``x`` and ``series``
+(final metric against ``x``, ``plot.png``), ``rows`` (``table_wide.md``: one row per value of
+that key, one column per combination of the other keys) and ``curves`` (``curves.png``: the
+metric against the round, mean ± std band over seeds, one line per value of that key, one panel
+per combination of the other keys).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import re
+import shutil
+import tomllib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import Config, ConfigError, from_dict, parse_override, read_toml, toml_value
+
+SEED_KEY = "run.seed"
+FINAL_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "train_loss",
+                 "federated_eval_accuracy")
+TOTALS = ("best_eval_accuracy", "epsilon", "total_bytes", "total_bytes_up", "total_time_s")
+GRID_KEY_OPTIONS = ("x", "series", "rows", "curves")  # [sweep] keys whose value is a grid key
+
+
+@dataclass
+class SweepSpec:
+    """A base config, the grid over some of its keys, and where the sweep lives."""
+
+    name: str
+    output_dir: str
+    metric: str
+    base: dict[str, dict[str, Any]]
+    grid: dict[str, list[Any]]
+    extra: dict[str, Any] = field(default_factory=dict)  # other [sweep] keys, for callers
+    reference: dict[str, Any] = field(default_factory=dict)  # keys of the reference runs
+    selection: dict[str, list[Any]] = field(default_factory=dict)  # --grid: what may run
+
+    def selects(self, run: SweepRun) -> bool:
+        return all(run.values.get(k) in allowed for k, allowed in self.selection.items())
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One point of the grid."""
+
+    values: dict[str, Any]
+    config: Config
+    slug: str
+
+
+def _check_key(key: str) -> tuple[str, str]:
+    if key.count(".") != 1:
+        raise ConfigError(f"sweep.grid key {key!r} is not allowed: must be section.key")
+    section, name = key.split(".")
+    return section, name
+
+
+def _axis_keys(key: str) -> list[str]:
+    """The names one grid axis contributes to a run's values: its config key, the keys of a
+    linked axis ("a.b,c.d"), or the axis name of a variant axis (no dot)."""
+    if "." not in key:
+        return [key]
+    keys = [part.strip() for part in key.split(",")]
+    for part in keys:
+        _check_key(part)
+    return keys
+
+
+def grid_keys(spec: SweepSpec) -> list[str]:
+    """Every name the grid sets in a run's values, in order."""
+    return [key for axis in spec.grid for key in _axis_keys(axis)]
+
+
+def parse_selection(texts: Iterable[str], grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """``--grid key=[values]``: run only these values of a grid key (variants by name)."""
+    selection: dict[str, list[Any]] = {}
+    for text in texts:
+        key, _, raw = text.partition("=")
+        key = key.strip()
+        if key not in grid:
+            raise ConfigError(f"--grid {text!r} is not allowed: the key must be one of "
+                              + ", ".join(grid))
+        value = toml_value(raw)
+        selection[key] = value if isinstance(value, list) else [value]
+    return selection
+
+
+def load_sweep(path: str | Path, overrides: Iterable[str] = (),
+               selection: Iterable[str] = ()) -> SweepSpec:
+    """Read a sweep file; ``--set`` overrides change the base config (not the grid), ``--grid``
+    ``selection`` limits what runs (finished runs outside it still fill the tables)."""
+    file = Path(path)
+    raw = read_toml(file, "sweep file")
+    sweep = raw.pop("sweep", None)
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("grid"), dict) or not sweep["grid"]:
+        raise ConfigError(f"sweep file {str(path)!r} needs a [sweep.grid] table with at least "
+                          "one key, e.g. \"run.seed\" = [0, 1, 2]")
+    grid = dict(sweep.pop("grid"))
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep.grid.{key} = {values!r} is not allowed: must be a "
+                              "non-empty list of values")
+        width = len(_axis_keys(key))
+        if "." not in key:
+            if not all(isinstance(v, dict) and "name" in v for v in values):
+                raise ConfigError(f"sweep.grid.{key} is not allowed: a key without a dot must "
+                                  "list variants, tables with a name and section.key entries")
+        elif width > 1 and not all(isinstance(v, list) and len(v) == width for v in values):
+            raise ConfigError(f"sweep.grid.\"{key}\" = {values!r} is not allowed: must be a "
+                              f"list of lists of {width} values, one per key")
+    reference = dict(sweep.pop("reference", {}))
+    for key in reference:
+        _check_key(key)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    for option in GRID_KEY_OPTIONS:
+        if option in sweep and sweep[option] not in grid:
+            raise ConfigError(f"sweep.{option} = {sweep[option]!r} is not allowed: must be one "
+                              "of the grid keys " + ", ".join(repr(k) for k in grid))
+    if not isinstance(sweep.get("bytes_curves", False), bool):
+        raise ConfigError(f"sweep.bytes_curves = {sweep['bytes_curves']!r} is not allowed: must "
+                          "be true or false")
+    metric = sweep.pop("metric", "eval_accuracy")
+    if metric not in FINAL_METRICS:
+        raise ConfigError(f"sweep.metric = {metric!r} is not allowed: must be one of "
+                          + ", ".join(repr(m) for m in FINAL_METRICS))
+    columns = sweep.get("columns", [])
+    if not isinstance(columns, list) or not set(columns) <= set(FINAL_METRICS + TOTALS):
+        raise ConfigError(f"sweep.columns = {columns!r} is not allowed: must be a list of "
+                          + ", ".join(repr(c) for c in FINAL_METRICS + TOTALS))
+    spec = SweepSpec(name=str(sweep.pop("name", file.stem)),
+                     output_dir=str(sweep.pop("output_dir", "sweeps")),
+                     metric=metric, base=raw, grid=grid, extra=sweep, reference=reference,
+                     selection=parse_selection(selection, grid))
+    expand(spec)  # every combination must be a valid config before anything runs
+    expand_reference(spec)
+    return spec
+
+
+def _slug(values: dict[str, Any]) -> str:
+    parts = []
+    for key, value in values.items():
+        text = json.dumps(value) if isinstance(value, (list, bool)) else str(value)
+        parts.append(f"{key.split('.')[-1]}={text}")
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", "_".join(parts))
+
+
+def _overrides(axis: str, value: Any) -> dict[str, Any]:
+    """The config keys one grid value sets: the key itself, a variant's entries, or the keys
+    of a linked axis."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "name"}
+    keys = _axis_keys(axis)
+    return dict(zip(keys, value, strict=True)) if len(keys) > 1 else {axis: value}
+
+
+def _labels(axis: str, value: Any) -> dict[str, Any]:
+    """What a run's values record for one grid value (a variant by its name)."""
+    if isinstance(value, dict):
+        return {axis: value["name"]}
+    return _overrides(axis, value)
+
+
+def _build(spec: SweepSpec, overrides: dict[str, Any], values: dict[str, Any],
+           slug: str) -> SweepRun:
+    raw = {section: dict(table) for section, table in spec.base.items()}
+    for key, value in overrides.items():
+        section, name = _check_key(key)
+        raw.setdefault(section, {})[name] = value
+    try:
+        config = from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"sweep point {values}: {err}") from None
+    config.run.dir = str(spec.directory / "runs" / slug)
+    return SweepRun(values, config, slug)
+
+
+def _combinations(spec: SweepSpec, axes: list[str]
+                  ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(config overrides, recorded values) of every combination of the ``axes``' values."""
+    for combination in itertools.product(*(spec.grid[axis] for axis in axes)):
+        overrides: dict[str, Any] = {}
+        values: dict[str, Any] = {}
+        for axis, value in zip(axes, combination, strict=True):
+            overrides.update(_overrides(axis, value))
+            values.update(_labels(axis, value))
+        yield overrides, values
+
+
+def expand(spec: SweepSpec) -> list[SweepRun]:
+    """Every combination of the grid values, as validated configs."""
+    return [_build(spec, overrides, values, _slug(values))
+            for overrides, values in _combinations(spec, list(spec.grid))]
+
+
+def expand_reference(spec: SweepSpec) -> list[SweepRun]:
+    """One reference run per combination of the grid keys neither ``x`` nor the reference
+    sets; ``x`` stays empty (None) in its row."""
+    if not spec.reference:
+        return []
+    x_key = spec.extra.get("x")
+    kept = [k for k in spec.grid if k != x_key and k not in spec.reference]
+    runs = []
+    for overrides, labels in _combinations(spec, kept):
+        overrides.update(spec.reference)
+        values = {k: labels.get(k, spec.reference.get(k)) for k in grid_keys(spec)}
+        runs.append(_build(spec, overrides, values, "reference_" + _slug(labels)))
+    return runs
+
+
+def is_finished(run_dir: Path, config: Config) -> bool:
+    """True when the run finished with this config (a changed sweep file reruns it). The saved
+    config is read with today's defaults, so a key added since with a default does not count."""
+    summary, saved = run_dir / "summary.json", run_dir / "config.toml"
+    if not summary.is_file() or not saved.is_file():
+        return False
+    if from_dict(tomllib.loads(saved.read_text(encoding="utf-8"))) != config:
+        return False
+    return json.loads(summary.read_text()).get("status") == "finished"
+
+
+def result_row(run: SweepRun) -> dict[str, Any]:
+    """Grid values and final metrics of a finished run."""
+    summary = json.loads((Path(run.config.run.dir) / "summary.json").read_text())
+    row: dict[str, Any] = dict(run.values)
+    for name in FINAL_METRICS:
+        row[name] = summary["final"].get(name)
+    row["best_eval_accuracy"] = summary["best"]["eval_accuracy"]
+    spent = summary["privacy"].get("epsilon")
+    row["epsilon"] = None if spent is None else float(spent)  # "inf" in JSON
+    row["total_bytes"] = summary["total_bytes_up"] + summary["total_bytes_down"]
+    row["total_bytes_up"] = summary["total_bytes_up"]
+    row["total_time_s"] = summary["total_time_s"]
+    row["run_dir"] = run.config.run.dir
+    return row
+
+
+def run_sweep(spec: SweepSpec, run_one: Callable[[Config], Any],
+              on_run: Callable[[int, int, SweepRun, str], None] | None = None
+              ) -> list[dict[str, Any]]:
+    """Run every unfinished point with ``run_one``; returns one result row per point."""
+    spec.directory.mkdir(parents=True, exist_ok=True)
+    runs = expand_reference(spec) + expand(spec)
+    rows = []
+    for index, run in enumerate(runs, start=1):
+        run_dir = Path(run.config.run.dir)
+        if is_finished(run_dir, run.config):
+            status = "skipped (finished before)"
+        elif not spec.selects(run):
+            continue
+        else:
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # an interrupted or changed run starts again
+            run_one(run.config)
+            status = "done"
+        rows.append(result_row(run))
+        write_results(spec, rows)
+        if on_run is not None:
+            on_run(index, len(runs), run, status)
+    return rows
+
+
+def write_results(spec: SweepSpec, rows: list[dict[str, Any]]) -> Path:
+    path = spec.directory / "results.csv"
+    columns = list(rows[0]) if rows else []
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, list) else v
+                             for k, v in row.items()})
+    return path

@@ -1,0 +1,170 @@
+"""The tables and curves of a sweep, from its runs' results (``fedtune.studies.sweep``).
+
+``table.csv`` / ``table.md``: mean ± std of the sweep's metric over ``run.seed`` for every
+other combination of grid values; ``table_wide.md``: one row per value of one grid key, one
+column per combination of the others; round curves (mean ± std band over seeds) and each run's
+accuracy against the round and the bytes sent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedtune.results.run_dir import read_csv
+from fedtune.studies.sweep import SEED_KEY, SweepSpec, expand, grid_keys, is_finished
+
+
+def group_rows(rows: list[dict[str, Any]], keys: list[str], metric: str
+               ) -> list[dict[str, Any]]:
+    """Mean, std and count of ``metric`` for every combination of ``keys`` (seeds pooled)."""
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        key = tuple(json.dumps(row[k]) for k in keys)
+        value = row.get(metric)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            groups.setdefault(key, []).append(float(value))
+        else:
+            groups.setdefault(key, [])
+    table = []
+    for key, values in groups.items():
+        entry = {k: json.loads(v) for k, v in zip(keys, key, strict=True)}
+        entry["mean"] = float(np.mean(values)) if values else None
+        entry["std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        entry["n"] = len(values)
+        table.append(entry)
+    return table
+
+
+def write_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """table.csv and table.md: mean ± std of the metric over seeds, per other grid values,
+    then the mean of each of ``sweep.columns``, and the mean ε spent where runs were private."""
+    keys = [k for k in grid_keys(spec) if k != SEED_KEY]
+    table = group_rows(rows, keys, spec.metric)
+    columns = list(spec.extra.get("columns", []))
+    for column in columns:
+        means = group_rows(rows, keys, column)
+        for entry, extra in zip(table, means, strict=True):
+            entry[column] = extra["mean"]
+    if any(row.get("epsilon") is not None for row in rows):
+        for entry, spent in zip(table, group_rows(rows, keys, "epsilon"), strict=True):
+            entry["epsilon_spent"] = spent["mean"]
+        columns.append("epsilon_spent")
+    with (spec.directory / "table.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*keys, "mean", "std", "n", *columns])
+        writer.writeheader()
+        writer.writerows(table)
+    (spec.directory / "table.md").write_text(markdown_table(table, keys, spec.metric, columns),
+                                             encoding="utf-8")
+    return table
+
+
+def _cell(column: str, value: Any) -> str:
+    """Bytes in MB, seconds whole, ε with three digits, scores with four decimals."""
+    if value is None:
+        return "-"
+    if "bytes" in column:
+        return f"{value / 1e6:,.2f}"
+    if column.endswith("_s"):
+        return f"{value:.0f}"
+    if column == "epsilon_spent":
+        return f"{value:.3g}"
+    return f"{value:.4f}"
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def markdown_table(table: list[dict[str, Any]], keys: list[str], metric: str,
+                   columns: Sequence[str] = ()) -> str:
+    titles = [f"{c} (MB)" if "bytes" in c else "ε spent" if c == "epsilon_spent" else c
+              for c in columns]
+    header = [*keys, f"{metric} (mean ± std)", "runs", *titles]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in table:
+        cells = [_text(entry[k]) for k in keys]
+        score = "-" if entry["mean"] is None else f"{entry['mean']:.4f} ± {entry['std']:.4f}"
+        extra = [_cell(c, entry[c]) for c in columns]
+        lines.append("| " + " | ".join([*cells, score, str(entry["n"]), *extra]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_curves(spec: SweepSpec) -> list[tuple[str, list[dict[str, str]]]]:
+    """(label, metrics.csv rows) of every finished run, labelled by its grid values (the seed
+    only when the grid has several)."""
+    several_seeds = len(spec.grid.get(SEED_KEY, [])) > 1
+    curves = []
+    for run in expand(spec):
+        if not is_finished(Path(run.config.run.dir), run.config):
+            continue
+        with (Path(run.config.run.dir) / "metrics.csv").open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in run.values.items()
+                         if k != SEED_KEY or several_seeds)
+        curves.append((label, rows))
+    return curves
+
+
+def _other_keys(spec: SweepSpec, *exclude: str) -> list[str]:
+    return [k for k in spec.grid if k != SEED_KEY and k not in exclude]
+
+
+def pivot_markdown(table: list[dict[str, Any]], row_key: str, column_keys: list[str],
+                   metric: str) -> str:
+    """Mean ± std of ``metric``: one row per value of ``row_key``, one column per combination
+    of ``column_keys``."""
+    def column_of(entry: dict[str, Any]) -> str:
+        return ", ".join(f"{k.split('.')[-1]}={entry[k]}" for k in column_keys) or metric
+
+    columns = list(dict.fromkeys(column_of(e) for e in table))
+    row_values = list(dict.fromkeys(json.dumps(e[row_key]) for e in table))
+    cells = {(json.dumps(e[row_key]), column_of(e)): e for e in table}
+    lines = [f"| {row_key} | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for value in row_values:
+        texts = []
+        for column in columns:
+            entry = cells.get((value, column))
+            texts.append("-" if entry is None or entry["mean"] is None
+                         else f"{entry['mean']:.3f} ± {entry['std']:.3f}")
+        lines.append(f"| {json.loads(value)} | " + " | ".join(texts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_pivot(spec: SweepSpec, table: list[dict[str, Any]], row_key: str) -> Path:
+    path = spec.directory / "table_wide.md"
+    path.write_text(pivot_markdown(table, row_key, _other_keys(spec, row_key), spec.metric),
+                    encoding="utf-8")
+    return path
+
+
+def round_curves(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-round mean and std of the metric over seeds (from each run's metrics.csv), for every
+    combination of the other grid keys."""
+    keys = _other_keys(spec)
+    groups: dict[str, list[list[float]]] = {}
+    for row in rows:
+        metrics = read_csv(Path(row["run_dir"]) / "metrics.csv")
+        values = [float(r[spec.metric]) if r.get(spec.metric) else math.nan for r in metrics]
+        groups.setdefault(json.dumps([row[k] for k in keys]), []).append(values)
+    curves = []
+    for key, runs in groups.items():
+        stacked = np.array(runs, dtype=float)  # runs of one group have the same rounds
+        mean = np.nanmean(stacked, axis=0)
+        spread = (np.nanstd(stacked, axis=0, ddof=1) if len(runs) > 1
+                  else np.zeros(stacked.shape[1]))
+        entry = dict(zip(keys, json.loads(key), strict=True))
+        entry.update(rounds=list(range(1, stacked.shape[1] + 1)), mean=mean.tolist(),
+                     std=spread.tolist(), n=len(runs))
+        curves.append(entry)
+    return curves

@@ -1,0 +1,120 @@
+"""Extension tables: the one place each kind of extension is declared.
+
+fedtune has five extension points, each a dict from a name to an entry:
+
+- dataset (``data.dataset``): ``fedtune.tables.datasets.DATASETS``
+- strategy (``strategy.name``): ``fedtune.tables.strategies.STRATEGIES``
+- model kind (``model.kind``): ``fedtune.tables.model_kinds.MODEL_KINDS``
+- privacy mode (``privacy.mode``): ``fedtune.tables.privacy_modes.PRIVACY_MODES``
+- runtime (``engine.backend``): ``fedtune.tables.runtimes.RUNTIMES``
+
+An entry is light: it declares the config keys it owns (``Key``), its traits and its config
+checks, and names its implementation as ``"module:attribute"``, imported the first time it is
+used (the pattern of Flower's ``components`` and of Python entry points). The config is built
+from the tables - the allowed names, the keys of each section, the checks - without importing
+torch, Flower or Ray, so a mistake in a config is reported before any of them loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Key:
+    """How one config key is declared: its default, its help line and its allowed values.
+
+    ``kind`` is the value's type; it defaults to the type of ``default`` (a list default must
+    say ``list[int]`` or ``list[str]``).
+    """
+
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    kind: Any = None
+
+    @property
+    def type(self) -> Any:
+        if self.kind is not None:
+            return self.kind
+        if isinstance(self.default, list):
+            raise TypeError(f"Key({self.default!r}, ...) needs kind=list[int] or list[str]")
+        return type(self.default)
+
+
+def key_field(declared: Key, owners: tuple[str, ...] = ()) -> Any:
+    """A dataclass field for ``declared``; ``owners`` are the table entries that use it
+    (empty: the key applies whatever the section's choice is)."""
+    meta = {"key": declared, "owners": owners}
+    if isinstance(declared.default, list):
+        default = list(declared.default)
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=declared.default, metadata=meta)
+
+
+def key(default: Any, help: str, **allowed: Any) -> Any:
+    """A field of a fixed config section: ``key(0.5, "Dirichlet alpha", gt=0)``."""
+    return key_field(Key(default, help, **allowed))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What every table entry has: a help line, the config keys it owns, its implementation."""
+
+    help: str
+    keys: Mapping[str, Key] = field(default_factory=dict)
+    implementation: str = ""  # "module:attribute", imported by ``load``
+
+    def load(self) -> Any:
+        """The implementation this entry names (imported now if it was not yet)."""
+        return import_object(self.implementation)
+
+
+def import_object(path: str) -> Any:
+    """``"package.module:attribute"`` -> the attribute."""
+    module, _, attribute = path.partition(":")
+    if not module or not attribute:
+        raise ValueError(f"{path!r} must look like 'package.module:attribute'")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def section_class(name: str, doc: str, common: Mapping[str, Key],
+                  table: Mapping[str, Entry]) -> type:
+    """A config section dataclass: the ``common`` keys, then every key the ``table``'s entries
+    own, in table order. An entry may share a key with another (the same ``Key``); the field's
+    help then names every entry that uses it."""
+    owned: dict[str, tuple[Key, list[str]]] = {}
+    for entry_name, entry in table.items():
+        for key_name, declared in entry.keys.items():
+            if key_name in common:
+                raise ValueError(f"[{name}] {key_name} is common and owned by {entry_name}")
+            if key_name in owned and owned[key_name][0] != declared:
+                raise ValueError(f"[{name}] {key_name}: {entry_name} declares it differently "
+                                 f"from {', '.join(owned[key_name][1])}")
+            owned.setdefault(key_name, (declared, []))[1].append(entry_name)
+    fields: list[tuple[str, Any, Any]] = [
+        (key_name, declared.type, key_field(declared)) for key_name, declared in common.items()]
+    for key_name, (declared, owners) in owned.items():
+        fields.append((key_name, declared.type, key_field(declared, tuple(owners))))
+    cls = dataclasses.make_dataclass(name, fields)
+    cls.__doc__ = doc
+    cls.__module__ = "fedtune.config"
+    return cls
+
+
+def declared_key(f: dataclasses.Field[Any]) -> Key:
+    """The ``Key`` behind a config section's field."""
+    return f.metadata["key"]
+
+
+def owners_of(f: dataclasses.Field[Any]) -> tuple[str, ...]:
+    """The table entries that use a field (empty: every one)."""
+    return f.metadata["owners"]

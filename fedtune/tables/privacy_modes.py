@@ -1,0 +1,134 @@
+"""Every privacy mode fedtune offers, one entry each (``privacy.mode``).
+
+An entry declares the ``[privacy]`` keys the mode owns and its config checks, and names its
+implementation, a ``fedtune.privacy.mode.PrivacyMode`` (``fedtune/privacy/<mode>.py``): the
+plan fixed before the run (σ), how it wraps the strategy, how a client trains under it, and the
+server's state during the run. Adding a mode: write that class and add one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedtune.errors import ConfigError
+from fedtune.tables import Entry, Key
+from fedtune.tables.strategies import STRATEGIES
+
+if TYPE_CHECKING:
+    from fedtune.config import Config
+    from fedtune.privacy.mode import PrivacyMode
+
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
+
+
+@dataclass(frozen=True)
+class PrivacyModeEntry(Entry):
+    spends_budget: bool = False  # reports ε every round (and plots it)
+    check: Callable[[Config], None] | None = None
+
+
+def _check_budget(config: Config) -> None:
+    """Exactly one of target_epsilon and noise_multiplier (both DP modes)."""
+    p = config.privacy
+    if p.target_epsilon and p.noise_multiplier:
+        raise ConfigError(
+            f"privacy.noise_multiplier = {p.noise_multiplier:g} is not allowed with "
+            f"privacy.target_epsilon = {p.target_epsilon:g}: set one of them (the other = 0)"
+        )
+    if not p.target_epsilon and not p.noise_multiplier:
+        raise ConfigError(
+            f"privacy.target_epsilon = 0 is not allowed with privacy.mode = {p.mode!r}: must "
+            "be > 0 (inf = no noise), or set privacy.noise_multiplier > 0"
+        )
+
+
+def _check_local(config: Config) -> None:
+    _check_budget(config)
+    with_client_side = [name for name, entry in STRATEGIES.items() if entry.client]
+    if config.strategy.name in with_client_side:
+        raise ConfigError(
+            f"strategy.name = {config.strategy.name!r} is not allowed with privacy.mode = "
+            "'local': must be one without a client-side objective (DP-SGD trains plain "
+            f"cross-entropy), not {', '.join(with_client_side)}"
+        )
+    if config.client.max_grad_norm:
+        raise ConfigError(
+            f"client.max_grad_norm = {config.client.max_grad_norm:g} is not allowed with "
+            "privacy.mode = 'local': must be 0 (privacy.max_grad_norm clips every example)"
+        )
+
+
+def _check_central(config: Config) -> None:
+    _check_budget(config)
+    p = config.privacy
+    if p.delta >= 1 / config.data.num_clients:
+        raise ConfigError(
+            f"privacy.delta = {p.delta:g} is not allowed: must be < 1/data.num_clients = "
+            f"{1 / config.data.num_clients:g} (user-level DP protects each client)"
+        )
+    if config.strategy.name != "fedavg":
+        raise ConfigError(
+            f"strategy.name = {config.strategy.name!r} is not allowed with privacy.mode = "
+            "'central': must be 'fedavg' (DP-FedAvg replaces the aggregation)"
+        )
+
+
+TARGET_EPSILON = Key(0.0, "ε the run may spend (local: per client, central: for the run); inf "
+                          "= clip without noise; 0 = not set (then give noise_multiplier)", ge=0)
+DELTA = Key(1e-5, "δ of the (ε, δ) guarantee; must be < 1/N (local: N = examples of the "
+                  "smallest client, central: N = data.num_clients)", gt=0, lt=1)
+NOISE_MULTIPLIER = Key(0.0, "Gaussian noise std / clipping bound; 0 = derived from "
+                            "target_epsilon", ge=0)
+ACCOUNTANT = Key("rdp", "privacy accountant (opacus.accountants)", choices=ACCOUNTANTS)
+BUDGET_KEYS = {"target_epsilon": TARGET_EPSILON, "delta": DELTA,
+               "noise_multiplier": NOISE_MULTIPLIER, "accountant": ACCOUNTANT}
+
+PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
+    "none": PrivacyModeEntry("no privacy mechanism",
+                             implementation="fedtune.privacy.none:NoPrivacy"),
+    "local": PrivacyModeEntry(
+        "DP-SGD on every client (per example, Opacus)",
+        keys={**BUDGET_KEYS,
+              "max_grad_norm": Key(1.0, "clipping bound of every example's gradient", gt=0),
+              "grad_sample_mode": Key(
+                  "auto", "ghost = ghost clipping (no per-example gradients kept), hooks = "
+                          "per-example gradients; auto = ghost unless the model ties "
+                          "parameters", choices=GRAD_SAMPLE_MODES),
+              "client_rounds": Key(
+                  0, "rounds each client plans to train; its noise makes ε reach "
+                     "target_epsilon after client_rounds x its steps per round; 0 = "
+                     "run.rounds", ge=0)},
+        implementation="fedtune.privacy.local:LocalDP", spends_budget=True,
+        check=_check_local),
+    "central": PrivacyModeEntry(
+        "DP-FedAvg at the server (per client); each client is sampled with probability "
+        "strategy.fraction_train",
+        keys={**BUDGET_KEYS,
+              "clip_norm": Key(1.0, "clipping bound of every client's update (the starting "
+                                    "bound when adaptive)", gt=0),
+              "adaptive_clipping": Key(False, "move the bound towards a quantile of update "
+                                              "norms (Andrew et al. 2021)"),
+              "target_quantile": Key(0.5, "adaptive: share of updates left unclipped", gt=0,
+                                     lt=1),
+              "clip_lr": Key(0.2, "adaptive: geometric step size of the bound", gt=0),
+              "clipped_count_stddev": Key(0.0, "adaptive: noise std of the unclipped count; 0 "
+                                               "= expected cohort / 20", ge=0)},
+        implementation="fedtune.privacy.central:CentralDP", spends_budget=True,
+        check=_check_central),
+}
+
+
+def check_privacy(config: Config) -> None:
+    """The chosen mode's checks that involve other keys (data-dependent ones: the mode's
+    ``check_data``)."""
+    entry = PRIVACY_MODES[config.privacy.mode]
+    if entry.check is not None:
+        entry.check(config)
+
+
+def privacy_mode(config: Config) -> PrivacyMode:
+    """The chosen mode's implementation (``fedtune.privacy.mode.PrivacyMode``)."""
+    return PRIVACY_MODES[config.privacy.mode].load()()

@@ -1,0 +1,186 @@
+"""Every aggregation strategy fedtune offers, one entry each (``strategy.name``).
+
+An entry names the server-side Flower ``Strategy`` class (Flower's own, or one of
+``strategies/``, which depend on flwr and numpy only), the ``[strategy]`` keys it owns, how
+its constructor arguments come from the config, the client side it needs
+(``fedtune.client.algorithms``), the reply records that answer a record it sent, and its
+traits. Everything else is derived from this table: the allowed ``strategy.name`` values and
+the ``[strategy]`` keys (``fedtune config``), the config checks, building the strategy
+(``fedtune.server.strategies``), reply screening, and the client's local objective.
+
+Adding a strategy: write its class (``strategies/<name>.py``; its client side, if any, in
+``fedtune/client/algorithms.py``) and add one entry here. ``docs/architecture.md`` has the
+recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fedtune.errors import ConfigError
+from fedtune.tables import Entry, Key, import_object
+
+if TYPE_CHECKING:
+    from fedtune.config import Config
+
+
+def _no_arguments(config: Config) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class StrategyEntry(Entry):
+    """One strategy: ``implementation`` is its ``Strategy`` class ("module:Class")."""
+
+    arguments: Callable[[Config], dict[str, Any]] = _no_arguments  # constructor arguments
+    client: str = ""  # "module:Class" of its client side; "" = plain local training
+    answers: Mapping[str, str] = field(default_factory=dict)  # reply record -> sent record
+    sgd_only: bool = False  # its update rule assumes plain local SGD steps
+    weighted_mean: bool = False  # its aggregate is exactly the example-weighted mean of models
+    check: Callable[[Config], None] | None = None  # checks involving other keys
+
+    def load_client(self) -> Any:
+        """The client-side class this entry names."""
+        return import_object(self.client)
+
+
+def clients_per_round(config: Config) -> int:
+    """How many clients Flower's sampling picks for training each round."""
+    s = config.strategy
+    return max(int(config.data.num_clients * s.fraction_train), s.min_train_clients)
+
+
+def _check_krum(config: Config) -> None:
+    s, sampled = config.strategy, clients_per_round(config)
+    if s.num_malicious >= sampled:
+        raise ConfigError(
+            f"strategy.num_malicious = {s.num_malicious} is not allowed: must be < the "
+            f"{sampled} clients sampled per round"
+        )
+    if s.name == "multikrum" and s.multikrum_select > sampled:
+        raise ConfigError(
+            f"strategy.multikrum_select = {s.multikrum_select} is not allowed: must be <= the "
+            f"{sampled} clients sampled per round (0 = {sampled} - num_malicious)"
+        )
+
+
+def _fedopt(config: Config) -> dict[str, Any]:
+    s = config.strategy
+    # eta_l is the clients' learning rate; Flower's FedOpt only stores it
+    return {"eta": s.fedopt_eta, "eta_l": config.client.lr, "beta_1": s.fedopt_beta_1,
+            "beta_2": s.fedopt_beta_2, "tau": s.fedopt_tau}
+
+
+FLOWER = "flwr.serverapp.strategy:"
+CLIENTS = "fedtune.client.algorithms:"
+
+SERVER_LR = Key(1.0, "server learning rate", gt=0)
+FEDOPT_ETA = Key(0.01, "server learning rate eta (Reddi et al. 2021)", gt=0)
+FEDOPT_BETA_1 = Key(0.9, "first-moment decay", ge=0, lt=1)
+FEDOPT_BETA_2 = Key(0.99, "second-moment decay", ge=0, lt=1)
+FEDOPT_TAU = Key(1e-3, "adaptivity tau", gt=0)
+NUM_MALICIOUS = Key(0, "assumed Byzantine clients f per round", ge=0)
+FEDOPT_KEYS = {"fedopt_eta": FEDOPT_ETA, "fedopt_beta_1": FEDOPT_BETA_1,
+               "fedopt_beta_2": FEDOPT_BETA_2, "fedopt_tau": FEDOPT_TAU}
+
+STRATEGIES: dict[str, StrategyEntry] = {
+    "fedavg": StrategyEntry(
+        "FedAvg (McMahan et al. 2017): example-weighted mean of the client models",
+        implementation=FLOWER + "FedAvg", weighted_mean=True),
+    "fedprox": StrategyEntry(
+        "FedProx (Li et al. 2020): FedAvg with a proximal term in the clients' objective",
+        keys={"proximal_mu": Key(0.01, "proximal weight mu (Li et al. 2020 search 0.001-1)",
+                                 ge=0)},
+        implementation=FLOWER + "FedProx",
+        arguments=lambda c: {"proximal_mu": c.strategy.proximal_mu},
+        client=CLIENTS + "FedProxClient"),
+    "fedavgm": StrategyEntry(
+        "FedAvgM (Hsu et al. 2019): FedAvg with server momentum",
+        keys={"server_lr": SERVER_LR,
+              "server_momentum": Key(0.9, "server momentum (Hsu et al. 2019)", ge=0, lt=1)},
+        implementation=FLOWER + "FedAvgM",
+        arguments=lambda c: {"server_learning_rate": c.strategy.server_lr,
+                             "server_momentum": c.strategy.server_momentum}),
+    "fedadam": StrategyEntry("FedAdam (Reddi et al. 2021): Adam on the server",
+                             keys=FEDOPT_KEYS, implementation=FLOWER + "FedAdam",
+                             arguments=_fedopt),
+    "fedyogi": StrategyEntry("FedYogi (Reddi et al. 2021): Yogi on the server",
+                             keys=FEDOPT_KEYS, implementation=FLOWER + "FedYogi",
+                             arguments=_fedopt),
+    "fedadagrad": StrategyEntry(
+        "FedAdagrad (Reddi et al. 2021): Adagrad on the server",
+        keys={"fedopt_eta": FEDOPT_ETA, "fedopt_tau": FEDOPT_TAU},
+        implementation=FLOWER + "FedAdagrad",
+        arguments=lambda c: {"eta": c.strategy.fedopt_eta, "eta_l": c.client.lr,
+                             "tau": c.strategy.fedopt_tau}),
+    "fedtrimmedavg": StrategyEntry(
+        "trimmed mean per coordinate (Yin et al. 2018)",
+        keys={"trim_beta": Key(0.2, "fraction cut from each tail per coordinate", ge=0,
+                               lt=0.5)},
+        implementation=FLOWER + "FedTrimmedAvg",
+        arguments=lambda c: {"beta": c.strategy.trim_beta}),
+    "fedmedian": StrategyEntry("median per coordinate (Yin et al. 2018)",
+                               implementation=FLOWER + "FedMedian"),
+    "krum": StrategyEntry(
+        "Krum (Blanchard et al. 2017): the update closest to its neighbours",
+        keys={"num_malicious": NUM_MALICIOUS}, implementation=FLOWER + "Krum",
+        arguments=lambda c: {"num_malicious_nodes": c.strategy.num_malicious},
+        check=_check_krum),
+    "multikrum": StrategyEntry(
+        "Multi-Krum (Blanchard et al. 2017): the mean of the best Krum scores",
+        keys={"num_malicious": NUM_MALICIOUS,
+              "multikrum_select": Key(0, "updates Multi-Krum averages; 0 = clients per round "
+                                         "- num_malicious", ge=0)},
+        implementation=FLOWER + "MultiKrum",
+        arguments=lambda c: {
+            "num_malicious_nodes": c.strategy.num_malicious,
+            "num_nodes_to_select": (c.strategy.multikrum_select
+                                    or clients_per_round(c) - c.strategy.num_malicious)},
+        check=_check_krum),
+    "scaffold": StrategyEntry(
+        "SCAFFOLD (Karimireddy et al. 2020): control variates correct client drift",
+        keys={"server_lr": SERVER_LR}, implementation="strategies:Scaffold",
+        arguments=lambda c: {"server_lr": c.strategy.server_lr},
+        client=CLIENTS + "ScaffoldClient",
+        answers={"scaffold-control-delta": "scaffold-control"}, sgd_only=True),
+    "fednova": StrategyEntry(
+        "FedNova (Wang et al. 2020): updates normalised by local steps",
+        implementation="strategies:FedNova", client=CLIENTS + "FedNovaClient",
+        sgd_only=True),
+    "feddyn": StrategyEntry(
+        "FedDyn (Acar et al. 2021): dynamic regularisation of the local objective",
+        keys={"feddyn_alpha": Key(0.01, "dynamic regulariser weight alpha (Acar et al. "
+                                        "2021)", gt=0)},
+        implementation="strategies:FedDyn",
+        arguments=lambda c: {"alpha": c.strategy.feddyn_alpha},
+        client=CLIENTS + "FedDynClient"),
+    "rfa": StrategyEntry(
+        "RFA (Pillutla et al. 2022): geometric median of the client models",
+        keys={"rfa_iterations": Key(4, "smoothed Weiszfeld steps after the mean (Pillutla "
+                                       "et al. 2022)", ge=0),
+              "rfa_smoothing": Key(1e-6, "Weiszfeld smoothing nu", gt=0)},
+        implementation="strategies:RFA",
+        arguments=lambda c: {"iterations": c.strategy.rfa_iterations,
+                             "smoothing": c.strategy.rfa_smoothing}),
+}
+
+
+def check_strategy(config: Config) -> None:
+    """The chosen strategy's checks that involve other keys."""
+    entry = STRATEGIES[config.strategy.name]
+    if entry.sgd_only and config.client.optimizer != "sgd":
+        raise ConfigError(
+            f"client.optimizer = {config.client.optimizer!r} is not allowed with strategy.name "
+            f"= {config.strategy.name!r}: must be 'sgd' (its update rule assumes local SGD "
+            "steps)"
+        )
+    if entry.check is not None:
+        entry.check(config)
+
+
+def strategy_arguments(config: Config) -> dict[str, Any]:
+    """Constructor arguments of the chosen strategy taken from ``[strategy]`` (its own keys;
+    keys of other strategies are ignored, so one sweep file can set them all)."""
+    return STRATEGIES[config.strategy.name].arguments(config)

@@ -1,0 +1,112 @@
+"""The extension tables: the config is derived from them, and every entry's implementation loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+from fedtune.config import SECTIONS, ConfigError, describe, load_config
+from fedtune.server.grid import SimulatedGrid
+from fedtune.tables import Entry, Key, owners_of, section_class
+from fedtune.tables.datasets import DATASETS
+from fedtune.tables.model_kinds import MODEL_KINDS
+from fedtune.tables.privacy_modes import PRIVACY_MODES
+from fedtune.tables.runtimes import RUNTIMES
+from fedtune.tables.strategies import STRATEGIES
+from tests.conftest import REPO
+
+TABLES = {"model": ("kind", MODEL_KINDS), "strategy": ("name", STRATEGIES),
+          "privacy": ("mode", PRIVACY_MODES), "engine": ("backend", RUNTIMES)}
+
+
+@pytest.mark.parametrize("section", sorted(TABLES))
+def test_each_derived_section_offers_the_tables_names_and_owns_their_keys(section):
+    chooser, table = TABLES[section]
+    fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+    assert fields[chooser].metadata["key"].choices == tuple(table)
+    for name, entry in table.items():
+        for key in entry.keys:
+            assert name in owners_of(fields[key]), f"{section}.{key}"
+
+
+def test_a_key_shared_by_two_entries_names_both_in_its_help():
+    help_of = {key: text for key, _, text in describe()}
+    assert help_of["strategy.server_lr"].endswith("(fedavgm, scaffold)")
+    assert help_of["privacy.delta"].endswith("(local, central)")
+    assert "(" not in help_of["strategy.fraction_train"]  # common keys name no owner
+
+
+def test_section_class_merges_shared_keys_and_refuses_conflicting_ones():
+    lr = Key(1.0, "a rate", gt=0)
+    table = {"a": Entry("a", keys={"lr": lr, "depth": Key(2, "depth", ge=1)}),
+             "b": Entry("b", keys={"lr": lr})}
+    cls = section_class("Example", "an example", {"name": Key("a", "which")}, table)
+    assert [f.name for f in dataclasses.fields(cls)] == ["name", "lr", "depth"]
+    assert owners_of(dataclasses.fields(cls)[1]) == ("a", "b")
+    assert cls().depth == 2
+    clash = {"a": Entry("a", keys={"lr": lr}), "b": Entry("b", keys={"lr": Key(2.0, "x")})}
+    with pytest.raises(ValueError, match="lr: b declares it differently from a"):
+        section_class("Clash", "", {}, clash)
+    with pytest.raises(ValueError, match="name is common and owned by a"):
+        section_class("Clash", "", {"name": Key("a", "")}, {"a": Entry("a", keys={"name": lr})})
+
+
+def test_every_strategy_entry_names_a_strategy_class_and_its_client_side():
+    from flwr.serverapp.strategy import Strategy
+
+    from fedtune.client.algorithms import ClientSide
+
+    for name, entry in STRATEGIES.items():
+        assert issubclass(entry.load(), Strategy), name
+        if entry.client:
+            assert issubclass(entry.load_client(), ClientSide), name
+        arguments = entry.arguments(load_config(None, [f"strategy.name={name}",
+                                                       "client.optimizer=sgd"]))
+        accepted = inspect.signature(entry.load()).parameters
+        assert set(arguments) <= set(accepted), name
+
+
+def test_every_dataset_model_kind_privacy_mode_and_runtime_implementation_loads():
+    from fedtune.privacy.mode import PrivacyMode
+
+    for name, entry in DATASETS.items():  # files: each party loads its own
+        assert name == "files" or callable(entry.load()), name
+
+    for entry in MODEL_KINDS.values():
+        kind = entry.load()()
+        assert all(callable(getattr(kind, method)) for method in
+                   ("encode", "spec", "build", "rebuild", "save_files"))
+    for entry in PRIVACY_MODES.values():
+        assert isinstance(entry.load()(), PrivacyMode)
+    for name, entry in RUNTIMES.items():
+        launcher = entry.load()
+        assert list(inspect.signature(launcher).parameters)[:3] == ["config", "reporter", "stop"]
+
+
+def test_runtimes_that_promise_client_states_have_a_simulated_grid():
+    from fedtune.engine.inprocess import InProcessGrid
+    from fedtune.engine.ray_grid import RayGrid
+
+    grids = {"inprocess": InProcessGrid, "ray": RayGrid}
+    for name, entry in RUNTIMES.items():
+        assert entry.client_states == (name in grids)
+    assert all(issubclass(grid, SimulatedGrid) for grid in grids.values())
+
+
+def test_a_key_of_another_runtime_is_refused_and_names_its_owner():
+    with pytest.raises(ConfigError, match=r"engine.num_actors = 2 is not allowed with "
+                                          r"engine.backend = 'inprocess': must be 0 \(only ray "
+                                          r"has it\)"):
+        load_config(None, ["engine.backend=inprocess", "engine.num_actors=2"])
+
+
+def test_pyproject_flower_config_is_derived_from_the_tables():
+    """`scripts/sync_flwr_config.py` writes [tool.flwr.app.config] from the defaults (so from
+    the tables); the committed file is what it writes."""
+    out = subprocess.run([sys.executable, "scripts/sync_flwr_config.py", "--check"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr

@@ -1,0 +1,84 @@
+"""fedtune's fast engine: pool sizing, faults, per-client state, 10,000 clients."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedtune.config import ConfigError
+from fedtune.engine.ray_pool import pool_size
+from fedtune.server.app import run_federated
+from tests import faulty_client
+from tests.conftest import rows_of, tiny_config
+
+RAY = ["engine.backend=ray"]
+
+
+def test_pool_size_follows_the_cluster_and_the_config(tmp_path):
+    config = tiny_config(tmp_path, *RAY, "data.num_clients=20")
+    assert pool_size(config, {"CPU": 2.0}) == 2
+    assert pool_size(tiny_config(tmp_path, *RAY, "engine.client_cpus=0.5"), {"CPU": 2.0}) == 4
+    assert pool_size(config, {"CPU": 64.0}) == 20  # never more actors than clients
+    gpu = tiny_config(tmp_path, *RAY, "data.num_clients=20", "engine.client_gpus=0.25")
+    assert pool_size(gpu, {"CPU": 16.0, "GPU": 1.0}) == 4
+    assert pool_size(tiny_config(tmp_path, *RAY, "engine.num_actors=1"), {"CPU": 8.0}) == 1
+    with pytest.raises(ConfigError, match="engine.num_actors = 3 is not allowed here: the Ray "
+                                          "cluster has 2 CPUs and 0 GPUs, room for 2 actors"):
+        pool_size(tiny_config(tmp_path, *RAY, "engine.num_actors=3"), {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="room for 0 actors"):
+        pool_size(gpu, {"CPU": 16.0})
+
+
+@pytest.fixture(scope="module")
+def ray_two_cpus():
+    """One local Ray for this module's runs (the engine leaves a running session alone)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_faults_are_reported_the_run_finishes_and_state_survives(tmp_path, ray_two_cpus):
+    """A client that raises, one that kills its actor, one that stalls past
+    engine.client_timeout_s: each is reported in clients.csv, actors are replaced, the rounds
+    complete with the other clients; Context.state lives across rounds and dead actors."""
+    from fedtune.engine.ray_engine import ray_engine_grid
+
+    config = tiny_config(tmp_path, *RAY, "data.num_clients=8", "engine.client_timeout_s=10")
+    with ray_engine_grid(config, faulty_client.app) as grid:
+        run_dir = run_federated(grid, config).path
+        assert grid.restarts >= 2 and grid.actor_count == 2
+        trainings = {grid.node_to_client[node]: int(state[faulty_client.COUNTER]["count"])
+                     for node, state in grid.states.items()}
+    rows = {(int(r["round"]), int(r["client_id"])): r for r in rows_of(run_dir / "clients.csv")}
+    first = {client: rows[1, client]["status"] for client in range(8)}
+    assert first == {0: "ok", 1: "failed", 2: "failed", 3: "timeout", 4: "ok", 5: "ok",
+                     6: "ok", 7: "ok"}
+    assert rows[1, 1]["reason"] == "RuntimeError: client 1 fails on purpose"
+    assert "Ray actor died" in rows[1, 2]["reason"]
+    assert "engine.client_timeout_s = 10s" in rows[1, 3]["reason"]
+    assert [rows[2, client]["status"] for client in range(8)] == ["ok", "failed"] + ["ok"] * 6
+    metrics = rows_of(run_dir / "metrics.csv")
+    assert [(m["clients_ok"], m["clients_failed"]) for m in metrics] == [("5", "3"), ("7", "1")]
+    # one count per successful training: across rounds, across replaced actors
+    assert trainings == {0: 2, 2: 1, 3: 1, 4: 2, 5: 2, 6: 2, 7: 2}
+
+
+@pytest.mark.slow
+def test_ten_thousand_clients_with_a_hundred_per_round(tmp_path, ray_two_cpus):
+    from fedtune.engine.ray_engine import run_ray_engine
+
+    config = tiny_config(tmp_path, base=[
+        *RAY, "data.dataset=rotten_tomatoes", "model.kind=mlp", "model.num_features=256",
+        "model.hidden_sizes=[16]", "data.partitioner=iid", "data.num_clients=10000",
+        "data.max_examples=0", "data.local_test_fraction=0", "client.local_steps=1",
+        "strategy.fraction_train=0.01", "strategy.fraction_evaluate=0", "run.rounds=1",
+    ])
+    run_dir = run_ray_engine(config).path
+    clients = rows_of(run_dir / "clients.csv")
+    assert len(clients) == 100 and {r["status"] for r in clients} == {"ok"}
+    assert len({r["client_id"] for r in clients}) == 100
+    assert max(int(r["client_id"]) for r in clients) > 1000
+    (metrics,) = rows_of(run_dir / "metrics.csv")
+    assert metrics["clients_ok"] == "100" and 0 < float(metrics["eval_accuracy"]) <= 1

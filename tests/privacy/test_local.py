@@ -1,0 +1,158 @@
+"""Local DP: DP-SGD clients whose ε accumulates in their Context.state, budgets, config errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from fedtune.config import ConfigError, load_config
+from fedtune.engine.inprocess import run_inprocess
+from fedtune.engine.launch import preflight
+from fedtune.models.build import build_model
+from fedtune.models.weights import shared_state
+from fedtune.privacy.dp_sgd import LocalDPSettings, poisson_loader, train_private
+from fedtune.privacy.local import LocalDP
+from fedtune.task import task_resources, train_settings
+from tests.conftest import MLP_DIGITS, tiny_config
+
+
+def _rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_client_epsilon_after_3_rounds_is_one_accountant_over_all_its_steps(tmp_path):
+    config = tiny_config(tmp_path, "privacy.mode=local", "privacy.noise_multiplier=1.2",
+                         "run.rounds=3", "client.local_steps=4")
+    run_dir = run_inprocess(config).path
+    sizes = {int(r["client_id"]): int(r["total"]) for r in _rows(run_dir / "partitions.csv")}
+    resources = task_resources(config)
+    by_round: dict[int, dict[int, float]] = {}
+    for row in _rows(run_dir / "clients.csv"):
+        by_round.setdefault(int(row["round"]), {})[int(row["client_id"])] = float(row["epsilon"])
+    for client, epsilon in by_round[3].items():
+        n = len(resources.federation.client_train_rows[client])
+        assert n <= sizes[client]
+        accountant = RDPAccountant()  # one accountant over all 3 x 4 steps
+        for _ in range(12):
+            accountant.step(noise_multiplier=1.2, sample_rate=1 / math.ceil(n / 32))
+        assert epsilon == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-4)
+        assert by_round[1][client] < by_round[2][client] < epsilon  # not reset each round
+    metrics = _rows(run_dir / "metrics.csv")
+    assert [float(r["max_client_epsilon"]) for r in metrics] == pytest.approx(
+        [max(by_round[r].values()) for r in (1, 2, 3)], rel=1e-5)
+    assert all(r["epsilon"] == "" for r in metrics)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["privacy"]["mode"] == "local"
+    assert summary["privacy"]["epsilon"] == pytest.approx(max(by_round[3].values()), rel=1e-5)
+    assert (run_dir / "plots" / "epsilon.png").is_file()
+
+
+def test_a_client_out_of_budget_stops_says_why_and_never_exceeds_the_target(tmp_path):
+    # noise planned for 1 round of 4 steps; every client trains in all 3 rounds
+    config = tiny_config(tmp_path, "privacy.mode=local", "privacy.target_epsilon=3",
+                         "privacy.client_rounds=1", "run.rounds=3", "client.local_steps=4")
+    run_dir = run_inprocess(config).path
+    rows = _rows(run_dir / "clients.csv")
+    assert all(float(r["epsilon"]) <= 3.0 for r in rows)
+    assert {r["status"] for r in rows if r["round"] == "1"} == {"ok"}
+    later = [r for r in rows if r["round"] != "1"]
+    assert later and all(r["status"] == "rejected" for r in later)
+    assert all("privacy budget: trained 0 of 4 steps" in r["reason"] for r in later)
+    assert all(float(r["max_client_epsilon"]) <= 3.0 for r in _rows(run_dir / "metrics.csv"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "every client sampled in round 2 has spent its budget" in summary["stop_reason"]
+    assert summary["rounds_completed"] == 2
+
+
+def test_local_dp_with_infinite_epsilon_clips_without_noise_and_reports_no_epsilon(tmp_path):
+    config = tiny_config(tmp_path, "privacy.mode=local", "privacy.target_epsilon=inf",
+                         "run.rounds=2")
+    run_dir = run_inprocess(config).path
+    rows = _rows(run_dir / "clients.csv")
+    assert rows and {r["status"] for r in rows} == {"ok"}
+    assert all(r["epsilon"] == "" for r in rows)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds_completed"] == 2
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_dp_sgd_on_a_frozen_transformer_trains_only_what_requires_grad(tmp_path, tiny_bert_path,
+                                                                        mode):
+    config = load_config(None, [
+        "data.max_examples=200", "data.num_clients=2", f"model.path={tiny_bert_path}",
+        "model.max_length=24", "engine.backend=inprocess", "privacy.mode=local",
+        "privacy.noise_multiplier=0.5", f"privacy.grad_sample_mode={mode}",
+        "client.local_steps=2", "client.lr=0.01"])
+    resources = task_resources(config)
+    model = build_model(resources.spec, 0)
+    bert = model.bert  # the tiny BERT has no mean pooling: transformers' own classifier
+    bert.embeddings.requires_grad_(False)  # as a frozen/LoRA transfer mode would
+    bert.encoder.layer[0].requires_grad_(False)
+    before = shared_state(model)
+    rows = resources.federation.client_train_rows[0]
+    loader = poisson_loader(resources.encoded, resources.federation.data.labels, rows, 8, 0,
+                            model)
+    settings = LocalDPSettings(delta=1e-5, max_grad_norm=1.0, accountant="rdp",
+                               grad_sample_mode=mode, noise_multiplier=0.5)
+    result = train_private(model, loader, train_settings(config), settings, [],
+                           torch.device("cpu"))
+    after = shared_state(model)
+    assert set(after) == set(before)  # the same names: no Opacus "_module." prefix
+    assert not any("_module" in name for name in after)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for name in before:
+        changed = not np.array_equal(before[name], after[name])
+        assert changed == (name in trainable), name
+    assert result.train.num_steps == 2 and result.history == [(0.5, result.sample_rate, 2)]
+    assert all(not hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_a_text_run_with_local_dp_on_a_transformer(tmp_path, tiny_bert_path):
+    config = tiny_config(tmp_path, base=[
+        "data.dataset=rotten_tomatoes", "data.max_examples=300", "data.num_clients=3",
+        f"model.path={tiny_bert_path}", "model.max_length=24", "run.rounds=2",
+        "client.local_steps=2", "engine.backend=inprocess", "strategy.fraction_train=1.0",
+        "privacy.mode=local", "privacy.noise_multiplier=1.0"])
+    run_dir = run_inprocess(config).path
+    rows = _rows(run_dir / "clients.csv")
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
+    assert all(0 < float(r["epsilon"]) < math.inf for r in rows)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["privacy.target_epsilon=0"], "privacy.target_epsilon = 0 is not allowed"),
+    (["privacy.target_epsilon=-1"], "privacy.target_epsilon = -1 is not allowed"),
+    (["privacy.target_epsilon=2", "privacy.noise_multiplier=1"],
+     "privacy.noise_multiplier = 1 is not allowed with privacy.target_epsilon = 2"),
+    (["privacy.mode=central", "privacy.target_epsilon=2", "privacy.delta=0.3"],
+     "privacy.delta = 0.3 is not allowed: must be < 1/data.num_clients = 0.25"),
+    (["privacy.delta=1"], "privacy.delta = 1 is not allowed"),
+    (["privacy.target_epsilon=2", "client.max_grad_norm=1"],
+     "client.max_grad_norm = 1 is not allowed with privacy.mode = 'local'"),
+    (["privacy.target_epsilon=2", "privacy.accountant=gdp"], "privacy.accountant = 'gdp'"),
+    (["privacy.mode=central", "privacy.target_epsilon=1", "privacy.adaptive_clipping=true",
+      "privacy.delta=0.01"], "privacy.clipped_count_stddev = 0.2 is not allowed"),
+])
+def test_bad_privacy_config_gives_one_line(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        preflight(load_config(None, [*MLP_DIGITS, "privacy.mode=local", *overrides]))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_local_delta_must_be_below_one_over_the_smallest_client(tmp_path):
+    config = tiny_config(tmp_path, "privacy.mode=local", "privacy.target_epsilon=1",
+                         "privacy.delta=0.01")
+    with pytest.raises(ConfigError, match="privacy.delta = 0.01 is not allowed: must be < 1/n"):
+        task_resources(config)
+    # the server of a files dataset knows no client sizes: each party checks its own
+    LocalDP().check_data(config, [])
+    with pytest.raises(ConfigError, match="smallest client's n = 100 "):
+        LocalDP().check_data(config, [200, 100])

@@ -1,0 +1,272 @@
+"""Sweeps: grid expansion, skipping finished runs, mean ± std tables, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedtune.config import ConfigError
+from fedtune.engine.inprocess import run_inprocess
+from fedtune.results.plots import plot_curves
+from fedtune.studies.sweep import expand, expand_reference, load_sweep, result_row, run_sweep
+from fedtune.studies.tables import group_rows, markdown_table, round_curves, run_curves, write_table
+
+SWEEP = """
+[sweep]
+name = "tiny"
+output_dir = "{out}"
+x = "client.lr"
+
+[sweep.grid]
+"client.lr" = [0.001, 0.01]
+"run.seed" = [0, 1]
+
+[data]
+dataset = "digits"
+num_clients = 3
+partitioner = "iid"
+max_examples = 0
+
+[model]
+kind = "mlp"
+hidden_sizes = [16]
+
+[run]
+rounds = 1
+
+[client]
+local_steps = 3
+
+[strategy]
+fraction_train = 1.0
+fraction_evaluate = 1.0
+
+[engine]
+backend = "inprocess"
+"""
+
+
+def _write(tmp_path, text=SWEEP):
+    file = tmp_path / "sweep.toml"
+    file.write_text(text.format(out=tmp_path / "sweeps"))
+    return file
+
+
+def test_grid_expands_to_every_combination_with_own_run_dirs(tmp_path):
+    spec = load_sweep(_write(tmp_path))
+    runs = expand(spec)
+    assert [r.values for r in runs] == [
+        {"client.lr": 0.001, "run.seed": 0}, {"client.lr": 0.001, "run.seed": 1},
+        {"client.lr": 0.01, "run.seed": 0}, {"client.lr": 0.01, "run.seed": 1}]
+    assert runs[3].config.client.lr == 0.01 and runs[3].config.run.seed == 1
+    assert runs[3].config.model.hidden_sizes == [16]
+    assert len({r.config.run.dir for r in runs}) == 4
+
+
+def test_bad_grid_values_fail_before_anything_runs(tmp_path):
+    text = SWEEP.replace('"client.lr" = [0.001, 0.01]', '"client.lr" = [0.001, -1]')
+    with pytest.raises(ConfigError, match="client.lr = -1 is not allowed"):
+        load_sweep(_write(tmp_path, text))
+    with pytest.raises(ConfigError, match="needs a \\[sweep.grid\\] table"):
+        load_sweep(_write(tmp_path, "[data]\nalpha = 1\n"))
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_finished_runs_are_skipped_and_unfinished_ones_rerun(tmp_path):
+    spec = load_sweep(_write(tmp_path))
+    started = []
+
+    def run_one(config):
+        started.append(config.run.dir)
+        return run_inprocess(config)
+
+    rows = run_sweep(spec, run_one)
+    assert len(started) == 4 and len(rows) == 4
+    # simulate a run killed before it finished: its summary is gone
+    (spec.directory / "runs" / expand(spec)[1].slug / "summary.json").unlink()
+    started.clear()
+    again = run_sweep(spec, run_one)
+    assert started == [expand(spec)[1].config.run.dir]
+    assert [r["eval_accuracy"] for r in again] == [r["eval_accuracy"] for r in rows]
+    with (spec.directory / "results.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+    # a setting outside the grid changed in the sweep file: the finished runs are stale
+    changed = load_sweep(_write(tmp_path, SWEEP.replace("local_steps = 3", "local_steps = 4")))
+    started.clear()
+    run_sweep(changed, run_one)
+    assert started == [run.config.run.dir for run in expand(changed)]
+    for run in expand(changed):
+        assert "local_steps = 4" in (Path(run.config.run.dir) / "config.toml").read_text()
+
+
+def test_group_rows_gives_mean_and_sample_std_over_seeds():
+    rows = [{"a": 1, "run.seed": s, "m": v} for s, v in enumerate([0.5, 0.7, 0.9])]
+    rows.append({"a": 2, "run.seed": 0, "m": 0.1})
+    table = group_rows(rows, ["a"], "m")
+    assert table[0]["mean"] == pytest.approx(0.7)
+    assert table[0]["std"] == pytest.approx(np.std([0.5, 0.7, 0.9], ddof=1))
+    assert table[0]["n"] == 3 and table[1] == {"a": 2, "mean": 0.1, "std": 0.0, "n": 1}
+
+
+def test_sweep_cli_writes_results_table_and_plot(tmp_path):
+    file = _write(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "fedtune", "sweep", str(file)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    directory = tmp_path / "sweeps" / "tiny"
+    assert (directory / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    table = (directory / "table.md").read_text()
+    assert "| client.lr | eval_accuracy (mean ± std) | runs |" in table
+    assert table.count("| 2 |") == 2
+    assert "[4/4]" in result.stdout
+    second = subprocess.run([sys.executable, "-m", "fedtune", "sweep", str(file)],
+                            capture_output=True, text=True, timeout=300)
+    assert second.stdout.count("skipped (finished before)") == 4
+    summary = json.loads((directory / "runs").joinpath(
+        sorted(p.name for p in (directory / "runs").iterdir())[0], "summary.json").read_text())
+    assert summary["status"] == "finished"
+
+
+LINKED = SWEEP.replace('x = "client.lr"', 'columns = ["eval_macro_f1", "total_bytes"]').replace(
+    '"client.lr" = [0.001, 0.01]', '"client.lr,client.local_steps" = [[0.001, 2], [0.01, 3]]')
+
+
+def test_linked_keys_move_together_and_extra_columns_and_curves_are_written(tmp_path):
+    spec = load_sweep(_write(tmp_path, LINKED))
+    runs = expand(spec)
+    assert [r.values for r in runs] == [
+        {"client.lr": 0.001, "client.local_steps": 2, "run.seed": 0},
+        {"client.lr": 0.001, "client.local_steps": 2, "run.seed": 1},
+        {"client.lr": 0.01, "client.local_steps": 3, "run.seed": 0},
+        {"client.lr": 0.01, "client.local_steps": 3, "run.seed": 1}]
+    assert runs[2].config.client.local_steps == 3 and runs[2].config.client.lr == 0.01
+    rows = run_sweep(spec, run_inprocess)
+    table = write_table(spec, rows)
+    steps_3 = [r for r in rows if r["client.local_steps"] == 3]
+    assert table[1]["total_bytes"] == pytest.approx(np.mean([r["total_bytes"] for r in steps_3]))
+    assert table[1]["eval_macro_f1"] == pytest.approx(
+        np.mean([r["eval_macro_f1"] for r in steps_3]))
+    assert ("| client.lr | client.local_steps | eval_accuracy (mean ± std) | runs | eval_macro_f1 "
+            "| total_bytes (MB) |") in (spec.directory / "table.md").read_text()
+    curves = run_curves(spec)
+    assert [label for label, _ in curves][:2] == ["lr=0.001 local_steps=2 seed=0",
+                                                  "lr=0.001 local_steps=2 seed=1"]
+    assert all(len(metrics) == 1 for _, metrics in curves)
+    plot_curves(curves, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_linked_keys_need_one_value_per_key(tmp_path):
+    text = LINKED.replace("[[0.001, 2], [0.01, 3]]", "[[0.001, 2], [0.01]]")
+    with pytest.raises(ConfigError, match="must be a list of lists of 2 values"):
+        load_sweep(_write(tmp_path, text))
+    with pytest.raises(ConfigError, match="sweep.columns = \\['wall'\\] is not allowed"):
+        load_sweep(_write(tmp_path, LINKED.replace('"total_bytes"]', '"total_bytes"]\n').replace(
+            'columns = ["eval_macro_f1", "total_bytes"]', 'columns = ["wall"]')))
+
+
+STRATEGY_SWEEP = SWEEP.replace('x = "client.lr"', 'rows = "strategy.name"\ncurves = "strategy.name"'
+                               ).replace('"client.lr" = [0.001, 0.01]',
+                                         '"strategy.name" = ["fedavg", "fedavgm"]\n'
+                                         '"data.alpha" = [0.5, 5.0]'
+                                         ).replace('partitioner = "iid"',
+                                                   'partitioner = "dirichlet"'
+                                                   ).replace("rounds = 1", "rounds = 2")
+
+
+def test_wide_table_and_round_curves_with_bands(tmp_path):
+    from fedtune.cli import main
+
+    file = _write(tmp_path, STRATEGY_SWEEP)
+    assert main(["sweep", str(file)]) == 0
+    directory = tmp_path / "sweeps" / "tiny"
+    wide = (directory / "table_wide.md").read_text().splitlines()
+    assert wide[0] == "| strategy.name | alpha=0.5 | alpha=5.0 |"
+    assert [line.split(" |")[0] for line in wide[2:]] == ["| fedavg", "| fedavgm"]
+    assert (directory / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # the band is the mean ± sample std over the seeds of each round
+    spec = load_sweep(file)
+    rows = [result_row(run) for run in expand(spec)]
+    curves = round_curves(spec, rows)
+    assert len(curves) == 4 and all(c["n"] == 2 for c in curves)
+    curve = next(c for c in curves if c["strategy.name"] == "fedavgm"
+                 and c["data.alpha"] == 0.5)
+    runs = [r for r in rows if r["strategy.name"] == "fedavgm" and r["data.alpha"] == 0.5]
+    accuracies = np.array([[float(m["eval_accuracy"]) for m in csv.DictReader(
+        (Path(r["run_dir"]) / "metrics.csv").open())] for r in runs])
+    np.testing.assert_allclose(curve["mean"], accuracies.mean(axis=0))
+    np.testing.assert_allclose(curve["std"], accuracies.std(axis=0, ddof=1))
+    assert f"{np.mean([r['eval_accuracy'] for r in runs]):.3f} ± " in wide[3]
+
+
+def test_plot_options_must_name_grid_keys(tmp_path):
+    with pytest.raises(ConfigError, match="sweep.curves = 'strategy.name' is not allowed: must "
+                                          "be one of the grid keys 'client.lr', 'run.seed'"):
+        load_sweep(_write(tmp_path, SWEEP.replace('x = "client.lr"',
+                                                  'curves = "strategy.name"')))
+
+
+def test_the_non_iid_study_is_a_valid_sweep():
+    from tests.conftest import REPO
+
+    spec = load_sweep(REPO / "simulations" / "non_iid.toml")
+    runs = expand(spec)
+    assert {r.values["strategy.name"] for r in runs} == {"fedavg", "scaffold"}
+    assert all(r.config.client.optimizer == "sgd" and r.config.data.dataset == "bbc_news"
+               for r in runs)
+
+
+VARIANTS = SWEEP.replace('"run.seed" = [0, 1]', '''"run.seed" = [0, 1]
+model = [{{ name = "small", "model.hidden_sizes" = [8] }},
+         {{ name = "big", "model.hidden_sizes" = [32] }}]
+
+[sweep.reference]
+"client.local_steps" = 1''')
+
+
+def test_variants_set_their_keys_together_and_references_leave_x_empty(tmp_path):
+    spec = load_sweep(_write(tmp_path, VARIANTS))
+    runs = expand(spec)
+    assert len(runs) == 8
+    assert {(r.values["model"], tuple(r.config.model.hidden_sizes)) for r in runs} == {
+        ("small", (8,)), ("big", (32,))}
+    references = expand_reference(spec)  # one per (model, seed); x = client.lr stays empty
+    assert len(references) == 4
+    assert all(r.values["client.lr"] is None and r.slug.startswith("reference_")
+               and r.config.client.local_steps == 1 for r in references)
+    assert {(r.values["model"], r.values["run.seed"]) for r in references} == {
+        ("small", 0), ("small", 1), ("big", 0), ("big", 1)}
+
+
+def test_grid_selection_runs_only_the_chosen_values(tmp_path):
+    spec = load_sweep(_write(tmp_path, VARIANTS), selection=["model=big", "run.seed=[1]"])
+    chosen = [r for r in expand(spec) + expand_reference(spec) if spec.selects(r)]
+    assert len(chosen) == 3
+    assert all(r.values["model"] == "big" and r.values["run.seed"] == 1 for r in chosen)
+    with pytest.raises(ConfigError, match="--grid 'optimizer=adam' is not allowed"):
+        load_sweep(_write(tmp_path, VARIANTS), selection=["optimizer=adam"])
+
+
+def test_a_variant_without_a_name_is_refused(tmp_path):
+    text = VARIANTS.replace('name = "small", ', "")
+    with pytest.raises(ConfigError, match="sweep.grid.model is not allowed"):
+        load_sweep(_write(tmp_path, text))
+
+
+def test_markdown_table_shows_epsilon_spent_and_infinity():
+    table = [{"privacy.target_epsilon": math.inf, "mean": 0.75, "std": 0.01, "n": 3,
+              "epsilon_spent": math.inf},
+             {"privacy.target_epsilon": 1.0, "mean": 0.6, "std": 0.02, "n": 3,
+              "epsilon_spent": 0.998}]
+    text = markdown_table(table, ["privacy.target_epsilon"], "eval_accuracy",
+                          ["epsilon_spent"])
+    assert "| privacy.target_epsilon | eval_accuracy (mean ± std) | runs | ε spent |" in text
+    assert "| inf | 0.7500 ± 0.0100 | 3 | inf |" in text
+    assert "| 1 | 0.6000 ± 0.0200 | 3 | 0.998 |" in text
