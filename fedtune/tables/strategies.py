@@ -141,19 +141,19 @@ STRATEGIES: dict[str, StrategyEntry] = {
         check=_check_krum),
     "scaffold": StrategyEntry(
         "SCAFFOLD (Karimireddy et al. 2020): control variates correct client drift",
-        keys={"server_lr": SERVER_LR}, implementation="strategies:Scaffold",
+        keys={"server_lr": SERVER_LR}, implementation="strategies.scaffold:Scaffold",
         arguments=lambda c: {"server_lr": c.strategy.server_lr},
         client=CLIENTS + "ScaffoldClient",
         answers={"scaffold-control-delta": "scaffold-control"}, sgd_only=True),
     "fednova": StrategyEntry(
         "FedNova (Wang et al. 2020): updates normalised by local steps",
-        implementation="strategies:FedNova", client=CLIENTS + "FedNovaClient",
+        implementation="strategies.fednova:FedNova", client=CLIENTS + "FedNovaClient",
         sgd_only=True),
     "feddyn": StrategyEntry(
         "FedDyn (Acar et al. 2021): dynamic regularisation of the local objective",
         keys={"feddyn_alpha": Key(0.01, "dynamic regulariser weight alpha (Acar et al. "
                                         "2021)", gt=0)},
-        implementation="strategies:FedDyn",
+        implementation="strategies.feddyn:FedDyn",
         arguments=lambda c: {"alpha": c.strategy.feddyn_alpha},
         client=CLIENTS + "FedDynClient"),
     "rfa": StrategyEntry(
@@ -161,7 +161,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
         keys={"rfa_iterations": Key(4, "smoothed Weiszfeld steps after the mean (Pillutla "
                                        "et al. 2022)", ge=0),
               "rfa_smoothing": Key(1e-6, "Weiszfeld smoothing nu", gt=0)},
-        implementation="strategies:RFA",
+        implementation="strategies.rfa:RFA",
         arguments=lambda c: {"iterations": c.strategy.rfa_iterations,
                              "smoothing": c.strategy.rfa_smoothing}),
 }
