@@ -31,8 +31,15 @@ Suriyakumar 2024, "One-shot Empirical Privacy Estimation for Federated Learning"
 arrays; half of them (``canary_inserted``) join every round with probability ``q`` like any
 client and send ``C · u_i`` (an update that clipping leaves as it is). They are not counted
 in the population, the cohort, the unclipped count or any metric: the guarantee of the real
-clients is unchanged. After the run, the cosine of the final model delta with each ``u_i``
-separates inserted from held-out canaries (``fedtune.audit``).
+clients is unchanged. Unlike the paper, whose canaries enter the trained model, their updates
+go into a *shadow release* only (``canary_release``): the same clipped sum and the same noise
+plus the canaries, stepped by its own copy of the server optimizer. It is the model the server
+would release had the canary clients taken part, given the honest clients' updates (computed
+on the reported model), so the reported model and its accuracy are exactly those of a run
+without the audit; in a small model (a 770-weight head) hundreds of inserted random
+directions would otherwise move it measurably. After the run, the cosine of the shadow
+release's delta with each ``u_i`` separates inserted from held-out canaries
+(``fedtune.audit``).
 
 Clipping and the noise parameters use Flower's own helpers
 (``flwr.supercore.differential_privacy``); Flower's ``DifferentialPrivacyServerSideFixedClipping``
@@ -179,6 +186,10 @@ class DPFedAvg(FedAvg):
         # the server optimizer's state, one array per floating array (empty before round 1)
         self.first_moment: list[np.ndarray] = []
         self.second_moment: list[np.ndarray] = []
+        # with canaries: the shadow release's floating arrays and its optimizer's state
+        self.shadow: list[np.ndarray] = []
+        self.shadow_first_moment: list[np.ndarray] = []
+        self.shadow_second_moment: list[np.ndarray] = []
 
     def __repr__(self) -> str:
         return (f"DPFedAvg(q={self.sample_rate}, sigma={self.noise_multiplier}, "
@@ -212,10 +223,11 @@ class DPFedAvg(FedAvg):
         return adaptive_noise(self.noise_multiplier, self.expected_cohort(),
                               self.clipped_count_stddev)
 
-    def _add_canaries(self, server_round: int, total: list[np.ndarray]) -> int:
-        """Add ``C · u_i`` of every inserted canary that Poisson sampling picks this round."""
-        if not len(self.canary_inserted):
-            return 0
+    def _canary_sum(self, server_round: int, like: list[np.ndarray]) -> tuple[list[np.ndarray],
+                                                                             int]:
+        """The sum of ``C · u_i`` over the inserted canaries Poisson sampling picks this
+        round, shaped like ``like``, and how many there were."""
+        total = [np.zeros_like(part) for part in like]
         draws = self._rng(server_round, _CANARY_SAMPLING).random(len(self.canary_inserted))
         sampled = np.flatnonzero(self.canary_inserted & (draws < self.sample_rate))
         sizes = [part.size for part in total]
@@ -224,33 +236,53 @@ class DPFedAvg(FedAvg):
             for part, piece in zip(total, np.split(direction, np.cumsum(sizes)[:-1]),
                                    strict=True):
                 part += self.clipping_norm * piece.reshape(part.shape)
-        return len(sampled)
+        return total, len(sampled)
 
-    def _server_step(self, server_round: int, mean: list[np.ndarray]) -> list[np.ndarray]:
-        """The server optimizer's step from the noised mean update (float64)."""
-        if not self.first_moment:
-            self.first_moment = [np.zeros_like(m) for m in mean]
-            self.second_moment = ([np.zeros_like(m) for m in mean]
-                                  if self.server_optimizer == "adam" else [])
+    def _server_step(self, server_round: int, mean: list[np.ndarray],
+                     first: list[np.ndarray], second: list[np.ndarray]
+                     ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """(step, first moment, second moment): the server optimizer's step from the noised
+        mean update (float64) and its new state."""
+        if not first:
+            first = [np.zeros_like(m) for m in mean]
+            second = ([np.zeros_like(m) for m in mean]
+                      if self.server_optimizer == "adam" else [])
         if self.server_optimizer == "sgd":
-            self.first_moment = [self.server_momentum * m + d
-                                 for m, d in zip(self.first_moment, mean, strict=True)]
-            return [self.server_learning_rate * m for m in self.first_moment]
+            first = [self.server_momentum * m + d for m, d in zip(first, mean, strict=True)]
+            return [self.server_learning_rate * m for m in first], first, second
         beta_1, beta_2 = self.adam_betas
-        self.first_moment = [beta_1 * m + (1 - beta_1) * d
-                             for m, d in zip(self.first_moment, mean, strict=True)]
-        self.second_moment = [beta_2 * v + (1 - beta_2) * d * d
-                              for v, d in zip(self.second_moment, mean, strict=True)]
+        first = [beta_1 * m + (1 - beta_1) * d for m, d in zip(first, mean, strict=True)]
+        second = [beta_2 * v + (1 - beta_2) * d * d for v, d in zip(second, mean, strict=True)]
         # Flower FedAdam's bias-corrected rate (Kingma & Ba 2015, with t = server_round + 1)
         rate = (self.server_learning_rate * math.sqrt(1 - beta_2 ** (server_round + 1))
                 / (1 - beta_1 ** (server_round + 1)))
-        return [rate * m / (np.sqrt(v) + self.adam_tau)
-                for m, v in zip(self.first_moment, self.second_moment, strict=True)]
+        step = [rate * m / (np.sqrt(v) + self.adam_tau) for m, v in zip(first, second,
+                                                                         strict=True)]
+        return step, first, second
+
+    def canary_release(self) -> dict[str, np.ndarray]:
+        """The shadow release's floating arrays by name (what an observer of a run with the
+        canary clients would see); empty without canaries or before round 1."""
+        names = [name for name in self.current_arrays.keys()
+                 if np.issubdtype(self.current_arrays[name].numpy().dtype, np.floating)]
+        return dict(zip(names, self.shadow, strict=True)) if self.shadow else {}
+
+    def _step_shadow(self, server_round: int, current: list[np.ndarray],
+                     mean: list[np.ndarray], canaries: list[np.ndarray]) -> None:
+        """The shadow release: the noised mean plus the canaries' share, stepped by its own
+        server optimizer state."""
+        if not self.shadow:
+            self.shadow = [np.asarray(a, dtype=np.float64).copy() for a in current]
+        with_canaries = [m + c / self.expected_cohort() for m, c in zip(mean, canaries,
+                                                                        strict=True)]
+        step, self.shadow_first_moment, self.shadow_second_moment = self._server_step(
+            server_round, with_canaries, self.shadow_first_moment, self.shadow_second_moment)
+        self.shadow = [s + d for s, d in zip(self.shadow, step, strict=True)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Clip every update, sum, add canaries and noise, divide by the expected cohort size,
-        and let the server optimizer step on that mean."""
+        """Clip every update, sum, add noise, divide by the expected cohort size, and let the
+        server optimizer step on that mean (with canaries: also the shadow release)."""
         valid, _ = self._check_and_log_replies(list(replies), is_train=True)
         names = list(self.current_arrays.keys())
         current = [self.current_arrays[name].numpy() for name in names]
@@ -265,13 +297,19 @@ class DPFedAvg(FedAvg):
             clip_inputs_inplace(update, self.clipping_norm)
             for acc, part in zip(total, update, strict=True):
                 acc += part
-        canary_updates = self._add_canaries(server_round, total)
         update_noise, count_std = self.noise_parameters()
         noise_std = update_noise * self.clipping_norm if update_noise else 0.0
         rng = self._rng(server_round, _NOISE)
         denominator = self.expected_cohort()
         mean = [(part + rng.normal(0.0, noise_std, part.shape)) / denominator for part in total]
-        steps = iter(self._server_step(server_round, mean))
+        canary_updates = 0
+        if len(self.canary_inserted):
+            canaries, canary_updates = self._canary_sum(server_round, total)
+            self._step_shadow(server_round, [a for a, f in zip(current, floating) if f],
+                              mean, canaries)
+        step, self.first_moment, self.second_moment = self._server_step(
+            server_round, mean, self.first_moment, self.second_moment)
+        steps = iter(step)
         new_arrays = {}
         for name, array, is_float in zip(names, current, floating, strict=True):
             new_arrays[name] = (Array((array + next(steps)).astype(array.dtype)) if is_float

@@ -26,6 +26,7 @@ from fedtune.results.plots import plot_partitions
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.grid import SimulatedGrid
 from fedtune.server.listeners import (
+    AuditWriter,
     FinalArtifacts,
     NoUpdateStop,
     PrivacyStop,
@@ -102,7 +103,7 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     artifacts = FinalArtifacts(run_dir, plan)
     listeners: list[RunListener] = [
         NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir), artifacts,
-        ProgressListener(reporter, run_dir, artifacts), checkpointer,
+        AuditWriter(run_dir, plan), ProgressListener(reporter, run_dir, artifacts), checkpointer,
     ]
     for listener in listeners:
         listener.run_started(run)

@@ -7,8 +7,10 @@
 3. ``RoundWriter``: one metrics.csv row and the clients.csv rows of each round, and what the
    strategy aggregated from the train replies (strategy_metrics.jsonl).
 4. ``FinalArtifacts``: the final model, plots and summary.json.
-5. ``ProgressListener``: the live reporter (a terminal, or log lines).
-6. ``fedtune.server.resume.Checkpointer``: the checkpoint after each round (and on abort).
+5. ``AuditWriter``: with ``privacy.audit``, the empirical privacy audit of the final model
+   (``fedtune.audit``: audit.json, plots/audit.png).
+6. ``ProgressListener``: the live reporter (a terminal, or log lines).
+7. ``fedtune.server.resume.Checkpointer``: the checkpoint after each round (and on abort).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Any
 from flwr.common import log
 
 from fedtune import protocol
-from fedtune.models.build import save_model
-from fedtune.models.weights import load_shared_state
+from fedtune.audit.report import run_audit, save_canary_release, write_audit
+from fedtune.models.build import build_model, save_model
+from fedtune.models.weights import load_shared_state, shared_state
 from fedtune.privacy.mode import PrivacyPlan
 from fedtune.results.plots import plot_accuracy_loss, plot_epsilon
 from fedtune.results.run_dir import RunDirectory
@@ -98,6 +101,32 @@ class FinalArtifacts(RunListener):
             runtime={"backend": config.engine.backend,
                      "reproducible": RUNTIMES[config.engine.backend].reproducible})
         self.run_dir.write_json("summary.json", self.summary)
+
+
+class AuditWriter(RunListener):
+    """``privacy.audit``: the empirical privacy audit after the last round, beside the
+    accountant's ε (inf where nothing is accounted)."""
+
+    def __init__(self, run_dir: RunDirectory, plan: PrivacyPlan) -> None:
+        self.run_dir = run_dir
+        self.plan = plan
+
+    def run_ended(self, run: FederatedRun, final: EvalResult) -> None:
+        config = run.config
+        if not config.privacy.audit:
+            return
+        initial = shared_state(build_model(run.resources.spec, config.run.seed))
+        spent = run.privacy.summary(config, self.plan).get("epsilon")
+        # canary clients: the shadow release the strategy kept; canary examples: the model
+        release = getattr(run.strategy, "canary_release", None)
+        if release is not None:
+            final = release()
+            save_canary_release(self.run_dir, final)
+        else:
+            final = protocol.to_numpy(run.state.arrays)
+        audit = run_audit(config, run.resources, initial, final,
+                          float("inf") if spent is None else float(spent))
+        write_audit(self.run_dir, audit)
 
 
 class ProgressListener(RunListener):

@@ -31,6 +31,9 @@ GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
 @dataclass(frozen=True)
 class PrivacyModeEntry(Entry):
     spends_budget: bool = False  # reports ε every round (and plots it)
+    # what privacy.audit inserts: "examples" (sample-level canaries, Steinke et al. 2023) or
+    # "clients" (user-level canary clients in the aggregation, Andrew et al. 2024)
+    audit_canaries: str = "examples"
     check: Callable[[Config], None] | None = None
 
 
@@ -149,7 +152,7 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
                                                "= expected cohort / 20", ge=0),
               **AUDIT_KEYS},
         implementation="fedtune.privacy.central:CentralDP", spends_budget=True,
-        check=_check_central),
+        audit_canaries="clients", check=_check_central),
 }
 
 

@@ -173,15 +173,17 @@ def test_canaries_half_inserted_unit_directions_sampled_like_clients():
     direction = canary_direction(seed=3, index=5, size=1000)
     assert np.linalg.norm(direction) == pytest.approx(1.0)
     assert abs(direction @ canary_direction(3, 6, 1000)) < 0.2  # nearly orthogonal
-    # no client, no noise: the release is exactly C / qN times the sum of the inserted
-    # canaries that Poisson sampling picked
+    # no client, no noise: the shadow release is exactly C / qN times the sum of the
+    # inserted canaries that Poisson sampling picked; the reported model never moves
     strategy = DPFedAvg(sample_rate=0.5, noise_multiplier=0.0, clipping_norm=2.0,
                         canaries=40, canary_seed=3, min_available_nodes=1)
     zero = ArrayRecord({"w": Array(np.zeros((50, 20), np.float32)),
                         "b": Array(np.zeros(20, np.float32))})
     list(strategy.configure_train(1, zero, ConfigRecord(), Nodes(10)))
     new, metrics = strategy.aggregate_train(1, [])
-    moved = np.concatenate([new["w"].numpy().ravel(), new["b"].numpy().ravel()])
+    assert not new["w"].numpy().any() and not new["b"].numpy().any()
+    release = strategy.canary_release()
+    moved = np.concatenate([release["w"].ravel(), release["b"].ravel()])
     count = metrics[dp_fedavg.CANARY_UPDATES]
     assert 3 < count < 17 and metrics[dp_fedavg.COHORT] == 0
     assert metrics[dp_fedavg.UNCLIPPED] == 0  # canaries are not counted as clients
@@ -192,6 +194,25 @@ def test_canaries_half_inserted_unit_directions_sampled_like_clients():
     # held-out canaries never enter: the release has no component outside the inserted span
     residual = moved - directions[:, inserted] @ weights
     assert np.linalg.norm(residual) < 1e-4
+
+
+@pytest.mark.parametrize("optimizer", [{"server_momentum": 0.9, "server_learning_rate": 2.0},
+                                       {"server_optimizer": "adam"}])
+def test_canaries_never_enter_the_reported_model(optimizer):
+    """With noise and a server optimizer, the reported models of a run with canary clients
+    are bit-identical to those of a run without; the shadow release differs by exactly the
+    canaries' propagated share (linear for SGD with momentum)."""
+    common = {"sample_rate": 0.5, "noise_multiplier": 1.0, "clipping_norm": 0.5,
+              "min_available_nodes": 1, **optimizer}
+    plain = _play(DPFedAvg(**common), rounds=3, clients=6, seed=7)
+    audited = DPFedAvg(canaries=30, canary_seed=1, **common)
+    with_canaries = _play(audited, rounds=3, clients=6, seed=7)
+    for a, b in zip(plain, with_canaries, strict=True):
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
+    release = audited.canary_release()
+    assert set(release) == {"w", "b"}  # floating arrays only
+    assert not np.allclose(release["w"], with_canaries[-1]["w"])
 
 
 CENTRAL = [*MLP_DIGITS, "privacy.mode=central", "privacy.noise_multiplier=0.1",
