@@ -157,9 +157,9 @@ def _build_resources(config: Config, data_path: str) -> TaskResources:
     privacy_mode(config).check_data(config, [len(rows) for rows in federation.client_train_rows])
     encoded = model_kind(config.model.kind).encode(config, federation.data)
     canaries = None
-    if config.privacy.audit and PRIVACY_MODES[config.privacy.mode].audit_canaries == "examples":
+    if config.privacy.audit and PRIVACY_MODES[config.privacy.mode].audit_inserts == "examples":
         federation, encoded, canaries = insert_canary_examples(
-            federation, encoded, config.privacy.audit_canaries, config.run.seed)
+            federation, encoded, config.privacy.audit_examples, config.run.seed)
     spec = model_spec(config, federation.data.label_names, encoded)
     device = resolve_device(config.client.device)
     check_precision(config.client.precision, device)

@@ -1,6 +1,6 @@
 """Run a run's privacy audit and write it: ``audit.json`` and ``plots/audit.png``.
 
-The audit fits the privacy mode (``fedtune.tables.privacy_modes``: ``audit_canaries``):
+The audit fits the privacy mode (``fedtune.tables.privacy_modes``: ``audit_inserts``):
 
 - ``clients`` (central DP): the canary clients of ``strategies.dp_fedavg``; the statistic of
   canary i is the cosine of the final delta of the shadow release (the model released had the
@@ -114,15 +114,16 @@ def example_losses(model: nn.Module, resources: TaskResources) -> np.ndarray:
 def run_audit(config: Config, resources: TaskResources, initial: Mapping[str, np.ndarray],
               final: Mapping[str, np.ndarray], accountant_epsilon: float) -> dict[str, Any]:
     """The audit of one run, beside the accountant's ε (inf without noise or privacy)."""
-    kind = PRIVACY_MODES[config.privacy.mode].audit_canaries
+    kind = PRIVACY_MODES[config.privacy.mode].audit_inserts
     result = (user_level(config, initial, final) if kind == "clients"
               else sample_level(config, resources, final))
     # the estimate's lower end, or the bound, may not pass the accountant's guarantee
     evidence = result["interval"][0]
     violation = bool(math.isfinite(accountant_epsilon) and evidence > accountant_epsilon
                      + 1e-6)
-    return {"mode": config.privacy.mode, "delta": config.privacy.delta,
-            "canaries": config.privacy.audit_canaries,
+    count = (config.privacy.audit_canaries if kind == "clients"
+             else config.privacy.audit_examples)
+    return {"mode": config.privacy.mode, "delta": config.privacy.delta, "canaries": count,
             "accountant_epsilon": accountant_epsilon, **result, "violation": violation}
 
 
@@ -156,7 +157,7 @@ def audit_run_dir(path: str | Path) -> tuple[RunDirectory, dict[str, Any]]:
     run_dir = RunDirectory(folder.resolve())
     resources = task_resources(config)
     initial = shared_state(build_model(resources.spec, config.run.seed))
-    clients = PRIVACY_MODES[config.privacy.mode].audit_canaries == "clients"
+    clients = PRIVACY_MODES[config.privacy.mode].audit_inserts == "clients"
     saved = load_file(str(folder / (CANARY_RELEASE if clients else f"model/{SAVED_WEIGHTS}")))
     if clients:  # the release holds the floating arrays only
         initial = {k: v for k, v in initial.items() if np.issubdtype(v.dtype, np.floating)}

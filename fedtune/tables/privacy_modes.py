@@ -33,7 +33,7 @@ class PrivacyModeEntry(Entry):
     spends_budget: bool = False  # reports ε every round (and plots it)
     # what privacy.audit inserts: "examples" (sample-level canaries, Steinke et al. 2023) or
     # "clients" (user-level canary clients in the aggregation, Andrew et al. 2024)
-    audit_canaries: str = "examples"
+    audit_inserts: str = "examples"
     check: Callable[[Config], None] | None = None
 
 
@@ -103,16 +103,21 @@ ACCOUNTANT = Key("rdp", "privacy accountant (opacus.accountants)", choices=ACCOU
 BUDGET_KEYS = {"target_epsilon": TARGET_EPSILON, "delta": DELTA,
                "noise_multiplier": NOISE_MULTIPLIER, "accountant": ACCOUNTANT}
 
-AUDIT_KEYS = {
-    "audit": Key(False, "empirical privacy audit after the run (audit.json, plots/audit.png): "
-                        "central = canary clients (Andrew et al. 2024), local and none = canary "
-                        "examples (Steinke et al. 2023); canaries never enter the test sets"),
-    "audit_canaries": Key(200, "audit: canary clients (central) or canary examples (local, "
-                               "none); half of them are inserted", ge=2),
-}
+AUDIT = Key(False, "empirical privacy audit after the run (audit.json, plots/audit.png): "
+                   "central = canary clients (Andrew et al. 2024), local and none = canary "
+                   "examples (Steinke et al. 2023); canaries never enter the test sets")
+AUDIT_EXAMPLES = {"audit": AUDIT,
+                  "audit_examples": Key(200, "audit: canary examples with random labels, "
+                                             "half of them added to random clients' data",
+                                        ge=2)}
+AUDIT_CLIENTS = {"audit": AUDIT,
+                 "audit_canaries": Key(1000, "audit: canary clients, half of them inserted "
+                                             "into a shadow release; each draws a random "
+                                             "direction over the trained weights every round "
+                                             "it is sampled", ge=2)}
 
 PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
-    "none": PrivacyModeEntry("no privacy mechanism", keys=AUDIT_KEYS,
+    "none": PrivacyModeEntry("no privacy mechanism", keys=AUDIT_EXAMPLES,
                              implementation="fedtune.privacy.none:NoPrivacy"),
     "local": PrivacyModeEntry(
         "DP-SGD on every client (per example, Opacus)",
@@ -126,7 +131,7 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
                   0, "rounds each client plans to train; its noise makes ε reach "
                      "target_epsilon after client_rounds x its steps per round; 0 = "
                      "run.rounds", ge=0),
-              **AUDIT_KEYS},
+              **AUDIT_EXAMPLES},
         implementation="fedtune.privacy.local:LocalDP", spends_budget=True,
         check=_check_local),
     "central": PrivacyModeEntry(
@@ -150,9 +155,9 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
               "clip_lr": Key(0.2, "adaptive: geometric step size of the bound", gt=0),
               "clipped_count_stddev": Key(0.0, "adaptive: noise std of the unclipped count; 0 "
                                                "= expected cohort / 20", ge=0),
-              **AUDIT_KEYS},
+              **AUDIT_CLIENTS},
         implementation="fedtune.privacy.central:CentralDP", spends_budget=True,
-        audit_canaries="clients", check=_check_central),
+        audit_inserts="clients", check=_check_central),
 }
 
 

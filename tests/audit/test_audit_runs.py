@@ -17,9 +17,9 @@ from tests.conftest import rows_of, tiny_config
 
 FEDERATION = ["data.num_clients=40", "strategy.fraction_train=0.5", "run.rounds=4",
               "strategy.fraction_evaluate=0", "privacy.delta=0.001",
-              "privacy.audit_canaries=100"]
+              "privacy.audit_examples=100"]
 CENTRAL = [*FEDERATION, "privacy.mode=central", "privacy.clip_norm=1",
-           "privacy.adaptive_clipping=false"]
+           "privacy.adaptive_clipping=false", "privacy.audit_canaries=100"]
 
 
 def _audit(run_dir) -> dict:
