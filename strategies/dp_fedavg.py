@@ -293,8 +293,10 @@ class DPFedAvg(FedAvg):
             arrays = reply.content[self.arrayrecord_key]
             update = [arrays[name].numpy().astype(np.float64) - a
                       for name, a, f in zip(names, current, floating, strict=True) if f]
-            unclipped += get_norm(update) <= self.clipping_norm
-            clip_inputs_inplace(update, self.clipping_norm)
+            norm = get_norm(update)
+            unclipped += norm <= self.clipping_norm
+            if norm > 0:  # Flower's helper divides by the norm (a zero update stays zero)
+                clip_inputs_inplace(update, self.clipping_norm)
             for acc, part in zip(total, update, strict=True):
                 acc += part
         update_noise, count_std = self.noise_parameters()

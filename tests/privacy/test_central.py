@@ -86,6 +86,18 @@ def test_clipping_bounds_every_update_norm():
         assert metrics["dp-unclipped"] == int(raw <= clip)
 
 
+def test_a_zero_update_is_aggregated_not_divided_by_its_norm():
+    """A client whose model did not move (e.g. saturated logits give zero gradients after a
+    noisy round) sends a zero update; it counts as unclipped and adds nothing."""
+    rng = np.random.default_rng(6)
+    current = _arrays(rng)
+    new, metrics = _dp_fedavg(current, 2, sample_rate=1.0, noise_multiplier=0.0,
+                              clipping_norm=1.0).aggregate_train(1, [_reply(current)] * 2)
+    for name in SHAPES:
+        np.testing.assert_array_equal(_numpy(new)[name], current[name])
+    assert metrics["dp-unclipped"] == 2
+
+
 def test_noise_std_is_sigma_c_over_expected_cohort_and_empty_cohorts_are_noised():
     rng = np.random.default_rng(2)
     current = {"w": np.zeros((200, 200), dtype=np.float32)}
