@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from typing import TYPE_CHECKING
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -22,10 +23,14 @@ from fedtune.config import Config, ConfigError, RunConfigValue, from_run_config,
 from fedtune.data.encode import Encoded
 from fedtune.data.federation import Federation, build_federation
 from fedtune.data.loaders import eval_loader, train_loader
+from fedtune.faults import FaultPlan
 from fedtune.models.build import ModelSpec, build_model, model_kind, model_spec
 from fedtune.protocol import MAX_ANY_EXAMPLES
 from fedtune.tables.privacy_modes import privacy_mode
 from fedtune.train import TrainSettings
+
+if TYPE_CHECKING:
+    from fedtune.privacy.mode import PrivacyMode
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,9 +80,19 @@ class TaskResources:
     device: torch.device
     _model: nn.Module | None = field(default=None, repr=False)
 
-    @property
+    @cached_property
     def train_settings(self) -> TrainSettings:
         return train_settings(self.config)
+
+    @cached_property
+    def privacy(self) -> PrivacyMode:
+        """The privacy mode clients train under."""
+        return privacy_mode(self.config)
+
+    @cached_property
+    def faults(self) -> FaultPlan:
+        """Which clients misbehave, and how ([faults])."""
+        return FaultPlan.from_config(self.config)
 
     @property
     def model(self) -> nn.Module:

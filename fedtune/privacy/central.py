@@ -10,7 +10,7 @@ after Andrew et al. 2021) is ``strategies.dp_fedavg``. Clients train as without 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,6 @@ from fedtune.privacy.mode import PrivacyMode, PrivacyPlan, PrivacyServer
 from strategies.dp_fedavg import DPFedAvg
 
 if TYPE_CHECKING:
-    from flwr.app import Message
 
     from fedtune.config import Config
     from fedtune.results.run_dir import ClientRow
@@ -69,7 +68,8 @@ class CentralServer(PrivacyServer):
     def stop_before(self, server_round: int) -> str:
         return "" if self.budget.next_round_fits() else self.budget.stop_reason(server_round)
 
-    def record_round(self, rows: Sequence[ClientRow], replies: Sequence[Message]) -> None:
+    def record_round(self, rows: Sequence[ClientRow],
+                     accepted: Sequence[Mapping[str, Any]]) -> None:
         self.budget.record_round()
 
     def columns(self) -> dict[str, float | None]:

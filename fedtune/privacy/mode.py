@@ -9,14 +9,14 @@ The base classes are the mode without privacy; a mode overrides what it changes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedtune.train import GradientTerms, TrainResult, train_local
 
 if TYPE_CHECKING:
-    from flwr.app import Message, RecordDict
+    from flwr.app import RecordDict
     from flwr.serverapp.strategy import Strategy
 
     from fedtune.config import Config
@@ -54,8 +54,9 @@ class PrivacyServer:
         """Why ``server_round`` must not run ("" = it may)."""
         return ""
 
-    def record_round(self, rows: Sequence[ClientRow], replies: Sequence[Message]) -> None:
-        """Account for a finished round (its client rows and accepted train replies)."""
+    def record_round(self, rows: Sequence[ClientRow],
+                     accepted: Sequence[Mapping[str, Any]]) -> None:
+        """Account for a finished round (its client rows and the accepted clients' metrics)."""
 
     def columns(self) -> dict[str, float | None]:
         """This mode's values of metrics.csv's privacy columns after the latest round."""
