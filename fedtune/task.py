@@ -9,7 +9,7 @@ loads and encodes, later calls (every round, every virtual client) reuse it.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from functools import cached_property, lru_cache
@@ -20,14 +20,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedtune.config import Config, ConfigError, RunConfigValue, from_run_config, to_toml
-from fedtune.data.encode import Encoded
+from fedtune.data.encode import Batch, Encoded
 from fedtune.data.federation import Federation, build_federation
 from fedtune.data.loaders import eval_loader, train_loader
 from fedtune.faults import FaultPlan
 from fedtune.models.build import ModelSpec, build_model, model_kind, model_spec
 from fedtune.protocol import MAX_ANY_EXAMPLES
 from fedtune.tables.privacy_modes import privacy_mode
-from fedtune.train import TrainSettings
+from fedtune.train import TrainSettings, make_optimizer, reset_optimizer
 
 if TYPE_CHECKING:
     from fedtune.privacy.mode import PrivacyMode
@@ -79,6 +79,7 @@ class TaskResources:
     spec: ModelSpec
     device: torch.device
     _model: nn.Module | None = field(default=None, repr=False)
+    _optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
 
     @cached_property
     def train_settings(self) -> TrainSettings:
@@ -101,7 +102,15 @@ class TaskResources:
             self._model = build_model(self.spec, self.config.run.seed).to(self.device)
         return self._model
 
-    def client_train_loader(self, shard: int, seed: int) -> DataLoader:
+    def local_optimizer(self) -> torch.optim.Optimizer:
+        """The configured optimizer over the resident model's trainable parameters, reset: one
+        optimizer serves every client this process trains (``fedtune.train.reset_optimizer``)."""
+        if self._optimizer is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self._optimizer = make_optimizer(params, self.train_settings)
+        return reset_optimizer(self._optimizer)
+
+    def client_train_loader(self, shard: int, seed: int) -> Iterable[Batch]:
         rows = self.federation.client_train_rows[shard]
         return train_loader(self.encoded, self.federation.data.labels, rows,
                             self.config.client.batch_size, seed)

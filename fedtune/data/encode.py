@@ -1,8 +1,8 @@
 """Turn a dataset into model inputs once per process: token ids, hashed bag-of-words, or features.
 
-Tokenization runs once per (dataset, tokenizer, max_length) and is cached in memory and on disk
-(``$FEDTUNE_CACHE`` or ``~/.cache/fedtune``), so simulated clients, Ray workers and repeated
-runs reuse it. Texts are stored as ragged id arrays; batches are padded to their own longest
+Tokenization (per dataset, tokenizer and max_length) and feature hashing (per dataset and
+feature count) run once and are cached in memory and on disk (``$FEDTUNE_CACHE`` or
+``~/.cache/fedtune``), so simulated clients, Ray workers and repeated runs reuse them. Texts are stored as ragged id arrays; batches are padded to their own longest
 text (dynamic padding) when they are built.
 """
 
@@ -62,7 +62,18 @@ class SparseFeatures:
     values: sp.csr_matrix
 
     def pad(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        return {"features": torch.from_numpy(self.values[rows].toarray())}
+        """Dense rows, gathered straight from the CSR arrays (scipy's row indexing builds a
+        new sparse matrix first, which costs more than a small client's step)."""
+        matrix, rows = self.values, np.asarray(rows)
+        starts = matrix.indptr[rows]
+        lengths = matrix.indptr[rows + 1] - starts
+        # the positions of every stored value of these rows in data/indices, row after row
+        shift = starts - np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        positions = np.arange(lengths.sum()) + np.repeat(shift, lengths)
+        dense = np.zeros((len(rows), matrix.shape[1]), dtype=matrix.dtype)
+        dense[np.repeat(np.arange(len(rows)), lengths), matrix.indices[positions]] = \
+            matrix.data[positions]
+        return {"features": torch.from_numpy(dense)}
 
 
 Encoded = TokenIds | DenseFeatures | SparseFeatures
@@ -80,11 +91,7 @@ def _tokenizer_fingerprint(tokenizer_path: str) -> str:
 @lru_cache(maxsize=4)
 def tokenize(data: LabelledData, tokenizer_path: str, max_length: int) -> TokenIds:
     """Token ids of every text, truncated to max_length, cached on disk."""
-    key = hashlib.sha256(
-        "\x00".join([data.name, str(len(data)), _tokenizer_fingerprint(tokenizer_path),
-                     str(max_length), hashlib.sha256("\x00".join(data.texts).encode()).hexdigest()])
-        .encode()
-    ).hexdigest()[:24]
+    key = _cache_key(data, _tokenizer_fingerprint(tokenizer_path), str(max_length))
     file = cache_dir() / "tokens" / f"{data.name}-{key}.npz"
     if file.is_file():
         stored = np.load(file)
@@ -97,21 +104,50 @@ def tokenize(data: LabelledData, tokenizer_path: str, max_length: int) -> TokenI
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     ids = np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(offsets[-1]))
     result = TokenIds(ids, offsets, int(tokenizer.pad_token_id or 0))
+    _save(file, ids=ids, offsets=offsets, pad_id=result.pad_id)
+    return result
+
+
+def _cache_key(data: LabelledData, *settings: str) -> str:
+    """A key for an encoding of ``data``: its name, size and texts, and the settings."""
+    texts = hashlib.sha256("\x00".join(data.texts).encode()).hexdigest()
+    return hashlib.sha256("\x00".join([data.name, str(len(data)), *settings, texts])
+                          .encode()).hexdigest()[:24]
+
+
+def _save(file: Path, **arrays: np.ndarray | int) -> None:
+    """``np.savez`` to a temporary name, then renamed: concurrent workers never read half a
+    file."""
     file.parent.mkdir(parents=True, exist_ok=True)
     partial = file.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(partial, ids=ids, offsets=offsets, pad_id=result.pad_id)
-    partial.replace(file)  # atomic: concurrent workers never read half a file
-    return result
+    np.savez(partial, **arrays)
+    partial.replace(file)
+
+
+HASHING_VERSION = "unigram+bigram,l2,v1"  # change when the vectorizer's settings change
 
 
 @lru_cache(maxsize=4)
 def hash_bag_of_words(data: LabelledData, num_features: int) -> SparseFeatures:
-    """L2-normalised hashed unigram+bigram counts (scikit-learn HashingVectorizer)."""
+    """L2-normalised hashed unigram+bigram counts (scikit-learn HashingVectorizer), cached on
+    disk like the token ids: every Ray actor and every later run loads them instead of hashing
+    the texts again."""
+    file = cache_dir() / "hashed" / (f"{data.name}-"
+                                     f"{_cache_key(data, str(num_features), HASHING_VERSION)}.npz")
+    if file.is_file():
+        stored = np.load(file)
+        shape = (int(stored["rows"]), num_features)
+        return SparseFeatures(sp.csr_matrix((stored["data"], stored["indices"],
+                                             stored["indptr"]), shape=shape))
     from sklearn.feature_extraction.text import HashingVectorizer
 
     vectorizer = HashingVectorizer(n_features=num_features, ngram_range=(1, 2),
                                    alternate_sign=False, norm="l2", dtype=np.float32)
-    return SparseFeatures(vectorizer.transform(data.texts).tocsr())
+    matrix = vectorizer.transform(data.texts).tocsr()
+    matrix.sum_duplicates()  # canonical rows: SparseFeatures.pad reads them directly
+    _save(file, data=matrix.data, indices=matrix.indices, indptr=matrix.indptr,
+          rows=matrix.shape[0])
+    return SparseFeatures(matrix)
 
 
 def input_dim(encoded: Encoded) -> int:

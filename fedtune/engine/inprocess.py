@@ -39,7 +39,7 @@ from fedtune.server.checkpoint import state_from_bytes, state_to_bytes
 from fedtune.server.exchange import RunStopped
 from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec
 from fedtune.server.reporting import Reporter
-from fedtune.task import run_config_resources
+from fedtune.task import limit_threads, run_config_resources
 
 NODE_ID_OFFSET = 1000  # node ids below this are Flower's own (0: none, 1: SuperLink)
 
@@ -196,6 +196,9 @@ class InProcessGrid(CohortGrid):
 
 def run_inprocess(config: Config, reporter: Reporter | None = None,
                   stop: threading.Event | None = None) -> RunDirectory:
-    """The ``inprocess`` runtime: every client in this process, one after another (no Ray)."""
+    """The ``inprocess`` runtime: every client in this process, one after another (no Ray),
+    with the torch threads of one client (``engine.client_cpus``): a small model gains nothing
+    from more, and on a busy machine spinning threads slow it down many times over."""
+    limit_threads(config.engine.client_cpus)
     grid = InProcessGrid(fedtune_client_app, to_run_config(config), config.data.num_clients)
     return run_federated(grid, config, reporter, stop)

@@ -71,6 +71,7 @@ from fedtune.server.exchange import RunStopped
 from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec
 
 BATCH_S = 0.05  # single-message work per Ray call, once the time of a message is known
+COHORT_CALL_S = 0.25  # most client time per Ray call of blocks (calls shrink as a phase ends)
 MAX_BATCH = 64
 CALLS_PER_ACTOR = 2
 WAIT_S = 0.25  # longest single wait on Ray before checking timeouts and the stop event
@@ -79,17 +80,19 @@ PUSHED_KEPT = 4  # shared records whose object-store copy later pushes reuse
 
 @dataclass
 class _Work:
-    """A unit of work for one Ray call: single messages, or a block of a cohort."""
+    """A unit of work for one Ray call: single messages, or consecutive blocks of a cohort."""
 
     message_ids: list[str] = field(default_factory=list)
-    block: BlockTask | None = None
-    cohort: _Cohort | None = None  # the phase a block belongs to
+    blocks: list[BlockTask] = field(default_factory=list)
+    cohort: _Cohort | None = None  # the phase the blocks belong to
     alone: bool = False  # its previous call's actor died or overran: it runs alone
     done: bool = False  # delivered, or discarded (a late result is dropped)
 
     @property
     def size(self) -> int:
-        return len(self.block.clients) if self.block is not None else len(self.message_ids)
+        if self.blocks:
+            return sum(len(block.clients) for block in self.blocks)
+        return len(self.message_ids)
 
 
 @dataclass
@@ -126,13 +129,13 @@ class _Cohort:
     works: list[_Work] = field(default_factory=list)
     clients_done: int = 0
 
-    def deliver(self, work: _Work, result: BlockResult) -> None:
-        index = work.block.index
+    def deliver(self, block: BlockTask, result: BlockResult) -> None:
+        index = block.index
         self.clients_done += len(result.reports)
         if index not in self.split_sizes:
             self.results[index] = result
             return
-        position = work.block.clients[0].client_id
+        position = block.clients[0].client_id
         self.parts.setdefault(index, {})[position] = result
         if len(self.parts[index]) == self.split_sizes[index]:
             ordered = [self.parts[index][key] for key in sorted(self.parts[index])]
@@ -229,7 +232,7 @@ class RayGrid(CohortGrid):
                    for node in (self._node(m) for m in messages)]
         blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec)
         cohort = _Cohort(self._put(content), len(blocks), len(clients))
-        cohort.works = [_Work(block=block, cohort=cohort) for block in blocks]
+        cohort.works = [_Work(blocks=[block], cohort=cohort) for block in blocks]
         self._queue.extend(cohort.works)
         deadline = time.monotonic() + timeout_s
         done = 0
@@ -328,24 +331,39 @@ class RayGrid(CohortGrid):
             self._fail_queue("no Ray actor is left to run it")
 
     def _next_work(self, num_lanes: int) -> _Work:
-        """The next queued work; queued single messages are batched into one call of about
-        BATCH_S of work, a fair share of the queue."""
+        """The next queued work, joined with the queued work of its kind behind it into one
+        call of at most BATCH_S (messages) or COHORT_CALL_S (blocks) of client time, once that
+        time is known, and no more than a fair share of what is queued, so calls shrink as a
+        phase ends and the actors finish together (guided self-scheduling): a Ray call costs a
+        few milliseconds, a small client's step less. Blocks keep their own results, so how they
+        are grouped changes nothing."""
         work = self._queue.popleft()
-        if work.block is not None or work.alone:
+        if work.alone:
             return work
-        task_s = self._task_s.get("message")
-        size = 1 if task_s is None else int(BATCH_S / max(task_s, 1e-6))
-        share = math.ceil((len(self._queue) + 1) / (num_lanes * CALLS_PER_ACTOR))
-        size = max(1, min(size, share, MAX_BATCH))
-        while (self._queue and len(work.message_ids) < size and self._queue[0].block is None
-               and not self._queue[0].alone and not self._queue[0].done):
-            work.message_ids += self._queue.popleft().message_ids
+        kind = work.blocks[0].message_type if work.blocks else "message"
+        client_s = self._task_s.get(kind)
+        call_s = COHORT_CALL_S if work.blocks else BATCH_S
+        wanted = 1 if client_s is None else max(1, int(call_s / max(client_s, 1e-6)))
+        queued = work.size + (sum(w.size for w in self._queue if not w.done) if work.blocks
+                              else len(self._queue))
+        limit = max(1, min(wanted, math.ceil(queued / (num_lanes * CALLS_PER_ACTOR))))
+        while self._queue and work.size < limit and len(work.message_ids) < MAX_BATCH:
+            after = self._queue[0]
+            if after.done:
+                self._queue.popleft()
+                continue
+            if after.alone or after.cohort is not work.cohort or (
+                    bool(after.blocks) != bool(work.blocks)):
+                break
+            self._queue.popleft()
+            work.blocks += after.blocks
+            work.message_ids += after.message_ids
         return work
 
     def _call(self, lane: _Lane, work: _Work) -> None:
-        if work.block is not None:
-            ref = lane.actor.run_block.remote((work.cohort.content,), work.block)
-            kind = work.block.message_type
+        if work.blocks:
+            ref = lane.actor.run_blocks.remote((work.cohort.content,), work.blocks)
+            kind = work.blocks[0].message_type
         else:
             work.message_ids = [i for i in work.message_ids if i in self._jobs]  # not discarded
             if not work.message_ids:
@@ -383,12 +401,15 @@ class RayGrid(CohortGrid):
         if work.done:
             return
         work.done = True
-        if work.block is not None:
+        if work.blocks:
             if isinstance(result, Exception):
-                result = self._failed_block(work.block, f"engine error: {result}")
+                result = [self._failed_block(block, f"engine error: {result}")
+                          for block in work.blocks]
             else:
-                self._learn(work.block.message_type, result.seconds, len(work.block.clients))
-            work.cohort.deliver(work, result)
+                self._learn(work.blocks[0].message_type, sum(r.seconds for r in result),
+                            work.size)
+            for block, block_result in zip(work.blocks, result, strict=True):
+                work.cohort.deliver(block, block_result)
             return
         if isinstance(result, Exception):
             for message_id in work.message_ids:
@@ -446,16 +467,16 @@ class RayGrid(CohortGrid):
             self._fail(work, code, reason)
         elif not work.done:
             work.done = True  # replaced by the lone pieces below
-            if work.block is not None:
-                pieces = split_block(work.block)
-                work.cohort.split_sizes[work.block.index] = len(pieces)
-                again += [_Work(block=piece, cohort=work.cohort, alone=True) for piece in pieces]
-            else:
-                again += [_Work(message_ids=[i], alone=True) for i in work.message_ids]
+            for block in work.blocks:
+                pieces = split_block(block)
+                work.cohort.split_sizes[block.index] = len(pieces)
+                again += [_Work(blocks=[piece], cohort=work.cohort, alone=True)
+                          for piece in pieces]
+            again += [_Work(message_ids=[i], alone=True) for i in work.message_ids]
         for call in lane.calls:
             if not call.work.done:
                 call.work.done = True
-                again.append(_Work(call.work.message_ids, call.work.block, call.work.cohort,
+                again.append(_Work(call.work.message_ids, call.work.blocks, call.work.cohort,
                                    call.work.alone))
         self._queue.extendleft(reversed(again))
         ray.kill(lane.actor, no_restart=True)  # dead already, or stuck: make sure
@@ -469,9 +490,10 @@ class RayGrid(CohortGrid):
         if work.done:
             return
         work.done = True
-        if work.block is not None:
+        if work.blocks:
             status = "timeout" if code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE else "failed"
-            work.cohort.deliver(work, self._failed_block(work.block, reason, status))
+            for block in work.blocks:
+                work.cohort.deliver(block, self._failed_block(block, reason, status))
             return
         for message_id in work.message_ids:
             if message_id in self._jobs:
@@ -501,11 +523,9 @@ class RayGrid(CohortGrid):
         """Report the clients of every unfinished block as timed out."""
         finished = set(cohort.results)
         for work in cohort.works:
-            index = work.block.index
-            if index in finished:
-                continue
-            block = work.block
-            cohort.results[index] = self._failed_block(block, reason, "timeout")
+            (block,) = work.blocks  # the cohort's original works hold one block each
+            if block.index not in finished:
+                cohort.results[block.index] = self._failed_block(block, reason, "timeout")
         for work in list(self._queue) + [c.work for lane in self._lanes for c in lane.calls]:
             if work.cohort is cohort:
                 work.done = True

@@ -3,7 +3,7 @@
 An actor gets the ClientApp and the run config once. ``ready`` loads what the task needs (the
 federation's index arrays, the encoded data, one model) once. Then it serves work two ways:
 
-- ``run_block``: a block of a round's cohort (``fedtune.engine.cohort``) - the client wing's
+- ``run_blocks``: blocks of a round's cohort (``fedtune.engine.cohort``) - the client wing's
   train or evaluate function per client on the resident model, updates screened and summed
   here. The round's shared records come from Ray's object store, where the driver put them once
   per phase; the actor decodes them once.
@@ -84,13 +84,15 @@ class ClientWorker:
         importlib.import_module("torch._dynamo")
         return f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}"
 
-    def run_block(self, content: tuple[ray.ObjectRef], task: BlockTask) -> BlockResult:
-        """Train or evaluate a block of clients; ``content``: the phase's shared records."""
+    def run_blocks(self, content: tuple[ray.ObjectRef], tasks: list[BlockTask]
+                   ) -> list[BlockResult]:
+        """Train or evaluate blocks of clients, each with its own result; ``content``: the
+        phase's shared records."""
         decoded = self._pushed(content[0], lambda records: DecodedContent.of(records))
         resources = run_config_resources(self.run_config)
         if self.train is None:
-            return run_block(resources, decoded, task)
-        return run_block(resources, decoded, task, self.train)
+            return [run_block(resources, decoded, task) for task in tasks]
+        return [run_block(resources, decoded, task, self.train) for task in tasks]
 
     def serve(self, tasks: list[ClientTask]) -> list[ClientOutcome]:
         """Run the tasks one after another; one call for several clients costs Ray one call."""

@@ -91,5 +91,6 @@ class PrivacyMode:
         """Train the resident model on client ``shard``'s training split; ``state`` is the
         client's Context.state, ``objective`` its strategy's extra terms."""
         result = train_local(resources.model, resources.client_train_loader(shard, seed),
-                             resources.train_settings, resources.device, objective)
+                             resources.train_settings, resources.device, objective,
+                             optimizer=resources.local_optimizer())
         return LocalTraining(result)
