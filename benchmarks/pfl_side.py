@@ -132,8 +132,11 @@ def main() -> None:
 
     eval_params = NNEvalHyperParams(local_batch_size=config.client.eval_batch_size)
     FederatedAveraging().run(
+        # evaluation_frequency is pfl's evaluation of every sampled user's data before and
+        # after its training; fedtune's workload has none (only the server's), so pfl skips
+        # it too after the first round (iteration 0 always evaluates; round 1 is not timed)
         algorithm_params=NNAlgorithmParams(central_num_iterations=args.rounds,
-                                           evaluation_frequency=1,
+                                           evaluation_frequency=args.rounds + 1,
                                            train_cohort_size=len(users), val_cohort_size=0),
         backend=SimulatedBackend(training_data=training, val_data=None,
                                  postprocessors=[WeightByDatapoints()]),

@@ -54,10 +54,15 @@ def client_round_seed(run_seed: int, server_round: int, client_id: int) -> int:
     return int(np.random.SeedSequence([run_seed, server_round, client_id]).generate_state(1)[0])
 
 
+@lru_cache(maxsize=1)
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
 def seed_torch(seed: int) -> None:
     """``torch.manual_seed``, minus its lazy seeding of absent CUDA/XPU/MTIA devices, which
     formats a Python stack per call and costs more than a small client's training step."""
-    if torch.cuda.is_available():
+    if _has_cuda():
         torch.manual_seed(seed)
     else:
         torch.default_generator.manual_seed(seed)

@@ -109,6 +109,8 @@ def reset_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 def _to(batch: Batch, device: torch.device) -> Batch:
     inputs, labels = batch
+    if labels.device == device and all(v.device == device for v in inputs.values()):
+        return batch
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}, labels.to(device)
 
 
@@ -140,7 +142,10 @@ def train_local(
     wrapped ones.
     """
     start = time.perf_counter()
-    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:  # the parameters it steps (walking the model's modules costs more than a small step)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
     if any(p.device != device for p in params):
         model.to(device)
     if not model.training:

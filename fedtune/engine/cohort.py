@@ -187,13 +187,13 @@ def run_block(resources: TaskResources, content: DecodedContent, task: BlockTask
 
 def _accumulate(result: BlockResult, scratch: dict[str, np.ndarray],
                 arrays: Mapping[str, np.ndarray], weight: float) -> None:
-    """``result.total += weight * arrays``: the product in the update's own precision, the sum
-    in float64 (so adding many clients loses nothing beyond each product's rounding)."""
+    """``result.total += weight * arrays`` in float64."""
     if result.total is None:
         result.total = {name: np.zeros(value.shape, np.float64) for name, value in arrays.items()}
-        scratch.update({name: np.empty_like(value) for name, value in arrays.items()})
+        scratch.update({name: np.empty(value.shape, np.float64)
+                        for name, value in arrays.items()})
     for name, value in arrays.items():
-        np.multiply(value, weight, out=scratch[name], casting="unsafe")
+        np.multiply(value, weight, out=scratch[name], dtype=np.float64)
         result.total[name] += scratch[name]
     result.weight += weight
 

@@ -43,9 +43,9 @@ def load_shared_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> Non
         unexpected = sorted(set(arrays) - set(own))
         raise ValueError(f"weights do not match the model: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
+    values = [torch.from_numpy(np.asarray(arrays[name])) for name in own]
+    for (name, tensor), value in zip(own.items(), values, strict=True):
+        if value.shape != tensor.shape:
+            raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(tensor.shape)}")
     with torch.no_grad():
-        for name, tensor in own.items():
-            value = torch.from_numpy(np.asarray(arrays[name]))
-            if value.shape != tensor.shape:
-                raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(tensor.shape)}")
-            tensor.copy_(value)
+        torch._foreach_copy_(list(own.values()), values)
