@@ -1,123 +1,63 @@
-"""fedtune's Ray engine against Flower's stock simulation and centralized training.
+"""fedtune's engine against pfl-research, Flower's stock simulation and a tight torch loop.
 
-Three side-by-side measurements, each printed as a table with ratios (issue #7):
+Every side runs as a child process of this script (one process tree), the sides alternate
+(A B C A B C ...), and each reports per round its wall seconds and the CPU seconds of its whole
+process tree (driver, Ray's processes and actors, torchrun's workers). The first round of every
+run pays for lazy imports and warm-up and is left out; the table shows medians over the other
+rounds of all repeats. Sub-benchmarks:
 
-- ``rounds``: start-up and per-round time, fedtune's engine vs Flower's simulation runtime, MLP,
-  100 and 1,000 clients, one local step each, all clients every round;
-- ``central``: federated (FedAvg, IID, all clients every round) vs centralized training over
-  the same number of samples with the same model, batch size and optimizer;
-- ``rss``: peak resident memory (driver + Ray processes, summed) at 100, 1,000 and 10,000 total
-  clients over the same data, 100 sampled per round.
+- ``rounds``: the workload of issue 13 - MLP 1024->64->2 on hashed Rotten Tomatoes, IID, batch
+  8, one local step of AdamW (fused, lr 0.1), every client every round, the server's evaluation
+  on the global test set after every round - on fedtune's Ray engine (2 actors), fedtune in one
+  process, pfl 0.6.0 in one process and with two workers (torchrun, gloo), and Flower's stock
+  simulation; 100, 1,000 and 10,000 clients. Ratios are other / fedtune Ray engine.
+- ``floor``: the same clients' steps in a tight torch loop (one model, one fused AdamW reset
+  per client, batches built beforehand, one thread) plus one server evaluation: what any
+  simulator must spend. (fedtune's CPU per round - floor) / clients is its per-client overhead.
+- ``central``: federated (Ray engine) against centralized training on the same batches in one
+  process with the same model and optimizer, with and without start-up.
+- ``startup``: where fedtune's start-up goes (imports, data and features, Ray, actors).
+- ``lora``: MiniLM with LoRA adapters (r 8) on Rotten Tomatoes, 32 clients, one local step of
+  batch 8, fedtune's Ray engine against pfl in one process and two workers.
+- ``rss``: peak resident memory at 100, 1,000 and 10,000 clients, 100 sampled per round.
 
-Run: ``python benchmarks/engine_benchmarks.py [rounds|central|rss ...]`` (all by default).
+Run: ``python benchmarks/engine_benchmarks.py rounds floor central startup lora rss``
+(needs ``pip install -e '.[bench]'`` for pfl).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
 MLP = [
     "data.dataset=rotten_tomatoes", "model.kind=mlp", "model.num_features=1024",
-    "model.hidden_sizes=[64]", "data.partitioner=iid", "data.max_examples=0",
+    "model.hidden_sizes=[64]", "model.dropout=0", "data.partitioner=iid", "data.max_examples=0",
     "data.local_test_fraction=0", "client.local_steps=1", "client.batch_size=8",
-    "client.lr=0.01", "strategy.fraction_evaluate=0", "strategy.fraction_train=1.0",
+    "client.optimizer=adamw", "client.lr=0.1", "strategy.fraction_evaluate=0",
+    "strategy.fraction_train=1.0", "engine.node_wait_s=900", "run.checkpoint_every=0",
+]
+LORA = [
+    "data.dataset=rotten_tomatoes", "model.kind=hf", "model.transfer=lora", "model.max_length=48",
+    "data.partitioner=iid", "data.max_examples=3000", "data.local_test_fraction=0",
+    "client.local_steps=1", "client.batch_size=8", "client.optimizer=adamw", "client.lr=1e-3",
+    "strategy.fraction_evaluate=0", "strategy.fraction_train=1.0", "engine.node_wait_s=900",
+    "run.checkpoint_every=0",
 ]
 
 
-def _config(out: Path, *overrides: str):
-    from fedtune.config import load_config
+# --- measuring a process tree -----------------------------------------------------------------
 
-    config = load_config(None, [*MLP, *overrides])
-    config.run.dir = str(out)
-    return config
-
-
-def _round_times(run_dir: Path) -> list[float]:
-    with (run_dir / "metrics.csv").open(newline="") as handle:
-        return [float(row["wall_s"]) for row in csv.DictReader(handle)]
-
-
-def _timed_run(config) -> tuple[float, list[float]]:
-    """(start-up seconds, per-round seconds) of one run on its configured backend."""
-    from fedtune.engine.launch import launch
-
-    started = time.perf_counter()
-    launch(config)
-    total = time.perf_counter() - started
-    rounds = _round_times(Path(config.run.dir))
-    return total - sum(rounds), rounds
-
-
-def bench_rounds(out: Path, sizes: list[int], engine_rounds: int, flower_rounds: int) -> None:
-    print("\n## fedtune Ray engine vs Flower stock simulation (MLP, 1 local step)")
-    print("| clients | runtime | rounds | start-up s | mean round s | ratio (Flower / fedtune) |")
-    print("|---|---|---|---|---|---|")
-    for n in sizes:
-        results = {}
-        for backend, rounds in (("ray", engine_rounds), ("flower", flower_rounds)):
-            config = _config(out / f"rounds-{backend}-{n}", f"engine.backend={backend}",
-                             f"data.num_clients={n}", f"run.rounds={rounds}",
-                             "engine.node_wait_s=600")
-            startup, times = _timed_run(config)
-            # the first round also pays for lazy imports in the workers: report the rest
-            steady = times[1:] or times
-            results[backend] = (startup, sum(steady) / len(steady), len(times))
-        for backend in ("ray", "flower"):
-            startup, mean, count = results[backend]
-            ratio = results["flower"][1] / results["ray"][1] if backend == "ray" else ""
-            print(f"| {n} | {backend} | {count} | {startup:.1f} | {mean:.2f} | "
-                  f"{f'{ratio:.1f}x' if ratio else ''} |", flush=True)
-
-
-def bench_central(out: Path, clients: int, rounds: int, steps: int) -> None:
-    """Same samples: rounds * clients * steps batches, federated or in one loop."""
-    import numpy as np
-
-    from fedtune.data.loaders import train_loader
-    from fedtune.engine.launch import launch
-    from fedtune.models.build import build_model
-    from fedtune.task import limit_threads, task_resources, train_settings
-    from fedtune.train import train_local
-
-    config = _config(out / "central-fed", "engine.backend=ray", f"data.num_clients={clients}",
-                     f"run.rounds={rounds}", f"client.local_steps={steps}")
-    started = time.perf_counter()
-    launch(config)
-    federated = time.perf_counter() - started
-    federated_rounds = sum(_round_times(Path(config.run.dir)))
-
-    limit_threads(os.cpu_count() or 1)
-    resources = task_resources(config)
-    started = time.perf_counter()
-    model = build_model(resources.spec, config.run.seed)
-    rows = np.concatenate(resources.federation.client_train_rows)
-    loader = train_loader(resources.encoded, resources.federation.data.labels, rows,
-                          config.client.batch_size, config.run.seed)
-    settings = replace(train_settings(config), local_steps=rounds * clients * steps)
-    train_local(model, loader, settings, resources.device)
-    centralized = time.perf_counter() - started
-    batches = rounds * clients * steps
-    print(f"\n## federated vs centralized ({batches} batches of {config.client.batch_size})")
-    print("| setting | wall s | ratio to centralized |")
-    print("|---|---|---|")
-    print(f"| centralized (one loop, {os.cpu_count()} threads) | {centralized:.1f} | 1.0x |")
-    print(f"| federated, rounds only ({clients} clients x {rounds} rounds x {steps} steps) | "
-          f"{federated_rounds:.1f} | {federated_rounds / centralized:.1f}x |")
-    print(f"| federated, with Ray start-up | {federated:.1f} | {federated / centralized:.1f}x |",
-          flush=True)
-
-
-def _tree_rss_kb(root: int) -> int:
-    """Summed VmRSS of ``root`` and all its descendants (from /proc)."""
+def _children() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -127,7 +67,28 @@ def _tree_rss_kb(root: int) -> int:
                 continue
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
             children.setdefault(ppid, []).append(int(entry))
-    total, stack = 0, [root]
+    return children
+
+
+def tree_cpu_s(root: int) -> float:
+    """User + system CPU seconds of ``root`` and every living descendant (and the children
+    they have reaped)."""
+    children, total, stack = _children(), 0.0, [root]
+    ticks = os.sysconf("SC_CLK_TCK")
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(fields[i]) for i in (11, 12, 13, 14)) / ticks
+    return total
+
+
+def tree_rss_kb(root: int) -> int:
+    """Summed VmRSS of ``root`` and all its descendants."""
+    children, total, stack = _children(), 0, [root]
     while stack:
         pid = stack.pop()
         stack.extend(children.get(pid, []))
@@ -140,63 +101,343 @@ def _tree_rss_kb(root: int) -> int:
     return total
 
 
-def _one_rss_run(out: str, clients: int) -> None:
+# --- the sides, each run in a child process ---------------------------------------------------
+
+class RoundProbe:
+    """A fedtune Reporter that prints each round's wall time and the tree's CPU seconds."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.cpu = tree_cpu_s(os.getpid())
+        self.first = True
+
+    def start(self, config, run_dir) -> None:
+        pass
+
+    def phase(self, server_round, phase, done, total) -> None:
+        if self.first:  # the first round starts: everything before is start-up
+            self.first = False
+            print(json.dumps({"startup_s": time.perf_counter() - self.started}), flush=True)
+            self.cpu = tree_cpu_s(os.getpid())
+
+    def round_end(self, row) -> None:
+        cpu = tree_cpu_s(os.getpid())
+        print(json.dumps({"round": row.round, "wall_s": row.wall_s, "cpu_s": cpu - self.cpu,
+                          "accuracy": row.eval_accuracy}), flush=True)
+        self.cpu = tree_cpu_s(os.getpid())
+
+    def finish(self, summary, run_dir) -> None:
+        pass
+
+
+def side_fedtune(overrides: list[str], out: str) -> None:
+    started = time.perf_counter()
+    from fedtune.config import load_config
     from fedtune.engine.launch import launch
 
-    launch(_config(Path(out), "engine.backend=ray", f"data.num_clients={clients}",
-                   "run.rounds=2", f"strategy.fraction_train={100 / clients}"))
+    config = load_config(None, overrides)
+    config.run.dir = out
+    launch(config, RoundProbe(started))
+
+
+def side_floor(overrides: list[str]) -> None:
+    """The clients' steps in a tight loop, and one server evaluation."""
+    import numpy as np
+    import torch
+
+    from fedtune.config import load_config
+    from fedtune.models.build import build_model
+    from fedtune.task import task_resources
+    from fedtune.train import evaluate, make_optimizer, reset_optimizer
+
+    torch.set_num_threads(1)
+    config = load_config(None, overrides)
+    resources = task_resources(config)
+    model = build_model(resources.spec, config.run.seed)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],
+                               resources.train_settings)
+    labels = resources.federation.data.labels
+    rng = np.random.default_rng(0)
+    batches = []
+    for rows in resources.federation.client_train_rows:
+        picked = rng.permutation(rows)[:config.client.batch_size]
+        batches.append((resources.encoded.pad(picked), torch.from_numpy(labels[picked])))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for repeat in range(3):
+        cpu = time.process_time()
+        for inputs, target in batches:
+            reset_optimizer(optimizer).zero_grad(set_to_none=True)
+            loss_fn(model(**inputs), target).backward()
+            optimizer.step()
+        steps_s = time.process_time() - cpu
+        cpu = time.process_time()
+        evaluate(model, resources.global_test_loader(), torch.device("cpu"))
+        print(json.dumps({"steps_cpu_s": steps_s, "eval_cpu_s": time.process_time() - cpu}),
+              flush=True)
+
+
+def side_central(overrides: list[str], threads: int) -> None:
+    """Centralized training over the clients' batches (one step each), in one process."""
+    import torch
+
+    from fedtune.config import load_config
+    from fedtune.models.build import build_model
+    from fedtune.task import task_resources
+    from fedtune.train import make_optimizer
+
+    started = time.perf_counter()
+    torch.set_num_threads(threads)
+    config = load_config(None, overrides)
+    resources = task_resources(config)
+    model = build_model(resources.spec, config.run.seed)
+    optimizer = make_optimizer(list(model.parameters()), resources.train_settings)
+    loaders = [resources.client_train_loader(c, c) for c in range(config.data.num_clients)]
+    loss_fn = torch.nn.CrossEntropyLoss()
+    startup = time.perf_counter() - started
+    for repeat in range(3):
+        wall, cpu = time.perf_counter(), time.process_time()
+        for loader in loaders:
+            inputs, target = next(iter(loader))
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(**inputs), target).backward()
+            optimizer.step()
+        print(json.dumps({"wall_s": time.perf_counter() - wall,
+                          "cpu_s": time.process_time() - cpu, "startup_s": startup}), flush=True)
+
+
+def side_startup(overrides: list[str]) -> None:
+    """fedtune's start-up, step by step."""
+    marks = [("process start", time.perf_counter())]
+    import torch  # noqa: F401
+    import flwr.app  # noqa: F401
+    import ray  # noqa: F401
+
+    marks.append(("imports (torch, flwr, ray)", time.perf_counter()))
+    from fedtune.config import load_config
+    from fedtune.engine.ray_pool import ActorFactory, pool_size, ray_session, start_actors
+    from fedtune.task import task_resources
+
+    config = load_config(None, overrides)
+    task_resources(config)
+    marks.append(("data, partition, features (driver)", time.perf_counter()))
+    with ray_session(config):
+        marks.append(("Ray start", time.perf_counter()))
+        from fedtune.client.app import app
+        from fedtune.config import to_run_config
+
+        factory = ActorFactory(app, to_run_config(config), 1, 1.0, 0.0)
+        start_actors(factory, pool_size(config, ray.cluster_resources()), 900)
+        marks.append(("actors loaded (data, model)", time.perf_counter()))
+    for (_, before), (name, after) in zip(marks, marks[1:]):
+        print(json.dumps({"step": name, "seconds": after - before}), flush=True)
+
+
+SIDES = {"fedtune": side_fedtune, "floor": side_floor, "central": side_central,
+         "startup": side_startup}
+
+
+# --- running and tabulating -------------------------------------------------------------------
+
+def run_side(command: list[str], cwd: Path | None = None) -> tuple[list[dict], float]:
+    """Run one side; its JSON lines and its tree's total CPU seconds (sampled while it ran)."""
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, cwd=cwd, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    peak_cpu = 0.0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_cpu
+        while not stop.is_set():
+            peak_cpu = max(peak_cpu, tree_cpu_s(child.pid))
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    lines = [json.loads(line) for line in child.stdout if line.startswith("{")]
+    code = child.wait()
+    stop.set()
+    sampler.join()
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command[:6])} ... failed with code {code}")
+    return lines, peak_cpu
+
+
+def fedtune_command(overrides: list[str], out: Path) -> list[str]:
+    command = [sys.executable, __file__, "_side", "fedtune", str(out)]
+    return command + [item for o in overrides for item in ("--set", o)]
+
+
+def pfl_command(overrides: list[str], rounds: int, workers: int) -> list[str]:
+    script = [str(HERE / "pfl_side.py"), "--rounds", str(rounds)]
+    script += [item for o in overrides for item in ("--set", o)]
+    if workers == 1:
+        return [sys.executable, *script]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={workers}",
+            "--master_port=29533", *script]
+
+
+def steady(lines: list[dict]) -> list[dict]:
+    rounds = [line for line in lines if "round" in line]
+    return rounds[1:] or rounds
+
+
+def bench_rounds(out: Path, sizes: list[int], rounds: int, repeats: int,
+                 flower_sizes: list[int], flower_rounds: int, base: list[str],
+                 title: str) -> None:
+    print(f"\n## {title}: seconds per round, medians over rounds 2.. of {repeats} alternated "
+          "runs")
+    print("| clients | runtime | s/round | CPU-s/round | CPU-ms per client-round | start-up s "
+          "| accuracy (last round) | time ratio (runtime / fedtune ray) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in sizes:
+        overrides = [*base, f"data.num_clients={n}", f"run.rounds={rounds}"]
+        sides = {
+            "fedtune ray (2 actors)": lambda i, o=overrides, k=n: fedtune_command(
+                [*o, "engine.backend=ray"], out / f"ray-{k}-{i}"),
+            "fedtune in process": lambda i, o=overrides, k=n: fedtune_command(
+                [*o, "engine.backend=inprocess"], out / f"inproc-{k}-{i}"),
+            "pfl 1 process": lambda i, o=overrides: pfl_command(o, rounds, 1),
+            "pfl 2 workers": lambda i, o=overrides: pfl_command(o, rounds, 2),
+        }
+        if n in flower_sizes:
+            flower = [*base, f"data.num_clients={n}", f"run.rounds={flower_rounds}"]
+            sides["Flower simulation"] = lambda i, o=flower, k=n: fedtune_command(
+                [*o, "engine.backend=flower"], out / f"flower-{k}-{i}")
+        results: dict[str, list[dict]] = {name: [] for name in sides}
+        startups: dict[str, list[float]] = {name: [] for name in sides}
+        for repeat in range(repeats):
+            for name, command in sides.items():
+                lines, _ = run_side(command(repeat))
+                results[name] += steady(lines)
+                startups[name] += [line["startup_s"] for line in lines if "startup_s" in line]
+        reference = statistics.median(r["wall_s"] for r in results["fedtune ray (2 actors)"])
+        for name, rows in results.items():
+            wall = statistics.median(r["wall_s"] for r in rows)
+            cpu = statistics.median(r["cpu_s"] for r in rows)
+            accuracy = rows[-1].get("accuracy")
+            start = f"{statistics.median(startups[name]):.1f}" if startups[name] else "-"
+            print(f"| {n:,} | {name} | {wall:.2f} | {cpu:.2f} | {1000 * cpu / n:.2f} | {start} "
+                  f"| {accuracy:.3f} | {wall / reference:.2f}x |"
+                  if accuracy is not None else
+                  f"| {n:,} | {name} | {wall:.2f} | {cpu:.2f} | {1000 * cpu / n:.2f} | {start} "
+                  f"| - | {wall / reference:.2f}x |", flush=True)
+
+
+def bench_floor(sizes: list[int]) -> None:
+    print("\n## the floor: the same steps in a tight torch loop (one thread), and one server "
+          "evaluation")
+    print("| clients | steps CPU-s | per step ms | server evaluation CPU-s |")
+    print("|---|---|---|---|")
+    for n in sizes:
+        lines, _ = run_side([sys.executable, __file__, "_side", "floor", "-",
+                             *[x for o in [*MLP, f"data.num_clients={n}"] for x in ("--set", o)]])
+        steps = statistics.median(line["steps_cpu_s"] for line in lines)
+        evaluation = statistics.median(line["eval_cpu_s"] for line in lines)
+        print(f"| {n:,} | {steps:.3f} | {1000 * steps / n:.3f} | {evaluation:.3f} |",
+              flush=True)
+
+
+def bench_central(out: Path, n: int, rounds: int, repeats: int) -> None:
+    print(f"\n## federated vs centralized: the same {n:,} batches of 8 (one per client), one step "
+          "each")
+    print("| setting | wall s | CPU-s | start-up s | ratio to centralized (1 thread) |")
+    print("|---|---|---|---|---|")
+    overrides = [*MLP, f"data.num_clients={n}", f"run.rounds={rounds}", "engine.backend=ray"]
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    for repeat in range(repeats):
+        for threads in (1, 2):
+            lines, _ = run_side([sys.executable, __file__, "_side", "central", str(threads),
+                                 *[x for o in overrides for x in ("--set", o)]])
+            rows.setdefault(f"centralized, one process, {threads} thread(s)", []).extend(
+                (line["wall_s"], line["cpu_s"], line["startup_s"]) for line in lines[1:])
+        lines, _ = run_side(fedtune_command(overrides, out / f"central-{repeat}"))
+        startup = [line["startup_s"] for line in lines if "startup_s" in line]
+        rows.setdefault("federated, fedtune ray (2 actors x 1 thread), per round", []).extend(
+            (line["wall_s"], line["cpu_s"], startup[0]) for line in steady(lines))
+    reference = statistics.median(r[0] for r in rows["centralized, one process, 1 thread(s)"])
+    for name, values in rows.items():
+        wall = statistics.median(v[0] for v in values)
+        cpu = statistics.median(v[1] for v in values)
+        start = statistics.median(v[2] for v in values)
+        print(f"| {name} | {wall:.2f} | {cpu:.2f} | {start:.1f} | {wall / reference:.2f}x |",
+              flush=True)
+
+
+def bench_startup(n: int) -> None:
+    print(f"\n## fedtune start-up, {n:,} clients (features cached on disk after the first run)")
+    print("| step | seconds |")
+    print("|---|---|")
+    overrides = [*MLP, f"data.num_clients={n}", "engine.backend=ray"]
+    for repeat in range(2):
+        lines, _ = run_side([sys.executable, __file__, "_side", "startup", "-",
+                             *[x for o in overrides for x in ("--set", o)]])
+        for line in lines:
+            print(f"| {line['step']} (run {repeat + 1}) | {line['seconds']:.2f} |", flush=True)
 
 
 def bench_rss(out: Path, sizes: list[int]) -> None:
     print("\n## peak RSS, driver + Ray processes (same data, 100 clients per round, 2 rounds)")
-    print("| total clients | peak RSS MiB | ratio to 100 | wall s |")
-    print("|---|---|---|---|")
-    base = None
+    print("| total clients | peak RSS MiB | ratio to 100 |")
+    print("|---|---|---|")
+    base_kb = None
     for n in sizes:
-        started = time.perf_counter()
-        child = subprocess.Popen([sys.executable, __file__, "_rss-one", str(out / f"rss-{n}"),
-                                  str(n)], stdout=subprocess.DEVNULL)
+        overrides = [*MLP, f"data.num_clients={n}", "run.rounds=2",
+                     f"strategy.fraction_train={100 / n}", "engine.backend=ray"]
+        child = subprocess.Popen(fedtune_command(overrides, out / f"rss-{n}"),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         peak = 0
-        stop = threading.Event()
-
-        def sample(pid: int = child.pid) -> None:
-            nonlocal peak
-            while not stop.is_set():
-                peak = max(peak, _tree_rss_kb(pid))
-                time.sleep(0.25)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        code = child.wait()
-        stop.set()
-        sampler.join()
-        if code != 0:
-            raise RuntimeError(f"the {n}-client run failed ({code})")
-        base = base or peak
-        print(f"| {n} | {peak / 1024:.0f} | {peak / base:.2f}x | "
-              f"{time.perf_counter() - started:.0f} |", flush=True)
+        while child.poll() is None:
+            peak = max(peak, tree_rss_kb(child.pid))
+            time.sleep(0.25)
+        if child.returncode != 0:
+            raise RuntimeError(f"the {n}-client run failed ({child.returncode})")
+        base_kb = base_kb or peak
+        print(f"| {n:,} | {peak / 1024:.0f} | {peak / base_kb:.2f}x |", flush=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="*", default=["rounds", "central", "rss"])
-    parser.add_argument("--sizes", default="100,1000", help="client counts for 'rounds'")
-    parser.add_argument("--engine-rounds", type=int, default=4)
-    parser.add_argument("--flower-rounds", type=int, default=2)
-    args = parser.parse_args()
-    if args.which[:1] == ["_rss-one"]:
-        _one_rss_run(args.which[1], int(args.which[2]))
+    if sys.argv[1:2] == ["_side"]:
+        side, argument = sys.argv[2], sys.argv[3]
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--set", action="append", default=[])
+        overrides = parser.parse_args(sys.argv[4:]).set
+        if side == "fedtune":
+            side_fedtune(overrides, argument)
+        elif side == "central":
+            side_central(overrides, int(argument))
+        else:
+            SIDES[side](overrides)
         return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", nargs="*",
+                        default=["rounds", "floor", "central", "startup", "lora", "rss"])
+    parser.add_argument("--sizes", default="100,1000,10000")
+    parser.add_argument("--flower-sizes", default="100,1000")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--flower-rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    print(f"machine: {os.cpu_count()} CPU cores, {os.uname().machine}, Python "
-          f"{sys.version.split()[0]}")
+    import platform
+
+    print(f"machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
+          f"Python {sys.version.split()[0]}; load average before: {os.getloadavg()[0]:.2f}")
+    sizes = [int(n) for n in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
         if "rounds" in args.which:
-            bench_rounds(out, [int(n) for n in args.sizes.split(",")], args.engine_rounds,
-                         args.flower_rounds)
+            bench_rounds(out, sizes, args.rounds, args.repeats,
+                         [int(n) for n in args.flower_sizes.split(",")], args.flower_rounds,
+                         MLP, "MLP 1024-64-2, hashed Rotten Tomatoes, 1 local step")
+        if "floor" in args.which:
+            bench_floor(sizes)
         if "central" in args.which:
-            bench_central(out, clients=10, rounds=5, steps=20)
+            bench_central(out, 1000, args.rounds, args.repeats)
+        if "startup" in args.which:
+            bench_startup(1000)
+        if "lora" in args.which:
+            bench_rounds(out, [32], 3, args.repeats, [], 0, LORA,
+                         "MiniLM + LoRA (r 8), Rotten Tomatoes, 1 local step of batch 8")
         if "rss" in args.which:
             bench_rss(out, [100, 1000, 10000])
 

@@ -56,11 +56,6 @@ ACCOUNTANT_STATE = "dp-accountant"  # local DP: the client's DP-SGD history
 SCAFFOLD_STATE = "scaffold-client-control"
 FEDDYN_STATE = "feddyn-gradient"
 
-# --- partial sums (engine.aggregate_on_actors) --------------------------------------------------
-FOLDED = "folded"  # ConfigRecord marking a reply whose arrays went into a partial sum
-FOLD_SUM = "fold-sum"  # ArrayRecord: the partial sum, on the last reply of its group
-FOLD_META = "fold"  # ConfigRecord: the sum's weight, count and dtypes
-
 MAX_ANY_EXAMPLES = 10**9  # what a reply may claim where the server knows no data sizes
 
 

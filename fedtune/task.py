@@ -9,9 +9,10 @@ loads and encodes, later calls (every round, every virtual client) reuse it.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from typing import TYPE_CHECKING
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -20,13 +21,17 @@ from torch.utils.data import DataLoader
 
 from fedtune.audit.canary_examples import CanaryExamples, insert_canary_examples
 from fedtune.config import Config, ConfigError, RunConfigValue, from_run_config, to_toml
-from fedtune.data.encode import Encoded
+from fedtune.data.encode import Batch, Encoded
 from fedtune.data.federation import Federation, build_federation
 from fedtune.data.loaders import eval_loader, train_loader
+from fedtune.faults import FaultPlan
 from fedtune.models.build import ModelSpec, build_model, model_kind, model_spec
 from fedtune.protocol import MAX_ANY_EXAMPLES
 from fedtune.tables.privacy_modes import PRIVACY_MODES, privacy_mode
-from fedtune.train import TrainSettings
+from fedtune.train import TrainSettings, make_optimizer, reset_optimizer
+
+if TYPE_CHECKING:
+    from fedtune.privacy.mode import PrivacyMode
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,10 +55,15 @@ def client_round_seed(run_seed: int, server_round: int, client_id: int) -> int:
     return int(np.random.SeedSequence([run_seed, server_round, client_id]).generate_state(1)[0])
 
 
+@lru_cache(maxsize=1)
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
 def seed_torch(seed: int) -> None:
     """``torch.manual_seed``, minus its lazy seeding of absent CUDA/XPU/MTIA devices, which
     formats a Python stack per call and costs more than a small client's training step."""
-    if torch.cuda.is_available():
+    if _has_cuda():
         torch.manual_seed(seed)
     else:
         torch.default_generator.manual_seed(seed)
@@ -76,10 +86,21 @@ class TaskResources:
     device: torch.device
     canaries: CanaryExamples | None = None  # privacy.audit's canary examples, if any
     _model: nn.Module | None = field(default=None, repr=False)
+    _optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
 
-    @property
+    @cached_property
     def train_settings(self) -> TrainSettings:
         return train_settings(self.config)
+
+    @cached_property
+    def privacy(self) -> PrivacyMode:
+        """The privacy mode clients train under."""
+        return privacy_mode(self.config)
+
+    @cached_property
+    def faults(self) -> FaultPlan:
+        """Which clients misbehave, and how ([faults])."""
+        return FaultPlan.from_config(self.config)
 
     @property
     def model(self) -> nn.Module:
@@ -88,7 +109,15 @@ class TaskResources:
             self._model = build_model(self.spec, self.config.run.seed).to(self.device)
         return self._model
 
-    def client_train_loader(self, shard: int, seed: int) -> DataLoader:
+    def local_optimizer(self) -> torch.optim.Optimizer:
+        """The configured optimizer over the resident model's trainable parameters, reset: one
+        optimizer serves every client this process trains (``fedtune.train.reset_optimizer``)."""
+        if self._optimizer is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self._optimizer = make_optimizer(params, self.train_settings)
+        return reset_optimizer(self._optimizer)
+
+    def client_train_loader(self, shard: int, seed: int) -> Iterable[Batch]:
         rows = self.federation.client_train_rows[shard]
         return train_loader(self.encoded, self.federation.data.labels, rows,
                             self.config.client.batch_size, seed)

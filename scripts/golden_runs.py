@@ -71,7 +71,7 @@ RUNS: dict[str, tuple[str | None, list[str], bool]] = {
                                        "client.lr=5e-3", "model.feature_cache=false"], False),
     "hf_frozen_features": (None, TINY_HF + ["model.transfer=frozen", "client.lr=5e-3"], False),
     "mlp_digits_ray": ("simulations/mlp_digits.toml", [], True),
-    "ray_fold": (None, MLP + ["engine.backend=ray", "engine.aggregate_on_actors=true"], True),
+    "ray_fedavg": (None, MLP + ["engine.backend=ray"], True),
     "ray_scaffold": (None, MLP + SGD + ["engine.backend=ray", "strategy.name=scaffold"], True),
     "quickstart": (None, [], True),
 }

@@ -46,3 +46,30 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return fedtune_app(msg, context)
+
+
+def faulty_train(resources, client_id: int, server_round: int, content, global_arrays, state):
+    """The same faults in the engine's cohort path: wraps fedtune's ``train_client``."""
+    from fedtune.client.app import train_client
+
+    if client_id == RAISES:
+        raise RuntimeError(f"client {client_id} fails on purpose")
+    if client_id == DIES and server_round == 1:
+        os._exit(3)
+    if client_id == STALLS and server_round == 1:
+        time.sleep(STALL_S)
+    trained = train_client(resources, client_id, server_round, content, global_arrays, state)
+    count = int(state[COUNTER]["count"]) if COUNTER in state else 0
+    state[COUNTER] = MetricRecord({"count": count + 1})
+    return trained
+
+
+def in_process_faults(resources, client_id: int, server_round: int, content, global_arrays,
+                      state):
+    """What ``faulty_train`` does, for a process that cannot lose a worker: the same clients
+    fail in the same rounds (they raise instead of dying or stalling)."""
+    from fedtune.client.app import train_client
+
+    if client_id == RAISES or (client_id in (DIES, STALLS) and server_round == 1):
+        raise RuntimeError(f"client {client_id} fails on purpose")
+    return train_client(resources, client_id, server_round, content, global_arrays, state)

@@ -1,26 +1,30 @@
 """Flower ClientApp: a message in, local training or evaluation on this client's shard, a reply out.
 
+The work itself is two plain functions, ``train_client`` and ``evaluate_client``: the ClientApp
+unpacks a Flower message, calls them and packs the reply; fedtune's engines call them directly
+for a whole cohort of clients (``fedtune.engine.cohort``), so every runtime trains with the same
+code. What a client trains is the strategy's client side (``fedtune.client.algorithms``, from
+the strategy table) under the privacy mode (``fedtune.privacy``), with the ``[faults]`` plan
+applied; the keys of the reply are ``fedtune.protocol``'s.
+
 The client finds its shard from its node config (``partition-id``, set by every simulation
 runtime and by ``flower-supernode --node-config``) and the run config (which rebuilds the same
 federation in every process). Model and data stay resident in the process between messages.
-What it trains is the strategy's client side (``fedtune.client.algorithms``, from the strategy
-table) under the privacy mode (``fedtune.privacy``); the keys of the reply are
-``fedtune.protocol``'s.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import protocol
 from fedtune.client.algorithms import ClientSide
 from fedtune.config import ConfigError
-from fedtune.faults import FaultPlan
 from fedtune.models.weights import load_shared_state, shared_state
-from fedtune.tables.privacy_modes import privacy_mode
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import (
     TaskResources,
@@ -31,6 +35,75 @@ from fedtune.task import (
     seed_torch,
 )
 from fedtune.train import evaluate
+
+
+@dataclass
+class TrainedClient:
+    """One client's training in one round, unpacked (what its reply message carries)."""
+
+    arrays: dict[str, np.ndarray] | None  # the model it sends back (None: it took no step)
+    records: dict[str, ArrayRecord] = field(default_factory=dict)  # its strategy's extra ones
+    metrics: dict[str, float | int] = field(default_factory=dict)
+    status: str | None = None  # its privacy mode's STATUS reason (None: no such record)
+
+
+def train_client(resources: TaskResources, client_id: int, server_round: int,
+                 content: RecordDict, global_arrays: dict[str, np.ndarray],
+                 state: RecordDict) -> TrainedClient:
+    """Train the global model on client ``client_id``'s training split, as the strategy's
+    client side and the privacy mode say (``content``: the train message's records,
+    ``global_arrays``: its model, decoded; ``state``: the client's Context.state). With local
+    DP, a client whose budget allows no step trains nothing and says why."""
+    config = resources.config
+    model = resources.model  # built (and seeded) on first use: before this client's seed
+    shard = 0 if config.data.dataset == "files" else client_id  # a party's file is its shard
+    seed = client_round_seed(config.run.seed, server_round, client_id)
+    seed_torch(seed)
+    faults = resources.faults
+    faults.check_crash(client_id, server_round)
+    delay = faults.delay_s(client_id, server_round)
+    if delay:
+        time.sleep(delay)
+    load_shared_state(model, global_arrays)
+    entry = STRATEGIES[config.strategy.name]
+    side_class = entry.load_client() if entry.client else ClientSide
+    algorithm = side_class(content, state, global_arrays, resources.train_settings)
+    local = resources.privacy.train(resources, shard, seed, state, algorithm.objective(model))
+    result = local.result
+    trained = TrainedClient(arrays=None, status=local.status)
+    extra_metrics: dict[str, float] = {}
+    if result.num_steps:
+        local_arrays = shared_state(model)
+        trained.records, extra_metrics = algorithm.reply(local_arrays, result.num_steps)
+        trained.arrays = faults.corrupt_update(client_id, global_arrays, local_arrays)
+    # a client that took no step (its privacy budget is spent) measured no loss
+    loss = {protocol.TRAIN_LOSS: result.loss} if result.num_steps else {}
+    trained.metrics = {
+        **loss,
+        # FedAvg weights by local dataset size (McMahan et al. 2017), not by examples seen
+        protocol.NUM_EXAMPLES: len(resources.federation.client_train_rows[shard]),
+        protocol.EXAMPLES_SEEN: result.num_examples,
+        protocol.NUM_STEPS: result.num_steps,
+        protocol.DURATION_S: result.duration_s,
+        protocol.PARTITION_ID: client_id,
+        **local.metrics,
+        **extra_metrics,
+    }
+    return trained
+
+
+def evaluate_client(resources: TaskResources, client_id: int,
+                    global_arrays: dict[str, np.ndarray]) -> dict[str, float | int]:
+    """Evaluate the global model on client ``client_id``'s local test split."""
+    shard = 0 if resources.config.data.dataset == "files" else client_id
+    load_shared_state(resources.model, global_arrays)
+    result = evaluate(resources.model, resources.client_test_loader(shard), resources.device)
+    return {
+        protocol.EVAL_LOSS: 0.0 if result.num_examples == 0 else result.loss,
+        protocol.EVAL_ACCURACY: 0.0 if result.num_examples == 0 else result.accuracy,
+        protocol.NUM_EXAMPLES: result.num_examples,
+        protocol.PARTITION_ID: client_id,
+    }
 
 
 def _client_id(context: Context, num_clients: int) -> int:
@@ -47,8 +120,8 @@ def _client_id(context: Context, num_clients: int) -> int:
     return client_id
 
 
-def _setup(msg: Message, context: Context) -> tuple[TaskResources, int, int, int]:
-    """Resources, client id, the client's shard in the federation, server round."""
+def _setup(msg: Message, context: Context) -> tuple[TaskResources, int, int]:
+    """Resources, client id, server round of a message."""
     config = parsed_run_config(context.run_config)
     if config.engine.backend != "inprocess":
         limit_threads(config.engine.client_cpus)
@@ -58,18 +131,21 @@ def _setup(msg: Message, context: Context) -> tuple[TaskResources, int, int, int
                           "with --node-config \"partition-id=<i> data-path=<file>\"")
     resources = run_config_resources(context.run_config, data_path)
     client_id = _client_id(context, config.data.num_clients)
-    load_shared_state(resources.model, protocol.to_numpy(msg.content[protocol.ARRAYS]))
     server_round = int(msg.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0))
-    shard = 0 if config.data.dataset == "files" else client_id  # a party's file is its shard
-    return resources, client_id, shard, server_round
+    return resources, client_id, server_round
 
 
-def client_side(resources: TaskResources, msg: Message, context: Context,
-                global_arrays: dict) -> ClientSide:
-    """The configured strategy's client side (the plain ``ClientSide`` when it has none)."""
-    entry = STRATEGIES[resources.config.strategy.name]
-    cls = entry.load_client() if entry.client else ClientSide
-    return cls(msg.content, context.state, global_arrays, resources.train_settings)
+def reply_content(trained: TrainedClient) -> RecordDict:
+    """The records of a train reply."""
+    content = RecordDict()
+    if trained.status is not None:
+        content[protocol.STATUS] = ConfigRecord({protocol.REASON: trained.status})
+    if trained.arrays is not None:
+        content[protocol.ARRAYS] = protocol.to_array_record(trained.arrays)
+        for name, record in trained.records.items():
+            content[name] = record
+    content[protocol.METRICS] = MetricRecord(trained.metrics)
+    return content
 
 
 app = ClientApp()
@@ -77,57 +153,18 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this client's training split, as the strategy's
-    client side and the privacy mode say (with local DP a client whose budget allows no step
-    replies without arrays, saying why)."""
-    resources, client_id, shard, server_round = _setup(msg, context)
-    config = resources.config
-    seed = client_round_seed(config.run.seed, server_round, client_id)
-    seed_torch(seed)
-    faults = FaultPlan.from_config(config)
-    faults.check_crash(client_id, server_round)
-    time.sleep(faults.delay_s(client_id, server_round))
+    """``train_client`` on this node's client, from and to Flower messages."""
+    resources, client_id, server_round = _setup(msg, context)
     global_arrays = protocol.to_numpy(msg.content[protocol.ARRAYS])
-    algorithm = client_side(resources, msg, context, global_arrays)
-    local = privacy_mode(config).train(resources, shard, seed, context.state,
-                                       algorithm.objective(resources.model))
-    result = local.result
-    content = RecordDict()
-    if local.status is not None:
-        content[protocol.STATUS] = ConfigRecord({protocol.REASON: local.status})
-    extra_metrics: dict[str, float] = {}
-    if result.num_steps:
-        local_arrays = shared_state(resources.model)
-        records, extra_metrics = algorithm.reply(local_arrays, result.num_steps)
-        sent = faults.corrupt_update(client_id, global_arrays, local_arrays)
-        content[protocol.ARRAYS] = protocol.to_array_record(sent)
-        for name, record in records.items():
-            content[name] = record
-    # a client that took no step (its privacy budget is spent) measured no loss
-    loss = {protocol.TRAIN_LOSS: result.loss} if result.num_steps else {}
-    content[protocol.METRICS] = MetricRecord({
-        **loss,
-        # FedAvg weights by local dataset size (McMahan et al. 2017), not by examples seen
-        protocol.NUM_EXAMPLES: len(resources.federation.client_train_rows[shard]),
-        protocol.EXAMPLES_SEEN: result.num_examples,
-        protocol.NUM_STEPS: result.num_steps,
-        protocol.DURATION_S: result.duration_s,
-        protocol.PARTITION_ID: client_id,
-        **local.metrics,
-        **extra_metrics,
-    })
-    return Message(content=content, reply_to=msg)
+    trained = train_client(resources, client_id, server_round, msg.content, global_arrays,
+                           context.state)
+    return Message(content=reply_content(trained), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on this client's local test split."""
-    resources, client_id, shard, _ = _setup(msg, context)
-    result = evaluate(resources.model, resources.client_test_loader(shard), resources.device)
-    metrics = MetricRecord({
-        protocol.EVAL_LOSS: 0.0 if result.num_examples == 0 else result.loss,
-        protocol.EVAL_ACCURACY: 0.0 if result.num_examples == 0 else result.accuracy,
-        protocol.NUM_EXAMPLES: result.num_examples,
-        protocol.PARTITION_ID: client_id,
-    })
-    return Message(content=RecordDict({protocol.METRICS: metrics}), reply_to=msg)
+    """``evaluate_client`` on this node's client, from and to Flower messages."""
+    resources, client_id, _ = _setup(msg, context)
+    metrics = evaluate_client(resources, client_id,
+                              protocol.to_numpy(msg.content[protocol.ARRAYS]))
+    return Message(content=RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)

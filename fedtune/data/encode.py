@@ -1,10 +1,11 @@
 """Turn a dataset into model inputs once per process: token ids, hashed bag-of-words, features,
 or the pooled output of a frozen encoder.
 
-Tokenization runs once per (dataset, tokenizer, max_length) and is cached in memory and on disk
-(``$FEDTUNE_CACHE`` or ``~/.cache/fedtune``), so simulated clients, Ray workers and repeated
-runs reuse it. Texts are stored as ragged id arrays; batches are padded to their own longest
-text (dynamic padding) when they are built.
+Tokenization (per dataset, tokenizer and max_length) and feature hashing (per dataset and
+feature count) run once and are cached in memory and on disk (``$FEDTUNE_CACHE`` or
+``~/.cache/fedtune``), so simulated clients, Ray workers and repeated runs reuse them. Texts
+are stored as ragged id arrays; batches are padded to their own longest text (dynamic
+padding) when they are built.
 
 Pooled encoder outputs (``model.transfer = "frozen"``) are cached the same way, keyed by the
 model's files, the data, max_length and pooling (``cached_pooled_features``); the model kind
@@ -71,7 +72,18 @@ class SparseFeatures:
     values: sp.csr_matrix
 
     def pad(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        return {"features": torch.from_numpy(self.values[rows].toarray())}
+        """Dense rows, gathered straight from the CSR arrays (scipy's row indexing builds a
+        new sparse matrix first, which costs more than a small client's step)."""
+        matrix, rows = self.values, np.asarray(rows)
+        starts = matrix.indptr[rows]
+        lengths = matrix.indptr[rows + 1] - starts
+        # the positions of every stored value of these rows in data/indices, row after row
+        shift = starts - np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        positions = np.arange(lengths.sum()) + np.repeat(shift, lengths)
+        dense = np.zeros((len(rows), matrix.shape[1]), dtype=matrix.dtype)
+        dense[np.repeat(np.arange(len(rows)), lengths), matrix.indices[positions]] = \
+            matrix.data[positions]
+        return {"features": torch.from_numpy(dense)}
 
 
 @dataclass(frozen=True)
@@ -108,10 +120,6 @@ def _tokenizer_fingerprint(tokenizer_path: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _texts_fingerprint(data: LabelledData) -> str:
-    return hashlib.sha256("\x00".join(data.texts).encode()).hexdigest()
-
-
 @lru_cache(maxsize=8)
 def model_fingerprint(model_path: str) -> str:
     """The model folder's path, config and weight files (their bytes), hashed."""
@@ -143,9 +151,7 @@ def cached_pooled_features(data: LabelledData, tokens: TokenIds, model_path: str
     """The pooled encoder output of every text of ``data``: read from the cache, or
     ``compute()``d (float32, one row per text) and stored, keyed by the model's files, the
     data, ``max_length`` and ``pooling``."""
-    key = hashlib.sha256("\x00".join(
-        ["pooled-v1", data.name, str(len(data)), model_fingerprint(model_path), str(max_length),
-         pooling, _texts_fingerprint(data)]).encode()).hexdigest()[:24]
+    key = _cache_key(data, "pooled-v1", model_fingerprint(model_path), str(max_length), pooling)
     file = cache_dir() / "features" / f"{data.name}-{key}.npy"
     lengths = tokens.offsets[1:] - tokens.offsets[:-1]
     with _exclusive(file):
@@ -162,11 +168,7 @@ def cached_pooled_features(data: LabelledData, tokens: TokenIds, model_path: str
 @lru_cache(maxsize=4)
 def tokenize(data: LabelledData, tokenizer_path: str, max_length: int) -> TokenIds:
     """Token ids of every text, truncated to max_length, cached on disk."""
-    key = hashlib.sha256(
-        "\x00".join([data.name, str(len(data)), _tokenizer_fingerprint(tokenizer_path),
-                     str(max_length), _texts_fingerprint(data)])
-        .encode()
-    ).hexdigest()[:24]
+    key = _cache_key(data, _tokenizer_fingerprint(tokenizer_path), str(max_length))
     file = cache_dir() / "tokens" / f"{data.name}-{key}.npz"
     if file.is_file():
         stored = np.load(file)
@@ -179,21 +181,50 @@ def tokenize(data: LabelledData, tokenizer_path: str, max_length: int) -> TokenI
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     ids = np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(offsets[-1]))
     result = TokenIds(ids, offsets, int(tokenizer.pad_token_id or 0))
+    _save(file, ids=ids, offsets=offsets, pad_id=result.pad_id)
+    return result
+
+
+def _cache_key(data: LabelledData, *settings: str) -> str:
+    """A key for an encoding of ``data``: its name, size and texts, and the settings."""
+    texts = hashlib.sha256("\x00".join(data.texts).encode()).hexdigest()
+    return hashlib.sha256("\x00".join([data.name, str(len(data)), *settings, texts])
+                          .encode()).hexdigest()[:24]
+
+
+def _save(file: Path, **arrays: np.ndarray | int) -> None:
+    """``np.savez`` to a temporary name, then renamed: concurrent workers never read half a
+    file."""
     file.parent.mkdir(parents=True, exist_ok=True)
     partial = file.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(partial, ids=ids, offsets=offsets, pad_id=result.pad_id)
-    partial.replace(file)  # atomic: concurrent workers never read half a file
-    return result
+    np.savez(partial, **arrays)
+    partial.replace(file)
+
+
+HASHING_VERSION = "unigram+bigram,l2,v1"  # change when the vectorizer's settings change
 
 
 @lru_cache(maxsize=4)
 def hash_bag_of_words(data: LabelledData, num_features: int) -> SparseFeatures:
-    """L2-normalised hashed unigram+bigram counts (scikit-learn HashingVectorizer)."""
+    """L2-normalised hashed unigram+bigram counts (scikit-learn HashingVectorizer), cached on
+    disk like the token ids: every Ray actor and every later run loads them instead of hashing
+    the texts again."""
+    file = cache_dir() / "hashed" / (f"{data.name}-"
+                                     f"{_cache_key(data, str(num_features), HASHING_VERSION)}.npz")
+    if file.is_file():
+        stored = np.load(file)
+        shape = (int(stored["rows"]), num_features)
+        return SparseFeatures(sp.csr_matrix((stored["data"], stored["indices"],
+                                             stored["indptr"]), shape=shape))
     from sklearn.feature_extraction.text import HashingVectorizer
 
     vectorizer = HashingVectorizer(n_features=num_features, ngram_range=(1, 2),
                                    alternate_sign=False, norm="l2", dtype=np.float32)
-    return SparseFeatures(vectorizer.transform(data.texts).tocsr())
+    matrix = vectorizer.transform(data.texts).tocsr()
+    matrix.sum_duplicates()  # canonical rows: SparseFeatures.pad reads them directly
+    _save(file, data=matrix.data, indices=matrix.indices, indptr=matrix.indptr,
+          rows=matrix.shape[0])
+    return SparseFeatures(matrix)
 
 
 def input_dim(encoded: Encoded) -> int:

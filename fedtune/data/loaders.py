@@ -7,6 +7,9 @@ built from row numbers, so a client's loader holds an index array, never a copy 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -33,9 +36,36 @@ class RowDataset(Dataset):
         return self.encoded.pad(picked), torch.from_numpy(self.labels[picked])
 
 
+class ShuffledBatches:
+    """The batches ``DataLoader(dataset, batch_size, shuffle=True, generator=generator)`` yields,
+    in the same order (the same draws from ``generator``: DataLoader's base seed, then its
+    RandomSampler's permutations), without DataLoader's per-iteration machinery - for a small
+    client that takes one step, creating a DataLoader iterator costs more than the step."""
+
+    def __init__(self, dataset: RowDataset, batch_size: int, generator: torch.Generator) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the base seed
+        order = self._order()
+        while batch := list(itertools.islice(order, self.batch_size)):
+            yield self.dataset.collate(batch)
+
+    def _order(self) -> Iterator[int]:
+        """RandomSampler's order of rows (it draws a second, empty permutation at the end)."""
+        n, rows = len(self.dataset), self.dataset.rows
+        yield from (int(rows[i]) for i in torch.randperm(n, generator=self.generator).tolist())
+        yield from torch.randperm(n, generator=self.generator).tolist()[:0]
+
+
 def train_loader(
     encoded: Encoded, labels: np.ndarray, rows: np.ndarray, batch_size: int, seed: int
-) -> DataLoader:
+) -> DataLoader | ShuffledBatches:
     """Shuffled batches; the order depends only on ``seed``.
 
     Texts are grouped by length (transformers' LengthGroupedSampler: shuffle, sort within
@@ -54,8 +84,7 @@ def train_loader(
                                        generator=generator)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                           collate_fn=dataset.collate)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                      collate_fn=dataset.collate)
+    return ShuffledBatches(dataset, batch_size, generator)
 
 
 def eval_loader(

@@ -9,9 +9,10 @@ pulled, so a caller polling ``pull_messages`` sees clients finish one by one.
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -20,13 +21,25 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.client.app import app as fedtune_client_app
+from fedtune.client.app import train_client
 from fedtune.config import Config, to_run_config
-from fedtune.protocol import NUM_PARTITIONS, PARTITION_ID
+from fedtune.engine.cohort import (
+    BlockClient,
+    BlockResult,
+    DecodedContent,
+    TrainFunction,
+    add_blocks,
+    cohort_blocks,
+    run_block,
+)
+from fedtune.protocol import DATA_PATH, NUM_PARTITIONS, PARTITION_ID
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.app import run_federated
 from fedtune.server.checkpoint import state_from_bytes, state_to_bytes
-from fedtune.server.grid import SimulatedGrid
+from fedtune.server.exchange import RunStopped
+from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec
 from fedtune.server.reporting import Reporter
+from fedtune.task import limit_threads, run_config_resources
 
 NODE_ID_OFFSET = 1000  # node ids below this are Flower's own (0: none, 1: SuperLink)
 
@@ -67,13 +80,22 @@ def error_reply(message: Message, error: BaseException) -> Message:
                    reply_to=message)
 
 
-class InProcessGrid(SimulatedGrid):
-    """A Grid whose nodes are ClientApp calls in this process."""
+class InProcessGrid(CohortGrid):
+    """A Grid whose nodes are clients run in this process: a round's train and evaluate phases
+    through the cohort path (``fedtune.engine.cohort``, the same blocks as the Ray engine, so
+    the same bits), other messages - and every message when ``client_app`` is not fedtune's
+    own, or clients read their own files - through the ClientApp."""
 
     def __init__(self, client_app: ClientApp, run_config: Mapping[str, bool | int | float | str],
                  num_clients: int, run_id: int = 1,
-                 node_configs: Sequence[Mapping[str, bool | int | float | str]] = ()) -> None:
+                 node_configs: Sequence[Mapping[str, bool | int | float | str]] = (),
+                 train: TrainFunction = train_client) -> None:
+        """``train``: what trains a client in the cohort path (tests wrap it)."""
         self._client_app = client_app
+        self._run_config = dict(run_config)
+        self._train = train
+        self.runs_cohorts = client_app is fedtune_client_app and not any(
+            DATA_PATH in extra for extra in node_configs)
         self._run = Run.create_empty(run_id)
         act_as_server(run_id)
         self.contexts = client_contexts(run_id, num_clients, run_config, node_configs)
@@ -115,6 +137,40 @@ class InProcessGrid(SimulatedGrid):
         for message_id in message_ids:
             self._queued.pop(message_id, None)
 
+    def run_cohort(self, messages: list[Message], spec: CohortSpec, timeout_s: float,
+                   progress: Callable[[int, int], None] | None = None,
+                   stop: threading.Event | None = None) -> CohortResult:
+        """Every block in turn, here; clients that finish after ``timeout_s`` are reported
+        ``timeout`` and their work is dropped (a client cannot be stopped half-way in this
+        process)."""
+        resources = run_config_resources(self._run_config)
+        content = DecodedContent.of(messages[0].content)
+        clients = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node not in self.contexts:
+                raise ValueError(f"no node {node} in this grid")
+            clients.append(BlockClient(node, self.node_to_client[node], self.contexts[node].state))
+        blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec)
+        deadline = time.monotonic() + timeout_s
+        results, done = [], 0
+        for block in blocks:
+            if stop is not None and stop.is_set():
+                raise RunStopped(f"stopped with {len(clients) - done} clients to go")
+            if time.monotonic() > deadline:
+                result = BlockResult(block.index, [
+                    ClientReport(c.node_id, c.client_id, "timeout",
+                                 "no reply within strategy.round_timeout_s")
+                    for c in block.clients])
+            else:
+                result = run_block(resources, content, block, self._train)
+                self._touched.update(c.node_id for c in block.clients)
+            results.append(result)
+            done += len(block.clients)
+            if progress is not None:
+                progress(done, len(clients))
+        return add_blocks(results)
+
     def changed_client_states(self) -> dict[int, bytes]:
         """Serialised Context.state of each client that handled a message since the last call
         (keyed by partition id), for checkpoints."""
@@ -140,6 +196,9 @@ class InProcessGrid(SimulatedGrid):
 
 def run_inprocess(config: Config, reporter: Reporter | None = None,
                   stop: threading.Event | None = None) -> RunDirectory:
-    """The ``inprocess`` runtime: every client in this process, one after another (no Ray)."""
+    """The ``inprocess`` runtime: every client in this process, one after another (no Ray),
+    with the torch threads of one client (``engine.client_cpus``): a small model gains nothing
+    from more, and on a busy machine spinning threads slow it down many times over."""
+    limit_threads(config.engine.client_cpus)
     grid = InProcessGrid(fedtune_client_app, to_run_config(config), config.data.num_clients)
     return run_federated(grid, config, reporter, stop)

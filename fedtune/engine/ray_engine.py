@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 
 from fedtune.client.app import app as fedtune_client_app
 from fedtune.config import Config, to_run_config
+from fedtune.engine.cohort import TrainFunction
 from fedtune.engine.ray_grid import RayGrid
 from fedtune.engine.ray_pool import ActorFactory, pool_size, ray_session, start_actors
 from fedtune.results.run_dir import RunDirectory
@@ -21,19 +22,22 @@ RAY_RUN_ID = 1
 
 
 @contextmanager
-def ray_engine_grid(config: Config,
-                    client_app: ClientApp = fedtune_client_app) -> Iterator[RayGrid]:
+def ray_engine_grid(config: Config, client_app: ClientApp = fedtune_client_app,
+                    train: TrainFunction | None = None) -> Iterator[RayGrid]:
     """A RayGrid whose actors have loaded their data and model; Ray is started here (or joined
     at ``engine.ray_address``), and actors and Ray stop on the way out, Ctrl-C included.
-    ``client_app`` is the ClientApp the actors run (tests wrap fedtune's)."""
+    ``client_app`` is the ClientApp the actors run for single messages and ``train`` what
+    trains a client of a cohort (tests wrap fedtune's). With another ClientApp and no
+    ``train``, every message goes through that ClientApp."""
     e = config.engine
     with ray_session(config):
         factory = ActorFactory(client_app, to_run_config(config), RAY_RUN_ID,
-                               e.client_cpus, e.client_gpus)
+                               e.client_cpus, e.client_gpus, train)
         actors = start_actors(factory, pool_size(config, ray.cluster_resources()),
                               e.node_wait_s)
         grid = RayGrid(factory, actors, config.data.num_clients, e.client_timeout_s,
-                       e.node_wait_s, fold_train=e.aggregate_on_actors)
+                       e.node_wait_s)
+        grid.runs_cohorts = client_app is fedtune_client_app or train is not None
         try:
             yield grid
         finally:

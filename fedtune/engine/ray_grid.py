@@ -6,151 +6,203 @@ time. Here each actor (``ClientWorker``) loads data and one model once and then 
 clients per round, like pfl-research's workers (Granqvist et al. 2024, "pfl-research:
 simulation framework for accelerating research in Private Federated Learning").
 
-Dispatch. ``push_messages`` puts each distinct ArrayRecord into Ray's object store once and
-queues one task per message. Tasks go to actors in batches of about ``BATCH_S`` seconds of
-client work (a Ray call costs about a millisecond, as much as a small client's step), and each
-actor is kept ``CALLS_PER_ACTOR`` calls ahead, so it never waits for the driver and a slower
-actor takes fewer tasks. ``pull_messages`` waits up to ``PULL_WAIT_S`` for results, hands out
-more batches and returns the replies that are in.
+Two kinds of work go to the actors:
+
+- **Blocks** (``run_cohort``, the round's train and evaluate phases): the cohort is cut into at
+  most 64 blocks of consecutive clients (``fedtune.engine.cohort``); the phase's shared records
+  go into Ray's object store once; each block is one Ray call that trains its clients with the
+  client wing's own functions and returns per-client reports plus either the block's weighted
+  sum of screened updates or the updates themselves. The driver adds block sums in block order,
+  so the result does not depend on which actor ran which block.
+- **Messages** (``push_messages`` / ``pull_messages``, anything else a strategy sends): batches
+  of about ``BATCH_S`` seconds of single-message work through the ClientApp.
+
+Each actor is kept ``CALLS_PER_ACTOR`` calls ahead, so it never waits for the driver, and a
+slower actor takes fewer calls. The driver waits on Ray (``ray.wait``), never sleeps or polls.
 
 Client state. The driver keeps each client's ``Context.state`` between rounds and ships it with
-the task; the state that comes back replaces it when the reply is not an error. State therefore
-survives a dead actor, any actor can serve any client, and a client that never had state costs
-nothing (Flower's simulation ships the whole Context with every message the same way).
+the work; the state that comes back replaces it unless the client failed. State therefore
+survives a dead actor, and any actor can serve any client.
 
-Faults. A ClientApp that raises gives an error reply (as in Flower's runtimes). When an actor
-dies, a new one takes its place and its unfinished tasks are queued again; the tasks of the
-call it died in then run alone: one per call, on an actor with nothing else to do (a dying
-process can also lose the result of the call before, so only a lone task is known to be the
-one it died on). A lone task whose actor dies gets an error reply
+Faults. A client that raises is reported failed (an error reply, or a ``failed`` report). When an
+actor dies, a new one takes its place and its unfinished work is queued again; the work of the
+call it died in is split up and each client runs alone: one per call, on an actor with nothing
+else to do (a dying process can also lose the result of the call before, so only a lone client
+is known to be the one it died on). A lone client whose actor dies is reported failed
 (``ErrorCode.CLIENT_APP_CRASHED``). A call still running ``engine.client_timeout_s`` after it
-should have finished has its actor killed and replaced in the same way; a lone task that
-overruns gets an error reply with ``ErrorCode.REPLY_MESSAGE_UNAVAILABLE`` (what a SuperLink
-answers for an expired reply), which the server reports as a timeout. So a faulty client is
-reported after its second attempt, a straggler after at most twice the timeout. A replacement
-actor that cannot start retires its slot; with no actor left every queued message fails, so
-the server never waits for nothing.
-
-Push-down (``fold_train``): training updates are folded into per-actor partial sums
-(``fedtune.server.folded``). An actor's folded replies are held until its partial sum is in and
-released together, the last one carrying the sum; if the actor dies first, they run again.
+should have finished has its actor killed and replaced in the same way; a lone client that
+overruns is reported as a timeout (``ErrorCode.REPLY_MESSAGE_UNAVAILABLE``, what a SuperLink
+answers for an expired reply). A block split into lone clients is put back together in client
+order, so its sum has the bits it would have had. A replacement actor that cannot start retires
+its slot; with no actor left every queued piece of work fails, so the server never waits for
+nothing.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 import uuid
-from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import ray
-from flwr.app import ArrayRecord, Error, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.run import Run
 
+from fedtune.engine.cohort import (
+    BlockClient,
+    BlockResult,
+    BlockTask,
+    add_blocks,
+    cohort_blocks,
+    join_singletons,
+    split_block,
+)
 from fedtune.engine.inprocess import NODE_ID_OFFSET, act_as_server, error_reply
 from fedtune.engine.ray_pool import ActorFactory, stop_actors
-from fedtune.engine.ray_worker import ClientOutcome, ClientTask, PartialSum
+from fedtune.engine.ray_worker import ClientOutcome, ClientTask
 from fedtune.protocol import NUM_PARTITIONS, PARTITION_ID
 from fedtune.server.checkpoint import state_from_bytes, state_to_bytes
-from fedtune.server.folded import attach_sum
-from fedtune.server.grid import SimulatedGrid
+from fedtune.server.exchange import RunStopped
+from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec
 
-BATCH_S = 0.05  # client work per Ray call, once the time of a task is known
+BATCH_S = 0.05  # single-message work per Ray call, once the time of a message is known
+COHORT_CALL_S = 0.25  # most client time per Ray call of blocks (calls shrink as a phase ends)
 MAX_BATCH = 64
 CALLS_PER_ACTOR = 2
-PULL_WAIT_S = 0.05
-PUSHED_ARRAYS_KEPT = 4  # ArrayRecords whose object-store copy later pushes reuse
+WAIT_S = 0.25  # longest single wait on Ray before checking timeouts and the stop event
+PUSHED_KEPT = 4  # shared records whose object-store copy later pushes reuse
 
 
 @dataclass
-class _Job:
-    """A pushed message that has no reply yet."""
+class _Work:
+    """A unit of work for one Ray call: single messages, or consecutive blocks of a cohort."""
 
-    message: Message
-    task: ClientTask
-    alone: bool = False  # its call's actor died or overran: it now runs alone
+    message_ids: list[str] = field(default_factory=list)
+    blocks: list[BlockTask] = field(default_factory=list)
+    cohort: _Cohort | None = None  # the phase the blocks belong to
+    alone: bool = False  # its previous call's actor died or overran: it runs alone
+    done: bool = False  # delivered, or discarded (a late result is dropped)
+
+    @property
+    def size(self) -> int:
+        if self.blocks:
+            return sum(len(block.clients) for block in self.blocks)
+        return len(self.message_ids)
 
 
 @dataclass
 class _Call:
-    """A call in an actor's queue: serving a batch of messages, or taking a partial sum."""
+    """A call in an actor's queue."""
 
     ref: ray.ObjectRef
-    message_ids: list[str] = field(default_factory=list)
-    fold: str = ""
-    expected_s: float = 0.0  # how long the batch should take
-    alone: bool = False  # one task with the actor to itself: a death there is its own
+    work: _Work
+    expected_s: float = 0.0  # how long it should take
 
 
 @dataclass
 class _Lane:
-    """One actor slot: the actor, its calls in the order it runs them, its held replies."""
+    """One actor slot: the actor and its calls in the order it runs them."""
 
     actor: ray.actor.ActorHandle
     starting: ray.ObjectRef | None  # ready() while the actor loads data and model
     started_at: float
     calls: deque[_Call] = field(default_factory=deque)
     busy_since: float = 0.0  # when the first call in ``calls`` started (as the driver saw it)
-    held: dict[str, ClientOutcome] = field(default_factory=dict)  # folded, sum not taken yet
-    open_folds: set[str] = field(default_factory=set)  # folds with updates not yet taken
     retired: bool = False
 
 
-class RayGrid(SimulatedGrid):
+@dataclass
+class _Cohort:
+    """One ``run_cohort`` call in progress."""
+
+    content: ray.ObjectRef
+    total_blocks: int
+    total_clients: int
+    results: dict[int, BlockResult] = field(default_factory=dict)  # by block index
+    parts: dict[int, dict[int, BlockResult]] = field(default_factory=dict)  # split blocks
+    split_sizes: dict[int, int] = field(default_factory=dict)
+    works: list[_Work] = field(default_factory=list)
+    clients_done: int = 0
+
+    def deliver(self, block: BlockTask, result: BlockResult) -> None:
+        index = block.index
+        self.clients_done += len(result.reports)
+        if index not in self.split_sizes:
+            self.results[index] = result
+            return
+        position = block.clients[0].client_id
+        self.parts.setdefault(index, {})[position] = result
+        if len(self.parts[index]) == self.split_sizes[index]:
+            ordered = [self.parts[index][key] for key in sorted(self.parts[index])]
+            self.results[index] = join_singletons(index, ordered)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.results) == self.total_blocks
+
+
+class RayGrid(CohortGrid):
     """A Grid of ``num_clients`` virtual clients served by long-lived Ray actors."""
 
     def __init__(self, factory: ActorFactory, actors: list[ray.actor.ActorHandle],
-                 num_clients: int, client_timeout_s: float, start_timeout_s: float,
-                 fold_train: bool = False) -> None:
+                 num_clients: int, client_timeout_s: float, start_timeout_s: float) -> None:
         self._factory = factory
         self._run = Run.create_empty(factory.run_id)
         act_as_server(factory.run_id)
         self._num_clients = num_clients
         self._client_timeout_s = client_timeout_s
         self._start_timeout_s = start_timeout_s
-        self._fold_train = fold_train
         now = time.monotonic()
         self._lanes = [_Lane(actor, None, now) for actor in actors]
-        self._jobs: dict[str, _Job] = {}
-        self._queue: deque[str] = deque()
-        self._queued_folds: Counter[str] = Counter()
+        self._queue: deque[_Work] = deque()
+        self._jobs: dict[str, tuple[Message, ClientTask]] = {}  # pushed, no reply yet
         self._replies: dict[str, Message] = {}
-        self._pushed: OrderedDict[int, tuple[ArrayRecord, ray.ObjectRef]] = OrderedDict()
-        self._task_s: dict[str, float] = {}  # running mean of a task's time, by message type
+        self._pushed: dict[int, tuple[object, ray.ObjectRef]] = {}
+        self._task_s: dict[str, float] = {}  # running mean of one client's time, by kind
         self._retired_reason = ""
         self.states: dict[int, RecordDict] = {}  # node id -> Context.state (clients with state)
         self._changed: set[int] = set()  # nodes whose state changed since the last capture
         self.node_to_client = {NODE_ID_OFFSET + c: c for c in range(num_clients)}
         self.restarts = 0  # actors replaced after dying or overrunning
 
-    # --- Grid ---
+    # --- Grid: single messages ---
 
     def get_node_ids(self) -> Iterable[int]:
         return range(NODE_ID_OFFSET, NODE_ID_OFFSET + self._num_clients)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        fold = uuid.uuid4().hex if self._fold_train else ""  # one partial sum per push
         ids = []
         for message in messages:
-            node = message.metadata.dst_node_id
-            if node not in self.node_to_client:
-                raise ValueError(f"no node {node} in this grid")
+            node = self._node(message)
             message_id = uuid.uuid4().hex
             message.metadata.__dict__["_message_id"] = message_id  # as a SuperLink assigns it
-            train = message.metadata.message_type == MessageType.TRAIN
-            self._jobs[message_id] = _Job(message, self._task(message, fold if train else ""))
+            arrays, rest = {}, RecordDict()
+            for key, record in message.content.items():
+                if isinstance(record, ArrayRecord):
+                    arrays[key] = self._put(record)
+                else:
+                    rest[key] = record
+            task = ClientTask(metadata=message.metadata, content=rest, arrays=arrays,
+                              order=tuple(message.content.keys()),
+                              node_config={PARTITION_ID: self.node_to_client[node],
+                                           NUM_PARTITIONS: self._num_clients},
+                              state=self.states.get(node))
+            self._jobs[message_id] = (message, task)
             ids.append(message_id)
-        self._enqueue(ids)
+        self._queue.extend(_Work(message_ids=[i]) for i in ids)
         self._pump(wait_s=0)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Replies that are in for ``message_ids`` (waiting up to PULL_WAIT_S for one)."""
+        """Replies that are in for ``message_ids`` (waiting up to WAIT_S for one)."""
         wanted = list(message_ids)
-        self._pump(wait_s=0 if any(i in self._replies for i in wanted) else PULL_WAIT_S)
+        if not any(i in self._replies for i in wanted):
+            self._pump(wait_s=WAIT_S)
         return [self._replies.pop(i) for i in wanted if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *,
@@ -165,17 +217,45 @@ class RayGrid(SimulatedGrid):
         self.discard(pending)
         return replies
 
-    # --- beyond Flower's Grid ---
-
     def discard(self, message_ids: Iterable[str]) -> None:
-        """Forget messages the server stopped waiting for; results that still come are dropped."""
-        dropped = {i for i in message_ids if self._jobs.pop(i, None) is not None}
-        for message_id in dropped:
+        for message_id in message_ids:
+            self._jobs.pop(message_id, None)
             self._replies.pop(message_id, None)
-        if dropped:
-            self._queue = deque(i for i in self._queue if i not in dropped)
-            self._queued_folds = Counter(self._jobs[i].task.fold for i in self._queue
-                                         if self._jobs[i].task.fold)
+
+    # --- CohortGrid: a round's phase at once ---
+
+    def run_cohort(self, messages: list[Message], spec: CohortSpec, timeout_s: float,
+                   progress: Callable[[int, int], None] | None = None,
+                   stop: threading.Event | None = None) -> CohortResult:
+        content = messages[0].content
+        clients = [BlockClient(node, self.node_to_client[node], self.states.get(node))
+                   for node in (self._node(m) for m in messages)]
+        blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec)
+        cohort = _Cohort(self._put(content), len(blocks), len(clients))
+        cohort.works = [_Work(blocks=[block], cohort=cohort) for block in blocks]
+        self._queue.extend(cohort.works)
+        deadline = time.monotonic() + timeout_s
+        done = 0
+        while not cohort.complete:
+            if stop is not None and stop.is_set():
+                self._drop(cohort)
+                raise RunStopped(f"stopped while {cohort.total_clients - cohort.clients_done} "
+                                 "clients were training")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._time_out(cohort, "no reply within strategy.round_timeout_s")
+                break
+            self._pump(wait_s=min(WAIT_S, left))
+            if progress is not None and cohort.clients_done != done:
+                done = cohort.clients_done
+                progress(done, cohort.total_clients)
+        for block in cohort.results.values():
+            for node, state in block.states.items():
+                self.states[node] = state
+                self._changed.add(node)
+        return add_blocks(list(cohort.results.values()))
+
+    # --- checkpoints ---
 
     def close(self) -> None:
         """Kill every actor now (the end of the Ray session would too, later)."""
@@ -201,48 +281,29 @@ class RayGrid(SimulatedGrid):
 
     # --- dispatch ---
 
-    def _task(self, message: Message, fold: str) -> ClientTask:
-        arrays, rest = {}, RecordDict()
-        for key, record in message.content.items():
-            if isinstance(record, ArrayRecord):
-                arrays[key] = self._put(record)
-            else:
-                rest[key] = record
+    def _node(self, message: Message) -> int:
         node = message.metadata.dst_node_id
-        return ClientTask(
-            metadata=message.metadata, content=rest, arrays=arrays,
-            order=tuple(message.content.keys()),
-            node_config={PARTITION_ID: self.node_to_client[node],
-                         NUM_PARTITIONS: self._num_clients},
-            state=self.states.get(node), fold=fold,
-        )
+        if node not in self.node_to_client:
+            raise ValueError(f"no node {node} in this grid")
+        return node
 
-    def _put(self, record: ArrayRecord) -> ray.ObjectRef:
-        """The object-store copy of ``record``: one put however many messages carry it."""
-        key = id(record)  # the entry holds ``record``, so its id cannot be reused meanwhile
+    def _put(self, value: object) -> ray.ObjectRef:
+        """The object-store copy of ``value``: one put however many messages carry it."""
+        key = id(value)  # the entry holds ``value``, so its id cannot be reused meanwhile
         if key not in self._pushed:
-            self._pushed[key] = (record, ray.put(record))
-            while len(self._pushed) > PUSHED_ARRAYS_KEPT:
-                self._pushed.popitem(last=False)
+            self._pushed[key] = (value, ray.put(value))
+            while len(self._pushed) > PUSHED_KEPT:
+                self._pushed.pop(next(iter(self._pushed)))
         return self._pushed[key][1]
 
-    def _enqueue(self, message_ids: list[str], front: bool = False) -> None:
-        live = [i for i in message_ids if i in self._jobs]
-        self._queued_folds.update(f for i in live if (f := self._jobs[i].task.fold))
-        if front:
-            self._queue.extendleft(reversed(live))
-        else:
-            self._queue.extend(live)
-
     def _pump(self, wait_s: float) -> None:
-        """Collect finished calls, stop overrunning actors, hand out batches, take sums."""
+        """Collect finished calls, stop overrunning actors, hand out work."""
         self._dispatch()
         waiting = [lane.starting for lane in self._lanes if lane.starting is not None]
         waiting += [call.ref for lane in self._lanes for call in lane.calls]
         if waiting:
-            ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
-            if not ready and wait_s > 0:
-                ray.wait(waiting, num_returns=1, timeout=wait_s)
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=wait_s)
+            if ready:
                 ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
             done = set(ready)
             for lane in self._lanes:
@@ -252,49 +313,67 @@ class RayGrid(SimulatedGrid):
 
     def _dispatch(self) -> None:
         lanes = [lane for lane in self._lanes if not lane.retired and lane.starting is None
-                 and not any(call.alone for call in lane.calls)]
-        while self._queue and lanes:
-            alone = self._jobs[self._queue[0]].alone
+                 and not any(call.work.alone for call in lane.calls)]
+        while lanes:
+            while self._queue and self._queue[0].done:
+                self._queue.popleft()
+            if not self._queue:
+                break
+            alone = self._queue[0].alone
             lane = min(lanes, key=lambda candidate: len(candidate.calls))
             if len(lane.calls) >= (1 if alone else CALLS_PER_ACTOR):
                 break
-            batch = self._next_batch(len(lanes))
-            tasks = [self._jobs[i].task for i in batch]
-            for task in tasks:
-                if task.fold:
-                    self._queued_folds[task.fold] -= 1
-                    lane.open_folds.add(task.fold)
-            expected = len(tasks) * self._task_s.get(tasks[0].metadata.message_type, 0.0)
-            self._call(lane, _Call(lane.actor.serve.remote(tasks), batch, expected_s=expected,
-                                   alone=alone))
+            work = self._next_work(len(lanes))
+            self._call(lane, work)
             if alone:
                 lanes.remove(lane)
-        for lane in lanes:  # a fold with nothing left to hand out: take the partial sum
-            for fold in [f for f in lane.open_folds if self._queued_folds[f] <= 0]:
-                lane.open_folds.discard(fold)
-                self._call(lane, _Call(lane.actor.take_sum.remote(fold), fold=fold))
         if not any(not lane.retired for lane in self._lanes):
             self._fail_queue("no Ray actor is left to run it")
 
-    def _next_batch(self, num_lanes: int) -> list[str]:
-        """The next queued messages for one call: about BATCH_S of work, a fair share of the
-        queue, and alone for a message whose previous batch failed."""
-        batch = [self._queue.popleft()]
-        if self._jobs[batch[0]].alone:
-            return batch
-        task_s = self._task_s.get(self._jobs[batch[0]].task.metadata.message_type)
-        size = 1 if task_s is None else int(BATCH_S / max(task_s, 1e-6))
-        share = math.ceil((len(self._queue) + 1) / (num_lanes * CALLS_PER_ACTOR))
-        size = max(1, min(size, share, MAX_BATCH))
-        while self._queue and len(batch) < size and not self._jobs[self._queue[0]].alone:
-            batch.append(self._queue.popleft())
-        return batch
+    def _next_work(self, num_lanes: int) -> _Work:
+        """The next queued work, joined with the queued work of its kind behind it into one
+        call of at most BATCH_S (messages) or COHORT_CALL_S (blocks) of client time, once that
+        time is known, and no more than a fair share of what is queued, so calls shrink as a
+        phase ends and the actors finish together (guided self-scheduling): a Ray call costs a
+        few milliseconds, a small client's step less. Blocks keep their own results, so how they
+        are grouped changes nothing."""
+        work = self._queue.popleft()
+        if work.alone:
+            return work
+        kind = work.blocks[0].message_type if work.blocks else "message"
+        client_s = self._task_s.get(kind)
+        call_s = COHORT_CALL_S if work.blocks else BATCH_S
+        wanted = 1 if client_s is None else max(1, int(call_s / max(client_s, 1e-6)))
+        queued = work.size + (sum(w.size for w in self._queue if not w.done) if work.blocks
+                              else len(self._queue))
+        limit = max(1, min(wanted, math.ceil(queued / (num_lanes * CALLS_PER_ACTOR))))
+        while self._queue and work.size < limit and len(work.message_ids) < MAX_BATCH:
+            after = self._queue[0]
+            if after.done:
+                self._queue.popleft()
+                continue
+            if after.alone or after.cohort is not work.cohort or (
+                    bool(after.blocks) != bool(work.blocks)):
+                break
+            self._queue.popleft()
+            work.blocks += after.blocks
+            work.message_ids += after.message_ids
+        return work
 
-    @staticmethod
-    def _call(lane: _Lane, call: _Call) -> None:
+    def _call(self, lane: _Lane, work: _Work) -> None:
+        if work.blocks:
+            ref = lane.actor.run_blocks.remote((work.cohort.content,), work.blocks)
+            kind = work.blocks[0].message_type
+        else:
+            work.message_ids = [i for i in work.message_ids if i in self._jobs]  # not discarded
+            if not work.message_ids:
+                work.done = True
+                return
+            ref = lane.actor.serve.remote([self._jobs[i][1] for i in work.message_ids])
+            kind = "message"
         if not lane.calls:
             lane.busy_since = time.monotonic()
-        lane.calls.append(call)
+        lane.calls.append(_Call(ref, work, work.size * self._task_s.get(kind, 0.0)))
 
     def _collect(self, lane: _Lane, done: set[ray.ObjectRef]) -> None:
         if lane.starting is not None and lane.starting in done:
@@ -315,46 +394,52 @@ class RayGrid(SimulatedGrid):
                 self._lose(lane, call, ErrorCode.CLIENT_APP_CRASHED, reason)
                 return
             lane.busy_since = time.monotonic()
-            if call.fold:
-                self._release(lane, result)
-            elif isinstance(result, Exception):
-                for message_id in call.message_ids:
-                    if (job := self._jobs.get(message_id)) is not None:
-                        self._deliver(message_id,
-                                      ClientOutcome(error_reply(job.message, result), None, 0.0))
-            else:
-                for message_id, outcome in zip(call.message_ids, result, strict=True):
-                    self._learn(outcome)
-                    if outcome.folded:
-                        lane.held[message_id] = outcome
-                    else:
-                        self._deliver(message_id, outcome)
+            self._finish(call.work, result)
 
-    def _learn(self, outcome: ClientOutcome) -> None:
-        kind = outcome.reply.metadata.message_type
-        previous = self._task_s.get(kind, outcome.seconds)
-        self._task_s[kind] = 0.8 * previous + 0.2 * outcome.seconds
+    def _finish(self, work: _Work, result: object) -> None:
+        """Deliver a call's result (or the error its engine code raised)."""
+        if work.done:
+            return
+        work.done = True
+        if work.blocks:
+            if isinstance(result, Exception):
+                result = [self._failed_block(block, f"engine error: {result}")
+                          for block in work.blocks]
+            else:
+                self._learn(work.blocks[0].message_type, sum(r.seconds for r in result),
+                            work.size)
+            for block, block_result in zip(work.blocks, result, strict=True):
+                work.cohort.deliver(block, block_result)
+            return
+        if isinstance(result, Exception):
+            for message_id in work.message_ids:
+                if message_id in self._jobs:
+                    self._deliver(message_id, ClientOutcome(
+                        error_reply(self._jobs[message_id][0], result), None, 0.0))
+            return
+        for message_id, outcome in zip(work.message_ids, result, strict=True):
+            self._learn("message", outcome.seconds, 1)
+            self._deliver(message_id, outcome)
+
+    def _learn(self, kind: str, seconds: float, clients: int) -> None:
+        per_client = seconds / max(clients, 1)
+        previous = self._task_s.get(kind, per_client)
+        self._task_s[kind] = 0.8 * previous + 0.2 * per_client
 
     def _deliver(self, message_id: str, outcome: ClientOutcome) -> None:
         job = self._jobs.pop(message_id, None)
         if job is None:  # discarded meanwhile
             return
-        reply = outcome.reply
-        if outcome.state is not None and not reply.has_error():
-            self.states[job.message.metadata.dst_node_id] = outcome.state
-            self._changed.add(job.message.metadata.dst_node_id)
-        self._replies[message_id] = reply
+        message, _ = job
+        if outcome.state is not None and not outcome.reply.has_error():
+            self.states[message.metadata.dst_node_id] = outcome.state
+            self._changed.add(message.metadata.dst_node_id)
+        self._replies[message_id] = outcome.reply
 
-    def _release(self, lane: _Lane, partial: PartialSum | Exception) -> None:
-        """A partial sum is in: release the replies folded into it, the last carrying the sum."""
-        if isinstance(partial, Exception):
-            raise partial  # take_sum only pops a dict: this is a bug, not a client's fault
-        held = [(i, lane.held.pop(i)) for i in partial.message_ids if i in lane.held]
-        live = [outcome for message_id, outcome in held if message_id in self._jobs]
-        if live:
-            attach_sum(live[-1].reply, partial.total)
-        for message_id, outcome in held:
-            self._deliver(message_id, outcome)
+    @staticmethod
+    def _failed_block(block: BlockTask, reason: str, status: str = "failed") -> BlockResult:
+        return BlockResult(block.index, [ClientReport(c.node_id, c.client_id, status, reason)
+                                         for c in block.clients])
 
     def _stop_overruns(self) -> None:
         now = time.monotonic()
@@ -374,26 +459,47 @@ class RayGrid(SimulatedGrid):
                     self._lose(lane, call, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason)
 
     def _lose(self, lane: _Lane, culprit: _Call, code: int, reason: str) -> None:
-        """The lane's actor died (or overran) during ``culprit``: a lone task there fails, other
-        tasks of that call run again alone; everything else of the lane runs again."""
-        again = list(culprit.message_ids)
-        if culprit.alone:
-            if (job := self._jobs.get(again.pop())) is not None:
-                error = Message(Error(code=code, reason=reason), reply_to=job.message)
-                self._deliver(job.message.metadata.message_id, ClientOutcome(error, None, 0.0))
-        for message_id in again:
-            if message_id in self._jobs:
-                self._jobs[message_id].alone = True
-        again += [i for call in lane.calls for i in call.message_ids]
-        again += list(lane.held)
-        self._enqueue(again, front=True)
+        """The lane's actor died (or overran) during ``culprit``: a lone client there fails,
+        the other clients of that call run again alone; the lane's other calls run again."""
+        again: list[_Work] = []
+        work = culprit.work
+        if work.alone:
+            self._fail(work, code, reason)
+        elif not work.done:
+            work.done = True  # replaced by the lone pieces below
+            for block in work.blocks:
+                pieces = split_block(block)
+                work.cohort.split_sizes[block.index] = len(pieces)
+                again += [_Work(blocks=[piece], cohort=work.cohort, alone=True)
+                          for piece in pieces]
+            again += [_Work(message_ids=[i], alone=True) for i in work.message_ids]
+        for call in lane.calls:
+            if not call.work.done:
+                call.work.done = True
+                again.append(_Work(call.work.message_ids, call.work.blocks, call.work.cohort,
+                                   call.work.alone))
+        self._queue.extendleft(reversed(again))
         ray.kill(lane.actor, no_restart=True)  # dead already, or stuck: make sure
         lane.calls.clear()
-        lane.held.clear()
-        lane.open_folds.clear()
         lane.actor, lane.starting = self._factory.start()
         lane.started_at = time.monotonic()
         self.restarts += 1
+
+    def _fail(self, work: _Work, code: int, reason: str) -> None:
+        """A lone piece of work lost its actor: its client failed (or timed out)."""
+        if work.done:
+            return
+        work.done = True
+        if work.blocks:
+            status = "timeout" if code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE else "failed"
+            for block in work.blocks:
+                work.cohort.deliver(block, self._failed_block(block, reason, status))
+            return
+        for message_id in work.message_ids:
+            if message_id in self._jobs:
+                error = Message(Error(code=code, reason=reason),
+                                reply_to=self._jobs[message_id][0])
+                self._deliver(message_id, ClientOutcome(error, None, 0.0))
 
     def _retire(self, lane: _Lane, error: BaseException) -> None:
         """A replacement actor could not start: its slot stays empty for the rest of the run."""
@@ -404,9 +510,23 @@ class RayGrid(SimulatedGrid):
 
     def _fail_queue(self, reason: str) -> None:
         while self._queue:
-            message_id = self._queue.popleft()
-            if (job := self._jobs.get(message_id)) is not None:
-                error = Error(code=ErrorCode.CLIENT_APP_CRASHED,
-                              reason=f"{reason}: {self._retired_reason}")
-                self._deliver(message_id,
-                              ClientOutcome(Message(error, reply_to=job.message), None, 0.0))
+            self._fail(self._queue.popleft(), ErrorCode.CLIENT_APP_CRASHED,
+                       f"{reason}: {self._retired_reason}")
+
+    def _drop(self, cohort: _Cohort) -> None:
+        """Forget a cohort's unfinished work (its late results are dropped)."""
+        for work in cohort.works:
+            work.done = True
+        self._queue = deque(w for w in self._queue if w.cohort is not cohort)
+
+    def _time_out(self, cohort: _Cohort, reason: str) -> None:
+        """Report the clients of every unfinished block as timed out."""
+        finished = set(cohort.results)
+        for work in cohort.works:
+            (block,) = work.blocks  # the cohort's original works hold one block each
+            if block.index not in finished:
+                cohort.results[block.index] = self._failed_block(block, reason, "timeout")
+        for work in list(self._queue) + [c.work for lane in self._lanes for c in lane.calls]:
+            if work.cohort is cohort:
+                work.done = True
+        self._drop(cohort)

@@ -12,6 +12,7 @@ import ray
 from flwr.clientapp import ClientApp
 
 from fedtune.config import Config, ConfigError, RunConfigValue
+from fedtune.engine.cohort import TrainFunction
 from fedtune.engine.ray_worker import ClientWorker
 
 
@@ -69,12 +70,14 @@ class ActorFactory:
     run_id: int
     client_cpus: float
     client_gpus: float
+    train: TrainFunction | None = None  # what trains a client in a block (None: fedtune's)
 
     def start(self) -> tuple[ray.actor.ActorHandle, ray.ObjectRef]:
         """A new actor and the reference its ``ready`` (data and model loaded) will fill."""
         remote = _REMOTE_WORKER.options(num_cpus=self.client_cpus, num_gpus=self.client_gpus,
                                         max_restarts=0)  # the grid replaces dead actors itself
-        actor = remote.remote(self.client_app, self.run_config, self.run_id, self.client_cpus)
+        actor = remote.remote(self.client_app, self.run_config, self.run_id, self.client_cpus,
+                              self.train)
         return actor, actor.ready.remote()
 
 

@@ -17,9 +17,16 @@ from fedtune.models.transfer import travelling_names
 
 
 def _travelling_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    tensors = dict(model.named_parameters())
-    tensors.update(model.named_buffers())
-    return {name: tensors[name] for name in travelling_names(model)}
+    """The travelling tensors by name. Walking a model's modules costs more than a small
+    client's step, so the result is kept on the model: what trains is fixed when the model is
+    built (``fedtune.models.transfer.apply_transfer``) and never changes afterwards."""
+    travelling = model.__dict__.get("_fedtune_travelling")
+    if travelling is None:
+        tensors = dict(model.named_parameters())
+        tensors.update(model.named_buffers())
+        travelling = {name: tensors[name] for name in travelling_names(model)}
+        model.__dict__["_fedtune_travelling"] = travelling
+    return travelling
 
 
 def shared_state(model: nn.Module) -> dict[str, np.ndarray]:
@@ -31,14 +38,14 @@ def shared_state(model: nn.Module) -> dict[str, np.ndarray]:
 def load_shared_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     """Overwrite the travelling tensors in place; names and shapes must match exactly."""
     own = _travelling_tensors(model)
-    missing = sorted(set(own) - set(arrays))
-    unexpected = sorted(set(arrays) - set(own))
-    if missing or unexpected:
+    if own.keys() != arrays.keys():
+        missing = sorted(set(own) - set(arrays))
+        unexpected = sorted(set(arrays) - set(own))
         raise ValueError(f"weights do not match the model: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
+    values = [torch.from_numpy(np.asarray(arrays[name])) for name in own]
+    for (name, tensor), value in zip(own.items(), values, strict=True):
+        if value.shape != tensor.shape:
+            raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(tensor.shape)}")
     with torch.no_grad():
-        for name, tensor in own.items():
-            value = torch.from_numpy(np.asarray(arrays[name]))
-            if value.shape != tensor.shape:
-                raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(tensor.shape)}")
-            tensor.copy_(value)
+        torch._foreach_copy_(list(own.values()), values)

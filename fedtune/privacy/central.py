@@ -12,7 +12,7 @@ fedavgm: DP-FedAvgM, fedadam: DP-FedAdam). Clients train as without privacy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ from strategies import dp_fedavg
 from strategies.dp_fedavg import DPFedAvg, adaptive_noise
 
 if TYPE_CHECKING:
-    from flwr.app import Message, MetricRecord
+    from flwr.app import MetricRecord
 
     from fedtune.config import Config
     from fedtune.results.run_dir import ClientRow
@@ -82,7 +82,7 @@ class CentralServer(PrivacyServer):
     def stop_before(self, server_round: int) -> str:
         return "" if self.budget.next_round_fits() else self.budget.stop_reason(server_round)
 
-    def record_round(self, rows: Sequence[ClientRow], replies: Sequence[Message],
+    def record_round(self, rows: Sequence[ClientRow], accepted: Sequence[Mapping[str, Any]],
                      aggregated: MetricRecord | None = None) -> None:
         self.budget.record_round()
         reported = aggregated or {}

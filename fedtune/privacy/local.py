@@ -10,7 +10,7 @@ sampled client has spent its budget. The server reports the largest client ε ea
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord
@@ -26,7 +26,7 @@ from fedtune.privacy.dp_sgd import LocalDPSettings, poisson_loader, train_privat
 from fedtune.privacy.mode import LocalTraining, PrivacyMode, PrivacyPlan, PrivacyServer
 
 if TYPE_CHECKING:
-    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.app import MetricRecord, RecordDict
 
     from fedtune.config import Config
     from fedtune.results.run_dir import ClientRow
@@ -52,13 +52,13 @@ class LocalServer(PrivacyServer):
         self.client_epsilons: dict[str, float] = {}
         self.noise_multipliers: list[float] = []  # smallest and largest reported so far
 
-    def record_round(self, rows: Sequence[ClientRow], replies: Sequence[Message],
+    def record_round(self, rows: Sequence[ClientRow], accepted: Sequence[Mapping[str, Any]],
                      aggregated: MetricRecord | None = None) -> None:
         for row in rows:
             if row.epsilon is not None and row.client_id is not None:
                 self.client_epsilons[str(row.client_id)] = row.epsilon
-        reported = [float(noise) for reply in replies
-                    if (noise := protocol.metric(reply, protocol.NOISE_MULTIPLIER)) is not None]
+        reported = [float(metrics[protocol.NOISE_MULTIPLIER]) for metrics in accepted
+                    if protocol.NOISE_MULTIPLIER in metrics]
         if reported:
             every = self.noise_multipliers + reported
             self.noise_multipliers = [min(every), max(every)]

@@ -9,14 +9,14 @@ The base classes are the mode without privacy; a mode overrides what it changes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedtune.train import GradientTerms, TrainResult, train_local
 
 if TYPE_CHECKING:
-    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.app import MetricRecord, RecordDict
     from flwr.serverapp.strategy import Strategy
 
     from fedtune.config import Config
@@ -61,10 +61,10 @@ class PrivacyServer:
         """Why ``server_round`` must not run ("" = it may)."""
         return ""
 
-    def record_round(self, rows: Sequence[ClientRow], replies: Sequence[Message],
+    def record_round(self, rows: Sequence[ClientRow], accepted: Sequence[Mapping[str, Any]],
                      aggregated: MetricRecord | None = None) -> None:
-        """Account for a finished round (its client rows, accepted train replies and what
-        the strategy's aggregation reported)."""
+        """Account for a finished round (its client rows, the accepted clients' metrics and
+        what the strategy's aggregation reported)."""
 
     def columns(self) -> dict[str, float | None]:
         """This mode's values of metrics.csv's privacy columns after the latest round."""
@@ -99,5 +99,6 @@ class PrivacyMode:
         """Train the resident model on client ``shard``'s training split; ``state`` is the
         client's Context.state, ``objective`` its strategy's extra terms."""
         result = train_local(resources.model, resources.client_train_loader(shard, seed),
-                             resources.train_settings, resources.device, objective)
+                             resources.train_settings, resources.device, objective,
+                             optimizer=resources.local_optimizer())
         return LocalTraining(result)

@@ -6,13 +6,24 @@ Grids also implement ``SimulatedGrid``: the server checkpoints the clients' ``Co
 and gives it back on resume, and drops what it stopped waiting for. The server checks for this
 interface with ``isinstance``; a runtime that does not implement it (Flower's simulation, a
 real deployment) keeps client states to itself.
+
+A ``CohortGrid`` also runs a whole round's cohort at once (``run_cohort``): given the messages a
+strategy configured, it trains or evaluates every addressed client with the client wing's own
+functions, screens each update where the client ran, and - when the strategy's aggregate is the
+example-weighted mean - returns the sum of ``weight × update`` instead of one update per client.
+No Flower message is built per client; the round turns the result back into the replies the
+strategy expects (``fedtune.server.round``).
 """
 
 from __future__ import annotations
 
+import threading
 from abc import abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -48,3 +59,53 @@ class SimulatedGrid(Grid):
     def discard(self, message_ids: Iterable[str]) -> None:
         """Forget messages the server stopped waiting for; replies that still come are
         dropped."""
+
+
+@dataclass
+class ClientReport:
+    """One addressed client's outcome in a cohort: ok, declined (local DP budget spent),
+    rejected (its update failed screening), failed (it raised, or its worker died) or timeout."""
+
+    node_id: int
+    client_id: int
+    status: str
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)  # its reply metrics, when it replied
+    bytes_up: int = 0  # serialised size of the arrays its reply carries
+
+
+@dataclass
+class CohortResult:
+    """What ``run_cohort`` returns for one phase of a round."""
+
+    reports: list[ClientReport]  # one per addressed client, by client id
+    total: dict[str, np.ndarray] | None = None  # weighted-mean path: sum of weight × update
+    total_weight: float = 0.0
+    updates: dict[int, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
+    # individual path: node id -> record name -> arrays, for every accepted client
+
+
+@dataclass(frozen=True)
+class CohortSpec:
+    """How a cohort's replies are screened and reduced."""
+
+    weighted_mean: bool  # sum the accepted updates, weighted by num-examples; else keep each
+    answers: Mapping[str, str] = field(default_factory=dict)  # reply record -> sent record
+    max_examples: int = 10**9  # what a reply may claim
+    accept_declines: bool = False  # a client may send no update because its budget is spent
+
+
+class CohortGrid(SimulatedGrid):
+    """A SimulatedGrid that runs a round's whole cohort in one call (when ``runs_cohorts``:
+    its clients run fedtune's own client code)."""
+
+    runs_cohorts: bool = True
+
+    @abstractmethod
+    def run_cohort(self, messages: list[Message], spec: CohortSpec, timeout_s: float,
+                   progress: Callable[[int, int], None] | None = None,
+                   stop: threading.Event | None = None) -> CohortResult:
+        """Train or evaluate (the messages' type) every client the ``messages`` address (they
+        share one content), screening and reducing the replies as ``spec`` says; clients not
+        done within ``timeout_s`` are reported ``timeout``. ``stop`` being set ends the wait
+        with ``fedtune.server.exchange.RunStopped``."""

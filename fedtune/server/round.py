@@ -15,10 +15,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common.constant import ErrorCode
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -27,8 +27,8 @@ from fedtune.config import Config
 from fedtune.models.weights import load_shared_state
 from fedtune.privacy.mode import PrivacyServer
 from fedtune.results.run_dir import ClientRow, RoundRow
-from fedtune.server.exchange import Exchange, exchange
-from fedtune.server.screening import ScreenedReplies, check_evaluate_reply, screen_train_replies
+from fedtune.server.grid import CohortSpec
+from fedtune.server.phases import evaluate_phase, train_phase
 from fedtune.server.state import RoundState
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import TaskResources
@@ -87,63 +87,21 @@ def seed_sampling(seed: int, server_round: int, phase: str) -> None:
     random.seed(f"{seed}-{server_round}-{phase}")
 
 
-def by_client(replies: list[Message]) -> list[Message]:
-    """Replies in client order: float sums then do not depend on arrival order."""
-    return sorted(replies, key=lambda reply: int(protocol.metric(reply, protocol.PARTITION_ID)))
-
-
-def _last_line(text: str) -> str:
-    """The exception line of a client's error (Ray wraps it in several tracebacks)."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]:
-            return line[:400]
-    return (lines[-1] if lines else "unknown error")[:400]
-
-
-def _weighted(messages: list[Message], key: str) -> float | None:
-    weights = [float(protocol.metric(m, protocol.NUM_EXAMPLES)) for m in messages]
-    if not messages or sum(weights) == 0:
+def _weighted(metrics: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` weighted by ``num-examples`` (None without examples)."""
+    weights = [float(m[protocol.NUM_EXAMPLES]) for m in metrics]
+    if not metrics or sum(weights) == 0:
         return None
-    values = [float(protocol.metric(m, key)) for m in messages]
+    values = [float(m[key]) for m in metrics]
     return float(np.average(values, weights=weights))
 
 
-def _reply_row(server_round: int, reply: Message, status: str, reason: str,
-               node_to_client: dict[int, int]) -> ClientRow:
-    client_id = int(protocol.metric(reply, protocol.PARTITION_ID))
-    node_to_client[reply.metadata.src_node_id] = client_id
-    epsilon = protocol.metric(reply, protocol.EPSILON)
-    loss = protocol.metric(reply, protocol.TRAIN_LOSS)
-    return ClientRow(server_round, client_id,
-                     int(protocol.metric(reply, protocol.NUM_EXAMPLES)),
-                     None if loss is None else float(loss),
-                     None if epsilon is None else float(epsilon),
-                     float(protocol.metric(reply, protocol.DURATION_S)), status, reason)
-
-
-def client_rows(server_round: int, train: Exchange, screened: ScreenedReplies,
-                node_to_client: dict[int, int]) -> list[ClientRow]:
-    """One row per sampled client: ok, rejected (bad reply, or no update because its privacy
-    budget is spent), failed (error reply) or timeout (no reply)."""
-    rows = [_reply_row(server_round, reply, "ok", "", node_to_client)
-            for reply in screened.accepted]
-    rows += [_reply_row(server_round, reply, "rejected", reason, node_to_client)
-             for reply, reason in screened.declined]
-    for reply, reason in screened.rejected:
-        rows.append(ClientRow(server_round, node_to_client.get(reply.metadata.src_node_id),
-                              None, None, None, None, "rejected", reason))
-    for reply in train.failed:
-        node = reply.metadata.src_node_id
-        reason = _last_line(reply.error.reason)
-        # an expired reply (a SuperLink's code; the Ray engine's for engine.client_timeout_s)
-        status = "timeout" if reply.error.code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE else "failed"
-        rows.append(ClientRow(server_round, node_to_client.get(node), None, None, None, None,
-                              status, reason))
-    for node in train.timed_out:
-        rows.append(ClientRow(server_round, node_to_client.get(node), None, None, None, None,
-                              "timeout", "no reply within strategy.round_timeout_s"))
-    return sorted(rows, key=lambda r: (r.client_id is None, r.client_id or 0))
+def weighted_mean_aggregate(run: FederatedRun) -> bool:
+    """Whether the run's strategy aggregates only the example-weighted mean of the updates
+    (its table entry says so, and no privacy mode replaced it), so the cohort may be summed
+    where the clients train."""
+    entry = STRATEGIES[run.config.strategy.name]
+    return entry.weighted_mean and type(run.strategy) is entry.load()
 
 
 def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
@@ -159,50 +117,48 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
         return lambda done, total: run.progress(server_round, phase, done, total)
 
     seed_sampling(config.run.seed, server_round, "train")
-    train = exchange(run.grid, strategy.configure_train(server_round, state.arrays,
-                                                        ConfigRecord(), run.grid),
-                     timeout, progress("train"), run.stop)
-    screened = screen_train_replies(train, max_train_examples,
-                                    STRATEGIES[config.strategy.name].answers,
-                                    privacy.accepts_declines)
-    accepted = screened.accepted
-    rows = client_rows(server_round, train, screened, state.node_to_client)
+    messages = list(strategy.configure_train(server_round, state.arrays, ConfigRecord(),
+                                             run.grid))
+    spec = CohortSpec(weighted_mean=weighted_mean_aggregate(run),
+                      answers=STRATEGIES[config.strategy.name].answers,
+                      max_examples=max_train_examples, accept_declines=privacy.accepts_declines)
+    train = train_phase(run.grid, messages, spec, server_round, state.node_to_client, timeout,
+                        progress("train"), run.stop)
     train_metrics: MetricRecord | None = None
-    all_declined = bool(train.sent) and len(screened.declined) == len(train.sent)
+    all_declined = bool(train.sent) and train.declined == train.sent
     # DP-FedAvg releases a noised update every round, even from an empty Poisson cohort
     if not all_declined and (privacy.releases_empty_rounds or (
-            len(accepted) >= min(config.strategy.min_train_clients, len(train.sent)) > 0)):
+            len(train.accepted) >= min(config.strategy.min_train_clients, train.sent) > 0)):
         state.rounds_without_update = 0
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, by_client(accepted))
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, train.replies)
         if new_arrays is not None:
             state.arrays = same_dtypes(new_arrays, state.arrays)
     elif not all_declined:  # too few sound updates: the global model stays as it was
         state.rounds_without_update += 1
-    privacy.record_round(rows, accepted, train_metrics)
+    privacy.record_round(train.rows, train.accepted, train_metrics)
 
     seed_sampling(config.run.seed, server_round, "evaluate")
-    federated = exchange(run.grid, strategy.configure_evaluate(server_round, state.arrays,
-                                                               ConfigRecord(), run.grid),
-                         timeout, progress("evaluate"), run.stop)
-    sound_evaluations = [r for r in federated.ok
-                         if check_evaluate_reply(r, max_test_examples) is None]
+    evaluation = evaluate_phase(
+        run.grid, list(strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(),
+                                                   run.grid)),
+        max_test_examples, timeout, progress("evaluate"), run.stop)
     global_eval = evaluate_global(run.resources, state.arrays)
     row = RoundRow(
         round=server_round,
-        train_loss=_weighted(accepted, protocol.TRAIN_LOSS),
+        train_loss=_weighted(train.accepted, protocol.TRAIN_LOSS),
         eval_loss=global_eval.loss,
         eval_accuracy=global_eval.accuracy,
         eval_macro_f1=global_eval.macro_f1,
         **privacy.columns(),
-        clients_sampled=len(train.sent),
-        clients_ok=len(accepted),
-        clients_failed=len(train.sent) - len(accepted),
-        bytes_up=train.bytes_up + federated.bytes_up,
-        bytes_down=train.bytes_down + federated.bytes_down,
+        clients_sampled=train.sent,
+        clients_ok=len(train.accepted),
+        clients_failed=train.sent - len(train.accepted),
+        bytes_up=train.bytes_up + evaluation.bytes_up,
+        bytes_down=train.bytes_down + evaluation.bytes_down,
         wall_s=time.perf_counter() - round_start,
-        federated_eval_loss=_weighted(sound_evaluations, protocol.EVAL_LOSS),
-        federated_eval_accuracy=_weighted(sound_evaluations, protocol.EVAL_ACCURACY),
+        federated_eval_loss=_weighted(evaluation.metrics, protocol.EVAL_LOSS),
+        federated_eval_accuracy=_weighted(evaluation.metrics, protocol.EVAL_ACCURACY),
     )
-    return RoundOutcome(row, rows, global_eval, train_metrics, len(train.sent),
-                        len(screened.declined))
+    return RoundOutcome(row, train.rows, global_eval, train_metrics, train.sent,
+                        train.declined)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
@@ -42,11 +43,34 @@ def _check_arrays(sent: ArrayRecord, received: ArrayRecord, record_name: str) ->
     return None
 
 
+def check_update_arrays(expected: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray],
+                        record_name: str) -> str | None:
+    """``_check_arrays`` for arrays already decoded (the engine screens updates where the
+    clients ran, before adding them to a sum): same names, shapes, dtypes, finite values."""
+    if received.keys() != expected.keys():
+        missing = sorted(set(expected) - set(received))
+        extra = sorted(set(received) - set(expected))
+        return f"{record_name}: tensor names differ (missing {missing[:3]}, extra {extra[:3]})"
+    for name, values in received.items():
+        reference = expected[name]
+        if values.shape != reference.shape or values.dtype != reference.dtype:
+            return (f"{record_name}.{name}: {values.dtype}{list(values.shape)} instead of "
+                    f"{reference.dtype}{list(reference.shape)}")
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+            return f"{record_name}.{name}: non-finite values"
+    return None
+
+
 def _check_metrics(reply: Message, max_examples: int, need_examples: bool) -> str | None:
     records = list(reply.content.metric_records.values())
     if len(records) != 1:
         return f"{len(records)} metric records instead of 1"
-    metrics = records[0]
+    return check_metric_values(records[0], max_examples, need_examples)
+
+
+def check_metric_values(metrics: Mapping[str, Any], max_examples: int,
+                        need_examples: bool) -> str | None:
+    """Finite numbers and an integer ``num-examples`` within bounds (at least 1 for training)."""
     for key, value in metrics.items():
         values = value if isinstance(value, list) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
@@ -76,13 +100,6 @@ def check_train_reply(sent: Message, reply: Message, max_examples: int,
         problem = _check_arrays(sent.content.array_records[answered], record, record_name)
         if problem:
             return problem
-    return _check_metrics(reply, max_examples, need_examples=True)
-
-
-def check_folded_train_reply(reply: Message, max_examples: int) -> str | None:
-    """``check_train_reply`` for a reply whose arrays went into a partial sum where the client
-    ran (the Ray engine's ``engine.aggregate_on_actors``, which checked them there): its
-    metrics."""
     return _check_metrics(reply, max_examples, need_examples=True)
 
 
@@ -121,10 +138,7 @@ def screen_train_replies(train: Exchange, max_examples: int, answers: Mapping[st
         if reason is not None:
             screened.declined.append((reply, reason))
             continue
-        if protocol.FOLDED in reply.content:  # its arrays were screened on the actor, then summed
-            reason = check_folded_train_reply(reply, max_examples)
-        else:
-            reason = check_train_reply(train.instruction(reply), reply, max_examples, answers)
+        reason = check_train_reply(train.instruction(reply), reply, max_examples, answers)
         if reason is None and not isinstance(protocol.metric(reply, protocol.PARTITION_ID), int):
             reason = f"{protocol.PARTITION_ID} is not an integer"
         if reason is None:

@@ -1,9 +1,8 @@
 """Build the configured Flower strategy from its table entry (``fedtune.tables.strategies``).
 
 The entry names the class and turns ``[strategy]`` keys into constructor arguments; the privacy
-mode may replace the strategy (central DP: DP-FedAvg); ``engine.aggregate_on_actors`` makes it
-FedAvg over partial sums (``FoldedFedAvg``). Every strategy waits for all clients to connect
-before the first round.
+mode may replace the strategy (central DP: DP-FedAvg). Every strategy waits for all clients to
+connect before the first round.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtune.config import Config
 from fedtune.privacy.mode import PrivacyPlan
-from fedtune.server.folded import FoldedFedAvg
 from fedtune.tables.privacy_modes import privacy_mode
 from fedtune.tables.strategies import STRATEGIES, strategy_arguments
 
@@ -35,6 +33,5 @@ def build_strategy(config: Config, plan: PrivacyPlan) -> Strategy:
     replaced = privacy_mode(config).strategy(config, plan, evaluate_args)
     if replaced is not None:
         return replaced
-    cls = FoldedFedAvg if config.engine.aggregate_on_actors else STRATEGIES[s.name].load()
-    return cls(fraction_train=s.fraction_train, min_train_nodes=s.min_train_clients,
+    return STRATEGIES[s.name].load()(fraction_train=s.fraction_train, min_train_nodes=s.min_train_clients,
                **evaluate_args, **strategy_arguments(config))

@@ -15,9 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedtune.errors import ConfigError
 from fedtune.tables import Entry, Key
-from fedtune.tables.strategies import STRATEGIES
 
 if TYPE_CHECKING:
     from fedtune.config import Config
@@ -30,18 +28,6 @@ class RuntimeEntry(Entry):
     check: Callable[[Config], None] | None = None
 
 
-def _check_ray(config: Config) -> None:
-    if config.engine.aggregate_on_actors and (
-            not STRATEGIES[config.strategy.name].weighted_mean
-            or config.privacy.mode == "central"):
-        allowed = [name for name, entry in STRATEGIES.items() if entry.weighted_mean]
-        raise ConfigError(
-            f"engine.aggregate_on_actors = true is not allowed with strategy.name = "
-            f"{config.strategy.name!r}: must be one of {', '.join(allowed)} "
-            "(a plain example-weighted mean, without central DP)"
-        )
-
-
 RUNTIMES: dict[str, RuntimeEntry] = {
     "ray": RuntimeEntry(
         "fedtune's engine: persistent Ray actors serve many virtual clients each",
@@ -52,10 +38,8 @@ RUNTIMES: dict[str, RuntimeEntry] = {
                                            "reported timeout", gt=0),
             "ray_address": Key("", "address of a running Ray cluster to join ('' = start one "
                                    "here)"),
-            "aggregate_on_actors": Key(False, "actors sum FedAvg's weighted updates and send "
-                                              "one partial sum each"),
         },
-        implementation="fedtune.engine.ray_engine:run_ray_engine", check=_check_ray),
+        implementation="fedtune.engine.ray_engine:run_ray_engine"),
     "flower": RuntimeEntry(
         "Flower's own Ray simulation (the runtime of `flwr run`)",
         implementation="fedtune.engine.flower_sim:run_flower", client_states=False,

@@ -38,7 +38,9 @@ class StrategyEntry(Entry):
     client: str = ""  # "module:Class" of its client side; "" = plain local training
     answers: Mapping[str, str] = field(default_factory=dict)  # reply record -> sent record
     sgd_only: bool = False  # its update rule assumes plain local SGD steps
-    weighted_mean: bool = False  # its aggregate is exactly the example-weighted mean of models
+    # its aggregate depends on the replies only through FedAvg's example-weighted mean of the
+    # models (and of the metrics), so engines may sum the updates where the clients train
+    weighted_mean: bool = False
     check: Callable[[Config], None] | None = None  # checks involving other keys
 
     def load_client(self) -> Any:
@@ -93,26 +95,28 @@ STRATEGIES: dict[str, StrategyEntry] = {
         "FedProx (Li et al. 2020): FedAvg with a proximal term in the clients' objective",
         keys={"proximal_mu": Key(0.01, "proximal weight mu (Li et al. 2020 search 0.001-1)",
                                  ge=0)},
-        implementation=FLOWER + "FedProx",
+        implementation=FLOWER + "FedProx", weighted_mean=True,
         arguments=lambda c: {"proximal_mu": c.strategy.proximal_mu},
         client=CLIENTS + "FedProxClient"),
     "fedavgm": StrategyEntry(
         "FedAvgM (Hsu et al. 2019): FedAvg with server momentum",
         keys={"server_lr": SERVER_LR,
               "server_momentum": Key(0.9, "server momentum (Hsu et al. 2019)", ge=0, lt=1)},
-        implementation=FLOWER + "FedAvgM",
+        implementation=FLOWER + "FedAvgM", weighted_mean=True,
         arguments=lambda c: {"server_learning_rate": c.strategy.server_lr,
                              "server_momentum": c.strategy.server_momentum}),
     "fedadam": StrategyEntry("FedAdam (Reddi et al. 2021): Adam on the server",
                              keys=FEDOPT_KEYS, implementation=FLOWER + "FedAdam",
+                             weighted_mean=True,
                              arguments=_fedopt),
     "fedyogi": StrategyEntry("FedYogi (Reddi et al. 2021): Yogi on the server",
                              keys=FEDOPT_KEYS, implementation=FLOWER + "FedYogi",
+                             weighted_mean=True,
                              arguments=_fedopt),
     "fedadagrad": StrategyEntry(
         "FedAdagrad (Reddi et al. 2021): Adagrad on the server",
         keys={"fedopt_eta": FEDOPT_ETA, "fedopt_tau": FEDOPT_TAU},
-        implementation=FLOWER + "FedAdagrad",
+        implementation=FLOWER + "FedAdagrad", weighted_mean=True,
         arguments=lambda c: {"eta": c.strategy.fedopt_eta, "eta_l": c.client.lr,
                              "tau": c.strategy.fedopt_tau}),
     "fedtrimmedavg": StrategyEntry(

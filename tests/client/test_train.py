@@ -98,3 +98,28 @@ def test_fp16_needs_cuda():
     with pytest.raises(ConfigError, match="client.precision = 'fp16' is not allowed on cpu"):
         check_precision("fp16", CPU)
     check_precision("bf16", CPU)
+
+
+def test_a_reset_optimizer_trains_exactly_as_a_fresh_one_and_adam_is_fused_on_cpu():
+    """One optimizer serves client after client: zeroing its state gives the same steps, to the
+    bit, as the fresh optimizer each client used to build."""
+    from fedtune.train import make_optimizer, reset_optimizer
+
+    torch.manual_seed(0)
+    model = MLP(6, [5], 3)
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 1])
+    settings = TrainSettings(optimizer="adamw", lr=0.05, local_steps=3)
+    reused = make_optimizer(list(model.parameters()), settings)
+    assert reused.defaults["fused"] is True
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    results = []
+    for optimizer in (reused, None, reused):  # reused (fresh state), fresh, reused again
+        model.load_state_dict(start)
+        if optimizer is not None:
+            reset_optimizer(optimizer)
+        train_local(model, [({"features": x}, y)] * 3, settings, torch.device("cpu"),
+                    optimizer=optimizer)
+        results.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(results[0][k], results[1][k]) for k in start)
+    assert all(torch.equal(results[0][k], results[2][k]) for k in start)
+    assert not torch.equal(results[0]["classifier.weight"], start["classifier.weight"])

@@ -78,8 +78,8 @@ def test_quickstart_file_is_the_default():
     (["engine.backend=flower", "engine.ray_address=10.0.0.1:6379"],
      "engine.ray_address = '10.0.0.1:6379' is not allowed with engine.backend = 'flower': "
      "must be ''"),
-    (["engine.backend=inprocess", "engine.aggregate_on_actors=true"],
-     "engine.aggregate_on_actors = True is not allowed with engine.backend = 'inprocess'"),
+    (["engine.backend=inprocess", "engine.client_timeout_s=5"],
+     "engine.client_timeout_s = 5.0 is not allowed with engine.backend = 'inprocess'"),
     (["engine.num_actors=-1"], "engine.num_actors = -1 is not allowed: must be an integer >= 0"),
     (["engine.client_timeout_s=0"], "engine.client_timeout_s = 0 is not allowed: must be a number"),
     (["alpha=3"], "the key must be section.key"),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
-from fedtune.config import ConfigError
+from fedtune.client.app import app as fedtune_client_app
+from fedtune.config import ConfigError, to_run_config
 from fedtune.engine.ray_pool import pool_size
 from fedtune.server.app import run_federated
 from tests import faulty_client
@@ -63,6 +66,43 @@ def test_faults_are_reported_the_run_finishes_and_state_survives(tmp_path, ray_t
     assert [(m["clients_ok"], m["clients_failed"]) for m in metrics] == [("5", "3"), ("7", "1")]
     # one count per successful training: across rounds, across replaced actors
     assert trainings == {0: 2, 2: 1, 3: 1, 4: 2, 5: 2, 6: 2, 7: 2}
+
+
+@pytest.mark.slow
+def test_cohort_faults_are_reported_blocks_rejoin_and_match_a_clean_run(tmp_path, ray_two_cpus):
+    """The same faults in the cohort path: a client that raises is failed, one that kills its
+    actor and one that stalls past engine.client_timeout_s are found by running their blocks
+    client by client; the other clients' updates, summed block by block in client order, give
+    the model a run without those clients' failures gives in process."""
+    from fedtune.engine.inprocess import InProcessGrid
+    from fedtune.engine.ray_engine import ray_engine_grid
+
+    config = tiny_config(tmp_path, *RAY, "data.num_clients=8", "engine.client_timeout_s=10",
+                         "run.rounds=2")
+    with ray_engine_grid(config, train=faulty_client.faulty_train) as grid:
+        assert grid.runs_cohorts
+        run_dir = run_federated(grid, config).path
+        assert grid.restarts >= 2 and grid.actor_count == 2
+        trainings = {grid.node_to_client[node]: int(state[faulty_client.COUNTER]["count"])
+                     for node, state in grid.states.items()}
+    rows = {(int(r["round"]), int(r["client_id"])): r for r in rows_of(run_dir / "clients.csv")}
+    assert {c: rows[1, c]["status"] for c in range(8)} == {
+        0: "ok", 1: "failed", 2: "failed", 3: "timeout", 4: "ok", 5: "ok", 6: "ok", 7: "ok"}
+    assert rows[1, 1]["reason"] == "RuntimeError: client 1 fails on purpose"
+    assert "Ray actor died" in rows[1, 2]["reason"]
+    assert "engine.client_timeout_s = 10s" in rows[1, 3]["reason"]
+    assert [rows[2, c]["status"] for c in range(8)] == ["ok", "failed"] + ["ok"] * 6
+    assert trainings == {0: 2, 2: 1, 3: 1, 4: 2, 5: 2, 6: 2, 7: 2}
+    # in process, with the same failures: the same statuses and the same model, bit for bit
+    clean = tiny_config(tmp_path / "clean", "data.num_clients=8", "run.rounds=2")
+    local = InProcessGrid(fedtune_client_app, to_run_config(clean), 8,
+                          train=faulty_client.in_process_faults)
+    local_dir = run_federated(local, clean).path
+    statuses = [r["status"].replace("timeout", "failed") for r in rows_of(run_dir / "clients.csv")]
+    assert [r["status"] for r in rows_of(local_dir / "clients.csv")] == statuses
+    ours = load_file(str(run_dir / "model" / "model.safetensors"))
+    theirs = load_file(str(local_dir / "model" / "model.safetensors"))
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
 
 
 @pytest.mark.slow

@@ -1,0 +1,253 @@
+"""The cohort fast path: run a block of one round's clients in this process.
+
+A phase of a round (train or evaluate) addresses a cohort of clients that all receive the same
+records. The cohort is cut into blocks of consecutive clients (by client id) whose size depends
+on the cohort's size alone (``block_size``), so the same config gives the same blocks whatever
+the number of workers or the order in which they finish. For each client of a block,
+``run_block`` calls the client wing's own ``train_client`` / ``evaluate_client`` (the code the
+ClientApp runs), screens the update with the server's checks (``fedtune.server.screening``)
+and, for strategies whose aggregate is the example-weighted mean, adds ``weight × update`` to
+the block's float64 sum in client order; otherwise it keeps each accepted update. The blocks'
+sums are added in block order by whoever collects them (``add_blocks``), so a round's total does
+not depend on how the blocks were spread over workers - a resumed run or another worker count
+gives the same bits. No Flower message is built per client: the per-client overhead is a few
+copies of the model's travelling tensors.
+
+This is what pfl-research's workers do (Granqvist et al. 2024, "pfl-research: simulation
+framework for accelerating research in Private Federated Learning"): one resident model, clients
+trained in a tight loop, aggregation as they finish.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, MessageType, RecordDict
+
+from fedtune import protocol
+from fedtune.client.app import TrainedClient, evaluate_client, train_client
+from fedtune.server.grid import ClientReport, CohortResult, CohortSpec
+from fedtune.server.screening import check_metric_values, check_update_arrays
+from fedtune.task import TaskResources
+
+BLOCKS_PER_ROUND = 64  # a round's cohort is cut into at most this many blocks
+
+TrainFunction = Callable[..., TrainedClient]  # ``fedtune.client.app.train_client``'s signature
+
+
+def block_size(cohort: int) -> int:
+    """Clients per block for a cohort of ``cohort`` clients (the same for every runtime)."""
+    return max(1, math.ceil(cohort / BLOCKS_PER_ROUND))
+
+
+@dataclass
+class BlockClient:
+    """One client of a block: its node, its id, its Context.state."""
+
+    node_id: int
+    client_id: int
+    state: RecordDict | None  # None: empty so far
+
+
+@dataclass
+class BlockTask:
+    """A block of clients that receive the same content."""
+
+    index: int  # the block's position in its round
+    message_type: str
+    clients: list[BlockClient]
+    spec: CohortSpec
+
+
+@dataclass
+class BlockResult:
+    """What a block returns: a report per client, their states, and the block's sum or its
+    accepted updates."""
+
+    index: int
+    reports: list[ClientReport]
+    states: dict[int, RecordDict] = field(default_factory=dict)  # node -> state after training
+    total: dict[str, np.ndarray] | None = None  # float64 sum of weight × update, client order
+    weight: float = 0.0
+    updates: dict[int, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class DecodedContent:
+    """The records the block's clients receive, with every ArrayRecord decoded once."""
+
+    records: RecordDict
+    arrays: dict[str, dict[str, np.ndarray]]  # record name -> arrays
+
+    @classmethod
+    def of(cls, records: RecordDict) -> DecodedContent:
+        return cls(records, {name: protocol.to_numpy(record)
+                             for name, record in records.array_records.items()})
+
+    @property
+    def server_round(self) -> int:
+        return int(self.records[protocol.CONFIG].get(protocol.SERVER_ROUND, 0))
+
+
+class _ByteCounter:
+    """What Flower's ``ArrayRecord.count_bytes`` says of records holding these arrays: each
+    array's serialised size (measured once per shape and dtype: it does not depend on the
+    values) plus the length of its name."""
+
+    def __init__(self) -> None:
+        self._sizes: dict[tuple[tuple[int, ...], str], int] = {}
+
+    def __call__(self, records: Mapping[str, Mapping[str, np.ndarray]]) -> int:
+        total = 0
+        for arrays in records.values():
+            for name, value in arrays.items():
+                signature = (value.shape, value.dtype.str)
+                if signature not in self._sizes:
+                    self._sizes[signature] = len(Array(np.zeros(value.shape, value.dtype)).data)
+                total += self._sizes[signature] + len(name)
+        return total
+
+
+count_bytes = _ByteCounter()
+
+
+def _error_line(error: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(error), error)).strip()[:400]
+
+
+def _screen_update(trained: TrainedClient, received: dict[str, dict[str, np.ndarray]],
+                   content: DecodedContent, spec: CohortSpec) -> tuple[str, str]:
+    """(status, reason) of a trained client's reply: ok, declined or rejected."""
+    if trained.arrays is None:
+        if spec.accept_declines and trained.status:
+            return "declined", trained.status
+        return "rejected", "no arrays in the reply"
+    for record_name, arrays in received.items():
+        answered = spec.answers.get(record_name, record_name)
+        if answered not in content.arrays:
+            return "rejected", f"array record {answered!r} was not sent"
+        problem = check_update_arrays(content.arrays[answered], arrays, record_name)
+        if problem:
+            return "rejected", problem
+    problem = check_metric_values(trained.metrics, spec.max_examples, need_examples=True)
+    return ("rejected", problem) if problem else ("ok", "")
+
+
+def run_block(resources: TaskResources, content: DecodedContent, task: BlockTask,
+              train: TrainFunction = train_client) -> BlockResult:
+    """Train or evaluate every client of ``task`` on the resident model; see the module doc.
+
+    ``train`` is ``fedtune.client.app.train_client`` (tests wrap it to inject faults)."""
+    started = time.perf_counter()
+    result = BlockResult(task.index, [])
+    global_arrays = content.arrays[protocol.ARRAYS]
+    spec = task.spec
+    scratch: dict[str, np.ndarray] = {}
+    for client in task.clients:
+        state = client.state if client.state is not None else RecordDict()
+        report = ClientReport(client.node_id, client.client_id, "ok")
+        result.reports.append(report)
+        try:
+            if task.message_type == MessageType.EVALUATE:
+                report.metrics = evaluate_client(resources, client.client_id, global_arrays)
+                problem = check_metric_values(report.metrics, spec.max_examples, False)
+                if problem:
+                    report.status, report.reason = "rejected", problem
+                continue
+            trained = train(resources, client.client_id, content.server_round, content.records,
+                            global_arrays, state)
+        except Exception as error:  # noqa: BLE001 - a client's failure is its outcome
+            report.status, report.reason = "failed", _error_line(error)
+            continue
+        if len(state) > 0:
+            result.states[client.node_id] = state
+        received: dict[str, dict[str, np.ndarray]] = {}
+        if trained.arrays is not None:
+            received = {protocol.ARRAYS: trained.arrays,
+                        **{name: protocol.to_numpy(r) for name, r in trained.records.items()}}
+            report.bytes_up = count_bytes(received)
+        report.metrics = trained.metrics
+        report.status, report.reason = _screen_update(trained, received, content, spec)
+        if report.status != "ok":
+            continue
+        if spec.weighted_mean:
+            weight = float(trained.metrics[protocol.NUM_EXAMPLES])
+            _accumulate(result, scratch, received[protocol.ARRAYS], weight)
+        else:
+            result.updates[client.node_id] = received
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _accumulate(result: BlockResult, scratch: dict[str, np.ndarray],
+                arrays: Mapping[str, np.ndarray], weight: float) -> None:
+    """``result.total += weight * arrays`` in float64."""
+    if result.total is None:
+        result.total = {name: np.zeros(value.shape, np.float64) for name, value in arrays.items()}
+        scratch.update({name: np.empty(value.shape, np.float64)
+                        for name, value in arrays.items()})
+    for name, value in arrays.items():
+        np.multiply(value, weight, out=scratch[name], dtype=np.float64)
+        result.total[name] += scratch[name]
+    result.weight += weight
+
+
+def add_blocks(blocks: list[BlockResult]) -> CohortResult:
+    """A phase's result from its blocks, added in block order (so the sum has the same bits
+    whichever worker ran which block); reports sorted by client id."""
+    cohort = CohortResult(reports=[])
+    for block in sorted(blocks, key=lambda b: b.index):
+        cohort.reports.extend(block.reports)
+        cohort.updates.update(block.updates)
+        if block.total is None:
+            continue
+        if cohort.total is None:
+            cohort.total = {name: value.copy() for name, value in block.total.items()}
+        else:
+            for name, value in block.total.items():
+                cohort.total[name] += value
+        cohort.total_weight += block.weight
+    cohort.reports.sort(key=lambda r: r.client_id)
+    return cohort
+
+
+def split_block(task: BlockTask) -> list[BlockTask]:
+    """A block as one block per client (to run each alone after its worker died); their
+    ``join_singletons`` gives the block's sum with the same bits."""
+    return [BlockTask(task.index, task.message_type, [client], task.spec)
+            for client in task.clients]
+
+
+def join_singletons(index: int, parts: list[BlockResult]) -> BlockResult:
+    """The result of block ``index`` from the one-client blocks it was split into (in client
+    order): the sum is added up in the same order as ``run_block`` would have."""
+    joined = BlockResult(index, [])
+    for part in parts:
+        joined.reports.extend(part.reports)
+        joined.states.update(part.states)
+        joined.updates.update(part.updates)
+        joined.seconds += part.seconds
+        if part.total is None:
+            continue
+        if joined.total is None:
+            joined.total = {name: value.copy() for name, value in part.total.items()}
+        else:
+            for name, value in part.total.items():
+                joined.total[name] += value
+        joined.weight += part.weight
+    return joined
+
+
+def cohort_blocks(clients: list[BlockClient], message_type: str, spec: CohortSpec
+                  ) -> list[BlockTask]:
+    """The blocks of a cohort, clients in client-id order."""
+    ordered = sorted(clients, key=lambda c: c.client_id)
+    size = block_size(len(ordered))
+    return [BlockTask(index, message_type, ordered[start:start + size], spec)
+            for index, start in enumerate(range(0, len(ordered), size))]

@@ -1,0 +1,251 @@
+"""The train and evaluate phases of a round, from any Grid.
+
+A phase sends the messages a strategy configured and turns what comes back into what the round
+needs: one ``ClientRow`` per addressed client, the accepted clients' metrics, and the replies
+the strategy aggregates. Two ways lead there:
+
+- **messages** (any Flower runtime: ``flwr run``, a SuperLink, custom ClientApps): every reply
+  comes back as a Flower message and is screened here (``fedtune.server.screening``);
+- **cohort** (fedtune's engines, a ``CohortGrid``): the grid trains the whole cohort with the
+  client wing's own code and screens where the clients ran; for a strategy whose aggregate is
+  the example-weighted mean it returns the sum of ``weight × update``, which reaches the
+  strategy as one reply carrying the mean and the total weight (FedAvg's mean of that single
+  reply is the reply itself, so Flower's strategies run unchanged); otherwise each accepted
+  update reaches the strategy as its own reply. The Message API shape is kept as a view.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+
+from fedtune import protocol
+from fedtune.results.run_dir import ClientRow
+from fedtune.server.exchange import Exchange, exchange
+from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec
+from fedtune.server.screening import (
+    ScreenedReplies,
+    check_evaluate_reply,
+    screen_train_replies,
+)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class TrainPhase:
+    """What the train phase of a round yielded."""
+
+    sent: int
+    rows: list[ClientRow]  # one per addressed client, by client id
+    accepted: list[dict[str, Any]]  # metrics of the accepted clients, by client id
+    declined: int  # clients that sent no update because their privacy budget is spent
+    replies: list[Message]  # what the strategy aggregates
+    bytes_up: int
+    bytes_down: int
+
+
+@dataclass
+class EvaluatePhase:
+    """The sound evaluation replies' metrics, and the bytes the phase moved."""
+
+    metrics: list[dict[str, Any]]
+    bytes_up: int
+    bytes_down: int
+
+
+def uses_cohorts(grid: Grid, messages: Sequence[Message]) -> bool:
+    """Whether ``grid`` can run these messages as one cohort (all share one content)."""
+    return (isinstance(grid, CohortGrid) and grid.runs_cohorts and bool(messages)
+            and all(m.content is messages[0].content for m in messages))
+
+
+def sent_bytes(messages: Sequence[Message]) -> int:
+    """Serialised size of the arrays the messages carry (a shared content counted once per
+    message, measured once)."""
+    sizes: dict[int, int] = {}
+    total = 0
+    for message in messages:
+        key = id(message.content)
+        if key not in sizes:
+            sizes[key] = protocol.array_bytes(message)
+        total += sizes[key]
+    return total
+
+
+# --- train -----------------------------------------------------------------------------------
+
+def train_phase(grid: Grid, messages: list[Message], spec: CohortSpec, server_round: int,
+                node_to_client: dict[int, int], timeout_s: float, progress: Progress,
+                stop: threading.Event | None) -> TrainPhase:
+    """Send the train ``messages`` and collect what the round needs from their replies."""
+    if uses_cohorts(grid, messages):
+        cohort = grid.run_cohort(messages, spec, timeout_s, progress, stop)
+        return _train_from_cohort(cohort, messages, spec, server_round, node_to_client)
+    train = exchange(grid, messages, timeout_s, progress, stop)
+    screened = screen_train_replies(train, spec.max_examples, spec.answers,
+                                    spec.accept_declines)
+    accepted = by_client(screened.accepted)
+    return TrainPhase(
+        sent=len(train.sent), rows=client_rows(server_round, train, screened, node_to_client),
+        accepted=[dict(protocol.first_metric_record(r)) for r in accepted],
+        declined=len(screened.declined), replies=accepted, bytes_up=train.bytes_up,
+        bytes_down=train.bytes_down)
+
+
+def _train_from_cohort(cohort: CohortResult, messages: list[Message], spec: CohortSpec,
+                       server_round: int, node_to_client: dict[int, int]) -> TrainPhase:
+    sent_to = {m.metadata.dst_node_id: m for m in messages}
+    rows, accepted_reports = [], []
+    for report in cohort.reports:
+        node_to_client[report.node_id] = report.client_id
+        rows.append(_report_row(server_round, report))
+        if report.status == "ok":
+            accepted_reports.append(report)
+    if spec.weighted_mean:
+        replies = ([mean_reply(cohort, accepted_reports, messages[0])]
+                   if accepted_reports else [])
+    else:
+        replies = [_update_reply(cohort.updates[r.node_id], r.metrics, sent_to[r.node_id])
+                   for r in accepted_reports]
+    return TrainPhase(
+        sent=len(messages), rows=rows, accepted=[r.metrics for r in accepted_reports],
+        declined=sum(r.status == "declined" for r in cohort.reports), replies=replies,
+        bytes_up=sum(r.bytes_up for r in cohort.reports), bytes_down=sent_bytes(messages))
+
+
+def _report_row(server_round: int, report: ClientReport) -> ClientRow:
+    """A clients.csv row from a cohort report: a rejected update's metrics are not recorded,
+    as with a rejected message."""
+    if report.status not in ("ok", "declined"):
+        return ClientRow(server_round, report.client_id, None, None, None, None, report.status,
+                         report.reason)
+    metrics = report.metrics
+    loss, epsilon = metrics.get(protocol.TRAIN_LOSS), metrics.get(protocol.EPSILON)
+    return ClientRow(server_round, report.client_id, int(metrics[protocol.NUM_EXAMPLES]),
+                     None if loss is None else float(loss),
+                     None if epsilon is None else float(epsilon),
+                     float(metrics[protocol.DURATION_S]),
+                     "ok" if report.status == "ok" else "rejected", report.reason)
+
+
+def weighted_metrics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Flower's ``aggregate_metricrecords`` over these metrics (each key's values weighted by
+    ``num-examples`` over the total), in float64 and client order."""
+    weights = [float(m[protocol.NUM_EXAMPLES]) for m in metrics]
+    total = sum(weights)
+    out: dict[str, Any] = {}
+    for values, weight in zip(metrics, weights, strict=True):
+        share = weight / total
+        for key, value in values.items():
+            if key == protocol.NUM_EXAMPLES:
+                continue
+            if isinstance(value, list):
+                scaled = [float(v) * share for v in value]
+                out[key] = ([a + b for a, b in zip(out[key], scaled, strict=True)]
+                            if key in out else scaled)
+            else:
+                out[key] = out.get(key, 0.0) + float(value) * share
+    return out
+
+
+def mean_reply(cohort: CohortResult, accepted: Sequence[ClientReport], like: Message) -> Message:
+    """One train reply carrying the example-weighted mean of the accepted updates, the weighted
+    mean of their metrics and their total ``num-examples``: what a FedAvg-family strategy
+    computes from all the replies, computed from the cohort's sum."""
+    weight = cohort.total_weight
+    arrays = like.content[protocol.ARRAYS]
+    mean = {name: (cohort.total[name] / weight).astype(np.dtype(arrays[name].dtype))
+            for name in cohort.total}
+    total_examples = sum(int(r.metrics[protocol.NUM_EXAMPLES]) for r in accepted)
+    metrics = MetricRecord({**weighted_metrics([r.metrics for r in accepted]),
+                            protocol.NUM_EXAMPLES: total_examples})
+    content = RecordDict({protocol.ARRAYS: protocol.to_array_record(mean),
+                          protocol.METRICS: metrics})
+    return Message(content=content, reply_to=like)
+
+
+def _update_reply(records: Mapping[str, Mapping[str, np.ndarray]], metrics: Mapping[str, Any],
+                  sent: Message) -> Message:
+    """One accepted client's update as the reply message its strategy expects."""
+    content = RecordDict({name: protocol.to_array_record(arrays)
+                          for name, arrays in records.items()})
+    content[protocol.METRICS] = MetricRecord(dict(metrics))
+    return Message(content=content, reply_to=sent)
+
+
+# --- evaluate --------------------------------------------------------------------------------
+
+def evaluate_phase(grid: Grid, messages: list[Message], max_examples: int, timeout_s: float,
+                   progress: Progress, stop: threading.Event | None) -> EvaluatePhase:
+    """Send the evaluate ``messages``; the sound replies' metrics."""
+    if uses_cohorts(grid, messages):
+        cohort = grid.run_cohort(messages, CohortSpec(weighted_mean=False,
+                                                      max_examples=max_examples),
+                                 timeout_s, progress, stop)
+        return EvaluatePhase([r.metrics for r in cohort.reports if r.status == "ok"], 0,
+                             sent_bytes(messages))
+    federated = exchange(grid, messages, timeout_s, progress, stop)
+    sound = [dict(protocol.first_metric_record(r)) for r in federated.ok
+             if check_evaluate_reply(r, max_examples) is None]
+    return EvaluatePhase(sound, federated.bytes_up, federated.bytes_down)
+
+
+# --- replies as rows -------------------------------------------------------------------------
+
+def by_client(replies: list[Message]) -> list[Message]:
+    """Replies in client order: float sums then do not depend on arrival order."""
+    return sorted(replies, key=lambda reply: int(protocol.metric(reply, protocol.PARTITION_ID)))
+
+
+def _last_line(text: str) -> str:
+    """The exception line of a client's error (Ray wraps it in several tracebacks)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]:
+            return line[:400]
+    return (lines[-1] if lines else "unknown error")[:400]
+
+
+def _reply_row(server_round: int, reply: Message, status: str, reason: str,
+               node_to_client: dict[int, int]) -> ClientRow:
+    client_id = int(protocol.metric(reply, protocol.PARTITION_ID))
+    node_to_client[reply.metadata.src_node_id] = client_id
+    epsilon = protocol.metric(reply, protocol.EPSILON)
+    loss = protocol.metric(reply, protocol.TRAIN_LOSS)
+    return ClientRow(server_round, client_id,
+                     int(protocol.metric(reply, protocol.NUM_EXAMPLES)),
+                     None if loss is None else float(loss),
+                     None if epsilon is None else float(epsilon),
+                     float(protocol.metric(reply, protocol.DURATION_S)), status, reason)
+
+
+def client_rows(server_round: int, train: Exchange, screened: ScreenedReplies,
+                node_to_client: dict[int, int]) -> list[ClientRow]:
+    """One row per sampled client: ok, rejected (bad reply, or no update because its privacy
+    budget is spent), failed (error reply) or timeout (no reply)."""
+    rows = [_reply_row(server_round, reply, "ok", "", node_to_client)
+            for reply in screened.accepted]
+    rows += [_reply_row(server_round, reply, "rejected", reason, node_to_client)
+             for reply, reason in screened.declined]
+    for reply, reason in screened.rejected:
+        rows.append(ClientRow(server_round, node_to_client.get(reply.metadata.src_node_id),
+                              None, None, None, None, "rejected", reason))
+    for reply in train.failed:
+        node = reply.metadata.src_node_id
+        reason = _last_line(reply.error.reason)
+        # an expired reply (a SuperLink's code; the Ray engine's for engine.client_timeout_s)
+        status = "timeout" if reply.error.code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE else "failed"
+        rows.append(ClientRow(server_round, node_to_client.get(node), None, None, None, None,
+                              status, reason))
+    for node in train.timed_out:
+        rows.append(ClientRow(server_round, node_to_client.get(node), None, None, None, None,
+                              "timeout", "no reply within strategy.round_timeout_s"))
+    return sorted(rows, key=lambda r: (r.client_id is None, r.client_id or 0))

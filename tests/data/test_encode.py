@@ -1,0 +1,70 @@
+"""Encodings and batches: cached hashed features, sparse rows, DataLoader's order without it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader
+
+from fedtune.data.encode import SparseFeatures, hash_bag_of_words
+from fedtune.data.loaders import RowDataset, ShuffledBatches, train_loader
+from fedtune.data.sources import load_dataset
+from fedtune.train import TrainSettings, _batches
+
+
+def test_hashed_features_are_cached_on_disk_and_equal_to_fresh_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path))
+    data = load_dataset("rotten_tomatoes")
+    hash_bag_of_words.cache_clear()
+    fresh = hash_bag_of_words(data, 64)
+    files = list((tmp_path / "hashed").glob("rotten_tomatoes-*.npz"))
+    assert len(files) == 1
+    hash_bag_of_words.cache_clear()
+    cached = hash_bag_of_words(data, 64)
+    assert cached.values.shape == fresh.values.shape == (len(data), 64)
+    assert (cached.values != fresh.values).nnz == 0
+    hash_bag_of_words.cache_clear()
+    assert hash_bag_of_words(data, 32).values.shape[1] == 32  # another key, another file
+    assert len(list((tmp_path / "hashed").glob("*.npz"))) == 2
+    hash_bag_of_words.cache_clear()
+
+
+@pytest.mark.parametrize("rows", [[3, 7, 7, 0], [49], [], list(range(50))])
+def test_sparse_rows_are_gathered_as_scipy_would(rows):
+    matrix = sp.random(50, 30, density=0.2, format="csr", dtype=np.float32, random_state=0)
+    padded = SparseFeatures(matrix).pad(np.array(rows, dtype=np.int64))["features"].numpy()
+    np.testing.assert_array_equal(padded, matrix[rows].toarray())
+
+
+@pytest.mark.parametrize("size, batch, steps", [(11, 8, 1), (11, 8, 5), (3, 8, 4), (16, 4, 9)])
+def test_shuffled_batches_are_dataloaders_batches(size, batch, steps):
+    """The same batches, in the same order, as a seeded DataLoader - across epochs and with
+    local steps that stop in the middle of one (the generator is drawn from identically)."""
+    features = np.arange(size * 3, dtype=np.float32).reshape(size, 3)
+    labels = np.arange(size) % 2
+    rows = np.arange(size)[::-1].copy()
+    from fedtune.data.encode import DenseFeatures
+
+    dataset = RowDataset(DenseFeatures(features), labels, rows)
+    settings = TrainSettings(local_steps=steps)
+    ours = ShuffledBatches(dataset, min(batch, size), torch.Generator().manual_seed(7))
+    theirs = DataLoader(dataset, batch_size=min(batch, size), shuffle=True,
+                        generator=torch.Generator().manual_seed(7), collate_fn=dataset.collate)
+    assert len(ours) == len(theirs)
+    for _ in range(2):  # the same loader object used twice: the generators stay in step
+        mine, reference = list(_batches(ours, settings)), list(_batches(theirs, settings))
+        assert len(mine) == len(reference) == steps
+        for (a, y_a), (b, y_b) in zip(mine, reference, strict=True):
+            assert torch.equal(a["features"], b["features"]) and torch.equal(y_a, y_b)
+
+
+def test_train_loader_uses_shuffled_batches_for_features_only():
+    from fedtune.data.encode import DenseFeatures, TokenIds
+
+    labels = np.zeros(4, dtype=np.int64)
+    dense = train_loader(DenseFeatures(np.zeros((4, 2), np.float32)), labels, np.arange(4), 2, 0)
+    tokens = TokenIds(np.arange(8, dtype=np.int32), np.array([0, 2, 4, 6, 8]), 0)
+    assert isinstance(dense, ShuffledBatches)
+    assert isinstance(train_loader(tokens, labels, np.arange(4), 2, 0), DataLoader)

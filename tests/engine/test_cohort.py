@@ -1,0 +1,132 @@
+"""The cohort fast path: the same results as the ClientApp path, blocks that do not depend on how
+they are spread, faults and privacy on the same code."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from safetensors.numpy import load_file
+
+from fedtune.client import app as fedtune_client
+from fedtune.config import to_run_config
+from fedtune.engine.cohort import (
+    BLOCKS_PER_ROUND,
+    BlockClient,
+    BlockTask,
+    DecodedContent,
+    add_blocks,
+    block_size,
+    cohort_blocks,
+    join_singletons,
+    run_block,
+    split_block,
+)
+from fedtune.engine.inprocess import InProcessGrid, act_as_server
+from fedtune.models.build import build_model
+from fedtune.models.weights import shared_state
+from fedtune.protocol import ARRAYS, CONFIG, SERVER_ROUND, to_array_record
+from fedtune.server.app import run_federated
+from fedtune.server.grid import CohortSpec
+from fedtune.task import task_resources
+from tests.conftest import rows_of, tiny_config
+
+# A ClientApp that is not fedtune's own object: the grid sends it every message one by one.
+message_path_app = ClientApp()
+
+
+@message_path_app.train()
+def _train(msg: Message, context: Context) -> Message:
+    return fedtune_client.train(msg, context)
+
+
+@message_path_app.evaluate()
+def _evaluate(msg: Message, context: Context) -> Message:
+    return fedtune_client.evaluate_local(msg, context)
+
+
+SGD = ["client.optimizer=sgd", "client.lr=0.05"]
+CASES = {
+    "fedavg": [],
+    "fedadam": ["strategy.name=fedadam"],
+    "fedprox": ["strategy.name=fedprox", "strategy.proximal_mu=0.1"],
+    "scaffold": ["strategy.name=scaffold", *SGD],
+    "fednova": ["strategy.name=fednova", *SGD, "client.momentum=0.5"],
+    "feddyn": ["strategy.name=feddyn"],
+    "fedmedian": ["strategy.name=fedmedian"],
+    "local_dp": ["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3"],
+    "central_dp": ["privacy.mode=central", "privacy.noise_multiplier=0.3",
+                   "privacy.delta=1e-3", "privacy.clip_norm=2"],
+    "faults": ["faults.nan_fraction=0.25", "faults.scale_fraction=0.25",
+               "faults.crash_probability=0.3"],
+}
+
+
+def _run(tmp_path, name, overrides, client_app):
+    config = tiny_config(tmp_path / name, *overrides, "run.rounds=3", "data.num_clients=8",
+                         "strategy.fraction_train=0.5")
+    grid = InProcessGrid(client_app, to_run_config(config), config.data.num_clients)
+    assert grid.runs_cohorts == (client_app is fedtune_client.app)
+    run_dir = run_federated(grid, config).path
+    return (rows_of(run_dir / "metrics.csv"), rows_of(run_dir / "clients.csv"),
+            load_file(str(run_dir / "model" / "model.safetensors")))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cohort_path_gives_the_clientapp_paths_results(tmp_path, case, one_torch_thread):
+    """Same clients, same statuses, same weights to 1e-5: the cohort path runs the ClientApp's
+    own train function; only FedAvg-family sums differ, in the last bits (float64 block sums
+    against Flower's float32 running sum)."""
+    fast = _run(tmp_path, "cohort", CASES[case], fedtune_client.app)
+    slow = _run(tmp_path, "messages", CASES[case], message_path_app)
+    assert [(r["client_id"], r["status"]) for r in fast[1]] == \
+           [(r["client_id"], r["status"]) for r in slow[1]]
+    assert {r["status"] for r in fast[1]} >= {"ok"}
+    for ours, theirs in zip(fast[0], slow[0], strict=True):
+        for column in ("train_loss", "eval_accuracy", "epsilon", "max_client_epsilon",
+                       "clients_ok", "bytes_up", "bytes_down", "federated_eval_accuracy"):
+            if ours[column] and theirs[column]:
+                assert float(ours[column]) == pytest.approx(float(theirs[column]), rel=1e-4), \
+                    column
+            else:
+                assert ours[column] == theirs[column], column
+    assert fast[2].keys() == slow[2].keys()
+    for name in fast[2]:
+        np.testing.assert_allclose(fast[2][name], slow[2][name], atol=1e-5, rtol=0)
+
+
+def test_blocks_depend_on_the_cohort_size_only():
+    assert block_size(8) == 1 and block_size(BLOCKS_PER_ROUND) == 1
+    assert block_size(1000) == 16 and block_size(10_000) == 157
+    clients = [BlockClient(1000 + c, c, None) for c in (5, 3, 9, 1, 7)]
+    blocks = cohort_blocks(clients, "train", CohortSpec(weighted_mean=True))
+    assert [[c.client_id for c in b.clients] for b in blocks] == [[1], [3], [5], [7], [9]]
+
+
+def test_a_split_block_sums_to_the_same_bits_and_block_order_fixes_the_total(tmp_path,
+                                                                          one_torch_thread):
+    config = tiny_config(tmp_path, "data.num_clients=6")
+    resources = task_resources(config)
+    act_as_server(1)
+    arrays = shared_state(build_model(resources.spec, 0))
+    content = DecodedContent.of(RecordDict({ARRAYS: to_array_record(arrays),
+                                            CONFIG: ConfigRecord({SERVER_ROUND: 1})}))
+    spec = CohortSpec(weighted_mean=True, max_examples=10**6)
+    clients = [BlockClient(1000 + c, c, None) for c in range(6)]
+    block = BlockTask(0, "train", clients, spec)
+    together = run_block(resources, content, block)
+    apart = join_singletons(0, [run_block(resources, content, piece)
+                                for piece in split_block(block)])
+    assert together.weight == apart.weight > 0
+    for name in together.total:
+        assert np.array_equal(together.total[name], apart.total[name])  # bit for bit
+    halves = [BlockTask(i, "train", clients[3 * i:3 * i + 3], spec) for i in (0, 1)]
+    results = [run_block(resources, content, half) for half in halves]
+    forward, backward = add_blocks(results), add_blocks(results[::-1])
+    assert [r.client_id for r in forward.reports] == list(range(6))
+    for name in forward.total:
+        assert np.array_equal(forward.total[name], backward.total[name])
+    assert json.dumps([r.status for r in forward.reports]) == json.dumps(["ok"] * 6)
