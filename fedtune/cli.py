@@ -114,16 +114,27 @@ def _run_config(args: argparse.Namespace) -> Config:
                               "directory (it has no config.toml)")
         config = load_config(run_dir / "config.toml", args.set)
         config.run.dir, config.run.resume = str(run_dir), True
+        from fedtune.results.lock import check_unlocked
         from fedtune.server.resume import check_resumable
 
+        check_unlocked(run_dir)
         check_resumable(config)
         return config
     config = load_config(args.config, args.set)
     config.run.dir = str(Path(args.output or config.run.dir or default_run_path(config)))
-    if Path(config.run.dir).exists() and any(Path(config.run.dir).iterdir()):
-        raise ConfigError(f"--output {config.run.dir!r} is not allowed: must be a new or empty "
-                          "directory")
+    _check_new_run_directory(Path(config.run.dir))
     return config
+
+
+def _check_new_run_directory(path: Path) -> None:
+    from fedtune.results.lock import LOCK_NAME
+
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output {str(path)!r} is not allowed: must be a new or empty "
+                          "directory, not a file")
+    if path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):
+        raise ConfigError(f"--output {str(path)!r} is not allowed: must be a new or empty "
+                          "directory")
 
 
 def _stop_on_ctrl_c(console: Console) -> threading.Event:
@@ -154,8 +165,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         launch(config, reporter, stop)
     except RunStopped:
         reporter.close()
-        console.print(f"[bold yellow]stopped[/]: checkpoint in {config.run.dir}/checkpoint; "
-                      f"continue with: fedtune run --resume {config.run.dir}")
+        _print_stopped(console, Path(config.run.dir))
         return 130
     finally:
         reporter.close()
@@ -164,6 +174,19 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     console.print(f"finished in {time.perf_counter() - started:.1f}s")
     console.print(f"run directory: {config.run.dir}")
     return 0
+
+
+def _print_stopped(console: Console, run_dir: Path) -> None:
+    """Where the checkpoint is, if the run got far enough to write one."""
+    from fedtune.server.checkpoint import checkpoint_round
+
+    written = checkpoint_round(run_dir) if run_dir.is_dir() else None
+    if written is None:
+        console.print("[bold yellow]stopped[/] before round 1 finished: no checkpoint was "
+                      "written, there is nothing to resume")
+        return
+    console.print(f"[bold yellow]stopped[/]: checkpoint of round {written} in "
+                  f"{run_dir}/checkpoint; continue with: fedtune run --resume {run_dir}")
 
 
 def _print_summary(console: Console, run_dir: Path) -> None:
@@ -264,9 +287,16 @@ def cmd_certs(args: argparse.Namespace, console: Console) -> int:
     from fedtune.deploy.certs import write_credentials
 
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{args.output!r} is not allowed: must be a new or empty directory "
                           "(existing keys are never overwritten)")
+    for host in args.host or []:
+        if not host.strip() or any(c.isspace() or c in "/,*" for c in host):
+            raise ConfigError(f"--host {host!r} is not allowed: must be a host name or an IP "
+                              "address")
+    if args.supernodes < 1:
+        raise ConfigError(f"--supernodes {args.supernodes} is not allowed: must be >= 1 (one "
+                          "key pair per SuperNode)")
     made = write_credentials(out, args.host or ["localhost", "127.0.0.1"], args.supernodes)
     console.print(f"CA certificate      {made.ca_cert}   (give to every SuperNode and flwr CLI)")
     console.print(f"SuperLink cert/key  {made.server_cert}  {made.server_key}")

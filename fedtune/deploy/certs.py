@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +44,12 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
+    """A new file; a private key is created 0600, so it is never readable by others, not
+    even for a moment (and an existing file is never overwritten)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o600 if private else 0o644)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
     return path
 
 

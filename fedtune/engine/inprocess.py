@@ -4,11 +4,19 @@ For debugging (breakpoints work in client code) and for fast tests. Each virtual
 its own Flower ``Context`` (node config with its ``partition-id``, persistent ``state``) for the
 whole run, as in Flower's runtimes. Messages are processed one at a time when replies are
 pulled, so a caller polling ``pull_messages`` sees clients finish one by one.
+
+The clients run one after another, so a round's wall time is the sum of theirs; the round
+timeout is therefore applied to each client's own time, as if they ran side by side (a
+client slower than ``client_timeout_s`` gets the timeout error reply a SuperLink sends for
+an expired message), and the server does not count the others' time against a client
+(``runs_clients_in_turn``).
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -67,13 +75,24 @@ def error_reply(message: Message, error: BaseException) -> Message:
                    reply_to=message)
 
 
+def timeout_reply(message: Message, limit_s: float, took_s: float) -> Message:
+    """The reply a SuperLink sends for a message whose reply did not come in time."""
+    return Message(Error(code=ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                         reason=f"no reply within strategy.round_timeout_s = {limit_s:g}s (the "
+                                f"client took {took_s:.1f}s)"), reply_to=message)
+
+
 class InProcessGrid(SimulatedGrid):
     """A Grid whose nodes are ClientApp calls in this process."""
 
+    runs_clients_in_turn = True  # exchange: each client's own time is bounded here
+
     def __init__(self, client_app: ClientApp, run_config: Mapping[str, bool | int | float | str],
                  num_clients: int, run_id: int = 1,
-                 node_configs: Sequence[Mapping[str, bool | int | float | str]] = ()) -> None:
+                 node_configs: Sequence[Mapping[str, bool | int | float | str]] = (),
+                 client_timeout_s: float = math.inf) -> None:
         self._client_app = client_app
+        self._client_timeout_s = client_timeout_s
         self._run = Run.create_empty(run_id)
         act_as_server(run_id)
         self.contexts = client_contexts(run_id, num_clients, run_config, node_configs)
@@ -97,17 +116,26 @@ class InProcessGrid(SimulatedGrid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Run the ClientApp for the first queued message asked for; return its reply."""
+        """Run the ClientApp for the first queued message asked for; return its reply (none
+        left to run: nothing). A client over ``client_timeout_s`` gets a timeout reply; a
+        reply that answers another message is passed on with an error reply for this one."""
         for message_id in message_ids:
             message = self._queued.pop(message_id, None)
             if message is None:
                 continue
             context = self.contexts[message.metadata.dst_node_id]
             self._touched.add(message.metadata.dst_node_id)
+            started = time.perf_counter()
             try:
                 reply = self._client_app(message, context)
             except Exception as error:  # noqa: BLE001 - a client's failure is its reply
                 reply = error_reply(message, error)
+            took = time.perf_counter() - started
+            if took > self._client_timeout_s:
+                return [timeout_reply(message, self._client_timeout_s, took)]
+            if reply.metadata.reply_to_message_id != message_id:
+                return [reply, error_reply(message, RuntimeError(
+                    "the ClientApp's reply answered another message"))]
             return [reply]
         return []
 
@@ -141,5 +169,6 @@ class InProcessGrid(SimulatedGrid):
 def run_inprocess(config: Config, reporter: Reporter | None = None,
                   stop: threading.Event | None = None) -> RunDirectory:
     """The ``inprocess`` runtime: every client in this process, one after another (no Ray)."""
-    grid = InProcessGrid(fedtune_client_app, to_run_config(config), config.data.num_clients)
+    grid = InProcessGrid(fedtune_client_app, to_run_config(config), config.data.num_clients,
+                         client_timeout_s=config.strategy.round_timeout_s)
     return run_federated(grid, config, reporter, stop)

@@ -1,8 +1,9 @@
 """One federated round, as Flower's strategies shape it: configure -> send -> aggregate.
 
 ``play_round`` asks the strategy for the train messages, exchanges them, screens the replies,
-aggregates the sound ones into the new global model (or keeps the old one when too few are
-sound), lets the privacy mode account for the round, runs federated evaluation on the clients'
+bounds the updates (``fedtune.server.guard``), aggregates the sound ones into the new global
+model (or keeps the old one when too few are sound or the aggregate is not finite), lets the
+privacy mode account for the round, runs federated evaluation on the clients'
 local test splits and evaluates the new global model on the held-out global test set. It
 returns what happened (``RoundOutcome``); writing rows, checkpoints, progress and stop rules
 are the listeners' business (``fedtune.server.listeners``).
@@ -28,9 +29,15 @@ from fedtune.models.weights import load_shared_state
 from fedtune.privacy.mode import PrivacyServer
 from fedtune.results.run_dir import ClientRow, RoundRow
 from fedtune.server.exchange import Exchange, exchange
-from fedtune.server.screening import ScreenedReplies, check_evaluate_reply, screen_train_replies
+from fedtune.server.guard import bound_updates, non_finite_tensors
+from fedtune.server.identity import Identities
+from fedtune.server.screening import (
+    ScreenedReplies,
+    reply_limits,
+    screen_evaluate_replies,
+    screen_train_replies,
+)
 from fedtune.server.state import RoundState
-from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import TaskResources
 from fedtune.train import EvalResult, evaluate
 
@@ -50,6 +57,11 @@ class FederatedRun:
     progress: Progress
     stop: threading.Event | None = None
     started: float = 0.0  # perf_counter() when this session's rounds began
+    identities: Identities | None = None  # who each node is (None: every node claims once)
+
+    def __post_init__(self) -> None:
+        if self.identities is None:
+            self.identities = Identities(self.state.node_to_client, fixed=False)
 
 
 @dataclass
@@ -110,9 +122,8 @@ def _weighted(messages: list[Message], key: str) -> float | None:
 
 
 def _reply_row(server_round: int, reply: Message, status: str, reason: str,
-               node_to_client: dict[int, int]) -> ClientRow:
-    client_id = int(protocol.metric(reply, protocol.PARTITION_ID))
-    node_to_client[reply.metadata.src_node_id] = client_id
+               client_id: int | None) -> ClientRow:
+    """The row of a screened reply (its metrics hold what the schema says)."""
     epsilon = protocol.metric(reply, protocol.EPSILON)
     loss = protocol.metric(reply, protocol.TRAIN_LOSS)
     return ClientRow(server_round, client_id,
@@ -123,37 +134,95 @@ def _reply_row(server_round: int, reply: Message, status: str, reason: str,
 
 
 def client_rows(server_round: int, train: Exchange, screened: ScreenedReplies,
-                node_to_client: dict[int, int]) -> list[ClientRow]:
-    """One row per sampled client: ok, rejected (bad reply, or no update because its privacy
-    budget is spent), failed (error reply) or timeout (no reply)."""
-    rows = [_reply_row(server_round, reply, "ok", "", node_to_client)
+                identities: Identities) -> list[ClientRow]:
+    """One row per sampled client, its id the server's for the node (never the reply's): ok,
+    rejected (bad reply, or no update because its privacy budget is spent), failed (error
+    reply) or timeout (no reply)."""
+    def client(reply: Message) -> int | None:
+        return identities.client_of(train.node(reply))
+
+    rows = [_reply_row(server_round, reply, "ok", "", client(reply))
             for reply in screened.accepted]
-    rows += [_reply_row(server_round, reply, "rejected", reason, node_to_client)
+    rows += [_reply_row(server_round, reply, "rejected", reason, client(reply))
              for reply, reason in screened.declined]
     for reply, reason in screened.rejected:
-        rows.append(ClientRow(server_round, node_to_client.get(reply.metadata.src_node_id),
-                              None, None, None, None, "rejected", reason))
+        rows.append(ClientRow(server_round, client(reply), None, None, None, None, "rejected",
+                              reason))
     for reply in train.failed:
-        node = reply.metadata.src_node_id
         reason = _last_line(reply.error.reason)
         # an expired reply (a SuperLink's code; the Ray engine's for engine.client_timeout_s)
         status = "timeout" if reply.error.code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE else "failed"
-        rows.append(ClientRow(server_round, node_to_client.get(node), None, None, None, None,
-                              status, reason))
+        rows.append(ClientRow(server_round, client(reply), None, None, None, None, status,
+                              reason))
     for node in train.timed_out:
-        rows.append(ClientRow(server_round, node_to_client.get(node), None, None, None, None,
+        rows.append(ClientRow(server_round, identities.client_of(node), None, None, None, None,
                               "timeout", "no reply within strategy.round_timeout_s"))
     return sorted(rows, key=lambda r: (r.client_id is None, r.client_id or 0))
+
+
+def bound_client_updates(screened: ScreenedReplies, global_arrays: ArrayRecord,
+                         config: Config) -> None:
+    """Apply ``strategy.update_norm_z`` (outliers become rejected) and
+    ``strategy.max_update_norm`` (clipping) to the accepted updates, in place."""
+    s = config.strategy
+    if not (s.max_update_norm or s.update_norm_z) or not screened.accepted:
+        return
+    screened.accepted, outliers = bound_updates(protocol.to_numpy(global_arrays),
+                                                screened.accepted, s.max_update_norm,
+                                                s.update_norm_z)
+    screened.rejected.extend(outliers)
+
+
+def aggregate_checked(strategy: Strategy, server_round: int, accepted: list[Message],
+                      previous: ArrayRecord) -> tuple[ArrayRecord, MetricRecord | None, str]:
+    """The strategy's aggregate of ``accepted`` in ``previous``'s dtypes, its train metrics,
+    and why the aggregate cannot become the global model ("" = it can)."""
+    try:
+        new_arrays, metrics = strategy.aggregate_train(server_round, by_client(accepted))
+    except Exception as error:  # noqa: BLE001 - client input fails the round, not the run
+        return previous, None, f"the strategy's aggregation failed ({type(error).__name__}: " \
+                               f"{str(error)[:200]})"
+    if new_arrays is None:
+        return previous, metrics, "the strategy returned no model"
+    new_arrays = same_dtypes(new_arrays, previous)
+    bad = non_finite_tensors(new_arrays)
+    if bad:
+        return previous, metrics, f"the aggregate is not finite (in {', '.join(bad[:3])})"
+    return new_arrays, metrics, ""
+
+
+def update_global_model(run: FederatedRun, server_round: int, sampled: int,
+                        screened: ScreenedReplies) -> tuple[MetricRecord | None, str]:
+    """Aggregate the sound updates into the new global model, or keep the old one: every
+    client declined, too few sound updates, or an aggregate the guard refuses (a round
+    without an update counts towards ``run.max_rounds_without_update``). Returns the
+    strategy's train metrics and metrics.csv's ``model_update``."""
+    config, state, accepted = run.config, run.state, screened.accepted
+    if sampled and len(screened.declined) == sampled:
+        return None, "kept: every sampled client has spent its privacy budget"
+    # DP-FedAvg releases a noised update every round, even from an empty Poisson cohort
+    if not run.privacy.releases_empty_rounds and not (
+            len(accepted) >= min(config.strategy.min_train_clients, sampled) > 0):
+        state.rounds_without_update += 1
+        return None, f"kept: {len(accepted)} sound updates of {sampled}"
+    new_arrays, train_metrics, problem = aggregate_checked(run.strategy, server_round,
+                                                           accepted, state.arrays)
+    if problem:
+        state.rounds_without_update += 1
+        return train_metrics, f"kept: {problem}"
+    state.rounds_without_update = 0
+    state.arrays = new_arrays
+    return train_metrics, "applied"
 
 
 def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
     """Train, aggregate, account and evaluate one round; updates ``run.state`` in place."""
     config, state, strategy, privacy = run.config, run.state, run.strategy, run.privacy
+    identities = run.identities
+    assert identities is not None  # set by __post_init__
     round_start = time.perf_counter()
     timeout = config.strategy.round_timeout_s
-    # a reply may not claim more examples than the federation has (unknown for private files)
-    max_train_examples = run.resources.max_train_examples()
-    max_test_examples = run.resources.max_test_examples()
+    limits = reply_limits(config, run.resources.federation)
 
     def progress(phase: str) -> Callable[[int, int], None]:
         return lambda done, total: run.progress(server_round, phase, done, total)
@@ -162,30 +231,19 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
     train = exchange(run.grid, strategy.configure_train(server_round, state.arrays,
                                                         ConfigRecord(), run.grid),
                      timeout, progress("train"), run.stop)
-    screened = screen_train_replies(train, max_train_examples,
-                                    STRATEGIES[config.strategy.name].answers,
-                                    privacy.accepts_declines)
+    screened = screen_train_replies(train, limits, identities)
+    bound_client_updates(screened, state.arrays, config)
     accepted = screened.accepted
-    rows = client_rows(server_round, train, screened, state.node_to_client)
-    train_metrics: MetricRecord | None = None
-    all_declined = bool(train.sent) and len(screened.declined) == len(train.sent)
-    # DP-FedAvg releases a noised update every round, even from an empty Poisson cohort
-    if not all_declined and (privacy.releases_empty_rounds or (
-            len(accepted) >= min(config.strategy.min_train_clients, len(train.sent)) > 0)):
-        state.rounds_without_update = 0
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, by_client(accepted))
-        if new_arrays is not None:
-            state.arrays = same_dtypes(new_arrays, state.arrays)
-    elif not all_declined:  # too few sound updates: the global model stays as it was
-        state.rounds_without_update += 1
+    rows = client_rows(server_round, train, screened, identities)
+    train_metrics, model_update = update_global_model(run, server_round, len(train.sent),
+                                                      screened)
     privacy.record_round(rows, accepted)
 
     seed_sampling(config.run.seed, server_round, "evaluate")
     federated = exchange(run.grid, strategy.configure_evaluate(server_round, state.arrays,
                                                                ConfigRecord(), run.grid),
                          timeout, progress("evaluate"), run.stop)
-    sound_evaluations = [r for r in federated.ok
-                         if check_evaluate_reply(r, max_test_examples) is None]
+    sound_evaluations = screen_evaluate_replies(federated, limits, identities)
     global_eval = evaluate_global(run.resources, state.arrays)
     row = RoundRow(
         round=server_round,
@@ -202,7 +260,8 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
         wall_s=time.perf_counter() - round_start,
         federated_eval_loss=_weighted(sound_evaluations, protocol.EVAL_LOSS),
         federated_eval_accuracy=_weighted(sound_evaluations, protocol.EVAL_ACCURACY),
+        model_update=model_update,
+        replies_dropped=train.dropped + federated.dropped,
     )
     return RoundOutcome(row, rows, global_eval, train_metrics, len(train.sent),
                         len(screened.declined))
-

@@ -31,6 +31,13 @@ class RuntimeEntry(Entry):
 
 
 def _check_ray(config: Config) -> None:
+    s = config.strategy
+    if config.engine.aggregate_on_actors and (s.max_update_norm or s.update_norm_z):
+        raise ConfigError(
+            "engine.aggregate_on_actors = true is not allowed with strategy.max_update_norm "
+            "or strategy.update_norm_z: must be false (the server sees no single update to "
+            "bound when the actors sum them)"
+        )
     if config.engine.aggregate_on_actors and (
             not STRATEGIES[config.strategy.name].weighted_mean
             or config.privacy.mode == "central"):
