@@ -157,6 +157,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     _quiet_libraries()
     from fedtune.engine.launch import launch
     from fedtune.server.exchange import RunStopped
+    from fedtune.server.loop import RunFailed
 
     reporter = RichReporter(console)
     started = time.perf_counter()
@@ -167,6 +168,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         reporter.close()
         _print_stopped(console, Path(config.run.dir))
         return 130
+    except RunFailed as failure:
+        reporter.close()
+        print(f"fedtune: run failed: {failure}", file=sys.stderr)
+        _print_stopped(console, Path(config.run.dir))
+        return 1
     finally:
         reporter.close()
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -181,7 +187,7 @@ def _print_stopped(console: Console, run_dir: Path) -> None:
     from fedtune.server.checkpoint import checkpoint_round
 
     written = checkpoint_round(run_dir) if run_dir.is_dir() else None
-    if written is None:
+    if not written:
         console.print("[bold yellow]stopped[/] before round 1 finished: no checkpoint was "
                       "written, there is nothing to resume")
         return

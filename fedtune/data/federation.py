@@ -100,7 +100,8 @@ def _partition_pool(cfg: DataSection, data: LabelledData, pool: np.ndarray, seed
     if n > len(pool):
         raise ConfigError(
             f"data.num_clients = {n} is not allowed: must be <= {len(pool)} "
-            f"(training examples of {data.name})"
+            f"(training examples of {data.name} once data.test_fraction = "
+            f"{cfg.test_fraction:g} is held out)"
         )
     if cfg.partitioner == "iid":
         return partition_iid(len(pool), n, seed)

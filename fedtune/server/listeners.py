@@ -27,7 +27,7 @@ from fedtune.privacy.mode import PrivacyPlan
 from fedtune.results.plots import plot_accuracy_loss, plot_epsilon
 from fedtune.results.run_dir import RunDirectory
 from fedtune.results.summary import build_summary
-from fedtune.server.loop import RunListener
+from fedtune.server.loop import RunFailed, RunListener
 from fedtune.server.reporting import Reporter
 from fedtune.server.round import FederatedRun, RoundOutcome
 from fedtune.tables.privacy_modes import PRIVACY_MODES
@@ -44,7 +44,7 @@ class NoUpdateStop(RunListener):
         if state.rounds_without_update >= run.config.run.max_rounds_without_update:
             reasons = "; ".join([outcome.row.model_update, *sorted(
                 {r.reason for r in outcome.clients if r.reason})])[:1000]
-            raise RuntimeError(
+            raise RunFailed(
                 f"round {state.server_round}: {state.rounds_without_update} rounds in a row "
                 f"without an update of the global model (run.max_rounds_without_update); last "
                 f"reasons: {reasons}")
