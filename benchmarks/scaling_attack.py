@@ -87,14 +87,14 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     wanted = [w for w in args.only.split(",") if w]
     print(f"scale factor {args.factor:g}, seeds {seeds}")
-    print("| condition | final accuracy | updates rejected per run | wall s per run |")
-    print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
         norms = honest_update_norms(Path(scratch) / "norms")
         print(f"honest update norms (unattacked FedAvg, seed 0, {len(norms)} updates): "
               f"median {np.median(norms):.3f}, 10th-90th percentile "
               f"{np.percentile(norms, 10):.3f}-{np.percentile(norms, 90):.3f}, "
               f"max {max(norms):.3f}")
+        print("| condition | final accuracy | updates rejected per run | wall s per run |")
+        print("|---|---|---|---|")
         for name, condition in CONDITIONS.items():
             if wanted and not any(name.startswith(w) for w in wanted):
                 continue

@@ -308,6 +308,46 @@ def cmd_certs(args: argparse.Namespace, console: Console) -> int:
     console.print(f"SuperLink cert/key  {made.server_cert}  {made.server_key}")
     for private, public in made.supernode_keys:
         console.print(f"SuperNode key pair  {private}  {public}   (register the .pub)")
+    console.print(f"publisher key       {made.publisher_key}  {made.publisher_pub}   (signs "
+                  "the app: fedtune publish)")
+    console.print(f"trusted entities    {made.trusted_entities}   (give to every SuperNode)")
+    console.print(f"SuperExec secret    {made.superexec_secret}   (SuperLink and fedtune "
+                  "superexec only)")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace, console: Console) -> int:
+    from fedtune.deploy.signing import publish
+
+    published = publish(Path(args.app), Path(args.registry), Path(args.key))
+    console.print(f"published {published.spec} (FAB sha256 {published.fab_hash[:16]}...) in "
+                  f"{args.registry}; run it with: flwr run {published.spec} <connection>")
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace, console: Console) -> int:
+    from fedtune.deploy.registry import RegistryServer
+
+    if not Path(args.registry).is_dir():
+        raise ConfigError(f"{args.registry!r} is not allowed: must be the registry folder "
+                          "`fedtune publish` writes")
+    server = RegistryServer(Path(args.registry), args.host, args.port,
+                            log=lambda line: console.print(line, highlight=False))
+    console.print(f"serving {args.registry}; start the SuperLink with "
+                  f"FLWR_SUPERGRID_API_URL={server.url}", highlight=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
+    return 0
+
+
+def cmd_superexec(args: argparse.Namespace, console: Console) -> int:
+    from fedtune.deploy.superexec import run_signed_superexec
+
+    run_signed_superexec(args.runtime_api_address, args.root_certificates,
+                         Path(args.registry), Path(args.trusted_entities),
+                         args.superexec_auth_secret_file)
     return 0
 
 
@@ -349,11 +389,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SuperLink host name or IP the certificate is valid for "
                             "(repeatable; default: localhost and 127.0.0.1)")
     certs.add_argument("--supernodes", type=int, default=3, help="key pairs to create")
+    publish = sub.add_parser("publish", help="build an app's FAB, sign it with the publisher "
+                                             "key and add it to the federation's registry")
+    publish.add_argument("app", help="the app folder (its pyproject.toml names it)")
+    publish.add_argument("--registry", required=True, help="the registry folder")
+    publish.add_argument("--key", required=True, help="the publisher's private key")
+    registry = sub.add_parser("registry", help="serve the registry to the SuperLink (its "
+                                               "FLWR_SUPERGRID_API_URL)")
+    registry.add_argument("registry", help="the registry folder")
+    registry.add_argument("--host", default="127.0.0.1")
+    registry.add_argument("--port", type=int, default=9095)
+    superexec = sub.add_parser("superexec", help="Flower's SuperExec for a SuperLink started "
+                                                 "with --isolation process: it starts only "
+                                                 "ServerApps the publisher signed")
+    superexec.add_argument("--runtime-api-address", required=True)
+    superexec.add_argument("--root-certificates", help="the CA certificate (ca.crt)")
+    superexec.add_argument("--registry", required=True, help="the registry folder")
+    superexec.add_argument("--trusted-entities", required=True)
+    superexec.add_argument("--superexec-auth-secret-file")
     sub.add_parser("config", help="list every config key with its default")
     return parser
 
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "certs": cmd_certs,
+            "publish": cmd_publish, "registry": cmd_registry, "superexec": cmd_superexec,
             "config": cmd_config}
 
 
