@@ -1,4 +1,5 @@
-"""Command line: ``fedtune run | sweep | report | certs | config``. The only module that knows about terminals."""
+"""Command line: ``fedtune run | sweep | report | certs | publish | registry | superexec | config``.
+The only module that knows about terminals."""
 
 from __future__ import annotations
 

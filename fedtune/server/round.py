@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -57,11 +57,7 @@ class FederatedRun:
     progress: Progress
     stop: threading.Event | None = None
     started: float = 0.0  # perf_counter() when this session's rounds began
-    identities: Identities | None = None  # who each node is (None: every node claims once)
-
-    def __post_init__(self) -> None:
-        if self.identities is None:
-            self.identities = Identities(self.state.node_to_client, fixed=False)
+    identities: Identities = field(kw_only=True)  # who each node is
 
 
 @dataclass
@@ -219,7 +215,6 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
     """Train, aggregate, account and evaluate one round; updates ``run.state`` in place."""
     config, state, strategy, privacy = run.config, run.state, run.strategy, run.privacy
     identities = run.identities
-    assert identities is not None  # set by __post_init__
     round_start = time.perf_counter()
     timeout = config.strategy.round_timeout_s
     limits = reply_limits(config, run.resources.federation)

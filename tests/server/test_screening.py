@@ -354,3 +354,23 @@ def test_rounds_without_sound_updates_stop_the_run_with_reasons(tmp_path):
     metrics = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert [(m["clients_ok"], m["model_update"]) for m in metrics] == [
         ("0", "kept: 0 sound updates of 4")]  # round 1 kept, nothing lost
+
+
+@pytest.mark.slow
+def test_the_actor_sum_path_never_folds_a_lying_payload(tmp_path):
+    """engine.aggregate_on_actors: the actors screen an update (by what it carries) before
+    summing it; the lying one comes back whole and the server rejects it."""
+    from fedtune.engine.ray_engine import ray_engine_grid
+
+    config = tiny_config(tmp_path, "engine.backend=ray", "engine.aggregate_on_actors=true",
+                         "engine.num_actors=2", "engine.client_cpus=0.5")
+    with ray_engine_grid(config, hostile.hostile_app({0: hostile.BROADCAST})) as grid:
+        run_dir = run_federated(grid, config).path
+    rows = {(int(r["round"]), int(r["client_id"])): (r["status"], r["reason"])
+            for r in rows_of(run_dir / "clients.csv")}
+    for server_round in (1, 2):
+        assert rows[server_round, 0][0] == "rejected"
+        assert "but carries float32[1]" in rows[server_round, 0][1]
+        assert {rows[server_round, c] for c in (1, 2, 3)} == {("ok", "")}
+    assert [m["model_update"] for m in rows_of(run_dir / "metrics.csv")] == ["applied"] * 2
+    assert _finite_model(run_dir)
