@@ -239,9 +239,11 @@ def check_evaluate_reply(reply: Message, limits: ReplyLimits,
 
 
 def is_decline(reply: Message) -> bool:
-    """Whether a training reply sends no update (carries no ArrayRecord): ``check_decline``
-    says whether it is a sound "budget spent" under the run's privacy mode."""
-    return not any(isinstance(reply.content[name], ArrayRecord) for name in reply.content.keys())
+    """Whether a training reply sends no update (carries no ArrayRecord and none went into a
+    partial sum): ``check_decline`` says whether it is a sound "budget spent" under the run's
+    privacy mode."""
+    return FOLDED not in reply.content and not any(
+        isinstance(reply.content[name], ArrayRecord) for name in reply.content.keys())
 
 
 # --- a round's replies ------------------------------------------------------------------------
