@@ -211,7 +211,7 @@ def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
             "--auth-supernode-private-key", str(creds.supernode_keys[3][0]),
             "--node-config", "partition-id=0 num-partitions=3", "--port", str(_free_port()),
             "--max-retries", "2", "--max-wait-time", "15",
-        ], dict(base_env, FLWR_HOME=str(tmp_path / "unregistered-home")), timeout=120)
+        ], dict(base_env, FLWR_HOME=str(tmp_path / "unregistered-home")), timeout=300)
         assert code != 0
         assert "Failed to activate SuperNode" in output
         # a SuperNode without TLS cannot talk to a TLS SuperLink
@@ -219,7 +219,7 @@ def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
             str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
             "--node-config", "partition-id=0 num-partitions=3", "--port", str(_free_port()),
             "--max-retries", "2", "--max-wait-time", "15",
-        ], dict(base_env, FLWR_HOME=str(tmp_path / "plain-home")), timeout=120)
+        ], dict(base_env, FLWR_HOME=str(tmp_path / "plain-home")), timeout=300)
         assert code != 0
         assert "Failed to initialize the connection" in output
 
