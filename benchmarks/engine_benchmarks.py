@@ -208,9 +208,9 @@ def side_central(overrides: list[str], threads: int) -> None:
 def side_startup(overrides: list[str]) -> None:
     """fedtune's start-up, step by step."""
     marks = [("process start", time.perf_counter())]
-    import torch  # noqa: F401
     import flwr.app  # noqa: F401
     import ray  # noqa: F401
+    import torch  # noqa: F401
 
     marks.append(("imports (torch, flwr, ray)", time.perf_counter()))
     from fedtune.config import load_config

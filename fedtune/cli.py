@@ -1,4 +1,5 @@
-"""Command line: ``fedtune run | sweep | report | audit | certs | config``. The only module that knows about terminals."""
+"""Command line: ``fedtune run | sweep | report | audit | certs | publish | registry |
+superexec | config``. The only module that knows about terminals."""
 
 from __future__ import annotations
 
@@ -114,16 +115,27 @@ def _run_config(args: argparse.Namespace) -> Config:
                               "directory (it has no config.toml)")
         config = load_config(run_dir / "config.toml", args.set)
         config.run.dir, config.run.resume = str(run_dir), True
+        from fedtune.results.lock import check_unlocked
         from fedtune.server.resume import check_resumable
 
+        check_unlocked(run_dir)
         check_resumable(config)
         return config
     config = load_config(args.config, args.set)
     config.run.dir = str(Path(args.output or config.run.dir or default_run_path(config)))
-    if Path(config.run.dir).exists() and any(Path(config.run.dir).iterdir()):
-        raise ConfigError(f"--output {config.run.dir!r} is not allowed: must be a new or empty "
-                          "directory")
+    _check_new_run_directory(Path(config.run.dir))
     return config
+
+
+def _check_new_run_directory(path: Path) -> None:
+    from fedtune.results.lock import LOCK_NAME
+
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output {str(path)!r} is not allowed: must be a new or empty "
+                          "directory, not a file")
+    if path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):
+        raise ConfigError(f"--output {str(path)!r} is not allowed: must be a new or empty "
+                          "directory")
 
 
 def _stop_on_ctrl_c(console: Console) -> threading.Event:
@@ -146,6 +158,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     _quiet_libraries()
     from fedtune.engine.launch import launch
     from fedtune.server.exchange import RunStopped
+    from fedtune.server.loop import RunFailed
 
     reporter = RichReporter(console)
     started = time.perf_counter()
@@ -154,9 +167,13 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         launch(config, reporter, stop)
     except RunStopped:
         reporter.close()
-        console.print(f"[bold yellow]stopped[/]: checkpoint in {config.run.dir}/checkpoint; "
-                      f"continue with: fedtune run --resume {config.run.dir}")
+        _print_stopped(console, Path(config.run.dir))
         return 130
+    except RunFailed as failure:
+        reporter.close()
+        print(f"fedtune: run failed: {failure}", file=sys.stderr)
+        _print_stopped(console, Path(config.run.dir))
+        return 1
     finally:
         reporter.close()
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -164,6 +181,19 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     console.print(f"finished in {time.perf_counter() - started:.1f}s")
     console.print(f"run directory: {config.run.dir}")
     return 0
+
+
+def _print_stopped(console: Console, run_dir: Path) -> None:
+    """Where the checkpoint is, if the run got far enough to write one."""
+    from fedtune.server.checkpoint import checkpoint_round
+
+    written = checkpoint_round(run_dir) if run_dir.is_dir() else None
+    if not written:
+        console.print("[bold yellow]stopped[/] before round 1 finished: no checkpoint was "
+                      "written, there is nothing to resume")
+        return
+    console.print(f"[bold yellow]stopped[/]: checkpoint of round {written} in "
+                  f"{run_dir}/checkpoint; continue with: fedtune run --resume {run_dir}")
 
 
 def _print_summary(console: Console, run_dir: Path) -> None:
@@ -264,14 +294,61 @@ def cmd_certs(args: argparse.Namespace, console: Console) -> int:
     from fedtune.deploy.certs import write_credentials
 
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{args.output!r} is not allowed: must be a new or empty directory "
                           "(existing keys are never overwritten)")
+    for host in args.host or []:
+        if not host.strip() or any(c.isspace() or c in "/,*" for c in host):
+            raise ConfigError(f"--host {host!r} is not allowed: must be a host name or an IP "
+                              "address")
+    if args.supernodes < 1:
+        raise ConfigError(f"--supernodes {args.supernodes} is not allowed: must be >= 1 (one "
+                          "key pair per SuperNode)")
     made = write_credentials(out, args.host or ["localhost", "127.0.0.1"], args.supernodes)
     console.print(f"CA certificate      {made.ca_cert}   (give to every SuperNode and flwr CLI)")
     console.print(f"SuperLink cert/key  {made.server_cert}  {made.server_key}")
     for private, public in made.supernode_keys:
         console.print(f"SuperNode key pair  {private}  {public}   (register the .pub)")
+    console.print(f"publisher key       {made.publisher_key}  {made.publisher_pub}   (signs "
+                  "the app: fedtune publish)")
+    console.print(f"trusted entities    {made.trusted_entities}   (give to every SuperNode)")
+    console.print(f"SuperExec secret    {made.superexec_secret}   (SuperLink and fedtune "
+                  "superexec only)")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace, console: Console) -> int:
+    from fedtune.deploy.signing import publish
+
+    published = publish(Path(args.app), Path(args.registry), Path(args.key))
+    console.print(f"published {published.spec} (FAB sha256 {published.fab_hash[:16]}...) in "
+                  f"{args.registry}; run it with: flwr run {published.spec} <connection>")
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace, console: Console) -> int:
+    from fedtune.deploy.registry import RegistryServer
+
+    if not Path(args.registry).is_dir():
+        raise ConfigError(f"{args.registry!r} is not allowed: must be the registry folder "
+                          "`fedtune publish` writes")
+    server = RegistryServer(Path(args.registry), args.host, args.port,
+                            log=lambda line: console.print(line, highlight=False))
+    console.print(f"serving {args.registry}; start the SuperLink with "
+                  f"FLWR_SUPERGRID_API_URL={server.url}", highlight=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
+    return 0
+
+
+def cmd_superexec(args: argparse.Namespace, console: Console) -> int:
+    from fedtune.deploy.superexec import run_signed_superexec
+
+    run_signed_superexec(args.runtime_api_address, args.root_certificates,
+                         Path(args.registry), Path(args.trusted_entities),
+                         args.superexec_auth_secret_file)
     return 0
 
 
@@ -342,12 +419,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SuperLink host name or IP the certificate is valid for "
                             "(repeatable; default: localhost and 127.0.0.1)")
     certs.add_argument("--supernodes", type=int, default=3, help="key pairs to create")
+    publish = sub.add_parser("publish", help="build an app's FAB, sign it with the publisher "
+                                             "key and add it to the federation's registry")
+    publish.add_argument("app", help="the app folder (its pyproject.toml names it)")
+    publish.add_argument("--registry", required=True, help="the registry folder")
+    publish.add_argument("--key", required=True, help="the publisher's private key")
+    registry = sub.add_parser("registry", help="serve the registry to the SuperLink (its "
+                                               "FLWR_SUPERGRID_API_URL)")
+    registry.add_argument("registry", help="the registry folder")
+    registry.add_argument("--host", default="127.0.0.1")
+    registry.add_argument("--port", type=int, default=9095)
+    superexec = sub.add_parser("superexec", help="Flower's SuperExec for a SuperLink started "
+                                                 "with --isolation process: it starts only "
+                                                 "ServerApps the publisher signed")
+    superexec.add_argument("--runtime-api-address", required=True)
+    superexec.add_argument("--root-certificates", help="the CA certificate (ca.crt)")
+    superexec.add_argument("--registry", required=True, help="the registry folder")
+    superexec.add_argument("--trusted-entities", required=True)
+    superexec.add_argument("--superexec-auth-secret-file")
     sub.add_parser("config", help="list every config key with its default")
     _add_audit_parser(sub)
     return parser
 
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "certs": cmd_certs,
+            "publish": cmd_publish, "registry": cmd_registry, "superexec": cmd_superexec,
             "config": cmd_config, "audit": cmd_audit}
 
 

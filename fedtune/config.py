@@ -31,8 +31,8 @@ from typing import Any
 import tomli_w
 
 from fedtune.errors import ConfigError
-from fedtune.tables.datasets import DATASETS
 from fedtune.tables import Key, declared_key, key, owners_of, section_class
+from fedtune.tables.datasets import DATASETS
 from fedtune.tables.model_kinds import MODEL_KINDS, TRANSFER_MODES, check_model
 from fedtune.tables.privacy_modes import PRIVACY_MODES, check_privacy
 from fedtune.tables.runtimes import RUNTIMES, check_runtime
@@ -67,7 +67,8 @@ class RunSection:
     output_dir: str = key("runs", "folder that receives the run directory")
     dir: str = key("", "exact run directory (must be new or empty); '' = under output_dir")
     max_rounds_without_update: int = key(
-        3, "stop after this many rounds in a row without enough sound client updates", ge=1
+        3, "stop after this many rounds in a row without an update of the global model (too "
+        "few sound client updates, or an aggregate that is not finite)", ge=1
     )
     checkpoint_every: int = key(
         1, "write <run dir>/checkpoint/ every this many rounds (also on Ctrl-C); 0 = only on "
@@ -173,7 +174,12 @@ StrategySection = section_class(
                                     "= none", ge=0, le=1),
      "min_train_clients": Key(1, "fewest clients sampled for training each round (Flower's "
                                  "min_train_nodes)", ge=1),
-     "round_timeout_s": Key(3600.0, "longest wait for the replies of one round", gt=0)},
+     "round_timeout_s": Key(3600.0, "longest wait for the replies of one round", gt=0),
+     "max_update_norm": Key(0.0, "clip every client's update (its model minus the global "
+                                 "model, L2 norm) to at most this; 0 = off", ge=0),
+     "update_norm_z": Key(0.0, "reject an update whose norm lies more than this many robust "
+                               "standard deviations (median absolute deviation) above the "
+                               "round's median; 0 = off", ge=0)},
     STRATEGIES)
 
 PrivacySection = section_class(
@@ -193,7 +199,11 @@ EngineSection = section_class(
      "client_gpus": Key(0.0, "GPU fraction per simulated client (0.25 = 4 share one)", ge=0,
                         le=1),
      "node_wait_s": Key(60.0, "how long the server waits for all clients (ray: its actors) to "
-                              "start", gt=0)},
+                              "start", gt=0),
+     "node_ids": Key([], "deployment: the node id of each client, in client order, as `flwr "
+                         "supernode register` printed them; only these SuperNodes take part. "
+                         "[] = simulations (the runtime knows its clients), or trust the "
+                         "partition-id each SuperNode first declares", kind=list[str])},
     RUNTIMES)
 
 
@@ -281,6 +291,9 @@ def _coerce(full_key: str, value: Any, declared: Key) -> Any:
             raise bad()
         if math.isnan(out):
             raise bad()
+        if math.isinf(out) and not declared.infinite:
+            raise ConfigError(f"{full_key} = {value!r} is not allowed: must be a finite "
+                              f"{_allowed_text(declared, kind).removeprefix('a ')}")
     elif kind is str:
         if not isinstance(value, str):
             raise bad()
@@ -403,6 +416,18 @@ def check_consistency(config: Config) -> None:
         if not config.data.test_path:
             raise ConfigError("data.test_path = '' is not allowed with data.dataset = 'files': "
                               "must be the server's global test file (CSV or JSONL)")
+    name = config.run.name
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+        raise ConfigError(f"run.name = {name!r} is not allowed: must be a plain name (no path "
+                          "separators, not '.' or '..'), the run directory is "
+                          "<run.output_dir>/<run.name>-<time>")
+    node_ids = config.engine.node_ids
+    if node_ids and (len(node_ids) != config.data.num_clients
+                     or not all(n.isascii() and n.isdigit() for n in node_ids)):
+        raise ConfigError(
+            f"engine.node_ids = {node_ids!r} is not allowed: must list the decimal node id of "
+            f"each of the data.num_clients = {config.data.num_clients} clients, or be []"
+        )
     if config.strategy.min_train_clients > config.data.num_clients:
         raise ConfigError(
             f"strategy.min_train_clients = {config.strategy.min_train_clients} is not allowed: "
@@ -453,10 +478,17 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
     """The tables of a TOML file; a missing or broken file is a one-line ConfigError naming
     ``what`` it is (config file, sweep file)."""
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a directory: must be a TOML file")
     if not file.is_file():
         raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:
         return tomllib.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text: byte "
+                          f"{err.object[err.start]:#04x} at offset {err.start}") from None
+    except OSError as err:
+        raise ConfigError(f"{what} {str(path)!r} cannot be read: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {err}") from None
 

@@ -12,15 +12,30 @@ Its **reply** holds ``ARRAYS`` (the client's model), records that answer a sent 
 allows no step replies without arrays, its ``STATUS`` saying why.
 
 An **evaluate message** holds ``ARRAYS`` and ``CONFIG``; its reply holds ``METRICS``.
+
+The **exact reply schema** (``ReplySchema``: ``train_reply_schema``, ``decline_reply_schema``,
+``EVALUATE_REPLY_SCHEMA``) says which records a reply holds and which metrics, with their
+types and ranges, and nothing else: the core metrics below, plus what the strategy's and the
+privacy mode's table entries declare (FedNova's ``fednova-a``; local DP's ``epsilon``,
+``noise-multiplier``, ``sample-rate`` and its ``status``). ``fedtune.server.screening`` checks
+every reply against it before anything reads the reply.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from numpy.lib import format as npy_format
+
+from fedtune.tables import ReplyMetric
+from fedtune.tables.privacy_modes import PRIVACY_MODES
+from fedtune.tables.strategies import STRATEGIES
 
 # --- records of a message ----------------------------------------------------------------------
 ARRAYS = "arrays"  # Flower's default arrayrecord_key
@@ -58,6 +73,64 @@ FEDDYN_STATE = "feddyn-gradient"
 
 MAX_ANY_EXAMPLES = 10**9  # what a reply may claim where the server knows no data sizes
 
+# --- the exact schema of a reply ----------------------------------------------------------------
+
+TRAIN_METRICS: dict[str, ReplyMetric] = {
+    NUM_EXAMPLES: ReplyMetric(int, ge=0),  # further bounded by what the server knows
+    EXAMPLES_SEEN: ReplyMetric(int, ge=0),
+    NUM_STEPS: ReplyMetric(int, ge=0),
+    DURATION_S: ReplyMetric(float, ge=0),
+    PARTITION_ID: ReplyMetric(int, ge=0),
+    TRAIN_LOSS: ReplyMetric(float),  # a local objective may add terms of either sign
+}
+EVALUATE_METRICS: dict[str, ReplyMetric] = {
+    EVAL_LOSS: ReplyMetric(float, ge=0),
+    EVAL_ACCURACY: ReplyMetric(float, ge=0, le=1),
+    NUM_EXAMPLES: ReplyMetric(int, ge=0),
+    PARTITION_ID: ReplyMetric(int, ge=0),
+}
+
+
+@dataclass(frozen=True)
+class ReplySchema:
+    """Exactly what one kind of reply holds: its ArrayRecords (each answering a sent record of
+    the same tensors), its metrics, whether it carries ``STATUS``; no other record or metric."""
+
+    arrays: Mapping[str, str] = field(default_factory=dict)  # reply record -> sent record
+    metrics: Mapping[str, ReplyMetric] = field(default_factory=dict)
+    status: bool = False  # the ConfigRecord STATUS: {REASON: text}
+    reason_required: bool = False  # STATUS must give a reason (a decline says why)
+
+    def records(self) -> dict[str, str]:
+        """Record name -> the kind of record it must be."""
+        kinds = {name: "ArrayRecord" for name in self.arrays}
+        kinds[METRICS] = "MetricRecord"
+        if self.status:
+            kinds[STATUS] = "ConfigRecord"
+        return kinds
+
+
+def train_reply_schema(strategy: str, privacy_mode: str) -> ReplySchema:
+    """A training update under ``strategy.name`` and ``privacy.mode``."""
+    entry, mode = STRATEGIES[strategy], PRIVACY_MODES[privacy_mode]
+    return ReplySchema(arrays={ARRAYS: ARRAYS, **entry.answers},
+                       metrics={**TRAIN_METRICS, **entry.reply_metrics, **mode.reply_metrics},
+                       status=mode.reply_status)
+
+
+def decline_reply_schema(privacy_mode: str) -> ReplySchema | None:
+    """A training reply that sends no update because the client's privacy budget is spent
+    (None: the mode lets no client decline)."""
+    mode = PRIVACY_MODES[privacy_mode]
+    if not mode.declines:
+        return None
+    metrics = {k: v for k, v in TRAIN_METRICS.items() if k != TRAIN_LOSS}  # it took no step
+    return ReplySchema(metrics={**metrics, **mode.reply_metrics}, status=True,
+                       reason_required=True)
+
+
+EVALUATE_REPLY_SCHEMA = ReplySchema(metrics=EVALUATE_METRICS)
+
 
 def first_metric_record(message: Message) -> MetricRecord | None:
     """The first MetricRecord of a message, found without ``RecordDict.metric_records`` (which
@@ -74,6 +147,30 @@ def metric(message: Message, key: str) -> Any:
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Named numpy arrays as an ArrayRecord (their order kept)."""
     return ArrayRecord({name: Array(value) for name, value in arrays.items()})
+
+
+def npy_view(array: Array) -> np.ndarray:
+    """The values an Array carries, read in place (no copy) with the ``.npy`` header
+    ``numpy.load`` would read them with (``Array.numpy``); ValueError for anything else: no
+    ``.npy`` header, another format version, or not exactly the header's number of bytes.
+    Nothing is ever unpickled (an object dtype is returned as a dtype, never read)."""
+    data = array.data
+    buffer = io.BytesIO(data)
+    version = npy_format.read_magic(buffer)
+    if version == (1, 0):
+        shape, fortran, dtype = npy_format.read_array_header_1_0(buffer)
+    elif version == (2, 0):
+        shape, fortran, dtype = npy_format.read_array_header_2_0(buffer)
+    else:
+        raise ValueError(f".npy format {version[0]}.{version[1]} is not accepted")
+    if dtype.hasobject:
+        raise ValueError(f"dtype {dtype} holds Python objects")
+    count, offset = math.prod(shape), buffer.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - offset} bytes of values, {dtype}{list(shape)} has "
+                         f"{count * dtype.itemsize}")
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return values.reshape(shape, order="F" if fortran else "C")
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -11,8 +11,17 @@ with the smoothed Weiszfeld algorithm: start from the weighted mean and repeat
 
 The median has breakdown point 1/2: clients holding less than half the total weight cannot
 move it arbitrarily far, whatever they send. Defaults follow the authors' reference
-implementation in TensorFlow Federated: ``nu = 1e-6`` and 5 passes over the clients (the mean,
-then 4 Weiszfeld steps). Distances are taken over the whole model (all arrays together).
+implementation in TensorFlow Federated: ``nu = 1e-6`` and 4 Weiszfeld steps. Distances are
+taken over the whole model (all arrays together).
+
+Where the iteration starts matters for a fixed number of steps. The reference starts at the
+weighted mean, which an outlier drags as far as it likes; each Weiszfeld step then shrinks the
+outlier's pull only by about a factor (honest clients - 1), so an update scaled by 1e6 is still
+about 700 model norms away after 4 steps (the model is destroyed: accuracy 0.10 on digits,
+where the coordinate-wise median holds). Here the iteration starts at the coordinate-wise
+median of the client models (Yin et al. 2018), which a minority cannot move far, so the same 4
+steps refine a point that is already among the honest clients. The fixed point, the geometric
+median, is the same.
 
 Message protocol: as FedAvg (``"arrays"`` and a MetricRecord with ``"num-examples"``).
 """
@@ -44,9 +53,15 @@ def _weighted_mean(points: Sequence[Mapping[str, NDArray]], weights: NDArray
             for name in points[0]}
 
 
+def _coordinate_median(points: Sequence[Mapping[str, NDArray]]) -> dict[str, NDArray]:
+    return {name: np.median(np.stack([np.asarray(p[name], np.float64) for p in points]), axis=0)
+            for name in points[0]}
+
+
 def geometric_median(points: Sequence[Mapping[str, NDArray]], weights: Sequence[float],
                      smoothing: float = 1e-6, iterations: int = 4) -> dict[str, NDArray]:
-    """Smoothed Weiszfeld approximation of the weighted geometric median of named arrays.
+    """Smoothed Weiszfeld approximation of the weighted geometric median of named arrays,
+    started at their coordinate-wise median (see the module docstring for why).
 
     ``points`` are models (name -> array); the distance between two models is the Euclidean
     norm over all their arrays. Returns float64 arrays.
@@ -55,7 +70,7 @@ def geometric_median(points: Sequence[Mapping[str, NDArray]], weights: Sequence[
     if len(points) == 0 or len(alpha) != len(points) or np.any(alpha < 0) or alpha.sum() <= 0:
         raise ValueError("geometric_median needs as many non-negative weights as points, "
                          "not all zero")
-    z = _weighted_mean(points, alpha)
+    z = _coordinate_median(points)
     for _ in range(iterations):
         beta = alpha / np.maximum(smoothing, _distances(points, z))
         z = _weighted_mean(points, beta)
@@ -70,7 +85,7 @@ class RFA(FedAvg):
     smoothing : float (default: 1e-6)
         ``nu``, the smallest distance a Weiszfeld weight divides by.
     iterations : int (default: 4)
-        Smoothed Weiszfeld steps after the weighted mean (0 gives FedAvg).
+        Smoothed Weiszfeld steps after the coordinate-wise median (0 gives that median).
     **kwargs
         Passed to ``FedAvg``; its ``weighted_by_key`` gives the weights ``alpha_i``.
     """

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"

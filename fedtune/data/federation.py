@@ -8,6 +8,7 @@ every process (server, Ray workers, SuperNodes), which is how clients find their
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -63,11 +64,25 @@ class Federation:
         ])
 
 
-def _split_global_test(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+def _split_global_test(labels: np.ndarray, cfg: DataSection, seed: int
+                       ) -> tuple[np.ndarray, ...]:
+    """Hold out ``data.test_fraction`` (stratified by label where every label can be on both
+    sides); too few examples for a split is a ConfigError, not scikit-learn's."""
     rows = np.arange(len(labels))
+    num_test = math.ceil(cfg.test_fraction * len(rows))  # what train_test_split takes
+    num_train = len(rows) - num_test
+    if num_test < 1 or num_train < 1:
+        raise ConfigError(
+            f"data.test_fraction = {cfg.test_fraction:g} of {len(rows)} examples (data."
+            f"max_examples = {cfg.max_examples}) is not allowed: leaves {num_train} for "
+            f"training and {num_test} for the global test set; must leave at least one on "
+            "each side"
+        )
     counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None
-    train, test = train_test_split(rows, test_size=fraction, random_state=seed, stratify=stratify)
+    present = counts[counts > 0]
+    stratified = present.min() >= 2 and min(num_test, num_train) >= len(present)
+    train, test = train_test_split(rows, test_size=num_test, random_state=seed,
+                                   stratify=labels if stratified else None)
     return np.sort(train), np.sort(test)
 
 
@@ -86,7 +101,8 @@ def _partition_pool(cfg: DataSection, data: LabelledData, pool: np.ndarray, seed
     if n > len(pool):
         raise ConfigError(
             f"data.num_clients = {n} is not allowed: must be <= {len(pool)} "
-            f"(training examples of {data.name})"
+            f"(training examples of {data.name} once data.test_fraction = "
+            f"{cfg.test_fraction:g} is held out)"
         )
     if cfg.partitioner == "iid":
         return partition_iid(len(pool), n, seed)
@@ -141,8 +157,7 @@ def _build_cached(cfg_values: tuple, seed: int, data_path: str) -> Federation:
         if cfg.max_examples < len(data):
             rng = np.random.default_rng(stage_seed(seed, _SUBSAMPLE))
             rows = np.sort(rng.choice(rows, size=cfg.max_examples, replace=False))
-    pool_pos, test_pos = _split_global_test(data.labels[rows], cfg.test_fraction,
-                                            stage_seed(seed, _TEST_SPLIT))
+    pool_pos, test_pos = _split_global_test(data.labels[rows], cfg, stage_seed(seed, _TEST_SPLIT))
     pool, test_rows = rows[pool_pos], rows[test_pos]
     parts = _partition_pool(cfg, data, pool, stage_seed(seed, _PARTITION))
     check_partition(parts, len(pool))

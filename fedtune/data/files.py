@@ -3,57 +3,90 @@
 In a deployment every SuperNode reads its own file (node config ``data-path``) and the
 server reads the global test file (``data.test_path``). All of them map labels through the
 same ``data.label_names``, so label ``k`` means the same class everywhere. A label may be given
-by name or by its index.
+by name or by its index (ASCII digits). Files are UTF-8 (a byte order mark is allowed); a text
+must be text (a JSON ``null`` is refused), and a CSV field may be as long as a document is.
+Every problem is a one-line ``ConfigError`` naming the file and line.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
 from fedtune.config import ConfigError
 from fedtune.data.sources import LabelledData, build_text_data
 
+ENCODING = "utf-8-sig"  # UTF-8, with or without a byte order mark
+MAX_FIELD_CHARS = 2**27  # one CSV field (a whole document); csv's default stops at 131,072
+
 
 def _label(value: object, label_names: tuple[str, ...], where: str) -> str:
+    if value is None or isinstance(value, (bool, dict, list)):
+        raise ConfigError(f"{where}: label {value!r} is not allowed: must be one of "
+                          + ", ".join(repr(n) for n in label_names) + " or their index")
     text = str(value).strip()
     if text in label_names:
         return text
-    if text.isdigit() and int(text) < len(label_names):
+    if text.isascii() and text.isdigit() and int(text) < len(label_names):
         return label_names[int(text)]
     raise ConfigError(f"{where}: label {text!r} is not allowed: must be one of "
                       + ", ".join(repr(n) for n in label_names) + " or their index")
+
+
+def _text(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: text {value!r} is not allowed: must be a string")
+    return value
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 file (a leading byte order mark dropped); a line that
+    is not UTF-8 is a ConfigError naming it."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode(ENCODING if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{path}:{number}: not UTF-8 text (byte "
+                                  f"{err.object[err.start]:#04x})") from None
+            yield number, line
 
 
 def _rows(path: Path, text_column: str, label_column: str) -> list[tuple[object, object, str]]:
     """(text, label, where) per record."""
     rows = []
     if path.suffix.lower() in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{where} is not valid JSON: {err.msg}") from None
-                if not isinstance(record, dict) or text_column not in record \
-                        or label_column not in record:
-                    raise ConfigError(f"{where}: each line must be an object with "
-                                      f"{text_column!r} and {label_column!r}")
-                rows.append((record[text_column], record[label_column], where))
+        for number, line in _lines(path):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{where} is not valid JSON: {err.msg}") from None
+            if not isinstance(record, dict) or text_column not in record \
+                    or label_column not in record:
+                raise ConfigError(f"{where}: each line must be an object with "
+                                  f"{text_column!r} and {label_column!r}")
+            rows.append((_text(record[text_column], where), record[label_column], where))
         return rows
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
+    csv.field_size_limit(MAX_FIELD_CHARS)
+    reader = csv.DictReader(line for _, line in _lines(path))
+    try:
         missing = {text_column, label_column} - set(reader.fieldnames or [])
         if missing:
             raise ConfigError(f"{path}: the header lacks {sorted(missing)} (data.text_column, "
                               "data.label_column)")
-        for number, record in enumerate(reader, start=2):
-            rows.append((record[text_column], record[label_column], f"{path}:{number}"))
+        for record in reader:
+            where = f"{path}:{reader.line_num}"
+            if record[text_column] is None or record[label_column] is None:
+                raise ConfigError(f"{where}: the row has fewer fields than the header")
+            rows.append((record[text_column], record[label_column], where))
+    except csv.Error as err:
+        raise ConfigError(f"{path}:{reader.line_num}: not a valid CSV row ({err})") from None
     return rows
 
 

@@ -7,7 +7,14 @@ Creates, with the ``cryptography`` package:
   given host names and IP addresses (Subject Alternative Names);
 - ``supernode-<i>`` / ``supernode-<i>.pub``: one EC P-384 key pair per SuperNode in OpenSSH
   format, the format ``flower-supernode --auth-supernode-private-key`` and
-  ``flwr supernode register`` read.
+  ``flwr supernode register`` read;
+- ``publisher`` / ``publisher.pub`` and ``trusted-entities.yaml``: the federation's Ed25519
+  publisher key, which signs the app every party runs (``fedtune publish``), and the file
+  that makes SuperNodes (``--trusted-entities``) and ``fedtune superexec`` trust only it;
+- ``superexec.secret``: the shared secret of the SuperLink and its SuperExec
+  (``--superexec-auth-secret-file``), so that only they take the server's tasks.
+
+Every private file is created readable by its owner alone (0600).
 
 For trying things out; in production use your organisation's PKI.
 """
@@ -16,6 +23,8 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +32,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedtune.deploy.signing import make_publisher_key, trusted_entities_yaml
 
 VALID_DAYS = 365
 
@@ -35,6 +46,10 @@ class Credentials:
     server_cert: Path
     server_key: Path
     supernode_keys: tuple[tuple[Path, Path], ...]  # (private, public) per SuperNode
+    publisher_key: Path
+    publisher_pub: Path
+    trusted_entities: Path
+    superexec_secret: Path
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -43,9 +58,12 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
+    """A new file; a private key is created 0600, so it is never readable by others, not
+    even for a moment (and an existing file is never overwritten)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o600 if private else 0o644)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
     return path
 
 
@@ -127,4 +145,12 @@ def write_credentials(folder: Path, hosts: list[str], num_supernodes: int) -> Cr
         private, public = make_supernode_key()
         keys.append((_write(folder / f"supernode-{index}", private, private=True),
                      _write(folder / f"supernode-{index}.pub", public)))
-    return Credentials(ca_path, server_cert_path, server_key_path, tuple(keys))
+    publisher_private, publisher_public = make_publisher_key()
+    return Credentials(
+        ca_path, server_cert_path, server_key_path, tuple(keys),
+        publisher_key=_write(folder / "publisher", publisher_private, private=True),
+        publisher_pub=_write(folder / "publisher.pub", publisher_public),
+        trusted_entities=_write(folder / "trusted-entities.yaml",
+                                trusted_entities_yaml(publisher_public).encode("ascii")),
+        superexec_secret=_write(folder / "superexec.secret", secrets.token_hex(32).encode(),
+                                private=True))

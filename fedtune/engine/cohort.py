@@ -25,6 +25,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, MessageType, RecordDict
@@ -32,7 +33,7 @@ from flwr.app import Array, MessageType, RecordDict
 from fedtune import protocol
 from fedtune.client.app import TrainedClient, evaluate_client, train_client
 from fedtune.server.grid import ClientReport, CohortResult, CohortSpec
-from fedtune.server.screening import check_metric_values, check_update_arrays
+from fedtune.server.screening import check_claims, check_metric_values, check_update_arrays
 from fedtune.task import TaskResources
 
 BLOCKS_PER_ROUND = 64  # a round's cohort is cut into at most this many blocks
@@ -122,28 +123,50 @@ def _error_line(error: BaseException) -> str:
 
 
 def _screen_update(trained: TrainedClient, received: dict[str, dict[str, np.ndarray]],
-                   content: DecodedContent, spec: CohortSpec) -> tuple[str, str]:
-    """(status, reason) of a trained client's reply: ok, declined or rejected."""
+                   content: DecodedContent, spec: CohortSpec, client_id: int) -> tuple[str, str]:
+    """(status, reason) of a trained client's reply, by the run's exact reply schemas
+    (``fedtune.server.screening``): ok, declined or rejected."""
+    limits = spec.limits
     if trained.arrays is None:
-        if spec.accept_declines and trained.status:
-            return "declined", trained.status
-        return "rejected", "no arrays in the reply"
+        if limits.decline is None:
+            return "rejected", ("no update (no ArrayRecord), and the privacy mode lets no "
+                                "client decline")
+        problem = (check_metric_values(trained.metrics, limits.decline)
+                   or check_claims(trained.metrics, limits, client_id, limits.train_sizes, 0))
+        if not problem and not trained.status:
+            problem = f"record {protocol.STATUS!r} gives no {protocol.REASON!r}"
+        return ("rejected", problem) if problem else ("declined", trained.status)
+    schema = limits.train
+    if received.keys() != schema.arrays.keys():
+        return "rejected", (f"array records {sorted(received)} instead of "
+                            f"{sorted(schema.arrays)}")
     for record_name, arrays in received.items():
-        answered = spec.answers.get(record_name, record_name)
+        answered = schema.arrays[record_name]
         if answered not in content.arrays:
             return "rejected", f"array record {answered!r} was not sent"
         problem = check_update_arrays(content.arrays[answered], arrays, record_name)
         if problem:
             return "rejected", problem
-    problem = check_metric_values(trained.metrics, spec.max_examples, need_examples=True)
+    problem = (check_metric_values(trained.metrics, schema)
+               or check_claims(trained.metrics, limits, client_id, limits.train_sizes, 1))
     return ("rejected", problem) if problem else ("ok", "")
 
 
+def _screen_evaluation(metrics: Mapping[str, Any], spec: CohortSpec, client_id: int) -> str | None:
+    limits = spec.limits
+    return (check_metric_values(metrics, limits.evaluate)
+            or check_claims(metrics, limits, client_id, limits.test_sizes, 0))
+
+
 def run_block(resources: TaskResources, content: DecodedContent, task: BlockTask,
-              train: TrainFunction = train_client) -> BlockResult:
+              train: TrainFunction = train_client,
+              client_limit_s: float = math.inf) -> BlockResult:
     """Train or evaluate every client of ``task`` on the resident model; see the module doc.
 
-    ``train`` is ``fedtune.client.app.train_client`` (tests wrap it to inject faults)."""
+    ``train`` is ``fedtune.client.app.train_client`` (tests wrap it to inject faults). A client
+    that trains for longer than ``client_limit_s`` is reported ``timeout`` and its update is
+    dropped (the in-process engine runs clients one after another and bounds each one's own
+    time, as if they ran side by side)."""
     started = time.perf_counter()
     result = BlockResult(task.index, [])
     global_arrays = content.arrays[protocol.ARRAYS]
@@ -156,14 +179,21 @@ def run_block(resources: TaskResources, content: DecodedContent, task: BlockTask
         try:
             if task.message_type == MessageType.EVALUATE:
                 report.metrics = evaluate_client(resources, client.client_id, global_arrays)
-                problem = check_metric_values(report.metrics, spec.max_examples, False)
+                problem = _screen_evaluation(report.metrics, spec, client.client_id)
                 if problem:
                     report.status, report.reason = "rejected", problem
                 continue
+            client_started = time.perf_counter()
             trained = train(resources, client.client_id, content.server_round, content.records,
                             global_arrays, state)
         except Exception as error:  # noqa: BLE001 - a client's failure is its outcome
             report.status, report.reason = "failed", _error_line(error)
+            continue
+        took = time.perf_counter() - client_started
+        if took > client_limit_s:
+            report.status = "timeout"
+            report.reason = (f"no reply within strategy.round_timeout_s = {client_limit_s:g}s "
+                             f"(the client took {took:.1f}s)")
             continue
         if len(state) > 0:
             result.states[client.node_id] = state
@@ -173,7 +203,8 @@ def run_block(resources: TaskResources, content: DecodedContent, task: BlockTask
                         **{name: protocol.to_numpy(r) for name, r in trained.records.items()}}
             report.bytes_up = count_bytes(received)
         report.metrics = trained.metrics
-        report.status, report.reason = _screen_update(trained, received, content, spec)
+        report.status, report.reason = _screen_update(trained, received, content, spec,
+                                                      client.client_id)
         if report.status != "ok":
             continue
         if spec.weighted_mean:

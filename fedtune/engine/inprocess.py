@@ -4,10 +4,17 @@ For debugging (breakpoints work in client code) and for fast tests. Each virtual
 its own Flower ``Context`` (node config with its ``partition-id``, persistent ``state``) for the
 whole run, as in Flower's runtimes. Messages are processed one at a time when replies are
 pulled, so a caller polling ``pull_messages`` sees clients finish one by one.
+
+The clients run one after another, so a round's wall time is the sum of theirs; the round
+timeout is therefore applied to each client's own time, as if they ran side by side (a
+client slower than ``client_timeout_s`` gets the timeout error reply a SuperLink sends for
+an expired message), and the server does not count the others' time against a client
+(``runs_clients_in_turn``).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import traceback
@@ -25,7 +32,6 @@ from fedtune.client.app import train_client
 from fedtune.config import Config, to_run_config
 from fedtune.engine.cohort import (
     BlockClient,
-    BlockResult,
     DecodedContent,
     TrainFunction,
     add_blocks,
@@ -37,7 +43,7 @@ from fedtune.results.run_dir import RunDirectory
 from fedtune.server.app import run_federated
 from fedtune.server.checkpoint import state_from_bytes, state_to_bytes
 from fedtune.server.exchange import RunStopped
-from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec
+from fedtune.server.grid import CohortGrid, CohortResult, CohortSpec
 from fedtune.server.reporting import Reporter
 from fedtune.task import limit_threads, run_config_resources
 
@@ -80,20 +86,34 @@ def error_reply(message: Message, error: BaseException) -> Message:
                    reply_to=message)
 
 
+def timeout_reply(message: Message, limit_s: float, took_s: float) -> Message:
+    """The reply a SuperLink sends for a message whose reply did not come in time."""
+    return Message(Error(code=ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                         reason=f"no reply within strategy.round_timeout_s = {limit_s:g}s (the "
+                                f"client took {took_s:.1f}s)"), reply_to=message)
+
+
 class InProcessGrid(CohortGrid):
     """A Grid whose nodes are clients run in this process: a round's train and evaluate phases
     through the cohort path (``fedtune.engine.cohort``, the same blocks as the Ray engine, so
     the same bits), other messages - and every message when ``client_app`` is not fedtune's
     own, or clients read their own files - through the ClientApp."""
 
+    runs_clients_in_turn = True  # exchange: each client's own time is bounded here
+
+    runs_clients_in_turn = True  # exchange: each client's own time is bounded here
+
     def __init__(self, client_app: ClientApp, run_config: Mapping[str, bool | int | float | str],
                  num_clients: int, run_id: int = 1,
                  node_configs: Sequence[Mapping[str, bool | int | float | str]] = (),
-                 train: TrainFunction = train_client) -> None:
-        """``train``: what trains a client in the cohort path (tests wrap it)."""
+                 train: TrainFunction = train_client,
+                 client_timeout_s: float = math.inf) -> None:
+        """``train``: what trains a client in the cohort path (tests wrap it);
+        ``client_timeout_s``: the most one client may take."""
         self._client_app = client_app
         self._run_config = dict(run_config)
         self._train = train
+        self._client_timeout_s = client_timeout_s
         self.runs_cohorts = client_app is fedtune_client_app and not any(
             DATA_PATH in extra for extra in node_configs)
         self._run = Run.create_empty(run_id)
@@ -119,17 +139,26 @@ class InProcessGrid(CohortGrid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Run the ClientApp for the first queued message asked for; return its reply."""
+        """Run the ClientApp for the first queued message asked for; return its reply (none
+        left to run: nothing). A client over ``client_timeout_s`` gets a timeout reply; a
+        reply that answers another message is passed on with an error reply for this one."""
         for message_id in message_ids:
             message = self._queued.pop(message_id, None)
             if message is None:
                 continue
             context = self.contexts[message.metadata.dst_node_id]
             self._touched.add(message.metadata.dst_node_id)
+            started = time.perf_counter()
             try:
                 reply = self._client_app(message, context)
             except Exception as error:  # noqa: BLE001 - a client's failure is its reply
                 reply = error_reply(message, error)
+            took = time.perf_counter() - started
+            if took > self._client_timeout_s:
+                return [timeout_reply(message, self._client_timeout_s, took)]
+            if reply.metadata.reply_to_message_id != message_id:
+                return [reply, error_reply(message, RuntimeError(
+                    "the ClientApp's reply answered another message"))]
             return [reply]
         return []
 
@@ -140,9 +169,9 @@ class InProcessGrid(CohortGrid):
     def run_cohort(self, messages: list[Message], spec: CohortSpec, timeout_s: float,
                    progress: Callable[[int, int], None] | None = None,
                    stop: threading.Event | None = None) -> CohortResult:
-        """Every block in turn, here; clients that finish after ``timeout_s`` are reported
-        ``timeout`` and their work is dropped (a client cannot be stopped half-way in this
-        process)."""
+        """Every block in turn, here; a client that takes longer than ``timeout_s`` itself is
+        reported ``timeout`` and its work is dropped (the clients run one after another, so
+        each one's own time is bounded, not the cohort's)."""
         resources = run_config_resources(self._run_config)
         content = DecodedContent.of(messages[0].content)
         clients = []
@@ -152,20 +181,13 @@ class InProcessGrid(CohortGrid):
                 raise ValueError(f"no node {node} in this grid")
             clients.append(BlockClient(node, self.node_to_client[node], self.contexts[node].state))
         blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec)
-        deadline = time.monotonic() + timeout_s
         results, done = [], 0
         for block in blocks:
             if stop is not None and stop.is_set():
                 raise RunStopped(f"stopped with {len(clients) - done} clients to go")
-            if time.monotonic() > deadline:
-                result = BlockResult(block.index, [
-                    ClientReport(c.node_id, c.client_id, "timeout",
-                                 "no reply within strategy.round_timeout_s")
-                    for c in block.clients])
-            else:
-                result = run_block(resources, content, block, self._train)
-                self._touched.update(c.node_id for c in block.clients)
-            results.append(result)
+            results.append(run_block(resources, content, block, self._train,
+                                     client_limit_s=timeout_s))
+            self._touched.update(c.node_id for c in block.clients)
             done += len(block.clients)
             if progress is not None:
                 progress(done, len(clients))
@@ -200,5 +222,6 @@ def run_inprocess(config: Config, reporter: Reporter | None = None,
     with the torch threads of one client (``engine.client_cpus``): a small model gains nothing
     from more, and on a busy machine spinning threads slow it down many times over."""
     limit_threads(config.engine.client_cpus)
-    grid = InProcessGrid(fedtune_client_app, to_run_config(config), config.data.num_clients)
+    grid = InProcessGrid(fedtune_client_app, to_run_config(config), config.data.num_clients,
+                         client_timeout_s=config.strategy.round_timeout_s)
     return run_federated(grid, config, reporter, stop)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from fedtune.config import Config
+from fedtune.config import Config, ConfigError
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.reporting import Reporter
 from fedtune.tables.privacy_modes import privacy_mode
@@ -26,5 +26,12 @@ def launch(config: Config, reporter: Reporter | None = None,
 def preflight(config: Config) -> None:
     """The checks that need the data or the accountant (client counts and sizes, the privacy
     plan), so they fail here, before any worker starts."""
+    if config.data.dataset == "files":
+        raise ConfigError(
+            f"data.dataset = 'files' is not allowed with engine.backend = "
+            f"{config.engine.backend!r}: each party's file comes from its own SuperNode "
+            "(node config data-path), so it runs only in a deployment (README: Deploy across "
+            "machines)"
+        )
     task_resources(config)
     privacy_mode(config).plan(config)

@@ -25,10 +25,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
-
-import numpy as np
 
 from fedtune.data.encode import cached_pooled_features, tokenize
 from fedtune.errors import ConfigError

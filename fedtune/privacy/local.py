@@ -24,6 +24,7 @@ from fedtune.privacy.accounting import (
 )
 from fedtune.privacy.dp_sgd import LocalDPSettings, poisson_loader, train_private
 from fedtune.privacy.mode import LocalTraining, PrivacyMode, PrivacyPlan, PrivacyServer
+from fedtune.tables.privacy_modes import check_prv_compositions
 
 if TYPE_CHECKING:
     from flwr.app import MetricRecord, RecordDict
@@ -45,8 +46,6 @@ def local_dp_settings(config: Config) -> LocalDPSettings:
 class LocalServer(PrivacyServer):
     """What the server keeps of the clients' budgets: each client's latest ε (keyed by its id
     as text, so checkpoints can hold it) and the noise multipliers they reported."""
-
-    accepts_declines = True
 
     def __init__(self) -> None:
         self.client_epsilons: dict[str, float] = {}
@@ -89,6 +88,11 @@ class LocalDP(PrivacyMode):
         own."""
         if not client_sizes:
             return
+        if not config.client.local_steps:  # local_epochs passes of ceil(n / batch) batches
+            largest = max(client_sizes)
+            steps = config.client.local_epochs * -(-largest // config.client.batch_size)
+            check_prv_compositions(config, (config.privacy.client_rounds or config.run.rounds)
+                                   * steps, "DP-SGD steps of the largest client")
         smallest = min(client_sizes)
         if config.privacy.delta >= 1 / smallest:
             raise ConfigError(

@@ -52,8 +52,6 @@ class LocalTraining:
 class PrivacyServer:
     """The server's side of a mode during one run; its attributes go into checkpoints."""
 
-    # a client may answer "no update: my privacy budget is spent" (a reply without arrays)
-    accepts_declines = False
     # the mechanism releases a (noised) model every round, even from no sound update
     releases_empty_rounds = False
 

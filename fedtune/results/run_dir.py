@@ -24,6 +24,7 @@ import numpy as np
 
 from fedtune.config import Config, ConfigError, to_toml
 from fedtune.results.env_info import environment
+from fedtune.results.lock import LOCK_NAME
 
 
 @dataclass
@@ -48,6 +49,8 @@ class RoundRow:
     wall_s: float
     federated_eval_loss: float | None = None
     federated_eval_accuracy: float | None = None
+    model_update: str = "applied"  # or "kept: <why the global model stayed as it was>"
+    replies_dropped: int = 0  # replies that answered no message waiting for one
 
 
 @dataclass
@@ -118,7 +121,7 @@ class RunDirectory:
     def create(cls, config: Config, path: str | Path | None = None) -> RunDirectory:
         """A new directory (``path``, or ``<run.output_dir>/<run.name>-<UTC time>``)."""
         target = Path(path) if path else default_run_path(config)
-        if target.exists() and any(target.iterdir()):
+        if target.exists() and any(p.name != LOCK_NAME for p in target.iterdir()):
             raise FileExistsError(f"run directory {target} exists and is not empty")
         target.mkdir(parents=True, exist_ok=True)
         (target / "plots").mkdir(exist_ok=True)

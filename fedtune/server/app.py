@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -21,10 +22,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.config import Config, ConfigError, from_run_config
 from fedtune.models.build import build_model
 from fedtune.models.weights import shared_state
+from fedtune.privacy.mode import PrivacyPlan
 from fedtune.protocol import to_array_record
+from fedtune.results.lock import RunLock
 from fedtune.results.plots import plot_partitions
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.grid import SimulatedGrid
+from fedtune.server.identity import identify_nodes
 from fedtune.server.listeners import (
     AuditWriter,
     FinalArtifacts,
@@ -95,11 +99,28 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     strategy = build_strategy(config, plan)
     privacy = mode.server(config, plan)
     stateful = SimpleNamespace(strategy=strategy, privacy=privacy)  # what checkpoints keep
-    if config.run.resume:
-        run_dir, state, checkpointer = resume_state(config, grid, stateful)
-    else:
-        run_dir, state, checkpointer = new_run(config, resources, grid, stateful)
-    run = FederatedRun(config, grid, resources, strategy, privacy, state, reporter.phase, stop)
+    # one writer per run directory, from before anything in it is read or written
+    lock = RunLock(Path(config.run.dir)).acquire() if config.run.dir else None
+    try:
+        if config.run.resume:
+            run_dir, state, checkpointer = resume_state(config, grid, stateful)
+        else:
+            run_dir, state, checkpointer = new_run(config, resources, grid, stateful)
+        lock = lock or RunLock(run_dir.path).acquire()
+        grid, identities = identify_nodes(grid, config.engine.node_ids,
+                                          config.data.num_clients, state.node_to_client)
+        run = FederatedRun(config, grid, resources, strategy, privacy, state, reporter.phase,
+                           stop, identities=identities)
+        play_all_rounds(run, run_dir, plan, reporter, checkpointer)
+    finally:
+        if lock is not None:
+            lock.release()
+    return run_dir
+
+
+def play_all_rounds(run: FederatedRun, run_dir: RunDirectory, plan: PrivacyPlan,
+                    reporter: Reporter, checkpointer: Checkpointer) -> None:
+    """Wait for the clients, play the rounds with the standard listeners, finish the run."""
     artifacts = FinalArtifacts(run_dir, plan)
     listeners: list[RunListener] = [
         NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir), artifacts,
@@ -107,14 +128,13 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     ]
     for listener in listeners:
         listener.run_started(run)
-    wait_for_nodes(grid, config.data.num_clients, config.engine.node_wait_s)
+    wait_for_nodes(run.grid, run.config.data.num_clients, run.config.engine.node_wait_s)
     run.started = time.perf_counter()
     final = run_rounds(run, listeners)
     if final is None:  # resumed after the last round: evaluate what the checkpoint holds
-        final = evaluate_global(resources, state.arrays)
+        final = evaluate_global(run.resources, run.state.arrays)
     for listener in listeners:
         listener.run_ended(run, final)
-    return run_dir
 
 
 def make_server_app(reporter: Reporter | None = None,

@@ -7,6 +7,14 @@ DP accountant ...), the random number generators, every simulated client's Flowe
 ``<run dir>/checkpoint/`` as safetensors (arrays) plus ``state.json`` (everything else):
 nothing is pickled, so reading one runs no code.
 
+``manifest.json`` holds the SHA-256 of every other file of the checkpoint and of the run's
+config (``config_digest``: the keys a resume may not change), so a file that was edited,
+truncated or lost after it was written, or a config.toml edited since, is refused with a
+one-line ``CheckpointError`` naming it. Checksums catch edits and corruption; they are no
+signature (whoever may write the run directory may also rewrite the manifest). Every file and
+the directory are fsync'ed before the checkpoint replaces the previous one, so after a power
+cut the checkpoint on disk is whole.
+
 Flower leaves checkpointing to the user (flwr issues #599, #357); the strategies keep their state
 in plain attributes, so ``capture_attributes`` walks them generically instead of needing every
 strategy to implement a protocol. A type it does not know is an error, never silently dropped.
@@ -14,7 +22,9 @@ strategy to implement a protocol. A type it does not know is an error, never sil
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import shutil
 from collections.abc import Mapping
@@ -28,13 +38,21 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from fedtune.errors import ConfigError
+
 CHECKPOINT_DIR = "checkpoint"
+MANIFEST = "manifest.json"
+STATE = "state.json"
 _PARTIAL = ".partial"
 _PREVIOUS = ".previous"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: with manifest.json
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be trusted or read (one line, naming the file)."""
 
 
 # --- generic state of an object (a strategy and what it holds) --------------------------------
@@ -186,8 +204,28 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
         return {key: handle.get_tensor(key) for key in order}
 
 
-def write_checkpoint(run_path: Path, checkpoint: Checkpoint) -> Path:
-    """Write atomically: a kill at any moment leaves the previous or the new checkpoint whole."""
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checkpoint(run_path: Path, checkpoint: Checkpoint, config_digest: str = "") -> Path:
+    """Write atomically and durably: each file and the manifest are fsync'ed, then the
+    directory, before it replaces the previous checkpoint, so a kill or a power cut at any
+    moment leaves the previous or the new checkpoint whole. ``config_digest``: the run
+    config's ``config_digest``, recorded in the manifest."""
     target = run_path / CHECKPOINT_DIR
     partial = run_path / (CHECKPOINT_DIR + _PARTIAL)
     previous = run_path / (CHECKPOINT_DIR + _PREVIOUS)
@@ -202,7 +240,7 @@ def write_checkpoint(run_path: Path, checkpoint: Checkpoint) -> Path:
     if states is not None:
         _save_arrays({str(client): np.frombuffer(data, dtype=np.uint8)
                       for client, data in states.items() if data}, partial / "clients.safetensors")
-    (partial / "state.json").write_text(json.dumps({
+    (partial / STATE).write_text(json.dumps({
         "format": FORMAT_VERSION,
         "round": checkpoint.server_round,
         "strategy": strategy_description,
@@ -210,10 +248,19 @@ def write_checkpoint(run_path: Path, checkpoint: Checkpoint) -> Path:
         "client_states": states is not None,
         "counters": checkpoint.counters,
     }, indent=1), encoding="utf-8")
+    files = sorted(partial.iterdir())
+    for file in files:
+        _fsync(file)
+    (partial / MANIFEST).write_text(json.dumps({
+        "format": FORMAT_VERSION, "config": config_digest,
+        "files": {file.name: sha256_of(file) for file in files}}, indent=1), encoding="utf-8")
+    _fsync(partial / MANIFEST)
+    _fsync(partial)
     if target.exists():
         shutil.rmtree(previous, ignore_errors=True)
         target.rename(previous)
     partial.rename(target)
+    _fsync(run_path)
     shutil.rmtree(previous, ignore_errors=True)
     return target
 
@@ -221,9 +268,43 @@ def write_checkpoint(run_path: Path, checkpoint: Checkpoint) -> Path:
 def find_checkpoint(run_path: Path) -> Path | None:
     """The complete checkpoint directory of a run (the previous one if a kill hit a swap)."""
     for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + _PREVIOUS):
-        if (run_path / name / "state.json").is_file():
+        if (run_path / name / STATE).is_file():
             return run_path / name
     return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint file {path} cannot be read: {error}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"checkpoint file {path} does not hold a JSON object")
+    return value
+
+
+def verify_checkpoint(directory: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint whose every file matches it; CheckpointError naming the
+    first that does not (or is missing)."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint file {manifest_path} is missing: the checkpoint "
+                              "cannot be verified (made by a fedtune without manifests, or "
+                              "damaged)")
+    manifest = _read_json(manifest_path)
+    files = manifest.get("files")
+    if manifest.get("format") != FORMAT_VERSION or not isinstance(files, dict) \
+            or STATE not in files:
+        raise CheckpointError(f"checkpoint file {manifest_path} is not a format "
+                              f"{FORMAT_VERSION} manifest")
+    for name, digest in files.items():
+        path = directory / str(name)
+        if Path(str(name)).name != name or not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing")
+        if sha256_of(path) != digest:
+            raise CheckpointError(f"checkpoint file {path} does not match {MANIFEST}: it was "
+                                  "changed or damaged after the checkpoint was written")
+    return manifest
 
 
 def checkpoint_round(run_path: Path) -> int | None:
@@ -231,27 +312,38 @@ def checkpoint_round(run_path: Path) -> int | None:
     directory = find_checkpoint(run_path)
     if directory is None:
         return None
-    return int(json.loads((directory / "state.json").read_text(encoding="utf-8"))["round"])
+    round_ = _read_json(directory / STATE).get("round")
+    if not isinstance(round_, int):
+        raise CheckpointError(f"checkpoint file {directory / STATE} has no round number")
+    return round_
 
 
 def read_checkpoint(run_path: Path) -> Checkpoint:
+    """The verified checkpoint of a run; CheckpointError (one line, naming the file) for one
+    that is missing, does not match its manifest, or cannot be read."""
     directory = find_checkpoint(run_path)
     if directory is None:
-        raise FileNotFoundError(f"{run_path} has no checkpoint (set run.checkpoint_every, or "
-                                "stop a run with Ctrl-C, to write one)")
-    meta = json.loads((directory / "state.json").read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{directory}: checkpoint format {meta.get('format')!r}, this fedtune "
-                         f"reads format {FORMAT_VERSION}")
-    states = None
-    if meta["client_states"]:
-        states = {int(client): data.tobytes()
-                  for client, data in _load_arrays(directory / "clients.safetensors").items()}
-    return Checkpoint(
-        server_round=int(meta["round"]),
-        global_arrays=_load_arrays(directory / "global.safetensors"),
-        strategy=(meta["strategy"], _load_arrays(directory / "strategy.safetensors")),
-        rng=(meta["rng"], _load_arrays(directory / "rng.safetensors")),
-        client_states=states,
-        counters=meta["counters"],
-    )
+        raise CheckpointError(f"{run_path} has no checkpoint (set run.checkpoint_every, or "
+                              "stop a run with Ctrl-C, to write one)")
+    verify_checkpoint(directory)
+    meta = _read_json(directory / STATE)
+    current = STATE
+    try:
+        states = None
+        if meta["client_states"]:
+            current = "clients.safetensors"
+            states = {int(client): data.tobytes()
+                      for client, data in _load_arrays(directory / current).items()}
+        current = "global.safetensors"
+        global_arrays = _load_arrays(directory / current)
+        current = "strategy.safetensors"
+        strategy = (meta["strategy"], _load_arrays(directory / current))
+        current = "rng.safetensors"
+        rng = (meta["rng"], _load_arrays(directory / current))
+        current = STATE
+        return Checkpoint(server_round=int(meta["round"]), global_arrays=global_arrays,
+                          strategy=strategy, rng=rng, client_states=states,
+                          counters=dict(meta["counters"]))
+    except (KeyError, TypeError, ValueError, OSError, SafetensorError) as error:
+        raise CheckpointError(f"checkpoint file {directory / current} cannot be read "
+                              f"({type(error).__name__}: {error})") from None

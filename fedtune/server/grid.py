@@ -21,12 +21,15 @@ import threading
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+if TYPE_CHECKING:  # screening builds on the grid's node map (server.identity)
+    from fedtune.server.screening import ReplyLimits
 
 
 class SimulatedGrid(Grid):
@@ -90,9 +93,7 @@ class CohortSpec:
     """How a cohort's replies are screened and reduced."""
 
     weighted_mean: bool  # sum the accepted updates, weighted by num-examples; else keep each
-    answers: Mapping[str, str] = field(default_factory=dict)  # reply record -> sent record
-    max_examples: int = 10**9  # what a reply may claim
-    accept_declines: bool = False  # a client may send no update because its budget is spent
+    limits: ReplyLimits  # the run's exact reply schemas and its clients' sizes
 
 
 class CohortGrid(SimulatedGrid):

@@ -1,7 +1,8 @@
 """The listeners every run has (``fedtune.server.loop``), in the order the loop calls them.
 
 1. ``NoUpdateStop``: fails the run after ``run.max_rounds_without_update`` rounds in a row
-   without enough sound updates (before that round is recorded).
+   without an update of the global model (too few sound updates, or an aggregate the guard
+   refused), before that round is recorded.
 2. ``PrivacyStop``: the privacy mode's budget - a round that would pass the target ε does not
    run; a round in which every sampled client had spent its budget is the last.
 3. ``RoundWriter``: one metrics.csv row and the clients.csv rows of each round, and what the
@@ -29,7 +30,7 @@ from fedtune.privacy.mode import PrivacyPlan
 from fedtune.results.plots import plot_accuracy_loss, plot_epsilon
 from fedtune.results.run_dir import RunDirectory
 from fedtune.results.summary import build_summary
-from fedtune.server.loop import RunListener
+from fedtune.server.loop import RunFailed, RunListener
 from fedtune.server.reporting import Reporter
 from fedtune.server.round import FederatedRun, RoundOutcome
 from fedtune.tables.privacy_modes import PRIVACY_MODES
@@ -44,10 +45,11 @@ class NoUpdateStop(RunListener):
     def round_ended(self, run: FederatedRun, outcome: RoundOutcome) -> None:
         state = run.state
         if state.rounds_without_update >= run.config.run.max_rounds_without_update:
-            reasons = "; ".join(sorted({r.reason for r in outcome.clients if r.reason}))[:1000]
-            raise RuntimeError(
+            reasons = "; ".join([outcome.row.model_update, *sorted(
+                {r.reason for r in outcome.clients if r.reason})])[:1000]
+            raise RunFailed(
                 f"round {state.server_round}: {state.rounds_without_update} rounds in a row "
-                f"without enough sound client updates (run.max_rounds_without_update); last "
+                f"without an update of the global model (run.max_rounds_without_update); last "
                 f"reasons: {reasons}")
 
 

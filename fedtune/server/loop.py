@@ -17,6 +17,11 @@ from fedtune.server.round import FederatedRun, RoundOutcome, play_round
 from fedtune.train import EvalResult
 
 
+class RunFailed(RuntimeError):
+    """A listener ended the run because it cannot usefully go on (its message says why); the
+    finished rounds and the checkpoint of the last one stay on disk."""
+
+
 class RunListener:
     """A side concern of a run; every hook does nothing unless overridden."""
 

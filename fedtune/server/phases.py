@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
@@ -30,9 +30,12 @@ from fedtune import protocol
 from fedtune.results.run_dir import ClientRow
 from fedtune.server.exchange import Exchange, exchange
 from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec
+from fedtune.server.guard import bound_updates
+from fedtune.server.identity import Identities
 from fedtune.server.screening import (
+    ReplyLimits,
     ScreenedReplies,
-    check_evaluate_reply,
+    screen_evaluate_replies,
     screen_train_replies,
 )
 
@@ -50,6 +53,7 @@ class TrainPhase:
     replies: list[Message]  # what the strategy aggregates
     bytes_up: int
     bytes_down: int
+    dropped: int = 0  # replies that answered no waiting message (stale, duplicate, forged)
 
 
 @dataclass
@@ -59,6 +63,27 @@ class EvaluatePhase:
     metrics: list[dict[str, Any]]
     bytes_up: int
     bytes_down: int
+    dropped: int = 0
+
+
+@dataclass(frozen=True)
+class UpdateBounds:
+    """The model guard's rules for one round (``fedtune.server.guard``): 0 turns one off."""
+
+    global_arrays: ArrayRecord  # the model the clients trained from
+    max_norm: float = 0.0  # strategy.max_update_norm: clip each update to this L2 norm
+    z_limit: float = 0.0  # strategy.update_norm_z: reject updates this many robust sds out
+
+    @property
+    def active(self) -> bool:
+        return bool(self.max_norm or self.z_limit)
+
+    def apply(self, replies: list[Message]) -> tuple[list[Message], list[tuple[Message, str]]]:
+        """(kept replies, clipped where too long; outliers with their reason)."""
+        if not self.active or not replies:
+            return replies, []
+        return bound_updates(protocol.to_numpy(self.global_arrays), replies, self.max_norm,
+                             self.z_limit)
 
 
 def uses_cohorts(grid: Grid, messages: Sequence[Message]) -> bool:
@@ -83,40 +108,49 @@ def sent_bytes(messages: Sequence[Message]) -> int:
 # --- train -----------------------------------------------------------------------------------
 
 def train_phase(grid: Grid, messages: list[Message], spec: CohortSpec, server_round: int,
-                node_to_client: dict[int, int], timeout_s: float, progress: Progress,
-                stop: threading.Event | None) -> TrainPhase:
-    """Send the train ``messages`` and collect what the round needs from their replies."""
+                identities: Identities, bounds: UpdateBounds, timeout_s: float,
+                progress: Progress, stop: threading.Event | None) -> TrainPhase:
+    """Send the train ``messages`` and collect what the round needs from their replies:
+    screened, then bounded (``bounds``; a cohort is then not summed where it ran, since the
+    guard needs each update)."""
     if uses_cohorts(grid, messages):
         cohort = grid.run_cohort(messages, spec, timeout_s, progress, stop)
-        return _train_from_cohort(cohort, messages, spec, server_round, node_to_client)
+        return _train_from_cohort(cohort, messages, spec, server_round, bounds)
     train = exchange(grid, messages, timeout_s, progress, stop)
-    screened = screen_train_replies(train, spec.max_examples, spec.answers,
-                                    spec.accept_declines)
+    screened = screen_train_replies(train, spec.limits, identities)
+    screened.accepted, outliers = bounds.apply(screened.accepted)
+    screened.rejected.extend(outliers)
     accepted = by_client(screened.accepted)
     return TrainPhase(
-        sent=len(train.sent), rows=client_rows(server_round, train, screened, node_to_client),
+        sent=len(train.sent), rows=client_rows(server_round, train, screened, identities),
         accepted=[dict(protocol.first_metric_record(r)) for r in accepted],
         declined=len(screened.declined), replies=accepted, bytes_up=train.bytes_up,
-        bytes_down=train.bytes_down)
+        bytes_down=train.bytes_down, dropped=train.dropped)
 
 
 def _train_from_cohort(cohort: CohortResult, messages: list[Message], spec: CohortSpec,
-                       server_round: int, node_to_client: dict[int, int]) -> TrainPhase:
+                       server_round: int, bounds: UpdateBounds) -> TrainPhase:
     sent_to = {m.metadata.dst_node_id: m for m in messages}
-    rows, accepted_reports = [], []
-    for report in cohort.reports:
-        node_to_client[report.node_id] = report.client_id
-        rows.append(_report_row(server_round, report))
-        if report.status == "ok":
-            accepted_reports.append(report)
+    accepted_reports = [r for r in cohort.reports if r.status == "ok"]
+    replies: list[Message] = []
     if spec.weighted_mean:
-        replies = ([mean_reply(cohort, accepted_reports, messages[0])]
-                   if accepted_reports else [])
+        if accepted_reports:
+            replies = [mean_reply(cohort, accepted_reports, messages[0])]
     else:
-        replies = [_update_reply(cohort.updates[r.node_id], r.metrics, sent_to[r.node_id])
-                   for r in accepted_reports]
+        by_reply = {}
+        for report in accepted_reports:
+            reply = _update_reply(cohort.updates[report.node_id], report.metrics,
+                                  sent_to[report.node_id])
+            by_reply[id(reply)] = report
+            replies.append(reply)
+        replies, outliers = bounds.apply(replies)
+        for reply, reason in outliers:
+            report = by_reply[id(reply)]
+            report.status, report.reason = "rejected", reason
+        accepted_reports = [by_reply[id(reply)] for reply in replies]
     return TrainPhase(
-        sent=len(messages), rows=rows, accepted=[r.metrics for r in accepted_reports],
+        sent=len(messages), rows=[_report_row(server_round, r) for r in cohort.reports],
+        accepted=[r.metrics for r in accepted_reports],
         declined=sum(r.status == "declined" for r in cohort.reports), replies=replies,
         bytes_up=sum(r.bytes_up for r in cohort.reports), bytes_down=sent_bytes(messages))
 
@@ -183,19 +217,19 @@ def _update_reply(records: Mapping[str, Mapping[str, np.ndarray]], metrics: Mapp
 
 # --- evaluate --------------------------------------------------------------------------------
 
-def evaluate_phase(grid: Grid, messages: list[Message], max_examples: int, timeout_s: float,
-                   progress: Progress, stop: threading.Event | None) -> EvaluatePhase:
+def evaluate_phase(grid: Grid, messages: list[Message], limits: ReplyLimits,
+                   identities: Identities, timeout_s: float, progress: Progress,
+                   stop: threading.Event | None) -> EvaluatePhase:
     """Send the evaluate ``messages``; the sound replies' metrics."""
     if uses_cohorts(grid, messages):
-        cohort = grid.run_cohort(messages, CohortSpec(weighted_mean=False,
-                                                      max_examples=max_examples),
+        cohort = grid.run_cohort(messages, CohortSpec(weighted_mean=False, limits=limits),
                                  timeout_s, progress, stop)
         return EvaluatePhase([r.metrics for r in cohort.reports if r.status == "ok"], 0,
                              sent_bytes(messages))
     federated = exchange(grid, messages, timeout_s, progress, stop)
-    sound = [dict(protocol.first_metric_record(r)) for r in federated.ok
-             if check_evaluate_reply(r, max_examples) is None]
-    return EvaluatePhase(sound, federated.bytes_up, federated.bytes_down)
+    sound = [dict(protocol.first_metric_record(r))
+             for r in screen_evaluate_replies(federated, limits, identities)]
+    return EvaluatePhase(sound, federated.bytes_up, federated.bytes_down, federated.dropped)
 
 
 # --- replies as rows -------------------------------------------------------------------------
@@ -215,9 +249,8 @@ def _last_line(text: str) -> str:
 
 
 def _reply_row(server_round: int, reply: Message, status: str, reason: str,
-               node_to_client: dict[int, int]) -> ClientRow:
-    client_id = int(protocol.metric(reply, protocol.PARTITION_ID))
-    node_to_client[reply.metadata.src_node_id] = client_id
+               client_id: int | None) -> ClientRow:
+    """The row of a screened reply (its metrics hold what the schema says)."""
     epsilon = protocol.metric(reply, protocol.EPSILON)
     loss = protocol.metric(reply, protocol.TRAIN_LOSS)
     return ClientRow(server_round, client_id,
@@ -228,24 +261,27 @@ def _reply_row(server_round: int, reply: Message, status: str, reason: str,
 
 
 def client_rows(server_round: int, train: Exchange, screened: ScreenedReplies,
-                node_to_client: dict[int, int]) -> list[ClientRow]:
-    """One row per sampled client: ok, rejected (bad reply, or no update because its privacy
-    budget is spent), failed (error reply) or timeout (no reply)."""
-    rows = [_reply_row(server_round, reply, "ok", "", node_to_client)
+                identities: Identities) -> list[ClientRow]:
+    """One row per sampled client, its id the server's for the node (never the reply's): ok,
+    rejected (bad reply, or no update because its privacy budget is spent), failed (error
+    reply) or timeout (no reply)."""
+    def client(reply: Message) -> int | None:
+        return identities.client_of(train.node(reply))
+
+    rows = [_reply_row(server_round, reply, "ok", "", client(reply))
             for reply in screened.accepted]
-    rows += [_reply_row(server_round, reply, "rejected", reason, node_to_client)
+    rows += [_reply_row(server_round, reply, "rejected", reason, client(reply))
              for reply, reason in screened.declined]
     for reply, reason in screened.rejected:
-        rows.append(ClientRow(server_round, node_to_client.get(reply.metadata.src_node_id),
-                              None, None, None, None, "rejected", reason))
+        rows.append(ClientRow(server_round, client(reply), None, None, None, None, "rejected",
+                              reason))
     for reply in train.failed:
-        node = reply.metadata.src_node_id
         reason = _last_line(reply.error.reason)
         # an expired reply (a SuperLink's code; the Ray engine's for engine.client_timeout_s)
         status = "timeout" if reply.error.code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE else "failed"
-        rows.append(ClientRow(server_round, node_to_client.get(node), None, None, None, None,
-                              status, reason))
+        rows.append(ClientRow(server_round, client(reply), None, None, None, None, status,
+                              reason))
     for node in train.timed_out:
-        rows.append(ClientRow(server_round, node_to_client.get(node), None, None, None, None,
+        rows.append(ClientRow(server_round, identities.client_of(node), None, None, None, None,
                               "timeout", "no reply within strategy.round_timeout_s"))
     return sorted(rows, key=lambda r: (r.client_id is None, r.client_id or 0))

@@ -3,17 +3,23 @@
 ``Checkpointer`` is the round loop's listener for checkpoints: after every round it captures the
 state in memory (strategy and privacy attributes, RNGs, the client states that changed), and
 writes it to disk every ``run.checkpoint_every`` rounds and whenever the run ends early
-(Ctrl-C, a failure). ``check_resumable`` checks that a resume continues the same run, and
+(Ctrl-C, a failure). ``check_resumable`` checks that a resume continues the same run - the
+checkpoint matches its manifest, config.toml is the config it was written under, the settings
+agree, and a privacy mode that keeps its accountants in the clients' state finds them - and
 ``resume_state`` puts everything back. The format is in ``fedtune.server.checkpoint``.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import time
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import tomli_w
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -22,22 +28,36 @@ from fedtune.protocol import to_array_record
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.checkpoint import (
     Checkpoint,
+    CheckpointError,
     capture_attributes,
     capture_rng,
-    checkpoint_round,
+    find_checkpoint,
     read_checkpoint,
     restore_attributes,
     restore_rng,
+    verify_checkpoint,
     write_checkpoint,
 )
 from fedtune.server.grid import SimulatedGrid
 from fedtune.server.loop import RunListener
 from fedtune.server.round import FederatedRun, RoundOutcome
 from fedtune.server.state import RoundState
+from fedtune.tables.privacy_modes import PRIVACY_MODES
+from fedtune.tables.runtimes import RUNTIMES
 
 # keys a resume may change: where and how long the run goes on, and on which runtime
 RESUME_MAY_CHANGE = {"run": {"dir", "output_dir", "rounds", "checkpoint_every", "resume"},
                      "engine": None}  # None: every key of the section
+
+
+def config_digest(config: Config) -> str:
+    """SHA-256 of the config without the keys a resume may change: what a checkpoint's
+    manifest records, so that an edited config.toml is noticed."""
+    kept = copy.deepcopy(to_dict(config))
+    for section, keys in RESUME_MAY_CHANGE.items():
+        kept[section] = {} if keys is None else {
+            key: value for key, value in kept[section].items() if key not in keys}
+    return hashlib.sha256(tomli_w.dumps(kept).encode("utf-8")).hexdigest()
 
 
 class Checkpointer(RunListener):
@@ -47,6 +67,7 @@ class Checkpointer(RunListener):
         """``stateful``: an object whose attributes are the server objects to keep (the
         strategy, the privacy mode's server state)."""
         self.run_path = run_path
+        self.config_digest = config_digest(config)
         self.every = config.run.checkpoint_every
         self.backend = config.engine.backend
         self.stateful = stateful
@@ -103,21 +124,29 @@ class Checkpointer(RunListener):
         """Write the latest captured state unless it is on disk already."""
         if self.latest is None or self.latest.server_round == self.written_round:
             return None
-        path = write_checkpoint(self.run_path, self.latest)
+        path = write_checkpoint(self.run_path, self.latest, self.config_digest)
         self.written_round = self.latest.server_round
         return path
 
 
-def check_resumable(config: Config) -> int:
-    """The round the checkpoint in ``run.dir`` was written after; ``config`` must be the
-    checkpointed run's own, up to RESUME_MAY_CHANGE."""
-    server_round = checkpoint_round(Path(config.run.dir))
-    if server_round is None:
+def check_resumable(config: Config) -> Checkpoint:
+    """The checkpoint in ``run.dir``, once it is sure to continue this run: it matches its
+    manifest and holds finite weights, config.toml is the config it was written under,
+    ``config`` is the checkpointed run's own up to RESUME_MAY_CHANGE, and client accountants
+    come back with it."""
+    run_path = Path(config.run.dir)
+    directory = find_checkpoint(run_path)
+    if directory is None:
         raise ConfigError(f"run.dir = {config.run.dir!r} is not allowed with run.resume = true: "
                           "it has no checkpoint (written every run.checkpoint_every rounds and "
                           "on Ctrl-C)")
-    saved = to_dict(load_config(Path(config.run.dir) / "config.toml"))
-    current = to_dict(config)
+    manifest = verify_checkpoint(directory)
+    saved_config = load_config(run_path / "config.toml")
+    if config_digest(saved_config) != manifest.get("config"):
+        raise CheckpointError(f"{run_path / 'config.toml'} does not match the checkpoint's "
+                              f"{directory.name}/manifest.json: the config was edited after the "
+                              "checkpoint was written")
+    saved, current = to_dict(saved_config), to_dict(config)
     for section, values in current.items():
         free = RESUME_MAY_CHANGE.get(section, set())
         for key, value in values.items():
@@ -128,12 +157,39 @@ def check_resumable(config: Config) -> int:
                 f"{saved[section][key]!r} as in {config.run.dir}/config.toml (only run.rounds, "
                 "run.checkpoint_every and engine.* may change)"
             )
-    if config.run.rounds < server_round:
+    checkpoint = read_checkpoint(run_path)
+    _check_client_accountants(config, checkpoint)
+    if config.run.rounds < checkpoint.server_round:
         raise ConfigError(
             f"run.rounds = {config.run.rounds} is not allowed when resuming: must be >= "
-            f"{server_round}, the round the checkpoint was written after"
+            f"{checkpoint.server_round}, the round the checkpoint was written after"
         )
-    return server_round
+    bad = [name for name, value in checkpoint.global_arrays.items()
+           if value.dtype.kind in "fc" and not np.isfinite(value).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint file {directory / 'global.safetensors'} holds "
+                              f"non-finite weights ({', '.join(bad[:3])})")
+    return checkpoint
+
+
+def _check_client_accountants(config: Config, checkpoint: Checkpoint) -> None:
+    """A privacy mode whose ε lives in each client's state cannot go on without those
+    states: every client's ε would restart at 0 and the guarantee would be void."""
+    if not PRIVACY_MODES[config.privacy.mode].client_accountants:
+        return
+    if checkpoint.client_states is None:
+        raise ConfigError(
+            f"privacy.mode = {config.privacy.mode!r} is not allowed to resume this checkpoint: "
+            "it holds no client states (its runtime, engine.backend = 'flower', keeps them "
+            "private), so every client's privacy accountant would restart at ε = 0"
+        )
+    if not RUNTIMES[config.engine.backend].client_states:
+        allowed = ", ".join(repr(name) for name, entry in RUNTIMES.items() if entry.client_states)
+        raise ConfigError(
+            f"engine.backend = {config.engine.backend!r} is not allowed to resume privacy.mode "
+            f"= {config.privacy.mode!r}: it cannot give the clients back their privacy "
+            f"accountants; must be one of {allowed}"
+        )
 
 
 def resume_state(config: Config, grid: Grid, stateful: Any
@@ -141,18 +197,21 @@ def resume_state(config: Config, grid: Grid, stateful: Any
     """The run directory ``run.dir``, the round state its checkpoint saved, and a checkpointer
     that has put back the strategy, privacy state, RNGs and client states."""
     run_dir = RunDirectory.open(config)
-    check_resumable(config)
-    checkpoint = read_checkpoint(run_dir.path)
+    checkpoint = check_resumable(config)
     run_dir.truncate_after(checkpoint.server_round)
     run_dir.write_config(config)  # run.rounds may have grown
     counters = checkpoint.counters
-    state = RoundState(
-        to_array_record(checkpoint.global_arrays), checkpoint.server_round,
-        int(counters["rounds_without_update"]), float(counters["elapsed_s"]),
-        {int(node): client for node, client in counters["node_to_client"].items()},
-        counters["stop_reason"],
-    )
-    checkpointer = Checkpointer(run_dir.path, config, grid, stateful)
-    checkpointer.restore(checkpoint)
+    try:
+        state = RoundState(
+            to_array_record(checkpoint.global_arrays), checkpoint.server_round,
+            int(counters["rounds_without_update"]), float(counters["elapsed_s"]),
+            {int(node): int(client) for node, client in counters["node_to_client"].items()},
+            str(counters["stop_reason"]),
+        )
+        checkpointer = Checkpointer(run_dir.path, config, grid, stateful)
+        checkpointer.restore(checkpoint)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"the checkpoint in {run_dir.path} does not fit this run's "
+                              f"strategy or state ({type(error).__name__}: {error})") from None
     log(INFO, "fedtune: resuming %s after round %d", run_dir.path, checkpoint.server_round)
     return run_dir, state, checkpointer

@@ -1,8 +1,9 @@
 """One federated round, as Flower's strategies shape it: configure -> send -> aggregate.
 
 ``play_round`` asks the strategy for the train messages, exchanges them, screens the replies,
-aggregates the sound ones into the new global model (or keeps the old one when too few are
-sound), lets the privacy mode account for the round, runs federated evaluation on the clients'
+bounds the updates (``fedtune.server.guard``), aggregates the sound ones into the new global
+model (or keeps the old one when too few are sound or the aggregate is not finite), lets the
+privacy mode account for the round, runs federated evaluation on the clients'
 local test splits and evaluates the new global model on the held-out global test set. It
 returns what happened (``RoundOutcome``); writing rows, checkpoints, progress and stop rules
 are the listeners' business (``fedtune.server.listeners``).
@@ -14,11 +15,11 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -28,7 +29,10 @@ from fedtune.models.weights import load_shared_state
 from fedtune.privacy.mode import PrivacyServer
 from fedtune.results.run_dir import ClientRow, RoundRow
 from fedtune.server.grid import CohortSpec
-from fedtune.server.phases import evaluate_phase, train_phase
+from fedtune.server.guard import non_finite_tensors
+from fedtune.server.identity import Identities
+from fedtune.server.phases import TrainPhase, UpdateBounds, evaluate_phase, train_phase
+from fedtune.server.screening import reply_limits
 from fedtune.server.state import RoundState
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import TaskResources
@@ -50,6 +54,7 @@ class FederatedRun:
     progress: Progress
     stop: threading.Event | None = None
     started: float = 0.0  # perf_counter() when this session's rounds began
+    identities: Identities = field(kw_only=True)  # who each node is
 
 
 @dataclass
@@ -104,14 +109,57 @@ def weighted_mean_aggregate(run: FederatedRun) -> bool:
     return entry.weighted_mean and type(run.strategy) is entry.load()
 
 
+
+
+def aggregate_checked(strategy: Strategy, server_round: int, replies: list[Message],
+                      previous: ArrayRecord) -> tuple[ArrayRecord, MetricRecord | None, str]:
+    """The strategy's aggregate of ``replies`` (in client order) in ``previous``'s dtypes, its
+    train metrics, and why the aggregate cannot become the global model ("" = it can)."""
+    try:
+        new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+    except Exception as error:  # noqa: BLE001 - client input fails the round, not the run
+        return previous, None, f"the strategy's aggregation failed ({type(error).__name__}: " \
+                               f"{str(error)[:200]})"
+    if new_arrays is None:
+        return previous, metrics, "the strategy returned no model"
+    new_arrays = same_dtypes(new_arrays, previous)
+    bad = non_finite_tensors(new_arrays)
+    if bad:
+        return previous, metrics, f"the aggregate is not finite (in {', '.join(bad[:3])})"
+    return new_arrays, metrics, ""
+
+
+def update_global_model(run: FederatedRun, server_round: int,
+                        train: TrainPhase) -> tuple[MetricRecord | None, str]:
+    """Aggregate the sound updates into the new global model, or keep the old one: every
+    client declined, too few sound updates, or an aggregate the guard refuses (a round
+    without an update counts towards ``run.max_rounds_without_update``). Returns the
+    strategy's train metrics and metrics.csv's ``model_update``."""
+    config, state, accepted = run.config, run.state, len(train.accepted)
+    if train.sent and train.declined == train.sent:
+        return None, "kept: every sampled client has spent its privacy budget"
+    # DP-FedAvg releases a noised update every round, even from an empty Poisson cohort
+    if not run.privacy.releases_empty_rounds and not (
+            accepted >= min(config.strategy.min_train_clients, train.sent) > 0):
+        state.rounds_without_update += 1
+        return None, f"kept: {accepted} sound updates of {train.sent}"
+    new_arrays, train_metrics, problem = aggregate_checked(run.strategy, server_round,
+                                                           train.replies, state.arrays)
+    if problem:
+        state.rounds_without_update += 1
+        return train_metrics, f"kept: {problem}"
+    state.rounds_without_update = 0
+    state.arrays = new_arrays
+    return train_metrics, "applied"
+
+
 def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
     """Train, aggregate, account and evaluate one round; updates ``run.state`` in place."""
     config, state, strategy, privacy = run.config, run.state, run.strategy, run.privacy
+    identities = run.identities
     round_start = time.perf_counter()
     timeout = config.strategy.round_timeout_s
-    # a reply may not claim more examples than the federation has (unknown for private files)
-    max_train_examples = run.resources.max_train_examples()
-    max_test_examples = run.resources.max_test_examples()
+    limits = reply_limits(config, run.resources.federation)
 
     def progress(phase: str) -> Callable[[int, int], None]:
         return lambda done, total: run.progress(server_round, phase, done, total)
@@ -119,29 +167,21 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
     seed_sampling(config.run.seed, server_round, "train")
     messages = list(strategy.configure_train(server_round, state.arrays, ConfigRecord(),
                                              run.grid))
-    spec = CohortSpec(weighted_mean=weighted_mean_aggregate(run),
-                      answers=STRATEGIES[config.strategy.name].answers,
-                      max_examples=max_train_examples, accept_declines=privacy.accepts_declines)
-    train = train_phase(run.grid, messages, spec, server_round, state.node_to_client, timeout,
+    bounds = UpdateBounds(state.arrays, config.strategy.max_update_norm,
+                          config.strategy.update_norm_z)
+    # the guard needs each update: a bounded cohort is not summed where it ran
+    spec = CohortSpec(weighted_mean=weighted_mean_aggregate(run) and not bounds.active,
+                      limits=limits)
+    train = train_phase(run.grid, messages, spec, server_round, identities, bounds, timeout,
                         progress("train"), run.stop)
-    train_metrics: MetricRecord | None = None
-    all_declined = bool(train.sent) and train.declined == train.sent
-    # DP-FedAvg releases a noised update every round, even from an empty Poisson cohort
-    if not all_declined and (privacy.releases_empty_rounds or (
-            len(train.accepted) >= min(config.strategy.min_train_clients, train.sent) > 0)):
-        state.rounds_without_update = 0
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, train.replies)
-        if new_arrays is not None:
-            state.arrays = same_dtypes(new_arrays, state.arrays)
-    elif not all_declined:  # too few sound updates: the global model stays as it was
-        state.rounds_without_update += 1
+    train_metrics, model_update = update_global_model(run, server_round, train)
     privacy.record_round(train.rows, train.accepted, train_metrics)
 
     seed_sampling(config.run.seed, server_round, "evaluate")
     evaluation = evaluate_phase(
         run.grid, list(strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(),
                                                    run.grid)),
-        max_test_examples, timeout, progress("evaluate"), run.stop)
+        limits, identities, timeout, progress("evaluate"), run.stop)
     global_eval = evaluate_global(run.resources, state.arrays)
     row = RoundRow(
         round=server_round,
@@ -158,7 +198,8 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
         wall_s=time.perf_counter() - round_start,
         federated_eval_loss=_weighted(evaluation.metrics, protocol.EVAL_LOSS),
         federated_eval_accuracy=_weighted(evaluation.metrics, protocol.EVAL_ACCURACY),
+        model_update=model_update,
+        replies_dropped=train.dropped + evaluation.dropped,
     )
     return RoundOutcome(row, train.rows, global_eval, train_metrics, train.sent,
                         train.declined)
-

@@ -1,51 +1,124 @@
-"""Screen client replies before aggregation: a bad reply is rejected with a reason, never used.
+"""Screen client replies before anything reads them: a bad reply is rejected with a reason.
 
-A training reply must return, for every ArrayRecord it carries, one that was sent in the
-instruction (same record name, or the sent record it answers: the strategy's ``answers`` in
-``fedtune.tables.strategies``), with the same tensor names, shapes and dtypes, all values
-finite; its MetricRecord must hold a positive integer ``num-examples`` (no larger than the
-federation's training data, where that is known), an integer ``partition-id`` and finite
-numbers. Arrays are read with ``numpy.load(allow_pickle=False)`` (Flower's ``Array.numpy``):
-nothing received is unpickled. Under local DP a reply without arrays whose ``status`` gives a
-reason is a client saying its privacy budget is spent (declined, not rejected).
+Every reply is checked against the exact schema of ``fedtune.protocol`` (``ReplySchema``): the
+records it holds (no more, no fewer, each of the right kind), every metric with its type and
+range (no unknown metric, no missing one, no list where a number belongs, nothing non-finite),
+the ``status`` record where the privacy mode has one. Each ArrayRecord must answer a record that
+was sent (the same record, or the one it answers: the strategy's ``answers``) with the same
+tensor names; each tensor is read the way ``numpy.load`` reads it (its ``.npy`` header, never
+a pickle) and must *carry* the shape and dtype that was sent - what its metadata declares is
+not trusted - with exactly that many bytes, all values finite. The partition id a reply
+claims must be the one the server knows for the node that sent it, and ``num-examples`` must
+be what the server knows that client holds (where it knows; any count up to
+``MAX_ANY_EXAMPLES`` for private per-party files).
+
+The checks are pure functions of (what was sent, the reply, ``ReplyLimits``, the client id the
+server holds for the node): no server state, so the engines screen a cohort's updates with
+them where the clients ran (``check_update_arrays``, ``check_metric_values``,
+``check_claims`` on decoded values), before adding them to a sum. Under a privacy mode
+that lets clients decline (local DP), a reply without arrays whose ``status`` gives a reason
+is a client saying its budget is spent (declined, not rejected); under any other mode such a
+reply is rejected.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SType
 
 from fedtune import protocol
-from fedtune.protocol import NUM_EXAMPLES
+from fedtune.config import Config
+from fedtune.data.federation import Federation
+from fedtune.protocol import (
+    EVALUATE_REPLY_SCHEMA,
+    MAX_ANY_EXAMPLES,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    REASON,
+    STATUS,
+    ReplySchema,
+    decline_reply_schema,
+    npy_view,
+    train_reply_schema,
+)
 from fedtune.server.exchange import Exchange
+from fedtune.server.identity import Identities
+
+RECORD_KINDS = {"ArrayRecord": ArrayRecord, "MetricRecord": MetricRecord,
+                "ConfigRecord": ConfigRecord}
 
 
-def _check_arrays(sent: ArrayRecord, received: ArrayRecord, record_name: str) -> str | None:
-    if set(received) != set(sent):
-        missing, extra = sorted(set(sent) - set(received)), sorted(set(received) - set(sent))
-        return f"{record_name}: tensor names differ (missing {missing[:3]}, extra {extra[:3]})"
-    for name, array in received.items():
-        expected = sent[name]
-        if tuple(array.shape) != tuple(expected.shape) or array.dtype != expected.dtype:
-            return (f"{record_name}.{name}: {array.dtype}{list(array.shape)} instead of "
-                    f"{expected.dtype}{list(expected.shape)}")
-        try:
-            values = array.numpy()
-        except (ValueError, TypeError) as error:  # e.g. a pickled object array
-            return f"{record_name}.{name}: unreadable array ({error})"
-        if values.dtype.kind in "fc" and not np.isfinite(values).all():
-            return f"{record_name}.{name}: non-finite values"
+@dataclass(frozen=True)
+class ReplyLimits:
+    """What the server knows when it screens a reply; the same on every process of a run."""
+
+    train: ReplySchema
+    decline: ReplySchema | None  # a "budget spent" reply (None: the privacy mode allows none)
+    evaluate: ReplySchema = EVALUATE_REPLY_SCHEMA
+    num_clients: int | None = None  # partition ids are 0..num_clients-1 (None: unknown)
+    train_sizes: tuple[int, ...] = ()  # each client's training examples (empty: unknown)
+    test_sizes: tuple[int, ...] = ()  # each client's local test examples (empty: unknown)
+    max_examples: int = MAX_ANY_EXAMPLES  # what a reply may claim where sizes are unknown
+
+
+def reply_limits(config: Config, federation: Federation) -> ReplyLimits:
+    """The limits of a run: its strategy's and privacy mode's schemas, its clients' sizes (the
+    server of a files dataset knows none)."""
+    return ReplyLimits(
+        train=train_reply_schema(config.strategy.name, config.privacy.mode),
+        decline=decline_reply_schema(config.privacy.mode),
+        num_clients=config.data.num_clients,
+        train_sizes=tuple(len(rows) for rows in federation.client_train_rows),
+        test_sizes=tuple(len(rows) for rows in federation.client_test_rows))
+
+
+# --- the pieces of a reply --------------------------------------------------------------------
+
+def _check_records(reply: Message, schema: ReplySchema,
+                   extra: Mapping[str, str] | None = None) -> str | None:
+    """Exactly the records of ``schema`` (and ``extra``), each of the right kind."""
+    expected = {**schema.records(), **(extra or {})}
+    content = reply.content
+    for name in content.keys():
+        kind = type(content[name]).__name__
+        if name not in expected:
+            return f"unexpected record {name!r} ({kind})"
+        if not isinstance(content[name], RECORD_KINDS[expected[name]]):
+            return f"record {name!r} is a {kind}, not a {expected[name]}"
+    missing = [name for name in expected if name not in content
+               and (extra is None or name not in extra)]
+    return f"no {missing[0]!r} record" if missing else None
+
+
+def check_tensor(expected: Array, array: Array) -> str | None:
+    """Why ``array`` does not carry a tensor like the sent ``expected``: what it declares and
+    what its bytes hold (``protocol.npy_view``, read in place, never unpickled) must both be
+    the sent shape and dtype, every value finite."""
+    want = f"{expected.dtype}{list(expected.shape)}"
+    if array.dtype != expected.dtype or tuple(array.shape) != tuple(expected.shape):
+        return f"{array.dtype}{list(array.shape)} instead of {want}"
+    if array.stype != SType.NUMPY:
+        return f"serialised as {array.stype!r}, not {SType.NUMPY!r}"
+    try:
+        values = npy_view(array)
+    except ValueError as error:
+        return f"unreadable array ({error})"
+    if values.dtype != np.dtype(expected.dtype) or values.shape != tuple(expected.shape):
+        return f"declares {want} but carries {values.dtype}{list(values.shape)}"
+    if values.dtype.kind in "fc" and not np.isfinite(values).all():
+        return "non-finite values"
     return None
 
 
 def check_update_arrays(expected: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray],
                         record_name: str) -> str | None:
-    """``_check_arrays`` for arrays already decoded (the engine screens updates where the
+    """``check_tensor`` for arrays already decoded (the engines screen updates where the
     clients ran, before adding them to a sum): same names, shapes, dtypes, finite values."""
     if received.keys() != expected.keys():
         missing = sorted(set(expected) - set(received))
@@ -61,63 +134,116 @@ def check_update_arrays(expected: Mapping[str, np.ndarray], received: Mapping[st
     return None
 
 
-def _check_metrics(reply: Message, max_examples: int, need_examples: bool) -> str | None:
-    records = list(reply.content.metric_records.values())
-    if len(records) != 1:
-        return f"{len(records)} metric records instead of 1"
-    return check_metric_values(records[0], max_examples, need_examples)
-
-
-def check_metric_values(metrics: Mapping[str, Any], max_examples: int,
-                        need_examples: bool) -> str | None:
-    """Finite numbers and an integer ``num-examples`` within bounds (at least 1 for training)."""
-    for key, value in metrics.items():
-        values = value if isinstance(value, list) else [value]
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            return f"metric {key!r} is not finite"
-    if NUM_EXAMPLES not in metrics:
-        return f"no {NUM_EXAMPLES!r} metric"
-    count = metrics[NUM_EXAMPLES]
-    if isinstance(count, list) or float(count) != int(count):
-        return f"{NUM_EXAMPLES} = {count!r} is not an integer"
-    lowest = 1 if need_examples else 0
-    if not lowest <= int(count) <= max_examples:
-        return f"{NUM_EXAMPLES} = {count!r} is outside {lowest}..{max_examples}"
+def _check_arrays(sent: Message, reply: Message, schema: ReplySchema) -> str | None:
+    """Each ArrayRecord answers a sent record: the same tensor names, each ``check_tensor``."""
+    for record_name, answered in schema.arrays.items():
+        if answered not in sent.content or not isinstance(sent.content[answered], ArrayRecord):
+            return f"array record {answered!r} was not sent"
+        reference, received = sent.content[answered], reply.content[record_name]
+        if set(received.keys()) != set(reference.keys()):
+            missing = sorted(set(reference.keys()) - set(received.keys()))
+            extra = sorted(set(received.keys()) - set(reference.keys()))
+            return (f"{record_name}: tensor names differ (missing {missing[:3]}, "
+                    f"extra {extra[:3]})")
+        for name in received.keys():
+            problem = check_tensor(reference[name], received[name])
+            if problem:
+                return f"{record_name}.{name}: {problem}"
     return None
 
 
-def check_train_reply(sent: Message, reply: Message, max_examples: int,
-                      answers: Mapping[str, str] | None = None) -> str | None:
-    """Why a training reply must not be aggregated, or None when it is sound. ``answers``:
-    reply records that answer a sent record of another name (with the same tensors)."""
-    received = reply.content.array_records
-    if not received:
-        return "no arrays in the reply"
-    for record_name, record in received.items():
-        answered = (answers or {}).get(record_name, record_name)
-        if answered not in sent.content.array_records:
-            return f"array record {answered!r} was not sent"
-        problem = _check_arrays(sent.content.array_records[answered], record, record_name)
+def _check_metrics(reply: Message, schema: ReplySchema) -> str | None:
+    return check_metric_values(reply.content[METRICS], schema)
+
+
+def check_metric_values(record: Mapping[str, Any], schema: ReplySchema) -> str | None:
+    """Exactly the schema's metrics: none unknown, none missing, each of its type and range."""
+    for key in record.keys():
+        declared = schema.metrics.get(key)
+        if declared is None:
+            return f"unexpected metric {key!r}"
+        problem = declared.problem(key, record[key])
         if problem:
             return problem
-    return _check_metrics(reply, max_examples, need_examples=True)
+    missing = [key for key, declared in schema.metrics.items()
+               if declared.required and key not in record]
+    return f"no {missing[0]!r} metric" if missing else None
 
 
-def check_evaluate_reply(reply: Message, max_examples: int) -> str | None:
-    """Why an evaluation reply must not be averaged, or None when it is sound."""
-    return _check_metrics(reply, max_examples, need_examples=False)
-
-
-def declined_reason(reply: Message, max_examples: int) -> str | None:
-    """Why a client sent no update on purpose (its local privacy budget is spent), when its
-    reply is otherwise sound; None for any other reply."""
-    status = reply.content.config_records.get(protocol.STATUS)
-    if (reply.content.array_records or status is None or not status.get(protocol.REASON)
-            or check_evaluate_reply(reply, max_examples) is not None
-            or not isinstance(protocol.metric(reply, protocol.PARTITION_ID), int)):
+def _check_status(reply: Message, schema: ReplySchema) -> str | None:
+    if not schema.status:
         return None
-    return str(status[protocol.REASON])
+    status = reply.content[STATUS]
+    if set(status.keys()) != {REASON} or not isinstance(status[REASON], str):
+        return f"record {STATUS!r} must hold one text {REASON!r}, not {sorted(status.keys())}"
+    if schema.reason_required and not status[REASON].strip():
+        return f"record {STATUS!r} gives no {REASON!r}"
+    return None
 
+
+def _check_claims(reply: Message, limits: ReplyLimits, client_id: int | None,
+                  sizes: tuple[int, ...], fewest: int) -> str | None:
+    return check_claims(reply.content[METRICS], limits, client_id, sizes, fewest)
+
+
+def check_claims(metrics: Mapping[str, Any], limits: ReplyLimits, client_id: int | None,
+                 sizes: tuple[int, ...], fewest: int) -> str | None:
+    """The partition id is the node's (``client_id``, where the server knows it) and within
+    the run; ``num-examples`` is what that client holds (where the server knows sizes)."""
+    claimed, count = metrics[PARTITION_ID], metrics[NUM_EXAMPLES]
+    if limits.num_clients is not None and claimed >= limits.num_clients:
+        return f"{PARTITION_ID} = {claimed} is outside 0..{limits.num_clients - 1}"
+    if client_id is not None and claimed != client_id:
+        return f"{PARTITION_ID} = {claimed}, but the node that sent it is client {client_id}"
+    who = claimed if client_id is None else client_id
+    if sizes and who < len(sizes):
+        if count != sizes[who]:
+            return f"{NUM_EXAMPLES} = {count}, but client {who} holds {sizes[who]}"
+    elif not fewest <= count <= limits.max_examples:
+        return f"{NUM_EXAMPLES} = {count} is outside {fewest}..{limits.max_examples}"
+    return None
+
+
+# --- whole replies ------------------------------------------------------------------------------
+
+def check_train_reply(sent: Message, reply: Message, limits: ReplyLimits,
+                      client_id: int | None = None) -> str | None:
+    """Why a training update must not be aggregated (None: it is sound). ``client_id``: the
+    client the server holds for the node that sent it (None: not known yet)."""
+    schema = limits.train
+    return (_check_records(reply, schema) or _check_metrics(reply, schema)
+            or _check_status(reply, schema)
+            or _check_claims(reply, limits, client_id, limits.train_sizes, fewest=1)
+            or _check_arrays(sent, reply, schema))
+
+
+def check_decline(reply: Message, limits: ReplyLimits,
+                  client_id: int | None = None) -> str | None:
+    """Why a reply is not a sound "my privacy budget is spent" (None: it is one)."""
+    if limits.decline is None:
+        return "no update (no ArrayRecord), and the privacy mode lets no client decline"
+    schema = limits.decline
+    return (_check_records(reply, schema) or _check_metrics(reply, schema)
+            or _check_status(reply, schema)
+            or _check_claims(reply, limits, client_id, limits.train_sizes, fewest=0))
+
+
+def check_evaluate_reply(reply: Message, limits: ReplyLimits,
+                         client_id: int | None = None) -> str | None:
+    """Why an evaluation reply must not be averaged (None: it is sound)."""
+    schema = limits.evaluate
+    return (_check_records(reply, schema) or _check_metrics(reply, schema)
+            or _check_claims(reply, limits, client_id, limits.test_sizes, fewest=0))
+
+
+def is_decline(reply: Message) -> bool:
+    """Whether a training reply sends no update (carries no ArrayRecord): ``check_decline``
+    says whether it is a sound "budget spent" under the run's privacy mode."""
+    return not any(
+        isinstance(reply.content[name], ArrayRecord) for name in reply.content.keys())
+
+
+# --- a round's replies ------------------------------------------------------------------------
 
 @dataclass
 class ScreenedReplies:
@@ -128,21 +254,39 @@ class ScreenedReplies:
     rejected: list[tuple[Message, str]] = field(default_factory=list)
 
 
-def screen_train_replies(train: Exchange, max_examples: int, answers: Mapping[str, str],
-                         accept_declines: bool) -> ScreenedReplies:
-    """Sort the sound replies of ``train`` into accepted, declined (only where the privacy mode
-    lets a client decline: ``accept_declines``) and rejected with a reason."""
+def screen_train_replies(train: Exchange, limits: ReplyLimits,
+                         identities: Identities) -> ScreenedReplies:
+    """Sort the replies of ``train`` into accepted, declined (where the privacy mode lets a
+    client decline) and rejected with a reason. A node the server does not know yet is
+    identified by its first sound reply's partition id (``Identities.claim``)."""
     screened = ScreenedReplies()
     for reply in train.ok:
-        reason = declined_reason(reply, max_examples) if accept_declines else None
+        node = train.node(reply)
+        client_id = identities.client_of(node)
+        declines = is_decline(reply)
+        reason = (check_decline(reply, limits, client_id) if declines
+                  else check_train_reply(train.instruction(reply), reply, limits, client_id))
+        if reason is None and client_id is None:
+            reason = identities.claim(node, protocol.metric(reply, PARTITION_ID))
         if reason is not None:
-            screened.declined.append((reply, reason))
-            continue
-        reason = check_train_reply(train.instruction(reply), reply, max_examples, answers)
-        if reason is None and not isinstance(protocol.metric(reply, protocol.PARTITION_ID), int):
-            reason = f"{protocol.PARTITION_ID} is not an integer"
-        if reason is None:
-            screened.accepted.append(reply)
-        else:
             screened.rejected.append((reply, reason))
+        elif declines:
+            screened.declined.append((reply, str(reply.content[STATUS][REASON])))
+        else:
+            screened.accepted.append(reply)
     return screened
+
+
+def screen_evaluate_replies(evaluation: Exchange, limits: ReplyLimits,
+                            identities: Identities) -> list[Message]:
+    """The sound evaluation replies (from nodes the server knows, or identifies now)."""
+    sound = []
+    for reply in evaluation.ok:
+        node = evaluation.node(reply)
+        client_id = identities.client_of(node)
+        reason = check_evaluate_reply(reply, limits, client_id)
+        if reason is None and client_id is None:
+            reason = identities.claim(node, protocol.metric(reply, PARTITION_ID))
+        if reason is None:
+            sound.append(reply)
+    return sound

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ class Key:
     le: float | None = None
     lt: float | None = None
     kind: Any = None
+    infinite: bool = False  # a float key that takes inf (it means something: "no noise")
 
     @property
     def type(self) -> Any:
@@ -63,6 +65,34 @@ def key_field(declared: Key, owners: tuple[str, ...] = ()) -> Any:
 def key(default: Any, help: str, **allowed: Any) -> Any:
     """A field of a fixed config section: ``key(0.5, "Dirichlet alpha", gt=0)``."""
     return key_field(Key(default, help, **allowed))
+
+
+@dataclass(frozen=True)
+class ReplyMetric:
+    """How one metric of a client's reply is declared: its type and the values it may take.
+    ``fedtune.protocol`` builds the exact reply schema from these; a table entry declares the
+    metrics its strategy or privacy mode adds."""
+
+    kind: type  # int or float (a float metric also takes an int; neither takes a bool or list)
+    required: bool = True
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    def problem(self, name: str, value: Any) -> str | None:
+        """Why ``value`` is not allowed for metric ``name`` (None: it is)."""
+        allowed = (int,) if self.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            what = "an integer" if self.kind is int else "a number"
+            return f"metric {name!r} = {value!r} is not {what}"
+        if not math.isfinite(value):
+            return f"metric {name!r} is not finite"
+        for bound, holds, sign in ((self.ge, value >= (self.ge or 0), ">="),
+                                   (self.gt, value > (self.gt or 0), ">"),
+                                   (self.le, value <= (self.le or 0), "<=")):
+            if bound is not None and not holds:
+                return f"metric {name!r} = {value!r} is not {sign} {bound:g}"
+        return None
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,26 @@ def _check_hf(config: Config) -> None:
         )
 
 
+MAX_MLP_PARAMETERS = 500_000_000  # 2 GB per float32 copy; a run holds several copies
+FEATURES_BOUND = 1024  # the widest feature vector of a non-text dataset (digits: 64)
+
+
+def _check_mlp(config: Config) -> None:
+    """Refuse, before anything is allocated, an MLP too large to build: its parameter count
+    with the widest input it can have (``model.num_features`` hashed features on text)."""
+    m = config.model
+    text = DATASETS[config.data.dataset].text
+    widths = [m.num_features if text else FEATURES_BOUND, *m.hidden_sizes]
+    parameters = sum((a + 1) * b for a, b in zip(widths, widths[1:], strict=False))
+    parameters += (widths[-1] + 1) * 1000  # a head of up to 1,000 labels
+    if parameters > MAX_MLP_PARAMETERS:
+        inputs = f" with model.num_features = {m.num_features}" if text else ""
+        raise ConfigError(
+            f"model.hidden_sizes = {list(m.hidden_sizes)} is not allowed{inputs}: about "
+            f"{parameters:,} parameters, must stay below {MAX_MLP_PARAMETERS:,}"
+        )
+
+
 MODEL_KINDS: dict[str, ModelKindEntry] = {
     "hf": ModelKindEntry(
         "Hugging Face sequence classifier from a local folder",
@@ -85,9 +105,10 @@ MODEL_KINDS: dict[str, ModelKindEntry] = {
         "multilayer perceptron over fixed-size features (pixels, hashed bag-of-words)",
         keys={
             "hidden_sizes": Key([128], "hidden layer sizes", kind=list[int]),
-            "num_features": Key(4096, "hashed bag-of-words features on text", ge=16),
+            "num_features": Key(4096, "hashed bag-of-words features on text", ge=16,
+                                le=2**24),
         },
-        implementation="fedtune.models.mlp:MLPKind"),
+        implementation="fedtune.models.mlp:MLPKind", check=_check_mlp),
 }
 
 

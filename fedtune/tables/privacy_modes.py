@@ -9,12 +9,12 @@ server's state during the run. Adding a mode: write that class and add one entry
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fedtune.errors import ConfigError
-from fedtune.tables import Entry, Key
+from fedtune.tables import Entry, Key, ReplyMetric
 from fedtune.tables.strategies import STRATEGIES
 
 if TYPE_CHECKING:
@@ -25,6 +25,10 @@ ACCOUNTANTS = ("rdp", "prv")
 # strategies whose server optimizer central DP runs on the noised mean: plain DP-FedAvg,
 # DP-FedAvgM (strategy.server_lr, server_momentum), DP-FedAdam (strategy.fedopt_*)
 CENTRAL_STRATEGIES = ("fedavg", "fedavgm", "fedadam")
+
+# the PRV accountant's memory and time grow with the steps it composes (10,000: about 2 s and
+# 0.5 GB for one ε on this machine, 100,000: 30 s and 1.5 GB); a plan evaluates ε many times
+MAX_PRV_COMPOSITIONS = 10_000
 GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
 
 
@@ -35,6 +39,11 @@ class PrivacyModeEntry(Entry):
     # "clients" (user-level canary clients in the aggregation, Andrew et al. 2024)
     audit_inserts: str = "examples"
     check: Callable[[Config], None] | None = None
+    # what its clients add to a training reply (``fedtune.protocol`` builds the reply schema)
+    reply_metrics: Mapping[str, ReplyMetric] = field(default_factory=dict)
+    reply_status: bool = False  # a training reply carries the ConfigRecord "status"
+    declines: bool = False  # a client may answer "no update: my privacy budget is spent"
+    client_accountants: bool = False  # each client's ε lives in its Context.state
 
 
 def _check_budget(config: Config) -> None:
@@ -52,8 +61,22 @@ def _check_budget(config: Config) -> None:
         )
 
 
+def check_prv_compositions(config: Config, compositions: int, what: str) -> None:
+    """The PRV accountant only for as many compositions as it can hold."""
+    if config.privacy.accountant == "prv" and compositions > MAX_PRV_COMPOSITIONS:
+        raise ConfigError(
+            f"privacy.accountant = 'prv' is not allowed for {compositions:,} {what}: must be "
+            f"'rdp' beyond {MAX_PRV_COMPOSITIONS:,} (PRV's memory grows with every step it "
+            "composes)"
+        )
+
+
 def _check_local(config: Config) -> None:
     _check_budget(config)
+    if config.client.local_steps:  # with local_epochs the steps depend on the data
+        rounds = config.privacy.client_rounds or config.run.rounds
+        check_prv_compositions(config, rounds * config.client.local_steps,
+                               "DP-SGD steps per client (rounds x client.local_steps)")
     with_client_side = [name for name, entry in STRATEGIES.items() if entry.client]
     if config.strategy.name in with_client_side:
         raise ConfigError(
@@ -70,6 +93,7 @@ def _check_local(config: Config) -> None:
 
 def _check_central(config: Config) -> None:
     _check_budget(config)
+    check_prv_compositions(config, config.run.rounds, "rounds (run.rounds)")
     p = config.privacy
     if p.delta >= 1 / config.data.num_clients:
         raise ConfigError(
@@ -94,7 +118,8 @@ def _check_central(config: Config) -> None:
 
 
 TARGET_EPSILON = Key(0.0, "ε the run may spend (local: per client, central: for the run); inf "
-                          "= clip without noise; 0 = not set (then give noise_multiplier)", ge=0)
+                          "= clip without noise; 0 = not set (then give noise_multiplier)", ge=0,
+                     infinite=True)
 DELTA = Key(1e-5, "δ of the (ε, δ) guarantee; must be < 1/N (local: N = examples of the "
                   "smallest client, central: N = data.num_clients)", gt=0, lt=1)
 NOISE_MULTIPLIER = Key(0.0, "Gaussian noise std / clipping bound; 0 = derived from "
@@ -133,7 +158,13 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
                      "run.rounds", ge=0),
               **AUDIT_EXAMPLES},
         implementation="fedtune.privacy.local:LocalDP", spends_budget=True,
-        check=_check_local),
+        check=_check_local,
+        # the keys are fedtune.protocol's EPSILON, NOISE_MULTIPLIER, SAMPLE_RATE (a test ties
+        # them); ε is left out while it is infinite (no noise)
+        reply_metrics={"epsilon": ReplyMetric(float, required=False, ge=0),
+                       "noise-multiplier": ReplyMetric(float, ge=0),
+                       "sample-rate": ReplyMetric(float, gt=0, le=1)},
+        reply_status=True, declines=True, client_accountants=True),
     "central": PrivacyModeEntry(
         "DP-FedAvg at the server (per client); each client is sampled with probability "
         "strategy.fraction_train; strategy.name = fedavgm or fedadam runs that server "
@@ -142,7 +173,8 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
               "clip_norm": Key(0.1, "clipping bound of every client's update; with "
                                     "adaptive_clipping the starting bound (start small: the "
                                     "bound grows by up to exp(clip_lr x target_quantile) a "
-                                    "round)", gt=0),
+                                    "round); inf = no clipping (only without noise)",
+                           gt=0, infinite=True),
               "adaptive_clipping": Key(
                   True, "move the bound towards the target_quantile of update norms (Andrew "
                         "et al. 2021). Recommended: keep it, with target_quantile 0.5, clip_lr "

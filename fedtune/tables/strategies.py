@@ -3,7 +3,8 @@
 An entry names the server-side Flower ``Strategy`` class (Flower's own, or one of
 ``strategies/``, which depend on flwr and numpy only), the ``[strategy]`` keys it owns, how
 its constructor arguments come from the config, the client side it needs
-(``fedtune.client.algorithms``), the reply records that answer a record it sent, and its
+(``fedtune.client.algorithms``), the reply records that answer a record it sent and the reply
+metrics it adds (``fedtune.protocol`` builds the exact reply schema from them), and its
 traits. Everything else is derived from this table: the allowed ``strategy.name`` values and
 the ``[strategy]`` keys (``fedtune config``), the config checks, building the strategy
 (``fedtune.server.strategies``), reply screening, and the client's local objective.
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedtune.errors import ConfigError
-from fedtune.tables import Entry, Key, import_object
+from fedtune.tables import Entry, Key, ReplyMetric, import_object
 
 if TYPE_CHECKING:
     from fedtune.config import Config
@@ -37,6 +38,7 @@ class StrategyEntry(Entry):
     arguments: Callable[[Config], dict[str, Any]] = _no_arguments  # constructor arguments
     client: str = ""  # "module:Class" of its client side; "" = plain local training
     answers: Mapping[str, str] = field(default_factory=dict)  # reply record -> sent record
+    reply_metrics: Mapping[str, ReplyMetric] = field(default_factory=dict)  # beyond the core
     sgd_only: bool = False  # its update rule assumes plain local SGD steps
     # its aggregate depends on the replies only through FedAvg's example-weighted mean of the
     # models (and of the metrics), so engines may sum the updates where the clients train
@@ -152,7 +154,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "fednova": StrategyEntry(
         "FedNova (Wang et al. 2020): updates normalised by local steps",
         implementation="strategies.fednova:FedNova", client=CLIENTS + "FedNovaClient",
-        sgd_only=True),
+        reply_metrics={"fednova-a": ReplyMetric(float, gt=0)}, sgd_only=True),
     "feddyn": StrategyEntry(
         "FedDyn (Acar et al. 2021): dynamic regularisation of the local objective",
         keys={"feddyn_alpha": Key(0.01, "dynamic regulariser weight alpha (Acar et al. "
@@ -162,8 +164,8 @@ STRATEGIES: dict[str, StrategyEntry] = {
         client=CLIENTS + "FedDynClient"),
     "rfa": StrategyEntry(
         "RFA (Pillutla et al. 2022): geometric median of the client models",
-        keys={"rfa_iterations": Key(4, "smoothed Weiszfeld steps after the mean (Pillutla "
-                                       "et al. 2022)", ge=0),
+        keys={"rfa_iterations": Key(4, "smoothed Weiszfeld steps (Pillutla et al. 2022), "
+                                       "from the coordinate-wise median", ge=0),
               "rfa_smoothing": Key(1e-6, "Weiszfeld smoothing nu", gt=0)},
         implementation="strategies.rfa:RFA",
         arguments=lambda c: {"iterations": c.strategy.rfa_iterations,

@@ -15,9 +15,9 @@ from fedtune.client.algorithms import (
     ScaffoldClient,
 )
 from fedtune.engine.inprocess import InProcessGrid
+from fedtune.models.mlp import MLP
 from fedtune.models.weights import shared_state
 from fedtune.protocol import FEDDYN_STATE, SCAFFOLD_STATE
-from fedtune.models.mlp import MLP
 from fedtune.train import TrainSettings, train_local
 from strategies.scaffold import CONTROL_DELTA_KEY, CONTROL_KEY
 from tests.strategy_messages import numpy_of, record

@@ -131,3 +131,19 @@ def test_fault_fractions_that_pick_nobody_are_refused(tmp_path):
         tiny_config(tmp_path, "faults.nan_fraction=0.01")
     with pytest.raises(ConfigError, match="faults.straggler_delay = 'gamma' is not allowed"):
         tiny_config(tmp_path, "faults.straggler_delay=gamma")
+
+
+def test_inprocess_runtime_times_each_client_on_its_own(tmp_path):
+    """In process the clients run one after another: a straggler slower than
+    strategy.round_timeout_s is the one reported as timeout; the honest clients after it are
+    not, and its late reply is not aggregated."""
+    config = tiny_config(tmp_path, "run.rounds=1", "faults.straggler_fraction=0.25",
+                         "faults.straggler_delay_s=2.5", "strategy.round_timeout_s=1.5",
+                         "strategy.fraction_evaluate=0")
+    run_dir = run_inprocess(config).path
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (slow,) = summary["faults"]["straggler_clients"]
+    with (run_dir / "clients.csv").open() as handle:
+        rows = {int(r["client_id"]): (r["status"], r["reason"]) for r in csv.DictReader(handle)}
+    assert rows.pop(slow)[0] == "timeout"
+    assert set(rows.values()) == {("ok", "")} and len(rows) == 3

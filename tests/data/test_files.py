@@ -85,3 +85,29 @@ def test_run_on_party_files_in_process(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dataset"]["global_test_examples"] == 80
     assert 0 <= summary["final"]["eval_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("latin.csv", "label,text\nfresh,caf\xe9\n".encode("latin-1"),
+     r"latin.csv:2: not UTF-8 text \(byte 0xe9\)"),
+    ("digits.csv", "label,text\n\u0661,good\n".encode(), r"digits.csv:2: label '\u0661' is not "
+                                                        "allowed"),
+    ("null.jsonl", b'{"text": null, "label": "fresh"}\n', r"null.jsonl:1: text None is not "
+                                                          "allowed: must be a string"),
+    ("nolabel.jsonl", b'{"text": "x", "label": null}\n', r"nolabel.jsonl:1: label None is not "
+                                                         "allowed"),
+    ("short.csv", b"label,text\nfresh\n", r"short.csv:2: the row has fewer fields than the "
+                                          "header"),
+])
+def test_hostile_party_files_are_one_line_errors(tmp_path, name, data, message):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ConfigError, match=message):
+        load_party_file(str(tmp_path / name), LABELS)
+
+
+def test_party_files_may_start_with_a_byte_order_mark_and_hold_long_texts(tmp_path):
+    long_text = "word " * 50_000  # 250,000 characters: beyond csv's default field limit
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(("\ufefflabel,text\nfresh,good\nrotten," + long_text + "\n").encode())
+    data = load_party_file(str(bom), LABELS)
+    assert data.texts == ("good", long_text) and list(data.labels) == [0, 1]

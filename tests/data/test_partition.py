@@ -10,8 +10,8 @@ from fedtune.data.federation import build_federation
 from fedtune.data.partition import (
     check_partition,
     partition_dirichlet,
-    partition_inner_dirichlet,
     partition_iid,
+    partition_inner_dirichlet,
     partition_natural,
     partition_quantity_skew,
     partition_shards,

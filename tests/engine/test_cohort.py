@@ -28,9 +28,10 @@ from fedtune.engine.cohort import (
 from fedtune.engine.inprocess import InProcessGrid, act_as_server
 from fedtune.models.build import build_model
 from fedtune.models.weights import shared_state
-from fedtune.protocol import ARRAYS, CONFIG, SERVER_ROUND, to_array_record
+from fedtune.protocol import ARRAYS, CONFIG, SERVER_ROUND, to_array_record, train_reply_schema
 from fedtune.server.app import run_federated
 from fedtune.server.grid import CohortSpec
+from fedtune.server.screening import ReplyLimits, reply_limits
 from fedtune.task import task_resources
 from tests.conftest import rows_of, tiny_config
 
@@ -62,6 +63,9 @@ CASES = {
                    "privacy.delta=1e-3", "privacy.clip_norm=2"],
     "faults": ["faults.nan_fraction=0.25", "faults.scale_fraction=0.25",
                "faults.crash_probability=0.3"],
+    # the model guard needs each update: the cohort is then kept client by client
+    "update_bounds": ["faults.scale_fraction=0.25", "strategy.update_norm_z=3",
+                      "strategy.max_update_norm=0.5"],
 }
 
 
@@ -102,7 +106,9 @@ def test_blocks_depend_on_the_cohort_size_only():
     assert block_size(8) == 1 and block_size(BLOCKS_PER_ROUND) == 1
     assert block_size(1000) == 16 and block_size(10_000) == 157
     clients = [BlockClient(1000 + c, c, None) for c in (5, 3, 9, 1, 7)]
-    blocks = cohort_blocks(clients, "train", CohortSpec(weighted_mean=True))
+    spec = CohortSpec(weighted_mean=True, limits=ReplyLimits(train_reply_schema("fedavg", "none"),
+                                                             decline=None))
+    blocks = cohort_blocks(clients, "train", spec)
     assert [[c.client_id for c in b.clients] for b in blocks] == [[1], [3], [5], [7], [9]]
 
 
@@ -114,7 +120,7 @@ def test_a_split_block_sums_to_the_same_bits_and_block_order_fixes_the_total(tmp
     arrays = shared_state(build_model(resources.spec, 0))
     content = DecodedContent.of(RecordDict({ARRAYS: to_array_record(arrays),
                                             CONFIG: ConfigRecord({SERVER_ROUND: 1})}))
-    spec = CohortSpec(weighted_mean=True, max_examples=10**6)
+    spec = CohortSpec(weighted_mean=True, limits=reply_limits(config, resources.federation))
     clients = [BlockClient(1000 + c, c, None) for c in range(6)]
     block = BlockTask(0, "train", clients, spec)
     together = run_block(resources, content, block)

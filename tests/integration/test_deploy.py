@@ -1,8 +1,10 @@
-"""A real federation on 127.0.0.1: SuperLink and SuperNodes with TLS and node authentication."""
+"""A real federation on 127.0.0.1: TLS, node authentication, signed apps only, and a stranger."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,8 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from flwr.common.constant import ErrorCode
 
 from fedtune.deploy.certs import write_credentials
+from fedtune.deploy.registry import RegistryServer
+from fedtune.deploy.signing import publish
 from tests.conftest import REPO
 from tests.integration.test_end_to_end import check_contract
 
@@ -74,9 +79,91 @@ class Processes:
             self.stop(process)
 
 
+STRANGER_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "stranger"
+version = "1.0.0"
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "stranger"
+
+[tool.flwr.app.components]
+serverapp = "stranger_app:server"
+clientapp = "stranger_app:client"
+
+[tool.flwr.app.config]
+marker-dir = "{markers}"
+"""
+
+STRANGER_CODE = """\
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid, context):
+    out = Path(context.run_config["marker-dir"])
+    (out / "server-ran").write_text("the stranger's code ran on the server")
+    nodes = sorted(grid.get_node_ids())
+    messages = [Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=node,
+                        message_type="train") for node in nodes]
+    replies = grid.send_and_receive(messages, timeout=180)
+    (out / "replies.json").write_text(json.dumps([
+        {"node": r.metadata.src_node_id, "error": r.error.code if r.has_error() else None}
+        for r in replies]))
+
+
+@client.train()
+def train(msg, context):
+    Path(context.run_config["marker-dir"], f"client-ran-{context.node_id}").write_text("ran")
+    return Message(RecordDict(), reply_to=msg)
+"""
+
+
+def _stranger_app(folder: Path, markers: Path) -> Path:
+    """A Flower app of someone who holds only ca.crt: its code leaves marker files where it
+    runs, and its ServerApp records what each SuperNode answered."""
+    folder.mkdir()
+    (folder / "pyproject.toml").write_text(STRANGER_PYPROJECT.format(markers=markers))
+    (folder / "stranger_app.py").write_text(STRANGER_CODE)
+    return folder
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(1)
+    raise AssertionError(f"{what} within {seconds}s")
+
+
 @pytest.mark.slow
-def test_tls_and_node_authentication_federation(tmp_path):
-    creds = write_credentials(tmp_path / "creds", ["localhost", "127.0.0.1"], 4)
+def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
+    """TLS, registered SuperNode keys, SuperNodes that run only apps signed by the federation's
+    publisher key (``--trusted-entities``), a SuperLink whose ServerApps only ``fedtune
+    superexec`` starts (signed apps only), pinned node ids. A stranger who holds ca.crt runs
+    its own app: every SuperNode refuses it, and so does the server side; it registers its own
+    SuperNode, which is never sampled. The honest app, published and signed, runs."""
+    creds = write_credentials(tmp_path / "creds", ["localhost", "127.0.0.1"], 5)
+    registry_dir = tmp_path / "registry"
+    published = publish(REPO, registry_dir, creds.publisher_key)
+    registry = RegistryServer(registry_dir, log=lambda line: None)
+    registry.start()
     port = _free_port()
     base_env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                     FLWR_TELEMETRY_ENABLED="0")
@@ -86,36 +173,44 @@ def test_tls_and_node_authentication_federation(tmp_path):
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
         f'root-certificates = "{creds.ca_cert}"\n')
     cli_env = dict(base_env, FLWR_HOME=str(cli_home))
+    secret = ["--superexec-auth-secret-file", str(creds.superexec_secret)]
+    superexec_args = ["--runtime-api-address", f"127.0.0.1:{port}", "--root-certificates",
+                      str(creds.ca_cert), *secret]
     processes = Processes(tmp_path)
     try:
         processes.start("superlink", [
             str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(creds.ca_cert),
             "--ssl-certfile", str(creds.server_cert), "--ssl-keyfile", str(creds.server_key),
-            "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
-            "--database", str(tmp_path / "state.db"),
-        ], dict(base_env, FLWR_HOME=str(tmp_path / "link-home")))
+            "--enable-supernode-auth", "--isolation", "process",
+            "--disable-runtime-dependency-installation", *secret, "--host", "127.0.0.1",
+            "--port", str(port), "--database", str(tmp_path / "state.db"),
+        ], dict(base_env, FLWR_HOME=str(tmp_path / "link-home"),
+                FLWR_SUPERGRID_API_URL=registry.url))
         _wait_for_port(port, 60)
+        node_ids = []
         for _, public in creds.supernode_keys[:3]:
             registered = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public),
                                          "test"], env=cli_env, capture_output=True, text=True,
                                         timeout=60)
             assert "registered successfully" in registered.stdout, registered.stdout
+            node_ids.append(re.search(r"SuperNode (\d+) registered", registered.stdout)[1])
         for index, (private, _) in enumerate(creds.supernode_keys[:3]):
             processes.start(f"supernode-{index}", [
                 str(BIN / "flower-supernode"), "--root-certificates", str(creds.ca_cert),
                 "--superlink", f"127.0.0.1:{port}", "--auth-supernode-private-key", str(private),
+                "--trusted-entities", str(creds.trusted_entities),
                 "--node-config", f"partition-id={index} num-partitions=3",
                 "--port", str(_free_port()),
             ], dict(base_env, FLWR_HOME=str(tmp_path / f"node-home-{index}")))
 
         # a SuperNode whose key was never registered is refused
-        code, output = processes.run_to_exit("stranger", [
+        code, output = processes.run_to_exit("unregistered", [
             str(BIN / "flower-supernode"), "--root-certificates", str(creds.ca_cert),
             "--superlink", f"127.0.0.1:{port}",
             "--auth-supernode-private-key", str(creds.supernode_keys[3][0]),
             "--node-config", "partition-id=0 num-partitions=3", "--port", str(_free_port()),
             "--max-retries", "2", "--max-wait-time", "15",
-        ], dict(base_env, FLWR_HOME=str(tmp_path / "stranger-home")), timeout=120)
+        ], dict(base_env, FLWR_HOME=str(tmp_path / "unregistered-home")), timeout=300)
         assert code != 0
         assert "Failed to activate SuperNode" in output
         # a SuperNode without TLS cannot talk to a TLS SuperLink
@@ -123,24 +218,80 @@ def test_tls_and_node_authentication_federation(tmp_path):
             str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
             "--node-config", "partition-id=0 num-partitions=3", "--port", str(_free_port()),
             "--max-retries", "2", "--max-wait-time", "15",
-        ], dict(base_env, FLWR_HOME=str(tmp_path / "plain-home")), timeout=120)
+        ], dict(base_env, FLWR_HOME=str(tmp_path / "plain-home")), timeout=300)
         assert code != 0
         assert "Failed to initialize the connection" in output
 
+        # the stranger holds ca.crt: it registers a SuperNode of its own, and runs its app
+        stranger_home = tmp_path / "stranger-home"
+        stranger_home.mkdir()
+        (stranger_home / "config.toml").write_text((cli_home / "config.toml").read_text())
+        stranger_env = dict(base_env, FLWR_HOME=str(stranger_home))
+        registered = subprocess.run([str(BIN / "flwr"), "supernode", "register",
+                                     str(creds.supernode_keys[4][1]), "test"], env=stranger_env,
+                                    capture_output=True, text=True, timeout=60)
+        assert "registered successfully" in registered.stdout, registered.stdout
+        processes.start("stranger-supernode", [
+            str(BIN / "flower-supernode"), "--root-certificates", str(creds.ca_cert),
+            "--superlink", f"127.0.0.1:{port}",
+            "--auth-supernode-private-key", str(creds.supernode_keys[4][0]),
+            "--node-config", "partition-id=0 num-partitions=3", "--port", str(_free_port()),
+        ], dict(base_env, FLWR_HOME=str(tmp_path / "stranger-node-home")))
+        markers = tmp_path / "markers"
+        markers.mkdir()
+        stranger_app = _stranger_app(tmp_path / "stranger-app", markers)
+
+        # 1. were the server side to start its ServerApp (a plain SuperExec), the SuperNodes
+        #    would still refuse it: the app is not signed by the publisher key
+        plain = processes.start("plain-superexec", [str(BIN / "flower-superexec"),
+                                                    *superexec_args],
+                                dict(base_env, FLWR_HOME=str(tmp_path / "plain-exec-home")))
+        started = subprocess.run([str(BIN / "flwr"), "run", str(stranger_app), "test"],
+                                 env=stranger_env, capture_output=True, text=True, timeout=120)
+        assert "Successfully started run" in started.stdout, started.stdout + started.stderr
+        _wait_for(lambda: (markers / "replies.json").exists(), 300,
+                  "the stranger's ServerApp did not hear back from the SuperNodes")
+        replies = json.loads((markers / "replies.json").read_text())
+        honest_nodes = {int(node) for node in node_ids}
+        refused = {r["node"] for r in replies if r["error"] == ErrorCode.INVALID_FAB}
+        assert refused >= honest_nodes, replies  # every SuperNode of the federation refused
+        assert not list(markers.glob("client-ran-*")) or all(  # only its own node ran it
+            name.name.removeprefix("client-ran-") not in node_ids
+            for name in markers.glob("client-ran-*"))
+        processes.stop(plain)
+        (markers / "server-ran").unlink()
+
+        # 2. the server side: fedtune superexec starts no ServerApp the publisher did not sign
+        processes.start("superexec", [str(BIN / "fedtune"), "superexec", *superexec_args,
+                                      "--registry", str(registry_dir),
+                                      "--trusted-entities", str(creds.trusted_entities)],
+                        dict(base_env, FLWR_HOME=str(tmp_path / "exec-home")))
+        started = subprocess.run([str(BIN / "flwr"), "run", str(stranger_app), "test"],
+                                 env=stranger_env, capture_output=True, text=True, timeout=120)
+        assert "Successfully started run" in started.stdout, started.stdout + started.stderr
+        _wait_for(lambda: "is not signed by a trusted publisher key" in
+                  (tmp_path / "superexec.log").read_text(), 120, "no refusal was logged")
+        assert not (markers / "server-ran").exists()
+
+        # 3. the honest app, published and signed, runs on the pinned SuperNodes only
         run_dir = tmp_path / "run"
         overrides = " ".join([
             "data.dataset='digits'", "model.kind='mlp'", "data.partitioner='iid'",
             "data.num_clients=3", "run.rounds=2", "strategy.fraction_train=1.0",
             "strategy.fraction_evaluate=0.0", "client.lr=0.01", "engine.node_wait_s=120",
-            f"run.dir='{run_dir}'",
+            f"engine.node_ids='{','.join(node_ids)}'", f"run.dir='{run_dir}'",
         ])
-        result = subprocess.run([str(BIN / "flwr"), "run", ".", "test", "--run-config",
-                                 overrides, "--stream"], cwd=REPO, env=cli_env,
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run([str(BIN / "flwr"), "run", published.spec, "test",
+                                 "--run-config", overrides, "--stream"], env=cli_env,
+                                capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-        deadline = time.monotonic() + 60  # the log stream can end just before the last write
-        while not (run_dir / "summary.json").exists() and time.monotonic() < deadline:
-            time.sleep(1)
+        _wait_for(lambda: (run_dir / "summary.json").exists(), 120,
+                  "the honest run wrote no summary")  # the stream can end just before it
         check_contract(run_dir, rounds=2, clients=3)
+        assert not (markers / "server-ran").exists()
+        honest_run = re.search(r"Successfully started run (\d+)", result.stdout)[1]
+        assert f"[RUN {honest_run}" in (tmp_path / "supernode-0.log").read_text()
+        assert f"[RUN {honest_run}" not in (tmp_path / "stranger-supernode.log").read_text()
     finally:
         processes.stop_all()
+        registry.shutdown()

@@ -17,8 +17,7 @@ from safetensors.numpy import load_file
 from fedtune.client.app import app as client_app
 from fedtune.config import from_dict, to_run_config
 from fedtune.data.loaders import eval_loader
-from fedtune.engine.inprocess import InProcessGrid
-from fedtune.engine.inprocess import run_inprocess
+from fedtune.engine.inprocess import InProcessGrid, run_inprocess
 from fedtune.models.build import load_saved_model
 from fedtune.results.run_dir import CLIENT_COLUMNS, METRICS_COLUMNS
 from fedtune.server.app import run_federated

@@ -16,7 +16,6 @@ import pytest
 from fedtune.server.app import run_federated
 from tests.conftest import rows_of, tiny_config
 
-
 PORT = 26379
 
 

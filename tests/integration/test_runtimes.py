@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,13 +55,23 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has stopped; its parent has not reaped it yet
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def flwr_run(app: Path, run_config: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """`flwr run` of the app folder ``app`` on a local simulation with its own FLWR_HOME."""
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text(FLOWER_CONNECTION)
+    # ports of its own: a local SuperLink another session left on Flower's fixed ports would
+    # otherwise run this app with that session's code
     env = dict(os.environ, FLWR_HOME=str(flwr_home),
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
+               FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()))
     flwr = os.path.join(os.path.dirname(sys.executable), "flwr")
     try:
         return subprocess.run([flwr, "run", ".", "--run-config", run_config, "--stream"],

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fedtune.client.app import app as client_app
-from fedtune.protocol import to_array_record
 from fedtune.config import ConfigError, load_config, to_run_config
 from fedtune.engine.inprocess import run_inprocess
 from fedtune.models.build import (
@@ -22,9 +21,10 @@ from fedtune.models.build import (
     model_spec,
     save_model,
 )
-from fedtune.models.weights import shared_state
 from fedtune.models.hf import MeanPoolingClassifier
 from fedtune.models.transfer import plain_model, shared_buffer_names, travelling_names
+from fedtune.models.weights import shared_state
+from fedtune.protocol import to_array_record
 from fedtune.server.app import run_federated
 from fedtune.task import task_resources
 from fedtune.train import logits_of

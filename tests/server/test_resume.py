@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 import os
 import random
 import signal
@@ -19,6 +18,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam
 from safetensors.numpy import load_file
 
+from fedtune.client.app import app as client_app
+from fedtune.config import ConfigError, to_run_config
+from fedtune.engine.inprocess import InProcessGrid, run_inprocess
+from fedtune.server.app import run_federated
 from fedtune.server.checkpoint import (
     Checkpoint,
     capture_attributes,
@@ -31,12 +34,7 @@ from fedtune.server.checkpoint import (
     state_to_bytes,
     write_checkpoint,
 )
-from fedtune.client.app import app as client_app
-from fedtune.config import ConfigError, to_run_config
-from fedtune.engine.inprocess import InProcessGrid
-from fedtune.engine.inprocess import run_inprocess
 from fedtune.server.exchange import RunStopped
-from fedtune.server.app import run_federated
 from fedtune.server.reporting import LogReporter
 from tests.conftest import MLP_DIGITS, REPO, tiny_config
 

@@ -159,3 +159,18 @@ def test_rfa_ignores_a_minority_of_far_away_models():
     assert np.all(np.abs(aggregate - 1.035) < 0.05)  # near the honest models' centre
     mean = np.mean([m["w"] for m in honest + attackers], axis=0)
     assert np.all(mean < -1)  # what FedAvg would have returned
+
+
+def test_rfa_holds_against_an_update_scaled_by_a_million():
+    """From the weighted mean, 4 Weiszfeld steps leave an update scaled by 1e6 hundreds of
+    model norms away (the model is destroyed); from the coordinate-wise median they do not."""
+    rng = np.random.default_rng(0)
+    honest = [{"w": rng.normal(0, 0.1, 100)} for _ in range(8)]
+    direction = rng.normal(0, 0.1, 100)
+    attackers = [{"w": -1e6 * direction} for _ in range(2)]
+    median = geometric_median(honest + attackers, [1.0] * 10)
+    centre = np.mean([h["w"] for h in honest], axis=0)
+    spread = np.median([np.linalg.norm(h["w"] - centre) for h in honest])  # about 1
+    assert np.linalg.norm(median["w"] - centre) < spread / 2
+    start = geometric_median(honest + attackers, [1.0] * 10, iterations=0)
+    assert np.linalg.norm(start["w"] - centre) < spread / 2  # the start is already robust

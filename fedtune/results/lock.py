@@ -1,0 +1,61 @@
+"""One writer per run directory: an exclusive ``flock`` on ``<run dir>/.lock`` while a run writes.
+
+A second ``fedtune run --resume`` of the same directory (or any second writer) is refused with
+a one-line error naming the process that holds the lock, instead of both appending rounds.
+The operating system releases the lock when the holder exits, however it exits (SIGKILL
+included), so a crash never leaves a stale lock behind; the file stays, holding the last
+holder's process id.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from types import TracebackType
+
+from fedtune.errors import ConfigError
+
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """``with RunLock(path):`` holds the run directory ``path`` (created if missing)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._descriptor: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(descriptor)
+            raise ConfigError(f"run directory {self.path} is in use by process {holder} (another "
+                              "fedtune run writes it): wait for it to end, or stop it") from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode("ascii"))
+        self._descriptor = descriptor
+        return self
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+            os.close(self._descriptor)
+            self._descriptor = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.release()
+
+
+def check_unlocked(path: Path) -> None:
+    """ConfigError if another process holds ``path``'s lock (it is not taken here)."""
+    if (Path(path) / LOCK_NAME).is_file():
+        RunLock(path).acquire().release()

@@ -1,0 +1,113 @@
+"""A hostile ClientApp for the attack tests: fedtune's own, whose reply chosen clients tamper with.
+
+``hostile_app({client: attack})`` trains and evaluates honestly (fedtune's ClientApp) and then
+changes the reply of each listed client as its attack says - what a client that runs its own
+code can send. It lives in a module of its own so Ray actors can import it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune.client import app as fedtune_client
+
+# train-reply attacks
+BROADCAST = "broadcast"  # first tensor declares its shape but carries one value, 1000.0
+LONGER = "longer"  # first tensor declares its shape but carries more values
+EXTRA_METRIC = "extra-metric"
+MISSING_DURATION = "missing-duration"
+LIST_METRIC = "list-metric"  # num-examples as a list
+RENAMED_RECORD = "renamed-record"  # the MetricRecord under another name
+IMPERSONATE = "impersonate"  # claims partition-id 0
+HUGE_ID = "id-99999"
+NEGATIVE_ID = "id-minus-7"
+INFLATE = "inflate"  # claims the federation's whole example count
+DECLINE = "decline"  # "my privacy budget is spent" without training
+STALE = "stale"  # from round 2 on, answers its message of round 1
+SCALE = "scale"  # a finite update scaled by 1e6
+# evaluate-reply attacks
+EVAL_NO_LOSS = "eval-no-loss"
+
+
+def _carrying(array: Array, values: np.ndarray) -> Array:
+    """``array``'s declared dtype and shape, with ``values`` as its bytes."""
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    return Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype,
+                 data=buffer.getvalue())
+
+
+def _tamper_arrays(reply: Message, change) -> None:
+    arrays: ArrayRecord = reply.content["arrays"]
+    name = next(iter(arrays.keys()))
+    arrays[name] = change(arrays[name])
+
+
+def tamper(attack: str, msg: Message, reply: Message,
+           first_messages: dict[int, Message]) -> Message:
+    """The reply a client running ``attack`` sends instead of its honest ``reply``
+    (``first_messages``: each client's first train message, for STALE)."""
+    metrics: MetricRecord = reply.content["metrics"]
+    if attack == BROADCAST:
+        _tamper_arrays(reply, lambda a: _carrying(a, np.array([1000.0], dtype=a.dtype)))
+    elif attack == LONGER:
+        _tamper_arrays(reply, lambda a: _carrying(
+            a, np.ones(int(np.prod(a.shape)) + 5, dtype=a.dtype)))
+    elif attack == EXTRA_METRIC:
+        metrics["surprise"] = 1.0
+    elif attack == MISSING_DURATION:
+        del metrics["duration-s"]
+    elif attack == LIST_METRIC:
+        metrics["num-examples"] = [1, 2]
+    elif attack == RENAMED_RECORD:
+        del reply.content["metrics"]
+        reply.content["stats"] = metrics
+    elif attack == IMPERSONATE:
+        metrics["partition-id"] = 0
+    elif attack == HUGE_ID:
+        metrics["partition-id"] = 99999
+    elif attack == NEGATIVE_ID:
+        metrics["partition-id"] = -7
+    elif attack == INFLATE:
+        metrics["num-examples"] = 10**6
+    elif attack == DECLINE:
+        del reply.content["arrays"]
+        del metrics["train-loss"]
+        reply.content["status"] = ConfigRecord({"reason": "privacy budget: spent (a lie)"})
+    elif attack == SCALE:
+        _tamper_arrays(reply, lambda a: Array(a.numpy() * np.float32(1e6)))
+    elif attack == STALE:
+        client = int(metrics["partition-id"])
+        first = first_messages.setdefault(client, msg)
+        if first is not msg:
+            return Message(RecordDict(dict(reply.content.items())), reply_to=first)
+    elif attack == EVAL_NO_LOSS:
+        del metrics["eval-loss"]
+    return reply
+
+
+def hostile_app(attacks: Mapping[int, str]) -> ClientApp:
+    """fedtune's ClientApp, except that each client in ``attacks`` runs its attack."""
+    app = ClientApp()
+    first_messages: dict[int, Message] = {}
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = fedtune_client.train(msg, context)
+        attack = attacks.get(int(context.node_config["partition-id"]))
+        if attack is None or attack == EVAL_NO_LOSS:
+            return reply
+        return tamper(attack, msg, reply, first_messages)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        reply = fedtune_client.evaluate_local(msg, context)
+        attack = attacks.get(int(context.node_config["partition-id"]))
+        return tamper(attack, msg, reply, {}) if attack == EVAL_NO_LOSS else reply
+
+    return app
