@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -106,12 +107,18 @@ def tokenize(data: LabelledData, tokenizer_path: str, max_length: int) -> TokenI
 
 @lru_cache(maxsize=4)
 def hash_bag_of_words(data: LabelledData, num_features: int) -> SparseFeatures:
-    """L2-normalised hashed unigram+bigram counts (scikit-learn HashingVectorizer)."""
+    """L2-normalised hashed unigram+bigram counts of every text of ``data``."""
+    return SparseFeatures(hashed_features(data.texts, num_features))
+
+
+def hashed_features(texts: Sequence[str], num_features: int) -> sp.csr_matrix:
+    """L2-normalised hashed unigram+bigram counts (scikit-learn HashingVectorizer): stateless,
+    so new texts get the features the model was trained on."""
     from sklearn.feature_extraction.text import HashingVectorizer
 
     vectorizer = HashingVectorizer(n_features=num_features, ngram_range=(1, 2),
                                    alternate_sign=False, norm="l2", dtype=np.float32)
-    return SparseFeatures(vectorizer.transform(data.texts).tocsr())
+    return vectorizer.transform(texts).tocsr()
 
 
 def input_dim(encoded: Encoded) -> int:

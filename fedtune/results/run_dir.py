@@ -49,7 +49,9 @@ class RoundRow:
 
 @dataclass
 class ClientRow:
-    """One line of clients.csv: one client's training in one round."""
+    """One line of clients.csv: one client's training in one round. ``num_examples`` is the
+    size of its training split (what FedAvg weights by), ``examples_trained`` how many examples
+    its local steps went through (local_steps x batch_size, or its epochs' worth)."""
 
     round: int
     client_id: int | None
@@ -59,6 +61,7 @@ class ClientRow:
     duration_s: float | None
     status: str
     reason: str = ""
+    examples_trained: int | None = None
 
 
 METRICS_COLUMNS = [f.name for f in fields(RoundRow)]
@@ -167,6 +170,11 @@ class RunDirectory:
     @property
     def model_dir(self) -> Path:
         return self.path / "model"
+
+    @property
+    def best_model_dir(self) -> Path:
+        """The best round's model (``run.save_best``)."""
+        return self.path / "model_best"
 
     @property
     def plots_dir(self) -> Path:

@@ -26,6 +26,7 @@ from fedtune.results.plots import plot_partitions
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.grid import SimulatedGrid
 from fedtune.server.listeners import (
+    BestModel,
     FinalArtifacts,
     NoUpdateStop,
     PrivacyStop,
@@ -101,7 +102,8 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     run = FederatedRun(config, grid, resources, strategy, privacy, state, reporter.phase, stop)
     artifacts = FinalArtifacts(run_dir, plan)
     listeners: list[RunListener] = [
-        NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir), artifacts,
+        NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir),
+        *([BestModel(run_dir)] if config.run.save_best else []), artifacts,
         ProgressListener(reporter, run_dir, artifacts), checkpointer,
     ]
     for listener in listeners:

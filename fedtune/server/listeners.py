@@ -6,9 +6,11 @@
    run; a round in which every sampled client had spent its budget is the last.
 3. ``RoundWriter``: one metrics.csv row and the clients.csv rows of each round, and what the
    strategy aggregated from the train replies (strategy_metrics.jsonl).
-4. ``FinalArtifacts``: the final model, plots and summary.json.
-5. ``ProgressListener``: the live reporter (a terminal, or log lines).
-6. ``fedtune.server.resume.Checkpointer``: the checkpoint after each round (and on abort).
+4. ``BestModel`` (``run.save_best``): the model of the best round so far, in model_best/.
+5. ``FinalArtifacts``: the final model, plots and summary.json.
+6. ``Tracking`` (``[tracking]``): TensorBoard and MLflow (``fedtune.results.tracking``).
+7. ``ProgressListener``: the live reporter (a terminal, or log lines).
+8. ``fedtune.server.resume.Checkpointer``: the checkpoint after each round (and on abort).
 """
 
 from __future__ import annotations
@@ -71,6 +73,29 @@ class RoundWriter(RunListener):
         self.run_dir.append_round(outcome.row, outcome.clients, metrics)
 
 
+class BestModel(RunListener):
+    """``run.save_best``: after a round whose global test accuracy beats every earlier round's,
+    its model goes to <run dir>/model_best/ (a resumed run remembers the best so far)."""
+
+    def __init__(self, run_dir: RunDirectory) -> None:
+        self.run_dir = run_dir
+        self.best = -1.0
+
+    def run_started(self, run: FederatedRun) -> None:
+        earlier = [float(r["eval_accuracy"]) for r in self.run_dir.metrics()
+                   if r.get("eval_accuracy") not in (None, "")]
+        self.best = max(earlier, default=-1.0)
+
+    def round_ended(self, run: FederatedRun, outcome: RoundOutcome) -> None:
+        accuracy = outcome.row.eval_accuracy
+        if accuracy is None or accuracy <= self.best:
+            return
+        self.best = accuracy
+        # the round's server evaluation left the new global weights in the resident model
+        load_shared_state(run.resources.model, protocol.to_numpy(run.state.arrays))
+        save_model(run.resources.model, run.resources.spec, self.run_dir.best_model_dir)
+
+
 class FinalArtifacts(RunListener):
     """The final model, the plots and summary.json, when every round is done."""
 
@@ -97,6 +122,8 @@ class FinalArtifacts(RunListener):
             privacy=run.privacy.summary(config, self.plan),
             runtime={"backend": config.engine.backend,
                      "reproducible": RUNTIMES[config.engine.backend].reproducible})
+        if config.run.save_best and self.run_dir.best_model_dir.is_dir():
+            self.summary["best"]["model"] = self.run_dir.best_model_dir.name
         self.run_dir.write_json("summary.json", self.summary)
 
 

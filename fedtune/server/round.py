@@ -115,11 +115,13 @@ def _reply_row(server_round: int, reply: Message, status: str, reason: str,
     node_to_client[reply.metadata.src_node_id] = client_id
     epsilon = protocol.metric(reply, protocol.EPSILON)
     loss = protocol.metric(reply, protocol.TRAIN_LOSS)
+    trained = protocol.metric(reply, protocol.EXAMPLES_SEEN)
     return ClientRow(server_round, client_id,
                      int(protocol.metric(reply, protocol.NUM_EXAMPLES)),
                      None if loss is None else float(loss),
                      None if epsilon is None else float(epsilon),
-                     float(protocol.metric(reply, protocol.DURATION_S)), status, reason)
+                     float(protocol.metric(reply, protocol.DURATION_S)), status, reason,
+                     None if trained is None else int(trained))
 
 
 def client_rows(server_round: int, train: Exchange, screened: ScreenedReplies,
