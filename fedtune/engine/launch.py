@@ -6,6 +6,7 @@ import threading
 
 from fedtune.config import Config
 from fedtune.results.run_dir import RunDirectory
+from fedtune.results.tracking import check_tracking
 from fedtune.server.reporting import Reporter
 from fedtune.tables.privacy_modes import privacy_mode
 from fedtune.tables.runtimes import RUNTIMES
@@ -26,5 +27,6 @@ def launch(config: Config, reporter: Reporter | None = None,
 def preflight(config: Config) -> None:
     """The checks that need the data or the accountant (client counts and sizes, the privacy
     plan), so they fail here, before any worker starts."""
+    check_tracking(config)
     task_resources(config)
     privacy_mode(config).plan(config)

@@ -24,6 +24,7 @@ from fedtune.models.weights import shared_state
 from fedtune.protocol import to_array_record
 from fedtune.results.plots import plot_partitions
 from fedtune.results.run_dir import RunDirectory
+from fedtune.results.tracking import trackers
 from fedtune.server.grid import SimulatedGrid
 from fedtune.server.listeners import (
     BestModel,
@@ -32,6 +33,7 @@ from fedtune.server.listeners import (
     PrivacyStop,
     ProgressListener,
     RoundWriter,
+    Tracking,
 )
 from fedtune.server.loop import RunListener, run_rounds
 from fedtune.server.reporting import LogReporter, Reporter
@@ -104,6 +106,7 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     listeners: list[RunListener] = [
         NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir),
         *([BestModel(run_dir)] if config.run.save_best else []), artifacts,
+        *([Tracking(chosen, run_dir)] if (chosen := trackers(config)) else []),
         ProgressListener(reporter, run_dir, artifacts), checkpointer,
     ]
     for listener in listeners:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from logging import INFO
 from typing import Any
 
@@ -28,6 +29,7 @@ from fedtune.privacy.mode import PrivacyPlan
 from fedtune.results.plots import plot_accuracy_loss, plot_epsilon
 from fedtune.results.run_dir import RunDirectory
 from fedtune.results.summary import build_summary
+from fedtune.results.tracking import Tracker
 from fedtune.server.loop import RunListener
 from fedtune.server.reporting import Reporter
 from fedtune.server.round import FederatedRun, RoundOutcome
@@ -125,6 +127,38 @@ class FinalArtifacts(RunListener):
         if config.run.save_best and self.run_dir.best_model_dir.is_dir():
             self.summary["best"]["model"] = self.run_dir.best_model_dir.name
         self.run_dir.write_json("summary.json", self.summary)
+
+
+class Tracking(RunListener):
+    """Sends each round to the trackers ``[tracking]`` asks for (TensorBoard, MLflow). A tracker
+    that fails after the run started is dropped with a warning: the run and its directory go on."""
+
+    def __init__(self, trackers: list[Tracker], run_dir: RunDirectory) -> None:
+        self.trackers = trackers
+        self.run_dir = run_dir
+
+    def run_started(self, run: FederatedRun) -> None:
+        for tracker in self.trackers:
+            tracker.start(run.config, self.run_dir, run.state.server_round + 1)
+
+    def _each(self, hook: str, *args: Any) -> None:
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, hook)(*args)
+            except Exception as error:  # noqa: BLE001 - tracking must not end a run
+                self.trackers.remove(tracker)
+                warnings.warn(f"{type(tracker).__name__} stopped logging this run: {error}",
+                              RuntimeWarning, stacklevel=2)
+
+    def round_ended(self, run: FederatedRun, outcome: RoundOutcome) -> None:
+        self._each("round", outcome.row, outcome.clients)
+
+    def run_ended(self, run: FederatedRun, final: EvalResult) -> None:
+        self._each("finish", self.run_dir)
+
+    def run_aborted(self, run: FederatedRun, error: BaseException) -> None:
+        stopped = type(error).__name__ in ("RunStopped", "KeyboardInterrupt")
+        self._each("close", not stopped)
 
 
 class ProgressListener(RunListener):

@@ -37,7 +37,7 @@ from fedtune.server.state import RoundState
 
 # keys a resume may change: where and how long the run goes on, and on which runtime
 RESUME_MAY_CHANGE = {"run": {"dir", "output_dir", "rounds", "checkpoint_every", "resume"},
-                     "engine": None}  # None: every key of the section
+                     "engine": None, "tracking": None}  # None: every key of the section
 
 
 class Checkpointer(RunListener):
@@ -116,7 +116,7 @@ def check_resumable(config: Config) -> int:
         raise ConfigError(f"run.dir = {config.run.dir!r} is not allowed with run.resume = true: "
                           "it has no checkpoint (written every run.checkpoint_every rounds and "
                           "on Ctrl-C)")
-    saved = to_dict(load_config(Path(config.run.dir) / "config.toml"))
+    saved = to_dict(load_config(Path(config.run.dir) / "config.toml", resolved=True))
     current = to_dict(config)
     for section, values in current.items():
         free = RESUME_MAY_CHANGE.get(section, set())
@@ -126,7 +126,7 @@ def check_resumable(config: Config) -> int:
             raise ConfigError(
                 f"{section}.{key} = {value!r} is not allowed when resuming: must be "
                 f"{saved[section][key]!r} as in {config.run.dir}/config.toml (only run.rounds, "
-                "run.checkpoint_every and engine.* may change)"
+                "run.checkpoint_every, engine.* and tracking.* may change)"
             )
     if config.run.rounds < server_round:
         raise ConfigError(
