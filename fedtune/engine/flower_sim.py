@@ -36,8 +36,9 @@ def backend_config(config: Config) -> dict:
     """Ray resources: each client gets engine.client_cpus cores and engine.client_gpus GPUs."""
     import torch
 
+    # workers' output comes to the driver, which the CLI sends to <run dir>/log.txt
     init_args: dict = {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR",
-                       "log_to_driver": False}  # client failures come back as error replies
+                       "log_to_driver": True}
     if torch.cuda.is_available():
         init_args["num_gpus"] = torch.cuda.device_count()
         if config.engine.client_gpus == 0 and config.client.device == "auto":

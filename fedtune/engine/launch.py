@@ -20,8 +20,17 @@ def launch(config: Config, reporter: Reporter | None = None,
     Setting ``stop`` ends the run after the client being waited for, with
     ``fedtune.server.exchange.RunStopped`` and a checkpoint of the last finished round.
     """
+    runtime = RUNTIMES[config.engine.backend]
+    stage = reporter.stage if reporter is not None else _silent
+    stage("loading the data and the model" + (
+        "" if config.model.kind == "mlp" else " (tokenising once, cached after)"))
     preflight(config)
-    return RUNTIMES[config.engine.backend].load()(config, reporter, stop)
+    stage(runtime.starting)
+    return runtime.load()(config, reporter, stop)
+
+
+def _silent(text: str) -> None:
+    pass
 
 
 def preflight(config: Config) -> None:

@@ -2,7 +2,7 @@
 
 ```
 <run dir>/config.toml  env.json  metrics.csv  clients.csv  partitions.csv  summary.json
-          model/  plots/
+          log.txt  model/  plots/  (model_best/, tb/, tracking.json as configured)
 ```
 
 Rows are appended and flushed as each round ends, so a run that dies keeps every finished
@@ -108,6 +108,12 @@ def default_run_path(config: Config) -> Path:
     return target
 
 
+def is_empty_run_dir(path: Path) -> bool:
+    """True for a directory a new run may take: missing, empty, or holding only the log.txt
+    that the run's launcher opened before it (``fedtune.results.run_log``)."""
+    return not path.exists() or all(p.name == "log.txt" for p in path.iterdir())
+
+
 class RunDirectory:
     """Writes (and reads back) one run's results."""
 
@@ -118,7 +124,7 @@ class RunDirectory:
     def create(cls, config: Config, path: str | Path | None = None) -> RunDirectory:
         """A new directory (``path``, or ``<run.output_dir>/<run.name>-<UTC time>``)."""
         target = Path(path) if path else default_run_path(config)
-        if target.exists() and any(target.iterdir()):
+        if not is_empty_run_dir(target):
             raise FileExistsError(f"run directory {target} exists and is not empty")
         target.mkdir(parents=True, exist_ok=True)
         (target / "plots").mkdir(exist_ok=True)

@@ -311,19 +311,25 @@ def result_row(run: SweepRun) -> dict[str, Any]:
 
 
 def run_sweep(spec: SweepSpec, run_one: Callable[[Config], Any],
-              on_run: Callable[[int, int, SweepRun, str], None] | None = None
+              on_run: Callable[[int, int, SweepRun, str], None] | None = None,
+              before_run: Callable[[int, int, SweepRun], None] | None = None
               ) -> list[dict[str, Any]]:
-    """Run every unfinished point with ``run_one``; returns one result row per point."""
+    """Run every unfinished point that ``--grid`` selects with ``run_one``; returns one result
+    row per point run or finished before. ``before_run`` / ``on_run`` hear of each such point
+    (its number among them, how many there are; ``on_run`` also "done" or why it was
+    skipped)."""
     spec.directory.mkdir(parents=True, exist_ok=True)
-    runs = expand_reference(spec) + expand(spec)
+    runs = [(run, is_finished(Path(run.config.run.dir), run.config))
+            for run in expand_reference(spec) + expand(spec)]
+    runs = [(run, finished) for run, finished in runs if finished or spec.selects(run)]
     rows = []
-    for index, run in enumerate(runs, start=1):
+    for index, (run, finished) in enumerate(runs, start=1):
         run_dir = Path(run.config.run.dir)
-        if is_finished(run_dir, run.config):
+        if finished:
             status = "skipped (finished before)"
-        elif not spec.selects(run):
-            continue
         else:
+            if before_run is not None:
+                before_run(index, len(runs), run)
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # an interrupted or changed run starts again
             run_one(run.config)

@@ -28,6 +28,7 @@ class RuntimeEntry(Entry):
     client_states: bool = True  # checkpoints keep every client's Context.state
     reproducible: bool = True  # the same config gives the same metrics, run after run
     check: Callable[[Config], None] | None = None
+    starting: str = "starting the clients"  # what the user is told while it starts
 
 
 def _check_ray(config: Config) -> None:
@@ -55,14 +56,17 @@ RUNTIMES: dict[str, RuntimeEntry] = {
             "aggregate_on_actors": Key(False, "actors sum FedAvg's weighted updates and send "
                                               "one partial sum each"),
         },
-        implementation="fedtune.engine.ray_engine:run_ray_engine", check=_check_ray),
+        implementation="fedtune.engine.ray_engine:run_ray_engine", check=_check_ray,
+        starting="starting Ray and its workers (each loads the data and the model)"),
     "flower": RuntimeEntry(
         "Flower's own Ray simulation (the runtime of `flwr run`)",
         implementation="fedtune.engine.flower_sim:run_flower", client_states=False,
-        reproducible=False),
+        reproducible=False,
+        starting="starting Flower's simulation runtime (Ray, one SuperNode per client)"),
     "inprocess": RuntimeEntry(
         "every client in this process, one after another (no Ray; for debugging)",
-        implementation="fedtune.engine.inprocess:run_inprocess"),
+        implementation="fedtune.engine.inprocess:run_inprocess",
+        starting="building the global model"),
 }
 
 
