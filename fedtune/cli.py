@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import signal
 import sys
 import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from rich.table import Table
 from fedtune import __version__
 from fedtune.config import Config, ConfigError, ConfigWarning, describe, load_config, to_toml
 from fedtune.results.run_dir import is_empty_run_dir, json_safe
-from fedtune.results.run_log import capture_run_log
+from fedtune.results.run_log import capture_run_log, quiet_libraries
 
 NORMAL, QUIET, JSON = "normal", "quiet", "json"  # what a command prints (--quiet, --json)
 
@@ -100,6 +98,8 @@ class RichReporter:
             return
         header = " ".join(f"{title:>{w}}" for (_, title, _), w in zip(METRIC_COLUMNS, WIDTHS))
         self.console.print(header, style="bold")
+        if not self.console.is_terminal:  # a pipe, a log, a notebook: the round lines only
+            return
         self.progress.start()
         self.task_id = self.progress.add_task("fl", total=config.data.num_clients, round=1,
                                               rounds=self.rounds, phase="train", loss="-",
@@ -119,9 +119,10 @@ class RichReporter:
         values = row.__dict__
         self.console.print(" ".join(f"{_fmt(values.get(key), pattern, key):>{w}}"
                                     for (key, _, pattern), w in zip(METRIC_COLUMNS, WIDTHS)))
-        self.progress.update(self.task_id, completed=0,
-                             loss=_fmt(row.train_loss, "{:.4f}", ""),
-                             acc=_fmt(row.eval_accuracy, "{:.4f}", ""))
+        if self.task_id is not None:
+            self.progress.update(self.task_id, completed=0,
+                                 loss=_fmt(row.train_loss, "{:.4f}", ""),
+                                 acc=_fmt(row.eval_accuracy, "{:.4f}", ""))
 
     def finish(self, summary: dict[str, Any], run_dir: Any) -> None:
         self.close()
@@ -130,14 +131,6 @@ class RichReporter:
         self._stop_status()
         if self.progress.live.is_started:
             self.progress.stop()
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from flwr.supercore.logger import FLOWER_LOGGER  # importing it resets its level
-
-    FLOWER_LOGGER.setLevel(logging.INFO)  # into log.txt (the terminal shows none of it)
 
 
 def _run_config(args: argparse.Namespace) -> Config:
@@ -263,7 +256,7 @@ class _RunFailed(Exception):
 
 def _launch(config: Config, reporter: Any, stop: threading.Event, verbose: bool) -> bool:
     """Run ``config`` (inside its log capture); True when Ctrl-C stopped it."""
-    _quiet_libraries()
+    quiet_libraries()
     from fedtune.engine.launch import launch
     from fedtune.server.exchange import RunStopped
 
@@ -404,7 +397,8 @@ class SweepReporter:
 
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
-    from fedtune.studies.sweep import SEED_KEY, grid_keys, load_sweep, run_sweep
+    from fedtune.studies.sweep import load_sweep, run_sweep
+    from fedtune.studies.tables import write_outputs
 
     mode = _mode(args)
     spec = load_sweep(args.config, args.set, args.grid)
@@ -418,7 +412,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
 
     def run_one(config: Config) -> None:
         with capture_run_log(Path(config.run.dir), echo=args.verbose):
-            _quiet_libraries()
+            quiet_libraries()
             from fedtune.engine.launch import launch
 
             launch(config, reporter)
@@ -449,45 +443,16 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
         rows = run_sweep(spec, run_one, on_run, before_run)
     finally:
         reporter.close()
+    written = write_outputs(spec, rows)
     if mode == JSON:
-        _write_sweep_outputs(spec, rows, grid_keys, SEED_KEY, None)
         return 0
-    _write_sweep_outputs(spec, rows, grid_keys, SEED_KEY, console if mode == NORMAL else None)
-    if mode == QUIET:
-        console.print((spec.directory / "table.md").read_text(), highlight=False)
+    for path in written:
+        if path.suffix == ".md":
+            console.print(path.read_text(), highlight=False)
+        elif mode == NORMAL:
+            console.print(f"wrote {path}", highlight=False)
     console.print(f"sweep directory: {spec.directory}", highlight=False)
     return 0
-
-
-def _write_sweep_outputs(spec: Any, rows: list[dict], grid_keys: Callable, seed_key: str,
-                         console: Console | None) -> None:
-    """table.md (printed), the pivot, the plots and curves the sweep file asks for."""
-    from fedtune.results.plots import plot_curves, plot_round_curves, plot_sweep
-    from fedtune.studies.tables import round_curves, run_curves, write_pivot, write_table
-
-    def say(text: str) -> None:
-        if console is not None:
-            console.print(text, highlight=False)
-
-    table = write_table(spec, rows)
-    say((spec.directory / "table.md").read_text())
-    x_key, series_key = spec.extra.get("x"), spec.extra.get("series")
-    if x_key:
-        path = spec.directory / "plot.png"
-        keys = [key for key in grid_keys(spec) if key != seed_key]
-        plot_sweep(table, keys, x_key, series_key, spec.metric, path)
-        say(f"wrote {path}")
-    if spec.extra.get("rows"):
-        path = write_pivot(spec, table, spec.extra["rows"])
-        say(path.read_text())
-    if spec.extra.get("bytes_curves"):
-        path = spec.directory / "bytes_curves.png"
-        plot_curves(run_curves(spec), path)
-        say(f"wrote {path}")
-    if spec.extra.get("curves"):
-        path = spec.directory / "curves.png"
-        plot_round_curves(round_curves(spec, rows), spec.extra["curves"], spec.metric, path)
-        say(f"wrote {path}")
 
 
 def cmd_certs(args: argparse.Namespace, console: Console) -> int:

@@ -54,6 +54,7 @@ __all__ = [
     "ConfigWarning",
     "NoEffect",
     "clients_per_round",
+    "config_from_raw",
     "describe",
     "from_dict",
     "from_run_config",
@@ -514,6 +515,15 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
     section that lists every one of its keys, as a copy of a config.toml does).
     """
     raw: dict[str, Any] = {} if path is None else read_toml(path, "config file")
+    return config_from_raw(raw, overrides, resolved)
+
+
+def config_from_raw(raw: Mapping[str, Any], overrides: Iterable[str] = (),
+                    resolved: bool = False) -> Config:
+    """``load_config`` for the tables of a config already read (``{"data": {"alpha": 0.5}}``,
+    ``to_dict`` of a Config with ``resolved``)."""
+    raw = {section: dict(table) if isinstance(table, Mapping) else table
+           for section, table in raw.items()}
     from_file = set() if resolved else _written_keys(raw)
     from_overrides: set[str] = set()
     for text in overrides:

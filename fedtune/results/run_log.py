@@ -27,6 +27,16 @@ LOG_NAME = "log.txt"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def quiet_libraries() -> None:
+    """Before a run: no hub downloads, no tokenizer fork warnings, Flower's records at INFO
+    (into log.txt inside ``capture_run_log``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from flwr.supercore.logger import FLOWER_LOGGER  # importing it resets its level
+
+    FLOWER_LOGGER.setLevel(logging.INFO)
+
+
 def single_flower_lines() -> None:
     """Flower's records reach the terminal through Flower's own handler only."""
     logging.getLogger("flwr").propagate = False
