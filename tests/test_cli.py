@@ -1,0 +1,174 @@
+"""What the command line prints: a line from the first second, progress, one line per round or
+per sweep run, --quiet, --json, --dry-run, --version; library output in <run dir>/log.txt."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedtune import __version__
+from fedtune.config import describe
+from fedtune.results.run_dir import METRICS_COLUMNS
+from tests.conftest import MLP_DIGITS, REPO, rows_of
+
+SETS = [arg for override in MLP_DIGITS for arg in ("--set", override)]
+
+
+def fedtune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedtune", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def test_version():
+    out = fedtune("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"fedtune {__version__}"
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f'version = "{__version__}"' in pyproject
+
+
+@pytest.mark.slow
+def test_run_speaks_at_once_and_keeps_library_output_in_its_log(tmp_path):
+    """The first line comes before torch or Flower load; library warnings and Flower's log
+    lines (once each) go to log.txt, not to the terminal."""
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "fedtune", "run", "--output",
+                                str(tmp_path / "run"), *SETS, "--set",
+                                "privacy.mode=local", "--set", "privacy.target_epsilon=8",
+                                "--set", "privacy.delta=1e-3", "--set", "client.optimizer=sgd"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=REPO)
+    first_line = process.stdout.readline()
+    first_output_s = time.perf_counter() - started
+    rest, errors = process.communicate(timeout=300)
+    assert process.returncode == 0, errors[-2000:]
+    print(f"first output after {first_output_s:.2f}s")
+    assert first_line.startswith(f"fedtune {__version__} · fedtune: digits, 4 clients (iid)")
+    assert first_output_s < 5  # about 0.3 s on an idle machine: no torch, Flower or Ray yet
+    lines = (first_line + rest).splitlines()
+    assert "loading the data and the model ..." in lines  # the stages, as lines when piped
+    assert lines[-1] == f"run directory: {tmp_path / 'run'}"
+    assert errors == ""
+    assert not any("warn" in line.lower() and "log.txt" not in line for line in lines)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "UserWarning" in log  # Opacus' and torch's warnings under DP-SGD are kept there
+    assert log.count("configure_train: Sampled 4 nodes") == 2  # once per round, not twice
+    assert any(line.endswith(f"library warnings and log lines: {tmp_path / 'run'}/log.txt")
+               for line in lines)
+
+
+@pytest.mark.slow
+def test_quiet_prints_the_result_only_and_json_prints_rounds(tmp_path):
+    quiet = fedtune("run", "--quiet", "--output", str(tmp_path / "q"), *SETS)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    lines = quiet.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("final global test accuracy ")
+    assert lines[1] == f"run directory: {tmp_path / 'q'}"
+
+    out = fedtune("run", "--json", "--output", str(tmp_path / "j"), *SETS)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rounds = [json.loads(line) for line in out.stdout.splitlines()]
+    csv_rows = rows_of(tmp_path / "j" / "metrics.csv")
+    assert [r["round"] for r in rounds] == [1, 2]
+    for line, row in zip(rounds, csv_rows, strict=True):
+        assert set(line) == {*METRICS_COLUMNS, "run_dir"}
+        assert line["run_dir"] == str(tmp_path / "j")
+        assert f"{line['eval_accuracy']:.6g}" == row["eval_accuracy"]
+        assert line["bytes_up"] == int(row["bytes_up"])
+
+
+def test_dry_run_prints_the_config_and_the_partitions_and_trains_nothing(tmp_path):
+    out = fedtune("run", "--dry-run", "--output", str(tmp_path / "dry"), *SETS,
+                  "--set", "data.partitioner=dirichlet", "--set", "data.alpha=0.3")
+    assert out.returncode == 0, out.stderr
+    assert "[data]" in out.stdout and 'partitioner = "dirichlet"' in out.stdout
+    assert "partitions: examples per client" in out.stdout
+    assert "4 clients, " in out.stdout and "nothing was trained" in out.stdout
+    assert not (tmp_path / "dry").exists()
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_returns_at_once(tmp_path):
+    run_dir = tmp_path / "done"
+    assert fedtune("run", "--quiet", "--output", str(run_dir), *SETS).returncode == 0
+    before = (run_dir / "summary.json").read_bytes()
+    started = time.perf_counter()
+    again = fedtune("run", "--resume", str(run_dir))
+    took = time.perf_counter() - started
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == f"{run_dir} already finished 2 rounds: nothing to do " \
+                                   "(--set run.rounds=N continues it)"
+    assert took < 10  # no torch, no data, no clients
+    assert (run_dir / "summary.json").read_bytes() == before
+
+
+def test_config_listing_keeps_whole_lines_when_piped():
+    out = fedtune("config")
+    lines = out.stdout.splitlines()
+    assert len(lines) == len(describe())
+    for (key, default, help_text), line in zip(describe(), lines, strict=True):
+        assert line == f"{key} = {default!r}  # {help_text}"
+    assert max(map(len, lines)) > 120  # nothing cut or wrapped at 80 columns
+
+
+@pytest.mark.slow
+def test_sweep_prints_one_line_per_run_and_the_table(tmp_path):
+    file = tmp_path / "sweep.toml"
+    file.write_text(f"""
+[sweep]
+name = "cli"
+output_dir = "{tmp_path / 'sweeps'}"
+[sweep.grid]
+"client.lr" = [0.001, 0.01]
+[data]
+dataset = "digits"
+num_clients = 3
+partitioner = "iid"
+[model]
+kind = "mlp"
+hidden_sizes = [16]
+[client]
+local_steps = 2
+[run]
+rounds = 1
+[engine]
+backend = "inprocess"
+""")
+    out = fedtune("sweep", str(file))
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"fedtune {__version__} · sweep cli: {tmp_path / 'sweeps' / 'cli'}"
+    assert [line.split(":")[0] for line in lines[1:3]] == ["[1/2] client.lr=0.001",
+                                                           "[2/2] client.lr=0.01"]
+    assert lines[3].startswith("| client.lr | eval_accuracy (mean ± std) |")
+    assert len(lines) == 9 and out.stderr == ""
+    quiet = fedtune("sweep", "--quiet", str(file))  # both finished: skipped, table again
+    assert quiet.stdout.splitlines()[0] == lines[3] and "[1/2]" not in quiet.stdout
+    for run_dir in (tmp_path / "sweeps" / "cli" / "runs").iterdir():
+        assert (run_dir / "log.txt").is_file()
+
+
+def test_a_failing_run_says_why_in_one_line_with_its_traceback_in_the_log(tmp_path):
+    out = fedtune("run", "--output", str(tmp_path / "fail"), *SETS,
+                  "--set", "faults.crash_probability=1", "--set",
+                  "run.max_rounds_without_update=1")
+    assert out.returncode == 1
+    assert out.stderr.startswith("fedtune: run failed: RuntimeError: round 1: 1 rounds in a row "
+                                 "without enough sound client updates")
+    assert out.stderr.rstrip().endswith(f"(traceback in {tmp_path / 'fail'}/log.txt)")
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert "Traceback (most recent call last)" in (tmp_path / "fail" / "log.txt").read_text()
+
+
+def test_a_config_warning_is_one_line_on_stderr(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text("[client]\nlocal_epochs = 2\n")
+    out = fedtune("run", str(file), "--dry-run", *SETS)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == [
+        "fedtune: warning: client.local_epochs = 2 has no effect with client.local_steps = 5: "
+        "only client.local_steps = 0 uses it"]
+
