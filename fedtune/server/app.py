@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import threading
 import time
+from logging import WARNING
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from flwr.app import Context
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.config import Config, ConfigError, from_run_config
+from fedtune.config import Config, ConfigError, from_run_config, keys_without_effect
 from fedtune.models.build import build_model
 from fedtune.models.weights import shared_state
 from fedtune.protocol import to_array_record
@@ -43,6 +46,13 @@ from fedtune.server.state import RoundState
 from fedtune.server.strategies import build_strategy
 from fedtune.tables.privacy_modes import privacy_mode
 from fedtune.task import TaskResources, task_resources
+
+
+# a SuperLink (flwr run, a deployment) names its nodes with random ids, which Flower's
+# strategies sample from: the same seed samples other clients in each run
+SUPERLINK_RUNTIME = {"backend": "flwr run (a SuperLink)", "reproducible": False,
+                     "note": "Flower samples clients from random node ids: other clients "
+                             "train in each run of the same config"}
 
 
 class NodesMissing(ConfigError):
@@ -82,12 +92,14 @@ def new_run(config: Config, resources: TaskResources, grid: Grid, stateful: Simp
 
 
 def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
-                  stop: threading.Event | None = None) -> RunDirectory:
+                  stop: threading.Event | None = None,
+                  runtime: dict[str, Any] | None = None) -> RunDirectory:
     """Run every round of the configured federation on ``grid``; returns the run directory.
 
     Setting ``stop`` (from another thread) ends the run while it waits for replies, with
     ``fedtune.server.exchange.RunStopped``; whenever the run ends early, the last finished
-    round is checkpointed.
+    round is checkpointed. ``runtime``: summary.json's runtime section, when the runtime is
+    not the one ``engine.backend`` names (a SuperLink's, under ``flwr run``).
     """
     reporter = reporter or LogReporter()
     torch.manual_seed(config.run.seed)
@@ -102,7 +114,7 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     else:
         run_dir, state, checkpointer = new_run(config, resources, grid, stateful)
     run = FederatedRun(config, grid, resources, strategy, privacy, state, reporter.phase, stop)
-    artifacts = FinalArtifacts(run_dir, plan)
+    artifacts = FinalArtifacts(run_dir, plan, runtime)
     listeners: list[RunListener] = [
         NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir),
         *([BestModel(run_dir)] if config.run.save_best else []), artifacts,
@@ -128,7 +140,10 @@ def make_server_app(reporter: Reporter | None = None,
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federated(grid, from_run_config(context.run_config), reporter, stop)
+        config = from_run_config(context.run_config)
+        for ignored in keys_without_effect(config):
+            log(WARNING, "fedtune: %s", ignored.message())
+        run_federated(grid, config, reporter, stop, runtime=SUPERLINK_RUNTIME)
 
     return server_app
 

@@ -101,9 +101,11 @@ class BestModel(RunListener):
 class FinalArtifacts(RunListener):
     """The final model, the plots and summary.json, when every round is done."""
 
-    def __init__(self, run_dir: RunDirectory, plan: PrivacyPlan) -> None:
+    def __init__(self, run_dir: RunDirectory, plan: PrivacyPlan,
+                 runtime: dict[str, Any] | None = None) -> None:
         self.run_dir = run_dir
         self.plan = plan
+        self.runtime = runtime  # None: engine.backend's, as the runtime table describes it
         self.summary: dict[str, Any] = {}
 
     def run_ended(self, run: FederatedRun, final: EvalResult) -> None:
@@ -122,8 +124,9 @@ class FinalArtifacts(RunListener):
             config, resources, self.run_dir, final, total_s, run.state.stop_reason,
             strategy={"name": config.strategy.name, **strategy_arguments(config)},
             privacy=run.privacy.summary(config, self.plan),
-            runtime={"backend": config.engine.backend,
-                     "reproducible": RUNTIMES[config.engine.backend].reproducible})
+            runtime=self.runtime or {
+                "backend": config.engine.backend,
+                "reproducible": RUNTIMES[config.engine.backend].reproducible})
         if config.run.save_best and self.run_dir.best_model_dir.is_dir():
             self.summary["best"]["model"] = self.run_dir.best_model_dir.name
         self.run_dir.write_json("summary.json", self.summary)
