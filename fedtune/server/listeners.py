@@ -28,7 +28,7 @@ from fedtune.models.weights import load_shared_state
 from fedtune.privacy.mode import PrivacyPlan
 from fedtune.results.plots import plot_accuracy_loss, plot_epsilon
 from fedtune.results.run_dir import RunDirectory
-from fedtune.results.summary import build_summary
+from fedtune.results.summary import build_summary, majority_class_accuracy, run_title
 from fedtune.results.tracking import Tracker
 from fedtune.server.loop import RunListener
 from fedtune.server.reporting import Reporter
@@ -115,7 +115,8 @@ class FinalArtifacts(RunListener):
         load_shared_state(resources.model, protocol.to_numpy(run.state.arrays))
         save_model(resources.model, resources.spec, self.run_dir.model_dir)
         rows = self.run_dir.metrics()
-        plot_accuracy_loss(rows, self.run_dir.plots_dir / "accuracy_loss.png")
+        plot_accuracy_loss(rows, self.run_dir.plots_dir / "accuracy_loss.png",
+                           majority_class_accuracy(resources), run_title(config))
         if PRIVACY_MODES[config.privacy.mode].spends_budget:
             plot_epsilon(rows, config.privacy.target_epsilon,
                          self.run_dir.plots_dir / "epsilon.png")
