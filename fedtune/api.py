@@ -148,8 +148,11 @@ def _reporter(progress: bool) -> Any:
 
     from fedtune.cli import NORMAL, QUIET, RichReporter
 
-    # bound to this stdout: the log capture takes sys.stdout while the run lasts
-    return RichReporter(Console(file=sys.stdout, soft_wrap=True), NORMAL if progress else QUIET)
+    # plain lines, bound to this stdout (a notebook's too): the log capture takes sys.stdout
+    # while the run lasts
+    console = Console(file=sys.stdout, soft_wrap=True, color_system=None, highlight=False,
+                      force_jupyter=False, force_terminal=False)
+    return RichReporter(console, NORMAL if progress else QUIET)
 
 
 def run(config: ConfigLike = None, overrides: Overrides = None, output: str | Path | None = None,
