@@ -233,15 +233,16 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         reporter.close()
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if stopped:
-        console.print(f"[bold yellow]stopped[/]: checkpoint in {run_dir}/checkpoint; "
-                      f"continue with: fedtune run --resume {run_dir}", highlight=False)
+        text = (f"stopped: checkpoint in {run_dir}/checkpoint; continue with: fedtune run "
+                f"--resume {run_dir}")
+        print(text, file=sys.stderr if mode == JSON else console.file)  # stdout: JSON only
         return 130
     if mode == JSON:
         return 0
     if mode == NORMAL:
         _print_summary(console, run_dir)
         if run_log.warnings:
-            console.print(f"{run_log.warnings} library warnings and log lines: {run_log.path}",
+            console.print(f"library warnings: {run_log.warnings}, in {run_log.path}",
                           highlight=False)
         console.print(f"finished in {time.perf_counter() - started:.1f}s")
     else:
