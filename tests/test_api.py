@@ -128,3 +128,31 @@ def test_importing_fedtune_loads_no_heavy_library():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          cwd=REPO, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_save_best_keeps_the_best_rounds_model(tmp_path):
+    result = fedtune.run(overrides=_overrides(**{"run.save_best": True, "run.rounds": 4,
+                                                 "client.lr": 0.3, "client.optimizer": "sgd"}),
+                         output=tmp_path / "best", progress=False)
+    accuracies = list(result.metrics["eval_accuracy"])
+    best_round = int(np.argmax(accuracies)) + 1
+    assert result.summary["best"] == {"eval_accuracy": pytest.approx(max(accuracies)),
+                                      "round": best_round, "model": "model_best"}
+    from fedtune.task import task_resources
+
+    federation = task_resources(result.config).federation
+    features = federation.data.features[federation.test_rows]
+    truth = np.array([federation.data.label_names[i]
+                      for i in federation.data.labels[federation.test_rows]])
+    for which, expected in (("best", max(accuracies)), ("final", accuracies[-1])):
+        predicted = np.array(result.load_model(which).predict(features))
+        assert np.mean(predicted == truth) == pytest.approx(expected, rel=1e-5), which
+
+
+def test_clients_csv_counts_the_examples_each_client_trained_on(tmp_path):
+    steps = fedtune.run(overrides=_overrides(), output=tmp_path / "steps", progress=False)
+    assert set(steps.clients["examples_trained"]) == {5 * 32}  # local_steps x batch_size
+    epoch = fedtune.run(overrides=_overrides(**{"client.local_steps": 0,
+                                                "client.local_epochs": 1}),
+                        output=tmp_path / "epoch", progress=False)
+    assert list(epoch.clients["examples_trained"]) == list(epoch.clients["num_examples"])
