@@ -119,6 +119,9 @@ class RichReporter:
         values = row.__dict__
         self.console.print(" ".join(f"{_fmt(values.get(key), pattern, key):>{w}}"
                                     for (key, _, pattern), w in zip(METRIC_COLUMNS, WIDTHS)))
+        if row.round == self.rounds:
+            self.close()
+            self.stage("saving the model, plots and summary; stopping the clients")
         if self.task_id is not None:
             self.progress.update(self.task_id, completed=0,
                                  loss=_fmt(row.train_loss, "{:.4f}", ""),

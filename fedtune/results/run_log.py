@@ -93,8 +93,7 @@ def capture_run_log(run_dir: Path, echo: bool = False,
     logging.captureWarnings(True)
     stderr_fd = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")  # each distinct warning once per place
+        with warnings.catch_warnings():  # Python's own filters: what would have been shown
             if not echo:
                 sys.stdout.flush()
                 sys.stderr.flush()
