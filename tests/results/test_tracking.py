@@ -15,7 +15,8 @@ from fedtune.results.tracking import check_tracking, mlflow_uri
 from tests.conftest import rows_of, tiny_config
 
 TRACKED = ["tracking.tensorboard=true", "tracking.mlflow=true", "run.rounds=3",
-           "strategy.fraction_train=0.5"]
+           "strategy.fraction_train=0.5", "privacy.mode=local", "privacy.target_epsilon=8",
+           "privacy.delta=1e-3"]
 
 
 def _csv_columns(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -44,7 +45,7 @@ def test_tensorboard_scalars_are_the_metrics_csv_columns(tracked_run):
     events.Reload()
     expected = _csv_columns(run_dir)
     assert {"eval_accuracy", "train_loss", "bytes_up", "bytes_down", "clients_ok",
-            "clients_failed", "wall_s"} <= set(expected)
+            "clients_failed", "wall_s", "max_client_epsilon"} <= set(expected)
     assert set(events.Tags()["scalars"]) == set(expected)
     for column, values in expected.items():
         logged = [(e.step, e.value) for e in events.Scalars(column)]
@@ -58,7 +59,7 @@ def test_tensorboard_scalars_are_the_metrics_csv_columns(tracked_run):
         losses = [float(c["train_loss"]) for c in clients if int(c["round"]) == h.step]
         assert h.histogram_value.num == len(losses) == 2
         assert h.histogram_value.sum == pytest.approx(sum(losses), rel=1e-5)
-    assert events.Histograms("clients/examples_trained")[0].histogram_value.max == 5 * 32
+    assert [h.step for h in events.Histograms("clients/epsilon")] == [1, 2, 3]
 
 
 def test_mlflow_run_holds_the_config_the_metrics_and_the_artifacts(tracked_run):
