@@ -21,7 +21,7 @@ def launch(config: Config, reporter: Reporter | None = None,
     ``fedtune.server.exchange.RunStopped`` and a checkpoint of the last finished round.
     """
     runtime = RUNTIMES[config.engine.backend]
-    stage = reporter.stage if reporter is not None else _silent
+    stage = getattr(reporter, "stage", _silent)  # a reporter written before stages: none
     stage("loading the data and the model" + (
         "" if config.model.kind == "mlp" else " (tokenising once, cached after)"))
     preflight(config)
