@@ -326,7 +326,7 @@ def run_sweep(spec: SweepSpec, run_one: Callable[[Config], Any],
     for index, (run, finished) in enumerate(runs, start=1):
         run_dir = Path(run.config.run.dir)
         if finished:
-            status = "skipped (finished before)"
+            status = "skipped: finished before"
         else:
             if before_run is not None:
                 before_run(index, len(runs), run)

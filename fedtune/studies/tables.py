@@ -36,7 +36,8 @@ def group_rows(rows: list[dict[str, Any]], keys: list[str], metric: str
     for key, values in groups.items():
         entry = {k: json.loads(v) for k, v in zip(keys, key, strict=True)}
         entry["mean"] = float(np.mean(values)) if values else None
-        entry["std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        with np.errstate(invalid="ignore"):  # ε = inf in every seed: its spread is NaN
+            entry["std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         entry["n"] = len(values)
         table.append(entry)
     return table

@@ -128,7 +128,7 @@ def test_sweep_cli_writes_results_table_and_plot(tmp_path):
     assert "[4/4]" in result.stdout
     second = subprocess.run([sys.executable, "-m", "fedtune", "sweep", str(file)],
                             capture_output=True, text=True, timeout=300)
-    assert second.stdout.count("skipped (finished before)") == 4
+    assert second.stdout.count("(skipped: finished before)") == 4
     summary = json.loads((directory / "runs").joinpath(
         sorted(p.name for p in (directory / "runs").iterdir())[0], "summary.json").read_text())
     assert summary["status"] == "finished"
