@@ -637,5 +637,7 @@ def describe() -> list[tuple[str, Any, str]]:
             help_text = declared_key(f).help
             if owners_of(f):
                 help_text += f" ({', '.join(owners_of(f))})"
+            elif (rule := used_with(f)) is not None:
+                help_text += f" (only with {rule.describe()})"
             rows.append((f"{section_name}.{f.name}", defaults[section_name][f.name], help_text))
     return rows
