@@ -61,7 +61,7 @@ def test_run_speaks_at_once_and_keeps_library_output_in_its_log(tmp_path):
 
 
 @pytest.mark.slow
-def test_quiet_prints_the_result_only_and_json_prints_rounds(tmp_path):
+def test_quiet_prints_the_result_only_json_prints_rounds_and_a_finished_resume_returns(tmp_path):
     quiet = fedtune("run", "--quiet", "--output", str(tmp_path / "q"), *SETS)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     lines = quiet.stdout.splitlines()
@@ -79,6 +79,16 @@ def test_quiet_prints_the_result_only_and_json_prints_rounds(tmp_path):
         assert f"{line['eval_accuracy']:.6g}" == row["eval_accuracy"]
         assert line["bytes_up"] == int(row["bytes_up"])
 
+    # --resume of a finished run: nothing to do, at once
+    before = (tmp_path / "q" / "summary.json").read_bytes()
+    started = time.perf_counter()
+    again = fedtune("run", "--resume", str(tmp_path / "q"))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == (f"{tmp_path / 'q'} already finished 2 rounds: nothing to "
+                                    "do (--set run.rounds=N continues it)")
+    assert time.perf_counter() - started < 10  # no torch, no data, no clients
+    assert (tmp_path / "q" / "summary.json").read_bytes() == before
+
 
 def test_dry_run_prints_the_config_and_the_partitions_and_trains_nothing(tmp_path):
     out = fedtune("run", "--dry-run", "--output", str(tmp_path / "dry"), *SETS,
@@ -90,21 +100,6 @@ def test_dry_run_prints_the_config_and_the_partitions_and_trains_nothing(tmp_pat
     assert not (tmp_path / "dry").exists()
 
 
-@pytest.mark.slow
-def test_resume_of_a_finished_run_returns_at_once(tmp_path):
-    run_dir = tmp_path / "done"
-    assert fedtune("run", "--quiet", "--output", str(run_dir), *SETS).returncode == 0
-    before = (run_dir / "summary.json").read_bytes()
-    started = time.perf_counter()
-    again = fedtune("run", "--resume", str(run_dir))
-    took = time.perf_counter() - started
-    assert again.returncode == 0, again.stderr
-    assert again.stdout.strip() == f"{run_dir} already finished 2 rounds: nothing to do " \
-                                   "(--set run.rounds=N continues it)"
-    assert took < 10  # no torch, no data, no clients
-    assert (run_dir / "summary.json").read_bytes() == before
-
-
 def test_config_listing_keeps_whole_lines_when_piped():
     out = fedtune("config")
     lines = out.stdout.splitlines()
@@ -112,43 +107,6 @@ def test_config_listing_keeps_whole_lines_when_piped():
     for (key, default, help_text), line in zip(describe(), lines, strict=True):
         assert line == f"{key} = {default!r}  # {help_text}"
     assert max(map(len, lines)) > 120  # nothing cut or wrapped at 80 columns
-
-
-@pytest.mark.slow
-def test_sweep_prints_one_line_per_run_and_the_table(tmp_path):
-    file = tmp_path / "sweep.toml"
-    file.write_text(f"""
-[sweep]
-name = "cli"
-output_dir = "{tmp_path / 'sweeps'}"
-[sweep.grid]
-"client.lr" = [0.001, 0.01]
-[data]
-dataset = "digits"
-num_clients = 3
-partitioner = "iid"
-[model]
-kind = "mlp"
-hidden_sizes = [16]
-[client]
-local_steps = 2
-[run]
-rounds = 1
-[engine]
-backend = "inprocess"
-""")
-    out = fedtune("sweep", str(file))
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.splitlines()
-    assert lines[0] == f"fedtune {__version__} · sweep cli: {tmp_path / 'sweeps' / 'cli'}"
-    assert [line.split(":")[0] for line in lines[1:3]] == ["[1/2] client.lr=0.001",
-                                                           "[2/2] client.lr=0.01"]
-    assert lines[3].startswith("| client.lr | eval_accuracy (mean ± std) |")
-    assert len(lines) == 9 and out.stderr == ""
-    quiet = fedtune("sweep", "--quiet", str(file))  # both finished: skipped, table again
-    assert quiet.stdout.splitlines()[0] == lines[3] and "[1/2]" not in quiet.stdout
-    for run_dir in (tmp_path / "sweeps" / "cli" / "runs").iterdir():
-        assert (run_dir / "log.txt").is_file()
 
 
 def test_a_failing_run_says_why_in_one_line_with_its_traceback_in_the_log(tmp_path):
