@@ -88,7 +88,8 @@ def main() -> int:
           f"{statistics.median(c for _, c in firsts):.2f} CPU s")
     print(f"{args.rounds} rounds in process; wall and CPU s of the whole process, rounds s = "
           "metrics.csv wall_s summed")
-    print(f"{'torch threads':>16} {'wall s':>7} {'CPU s':>6} {'rounds s':>9}   rounds s of each run")
+    print(f"{'torch threads':>16} {'wall s':>7} {'CPU s':>6} {'rounds s':>9}   "
+          "rounds s of each run")
     for cpus, runs in sides.items():
         label = f"{cpus} (client_cpus)" if cpus == 1 else f"{cpus} (default)"
         print(f"{label:>16} {statistics.median(r[0] for r in runs):7.1f} "

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtune.results.plots import plot_accuracy_loss, plot_epsilon, plot_partitions
 from fedtune.config import from_dict
+from fedtune.results.plots import plot_accuracy_loss, plot_epsilon, plot_partitions
 from fedtune.results.run_dir import RunDirectory, read_csv
 from fedtune.results.summary import run_title
 from fedtune.tables.privacy_modes import PRIVACY_MODES

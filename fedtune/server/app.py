@@ -47,7 +47,6 @@ from fedtune.server.strategies import build_strategy
 from fedtune.tables.privacy_modes import privacy_mode
 from fedtune.task import TaskResources, task_resources
 
-
 # a SuperLink (flwr run, a deployment) names its nodes with random ids, which Flower's
 # strategies sample from: the same seed samples other clients in each run
 SUPERLINK_RUNTIME = {"backend": "flwr run (a SuperLink)", "reproducible": False,

@@ -39,7 +39,7 @@ def tracked_run(tmp_path_factory):
 def test_tensorboard_scalars_are_the_metrics_csv_columns(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config, run_dir = tracked_run
+    _, run_dir = tracked_run
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0,
                                                                   "histograms": 0})
     events.Reload()
