@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import signal
 import sys
 import threading
 import time
+import traceback
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedtune.config import Config, ConfigError, describe, load_config
+from fedtune import __version__
+from fedtune.config import Config, ConfigError, ConfigWarning, describe, load_config, to_toml
+from fedtune.results.run_dir import is_empty_run_dir, json_safe
+from fedtune.results.run_log import capture_run_log, quiet_libraries
+
+NORMAL, QUIET, JSON = "normal", "quiet", "json"  # what a command prints (--quiet, --json)
 
 # (metrics.csv column, short title, format): one terminal line per round, < 80 characters
 METRIC_COLUMNS = (
@@ -46,10 +53,14 @@ def _fmt(value: Any, pattern: str, key: str) -> str:
 
 
 class RichReporter:
-    """Live progress bar (round, clients done, loss, accuracy, time) and a per-round table."""
+    """What a run shows: a spinner naming each stage before the rounds (loading data, starting
+    workers), then a live progress bar (round, clients done, loss, accuracy, time) above one
+    line per round. ``--quiet``: nothing; ``--json``: one JSON line per round on stdout."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, mode: str = NORMAL) -> None:
         self.console = console
+        self.mode = mode
+        self.status: Any = None
         self.progress = Progress(
             TextColumn("[bold]round {task.fields[round]}/{task.fields[rounds]}"),
             TextColumn("{task.fields[phase]:>8}"),
@@ -62,43 +73,68 @@ class RichReporter:
         )
         self.task_id: Any = None
         self.rounds = 0
+        self.run_dir = ""
+
+    def stage(self, text: str) -> None:
+        if self.mode != NORMAL:
+            return
+        if not self.console.is_terminal:  # a log or a pipe: one line per stage
+            self.console.print(f"{text} ...", highlight=False)
+        elif self.status is None:
+            self.status = self.console.status(text)
+            self.status.start()
+        else:
+            self.status.update(text)
+
+    def _stop_status(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
 
     def start(self, config: Config, run_dir: Any) -> None:
+        self._stop_status()
         self.rounds = config.run.rounds
-        self.console.print(f"run directory: {run_dir.path}")
+        self.run_dir = str(run_dir.path)
+        if self.mode != NORMAL:
+            return
         header = " ".join(f"{title:>{w}}" for (_, title, _), w in zip(METRIC_COLUMNS, WIDTHS))
         self.console.print(header, style="bold")
+        if not self.console.is_terminal:  # a pipe, a log, a notebook: the round lines only
+            return
         self.progress.start()
         self.task_id = self.progress.add_task("fl", total=config.data.num_clients, round=1,
                                               rounds=self.rounds, phase="train", loss="-",
                                               acc="-")
 
     def phase(self, server_round: int, phase: str, done: int, total: int) -> None:
-        self.progress.update(self.task_id, completed=done, total=total, round=server_round,
-                             phase=phase)
+        if self.task_id is not None:
+            self.progress.update(self.task_id, completed=done, total=total, round=server_round,
+                                 phase=phase)
 
     def round_end(self, row: Any) -> None:
+        if self.mode == JSON:
+            line = json.dumps(json_safe({**row.__dict__, "run_dir": self.run_dir}))
+            print(line, file=self.console.file, flush=True)
+        if self.mode != NORMAL:
+            return
         values = row.__dict__
         self.console.print(" ".join(f"{_fmt(values.get(key), pattern, key):>{w}}"
                                     for (key, _, pattern), w in zip(METRIC_COLUMNS, WIDTHS)))
-        self.progress.update(self.task_id, completed=0,
-                             loss=_fmt(row.train_loss, "{:.4f}", ""),
-                             acc=_fmt(row.eval_accuracy, "{:.4f}", ""))
+        if row.round == self.rounds:
+            self.close()
+            self.stage("saving the model, plots and summary; stopping the clients")
+        if self.task_id is not None:
+            self.progress.update(self.task_id, completed=0,
+                                 loss=_fmt(row.train_loss, "{:.4f}", ""),
+                                 acc=_fmt(row.eval_accuracy, "{:.4f}", ""))
 
     def finish(self, summary: dict[str, Any], run_dir: Any) -> None:
         self.close()
 
     def close(self) -> None:
+        self._stop_status()
         if self.progress.live.is_started:
             self.progress.stop()
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from flwr.supercore.logger import FLOWER_LOGGER  # importing it resets its level
-
-    FLOWER_LOGGER.setLevel(logging.WARNING)
 
 
 def _run_config(args: argparse.Namespace) -> Config:
@@ -113,13 +149,14 @@ def _run_config(args: argparse.Namespace) -> Config:
         if not (run_dir / "config.toml").is_file():
             raise ConfigError(f"--resume {args.resume!r} is not allowed: must be a run "
                               "directory (it has no config.toml)")
-        config = load_config(run_dir / "config.toml", args.set)
+        config = load_config(run_dir / "config.toml", args.set, resolved=True)
         config.run.dir, config.run.resume = str(run_dir), True
-        from fedtune.results.lock import check_unlocked
-        from fedtune.server.resume import check_resumable
+        if not _finished(config):
+            from fedtune.results.lock import check_unlocked
+            from fedtune.server.resume import check_resumable
 
-        check_unlocked(run_dir)
-        check_resumable(config)
+            check_unlocked(run_dir)
+            check_resumable(config)
         return config
     config = load_config(args.config, args.set)
     config.run.dir = str(Path(args.output or config.run.dir or default_run_path(config)))
@@ -128,14 +165,26 @@ def _run_config(args: argparse.Namespace) -> Config:
 
 
 def _check_new_run_directory(path: Path) -> None:
-    from fedtune.results.lock import LOCK_NAME
-
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--output {str(path)!r} is not allowed: must be a new or empty "
                           "directory, not a file")
-    if path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):
+    if not is_empty_run_dir(path):
         raise ConfigError(f"--output {str(path)!r} is not allowed: must be a new or empty "
                           "directory")
+
+
+def _finished(config: Config) -> bool:
+    """True when the run in ``run.dir`` finished every round ``config`` asks for (or stopped
+    for good, as a privacy budget stops it), so a resume has nothing to do."""
+    summary = Path(config.run.dir) / "summary.json"
+    if not summary.is_file():
+        return False
+    done = json.loads(summary.read_text(encoding="utf-8"))
+    if done.get("status") != "finished":
+        return False
+    saved = load_config(Path(config.run.dir) / "config.toml", resolved=True)
+    return (done.get("rounds_completed", 0) >= config.run.rounds
+            or (bool(done.get("stop_reason")) and config.run.rounds <= saved.run.rounds))
 
 
 def _stop_on_ctrl_c(console: Console) -> threading.Event:
@@ -153,47 +202,106 @@ def _stop_on_ctrl_c(console: Console) -> threading.Event:
     return stop
 
 
+def _mode(args: argparse.Namespace) -> str:
+    return JSON if args.json else QUIET if args.quiet else NORMAL
+
+
+def _describe_run(config: Config) -> str:
+    """One line naming what a run is: data, clients, model, strategy, privacy, runtime."""
+    d, m = config.data, config.model
+    split = d.partitioner + (f" α={d.alpha:g}" if d.partitioner == "dirichlet" else "")
+    model = f"{m.kind}/{m.transfer}"
+    privacy = "" if config.privacy.mode == "none" else f", {config.privacy.mode} DP"
+    return (f"{config.run.name}: {d.dataset}, {d.num_clients} clients ({split}), {model}, "
+            f"{config.strategy.name}{privacy}, {config.run.rounds} rounds, engine "
+            f"{config.engine.backend}")
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     config = _run_config(args)  # every config error is reported here, before heavy imports
-    _quiet_libraries()
-    from fedtune.engine.launch import launch
-    from fedtune.server.exchange import RunStopped
-    from fedtune.server.loop import RunFailed
-
-    reporter = RichReporter(console)
+    mode = _mode(args)
+    if args.dry_run:
+        return dry_run(config, console)
+    run_dir = Path(config.run.dir)
+    if config.run.resume and _finished(config):
+        console.print(f"{run_dir} already finished {config.run.rounds} rounds: nothing to do "
+                      "(--set run.rounds=N continues it)", highlight=False)
+        return 0
     started = time.perf_counter()
+    if mode == NORMAL:
+        console.print(f"fedtune {__version__} · {_describe_run(config)}", highlight=False)
+        console.print(f"run directory: {run_dir}", highlight=False)
+    reporter = RichReporter(console, mode)
     stop = _stop_on_ctrl_c(console)
+    reporter.stage("loading torch, transformers and Flower")
     try:
-        launch(config, reporter, stop)
-    except RunStopped:
+        with capture_run_log(run_dir, echo=args.verbose) as run_log:
+            stopped = _launch(config, reporter, stop, args.verbose)
+    except _RunFailed as failure:
         reporter.close()
-        _print_stopped(console, Path(config.run.dir))
-        return 130
-    except RunFailed as failure:
-        reporter.close()
-        print(f"fedtune: run failed: {failure}", file=sys.stderr)
-        _print_stopped(console, Path(config.run.dir))
+        print(f"fedtune: run failed: {failure} (traceback in {run_dir / 'log.txt'})",
+              file=sys.stderr)
+        _print_stopped(console, run_dir, mode)
         return 1
     finally:
         reporter.close()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    _print_summary(console, Path(config.run.dir))
-    console.print(f"finished in {time.perf_counter() - started:.1f}s")
-    console.print(f"run directory: {config.run.dir}")
+    if stopped:
+        _print_stopped(console, run_dir, mode)
+        return 130
+    if mode == JSON:
+        return 0
+    if mode == NORMAL:
+        _print_summary(console, run_dir)
+        if run_log.warnings:
+            console.print(f"library warnings: {run_log.warnings}, in {run_log.path}",
+                          highlight=False)
+        console.print(f"finished in {time.perf_counter() - started:.1f}s")
+    else:
+        _print_final(console, run_dir)
+    console.print(f"run directory: {run_dir}", highlight=False)
     return 0
 
 
-def _print_stopped(console: Console, run_dir: Path) -> None:
-    """Where the checkpoint is, if the run got far enough to write one."""
+def _print_stopped(console: Console, run_dir: Path, mode: str) -> None:
+    """Where the checkpoint is, if the run got far enough to write one (stderr under --json:
+    stdout carries JSON only)."""
     from fedtune.server.checkpoint import checkpoint_round
 
     written = checkpoint_round(run_dir) if run_dir.is_dir() else None
-    if not written:
-        console.print("[bold yellow]stopped[/] before round 1 finished: no checkpoint was "
-                      "written, there is nothing to resume")
-        return
-    console.print(f"[bold yellow]stopped[/]: checkpoint of round {written} in "
-                  f"{run_dir}/checkpoint; continue with: fedtune run --resume {run_dir}")
+    text = (f"stopped: checkpoint of round {written} in {run_dir}/checkpoint; continue with: "
+            f"fedtune run --resume {run_dir}" if written else
+            "stopped before round 1 finished: no checkpoint was written, there is nothing to "
+            "resume")
+    print(text, file=sys.stderr if mode == JSON else console.file)
+
+
+class _RunFailed(Exception):
+    """A run raised: its message goes to the terminal, its traceback to log.txt."""
+
+
+def _launch(config: Config, reporter: Any, stop: threading.Event, verbose: bool) -> bool:
+    """Run ``config`` (inside its log capture); True when Ctrl-C stopped it."""
+    quiet_libraries()
+    from fedtune.engine.launch import launch
+    from fedtune.server.exchange import RunStopped
+    from fedtune.server.loop import RunFailed
+
+    try:
+        launch(config, reporter, stop)
+    except RunStopped:
+        return True
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except RunFailed as failure:  # a stated reason (rounds without an update): no type name
+        traceback.print_exc()  # into log.txt
+        raise _RunFailed(str(failure)) from failure
+    except Exception as error:
+        if verbose:
+            raise
+        traceback.print_exc()  # into log.txt
+        raise _RunFailed(f"{type(error).__name__}: {error}") from error
+    return False
 
 
 def _print_summary(console: Console, run_dir: Path) -> None:
@@ -208,13 +316,57 @@ def _print_summary(console: Console, run_dir: Path) -> None:
     for row in directory.metrics():
         table.add_row(*(_fmt(row.get(key), pattern, key) for key, _, pattern in METRIC_COLUMNS))
     console.print(table)
+    _print_final(console, run_dir, summary)
+
+
+def _print_final(console: Console, run_dir: Path, summary: dict | None = None) -> None:
+    """The run's result in one line."""
+    from fedtune.results.run_dir import RunDirectory
+
+    summary = summary or RunDirectory(run_dir).read_json("summary.json")
     final = summary["final"]
     console.print(
         f"final global test accuracy {final['eval_accuracy']:.4f}, macro-F1 "
         f"{final['eval_macro_f1']:.4f} (majority class "
         f"{summary['dataset']['majority_class_accuracy']:.4f}); best "
-        f"{summary['best']['eval_accuracy']:.4f} at round {summary['best']['round']}"
-    )
+        f"{summary['best']['eval_accuracy']:.4f} at round {summary['best']['round']}",
+        highlight=False)
+
+
+def dry_run(config: Config, console: Console) -> int:
+    """``fedtune run --dry-run``: the resolved config and the partitions, without training."""
+    from fedtune.data.federation import build_federation
+    from fedtune.tables.strategies import clients_per_round
+
+    console.print(to_toml(config), highlight=False, markup=False)
+    federation = build_federation(config.data, config.run.seed)
+    histogram = federation.label_histogram()
+    if not len(histogram):
+        console.print("partitions: each SuperNode's own file (data.dataset = 'files'); the "
+                      f"server holds {len(federation.test_rows)} global test examples")
+        return 0
+    sizes = [len(rows) for rows in federation.client_train_rows]
+    table = Table(title="partitions: examples per client (train + local test)")
+    labels = federation.data.label_names
+    for column in ("client", "train", "local test", *labels):
+        table.add_column(column, justify="right")
+    for client, counts in enumerate(histogram[:MAX_DRY_RUN_ROWS]):
+        table.add_row(str(client), str(sizes[client]),
+                      str(len(federation.client_test_rows[client])),
+                      *(str(int(c)) for c in counts))
+    console.print(table)
+    if len(histogram) > MAX_DRY_RUN_ROWS:
+        console.print(f"... {len(histogram) - MAX_DRY_RUN_ROWS} more clients")
+    console.print(
+        f"{federation.num_clients} clients, {sum(sizes)} training examples (per client: min "
+        f"{min(sizes)}, median {int(sorted(sizes)[len(sizes) // 2])}, max {max(sizes)}); "
+        f"{len(federation.test_rows)} global test examples; {clients_per_round(config)} "
+        f"clients train per round; nothing was trained (drop --dry-run to run it)",
+        highlight=False)
+    return 0
+
+
+MAX_DRY_RUN_ROWS = 40
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
@@ -230,14 +382,37 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-class QuietReporter:
-    """Progress of one run inside a sweep: nothing (the sweep prints a line per run)."""
+class SweepReporter:
+    """Progress of one run inside a sweep: a transient status line on a terminal (which point,
+    which stage or round), nothing elsewhere; the sweep prints a line when the run ends."""
+
+    def __init__(self, console: Console, mode: str) -> None:
+        self.console = console
+        self.show = mode == NORMAL and console.is_terminal
+        self.status: Any = None
+        self.point = ""
+        self.rounds = 0
+
+    def begin(self, point: str) -> None:
+        self.point = point
+        self.stage("starting")
+
+    def _say(self, text: str) -> None:
+        if not self.show:
+            return
+        if self.status is None:
+            self.status = self.console.status("")
+            self.status.start()
+        self.status.update(f"{self.point}: {text}")
+
+    def stage(self, text: str) -> None:
+        self._say(text)
 
     def start(self, config: Config, run_dir: Any) -> None:
-        pass
+        self.rounds = config.run.rounds
 
     def phase(self, server_round: int, phase: str, done: int, total: int) -> None:
-        pass
+        self._say(f"round {server_round}/{self.rounds} {phase} {done}/{total}")
 
     def round_end(self, row: Any) -> None:
         pass
@@ -245,48 +420,68 @@ class QuietReporter:
     def finish(self, summary: dict[str, Any], run_dir: Any) -> None:
         pass
 
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
 
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
-    from fedtune.engine.launch import launch
-    from fedtune.results.plots import plot_curves, plot_round_curves, plot_sweep
-    from fedtune.studies.sweep import SEED_KEY, grid_keys, load_sweep, run_sweep
-    from fedtune.studies.tables import round_curves, run_curves, write_pivot, write_table
+    from fedtune.studies.sweep import load_sweep, run_sweep
+    from fedtune.studies.tables import write_outputs
 
+    mode = _mode(args)
     spec = load_sweep(args.config, args.set, args.grid)
     if args.output:
         spec.output_dir, spec.name = str(Path(args.output).parent), Path(args.output).name
-    _quiet_libraries()
-    console.print(f"sweep directory: {spec.directory}")
+    if mode == NORMAL:
+        console.print(f"fedtune {__version__} · sweep {spec.name}: {spec.directory}",
+                      highlight=False)
+    reporter = SweepReporter(console, mode)
+    started = {"at": time.perf_counter()}
+
+    def run_one(config: Config) -> None:
+        with capture_run_log(Path(config.run.dir), echo=args.verbose):
+            quiet_libraries()
+            from fedtune.engine.launch import launch
+
+            launch(config, reporter)
+
+    def before_run(index: int, total: int, run: Any) -> None:
+        started["at"] = time.perf_counter()
+        values = " ".join(f"{k}={v}" for k, v in run.values.items())
+        reporter.begin(f"[{index}/{total}] {values}")
 
     def on_run(index: int, total: int, run: Any, status: str) -> None:
-        summary = Path(run.config.run.dir) / "summary.json"
-        final = json.loads(summary.read_text())["final"]
-        values = " ".join(f"{k}={v}" for k, v in run.values.items())
-        console.print(f"[{index}/{total}] {values}: {spec.metric} "
-                      f"{_fmt(final.get(spec.metric), '{:.4f}', '')} ({status})",
-                      highlight=False)
+        reporter.close()
+        summary = json.loads((Path(run.config.run.dir) / "summary.json").read_text())
+        if mode == JSON:
+            from fedtune.studies.sweep import result_row
 
-    rows = run_sweep(spec, lambda config: launch(config, QuietReporter()), on_run)
-    table = write_table(spec, rows)
-    console.print((spec.directory / "table.md").read_text(), highlight=False)
-    x_key, series_key = spec.extra.get("x"), spec.extra.get("series")
-    if x_key:
-        path = spec.directory / "plot.png"
-        keys = [key for key in grid_keys(spec) if key != SEED_KEY]
-        plot_sweep(table, keys, x_key, series_key, spec.metric, path)
-        console.print(f"wrote {path}")
-    if spec.extra.get("rows"):
-        path = write_pivot(spec, table, spec.extra["rows"])
-        console.print(path.read_text(), highlight=False)
-    if spec.extra.get("bytes_curves"):
-        path = spec.directory / "bytes_curves.png"
-        plot_curves(run_curves(spec), path)
-        console.print(f"wrote {path}")
-    if spec.extra.get("curves"):
-        path = spec.directory / "curves.png"
-        plot_round_curves(round_curves(spec, rows), spec.extra["curves"], spec.metric, path)
-        console.print(f"wrote {path}")
-    console.print(f"sweep directory: {spec.directory}")
+            print(json.dumps(json_safe(result_row(run))), file=console.file, flush=True)
+            return
+        if mode != NORMAL:
+            return
+        seconds = time.perf_counter() - started["at"]
+        values = " ".join(f"{k}={v}" for k, v in run.values.items())
+        took = f", {seconds:.1f}s" if status == "done" else ""
+        console.print(f"[{index}/{total}] {values}: {spec.metric} "
+                      f"{_fmt(summary['final'].get(spec.metric), '{:.4f}', '')} "
+                      f"({status}{took})", highlight=False)
+
+    try:
+        rows = run_sweep(spec, run_one, on_run, before_run)
+    finally:
+        reporter.close()
+    written = write_outputs(spec, rows)
+    if mode == JSON:
+        return 0
+    for path in written:
+        if path.suffix == ".md":
+            console.print(path.read_text(), highlight=False)
+        elif mode == NORMAL:
+            console.print(f"wrote {path}", highlight=False)
+    console.print(f"sweep directory: {spec.directory}", highlight=False)
     return 0
 
 
@@ -353,6 +548,11 @@ def cmd_superexec(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_config(args: argparse.Namespace, console: Console) -> int:
+    """Every key: a table on a terminal; one whole line per key when piped (for grep)."""
+    if not console.is_terminal:
+        for key, default, help_text in describe():
+            print(f"{key} = {default!r}  # {help_text}", file=console.file)
+        return 0
     table = Table(title="fedtune config keys")
     for column in ("key", "default", "meaning"):
         table.add_column(column)
@@ -367,7 +567,7 @@ def cmd_config(args: argparse.Namespace, console: Console) -> int:
 def cmd_audit(args: argparse.Namespace, console: Console) -> int:
     """Recompute a run's audit (it must have run with privacy.audit = true); exit code 1
     when the empirical ε exceeds the accountant's."""
-    _quiet_libraries()
+    quiet_libraries()
     from fedtune.audit.report import audit_run_dir, write_audit
 
     run_dir, audit = audit_run_dir(args.run_dir)
@@ -393,6 +593,7 @@ def _add_audit_parser(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one federated experiment")
     run.add_argument("config", nargs="?", help="TOML config (default: built-in quickstart)")
@@ -401,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="run directory to create (default: runs/<name>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run from its checkpoint")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the resolved config and the partitions; train nothing")
+    _output_options(run)
     report = sub.add_parser("report", help="redraw plots and print the summary of a run")
     report.add_argument("run_dir")
     sweep = sub.add_parser("sweep", help="run a grid of experiments, skip finished ones, "
@@ -412,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only these values of one grid key, e.g. run.seed=[0] or "
                             "model=mlp (repeatable; finished runs still fill the tables)")
     sweep.add_argument("--output", help="sweep directory (default: <sweep.output_dir>/<name>)")
+    _output_options(sweep)
     certs = sub.add_parser("certs", help="create a CA, a SuperLink TLS certificate and SuperNode "
                                          "authentication keys for a deployment")
     certs.add_argument("output", help="new directory for the files")
@@ -442,16 +647,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress and no per-round (sweep: per-run) lines; only the result")
+    shown.add_argument("--json", action="store_true",
+                       help="JSON lines on stdout, nothing else: one per round (sweep: per run)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show library warnings and worker logs (always in <run dir>/log.txt)")
+
+
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "certs": cmd_certs,
             "publish": cmd_publish, "registry": cmd_registry, "superexec": cmd_superexec,
             "config": cmd_config, "audit": cmd_audit}
 
 
+@contextmanager
+def _config_warnings_as_lines() -> Iterator[None]:
+    """A ``ConfigWarning`` prints as one ``fedtune: warning: ...`` line on stderr."""
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+             line: Any = None) -> None:
+        if issubclass(category, ConfigWarning):
+            print(f"fedtune: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", ConfigWarning)
+            yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(soft_wrap=True)  # long paths stay on one line, also in logs
+    # bound to this stdout, so that a run's log capture (which takes sys.stdout) leaves it be;
+    # long paths stay on one line, also in logs
+    console = Console(file=sys.stdout, soft_wrap=True)
     try:
-        return COMMANDS[args.command](args, console)
+        with _config_warnings_as_lines():
+            return COMMANDS[args.command](args, console)
     except ConfigError as error:
         print(f"fedtune: error: {error}", file=sys.stderr)  # one line, never wrapped
         return 2

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import typing
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +32,16 @@ from typing import Any
 
 import tomli_w
 
-from fedtune.errors import ConfigError
-from fedtune.tables import Key, declared_key, key, owners_of, section_class
+from fedtune.errors import ConfigError, ConfigWarning
+from fedtune.tables import (
+    Key,
+    UsedWith,
+    declared_key,
+    key,
+    owners_of,
+    section_class,
+    used_with,
+)
 from fedtune.tables.datasets import DATASETS
 from fedtune.tables.model_kinds import MODEL_KINDS, TRANSFER_MODES, check_model
 from fedtune.tables.privacy_modes import PRIVACY_MODES, check_privacy
@@ -41,10 +51,14 @@ from fedtune.tables.strategies import STRATEGIES, check_strategy, clients_per_ro
 __all__ = [
     "Config",
     "ConfigError",
+    "ConfigWarning",
+    "NoEffect",
     "clients_per_round",
+    "config_from_raw",
     "describe",
     "from_dict",
     "from_run_config",
+    "keys_without_effect",
     "load_config",
     "to_run_config",
     "to_toml",
@@ -54,7 +68,7 @@ RunConfigValue = bool | int | float | str
 
 PARTITIONERS = ("iid", "dirichlet", "inner_dirichlet", "shards", "quantity_skew", "natural")
 OPTIMIZERS = ("adamw", "adam", "sgd")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # cuda:N = the N-th visible GPU
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRAGGLER_DELAYS = ("constant", "exponential")
 
@@ -76,6 +90,8 @@ class RunSection:
     )
     resume: bool = key(False, "continue the run in run.dir from its checkpoint "
                                 "(`fedtune run --resume RUN_DIR` sets it)")
+    save_best: bool = key(False, "also keep the model of the round with the best global test "
+                                 "accuracy, in <run dir>/model_best/")
 
 
 @dataclass
@@ -89,24 +105,29 @@ class DataSection:
         "natural", "how examples are split over clients; inner_dirichlet = equal sizes, each "
         "client's label mix from Dirichlet(alpha) (scales to hundreds of clients)",
         choices=PARTITIONERS)
-    alpha: float = key(0.5, "Dirichlet concentration over labels (partitioner = dirichlet or "
-                            "inner_dirichlet)", gt=0)
-    labels_per_client: int = key(2, "labels per client (partitioner=shards)", ge=1)
-    quantity_alpha: float = key(
-        0.5, "Dirichlet concentration over client sizes (partitioner=quantity_skew)", gt=0
-    )
-    natural_key: str = key("", "column that keys natural partitions; '' = dataset's own key")
+    alpha: float = key(0.5, "Dirichlet concentration over labels", gt=0,
+                       used_with=UsedWith("partitioner", ("dirichlet", "inner_dirichlet")))
+    labels_per_client: int = key(2, "labels per client", ge=1,
+                                 used_with=UsedWith("partitioner", ("shards",)))
+    quantity_alpha: float = key(0.5, "Dirichlet concentration over client sizes", gt=0,
+                                used_with=UsedWith("partitioner", ("quantity_skew",)))
+    natural_key: str = key("", "column that keys natural partitions; '' = dataset's own key",
+                           used_with=UsedWith("partitioner", ("natural",)))
     min_client_examples: int = key(
-        4, "smallest partition a client may get (dirichlet, quantity_skew)", ge=2
-    )
+        4, "smallest partition a client may get", ge=2,
+        used_with=UsedWith("partitioner", ("dirichlet", "quantity_skew")))
     test_fraction: float = key(0.1, "held-out global test split", gt=0, lt=1)
     local_test_fraction: float = key(0.1, "per-client local test split", ge=0, lt=1)
     max_examples: int = key(3000, "use a seeded subsample of this many examples; 0 = all",
                               ge=0)
-    label_names: list[str] = key([], "labels of a files dataset, in index order", kind=list[str])
-    test_path: str = key("", "files dataset: the server's global test file (CSV or JSONL)")
-    text_column: str = key("text", "files dataset: column / JSON field holding the text")
-    label_column: str = key("label", "files dataset: column / JSON field holding the label")
+    label_names: list[str] = key([], "labels of a files dataset, in index order", kind=list[str],
+                                 used_with=UsedWith("dataset", ("files",)))
+    test_path: str = key("", "the server's global test file (CSV or JSONL)",
+                         used_with=UsedWith("dataset", ("files",)))
+    text_column: str = key("text", "column / JSON field holding the text",
+                           used_with=UsedWith("dataset", ("files",)))
+    label_column: str = key("label", "column / JSON field holding the label",
+                            used_with=UsedWith("dataset", ("files",)))
 
 
 @dataclass
@@ -114,13 +135,16 @@ class ClientSection:
     optimizer: str = key("adamw", "local optimizer", choices=OPTIMIZERS)
     lr: float = key(1e-4, "local learning rate", gt=0)
     weight_decay: float = key(0.0, "weight decay", ge=0)
-    momentum: float = key(0.0, "SGD momentum", ge=0, lt=1)
-    local_epochs: int = key(1, "local epochs per round (when local_steps = 0)", ge=1)
+    momentum: float = key(0.0, "SGD momentum", ge=0, lt=1,
+                          used_with=UsedWith("optimizer", ("sgd",)))
+    local_epochs: int = key(1, "local epochs per round", ge=1,
+                            used_with=UsedWith("local_steps", (0,)))
     local_steps: int = key(8, "local optimizer steps per round; 0 = use local_epochs", ge=0)
     batch_size: int = key(16, "local training batch size", ge=1)
     eval_batch_size: int = key(128, "evaluation batch size", ge=1)
     max_grad_norm: float = key(0.0, "clip the gradient norm per step; 0 = off", ge=0)
-    device: str = key("auto", "where clients compute; auto = cuda when present", choices=DEVICES)
+    device: str = key("auto", "where clients compute: auto (cuda when present), cpu, cuda, "
+                              "cuda:N (the N-th visible GPU)")
     precision: str = key(
         "fp32", "local training autocast: fp32 = off, bf16, fp16 (CUDA only, with a gradient "
         "scaler)", choices=PRECISIONS,
@@ -133,7 +157,8 @@ class FaultsSection:
         0.0, "fraction of clients (drawn once from run.seed) whose every update is scaled",
         ge=0, le=1
     )
-    scale_factor: float = key(-10.0, "what a scaling client multiplies its update by")
+    scale_factor: float = key(-10.0, "what a scaling client multiplies its update by",
+                              used_with=UsedWith("scale_fraction", nonzero=True))
     nan_fraction: float = key(
         0.0, "fraction of clients (drawn once) whose every update is NaN", ge=0, le=1
     )
@@ -148,8 +173,22 @@ class FaultsSection:
         0.0, "fraction of clients (drawn once) that wait before training", ge=0, le=1
     )
     straggler_delay: str = key("constant", "distribution of a straggler's wait",
-                                 choices=STRAGGLER_DELAYS)
-    straggler_delay_s: float = key(0.0, "mean of a straggler's wait in seconds", ge=0)
+                               choices=STRAGGLER_DELAYS,
+                               used_with=UsedWith("straggler_fraction", nonzero=True))
+    straggler_delay_s: float = key(0.0, "mean of a straggler's wait in seconds", ge=0,
+                                   used_with=UsedWith("straggler_fraction", nonzero=True))
+
+
+@dataclass
+class TrackingSection:
+    tensorboard: bool = key(False, "write per-round scalars and per-client histograms to <run "
+                                   "dir>/tb/ (pip install 'fedtune[tracking]')")
+    mlflow: bool = key(False, "log the config, per-round metrics, plots, summary and model to "
+                              "MLflow (pip install 'fedtune[tracking]')")
+    mlflow_uri: str = key("", "MLflow tracking URI; '' = the file store mlruns/ beside "
+                              "run.output_dir", used_with=UsedWith("mlflow", (True,)))
+    mlflow_experiment: str = key("", "MLflow experiment; '' = run.name (in a sweep: the "
+                                     "sweep's name)", used_with=UsedWith("mlflow", (True,)))
 
 
 ModelSection = section_class(
@@ -161,7 +200,7 @@ ModelSection = section_class(
                              "encoder layers + head; lora = LoRA adapters + head",
                      choices=TRANSFER_MODES),
      "dropout": Key(0.1, "dropout before the classifier head", ge=0, lt=1)},
-    MODEL_KINDS)
+    MODEL_KINDS, "kind")
 
 StrategySection = section_class(
     "StrategySection", "[strategy]: the aggregation (fedtune.tables.strategies) and sampling. "
@@ -180,7 +219,7 @@ StrategySection = section_class(
      "update_norm_z": Key(0.0, "reject an update whose norm lies more than this many robust "
                                "standard deviations (median absolute deviation) above the "
                                "round's median; 0 = off", ge=0)},
-    STRATEGIES)
+    STRATEGIES, "name")
 
 PrivacySection = section_class(
     "PrivacySection", "[privacy]: the privacy mode (fedtune.privacy) and its budget.",
@@ -188,7 +227,7 @@ PrivacySection = section_class(
                          "Opacus), central = DP-FedAvg at the server (per client); in central "
                          "mode each client is sampled with probability strategy.fraction_train",
                  choices=tuple(PRIVACY_MODES))},
-    PRIVACY_MODES)
+    PRIVACY_MODES, "mode")
 
 EngineSection = section_class(
     "EngineSection", "[engine]: the runtime (fedtune.tables.runtimes) and its resources.",
@@ -204,7 +243,7 @@ EngineSection = section_class(
                          "supernode register` printed them; only these SuperNodes take part. "
                          "[] = simulations (the runtime knows its clients), or trust the "
                          "partition-id each SuperNode first declares", kind=list[str])},
-    RUNTIMES)
+    RUNTIMES, "backend")
 
 
 @dataclass
@@ -217,6 +256,7 @@ class Config:
     privacy: Any = field(default_factory=PrivacySection)
     faults: FaultsSection = field(default_factory=FaultsSection)
     engine: Any = field(default_factory=EngineSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
 
 
 SECTIONS: dict[str, type] = {
@@ -228,6 +268,7 @@ SECTIONS: dict[str, type] = {
     "privacy": PrivacySection,
     "faults": FaultsSection,
     "engine": EngineSection,
+    "tracking": TrackingSection,
 }
 # the key that picks a table entry, in each derived section
 CHOOSERS = {"model": "kind", "strategy": "name", "privacy": "mode", "engine": "backend"}
@@ -391,15 +432,21 @@ def _refuse_foreign_keys(config: Config, section_name: str) -> None:
 def check_consistency(config: Config) -> None:
     """Checks that involve more than one key or the file system (no data needed): the general
     ones here, then each table's chosen entry checks its own settings."""
+    if not DEVICE_PATTERN.fullmatch(config.client.device):
+        raise ConfigError(
+            f"client.device = {config.client.device!r} is not allowed: must be 'auto', 'cpu', "
+            "'cuda' or 'cuda:N' (N = the index of a visible GPU, e.g. 'cuda:1')"
+        )
     if config.client.precision == "fp16" and config.client.device == "cpu":
         raise ConfigError(
             "client.precision = 'fp16' is not allowed with client.device = 'cpu': must be "
             "'fp32' or 'bf16' (fp16 autocast needs CUDA)"
         )
-    if (config.client.device == "cuda" and config.engine.backend != "inprocess"
+    if (config.client.device.startswith("cuda") and config.engine.backend != "inprocess"
             and config.engine.client_gpus == 0):
         raise ConfigError(
-            "client.device = 'cuda' is not allowed with engine.client_gpus = 0: Ray gives such "
+            f"client.device = {config.client.device!r} is not allowed with engine.client_gpus = "
+            "0: Ray gives such "
             "clients no GPU; set engine.client_gpus > 0 (0.125 = 8 clients share one GPU)"
         )
     if config.model.kind == "mlp" and config.model.path:
@@ -493,16 +540,92 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {err}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Read a TOML config (or the defaults when path is None) and apply --set overrides."""
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
+                resolved: bool = False) -> Config:
+    """Read a TOML config (or the defaults when path is None) and apply --set overrides.
+
+    A key that has no effect with the other settings (``keys_without_effect``) is an error when
+    an override sets it, and a ``ConfigWarning`` when the file does. ``resolved``: the file is a
+    run's own config.toml; only its keys away from their defaults count (so do those of any
+    section that lists every one of its keys, as a copy of a config.toml does).
+    """
     raw: dict[str, Any] = {} if path is None else read_toml(path, "config file")
+    return config_from_raw(raw, overrides, resolved)
+
+
+def config_from_raw(raw: Mapping[str, Any], overrides: Iterable[str] = (),
+                    resolved: bool = False) -> Config:
+    """``load_config`` for the tables of a config already read (``{"data": {"alpha": 0.5}}``,
+    ``to_dict`` of a Config with ``resolved``)."""
+    raw = {section: dict(table) if isinstance(table, Mapping) else table
+           for section, table in raw.items()}
+    from_file = set() if resolved else _written_keys(raw)
+    from_overrides: set[str] = set()
     for text in overrides:
         section, key, value = parse_override(text)
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"[{section}] must be a table of keys")
         raw[section][key] = value
-    return from_dict(raw)
+        from_overrides.add(f"{section}.{key}")
+    config = from_dict(raw)
+    for ignored in keys_without_effect(config, from_file | from_overrides):
+        if ignored.key in from_overrides:
+            raise ConfigError(ignored.message(" is not allowed"))
+        warnings.warn(ignored.message(), ConfigWarning, stacklevel=2)
+    return config
+
+
+def _written_keys(raw: Mapping[str, Any]) -> set[str]:
+    """The keys a config file sets, as section.key; a section that lists all of its keys (a
+    copy of a run's resolved config.toml) counts as setting none of them."""
+    written = set()
+    for section, table in raw.items():
+        if not isinstance(table, Mapping):
+            continue
+        every = section in SECTIONS and set(table) >= {
+            f.name for f in dataclasses.fields(SECTIONS[section])}
+        if not every:
+            written |= {f"{section}.{name}" for name in table}
+    return written
+
+
+@dataclass(frozen=True)
+class NoEffect:
+    """A key set to a value that the chosen settings ignore."""
+
+    key: str  # section.key
+    value: Any
+    chooser: str  # section.key of the setting that decides
+    chosen: Any
+    rule: UsedWith
+
+    def message(self, verdict: str = " has no effect") -> str:
+        section = self.key.split(".")[0]
+        return (f"{self.key} = {self.value!r}{verdict} with {self.chooser} = {self.chosen!r}: "
+                f"only {section}.{self.rule.describe()} uses it")
+
+
+def keys_without_effect(config: Config, given: Iterable[str] = ()) -> list[NoEffect]:
+    """Every key that the chosen settings ignore (``fedtune.tables.UsedWith``: a key owned by
+    other table entries, ``client.local_epochs`` while ``client.local_steps`` > 0, ...) and
+    that is set: named in ``given`` (what the user wrote), or away from its default."""
+    given = set(given)
+    found = []
+    for section_name in SECTIONS:
+        section = getattr(config, section_name)
+        for f in dataclasses.fields(section):
+            rule = used_with(f)
+            if rule is None:
+                continue
+            chosen = getattr(section, rule.chooser)
+            if rule.uses(chosen):
+                continue
+            full_key, value = f"{section_name}.{f.name}", getattr(section, f.name)
+            if full_key in given or value != declared_key(f).default:
+                found.append(NoEffect(full_key, value, f"{section_name}.{rule.chooser}", chosen,
+                                      rule))
+    return found
 
 
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:
@@ -549,5 +672,7 @@ def describe() -> list[tuple[str, Any, str]]:
             help_text = declared_key(f).help
             if owners_of(f):
                 help_text += f" ({', '.join(owners_of(f))})"
+            elif (rule := used_with(f)) is not None:
+                help_text += f" (only with {rule.describe()})"
             rows.append((f"{section_name}.{f.name}", defaults[section_name][f.name], help_text))
     return rows

@@ -8,3 +8,8 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """A user error in the configuration: one line, names the key, the value, what is allowed."""
+
+
+class ConfigWarning(UserWarning):
+    """A setting that is allowed but does nothing here (a key the chosen settings ignore): one
+    line naming the key. The command line prints it as ``fedtune: warning: ...``."""

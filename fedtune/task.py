@@ -35,11 +35,20 @@ if TYPE_CHECKING:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("client.device = 'cuda' is not allowed here: no CUDA device is visible; "
-                          "must be 'auto' or 'cpu'")
+    """``client.device`` as a torch device: auto, cpu, cuda or cuda:N (the N-th GPU this
+    process sees; under Ray, the N-th of those Ray gave the client)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= visible:
+            if visible:
+                raise ConfigError(f"client.device = {name!r} is not allowed here: {visible} CUDA "
+                                  f"device(s) visible; must be 'auto', 'cpu', 'cuda' or "
+                                  f"'cuda:0' to 'cuda:{visible - 1}'")
+            raise ConfigError(f"client.device = {name!r} is not allowed here: no CUDA device is "
+                              "visible; must be 'auto' or 'cpu'")
     return torch.device(name)
 
 

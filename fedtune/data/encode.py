@@ -18,7 +18,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -216,15 +216,23 @@ def hash_bag_of_words(data: LabelledData, num_features: int) -> SparseFeatures:
         shape = (int(stored["rows"]), num_features)
         return SparseFeatures(sp.csr_matrix((stored["data"], stored["indices"],
                                              stored["indptr"]), shape=shape))
+    matrix = hashed_features(data.texts, num_features)
+    _save(file, data=matrix.data, indices=matrix.indices, indptr=matrix.indptr,
+          rows=matrix.shape[0])
+    return SparseFeatures(matrix)
+
+
+def hashed_features(texts: Sequence[str], num_features: int) -> sp.csr_matrix:
+    """L2-normalised hashed unigram+bigram counts (scikit-learn HashingVectorizer), in canonical
+    CSR rows (``SparseFeatures.pad`` reads them directly): stateless, so new texts get the
+    features the model was trained on."""
     from sklearn.feature_extraction.text import HashingVectorizer
 
     vectorizer = HashingVectorizer(n_features=num_features, ngram_range=(1, 2),
                                    alternate_sign=False, norm="l2", dtype=np.float32)
-    matrix = vectorizer.transform(data.texts).tocsr()
-    matrix.sum_duplicates()  # canonical rows: SparseFeatures.pad reads them directly
-    _save(file, data=matrix.data, indices=matrix.indices, indptr=matrix.indptr,
-          rows=matrix.shape[0])
-    return SparseFeatures(matrix)
+    matrix = vectorizer.transform(texts).tocsr()
+    matrix.sum_duplicates()
+    return matrix
 
 
 def input_dim(encoded: Encoded) -> int:

@@ -3,6 +3,12 @@
 This is the runtime ``flwr run .`` uses. Clients receive the run config the way they do under
 ``flwr run``: as the app's declared config fused with the run's overrides. Outside a Flower
 app folder that declaration is written to a temporary folder holding only a pyproject.toml.
+
+Repeatable runs: Flower gives each SuperNode a random node id (``os.urandom``) and its
+strategies sample from the node ids as the Grid lists them, so the same seed used to sample
+other clients in every run. Here the ServerApp sees its Grid through ``PartitionOrderGrid``,
+which lists node ids in partition order (SuperNode i holds partition i): the seeded sampling
+then picks the same partitions every run, the ones fedtune's other runtimes pick.
 """
 
 from __future__ import annotations
@@ -10,14 +16,16 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from collections.abc import Iterable
 from logging import WARNING
 from pathlib import Path
 
 import tomli_w
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.common import log
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
 from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+from flwr.serverapp import Grid, ServerApp
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.constant import NOOP_FEDERATION_ID
 from flwr.supercore.run import Run
@@ -25,9 +33,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
 from fedtune.client.app import app as client_app
-from fedtune.config import Config, to_run_config
+from fedtune.config import Config, from_run_config, to_run_config
 from fedtune.results.run_dir import RunDirectory
-from fedtune.server.app import make_server_app
+from fedtune.server.app import run_federated
 from fedtune.server.exchange import RunStopped
 from fedtune.server.reporting import Reporter
 
@@ -36,8 +44,9 @@ def backend_config(config: Config) -> dict:
     """Ray resources: each client gets engine.client_cpus cores and engine.client_gpus GPUs."""
     import torch
 
+    # workers' output comes to the driver, which the CLI sends to <run dir>/log.txt
     init_args: dict = {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR",
-                       "log_to_driver": False}  # client failures come back as error replies
+                       "log_to_driver": True}
     if torch.cuda.is_available():
         init_args["num_gpus"] = torch.cuda.device_count()
         if config.engine.client_gpus == 0 and config.client.device == "auto":
@@ -48,6 +57,57 @@ def backend_config(config: Config) -> dict:
                              "num_gpus": config.engine.client_gpus},
         "init_args": init_args,
     }
+
+
+class PartitionOrderGrid(Grid):
+    """Flower's simulation Grid, listing its node ids in partition order.
+
+    Flower's simulation registers SuperNode i (partition-id i) i-th, and its in-memory link
+    state keeps nodes in registration order; ``get_node_ids`` returns them in that order
+    instead of as a set ordered by their random values. Everything else is the wrapped Grid.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def get_node_ids(self) -> list[int]:
+        online = set(self._grid.get_node_ids())
+        registered = [node.node_id for node in self._grid.state.get_node_info()]
+        return [node for node in registered if node in online]
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+def partition_order_server_app(reporter: Reporter | None,
+                               stop: threading.Event | None) -> ServerApp:
+    """fedtune's ServerApp, seeing Flower's simulation Grid in partition order."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federated(PartitionOrderGrid(grid), from_run_config(context.run_config), reporter,
+                      stop)
+
+    return server_app
 
 
 def run_flower_simulation(config: Config, reporter: Reporter | None = None,
@@ -74,7 +134,7 @@ def run_flower_simulation(config: Config, reporter: Reporter | None = None,
                 num_supernodes=config.data.num_clients,
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                 client_app=client_app,
-                server_app=make_server_app(reporter, stop),
+                server_app=partition_order_server_app(reporter, stop),
                 backend_config=backend_config(config),
                 server_app_context=server_context,
                 app_dir=app_dir,

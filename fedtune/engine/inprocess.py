@@ -21,6 +21,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
@@ -218,10 +219,16 @@ class InProcessGrid(CohortGrid):
 
 def run_inprocess(config: Config, reporter: Reporter | None = None,
                   stop: threading.Event | None = None) -> RunDirectory:
-    """The ``inprocess`` runtime: every client in this process, one after another (no Ray),
-    with the torch threads of one client (``engine.client_cpus``): a small model gains nothing
-    from more, and on a busy machine spinning threads slow it down many times over."""
-    limit_threads(config.engine.client_cpus)
+    """The ``inprocess`` runtime: every client in this process, one after another (no Ray).
+
+    torch computes with ``engine.client_cpus`` threads meanwhile, as each Ray client does: its
+    default (a thread per core) spins idle threads against every other process on a busy
+    machine, many times slower for small models (BENCHMARKS.md, in-process threads)."""
     grid = InProcessGrid(fedtune_client_app, to_run_config(config), config.data.num_clients,
                          client_timeout_s=config.strategy.round_timeout_s)
-    return run_federated(grid, config, reporter, stop)
+    threads = torch.get_num_threads()
+    limit_threads(config.engine.client_cpus)
+    try:
+        return run_federated(grid, config, reporter, stop)
+    finally:
+        torch.set_num_threads(threads)  # the caller's (a notebook's) own setting

@@ -6,6 +6,7 @@ import threading
 
 from fedtune.config import Config, ConfigError
 from fedtune.results.run_dir import RunDirectory
+from fedtune.results.tracking import check_tracking
 from fedtune.server.reporting import Reporter
 from fedtune.tables.privacy_modes import privacy_mode
 from fedtune.tables.runtimes import RUNTIMES
@@ -19,8 +20,17 @@ def launch(config: Config, reporter: Reporter | None = None,
     Setting ``stop`` ends the run after the client being waited for, with
     ``fedtune.server.exchange.RunStopped`` and a checkpoint of the last finished round.
     """
+    runtime = RUNTIMES[config.engine.backend]
+    stage = getattr(reporter, "stage", _silent)  # a reporter written before stages: none
+    stage("loading the data and the model" + (
+        "" if config.model.kind == "mlp" else " (tokenising once, cached after)"))
     preflight(config)
-    return RUNTIMES[config.engine.backend].load()(config, reporter, stop)
+    stage(runtime.starting)
+    return runtime.load()(config, reporter, stop)
+
+
+def _silent(text: str) -> None:
+    pass
 
 
 def preflight(config: Config) -> None:
@@ -33,5 +43,6 @@ def preflight(config: Config) -> None:
             "(node config data-path), so it runs only in a deployment (README: Deploy across "
             "machines)"
         )
+    check_tracking(config)
     task_resources(config)
     privacy_mode(config).plan(config)

@@ -18,7 +18,7 @@ from fedtune.engine.ray_worker import ClientWorker
 
 @contextmanager
 def ray_session(config: Config) -> Iterator[None]:
-    """Start a quiet local Ray (no dashboard, no worker logs) or join ``engine.ray_address``;
+    """Start a quiet local Ray (no dashboard) or join ``engine.ray_address``;
     shut it down (or disconnect) on the way out, Ctrl-C included."""
     for name, value in (("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"),
                         ("RAY_USAGE_STATS_ENABLED", "0")):
@@ -26,7 +26,8 @@ def ray_session(config: Config) -> Iterator[None]:
     if ray.is_initialized():  # a caller's session (a notebook, a benchmark): leave it running
         yield
         return
-    args: dict = {"log_to_driver": False, "logging_level": "ERROR",
+    # workers' output comes to the driver, which the CLI sends to <run dir>/log.txt
+    args: dict = {"log_to_driver": True, "logging_level": "ERROR",
                   "configure_logging": True}
     if config.engine.ray_address:
         args["address"] = config.engine.ray_address

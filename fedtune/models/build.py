@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -66,6 +67,10 @@ class ModelKind(Protocol):
     def save_files(self, spec: ModelSpec, folder: Path) -> None:
         """What a saved model needs besides weights and spec (configs, tokenizer)."""
 
+    def encode_texts(self, folder: Path, spec: ModelSpec, texts: Any) -> dict[str, torch.Tensor]:
+        """New inputs (texts; an MLP on pixels: feature vectors) as one batch for a model
+        saved in ``folder``, encoded as in training."""
+
 
 def model_kind(kind: str) -> ModelKind:
     return MODEL_KINDS[kind].load()()
@@ -108,3 +113,33 @@ def load_saved_model(folder: str | Path) -> tuple[nn.Module, ModelSpec]:
     model = model_kind(spec.kind).rebuild(folder, spec)
     model.load_state_dict(load_file(str(folder / SAVED_WEIGHTS)))
     return model.eval(), spec
+
+
+@dataclass
+class SavedModel:
+    """A saved model, ready to classify new inputs (texts, or feature vectors for an MLP on
+    pixels) the way it was trained to read them."""
+
+    model: nn.Module
+    spec: ModelSpec
+    folder: Path
+
+    def logits(self, inputs: Any) -> torch.Tensor:
+        batch = model_kind(self.spec.kind).encode_texts(self.folder, self.spec, inputs)
+        with torch.no_grad():
+            out = self.model(**batch)
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+    def predict_proba(self, inputs: Any) -> np.ndarray:
+        """One row of class probabilities per input, columns in ``spec.label_names`` order."""
+        return torch.softmax(self.logits(inputs).float(), dim=-1).numpy()
+
+    def predict(self, inputs: Any) -> list[str]:
+        """The predicted label name of each input."""
+        return [self.spec.label_names[i] for i in self.predict_proba(inputs).argmax(axis=1)]
+
+
+def load_predictor(folder: str | Path) -> SavedModel:
+    """``load_saved_model`` with ``predict`` / ``predict_proba`` on new inputs."""
+    model, spec = load_saved_model(folder)
+    return SavedModel(model, spec, Path(folder))

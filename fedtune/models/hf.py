@@ -16,12 +16,18 @@ on it. That is feature extraction (Devlin et al. 2019, sec. 5.3); it computes wh
 path computes except the encoder's own dropout, which the token path applies to the frozen
 encoder in training. The saved model is still the whole classifier (``save_files`` completes
 the head with the pretrained encoder), so it predicts on text.
+
+A saved model (``save_files``) loads with transformers' own ``from_pretrained`` and
+``pipeline``: a ``cls`` model as its native ``*ForSequenceClassification``, a ``mean`` model as
+``fedtune.models.hf_mean_pooling`` (copied beside the weights, named in config.json's
+``auto_map``; ``trust_remote_code=True``), with the labels' names in ``id2label``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers loads: never a hub download
+
 from fedtune.data.encode import cached_pooled_features, tokenize
 from fedtune.errors import ConfigError
+from fedtune.models import hf_mean_pooling
 from fedtune.models.build import SAVED_WEIGHTS, ModelSpec
 from fedtune.models.transfer import TransferSpec, apply_transfer
 from fedtune.tables.model_kinds import lora_target_names
@@ -92,8 +101,7 @@ class MeanPoolingClassifier(nn.Module):
         """``encoder_inputs``: e.g. per-example ``position_ids`` (DP-SGD needs them)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                               **encoder_inputs).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        pooled = hf_mean_pooling.masked_mean(hidden, attention_mask)
         return self.classifier(self.dropout(pooled))
 
 
@@ -247,18 +255,58 @@ class HFKind:
 
     def rebuild(self, folder: Path, spec: ModelSpec) -> nn.Module:
         """The whole classifier (also of a run that trained its head on cached features)."""
+        _quiet_transformers()
         from transformers import AutoConfig
 
-        return classifier_from_config(AutoConfig.from_pretrained(str(folder)), spec.num_labels,
-                                      spec.pooling, spec.dropout)
+        saved = json.loads((folder / "config.json").read_text())
+        if saved.get("model_type") == hf_mean_pooling.MODEL_TYPE:
+            config = hf_mean_pooling.MeanPoolingConfig(**saved).encoder_config()
+        else:  # a cls model (its native config), or a mean model saved before auto_map
+            config = AutoConfig.from_pretrained(str(folder))
+        return classifier_from_config(config, spec.num_labels, spec.pooling, spec.dropout)
+
+    def encode_texts(self, folder: Path, spec: ModelSpec, texts: list[str]
+                     ) -> dict[str, torch.Tensor]:
+        """New texts as a padded batch for a model saved in ``folder`` (its own tokenizer)."""
+        _quiet_transformers()
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        batch = tokenizer(list(texts), padding=True, truncation=True,
+                          max_length=spec.max_length, return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def save_files(self, spec: ModelSpec, folder: Path) -> None:
-        """The encoder config and tokenizer; after a run on cached features also the frozen
-        encoder's weights beside the trained head's, so the saved model is the whole
-        classifier and predicts on text."""
+        """config.json (labels, head, architecture) and the tokenizer, so that transformers'
+        ``from_pretrained`` and ``pipeline`` load the trained classifier; a mean-pooling model
+        also gets the code of its head (``fedtune.models.hf_mean_pooling``); after a run on
+        cached features also the frozen encoder's weights beside the trained head's, so the
+        saved model is the whole classifier and predicts on text."""
+        _quiet_transformers()
         from transformers import AutoConfig, AutoTokenizer
 
-        AutoConfig.from_pretrained(spec.path).save_pretrained(str(folder))
+        labels = {"id2label": dict(enumerate(spec.label_names)),
+                  "label2id": {name: i for i, name in enumerate(spec.label_names)}}
+        encoder = AutoConfig.from_pretrained(spec.path)
+        if spec.pooling == "mean":
+            module = hf_mean_pooling.__name__.rpartition(".")[2]
+            config = hf_mean_pooling.MeanPoolingConfig(
+                encoder=encoder.to_dict(), classifier_dropout=spec.dropout, **labels,
+                architectures=[hf_mean_pooling.MeanPoolingForSequenceClassification.__name__],
+                auto_map={"AutoConfig": f"{module}.MeanPoolingConfig",
+                          "AutoModelForSequenceClassification":
+                              f"{module}.MeanPoolingForSequenceClassification"})
+            shutil.copyfile(hf_mean_pooling.__file__, folder / f"{module}.py")
+        else:
+            from transformers.models.auto.modeling_auto import (
+                MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+            )
+
+            config = AutoConfig.from_pretrained(spec.path, classifier_dropout=spec.dropout,
+                                                **labels)
+            config.architectures = [
+                MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[config.model_type]]
+        config.save_pretrained(str(folder))
         AutoTokenizer.from_pretrained(spec.path).save_pretrained(str(folder))
         if spec.features:
             _complete_with_encoder(spec, folder / SAVED_WEIGHTS)

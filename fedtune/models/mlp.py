@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
-from fedtune.data.encode import DenseFeatures, hash_bag_of_words, input_dim
+from fedtune.data.encode import DenseFeatures, hash_bag_of_words, hashed_features, input_dim
 from fedtune.models.build import ModelSpec
 from fedtune.models.transfer import TransferSpec
 
@@ -62,6 +63,17 @@ class MLPKind:
 
     def rebuild(self, folder: Path, spec: ModelSpec) -> nn.Module:
         return self.build(spec)
+
+    def encode_texts(self, folder: Path, spec: ModelSpec, texts: Sequence[str] | np.ndarray
+                     ) -> dict[str, torch.Tensor]:
+        """New inputs for a saved MLP: texts (hashed as in training), or feature vectors."""
+        if isinstance(texts, np.ndarray):
+            return {"features": torch.as_tensor(texts, dtype=torch.float32)}
+        if spec.input_dim != spec.num_features:
+            raise ValueError(f"this MLP reads {spec.input_dim} features per example (pixels), "
+                             "not texts: pass a 2-D array of features")
+        features = hashed_features(list(texts), spec.num_features).toarray()
+        return {"features": torch.from_numpy(features)}
 
     def save_files(self, spec: ModelSpec, folder: Path) -> None:
         """An MLP is its weights and spec alone."""

@@ -9,14 +9,24 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def _column(rows: list[dict[str, str]], name: str) -> np.ndarray:
     return np.array([float(r[name]) if r.get(name) not in (None, "") else np.nan for r in rows])
 
 
-def plot_accuracy_loss(rows: list[dict[str, str]], path: Path) -> None:
-    """Global test accuracy / macro-F1 and train / test loss against the round."""
+def _whole_rounds(ax: Axes) -> None:
+    """Rounds are integers: no tick at round 1.5."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def accuracy_loss_figure(rows: list[dict[str, str]], majority: float | None = None,
+                         title: str = "") -> Figure:
+    """Global test accuracy / macro-F1 (and the majority-class accuracy to beat) and train /
+    test loss against the round."""
     rounds = _column(rows, "round")
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
     acc_ax.plot(rounds, _column(rows, "eval_accuracy"), marker="o", label="global test accuracy")
@@ -25,19 +35,38 @@ def plot_accuracy_loss(rows: list[dict[str, str]], path: Path) -> None:
     if np.isfinite(federated).any():
         acc_ax.plot(rounds, federated, marker="^", linestyle="--",
                     label="clients' local test accuracy")
+    if majority is not None:
+        acc_ax.axhline(majority, color="grey", linestyle=":",
+                       label=f"majority class ({majority:.3f})")
+    acc_ax.set_title("score on the held-out global test set")
     acc_ax.set_xlabel("round")
     acc_ax.set_ylabel("score")
     acc_ax.set_ylim(0, 1)
     acc_ax.grid(alpha=0.3)
-    acc_ax.legend()
+    acc_ax.legend(fontsize="small")
     loss_ax.plot(rounds, _column(rows, "train_loss"), marker="o", label="train loss (clients)")
     loss_ax.plot(rounds, _column(rows, "eval_loss"), marker="s", label="global test loss")
+    loss_ax.set_title("loss")
     loss_ax.set_xlabel("round")
     loss_ax.set_ylabel("cross-entropy")
     loss_ax.grid(alpha=0.3)
-    loss_ax.legend()
+    loss_ax.legend(fontsize="small")
+    for ax in (acc_ax, loss_ax):
+        _whole_rounds(ax)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_accuracy_loss(rows: list[dict[str, str]], path: Path, majority: float | None = None,
+                       title: str = "") -> None:
+    """``accuracy_loss_figure`` as a PNG."""
+    _save(accuracy_loss_figure(rows, majority, title), path)
+
+
+def _save(fig: Figure, path: Path, dpi: int = 120) -> None:
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -55,26 +84,28 @@ def plot_epsilon(rows: list[dict[str, str]], target_epsilon: float, path: Path) 
                     transform=ax.transAxes)
     if 0 < target_epsilon < np.inf:
         ax.axhline(target_epsilon, color="grey", linestyle="--", label="target ε")
+    ax.set_title("privacy spent")
     ax.set_xlabel("round")
     ax.set_ylabel("ε spent")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
+    _whole_rounds(ax)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 MAX_BARS = 100  # clients drawn as bars; more are drawn as stacked areas (one shape per label)
 
 
-def plot_partitions(histogram: np.ndarray, label_names: tuple[str, ...] | list[str],
-                    path: Path) -> None:
+def partitions_figure(histogram: np.ndarray, label_names: tuple[str, ...] | list[str]
+                      ) -> Figure:
     """Examples of each label held by each client: stacked bars, or stacked areas for many
-    clients (a bar per client and label would take matplotlib minutes at 10,000 clients)."""
+    clients (a bar per client and label would take matplotlib minutes at 10,000 clients). The
+    legend sits right of the axes, never over a bar."""
     num_clients = histogram.shape[0]
-    fig, ax = plt.subplots(figsize=(max(6, min(0.35 * num_clients, 24)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, min(0.35 * num_clients, 24)) + 1.5, 4))
     clients = np.arange(num_clients)
     colours = plt.get_cmap("tab10" if len(label_names) <= 10 else "tab20")
     palette = [colours(k % 20) for k in range(len(label_names))]
@@ -90,11 +121,19 @@ def plot_partitions(histogram: np.ndarray, label_names: tuple[str, ...] | list[s
         ax.set_xlim(-0.5, num_clients - 0.5)
     ax.set_xlabel("client")
     ax.set_ylabel("examples")
-    ax.set_title("label histogram per client")
-    ax.legend(fontsize="small", ncol=min(len(label_names), 5), loc="upper right")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"label histogram per client ({num_clients} clients, "
+                 f"{int(histogram.sum()):,} examples)")
+    ax.legend(fontsize="small", title="label", loc="upper left", bbox_to_anchor=(1.01, 1),
+              borderaxespad=0, ncol=1 if len(label_names) <= 12 else 2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot_partitions(histogram: np.ndarray, label_names: tuple[str, ...] | list[str],
+                    path: Path) -> None:
+    """``partitions_figure`` as a PNG."""
+    _save(partitions_figure(histogram, label_names), path)
 
 
 def plot_sweep(table: list[dict], keys: list[str], x_key: str, series_key: str | None,
@@ -159,6 +198,9 @@ def plot_curves(curves: list[tuple[str, list[dict[str, str]]]], path: Path) -> N
         round_ax.plot(_column(rows, "round"), accuracy, marker="o", label=label)
         bytes_ax.plot(megabytes, accuracy, marker="o", label=label)
     round_ax.set_xlabel("round")
+    _whole_rounds(round_ax)
+    round_ax.set_title("accuracy per round")
+    bytes_ax.set_title("accuracy per megabyte sent")
     bytes_ax.set_xlabel("cumulative MB sent (up + down)")
     bytes_ax.set_xscale("log")
     for ax in (round_ax, bytes_ax):
@@ -193,6 +235,7 @@ def plot_round_curves(curves: list[dict], line_key: str, metric: str, path: Path
             ax.plot(rounds, mean, color=colour, label=str(curve[line_key]))
             ax.fill_between(rounds, mean - std, mean + std, color=colour, alpha=0.2)
         ax.set_title(panel, fontsize="medium")
+        _whole_rounds(ax)
         ax.set_xlabel("round")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)

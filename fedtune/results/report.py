@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fedtune.config import from_dict
 from fedtune.results.plots import plot_accuracy_loss, plot_epsilon, plot_partitions
 from fedtune.results.run_dir import RunDirectory, read_csv
+from fedtune.results.summary import run_title
 from fedtune.tables.privacy_modes import PRIVACY_MODES
 
 
@@ -18,10 +20,14 @@ def redraw(path: Path) -> list[Path]:
     run_dir = RunDirectory(path)
     run_dir.plots_dir.mkdir(exist_ok=True)
     written = [run_dir.plots_dir / "accuracy_loss.png"]
-    plot_accuracy_loss(run_dir.metrics(), written[0])
     config_file = path / "config.toml"
     privacy = (tomllib.loads(config_file.read_text(encoding="utf-8")).get("privacy", {})
                if config_file.is_file() else {})
+    summary = run_dir.read_json("summary.json") if (path / "summary.json").is_file() else {}
+    majority = summary.get("dataset", {}).get("majority_class_accuracy")
+    title = run_title(from_dict(tomllib.loads(config_file.read_text(encoding="utf-8")))
+                      ) if config_file.is_file() else ""
+    plot_accuracy_loss(run_dir.metrics(), written[0], majority, title)
     if PRIVACY_MODES[privacy.get("mode", "none")].spends_budget:
         written.append(run_dir.plots_dir / "epsilon.png")
         plot_epsilon(run_dir.metrics(), float(privacy.get("target_epsilon", 0.0)), written[-1])

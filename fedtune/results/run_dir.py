@@ -2,7 +2,7 @@
 
 ```
 <run dir>/config.toml  env.json  metrics.csv  clients.csv  partitions.csv  summary.json
-          model/  plots/
+          log.txt  model/  plots/  (model_best/, tb/, tracking.json as configured)
 ```
 
 Rows are appended and flushed as each round ends, so a run that dies keeps every finished
@@ -55,7 +55,9 @@ class RoundRow:
 
 @dataclass
 class ClientRow:
-    """One line of clients.csv: one client's training in one round."""
+    """One line of clients.csv: one client's training in one round. ``num_examples`` is the
+    size of its training split (what FedAvg weights by), ``examples_trained`` how many examples
+    its local steps went through (local_steps x batch_size, or its epochs' worth)."""
 
     round: int
     client_id: int | None
@@ -65,9 +67,12 @@ class ClientRow:
     duration_s: float | None
     status: str
     reason: str = ""
+    examples_trained: int | None = None
 
 
 METRICS_COLUMNS = [f.name for f in fields(RoundRow)]
+# the per-round numbers (trackers plot these; model_update is a text)
+METRIC_NUMBER_COLUMNS = [f.name for f in fields(RoundRow)[1:] if f.type not in ("str", str)]
 CLIENT_COLUMNS = [f.name for f in fields(ClientRow)]
 
 
@@ -111,6 +116,12 @@ def default_run_path(config: Config) -> Path:
     return target
 
 
+def is_empty_run_dir(path: Path) -> bool:
+    """True for a directory a new run may take: missing, empty, or holding only the log.txt
+    that the run's launcher opened before it (``fedtune.results.run_log``)."""
+    return not path.exists() or all(p.name in ("log.txt", LOCK_NAME) for p in path.iterdir())
+
+
 class RunDirectory:
     """Writes (and reads back) one run's results."""
 
@@ -121,7 +132,7 @@ class RunDirectory:
     def create(cls, config: Config, path: str | Path | None = None) -> RunDirectory:
         """A new directory (``path``, or ``<run.output_dir>/<run.name>-<UTC time>``)."""
         target = Path(path) if path else default_run_path(config)
-        if target.exists() and any(p.name != LOCK_NAME for p in target.iterdir()):
+        if not is_empty_run_dir(target):
             raise FileExistsError(f"run directory {target} exists and is not empty")
         target.mkdir(parents=True, exist_ok=True)
         (target / "plots").mkdir(exist_ok=True)
@@ -173,6 +184,11 @@ class RunDirectory:
     @property
     def model_dir(self) -> Path:
         return self.path / "model"
+
+    @property
+    def best_model_dir(self) -> Path:
+        """The best round's model (``run.save_best``)."""
+        return self.path / "model_best"
 
     @property
     def plots_dir(self) -> Path:

@@ -17,6 +17,20 @@ def _number(text: str) -> float | None:
     return float(text) if text not in ("", None) else None
 
 
+def majority_class_accuracy(resources: TaskResources) -> float:
+    """The global test accuracy of always predicting the most frequent test label."""
+    federation = resources.federation
+    test_labels = federation.data.labels[federation.test_rows]
+    return float(np.bincount(test_labels).max() / len(test_labels))
+
+
+def run_title(config: Config) -> str:
+    """A figure's title: the run's name, data, clients and strategy."""
+    return (f"{config.run.name}: {config.data.dataset}, {config.data.num_clients} clients "
+            f"({config.data.partitioner}), {config.model.kind}/{config.model.transfer}, "
+            f"{config.strategy.name}")
+
+
 def build_summary(config: Config, resources: TaskResources, run_dir: RunDirectory,
                   final_eval: EvalResult, total_s: float, stop_reason: str,
                   **sections: dict[str, Any]) -> dict[str, Any]:
@@ -24,8 +38,7 @@ def build_summary(config: Config, resources: TaskResources, run_dir: RunDirector
     ``sections`` (the strategy, privacy and runtime parts the server knows)."""
     rows = run_dir.metrics()
     federation = resources.federation
-    test_labels = federation.data.labels[federation.test_rows]
-    majority = float(np.bincount(test_labels).max() / len(test_labels))
+    majority = majority_class_accuracy(resources)
     accuracies = [(_number(r["eval_accuracy"]), int(r["round"])) for r in rows]
     accuracies = [(a, r) for a, r in accuracies if a is not None]
     best_accuracy, best_round = max(accuracies) if accuracies else (None, None)

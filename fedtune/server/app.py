@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import threading
 import time
+from logging import WARNING
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from flwr.app import Context
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.config import Config, ConfigError, from_run_config
+from fedtune.config import Config, ConfigError, from_run_config, keys_without_effect
 from fedtune.models.build import build_model
 from fedtune.models.weights import shared_state
 from fedtune.privacy.mode import PrivacyPlan
@@ -27,15 +30,18 @@ from fedtune.protocol import to_array_record
 from fedtune.results.lock import RunLock
 from fedtune.results.plots import plot_partitions
 from fedtune.results.run_dir import RunDirectory
+from fedtune.results.tracking import trackers
 from fedtune.server.grid import SimulatedGrid
 from fedtune.server.identity import identify_nodes
 from fedtune.server.listeners import (
     AuditWriter,
+    BestModel,
     FinalArtifacts,
     NoUpdateStop,
     PrivacyStop,
     ProgressListener,
     RoundWriter,
+    Tracking,
 )
 from fedtune.server.loop import RunListener, run_rounds
 from fedtune.server.reporting import LogReporter, Reporter
@@ -45,6 +51,12 @@ from fedtune.server.state import RoundState
 from fedtune.server.strategies import build_strategy
 from fedtune.tables.privacy_modes import privacy_mode
 from fedtune.task import TaskResources, task_resources
+
+# a SuperLink (flwr run, a deployment) names its nodes with random ids, which Flower's
+# strategies sample from: the same seed samples other clients in each run
+SUPERLINK_RUNTIME = {"backend": "flwr run (a SuperLink)", "reproducible": False,
+                     "note": "Flower samples clients from random node ids: other clients "
+                             "train in each run of the same config"}
 
 
 class NodesMissing(ConfigError):
@@ -84,12 +96,14 @@ def new_run(config: Config, resources: TaskResources, grid: Grid, stateful: Simp
 
 
 def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
-                  stop: threading.Event | None = None) -> RunDirectory:
+                  stop: threading.Event | None = None,
+                  runtime: dict[str, Any] | None = None) -> RunDirectory:
     """Run every round of the configured federation on ``grid``; returns the run directory.
 
     Setting ``stop`` (from another thread) ends the run while it waits for replies, with
     ``fedtune.server.exchange.RunStopped``; whenever the run ends early, the last finished
-    round is checkpointed.
+    round is checkpointed. ``runtime``: summary.json's runtime section, when the runtime is
+    not the one ``engine.backend`` names (a SuperLink's, under ``flwr run``).
     """
     reporter = reporter or LogReporter()
     torch.manual_seed(config.run.seed)
@@ -111,7 +125,7 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
                                           config.data.num_clients, state.node_to_client)
         run = FederatedRun(config, grid, resources, strategy, privacy, state, reporter.phase,
                            stop, identities=identities)
-        play_all_rounds(run, run_dir, plan, reporter, checkpointer)
+        play_all_rounds(run, run_dir, plan, reporter, checkpointer, runtime)
     finally:
         if lock is not None:
             lock.release()
@@ -119,12 +133,17 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
 
 
 def play_all_rounds(run: FederatedRun, run_dir: RunDirectory, plan: PrivacyPlan,
-                    reporter: Reporter, checkpointer: Checkpointer) -> None:
+                    reporter: Reporter, checkpointer: Checkpointer,
+                    runtime: dict[str, Any] | None) -> None:
     """Wait for the clients, play the rounds with the standard listeners, finish the run."""
-    artifacts = FinalArtifacts(run_dir, plan)
+    config = run.config
+    artifacts = FinalArtifacts(run_dir, plan, runtime)
     listeners: list[RunListener] = [
-        NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir), artifacts,
-        AuditWriter(run_dir, plan), ProgressListener(reporter, run_dir, artifacts), checkpointer,
+        NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir),
+        *([BestModel(run_dir)] if config.run.save_best else []), artifacts,
+        AuditWriter(run_dir, plan),
+        *([Tracking(chosen, run_dir)] if (chosen := trackers(config)) else []),
+        ProgressListener(reporter, run_dir, artifacts), checkpointer,
     ]
     for listener in listeners:
         listener.run_started(run)
@@ -144,7 +163,10 @@ def make_server_app(reporter: Reporter | None = None,
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federated(grid, from_run_config(context.run_config), reporter, stop)
+        config = from_run_config(context.run_config)
+        for ignored in keys_without_effect(config):
+            log(WARNING, "fedtune: %s", ignored.message())
+        run_federated(grid, config, reporter, stop, runtime=SUPERLINK_RUNTIME)
 
     return server_app
 

@@ -7,16 +7,19 @@
    run; a round in which every sampled client had spent its budget is the last.
 3. ``RoundWriter``: one metrics.csv row and the clients.csv rows of each round, and what the
    strategy aggregated from the train replies (strategy_metrics.jsonl).
-4. ``FinalArtifacts``: the final model, plots and summary.json.
-5. ``AuditWriter``: with ``privacy.audit``, the empirical privacy audit of the final model
+4. ``BestModel`` (``run.save_best``): the model of the best round so far, in model_best/.
+5. ``FinalArtifacts``: the final model, plots and summary.json.
+6. ``AuditWriter``: with ``privacy.audit``, the empirical privacy audit of the final model
    (``fedtune.audit``: audit.json, plots/audit.png).
-6. ``ProgressListener``: the live reporter (a terminal, or log lines).
-7. ``fedtune.server.resume.Checkpointer``: the checkpoint after each round (and on abort).
+7. ``Tracking`` (``[tracking]``): TensorBoard and MLflow (``fedtune.results.tracking``).
+8. ``ProgressListener``: the live reporter (a terminal, or log lines).
+9. ``fedtune.server.resume.Checkpointer``: the checkpoint after each round (and on abort).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from logging import INFO
 from typing import Any
 
@@ -29,7 +32,8 @@ from fedtune.models.weights import load_shared_state, shared_state
 from fedtune.privacy.mode import PrivacyPlan
 from fedtune.results.plots import plot_accuracy_loss, plot_epsilon
 from fedtune.results.run_dir import RunDirectory
-from fedtune.results.summary import build_summary
+from fedtune.results.summary import build_summary, majority_class_accuracy, run_title
+from fedtune.results.tracking import Tracker
 from fedtune.server.loop import RunFailed, RunListener
 from fedtune.server.reporting import Reporter
 from fedtune.server.round import FederatedRun, RoundOutcome
@@ -76,12 +80,37 @@ class RoundWriter(RunListener):
         self.run_dir.append_round(outcome.row, outcome.clients, metrics)
 
 
+class BestModel(RunListener):
+    """``run.save_best``: after a round whose global test accuracy beats every earlier round's,
+    its model goes to <run dir>/model_best/ (a resumed run remembers the best so far)."""
+
+    def __init__(self, run_dir: RunDirectory) -> None:
+        self.run_dir = run_dir
+        self.best = -1.0
+
+    def run_started(self, run: FederatedRun) -> None:
+        earlier = [float(r["eval_accuracy"]) for r in self.run_dir.metrics()
+                   if r.get("eval_accuracy") not in (None, "")]
+        self.best = max(earlier, default=-1.0)
+
+    def round_ended(self, run: FederatedRun, outcome: RoundOutcome) -> None:
+        accuracy = outcome.row.eval_accuracy
+        if accuracy is None or accuracy <= self.best:
+            return
+        self.best = accuracy
+        # the round's server evaluation left the new global weights in the resident model
+        load_shared_state(run.resources.model, protocol.to_numpy(run.state.arrays))
+        save_model(run.resources.model, run.resources.spec, self.run_dir.best_model_dir)
+
+
 class FinalArtifacts(RunListener):
     """The final model, the plots and summary.json, when every round is done."""
 
-    def __init__(self, run_dir: RunDirectory, plan: PrivacyPlan) -> None:
+    def __init__(self, run_dir: RunDirectory, plan: PrivacyPlan,
+                 runtime: dict[str, Any] | None = None) -> None:
         self.run_dir = run_dir
         self.plan = plan
+        self.runtime = runtime  # None: engine.backend's, as the runtime table describes it
         self.summary: dict[str, Any] = {}
 
     def run_ended(self, run: FederatedRun, final: EvalResult) -> None:
@@ -91,7 +120,8 @@ class FinalArtifacts(RunListener):
         load_shared_state(resources.model, protocol.to_numpy(run.state.arrays))
         save_model(resources.model, resources.spec, self.run_dir.model_dir)
         rows = self.run_dir.metrics()
-        plot_accuracy_loss(rows, self.run_dir.plots_dir / "accuracy_loss.png")
+        plot_accuracy_loss(rows, self.run_dir.plots_dir / "accuracy_loss.png",
+                           majority_class_accuracy(resources), run_title(config))
         if PRIVACY_MODES[config.privacy.mode].spends_budget:
             plot_epsilon(rows, config.privacy.target_epsilon,
                          self.run_dir.plots_dir / "epsilon.png")
@@ -100,8 +130,11 @@ class FinalArtifacts(RunListener):
             config, resources, self.run_dir, final, total_s, run.state.stop_reason,
             strategy={"name": config.strategy.name, **strategy_arguments(config)},
             privacy=run.privacy.summary(config, self.plan),
-            runtime={"backend": config.engine.backend,
-                     "reproducible": RUNTIMES[config.engine.backend].reproducible})
+            runtime=self.runtime or {
+                "backend": config.engine.backend,
+                "reproducible": RUNTIMES[config.engine.backend].reproducible})
+        if config.run.save_best and self.run_dir.best_model_dir.is_dir():
+            self.summary["best"]["model"] = self.run_dir.best_model_dir.name
         self.run_dir.write_json("summary.json", self.summary)
 
 
@@ -129,6 +162,38 @@ class AuditWriter(RunListener):
         audit = run_audit(config, run.resources, initial, final,
                           float("inf") if spent is None else float(spent))
         write_audit(self.run_dir, audit)
+
+
+class Tracking(RunListener):
+    """Sends each round to the trackers ``[tracking]`` asks for (TensorBoard, MLflow). A tracker
+    that fails after the run started is dropped with a warning: the run and its directory go on."""
+
+    def __init__(self, trackers: list[Tracker], run_dir: RunDirectory) -> None:
+        self.trackers = trackers
+        self.run_dir = run_dir
+
+    def run_started(self, run: FederatedRun) -> None:
+        for tracker in self.trackers:
+            tracker.start(run.config, self.run_dir, run.state.server_round + 1)
+
+    def _each(self, hook: str, *args: Any) -> None:
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, hook)(*args)
+            except Exception as error:  # noqa: BLE001 - tracking must not end a run
+                self.trackers.remove(tracker)
+                warnings.warn(f"{type(tracker).__name__} stopped logging this run: {error}",
+                              RuntimeWarning, stacklevel=2)
+
+    def round_ended(self, run: FederatedRun, outcome: RoundOutcome) -> None:
+        self._each("round", outcome.row, outcome.clients)
+
+    def run_ended(self, run: FederatedRun, final: EvalResult) -> None:
+        self._each("finish", self.run_dir)
+
+    def run_aborted(self, run: FederatedRun, error: BaseException) -> None:
+        stopped = type(error).__name__ in ("RunStopped", "KeyboardInterrupt")
+        self._each("close", not stopped)
 
 
 class ProgressListener(RunListener):

@@ -163,11 +163,13 @@ def _report_row(server_round: int, report: ClientReport) -> ClientRow:
                          report.reason)
     metrics = report.metrics
     loss, epsilon = metrics.get(protocol.TRAIN_LOSS), metrics.get(protocol.EPSILON)
+    trained = metrics.get(protocol.EXAMPLES_SEEN)
     return ClientRow(server_round, report.client_id, int(metrics[protocol.NUM_EXAMPLES]),
                      None if loss is None else float(loss),
                      None if epsilon is None else float(epsilon),
                      float(metrics[protocol.DURATION_S]),
-                     "ok" if report.status == "ok" else "rejected", report.reason)
+                     "ok" if report.status == "ok" else "rejected", report.reason,
+                     None if trained is None else int(trained))
 
 
 def weighted_metrics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -253,11 +255,13 @@ def _reply_row(server_round: int, reply: Message, status: str, reason: str,
     """The row of a screened reply (its metrics hold what the schema says)."""
     epsilon = protocol.metric(reply, protocol.EPSILON)
     loss = protocol.metric(reply, protocol.TRAIN_LOSS)
+    trained = protocol.metric(reply, protocol.EXAMPLES_SEEN)
     return ClientRow(server_round, client_id,
                      int(protocol.metric(reply, protocol.NUM_EXAMPLES)),
                      None if loss is None else float(loss),
                      None if epsilon is None else float(epsilon),
-                     float(protocol.metric(reply, protocol.DURATION_S)), status, reason)
+                     float(protocol.metric(reply, protocol.DURATION_S)), status, reason,
+                     None if trained is None else int(trained))
 
 
 def client_rows(server_round: int, train: Exchange, screened: ScreenedReplies,

@@ -10,10 +10,14 @@ from flwr.common import log
 
 from fedtune.config import Config
 from fedtune.results.run_dir import RoundRow, RunDirectory
+from fedtune.results.run_log import single_flower_lines
 
 
 class Reporter(Protocol):
     """Receives progress (``fedtune.cli.RichReporter`` draws it in a terminal)."""
+
+    def stage(self, text: str) -> None:
+        """What the run is doing before its rounds ("loading data and model", ...)."""
 
     def start(self, config: Config, run_dir: RunDirectory) -> None: ...
 
@@ -26,6 +30,12 @@ class Reporter(Protocol):
 
 class LogReporter:
     """Progress as log lines (for ``flwr run``, where fedtune owns no terminal)."""
+
+    def __init__(self) -> None:
+        single_flower_lines()
+
+    def stage(self, text: str) -> None:
+        log(INFO, "fedtune: %s", text)
 
     def start(self, config: Config, run_dir: RunDirectory) -> None:
         log(INFO, "fedtune: %d rounds, %d clients, run directory %s", config.run.rounds,

@@ -47,7 +47,7 @@ from fedtune.tables.runtimes import RUNTIMES
 
 # keys a resume may change: where and how long the run goes on, and on which runtime
 RESUME_MAY_CHANGE = {"run": {"dir", "output_dir", "rounds", "checkpoint_every", "resume"},
-                     "engine": None}  # None: every key of the section
+                     "engine": None, "tracking": None}  # None: every key of the section
 
 
 def config_digest(config: Config) -> str:
@@ -141,7 +141,7 @@ def check_resumable(config: Config) -> Checkpoint:
                           "it has no checkpoint (written every run.checkpoint_every rounds and "
                           "on Ctrl-C)")
     manifest = verify_checkpoint(directory)
-    saved_config = load_config(run_path / "config.toml")
+    saved_config = load_config(run_path / "config.toml", resolved=True)
     if config_digest(saved_config) != manifest.get("config"):
         raise CheckpointError(f"{run_path / 'config.toml'} does not match the checkpoint's "
                               f"{directory.name}/manifest.json: the config was edited after the "
@@ -155,7 +155,7 @@ def check_resumable(config: Config) -> Checkpoint:
             raise ConfigError(
                 f"{section}.{key} = {value!r} is not allowed when resuming: must be "
                 f"{saved[section][key]!r} as in {config.run.dir}/config.toml (only run.rounds, "
-                "run.checkpoint_every and engine.* may change)"
+                "run.checkpoint_every, engine.* and tracking.* may change)"
             )
     checkpoint = read_checkpoint(run_path)
     _check_client_accountants(config, checkpoint)

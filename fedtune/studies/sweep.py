@@ -41,18 +41,31 @@ per combination of the other keys).
 
 from __future__ import annotations
 
+import copy
 import csv
 import itertools
 import json
 import re
 import shutil
 import tomllib
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import Config, ConfigError, from_dict, parse_override, read_toml, toml_value
+from fedtune.config import (
+    Config,
+    ConfigError,
+    ConfigWarning,
+    NoEffect,
+    TrackingSection,
+    from_dict,
+    keys_without_effect,
+    parse_override,
+    read_toml,
+    toml_value,
+)
 
 SEED_KEY = "run.seed"
 FINAL_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "train_loss",
@@ -90,6 +103,7 @@ class SweepRun:
     values: dict[str, Any]
     config: Config
     slug: str
+    given: frozenset[str] = frozenset()  # the keys the sweep file and the grid set
 
 
 def _check_key(key: str) -> tuple[str, str]:
@@ -177,9 +191,19 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = (),
                      output_dir=str(sweep.pop("output_dir", "sweeps")),
                      metric=metric, base=raw, grid=grid, extra=sweep, reference=reference,
                      selection=parse_selection(selection, grid))
-    expand(spec)  # every combination must be a valid config before anything runs
-    expand_reference(spec)
+    runs = expand_reference(spec) + expand(spec)  # every point must be a valid config
+    for ignored in unused_by_every_point(runs):
+        warnings.warn(f"{ignored.message()} (and in every other point of the sweep)",
+                      ConfigWarning, stacklevel=2)
     return spec
+
+
+def unused_by_every_point(runs: list[SweepRun]) -> list[NoEffect]:
+    """Keys the sweep sets that no point uses (a key that some points use, such as FedProx's
+    mu in a sweep over strategies, is fine): as the first point reports them."""
+    per_point = [{n.key: n for n in keys_without_effect(run.config, run.given)} for run in runs]
+    common = set.intersection(*(set(found) for found in per_point)) if per_point else set()
+    return [found for key, found in per_point[0].items() if key in common] if common else []
 
 
 def _slug(values: dict[str, Any]) -> str:
@@ -217,7 +241,10 @@ def _build(spec: SweepSpec, overrides: dict[str, Any], values: dict[str, Any],
     except ConfigError as err:
         raise ConfigError(f"sweep point {values}: {err}") from None
     config.run.dir = str(spec.directory / "runs" / slug)
-    return SweepRun(values, config, slug)
+    if config.tracking.mlflow and not config.tracking.mlflow_experiment:
+        config.tracking.mlflow_experiment = spec.name  # the points side by side in MLflow
+    given = frozenset(f"{section}.{name}" for section, table in raw.items() for name in table)
+    return SweepRun(values, config, slug, given)
 
 
 def _combinations(spec: SweepSpec, axes: list[str]
@@ -255,11 +282,15 @@ def expand_reference(spec: SweepSpec) -> list[SweepRun]:
 
 def is_finished(run_dir: Path, config: Config) -> bool:
     """True when the run finished with this config (a changed sweep file reruns it). The saved
-    config is read with today's defaults, so a key added since with a default does not count."""
+    config is read with today's defaults, so a key added since with a default does not count;
+    ``[tracking]`` does not count either (where results are logged does not change them)."""
     summary, saved = run_dir / "summary.json", run_dir / "config.toml"
     if not summary.is_file() or not saved.is_file():
         return False
-    if from_dict(tomllib.loads(saved.read_text(encoding="utf-8"))) != config:
+    finished = from_dict(tomllib.loads(saved.read_text(encoding="utf-8")))
+    finished.tracking, wanted = TrackingSection(), copy.copy(config)
+    wanted.tracking = TrackingSection()
+    if finished != wanted:
         return False
     return json.loads(summary.read_text()).get("status") == "finished"
 
@@ -284,19 +315,25 @@ def result_row(run: SweepRun) -> dict[str, Any]:
 
 
 def run_sweep(spec: SweepSpec, run_one: Callable[[Config], Any],
-              on_run: Callable[[int, int, SweepRun, str], None] | None = None
+              on_run: Callable[[int, int, SweepRun, str], None] | None = None,
+              before_run: Callable[[int, int, SweepRun], None] | None = None
               ) -> list[dict[str, Any]]:
-    """Run every unfinished point with ``run_one``; returns one result row per point."""
+    """Run every unfinished point that ``--grid`` selects with ``run_one``; returns one result
+    row per point run or finished before. ``before_run`` / ``on_run`` hear of each such point
+    (its number among them, how many there are; ``on_run`` also "done" or why it was
+    skipped)."""
     spec.directory.mkdir(parents=True, exist_ok=True)
-    runs = expand_reference(spec) + expand(spec)
+    runs = [(run, is_finished(Path(run.config.run.dir), run.config))
+            for run in expand_reference(spec) + expand(spec)]
+    runs = [(run, finished) for run, finished in runs if finished or spec.selects(run)]
     rows = []
-    for index, run in enumerate(runs, start=1):
+    for index, (run, finished) in enumerate(runs, start=1):
         run_dir = Path(run.config.run.dir)
-        if is_finished(run_dir, run.config):
-            status = "skipped (finished before)"
-        elif not spec.selects(run):
-            continue
+        if finished:
+            status = "skipped: finished before"
         else:
+            if before_run is not None:
+                before_run(index, len(runs), run)
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # an interrupted or changed run starts again
             run_one(run.config)

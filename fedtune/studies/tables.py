@@ -36,7 +36,8 @@ def group_rows(rows: list[dict[str, Any]], keys: list[str], metric: str
     for key, values in groups.items():
         entry = {k: json.loads(v) for k, v in zip(keys, key, strict=True)}
         entry["mean"] = float(np.mean(values)) if values else None
-        entry["std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        with np.errstate(invalid="ignore"):  # ε = inf in every seed: its spread is NaN
+            entry["std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         entry["n"] = len(values)
         table.append(entry)
     return table
@@ -168,3 +169,28 @@ def round_curves(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, 
                      std=spread.tolist(), n=len(runs))
         curves.append(entry)
     return curves
+
+
+def write_outputs(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[Path]:
+    """Everything a finished sweep writes from its rows: table.csv and table.md, then what
+    the sweep file asks for (``x``: plot.png, ``rows``: table_wide.md, ``bytes_curves`` and
+    ``curves``); returns table.md and the files after it."""
+    from fedtune.results.plots import plot_curves, plot_round_curves, plot_sweep
+
+    table = write_table(spec, rows)
+    written = [spec.directory / "table.md"]
+    x_key, series_key = spec.extra.get("x"), spec.extra.get("series")
+    if x_key:
+        written.append(spec.directory / "plot.png")
+        keys = [key for key in grid_keys(spec) if key != SEED_KEY]
+        plot_sweep(table, keys, x_key, series_key, spec.metric, written[-1])
+    if spec.extra.get("rows"):
+        written.append(write_pivot(spec, table, spec.extra["rows"]))
+    if spec.extra.get("bytes_curves"):
+        written.append(spec.directory / "bytes_curves.png")
+        plot_curves(run_curves(spec), written[-1])
+    if spec.extra.get("curves"):
+        written.append(spec.directory / "curves.png")
+        plot_round_curves(round_curves(spec, rows), spec.extra["curves"], spec.metric,
+                          written[-1])
+    return written

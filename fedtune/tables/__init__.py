@@ -52,19 +52,43 @@ class Key:
         return type(self.default)
 
 
-def key_field(declared: Key, owners: tuple[str, ...] = ()) -> Any:
+@dataclass(frozen=True)
+class UsedWith:
+    """When a key has an effect: only while ``chooser``, another key of its section, has one
+    of ``values`` (``nonzero``: any value but 0). Every other setting ignores it, so a value
+    given for it there is reported (``fedtune.config.keys_without_effect``)."""
+
+    chooser: str
+    values: tuple[Any, ...] = ()
+    nonzero: bool = False
+
+    def uses(self, chosen: Any) -> bool:
+        """True when the key has an effect while its chooser is ``chosen``."""
+        return chosen != 0 if self.nonzero else chosen in self.values
+
+    def describe(self) -> str:
+        """The settings that use the key ("partitioner = 'dirichlet'", "local_steps != 0")."""
+        if self.nonzero:
+            return f"{self.chooser} != 0"
+        return f"{self.chooser} = " + " or ".join(repr(v) for v in self.values)
+
+
+def key_field(declared: Key, owners: tuple[str, ...] = (),
+              used_with: UsedWith | None = None) -> Any:
     """A dataclass field for ``declared``; ``owners`` are the table entries that use it
-    (empty: the key applies whatever the section's choice is)."""
-    meta = {"key": declared, "owners": owners}
+    (empty: the key applies whatever the section's choice is); ``used_with`` says when it has
+    an effect (for a table's key: while its section's chooser names one of its owners)."""
+    meta = {"key": declared, "owners": owners, "used_with": used_with}
     if isinstance(declared.default, list):
         default = list(declared.default)
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=declared.default, metadata=meta)
 
 
-def key(default: Any, help: str, **allowed: Any) -> Any:
-    """A field of a fixed config section: ``key(0.5, "Dirichlet alpha", gt=0)``."""
-    return key_field(Key(default, help, **allowed))
+def key(default: Any, help: str, used_with: UsedWith | None = None, **allowed: Any) -> Any:
+    """A field of a fixed config section: ``key(0.5, "Dirichlet alpha", gt=0)``;
+    ``used_with``: the setting of another key it depends on (None: it always has an effect)."""
+    return key_field(Key(default, help, **allowed), used_with=used_with)
 
 
 @dataclass(frozen=True)
@@ -117,10 +141,11 @@ def import_object(path: str) -> Any:
 
 
 def section_class(name: str, doc: str, common: Mapping[str, Key],
-                  table: Mapping[str, Entry]) -> type:
+                  table: Mapping[str, Entry], chooser: str) -> type:
     """A config section dataclass: the ``common`` keys, then every key the ``table``'s entries
     own, in table order. An entry may share a key with another (the same ``Key``); the field's
-    help then names every entry that uses it."""
+    help then names every entry that uses it. ``chooser`` is the common key that names the
+    entry (``kind``, ``name``, ...): an owned key has an effect only while it names an owner."""
     owned: dict[str, tuple[Key, list[str]]] = {}
     for entry_name, entry in table.items():
         for key_name, declared in entry.keys.items():
@@ -133,7 +158,8 @@ def section_class(name: str, doc: str, common: Mapping[str, Key],
     fields: list[tuple[str, Any, Any]] = [
         (key_name, declared.type, key_field(declared)) for key_name, declared in common.items()]
     for key_name, (declared, owners) in owned.items():
-        fields.append((key_name, declared.type, key_field(declared, tuple(owners))))
+        fields.append((key_name, declared.type,
+                       key_field(declared, tuple(owners), UsedWith(chooser, tuple(owners)))))
     cls = dataclasses.make_dataclass(name, fields)
     cls.__doc__ = doc
     cls.__module__ = "fedtune.config"
@@ -148,3 +174,8 @@ def declared_key(f: dataclasses.Field[Any]) -> Key:
 def owners_of(f: dataclasses.Field[Any]) -> tuple[str, ...]:
     """The table entries that use a field (empty: every one)."""
     return f.metadata["owners"]
+
+
+def used_with(f: dataclasses.Field[Any]) -> UsedWith | None:
+    """When a field has an effect (None: always)."""
+    return f.metadata.get("used_with")

@@ -26,6 +26,7 @@ class RuntimeEntry(Entry):
     client_states: bool = True  # checkpoints keep every client's Context.state
     reproducible: bool = True  # the same config gives the same metrics, run after run
     check: Callable[[Config], None] | None = None
+    starting: str = "starting the clients"  # what the user is told while it starts
 
 
 RUNTIMES: dict[str, RuntimeEntry] = {
@@ -39,14 +40,16 @@ RUNTIMES: dict[str, RuntimeEntry] = {
             "ray_address": Key("", "address of a running Ray cluster to join ('' = start one "
                                    "here)"),
         },
-        implementation="fedtune.engine.ray_engine:run_ray_engine"),
+        implementation="fedtune.engine.ray_engine:run_ray_engine",
+        starting="starting Ray and its workers (each loads the data and the model)"),
     "flower": RuntimeEntry(
         "Flower's own Ray simulation (the runtime of `flwr run`)",
         implementation="fedtune.engine.flower_sim:run_flower", client_states=False,
-        reproducible=False),
+        starting="starting Flower's simulation runtime (Ray, one SuperNode per client)"),
     "inprocess": RuntimeEntry(
         "every client in this process, one after another (no Ray; for debugging)",
-        implementation="fedtune.engine.inprocess:run_inprocess"),
+        implementation="fedtune.engine.inprocess:run_inprocess",
+        starting="building the global model"),
 }
 
 

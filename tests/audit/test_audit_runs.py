@@ -16,9 +16,8 @@ from fedtune.task import task_resources
 from tests.conftest import rows_of, tiny_config
 
 FEDERATION = ["data.num_clients=40", "strategy.fraction_train=0.5", "run.rounds=4",
-              "strategy.fraction_evaluate=0", "privacy.delta=0.001",
-              "privacy.audit_examples=100"]
-CENTRAL = [*FEDERATION, "privacy.mode=central", "privacy.clip_norm=1",
+              "strategy.fraction_evaluate=0"]
+CENTRAL = [*FEDERATION, "privacy.mode=central", "privacy.delta=0.001", "privacy.clip_norm=1",
            "privacy.adaptive_clipping=false", "privacy.audit_canaries=100"]
 
 
@@ -73,7 +72,8 @@ def test_canary_clients_under_noise_stay_below_the_accountant(tmp_path):
 
 
 def test_canary_examples_go_into_training_rows_only_and_are_audited(tmp_path):
-    config = tiny_config(tmp_path, *FEDERATION, "privacy.audit=true")
+    config = tiny_config(tmp_path, *FEDERATION, "privacy.audit=true",
+                         "privacy.audit_examples=100")
     resources = task_resources(config)
     canaries, federation = resources.canaries, resources.federation
     assert canaries.count == 100 and 30 < canaries.included.sum() < 70
@@ -98,6 +98,7 @@ def test_canary_examples_go_into_training_rows_only_and_are_audited(tmp_path):
 def test_local_dp_runs_with_canary_examples(tmp_path):
     run_dir = run_inprocess(tiny_config(tmp_path, *FEDERATION, "privacy.mode=local",
                                         "privacy.target_epsilon=2", "privacy.audit=true",
+                                        "privacy.audit_examples=100", "privacy.delta=0.001",
                                         "run.rounds=2")).path
     audit = _audit(run_dir)
     assert 0 < audit["accountant_epsilon"] <= 2.0

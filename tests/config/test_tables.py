@@ -11,7 +11,7 @@ import pytest
 
 from fedtune.config import SECTIONS, ConfigError, describe, load_config
 from fedtune.server.grid import SimulatedGrid
-from fedtune.tables import Entry, Key, owners_of, section_class
+from fedtune.tables import Entry, Key, owners_of, section_class, used_with
 from fedtune.tables.datasets import DATASETS
 from fedtune.tables.model_kinds import MODEL_KINDS
 from fedtune.tables.privacy_modes import PRIVACY_MODES
@@ -44,15 +44,19 @@ def test_section_class_merges_shared_keys_and_refuses_conflicting_ones():
     lr = Key(1.0, "a rate", gt=0)
     table = {"a": Entry("a", keys={"lr": lr, "depth": Key(2, "depth", ge=1)}),
              "b": Entry("b", keys={"lr": lr})}
-    cls = section_class("Example", "an example", {"name": Key("a", "which")}, table)
+    cls = section_class("Example", "an example", {"name": Key("a", "which")}, table, "name")
     assert [f.name for f in dataclasses.fields(cls)] == ["name", "lr", "depth"]
     assert owners_of(dataclasses.fields(cls)[1]) == ("a", "b")
+    depth = used_with(dataclasses.fields(cls)[2])
+    assert (depth.chooser, depth.uses("a"), depth.uses("b")) == ("name", True, False)
+    assert used_with(dataclasses.fields(cls)[0]) is None  # the chooser always counts
     assert cls().depth == 2
     clash = {"a": Entry("a", keys={"lr": lr}), "b": Entry("b", keys={"lr": Key(2.0, "x")})}
     with pytest.raises(ValueError, match="lr: b declares it differently from a"):
-        section_class("Clash", "", {}, clash)
+        section_class("Clash", "", {}, clash, "name")
     with pytest.raises(ValueError, match="name is common and owned by a"):
-        section_class("Clash", "", {"name": Key("a", "")}, {"a": Entry("a", keys={"name": lr})})
+        section_class("Clash", "", {"name": Key("a", "")}, {"a": Entry("a", keys={"name": lr})},
+                      "name")
 
 
 def test_every_strategy_entry_names_a_strategy_class_and_its_client_side():

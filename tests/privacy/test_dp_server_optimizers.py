@@ -235,8 +235,9 @@ CENTRAL = [*MLP_DIGITS, "privacy.mode=central", "privacy.noise_multiplier=0.1",
                  "adam_betas": (0.9, 0.99), "adam_tau": 1e-3}),
 ])
 def test_the_configured_strategy_picks_the_server_optimizer(name, expected):
-    config = load_config(None, [*CENTRAL, f"strategy.name={name}", "strategy.server_lr=3",
-                                "strategy.server_momentum=0.8", "strategy.fedopt_eta=0.02"])
+    settings = {"fedavg": [], "fedavgm": ["strategy.server_lr=3", "strategy.server_momentum=0.8"],
+                "fedadam": ["strategy.fedopt_eta=0.02"]}[name]
+    config = load_config(None, [*CENTRAL, f"strategy.name={name}", *settings])
     assert server_optimizer(config) == expected
     plan = CentralDP().plan(config)
     strategy = CentralDP().strategy(config, plan, {})

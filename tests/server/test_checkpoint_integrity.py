@@ -160,7 +160,7 @@ def test_checkpoint_files_and_directory_are_synced_before_the_swap(run_copy, mon
 def test_the_stop_line_names_a_checkpoint_only_when_there_is_one(run_copy, tmp_path):
     def printed(run_dir: Path) -> str:
         console = Console(file=io.StringIO(), width=300)
-        _print_stopped(console, run_dir)
+        _print_stopped(console, run_dir, "normal")
         return console.file.getvalue()
 
     empty = tmp_path / "fresh"

@@ -12,7 +12,6 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
-from fedtune.config import ConfigError, load_config
 from fedtune.engine.inprocess import run_inprocess
 from fedtune.server.checkpoint import read_checkpoint
 from fedtune.server.guard import bound_updates, robust_z, update_norm

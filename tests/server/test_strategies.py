@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.serverapp import strategy as flower
 
-from fedtune.config import ConfigError, load_config
+from fedtune.config import ConfigError, ConfigWarning, load_config
 from fedtune.privacy.mode import PrivacyPlan
 from fedtune.server.strategies import build_strategy
 from fedtune.tables.strategies import FLOWER, STRATEGIES, strategy_arguments
@@ -102,9 +102,16 @@ def test_fedprox_sends_its_mu_to_the_clients():
     assert configs[0]["proximal-mu"] == 0.3
 
 
-def test_keys_of_other_strategies_are_ignored_and_not_recorded():
-    config = load_config(None, [*BASE, "strategy.name=fedavgm", "strategy.proximal_mu=0.5",
-                                "strategy.feddyn_alpha=0.2", "strategy.server_momentum=0.7"])
+def test_keys_of_other_strategies_are_ignored_and_not_recorded(tmp_path):
+    """A config file may set every strategy's keys (a sweep's base does): those of other
+    strategies are a warning naming each, and never reach the strategy."""
+    file = tmp_path / "c.toml"
+    file.write_text('[strategy]\nname = "fedavgm"\nproximal_mu = 0.5\nfeddyn_alpha = 0.2\n'
+                    'server_momentum = 0.7\n')
+    with pytest.warns(ConfigWarning) as caught:
+        config = load_config(file, BASE)
+    assert sorted(str(w.message).split(" =")[0] for w in caught) == [
+        "strategy.feddyn_alpha", "strategy.proximal_mu"]
     assert strategy_arguments(config) == {"server_learning_rate": 1.0,
                                                  "server_momentum": 0.7}
 

@@ -125,10 +125,19 @@ def test_sweep_cli_writes_results_table_and_plot(tmp_path):
     table = (directory / "table.md").read_text()
     assert "| client.lr | eval_accuracy (mean ± std) | runs |" in table
     assert table.count("| 2 |") == 2
-    assert "[4/4]" in result.stdout
+    lines = result.stdout.splitlines()  # a line per run, then the table; libraries: log.txt
+    assert lines[0].startswith("fedtune ") and lines[0].endswith(f"sweep tiny: {directory}")
+    assert [line.split(":")[0] for line in lines[1:5]] == [
+        "[1/4] client.lr=0.001 run.seed=0", "[2/4] client.lr=0.001 run.seed=1",
+        "[3/4] client.lr=0.01 run.seed=0", "[4/4] client.lr=0.01 run.seed=1"]
+    assert lines[5] == table.splitlines()[0] and result.stderr == ""
+    assert all((run / "log.txt").is_file() for run in (directory / "runs").iterdir())
     second = subprocess.run([sys.executable, "-m", "fedtune", "sweep", str(file)],
                             capture_output=True, text=True, timeout=300)
-    assert second.stdout.count("skipped (finished before)") == 4
+    assert second.stdout.count("(skipped: finished before)") == 4
+    quiet = subprocess.run([sys.executable, "-m", "fedtune", "sweep", "--quiet", str(file)],
+                           capture_output=True, text=True, timeout=300)
+    assert quiet.stdout.splitlines()[0] == lines[5] and "[1/4]" not in quiet.stdout
     summary = json.loads((directory / "runs").joinpath(
         sorted(p.name for p in (directory / "runs").iterdir())[0], "summary.json").read_text())
     assert summary["status"] == "finished"

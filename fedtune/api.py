@@ -1,0 +1,242 @@
+"""The Python API: run experiments from a notebook or a script, get their results as data.
+
+    import fedtune
+
+    result = fedtune.run("simulations/mlp_digits.toml", overrides={"run.rounds": 5})
+    result.metrics                     # pandas DataFrame: metrics.csv, one row per round
+    result.summary["final"]            # summary.json
+    model = result.load_model()        # the saved global model
+    model.predict(["a new review"])    # label names (a text model)
+
+    study = fedtune.sweep("simulations/non_iid.toml", grid={"run.seed": [0]})
+    study.table                        # mean ± std of the metric per grid point
+
+``run`` and ``sweep`` take what ``fedtune run`` and ``fedtune sweep`` take - a config (a TOML
+file, a ``Config``, or a dict of sections), overrides (``{"data.alpha": 0.1}`` or
+``["data.alpha=0.1"]``), an output directory - check the config the same way (a bad value is a
+``ConfigError`` before anything starts; an overridden key without effect too), print a line per
+stage and per round (``progress=False``: nothing), send library warnings to the run's log.txt
+(``verbose=True``: to the terminal) and write the same run directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import tomli_w
+
+from fedtune.config import Config, ConfigError, config_from_raw, load_config, to_dict
+from fedtune.results.run_dir import default_run_path, is_empty_run_dir
+from fedtune.results.run_log import capture_run_log, quiet_libraries
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from fedtune.models.build import SavedModel
+
+ConfigLike = str | Path | Config | Mapping[str, Any] | None
+Overrides = Mapping[str, Any] | Iterable[str] | None
+
+
+def override_texts(overrides: Overrides) -> list[str]:
+    """``{"data.alpha": 0.1}`` (Python values) or ``["data.alpha=0.1"]`` as ``--set`` texts."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, Mapping):
+        # a TOML literal of each value: the same parser as --set reads it back exactly
+        return [f"{key}={tomli_w.dumps({'v': value})[4:].strip()}"
+                for key, value in overrides.items()]
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides = {overrides!r} is not allowed: must be a dict "
+                          "{'section.key': value} or a list of 'section.key=value'")
+    return list(overrides)
+
+
+def resolve_config(config: ConfigLike = None, overrides: Overrides = None) -> Config:
+    """The validated Config of ``config`` with ``overrides`` applied."""
+    texts = override_texts(overrides)
+    if config is None or isinstance(config, (str, Path)):
+        return load_config(config, texts)
+    if isinstance(config, Config):
+        return config_from_raw(to_dict(config), texts, resolved=True)
+    if isinstance(config, Mapping):
+        return config_from_raw(config, texts)
+    raise ConfigError(f"config = {config!r} is not allowed: must be a TOML file path, a "
+                      "fedtune Config or a dict of sections")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A run directory, read as data (``load_run`` opens an existing one)."""
+
+    run_dir: Path
+
+    @cached_property
+    def config(self) -> Config:
+        """The resolved config the run was made with (config.toml)."""
+        return load_config(self.run_dir / "config.toml", resolved=True)
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """metrics.csv: one row per round (empty cells are NaN)."""
+        return _frame(self.run_dir / "metrics.csv")
+
+    @property
+    def clients(self) -> pd.DataFrame:
+        """clients.csv: one row per sampled client per round."""
+        return _frame(self.run_dir / "clients.csv")
+
+    @property
+    def partitions(self) -> pd.DataFrame:
+        """partitions.csv: examples per client and label."""
+        return _frame(self.run_dir / "partitions.csv")
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """summary.json: final and best metrics, bytes, time, privacy."""
+        import json
+
+        return json.loads((self.run_dir / "summary.json").read_text(encoding="utf-8"))
+
+    @property
+    def plots(self) -> dict[str, Path]:
+        """The run's figures by name (accuracy_loss, partitions, epsilon)."""
+        return {path.stem: path for path in sorted((self.run_dir / "plots").glob("*.png"))}
+
+    def load_model(self, which: str = "final") -> SavedModel:
+        """The saved global model (``which = "best"``: the best round's, with
+        ``run.save_best``), with ``predict`` and ``predict_proba`` on new inputs."""
+        from fedtune.models.build import load_predictor
+
+        folders = {"final": self.run_dir / "model", "best": self.run_dir / "model_best"}
+        if which not in folders or not folders[which].is_dir():
+            allowed = [name for name, folder in folders.items() if folder.is_dir()]
+            raise ConfigError(f"which = {which!r} is not allowed: this run saved "
+                              + " and ".join(repr(a) for a in allowed))
+        return load_predictor(folders[which])
+
+    def __repr__(self) -> str:
+        if not (self.run_dir / "summary.json").is_file():
+            return f"RunResult({str(self.run_dir)!r}, unfinished)"
+        summary = self.summary
+        return (f"RunResult({str(self.run_dir)!r}, {summary['rounds_completed']} rounds, final "
+                f"accuracy {summary['final']['eval_accuracy']:.4f})")
+
+
+def _frame(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.read_csv(path)
+
+
+def load_run(run_dir: str | Path) -> RunResult:
+    """The results of a run made earlier (by ``fedtune run``, ``fedtune.run``, a sweep)."""
+    path = Path(run_dir)
+    if not (path / "config.toml").is_file():
+        raise ConfigError(f"run_dir = {str(run_dir)!r} is not allowed: must be a run directory "
+                          "(it has no config.toml)")
+    return RunResult(path)
+
+
+def _reporter(progress: bool) -> Any:
+    from rich.console import Console
+
+    from fedtune.cli import NORMAL, QUIET, RichReporter
+
+    # plain lines, bound to this stdout (a notebook's too): the log capture takes sys.stdout
+    # while the run lasts
+    console = Console(file=sys.stdout, soft_wrap=True, color_system=None, highlight=False,
+                      force_jupyter=False, force_terminal=False)
+    return RichReporter(console, NORMAL if progress else QUIET)
+
+
+def run(config: ConfigLike = None, overrides: Overrides = None, output: str | Path | None = None,
+        *, progress: bool = True, verbose: bool = False) -> RunResult:
+    """Run one federated experiment (``fedtune run``); returns its results.
+
+    ``config``: a TOML file, a ``Config`` or a dict of sections (None: the defaults, the
+    quickstart); ``overrides``: ``{"section.key": value}`` or ``["section.key=value"]``;
+    ``output``: the run directory (new or empty; default ``<run.output_dir>/<name>-<time>``).
+    """
+    resolved = resolve_config(config, overrides)
+    path = Path(output or resolved.run.dir or default_run_path(resolved))
+    if not is_empty_run_dir(path):
+        raise ConfigError(f"output = {str(path)!r} is not allowed: must be a new or empty "
+                          "directory")
+    resolved.run.dir = str(path)
+    reporter = _reporter(progress)
+    reporter.stage("loading torch, transformers and Flower")
+    try:
+        with capture_run_log(path, echo=verbose):
+            quiet_libraries()
+            from fedtune.engine.launch import launch
+
+            launch(resolved, reporter)
+    finally:
+        reporter.close()
+    return RunResult(path)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """A sweep directory, read as data."""
+
+    directory: Path
+
+    @property
+    def results(self) -> pd.DataFrame:
+        """results.csv: one row per run (grid values, final metrics, run directory)."""
+        return _frame(self.directory / "results.csv")
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """table.csv: mean ± std of the sweep's metric over seeds, per other grid values."""
+        return _frame(self.directory / "table.csv")
+
+    @property
+    def runs(self) -> list[RunResult]:
+        """Every run of the sweep, in results.csv's order."""
+        return [RunResult(Path(path)) for path in self.results["run_dir"]]
+
+    @property
+    def plots(self) -> dict[str, Path]:
+        return {path.stem: path for path in sorted(self.directory.glob("*.png"))}
+
+
+def sweep(path: str | Path, overrides: Overrides = None,
+          grid: Mapping[str, Any] | Iterable[str] | None = None,
+          output: str | Path | None = None, *, progress: bool = True,
+          verbose: bool = False) -> SweepResult:
+    """Run a grid of experiments (``fedtune sweep``): every unfinished point of the sweep file
+    ``path``, one line per run; returns the sweep's results. ``overrides`` change the base
+    config; ``grid`` runs only some values of grid keys (``{"run.seed": [0]}``, as ``--grid``).
+    """
+    from fedtune.studies.sweep import load_sweep, run_sweep
+    from fedtune.studies.tables import write_outputs
+
+    selection = override_texts(grid)
+    spec = load_sweep(path, override_texts(overrides), selection)
+    if output:
+        spec.output_dir, spec.name = str(Path(output).parent), Path(output).name
+
+    def run_one(config: Config) -> None:
+        with capture_run_log(Path(config.run.dir), echo=verbose):
+            quiet_libraries()
+            from fedtune.engine.launch import launch
+
+            launch(config)
+
+    def on_run(index: int, total: int, point: Any, status: str) -> None:
+        if progress:
+            final = RunResult(Path(point.config.run.dir)).summary["final"].get(spec.metric)
+            values = " ".join(f"{k}={v}" for k, v in point.values.items())
+            shown = "-" if final is None else f"{final:.4f}"
+            print(f"[{index}/{total}] {values}: {spec.metric} {shown} ({status})", flush=True)
+
+    write_outputs(spec, run_sweep(spec, run_one, on_run))
+    return SweepResult(spec.directory)

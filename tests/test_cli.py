@@ -1,0 +1,132 @@
+"""What the command line prints: a line from the first second, progress, one line per round or
+per sweep run, --quiet, --json, --dry-run, --version; library output in <run dir>/log.txt."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedtune import __version__
+from fedtune.config import describe
+from fedtune.results.run_dir import METRICS_COLUMNS
+from tests.conftest import MLP_DIGITS, REPO, rows_of
+
+SETS = [arg for override in MLP_DIGITS for arg in ("--set", override)]
+
+
+def fedtune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedtune", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def test_version():
+    out = fedtune("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"fedtune {__version__}"
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f'version = "{__version__}"' in pyproject
+
+
+@pytest.mark.slow
+def test_run_speaks_at_once_and_keeps_library_output_in_its_log(tmp_path):
+    """The first line comes before torch or Flower load; library warnings and Flower's log
+    lines (once each) go to log.txt, not to the terminal."""
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "fedtune", "run", "--output",
+                                str(tmp_path / "run"), *SETS, "--set",
+                                "privacy.mode=local", "--set", "privacy.target_epsilon=8",
+                                "--set", "privacy.delta=1e-3", "--set", "client.optimizer=sgd"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=REPO)
+    first_line = process.stdout.readline()
+    first_output_s = time.perf_counter() - started
+    rest, errors = process.communicate(timeout=300)
+    assert process.returncode == 0, errors[-2000:]
+    print(f"first output after {first_output_s:.2f}s")
+    assert first_line.startswith(f"fedtune {__version__} · fedtune: digits, 4 clients (iid)")
+    assert first_output_s < 5  # about 0.3 s on an idle machine: no torch, Flower or Ray yet
+    lines = (first_line + rest).splitlines()
+    assert "loading the data and the model ..." in lines  # the stages, as lines when piped
+    assert lines[-1] == f"run directory: {tmp_path / 'run'}"
+    assert errors == ""
+    assert not any("warn" in line.lower() and "log.txt" not in line for line in lines)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "UserWarning" in log  # Opacus' and torch's warnings under DP-SGD are kept there
+    assert log.count("configure_train: Sampled 4 nodes") == 2  # once per round, not twice
+    assert any(line.startswith("library warnings: ")
+               and line.endswith(f", in {tmp_path / 'run'}/log.txt") for line in lines)
+
+
+@pytest.mark.slow
+def test_quiet_prints_the_result_only_json_prints_rounds_and_a_finished_resume_returns(tmp_path):
+    quiet = fedtune("run", "--quiet", "--output", str(tmp_path / "q"), *SETS)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    lines = quiet.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("final global test accuracy ")
+    assert lines[1] == f"run directory: {tmp_path / 'q'}"
+
+    out = fedtune("run", "--json", "--output", str(tmp_path / "j"), *SETS)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rounds = [json.loads(line) for line in out.stdout.splitlines()]
+    csv_rows = rows_of(tmp_path / "j" / "metrics.csv")
+    assert [r["round"] for r in rounds] == [1, 2]
+    for line, row in zip(rounds, csv_rows, strict=True):
+        assert set(line) == {*METRICS_COLUMNS, "run_dir"}
+        assert line["run_dir"] == str(tmp_path / "j")
+        assert f"{line['eval_accuracy']:.6g}" == row["eval_accuracy"]
+        assert line["bytes_up"] == int(row["bytes_up"])
+
+    # --resume of a finished run: nothing to do, at once
+    before = (tmp_path / "q" / "summary.json").read_bytes()
+    started = time.perf_counter()
+    again = fedtune("run", "--resume", str(tmp_path / "q"))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == (f"{tmp_path / 'q'} already finished 2 rounds: nothing to "
+                                    "do (--set run.rounds=N continues it)")
+    assert time.perf_counter() - started < 10  # no torch, no data, no clients
+    assert (tmp_path / "q" / "summary.json").read_bytes() == before
+
+
+def test_dry_run_prints_the_config_and_the_partitions_and_trains_nothing(tmp_path):
+    out = fedtune("run", "--dry-run", "--output", str(tmp_path / "dry"), *SETS,
+                  "--set", "data.partitioner=dirichlet", "--set", "data.alpha=0.3")
+    assert out.returncode == 0, out.stderr
+    assert "[data]" in out.stdout and 'partitioner = "dirichlet"' in out.stdout
+    assert "partitions: examples per client" in out.stdout
+    assert "4 clients, " in out.stdout and "nothing was trained" in out.stdout
+    assert not (tmp_path / "dry").exists()
+
+
+def test_config_listing_keeps_whole_lines_when_piped():
+    out = fedtune("config")
+    lines = out.stdout.splitlines()
+    assert len(lines) == len(describe())
+    for (key, default, help_text), line in zip(describe(), lines, strict=True):
+        assert line == f"{key} = {default!r}  # {help_text}"
+    assert max(map(len, lines)) > 120  # nothing cut or wrapped at 80 columns
+
+
+def test_a_failing_run_says_why_in_one_line_with_its_traceback_in_the_log(tmp_path):
+    out = fedtune("run", "--output", str(tmp_path / "fail"), *SETS,
+                  "--set", "faults.crash_probability=1", "--set",
+                  "run.max_rounds_without_update=1")
+    assert out.returncode == 1
+    assert out.stderr.startswith("fedtune: run failed: round 1: 1 rounds in a row without an "
+                                 "update of the global model")
+    assert out.stderr.rstrip().endswith(f"(traceback in {tmp_path / 'fail'}/log.txt)")
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert "Traceback (most recent call last)" in (tmp_path / "fail" / "log.txt").read_text()
+
+
+def test_a_config_warning_is_one_line_on_stderr(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text("[client]\nlocal_epochs = 2\n")
+    out = fedtune("run", str(file), "--dry-run", *SETS)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == [
+        "fedtune: warning: client.local_epochs = 2 has no effect with client.local_steps = 5: "
+        "only client.local_steps = 0 uses it"]
+
