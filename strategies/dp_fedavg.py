@@ -19,6 +19,13 @@ Clipping and the noise parameters use Flower's own helpers
 is the reference for the mechanics, but it samples a fixed number of clients and averages over
 the replies it got, which is why its accountant has no subsampling amplification.
 
+Distributed DP (``client_noise=True``, for secure aggregation): each client clips its own update
+to ``C`` and adds its share of the noise before its update is masked, so the sum the server
+unmasks already carries ``N(0, σ²C²)`` (at least: the shares are sized for the fewest clients
+whose inputs a round accepts); the server only sums and divides by ``qN``. The accountant is the
+same; the trust moves from "the server noises honestly" to "the clients do" (and the server
+learns nothing but the noised sum).
+
 The noise comes from a generator seeded with ``(seed, round)`` so simulations repeat exactly; a
 deployment that needs a cryptographic guarantee must pass ``seed=None`` (fresh OS entropy).
 Only floating-point arrays are clipped, noised and averaged; integer buffers keep the server's
@@ -60,12 +67,15 @@ class DPFedAvg(FedAvg):
         ``σ_b``; None = expected cohort / 20, as Andrew et al. recommend.
     seed : int or None
         Seeds client sampling and noise per round; None draws fresh entropy.
+    client_noise : bool
+        Distributed DP: the replies were clipped and noised by the clients (and summed under
+        secure aggregation); aggregation neither clips nor adds noise.
     """
 
     def __init__(self, *, sample_rate: float, noise_multiplier: float, clipping_norm: float,
                  adaptive: bool = False, target_quantile: float = 0.5,
                  clip_learning_rate: float = 0.2, clipped_count_stddev: float | None = None,
-                 seed: int | None = 0, **fedavg_args) -> None:
+                 seed: int | None = 0, client_noise: bool = False, **fedavg_args) -> None:
         super().__init__(fraction_train=sample_rate, **fedavg_args)
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
@@ -79,6 +89,9 @@ class DPFedAvg(FedAvg):
         self.clip_learning_rate = clip_learning_rate
         self.clipped_count_stddev = clipped_count_stddev
         self.seed = seed
+        self.client_noise = client_noise
+        if client_noise and adaptive:
+            raise ValueError("adaptive clipping needs the unclipped count: not with client_noise")
         self.current_arrays = ArrayRecord()
         self.population = 0
 
@@ -129,11 +142,12 @@ class DPFedAvg(FedAvg):
             arrays = reply.content[self.arrayrecord_key]
             update = [arrays[name].numpy().astype(np.float64) - a
                       for name, a, f in zip(names, current, floating, strict=True) if f]
-            unclipped += get_norm(update) <= self.clipping_norm
-            clip_inputs_inplace(update, self.clipping_norm)
+            if not self.client_noise:  # distributed DP: the client clipped already
+                unclipped += get_norm(update) <= self.clipping_norm
+                clip_inputs_inplace(update, self.clipping_norm)
             for acc, part in zip(total, update, strict=True):
                 acc += part
-        update_noise, count_std = self.noise_parameters()
+        update_noise, count_std = (0.0, 0.0) if self.client_noise else self.noise_parameters()
         rng = self._rng(server_round, 1)
         denominator = self.expected_cohort()
         new_arrays, position = {}, 0
@@ -150,8 +164,9 @@ class DPFedAvg(FedAvg):
             noisy_share = (unclipped + rng.normal(0.0, count_std)) / denominator
             self.clipping_norm *= math.exp(-self.clip_learning_rate
                                            * (noisy_share - self.target_quantile))
-        metrics = MetricRecord({"dp-clip-norm": clip_used, "dp-cohort": len(valid),
-                                "dp-unclipped": unclipped})
+        metrics = MetricRecord({"dp-clip-norm": clip_used, "dp-cohort": len(valid)})
+        if not self.client_noise:
+            metrics["dp-unclipped"] = unclipped
         if valid:
             train_metrics = self.train_metrics_aggr_fn([r.content for r in valid],
                                                        self.weighted_by_key)

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedtune import protocol
 from fedtune.client.algorithms import ClientSide
+from fedtune.client.secagg import secagg_stage, secagg_train_mod
 from fedtune.config import ConfigError
 from fedtune.faults import FaultPlan
 from fedtune.models.weights import load_shared_state, shared_state
@@ -73,9 +74,10 @@ def client_side(resources: TaskResources, msg: Message, context: Context,
 
 
 app = ClientApp()
+app.query(protocol.SECAGG_ACTION)(secagg_stage)  # SecAgg+'s key set-up and unmasking
 
 
-@app.train()
+@app.train(mods=[secagg_train_mod])  # SecAgg+ masks the reply when the server asks for it
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's training split, as the strategy's
     client side and the privacy mode say (with local DP a client whose budget allows no step

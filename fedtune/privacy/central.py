@@ -5,7 +5,10 @@ Each round is one Poisson-subsampled Gaussian mechanism over clients: rate ``q``
 ``target_epsilon`` in ``run.rounds`` rounds; fixed once in the plan). ``CentralBudget`` keeps
 the accountant history, says whether one more round still fits the target, and reports ε after
 every round. The mechanism itself (clip, noise, expected-cohort average, adaptive clipping
-after Andrew et al. 2021) is ``strategies.dp_fedavg``. Clients train as without privacy.
+after Andrew et al. 2021) is ``strategies.dp_fedavg``. Clients train as without privacy; with
+``strategy.secure_aggregation`` the DP is distributed: each client clips its update and adds its
+share of the noise before SecAgg+ masks it (``fedtune.client.secagg``), and the server, which
+sees only the sum, neither clips nor noises.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ class CentralDP(PrivacyMode):
             clipping_norm=p.clip_norm, adaptive=p.adaptive_clipping,
             target_quantile=p.target_quantile, clip_learning_rate=p.clip_lr,
             clipped_count_stddev=p.clipped_count_stddev or None, seed=config.run.seed,
-            **evaluate_args,
+            client_noise=config.strategy.secure_aggregation, **evaluate_args,
         )
         strategy.population = config.data.num_clients
         return strategy

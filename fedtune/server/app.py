@@ -36,6 +36,8 @@ from fedtune.server.loop import RunListener, run_rounds
 from fedtune.server.reporting import LogReporter, Reporter
 from fedtune.server.resume import Checkpointer, resume_state
 from fedtune.server.round import FederatedRun, evaluate_global
+from fedtune.server.secagg import SecAggPlus
+from fedtune.server.secagg_report import SecAggRecorder
 from fedtune.server.state import RoundState
 from fedtune.server.strategies import build_strategy
 from fedtune.tables.privacy_modes import privacy_mode
@@ -91,7 +93,7 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     resources = task_resources(config)
     mode = privacy_mode(config)
     plan = mode.plan(config)
-    strategy = build_strategy(config, plan)
+    strategy = build_strategy(config, plan, resources.max_train_examples())
     privacy = mode.server(config, plan)
     stateful = SimpleNamespace(strategy=strategy, privacy=privacy)  # what checkpoints keep
     if config.run.resume:
@@ -100,7 +102,9 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
         run_dir, state, checkpointer = new_run(config, resources, grid, stateful)
     run = FederatedRun(config, grid, resources, strategy, privacy, state, reporter.phase, stop)
     artifacts = FinalArtifacts(run_dir, plan)
-    listeners: list[RunListener] = [
+    # SecAgg+ completes a round's rows before any other listener reads them
+    listeners: list[RunListener] = [SecAggRecorder()] if isinstance(strategy, SecAggPlus) else []
+    listeners += [
         NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir), artifacts,
         ProgressListener(reporter, run_dir, artifacts), checkpointer,
     ]

@@ -86,6 +86,15 @@ def check_folded_train_reply(reply: Message, max_examples: int) -> str | None:
     return _check_metrics(reply, max_examples, need_examples=True)
 
 
+def check_masked_train_reply(reply: Message, max_examples: int) -> str | None:
+    """``check_train_reply`` for a SecAgg+ reply: its update is masked, so only its metrics
+    can be screened here (``fedtune.server.secagg`` checks the masked vector's form; its values
+    are hidden by design, so a client's bad values cannot be told from good ones)."""
+    if set(reply.content.array_records) != {protocol.SECAGG_MASKED}:
+        return f"a masked reply must carry only the ArrayRecord {protocol.SECAGG_MASKED!r}"
+    return _check_metrics(reply, max_examples, need_examples=True)
+
+
 def check_evaluate_reply(reply: Message, max_examples: int) -> str | None:
     """Why an evaluation reply must not be averaged, or None when it is sound."""
     return _check_metrics(reply, max_examples, need_examples=False)
@@ -123,6 +132,8 @@ def screen_train_replies(train: Exchange, max_examples: int, answers: Mapping[st
             continue
         if protocol.FOLDED in reply.content:  # its arrays were screened on the actor, then summed
             reason = check_folded_train_reply(reply, max_examples)
+        elif protocol.SECAGG in reply.content:
+            reason = check_masked_train_reply(reply, max_examples)
         else:
             reason = check_train_reply(train.instruction(reply), reply, max_examples, answers)
         if reason is None and not isinstance(protocol.metric(reply, protocol.PARTITION_ID), int):
