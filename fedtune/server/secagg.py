@@ -91,7 +91,8 @@ class RoundReport:
     """What the protocol did in one round (``SecAggPlus.finish_round``)."""
 
     server_round: int
-    cohort: int = 0
+    sampled: list[int] = field(default_factory=list)  # the cohort the strategy sampled
+    trained: list[int] = field(default_factory=list)  # the nodes sent a train message
     survivors: list[int] = field(default_factory=list)  # nodes whose input is in the sum
     dropped: list[Dropout] = field(default_factory=list)
     tampered: dict[int, list[int]] = field(default_factory=dict)  # holder -> owners
@@ -181,7 +182,7 @@ class SecAggPlus(Strategy):
                          ) -> None:
         """Enough clients remain, and each client ``holders`` names has ``t`` holders left."""
         if len(s.alive) < s.min_survivors:
-            self._fail(s, f"{len(s.alive)} of {s.report.cohort} clients remain after {what}, "
+            self._fail(s, f"{len(s.alive)} of {len(s.report.sampled)} clients remain after {what}, "
                           f"{s.min_survivors} needed (strategy.secagg_threshold)")
         for node, holding in holders.items():
             left = len(set(holding) & s.alive)
@@ -243,7 +244,7 @@ class SecAggPlus(Strategy):
         in (none when the round failed)."""
         self._session = None
         instructions = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self._report = RoundReport(server_round, cohort=len(instructions))
+        self._report = RoundReport(server_round, [m.metadata.dst_node_id for m in instructions])
         if not instructions:
             return []
         try:
@@ -253,6 +254,7 @@ class SecAggPlus(Strategy):
             self._share_keys(s)
         except RoundFailed:
             return []
+        self._report.trained = sorted(s.alive)
         return [s.instructions[node] for node in sorted(s.alive)]
 
     def _new_session(self, grid: Grid, server_round: int, instructions: list[Message]

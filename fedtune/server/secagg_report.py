@@ -6,8 +6,10 @@ and a round whose unmasking failed still has sound replies. The recorder, the fi
 of a SecAgg+ run, completes the round's outcome before anything writes it:
 
 - clients.csv: one row for each client that dropped before the train exchange (``failed`` or
-  ``timeout``, the reason naming the stage: ``secagg setup: ...``); a masked reply the protocol
-  refused becomes ``rejected``; a survivor that vanished at unmask keeps ``ok`` (its input was
+  ``timeout``, the reason naming the stage: ``secagg setup: ...``), and for each client left in
+  a key set-up that failed (``rejected``); a client whose train reply failed gets the stage in
+  its reason (``secagg masked-input: ...``); a masked reply the protocol refused becomes
+  ``rejected``; a survivor that vanished at unmask keeps ``ok`` (its input was
   recovered from its neighbours' shares) with the reason saying so; a holder whose share failed
   its check is named; when the round failed, every ``ok`` client becomes ``rejected`` with the
   reason (``secure aggregation failed: ...``);
@@ -63,26 +65,33 @@ def _rows(report: RoundReport, outcome: RoundOutcome, node_to_client: dict[int, 
           ) -> list[ClientRow]:
     rows = list(outcome.clients)
     by_client = {row.client_id: row for row in rows if row.client_id is not None}
-    server_round = outcome.row.round
+    server_round, failed = outcome.row.round, report.failed
+    dropped = {dropout.node for dropout in report.dropped}
     for dropout in report.dropped:
         client = node_to_client.get(dropout.node)
         reason = f"secagg {dropout.stage}: {dropout.reason}"
         row = by_client.get(client) if client is not None else None
-        if dropout.stage in _BEFORE_TRAIN or row is None:
-            if dropout.stage in _BEFORE_TRAIN:
-                rows.append(ClientRow(server_round, client, None, None, None, None,
-                                      dropout.status, reason))
-        elif dropout.stage == protocol.STAGE_MASKED_INPUT and dropout.status == "rejected":
-            row.status, row.reason = "rejected", reason
-        elif dropout.stage == protocol.STAGE_UNMASK:
+        if dropout.stage in _BEFORE_TRAIN:  # never sent a train message: no row yet
+            rows.append(ClientRow(server_round, client, None, None, None, None,
+                                  dropout.status, reason))
+        elif row is not None and dropout.stage == protocol.STAGE_MASKED_INPUT:
+            if dropout.status == "rejected":  # a sound reply whose masked input was not
+                row.status, row.reason = "rejected", reason
+            else:  # its train reply failed, timed out or was rejected: the row says how
+                row.reason = f"secagg {dropout.stage}: {row.reason}"
+        elif row is not None and dropout.stage == protocol.STAGE_UNMASK:
             row.reason = reason + "; its input was recovered from its neighbours' shares"
+    for node in set(report.sampled) - dropped - set(report.trained):  # the key set-up failed
+        client = node_to_client.get(node)
+        rows.append(ClientRow(server_round, client, None, None, None, None, "rejected",
+                              f"secure aggregation failed: {failed}"))
     for holder, owners in report.tampered.items():
         row = by_client.get(node_to_client.get(holder))  # type: ignore[arg-type]
         if row is not None:
             row.reason = (f"secagg unmask: its share of node(s) {owners} failed the check "
                           "(tampered) and was left out")
-    if report.failed:
+    if failed:
         for row in rows:
             if row.status == "ok":
-                row.status, row.reason = "rejected", f"secure aggregation failed: {report.failed}"
+                row.status, row.reason = "rejected", f"secure aggregation failed: {failed}"
     return sorted(rows, key=lambda r: (r.client_id is None, r.client_id or 0))
