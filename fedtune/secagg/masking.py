@@ -59,10 +59,10 @@ def max_total_weight(ring_bits: int, bits: int) -> int:
 
 
 def prg(seed: bytes, length: int, dtype: np.dtype) -> np.ndarray:
-    """``length`` pseudo-random ring elements from a 32-byte seed (AES-256-CTR)."""
+    """``length`` pseudo-random ring elements from a 32-byte seed (AES-256-CTR; read-only)."""
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
     stream = encryptor.update(bytes(length * dtype.itemsize)) + encryptor.finalize()
-    return np.frombuffer(stream, dtype=dtype).copy()
+    return np.frombuffer(stream, dtype=dtype)
 
 
 def add_mask(vector: np.ndarray, seed: bytes, sign: int) -> None:
