@@ -61,9 +61,10 @@ AUTO_CLIP_RANGE = 1.0  # strategy.secagg_clip_range = 0 without DP
 DP_NOISE_SPAN = 6.0  # ... and under distributed DP: clip_norm + this many noise std
 
 
-@dataclass(frozen=True)
+@dataclass
 class SecAggSettings:
-    """The run's SecAgg+ settings (``[strategy]`` secagg keys)."""
+    """The run's SecAgg+ settings (``[strategy]`` secagg keys; checkpointed with the strategy,
+    so not frozen)."""
 
     degree: int  # k; 0 = every other sampled client
     threshold: float  # share of neighbours / of the cohort that must remain

@@ -122,3 +122,33 @@ def test_secure_aggregation_on_the_ray_runtimes(tmp_path, backend):
     reference = _model(plain.path)
     worst = max(float(np.abs(v - reference[k]).max()) for k, v in _model(run_dir).items())
     assert worst < 1e-4  # two rounds: the rounding (< 1.2e-7) moves round 2's start a little
+
+
+def test_a_stopped_secure_run_resumes_bit_identical(tmp_path):
+    """The masks are fresh randomness every round, but they cancel exactly and the rounding is
+    seeded: a resumed run ends with the same model, and the checkpoint holds no client secret."""
+    import threading
+    from pathlib import Path
+
+    from fedtune.client.app import app as client_app
+    from fedtune.config import to_run_config
+    from fedtune.engine.inprocess import InProcessGrid
+    from fedtune.server.app import run_federated
+    from fedtune.server.checkpoint import read_checkpoint, state_from_bytes
+    from fedtune.server.exchange import RunStopped
+    from tests.server.test_resume import FIVE_ROUNDS, StopAfter, _assert_same_run
+
+    extra = (*SECURE, "strategy.name=fedadam", "strategy.fraction_train=0.75")
+    reference = run_inprocess(tiny_config(tmp_path / "a", *FIVE_ROUNDS, *extra)).path
+    config = tiny_config(tmp_path / "b", *FIVE_ROUNDS, *extra, "run.checkpoint_every=0")
+    stop = threading.Event()
+    grid = InProcessGrid(client_app, to_run_config(config), config.data.num_clients)
+    with pytest.raises(RunStopped):
+        run_federated(grid, config, StopAfter(stop, after=2), stop)
+    checkpoint = read_checkpoint(Path(config.run.dir))
+    assert checkpoint.server_round == 2
+    for state in checkpoint.client_states.values():
+        kept = state_from_bytes(state).config_records.get("secagg-state", {})
+        assert not {"mask-seed", "seal-private", "self-seed", "seed-shares"} & set(kept)
+    config.run.resume = True
+    _assert_same_run(run_inprocess(config).path, reference)
