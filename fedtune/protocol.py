@@ -93,6 +93,7 @@ SA_RING_BITS = "ring-bits"  # setup: masked values live modulo 2**ring_bits (32 
 SA_CLIP_RANGE = "clip-range"  # setup: values are clipped to [-clip, clip] before quantising
 SA_DP_CLIP = "dp-clip"  # setup, distributed DP: L2 bound of every client's update (0 = none)
 SA_DP_STD = "dp-noise-std"  # setup, distributed DP: each client's Gaussian noise std
+SA_WEIGHT = "weight"  # setup: what weights a client's input (a reply metric, "1", "a/b")
 SA_RECORDS = "records"  # setup: the reply ArrayRecords that enter the sum, in order
 SA_DELTAS = "deltas"  # setup: for each, whether it is summed relative to the sent record
 SA_PK_MASK = "pk-mask"  # setup reply: public key for pairwise masks

@@ -56,7 +56,7 @@ _KEY_SHARES = "key-shares"
 _SECRETS = (_MASK_SEED, _SEAL_PRIVATE, _SELF_SEED, _SEED_SHARES, _KEY_SHARES)
 _SETTINGS = (protocol.SA_ROUND, protocol.SA_THRESHOLD, protocol.SA_BITS,
              protocol.SA_RING_BITS, protocol.SA_CLIP_RANGE, protocol.SA_DP_CLIP,
-             protocol.SA_DP_STD, protocol.SA_RECORDS, protocol.SA_DELTAS)
+             protocol.SA_DP_STD, protocol.SA_WEIGHT, protocol.SA_RECORDS, protocol.SA_DELTAS)
 _ROUNDING_STREAM = 0x5EC  # seed stream of the stochastic rounding
 
 
@@ -290,7 +290,7 @@ def secagg_train_mod(msg: Message, context: Context, call_next: ClientAppCallabl
                                 "could not screen it)")
     client_id = int(context.node_config[protocol.PARTITION_ID])
     server_round = int(state[protocol.SA_ROUND])
-    weight = masking.integer_weight(STRATEGIES[run_config.strategy.name].sum_weight,
+    weight = masking.integer_weight(str(state[protocol.SA_WEIGHT]),
                                     reply.content[protocol.METRICS])
     rounding_seed = int(np.random.SeedSequence(
         [client_round_seed(run_config.run.seed, server_round, client_id), _ROUNDING_STREAM]

@@ -72,7 +72,7 @@ class SecAggSettings:
     clip_range: float  # 0 = automatic
     timeout_s: float  # longest wait for one stage's replies
     seed: int  # the run's seed: the public graph seeds come from it
-    sum_weight: str  # the strategy's sum_weight
+    sum_weight: str  # what weights a client's input (the strategy's sum_weight, or "1")
     answers: Mapping[str, str] = field(default_factory=dict)  # the strategy's answers
     max_weight: int = protocol.MAX_ANY_EXAMPLES  # bound on a sum of client weights
 
@@ -309,7 +309,7 @@ class SecAggPlus(Strategy):
             protocol.SA_GRAPH_SEED: self._graph_seed(s.server_round),
             protocol.SA_BITS: settings.bits, protocol.SA_RING_BITS: s.ring_bits,
             protocol.SA_CLIP_RANGE: s.clip_range, protocol.SA_DP_CLIP: s.dp_clip,
-            protocol.SA_DP_STD: s.dp_std,
+            protocol.SA_DP_STD: s.dp_std, protocol.SA_WEIGHT: settings.sum_weight,
             protocol.SA_RECORDS: [r.reply for r in s.summed],
             protocol.SA_DELTAS: [r.delta for r in s.summed],
         }

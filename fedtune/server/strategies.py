@@ -20,6 +20,7 @@ from fedtune.server.folded import FoldedFedAvg
 from fedtune.server.secagg import SecAggPlus, SecAggSettings
 from fedtune.tables.privacy_modes import privacy_mode
 from fedtune.tables.strategies import STRATEGIES, strategy_arguments
+from strategies.dp_fedavg import DPFedAvg
 
 
 def evaluate_arguments(config: Config) -> dict[str, Any]:
@@ -45,7 +46,9 @@ def build_strategy(config: Config, plan: PrivacyPlan,
     if not s.secure_aggregation:
         return strategy
     entry = STRATEGIES[s.name]
+    # DP-FedAvg sums the clients' clipped updates unweighted (a fixed-denominator estimator)
+    weight = "1" if isinstance(strategy, DPFedAvg) else entry.sum_weight
     return SecAggPlus(strategy, SecAggSettings(
         degree=s.secagg_degree, threshold=s.secagg_threshold, bits=s.secagg_bits,
         clip_range=s.secagg_clip_range, timeout_s=s.round_timeout_s, seed=config.run.seed,
-        sum_weight=entry.sum_weight, answers=dict(entry.answers), max_weight=max_examples))
+        sum_weight=weight, answers=dict(entry.answers), max_weight=max_examples))
