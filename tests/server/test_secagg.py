@@ -465,3 +465,35 @@ def test_distributed_dp_clients_clip_and_their_noise_sums_to_sigma_c(tmp_path):
     assert noise.std() * N >= sigma * clip
     assert abs(noise.mean()) < 4 * noise.std() / np.sqrt(noise.size)
     assert result.metrics[protocol.SECAGG_CLIPPED] == 0  # the range covers C + 6 std
+
+
+@pytest.mark.parametrize(("stage", "change", "refusal"), [
+    # a server that names peers outside the public graph (to surround a client with its own)
+    (protocol.STAGE_SHARE_KEYS, "peer", "not this client's neighbours"),
+    # a server that lowers the threshold so that few shares would reveal a secret
+    (protocol.STAGE_SETUP, "threshold", "must be above half of them"),
+])
+def test_clients_refuse_a_server_that_bends_the_graph_or_the_threshold(tmp_path, stage, change,
+                                                                        refusal):
+    config = config_of(tmp_path, "strategy.secagg_degree=4", "strategy.secagg_threshold=0.51")
+    grid = Instrumented(config, stand_in_app())
+    victim = NODE_ID_OFFSET + 3
+
+    def bend(message: Message) -> Message:
+        if message.metadata.dst_node_id == victim and _is_stage(message, stage):
+            record = message.content[protocol.SECAGG]  # this message's own record
+            if change == "threshold":
+                record[protocol.SA_THRESHOLD] = 2
+            else:
+                peers = [int(p) for p in record[protocol.SA_PEERS]]
+                stranger = next(n for n in grid.contexts if n not in peers and n != victim)
+                record[protocol.SA_PEERS] = [str(p) for p in peers + [stranger]]
+                record[protocol.SA_PK_MASK] = [*record[protocol.SA_PK_MASK], b"m" * 97]
+                record[protocol.SA_PK_SEAL] = [*record[protocol.SA_PK_SEAL], b"s" * 97]
+        return message
+
+    grid.outgoing = bend
+    result = play(config, grid)
+    (error,) = [r for r in grid.received if r.has_error()]
+    assert error.metadata.src_node_id == victim and refusal in error.error.reason
+    assert result.report.dropped[0].stage == stage
