@@ -50,10 +50,10 @@ _SEAL_PRIVATE = "seal-private"
 _SELF_SEED = "self-seed"
 _NEIGHBOURS = "neighbours"
 _PEER_MASK_KEYS = "peer-pk-mask"
-_PEER_SEAL_KEYS = "peer-pk-seal"
+_SEAL_KEYS = "seal-keys"  # the Fernet key agreed with each peer
 _SEED_SHARES = "seed-shares"
 _KEY_SHARES = "key-shares"
-_SECRETS = (_MASK_SEED, _SEAL_PRIVATE, _SELF_SEED, _SEED_SHARES, _KEY_SHARES)
+_SECRETS = (_MASK_SEED, _SEAL_PRIVATE, _SELF_SEED, _SEAL_KEYS, _SEED_SHARES, _KEY_SHARES)
 _SETTINGS = (protocol.SA_ROUND, protocol.SA_THRESHOLD, protocol.SA_BITS,
              protocol.SA_RING_BITS, protocol.SA_CLIP_RANGE, protocol.SA_DP_CLIP,
              protocol.SA_DP_STD, protocol.SA_WEIGHT, protocol.SA_RECORDS, protocol.SA_DELTAS)
@@ -186,13 +186,13 @@ def _share_keys(state: ConfigRecord, config: ConfigRecord, node: int) -> dict[st
         raise ProtocolViolation("two peers share a public key")
     seed_shares = keys.split(bytes(state[_SELF_SEED]), threshold, len(peers))
     key_shares = keys.split(bytes(state[_MASK_SEED]), threshold, len(peers))
-    seal_private = bytes(state[_SEAL_PRIVATE])
-    ciphertexts = [keys.seal(keys.seal_key(seal_private, seal_public), session, node, peer,
-                             seed_share, key_share)
-                   for peer, seal_public, seed_share, key_share
-                   in zip(peers, seal_keys, seed_shares, key_shares, strict=True)]
+    sealing = keys.seal_keys(bytes(state[_SEAL_PRIVATE]), seal_keys)
+    ciphertexts = [keys.seal(key, session, node, peer, seed_share, key_share)
+                   for peer, key, seed_share, key_share
+                   in zip(peers, sealing, seed_shares, key_shares, strict=True)]
     state[protocol.SA_PEERS] = _node_ids(peers)
-    state[_PEER_MASK_KEYS], state[_PEER_SEAL_KEYS] = mask_keys, seal_keys
+    # the agreed keys open the peers' shares at the next stage; secrets, wiped with the rest
+    state[_PEER_MASK_KEYS], state[_SEAL_KEYS] = mask_keys, sealing
     return {protocol.SA_PEERS: _node_ids(peers), protocol.SA_CIPHERTEXTS: ciphertexts,
             protocol.SA_COMMITMENT: keys.commitment(session, node, bytes(state[_SELF_SEED]))}
 
@@ -232,12 +232,11 @@ def _open_shares(state: ConfigRecord, config: ConfigRecord, node: int) -> list[i
         raise ProtocolViolation("forwarded shares come from a node that is not a peer, or twice")
     if len(sources) < threshold:
         raise ProtocolViolation(f"shares from {len(sources)} peers, {threshold} needed")
-    seal_private = bytes(state[_SEAL_PRIVATE])
-    seal_keys = dict(zip(peers, state[_PEER_SEAL_KEYS], strict=True))
+    sealing = dict(zip(peers, state[_SEAL_KEYS], strict=True))
     seed_shares, key_shares = [], []
     for source, ciphertext in zip(sources, ciphertexts, strict=True):
-        seed_share, key_share = keys.open_sealed(
-            keys.seal_key(seal_private, seal_keys[source]), ciphertext, session, source, node)
+        seed_share, key_share = keys.open_sealed(sealing[source], ciphertext, session, source,
+                                                 node)
         seed_shares.append(seed_share)
         key_shares.append(key_share)
     state[protocol.SA_OWNERS] = _node_ids(sources)

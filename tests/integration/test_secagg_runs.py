@@ -149,6 +149,7 @@ def test_a_stopped_secure_run_resumes_bit_identical(tmp_path):
     assert checkpoint.server_round == 2
     for state in checkpoint.client_states.values():
         kept = state_from_bytes(state).config_records.get("secagg-state", {})
-        assert not {"mask-seed", "seal-private", "self-seed", "seed-shares"} & set(kept)
+        assert not {"mask-seed", "seal-private", "self-seed", "seal-keys", "seed-shares",
+                    "key-shares"} & set(kept)
     config.run.resume = True
     _assert_same_run(run_inprocess(config).path, reference)

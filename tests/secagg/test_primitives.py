@@ -46,7 +46,7 @@ def test_thresholds_are_more_than_half_of_the_neighbours():
 def _keys_of_two():
     private_a, public_a = keys.new_seal_key()
     private_b, public_b = keys.new_seal_key()
-    return keys.seal_key(private_a, public_b), keys.seal_key(private_b, public_a)
+    return keys.seal_keys(private_a, [public_b])[0], keys.seal_keys(private_b, [public_a])[0]
 
 
 def test_a_sealed_share_opens_only_for_its_destination_and_session():
