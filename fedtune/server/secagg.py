@@ -41,9 +41,9 @@ from __future__ import annotations
 
 import math
 import time
-from logging import INFO
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from logging import INFO
 from typing import Any
 
 import numpy as np
