@@ -71,6 +71,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # cuda:N = the N-th visible GPU
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRAGGLER_DELAYS = ("constant", "exponential")
+CRASH_STAGES = ("train", "setup", "share-keys", "unmask")
 
 
 @dataclass
@@ -169,6 +170,10 @@ class FaultsSection:
     crash_probability: float = key(
         0.0, "probability that a client crashes each time it is asked to train", ge=0, le=1
     )
+    crash_stage: str = key(
+        "train", "when a crash strikes: train, or a SecAgg+ stage (setup, share-keys: before "
+        "its input is masked; unmask: after)", choices=CRASH_STAGES
+    )
     straggler_fraction: float = key(
         0.0, "fraction of clients (drawn once) that wait before training", ge=0, le=1
     )
@@ -218,7 +223,19 @@ StrategySection = section_class(
                                  "model, L2 norm) to at most this; 0 = off", ge=0),
      "update_norm_z": Key(0.0, "reject an update whose norm lies more than this many robust "
                                "standard deviations (median absolute deviation) above the "
-                               "round's median; 0 = off", ge=0)},
+                               "round's median; 0 = off", ge=0),
+     "secure_aggregation": Key(False, "SecAgg+ (Bell et al. 2020): the server sees only the "
+                                      "weighted sum of the clients' updates (weighted-sum "
+                                      "strategies; with privacy.mode = central: distributed DP)"),
+     "secagg_degree": Key(16, "SecAgg+: neighbours k each client masks with and shares its "
+                              "secrets with (even); 0 = every other sampled client", ge=0),
+     "secagg_threshold": Key(0.6, "SecAgg+: share of a client's k neighbours that must "
+                                   "survive to unmask it, and of the cohort whose inputs must "
+                                   "arrive", gt=0.5, le=1),
+     "secagg_bits": Key(24, "SecAgg+: quantisation bits of each summed value", ge=4, le=30),
+     "secagg_clip_range": Key(0.0, "SecAgg+: summed values are clipped to [-c, c] before "
+                                   "quantising; 0 = 1, or under central DP clip_norm + 6 noise "
+                                   "std", ge=0)},
     STRATEGIES, "name")
 
 PrivacySection = section_class(

@@ -4,7 +4,10 @@ A ``FaultPlan`` says which clients misbehave and how. It is derived from the con
 the server and every client process agree:
 
 - crashes (``crash_probability``): each time a client is asked to train it raises with this
-  probability, drawn from (run.seed, round, client); the runtime reports an error reply.
+  probability, drawn from (run.seed, round, client); the runtime reports an error reply. With
+  secure aggregation the crash may strike at a SecAgg+ stage instead (``crash_stage``: setup or
+  share-keys, before the client's input is masked; unmask, after it was summed), so the
+  protocol's dropout recovery can be driven by the same draw.
 - stragglers (``straggler_fraction``, ``straggler_delay``, ``straggler_delay_s``): a fixed
   set of clients waits before training, a constant or exponentially distributed delay with
   mean ``straggler_delay_s`` drawn per (round, client); with ``strategy.round_timeout_s``
@@ -67,6 +70,7 @@ class FaultPlan:
     straggler_delay: str = "constant"
     straggler_delay_s: float = 0.0
     crash_probability: float = 0.0
+    crash_stage: str = "train"
     seed: int = 0
 
     @classmethod
@@ -81,20 +85,26 @@ class FaultPlan:
             straggler_delay=f.straggler_delay,
             straggler_delay_s=f.straggler_delay_s,
             crash_probability=f.crash_probability,
+            crash_stage=f.crash_stage,
             seed=seed,
         )
 
     def crashes(self, client_id: int, server_round: int) -> bool:
-        """Whether ``client_id`` crashes when asked to train in ``server_round``."""
+        """Whether ``client_id`` crashes in ``server_round`` (at ``crash_stage``)."""
         if not self.crash_probability:
             return False
         draw = _round_rng(self.seed, _CRASH_STREAM, server_round, client_id).random()
         return bool(draw < self.crash_probability)
 
-    def check_crash(self, client_id: int, server_round: int) -> None:
-        if self.crashes(client_id, server_round):
+    def crashes_at(self, client_id: int, server_round: int, stage: str) -> bool:
+        """Whether ``client_id`` crashes at ``stage`` ("train" or a SecAgg+ stage)."""
+        return stage == self.crash_stage and self.crashes(client_id, server_round)
+
+    def check_crash(self, client_id: int, server_round: int, stage: str = "train") -> None:
+        if self.crashes_at(client_id, server_round, stage):
+            where = "" if stage == "train" else f" at {stage}"
             raise InjectedCrash(f"injected fault: client {client_id} crashed in round "
-                                f"{server_round} (faults.crash_probability = "
+                                f"{server_round}{where} (faults.crash_probability = "
                                 f"{self.crash_probability:g})")
 
     def delay_s(self, client_id: int, server_round: int) -> float:
@@ -129,7 +139,8 @@ class FaultPlan:
                 "straggler_clients": sorted(self.straggler_clients),
                 "straggler_delay": self.straggler_delay,
                 "straggler_delay_s": self.straggler_delay_s,
-                "crash_probability": self.crash_probability}
+                "crash_probability": self.crash_probability,
+                "crash_stage": self.crash_stage}
 
 
 def _with_first(arrays: dict[str, np.ndarray], change, floating_only: bool = False

@@ -19,6 +19,12 @@ types and ranges, and nothing else: the core metrics below, plus what the strate
 privacy mode's table entries declare (FedNova's ``fednova-a``; local DP's ``epsilon``,
 ``noise-multiplier``, ``sample-rate`` and its ``status``). ``fedtune.server.screening`` checks
 every reply against it before anything reads the reply.
+
+With **secure aggregation** (SecAgg+, ``fedtune.server.secagg`` and ``fedtune.client.secagg``)
+the key set-up and the unmasking are messages of type ``SECAGG_MESSAGE_TYPE`` whose ConfigRecord
+``SECAGG`` holds the stage and its values; the train message also carries ``SECAGG`` (the
+forwarded encrypted shares), and its reply carries, instead of the summed ArrayRecords, the
+ArrayRecord ``SECAGG_MASKED`` (one masked integer vector ``MASKED``) beside ``METRICS``.
 """
 
 from __future__ import annotations
@@ -70,6 +76,52 @@ DATA_PATH = "data-path"
 ACCOUNTANT_STATE = "dp-accountant"  # local DP: the client's DP-SGD history
 SCAFFOLD_STATE = "scaffold-client-control"
 FEDDYN_STATE = "feddyn-gradient"
+
+# --- secure aggregation (SecAgg+, Bell et al. 2020) -------------------------------------------
+SECAGG_ACTION = "secagg"
+SECAGG_MESSAGE_TYPE = f"query.{SECAGG_ACTION}"  # its own stages (Flower's "<category>.<action>")
+SECAGG = "secagg"  # ConfigRecord of every SecAgg+ message and reply
+SECAGG_MASKED = "secagg-masked"  # ArrayRecord of a masked train reply
+MASKED = "masked"  # its one array: the masked, quantised, weighted update (unsigned integers)
+SECAGG_STATE = "secagg-state"  # a client's Context.state: its keys and shares of one round
+# stages, in order (the train exchange is the masked-input stage)
+STAGE_SETUP = "setup"
+STAGE_SHARE_KEYS = "share-keys"
+STAGE_MASKED_INPUT = "masked-input"
+STAGE_UNMASK = "unmask"
+SECAGG_STAGES = (STAGE_SETUP, STAGE_SHARE_KEYS, STAGE_MASKED_INPUT, STAGE_UNMASK)
+# keys of the SECAGG ConfigRecord (node ids travel as decimal strings: they are uint64)
+SA_STAGE = "stage"
+SA_SESSION = "session"  # random per round: binds every message and share to one run of it
+SA_ROUND = "round"
+SA_NODES = "nodes"  # setup: the sampled node ids
+SA_DEGREE = "degree"  # setup: k, neighbours per client
+SA_THRESHOLD = "threshold"  # setup: t, shares that reconstruct a secret
+SA_GRAPH_SEED = "graph-seed"  # setup: public seed of the neighbour graph
+SA_BITS = "bits"  # setup: quantisation levels are 2**bits - 1
+SA_RING_BITS = "ring-bits"  # setup: masked values live modulo 2**ring_bits (32 or 64)
+SA_CLIP_RANGE = "clip-range"  # setup: values are clipped to [-clip, clip] before quantising
+SA_DP_CLIP = "dp-clip"  # setup, distributed DP: L2 bound of every client's update (0 = none)
+SA_DP_STD = "dp-noise-std"  # setup, distributed DP: each client's Gaussian noise std
+SA_WEIGHT = "weight"  # setup: what weights a client's input (a reply metric, "1", "a/b")
+SA_RECORDS = "records"  # setup: the reply ArrayRecords that enter the sum, in order
+SA_DELTAS = "deltas"  # setup: for each, whether it is summed relative to the sent record
+SA_PK_MASK = "pk-mask"  # setup reply: public key for pairwise masks
+SA_PK_SEAL = "pk-seal"  # setup reply: public key for encrypting shares
+SA_COMMITMENT = "commitment"  # share-keys reply: SHA-256 commitment to the self-mask seed
+SA_PEERS = "peers"  # share-keys: neighbours; masked-input: sources of the forwarded shares
+SA_CIPHERTEXTS = "ciphertexts"  # share-keys reply and masked-input: encrypted shares
+SA_ALIVE = "alive"  # unmask: neighbours whose masked input arrived
+SA_DEAD = "dead"  # unmask: neighbours that dropped after sharing keys
+SA_OWNERS = "owners"  # unmask reply: whose share each entry of SA_SHARES is
+SA_SHARES = "shares"  # unmask reply: Shamir shares (self-mask seeds of alive, keys of dead)
+# train metrics the SecAgg+ strategy adds (strategy_metrics.jsonl)
+SECAGG_SURVIVORS = "secagg-survivors"
+SECAGG_DROPPED = "secagg-dropped"
+SECAGG_FAILED = "secagg-failed"  # 1: too few clients or shares: no aggregate this round
+SECAGG_ROUNDING_BOUND = "secagg-rounding-bound"  # largest quantisation error of a coordinate
+SECAGG_CLIPPED = "secagg-clipped"  # coordinates clipped to the range, over all clients
+SECAGG_SERVER_S = "secagg-server-s"  # CPU seconds the server spent in the protocol
 
 MAX_ANY_EXAMPLES = 10**9  # what a reply may claim where the server knows no data sizes
 

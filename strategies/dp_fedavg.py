@@ -46,6 +46,13 @@ Clipping and the noise parameters use Flower's own helpers
 is the reference for the mechanics, but it samples a fixed number of clients and averages over
 the replies it got, which is why its accountant has no subsampling amplification.
 
+Distributed DP (``client_noise=True``, for secure aggregation): each client clips its own update
+to ``C`` and adds its share of the noise before its update is masked, so the sum the server
+unmasks already carries ``N(0, σ²C²)`` (at least: the shares are sized for the fewest clients
+whose inputs a round accepts); the server only sums and divides by ``qN``. The accountant is the
+same; the trust moves from "the server noises honestly" to "the clients do" (and the server
+learns nothing but the noised sum).
+
 The noise comes from a generator seeded with ``(seed, round)`` so simulations repeat exactly; a
 deployment that needs a cryptographic guarantee must pass ``seed=None`` (fresh OS entropy).
 Only floating-point arrays are clipped, noised and averaged; integer buffers keep the server's
@@ -155,6 +162,9 @@ class DPFedAvg(FedAvg):
         Seeds the canaries' directions and which half is inserted.
     seed : int or None
         Seeds client sampling and noise per round; None draws fresh entropy.
+    client_noise : bool
+        Distributed DP: the replies were clipped and noised by the clients (and summed under
+        secure aggregation); aggregation neither clips nor adds noise.
     """
 
     def __init__(self, *, sample_rate: float, noise_multiplier: float, clipping_norm: float,
@@ -163,7 +173,8 @@ class DPFedAvg(FedAvg):
                  server_optimizer: str = "sgd", server_learning_rate: float = 1.0,
                  server_momentum: float = 0.0, adam_betas: tuple[float, float] = (0.9, 0.99),
                  adam_tau: float = 1e-3, canaries: int = 0, canary_seed: int = 0,
-                 seed: int | None = 0, **fedavg_args) -> None:
+                 seed: int | None = 0, client_noise: bool = False,
+                 **fedavg_args) -> None:
         super().__init__(fraction_train=sample_rate, **fedavg_args)
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
@@ -189,6 +200,9 @@ class DPFedAvg(FedAvg):
         self.canary_seed = canary_seed
         self.canary_inserted = canary_inserted(canary_seed, canaries)
         self.seed = seed
+        self.client_noise = client_noise
+        if client_noise and adaptive:
+            raise ValueError("adaptive clipping needs the unclipped count: not with client_noise")
         self.current_arrays = ArrayRecord()
         self.population = 0
         # the server optimizer's state, one array per floating array (empty before round 1)
@@ -301,13 +315,14 @@ class DPFedAvg(FedAvg):
             arrays = reply.content[self.arrayrecord_key]
             update = [arrays[name].numpy().astype(np.float64) - a
                       for name, a, f in zip(names, current, floating, strict=True) if f]
-            norm = get_norm(update)
-            unclipped += norm <= self.clipping_norm
-            if norm > 0:  # Flower's helper divides by the norm (a zero update stays zero)
-                clip_inputs_inplace(update, self.clipping_norm)
+            if not self.client_noise:  # distributed DP: the client clipped already
+                norm = get_norm(update)
+                unclipped += norm <= self.clipping_norm
+                if norm > 0:  # Flower's helper divides by the norm (a zero update stays zero)
+                    clip_inputs_inplace(update, self.clipping_norm)
             for acc, part in zip(total, update, strict=True):
                 acc += part
-        update_noise, count_std = self.noise_parameters()
+        update_noise, count_std = (0.0, 0.0) if self.client_noise else self.noise_parameters()
         noise_std = update_noise * self.clipping_norm if update_noise else 0.0
         rng = self._rng(server_round, _NOISE)
         denominator = self.expected_cohort()
@@ -333,6 +348,8 @@ class DPFedAvg(FedAvg):
             metrics[CLIPPED_FRACTION] = float(1.0 - noisy_share)
             self.clipping_norm *= math.exp(-self.clip_learning_rate
                                            * (noisy_share - self.target_quantile))
+        if self.client_noise:  # the server saw only the sum: it counted no clipping
+            del metrics[UNCLIPPED]
         if valid:
             train_metrics = self.train_metrics_aggr_fn([r.content for r in valid],
                                                        self.weighted_by_key)

@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 
 from fedtune import protocol
 from fedtune.client.algorithms import ClientSide
+from fedtune.client.secagg import secagg_stage, secagg_train_mod
 from fedtune.config import ConfigError
 from fedtune.models.weights import load_shared_state, shared_state
 from fedtune.tables.strategies import STRATEGIES
@@ -149,9 +150,10 @@ def reply_content(trained: TrainedClient) -> RecordDict:
 
 
 app = ClientApp()
+app.query(protocol.SECAGG_ACTION)(secagg_stage)  # SecAgg+'s key set-up and unmasking
 
 
-@app.train()
+@app.train(mods=[secagg_train_mod])  # SecAgg+ masks the reply when the server asks for it
 def train(msg: Message, context: Context) -> Message:
     """``train_client`` on this node's client, from and to Flower messages."""
     resources, client_id, server_round = _setup(msg, context)

@@ -7,7 +7,10 @@ the accountant history, says whether one more round still fits the target, and r
 every round. The mechanism itself (clip, noise, expected-cohort average, adaptive clipping
 after Andrew et al. 2021, canary clients for the audit) is ``strategies.dp_fedavg``; the
 configured strategy picks the server optimizer on its noised mean (fedavg: plain DP-FedAvg,
-fedavgm: DP-FedAvgM, fedadam: DP-FedAdam). Clients train as without privacy.
+fedavgm: DP-FedAvgM, fedadam: DP-FedAdam). Clients train as without privacy; with
+``strategy.secure_aggregation`` the DP is distributed: each client clips its update and adds its
+share of the noise before SecAgg+ masks it (``fedtune.client.secagg``), and the server, which
+sees only the sum, neither clips nor noises.
 """
 
 from __future__ import annotations
@@ -160,6 +163,7 @@ class CentralDP(PrivacyMode):
             target_quantile=p.target_quantile, clip_learning_rate=p.clip_lr,
             clipped_count_stddev=p.clipped_count_stddev or None, seed=config.run.seed,
             canaries=p.audit_canaries if p.audit else 0, canary_seed=config.run.seed,
+            client_noise=config.strategy.secure_aggregation,
             **server_optimizer(config), **evaluate_args,
         )
         strategy.population = config.data.num_clients

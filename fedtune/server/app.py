@@ -47,6 +47,8 @@ from fedtune.server.loop import RunListener, run_rounds
 from fedtune.server.reporting import LogReporter, Reporter
 from fedtune.server.resume import Checkpointer, resume_state
 from fedtune.server.round import FederatedRun, evaluate_global
+from fedtune.server.secagg import SecAggPlus
+from fedtune.server.secagg_report import SecAggRecorder
 from fedtune.server.state import RoundState
 from fedtune.server.strategies import build_strategy
 from fedtune.tables.privacy_modes import privacy_mode
@@ -110,7 +112,7 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     resources = task_resources(config)
     mode = privacy_mode(config)
     plan = mode.plan(config)
-    strategy = build_strategy(config, plan)
+    strategy = build_strategy(config, plan, resources.max_train_examples())
     privacy = mode.server(config, plan)
     stateful = SimpleNamespace(strategy=strategy, privacy=privacy)  # what checkpoints keep
     # one writer per run directory, from before anything in it is read or written
@@ -138,7 +140,10 @@ def play_all_rounds(run: FederatedRun, run_dir: RunDirectory, plan: PrivacyPlan,
     """Wait for the clients, play the rounds with the standard listeners, finish the run."""
     config = run.config
     artifacts = FinalArtifacts(run_dir, plan, runtime)
-    listeners: list[RunListener] = [
+    # SecAgg+ completes a round's rows before any other listener reads them
+    listeners: list[RunListener] = [SecAggRecorder()] if isinstance(run.strategy,
+                                                                     SecAggPlus) else []
+    listeners += [
         NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir),
         *([BestModel(run_dir)] if config.run.save_best else []), artifacts,
         AuditWriter(run_dir, plan),

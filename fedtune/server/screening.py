@@ -65,6 +65,7 @@ class ReplyLimits:
     train_sizes: tuple[int, ...] = ()  # each client's training examples (empty: unknown)
     test_sizes: tuple[int, ...] = ()  # each client's local test examples (empty: unknown)
     max_examples: int = MAX_ANY_EXAMPLES  # what a reply may claim where sizes are unknown
+    masked: bool = False  # SecAgg+: a train reply carries its update masked
 
 
 def reply_limits(config: Config, federation: Federation) -> ReplyLimits:
@@ -75,7 +76,8 @@ def reply_limits(config: Config, federation: Federation) -> ReplyLimits:
         decline=decline_reply_schema(config.privacy.mode),
         num_clients=config.data.num_clients,
         train_sizes=tuple(len(rows) for rows in federation.client_train_rows),
-        test_sizes=tuple(len(rows) for rows in federation.client_test_rows))
+        test_sizes=tuple(len(rows) for rows in federation.client_test_rows),
+        masked=config.strategy.secure_aggregation)
 
 
 # --- the pieces of a reply --------------------------------------------------------------------
@@ -217,6 +219,19 @@ def check_train_reply(sent: Message, reply: Message, limits: ReplyLimits,
             or _check_arrays(sent, reply, schema))
 
 
+def check_masked_train_reply(reply: Message, limits: ReplyLimits,
+                             client_id: int | None = None) -> str | None:
+    """``check_train_reply`` for a SecAgg+ reply: its summed records travel masked in the
+    one ArrayRecord ``SECAGG_MASKED`` beside the stage's ``SECAGG`` record, so only its records
+    and metrics can be screened here (``fedtune.server.secagg`` checks the masked vector's
+    form; its values are hidden by design)."""
+    schema = ReplySchema(arrays={protocol.SECAGG_MASKED: protocol.SECAGG_MASKED},
+                         metrics=limits.train.metrics, status=limits.train.status)
+    return (_check_records(reply, schema, {protocol.SECAGG: "ConfigRecord"})
+            or _check_metrics(reply, schema) or _check_status(reply, schema)
+            or _check_claims(reply, limits, client_id, limits.train_sizes, fewest=1))
+
+
 def check_decline(reply: Message, limits: ReplyLimits,
                   client_id: int | None = None) -> str | None:
     """Why a reply is not a sound "my privacy budget is spent" (None: it is one)."""
@@ -264,8 +279,12 @@ def screen_train_replies(train: Exchange, limits: ReplyLimits,
         node = train.node(reply)
         client_id = identities.client_of(node)
         declines = is_decline(reply)
-        reason = (check_decline(reply, limits, client_id) if declines
-                  else check_train_reply(train.instruction(reply), reply, limits, client_id))
+        if declines:
+            reason = check_decline(reply, limits, client_id)
+        elif limits.masked:
+            reason = check_masked_train_reply(reply, limits, client_id)
+        else:
+            reason = check_train_reply(train.instruction(reply), reply, limits, client_id)
         if reason is None and client_id is None:
             reason = identities.claim(node, protocol.metric(reply, PARTITION_ID))
         if reason is not None:

@@ -1,8 +1,9 @@
 """Build the configured Flower strategy from its table entry (``fedtune.tables.strategies``).
 
 The entry names the class and turns ``[strategy]`` keys into constructor arguments; the privacy
-mode may replace the strategy (central DP: DP-FedAvg). Every strategy waits for all clients to
-connect before the first round.
+mode may replace the strategy (central DP: DP-FedAvg); ``strategy.secure_aggregation`` wraps
+it in SecAgg+ (``fedtune.server.secagg``). Every strategy waits for all clients to connect
+before the first round.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtune.config import Config
 from fedtune.privacy.mode import PrivacyPlan
+from fedtune.protocol import MAX_ANY_EXAMPLES
+from fedtune.server.secagg import SecAggPlus, SecAggSettings
 from fedtune.tables.privacy_modes import privacy_mode
 from fedtune.tables.strategies import STRATEGIES, strategy_arguments
+from strategies.dp_fedavg import DPFedAvg
 
 
 def evaluate_arguments(config: Config) -> dict[str, Any]:
@@ -26,12 +30,23 @@ def evaluate_arguments(config: Config) -> dict[str, Any]:
             "min_available_nodes": config.data.num_clients}
 
 
-def build_strategy(config: Config, plan: PrivacyPlan) -> Strategy:
-    """The configured strategy (``plan``: what the privacy mode fixed for the run)."""
+def build_strategy(config: Config, plan: PrivacyPlan,
+                   max_examples: int = MAX_ANY_EXAMPLES) -> Strategy:
+    """The configured strategy (``plan``: what the privacy mode fixed for the run;
+    ``max_examples``: the federation's training examples, where the server knows them)."""
     s = config.strategy
     evaluate_args = evaluate_arguments(config)
-    replaced = privacy_mode(config).strategy(config, plan, evaluate_args)
-    if replaced is not None:
-        return replaced
-    return STRATEGIES[s.name].load()(fraction_train=s.fraction_train, min_train_nodes=s.min_train_clients,
-               **evaluate_args, **strategy_arguments(config))
+    strategy = privacy_mode(config).strategy(config, plan, evaluate_args)
+    if strategy is None:
+        strategy = STRATEGIES[s.name].load()(
+            fraction_train=s.fraction_train, min_train_nodes=s.min_train_clients,
+            **evaluate_args, **strategy_arguments(config))
+    if not s.secure_aggregation:
+        return strategy
+    entry = STRATEGIES[s.name]
+    # DP-FedAvg sums the clients' clipped updates unweighted (a fixed-denominator estimator)
+    weight = "1" if isinstance(strategy, DPFedAvg) else entry.sum_weight
+    return SecAggPlus(strategy, SecAggSettings(
+        degree=s.secagg_degree, threshold=s.secagg_threshold, bits=s.secagg_bits,
+        clip_range=s.secagg_clip_range, timeout_s=s.round_timeout_s, seed=config.run.seed,
+        sum_weight=weight, answers=dict(entry.answers), max_weight=max_examples))

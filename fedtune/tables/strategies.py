@@ -43,6 +43,11 @@ class StrategyEntry(Entry):
     # its aggregate depends on the replies only through FedAvg's example-weighted mean of the
     # models (and of the metrics), so engines may sum the updates where the clients train
     weighted_mean: bool = False
+    # SecAgg+ (strategy.secure_aggregation): its aggregate needs only the weighted means of the
+    # replies' ArrayRecords, each reply weighted by ``sum_weight``: a reply metric holding an
+    # integer ("num-examples"), "1" (unweighted) or "a/b" (a ratio of two metrics)
+    sum_weight: str = ""
+    needs_updates: str = ""  # why it needs every individual update (then SecAgg+ is refused)
     check: Callable[[Config], None] | None = None  # checks involving other keys
 
     def load_client(self) -> Any:
@@ -79,6 +84,8 @@ def _fedopt(config: Config) -> dict[str, Any]:
 
 FLOWER = "flwr.serverapp.strategy:"
 CLIENTS = "fedtune.client.algorithms:"
+EXAMPLES = "num-examples"  # fedtune.protocol.NUM_EXAMPLES (tables import no Flower)
+KRUM_NEEDS = "it scores every individual update by its distances to the others"
 
 SERVER_LR = Key(1.0, "server learning rate", gt=0)
 FEDOPT_ETA = Key(0.01, "server learning rate eta (Reddi et al. 2021)", gt=0)
@@ -92,48 +99,52 @@ FEDOPT_KEYS = {"fedopt_eta": FEDOPT_ETA, "fedopt_beta_1": FEDOPT_BETA_1,
 STRATEGIES: dict[str, StrategyEntry] = {
     "fedavg": StrategyEntry(
         "FedAvg (McMahan et al. 2017): example-weighted mean of the client models",
-        implementation=FLOWER + "FedAvg", weighted_mean=True),
+        implementation=FLOWER + "FedAvg", weighted_mean=True, sum_weight=EXAMPLES),
     "fedprox": StrategyEntry(
         "FedProx (Li et al. 2020): FedAvg with a proximal term in the clients' objective",
         keys={"proximal_mu": Key(0.01, "proximal weight mu (Li et al. 2020 search 0.001-1)",
                                  ge=0)},
         implementation=FLOWER + "FedProx", weighted_mean=True,
         arguments=lambda c: {"proximal_mu": c.strategy.proximal_mu},
-        client=CLIENTS + "FedProxClient"),
+        client=CLIENTS + "FedProxClient", sum_weight=EXAMPLES),
     "fedavgm": StrategyEntry(
         "FedAvgM (Hsu et al. 2019): FedAvg with server momentum",
         keys={"server_lr": SERVER_LR,
               "server_momentum": Key(0.9, "server momentum (Hsu et al. 2019)", ge=0, lt=1)},
         implementation=FLOWER + "FedAvgM", weighted_mean=True,
         arguments=lambda c: {"server_learning_rate": c.strategy.server_lr,
-                             "server_momentum": c.strategy.server_momentum}),
+                             "server_momentum": c.strategy.server_momentum},
+        sum_weight=EXAMPLES),
     "fedadam": StrategyEntry("FedAdam (Reddi et al. 2021): Adam on the server",
                              keys=FEDOPT_KEYS, implementation=FLOWER + "FedAdam",
                              weighted_mean=True,
-                             arguments=_fedopt),
+                             arguments=_fedopt, sum_weight=EXAMPLES),
     "fedyogi": StrategyEntry("FedYogi (Reddi et al. 2021): Yogi on the server",
                              keys=FEDOPT_KEYS, implementation=FLOWER + "FedYogi",
                              weighted_mean=True,
-                             arguments=_fedopt),
+                             arguments=_fedopt, sum_weight=EXAMPLES),
     "fedadagrad": StrategyEntry(
         "FedAdagrad (Reddi et al. 2021): Adagrad on the server",
         keys={"fedopt_eta": FEDOPT_ETA, "fedopt_tau": FEDOPT_TAU},
         implementation=FLOWER + "FedAdagrad", weighted_mean=True,
         arguments=lambda c: {"eta": c.strategy.fedopt_eta, "eta_l": c.client.lr,
-                             "tau": c.strategy.fedopt_tau}),
+                             "tau": c.strategy.fedopt_tau},
+        sum_weight=EXAMPLES),
     "fedtrimmedavg": StrategyEntry(
         "trimmed mean per coordinate (Yin et al. 2018)",
         keys={"trim_beta": Key(0.2, "fraction cut from each tail per coordinate", ge=0,
                                lt=0.5)},
         implementation=FLOWER + "FedTrimmedAvg",
-        arguments=lambda c: {"beta": c.strategy.trim_beta}),
-    "fedmedian": StrategyEntry("median per coordinate (Yin et al. 2018)",
-                               implementation=FLOWER + "FedMedian"),
+        arguments=lambda c: {"beta": c.strategy.trim_beta},
+        needs_updates="it sorts every coordinate of the individual updates to cut the tails"),
+    "fedmedian": StrategyEntry(
+        "median per coordinate (Yin et al. 2018)", implementation=FLOWER + "FedMedian",
+        needs_updates="it takes the median of every coordinate over the individual updates"),
     "krum": StrategyEntry(
         "Krum (Blanchard et al. 2017): the update closest to its neighbours",
         keys={"num_malicious": NUM_MALICIOUS}, implementation=FLOWER + "Krum",
         arguments=lambda c: {"num_malicious_nodes": c.strategy.num_malicious},
-        check=_check_krum),
+        check=_check_krum, needs_updates=KRUM_NEEDS),
     "multikrum": StrategyEntry(
         "Multi-Krum (Blanchard et al. 2017): the mean of the best Krum scores",
         keys={"num_malicious": NUM_MALICIOUS,
@@ -144,24 +155,25 @@ STRATEGIES: dict[str, StrategyEntry] = {
             "num_malicious_nodes": c.strategy.num_malicious,
             "num_nodes_to_select": (c.strategy.multikrum_select
                                     or clients_per_round(c) - c.strategy.num_malicious)},
-        check=_check_krum),
+        check=_check_krum, needs_updates=KRUM_NEEDS),
     "scaffold": StrategyEntry(
         "SCAFFOLD (Karimireddy et al. 2020): control variates correct client drift",
         keys={"server_lr": SERVER_LR}, implementation="strategies.scaffold:Scaffold",
         arguments=lambda c: {"server_lr": c.strategy.server_lr},
         client=CLIENTS + "ScaffoldClient",
-        answers={"scaffold-control-delta": "scaffold-control"}, sgd_only=True),
+        answers={"scaffold-control-delta": "scaffold-control"}, sgd_only=True, sum_weight="1"),
     "fednova": StrategyEntry(
         "FedNova (Wang et al. 2020): updates normalised by local steps",
         implementation="strategies.fednova:FedNova", client=CLIENTS + "FedNovaClient",
-        reply_metrics={"fednova-a": ReplyMetric(float, gt=0)}, sgd_only=True),
+        reply_metrics={"fednova-a": ReplyMetric(float, gt=0)}, sgd_only=True,
+        sum_weight=EXAMPLES + "/fednova-a"),
     "feddyn": StrategyEntry(
         "FedDyn (Acar et al. 2021): dynamic regularisation of the local objective",
         keys={"feddyn_alpha": Key(0.01, "dynamic regulariser weight alpha (Acar et al. "
                                         "2021)", gt=0)},
         implementation="strategies.feddyn:FedDyn",
         arguments=lambda c: {"alpha": c.strategy.feddyn_alpha},
-        client=CLIENTS + "FedDynClient"),
+        client=CLIENTS + "FedDynClient", sum_weight="1"),
     "rfa": StrategyEntry(
         "RFA (Pillutla et al. 2022): geometric median of the client models",
         keys={"rfa_iterations": Key(4, "smoothed Weiszfeld steps (Pillutla et al. 2022), "
@@ -169,12 +181,55 @@ STRATEGIES: dict[str, StrategyEntry] = {
               "rfa_smoothing": Key(1e-6, "Weiszfeld smoothing nu", gt=0)},
         implementation="strategies.rfa:RFA",
         arguments=lambda c: {"iterations": c.strategy.rfa_iterations,
-                             "smoothing": c.strategy.rfa_smoothing}),
+                             "smoothing": c.strategy.rfa_smoothing},
+        needs_updates="its geometric median reweights every individual update by its distance"),
 }
+
+
+def _check_secure_aggregation(config: Config) -> None:
+    """SecAgg+ needs a weighted-sum strategy, the server's own sum, and at least 3 clients."""
+    s = config.strategy
+    if not s.secure_aggregation:
+        if config.faults.crash_stage != "train":
+            raise ConfigError(
+                f"faults.crash_stage = {config.faults.crash_stage!r} is not allowed with "
+                "strategy.secure_aggregation = false: must be 'train' (the other stages are "
+                "SecAgg+'s)")
+        return
+    entry = STRATEGIES[s.name]
+    if entry.needs_updates:
+        raise ConfigError(
+            f"strategy.secure_aggregation = true is not allowed with strategy.name = {s.name!r}:"
+            f" {entry.needs_updates}, and SecAgg+ shows the server only the sum; use one of "
+            + ", ".join(name for name, e in STRATEGIES.items() if e.sum_weight))
+    for bound in ("max_update_norm", "update_norm_z"):
+        if getattr(s, bound):
+            raise ConfigError(
+                f"strategy.{bound} = {getattr(s, bound):g} is not allowed with "
+                "strategy.secure_aggregation = true: must be 0 (the server sees no single "
+                "update to bound; under central DP each client clips its own)")
+    central = config.privacy.mode == "central"
+    cohort = (s.fraction_train * config.data.num_clients if central
+              else clients_per_round(config))
+    if cohort < 3:
+        raise ConfigError(
+            f"strategy.fraction_train = {s.fraction_train:g} is not allowed with "
+            f"strategy.secure_aggregation = true: {cohort:g} clients per round, at least 3 "
+            "needed (a sum of two reveals each to the other)")
+    if s.secagg_degree % 2:
+        raise ConfigError(
+            f"strategy.secagg_degree = {s.secagg_degree} is not allowed: must be even (k/2 "
+            "neighbours on each side of a ring) or 0 (every other sampled client)")
+    if central and config.privacy.adaptive_clipping:
+        raise ConfigError(
+            "privacy.adaptive_clipping = true is not allowed with strategy.secure_aggregation "
+            "= true: must be false (the count of unclipped updates would need a second secure "
+            "sum)")
 
 
 def check_strategy(config: Config) -> None:
     """The chosen strategy's checks that involve other keys."""
+    _check_secure_aggregation(config)
     entry = STRATEGIES[config.strategy.name]
     if entry.sgd_only and config.client.optimizer != "sgd":
         raise ConfigError(

@@ -1,0 +1,221 @@
+"""Masked, quantised, weighted inputs of SecAgg+ (Bonawitz et al. 2017, Section 4; Bell et al.
+2020, Section 3).
+
+A client turns the records it would send - its model minus the global one, or a record that is
+summed as it is, such as SCAFFOLD's control delta - into one vector of unsigned integers modulo
+``2^R`` (``R`` = 32 or 64, NumPy's wrap-around does the modulo):
+
+    y_u = W_u * Q(x_u) + PRG(b_u) + sum_{v in N(u)} ±PRG(s_uv)                  (mod 2^R)
+
+``Q`` is Flower's stochastic quantiser (``flwr.common.secure_aggregation.quantization``): clip to
+``[-c, c]``, map onto the levels ``0..L`` (``L = 2^bits - 1``), rounding up or down at random so
+that the expected level is exact; ``W_u`` is the client's integer weight; ``+`` towards a larger
+node id and ``-`` towards a smaller one, so the pairwise masks cancel in the sum. One more
+coordinate counts the values the client clipped. The server removes the survivors' self masks
+and the dropped clients' pairwise masks and reads ``sum_u W_u Q(x_u)`` exactly while
+``(sum_u W_u) * L < 2^R``; the weighted mean is dequantised with Flower's ``dequantize``.
+Rounding moves each coordinate of the mean by less than one step ``2c / L``
+(``rounding_bound``).
+
+The PRG is AES-256 in counter mode keyed by a 32-byte seed. Flower's ``pseudo_rand_gen`` folds
+its seed to 32 bits and feeds NumPy's Mersenne Twister, so a client's 2^32 possible self masks
+could be tried one by one; a mask has to be a cryptographic pseudo-random stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
+
+RING_BITS = (32, 64)
+_ZERO_NONCE = bytes(16)  # each PRG key is used for one stream only
+
+
+def ring_dtype(ring_bits: int) -> np.dtype:
+    if ring_bits not in RING_BITS:
+        raise ValueError(f"ring_bits must be one of {RING_BITS}, got {ring_bits}")
+    return np.dtype(np.uint32 if ring_bits == 32 else np.uint64)
+
+
+def levels(bits: int) -> int:
+    """``L``: the top quantisation level (Flower's quantiser casts to int32: bits <= 30)."""
+    return 2**bits - 1
+
+
+def rounding_bound(clip_range: float, bits: int) -> float:
+    """The largest error stochastic rounding leaves in a coordinate of the weighted mean."""
+    return 2 * clip_range / levels(bits)
+
+
+def max_total_weight(ring_bits: int, bits: int) -> int:
+    """The largest sum of client weights whose weighted level sum fits the ring."""
+    return (2**ring_bits - 1) // levels(bits)
+
+
+def prg(seed: bytes, length: int, dtype: np.dtype) -> np.ndarray:
+    """``length`` pseudo-random ring elements from a 32-byte seed (AES-256-CTR; read-only)."""
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
+    stream = encryptor.update(bytes(length * dtype.itemsize)) + encryptor.finalize()
+    return np.frombuffer(stream, dtype=dtype)
+
+
+def add_mask(vector: np.ndarray, seed: bytes, sign: int) -> None:
+    """``vector += sign * PRG(seed)`` modulo the ring, in place."""
+    mask = prg(seed, vector.size, vector.dtype)
+    if sign > 0:
+        vector += mask
+    else:
+        vector -= mask
+
+
+def pair_sign(own: int, peer: int) -> int:
+    """The sign of ``own``'s pairwise mask with ``peer`` (opposite at ``peer``)."""
+    return 1 if own < peer else -1
+
+
+def quantise(values: np.ndarray, clip_range: float, bits: int, seed: int) -> np.ndarray:
+    """Flower's stochastic quantisation of ``values``, its random rounding drawn from ``seed``
+    (Flower draws from NumPy's global generator; it is seeded here and given back as it was,
+    so runs repeat and nothing else's draws move)."""
+    saved = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        return quantize([values], clip_range, levels(bits))[0]
+    finally:
+        np.random.set_state(saved)
+
+
+def encode(values: np.ndarray, weight: int, clip_range: float, bits: int, dtype: np.dtype,
+           seed: int) -> np.ndarray:
+    """``[W * Q(values)..., number of clipped values]`` as ring elements (unmasked)."""
+    clipped = int(np.count_nonzero(np.abs(values) > clip_range))
+    encoded = np.empty(values.size + 1, dtype=dtype)
+    encoded[:-1] = quantise(values, clip_range, bits, seed).astype(dtype) * dtype.type(weight)
+    encoded[-1] = min(clipped, 2**(8 * dtype.itemsize) - 1)
+    return encoded
+
+
+def decode_mean(total: np.ndarray, total_weight: int, clip_range: float, bits: int
+                ) -> tuple[np.ndarray, int]:
+    """(weighted mean of the clients' values, clipped values over all clients) from the unmasked
+    sum of their encodings; exact integer division first, so no precision is lost above 2^53."""
+    levels_sum = total[:-1].astype(np.uint64)
+    quotient, remainder = np.divmod(levels_sum, np.uint64(total_weight))
+    mean_level = quotient.astype(np.float64) + remainder.astype(np.float64) / total_weight
+    return dequantize([mean_level], clip_range, levels(bits))[0], int(total[-1])
+
+
+def clip_l2(values: np.ndarray, bound: float) -> bool:
+    """Scale ``values`` in place to L2 norm at most ``bound`` (Flower's flat clipping); whether
+    it was within the bound already."""
+    if get_norm([values]) <= bound:
+        return True
+    clip_inputs_inplace([values], bound)
+    return False
+
+
+# --- which tensors enter the sum ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SummedRecord:
+    """A reply ArrayRecord that enters the sum: its name, the sent record that gives its tensor
+    names and shapes, and whether it is summed relative to that record (the model) or as it is
+    (SCAFFOLD's control delta, which answers the control variate)."""
+
+    reply: str
+    sent: str
+    delta: bool
+
+
+def summed_records(sent_records: Sequence[str], answers: Mapping[str, str]
+                   ) -> list[SummedRecord]:
+    """The summed records of a reply to a message that sent ``sent_records`` (ArrayRecords, in
+    order): a sent record comes back under its own name (relative) or as the reply record that
+    answers it (``answers``: reply record -> sent record; as it is)."""
+    answering = {sent: reply for reply, sent in answers.items()}
+    return [SummedRecord(answering[name], name, False) if name in answering
+            else SummedRecord(name, name, True) for name in sent_records]
+
+
+def _floating(record: ArrayRecord) -> list[str]:
+    return [name for name, array in record.items()
+            if np.issubdtype(np.dtype(array.dtype), np.floating)]
+
+
+def vector_length(sent: RecordDict, summed: Sequence[SummedRecord]) -> int:
+    """How many values the sum holds (floating tensors only: integer buffers keep the server's
+    values)."""
+    return sum(int(np.prod(sent[s.sent][name].shape, dtype=np.int64))
+               for s in summed for name in _floating(sent[s.sent]))
+
+
+def flatten(reply: RecordDict, sent: RecordDict, summed: Sequence[SummedRecord]) -> np.ndarray:
+    """The summed values of a reply as one float64 vector; raises ``ValueError`` when a record
+    or tensor is missing or has another shape."""
+    parts = []
+    for s in summed:
+        if s.reply not in reply.array_records:
+            raise ValueError(f"the reply has no ArrayRecord {s.reply!r} to sum")
+        received, reference = reply[s.reply], sent[s.sent]
+        for name in _floating(reference):
+            if name not in received:
+                raise ValueError(f"{s.reply}.{name} is missing")
+            value = received[name].numpy()
+            if tuple(value.shape) != tuple(reference[name].shape):
+                raise ValueError(f"{s.reply}.{name}: shape {list(value.shape)} instead of "
+                                 f"{list(reference[name].shape)}")
+            value = value.astype(np.float64)
+            if s.delta:
+                value = value - reference[name].numpy()
+            parts.append(value.ravel())
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def unflatten(mean: np.ndarray, sent: RecordDict, summed: Sequence[SummedRecord]
+              ) -> dict[str, ArrayRecord]:
+    """The reply records that ``mean`` stands for, in the sent tensors' dtypes (integer tensors
+    keep the sent values)."""
+    records, position = {}, 0
+    for s in summed:
+        reference, arrays = sent[s.sent], {}
+        floating = set(_floating(reference))
+        for name, array in reference.items():
+            value = array.numpy()
+            if name in floating:
+                size = value.size
+                part = mean[position:position + size].reshape(value.shape)
+                position += size
+                value = (value.astype(np.float64) + part) if s.delta else part
+            arrays[name] = Array(np.asarray(value).astype(array.dtype, copy=False))
+        records[s.reply] = ArrayRecord(arrays)
+    return records
+
+
+# --- client weights -----------------------------------------------------------------------------
+
+RATIO_SCALE = 256  # a ratio weight ("a/b") is summed in units of 1/256
+
+
+def integer_weight(expression: str, metrics: Mapping[str, object]) -> int:
+    """A client's integer weight in the secure sum from its reply metrics: ``expression`` is a
+    strategy's ``sum_weight`` (``fedtune.tables.strategies``): ``"1"`` (unweighted), a metric
+    that holds an integer (``"num-examples"``), or a ratio ``"a/b"`` of two metrics (in units
+    of ``1 / RATIO_SCALE``)."""
+    if expression == "1":
+        return 1
+    numerator, _, denominator = expression.partition("/")
+    value = float(metrics[numerator])  # type: ignore[arg-type]
+    if denominator:
+        divisor = float(metrics[denominator])  # type: ignore[arg-type]
+        if not divisor > 0:
+            raise ValueError(f"{denominator} = {divisor!r}: must be > 0")
+        return max(1, round(RATIO_SCALE * value / divisor))
+    if value != int(value) or value < 0:
+        raise ValueError(f"{numerator} = {value!r}: must be a whole number >= 0")
+    return int(value)

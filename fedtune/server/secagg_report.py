@@ -1,0 +1,97 @@
+"""What SecAgg+ did in a round, in the run's files (``SecAggRecorder``, a round listener).
+
+The protocol runs inside the strategy (``fedtune.server.secagg``), so the round sees only the
+train exchange: clients that dropped at setup or share-keys were never sent a train message,
+and a round whose unmasking failed still has sound replies. The recorder, the first listener
+of a SecAgg+ run, completes the round's outcome before anything writes it:
+
+- clients.csv: one row for each client that dropped before the train exchange (``failed`` or
+  ``timeout``, the reason naming the stage: ``secagg setup: ...``), and for each client left in
+  a key set-up that failed (``rejected``); a client whose train reply failed gets the stage in
+  its reason (``secagg masked-input: ...``); a masked reply the protocol refused becomes
+  ``rejected``; a survivor that vanished at unmask keeps ``ok`` (its input was
+  recovered from its neighbours' shares) with the reason saying so; a holder whose share failed
+  its check is named; when the round failed, every ``ok`` client becomes ``rejected`` with the
+  reason (``secure aggregation failed: ...``);
+- metrics.csv: the counts follow those rows, and the stage messages' bytes are added;
+- strategy_metrics.jsonl: the protocol's metrics (``secagg-*``) even when no aggregate came out;
+- a failed round counts as a round without update (``run.max_rounds_without_update``).
+"""
+
+from __future__ import annotations
+
+from logging import INFO
+
+from flwr.app import MetricRecord
+from flwr.common import log
+
+from fedtune import protocol
+from fedtune.results.run_dir import ClientRow
+from fedtune.server.loop import RunListener
+from fedtune.server.round import FederatedRun, RoundOutcome
+from fedtune.server.secagg import RoundReport, SecAggPlus, report_metrics
+
+_BEFORE_TRAIN = (protocol.STAGE_SETUP, protocol.STAGE_SHARE_KEYS)
+
+
+class SecAggRecorder(RunListener):
+    """Completes each round's rows with what the SecAgg+ protocol did."""
+
+    def round_ended(self, run: FederatedRun, outcome: RoundOutcome) -> None:
+        if not isinstance(run.strategy, SecAggPlus):
+            return
+        report = run.strategy.finish_round()
+        if report is None:
+            return
+        run.state.node_to_client.update(report.node_to_client)
+        outcome.clients = _rows(report, outcome, run.state.node_to_client)
+        row = outcome.row
+        row.clients_sampled = len(outcome.clients)
+        row.clients_ok = sum(r.status == "ok" for r in outcome.clients)
+        row.clients_failed = row.clients_sampled - row.clients_ok
+        row.bytes_up += report.bytes_up
+        row.bytes_down += report.bytes_down
+        metrics = MetricRecord(dict(outcome.train_metrics or {}))
+        metrics.update(report_metrics(report))
+        outcome.train_metrics = metrics
+        if report.failed:
+            log(INFO, "fedtune: round %s: secure aggregation failed: %s", report.server_round,
+                report.failed)
+            if report.aggregate_called:  # the round reset the count before aggregating
+                run.state.rounds_without_update += 1
+
+
+def _rows(report: RoundReport, outcome: RoundOutcome, node_to_client: dict[int, int]
+          ) -> list[ClientRow]:
+    rows = list(outcome.clients)
+    by_client = {row.client_id: row for row in rows if row.client_id is not None}
+    server_round, failed = outcome.row.round, report.failed
+    dropped = {dropout.node for dropout in report.dropped}
+    for dropout in report.dropped:
+        client = node_to_client.get(dropout.node)
+        reason = f"secagg {dropout.stage}: {dropout.reason}"
+        row = by_client.get(client) if client is not None else None
+        if dropout.stage in _BEFORE_TRAIN:  # never sent a train message: no row yet
+            rows.append(ClientRow(server_round, client, None, None, None, None,
+                                  dropout.status, reason))
+        elif row is not None and dropout.stage == protocol.STAGE_MASKED_INPUT:
+            if dropout.status == "rejected":  # a sound reply whose masked input was not
+                row.status, row.reason = "rejected", reason
+            else:  # its train reply failed, timed out or was rejected: the row says how
+                row.reason = f"secagg {dropout.stage}: {row.reason}"
+        elif row is not None and dropout.stage == protocol.STAGE_UNMASK:
+            row.reason = reason + "; its input was recovered from its neighbours' shares"
+    for node in set(report.sampled) - dropped - set(report.trained):  # the key set-up failed
+        client = node_to_client.get(node)
+        rows.append(ClientRow(server_round, client, None, None, None, None, "rejected",
+                              f"secure aggregation failed: {failed}"))
+    for holder, owners in report.tampered.items():
+        row = by_client.get(node_to_client.get(holder))  # type: ignore[arg-type]
+        if row is not None:
+            row.reason = (f"secagg unmask: its share of node(s) {owners} failed the check "
+                          "(tampered) and was left out")
+    if failed:
+        for row in rows:
+            if row.status == "ok":
+                row.status, row.reason = "rejected", f"secure aggregation failed: {failed}"
+    return sorted(rows, key=lambda r: (r.client_id is None, r.client_id or 0))

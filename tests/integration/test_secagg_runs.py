@@ -1,0 +1,155 @@
+"""Whole runs with SecAgg+ (fedtune's ClientApp, MLP on digits): the same model as without it
+within the quantisation bound, dropouts and failed rounds in clients.csv and metrics.csv,
+distributed DP with the central accountant, and the other runtimes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from fedtune.engine.inprocess import run_inprocess
+from fedtune.engine.launch import launch
+from fedtune.secagg import masking
+from tests.conftest import rows_of, tiny_config
+
+SECURE = ("strategy.secure_aggregation=true",)
+
+
+def _model(run_dir) -> dict[str, np.ndarray]:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def _strategy_metrics(run_dir) -> list[dict]:
+    lines = (run_dir / "strategy_metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["train"] for line in lines]
+
+
+@pytest.mark.parametrize("bits", [16, 24])
+def test_a_secure_round_gives_plain_fedavgs_model_within_the_bound(tmp_path, bits):
+    common = ("run.rounds=1", "data.num_clients=5")
+    plain = run_inprocess(tiny_config(tmp_path, *common, f"run.dir={tmp_path / 'plain'}")).path
+    secure = run_inprocess(tiny_config(tmp_path, *common, *SECURE, f"strategy.secagg_bits={bits}",
+                                       f"run.dir={tmp_path / 'secure'}")).path
+    bound = masking.rounding_bound(1.0, bits)
+    reference = _model(plain)
+    worst = max(float(np.abs(value - reference[name]).max())
+                for name, value in _model(secure).items())
+    assert worst <= bound + 1e-6
+    metrics = _strategy_metrics(secure)[0]
+    assert metrics["secagg-rounding-bound"] == pytest.approx(bound)
+    assert metrics["secagg-clipped"] == 0
+    (plain_row,), (secure_row,) = rows_of(plain / "metrics.csv"), rows_of(secure / "metrics.csv")
+    assert secure_row["eval_accuracy"] == plain_row["eval_accuracy"]  # accuracy unchanged
+    assert abs(float(secure_row["eval_loss"]) - float(plain_row["eval_loss"])) < 1e-4
+    # the masked vectors and the key set-up cost bytes: both are counted
+    assert int(secure_row["bytes_up"]) > int(plain_row["bytes_up"])
+
+
+def test_clients_csv_says_who_dropped_at_which_stage_and_a_failed_round_is_recorded(tmp_path):
+    # 6 clients, complete graph: t = 3 of 5 neighbours, 4 inputs needed, 2 dropouts tolerated;
+    # seed 96 crashes client 3 in round 1, clients 0, 2, 3 in round 2, nobody in round 3
+    config = tiny_config(tmp_path, *SECURE, "data.num_clients=6", "run.rounds=3",
+                         "run.seed=96", "faults.crash_probability=0.3",
+                         "faults.crash_stage=share-keys", "strategy.fraction_evaluate=0")
+    run_dir = run_inprocess(config).path
+    clients = rows_of(run_dir / "clients.csv")
+    by_round = {r: {int(row["client_id"]): row for row in clients if row["round"] == str(r)}
+                for r in (1, 2, 3)}
+    assert all(len(rows) == 6 for rows in by_round.values())
+    assert by_round[1][3]["status"] == "failed"
+    assert by_round[1][3]["reason"].startswith("secagg share-keys: ")
+    assert "injected fault" in by_round[1][3]["reason"]
+    assert [c for c, row in by_round[1].items() if row["status"] == "ok"] == [0, 1, 2, 4, 5]
+    # round 2: three dropouts at share-keys are one too many: the round fails, nobody's
+    # update is used, and the run goes on
+    assert sorted(c for c, row in by_round[2].items() if row["status"] == "failed") == [0, 2, 3]
+    for client in (1, 4, 5):
+        assert by_round[2][client]["status"] == "rejected"
+        assert by_round[2][client]["reason"].startswith("secure aggregation failed: 3 of 6")
+    assert all(row["status"] == "ok" for row in by_round[3].values())
+    rounds = rows_of(run_dir / "metrics.csv")
+    assert [(r["clients_sampled"], r["clients_ok"]) for r in rounds] == [
+        ("6", "5"), ("6", "0"), ("6", "6")]
+    assert rounds[1]["eval_loss"] == rounds[0]["eval_loss"]  # the model stayed as it was
+    assert rounds[2]["eval_loss"] != rounds[1]["eval_loss"]
+    failed = [m["secagg-failed"] for m in _strategy_metrics(run_dir)]
+    assert failed == [0, 1, 0]
+
+
+def test_a_dropout_after_masking_is_recovered_and_named(tmp_path):
+    # seed 96 at unmask: client 3 vanishes in round 1 after its input was masked
+    config = tiny_config(tmp_path, *SECURE, "data.num_clients=6", "run.rounds=1",
+                         "run.seed=96", "faults.crash_probability=0.3",
+                         "faults.crash_stage=unmask", "strategy.fraction_evaluate=0")
+    run_dir = run_inprocess(config).path
+    rows = {int(row["client_id"]): row for row in rows_of(run_dir / "clients.csv")}
+    assert all(row["status"] == "ok" for row in rows.values())  # 3's input is in the sum
+    assert rows[3]["reason"].startswith("secagg unmask: ")
+    assert "recovered from its neighbours' shares" in rows[3]["reason"]
+    assert _strategy_metrics(run_dir)[0]["secagg-survivors"] == 6
+
+
+def test_distributed_dp_accounts_as_central_dp(tmp_path):
+    dp = ("privacy.mode=central", "privacy.noise_multiplier=0.8", "privacy.delta=1e-3",
+          "privacy.adaptive_clipping=false", "strategy.fraction_train=0.75", "data.num_clients=8", "run.rounds=2",
+          "strategy.fraction_evaluate=0")
+    central = run_inprocess(tiny_config(tmp_path, *dp, f"run.dir={tmp_path / 'c'}")).path
+    distributed = run_inprocess(tiny_config(tmp_path, *dp, *SECURE,
+                                            f"run.dir={tmp_path / 'd'}")).path
+    c_rows, d_rows = rows_of(central / "metrics.csv"), rows_of(distributed / "metrics.csv")
+    assert [r["epsilon"] for r in d_rows] == [r["epsilon"] for r in c_rows]  # same accountant
+    assert float(d_rows[-1]["epsilon"]) > 0
+    summary = json.loads((distributed / "summary.json").read_text())
+    assert summary["privacy"]["noise_multiplier"] == 0.8
+    for metrics in _strategy_metrics(distributed):
+        assert metrics["secagg-failed"] == 0 and "dp-unclipped" not in metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ray", "flower"])
+def test_secure_aggregation_on_the_ray_runtimes(tmp_path, backend):
+    config = tiny_config(tmp_path, *SECURE, f"engine.backend={backend}", "run.rounds=2",
+                         "strategy.fraction_evaluate=0", "data.num_clients=4")
+    run_dir = launch(config).path
+    rounds = rows_of(run_dir / "metrics.csv")
+    assert [r["clients_ok"] for r in rounds] == ["4", "4"]
+    assert [m["secagg-survivors"] for m in _strategy_metrics(run_dir)] == [4, 4]
+    plain = run_inprocess(tiny_config(tmp_path, "run.rounds=2", "strategy.fraction_evaluate=0",
+                                      "data.num_clients=4", f"run.dir={tmp_path / 'plain'}"))
+    reference = _model(plain.path)
+    worst = max(float(np.abs(v - reference[k]).max()) for k, v in _model(run_dir).items())
+    assert worst < 1e-4  # two rounds: the rounding (< 1.2e-7) moves round 2's start a little
+
+
+def test_a_stopped_secure_run_resumes_bit_identical(tmp_path):
+    """The masks are fresh randomness every round, but they cancel exactly and the rounding is
+    seeded: a resumed run ends with the same model, and the checkpoint holds no client secret."""
+    import threading
+    from pathlib import Path
+
+    from fedtune.client.app import app as client_app
+    from fedtune.config import to_run_config
+    from fedtune.engine.inprocess import InProcessGrid
+    from fedtune.server.app import run_federated
+    from fedtune.server.checkpoint import read_checkpoint, state_from_bytes
+    from fedtune.server.exchange import RunStopped
+    from tests.server.test_resume import FIVE_ROUNDS, StopAfter, _assert_same_run
+
+    extra = (*SECURE, "strategy.name=fedadam", "strategy.fraction_train=0.75")
+    reference = run_inprocess(tiny_config(tmp_path / "a", *FIVE_ROUNDS, *extra)).path
+    config = tiny_config(tmp_path / "b", *FIVE_ROUNDS, *extra, "run.checkpoint_every=0")
+    stop = threading.Event()
+    grid = InProcessGrid(client_app, to_run_config(config), config.data.num_clients)
+    with pytest.raises(RunStopped):
+        run_federated(grid, config, StopAfter(stop, after=2), stop)
+    checkpoint = read_checkpoint(Path(config.run.dir))
+    assert checkpoint.server_round == 2
+    for state in checkpoint.client_states.values():
+        kept = state_from_bytes(state).config_records.get("secagg-state", {})
+        assert not {"mask-seed", "seal-private", "self-seed", "seal-keys", "seed-shares",
+                    "key-shares"} & set(kept)
+    config.run.resume = True
+    _assert_same_run(run_inprocess(config).path, reference)

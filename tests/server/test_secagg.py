@@ -1,0 +1,508 @@
+"""SecAgg+ over a Grid: the unmasked aggregate is the strategy's, the server learns nothing else,
+dropouts are recovered from shares, tampered and replayed messages are refused.
+
+The clients are fedtune's SecAgg+ client side (``fedtune.client.secagg``) around a stand-in
+training that adds a known update to the model, so the exact aggregate is known; the grid runs
+them in this process and records (or alters) what the server sends and receives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from scipy import stats
+
+from fedtune import protocol
+from fedtune.client.secagg import secagg_stage, secagg_train_mod
+from fedtune.config import Config, load_config, to_run_config
+from fedtune.engine.inprocess import NODE_ID_OFFSET, InProcessGrid
+from fedtune.faults import FaultPlan
+from fedtune.privacy.central import CentralDP
+from fedtune.privacy.mode import PrivacyPlan
+from fedtune.secagg import graph, masking
+from fedtune.server.exchange import exchange
+from fedtune.server.identity import Identities
+from fedtune.server.phases import by_client
+from fedtune.server.screening import ReplyLimits, screen_train_replies
+from fedtune.server.secagg import RoundReport, SecAggPlus
+from fedtune.server.strategies import build_strategy
+from fedtune.tables.strategies import STRATEGIES
+from fedtune.task import parsed_run_config
+from tests.conftest import tiny_config
+
+N = 10
+SHAPES = {"w": (40, 25), "b": (25,)}
+EXAMPLES = [30 + 17 * c for c in range(N)]  # unequal, so weighting matters
+
+
+def _global_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    arrays = {name: rng.normal(0, 0.5, shape).astype(np.float32)
+              for name, shape in SHAPES.items()}
+    arrays["steps"] = np.array([7], np.int64)  # an integer buffer: the server keeps its own
+    return arrays
+
+
+def _update(client: int, scale: float = 0.05) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(100 + client)
+    return {name: rng.normal(0, scale, shape) for name, shape in SHAPES.items()}
+
+
+def stand_in_app(update: Callable[[int], dict[str, np.ndarray]] = _update) -> ClientApp:
+    """fedtune's SecAgg+ client side around a training that adds ``update(client)`` to every
+    sent float record (and answers every record the strategy's table says it answers)."""
+    app = ClientApp()
+    app.query(protocol.SECAGG_ACTION)(secagg_stage)
+
+    @app.train(mods=[secagg_train_mod])
+    def train(msg: Message, context: Context) -> Message:
+        client = int(context.node_config[protocol.PARTITION_ID])
+        config = parsed_run_config(context.run_config)
+        server_round = int(msg.content[protocol.CONFIG]["server-round"])
+        FaultPlan.from_config(config).check_crash(client, server_round)
+        delta = update(client)
+        content = RecordDict()
+        answering = {sent: reply for reply, sent in STRATEGIES[config.strategy.name].answers.items()}
+        for name, record in msg.content.array_records.items():
+            values = protocol.to_numpy(record)
+            if name in answering:  # e.g. SCAFFOLD's control delta: the update itself
+                content[answering[name]] = protocol.to_array_record(
+                    {k: delta[k].astype(v.dtype) for k, v in values.items() if k in delta})
+            else:
+                content[name] = protocol.to_array_record(
+                    {k: (v + delta[k]).astype(v.dtype) if k in delta else v
+                     for k, v in values.items()})
+        extra = {name: 1.0 for name in STRATEGIES[config.strategy.name].reply_metrics}
+        content[protocol.METRICS] = MetricRecord({
+            protocol.NUM_EXAMPLES: EXAMPLES[client], protocol.PARTITION_ID: client,
+            protocol.TRAIN_LOSS: 0.0, protocol.DURATION_S: 0.0, protocol.NUM_STEPS: 1,
+            protocol.EXAMPLES_SEEN: EXAMPLES[client], **extra})
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+class Instrumented(InProcessGrid):
+    """Records what the server sends and receives; ``outgoing`` / ``incoming`` may alter it."""
+
+    def __init__(self, config: Config, app: ClientApp) -> None:
+        super().__init__(app, to_run_config(config), config.data.num_clients)
+        self.sent: list[Message] = []
+        self.received: list[Message] = []
+        self.outgoing: Callable[[Message], Message] = lambda m: m
+        self.incoming: Callable[[Message], Message] = lambda m: m
+
+    def push_messages(self, messages):
+        messages = [self.outgoing(m) for m in messages]
+        self.sent += messages
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = [self.incoming(r) for r in super().pull_messages(message_ids)]
+        self.received += replies
+        return replies
+
+
+@dataclass
+class Round:
+    arrays: dict[str, np.ndarray] | None
+    metrics: MetricRecord | None
+    report: RoundReport | None
+    strategy: object
+
+
+def config_of(tmp_path, *overrides: str) -> Config:
+    return tiny_config(tmp_path, f"data.num_clients={N}", "strategy.secure_aggregation=true",
+                       "strategy.secagg_degree=0", "strategy.fraction_evaluate=0", *overrides)
+
+
+def play(config: Config, grid: InProcessGrid, server_round: int = 1, strategy=None,
+         arrays: dict[str, np.ndarray] | None = None) -> Round:
+    """One train round of ``config``'s strategy over ``grid`` (configure, exchange, screen,
+    aggregate), as ``fedtune.server.round.play_round`` plays it."""
+    plan = CentralDP().plan(config) if config.privacy.mode == "central" else PrivacyPlan()
+    strategy = strategy or build_strategy(config, plan, max_examples=sum(EXAMPLES))
+    if hasattr(getattr(strategy, "inner", strategy), "population"):
+        getattr(strategy, "inner", strategy).population = N
+    record = protocol.to_array_record(arrays or _global_arrays())
+    train = exchange(grid, strategy.configure_train(server_round, record, ConfigRecord(), grid),
+                     60)
+    # the run's exact schema; the stand-in's sizes are its own, so none are known here
+    limits = ReplyLimits(train=protocol.train_reply_schema(config.strategy.name,
+                                                           config.privacy.mode),
+                         decline=None, num_clients=N,
+                         masked=config.strategy.secure_aggregation)
+    accepted = screen_train_replies(train, limits, Identities(grid.node_to_client,
+                                                              fixed=True)).accepted
+    new, metrics = strategy.aggregate_train(server_round, by_client(accepted))
+    report = strategy.finish_round() if isinstance(strategy, SecAggPlus) else None
+    return Round(None if new is None else protocol.to_numpy(new), metrics, report, strategy)
+
+
+def weighted_mean(clients: list[int]) -> dict[str, np.ndarray]:
+    x = _global_arrays()
+    weights = np.array([EXAMPLES[c] for c in clients], float)
+    return {name: x[name] + np.tensordot(weights / weights.sum(),
+                                         np.stack([_update(c)[name] for c in clients]), axes=1)
+            for name in SHAPES}
+
+
+def assert_within(result: dict[str, np.ndarray], expected: dict[str, np.ndarray],
+                  bound: float) -> float:
+    worst = max(float(np.abs(result[n].astype(np.float64) - expected[n]).max()) for n in SHAPES)
+    assert worst <= bound + 1e-6  # + float32 rounding of the model itself
+    assert np.allclose(result["steps"], 7)  # integers: the server's own values, averaged
+    return worst
+
+
+# --- the aggregate --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("bits", "degree"), [(12, 4), (24, 0), (16, 6)])
+def test_secure_fedavg_equals_plain_fedavg_within_the_quantisation_bound(tmp_path, bits, degree):
+    app = stand_in_app()
+    secure = config_of(tmp_path, f"strategy.secagg_bits={bits}",
+                       f"strategy.secagg_degree={degree}")
+    plain = config_of(tmp_path, "strategy.secure_aggregation=false")
+    result = play(secure, Instrumented(secure, app))
+    reference = play(plain, Instrumented(plain, app))
+    bound = masking.rounding_bound(1.0, bits)
+    worst = assert_within(result.arrays, reference.arrays, bound)
+    if bits == 12:
+        assert worst > bound / 100  # it is the quantised sum, not the plain one
+    assert result.metrics[protocol.SECAGG_ROUNDING_BOUND] == pytest.approx(bound)
+    assert result.metrics[protocol.SECAGG_SURVIVORS] == N
+    assert result.metrics[protocol.SECAGG_CLIPPED] == 0
+    # the train metrics are the clients' own, as without secure aggregation
+    assert result.metrics["partition-id"] == pytest.approx(reference.metrics["partition-id"])
+
+
+def test_secure_scaffold_averages_the_models_and_sums_the_control_deltas(tmp_path):
+    app = stand_in_app()
+    overrides = ("strategy.name=scaffold", "client.optimizer=sgd", "strategy.secagg_bits=20")
+    secure, plain = config_of(tmp_path, *overrides), config_of(
+        tmp_path, *overrides, "strategy.secure_aggregation=false")
+    result = play(secure, Instrumented(secure, app))
+    reference = play(plain, Instrumented(plain, app))
+    bound = masking.rounding_bound(1.0, 20)
+    assert_within(result.arrays, reference.arrays, bound)
+    control = result.strategy.inner.control
+    for name, value in reference.strategy.control.items():
+        assert np.abs(control[name] - value).max() <= bound + 1e-6
+        assert np.abs(value).max() > 0.01  # the control moved: the sum is not trivially zero
+
+
+# --- what the server sees -------------------------------------------------------------------------
+
+def _uniformity(values: np.ndarray, ring_bits: int) -> float:
+    """p-value of a chi-square test that ``values`` are uniform over the ring (16 bins)."""
+    counts = np.bincount((values >> np.uint64(ring_bits - 4)).astype(np.int64), minlength=16)
+    return float(stats.chisquare(counts).pvalue)
+
+
+def test_no_message_the_server_receives_reveals_an_individual_update(tmp_path):
+    seed = _seed_with_crashes(0.25, 2)
+    config = config_of(tmp_path, "faults.crash_probability=0.25", f"run.seed={seed}")
+    crashed = [c for c in range(N) if FaultPlan.from_config(config).crashes(c, 1)]
+    assert len(crashed) == 2  # two clients vanish after sharing keys
+    grid = Instrumented(config, stand_in_app())
+    result = play(config, grid)
+    survivors = [c for c in range(N) if c not in crashed]
+    assert_within(result.arrays, weighted_mean(survivors), masking.rounding_bound(1.0, 24))
+
+    t = graph.share_threshold(N - 1, config.strategy.secagg_threshold)
+    seed_shares = {c: 0 for c in range(N)}
+    key_shares = {c: 0 for c in range(N)}
+    masked = []
+    for reply in grid.received:
+        if reply.has_error():
+            continue
+        content = reply.content
+        for name, record in content.array_records.items():
+            assert name == protocol.SECAGG_MASKED  # no update travels unmasked
+            masked.append(record[protocol.MASKED].numpy())
+        record = content.config_records[protocol.SECAGG]
+        # every value the server receives is a key, a ciphertext, a commitment, a share, an id
+        for key, value in record.items():
+            assert isinstance(value, (bytes, str, int)) or all(
+                isinstance(v, (bytes, str)) for v in value), key
+        if record[protocol.SA_STAGE] == protocol.STAGE_UNMASK:
+            for owner in record[protocol.SA_OWNERS]:
+                client = int(owner) - NODE_ID_OFFSET
+                if client in crashed:
+                    key_shares[client] += 1
+                else:
+                    seed_shares[client] += 1
+    assert len(masked) == len(survivors)
+    for vector in masked:
+        assert vector.dtype == np.uint64
+        assert _uniformity(vector, 64) > 1e-4
+    # the same test tells an unmasked encoding at once
+    plain = masking.encode(np.concatenate([v.ravel() for v in _update(0).values()]), 50, 1.0,
+                           24, np.dtype(np.uint64), 0)
+    assert _uniformity(plain, 64) < 1e-20
+    # the server never holds t shares of both secrets of a client: survivors' self-mask seeds
+    # only (what removes their self masks), the dropped clients' mask keys only
+    for client in range(N):
+        assert min(seed_shares[client], key_shares[client]) < t
+        assert (key_shares if client in crashed else seed_shares)[client] >= t
+        assert (seed_shares if client in crashed else key_shares)[client] == 0
+
+
+# --- dropouts --------------------------------------------------------------------------------------
+
+def _seed_with_crashes(probability: float, count: int) -> int:
+    for seed in range(2000):
+        config = load_config(None, [f"data.num_clients={N}", f"run.seed={seed}",
+                                    f"faults.crash_probability={probability}"])
+        plan = FaultPlan.from_config(config)
+        if sum(plan.crashes(c, 1) for c in range(N)) == count:
+            return seed
+    raise AssertionError("no seed found")
+
+
+@pytest.mark.parametrize("stage", ["setup", "share-keys", "train", "unmask"])
+def test_up_to_n_minus_threshold_dropouts_still_give_the_right_sum(tmp_path, stage):
+    tolerated = N - graph.min_survivors(N, N - 1, 0.6)
+    assert tolerated == 3
+    seed = _seed_with_crashes(0.3, tolerated)
+    config = config_of(tmp_path, f"run.seed={seed}", "faults.crash_probability=0.3",
+                       f"faults.crash_stage={stage}")
+    crashed = {c for c in range(N) if FaultPlan.from_config(config).crashes(c, 1)}
+    result = play(config, Instrumented(config, stand_in_app()))
+    # a client that vanished at unmask had already sent its input: it is in the sum
+    summed = list(range(N)) if stage == "unmask" else sorted(set(range(N)) - crashed)
+    assert_within(result.arrays, weighted_mean(summed), masking.rounding_bound(1.0, 24))
+    dropped = {d.node - NODE_ID_OFFSET: d for d in result.report.dropped}
+    assert set(dropped) == crashed
+    stage_name = protocol.STAGE_MASKED_INPUT if stage == "train" else stage
+    assert {d.stage for d in dropped.values()} == {stage_name}
+    assert all("injected fault" in d.reason or "masked input" in d.reason
+               for d in dropped.values())
+
+
+@pytest.mark.parametrize("stage", ["share-keys", "unmask"])
+def test_one_dropout_more_fails_the_round_without_an_aggregate(tmp_path, stage):
+    seed = _seed_with_crashes(0.4, 4)
+    config = config_of(tmp_path, f"run.seed={seed}", "faults.crash_probability=0.4",
+                       f"faults.crash_stage={stage}")
+    result = play(config, Instrumented(config, stand_in_app()))
+    assert result.arrays is None
+    assert result.report.failed
+    assert result.metrics[protocol.SECAGG_FAILED] == 1
+    assert len(result.report.dropped) == 4
+
+
+def test_a_ring_graph_recovers_a_dropout_from_its_neighbours_only(tmp_path):
+    """With k = 4 neighbours of 10, a dropped client's key comes from its 4 neighbours."""
+    seed = _seed_with_crashes(0.1, 1)
+    config = config_of(tmp_path, f"run.seed={seed}", "faults.crash_probability=0.1",
+                       "strategy.secagg_degree=4", "strategy.secagg_threshold=0.51")
+    crashed = [c for c in range(N) if FaultPlan.from_config(config).crashes(c, 1)]
+    grid = Instrumented(config, stand_in_app())
+    result = play(config, grid)
+    assert_within(result.arrays, weighted_mean(sorted(set(range(N)) - set(crashed))),
+                  masking.rounding_bound(1.0, 24))
+    holders = [r.metadata.src_node_id for r in grid.received if not r.has_error()
+               and r.content[protocol.SECAGG][protocol.SA_STAGE] == protocol.STAGE_UNMASK
+               and str(crashed[0] + NODE_ID_OFFSET) in r.content[protocol.SECAGG][
+                   protocol.SA_OWNERS]]
+    assert len(holders) == 4  # its neighbours, not the whole cohort
+    for reply in grid.received:
+        if not reply.has_error() and reply.content[protocol.SECAGG][protocol.SA_STAGE] in (
+                protocol.STAGE_SHARE_KEYS,):
+            assert len(reply.content[protocol.SECAGG][protocol.SA_CIPHERTEXTS]) == 4
+
+
+# --- tampering and replays ----------------------------------------------------------------------
+
+def _is_stage(message: Message, stage: str) -> bool:
+    record = message.content.config_records.get(protocol.SECAGG)
+    return record is not None and record.get(protocol.SA_STAGE) == stage
+
+
+def test_a_share_the_server_alters_on_the_way_is_refused(tmp_path):
+    config = config_of(tmp_path)
+    grid = Instrumented(config, stand_in_app())
+    victim = NODE_ID_OFFSET + 4
+
+    def alter(message: Message) -> Message:
+        if message.metadata.dst_node_id == victim and _is_stage(
+                message, protocol.STAGE_MASKED_INPUT):
+            record = message.content[protocol.SECAGG]
+            ciphertexts = list(record[protocol.SA_CIPHERTEXTS])
+            flipped = bytearray(ciphertexts[0])
+            flipped[80] ^= 1
+            ciphertexts[0] = bytes(flipped)
+            record[protocol.SA_CIPHERTEXTS] = ciphertexts
+        return message
+
+    grid.outgoing = alter
+    result = play(config, grid)
+    errors = [r for r in grid.received if r.has_error()]
+    assert [r.metadata.src_node_id for r in errors] == [victim]
+    assert "does not open" in errors[0].error.reason
+    # the victim dropped before its input was masked; the others' sum is still right
+    assert_within(result.arrays, weighted_mean([c for c in range(N) if c != 4]),
+                  masking.rounding_bound(1.0, 24))
+
+
+def test_a_tampered_unmask_share_is_found_and_left_out(tmp_path):
+    config = config_of(tmp_path)
+    grid = Instrumented(config, stand_in_app())
+    liar = NODE_ID_OFFSET  # the lowest node id: its shares are among the first t of everyone's
+
+    def tamper(reply: Message) -> Message:
+        if (not reply.has_error() and reply.metadata.src_node_id == liar
+                and _is_stage(reply, protocol.STAGE_UNMASK)):
+            record = reply.content[protocol.SECAGG]
+            shares = list(record[protocol.SA_SHARES])
+            damaged = bytearray(shares[0])
+            damaged[8] ^= 0x55
+            shares[0] = bytes(damaged)
+            record[protocol.SA_SHARES] = shares
+        return reply
+
+    grid.incoming = tamper
+    result = play(config, grid)
+    assert_within(result.arrays, weighted_mean(list(range(N))), masking.rounding_bound(1.0, 24))
+    assert list(result.report.tampered) == [liar]
+
+
+def _node(grid: InProcessGrid, client: int) -> tuple[int, Context]:
+    node = NODE_ID_OFFSET + client
+    return node, grid.contexts[node]
+
+
+def _resend(grid: InProcessGrid, message: Message) -> Message:
+    copy = Message(RecordDict(dict(message.content.items())),
+                   dst_node_id=message.metadata.dst_node_id,
+                   message_type=message.metadata.message_type, group_id="replay")
+    (reply,) = InProcessGrid.pull_messages(grid, InProcessGrid.push_messages(grid, [copy]))
+    return reply
+
+
+def test_clients_refuse_replayed_and_contradictory_requests(tmp_path):
+    config = config_of(tmp_path)
+    grid = Instrumented(config, stand_in_app())
+    play(config, grid)
+    first_round = list(grid.sent)
+    unmask = next(m for m in first_round if _is_stage(m, protocol.STAGE_UNMASK))
+    # asked again for its shares (say, with a survivor now called dead): refused
+    again = _resend(grid, unmask)
+    assert again.has_error() and "instead of after 'masked-input'" in again.error.reason
+
+    # round 2 sets up a new session; round 1's messages are then refused
+    strategy = build_strategy(config, PrivacyPlan(), sum(EXAMPLES))
+    list(strategy.configure_train(2, protocol.to_array_record(_global_arrays()),
+                                  ConfigRecord(), grid))
+    train = next(m for m in first_round if _is_stage(m, protocol.STAGE_MASKED_INPUT))
+    replayed = _resend(grid, train)
+    assert replayed.has_error() and "replayed or stale" in replayed.error.reason
+    setup = next(m for m in grid.sent if _is_stage(m, protocol.STAGE_SETUP)
+                 and m.content[protocol.SECAGG][protocol.SA_ROUND] == 2)
+    assert "set up already" in _resend(grid, setup).error.reason
+    old_setup = next(m for m in first_round if _is_stage(m, protocol.STAGE_SETUP))
+    assert "after round 2" in _resend(grid, old_setup).error.reason
+
+
+def test_an_unmask_request_naming_a_node_alive_and_dead_is_refused(tmp_path):
+    config = config_of(tmp_path)
+    grid = Instrumented(config, stand_in_app())
+
+    def contradict(message: Message) -> Message:
+        if _is_stage(message, protocol.STAGE_UNMASK):
+            record = message.content[protocol.SECAGG]
+            record[protocol.SA_DEAD] = list(record[protocol.SA_ALIVE])[:1]
+        return message
+
+    grid.outgoing = contradict
+    result = play(config, grid)
+    assert result.arrays is None  # every holder refused: nothing can be unmasked
+    refusals = [r.error.reason for r in grid.received if r.has_error()]
+    assert len(refusals) == N
+    assert all("both alive and dead" in reason for reason in refusals)
+
+
+def test_the_server_refuses_a_reply_from_another_session(tmp_path):
+    config = config_of(tmp_path)
+    grid = Instrumented(config, stand_in_app())
+    play(config, grid)
+    old = {r.metadata.src_node_id: r for r in grid.received
+           if not r.has_error() and _is_stage(r, protocol.STAGE_SHARE_KEYS)}
+    replayer = NODE_ID_OFFSET + 2
+
+    def replay(reply: Message) -> Message:
+        if reply.metadata.src_node_id == replayer and _is_stage(reply,
+                                                                protocol.STAGE_SHARE_KEYS):
+            reply.content[protocol.SECAGG] = old[replayer].content[protocol.SECAGG]
+        return reply
+
+    grid.incoming = replay
+    result = play(config, grid, server_round=2)
+    dropped = {d.node: d for d in result.report.dropped}
+    assert dropped[replayer].status == "rejected"
+    assert "another session" in dropped[replayer].reason
+    assert result.arrays is not None
+
+
+# --- distributed DP ----------------------------------------------------------------------------
+
+def test_distributed_dp_clients_clip_and_their_noise_sums_to_sigma_c(tmp_path):
+    def big(client: int) -> dict[str, np.ndarray]:  # norms >> C, every client its own direction
+        return {name: 50 * value for name, value in _update(client).items()}
+
+    clip, sigma = 0.5, 1.0
+    config = config_of(tmp_path, "privacy.mode=central", f"privacy.noise_multiplier={sigma}",
+                       f"privacy.clip_norm={clip}", "strategy.fraction_train=1.0",
+                       "privacy.delta=1e-3", "privacy.adaptive_clipping=false")
+    result = play(config, Instrumented(config, stand_in_app(big)))
+    x = _global_arrays()
+    change = np.concatenate([(result.arrays[n] - x[n]).ravel() for n in SHAPES])
+    # DP-FedAvg: sum over clients of (clipped update + noise share), divided by qN = N; the
+    # clients are NOT weighted by their example counts (which differ here)
+    clipped = [np.concatenate([v.ravel() for v in big(c).values()]) for c in range(N)]
+    expected = sum(clip * v / np.linalg.norm(v) for v in clipped) / N
+    noise = change - expected
+    m_min = graph.min_survivors(N, N - 1, 0.6)
+    # each client adds N(0, (sigma C)^2 / m_min): the sum carries at least sigma C
+    assert noise.std() == pytest.approx(sigma * clip * np.sqrt(N / m_min) / N, rel=0.05)
+    assert noise.std() * N >= sigma * clip
+    assert abs(noise.mean()) < 4 * noise.std() / np.sqrt(noise.size)
+    assert result.metrics[protocol.SECAGG_CLIPPED] == 0  # the range covers C + 6 std
+
+
+@pytest.mark.parametrize(("stage", "change", "refusal"), [
+    # a server that names peers outside the public graph (to surround a client with its own)
+    (protocol.STAGE_SHARE_KEYS, "peer", "not this client's neighbours"),
+    # a server that lowers the threshold so that few shares would reveal a secret
+    (protocol.STAGE_SETUP, "threshold", "must be above half of them"),
+])
+def test_clients_refuse_a_server_that_bends_the_graph_or_the_threshold(tmp_path, stage, change,
+                                                                        refusal):
+    config = config_of(tmp_path, "strategy.secagg_degree=4", "strategy.secagg_threshold=0.51")
+    grid = Instrumented(config, stand_in_app())
+    victim = NODE_ID_OFFSET + 3
+
+    def bend(message: Message) -> Message:
+        if message.metadata.dst_node_id == victim and _is_stage(message, stage):
+            record = message.content[protocol.SECAGG]  # this message's own record
+            if change == "threshold":
+                record[protocol.SA_THRESHOLD] = 2
+            else:
+                peers = [int(p) for p in record[protocol.SA_PEERS]]
+                stranger = next(n for n in grid.contexts if n not in peers and n != victim)
+                record[protocol.SA_PEERS] = [str(p) for p in peers + [stranger]]
+                record[protocol.SA_PK_MASK] = [*record[protocol.SA_PK_MASK], b"m" * 97]
+                record[protocol.SA_PK_SEAL] = [*record[protocol.SA_PK_SEAL], b"s" * 97]
+        return message
+
+    grid.outgoing = bend
+    result = play(config, grid)
+    (error,) = [r for r in grid.received if r.has_error()]
+    assert error.metadata.src_node_id == victim and refusal in error.error.reason
+    assert result.report.dropped[0].stage == stage
