@@ -17,6 +17,12 @@ Two kinds of work go to the actors:
 - **Messages** (``push_messages`` / ``pull_messages``, anything else a strategy sends): batches
   of about ``BATCH_S`` seconds of single-message work through the ClientApp.
 
+A cohort so small that Ray's fixed cost per phase (putting the records, a call per actor,
+collecting the results: about ``RAY_PHASE_S``) exceeds what spreading its clients over the
+actors saves runs its blocks in the driver instead, with the actors' thread count and the same
+blocks, so the same bits (``_in_driver``; only for fedtune's own client code on CPU, once the
+time of a client is known from an earlier phase).
+
 Each actor is kept ``CALLS_PER_ACTOR`` calls ahead, so it never waits for the driver, and a
 slower actor takes fewer calls. The driver waits on Ray (``ray.wait``), never sleeps or polls.
 
@@ -49,6 +55,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import ray
+import torch
 from flwr.app import ArrayRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.run import Run
@@ -57,9 +64,11 @@ from fedtune.engine.cohort import (
     BlockClient,
     BlockResult,
     BlockTask,
+    DecodedContent,
     add_blocks,
     cohort_blocks,
     join_singletons,
+    run_block,
     split_block,
 )
 from fedtune.engine.inprocess import NODE_ID_OFFSET, act_as_server, error_reply
@@ -69,6 +78,7 @@ from fedtune.protocol import NUM_PARTITIONS, PARTITION_ID
 from fedtune.server.checkpoint import state_from_bytes, state_to_bytes
 from fedtune.server.exchange import RunStopped
 from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec
+from fedtune.task import limit_threads, run_config_resources
 
 BATCH_S = 0.05  # single-message work per Ray call, once the time of a message is known
 COHORT_CALL_S = 0.25  # most client time per Ray call of blocks (calls shrink as a phase ends)
@@ -76,6 +86,9 @@ MAX_BATCH = 64
 CALLS_PER_ACTOR = 2
 WAIT_S = 0.25  # longest single wait on Ray before checking timeouts and the stop event
 PUSHED_KEPT = 4  # shared records whose object-store copy later pushes reuse
+# Ray's own cost of one phase on the actors, measured on 2 cores (BENCHMARKS.md: 100 clients,
+# about 0.25 s a round more than the same blocks in one process)
+RAY_PHASE_S = 0.2
 
 
 @dataclass
@@ -231,6 +244,8 @@ class RayGrid(CohortGrid):
         clients = [BlockClient(node, self.node_to_client[node], self.states.get(node))
                    for node in (self._node(m) for m in messages)]
         blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec)
+        if self._in_driver(messages[0].metadata.message_type, len(clients)):
+            return self._run_in_driver(content, blocks, timeout_s, progress)
         cohort = _Cohort(self._put(content), len(blocks), len(clients))
         cohort.works = [_Work(blocks=[block], cohort=cohort) for block in blocks]
         self._queue.extend(cohort.works)
@@ -254,6 +269,41 @@ class RayGrid(CohortGrid):
                 self.states[node] = state
                 self._changed.add(node)
         return add_blocks(list(cohort.results.values()))
+
+    def _in_driver(self, kind: str, clients: int) -> bool:
+        """Whether a phase of ``clients`` clients is cheaper here than on the actors: its
+        client time (known from an earlier phase) saves less than Ray's cost of a phase when
+        spread over the actors."""
+        client_s = self._task_s.get(kind)
+        actors = self.actor_count
+        if (client_s is None or actors == 0 or self._factory.train is not None
+                or self._factory.client_gpus > 0):
+            return False
+        return client_s * clients * (1 - 1 / actors) < RAY_PHASE_S
+
+    def _run_in_driver(self, content: RecordDict, blocks: list[BlockTask], timeout_s: float,
+                       progress: Callable[[int, int], None] | None) -> CohortResult:
+        """The phase's blocks in this process, in order, with the actors' torch threads (a
+        client over ``timeout_s`` is reported as a timeout, as in process)."""
+        resources = run_config_resources(self._factory.run_config)
+        decoded = DecodedContent.of(content)
+        threads = torch.get_num_threads()
+        limit_threads(self._factory.client_cpus)
+        results, done = [], 0
+        try:
+            for block in blocks:
+                result = run_block(resources, decoded, block, client_limit_s=timeout_s)
+                self._learn(block.message_type, result.seconds, len(block.clients))
+                results.append(result)
+                for node, state in result.states.items():
+                    self.states[node] = state
+                    self._changed.add(node)
+                done += len(block.clients)
+                if progress is not None:
+                    progress(done, sum(len(b.clients) for b in blocks))
+        finally:
+            torch.set_num_threads(threads)
+        return add_blocks(results)
 
     # --- checkpoints ---
 

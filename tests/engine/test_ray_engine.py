@@ -122,3 +122,29 @@ def test_ten_thousand_clients_with_a_hundred_per_round(tmp_path, ray_two_cpus):
     assert max(int(r["client_id"]) for r in clients) > 1000
     (metrics,) = rows_of(run_dir / "metrics.csv")
     assert metrics["clients_ok"] == "100" and 0 < float(metrics["eval_accuracy"]) <= 1
+
+
+@pytest.mark.slow
+def test_small_phases_run_in_the_driver_once_a_clients_time_is_known(tmp_path, ray_two_cpus,
+                                                                      monkeypatch):
+    """A phase whose client time saves less than Ray's cost of a phase (RAY_PHASE_S) runs in
+    the driver; the first phase of each kind goes to the actors (nothing is known yet), and a
+    large RAY_PHASE_S keeps everything after it in the driver."""
+    from fedtune.engine import ray_grid
+    from fedtune.engine.ray_engine import ray_engine_grid
+
+    where: list[tuple[str, str]] = []
+    in_driver = ray_grid.RayGrid._run_in_driver
+
+    def run_in_driver(self, content, blocks, timeout_s, progress):
+        where.append((blocks[0].message_type, "driver"))
+        return in_driver(self, content, blocks, timeout_s, progress)
+
+    monkeypatch.setattr(ray_grid.RayGrid, "_run_in_driver", run_in_driver)
+    monkeypatch.setattr(ray_grid, "RAY_PHASE_S", 1e6)
+    config = tiny_config(tmp_path, *RAY, "run.rounds=3", "strategy.fraction_evaluate=1")
+    with ray_engine_grid(config, fedtune_client_app) as grid:
+        run_federated(grid, config)
+        assert set(grid._task_s) == {"train", "evaluate"}
+    # rounds 2 and 3: both phases in the driver (round 1's were measured on the actors)
+    assert where == [("train", "driver"), ("evaluate", "driver")] * 2

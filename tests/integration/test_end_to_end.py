@@ -155,10 +155,12 @@ def test_text_run_with_a_hugging_face_model(tmp_path, tiny_bert_path):
 
 
 @pytest.mark.slow
-def test_all_runtimes_reach_the_same_global_model(tmp_path):
-    """Same seed, same config: fedtune's Ray engine (with two actors and with one) and the
-    in-process grid reach the same final global weights bit for bit, Flower's simulation
-    runtime the same weights to float32 rounding."""
+def test_all_runtimes_reach_the_same_global_model(tmp_path, monkeypatch):
+    """Same seed, same config: fedtune's Ray engine (two actors doing every phase; one actor,
+    whose small phases after the first run in the driver) and the in-process grid reach the
+    same final global weights bit for bit, Flower's simulation runtime the same weights to
+    float32 rounding."""
+    from fedtune.engine import ray_grid
     from fedtune.engine.flower_sim import run_flower_simulation
     from fedtune.engine.ray_engine import run_ray_engine
 
@@ -166,7 +168,9 @@ def test_all_runtimes_reach_the_same_global_model(tmp_path):
                                 "run.dir=" + str(tmp_path / "flower"))
     run_flower_simulation(flower_config)
     check_contract(tmp_path / "flower", rounds=2, clients=4)
-    for name, extra in (("ray", []), ("ray-one-actor", ["engine.num_actors=1"])):
+    for name, extra, phase_s in (("ray", [], 0.0),
+                                 ("ray-one-actor", ["engine.num_actors=1"], ray_grid.RAY_PHASE_S)):
+        monkeypatch.setattr(ray_grid, "RAY_PHASE_S", phase_s)
         run_ray_engine(tiny_config(tmp_path, "engine.backend=ray", *extra,
                                    "run.dir=" + str(tmp_path / name)))
         check_contract(tmp_path / name, rounds=2, clients=4)
