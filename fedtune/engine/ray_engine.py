@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 from fedtune.client.app import app as fedtune_client_app
 from fedtune.config import Config, to_run_config
 from fedtune.engine.cohort import TrainFunction
-from fedtune.engine.ray_grid import RayGrid
+from fedtune.engine.ray_grid import RayGrid, prepare_driver
 from fedtune.engine.ray_pool import ActorFactory, pool_size, ray_session, start_actors
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.app import run_federated
@@ -34,7 +34,7 @@ def ray_engine_grid(config: Config, client_app: ClientApp = fedtune_client_app,
         factory = ActorFactory(client_app, to_run_config(config), RAY_RUN_ID,
                                e.client_cpus, e.client_gpus, train)
         actors = start_actors(factory, pool_size(config, ray.cluster_resources()),
-                              e.node_wait_s)
+                              e.node_wait_s, meanwhile=lambda: prepare_driver(factory))
         grid = RayGrid(factory, actors, config.data.num_clients, e.client_timeout_s,
                        e.node_wait_s)
         grid.runs_cohorts = client_app is fedtune_client_app or train is not None

@@ -46,6 +46,7 @@ nothing.
 
 from __future__ import annotations
 
+import importlib
 import math
 import threading
 import time
@@ -89,6 +90,16 @@ PUSHED_KEPT = 4  # shared records whose object-store copy later pushes reuse
 # Ray's own cost of one phase on the actors, measured on 2 cores (BENCHMARKS.md: 100 clients,
 # about 0.25 s a round more than the same blocks in one process)
 RAY_PHASE_S = 0.2
+
+
+def prepare_driver(factory: ActorFactory) -> None:
+    """What a phase run in the driver needs, loaded while the actors start: the resident
+    resources of the clients' run config, and torch._dynamo (torch's optimizers import it on
+    first use, which takes seconds)."""
+    if factory.train is not None or factory.client_gpus > 0:
+        return  # phases never run in the driver (``RayGrid._in_driver``)
+    _ = run_config_resources(factory.run_config).model
+    importlib.import_module("torch._dynamo")
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -85,10 +85,14 @@ class ActorFactory:
 _REMOTE_WORKER = ray.remote(ClientWorker)
 
 
-def start_actors(factory: ActorFactory, count: int, wait_s: float) -> list[ray.actor.ActorHandle]:
-    """Start ``count`` actors and wait until each has loaded its data and model."""
+def start_actors(factory: ActorFactory, count: int, wait_s: float,
+                 meanwhile: Callable[[], None] | None = None) -> list[ray.actor.ActorHandle]:
+    """Start ``count`` actors and wait until each has loaded its data and model (running
+    ``meanwhile`` in this process while they load)."""
     started = [factory.start() for _ in range(count)]
     actors = [actor for actor, _ in started]
+    if meanwhile is not None:
+        meanwhile()
     done, _ = ray.wait([ready for _, ready in started], num_returns=count, timeout=wait_s)
     try:
         ray.get(done)  # raises what a failed start raised
