@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import statistics
 import threading
 import time
 import uuid
@@ -188,6 +189,9 @@ class RayGrid(CohortGrid):
         self._replies: dict[str, Message] = {}
         self._pushed: dict[int, tuple[object, ray.ObjectRef]] = {}
         self._task_s: dict[str, float] = {}  # running mean of one client's time, by kind
+        # one client's time in the last phase of each kind: the median over its blocks (an
+        # actor's first block also pays for warming up, which the running mean remembers)
+        self._phase_client_s: dict[str, float] = {}
         self._retired_reason = ""
         self.states: dict[int, RecordDict] = {}  # node id -> Context.state (clients with state)
         self._changed: set[int] = set()  # nodes whose state changed since the last capture
@@ -279,13 +283,20 @@ class RayGrid(CohortGrid):
             for node, state in block.states.items():
                 self.states[node] = state
                 self._changed.add(node)
+        self._note_phase(messages[0].metadata.message_type, list(cohort.results.values()))
         return add_blocks(list(cohort.results.values()))
+
+    def _note_phase(self, kind: str, results: list[BlockResult]) -> None:
+        """Remember one client's time in this phase (the median over its blocks)."""
+        timed = [r.seconds / len(r.reports) for r in results if r.reports]
+        if timed:
+            self._phase_client_s[kind] = statistics.median(timed)
 
     def _in_driver(self, kind: str, clients: int) -> bool:
         """Whether a phase of ``clients`` clients is cheaper here than on the actors: its
         client time (known from an earlier phase) saves less than Ray's cost of a phase when
         spread over the actors."""
-        client_s = self._task_s.get(kind)
+        client_s = self._phase_client_s.get(kind)
         actors = self.actor_count
         if (client_s is None or actors == 0 or self._factory.train is not None
                 or self._factory.client_gpus > 0):
@@ -304,7 +315,6 @@ class RayGrid(CohortGrid):
         try:
             for block in blocks:
                 result = run_block(resources, decoded, block, client_limit_s=timeout_s)
-                self._learn(block.message_type, result.seconds, len(block.clients))
                 results.append(result)
                 for node, state in result.states.items():
                     self.states[node] = state
@@ -314,6 +324,7 @@ class RayGrid(CohortGrid):
                     progress(done, sum(len(b.clients) for b in blocks))
         finally:
             torch.set_num_threads(threads)
+        self._note_phase(blocks[0].message_type, results)
         return add_blocks(results)
 
     # --- checkpoints ---

@@ -145,6 +145,6 @@ def test_small_phases_run_in_the_driver_once_a_clients_time_is_known(tmp_path, r
     config = tiny_config(tmp_path, *RAY, "run.rounds=3", "strategy.fraction_evaluate=1")
     with ray_engine_grid(config, fedtune_client_app) as grid:
         run_federated(grid, config)
-        assert set(grid._task_s) == {"train", "evaluate"}
+        assert set(grid._phase_client_s) == {"train", "evaluate"}
     # rounds 2 and 3: both phases in the driver (round 1's were measured on the actors)
     assert where == [("train", "driver"), ("evaluate", "driver")] * 2
