@@ -106,24 +106,32 @@ def _run_config(args: argparse.Namespace) -> Config:
 
     if args.resume:
         run_dir = Path(args.resume)
-        if args.config or args.output:
+        if args.config or args.output or args.central:
             raise ConfigError("--resume takes the config and directory from RUN_DIR: drop the "
-                              "config file and --output (--set run.rounds=N may extend it)")
+                              "config file, --output and --central (--set run.rounds=N may "
+                              "extend it)")
         if not (run_dir / "config.toml").is_file():
             raise ConfigError(f"--resume {args.resume!r} is not allowed: must be a run "
                               "directory (it has no config.toml)")
         config = load_config(run_dir / "config.toml", args.set)
         config.run.dir, config.run.resume = str(run_dir), True
         from fedtune.server.resume import check_resumable
+        from fedtune.tables.runtimes import check_runtime
 
         check_resumable(config)
+        check_runtime(config)  # a runtime may refuse to resume (central keeps no checkpoint)
         return config
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, [*args.set, *_central_override(args)])
     config.run.dir = str(Path(args.output or config.run.dir or default_run_path(config)))
     if Path(config.run.dir).exists() and any(Path(config.run.dir).iterdir()):
         raise ConfigError(f"--output {config.run.dir!r} is not allowed: must be a new or empty "
                           "directory")
     return config
+
+
+def _central_override(args: argparse.Namespace) -> list[str]:
+    """``--central``: the centralized reference of the config instead of its federation."""
+    return ["engine.backend=central"] if args.central else []
 
 
 def _stop_on_ctrl_c(console: Console) -> threading.Event:
@@ -154,8 +162,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         launch(config, reporter, stop)
     except RunStopped:
         reporter.close()
-        console.print(f"[bold yellow]stopped[/]: checkpoint in {config.run.dir}/checkpoint; "
-                      f"continue with: fedtune run --resume {config.run.dir}")
+        if (Path(config.run.dir) / "checkpoint").is_dir():
+            console.print(f"[bold yellow]stopped[/]: checkpoint in {config.run.dir}/checkpoint;"
+                          f" continue with: fedtune run --resume {config.run.dir}")
+        else:
+            console.print(f"[bold yellow]stopped[/]: finished rounds are in {config.run.dir}")
         return 130
     finally:
         reporter.close()
@@ -171,8 +182,11 @@ def _print_summary(console: Console, run_dir: Path) -> None:
 
     directory = RunDirectory(run_dir)
     summary = directory.read_json("summary.json")
-    table = Table(title=f"{summary['dataset']['name']}: {summary['dataset']['num_clients']} "
-                        f"clients, {summary['rounds_completed']} rounds", padding=(0, 0))
+    setup = (f"centralized on the pooled data of {summary['dataset']['num_clients']} clients"
+             if summary.get("runtime", {}).get("backend") == "central"
+             else f"{summary['dataset']['num_clients']} clients")
+    table = Table(title=f"{summary['dataset']['name']}: {setup}, {summary['rounds_completed']} "
+                        "rounds", padding=(0, 0))
     for _, title, _ in METRIC_COLUMNS:
         table.add_column(title, justify="right")
     for row in directory.metrics():
@@ -185,6 +199,28 @@ def _print_summary(console: Console, run_dir: Path) -> None:
         f"{summary['dataset']['majority_class_accuracy']:.4f}); best "
         f"{summary['best']['eval_accuracy']:.4f} at round {summary['best']['round']}"
     )
+    line = _centralized_line(summary)
+    if line:
+        console.print(line, highlight=False)
+
+
+def _centralized_line(summary: dict[str, Any]) -> str:
+    """The centralized reference and the gap to it (a federated run with run.reference), or
+    what a centralized run trained on."""
+    if summary.get("centralized_accuracy") is not None:
+        reference = summary["centralized"]
+        return (f"centralized reference {summary['centralized_accuracy']:.4f} "
+                f"({reference['examples_seen']:,} examples, {reference['epochs']:.1f} epochs "
+                f"of the pooled data): gap to centralized "
+                f"{summary['gap_to_centralized']:+.4f} (reference run: {reference['run_dir']})")
+    central = summary.get("centralized")
+    if central is None:
+        return ""
+    kept = (f"; model of epoch {central['best_epoch']} (lowest validation loss)"
+            if central.get("best_epoch") else "")
+    return (f"centralized ({central['until']}): {central['examples_seen']:,} examples, "
+            f"{central['epochs']:.1f} epochs of {central['pooled_train_examples']:,} pooled "
+            f"training examples{kept}")
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
@@ -216,10 +252,18 @@ class QuietReporter:
         pass
 
 
-def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+def launch_point(config: Config) -> None:
+    """One sweep point, without terminal output; module-level so that ``--parallel``'s child
+    processes can import it."""
+    _quiet_libraries()
     from fedtune.engine.launch import launch
+
+    launch(config, QuietReporter())
+
+
+def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from fedtune.results.plots import plot_curves, plot_round_curves, plot_sweep
-    from fedtune.studies.sweep import SEED_KEY, grid_keys, load_sweep, run_sweep
+    from fedtune.studies.sweep import SEED_KEY, load_sweep, run_sweep, table_keys
     from fedtune.studies.tables import round_curves, run_curves, write_pivot, write_table
 
     spec = load_sweep(args.config, args.set, args.grid)
@@ -236,13 +280,16 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
                       f"{_fmt(final.get(spec.metric), '{:.4f}', '')} ({status})",
                       highlight=False)
 
-    rows = run_sweep(spec, lambda config: launch(config, QuietReporter()), on_run)
+    started = time.perf_counter()
+    rows = run_sweep(spec, launch_point, on_run, args.parallel)
+    console.print(f"{len(rows)} runs in {time.perf_counter() - started:.0f}s "
+                  f"({args.parallel} at a time)", highlight=False)
     table = write_table(spec, rows)
     console.print((spec.directory / "table.md").read_text(), highlight=False)
     x_key, series_key = spec.extra.get("x"), spec.extra.get("series")
     if x_key:
         path = spec.directory / "plot.png"
-        keys = [key for key in grid_keys(spec) if key != SEED_KEY]
+        keys = [key for key in table_keys(spec) if key != SEED_KEY]
         plot_sweep(table, keys, x_key, series_key, spec.metric, path)
         console.print(f"wrote {path}")
     if spec.extra.get("rows"):
@@ -295,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="run directory to create (default: runs/<name>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run from its checkpoint")
+    run.add_argument("--central", action="store_true",
+                     help="train the centralized reference instead (engine.backend=central: "
+                          "the pooled client data, as many examples as the federated run)")
     report = sub.add_parser("report", help="redraw plots and print the summary of a run")
     report.add_argument("run_dir")
     sweep = sub.add_parser("sweep", help="run a grid of experiments, skip finished ones, "
@@ -306,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only these values of one grid key, e.g. run.seed=[0] or "
                             "model=mlp (repeatable; finished runs still fill the tables)")
     sweep.add_argument("--output", help="sweep directory (default: <sweep.output_dir>/<name>)")
+    sweep.add_argument("--parallel", type=int, default=1, metavar="N",
+                       help="run N points at a time, each in its own process (runtimes "
+                            "inprocess and central)")
     certs = sub.add_parser("certs", help="create a CA, a SuperLink TLS certificate and SuperNode "
                                          "authentication keys for a deployment")
     certs.add_argument("output", help="new directory for the files")

@@ -57,6 +57,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRAGGLER_DELAYS = ("constant", "exponential")
+IN_THIS_PROCESS = ("inprocess", "central")  # runtimes that compute in the calling process
 
 
 @dataclass
@@ -75,6 +76,11 @@ class RunSection:
     )
     resume: bool = key(False, "continue the run in run.dir from its checkpoint "
                                 "(`fedtune run --resume RUN_DIR` sets it)")
+    reference: bool = key(False, "also train the centralized reference (the same model, data "
+                                 "and optimizer on the pooled client data, as many examples) "
+                                 "and record centralized_accuracy in summary.json")
+    reference_dir: str = key("", "run directory of the centralized reference; a finished one "
+                                 "with the same config is reused; '' = <run dir>/centralized")
 
 
 @dataclass
@@ -183,13 +189,19 @@ PrivacySection = section_class(
 EngineSection = section_class(
     "EngineSection", "[engine]: the runtime (fedtune.tables.runtimes) and its resources.",
     {"backend": Key("ray", "ray = fedtune's engine (persistent Ray actors), flower = Flower's "
-                           "Ray simulation, inprocess = no Ray (debug)",
+                           "Ray simulation, inprocess = no Ray (debug), central = the "
+                           "centralized reference (pooled data, no federation)",
                     choices=tuple(RUNTIMES)),
      "client_cpus": Key(1.0, "CPU cores reserved per simulated client", gt=0),
      "client_gpus": Key(0.0, "GPU fraction per simulated client (0.25 = 4 share one)", ge=0,
                         le=1),
      "node_wait_s": Key(60.0, "how long the server waits for all clients (ray: its actors) to "
-                              "start", gt=0)},
+                              "start", gt=0),
+     # centralized runs to convergence (engine.central_until = "converged", a sweep's
+     # centralized rows); any config may carry them, so that a sweep's base sets them
+     "central_patience": Key(5, "centralized runs to convergence: stop after this many "
+                                "epochs without a lower validation loss", ge=1),
+     "central_max_epochs": Key(100, "centralized runs to convergence: the most epochs", ge=1)},
     RUNTIMES)
 
 
@@ -379,7 +391,7 @@ def check_consistency(config: Config) -> None:
             "client.precision = 'fp16' is not allowed with client.device = 'cpu': must be "
             "'fp32' or 'bf16' (fp16 autocast needs CUDA)"
         )
-    if (config.client.device == "cuda" and config.engine.backend != "inprocess"
+    if (config.client.device == "cuda" and config.engine.backend not in IN_THIS_PROCESS
             and config.engine.client_gpus == 0):
         raise ConfigError(
             "client.device = 'cuda' is not allowed with engine.client_gpus = 0: Ray gives such "
@@ -404,12 +416,58 @@ def check_consistency(config: Config) -> None:
             f"strategy.min_train_clients = {config.strategy.min_train_clients} is not allowed: "
             f"must be <= data.num_clients = {config.data.num_clients}"
         )
+    _check_reference(config)
     check_model(config)
     check_privacy(config)
     _refuse_foreign_keys(config, "engine")
     check_runtime(config)
     check_strategy(config)
     _check_faults(config)
+
+
+def _check_reference(config: Config) -> None:
+    if not config.run.reference:
+        return
+    if config.engine.backend == "central":
+        raise ConfigError("run.reference = true is not allowed with engine.backend = 'central': "
+                          "must be false (a centralized run is its own reference)")
+    if config.data.dataset == "files":
+        raise ConfigError("run.reference = true is not allowed with data.dataset = 'files': "
+                          "must be false (the server never sees the parties' training data)")
+
+
+# the [strategy] keys that decide how many examples a federated round trains on, which the
+# centralized reference matches; its other keys do not change a centralized run
+CENTRALIZED_STRATEGY_KEYS = ("fraction_train", "min_train_clients")
+CENTRALIZED_SECTIONS = ("run", "data", "model", "client")  # read by a centralized run
+CENTRALIZED_RUN_KEYS = ("reference", "reference_dir", "dir", "resume")  # set per reference
+
+
+def affects_centralized(dotted: str) -> bool:
+    """Whether the config key ``section.key`` can change the centralized reference of a run
+    (the data, the model, the local optimizer, the rounds and the examples per round)."""
+    section, _, name = dotted.partition(".")
+    if section == "strategy":
+        return name in CENTRALIZED_STRATEGY_KEYS
+    return section in CENTRALIZED_SECTIONS and not (section == "run"
+                                                    and name in CENTRALIZED_RUN_KEYS)
+
+
+def centralized_config(config: Config, until: str = "examples", run_dir: str = "") -> Config:
+    """The config of ``config``'s centralized reference: ``engine.backend = "central"``
+    trained ``until`` "examples" (as many as the federated run) or "converged", in
+    ``run_dir``. What a centralized run does not read (the strategy but its sampling
+    fraction, privacy, faults, the federated runtime) is reset to its defaults, so runs that
+    differ only there share one reference."""
+    raw = to_dict(config)
+    reference = {section: raw[section] for section in CENTRALIZED_SECTIONS}
+    reference["strategy"] = {k: raw["strategy"][k] for k in CENTRALIZED_STRATEGY_KEYS}
+    engine = raw["engine"]
+    reference["engine"] = {"backend": "central", "central_until": until,
+                           **{k: engine[k] for k in ("client_cpus", "central_patience",
+                                                     "central_max_epochs")}}
+    reference["run"].update(reference=False, reference_dir="", dir=run_dir, resume=False)
+    return from_dict(reference)
 
 
 def _check_faults(config: Config) -> None:

@@ -20,7 +20,7 @@ LAYERS = [
     {"fedtune.config"},
     {"fedtune.protocol", "fedtune.data", "fedtune.results.env_info"},
     {"fedtune.models", "fedtune.train", "fedtune.faults"},
-    {"fedtune.task", "fedtune.privacy", "fedtune.results"},
+    {"fedtune.task", "fedtune.privacy", "fedtune.results", "fedtune.centralized"},
     {"fedtune.server", "fedtune.client"},
     {"fedtune.engine", "fedtune.studies", "fedtune.deploy"},
     {"fedtune.cli", "fedtune.__main__", "fedtune"},

@@ -26,6 +26,7 @@ from fedtune.results.plots import plot_partitions
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.grid import SimulatedGrid
 from fedtune.server.listeners import (
+    CentralizedReference,
     FinalArtifacts,
     NoUpdateStop,
     PrivacyStop,
@@ -100,8 +101,9 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
         run_dir, state, checkpointer = new_run(config, resources, grid, stateful)
     run = FederatedRun(config, grid, resources, strategy, privacy, state, reporter.phase, stop)
     artifacts = FinalArtifacts(run_dir, plan)
+    reference = [CentralizedReference(artifacts)] if config.run.reference else []
     listeners: list[RunListener] = [
-        NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir), artifacts,
+        NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir), *reference, artifacts,
         ProgressListener(reporter, run_dir, artifacts), checkpointer,
     ]
     for listener in listeners:

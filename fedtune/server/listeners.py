@@ -6,9 +6,11 @@
    run; a round in which every sampled client had spent its budget is the last.
 3. ``RoundWriter``: one metrics.csv row and the clients.csv rows of each round, and what the
    strategy aggregated from the train replies (strategy_metrics.jsonl).
-4. ``FinalArtifacts``: the final model, plots and summary.json.
-5. ``ProgressListener``: the live reporter (a terminal, or log lines).
-6. ``fedtune.server.resume.Checkpointer``: the checkpoint after each round (and on abort).
+4. ``CentralizedReference`` (with ``run.reference = true``): trains (or reuses) the run's
+   centralized reference and hands ``centralized_accuracy`` to summary.json.
+5. ``FinalArtifacts``: the final model, plots and summary.json.
+6. ``ProgressListener``: the live reporter (a terminal, or log lines).
+7. ``fedtune.server.resume.Checkpointer``: the checkpoint after each round (and on abort).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 from flwr.common import log
 
 from fedtune import protocol
+from fedtune.centralized import ensure_reference, reference_path, reference_section
 from fedtune.models.build import save_model
 from fedtune.models.weights import load_shared_state
 from fedtune.privacy.mode import PrivacyPlan
@@ -72,12 +75,14 @@ class RoundWriter(RunListener):
 
 
 class FinalArtifacts(RunListener):
-    """The final model, the plots and summary.json, when every round is done."""
+    """The final model, the plots and summary.json, when every round is done; ``extra`` holds
+    what listeners before it add to summary.json."""
 
     def __init__(self, run_dir: RunDirectory, plan: PrivacyPlan) -> None:
         self.run_dir = run_dir
         self.plan = plan
         self.summary: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {}
 
     def run_ended(self, run: FederatedRun, final: EvalResult) -> None:
         config, resources = run.config, run.resources
@@ -96,8 +101,24 @@ class FinalArtifacts(RunListener):
             strategy={"name": config.strategy.name, **strategy_arguments(config)},
             privacy=run.privacy.summary(config, self.plan),
             runtime={"backend": config.engine.backend,
-                     "reproducible": RUNTIMES[config.engine.backend].reproducible})
+                     "reproducible": RUNTIMES[config.engine.backend].reproducible},
+            **self.extra)
         self.run_dir.write_json("summary.json", self.summary)
+
+
+class CentralizedReference(RunListener):
+    """``run.reference = true``: when the rounds are done, the centralized reference
+    (``fedtune.centralized``) is trained - or a finished one in ``run.reference_dir`` reused -
+    before summary.json is written, so a finished run always has ``centralized_accuracy``."""
+
+    def __init__(self, artifacts: FinalArtifacts) -> None:
+        self.artifacts = artifacts
+
+    def run_ended(self, run: FederatedRun, final: EvalResult) -> None:
+        log(INFO, "fedtune: centralized reference in %s", reference_path(run.config))
+        run.progress(run.state.server_round, "central", 0, 1)
+        reference = ensure_reference(run.config)
+        self.artifacts.extra.update(reference_section(reference, final.accuracy))
 
 
 class ProgressListener(RunListener):
