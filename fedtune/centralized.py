@@ -129,7 +129,8 @@ def _row(server_round: int, trained: TrainResult, test: EvalResult,
     return RoundRow(
         round=server_round, train_loss=trained.loss, eval_loss=test.loss,
         eval_accuracy=test.accuracy, eval_macro_f1=test.macro_f1, epsilon=None,
-        max_client_epsilon=None, clients_sampled=0, clients_ok=0, clients_failed=0,
+        max_client_epsilon=None, clip_norm=None, clipped_fraction=None, noise_std=None,
+        clients_sampled=0, clients_ok=0, clients_failed=0,
         bytes_up=0, bytes_down=0, wall_s=wall_s,
         federated_eval_loss=None if validation is None else validation.loss,
         federated_eval_accuracy=None if validation is None else validation.accuracy)

@@ -1,4 +1,4 @@
-"""Command line: ``fedtune run | sweep | report | certs | config``. The only module that knows about terminals."""
+"""Command line: ``fedtune run | sweep | report | audit | certs | config``. The only module that knows about terminals."""
 
 from __future__ import annotations
 
@@ -332,6 +332,35 @@ def cmd_config(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+# --- fedtune audit RUN_DIR: the empirical privacy audit of a finished run ----------------------
+
+def cmd_audit(args: argparse.Namespace, console: Console) -> int:
+    """Recompute a run's audit (it must have run with privacy.audit = true); exit code 1
+    when the empirical ε exceeds the accountant's."""
+    _quiet_libraries()
+    from fedtune.audit.report import audit_run_dir, write_audit
+
+    run_dir, audit = audit_run_dir(args.run_dir)
+    plot = write_audit(run_dir, audit)
+    low, high = audit["interval"]
+    spread = f" (interval {low:.3g} to {high:.3g})" if high is not None else " (lower bound)"
+    console.print(f"{audit['kind']}\nempirical epsilon {audit['empirical_epsilon']:.4g}{spread}"
+                  f"; accountant epsilon {audit['accountant_epsilon']:.4g} at delta "
+                  f"{audit['delta']:g}", highlight=False)
+    console.print(f"wrote {run_dir.path / 'audit.json'} and {plot}")
+    if audit["violation"]:
+        console.print("[bold red]VIOLATION[/]: the empirical epsilon is above the "
+                      "accountant's: the mechanism or its accounting is wrong")
+        return 1
+    return 0
+
+
+def _add_audit_parser(sub: Any) -> None:
+    audit = sub.add_parser("audit", help="empirical privacy audit of a run made with "
+                                         "privacy.audit = true (audit.json, plots/audit.png)")
+    audit.add_argument("run_dir")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -367,11 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(repeatable; default: localhost and 127.0.0.1)")
     certs.add_argument("--supernodes", type=int, default=3, help="key pairs to create")
     sub.add_parser("config", help="list every config key with its default")
+    _add_audit_parser(sub)
     return parser
 
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "certs": cmd_certs,
-            "config": cmd_config}
+            "config": cmd_config, "audit": cmd_audit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,7 @@ __all__ = [
 
 RunConfigValue = bool | int | float | str
 
-PARTITIONERS = ("iid", "dirichlet", "shards", "quantity_skew", "natural")
+PARTITIONERS = ("iid", "dirichlet", "inner_dirichlet", "shards", "quantity_skew", "natural")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -90,8 +90,12 @@ class DataSection:
         choices=tuple(DATASETS),
     )
     num_clients: int = key(8, "number of clients (partitions)", ge=1)
-    partitioner: str = key("natural", "how examples are split over clients", choices=PARTITIONERS)
-    alpha: float = key(0.5, "Dirichlet concentration over labels (partitioner=dirichlet)", gt=0)
+    partitioner: str = key(
+        "natural", "how examples are split over clients; inner_dirichlet = equal sizes, each "
+        "client's label mix from Dirichlet(alpha) (scales to hundreds of clients)",
+        choices=PARTITIONERS)
+    alpha: float = key(0.5, "Dirichlet concentration over labels (partitioner = dirichlet or "
+                            "inner_dirichlet)", gt=0)
     labels_per_client: int = key(2, "labels per client (partitioner=shards)", ge=1)
     quantity_alpha: float = key(
         0.5, "Dirichlet concentration over client sizes (partitioner=quantity_skew)", gt=0

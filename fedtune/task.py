@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedtune.audit.canary_examples import CanaryExamples, insert_canary_examples
 from fedtune.config import Config, ConfigError, RunConfigValue, from_run_config, to_toml
 from fedtune.data.encode import Batch, Encoded
 from fedtune.data.federation import Federation, build_federation
@@ -26,7 +27,7 @@ from fedtune.data.loaders import eval_loader, train_loader
 from fedtune.faults import FaultPlan
 from fedtune.models.build import ModelSpec, build_model, model_kind, model_spec
 from fedtune.protocol import MAX_ANY_EXAMPLES
-from fedtune.tables.privacy_modes import privacy_mode
+from fedtune.tables.privacy_modes import PRIVACY_MODES, privacy_mode
 from fedtune.train import TrainSettings, make_optimizer, reset_optimizer
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ class TaskResources:
     encoded: Encoded
     spec: ModelSpec
     device: torch.device
+    canaries: CanaryExamples | None = None  # privacy.audit's canary examples, if any
     _model: nn.Module | None = field(default=None, repr=False)
     _optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
 
@@ -183,10 +185,14 @@ def _build_resources(config: Config, data_path: str) -> TaskResources:
     federation = build_federation(config.data, config.run.seed, data_path)
     privacy_mode(config).check_data(config, [len(rows) for rows in federation.client_train_rows])
     encoded = model_kind(config.model.kind).encode(config, federation.data)
+    canaries = None
+    if config.privacy.audit and PRIVACY_MODES[config.privacy.mode].audit_inserts == "examples":
+        federation, encoded, canaries = insert_canary_examples(
+            federation, encoded, config.privacy.audit_examples, config.run.seed)
     spec = model_spec(config, federation.data.label_names, encoded)
     device = resolve_device(config.client.device)
     check_precision(config.client.precision, device)
-    return TaskResources(config, federation, encoded, spec, device)
+    return TaskResources(config, federation, encoded, spec, device, canaries)
 
 
 def limit_threads(cpus: float) -> None:

@@ -1,4 +1,5 @@
-"""DP-FedAvg: federated averaging with user-level differential privacy.
+"""DP-FedAvg: federated averaging with user-level differential privacy, and the server
+optimizers practitioners run on its noised mean (DP-FedAvgM, DP-FedAdam).
 
 McMahan, Ramage, Talwar, Zhang 2018, "Learning Differentially Private Recurrent Language
 Models" (ICLR): every round each client joins independently with probability ``q`` (Poisson
@@ -7,12 +8,38 @@ sampling), each update ``Δ_k = w_k - w`` is clipped to L2 norm ``C``, Gaussian 
 ``qN`` (the fixed-denominator estimator: its sensitivity is ``C / qN`` whoever was sampled,
 so an empty or small cohort still releases a correctly noised update).
 
+Server optimizer on the noised mean ``Δ̄`` (post-processing: it costs no privacy; Kairouz et
+al. 2021, "Advances and Open Problems in Federated Learning", sec. 4.3; Reddi et al. 2021,
+"Adaptive Federated Optimization"): ``sgd`` with server learning rate ``η`` and momentum ``β``
+(``m ← βm + Δ̄; w ← w + ηm``, DP-FedAvgM; η = 1, β = 0 is plain DP-FedAvg) or ``adam``
+(``m ← β₁m + (1-β₁)Δ̄; v ← β₂v + (1-β₂)Δ̄²; w ← w + η_t m / (√v + τ)``, DP-FedAdam, with the
+bias-corrected rate η_t of Flower's ``FedAdam`` so that σ = 0 and C = ∞ give exactly Flower's
+FedAdam and FedAvgM). Flower's own FedAvgM and FedAdam apply their optimizer inside their own
+example-weighted averaging, which cannot take the clipped, noised, fixed-denominator mean, so
+the two update rules are written out here.
+
 Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially Private Learning
 with Adaptive Clipping", NeurIPS): the server also counts the updates that were not clipped,
 noises the count (std ``σ_b``) and moves the bound geometrically towards the
-``target_quantile`` of update norms, ``C ← C · exp(-η (b̄ - γ))``. The update noise is then
+``target_quantile`` of update norms, ``C ← C · exp(-η_C (b̄ - γ))``. The update noise is then
 raised to ``σ_Δ = (σ⁻² - (2σ_b)⁻²)^(-1/2)`` so that both releases together cost what one
 Gaussian mechanism with ``σ`` costs (their Theorem 1).
+
+Canary clients for an empirical privacy estimate (Andrew, Kairouz, Oh, Oprea, McMahan,
+Suriyakumar 2024, "One-shot Empirical Privacy Estimation for Federated Learning", ICLR):
+``canaries`` extra clients, each with a fixed random unit direction ``u_i`` over the floating
+arrays; half of them (``canary_inserted``) join every round with probability ``q`` like any
+client and send ``C · u_i`` (an update that clipping leaves as it is). They are not counted
+in the population, the cohort, the unclipped count or any metric: the guarantee of the real
+clients is unchanged. Unlike the paper, whose canaries enter the trained model, their updates
+go into a *shadow release* only (``canary_release``): the same clipped sum and the same noise
+plus the canaries, stepped by its own copy of the server optimizer. It is the model the server
+would release had the canary clients taken part, given the honest clients' updates (computed
+on the reported model), so the reported model and its accuracy are exactly those of a run
+without the audit; in a small model (a 770-weight head) hundreds of inserted random
+directions would otherwise move it measurably. After the run, the cosine of the shadow
+release's delta with each ``u_i`` separates inserted from held-out canaries
+(``fedtune.audit``).
 
 Clipping and the noise parameters use Flower's own helpers
 (``flwr.supercore.differential_privacy``); Flower's ``DifferentialPrivacyServerSideFixedClipping``
@@ -23,6 +50,13 @@ The noise comes from a generator seeded with ``(seed, round)`` so simulations re
 deployment that needs a cryptographic guarantee must pass ``seed=None`` (fresh OS entropy).
 Only floating-point arrays are clipped, noised and averaged; integer buffers keep the server's
 values.
+
+Metrics of every round (the strategy's MetricRecord): ``dp-clip-norm`` (the bound used),
+``dp-noise-std`` (std of the noise on each coordinate of the mean update), ``dp-cohort``
+(sound replies), ``dp-clipped-fraction`` (with adaptive clipping: the share of clipped updates
+computed from the *noised* count the mechanism releases), ``dp-unclipped`` (the exact count, a
+simulation diagnostic that a deployment must not publish) and ``dp-canaries`` (canary updates
+added).
 """
 
 from __future__ import annotations
@@ -40,9 +74,50 @@ from flwr.supercore.differential_privacy import (
     get_norm,
 )
 
+SERVER_OPTIMIZERS = ("sgd", "adam")
+
+# the strategy's metric keys
+CLIP_NORM = "dp-clip-norm"
+NOISE_STD = "dp-noise-std"
+COHORT = "dp-cohort"
+UNCLIPPED = "dp-unclipped"
+CLIPPED_FRACTION = "dp-clipped-fraction"
+CANARY_UPDATES = "dp-canaries"
+
+_SAMPLING, _NOISE, _CANARY_SAMPLING = range(3)  # random streams of a round
+_CANARY_DIRECTION = 7919  # seeds canary i's direction as [seed, _CANARY_DIRECTION, i]
+
+
+def adaptive_noise(noise_multiplier: float, expected_cohort: float,
+                   count_stddev: float | None) -> tuple[float, float]:
+    """(σ_Δ on the update sum, σ_b on the unclipped count) that together cost one Gaussian
+    mechanism of ``noise_multiplier`` (Andrew et al. 2021, Theorem 1; σ_b defaults to the
+    expected cohort / 20)."""
+    if noise_multiplier == 0:
+        return 0.0, 0.0
+    count_std, update_noise = compute_adaptive_noise_params(noise_multiplier, expected_cohort,
+                                                            count_stddev)
+    return float(update_noise), float(count_std)
+
+
+def canary_inserted(seed: int, count: int) -> np.ndarray:
+    """Which of ``count`` canary clients take part (exactly half, chosen from ``seed``)."""
+    inserted = np.zeros(count, dtype=bool)
+    rng = np.random.default_rng([seed, _CANARY_DIRECTION])
+    inserted[rng.permutation(count)[:count // 2]] = True
+    return inserted
+
+
+def canary_direction(seed: int, index: int, size: int) -> np.ndarray:
+    """Canary ``index``'s unit direction over ``size`` floating coordinates (uniform on the
+    sphere: a normalised standard normal vector)."""
+    vector = np.random.default_rng([seed, _CANARY_DIRECTION, index]).standard_normal(size)
+    return vector / np.linalg.norm(vector)
+
 
 class DPFedAvg(FedAvg):
-    """FedAvg with Poisson client sampling, per-update clipping and Gaussian noise.
+    """FedAvg with Poisson client sampling, per-update clipping, Gaussian noise and a server
+    optimizer on the noised mean.
 
     Parameters
     ----------
@@ -55,9 +130,21 @@ class DPFedAvg(FedAvg):
     adaptive : bool
         Adapt ``C`` after every round (Andrew et al. 2021).
     target_quantile, clip_learning_rate : float
-        ``γ`` and ``η`` of the adaptive rule.
+        ``γ`` and ``η_C`` of the adaptive rule.
     clipped_count_stddev : float or None
         ``σ_b``; None = expected cohort / 20, as Andrew et al. recommend.
+    server_optimizer : str
+        ``"sgd"`` (learning rate and momentum) or ``"adam"``.
+    server_learning_rate, server_momentum : float
+        ``η`` and ``β`` (``sgd``), ``η`` (``adam``).
+    adam_betas : tuple of float
+        ``(β₁, β₂)`` of ``adam``.
+    adam_tau : float
+        ``τ`` of ``adam`` (Reddi et al. 2021).
+    canaries : int
+        Canary clients for an empirical privacy estimate (0 = none).
+    canary_seed : int
+        Seeds the canaries' directions and which half is inserted.
     seed : int or None
         Seeds client sampling and noise per round; None draws fresh entropy.
     """
@@ -65,12 +152,20 @@ class DPFedAvg(FedAvg):
     def __init__(self, *, sample_rate: float, noise_multiplier: float, clipping_norm: float,
                  adaptive: bool = False, target_quantile: float = 0.5,
                  clip_learning_rate: float = 0.2, clipped_count_stddev: float | None = None,
+                 server_optimizer: str = "sgd", server_learning_rate: float = 1.0,
+                 server_momentum: float = 0.0, adam_betas: tuple[float, float] = (0.9, 0.99),
+                 adam_tau: float = 1e-3, canaries: int = 0, canary_seed: int = 0,
                  seed: int | None = 0, **fedavg_args) -> None:
         super().__init__(fraction_train=sample_rate, **fedavg_args)
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if noise_multiplier < 0 or clipping_norm <= 0:
             raise ValueError("noise_multiplier must be >= 0 and clipping_norm > 0")
+        if server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(f"server_optimizer must be one of {SERVER_OPTIMIZERS}")
+        if canaries and not math.isfinite(clipping_norm):
+            raise ValueError("canaries need a finite clipping_norm (they send C times a "
+                             "unit direction)")
         self.sample_rate = sample_rate
         self.noise_multiplier = noise_multiplier
         self.clipping_norm = clipping_norm
@@ -78,13 +173,28 @@ class DPFedAvg(FedAvg):
         self.target_quantile = target_quantile
         self.clip_learning_rate = clip_learning_rate
         self.clipped_count_stddev = clipped_count_stddev
+        self.server_optimizer = server_optimizer
+        self.server_learning_rate = server_learning_rate
+        self.server_momentum = server_momentum
+        self.adam_betas = tuple(adam_betas)
+        self.adam_tau = adam_tau
+        self.canary_seed = canary_seed
+        self.canary_inserted = canary_inserted(canary_seed, canaries)
         self.seed = seed
         self.current_arrays = ArrayRecord()
         self.population = 0
+        # the server optimizer's state, one array per floating array (empty before round 1)
+        self.first_moment: list[np.ndarray] = []
+        self.second_moment: list[np.ndarray] = []
+        # with canaries: the shadow release's floating arrays and its optimizer's state
+        self.shadow: list[np.ndarray] = []
+        self.shadow_first_moment: list[np.ndarray] = []
+        self.shadow_second_moment: list[np.ndarray] = []
 
     def __repr__(self) -> str:
         return (f"DPFedAvg(q={self.sample_rate}, sigma={self.noise_multiplier}, "
-                f"C={self.clipping_norm}, adaptive={self.adaptive})")
+                f"C={self.clipping_norm}, adaptive={self.adaptive}, "
+                f"server={self.server_optimizer}, lr={self.server_learning_rate})")
 
     def _rng(self, server_round: int, stream: int) -> np.random.Generator:
         if self.seed is None:
@@ -100,7 +210,7 @@ class DPFedAvg(FedAvg):
         self.current_arrays = arrays
         node_ids = sorted(grid.get_node_ids())
         self.population = len(node_ids)
-        draws = self._rng(server_round, 0).random(len(node_ids))
+        draws = self._rng(server_round, _SAMPLING).random(len(node_ids))
         chosen = [node for node, u in zip(node_ids, draws, strict=True) if u < self.sample_rate]
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -110,15 +220,69 @@ class DPFedAvg(FedAvg):
         """(σ_Δ for the update sum, σ_b for the unclipped count)."""
         if not self.adaptive:
             return self.noise_multiplier, 0.0
-        if self.noise_multiplier == 0:
-            return 0.0, 0.0
-        count_std, update_noise = compute_adaptive_noise_params(
-            self.noise_multiplier, self.expected_cohort(), self.clipped_count_stddev)
-        return update_noise, count_std
+        return adaptive_noise(self.noise_multiplier, self.expected_cohort(),
+                              self.clipped_count_stddev)
+
+    def _canary_sum(self, server_round: int, like: list[np.ndarray]) -> tuple[list[np.ndarray],
+                                                                             int]:
+        """The sum of ``C · u_i`` over the inserted canaries Poisson sampling picks this
+        round, shaped like ``like``, and how many there were."""
+        total = [np.zeros_like(part) for part in like]
+        draws = self._rng(server_round, _CANARY_SAMPLING).random(len(self.canary_inserted))
+        sampled = np.flatnonzero(self.canary_inserted & (draws < self.sample_rate))
+        sizes = [part.size for part in total]
+        for index in sampled:
+            direction = canary_direction(self.canary_seed, int(index), sum(sizes))
+            for part, piece in zip(total, np.split(direction, np.cumsum(sizes)[:-1]),
+                                   strict=True):
+                part += self.clipping_norm * piece.reshape(part.shape)
+        return total, len(sampled)
+
+    def _server_step(self, server_round: int, mean: list[np.ndarray],
+                     first: list[np.ndarray], second: list[np.ndarray]
+                     ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """(step, first moment, second moment): the server optimizer's step from the noised
+        mean update (float64) and its new state."""
+        if not first:
+            first = [np.zeros_like(m) for m in mean]
+            second = ([np.zeros_like(m) for m in mean]
+                      if self.server_optimizer == "adam" else [])
+        if self.server_optimizer == "sgd":
+            first = [self.server_momentum * m + d for m, d in zip(first, mean, strict=True)]
+            return [self.server_learning_rate * m for m in first], first, second
+        beta_1, beta_2 = self.adam_betas
+        first = [beta_1 * m + (1 - beta_1) * d for m, d in zip(first, mean, strict=True)]
+        second = [beta_2 * v + (1 - beta_2) * d * d for v, d in zip(second, mean, strict=True)]
+        # Flower FedAdam's bias-corrected rate (Kingma & Ba 2015, with t = server_round + 1)
+        rate = (self.server_learning_rate * math.sqrt(1 - beta_2 ** (server_round + 1))
+                / (1 - beta_1 ** (server_round + 1)))
+        step = [rate * m / (np.sqrt(v) + self.adam_tau) for m, v in zip(first, second,
+                                                                         strict=True)]
+        return step, first, second
+
+    def canary_release(self) -> dict[str, np.ndarray]:
+        """The shadow release's floating arrays by name (what an observer of a run with the
+        canary clients would see); empty without canaries or before round 1."""
+        names = [name for name in self.current_arrays.keys()
+                 if np.issubdtype(self.current_arrays[name].numpy().dtype, np.floating)]
+        return dict(zip(names, self.shadow, strict=True)) if self.shadow else {}
+
+    def _step_shadow(self, server_round: int, current: list[np.ndarray],
+                     mean: list[np.ndarray], canaries: list[np.ndarray]) -> None:
+        """The shadow release: the noised mean plus the canaries' share, stepped by its own
+        server optimizer state."""
+        if not self.shadow:
+            self.shadow = [np.asarray(a, dtype=np.float64).copy() for a in current]
+        with_canaries = [m + c / self.expected_cohort() for m, c in zip(mean, canaries,
+                                                                        strict=True)]
+        step, self.shadow_first_moment, self.shadow_second_moment = self._server_step(
+            server_round, with_canaries, self.shadow_first_moment, self.shadow_second_moment)
+        self.shadow = [s + d for s, d in zip(self.shadow, step, strict=True)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Clip every update, sum, add noise, divide by the expected cohort size."""
+        """Clip every update, sum, add noise, divide by the expected cohort size, and let the
+        server optimizer step on that mean (with canaries: also the shadow release)."""
         valid, _ = self._check_and_log_replies(list(replies), is_train=True)
         names = list(self.current_arrays.keys())
         current = [self.current_arrays[name].numpy() for name in names]
@@ -129,29 +293,38 @@ class DPFedAvg(FedAvg):
             arrays = reply.content[self.arrayrecord_key]
             update = [arrays[name].numpy().astype(np.float64) - a
                       for name, a, f in zip(names, current, floating, strict=True) if f]
-            unclipped += get_norm(update) <= self.clipping_norm
-            clip_inputs_inplace(update, self.clipping_norm)
+            norm = get_norm(update)
+            unclipped += norm <= self.clipping_norm
+            if norm > 0:  # Flower's helper divides by the norm (a zero update stays zero)
+                clip_inputs_inplace(update, self.clipping_norm)
             for acc, part in zip(total, update, strict=True):
                 acc += part
         update_noise, count_std = self.noise_parameters()
-        rng = self._rng(server_round, 1)
+        noise_std = update_noise * self.clipping_norm if update_noise else 0.0
+        rng = self._rng(server_round, _NOISE)
         denominator = self.expected_cohort()
-        new_arrays, position = {}, 0
+        mean = [(part + rng.normal(0.0, noise_std, part.shape)) / denominator for part in total]
+        canary_updates = 0
+        if len(self.canary_inserted):
+            canaries, canary_updates = self._canary_sum(server_round, total)
+            self._step_shadow(server_round, [a for a, f in zip(current, floating) if f],
+                              mean, canaries)
+        step, self.first_moment, self.second_moment = self._server_step(
+            server_round, mean, self.first_moment, self.second_moment)
+        steps = iter(step)
+        new_arrays = {}
         for name, array, is_float in zip(names, current, floating, strict=True):
-            if not is_float:
-                new_arrays[name] = Array(array)
-                continue
-            noisy = total[position] + rng.normal(0.0, update_noise * self.clipping_norm,
-                                                 array.shape)
-            new_arrays[name] = Array((array + noisy / denominator).astype(array.dtype))
-            position += 1
-        clip_used = self.clipping_norm
+            new_arrays[name] = (Array((array + next(steps)).astype(array.dtype)) if is_float
+                                else Array(array))
+        metrics = MetricRecord({CLIP_NORM: self.clipping_norm,
+                                NOISE_STD: noise_std / denominator if denominator else 0.0,
+                                COHORT: len(valid), UNCLIPPED: unclipped,
+                                CANARY_UPDATES: canary_updates})
         if self.adaptive:
             noisy_share = (unclipped + rng.normal(0.0, count_std)) / denominator
+            metrics[CLIPPED_FRACTION] = float(1.0 - noisy_share)
             self.clipping_norm *= math.exp(-self.clip_learning_rate
                                            * (noisy_share - self.target_quantile))
-        metrics = MetricRecord({"dp-clip-norm": clip_used, "dp-cohort": len(valid),
-                                "dp-unclipped": unclipped})
         if valid:
             train_metrics = self.train_metrics_aggr_fn([r.content for r in valid],
                                                        self.weighted_by_key)

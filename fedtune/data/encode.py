@@ -1,15 +1,25 @@
-"""Turn a dataset into model inputs once per process: token ids, hashed bag-of-words, or features.
+"""Turn a dataset into model inputs once per process: token ids, hashed bag-of-words, features,
+or the pooled output of a frozen encoder.
 
 Tokenization (per dataset, tokenizer and max_length) and feature hashing (per dataset and
 feature count) run once and are cached in memory and on disk (``$FEDTUNE_CACHE`` or
-``~/.cache/fedtune``), so simulated clients, Ray workers and repeated runs reuse them. Texts are stored as ragged id arrays; batches are padded to their own longest
-text (dynamic padding) when they are built.
+``~/.cache/fedtune``), so simulated clients, Ray workers and repeated runs reuse them. Texts
+are stored as ragged id arrays; batches are padded to their own longest text (dynamic
+padding) when they are built.
+
+Pooled encoder outputs (``model.transfer = "frozen"``) are cached the same way, keyed by the
+model's files, the data, max_length and pooling (``cached_pooled_features``); the model kind
+computes them (``fedtune.models.hf``), this module only stores them. The first process to need
+them computes them under a file lock while the others wait, then every process reads the file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -76,7 +86,29 @@ class SparseFeatures:
         return {"features": torch.from_numpy(dense)}
 
 
-Encoded = TokenIds | DenseFeatures | SparseFeatures
+@dataclass(frozen=True)
+class PooledFeatures:
+    """A frozen encoder's pooled output per text (``values``), with each text's token count
+    (``lengths``) so that batches group texts as the token path does (same batches, same
+    results)."""
+
+    values: np.ndarray
+    lengths: np.ndarray
+
+    def pad(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        return {"features": torch.from_numpy(self.values[rows])}
+
+
+Encoded = TokenIds | DenseFeatures | SparseFeatures | PooledFeatures
+
+
+def text_lengths(encoded: Encoded, rows: np.ndarray) -> np.ndarray | None:
+    """Token counts of ``rows`` (None for inputs without texts behind them)."""
+    if isinstance(encoded, TokenIds):
+        return encoded.offsets[rows + 1] - encoded.offsets[rows]
+    if isinstance(encoded, PooledFeatures):
+        return encoded.lengths[rows]
+    return None
 
 
 def _tokenizer_fingerprint(tokenizer_path: str) -> str:
@@ -86,6 +118,51 @@ def _tokenizer_fingerprint(tokenizer_path: str) -> str:
         if file.is_file():
             digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=8)
+def model_fingerprint(model_path: str) -> str:
+    """The model folder's path, config and weight files (their bytes), hashed."""
+    digest = hashlib.sha256(str(Path(model_path).resolve()).encode())
+    folder = Path(model_path)
+    for file in sorted([folder / "config.json", *folder.glob("*.safetensors"),
+                        *folder.glob("*.bin")]):
+        if file.is_file():
+            with file.open("rb") as handle:
+                digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+@contextmanager
+def _exclusive(file: Path):
+    """Hold an exclusive lock beside ``file`` (one process computes, the others wait)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(file.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def cached_pooled_features(data: LabelledData, tokens: TokenIds, model_path: str,
+                           max_length: int, pooling: str,
+                           compute: Callable[[], np.ndarray]) -> PooledFeatures:
+    """The pooled encoder output of every text of ``data``: read from the cache, or
+    ``compute()``d (float32, one row per text) and stored, keyed by the model's files, the
+    data, ``max_length`` and ``pooling``."""
+    key = _cache_key(data, "pooled-v1", model_fingerprint(model_path), str(max_length), pooling)
+    file = cache_dir() / "features" / f"{data.name}-{key}.npy"
+    lengths = tokens.offsets[1:] - tokens.offsets[:-1]
+    with _exclusive(file):
+        if not file.is_file():
+            values = np.ascontiguousarray(compute(), dtype=np.float32)
+            if values.shape[0] != len(data):
+                raise ValueError(f"{values.shape[0]} pooled rows for {len(data)} texts")
+            partial = file.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(partial, values)
+            partial.replace(file)
+    return PooledFeatures(np.load(file), lengths)
 
 
 @lru_cache(maxsize=4)

@@ -20,6 +20,7 @@ from fedtune.data.partition import (
     check_partition,
     partition_dirichlet,
     partition_iid,
+    partition_inner_dirichlet,
     partition_natural,
     partition_quantity_skew,
     partition_shards,
@@ -91,6 +92,8 @@ def _partition_pool(cfg: DataSection, data: LabelledData, pool: np.ndarray, seed
         return partition_iid(len(pool), n, seed)
     if cfg.partitioner == "dirichlet":
         return partition_dirichlet(labels, n, cfg.alpha, cfg.min_client_examples, seed)
+    if cfg.partitioner == "inner_dirichlet":
+        return partition_inner_dirichlet(labels, n, cfg.alpha, seed)
     if cfg.partitioner == "shards":
         return partition_shards(labels, n, cfg.labels_per_client, seed)
     if cfg.partitioner == "quantity_skew":

@@ -44,6 +44,7 @@ class ModelSpec:
     num_features: int = 0
     max_length: int = 0
     transfer: TransferSpec = TransferSpec()  # how it trains; saved weights are always plain
+    features: bool = False  # trains its head on cached pooled features (saved whole)
 
 
 class ModelKind(Protocol):

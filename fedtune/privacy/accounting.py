@@ -16,10 +16,12 @@ import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
+import opacus
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 MECHANISMS = ("rdp", "prv")
+ACCOUNTANT_LIBRARY = f"opacus {opacus.__version__} accountants"  # what computes every ε
 
 HistoryEntry = tuple[float, float, int]
 

@@ -5,7 +5,9 @@ Each round is one Poisson-subsampled Gaussian mechanism over clients: rate ``q``
 ``target_epsilon`` in ``run.rounds`` rounds; fixed once in the plan). ``CentralBudget`` keeps
 the accountant history, says whether one more round still fits the target, and reports ε after
 every round. The mechanism itself (clip, noise, expected-cohort average, adaptive clipping
-after Andrew et al. 2021) is ``strategies.dp_fedavg``. Clients train as without privacy.
+after Andrew et al. 2021, canary clients for the audit) is ``strategies.dp_fedavg``; the
+configured strategy picks the server optimizer on its noised mean (fedavg: plain DP-FedAvg,
+fedavgm: DP-FedAvgM, fedadam: DP-FedAdam). Clients train as without privacy.
 """
 
 from __future__ import annotations
@@ -15,11 +17,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedtune.errors import ConfigError
-from fedtune.privacy.accounting import HistoryEntry, compose, epsilon, noise_for_target
+from fedtune.privacy.accounting import (
+    ACCOUNTANT_LIBRARY,
+    HistoryEntry,
+    compose,
+    epsilon,
+    noise_for_target,
+)
 from fedtune.privacy.mode import PrivacyMode, PrivacyPlan, PrivacyServer
-from strategies.dp_fedavg import DPFedAvg
+from strategies import dp_fedavg
+from strategies.dp_fedavg import DPFedAvg, adaptive_noise
 
 if TYPE_CHECKING:
+    from flwr.app import MetricRecord
 
     from fedtune.config import Config
     from fedtune.results.run_dir import ClientRow
@@ -58,29 +68,60 @@ class CentralBudget:
 
 class CentralServer(PrivacyServer):
     """DP-FedAvg's server side: the budget decides whether a round may run, and the noised
-    aggregate is released (and accounted) every round, even from an empty cohort."""
+    aggregate is released (and accounted) every round, even from an empty cohort. It keeps
+    the latest round's clipping bound, released clipped share and noise std for metrics.csv."""
 
     releases_empty_rounds = True
 
     def __init__(self, budget: CentralBudget) -> None:
         self.budget = budget
+        self.clip_norm: float | None = None
+        self.clipped_fraction: float | None = None
+        self.noise_std: float | None = None
 
     def stop_before(self, server_round: int) -> str:
         return "" if self.budget.next_round_fits() else self.budget.stop_reason(server_round)
 
-    def record_round(self, rows: Sequence[ClientRow],
-                     accepted: Sequence[Mapping[str, Any]]) -> None:
+    def record_round(self, rows: Sequence[ClientRow], accepted: Sequence[Mapping[str, Any]],
+                     aggregated: MetricRecord | None = None) -> None:
         self.budget.record_round()
+        reported = aggregated or {}
+        self.clip_norm = _number(reported.get(dp_fedavg.CLIP_NORM))
+        self.clipped_fraction = _number(reported.get(dp_fedavg.CLIPPED_FRACTION))
+        self.noise_std = _number(reported.get(dp_fedavg.NOISE_STD))
 
     def columns(self) -> dict[str, float | None]:
-        return {"epsilon": self.budget.epsilon, "max_client_epsilon": None}
+        return {**super().columns(), "epsilon": self.budget.epsilon,
+                "clip_norm": self.clip_norm, "clipped_fraction": self.clipped_fraction,
+                "noise_std": self.noise_std}
 
     def summary(self, config: Config, plan: PrivacyPlan) -> dict[str, Any]:
+        """σ, q, rounds, δ, ε and the accountant that computed ε; with adaptive clipping also
+        the two noise multipliers σ_Δ and σ_b that share σ, and the last bound used."""
         p = config.privacy
         return {"mode": "central", "epsilon": self.budget.epsilon, "delta": p.delta,
-                "accountant": p.accountant, "target_epsilon": p.target_epsilon or None,
+                "accountant": p.accountant, "accountant_library": ACCOUNTANT_LIBRARY,
+                "target_epsilon": p.target_epsilon or None,
                 "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-                "rounds_accounted": sum(steps for _, _, steps in self.budget.history)}
+                "rounds_accounted": sum(steps for _, _, steps in self.budget.history),
+                **plan.details, "last_clip_norm": self.clip_norm}
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def server_optimizer(config: Config) -> dict[str, Any]:
+    """The server optimizer the configured strategy runs on the noised mean (DPFedAvg's
+    arguments): FedAvg = SGD with rate 1, FedAvgM = SGD with momentum, FedAdam = Adam."""
+    s = config.strategy
+    if s.name == "fedavgm":
+        return {"server_optimizer": "sgd", "server_learning_rate": s.server_lr,
+                "server_momentum": s.server_momentum}
+    if s.name == "fedadam":
+        return {"server_optimizer": "adam", "server_learning_rate": s.fedopt_eta,
+                "adam_betas": (s.fedopt_beta_1, s.fedopt_beta_2), "adam_tau": s.fedopt_tau}
+    return {"server_optimizer": "sgd", "server_learning_rate": 1.0, "server_momentum": 0.0}
 
 
 class CentralDP(PrivacyMode):
@@ -91,26 +132,35 @@ class CentralDP(PrivacyMode):
         rate = config.strategy.fraction_train
         noise = p.noise_multiplier or noise_for_target(p.target_epsilon, p.delta, rate,
                                                        config.run.rounds, p.accountant)
-        if p.adaptive_clipping and noise:
-            count_std = p.clipped_count_stddev or rate * config.data.num_clients / 20
-            if noise >= 2 * count_std:
+        details: dict[str, Any] = {"adaptive_clipping": p.adaptive_clipping}
+        if p.adaptive_clipping:
+            cohort = rate * config.data.num_clients
+            count_std = p.clipped_count_stddev or cohort / 20
+            if noise and noise >= 2 * count_std:
                 raise ConfigError(
                     f"privacy.clipped_count_stddev = {count_std:g} is not allowed with noise "
                     f"multiplier {noise:.4g}: must be > noise / 2 (Andrew et al. 2021); raise "
-                    "it, or the expected cohort (fraction_train x num_clients)"
+                    "it, or the expected cohort (fraction_train x num_clients), or set "
+                    "privacy.adaptive_clipping = false with a fixed privacy.clip_norm"
                 )
-        return PrivacyPlan(noise_multiplier=noise, sample_rate=rate)
+            update_noise, count_noise = adaptive_noise(noise, cohort,
+                                                       p.clipped_count_stddev or None)
+            details.update(update_noise_multiplier=update_noise,
+                           clipped_count_stddev=count_noise)
+        return PrivacyPlan(noise_multiplier=noise, sample_rate=rate, details=details)
 
     def strategy(self, config: Config, plan: PrivacyPlan, evaluate_args: dict[str, Any]
                  ) -> DPFedAvg:
-        """DP-FedAvg replaces the aggregation (its noise is the plan's)."""
+        """DP-FedAvg replaces the aggregation (its noise is the plan's); the configured
+        strategy's server optimizer steps on its noised mean."""
         p = config.privacy
         strategy = DPFedAvg(
             sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier,
             clipping_norm=p.clip_norm, adaptive=p.adaptive_clipping,
             target_quantile=p.target_quantile, clip_learning_rate=p.clip_lr,
             clipped_count_stddev=p.clipped_count_stddev or None, seed=config.run.seed,
-            **evaluate_args,
+            canaries=p.audit_canaries if p.audit else 0, canary_seed=config.run.seed,
+            **server_optimizer(config), **evaluate_args,
         )
         strategy.population = config.data.num_clients
         return strategy

@@ -17,12 +17,16 @@ from flwr.app import ConfigRecord
 
 from fedtune import protocol
 from fedtune.errors import ConfigError
-from fedtune.privacy.accounting import history_from_lists, history_to_lists
+from fedtune.privacy.accounting import (
+    ACCOUNTANT_LIBRARY,
+    history_from_lists,
+    history_to_lists,
+)
 from fedtune.privacy.dp_sgd import LocalDPSettings, poisson_loader, train_private
 from fedtune.privacy.mode import LocalTraining, PrivacyMode, PrivacyPlan, PrivacyServer
 
 if TYPE_CHECKING:
-    from flwr.app import RecordDict
+    from flwr.app import MetricRecord, RecordDict
 
     from fedtune.config import Config
     from fedtune.results.run_dir import ClientRow
@@ -48,8 +52,8 @@ class LocalServer(PrivacyServer):
         self.client_epsilons: dict[str, float] = {}
         self.noise_multipliers: list[float] = []  # smallest and largest reported so far
 
-    def record_round(self, rows: Sequence[ClientRow],
-                     accepted: Sequence[Mapping[str, Any]]) -> None:
+    def record_round(self, rows: Sequence[ClientRow], accepted: Sequence[Mapping[str, Any]],
+                     aggregated: MetricRecord | None = None) -> None:
         for row in rows:
             if row.epsilon is not None and row.client_id is not None:
                 self.client_epsilons[str(row.client_id)] = row.epsilon
@@ -61,7 +65,7 @@ class LocalServer(PrivacyServer):
 
     def columns(self) -> dict[str, float | None]:
         largest = max(self.client_epsilons.values()) if self.client_epsilons else None
-        return {"epsilon": None, "max_client_epsilon": largest}
+        return {**super().columns(), "max_client_epsilon": largest}
 
     def summary(self, config: Config, plan: PrivacyPlan) -> dict[str, Any]:
         p = config.privacy
@@ -69,7 +73,8 @@ class LocalServer(PrivacyServer):
         spent = (math.inf if no_noise else
                  max(self.client_epsilons.values()) if self.client_epsilons else 0.0)
         return {"mode": "local", "epsilon": spent, "delta": p.delta,
-                "accountant": p.accountant, "target_epsilon": p.target_epsilon or None,
+                "accountant": p.accountant, "accountant_library": ACCOUNTANT_LIBRARY,
+                "target_epsilon": p.target_epsilon or None,
                 "noise_multiplier": p.noise_multiplier or None,
                 "client_noise_multipliers": (dict(zip(("min", "max"), self.noise_multipliers))
                                              if self.noise_multipliers else None)}

@@ -16,12 +16,19 @@ from typing import TYPE_CHECKING, Any
 from fedtune.train import GradientTerms, TrainResult, train_local
 
 if TYPE_CHECKING:
-    from flwr.app import RecordDict
+    from flwr.app import MetricRecord, RecordDict
     from flwr.serverapp.strategy import Strategy
 
     from fedtune.config import Config
     from fedtune.results.run_dir import ClientRow
     from fedtune.task import TaskResources
+
+
+# metrics.csv's privacy columns (``fedtune.results.run_dir.RoundRow``): ε of a central run, the
+# largest client ε of a local run, and central DP's clipping bound, released share of clipped
+# updates (noised; adaptive clipping only) and noise std per coordinate of the mean update
+PRIVACY_COLUMNS = ("epsilon", "max_client_epsilon", "clip_norm", "clipped_fraction",
+                   "noise_std")
 
 
 @dataclass(frozen=True)
@@ -54,13 +61,14 @@ class PrivacyServer:
         """Why ``server_round`` must not run ("" = it may)."""
         return ""
 
-    def record_round(self, rows: Sequence[ClientRow],
-                     accepted: Sequence[Mapping[str, Any]]) -> None:
-        """Account for a finished round (its client rows and the accepted clients' metrics)."""
+    def record_round(self, rows: Sequence[ClientRow], accepted: Sequence[Mapping[str, Any]],
+                     aggregated: MetricRecord | None = None) -> None:
+        """Account for a finished round (its client rows, the accepted clients' metrics and
+        what the strategy's aggregation reported)."""
 
     def columns(self) -> dict[str, float | None]:
         """This mode's values of metrics.csv's privacy columns after the latest round."""
-        return {"epsilon": None, "max_client_epsilon": None}
+        return dict.fromkeys(PRIVACY_COLUMNS)
 
     def summary(self, config: Config, plan: PrivacyPlan) -> dict[str, Any]:
         """summary.json's "privacy" part."""

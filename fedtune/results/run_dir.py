@@ -38,6 +38,9 @@ class RoundRow:
     eval_macro_f1: float | None
     epsilon: float | None
     max_client_epsilon: float | None
+    clip_norm: float | None  # central DP: the bound of this round
+    clipped_fraction: float | None  # central DP, adaptive: released (noised) clipped share
+    noise_std: float | None  # central DP: noise std per coordinate of the mean update
     clients_sampled: int
     clients_ok: int
     clients_failed: int

@@ -26,6 +26,7 @@ from fedtune.results.plots import plot_partitions
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.grid import SimulatedGrid
 from fedtune.server.listeners import (
+    AuditWriter,
     CentralizedReference,
     FinalArtifacts,
     NoUpdateStop,
@@ -104,7 +105,7 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     reference = [CentralizedReference(artifacts)] if config.run.reference else []
     listeners: list[RunListener] = [
         NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir), *reference, artifacts,
-        ProgressListener(reporter, run_dir, artifacts), checkpointer,
+        AuditWriter(run_dir, plan), ProgressListener(reporter, run_dir, artifacts), checkpointer,
     ]
     for listener in listeners:
         listener.run_started(run)

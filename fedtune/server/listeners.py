@@ -9,8 +9,10 @@
 4. ``CentralizedReference`` (with ``run.reference = true``): trains (or reuses) the run's
    centralized reference and hands ``centralized_accuracy`` to summary.json.
 5. ``FinalArtifacts``: the final model, plots and summary.json.
-6. ``ProgressListener``: the live reporter (a terminal, or log lines).
-7. ``fedtune.server.resume.Checkpointer``: the checkpoint after each round (and on abort).
+6. ``AuditWriter``: with ``privacy.audit``, the empirical privacy audit of the final model
+   (``fedtune.audit``: audit.json, plots/audit.png).
+7. ``ProgressListener``: the live reporter (a terminal, or log lines).
+8. ``fedtune.server.resume.Checkpointer``: the checkpoint after each round (and on abort).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from typing import Any
 from flwr.common import log
 
 from fedtune import protocol
+from fedtune.audit.report import run_audit, save_canary_release, write_audit
 from fedtune.centralized import ensure_reference, reference_path, reference_section
-from fedtune.models.build import save_model
-from fedtune.models.weights import load_shared_state
+from fedtune.models.build import build_model, save_model
+from fedtune.models.weights import load_shared_state, shared_state
 from fedtune.privacy.mode import PrivacyPlan
 from fedtune.results.plots import plot_accuracy_loss, plot_epsilon
 from fedtune.results.run_dir import RunDirectory
@@ -119,6 +122,32 @@ class CentralizedReference(RunListener):
         run.progress(run.state.server_round, "central", 0, 1)
         reference = ensure_reference(run.config)
         self.artifacts.extra.update(reference_section(reference, final.accuracy))
+
+
+class AuditWriter(RunListener):
+    """``privacy.audit``: the empirical privacy audit after the last round, beside the
+    accountant's ε (inf where nothing is accounted)."""
+
+    def __init__(self, run_dir: RunDirectory, plan: PrivacyPlan) -> None:
+        self.run_dir = run_dir
+        self.plan = plan
+
+    def run_ended(self, run: FederatedRun, final: EvalResult) -> None:
+        config = run.config
+        if not config.privacy.audit:
+            return
+        initial = shared_state(build_model(run.resources.spec, config.run.seed))
+        spent = run.privacy.summary(config, self.plan).get("epsilon")
+        # canary clients: the shadow release the strategy kept; canary examples: the model
+        release = getattr(run.strategy, "canary_release", None)
+        if release is not None:
+            final = release()
+            save_canary_release(self.run_dir, final)
+        else:
+            final = protocol.to_numpy(run.state.arrays)
+        audit = run_audit(config, run.resources, initial, final,
+                          float("inf") if spent is None else float(spent))
+        write_audit(self.run_dir, audit)
 
 
 class ProgressListener(RunListener):

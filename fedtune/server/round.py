@@ -135,7 +135,7 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
             state.arrays = same_dtypes(new_arrays, state.arrays)
     elif not all_declined:  # too few sound updates: the global model stays as it was
         state.rounds_without_update += 1
-    privacy.record_round(train.rows, train.accepted)
+    privacy.record_round(train.rows, train.accepted, train_metrics)
 
     seed_sampling(config.run.seed, server_round, "evaluate")
     evaluation = evaluate_phase(

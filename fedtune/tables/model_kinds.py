@@ -75,6 +75,9 @@ MODEL_KINDS: dict[str, ModelKindEntry] = {
                                    "config", choices=POOLING),
             "max_length": Key(48, "max tokens per text; batches are padded dynamically",
                               ge=8),
+            "feature_cache": Key(True, "transfer = frozen: compute the frozen encoder's pooled "
+                                       "output once per text (cached on disk) and train only "
+                                       "the head on it; false = run the encoder every step"),
         },
         implementation="fedtune.models.hf:HFKind", transfer_modes=TRANSFER_MODES,
         check=_check_hf),

@@ -8,6 +8,7 @@ server's state during the run. Adding a mode: write that class and add one entry
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,12 +22,18 @@ if TYPE_CHECKING:
     from fedtune.privacy.mode import PrivacyMode
 
 ACCOUNTANTS = ("rdp", "prv")
+# strategies whose server optimizer central DP runs on the noised mean: plain DP-FedAvg,
+# DP-FedAvgM (strategy.server_lr, server_momentum), DP-FedAdam (strategy.fedopt_*)
+CENTRAL_STRATEGIES = ("fedavg", "fedavgm", "fedadam")
 GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
 
 
 @dataclass(frozen=True)
 class PrivacyModeEntry(Entry):
     spends_budget: bool = False  # reports ε every round (and plots it)
+    # what privacy.audit inserts: "examples" (sample-level canaries, Steinke et al. 2023) or
+    # "clients" (user-level canary clients in the aggregation, Andrew et al. 2024)
+    audit_inserts: str = "examples"
     check: Callable[[Config], None] | None = None
 
 
@@ -69,10 +76,20 @@ def _check_central(config: Config) -> None:
             f"privacy.delta = {p.delta:g} is not allowed: must be < 1/data.num_clients = "
             f"{1 / config.data.num_clients:g} (user-level DP protects each client)"
         )
-    if config.strategy.name != "fedavg":
+    if config.strategy.name not in CENTRAL_STRATEGIES:
         raise ConfigError(
             f"strategy.name = {config.strategy.name!r} is not allowed with privacy.mode = "
-            "'central': must be 'fedavg' (DP-FedAvg replaces the aggregation)"
+            "'central': must be " + ", ".join(repr(n) for n in CENTRAL_STRATEGIES)
+            + " (DP-FedAvg, DP-FedAvgM or DP-FedAdam: the server optimizer runs on the noised "
+            "mean)"
+        )
+    noisy = p.noise_multiplier > 0 or not math.isinf(p.target_epsilon)
+    if math.isinf(p.clip_norm) and (noisy or p.audit):
+        raise ConfigError(
+            "privacy.clip_norm = inf is not allowed with "
+            + ("privacy.audit = true" if not noisy else "noise")
+            + ": must be finite (the noise std is noise_multiplier x clip_norm, and canary "
+            "clients send clip_norm x a unit direction); inf only with target_epsilon = inf"
         )
 
 
@@ -86,8 +103,21 @@ ACCOUNTANT = Key("rdp", "privacy accountant (opacus.accountants)", choices=ACCOU
 BUDGET_KEYS = {"target_epsilon": TARGET_EPSILON, "delta": DELTA,
                "noise_multiplier": NOISE_MULTIPLIER, "accountant": ACCOUNTANT}
 
+AUDIT = Key(False, "empirical privacy audit after the run (audit.json, plots/audit.png): "
+                   "central = canary clients (Andrew et al. 2024), local and none = canary "
+                   "examples (Steinke et al. 2023); canaries never enter the test sets")
+AUDIT_EXAMPLES = {"audit": AUDIT,
+                  "audit_examples": Key(200, "audit: canary examples with random labels, "
+                                             "half of them added to random clients' data",
+                                        ge=2)}
+AUDIT_CLIENTS = {"audit": AUDIT,
+                 "audit_canaries": Key(1000, "audit: canary clients, half of them inserted "
+                                             "into a shadow release; each draws a random "
+                                             "direction over the trained weights every round "
+                                             "it is sampled", ge=2)}
+
 PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
-    "none": PrivacyModeEntry("no privacy mechanism",
+    "none": PrivacyModeEntry("no privacy mechanism", keys=AUDIT_EXAMPLES,
                              implementation="fedtune.privacy.none:NoPrivacy"),
     "local": PrivacyModeEntry(
         "DP-SGD on every client (per example, Opacus)",
@@ -100,24 +130,34 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
               "client_rounds": Key(
                   0, "rounds each client plans to train; its noise makes ε reach "
                      "target_epsilon after client_rounds x its steps per round; 0 = "
-                     "run.rounds", ge=0)},
+                     "run.rounds", ge=0),
+              **AUDIT_EXAMPLES},
         implementation="fedtune.privacy.local:LocalDP", spends_budget=True,
         check=_check_local),
     "central": PrivacyModeEntry(
         "DP-FedAvg at the server (per client); each client is sampled with probability "
-        "strategy.fraction_train",
+        "strategy.fraction_train; strategy.name = fedavgm or fedadam runs that server "
+        "optimizer on the noised mean (DP-FedAvgM, DP-FedAdam)",
         keys={**BUDGET_KEYS,
-              "clip_norm": Key(1.0, "clipping bound of every client's update (the starting "
-                                    "bound when adaptive)", gt=0),
-              "adaptive_clipping": Key(False, "move the bound towards a quantile of update "
-                                              "norms (Andrew et al. 2021)"),
+              "clip_norm": Key(0.1, "clipping bound of every client's update; with "
+                                    "adaptive_clipping the starting bound (start small: the "
+                                    "bound grows by up to exp(clip_lr x target_quantile) a "
+                                    "round)", gt=0),
+              "adaptive_clipping": Key(
+                  True, "move the bound towards the target_quantile of update norms (Andrew "
+                        "et al. 2021). Recommended: keep it, with target_quantile 0.5, clip_lr "
+                        "0.2 and a small clip_norm (TFF's defaults), and read the bound it "
+                        "found in metrics.csv clip_norm; it needs noise < 2 x "
+                        "clipped_count_stddev (an expected cohort of more than 10 x noise "
+                        "clients), else set false and clip_norm near the median update norm"),
               "target_quantile": Key(0.5, "adaptive: share of updates left unclipped", gt=0,
                                      lt=1),
               "clip_lr": Key(0.2, "adaptive: geometric step size of the bound", gt=0),
               "clipped_count_stddev": Key(0.0, "adaptive: noise std of the unclipped count; 0 "
-                                               "= expected cohort / 20", ge=0)},
+                                               "= expected cohort / 20", ge=0),
+              **AUDIT_CLIENTS},
         implementation="fedtune.privacy.central:CentralDP", spends_budget=True,
-        check=_check_central),
+        audit_inserts="clients", check=_check_central),
 }
 
 

@@ -10,6 +10,7 @@ from fedtune.data.federation import build_federation
 from fedtune.data.partition import (
     check_partition,
     partition_dirichlet,
+    partition_inner_dirichlet,
     partition_iid,
     partition_natural,
     partition_quantity_skew,
@@ -25,6 +26,7 @@ KEYS = RNG.integers(0, 300, size=2000).astype(str)
 PARTITIONERS = {
     "iid": lambda seed: partition_iid(len(LABELS), 10, seed),
     "dirichlet": lambda seed: partition_dirichlet(LABELS, 10, 0.5, 10, seed),
+    "inner_dirichlet": lambda seed: partition_inner_dirichlet(LABELS, 10, 0.5, seed),
     "shards": lambda seed: partition_shards(LABELS, 10, 2, seed),
     "quantity_skew": lambda seed: partition_quantity_skew(len(LABELS), 10, 0.5, 10, seed),
     "natural": lambda seed: partition_natural(KEYS, 10, seed),
@@ -58,6 +60,19 @@ def test_smaller_alpha_gives_more_label_skew():
     assert skew[0.1] > skew[1.0] > skew[100.0]
     assert skew[100.0] < 0.3  # near the IID share of 1/5
     assert skew[0.1] > 0.6
+
+
+def test_inner_dirichlet_reaches_hundreds_of_clients_with_label_skew():
+    """Cross-device scale: 400 clients of 5 examples each from 2,000, where the per-label
+    Dirichlet split cannot give every client 4 examples."""
+    with pytest.raises(ConfigError, match="no Dirichlet draw gave every client 4 examples"):
+        partition_dirichlet(LABELS, 400, 0.5, 4, 0)
+    parts = partition_inner_dirichlet(LABELS, 400, 0.5, 0)
+    check_partition(parts, len(LABELS))
+    assert {len(p) for p in parts} == {5}
+    skewed = _mean_majority_share(parts, LABELS)
+    balanced = _mean_majority_share(partition_inner_dirichlet(LABELS, 400, 100.0, 0), LABELS)
+    assert skewed > balanced + 0.1
 
 
 def test_shards_give_each_client_exactly_its_labels():

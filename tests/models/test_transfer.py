@@ -159,8 +159,9 @@ def test_lora_merges_into_a_plain_model_that_predicts_the_same(tmp_path, tiny_be
 
 @pytest.mark.parametrize("mode", ["frozen", "top_k", "lora"])
 def test_frozen_weights_stay_bit_identical_and_never_travel(tmp_path, tiny_bert_path, mode):
+    # the token path (the feature path: tests/models/test_feature_cache.py)
     config = _text_config(tmp_path, tiny_bert_path, f"model.transfer={mode}",
-                          "model.top_k_layers=1")
+                          "model.top_k_layers=1", "model.feature_cache=false")
     resources = task_resources(config)
     resident = resources.model
     grid = RecordingGrid(client_app, to_run_config(config), config.data.num_clients)

@@ -86,6 +86,18 @@ def test_clipping_bounds_every_update_norm():
         assert metrics["dp-unclipped"] == int(raw <= clip)
 
 
+def test_a_zero_update_is_aggregated_not_divided_by_its_norm():
+    """A client whose model did not move (e.g. saturated logits give zero gradients after a
+    noisy round) sends a zero update; it counts as unclipped and adds nothing."""
+    rng = np.random.default_rng(6)
+    current = _arrays(rng)
+    new, metrics = _dp_fedavg(current, 2, sample_rate=1.0, noise_multiplier=0.0,
+                              clipping_norm=1.0).aggregate_train(1, [_reply(current)] * 2)
+    for name in SHAPES:
+        np.testing.assert_array_equal(_numpy(new)[name], current[name])
+    assert metrics["dp-unclipped"] == 2
+
+
 def test_noise_std_is_sigma_c_over_expected_cohort_and_empty_cohorts_are_noised():
     rng = np.random.default_rng(2)
     current = {"w": np.zeros((200, 200), dtype=np.float32)}
@@ -154,7 +166,8 @@ def _rows(path):
 
 def test_central_run_reports_epsilon_every_round_as_opacus_computes_it(tmp_path):
     config = tiny_config(tmp_path, "privacy.mode=central", "privacy.noise_multiplier=0.8",
-                         "strategy.fraction_train=0.5", "run.rounds=3", "privacy.delta=0.01")
+                         "strategy.fraction_train=0.5", "run.rounds=3", "privacy.delta=0.01",
+                         "privacy.adaptive_clipping=false", "privacy.clip_norm=0.5")
     run_dir = run_inprocess(config).path
     metrics = _rows(run_dir / "metrics.csv")
     accountant = RDPAccountant()
@@ -163,6 +176,9 @@ def test_central_run_reports_epsilon_every_round_as_opacus_computes_it(tmp_path)
         assert float(row["epsilon"]) == pytest.approx(accountant.get_epsilon(delta=0.01),
                                                       rel=1e-4)
         assert row["max_client_epsilon"] == ""
+        # fixed clipping: the bound, no released clipped share, noise σC / qN per coordinate
+        assert float(row["clip_norm"]) == 0.5 and row["clipped_fraction"] == ""
+        assert float(row["noise_std"]) == pytest.approx(0.8 * 0.5 / (0.5 * 4), rel=1e-5)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["privacy"]["delta"] == 0.01 and summary["privacy"]["accountant"] == "rdp"
     assert summary["privacy"]["epsilon"] == pytest.approx(float(metrics[-1]["epsilon"]))
@@ -173,7 +189,7 @@ def test_central_run_reports_epsilon_every_round_as_opacus_computes_it(tmp_path)
 def test_a_central_run_never_reports_epsilon_above_its_target(tmp_path):
     config = tiny_config(tmp_path, "privacy.mode=central", "privacy.target_epsilon=2",
                          "strategy.fraction_train=0.5", "run.rounds=4", "privacy.delta=0.01",
-                         "privacy.accountant=prv")
+                         "privacy.accountant=prv", "privacy.adaptive_clipping=false")
     run_dir = run_inprocess(config).path
     epsilons = [float(r["epsilon"]) for r in _rows(run_dir / "metrics.csv")]
     assert len(epsilons) == 4 and epsilons == sorted(epsilons)
@@ -185,7 +201,8 @@ def test_a_run_with_a_target_records_the_noise_it_derived_and_the_clip_norms(tmp
     DP-FedAvg released each round is in strategy_metrics.jsonl."""
     config = tiny_config(tmp_path, "privacy.mode=central", "privacy.target_epsilon=4",
                          "strategy.fraction_train=0.5", "run.rounds=3", "privacy.delta=0.01",
-                         "privacy.adaptive_clipping=true", "privacy.clipped_count_stddev=1")
+                         "privacy.adaptive_clipping=true", "privacy.clipped_count_stddev=1",
+                         "privacy.clip_norm=1")
     run_dir = run_inprocess(config).path
     summary = json.loads((run_dir / "summary.json").read_text())["privacy"]
     expected = noise_for_target(4.0, 0.01, 0.5, 3, "rdp")
@@ -196,3 +213,15 @@ def test_a_run_with_a_target_records_the_noise_it_derived_and_the_clip_norms(tmp
     assert [line["round"] for line in lines] == [1, 2, 3]
     clip_norms = [line["train"]["dp-clip-norm"] for line in lines]
     assert clip_norms[0] == 1.0 and len(set(clip_norms)) == 3  # adaptive: it moves each round
+    # metrics.csv has the same bounds and the clipped share from the noised count
+    rows = _rows(run_dir / "metrics.csv")
+    assert [float(r["clip_norm"]) for r in rows] == pytest.approx(clip_norms, rel=1e-5)
+    released = [line["train"]["dp-clipped-fraction"] for line in lines]
+    assert [float(r["clipped_fraction"]) for r in rows] == pytest.approx(released, rel=1e-5)
+    # the bound moved as the released share says: C' = C exp(-0.2 ((1 - share) - 0.5))
+    for (before, after), share in zip(zip(clip_norms, clip_norms[1:]), released):
+        assert after == pytest.approx(before * math.exp(-0.2 * ((1 - share) - 0.5)))
+    assert summary["adaptive_clipping"] is True and summary["accountant_library"].startswith("opacus")
+    assert summary["clipped_count_stddev"] == 1.0
+    sigma = summary["noise_multiplier"]
+    assert summary["update_noise_multiplier"] == pytest.approx((sigma ** -2 - 2 ** -2) ** -0.5)

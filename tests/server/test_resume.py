@@ -157,7 +157,10 @@ STATEFUL = {
     "scaffold": ["strategy.name=scaffold", "client.optimizer=sgd", "client.lr=0.05"],  # variates
     "feddyn": ["strategy.name=feddyn"],  # server state and client gradients
     "central_dp": ["privacy.mode=central", "privacy.noise_multiplier=0.5",
-                   "privacy.delta=1e-3", "privacy.clip_norm=5.0"],  # accountant, noise RNG
+                   "privacy.delta=1e-3", "privacy.clip_norm=5.0",
+                   "privacy.adaptive_clipping=false"],  # accountant, noise RNG
+    "central_dp_fedadam": ["privacy.mode=central", "privacy.noise_multiplier=0.05",
+                           "privacy.delta=1e-3", "strategy.name=fedadam"],  # moments, clip
     "local_dp": ["privacy.mode=local", "privacy.noise_multiplier=0.8",
                  "privacy.delta=1e-3"],  # client accountants in Context.state
 }

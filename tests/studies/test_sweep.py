@@ -230,6 +230,26 @@ def test_the_non_iid_study_is_a_valid_sweep():
                for r in runs)
 
 
+def test_the_privacy_utility_study_is_a_valid_sweep_whose_dp_plans_all_hold():
+    """Every point of the study is a valid config, and every central point's σ works with
+    adaptive clipping (σ < 2 x clipped-count std) at ~100 clients a round."""
+    from fedtune.privacy.central import CentralDP
+    from tests.conftest import REPO
+
+    spec = load_sweep(REPO / "simulations" / "privacy_utility.toml")
+    runs, references = expand(spec), expand_reference(spec)
+    assert len(runs) == 2 * 2 * 5 * 3 and len(references) == 2 * 3
+    assert all(r.config.privacy.mode == "none" and not r.config.privacy.audit
+               for r in references)
+    for run in runs:
+        config = run.config
+        assert config.model.transfer == "frozen" and config.model.feature_cache
+        assert 90 <= config.strategy.fraction_train * config.data.num_clients <= 110
+        if config.privacy.mode == "central" and run.values["run.seed"] == 0:
+            plan = CentralDP().plan(config)
+            assert plan.details["adaptive_clipping"] and plan.sample_rate == 0.2
+
+
 VARIANTS = SWEEP.replace('"run.seed" = [0, 1]', '''"run.seed" = [0, 1]
 model = [{{ name = "small", "model.hidden_sizes" = [8] }},
          {{ name = "big", "model.hidden_sizes" = [32] }}]
