@@ -420,3 +420,13 @@ def test_parallel_sweep_gives_the_sequential_results_and_resumes(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("(done)") == 1 and again.stdout.count("skipped") == 3
+
+
+def test_the_reference_digits_study_has_centralized_rows_for_every_partition_and_seed():
+    from tests.conftest import REPO
+
+    spec = load_sweep(REPO / "simulations" / "reference_digits.toml")
+    central = expand_central(spec)
+    assert len(expand(spec)) == 2 * 3 and len(central) == 2 * 2 * 3
+    assert {r.config.engine.backend for r in central} == {"central"}
+    assert {r.config.engine.central_until for r in central} == {"examples", "converged"}
