@@ -220,14 +220,67 @@ def test_plot_options_must_name_grid_keys(tmp_path):
                                                   'curves = "strategy.name"')))
 
 
-def test_the_non_iid_study_is_a_valid_sweep():
+NON_IID_STRATEGIES = {"fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "fednova", "feddyn"}
+
+
+@pytest.mark.parametrize("name, dataset, dirichlet, shards", [
+    ("non_iid.toml", "bbc_news", "dirichlet", 2),
+    ("non_iid_rotten_tomatoes.toml", "rotten_tomatoes", "inner_dirichlet", 1)])
+def test_the_non_iid_grids_are_valid_sweeps_with_fixed_hyper_parameters(name, dataset, dirichlet,
+                                                                          shards):
     from tests.conftest import REPO
 
-    spec = load_sweep(REPO / "simulations" / "non_iid.toml")
+    spec = load_sweep(REPO / "simulations" / name)
+    runs, central = expand(spec), expand_central(spec)
+    assert len(runs) == 7 * 4 * 3 and len(central) == 4 * 3  # partitions x seeds
+    assert {r.values["strategy.name"] for r in runs} == NON_IID_STRATEGIES
+    partitions = {(r.config.data.partitioner, r.config.data.labels_per_client
+                   if r.config.data.partitioner == "shards" else r.config.data.alpha)
+                  for r in runs}
+    assert partitions == {(dirichlet, 0.1), (dirichlet, 0.5), (dirichlet, 100.0),
+                          ("shards", shards)}
+    for run in runs:
+        config = run.config
+        assert config.data.dataset == dataset and config.client.optimizer == "sgd"
+        assert (config.strategy.proximal_mu, config.strategy.server_momentum,
+                config.strategy.fedopt_eta, config.strategy.feddyn_alpha) == (0.01, 0.9, 0.01,
+                                                                              0.01)
+    assert {r.config.engine.backend for r in central} == {"central"}
+
+
+def test_the_client_drift_study_varies_local_work_under_strong_skew():
+    from tests.conftest import REPO
+
+    spec = load_sweep(REPO / "simulations" / "client_drift.toml")
     runs = expand(spec)
-    assert {r.values["strategy.name"] for r in runs} == {"fedavg", "scaffold"}
-    assert all(r.config.client.optimizer == "sgd" and r.config.data.dataset == "bbc_news"
-               for r in runs)
+    assert len(runs) == 3 * 4 * 3 and len(expand_central(spec)) == 4 * 3
+    work = {(r.values["local"], r.config.client.local_steps, r.config.client.local_epochs)
+            for r in runs}
+    assert work == {("1 step", 1, 1), ("5 steps", 5, 1), ("20 steps", 20, 1),
+                    ("1 epoch", 0, 1)}
+    assert {(r.config.data.partitioner, r.config.data.alpha) for r in runs} == {
+        ("dirichlet", 0.1)}
+
+
+@pytest.mark.slow
+def test_a_tiny_non_iid_grid_runs_with_its_centralized_row(tmp_path):
+    """Two of the grid's own-module strategies on the pathological split, two rounds on a
+    300-example subsample: every point finishes and the table has the gap to centralized."""
+    from fedtune.cli import main
+    from tests.conftest import REPO
+
+    text = (REPO / "simulations" / "non_iid.toml").read_text()
+    file = tmp_path / "non_iid.toml"
+    file.write_text(text.replace("[sweep]\n", f'[sweep]\noutput_dir = "{tmp_path}"\n', 1))
+    assert main(["sweep", str(file), "--set", "run.rounds=2", "--set", "data.max_examples=300",
+                 "--grid", 'strategy.name=["fednova", "feddyn"]', "--grid",
+                 'partition=["shards-2"]', "--grid", "run.seed=[0]"]) == 0
+    with (tmp_path / "non-iid-bbc" / "results.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["strategy.name"] for r in rows] == ["centralized", "fednova", "feddyn"]
+    assert all(0.0 <= float(r["eval_accuracy"]) <= 1.0 for r in rows)
+    table = (tmp_path / "non-iid-bbc" / "table.md").read_text().splitlines()
+    assert "gap to centralized" in table[0] and len(table) == 2 + 3
 
 
 def test_the_privacy_utility_study_is_a_valid_sweep_whose_dp_plans_all_hold():
