@@ -143,9 +143,10 @@ def _run_config(args: argparse.Namespace) -> Config:
 
     if args.resume:
         run_dir = Path(args.resume)
-        if args.config or args.output:
+        if args.config or args.output or args.central:
             raise ConfigError("--resume takes the config and directory from RUN_DIR: drop the "
-                              "config file and --output (--set run.rounds=N may extend it)")
+                              "config file, --output and --central (--set run.rounds=N may "
+                              "extend it)")
         if not (run_dir / "config.toml").is_file():
             raise ConfigError(f"--resume {args.resume!r} is not allowed: must be a run "
                               "directory (it has no config.toml)")
@@ -154,11 +155,13 @@ def _run_config(args: argparse.Namespace) -> Config:
         if not _finished(config):
             from fedtune.results.lock import check_unlocked
             from fedtune.server.resume import check_resumable
+            from fedtune.tables.runtimes import check_runtime
 
             check_unlocked(run_dir)
             check_resumable(config)
+            check_runtime(config)  # a runtime may refuse to resume (central keeps no checkpoint)
         return config
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, [*args.set, *_central_override(args)])
     config.run.dir = str(Path(args.output or config.run.dir or default_run_path(config)))
     _check_new_run_directory(Path(config.run.dir))
     return config
@@ -185,6 +188,11 @@ def _finished(config: Config) -> bool:
     saved = load_config(Path(config.run.dir) / "config.toml", resolved=True)
     return (done.get("rounds_completed", 0) >= config.run.rounds
             or (bool(done.get("stop_reason")) and config.run.rounds <= saved.run.rounds))
+
+
+def _central_override(args: argparse.Namespace) -> list[str]:
+    """``--central``: the centralized reference of the config instead of its federation."""
+    return ["engine.backend=central"] if args.central else []
 
 
 def _stop_on_ctrl_c(console: Console) -> threading.Event:
@@ -309,8 +317,11 @@ def _print_summary(console: Console, run_dir: Path) -> None:
 
     directory = RunDirectory(run_dir)
     summary = directory.read_json("summary.json")
-    table = Table(title=f"{summary['dataset']['name']}: {summary['dataset']['num_clients']} "
-                        f"clients, {summary['rounds_completed']} rounds", padding=(0, 0))
+    setup = (f"centralized on the pooled data of {summary['dataset']['num_clients']} clients"
+             if summary.get("runtime", {}).get("backend") == "central"
+             else f"{summary['dataset']['num_clients']} clients")
+    table = Table(title=f"{summary['dataset']['name']}: {setup}, {summary['rounds_completed']} "
+                        "rounds", padding=(0, 0))
     for _, title, _ in METRIC_COLUMNS:
         table.add_column(title, justify="right")
     for row in directory.metrics():
@@ -331,6 +342,9 @@ def _print_final(console: Console, run_dir: Path, summary: dict | None = None) -
         f"{summary['dataset']['majority_class_accuracy']:.4f}); best "
         f"{summary['best']['eval_accuracy']:.4f} at round {summary['best']['round']}",
         highlight=False)
+    line = _centralized_line(summary)
+    if line:
+        console.print(line, highlight=False)
 
 
 def dry_run(config: Config, console: Console) -> int:
@@ -367,6 +381,25 @@ def dry_run(config: Config, console: Console) -> int:
 
 
 MAX_DRY_RUN_ROWS = 40
+
+
+def _centralized_line(summary: dict[str, Any]) -> str:
+    """The centralized reference and the gap to it (a federated run with run.reference), or
+    what a centralized run trained on."""
+    if summary.get("centralized_accuracy") is not None:
+        reference = summary["centralized"]
+        return (f"centralized reference {summary['centralized_accuracy']:.4f} "
+                f"({reference['examples_seen']:,} examples, {reference['epochs']:.1f} epochs "
+                f"of the pooled data): gap to centralized "
+                f"{summary['gap_to_centralized']:+.4f} (reference run: {reference['run_dir']})")
+    central = summary.get("centralized")
+    if central is None:
+        return ""
+    kept = (f"; model of epoch {central['best_epoch']} (lowest validation loss)"
+            if central.get("best_epoch") else "")
+    return (f"centralized ({central['until']}): {central['examples_seen']:,} examples, "
+            f"{central['epochs']:.1f} epochs of {central['pooled_train_examples']:,} pooled "
+            f"training examples{kept}")
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
@@ -426,6 +459,16 @@ class SweepReporter:
             self.status = None
 
 
+def launch_point(config: Config) -> None:
+    """One sweep point with its log.txt and no terminal output; module-level so that
+    ``--parallel``'s child processes can import it."""
+    with capture_run_log(Path(config.run.dir), echo=False):
+        quiet_libraries()
+        from fedtune.engine.launch import launch
+
+        launch(config, SweepReporter(Console(file=sys.stderr), QUIET))
+
+
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     from fedtune.studies.sweep import load_sweep, run_sweep
     from fedtune.studies.tables import write_outputs
@@ -438,7 +481,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
         console.print(f"fedtune {__version__} · sweep {spec.name}: {spec.directory}",
                       highlight=False)
     reporter = SweepReporter(console, mode)
-    started = {"at": time.perf_counter()}
+    started = {"at": time.perf_counter(), "sweep": time.perf_counter()}
 
     def run_one(config: Config) -> None:
         with capture_run_log(Path(config.run.dir), echo=args.verbose):
@@ -464,13 +507,14 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
             return
         seconds = time.perf_counter() - started["at"]
         values = " ".join(f"{k}={v}" for k, v in run.values.items())
-        took = f", {seconds:.1f}s" if status == "done" else ""
+        took = f", {seconds:.1f}s" if status == "done" and args.parallel == 1 else ""
         console.print(f"[{index}/{total}] {values}: {spec.metric} "
                       f"{_fmt(summary['final'].get(spec.metric), '{:.4f}', '')} "
                       f"({status}{took})", highlight=False)
 
     try:
-        rows = run_sweep(spec, run_one, on_run, before_run)
+        rows = run_sweep(spec, run_one if args.parallel == 1 else launch_point, on_run,
+                         before_run, args.parallel)
     finally:
         reporter.close()
     written = write_outputs(spec, rows)
@@ -481,6 +525,8 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
             console.print(path.read_text(), highlight=False)
         elif mode == NORMAL:
             console.print(f"wrote {path}", highlight=False)
+    console.print(f"{len(rows)} runs in {time.perf_counter() - started['sweep']:.0f}s "
+                  f"({args.parallel} at a time)", highlight=False)
     console.print(f"sweep directory: {spec.directory}", highlight=False)
     return 0
 
@@ -604,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue an interrupted run from its checkpoint")
     run.add_argument("--dry-run", action="store_true",
                      help="print the resolved config and the partitions; train nothing")
+    run.add_argument("--central", action="store_true",
+                     help="train the centralized reference instead (engine.backend=central: "
+                          "the pooled client data, as many examples as the federated run)")
     _output_options(run)
     report = sub.add_parser("report", help="redraw plots and print the summary of a run")
     report.add_argument("run_dir")
@@ -616,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only these values of one grid key, e.g. run.seed=[0] or "
                             "model=mlp (repeatable; finished runs still fill the tables)")
     sweep.add_argument("--output", help="sweep directory (default: <sweep.output_dir>/<name>)")
+    sweep.add_argument("--parallel", type=int, default=1, metavar="N",
+                       help="run N points at a time, each in its own process (runtimes "
+                            "inprocess and central)")
     _output_options(sweep)
     certs = sub.add_parser("certs", help="create a CA, a SuperLink TLS certificate and SuperNode "
                                          "authentication keys for a deployment")

@@ -72,6 +72,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # cuda:N = the N-th vis
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRAGGLER_DELAYS = ("constant", "exponential")
 CRASH_STAGES = ("train", "setup", "share-keys", "unmask")
+IN_THIS_PROCESS = ("inprocess", "central")  # runtimes that compute in the calling process
 
 
 @dataclass
@@ -93,6 +94,11 @@ class RunSection:
                                 "(`fedtune run --resume RUN_DIR` sets it)")
     save_best: bool = key(False, "also keep the model of the round with the best global test "
                                  "accuracy, in <run dir>/model_best/")
+    reference: bool = key(False, "also train the centralized reference (the same model, data "
+                                 "and optimizer on the pooled client data, as many examples) "
+                                 "and record centralized_accuracy in summary.json")
+    reference_dir: str = key("", "run directory of the centralized reference; a finished one "
+                                 "with the same config is reused; '' = <run dir>/centralized")
 
 
 @dataclass
@@ -249,7 +255,8 @@ PrivacySection = section_class(
 EngineSection = section_class(
     "EngineSection", "[engine]: the runtime (fedtune.tables.runtimes) and its resources.",
     {"backend": Key("ray", "ray = fedtune's engine (persistent Ray actors), flower = Flower's "
-                           "Ray simulation, inprocess = no Ray (debug)",
+                           "Ray simulation, inprocess = no Ray (debug), central = the "
+                           "centralized reference (pooled data, no federation)",
                     choices=tuple(RUNTIMES)),
      "client_cpus": Key(1.0, "CPU cores reserved per simulated client", gt=0),
      "client_gpus": Key(0.0, "GPU fraction per simulated client (0.25 = 4 share one)", ge=0,
@@ -259,7 +266,12 @@ EngineSection = section_class(
      "node_ids": Key([], "deployment: the node id of each client, in client order, as `flwr "
                          "supernode register` printed them; only these SuperNodes take part. "
                          "[] = simulations (the runtime knows its clients), or trust the "
-                         "partition-id each SuperNode first declares", kind=list[str])},
+                         "partition-id each SuperNode first declares", kind=list[str]),
+     # centralized runs to convergence (engine.central_until = "converged", a sweep's
+     # centralized rows); any config may carry them, so that a sweep's base sets them
+     "central_patience": Key(5, "centralized runs to convergence: stop after this many "
+                                "epochs without a lower validation loss", ge=1),
+     "central_max_epochs": Key(100, "centralized runs to convergence: the most epochs", ge=1)},
     RUNTIMES, "backend")
 
 
@@ -459,7 +471,7 @@ def check_consistency(config: Config) -> None:
             "client.precision = 'fp16' is not allowed with client.device = 'cpu': must be "
             "'fp32' or 'bf16' (fp16 autocast needs CUDA)"
         )
-    if (config.client.device.startswith("cuda") and config.engine.backend != "inprocess"
+    if (config.client.device.startswith("cuda") and config.engine.backend not in IN_THIS_PROCESS
             and config.engine.client_gpus == 0):
         raise ConfigError(
             f"client.device = {config.client.device!r} is not allowed with engine.client_gpus = "
@@ -497,12 +509,58 @@ def check_consistency(config: Config) -> None:
             f"strategy.min_train_clients = {config.strategy.min_train_clients} is not allowed: "
             f"must be <= data.num_clients = {config.data.num_clients}"
         )
+    _check_reference(config)
     check_model(config)
     check_privacy(config)
     _refuse_foreign_keys(config, "engine")
     check_runtime(config)
     check_strategy(config)
     _check_faults(config)
+
+
+def _check_reference(config: Config) -> None:
+    if not config.run.reference:
+        return
+    if config.engine.backend == "central":
+        raise ConfigError("run.reference = true is not allowed with engine.backend = 'central': "
+                          "must be false (a centralized run is its own reference)")
+    if config.data.dataset == "files":
+        raise ConfigError("run.reference = true is not allowed with data.dataset = 'files': "
+                          "must be false (the server never sees the parties' training data)")
+
+
+# the [strategy] keys that decide how many examples a federated round trains on, which the
+# centralized reference matches; its other keys do not change a centralized run
+CENTRALIZED_STRATEGY_KEYS = ("fraction_train", "min_train_clients")
+CENTRALIZED_SECTIONS = ("run", "data", "model", "client")  # read by a centralized run
+CENTRALIZED_RUN_KEYS = ("reference", "reference_dir", "dir", "resume")  # set per reference
+
+
+def affects_centralized(dotted: str) -> bool:
+    """Whether the config key ``section.key`` can change the centralized reference of a run
+    (the data, the model, the local optimizer, the rounds and the examples per round)."""
+    section, _, name = dotted.partition(".")
+    if section == "strategy":
+        return name in CENTRALIZED_STRATEGY_KEYS
+    return section in CENTRALIZED_SECTIONS and not (section == "run"
+                                                    and name in CENTRALIZED_RUN_KEYS)
+
+
+def centralized_config(config: Config, until: str = "examples", run_dir: str = "") -> Config:
+    """The config of ``config``'s centralized reference: ``engine.backend = "central"``
+    trained ``until`` "examples" (as many as the federated run) or "converged", in
+    ``run_dir``. What a centralized run does not read (the strategy but its sampling
+    fraction, privacy, faults, the federated runtime) is reset to its defaults, so runs that
+    differ only there share one reference."""
+    raw = to_dict(config)
+    reference = {section: raw[section] for section in CENTRALIZED_SECTIONS}
+    reference["strategy"] = {k: raw["strategy"][k] for k in CENTRALIZED_STRATEGY_KEYS}
+    engine = raw["engine"]
+    reference["engine"] = {"backend": "central", "central_until": until,
+                           **{k: engine[k] for k in ("client_cpus", "central_patience",
+                                                     "central_max_epochs")}}
+    reference["run"].update(reference=False, reference_dir="", dir=run_dir, resume=False)
+    return from_dict(reference)
 
 
 def _check_faults(config: Config) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -214,14 +215,18 @@ def plot_curves(curves: list[tuple[str, list[dict[str, str]]]], path: Path) -> N
 
 def plot_round_curves(curves: list[dict], line_key: str, metric: str, path: Path) -> None:
     """``metric`` against the round, mean ± std band over seeds: one line per value of
-    ``line_key``, one panel per combination of the other keys of the curves."""
-    panel_keys = [k for k in curves[0] if k not in (line_key, "rounds", "mean", "std", "n")]
+    ``line_key``, one panel per combination of the other keys of the curves. Centralized
+    references are black: dashed along the rounds (same examples), dotted and flat where the
+    curve is ``flat`` (trained to convergence: the final value)."""
+    panel_keys = [k for k in curves[0]
+                  if k not in (line_key, "rounds", "mean", "std", "n", "flat")]
 
     def panel_of(curve: dict) -> str:
         return ", ".join(f"{k.split('.')[-1]}={curve[k]}" for k in panel_keys) or metric
 
     panels = list(dict.fromkeys(panel_of(c) for c in curves))
     lines = list(dict.fromkeys(str(c[line_key]) for c in curves))
+    federated = [name for name in lines if not name.startswith("centralized")]
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False,
@@ -229,11 +234,18 @@ def plot_round_curves(curves: list[dict], line_key: str, metric: str, path: Path
     colours = plt.get_cmap("tab10")
     for ax, panel in zip(axes.flat, panels):
         for curve in (c for c in curves if panel_of(c) == panel):
-            colour = colours(lines.index(str(curve[line_key])) % 10)
-            rounds, mean, std = (np.array(curve[k], dtype=float) for k in ("rounds", "mean",
-                                                                              "std"))
-            ax.plot(rounds, mean, color=colour, label=str(curve[line_key]))
-            ax.fill_between(rounds, mean - std, mean + std, color=colour, alpha=0.2)
+            name = str(curve[line_key])
+            central = name not in federated
+            colour = "black" if central else colours(federated.index(name) % 10)
+            mean, std = (np.array(curve[k], dtype=float) for k in ("mean", "std"))
+            if curve.get("flat"):
+                ax.axhline(mean[0], color=colour, linestyle=":", label=name)
+                ax.axhspan(mean[0] - std[0], mean[0] + std[0], color=colour, alpha=0.08)
+                continue
+            rounds = np.array(curve["rounds"], dtype=float)
+            ax.plot(rounds, mean, color=colour, linestyle="--" if central else "-", label=name)
+            ax.fill_between(rounds, mean - std, mean + std, color=colour,
+                            alpha=0.1 if central else 0.2)
         ax.set_title(panel, fontsize="medium")
         _whole_rounds(ax)
         ax.set_xlabel("round")
@@ -241,9 +253,14 @@ def plot_round_curves(curves: list[dict], line_key: str, metric: str, path: Path
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(lines), 8),
-               title=line_key, frameon=False)
-    fig.tight_layout(rect=(0, 0.08 if rows > 1 else 0.14, 1, 1))
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:  # every line once, whichever panel it first appears in
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="lower center",
+               ncol=min(len(handles), 5), title=line_key, frameon=False)
+    legend_rows = -(-len(handles) // 5)
+    fig.tight_layout(rect=(0, min(0.4, (0.05 + 0.04 * legend_rows) * (2 if rows == 1 else 1)),
+                           1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -15,6 +15,7 @@ import copy
 import csv
 import json
 import math
+import tomllib
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fedtune.config import Config, ConfigError, to_toml
+from fedtune.config import Config, ConfigError, TrackingSection, from_dict, to_toml
 from fedtune.results.env_info import environment
 from fedtune.results.lock import LOCK_NAME
 
@@ -232,6 +233,22 @@ class RunDirectory:
 
     def clients(self) -> list[dict[str, str]]:
         return read_csv(self.clients_csv)
+
+
+def is_finished(run_dir: Path, config: Config) -> bool:
+    """True when the run in ``run_dir`` finished with this config (another config - a changed
+    sweep file, say - runs again). The saved config is read with today's defaults, so a key
+    added since with a default does not count; ``[tracking]`` does not count either (where
+    results are logged does not change them)."""
+    summary, saved = run_dir / "summary.json", run_dir / "config.toml"
+    if not summary.is_file() or not saved.is_file():
+        return False
+    finished = from_dict(tomllib.loads(saved.read_text(encoding="utf-8")))
+    finished.tracking, wanted = TrackingSection(), copy.copy(config)
+    wanted.tracking = TrackingSection()
+    if finished != wanted:
+        return False
+    return json.loads(summary.read_text()).get("status") == "finished"
 
 
 def json_safe(value: Any) -> Any:

@@ -33,9 +33,10 @@ def run_title(config: Config) -> str:
 
 def build_summary(config: Config, resources: TaskResources, run_dir: RunDirectory,
                   final_eval: EvalResult, total_s: float, stop_reason: str,
-                  **sections: dict[str, Any]) -> dict[str, Any]:
+                  final_round: int | None = None, **sections: Any) -> dict[str, Any]:
     """summary.json: final and best metrics, the dataset, bytes, time, faults and the given
-    ``sections`` (the strategy, privacy and runtime parts the server knows)."""
+    ``sections`` (the strategy, privacy and runtime parts the server knows). ``final`` is the
+    metrics.csv row of ``final_round`` (default: the last row), the model that was kept."""
     rows = run_dir.metrics()
     federation = resources.federation
     majority = majority_class_accuracy(resources)
@@ -43,6 +44,8 @@ def build_summary(config: Config, resources: TaskResources, run_dir: RunDirector
     accuracies = [(a, r) for a, r in accuracies if a is not None]
     best_accuracy, best_round = max(accuracies) if accuracies else (None, None)
     final = rows[-1] if rows else {}
+    if final_round is not None:
+        final = next(r for r in rows if int(r["round"]) == final_round)
     client_sizes = [len(r) for r in federation.client_train_rows]
     summary = {
         "run_dir": str(run_dir.path),

@@ -36,6 +36,7 @@ from fedtune.server.identity import identify_nodes
 from fedtune.server.listeners import (
     AuditWriter,
     BestModel,
+    CentralizedReference,
     FinalArtifacts,
     NoUpdateStop,
     PrivacyStop,
@@ -143,9 +144,10 @@ def play_all_rounds(run: FederatedRun, run_dir: RunDirectory, plan: PrivacyPlan,
     # SecAgg+ completes a round's rows before any other listener reads them
     listeners: list[RunListener] = [SecAggRecorder()] if isinstance(run.strategy,
                                                                      SecAggPlus) else []
+    reference = [CentralizedReference(artifacts)] if config.run.reference else []
     listeners += [
         NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir),
-        *([BestModel(run_dir)] if config.run.save_best else []), artifacts,
+        *([BestModel(run_dir)] if config.run.save_best else []), *reference, artifacts,
         AuditWriter(run_dir, plan),
         *([Tracking(chosen, run_dir)] if (chosen := trackers(config)) else []),
         ProgressListener(reporter, run_dir, artifacts), checkpointer,

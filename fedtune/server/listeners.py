@@ -8,12 +8,14 @@
 3. ``RoundWriter``: one metrics.csv row and the clients.csv rows of each round, and what the
    strategy aggregated from the train replies (strategy_metrics.jsonl).
 4. ``BestModel`` (``run.save_best``): the model of the best round so far, in model_best/.
-5. ``FinalArtifacts``: the final model, plots and summary.json.
-6. ``AuditWriter``: with ``privacy.audit``, the empirical privacy audit of the final model
+5. ``CentralizedReference`` (with ``run.reference = true``): trains (or reuses) the run's
+   centralized reference and hands ``centralized_accuracy`` to summary.json.
+6. ``FinalArtifacts``: the final model, plots and summary.json.
+7. ``AuditWriter``: with ``privacy.audit``, the empirical privacy audit of the final model
    (``fedtune.audit``: audit.json, plots/audit.png).
-7. ``Tracking`` (``[tracking]``): TensorBoard and MLflow (``fedtune.results.tracking``).
-8. ``ProgressListener``: the live reporter (a terminal, or log lines).
-9. ``fedtune.server.resume.Checkpointer``: the checkpoint after each round (and on abort).
+8. ``Tracking`` (``[tracking]``): TensorBoard and MLflow (``fedtune.results.tracking``).
+9. ``ProgressListener``: the live reporter (a terminal, or log lines).
+10. ``fedtune.server.resume.Checkpointer``: the checkpoint after each round (and on abort).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flwr.common import log
 
 from fedtune import protocol
 from fedtune.audit.report import run_audit, save_canary_release, write_audit
+from fedtune.centralized import ensure_reference, reference_path, reference_section
 from fedtune.models.build import build_model, save_model
 from fedtune.models.weights import load_shared_state, shared_state
 from fedtune.privacy.mode import PrivacyPlan
@@ -104,7 +107,8 @@ class BestModel(RunListener):
 
 
 class FinalArtifacts(RunListener):
-    """The final model, the plots and summary.json, when every round is done."""
+    """The final model, the plots and summary.json, when every round is done; ``extra`` holds
+    what listeners before it add to summary.json."""
 
     def __init__(self, run_dir: RunDirectory, plan: PrivacyPlan,
                  runtime: dict[str, Any] | None = None) -> None:
@@ -112,6 +116,7 @@ class FinalArtifacts(RunListener):
         self.plan = plan
         self.runtime = runtime  # None: engine.backend's, as the runtime table describes it
         self.summary: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {}
 
     def run_ended(self, run: FederatedRun, final: EvalResult) -> None:
         config, resources = run.config, run.resources
@@ -132,10 +137,26 @@ class FinalArtifacts(RunListener):
             privacy=run.privacy.summary(config, self.plan),
             runtime=self.runtime or {
                 "backend": config.engine.backend,
-                "reproducible": RUNTIMES[config.engine.backend].reproducible})
+                "reproducible": RUNTIMES[config.engine.backend].reproducible},
+            **self.extra)
         if config.run.save_best and self.run_dir.best_model_dir.is_dir():
             self.summary["best"]["model"] = self.run_dir.best_model_dir.name
         self.run_dir.write_json("summary.json", self.summary)
+
+
+class CentralizedReference(RunListener):
+    """``run.reference = true``: when the rounds are done, the centralized reference
+    (``fedtune.centralized``) is trained - or a finished one in ``run.reference_dir`` reused -
+    before summary.json is written, so a finished run always has ``centralized_accuracy``."""
+
+    def __init__(self, artifacts: FinalArtifacts) -> None:
+        self.artifacts = artifacts
+
+    def run_ended(self, run: FederatedRun, final: EvalResult) -> None:
+        log(INFO, "fedtune: centralized reference in %s", reference_path(run.config))
+        run.progress(run.state.server_round, "central", 0, 1)
+        reference = ensure_reference(run.config)
+        self.artifacts.extra.update(reference_section(reference, final.accuracy))
 
 
 class AuditWriter(RunListener):

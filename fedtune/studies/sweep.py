@@ -37,17 +37,26 @@ every other combination. Optional ``[sweep]`` keys, each naming a grid key: ``x`
 that key, one column per combination of the other keys) and ``curves`` (``curves.png``: the
 metric against the round, mean ± std band over seeds, one line per value of that key, one panel
 per combination of the other keys).
+
+``centralized = ["examples", "converged"]`` adds centralized reference rows
+(``engine.backend = "central"``, ``fedtune.centralized``): one per combination of the grid
+values that can change a centralized run (``fedtune.config.affects_centralized``: the data,
+model, local optimizer, rounds, seed, clients per round); the other grid keys read
+"centralized" (same examples as the federated runs) or "centralized (converged)", and when
+every grid key changes a centralized run a ``training`` column tells the rows apart. The
+tables then have a ``gap_to_centralized`` column (the matching "examples" reference minus the
+row's mean), the curves a centralized line. A base config with ``run.reference = true`` implies
+"examples", and its points reuse the sweep's reference runs for their summary.json.
+``--parallel N`` (``run_sweep(..., parallel=N)``) runs N points at a time in child processes.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import itertools
 import json
 import re
 import shutil
-import tomllib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -59,13 +68,16 @@ from fedtune.config import (
     ConfigError,
     ConfigWarning,
     NoEffect,
-    TrackingSection,
+    affects_centralized,
+    centralized_config,
     from_dict,
     keys_without_effect,
     parse_override,
     read_toml,
     toml_value,
 )
+from fedtune.results.run_dir import is_finished
+from fedtune.studies.parallel import check_parallel, run_points
 
 SEED_KEY = "run.seed"
 FINAL_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "train_loss",
@@ -73,6 +85,9 @@ FINAL_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "train_loss",
 TOTALS = ("best_eval_accuracy", "epsilon", "audit_epsilon", "total_bytes", "total_bytes_up",
           "total_time_s")
 GRID_KEY_OPTIONS = ("x", "series", "rows", "curves")  # [sweep] keys whose value is a grid key
+# what a centralized row's grid keys that do not change it read, per sweep.centralized kind
+CENTRAL_LABELS = {"examples": "centralized", "converged": "centralized (converged)"}
+TRAINING_KEY = "training"  # tells rows apart when every grid key changes a centralized run
 
 
 @dataclass
@@ -87,9 +102,12 @@ class SweepSpec:
     extra: dict[str, Any] = field(default_factory=dict)  # other [sweep] keys, for callers
     reference: dict[str, Any] = field(default_factory=dict)  # keys of the reference runs
     selection: dict[str, list[Any]] = field(default_factory=dict)  # --grid: what may run
+    centralized: list[str] = field(default_factory=list)  # kinds of centralized rows
 
     def selects(self, run: SweepRun) -> bool:
-        return all(run.values.get(k) in allowed for k, allowed in self.selection.items())
+        """Whether ``--grid`` lets ``run`` run (a centralized row: by the keys it has)."""
+        return all(run.values.get(k) in allowed for k, allowed in self.selection.items()
+                   if not run.central or k in central_keys(self))
 
     @property
     def directory(self) -> Path:
@@ -104,6 +122,7 @@ class SweepRun:
     config: Config
     slug: str
     given: frozenset[str] = frozenset()  # the keys the sweep file and the grid set
+    central: str = ""  # the sweep.centralized kind of a centralized row
 
 
 def _check_key(key: str) -> tuple[str, str]:
@@ -190,8 +209,10 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = (),
     spec = SweepSpec(name=str(sweep.pop("name", file.stem)),
                      output_dir=str(sweep.pop("output_dir", "sweeps")),
                      metric=metric, base=raw, grid=grid, extra=sweep, reference=reference,
-                     selection=parse_selection(selection, grid))
+                     selection=parse_selection(selection, grid),
+                     centralized=_centralized_kinds(sweep.pop("centralized", []), raw))
     runs = expand_reference(spec) + expand(spec)  # every point must be a valid config
+    expand_central(spec)
     for ignored in unused_by_every_point(runs):
         warnings.warn(f"{ignored.message()} (and in every other point of the sweep)",
                       ConfigWarning, stacklevel=2)
@@ -204,6 +225,17 @@ def unused_by_every_point(runs: list[SweepRun]) -> list[NoEffect]:
     per_point = [{n.key: n for n in keys_without_effect(run.config, run.given)} for run in runs]
     common = set.intersection(*(set(found) for found in per_point)) if per_point else set()
     return [found for key, found in per_point[0].items() if key in common] if common else []
+
+
+def _centralized_kinds(kinds: Any, base: dict[str, Any]) -> list[str]:
+    """``sweep.centralized``, with "examples" added when the base asks every run for its
+    reference (``run.reference = true``)."""
+    if not isinstance(kinds, list) or not set(kinds) <= set(CENTRAL_LABELS):
+        raise ConfigError(f"sweep.centralized = {kinds!r} is not allowed: must be a list of "
+                          + ", ".join(repr(k) for k in CENTRAL_LABELS))
+    if base.get("run", {}).get("reference") is True and "examples" not in kinds:
+        kinds = ["examples", *kinds]
+    return list(dict.fromkeys(kinds))
 
 
 def _slug(values: dict[str, Any]) -> str:
@@ -243,6 +275,9 @@ def _build(spec: SweepSpec, overrides: dict[str, Any], values: dict[str, Any],
     config.run.dir = str(spec.directory / "runs" / slug)
     if config.tracking.mlflow and not config.tracking.mlflow_experiment:
         config.tracking.mlflow_experiment = spec.name  # the points side by side in MLflow
+    kept = {k: values.get(k) for k in central_keys(spec)}
+    if config.run.reference and None not in kept.values():
+        config.run.reference_dir = str(spec.directory / "runs" / _central_slug("examples", kept))
     given = frozenset(f"{section}.{name}" for section, table in raw.items() for name in table)
     return SweepRun(values, config, slug, given)
 
@@ -261,8 +296,62 @@ def _combinations(spec: SweepSpec, axes: list[str]
 
 def expand(spec: SweepSpec) -> list[SweepRun]:
     """Every combination of the grid values, as validated configs."""
-    return [_build(spec, overrides, values, _slug(values))
+    runs = [_build(spec, overrides, values, _slug(values))
             for overrides, values in _combinations(spec, list(spec.grid))]
+    if needs_training_key(spec):
+        for run in runs:
+            run.values[TRAINING_KEY] = "federated"
+    return runs
+
+
+def _changes_centralized(spec: SweepSpec, axis: str) -> bool:
+    """Whether some value of grid ``axis`` sets a key that changes a centralized run."""
+    return any(affects_centralized(key) for value in spec.grid[axis]
+               for key in _overrides(axis, value))
+
+
+def central_axes(spec: SweepSpec) -> list[str]:
+    """The grid axes that change a centralized run (the rest do not: strategies, privacy...)."""
+    return [axis for axis in spec.grid if _changes_centralized(spec, axis)]
+
+
+def central_keys(spec: SweepSpec) -> list[str]:
+    """The names the ``central_axes`` set in a run's values."""
+    return [key for axis in central_axes(spec) for key in _axis_keys(axis)]
+
+
+def needs_training_key(spec: SweepSpec) -> bool:
+    """Centralized rows whose grid values alone would not tell them from federated ones."""
+    return bool(spec.centralized) and len(central_axes(spec)) == len(spec.grid)
+
+
+def table_keys(spec: SweepSpec) -> list[str]:
+    """What the rows of the sweep's tables are grouped by (the seed included)."""
+    return grid_keys(spec) + ([TRAINING_KEY] if needs_training_key(spec) else [])
+
+
+def _central_slug(kind: str, kept: dict[str, Any]) -> str:
+    return ("centralized" if kind == "examples" else "centralized-converged") + "_" + _slug(kept)
+
+
+def expand_central(spec: SweepSpec) -> list[SweepRun]:
+    """The centralized rows: one per ``sweep.centralized`` kind and combination of the grid
+    values that change a centralized run; the other grid keys read the kind's label (``x``,
+    if it is one of them, stays empty as in reference runs)."""
+    runs = []
+    axes = central_axes(spec)
+    for kind in spec.centralized:
+        label = CENTRAL_LABELS[kind]
+        for overrides, kept in _combinations(spec, axes):
+            slug = _central_slug(kind, kept)
+            federated = _build(spec, overrides, kept, slug).config
+            config = centralized_config(federated, kind, federated.run.dir)
+            values = {k: kept[k] if k in kept else
+                      None if k == spec.extra.get("x") else label for k in grid_keys(spec)}
+            if needs_training_key(spec):
+                values[TRAINING_KEY] = label
+            runs.append(SweepRun(values, config, slug, central=kind))
+    return runs
 
 
 def expand_reference(spec: SweepSpec) -> list[SweepRun]:
@@ -278,21 +367,6 @@ def expand_reference(spec: SweepSpec) -> list[SweepRun]:
         values = {k: labels.get(k, spec.reference.get(k)) for k in grid_keys(spec)}
         runs.append(_build(spec, overrides, values, "reference_" + _slug(labels)))
     return runs
-
-
-def is_finished(run_dir: Path, config: Config) -> bool:
-    """True when the run finished with this config (a changed sweep file reruns it). The saved
-    config is read with today's defaults, so a key added since with a default does not count;
-    ``[tracking]`` does not count either (where results are logged does not change them)."""
-    summary, saved = run_dir / "summary.json", run_dir / "config.toml"
-    if not summary.is_file() or not saved.is_file():
-        return False
-    finished = from_dict(tomllib.loads(saved.read_text(encoding="utf-8")))
-    finished.tracking, wanted = TrackingSection(), copy.copy(config)
-    wanted.tracking = TrackingSection()
-    if finished != wanted:
-        return False
-    return json.loads(summary.read_text()).get("status") == "finished"
 
 
 def result_row(run: SweepRun) -> dict[str, Any]:
@@ -314,35 +388,60 @@ def result_row(run: SweepRun) -> dict[str, Any]:
     return row
 
 
+def sweep_runs(spec: SweepSpec) -> list[SweepRun]:
+    """Every run of the sweep, in table order: centralized rows, reference runs, the grid."""
+    return expand_central(spec) + expand_reference(spec) + expand(spec)
+
+
 def run_sweep(spec: SweepSpec, run_one: Callable[[Config], Any],
               on_run: Callable[[int, int, SweepRun, str], None] | None = None,
-              before_run: Callable[[int, int, SweepRun], None] | None = None
-              ) -> list[dict[str, Any]]:
-    """Run every unfinished point that ``--grid`` selects with ``run_one``; returns one result
-    row per point run or finished before. ``before_run`` / ``on_run`` hear of each such point
-    (its number among them, how many there are; ``on_run`` also "done" or why it was
-    skipped)."""
+              before_run: Callable[[int, int, SweepRun], None] | None = None,
+              parallel: int = 1) -> list[dict[str, Any]]:
+    """Run every unfinished point that ``--grid`` selects with ``run_one``, ``parallel`` at a
+    time (in child processes when more than one: ``fedtune.studies.parallel``; ``run_one``
+    must then be importable by name); returns one result row per point run or finished
+    before, in table order. ``before_run(number, total, run)`` before a point runs (one at a
+    time only), ``on_run(done, total, run, status)`` as each point is skipped or finishes.
+    Centralized rows run first when the points reuse them (``run.reference``)."""
+    runs = sweep_runs(spec)
+    finished = [is_finished(Path(run.config.run.dir), run.config) for run in runs]
+    todo = [i for i, run in enumerate(runs) if not finished[i] and spec.selects(run)]
+    check_parallel(parallel, [runs[i].config for i in todo])
     spec.directory.mkdir(parents=True, exist_ok=True)
-    runs = [(run, is_finished(Path(run.config.run.dir), run.config))
-            for run in expand_reference(spec) + expand(spec)]
-    runs = [(run, finished) for run, finished in runs if finished or spec.selects(run)]
-    rows = []
-    for index, (run, finished) in enumerate(runs, start=1):
-        run_dir = Path(run.config.run.dir)
-        if finished:
-            status = "skipped: finished before"
-        else:
-            if before_run is not None:
-                before_run(index, len(runs), run)
+    shown = [i for i in range(len(runs)) if finished[i] or i in todo]
+    rows: dict[int, dict[str, Any]] = {}
+
+    def record(index: int, status: str) -> None:
+        rows[index] = result_row(runs[index])
+        write_results(spec, [rows[i] for i in sorted(rows)])
+        if on_run is not None:
+            on_run(len(rows), len(shown), runs[index], status)
+
+    for index in shown:
+        if finished[index]:
+            record(index, "skipped: finished before")
+    for stage in _stages(runs, todo):
+        for index in stage:
+            run_dir = Path(runs[index].config.run.dir)
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # an interrupted or changed run starts again
-            run_one(run.config)
-            status = "done"
-        rows.append(result_row(run))
-        write_results(spec, rows)
-        if on_run is not None:
-            on_run(index, len(runs), run, status)
-    return rows
+        if parallel == 1:
+            for index in stage:
+                if before_run is not None:
+                    before_run(len(rows) + 1, len(shown), runs[index])
+                run_one(runs[index].config)
+                record(index, "done")
+        else:
+            run_points([runs[i].config for i in stage], run_one, parallel,
+                       lambda position, stage=stage: record(stage[position], "done"))
+    return [rows[i] for i in sorted(rows)]
+
+
+def _stages(runs: list[SweepRun], todo: list[int]) -> list[list[int]]:
+    """The points to run, in stages: the centralized rows before points that reuse them."""
+    if not any(runs[i].config.run.reference for i in todo):
+        return [todo]
+    return [[i for i in todo if runs[i].central], [i for i in todo if not runs[i].central]]
 
 
 def write_results(spec: SweepSpec, rows: list[dict[str, Any]]) -> Path:

@@ -18,7 +18,18 @@ from typing import Any
 import numpy as np
 
 from fedtune.results.run_dir import read_csv
-from fedtune.studies.sweep import SEED_KEY, SweepSpec, expand, grid_keys, is_finished
+from fedtune.studies.sweep import (
+    CENTRAL_LABELS,
+    SEED_KEY,
+    TRAINING_KEY,
+    SweepSpec,
+    central_keys,
+    expand,
+    grid_keys,
+    is_finished,
+    needs_training_key,
+    table_keys,
+)
 
 
 def group_rows(rows: list[dict[str, Any]], keys: list[str], metric: str
@@ -45,14 +56,18 @@ def group_rows(rows: list[dict[str, Any]], keys: list[str], metric: str
 
 def write_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """table.csv and table.md: mean ± std of the metric over seeds, per other grid values,
-    then the mean of each of ``sweep.columns``, and the mean ε spent where runs were private."""
-    keys = [k for k in grid_keys(spec) if k != SEED_KEY]
+    then the mean of each of ``sweep.columns``, the mean ε spent where runs were private and
+    the gap to the centralized reference where the sweep has one."""
+    keys = [k for k in table_keys(spec) if k != SEED_KEY]
     table = group_rows(rows, keys, spec.metric)
     columns = list(spec.extra.get("columns", []))
     for column in columns:
         means = group_rows(rows, keys, column)
         for entry, extra in zip(table, means, strict=True):
             entry[column] = extra["mean"]
+    if "examples" in spec.centralized:
+        add_gaps(spec, table)
+        columns.append("gap_to_centralized")
     if any(row.get("epsilon") is not None for row in rows):
         for entry, spent in zip(table, group_rows(rows, keys, "epsilon"), strict=True):
             entry["epsilon_spent"] = spent["mean"]
@@ -66,10 +81,38 @@ def write_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, A
     return table
 
 
+def central_kind(spec: SweepSpec, entry: dict[str, Any]) -> str:
+    """The ``sweep.centralized`` kind of a row or table entry ("" for a federated one)."""
+    labels = {label: kind for kind, label in CENTRAL_LABELS.items()}
+    keys = [TRAINING_KEY] if needs_training_key(spec) else [
+        k for k in grid_keys(spec) if k not in central_keys(spec)]
+    return next((labels[entry[k]] for k in keys
+                 if isinstance(entry.get(k), str) and entry[k] in labels), "")
+
+
+def add_gaps(spec: SweepSpec, table: list[dict[str, Any]]) -> None:
+    """``gap_to_centralized`` of every federated entry: the mean of the centralized
+    ("examples") entry with the same values of the keys that change a centralized run, minus
+    the entry's mean - how far short of pooling the data the federation falls."""
+    kept = [k for k in central_keys(spec) if k != SEED_KEY]
+
+    def signature(entry: dict[str, Any]) -> str:
+        return json.dumps([entry.get(k) for k in kept])
+
+    references = {signature(e): e["mean"] for e in table if central_kind(spec, e) == "examples"}
+    for entry in table:
+        reference = None if central_kind(spec, entry) else references.get(signature(entry))
+        entry["gap_to_centralized"] = (None if reference is None or entry["mean"] is None
+                                       else reference - entry["mean"])
+
+
 def _cell(column: str, value: Any) -> str:
-    """Bytes in MB, seconds whole, ε with three digits, scores with four decimals."""
+    """Bytes in MB, seconds whole, ε with three digits, gaps signed, scores with four
+    decimals."""
     if value is None:
         return "-"
+    if column == "gap_to_centralized":
+        return f"{value:+.4f}"
     if "bytes" in column:
         return f"{value / 1e6:,.2f}"
     if column.endswith("_s"):
@@ -89,8 +132,8 @@ def _text(value: Any) -> str:
 
 def markdown_table(table: list[dict[str, Any]], keys: list[str], metric: str,
                    columns: Sequence[str] = ()) -> str:
-    titles = [f"{c} (MB)" if "bytes" in c else "ε spent" if c == "epsilon_spent" else c
-              for c in columns]
+    names = {"epsilon_spent": "ε spent", "gap_to_centralized": "gap to centralized"}
+    titles = [f"{c} (MB)" if "bytes" in c else names.get(c, c) for c in columns]
     header = [*keys, f"{metric} (mean ± std)", "runs", *titles]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in table:
@@ -118,7 +161,8 @@ def run_curves(spec: SweepSpec) -> list[tuple[str, list[dict[str, str]]]]:
 
 
 def _other_keys(spec: SweepSpec, *exclude: str) -> list[str]:
-    return [k for k in spec.grid if k != SEED_KEY and k not in exclude]
+    keys = [*spec.grid, *([TRAINING_KEY] if needs_training_key(spec) else [])]
+    return [k for k in keys if k != SEED_KEY and k not in exclude]
 
 
 def pivot_markdown(table: list[dict[str, Any]], row_key: str, column_keys: list[str],
@@ -151,14 +195,25 @@ def write_pivot(spec: SweepSpec, table: list[dict[str, Any]], row_key: str) -> P
 
 def round_curves(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per-round mean and std of the metric over seeds (from each run's metrics.csv), for every
-    combination of the other grid keys."""
+    combination of the other grid keys. Centralized runs to convergence count epochs, not
+    rounds: theirs is a flat curve (``"flat": True``) at the mean of their final metric."""
     keys = _other_keys(spec)
     groups: dict[str, list[list[float]]] = {}
+    flat: dict[str, list[float]] = {}
     for row in rows:
+        group = json.dumps([row[k] for k in keys])
+        if central_kind(spec, row) == "converged":
+            flat.setdefault(group, []).append(row[spec.metric])
+            continue
         metrics = read_csv(Path(row["run_dir"]) / "metrics.csv")
         values = [float(r[spec.metric]) if r.get(spec.metric) else math.nan for r in metrics]
-        groups.setdefault(json.dumps([row[k] for k in keys]), []).append(values)
+        groups.setdefault(group, []).append(values)
     curves = []
+    for key, finals in flat.items():
+        entry = dict(zip(keys, json.loads(key), strict=True))
+        entry.update(rounds=[], mean=[float(np.mean(finals))], flat=True, n=len(finals),
+                     std=[float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0])
+        curves.append(entry)
     for key, runs in groups.items():
         stacked = np.array(runs, dtype=float)  # runs of one group have the same rounds
         mean = np.nanmean(stacked, axis=0)

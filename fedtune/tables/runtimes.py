@@ -6,7 +6,8 @@ everything again; declares the ``[engine]`` keys it owns; and says what it can p
 whether checkpoints can hold the clients' ``Context.state`` (its Grid is a
 ``fedtune.server.grid.SimulatedGrid``) and whether the same config gives the same metrics.
 Adding a runtime: write its launcher and Grid (``fedtune/engine/<runtime>.py``) and add one
-entry here.
+entry here. ``central`` is the one runtime without a federation: its launcher trains the
+centralized reference (``fedtune.centralized``) and writes the same run directory.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fedtune.errors import ConfigError
 from fedtune.tables import Entry, Key
 
 if TYPE_CHECKING:
@@ -27,6 +29,32 @@ class RuntimeEntry(Entry):
     reproducible: bool = True  # the same config gives the same metrics, run after run
     check: Callable[[Config], None] | None = None
     starting: str = "starting the clients"  # what the user is told while it starts
+
+
+def _check_central(config: Config) -> None:
+    """A centralized run trains the pooled data without any federated mechanism."""
+    if config.privacy.mode != "none":
+        raise ConfigError(f"privacy.mode = {config.privacy.mode!r} is not allowed with "
+                          "engine.backend = 'central': must be 'none' (the centralized "
+                          "reference pools the data without privacy)")
+    faulty = [name for name, value in vars(config.faults).items()
+              if name.endswith(("_fraction", "_probability")) and value]
+    if faulty:
+        raise ConfigError(f"faults.{faulty[0]} = {getattr(config.faults, faulty[0])!r} is not "
+                          "allowed with engine.backend = 'central': must be 0 (there are no "
+                          "clients to misbehave)")
+    if config.data.dataset == "files":
+        raise ConfigError("data.dataset = 'files' is not allowed with engine.backend = "
+                          "'central': must be a benchmark dataset (the parties' files are "
+                          "never pooled)")
+    if config.engine.central_until == "converged" and config.data.local_test_fraction == 0:
+        raise ConfigError("data.local_test_fraction = 0 is not allowed with "
+                          "engine.central_until = 'converged': must be > 0 (the clients' "
+                          "pooled local test splits decide when training has converged)")
+    if config.run.resume:
+        raise ConfigError("run.resume = true is not allowed with engine.backend = 'central': "
+                          "must be false (a centralized run keeps no checkpoint; start it "
+                          "again)")
 
 
 RUNTIMES: dict[str, RuntimeEntry] = {
@@ -50,6 +78,19 @@ RUNTIMES: dict[str, RuntimeEntry] = {
         "every client in this process, one after another (no Ray; for debugging)",
         implementation="fedtune.engine.inprocess:run_inprocess",
         starting="building the global model"),
+    "central": RuntimeEntry(
+        "no federation: the centralized reference, the same model, data pipeline, optimizer "
+        "and global test set trained on the union of the clients' training splits",
+        keys={
+            "central_until": Key("examples", "examples = as many training examples as the "
+                                             "federated run (run.rounds rows); converged = "
+                                             "epochs until the loss on the clients' pooled "
+                                             "local test splits stops improving",
+                                 choices=("examples", "converged")),
+        },
+        implementation="fedtune.engine.central:run_central", client_states=False,
+        check=_check_central,
+        starting="loading the pooled training data"),
 }
 
 

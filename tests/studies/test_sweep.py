@@ -15,7 +15,14 @@ import pytest
 from fedtune.config import ConfigError
 from fedtune.engine.inprocess import run_inprocess
 from fedtune.results.plots import plot_curves
-from fedtune.studies.sweep import expand, expand_reference, load_sweep, result_row, run_sweep
+from fedtune.studies.sweep import (
+    expand,
+    expand_central,
+    expand_reference,
+    load_sweep,
+    result_row,
+    run_sweep,
+)
 from fedtune.studies.tables import group_rows, markdown_table, round_curves, run_curves, write_table
 
 SWEEP = """
@@ -222,14 +229,67 @@ def test_plot_options_must_name_grid_keys(tmp_path):
                                                   'curves = "strategy.name"')))
 
 
-def test_the_non_iid_study_is_a_valid_sweep():
+NON_IID_STRATEGIES = {"fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "fednova", "feddyn"}
+
+
+@pytest.mark.parametrize("name, dataset, dirichlet, shards", [
+    ("non_iid.toml", "bbc_news", "dirichlet", 2),
+    ("non_iid_rotten_tomatoes.toml", "rotten_tomatoes", "inner_dirichlet", 1)])
+def test_the_non_iid_grids_are_valid_sweeps_with_fixed_hyper_parameters(name, dataset, dirichlet,
+                                                                          shards):
     from tests.conftest import REPO
 
-    spec = load_sweep(REPO / "simulations" / "non_iid.toml")
+    spec = load_sweep(REPO / "simulations" / name)
+    runs, central = expand(spec), expand_central(spec)
+    assert len(runs) == 7 * 4 * 3 and len(central) == 4 * 3  # partitions x seeds
+    assert {r.values["strategy.name"] for r in runs} == NON_IID_STRATEGIES
+    partitions = {(r.config.data.partitioner, r.config.data.labels_per_client
+                   if r.config.data.partitioner == "shards" else r.config.data.alpha)
+                  for r in runs}
+    assert partitions == {(dirichlet, 0.1), (dirichlet, 0.5), (dirichlet, 100.0),
+                          ("shards", shards)}
+    for run in runs:
+        config = run.config
+        assert config.data.dataset == dataset and config.client.optimizer == "sgd"
+        assert (config.strategy.proximal_mu, config.strategy.server_momentum,
+                config.strategy.fedopt_eta, config.strategy.feddyn_alpha) == (0.01, 0.9, 0.01,
+                                                                              0.01)
+    assert {r.config.engine.backend for r in central} == {"central"}
+
+
+def test_the_client_drift_study_varies_local_work_under_strong_skew():
+    from tests.conftest import REPO
+
+    spec = load_sweep(REPO / "simulations" / "client_drift.toml")
     runs = expand(spec)
-    assert {r.values["strategy.name"] for r in runs} == {"fedavg", "scaffold"}
-    assert all(r.config.client.optimizer == "sgd" and r.config.data.dataset == "bbc_news"
-               for r in runs)
+    assert len(runs) == 3 * 4 * 3 and len(expand_central(spec)) == 4 * 3
+    work = {(r.values["local"], r.config.client.local_steps, r.config.client.local_epochs)
+            for r in runs}
+    assert work == {("1 step", 1, 1), ("5 steps", 5, 1), ("20 steps", 20, 1),
+                    ("1 epoch", 0, 1)}
+    assert {(r.config.data.partitioner, r.config.data.alpha) for r in runs} == {
+        ("dirichlet", 0.1)}
+
+
+@pytest.mark.slow
+def test_a_tiny_non_iid_grid_runs_with_its_centralized_row(tmp_path):
+    """Two of the grid's own-module strategies on the pathological split, two rounds on a
+    300-example subsample: every point finishes and the table has the gap to centralized."""
+    from fedtune.cli import main
+    from tests.conftest import REPO
+
+    text = (REPO / "simulations" / "non_iid.toml").read_text()
+    file = tmp_path / "non_iid.toml"
+    file.write_text(text.replace("[sweep]\n", f'[sweep]\noutput_dir = "{tmp_path}"\n', 1))
+    assert main(["sweep", str(file), "--set", "run.rounds=2", "--set", "data.max_examples=300",
+                 "--grid", 'strategy.name=["fednova", "feddyn"]', "--grid",
+                 'partition=["shards-2"]', "--grid", "run.seed=[0]"]) == 0
+    with (tmp_path / "non-iid-bbc" / "results.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["strategy.name"] for r in rows] == ["centralized", "fednova", "feddyn"]
+    assert all(0.0 <= float(r["eval_accuracy"]) <= 1.0 for r in rows)
+    table = (tmp_path / "non-iid-bbc" / "table.md").read_text().splitlines()
+    assert "gap to centralized" in table[0] and len(table) == 2 + 3
 
 
 def test_the_privacy_utility_study_is_a_valid_sweep_whose_dp_plans_all_hold():
@@ -299,3 +359,136 @@ def test_markdown_table_shows_epsilon_spent_and_infinity():
     assert "| privacy.target_epsilon | eval_accuracy (mean ± std) | runs | ε spent |" in text
     assert "| inf | 0.7500 ± 0.0100 | 3 | inf |" in text
     assert "| 1 | 0.6000 ± 0.0200 | 3 | 0.998 |" in text
+
+
+CENTRAL_SWEEP = STRATEGY_SWEEP.replace('curves = "strategy.name"',
+                                       'curves = "strategy.name"\n'
+                                       'centralized = ["examples", "converged"]').replace(
+    "[engine]", "[engine]\ncentral_max_epochs = 4\ncentral_patience = 2").replace(
+    '"data.alpha" = [0.5, 5.0]', '"data.alpha" = [5.0]')
+
+
+def test_centralized_rows_give_the_gap_and_a_line_in_the_curves(tmp_path):
+    from fedtune.cli import main
+
+    file = _write(tmp_path, CENTRAL_SWEEP)
+    spec = load_sweep(file)
+    central = expand_central(spec)  # one per kind, alpha and seed; strategies share them
+    assert len(central) == 2 * 2  # kinds x seeds
+    assert {r.values["strategy.name"] for r in central} == {"centralized",
+                                                             "centralized (converged)"}
+    assert all(r.config.engine.backend == "central" for r in central)
+    assert {r.config.engine.central_max_epochs for r in central} == {4}
+    assert main(["sweep", str(file)]) == 0
+    rows = [result_row(run) for run in expand(spec) + central]
+    table = write_table(spec, rows)
+
+    def mean(strategy, alpha):
+        return np.mean([r["eval_accuracy"] for r in rows
+                        if r["strategy.name"] == strategy and r["data.alpha"] == alpha])
+
+    fedavg = next(e for e in table if e["strategy.name"] == "fedavg" and e["data.alpha"] == 5.0)
+    assert fedavg["gap_to_centralized"] == pytest.approx(mean("centralized", 5.0)
+                                                         - mean("fedavg", 5.0))
+    assert all(e["gap_to_centralized"] is None for e in table
+               if e["strategy.name"].startswith("centralized"))
+    directory = spec.directory
+    assert "| gap to centralized |" in (directory / "table.md").read_text().splitlines()[0]
+    wide = (directory / "table_wide.md").read_text()
+    assert "| centralized (converged) |" in wide and "| centralized |" in wide
+    curves = round_curves(spec, rows)
+    flat = [c for c in curves if c.get("flat")]
+    assert len(flat) == 1 and flat[0]["strategy.name"] == "centralized (converged)"
+    assert (directory / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # the federated runs' summaries have no reference of their own (run.reference is off)
+    assert "centralized_accuracy" not in json.loads(
+        (Path(rows[0]["run_dir"]) / "summary.json").read_text())
+
+
+def test_a_grid_whose_every_key_changes_the_reference_gets_a_training_column(tmp_path):
+    spec = load_sweep(_write(tmp_path, SWEEP.replace('x = "client.lr"', 'x = "client.lr"\n'
+                                                     'centralized = ["examples"]')))
+    central = expand_central(spec)
+    assert len(central) == 4  # client.lr and the seed both change a centralized run
+    assert {r.values["training"] for r in central} == {"centralized"}
+    assert {r.values["training"] for r in expand(spec)} == {"federated"}
+    rows = run_sweep(spec, run_inprocess_or_central)
+    table = write_table(spec, rows)
+    assert [(e["training"], e["client.lr"]) for e in table] == [
+        ("centralized", 0.001), ("centralized", 0.01), ("federated", 0.001),
+        ("federated", 0.01)]
+    assert table[2]["gap_to_centralized"] == pytest.approx(table[0]["mean"] - table[2]["mean"])
+
+
+def run_inprocess_or_central(config):
+    from fedtune.engine.launch import launch
+
+    return launch(config)
+
+
+def test_run_reference_in_a_sweep_trains_each_reference_once(tmp_path):
+    text = STRATEGY_SWEEP.replace("rounds = 2", "rounds = 2\nreference = true").replace(
+        '"data.alpha" = [0.5, 5.0]', '"data.alpha" = [5.0]')
+    spec = load_sweep(_write(tmp_path, text))
+    assert spec.centralized == ["examples"]
+    started = []
+
+    def run_one(config):
+        started.append(config.engine.backend)
+        return run_inprocess_or_central(config)
+
+    rows = run_sweep(spec, run_one)
+    assert started == ["central"] * 2 + ["inprocess"] * 4  # references first, once each
+    for row in rows:
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        if row["strategy.name"] == "centralized":
+            continue
+        reference = Path(summary["centralized"]["run_dir"])
+        assert reference.parent == spec.directory / "runs"
+        assert summary["centralized_accuracy"] == json.loads(
+            (reference / "summary.json").read_text())["final"]["eval_accuracy"]
+    selected = load_sweep(_write(tmp_path, text), selection=["strategy.name=fedavg"])
+    assert [r.slug for r in expand_central(selected) if selected.selects(r)] == [
+        r.slug for r in expand_central(spec)]
+
+
+def test_parallel_needs_a_runtime_in_its_own_process(tmp_path):
+    from fedtune.cli import main
+
+    file = _write(tmp_path, SWEEP.replace('backend = "inprocess"', 'backend = "ray"'))
+    assert main(["sweep", str(file), "--parallel", "2"]) == 2
+    assert not (tmp_path / "sweeps" / "tiny" / "runs").exists()
+
+
+@pytest.mark.slow
+def test_parallel_sweep_gives_the_sequential_results_and_resumes(tmp_path):
+    """Two child processes: the same bits as one process, one line per finished point, and
+    a rerun that only does what is missing."""
+    sequential = load_sweep(_write(tmp_path, SWEEP))
+    expected = {r["run_dir"].split("/")[-1]: r["eval_accuracy"]
+                for r in run_sweep(sequential, run_inprocess)}
+    parallel_file = tmp_path / "parallel.toml"
+    parallel_file.write_text(SWEEP.format(out=tmp_path / "par"))
+    command = [sys.executable, "-m", "fedtune", "sweep", str(parallel_file), "--parallel", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [line.split("]")[0] for line in result.stdout.splitlines()
+            if line.startswith("[")] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+    with (tmp_path / "par" / "tiny" / "results.csv").open() as handle:
+        got = {row["run_dir"].split("/")[-1]: float(row["eval_accuracy"])
+               for row in csv.DictReader(handle)}
+    assert got == pytest.approx(expected)
+    (tmp_path / "par" / "tiny" / "runs" / "lr=0.01_seed=1" / "summary.json").unlink()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("(done)") == 1 and again.stdout.count("skipped") == 3
+
+
+def test_the_reference_digits_study_has_centralized_rows_for_every_partition_and_seed():
+    from tests.conftest import REPO
+
+    spec = load_sweep(REPO / "simulations" / "reference_digits.toml")
+    central = expand_central(spec)
+    assert len(expand(spec)) == 2 * 3 and len(central) == 2 * 2 * 3
+    assert {r.config.engine.backend for r in central} == {"central"}
+    assert {r.config.engine.central_until for r in central} == {"examples", "converged"}
