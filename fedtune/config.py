@@ -261,7 +261,7 @@ EngineSection = section_class(
      "client_cpus": Key(1.0, "CPU cores reserved per simulated client", gt=0),
      "client_gpus": Key(0.0, "GPU fraction per simulated client (0.25 = 4 share one)", ge=0,
                         le=1),
-     "node_wait_s": Key(60.0, "how long the server waits for all clients (ray: its actors) to "
+     "node_wait_s": Key(300.0, "how long the server waits for all clients (ray: its actors) to "
                               "start", gt=0),
      "node_ids": Key([], "deployment: the node id of each client, in client order, as `flwr "
                          "supernode register` printed them; only these SuperNodes take part. "

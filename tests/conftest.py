@@ -32,9 +32,6 @@ def tiny_config(tmp_path: Path, *overrides: str, base: list[str] = MLP_DIGITS) -
     config = load_config(None, [*base, *overrides])
     if not config.run.dir:
         config.run.dir = str(tmp_path / "run")
-    if not any(o.startswith("engine.node_wait_s=") for o in overrides):
-        # Ray actors load data and model before round 1: give a busy shared machine time
-        config.engine.node_wait_s = 300.0
     return config
 
 

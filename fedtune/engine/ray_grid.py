@@ -260,7 +260,7 @@ class RayGrid(CohortGrid):
                    for node in (self._node(m) for m in messages)]
         blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec)
         if self._in_driver(messages[0].metadata.message_type, len(clients)):
-            return self._run_in_driver(content, blocks, timeout_s, progress)
+            return self._run_in_driver(content, blocks, timeout_s, progress, stop)
         cohort = _Cohort(self._put(content), len(blocks), len(clients))
         cohort.works = [_Work(blocks=[block], cohort=cohort) for block in blocks]
         self._queue.extend(cohort.works)
@@ -304,9 +304,11 @@ class RayGrid(CohortGrid):
         return client_s * clients * (1 - 1 / actors) < RAY_PHASE_S
 
     def _run_in_driver(self, content: RecordDict, blocks: list[BlockTask], timeout_s: float,
-                       progress: Callable[[int, int], None] | None) -> CohortResult:
+                       progress: Callable[[int, int], None] | None,
+                       stop: threading.Event | None = None) -> CohortResult:
         """The phase's blocks in this process, in order, with the actors' torch threads (a
-        client over ``timeout_s`` is reported as a timeout, as in process)."""
+        client over ``timeout_s`` is reported as a timeout, as in process; ``stop`` set ends
+        the phase between blocks with ``RunStopped``)."""
         resources = run_config_resources(self._factory.run_config)
         decoded = DecodedContent.of(content)
         threads = torch.get_num_threads()
@@ -314,6 +316,9 @@ class RayGrid(CohortGrid):
         results, done = [], 0
         try:
             for block in blocks:
+                if stop is not None and stop.is_set():
+                    raise RunStopped(f"stopped with {sum(len(b.clients) for b in blocks) - done}"
+                                     " clients to go")
                 result = run_block(resources, decoded, block, client_limit_s=timeout_s)
                 results.append(result)
                 for node, state in result.states.items():

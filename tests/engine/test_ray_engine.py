@@ -136,9 +136,9 @@ def test_small_phases_run_in_the_driver_once_a_clients_time_is_known(tmp_path, r
     where: list[tuple[str, str]] = []
     in_driver = ray_grid.RayGrid._run_in_driver
 
-    def run_in_driver(self, content, blocks, timeout_s, progress):
+    def run_in_driver(self, content, blocks, timeout_s, progress, stop=None):
         where.append((blocks[0].message_type, "driver"))
-        return in_driver(self, content, blocks, timeout_s, progress)
+        return in_driver(self, content, blocks, timeout_s, progress, stop)
 
     monkeypatch.setattr(ray_grid.RayGrid, "_run_in_driver", run_in_driver)
     monkeypatch.setattr(ray_grid, "RAY_PHASE_S", 1e6)
