@@ -229,6 +229,17 @@ def _accumulate(result: BlockResult, scratch: dict[str, np.ndarray],
     result.weight += weight
 
 
+def _add_total(total: dict[str, np.ndarray] | None,
+               more: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``total + more`` (in place; a copy of ``more`` when there is no total yet): the one
+    order in which block sums are added, so every way of combining them gives the same bits."""
+    if total is None:
+        return {name: value.copy() for name, value in more.items()}
+    for name, value in more.items():
+        total[name] += value
+    return total
+
+
 def add_blocks(blocks: list[BlockResult]) -> CohortResult:
     """A phase's result from its blocks, added in block order (so the sum has the same bits
     whichever worker ran which block); reports sorted by client id."""
@@ -238,11 +249,7 @@ def add_blocks(blocks: list[BlockResult]) -> CohortResult:
         cohort.updates.update(block.updates)
         if block.total is None:
             continue
-        if cohort.total is None:
-            cohort.total = {name: value.copy() for name, value in block.total.items()}
-        else:
-            for name, value in block.total.items():
-                cohort.total[name] += value
+        cohort.total = _add_total(cohort.total, block.total)
         cohort.total_weight += block.weight
     cohort.reports.sort(key=lambda r: r.client_id)
     return cohort
@@ -266,11 +273,7 @@ def join_singletons(index: int, parts: list[BlockResult]) -> BlockResult:
         joined.seconds += part.seconds
         if part.total is None:
             continue
-        if joined.total is None:
-            joined.total = {name: value.copy() for name, value in part.total.items()}
-        else:
-            for name, value in part.total.items():
-                joined.total[name] += value
+        joined.total = _add_total(joined.total, part.total)
         joined.weight += part.weight
     return joined
 
