@@ -16,12 +16,11 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from collections.abc import Iterable
 from logging import WARNING
 from pathlib import Path
 
 import tomli_w
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 from flwr.common import log
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
 from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -37,6 +36,7 @@ from fedtune.config import Config, from_run_config, to_run_config
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.app import run_federated
 from fedtune.server.exchange import RunStopped
+from fedtune.server.grid import WrappedGrid
 from fedtune.server.reporting import Reporter
 
 
@@ -59,7 +59,7 @@ def backend_config(config: Config) -> dict:
     }
 
 
-class PartitionOrderGrid(Grid):
+class PartitionOrderGrid(WrappedGrid):
     """Flower's simulation Grid, listing its node ids in partition order.
 
     Flower's simulation registers SuperNode i (partition-id i) i-th, and its in-memory link
@@ -67,34 +67,10 @@ class PartitionOrderGrid(Grid):
     instead of as a set ordered by their random values. Everything else is the wrapped Grid.
     """
 
-    def __init__(self, grid: Grid) -> None:
-        self._grid = grid
-
     def get_node_ids(self) -> list[int]:
-        online = set(self._grid.get_node_ids())
-        registered = [node.node_id for node in self._grid.state.get_node_info()]
+        online = set(self.grid.get_node_ids())
+        registered = [node.node_id for node in self.grid.state.get_node_info()]
         return [node for node in registered if node in online]
-
-    def set_run(self, run: Run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 def partition_order_server_app(reporter: Reporter | None,

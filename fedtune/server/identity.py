@@ -18,12 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fedtune.config import ConfigError
-from fedtune.server.grid import SimulatedGrid
+from fedtune.server.grid import SimulatedGrid, WrappedGrid
 
 
 class Identities:
@@ -82,33 +80,12 @@ def identify_nodes(grid: Grid, node_ids: Sequence[str], num_clients: int,
     return grid, Identities(node_to_client, fixed=False)
 
 
-class PinnedGrid(Grid):
+class PinnedGrid(WrappedGrid):
     """A Grid that shows only the pinned nodes, so no other node is ever sampled."""
 
     def __init__(self, grid: Grid, nodes: Iterable[int]) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.nodes = frozenset(nodes)
-
-    def set_run(self, run: Run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         return [node for node in self.grid.get_node_ids() if node in self.nodes]
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        return self.grid.send_and_receive(messages, timeout=timeout)
