@@ -42,7 +42,9 @@ from fedtune.train import evaluate
 class TrainedClient:
     """One client's training in one round, unpacked (what its reply message carries)."""
 
-    arrays: dict[str, np.ndarray] | None  # the model it sends back (None: it took no step)
+    # the model it sends back (None: it took no step); on CPU, views of the resident model's
+    # tensors, valid until the next client loads its weights
+    arrays: dict[str, np.ndarray] | None
     records: dict[str, ArrayRecord] = field(default_factory=dict)  # its strategy's extra ones
     metrics: dict[str, float | int] = field(default_factory=dict)
     status: str | None = None  # its privacy mode's STATUS reason (None: no such record)
@@ -74,7 +76,7 @@ def train_client(resources: TaskResources, client_id: int, server_round: int,
     trained = TrainedClient(arrays=None, status=local.status)
     extra_metrics: dict[str, float] = {}
     if result.num_steps:
-        local_arrays = shared_state(model)
+        local_arrays = shared_state(model, copy=False)  # the reply or the cohort copies them
         trained.records, extra_metrics = algorithm.reply(local_arrays, result.num_steps)
         trained.arrays = faults.corrupt_update(client_id, global_arrays, local_arrays)
     # a client that took no step (its privacy budget is spent) measured no loss

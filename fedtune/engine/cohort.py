@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, MessageType, RecordDict
 
 from fedtune import protocol
@@ -37,6 +38,8 @@ from fedtune.server.screening import check_claims, check_metric_values, check_up
 from fedtune.task import TaskResources
 
 BLOCKS_PER_ROUND = 64  # a round's cohort is cut into at most this many blocks
+EXACT_WEIGHT = 2**29  # float32 (24-bit significand) x an integer up to this is exact in float64
+NARROW_FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
 
 TrainFunction = Callable[..., TrainedClient]  # ``fedtune.client.app.train_client``'s signature
 
@@ -118,6 +121,47 @@ class _ByteCounter:
 count_bytes = _ByteCounter()
 
 
+class _BlockSums:
+    """Float64 block sums for reuse. A fresh array of the model's size costs a page fault per
+    4 KiB page when it is first written - more than a small client's whole step when blocks
+    hold a client or two - so each process keeps the sums it has finished with and zeroes one
+    again instead (``give_back``: when the blocks have been added up, or an actor's results
+    have left it)."""
+
+    KEPT = 8  # free sums kept per model layout
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[dict[str, np.ndarray]]] = {}
+        self._lent: dict[int, dict[str, np.ndarray]] = {}
+
+    @staticmethod
+    def _layout(arrays: Mapping[str, np.ndarray]) -> tuple:
+        return tuple((name, value.shape) for name, value in arrays.items())
+
+    def take(self, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Zeros shaped as ``like``, in float64."""
+        free = self._free.get(self._layout(like))
+        if free:
+            total = free.pop()
+            for value in total.values():
+                value.fill(0.0)
+        else:
+            total = {name: np.zeros(value.shape, np.float64) for name, value in like.items()}
+        self._lent[id(total)] = total
+        return total
+
+    def give_back(self, total: dict[str, np.ndarray] | None) -> None:
+        """``total`` may be reused (sums this process did not lend are left alone)."""
+        if total is None or self._lent.pop(id(total), None) is not total:
+            return
+        free = self._free.setdefault(self._layout(total), [])
+        if len(free) < self.KEPT:
+            free.append(total)
+
+
+block_sums = _BlockSums()
+
+
 def _error_line(error: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(error), error)).strip()[:400]
 
@@ -171,7 +215,6 @@ def run_block(resources: TaskResources, content: DecodedContent, task: BlockTask
     result = BlockResult(task.index, [])
     global_arrays = content.arrays[protocol.ARRAYS]
     spec = task.spec
-    scratch: dict[str, np.ndarray] = {}
     for client in task.clients:
         state = client.state if client.state is not None else RecordDict()
         report = ClientReport(client.node_id, client.client_id, "ok")
@@ -209,23 +252,34 @@ def run_block(resources: TaskResources, content: DecodedContent, task: BlockTask
             continue
         if spec.weighted_mean:
             weight = float(trained.metrics[protocol.NUM_EXAMPLES])
-            _accumulate(result, scratch, received[protocol.ARRAYS], weight)
-        else:
+            _accumulate(result, received[protocol.ARRAYS], weight)
+        else:  # kept past the next client, who overwrites the resident model
+            received[protocol.ARRAYS] = {name: np.array(value)
+                                         for name, value in received[protocol.ARRAYS].items()}
             result.updates[client.node_id] = received
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _accumulate(result: BlockResult, scratch: dict[str, np.ndarray],
-                arrays: Mapping[str, np.ndarray], weight: float) -> None:
-    """``result.total += weight * arrays`` in float64."""
+def _accumulate(result: BlockResult, arrays: Mapping[str, np.ndarray], weight: float) -> None:
+    """``result.total += weight * arrays`` in float64.
+
+    For float32 (or narrower) arrays and a whole weight up to 2**29, ``weight * value`` is
+    exact in float64, so one fused multiply-add pass (torch's ``add_`` with ``alpha``) gives
+    the same bits as multiplying, rounding and adding - with half the memory traffic; other
+    arrays are multiplied and rounded first."""
     if result.total is None:
-        result.total = {name: np.zeros(value.shape, np.float64) for name, value in arrays.items()}
-        scratch.update({name: np.empty(value.shape, np.float64)
-                        for name, value in arrays.items()})
+        result.total = block_sums.take(arrays)
+    exact = weight.is_integer() and abs(weight) <= EXACT_WEIGHT
+    fused_totals, fused_values = [], []
     for name, value in arrays.items():
-        np.multiply(value, weight, out=scratch[name], dtype=np.float64)
-        result.total[name] += scratch[name]
+        if exact and value.dtype in NARROW_FLOATS:
+            fused_totals.append(torch.from_numpy(result.total[name]))
+            fused_values.append(torch.from_numpy(value))
+        else:
+            result.total[name] += np.multiply(value, weight, dtype=np.float64)
+    if fused_totals:
+        torch._foreach_add_(fused_totals, fused_values, alpha=weight)
     result.weight += weight
 
 
@@ -240,19 +294,46 @@ def _add_total(total: dict[str, np.ndarray] | None,
     return total
 
 
-def add_blocks(blocks: list[BlockResult]) -> CohortResult:
-    """A phase's result from its blocks, added in block order (so the sum has the same bits
-    whichever worker ran which block); reports sorted by client id."""
-    cohort = CohortResult(reports=[])
-    for block in sorted(blocks, key=lambda b: b.index):
+class BlockAdder:
+    """A phase's result from its blocks, which may come in any order: each block is added as
+    soon as every block before it is in, so the sum has the same bits whichever worker ran
+    which block; reports sorted by client id. It takes over the blocks' sums: once added, a
+    sum goes back to ``block_sums`` for reuse and leaves its block (``total`` is None)."""
+
+    def __init__(self) -> None:
+        self._cohort = CohortResult(reports=[])
+        self._waiting: dict[int, BlockResult] = {}
+        self._next = 0
+
+    def add(self, block: BlockResult) -> None:
+        self._waiting[block.index] = block
+        while self._next in self._waiting:
+            self._add_next(self._waiting.pop(self._next))
+            self._next += 1
+
+    def _add_next(self, block: BlockResult) -> None:
+        cohort = self._cohort
         cohort.reports.extend(block.reports)
         cohort.updates.update(block.updates)
-        if block.total is None:
-            continue
-        cohort.total = _add_total(cohort.total, block.total)
-        cohort.total_weight += block.weight
-    cohort.reports.sort(key=lambda r: r.client_id)
-    return cohort
+        if block.total is not None:
+            cohort.total = _add_total(cohort.total, block.total)
+            cohort.total_weight += block.weight
+            block_sums.give_back(block.total)
+            block.total = None
+
+    def result(self) -> CohortResult:
+        if self._waiting:
+            raise ValueError(f"blocks {sorted(self._waiting)} came without block {self._next}")
+        self._cohort.reports.sort(key=lambda r: r.client_id)
+        return self._cohort
+
+
+def add_blocks(blocks: list[BlockResult]) -> CohortResult:
+    """A phase's result from all its blocks (``BlockAdder``)."""
+    adder = BlockAdder()
+    for block in blocks:
+        adder.add(block)
+    return adder.result()
 
 
 def split_block(task: BlockTask) -> list[BlockTask]:
@@ -275,6 +356,8 @@ def join_singletons(index: int, parts: list[BlockResult]) -> BlockResult:
             continue
         joined.total = _add_total(joined.total, part.total)
         joined.weight += part.weight
+        block_sums.give_back(part.total)
+        part.total = None
     return joined
 
 

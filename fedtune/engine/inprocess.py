@@ -32,10 +32,10 @@ from fedtune.client.app import app as fedtune_client_app
 from fedtune.client.app import train_client
 from fedtune.config import Config, to_run_config
 from fedtune.engine.cohort import (
+    BlockAdder,
     BlockClient,
     DecodedContent,
     TrainFunction,
-    add_blocks,
     cohort_blocks,
     run_block,
 )
@@ -99,8 +99,6 @@ class InProcessGrid(CohortGrid):
     through the cohort path (``fedtune.engine.cohort``, the same blocks as the Ray engine, so
     the same bits), other messages - and every message when ``client_app`` is not fedtune's
     own, or clients read their own files - through the ClientApp."""
-
-    runs_clients_in_turn = True  # exchange: each client's own time is bounded here
 
     runs_clients_in_turn = True  # exchange: each client's own time is bounded here
 
@@ -182,17 +180,17 @@ class InProcessGrid(CohortGrid):
                 raise ValueError(f"no node {node} in this grid")
             clients.append(BlockClient(node, self.node_to_client[node], self.contexts[node].state))
         blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec)
-        results, done = [], 0
+        adder, done = BlockAdder(), 0
         for block in blocks:
             if stop is not None and stop.is_set():
                 raise RunStopped(f"stopped with {len(clients) - done} clients to go")
-            results.append(run_block(resources, content, block, self._train,
-                                     client_limit_s=timeout_s))
+            adder.add(run_block(resources, content, block, self._train,
+                                client_limit_s=timeout_s))
             self._touched.update(c.node_id for c in block.clients)
             done += len(block.clients)
             if progress is not None:
                 progress(done, len(clients))
-        return add_blocks(results)
+        return adder.result()
 
     def changed_client_states(self) -> dict[int, bytes]:
         """Serialised Context.state of each client that handled a message since the last call

@@ -63,11 +63,11 @@ from flwr.common.constant import ErrorCode
 from flwr.supercore.run import Run
 
 from fedtune.engine.cohort import (
+    BlockAdder,
     BlockClient,
     BlockResult,
     BlockTask,
     DecodedContent,
-    add_blocks,
     cohort_blocks,
     join_singletons,
     run_block,
@@ -149,6 +149,7 @@ class _Cohort:
     total_blocks: int
     total_clients: int
     results: dict[int, BlockResult] = field(default_factory=dict)  # by block index
+    adder: BlockAdder = field(default_factory=BlockAdder)  # their sum, in block order
     parts: dict[int, dict[int, BlockResult]] = field(default_factory=dict)  # split blocks
     split_sizes: dict[int, int] = field(default_factory=dict)
     works: list[_Work] = field(default_factory=list)
@@ -158,13 +159,17 @@ class _Cohort:
         index = block.index
         self.clients_done += len(result.reports)
         if index not in self.split_sizes:
-            self.results[index] = result
+            self.complete_block(result)
             return
         position = block.clients[0].client_id
         self.parts.setdefault(index, {})[position] = result
         if len(self.parts[index]) == self.split_sizes[index]:
             ordered = [self.parts[index][key] for key in sorted(self.parts[index])]
-            self.results[index] = join_singletons(index, ordered)
+            self.complete_block(join_singletons(index, ordered))
+
+    def complete_block(self, result: BlockResult) -> None:
+        self.results[result.index] = result
+        self.adder.add(result)
 
     @property
     def complete(self) -> bool:
@@ -259,7 +264,8 @@ class RayGrid(CohortGrid):
         clients = [BlockClient(node, self.node_to_client[node], self.states.get(node))
                    for node in (self._node(m) for m in messages)]
         blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec)
-        if self._in_driver(messages[0].metadata.message_type, len(clients)):
+        kind = messages[0].metadata.message_type
+        if self._in_driver(kind, len(clients)):
             return self._run_in_driver(content, blocks, timeout_s, progress, stop)
         cohort = _Cohort(self._put(content), len(blocks), len(clients))
         cohort.works = [_Work(blocks=[block], cohort=cohort) for block in blocks]
@@ -283,8 +289,8 @@ class RayGrid(CohortGrid):
             for node, state in block.states.items():
                 self.states[node] = state
                 self._changed.add(node)
-        self._note_phase(messages[0].metadata.message_type, list(cohort.results.values()))
-        return add_blocks(list(cohort.results.values()))
+        self._note_phase(kind, list(cohort.results.values()))
+        return cohort.adder.result()
 
     def _note_phase(self, kind: str, results: list[BlockResult]) -> None:
         """Remember one client's time in this phase (the median over its blocks)."""
@@ -313,24 +319,25 @@ class RayGrid(CohortGrid):
         decoded = DecodedContent.of(content)
         threads = torch.get_num_threads()
         limit_threads(self._factory.client_cpus)
-        results, done = [], 0
+        adder, results, done = BlockAdder(), [], 0
+        total = sum(len(b.clients) for b in blocks)
         try:
             for block in blocks:
                 if stop is not None and stop.is_set():
-                    raise RunStopped(f"stopped with {sum(len(b.clients) for b in blocks) - done}"
-                                     " clients to go")
+                    raise RunStopped(f"stopped with {total - done} clients to go")
                 result = run_block(resources, decoded, block, client_limit_s=timeout_s)
                 results.append(result)
+                adder.add(result)  # its sum is free for the next block's at once
                 for node, state in result.states.items():
                     self.states[node] = state
                     self._changed.add(node)
                 done += len(block.clients)
                 if progress is not None:
-                    progress(done, sum(len(b.clients) for b in blocks))
+                    progress(done, total)
         finally:
             torch.set_num_threads(threads)
         self._note_phase(blocks[0].message_type, results)
-        return add_blocks(results)
+        return adder.result()
 
     # --- checkpoints ---
 
@@ -602,7 +609,7 @@ class RayGrid(CohortGrid):
         for work in cohort.works:
             (block,) = work.blocks  # the cohort's original works hold one block each
             if block.index not in finished:
-                cohort.results[block.index] = self._failed_block(block, reason, "timeout")
+                cohort.complete_block(self._failed_block(block, reason, "timeout"))
         for work in list(self._queue) + [c.work for lane in self._lanes for c in lane.calls]:
             if work.cohort is cohort:
                 work.done = True

@@ -28,7 +28,14 @@ from flwr.app.metadata import Metadata
 from flwr.clientapp import ClientApp
 
 from fedtune.config import RunConfigValue
-from fedtune.engine.cohort import BlockResult, BlockTask, DecodedContent, TrainFunction, run_block
+from fedtune.engine.cohort import (
+    BlockResult,
+    BlockTask,
+    DecodedContent,
+    TrainFunction,
+    block_sums,
+    run_block,
+)
 from fedtune.engine.inprocess import error_reply
 from fedtune.task import limit_threads, run_config_resources
 
@@ -73,6 +80,7 @@ class ClientWorker:
         self.threads = threads
         self.train = train
         self.pushed: OrderedDict[ray.ObjectRef, object] = OrderedDict()  # decoded, by ref
+        self.returned: list[BlockResult] = []  # the last call's results
 
     def ready(self) -> str:
         """Load data and model once; return the Ray node this actor runs on."""
@@ -88,11 +96,13 @@ class ClientWorker:
                    ) -> list[BlockResult]:
         """Train or evaluate blocks of clients, each with its own result; ``content``: the
         phase's shared records."""
+        for result in self.returned:  # Ray serialised them when the call that made them ended
+            block_sums.give_back(result.total)
         decoded = self._pushed(content[0], lambda records: DecodedContent.of(records))
         resources = run_config_resources(self.run_config)
-        if self.train is None:
-            return [run_block(resources, decoded, task) for task in tasks]
-        return [run_block(resources, decoded, task, self.train) for task in tasks]
+        train = {} if self.train is None else {"train": self.train}
+        self.returned = [run_block(resources, decoded, task, **train) for task in tasks]
+        return self.returned
 
     def serve(self, tasks: list[ClientTask]) -> list[ClientOutcome]:
         """Run the tasks one after another; one call for several clients costs Ray one call."""

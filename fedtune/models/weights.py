@@ -29,10 +29,13 @@ def _travelling_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return travelling
 
 
-def shared_state(model: nn.Module) -> dict[str, np.ndarray]:
-    """The tensors that travel (``travelling_names``), as CPU numpy arrays (copies)."""
-    return {name: t.detach().cpu().numpy().copy()
-            for name, t in _travelling_tensors(model).items()}
+def shared_state(model: nn.Module, copy: bool = True) -> dict[str, np.ndarray]:
+    """The tensors that travel (``travelling_names``), as CPU numpy arrays: copies, or with
+    ``copy=False`` views of a CPU model's own tensors (valid until the model changes)."""
+    tensors = _travelling_tensors(model).items()
+    if copy:
+        return {name: t.detach().cpu().numpy().copy() for name, t in tensors}
+    return {name: t.detach().cpu().numpy() for name, t in tensors}
 
 
 def load_shared_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:

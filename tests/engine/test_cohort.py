@@ -15,11 +15,15 @@ from fedtune.client import app as fedtune_client
 from fedtune.config import to_run_config
 from fedtune.engine.cohort import (
     BLOCKS_PER_ROUND,
+    BlockAdder,
     BlockClient,
+    BlockResult,
     BlockTask,
     DecodedContent,
+    _accumulate,
     add_blocks,
     block_size,
+    block_sums,
     cohort_blocks,
     join_singletons,
     run_block,
@@ -130,9 +134,53 @@ def test_a_split_block_sums_to_the_same_bits_and_block_order_fixes_the_total(tmp
     for name in together.total:
         assert np.array_equal(together.total[name], apart.total[name])  # bit for bit
     halves = [BlockTask(i, "train", clients[3 * i:3 * i + 3], spec) for i in (0, 1)]
-    results = [run_block(resources, content, half) for half in halves]
-    forward, backward = add_blocks(results), add_blocks(results[::-1])
+    forward = add_blocks([run_block(resources, content, half) for half in halves])
+    backward = add_blocks([run_block(resources, content, half) for half in halves][::-1])
     assert [r.client_id for r in forward.reports] == list(range(6))
     for name in forward.total:
         assert np.array_equal(forward.total[name], backward.total[name])
     assert json.dumps([r.status for r in forward.reports]) == json.dumps(["ok"] * 6)
+
+
+def test_a_whole_weight_is_added_in_one_fused_pass_with_the_bits_of_multiply_then_add():
+    rng = np.random.default_rng(0)
+    updates = [{"w": rng.normal(size=(64, 33)).astype(np.float32) * 10.0 ** rng.integers(-8, 8),
+                "b": rng.normal(size=7).astype(np.float32),
+                "steps": np.array([3], np.int64)} for _ in range(5)]
+    for weights in ([3.0, 17.0, 1.0, 2.0**29, 250.0], [0.5, 3.25, 1e-3, 7.0, 2.0**30 + 1]):
+        result = BlockResult(0, [])
+        for update, weight in zip(updates, weights, strict=True):
+            _accumulate(result, update, weight)
+        expected = {name: np.zeros(value.shape, np.float64) for name, value in updates[0].items()}
+        for update, weight in zip(updates, weights, strict=True):
+            for name, value in update.items():
+                expected[name] += np.multiply(value, weight, dtype=np.float64)
+        for name in expected:
+            assert np.array_equal(result.total[name], expected[name]), (weights, name)
+        assert result.weight == sum(weights)
+        block_sums.give_back(result.total)
+
+
+def test_block_sums_are_reused_zeroed_and_blocks_may_come_in_any_order():
+    like = {"w": np.ones((3, 4), np.float32)}
+    first = block_sums.take(like)
+    first["w"] += 5.0
+    block_sums.give_back(first)
+    again = block_sums.take(like)
+    assert again is first and not again["w"].any()  # the same arrays, zeroed
+    blocks = []
+    for index in range(4):
+        block = BlockResult(index, [], total=block_sums.take(like), weight=1.0)
+        block.total["w"] += 0.1 * (index + 1) ** 3
+        blocks.append(block)
+    v = [0.1 * (index + 1) ** 3 for index in range(4)]
+    expected = np.full((3, 4), ((v[0] + v[1]) + v[2]) + v[3])  # in block order
+    adder = BlockAdder()
+    for index in (2, 0, 3):
+        adder.add(blocks[index])
+    with pytest.raises(ValueError, match=r"blocks \[2, 3\] came without block 1"):
+        adder.result()
+    adder.add(blocks[1])
+    cohort = adder.result()
+    assert np.array_equal(cohort.total["w"], expected) and cohort.total_weight == 4.0
+    assert all(block.total is None for block in blocks)  # their sums went back for reuse
