@@ -57,7 +57,10 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 
 
 def categorise(frames: list[str]) -> str:
-    for frame in reversed(frames):  # leaf first: the innermost named activity wins
+    for name, markers in CATEGORIES:  # the server's work first (its evaluation runs a forward)
+        if name.startswith("server:") and any(m in f for f in frames for m in markers):
+            return name
+    for frame in reversed(frames):  # then leaf first: the innermost named activity wins
         for name, markers in CATEGORIES:
             if any(marker in frame for marker in markers):
                 return name
@@ -70,11 +73,13 @@ def read_stacks(path: Path) -> tuple[Counter, Counter]:
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        process = frames[0]
+        # with --subprocesses a stack starts with its process's ancestors: the last one is its own
+        own = max(i for i, frame in enumerate(frames) if frame.startswith("process "))
+        process = frames[own]
         kind = ("actor" if "ray::" in process or "default_worker" in process
                 else "driver" if "fedtune" in process else "other")
         by_process[kind] += int(count)
-        by_category[kind, categorise(frames[1:])] += int(count)
+        by_category[kind, categorise(frames[own + 1:])] += int(count)
     return by_process, by_category
 
 
@@ -123,16 +128,17 @@ def main() -> None:
         run.wait()
         by_process, by_category = read_stacks(raw)
     total = sum(by_process.values())
-    print(f"## {args.clients:,} clients, {args.backend}: {profiled_rounds} rounds profiled, "
-          f"{total} samples at {args.rate}/s ({total / args.rate:.1f} CPU-s of Python), "
-          f"process tree {cpu:.1f} CPU-s")
-    print("| where | process | share of samples | CPU-ms per client-round |")
-    print("|---|---|---|---|")
     client_rounds = max(profiled_rounds, 1) * args.clients
+    per_client_ms = 1000 * cpu / client_rounds
+    print(f"## {args.clients:,} clients, {args.backend}: {profiled_rounds} rounds profiled "
+          f"(slowed by the profiler), process tree {cpu:.1f} CPU-s = {per_client_ms:.2f} CPU-ms "
+          f"per client-round; {total} samples at {args.rate}/s, by process: "
+          + ", ".join(f"{kind} {100 * n / total:.0f} %" for kind, n in by_process.most_common()))
+    print("| where | process | share of samples | ≈ CPU-ms per client-round (share × tree) |")
+    print("|---|---|---|---|")
     for (kind, name), count in sorted(by_category.items(), key=lambda item: -item[1]):
         share = count / total
-        print(f"| {name} | {kind} | {100 * share:.1f} % | "
-              f"{1000 * count / args.rate / client_rounds:.3f} |")
+        print(f"| {name} | {kind} | {100 * share:.1f} % | {share * per_client_ms:.3f} |")
 
 
 if __name__ == "__main__":
