@@ -3,8 +3,8 @@ initial weights as a fedtune config, trained with pfl's simulator (Apple's pfl 0
 ``pip install -e '.[bench]'``).
 
 The data, the partition into clients, the model inputs (hashed features, or token ids padded
-to the longest text of each client) and the initial weights are fedtune's own (built from the config given as ``--set`` overrides), so both simulators start from
-the same bytes. pfl runs FedAvg (``FederatedAveraging`` with ``WeightByDatapoints`` and a central
+to the longest text of each client) and the initial weights are fedtune's own (built from the
+config given as ``--set`` overrides), so both simulators start from the same bytes. pfl runs FedAvg (``FederatedAveraging`` with ``WeightByDatapoints`` and a central
 SGD step of 1.0), every client every round, the same local optimizer (AdamW, fused, learning
 rate, batch size, local steps) and a central evaluation on fedtune's global test set after every
 round. One torch thread per process. Run it alone for one process, or under
