@@ -7,7 +7,8 @@ to the longest text of each client) and the initial weights are fedtune's own (b
 config given as ``--set`` overrides), so both simulators start from the same bytes. pfl runs
 FedAvg (``FederatedAveraging`` with ``WeightByDatapoints`` and a central SGD step of 1.0),
 every client every round, the same local optimizer (AdamW, fused, learning rate, batch size,
-local steps) and a central evaluation on fedtune's global test set after every round. One torch thread per process. Run it alone for one process, or under
+local steps) and a central evaluation on fedtune's global test set after every round. One torch
+thread per process. Run it alone for one process, or under
 ``python -m torch.distributed.run --nproc_per_node=2`` for two workers (gloo).
 
 Prints one JSON line per round: ``{"round", "wall_s", "cpu_s", "accuracy"}`` (rank 0; cpu_s
