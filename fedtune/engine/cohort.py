@@ -283,14 +283,19 @@ def _accumulate(result: BlockResult, arrays: Mapping[str, np.ndarray], weight: f
     result.weight += weight
 
 
-def _add_total(total: dict[str, np.ndarray] | None,
-               more: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``total + more`` (in place; a copy of ``more`` when there is no total yet): the one
-    order in which block sums are added, so every way of combining them gives the same bits."""
+def _add_block_sum(total: dict[str, np.ndarray] | None,
+                   block: BlockResult) -> dict[str, np.ndarray]:
+    """``total + block.total`` (in place; a copy of the block's sum when there is no total
+    yet): the one order in which block sums are added, so every way of combining them gives
+    the same bits. The block's sum then goes back to ``block_sums`` and leaves the block."""
+    more = block.total
     if total is None:
-        return {name: value.copy() for name, value in more.items()}
-    for name, value in more.items():
-        total[name] += value
+        total = {name: value.copy() for name, value in more.items()}
+    else:
+        for name, value in more.items():
+            total[name] += value
+    block_sums.give_back(more)
+    block.total = None
     return total
 
 
@@ -316,10 +321,8 @@ class BlockAdder:
         cohort.reports.extend(block.reports)
         cohort.updates.update(block.updates)
         if block.total is not None:
-            cohort.total = _add_total(cohort.total, block.total)
+            cohort.total = _add_block_sum(cohort.total, block)
             cohort.total_weight += block.weight
-            block_sums.give_back(block.total)
-            block.total = None
 
     def result(self) -> CohortResult:
         if self._waiting:
@@ -354,10 +357,8 @@ def join_singletons(index: int, parts: list[BlockResult]) -> BlockResult:
         joined.seconds += part.seconds
         if part.total is None:
             continue
-        joined.total = _add_total(joined.total, part.total)
+        joined.total = _add_block_sum(joined.total, part)
         joined.weight += part.weight
-        block_sums.give_back(part.total)
-        part.total = None
     return joined
 
 
