@@ -17,7 +17,6 @@ Needs ``pip install -e '.[bench]'`` (py-spy).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import subprocess
@@ -30,6 +29,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from engine_benchmarks import MLP, tree_cpu_s  # noqa: E402
+
+from fedtune.results.run_dir import read_csv  # noqa: E402
 
 # what a stack was doing: the first of these functions found from the leaf up names it
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
@@ -84,11 +85,7 @@ def read_stacks(path: Path) -> tuple[Counter, Counter]:
 
 
 def rounds_done(run_dir: Path) -> int:
-    metrics = run_dir / "metrics.csv"
-    if not metrics.exists():
-        return 0
-    with metrics.open() as handle:
-        return sum(1 for _ in csv.DictReader(handle))
+    return len(read_csv(run_dir / "metrics.csv"))
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from fedtune.train import reset_optimizer
+
 MODELS = {  # name -> (input width, layer widths): the engine workload's MLP and frozen heads
     "MLP 1024-64-2 (hashed features)": (1024, [64, 2]),
     "head 384-2 (frozen MiniLM features)": (384, [2]),
@@ -54,9 +56,7 @@ def loop_side(model: nn.Sequential, inputs: torch.Tensor, labels: torch.Tensor
     for client in range(len(inputs)):
         with torch.no_grad():
             torch._foreach_copy_(params, start)
-        for state in optimizer.state.values():
-            for value in state.values():
-                value.zero_()
+        reset_optimizer(optimizer)
         for p in params:
             p.grad = None
         nn.functional.cross_entropy(model(inputs[client]), labels[client]).backward()
