@@ -325,6 +325,15 @@ def _is_stage(message: Message, stage: str) -> bool:
     return record is not None and record.get(protocol.SA_STAGE) == stage
 
 
+def _damage_first(record, key: str, position: int, mask: int) -> None:
+    """XOR byte ``position`` of the first bytes value in ``record[key]`` with ``mask``."""
+    values = list(record[key])
+    damaged = bytearray(values[0])
+    damaged[position] ^= mask
+    values[0] = bytes(damaged)
+    record[key] = values
+
+
 def test_a_share_the_server_alters_on_the_way_is_refused(tmp_path):
     config = config_of(tmp_path)
     grid = Instrumented(config, stand_in_app())
@@ -333,12 +342,7 @@ def test_a_share_the_server_alters_on_the_way_is_refused(tmp_path):
     def alter(message: Message) -> Message:
         if message.metadata.dst_node_id == victim and _is_stage(
                 message, protocol.STAGE_MASKED_INPUT):
-            record = message.content[protocol.SECAGG]
-            ciphertexts = list(record[protocol.SA_CIPHERTEXTS])
-            flipped = bytearray(ciphertexts[0])
-            flipped[80] ^= 1
-            ciphertexts[0] = bytes(flipped)
-            record[protocol.SA_CIPHERTEXTS] = ciphertexts
+            _damage_first(message.content[protocol.SECAGG], protocol.SA_CIPHERTEXTS, 80, 1)
         return message
 
     grid.outgoing = alter
@@ -359,12 +363,7 @@ def test_a_tampered_unmask_share_is_found_and_left_out(tmp_path):
     def tamper(reply: Message) -> Message:
         if (not reply.has_error() and reply.metadata.src_node_id == liar
                 and _is_stage(reply, protocol.STAGE_UNMASK)):
-            record = reply.content[protocol.SECAGG]
-            shares = list(record[protocol.SA_SHARES])
-            damaged = bytearray(shares[0])
-            damaged[8] ^= 0x55
-            shares[0] = bytes(damaged)
-            record[protocol.SA_SHARES] = shares
+            _damage_first(reply.content[protocol.SECAGG], protocol.SA_SHARES, 8, 0x55)
         return reply
 
     grid.incoming = tamper
