@@ -10,7 +10,9 @@ rounds of all repeats. Sub-benchmarks:
   8, one local step of AdamW (fused, lr 0.1), every client every round, the server's evaluation
   on the global test set after every round - on fedtune's Ray engine (2 actors), fedtune in one
   process, pfl 0.6.0 in one process and with two workers (torchrun, gloo), and Flower's stock
-  simulation; 100, 1,000 and 10,000 clients. Ratios are other / fedtune Ray engine.
+  simulation; 100, 1,000 and 10,000 clients. fedtune runs each of its runtimes twice: clients
+  one at a time (the default) and trained together (``engine.vectorise_clients = true``:
+  ``torch.func.vmap`` over chunks of clients). Ratios are other / fedtune Ray engine.
 - ``floor``: the same clients' steps in a tight torch loop (one model, one fused AdamW reset
   per client, batches built beforehand, one thread) plus one server evaluation: what any
   simulator must spend. (fedtune's CPU per round - floor) / clients is its per-client overhead.
@@ -19,9 +21,12 @@ rounds of all repeats. Sub-benchmarks:
 - ``startup``: where fedtune's start-up goes (imports, data and features, Ray, actors).
 - ``lora``: MiniLM with LoRA adapters (r 8) on Rotten Tomatoes, 32 clients, one local step of
   batch 8, fedtune's Ray engine against pfl in one process and two workers.
+- ``frozen``: a linear head on MiniLM's cached pooled features (``model.transfer = frozen``)
+  on Rotten Tomatoes, 1,000 clients, one local step of batch 8: fedtune (one client at a time,
+  and vectorised) against pfl fed the same features.
 - ``rss``: peak resident memory at 100, 1,000 and 10,000 clients, 100 sampled per round.
 
-Run: ``python benchmarks/engine_benchmarks.py rounds floor central startup lora rss``
+Run: ``python benchmarks/engine_benchmarks.py rounds floor central startup lora frozen rss``
 (needs ``pip install -e '.[bench]'`` for pfl).
 """
 
@@ -52,6 +57,14 @@ LORA = [
     "client.local_steps=1", "client.batch_size=8", "client.optimizer=adamw", "client.lr=1e-3",
     "strategy.fraction_evaluate=0", "strategy.fraction_train=1.0", "engine.node_wait_s=900",
     "run.checkpoint_every=0",
+]
+
+FROZEN = [  # the encoder's pooled features are computed once and cached (~/.cache/fedtune)
+    "data.dataset=rotten_tomatoes", "model.kind=hf", "model.transfer=frozen",
+    "model.max_length=48", "data.partitioner=iid", "data.max_examples=0",
+    "data.local_test_fraction=0", "client.local_steps=1", "client.batch_size=8",
+    "client.optimizer=adamw", "client.lr=1e-3", "strategy.fraction_evaluate=0",
+    "strategy.fraction_train=1.0", "engine.node_wait_s=900", "run.checkpoint_every=0",
 ]
 
 
@@ -283,7 +296,7 @@ def steady(lines: list[dict]) -> list[dict]:
 
 def bench_rounds(out: Path, sizes: list[int], rounds: int, repeats: int,
                  flower_sizes: list[int], flower_rounds: int, base: list[str],
-                 title: str) -> None:
+                 title: str, vectorised: bool = True) -> None:
     print(f"\n## {title}: seconds per round, medians over rounds 2.. of {repeats} alternated "
           "runs")
     print("| clients | runtime | s/round | CPU-s/round | CPU-ms per client-round | start-up s "
@@ -296,6 +309,15 @@ def bench_rounds(out: Path, sizes: list[int], rounds: int, repeats: int,
                 [*o, "engine.backend=ray"], out / f"ray-{k}-{i}"),
             "fedtune in process": lambda i, o=overrides, k=n: fedtune_command(
                 [*o, "engine.backend=inprocess"], out / f"inproc-{k}-{i}"),
+        }
+        if vectorised:  # clients trained together (torch.func.vmap), engine.vectorise_clients
+            sides |= {
+                f"{name}, vectorised": lambda i, o=overrides, k=n, b=backend, t=tag:
+                fedtune_command([*o, f"engine.backend={b}", "engine.vectorise_clients=true"],
+                                out / f"{t}-vec-{k}-{i}")
+                for name, backend, tag in (("fedtune ray (2 actors)", "ray", "ray"),
+                                           ("fedtune in process", "inprocess", "inproc"))}
+        sides |= {
             "pfl 1 process": lambda i, o=overrides: pfl_command(o, rounds, 1),
             "pfl 2 workers": lambda i, o=overrides: pfl_command(o, rounds, 2),
         }
@@ -410,7 +432,8 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", nargs="*",
-                        default=["rounds", "floor", "central", "startup", "lora", "rss"])
+                        default=["rounds", "floor", "central", "startup", "lora", "frozen",
+                                 "rss"])
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--flower-sizes", default="100,1000")
     parser.add_argument("--rounds", type=int, default=4)
@@ -435,9 +458,14 @@ def main() -> None:
             bench_central(out, 1000, args.rounds, args.repeats)
         if "startup" in args.which:
             bench_startup(1000)
-        if "lora" in args.which:
+        if "lora" in args.which:  # LoRA clients train one at a time (not vectorisable)
             bench_rounds(out, [32], 3, args.repeats, [], 0, LORA,
-                         "MiniLM + LoRA (r 8), Rotten Tomatoes, 1 local step of batch 8")
+                         "MiniLM + LoRA (r 8), Rotten Tomatoes, 1 local step of batch 8",
+                         vectorised=False)
+        if "frozen" in args.which:
+            bench_rounds(out, [1000], args.rounds, args.repeats, [], 0, FROZEN,
+                         "MiniLM frozen, a head on cached pooled features, Rotten Tomatoes, "
+                         "1 local step of batch 8")
         if "rss" in args.which:
             bench_rss(out, [100, 1000, 10000])
 

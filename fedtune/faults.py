@@ -89,6 +89,12 @@ class FaultPlan:
             seed=seed,
         )
 
+    @property
+    def active(self) -> bool:
+        """Whether any client misbehaves at all."""
+        return bool(self.scaled_clients or self.nan_clients or self.wrong_shape_clients
+                    or self.straggler_clients or self.crash_probability)
+
     def crashes(self, client_id: int, server_round: int) -> bool:
         """Whether ``client_id`` crashes in ``server_round`` (at ``crash_stage``)."""
         if not self.crash_probability:

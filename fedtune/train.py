@@ -115,7 +115,7 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}, labels.to(device)
 
 
-def _batches(loader: Iterable[Batch], settings: TrainSettings) -> Iterator[Batch]:
+def local_batches(loader: Iterable[Batch], settings: TrainSettings) -> Iterator[Batch]:
     """local_steps batches (cycling through the loader), or local_epochs full passes."""
     if settings.local_steps:
         done = 0
@@ -160,7 +160,7 @@ def train_local(
     scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
     plain_zero_grad = type(optimizer).zero_grad is torch.optim.Optimizer.zero_grad
     total_loss, seen, steps = 0.0, 0, 0
-    for batch in _batches(loader, settings):
+    for batch in local_batches(loader, settings):
         inputs, labels = _to(batch, device)
         if plain_zero_grad:  # what it does, without its profiler scope (costs more than a
             for param in params:  # small client's forward pass)

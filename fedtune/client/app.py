@@ -35,7 +35,7 @@ from fedtune.task import (
     run_config_resources,
     seed_torch,
 )
-from fedtune.train import evaluate
+from fedtune.train import TrainResult, evaluate
 
 
 @dataclass
@@ -79,9 +79,19 @@ def train_client(resources: TaskResources, client_id: int, server_round: int,
         local_arrays = shared_state(model, copy=False)  # the reply or the cohort copies them
         trained.records, extra_metrics = algorithm.reply(local_arrays, result.num_steps)
         trained.arrays = faults.corrupt_update(client_id, global_arrays, local_arrays)
+    trained.metrics = train_metrics(resources, shard, client_id, result, local.metrics,
+                                    extra_metrics)
+    return trained
+
+
+def train_metrics(resources: TaskResources, shard: int, client_id: int, result: TrainResult,
+                  privacy_metrics: dict[str, float], extra_metrics: dict[str, float]
+                  ) -> dict[str, float | int]:
+    """The metrics of a training reply: the training result, the privacy mode's and the
+    strategy's client side's own."""
     # a client that took no step (its privacy budget is spent) measured no loss
     loss = {protocol.TRAIN_LOSS: result.loss} if result.num_steps else {}
-    trained.metrics = {
+    return {
         **loss,
         # FedAvg weights by local dataset size (McMahan et al. 2017), not by examples seen
         protocol.NUM_EXAMPLES: len(resources.federation.client_train_rows[shard]),
@@ -89,10 +99,9 @@ def train_client(resources: TaskResources, client_id: int, server_round: int,
         protocol.NUM_STEPS: result.num_steps,
         protocol.DURATION_S: result.duration_s,
         protocol.PARTITION_ID: client_id,
-        **local.metrics,
+        **privacy_metrics,
         **extra_metrics,
     }
-    return trained
 
 
 def evaluate_client(resources: TaskResources, client_id: int,

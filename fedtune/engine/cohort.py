@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,20 +33,30 @@ from flwr.app import Array, MessageType, RecordDict
 
 from fedtune import protocol
 from fedtune.client.app import TrainedClient, evaluate_client, train_client
+from fedtune.client.vectorised import train_chunks, vectorisable
+from fedtune.config import Config
 from fedtune.server.grid import ClientReport, CohortResult, CohortSpec
 from fedtune.server.screening import check_claims, check_metric_values, check_update_arrays
 from fedtune.task import TaskResources
 
 BLOCKS_PER_ROUND = 64  # a round's cohort is cut into at most this many blocks
+VECTOR_BLOCK = 32  # clients trained together in a block, at least (engine.vectorise_clients)
 EXACT_WEIGHT = 2**29  # float32 (24-bit significand) x an integer up to this is exact in float64
 NARROW_FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
 
 TrainFunction = Callable[..., TrainedClient]  # ``fedtune.client.app.train_client``'s signature
 
 
-def block_size(cohort: int) -> int:
-    """Clients per block for a cohort of ``cohort`` clients (the same for every runtime)."""
-    return max(1, math.ceil(cohort / BLOCKS_PER_ROUND))
+def block_size(cohort: int, least: int = 1) -> int:
+    """Clients per block for a cohort of ``cohort`` clients (the same for every runtime): at
+    least ``least`` (``blocks_of``), and few enough for at most BLOCKS_PER_ROUND blocks."""
+    return max(least, math.ceil(cohort / BLOCKS_PER_ROUND))
+
+
+def least_block(config: Config) -> int:
+    """The fewest clients in a block under ``config``: VECTOR_BLOCK when clients are trained
+    together (a chunk trains one block's clients), else 1."""
+    return VECTOR_BLOCK if config.engine.vectorise_clients else 1
 
 
 @dataclass
@@ -207,58 +217,104 @@ def run_block(resources: TaskResources, content: DecodedContent, task: BlockTask
               client_limit_s: float = math.inf) -> BlockResult:
     """Train or evaluate every client of ``task`` on the resident model; see the module doc.
 
-    ``train`` is ``fedtune.client.app.train_client`` (tests wrap it to inject faults). A client
-    that trains for longer than ``client_limit_s`` is reported ``timeout`` and its update is
-    dropped (the in-process engine runs clients one after another and bounds each one's own
-    time, as if they ran side by side)."""
+    ``train`` is ``fedtune.client.app.train_client`` (tests wrap it to inject faults); with
+    ``engine.vectorise_clients``, clients it may train together (``fedtune.client.vectorised``)
+    are. A client that trains for longer than ``client_limit_s`` is reported ``timeout`` and
+    its update is dropped (the in-process engine runs clients one after another and bounds each
+    one's own time, as if they ran side by side)."""
     started = time.perf_counter()
     result = BlockResult(task.index, [])
+    if task.message_type == MessageType.EVALUATE:
+        _evaluate_block(resources, content, task, result)
+    else:
+        for client, state, trained, took in _trained(resources, content, task, train):
+            report = ClientReport(client.node_id, client.client_id, "ok")
+            result.reports.append(report)
+            if isinstance(trained, Exception):
+                report.status, report.reason = "failed", _error_line(trained)
+                continue
+            if took > client_limit_s:
+                report.status = "timeout"
+                report.reason = (f"no reply within strategy.round_timeout_s = "
+                                 f"{client_limit_s:g}s (the client took {took:.1f}s)")
+                continue
+            if len(state) > 0:
+                result.states[client.node_id] = state
+            _keep_update(result, report, trained, content, task.spec)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _evaluate_block(resources: TaskResources, content: DecodedContent, task: BlockTask,
+                    result: BlockResult) -> None:
     global_arrays = content.arrays[protocol.ARRAYS]
-    spec = task.spec
     for client in task.clients:
-        state = client.state if client.state is not None else RecordDict()
         report = ClientReport(client.node_id, client.client_id, "ok")
         result.reports.append(report)
         try:
-            if task.message_type == MessageType.EVALUATE:
-                report.metrics = evaluate_client(resources, client.client_id, global_arrays)
-                problem = _screen_evaluation(report.metrics, spec, client.client_id)
-                if problem:
-                    report.status, report.reason = "rejected", problem
-                continue
-            client_started = time.perf_counter()
-            trained = train(resources, client.client_id, content.server_round, content.records,
-                            global_arrays, state)
+            report.metrics = evaluate_client(resources, client.client_id, global_arrays)
         except Exception as error:  # noqa: BLE001 - a client's failure is its outcome
             report.status, report.reason = "failed", _error_line(error)
             continue
-        took = time.perf_counter() - client_started
-        if took > client_limit_s:
-            report.status = "timeout"
-            report.reason = (f"no reply within strategy.round_timeout_s = {client_limit_s:g}s "
-                             f"(the client took {took:.1f}s)")
-            continue
-        if len(state) > 0:
-            result.states[client.node_id] = state
-        received: dict[str, dict[str, np.ndarray]] = {}
-        if trained.arrays is not None:
-            received = {protocol.ARRAYS: trained.arrays,
-                        **{name: protocol.to_numpy(r) for name, r in trained.records.items()}}
-            report.bytes_up = count_bytes(received)
-        report.metrics = trained.metrics
-        report.status, report.reason = _screen_update(trained, received, content, spec,
-                                                      client.client_id)
-        if report.status != "ok":
-            continue
-        if spec.weighted_mean:
-            weight = float(trained.metrics[protocol.NUM_EXAMPLES])
-            _accumulate(result, received[protocol.ARRAYS], weight)
-        else:  # kept past the next client, who overwrites the resident model
-            received[protocol.ARRAYS] = {name: np.array(value)
-                                         for name, value in received[protocol.ARRAYS].items()}
-            result.updates[client.node_id] = received
-    result.seconds = time.perf_counter() - started
-    return result
+        problem = _screen_evaluation(report.metrics, task.spec, client.client_id)
+        if problem:
+            report.status, report.reason = "rejected", problem
+
+
+TrainOutcome = tuple[BlockClient, RecordDict, "TrainedClient | Exception", float]
+
+
+def _trained(resources: TaskResources, content: DecodedContent, task: BlockTask,
+             train: TrainFunction) -> Iterator[TrainOutcome]:
+    """Each client of a train block with its state, what its training gave (or raised) and
+    how long it took, in client order; one client at a time, or together where they may be
+    (a trained client's arrays may be views that the next client overwrites)."""
+    global_arrays = content.arrays[protocol.ARRAYS]
+    states = [(client, client.state if client.state is not None else RecordDict())
+              for client in task.clients]
+    if train is train_client and vectorisable(resources):
+        chunks = train_chunks(resources, content.server_round, content.records, global_arrays,
+                              [(client.client_id, state) for client, state in states])
+        while states:
+            try:
+                chunk: list = next(chunks)
+            except Exception as error:  # noqa: BLE001 - the clients' failure is their outcome
+                chunk = [(error, 0.0)] * len(states)
+            for (client, state), (trained, took) in zip(states, chunk):
+                yield client, state, trained, took
+            states = states[len(chunk):]
+        return
+    for client, state in states:
+        client_started = time.perf_counter()
+        try:
+            trained = train(resources, client.client_id, content.server_round,
+                            content.records, global_arrays, state)
+        except Exception as error:  # noqa: BLE001 - a client's failure is its outcome
+            trained = error
+        yield client, state, trained, time.perf_counter() - client_started
+
+
+def _keep_update(result: BlockResult, report: ClientReport, trained: TrainedClient,
+                 content: DecodedContent, spec: CohortSpec) -> None:
+    """Screen a trained client's reply into ``report``; add an accepted update to the block's
+    sum (weighted-mean strategies) or keep a copy of it."""
+    received: dict[str, dict[str, np.ndarray]] = {}
+    if trained.arrays is not None:
+        received = {protocol.ARRAYS: trained.arrays,
+                    **{name: protocol.to_numpy(r) for name, r in trained.records.items()}}
+        report.bytes_up = count_bytes(received)
+    report.metrics = trained.metrics
+    report.status, report.reason = _screen_update(trained, received, content, spec,
+                                                  report.client_id)
+    if report.status != "ok":
+        return
+    if spec.weighted_mean:
+        weight = float(trained.metrics[protocol.NUM_EXAMPLES])
+        _accumulate(result, received[protocol.ARRAYS], weight)
+    else:  # kept past the next client, who overwrites the resident model
+        received[protocol.ARRAYS] = {name: np.array(value)
+                                     for name, value in received[protocol.ARRAYS].items()}
+        result.updates[report.node_id] = received
 
 
 def _accumulate(result: BlockResult, arrays: Mapping[str, np.ndarray], weight: float) -> None:
@@ -362,10 +418,11 @@ def join_singletons(index: int, parts: list[BlockResult]) -> BlockResult:
     return joined
 
 
-def cohort_blocks(clients: list[BlockClient], message_type: str, spec: CohortSpec
-                  ) -> list[BlockTask]:
-    """The blocks of a cohort, clients in client-id order."""
+def cohort_blocks(clients: list[BlockClient], message_type: str, spec: CohortSpec,
+                  least: int = 1) -> list[BlockTask]:
+    """The blocks of a cohort, clients in client-id order, at least ``least`` per block
+    (``least_block``)."""
     ordered = sorted(clients, key=lambda c: c.client_id)
-    size = block_size(len(ordered))
+    size = block_size(len(ordered), least)
     return [BlockTask(index, message_type, ordered[start:start + size], spec)
             for index, start in enumerate(range(0, len(ordered), size))]

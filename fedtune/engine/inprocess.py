@@ -37,6 +37,7 @@ from fedtune.engine.cohort import (
     DecodedContent,
     TrainFunction,
     cohort_blocks,
+    least_block,
     run_block,
 )
 from fedtune.protocol import DATA_PATH, NUM_PARTITIONS, PARTITION_ID
@@ -179,7 +180,8 @@ class InProcessGrid(CohortGrid):
             if node not in self.contexts:
                 raise ValueError(f"no node {node} in this grid")
             clients.append(BlockClient(node, self.node_to_client[node], self.contexts[node].state))
-        blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec)
+        blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec,
+                               least_block(resources.config))
         adder, done = BlockAdder(), 0
         for block in blocks:
             if stop is not None and stop.is_set():

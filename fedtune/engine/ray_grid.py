@@ -70,6 +70,7 @@ from fedtune.engine.cohort import (
     DecodedContent,
     cohort_blocks,
     join_singletons,
+    least_block,
     run_block,
     split_block,
 )
@@ -80,7 +81,7 @@ from fedtune.protocol import NUM_PARTITIONS, PARTITION_ID
 from fedtune.server.checkpoint import state_from_bytes, state_to_bytes
 from fedtune.server.exchange import RunStopped
 from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec
-from fedtune.task import limit_threads, run_config_resources
+from fedtune.task import limit_threads, parsed_run_config, run_config_resources
 
 BATCH_S = 0.05  # single-message work per Ray call, once the time of a message is known
 COHORT_CALL_S = 0.25  # most client time per Ray call of blocks (calls shrink as a phase ends)
@@ -263,7 +264,8 @@ class RayGrid(CohortGrid):
         content = messages[0].content
         clients = [BlockClient(node, self.node_to_client[node], self.states.get(node))
                    for node in (self._node(m) for m in messages)]
-        blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec)
+        blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec,
+                               least_block(parsed_run_config(self._factory.run_config)))
         kind = messages[0].metadata.message_type
         if self._in_driver(kind, len(clients)):
             return self._run_in_driver(content, blocks, timeout_s, progress, stop)

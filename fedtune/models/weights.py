@@ -16,7 +16,7 @@ from torch import nn
 from fedtune.models.transfer import travelling_names
 
 
-def _travelling_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def travelling_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The travelling tensors by name. Walking a model's modules costs more than a small
     client's step, so the result is kept on the model: what trains is fixed when the model is
     built (``fedtune.models.transfer.apply_transfer``) and never changes afterwards."""
@@ -32,7 +32,7 @@ def _travelling_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def shared_state(model: nn.Module, copy: bool = True) -> dict[str, np.ndarray]:
     """The tensors that travel (``travelling_names``), as CPU numpy arrays: copies, or with
     ``copy=False`` views of a CPU model's own tensors (valid until the model changes)."""
-    tensors = _travelling_tensors(model).items()
+    tensors = travelling_tensors(model).items()
     if copy:
         return {name: t.detach().cpu().numpy().copy() for name, t in tensors}
     return {name: t.detach().cpu().numpy() for name, t in tensors}
@@ -40,7 +40,7 @@ def shared_state(model: nn.Module, copy: bool = True) -> dict[str, np.ndarray]:
 
 def load_shared_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     """Overwrite the travelling tensors in place; names and shapes must match exactly."""
-    own = _travelling_tensors(model)
+    own = travelling_tensors(model)
     if own.keys() != arrays.keys():
         missing = sorted(set(own) - set(arrays))
         unexpected = sorted(set(arrays) - set(own))

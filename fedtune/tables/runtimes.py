@@ -57,6 +57,13 @@ def _check_central(config: Config) -> None:
                           "again)")
 
 
+# fedtune's own runtimes run cohorts of clients, so they can train clients together
+VECTORISE_CLIENTS = Key(
+    False, "train eligible clients together, a chunk at a time, with torch.func.vmap (plain "
+           "FedAvg-family clients, no privacy mode or faults, fp32 on CPU, the MLP or a head on "
+           "pooled features): faster, and agrees with one client at a time to float rounding, "
+           "not bit for bit")
+
 RUNTIMES: dict[str, RuntimeEntry] = {
     "ray": RuntimeEntry(
         "fedtune's engine: persistent Ray actors serve many virtual clients each",
@@ -67,6 +74,7 @@ RUNTIMES: dict[str, RuntimeEntry] = {
                                            "reported timeout", gt=0),
             "ray_address": Key("", "address of a running Ray cluster to join ('' = start one "
                                    "here)"),
+            "vectorise_clients": VECTORISE_CLIENTS,
         },
         implementation="fedtune.engine.ray_engine:run_ray_engine",
         starting="starting Ray and its workers (each loads the data and the model)"),
@@ -76,6 +84,7 @@ RUNTIMES: dict[str, RuntimeEntry] = {
         starting="starting Flower's simulation runtime (Ray, one SuperNode per client)"),
     "inprocess": RuntimeEntry(
         "every client in this process, one after another (no Ray; for debugging)",
+        keys={"vectorise_clients": VECTORISE_CLIENTS},
         implementation="fedtune.engine.inprocess:run_inprocess",
         starting="building the global model"),
     "central": RuntimeEntry(

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from fedtune.data.encode import SparseFeatures, hash_bag_of_words
 from fedtune.data.loaders import RowDataset, ShuffledBatches, train_loader
 from fedtune.data.sources import load_dataset
-from fedtune.train import TrainSettings, _batches
+from fedtune.train import TrainSettings, local_batches
 
 
 def test_hashed_features_are_cached_on_disk_and_equal_to_fresh_ones(tmp_path, monkeypatch):
@@ -54,7 +54,7 @@ def test_shuffled_batches_are_dataloaders_batches(size, batch, steps):
                         generator=torch.Generator().manual_seed(7), collate_fn=dataset.collate)
     assert len(ours) == len(theirs)
     for _ in range(2):  # the same loader object used twice: the generators stay in step
-        mine, reference = list(_batches(ours, settings)), list(_batches(theirs, settings))
+        mine, reference = list(local_batches(ours, settings)), list(local_batches(theirs, settings))
         assert len(mine) == len(reference) == steps
         for (a, y_a), (b, y_b) in zip(mine, reference, strict=True):
             assert torch.equal(a["features"], b["features"]) and torch.equal(y_a, y_b)

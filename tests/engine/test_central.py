@@ -17,7 +17,7 @@ from fedtune.data.loaders import train_loader
 from fedtune.engine.launch import launch
 from fedtune.models.build import build_model, load_saved_model
 from fedtune.task import task_resources
-from fedtune.train import TrainSettings, _batches, evaluate
+from fedtune.train import TrainSettings, evaluate, local_batches
 from tests.conftest import MLP_DIGITS, rows_of, tiny_config
 
 
@@ -30,7 +30,7 @@ def test_client_examples_per_round_is_what_the_loader_yields(size, batch, steps,
     labels = np.zeros(size + 1, dtype=np.int64)
     loader = train_loader(encoded, labels, np.arange(size), batch, seed=3)
     settings = TrainSettings(local_steps=steps, local_epochs=epochs)
-    seen = sum(len(batch_labels) for _, batch_labels in _batches(loader, settings))
+    seen = sum(len(batch_labels) for _, batch_labels in local_batches(loader, settings))
     assert client_examples_per_round(size, batch, steps, epochs) == seen
 
 

@@ -1,0 +1,204 @@
+"""Clients trained together (engine.vectorise_clients): the same training as one client at a
+time to float rounding, the same bits however blocks are spread, and only where it is allowed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+from safetensors.numpy import load_file
+
+from fedtune.client import vectorised
+from fedtune.client.app import train_client
+from fedtune.client.vectorised import chunk_sizes, train_chunks, vectorisable
+from fedtune.config import ConfigError, load_config
+from fedtune.engine.cohort import (
+    VECTOR_BLOCK,
+    BlockClient,
+    DecodedContent,
+    add_blocks,
+    block_size,
+    cohort_blocks,
+    least_block,
+    run_block,
+)
+from fedtune.engine.inprocess import act_as_server, run_inprocess
+from fedtune.models.weights import shared_state
+from fedtune.protocol import ARRAYS, CONFIG, SERVER_ROUND, to_array_record
+from fedtune.server.grid import CohortSpec
+from fedtune.server.screening import reply_limits
+from fedtune.task import task_resources
+from tests.conftest import rows_of, tiny_config
+
+VECTORISED = ["engine.vectorise_clients=true", "data.num_clients=12", "model.dropout=0"]
+
+
+def _global_arrays(resources, seed=0):
+    """The resident model's travelling arrays, moved off its initial weights."""
+    rng = np.random.default_rng(seed)
+    return {name: (value + rng.normal(0, 0.05, value.shape)).astype(value.dtype)
+            for name, value in shared_state(resources.model).items()}
+
+
+def _content(server_round):
+    return RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: server_round})})
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # AdamW, 5 steps of 32 (the digits shards hold ~110 examples: epochs cycle)
+    ["client.optimizer=sgd", "client.momentum=0.9", "client.weight_decay=0.01"],
+    # one epoch: batches of 48 leave a smaller last batch, and shards differ in steps
+    ["client.local_steps=0", "client.local_epochs=1", "client.batch_size=48",
+     "data.partitioner=dirichlet", "data.alpha=1.0", "client.optimizer=sgd"],
+], ids=["adamw", "sgd-momentum", "epochs-padded"])
+def test_clients_trained_together_match_one_client_at_a_time(tmp_path, overrides,
+                                                             one_torch_thread):
+    resources = task_resources(tiny_config(tmp_path, *VECTORISED, *overrides))
+    assert vectorisable(resources)
+    arrays = _global_arrays(resources)
+    clients = [(c, RecordDict()) for c in range(12)]
+    together = [item for chunk in train_chunks(resources, 3, _content(3), arrays, clients)
+                for item in chunk]
+    steps = set()
+    for (client_id, _), (trained, took) in zip(clients, together, strict=True):
+        kept = {name: value.copy() for name, value in trained.arrays.items()}
+        one = train_client(resources, client_id, 3, _content(3), arrays, RecordDict())
+        assert kept.keys() == one.arrays.keys() and took > 0
+        for name in kept:
+            np.testing.assert_allclose(kept[name], one.arrays[name], atol=1e-5, rtol=0)
+        for key in ("num-examples", "examples-seen", "num-steps", "partition-id"):
+            assert trained.metrics[key] == one.metrics[key], key
+        assert trained.metrics["train-loss"] == pytest.approx(one.metrics["train-loss"],
+                                                              rel=1e-5)
+        steps.add(one.metrics["num-steps"])
+    if "data.partitioner=dirichlet" in overrides:
+        assert len(steps) > 1  # the case it is for: clients with different step counts
+
+
+def test_a_run_with_clients_together_matches_the_loop(tmp_path, one_torch_thread):
+    """The whole round (screening, sums, server): the same statuses and metrics, the same model
+    to float rounding."""
+    runs = {}
+    for flag in ("false", "true"):
+        config = tiny_config(tmp_path, *VECTORISED, f"engine.vectorise_clients={flag}",
+                             "run.rounds=3", f"run.dir={tmp_path / flag}")
+        runs[flag] = run_inprocess(config).path
+    clients = {flag: [(r["round"], r["client_id"], r["status"], r["num_examples"])
+                      for r in rows_of(path / "clients.csv")] for flag, path in runs.items()}
+    assert clients["true"] == clients["false"] and len(clients["true"]) >= 36
+    for ours, theirs in zip(rows_of(runs["true"] / "metrics.csv"),
+                            rows_of(runs["false"] / "metrics.csv"), strict=True):
+        for column in ("train_loss", "eval_loss", "eval_accuracy"):
+            assert float(ours[column]) == pytest.approx(float(theirs[column]), rel=1e-4)
+    ours, theirs = (load_file(str(runs[f] / "model" / "model.safetensors")) for f in runs)
+    for name in theirs:
+        np.testing.assert_allclose(ours[name], theirs[name], atol=1e-5, rtol=0)
+
+
+def _block_run(resources, config, clients, first_round=1):
+    act_as_server(1)
+    content = DecodedContent.of(RecordDict({ARRAYS: to_array_record(_global_arrays(resources)),
+                                            CONFIG: ConfigRecord({SERVER_ROUND: first_round})}))
+    spec = CohortSpec(weighted_mean=True, limits=reply_limits(config, resources.federation))
+    blocks = cohort_blocks([BlockClient(1000 + c, c, None) for c in clients], "train", spec,
+                           least=4)
+    return content, blocks
+
+
+def test_blocks_give_the_same_bits_in_any_order_and_chunks_do_not_overwrite_each_other(
+        tmp_path, monkeypatch, one_torch_thread):
+    """What a Ray actor does with a block is what this process does: a block's sum does not
+    depend on what ran before it; and a block cut into chunks of equal size (each reusing the
+    previous one's stacked copies) sums each client's own update."""
+    config = tiny_config(tmp_path, *VECTORISED)
+    resources = task_resources(config)
+    content, blocks = _block_run(resources, config, range(12))
+    forward = add_blocks([run_block(resources, content, block) for block in blocks])
+    backward = add_blocks([run_block(resources, content, block) for block in blocks[::-1]])
+    assert forward.total.keys() == backward.total.keys()
+    for name in forward.total:
+        assert np.array_equal(forward.total[name], backward.total[name])
+    one_chunk = forward.total
+    # chunks of 2 clients: each block of 4 runs as two chunks of the same size
+    per_client = sum(p.numel() * 4 for p in resources.model.parameters())
+    monkeypatch.setattr(vectorised, "CHUNK_BYTES", 2 * per_client)
+    assert chunk_sizes(4, resources.model) == [2, 2]
+    chunked = add_blocks([run_block(resources, content, block) for block in blocks])
+    assert [r.status for r in chunked.reports] == ["ok"] * 12
+    for name in one_chunk:  # other chunks, other batched arithmetic: float rounding
+        np.testing.assert_allclose(chunked.total[name], one_chunk[name], rtol=1e-5, atol=1e-4)
+
+
+def test_chunks_are_as_large_as_the_budget_allows_and_as_even_as_can_be(tmp_path):
+    resources = task_resources(tiny_config(tmp_path, *VECTORISED))
+    per_client = sum(p.numel() * 4 for p in resources.model.parameters() if p.requires_grad)
+    most = vectorised.CHUNK_BYTES // per_client
+    sizes = chunk_sizes(3 * most + 1, resources.model)
+    assert sum(sizes) == 3 * most + 1 and len(sizes) == 4
+    assert max(sizes) <= most and max(sizes) - min(sizes) <= 1
+    assert chunk_sizes(5, resources.model) == [5]
+
+
+def test_blocks_hold_at_least_a_chunk_when_clients_train_together(tmp_path):
+    assert block_size(100, least=VECTOR_BLOCK) == VECTOR_BLOCK
+    assert block_size(10_000, least=VECTOR_BLOCK) == 157  # 64 blocks already hold more
+    assert least_block(tiny_config(tmp_path, *VECTORISED)) == VECTOR_BLOCK
+    assert least_block(tiny_config(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("overrides", [
+    ["strategy.name=fedprox", "strategy.proximal_mu=0.1"],  # its own objective
+    ["strategy.name=scaffold", "client.optimizer=sgd"],  # client state and control variates
+    ["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3"],
+    ["faults.nan_fraction=0.25"],
+    ["client.precision=bf16"],
+    ["client.max_grad_norm=1.0"],
+    ["engine.vectorise_clients=false"],
+], ids=["fedprox", "scaffold", "local-dp", "faults", "bf16", "clipping", "off"])
+def test_clients_that_need_their_own_loop_train_one_at_a_time(tmp_path, overrides):
+    resources = task_resources(tiny_config(tmp_path, *VECTORISED, *overrides))
+    assert not vectorisable(resources)
+
+
+def test_only_fedtunes_own_runtimes_train_clients_together():
+    with pytest.raises(ConfigError, match=r"engine.vectorise_clients = True is not allowed "
+                                          r"with engine.backend = 'flower'.*ray, inprocess"):
+        load_config(None, ["engine.backend=flower", "engine.vectorise_clients=true"])
+
+
+def test_heads_on_frozen_features_train_together(tmp_path, tiny_bert_path, one_torch_thread):
+    config = tiny_config(tmp_path, base=[
+        "data.dataset=rotten_tomatoes", "data.max_examples=240", "data.num_clients=6",
+        "data.partitioner=iid", f"model.path={tiny_bert_path}", "model.max_length=24",
+        "model.transfer=frozen", "model.dropout=0", "client.local_steps=3",
+        "client.batch_size=8", "client.lr=0.02", "engine.backend=inprocess",
+        "engine.vectorise_clients=true"])
+    resources = task_resources(config)
+    assert resources.spec.features and vectorisable(resources)
+    arrays = _global_arrays(resources)
+    clients = [(c, RecordDict()) for c in range(6)]
+    (chunk,) = list(train_chunks(resources, 2, _content(2), arrays, clients))
+    for (client_id, _), (trained, _) in zip(clients, chunk, strict=True):
+        one = train_client(resources, client_id, 2, _content(2), arrays, RecordDict())
+        for name in one.arrays:
+            np.testing.assert_allclose(trained.arrays[name], one.arrays[name], atol=1e-5,
+                                       rtol=0)
+
+
+def test_with_dropout_clients_draw_their_own_masks_from_the_round_seeds(tmp_path,
+                                                                       one_torch_thread):
+    resources = task_resources(tiny_config(tmp_path, *VECTORISED, "model.dropout=0.5"))
+    assert vectorisable(resources)
+    arrays = _global_arrays(resources)
+    clients = [(c, RecordDict()) for c in range(4)]
+
+    def together(server_round):
+        (chunk,) = list(train_chunks(resources, server_round, _content(server_round), arrays,
+                                     clients))
+        return [{n: v.copy() for n, v in trained.arrays.items()} for trained, _ in chunk]
+
+    first, again, other_round = together(2), together(2), together(3)
+    name = next(iter(first[0]))
+    assert all(np.array_equal(a[name], b[name]) for a, b in zip(first, again, strict=True))
+    # round 3 gives clients other batches and other masks
+    assert not np.array_equal(first[0][name], other_round[0][name])
