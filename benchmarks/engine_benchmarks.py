@@ -463,7 +463,7 @@ def main() -> None:
                          "MiniLM + LoRA (r 8), Rotten Tomatoes, 1 local step of batch 8",
                          vectorised=False)
         if "frozen" in args.which:
-            bench_rounds(out, [1000], args.rounds, args.repeats, [], 0, FROZEN,
+            bench_rounds(out / "frozen", [1000], args.rounds, args.repeats, [], 0, FROZEN,
                          "MiniLM frozen, a head on cached pooled features, Rotten Tomatoes, "
                          "1 local step of batch 8")
         if "rss" in args.which:
