@@ -49,13 +49,14 @@ TrainFunction = Callable[..., TrainedClient]  # ``fedtune.client.app.train_clien
 
 def block_size(cohort: int, least: int = 1) -> int:
     """Clients per block for a cohort of ``cohort`` clients (the same for every runtime): at
-    least ``least`` (``blocks_of``), and few enough for at most BLOCKS_PER_ROUND blocks."""
+    least ``least`` (``least_block``), and few enough for at most BLOCKS_PER_ROUND blocks."""
     return max(least, math.ceil(cohort / BLOCKS_PER_ROUND))
 
 
 def least_block(config: Config) -> int:
     """The fewest clients in a block under ``config``: VECTOR_BLOCK when clients are trained
-    together (a chunk trains one block's clients), else 1."""
+    together (the clients of a chunk come from one block, so a block must hold enough of them
+    to gain from it), else 1."""
     return VECTOR_BLOCK if config.engine.vectorise_clients else 1
 
 
