@@ -120,6 +120,9 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     for count in sorted(steps):  # clients with as many steps train together
         members = [i for i, b in enumerate(batches) if len(b) == count]
         trained = _train_group(resources, model, [batches[i] for i in members])
+        if len(steps) > 1:  # a later group of as many clients trains in the same stacked copies
+            trained = [({name: value.copy() for name, value in arrays.items()}, result)
+                       for arrays, result in trained]
         results.update(zip(members, trained, strict=True))
     share = (time.perf_counter() - started) / len(clients)
     out = []
