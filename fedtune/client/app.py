@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from fedtune import protocol
 from fedtune.client.algorithms import ClientSide
 from fedtune.client.secagg import secagg_stage, secagg_train_mod
-from fedtune.config import ConfigError
+from fedtune.config import Config, ConfigError
 from fedtune.models.weights import load_shared_state, shared_state
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import (
@@ -50,6 +50,12 @@ class TrainedClient:
     status: str | None = None  # its privacy mode's STATUS reason (None: no such record)
 
 
+def client_shard(config: Config, client_id: int) -> int:
+    """The training split a client's process holds for it: its partition, or with private
+    per-party files (``data.dataset = "files"``) the one shard its own file makes."""
+    return 0 if config.data.dataset == "files" else client_id
+
+
 def train_client(resources: TaskResources, client_id: int, server_round: int,
                  content: RecordDict, global_arrays: dict[str, np.ndarray],
                  state: RecordDict) -> TrainedClient:
@@ -59,7 +65,7 @@ def train_client(resources: TaskResources, client_id: int, server_round: int,
     DP, a client whose budget allows no step trains nothing and says why."""
     config = resources.config
     model = resources.model  # built (and seeded) on first use: before this client's seed
-    shard = 0 if config.data.dataset == "files" else client_id  # a party's file is its shard
+    shard = client_shard(config, client_id)
     seed = client_round_seed(config.run.seed, server_round, client_id)
     seed_torch(seed)
     faults = resources.faults
@@ -107,7 +113,7 @@ def train_metrics(resources: TaskResources, shard: int, client_id: int, result: 
 def evaluate_client(resources: TaskResources, client_id: int,
                     global_arrays: dict[str, np.ndarray]) -> dict[str, float | int]:
     """Evaluate the global model on client ``client_id``'s local test split."""
-    shard = 0 if resources.config.data.dataset == "files" else client_id
+    shard = client_shard(resources.config, client_id)
     load_shared_state(resources.model, global_arrays)
     result = evaluate(resources.model, resources.client_test_loader(shard), resources.device)
     return {

@@ -33,7 +33,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedtune.client.algorithms import ClientSide
-from fedtune.client.app import TrainedClient, train_metrics
+from fedtune.client.app import TrainedClient, client_shard, train_metrics
 from fedtune.data.encode import Batch
 from fedtune.models.weights import load_shared_state, travelling_tensors
 from fedtune.tables.strategies import STRATEGIES
@@ -110,7 +110,7 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     model.train()
     seeds = [client_round_seed(config.run.seed, server_round, client_id)
              for client_id, _ in clients]
-    shards = [0 if config.data.dataset == "files" else client_id for client_id, _ in clients]
+    shards = [client_shard(config, client_id) for client_id, _ in clients]
     batches = [list(local_batches(resources.client_train_loader(shard, seed),
                              resources.train_settings))
                for shard, seed in zip(shards, seeds, strict=True)]
