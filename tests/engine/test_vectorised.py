@@ -97,10 +97,10 @@ def test_a_run_with_clients_together_matches_the_loop(tmp_path, one_torch_thread
         np.testing.assert_allclose(ours[name], theirs[name], atol=1e-5, rtol=0)
 
 
-def _block_run(resources, config, clients, first_round=1):
+def _content_and_blocks(resources, config, clients):
     act_as_server(1)
     content = DecodedContent.of(RecordDict({ARRAYS: to_array_record(_global_arrays(resources)),
-                                            CONFIG: ConfigRecord({SERVER_ROUND: first_round})}))
+                                            CONFIG: ConfigRecord({SERVER_ROUND: 1})}))
     spec = CohortSpec(weighted_mean=True, limits=reply_limits(config, resources.federation))
     blocks = cohort_blocks([BlockClient(1000 + c, c, None) for c in clients], "train", spec,
                            least=4)
@@ -114,7 +114,7 @@ def test_blocks_give_the_same_bits_in_any_order_and_chunks_do_not_overwrite_each
     previous one's stacked copies) sums each client's own update."""
     config = tiny_config(tmp_path, *VECTORISED)
     resources = task_resources(config)
-    content, blocks = _block_run(resources, config, range(12))
+    content, blocks = _content_and_blocks(resources, config, range(12))
     forward = add_blocks([run_block(resources, content, block) for block in blocks])
     backward = add_blocks([run_block(resources, content, block) for block in blocks[::-1]])
     assert forward.total.keys() == backward.total.keys()
