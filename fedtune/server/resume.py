@@ -40,6 +40,7 @@ from fedtune.server.checkpoint import (
 )
 from fedtune.server.grid import SimulatedGrid
 from fedtune.server.loop import RunListener
+from fedtune.server.node_state import new_run_key
 from fedtune.server.round import FederatedRun, RoundOutcome
 from fedtune.server.state import RoundState
 from fedtune.state.blobs import STATE_DIR
@@ -111,7 +112,7 @@ class Checkpointer(RunListener):
             counters={"rounds_without_update": state.rounds_without_update,
                       "elapsed_s": state.elapsed_s + time.perf_counter() - run.started,
                       "node_to_client": {str(k): v for k, v in state.node_to_client.items()},
-                      "stop_reason": state.stop_reason},
+                      "stop_reason": state.stop_reason, "run_key": state.run_key},
         )
         if self.every and state.server_round % self.every == 0:
             self.save_latest()
@@ -208,6 +209,8 @@ def resume_state(config: Config, grid: Grid, stateful: Any
             int(counters["rounds_without_update"]), float(counters["elapsed_s"]),
             {int(node): int(client) for node, client in counters["node_to_client"].items()},
             str(counters["stop_reason"]),
+            # a checkpoint from before run keys: its SuperNodes kept no state to find again
+            str(counters.get("run_key") or new_run_key()),
         )
         checkpointer = Checkpointer(run_dir.path, config, grid, stateful)
         checkpointer.restore(checkpoint)
