@@ -45,8 +45,7 @@ class StateSnapshot:
 
     def persist(self, blobs: StateBlobs) -> None:
         """Write the pending states and make every state the snapshot needs durable."""
-        for digest, data in self.pending.items():
-            blobs.write(digest, data)
+        blobs.write_all(self.pending)
         blobs.sync(self.pending.keys() | self.unsynced)
 
 
