@@ -112,7 +112,7 @@ SCAFFOLD = ["strategy.name=scaffold", "client.optimizer=sgd", "client.lr=0.05",
             "strategy.fraction_train=1.0", "strategy.fraction_evaluate=0.5"]
 
 
-def _deployment(config, state_dir: Path | None) -> WrappedGrid:
+def deployment_grid(config, state_dir: Path | None) -> WrappedGrid:
     """fedtune's ClientApp behind a Grid the server takes for a deployment: it keeps no client
     state for checkpoints, and a new one is a new Flower run (every Context empty)."""
     extra = {protocol.STATE_DIR: str(state_dir)} if state_dir else {}
@@ -126,18 +126,18 @@ def _weights(run_dir: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("state_dir", [True, False], ids=["state-dir", "no-state-dir"])
-def test_scaffold_variates_outlive_a_resumed_deployment_run(tmp_path, state_dir):
+def test_scaffold_variates_outlive_a_resumeddeployment_grid_run(tmp_path, state_dir):
     """SCAFFOLD on 'SuperNodes' whose server stops after round 3 with its checkpoint of round 2
     and resumes in a new Flower run: with a state-dir the clients replay round 3 from their
     variates of round 2 and the run ends as the uninterrupted one, bit for bit; without one
     their variates restart at zero and it does not."""
     reference = tiny_config(tmp_path / "a", "run.rounds=4", *SCAFFOLD)
-    run_federated(_deployment(reference, tmp_path / "nodes-a"), reference)
+    run_federated(deployment_grid(reference, tmp_path / "nodes-a"), reference)
     nodes = tmp_path / "nodes-b" if state_dir else None
     config = tiny_config(tmp_path / "b", "run.rounds=3", "run.checkpoint_every=2", *SCAFFOLD)
-    run_federated(_deployment(config, nodes), config)
+    run_federated(deployment_grid(config, nodes), config)
     config.run.rounds, config.run.resume = 4, True
-    resumed = run_federated(_deployment(config, nodes), config).path
+    resumed = run_federated(deployment_grid(config, nodes), config).path
     ours, theirs = _weights(resumed), _weights(Path(reference.run.dir))
     same = all(np.array_equal(ours[name], theirs[name]) for name in theirs)
     assert same == state_dir
