@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, MessageType, RecordDict
+from flwr.app import Array, Message, MessageType, RecordDict
 
 from fedtune import protocol
 from fedtune.client.app import TrainedClient, evaluate_client, train_client
@@ -38,6 +38,7 @@ from fedtune.config import Config
 from fedtune.server.grid import ClientReport, CohortResult, CohortSpec
 from fedtune.server.screening import check_claims, check_metric_values, check_update_arrays
 from fedtune.state.codec import state_from_bytes, state_to_bytes
+from fedtune.state.store import ClientStateStore
 from fedtune.task import TaskResources
 
 BLOCKS_PER_ROUND = 64  # a round's cohort is cut into at most this many blocks
@@ -422,6 +423,21 @@ def join_singletons(index: int, parts: list[BlockResult]) -> BlockResult:
         joined.total = _add_block_sum(joined.total, part)
         joined.weight += part.weight
     return joined
+
+
+def cohort_clients(messages: list[Message], node_to_client: Mapping[int, int],
+                   store: ClientStateStore) -> list[BlockClient]:
+    """The clients ``messages`` address, each with its state from ``store`` when they train
+    (an evaluation uses none; one that evaluates a personal model passes it here)."""
+    with_state = messages[0].metadata.message_type == MessageType.TRAIN
+    clients = []
+    for message in messages:
+        node = message.metadata.dst_node_id
+        if node not in node_to_client:
+            raise ValueError(f"no node {node} in this grid")
+        client = node_to_client[node]
+        clients.append(BlockClient(node, client, store.get_bytes(client) if with_state else None))
+    return clients
 
 
 def cohort_blocks(clients: list[BlockClient], message_type: str, spec: CohortSpec,

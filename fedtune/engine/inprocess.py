@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
-from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.run import Run
@@ -35,10 +35,10 @@ from fedtune.client.app import train_client
 from fedtune.config import Config, to_run_config
 from fedtune.engine.cohort import (
     BlockAdder,
-    BlockClient,
     DecodedContent,
     TrainFunction,
     cohort_blocks,
+    cohort_clients,
     least_block,
     run_block,
 )
@@ -175,15 +175,10 @@ class InProcessGrid(CohortGrid):
         each one's own time is bounded, not the cohort's)."""
         resources = run_config_resources(self._run_config)
         content = DecodedContent.of(messages[0].content)
-        kind = messages[0].metadata.message_type
         store = self.client_states
-        clients = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            client = self._client(node)
-            clients.append(BlockClient(node, client, store.get_bytes(client)
-                                       if kind == MessageType.TRAIN else None))
-        blocks = cohort_blocks(clients, kind, spec, least_block(resources.config))
+        clients = cohort_clients(messages, self.node_to_client, store)
+        blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec,
+                               least_block(resources.config))
         adder, done = BlockAdder(), 0
         for block in blocks:
             if stop is not None and stop.is_set():

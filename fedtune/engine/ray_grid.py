@@ -60,17 +60,17 @@ from dataclasses import dataclass, field
 
 import ray
 import torch
-from flwr.app import ArrayRecord, Error, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.run import Run
 
 from fedtune.engine.cohort import (
     BlockAdder,
-    BlockClient,
     BlockResult,
     BlockTask,
     DecodedContent,
     cohort_blocks,
+    cohort_clients,
     join_singletons,
     least_block,
     run_block,
@@ -265,11 +265,7 @@ class RayGrid(CohortGrid):
                    stop: threading.Event | None = None) -> CohortResult:
         content = messages[0].content
         kind = messages[0].metadata.message_type
-        clients = []
-        for node in (self._node(message) for message in messages):
-            client = self.node_to_client[node]
-            clients.append(BlockClient(node, client, self.client_states.get_bytes(client)
-                                       if kind == MessageType.TRAIN else None))
+        clients = cohort_clients(messages, self.node_to_client, self.client_states)
         blocks = cohort_blocks(clients, kind, spec,
                                least_block(parsed_run_config(self._factory.run_config)))
         if self._in_driver(kind, len(clients)):
