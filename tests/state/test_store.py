@@ -188,3 +188,17 @@ def test_a_format_2_checkpoint_is_read_and_its_states_move_to_files(tmp_path):
     store = _restore(tmp_path)
     assert store.clients() == [0, 3] and _value(store, 3) == 3.0
     assert len(_files(tmp_path)) == 2
+
+
+def test_a_run_leaves_exactly_the_state_files_its_checkpoint_references(tmp_path):
+    """SCAFFOLD with every variate on disk: each round replaces the clients' files, and after
+    the run only those of the last checkpoint are left."""
+    from fedtune.engine.inprocess import run_inprocess
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tmp_path, "strategy.name=scaffold", "client.optimizer=sgd",
+                         "client.lr=0.05", "run.rounds=3", "engine.client_state_memory_mb=0")
+    run_dir = run_inprocess(config).path
+    digests = read_checkpoint(run_dir).client_states.digests
+    assert sorted(digests) == [0, 1, 2, 3]
+    assert set(_files(run_dir)) == {digest.hex() for digest in digests.values()}
