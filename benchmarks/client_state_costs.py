@@ -168,12 +168,12 @@ def scale_check(size: int, args: argparse.Namespace, folder: Path) -> None:
                 store.put_bytes(int(client), state())  # ... and keeps what comes back
         started = time.perf_counter()
         snapshot = store.snapshot()
+        written = len(snapshot.pending) + len(snapshot.unsynced)
         write_checkpoint(folder, Checkpoint(server_round, {"w": np.zeros(1)}, ({}, {}),
                                             ({}, {}), snapshot))
         store.checkpointed(snapshot)
         took = time.perf_counter() - started
         files = [p for p in (folder / STATE_DIR).rglob("*") if p.is_file()]
-        written = len(snapshot.pending) + len(snapshot.unsynced)
         print(f"round {server_round}: checkpoint {took:.2f} s, {written:,} state files made "
               f"durable, {len(files):,} on disk "
               f"({sum(p.stat().st_size for p in files) / MB:,.0f} MiB), hot "

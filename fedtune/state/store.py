@@ -37,7 +37,9 @@ MB = 1 << 20
 @dataclass(frozen=True)
 class StateSnapshot:
     """The store at one moment, for a checkpoint: each client's digest, and the bytes of the
-    states that are not on disk yet (shared with the store, not copied: bytes never change)."""
+    states that are not on disk yet (shared with the store, not copied: bytes never change;
+    until the checkpoint is written they keep states the store has replaced since, so the
+    store may hold up to twice its budget in between)."""
 
     digests: dict[int, bytes]  # client id -> SHA-256 of its state's bytes
     pending: dict[bytes, bytes] = field(default_factory=dict)  # digest -> bytes not on disk
@@ -171,10 +173,12 @@ class ClientStateStore:
 
     def checkpointed(self, snapshot: StateSnapshot) -> None:
         """A checkpoint of ``snapshot`` has replaced the previous one: what it persisted is on
-        disk for good, and the files only older checkpoints referenced are deleted."""
+        disk for good (the snapshot lets go of those bytes), and the files only older
+        checkpoints referenced are deleted."""
         self._unsynced -= snapshot.unsynced | snapshot.pending.keys()
         self._unwritten = {client for client in self._unwritten
                            if self._digests[client] not in snapshot.pending}
+        snapshot.pending.clear()
         if self.blobs is None or not self._dropped:
             return
         held = set(self._digests.values())

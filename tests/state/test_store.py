@@ -42,12 +42,13 @@ def _files(run: Path) -> dict[str, int]:
             if path.is_file()}
 
 
-def _checkpoint(run: Path, store: ClientStateStore, server_round: int) -> None:
+def _checkpoint(run: Path, store: ClientStateStore, server_round: int) -> StateSnapshot:
     """What the Checkpointer does: snapshot, write, then let the store collect garbage."""
     snapshot = store.snapshot()
     write_checkpoint(run, Checkpoint(server_round, {"w": np.zeros(2)}, ({}, {}), ({}, {}),
                                      snapshot))
     store.checkpointed(snapshot)
+    return snapshot
 
 
 def _value(store: ClientStateStore, client: int) -> float:
@@ -108,7 +109,8 @@ def test_a_checkpoint_writes_only_what_changed_and_deletes_what_nothing_referenc
     for client in range(4):
         store.put(client, _state(client))
     assert _files(tmp_path) == {}  # in memory only, until a checkpoint
-    _checkpoint(tmp_path, store, 1)
+    snapshot = _checkpoint(tmp_path, store, 1)
+    assert len(snapshot.pending) == 0  # written: the snapshot holds no state's bytes any more
     first = _files(tmp_path)
     assert len(first) == 4
     store.put(2, _state(2, version=1))
