@@ -146,7 +146,7 @@ def load_run(run_dir: str | Path) -> RunResult:
 def _reporter(progress: bool) -> Any:
     from rich.console import Console
 
-    from fedtune.cli import NORMAL, QUIET, RichReporter
+    from fedtune.terminal import NORMAL, QUIET, RichReporter
 
     # plain lines, bound to this stdout (a notebook's too): the log capture takes sys.stdout
     # while the run lasts

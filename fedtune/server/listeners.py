@@ -35,7 +35,12 @@ from fedtune.models.weights import load_shared_state, shared_state
 from fedtune.privacy.mode import PrivacyPlan
 from fedtune.results.plots import plot_accuracy_loss, plot_epsilon
 from fedtune.results.run_dir import RunDirectory
-from fedtune.results.summary import build_summary, majority_class_accuracy, run_title
+from fedtune.results.summary import (
+    build_summary,
+    majority_class_accuracy,
+    privacy_setting,
+    run_title,
+)
 from fedtune.results.tracking import Tracker
 from fedtune.server.loop import RunFailed, RunListener
 from fedtune.server.reporting import Reporter
@@ -129,7 +134,7 @@ class FinalArtifacts(RunListener):
                            majority_class_accuracy(resources), run_title(config))
         if PRIVACY_MODES[config.privacy.mode].spends_budget:
             plot_epsilon(rows, config.privacy.target_epsilon,
-                         self.run_dir.plots_dir / "epsilon.png")
+                         self.run_dir.plots_dir / "epsilon.png", privacy_setting(config))
         total_s = run.state.elapsed_s + time.perf_counter() - run.started
         self.summary = build_summary(
             config, resources, self.run_dir, final, total_s, run.state.stop_reason,
@@ -154,7 +159,7 @@ class CentralizedReference(RunListener):
 
     def run_ended(self, run: FederatedRun, final: EvalResult) -> None:
         log(INFO, "fedtune: centralized reference in %s", reference_path(run.config))
-        run.progress(run.state.server_round, "central", 0, 1)
+        run.progress(run.state.server_round, "central", 0, 0)
         reference = ensure_reference(run.config)
         self.artifacts.extra.update(reference_section(reference, final.accuracy))
 
