@@ -196,8 +196,9 @@ class TrackingSection:
                                    "dir>/tb/ (pip install 'fedtune[tracking]')")
     mlflow: bool = key(False, "log the config, per-round metrics, plots, summary and model to "
                               "MLflow (pip install 'fedtune[tracking]')")
-    mlflow_uri: str = key("", "MLflow tracking URI; '' = the file store mlruns/ beside "
-                              "run.output_dir", used_with=UsedWith("mlflow", (True,)))
+    mlflow_uri: str = key("", "MLflow tracking URI; '' = sqlite:///<folder of the run "
+                              "directory>/mlflow.db, beside the runs",
+                          used_with=UsedWith("mlflow", (True,)))
     mlflow_experiment: str = key("", "MLflow experiment; '' = run.name (in a sweep: the "
                                      "sweep's name)", used_with=UsedWith("mlflow", (True,)))
 
