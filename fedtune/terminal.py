@@ -13,6 +13,7 @@ where the plots are and which commands come next.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +134,11 @@ class RichReporter:
     above one line per round. ``--quiet``: nothing; ``--json``: one JSON line per round on
     stdout."""
 
-    def __init__(self, console: Console, mode: str = NORMAL) -> None:
+    def __init__(self, console: Console, mode: str = NORMAL,
+                 callbacks: Sequence[Any] = ()) -> None:
         self.console = console
         self.mode = mode
+        self.callbacks = list(callbacks)  # a caller's fedtune.Callback objects, for the server
         self.status: Any = None
         self.progress = Progress(
             TextColumn("[bold]{task.fields[where]}"),
@@ -330,7 +333,11 @@ def read_audit(run_dir: Path) -> dict[str, Any] | None:
 
 def print_final(console: Console, run_dir: Path, summary: dict[str, Any],
                 centralized: str = "") -> None:
-    """The result, privacy and the centralized reference, each in one line."""
-    for line in (result_line(summary), privacy_line(summary, read_audit(run_dir)), centralized):
+    """The result, why the run stopped early (if it did), privacy and the centralized
+    reference, each in one line."""
+    stopped = (f"stopped after round {summary['rounds_completed']}: {summary['stop_reason']}"
+               if summary.get("stop_reason") else "")
+    for line in (result_line(summary), stopped, privacy_line(summary, read_audit(run_dir)),
+                 centralized):
         if line:
             console.print(line, highlight=False)

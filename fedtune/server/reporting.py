@@ -14,7 +14,9 @@ from fedtune.results.run_log import single_flower_lines
 
 
 class Reporter(Protocol):
-    """Receives progress (``fedtune.terminal.RichReporter`` draws it in a terminal)."""
+    """Receives progress (``fedtune.terminal.RichReporter`` draws it in a terminal). A
+    reporter may also carry ``callbacks``, a caller's ``fedtune.server.callbacks.Callback``
+    objects, which the server adds to the run's listeners (``fedtune.run(callbacks=...)``)."""
 
     def stage(self, text: str) -> None:
         """What the run is doing before its rounds ("loading data and model", ...)."""

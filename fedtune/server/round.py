@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,13 @@ class FederatedRun:
     stop: threading.Event | None = None
     started: float = 0.0  # perf_counter() when this session's rounds began
     identities: Identities = field(kw_only=True)  # who each node is
+    # told of each model or checkpoint a listener writes: (what, path)
+    save_hooks: list[Callable[[str, Path], None]] = field(default_factory=list, kw_only=True)
+
+    def announce_saved(self, what: str, path: Path) -> None:
+        """A listener wrote ``what`` ("best_model", "checkpoint", "model") to ``path``."""
+        for hook in self.save_hooks:
+            hook(what, path)
 
 
 @dataclass
