@@ -224,10 +224,12 @@ class SweepResult:
 def sweep(path: str | Path, overrides: Overrides = None,
           grid: Mapping[str, Any] | Iterable[str] | None = None,
           output: str | Path | None = None, *, progress: bool = True,
-          verbose: bool = False) -> SweepResult:
+          verbose: bool = False, other_code: str = "refuse") -> SweepResult:
     """Run a grid of experiments (``fedtune sweep``): every unfinished point of the sweep file
     ``path``, one line per run; returns the sweep's results. ``overrides`` change the base
-    config; ``grid`` runs only some values of grid keys (``{"run.seed": [0]}``, as ``--grid``).
+    config; ``grid`` runs only some values of grid keys (``{"run.seed": [0]}``, as ``--grid``);
+    ``other_code``: what to do with a finished point made by other code, "refuse" (a
+    ConfigError), "rerun" or "reuse" (``--other-code``).
     """
     from fedtune.studies.sweep import load_sweep, run_sweep
     from fedtune.studies.tables import write_outputs
@@ -251,5 +253,5 @@ def sweep(path: str | Path, overrides: Overrides = None,
             shown = "-" if final is None else f"{final:.4f}"
             print(f"[{index}/{total}] {values}: {spec.metric} {shown} ({status})", flush=True)
 
-    write_outputs(spec, run_sweep(spec, run_one, on_run))
+    write_outputs(spec, run_sweep(spec, run_one, on_run, other_code=other_code))
     return SweepResult(spec.directory)

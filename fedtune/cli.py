@@ -383,7 +383,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
 
     try:
         rows = run_sweep(spec, run_one if args.parallel == 1 else launch_point, on_run,
-                         before_run, args.parallel)
+                         before_run, args.parallel, args.other_code)
     finally:
         reporter.close()
     written = write_outputs(spec, rows)
@@ -462,6 +462,29 @@ def cmd_superexec(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_flwr_setup(args: argparse.Namespace, console: Console) -> int:
+    """Set ``flwr run .`` up: the local simulation's connection, its SuperLink running."""
+    from fedtune.deploy.local_simulation import CONNECTION, set_up_local_simulation
+
+    if args.supernodes < 1:
+        raise ConfigError(f"--supernodes {args.supernodes} is not allowed: must be >= 1 (one "
+                          "SuperNode per client: data.num_clients)")
+    done = set_up_local_simulation(args.supernodes, args.default)
+    console.print(f"wrote [superlink.{CONNECTION}] ({done.supernodes} SuperNodes, one CPU each) "
+                  f"into {done.config_file}" + (", as the default connection" if done.default
+                                                else ""), highlight=False, markup=False)
+    console.print("started the local SuperLink without runtime dependency installation"
+                  if done.started else
+                  "a local SuperLink was running already: if it was started by a plain `flwr "
+                  "run`, it installs the app's dependencies (torch) for every run; stop it and "
+                  "run this again", highlight=False)
+    target = "" if done.default else f" {CONNECTION}"
+    console.print(f"now: flwr run .{target} --stream   (flwr run .{target} --run-config "
+                  "\"run.rounds=2\" --stream; data.num_clients must be "
+                  f"{done.supernodes})", highlight=False, markup=False)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, console: Console) -> int:
     """Every key as valid TOML, grouped by section: its meaning, allowed values and default."""
     print(annotated_toml(), end="", file=console.file)
@@ -506,8 +529,8 @@ EPILOG = "Documentation: docs/ (mkdocs serve), or README.md. fedtune COMMAND -h:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Sub-commands in the order a user meets them: run, sweep, report, audit, config, then
-    the deployment's (certs, publish, registry, superexec)."""
+    """Sub-commands in the order a user meets them: run, sweep, report, audit, config,
+    flwr-setup, then the deployment's (certs, publish, registry, superexec)."""
     parser = argparse.ArgumentParser(prog="fedtune", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
@@ -551,6 +574,15 @@ def build_parser() -> argparse.ArgumentParser:
                                          "privacy.audit = true (audit.json, plots/audit.png)")
     audit.add_argument("run_dir")
     sub.add_parser("config", help="every config key as TOML: meaning, allowed values, default")
+    flwr_setup = sub.add_parser("flwr-setup", help="set `flwr run .` up: a local simulation "
+                                                   "connection in ~/.flwr/config.toml and its "
+                                                   "SuperLink, without dependency installation")
+    flwr_setup.add_argument("--supernodes", type=int, default=Config().data.num_clients,
+                            help="SuperNodes to simulate, one per client (default: "
+                                 "%(default)s, the default data.num_clients)")
+    flwr_setup.add_argument("--default", action="store_true",
+                            help="make it the default connection, so a plain `flwr run .` "
+                                 "uses it")
     _add_deployment_parsers(sub)
     return parser
 
@@ -594,7 +626,7 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "certs": cmd_certs,
             "publish": cmd_publish, "registry": cmd_registry, "superexec": cmd_superexec,
-            "config": cmd_config, "audit": cmd_audit}
+            "config": cmd_config, "audit": cmd_audit, "flwr-setup": cmd_flwr_setup}
 
 
 @contextmanager

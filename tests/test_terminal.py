@@ -135,9 +135,9 @@ def test_help_opens_with_what_fedtune_is_and_lists_commands_by_use():
     assert out.returncode == 0
     assert out.stdout.split("\n\n")[1].startswith("Federated fine-tuning simulations on Flower")
     assert "``" not in out.stdout and "only module" not in out.stdout
-    listed = re.findall(r"^    (\w+)", out.stdout, flags=re.MULTILINE)
-    assert listed == ["run", "sweep", "report", "audit", "config", "certs", "publish",
-                      "registry", "superexec"]
+    listed = re.findall(r"^    ([\w-]+)", out.stdout, flags=re.MULTILINE)
+    assert listed == ["run", "sweep", "report", "audit", "config", "flwr-setup", "certs",
+                      "publish", "registry", "superexec"]
 
 
 def test_ctrl_c_before_any_round_never_points_at_a_run_directory(tmp_path):
