@@ -59,7 +59,7 @@ def set_up_local_simulation(supernodes: int, make_default: bool) -> SetupResult:
     if make_default:
         set_default_superlink_connection(CONNECTION)
     _, path = read_flower_config()
-    running = local_superlink._is_local_superlink_started()  # noqa: SLF001 - Flower's probe
+    running = local_superlink._is_local_superlink_started()  # Flower's own health probe
     if not running:
         os.environ[NO_INSTALL] = "1"  # the SuperLink Flower starts inherits this environment
         local_superlink.ensure_local_superlink(connection)

@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import REPO
 from tests.integration.test_end_to_end import check_contract
 
+
 def _stop_local_superlink(flwr_home) -> None:
     """`flwr run` leaves a detached local SuperLink (and its SuperExecs) running: stop this
     test's own (found by its FLWR_HOME), wait for them, kill what does not stop (they hold

@@ -138,7 +138,7 @@ def test_a_finished_run_of_other_code_is_refused_rerun_or_reused_and_rows_name_t
     env_file.write_text(json.dumps({**env, "code_sha256": "0" * 64}))
     started.clear()
     with pytest.raises(ConfigError, match="1 finished runs of sweep tiny were made by other "
-                                          "code \(fedtune's source differs"):
+                                          "code \\(fedtune's source differs"):
         run_sweep(spec, run_one)
     assert started == []
     kept = run_sweep(spec, run_one, other_code="reuse")
@@ -151,11 +151,11 @@ def test_a_finished_run_of_other_code_is_refused_rerun_or_reused_and_rows_name_t
 def test_a_grid_selection_that_matches_nothing_is_an_error(tmp_path):
     text = SWEEP.replace('"client.lr" = [0.001, 0.01]',
                          '"strategy.name" = ["fedavg", "fedprox"]\n"client.lr" = [0.01]')
-    with pytest.raises(ConfigError, match="--grid 'strategy.name=\[fedavg,fedprox\]' is not "
-                                          "allowed: '\[fedavg,fedprox\]' is none of the "
+    with pytest.raises(ConfigError, match=r"--grid 'strategy.name=\[fedavg,fedprox\]' is not "
+                                          r"allowed: '\[fedavg,fedprox\]' is none of the "
                                           "values of sweep.grid.strategy.name: 'fedavg', "
-                                          "'fedprox' \(write TOML, strings quoted: "
-                                          'strategy.name=\["fedavg", "fedprox"\]\)'):
+                                          r"'fedprox' \(write TOML, strings quoted: "
+                                          r'strategy.name=\["fedavg", "fedprox"\]\)'):
         load_sweep(_write(tmp_path, text), selection=["strategy.name=[fedavg,fedprox]"])
     with pytest.raises(ConfigError, match="'fedyogi' is none of the values"):
         load_sweep(_write(tmp_path, text), selection=['strategy.name=["fedavg","fedyogi"]'])
