@@ -157,3 +157,50 @@ def test_ctrl_c_before_any_round_never_points_at_a_run_directory(tmp_path):
     assert "finished rounds are in" not in said and "checkpoint of round" not in said
     assert "nothing to" in said  # "nothing to keep" / "nothing to resume"
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+@pytest.mark.slow
+def test_a_twenty_round_sweep_shows_one_line_per_run_and_its_table_once(tmp_path):
+    """Two points of 20 rounds each, in process: a status line while each runs, then one line
+    per run and the table, each once; nothing from the libraries."""
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(f"""
+[sweep]
+name = "twenty"
+output_dir = "{tmp_path / 'sweeps'}"
+[sweep.grid]
+"client.lr" = [0.01, 0.05]
+[run]
+rounds = 20
+[data]
+dataset = "digits"
+num_clients = 4
+partitioner = "iid"
+max_examples = 0
+[model]
+kind = "mlp"
+hidden_sizes = [16]
+[client]
+local_steps = 2
+[strategy]
+fraction_train = 1.0
+fraction_evaluate = 1.0
+[engine]
+backend = "inprocess"
+""")
+    shown = run_in_terminal("sweep", str(sweep), timeout=400)
+    lines = shown.lines()
+    assert shown.returncode == 0, "\n".join(lines)
+    directory = tmp_path / "sweeps" / "twenty"
+    table = (directory / "table.md").read_text().splitlines()
+    runs = [line for line in lines if line.startswith("[")]
+    assert [line.split(":")[0] for line in runs] == ["[1/2] client.lr=0.01", "[2/2] client.lr=0.05"]
+    assert all(re.search(r": eval_accuracy \d\.\d{4} \(done, [\d.]+s\)$", line) for line in runs)
+    for row in table:
+        assert lines.count(row) == 1, row
+    assert "± 0.0000" not in "\n".join(table)  # one run per point: no spread to show
+    assert lines[-1] == f"sweep directory: {directory}"
+    seen = "\n".join(line for frame in shown.frames for line in frame)
+    assert "Warning" not in seen
+    assert re.search(r"\[1/2\] client.lr=0.01: round \d+/20 (train|evaluate|test|aggregate)",
+                     seen)  # the status line names the point, the round and the phase
