@@ -184,7 +184,10 @@ STATEFUL = {
 
 
 @pytest.mark.parametrize("extra", STATEFUL.values(), ids=STATEFUL.keys())
-def test_stopped_run_resumes_bit_identical(tmp_path, extra):
+def test_stopped_run_resumes_bit_identical(tmp_path, extra, one_torch_thread):
+    """The interrupted half runs ``run_federated`` itself, without ``run_inprocess``'s thread
+    limit: one torch thread for it too, as the reference has (two threads sum in another
+    order)."""
     import threading
 
     reference = run_inprocess(tiny_config(tmp_path / "a", *FIVE_ROUNDS, *extra)).path
