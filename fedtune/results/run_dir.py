@@ -15,6 +15,7 @@ import copy
 import csv
 import json
 import math
+import sys
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.config import Config, ConfigError, TrackingSection, from_dict, to_toml
+from fedtune.errors import one_line
 from fedtune.results.env_info import environment
 from fedtune.results.lock import LOCK_NAME
 
@@ -85,7 +87,15 @@ def _cell(value: Any) -> Any:
     return value
 
 
+# the text columns a client's reply can reach: one printable, capped line each
+_TEXT_COLUMNS = ("reason", "model_update")
+# a file of an older version may hold longer fields than the csv module's default (131,072)
+_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
 def _append(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    rows = [{k: one_line(v) if k in _TEXT_COLUMNS and v else v for k, v in row.items()}
+            for row in rows]
     new = not path.exists()
     with path.open("a", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -97,10 +107,16 @@ def _append(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a run's CSV file, whatever the length of a field (a run written before
+    reasons were capped holds longer ones than the csv module reads by default)."""
     if not path.exists():
         return []
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    previous = csv.field_size_limit(_FIELD_LIMIT)
+    try:
+        with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+            return list(csv.DictReader(handle))
+    finally:
+        csv.field_size_limit(previous)
 
 
 def utc_stamp() -> str:

@@ -54,6 +54,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune import protocol
+from fedtune.errors import one_line
 from fedtune.secagg import graph, keys, masking
 from fedtune.server.exchange import exchange
 from strategies.dp_fedavg import DPFedAvg
@@ -127,7 +128,7 @@ def _record_bytes(record: ConfigRecord) -> int:
 def _reason(reply: Message) -> str:
     """The last line of a client's error (runtimes wrap it in tracebacks)."""
     lines = [line.strip() for line in reply.error.reason.strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else "unknown error")[:300]
+    return one_line(lines[-1] if lines else "unknown error")
 
 
 @dataclass
