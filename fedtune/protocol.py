@@ -152,6 +152,9 @@ class ReplySchema:
     metrics: Mapping[str, ReplyMetric] = field(default_factory=dict)
     status: bool = False  # the ConfigRecord STATUS: {REASON: text}
     reason_required: bool = False  # STATUS must give a reason (a decline says why)
+    # the run's [client] settings, for metrics whose value they fix (``ReplyMetric.equals``;
+    # empty: such metrics are checked against their bounds only)
+    client: Mapping[str, Any] = field(default_factory=dict)
 
     def records(self) -> dict[str, str]:
         """Record name -> the kind of record it must be."""
@@ -162,12 +165,14 @@ class ReplySchema:
         return kinds
 
 
-def train_reply_schema(strategy: str, privacy_mode: str) -> ReplySchema:
-    """A training update under ``strategy.name`` and ``privacy.mode``."""
+def train_reply_schema(strategy: str, privacy_mode: str,
+                       client: Mapping[str, Any] | None = None) -> ReplySchema:
+    """A training update under ``strategy.name`` and ``privacy.mode``; ``client``: the run's
+    ``[client]`` settings (what fixes some strategies' metrics, FedNova's ``fednova-a``)."""
     entry, mode = STRATEGIES[strategy], PRIVACY_MODES[privacy_mode]
     return ReplySchema(arrays={ARRAYS: ARRAYS, **entry.answers},
                        metrics={**TRAIN_METRICS, **entry.reply_metrics, **mode.reply_metrics},
-                       status=mode.reply_status)
+                       status=mode.reply_status, client=dict(client or {}))
 
 
 def decline_reply_schema(privacy_mode: str) -> ReplySchema | None:

@@ -75,6 +75,15 @@ def _check_krum(config: Config) -> None:
         )
 
 
+def _fednova_a(metrics: Mapping[str, Any], client: Mapping[str, Any]) -> tuple[float, str]:
+    """What a FedNova reply's ``fednova-a`` must be: ``||a||_1`` of its ``num-steps`` steps
+    with the run's momentum (``strategies.fednova.local_normalizer``, what the client computes)."""
+    from strategies.fednova import local_normalizer  # numpy and flwr: only when screening
+
+    steps, momentum = int(metrics["num-steps"]), float(client.get("momentum", 0.0))
+    return local_normalizer(steps, momentum), f"{steps} steps with momentum {momentum:g}"
+
+
 def _fedopt(config: Config) -> dict[str, Any]:
     s = config.strategy
     # eta_l is the clients' learning rate; Flower's FedOpt only stores it
@@ -165,7 +174,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "fednova": StrategyEntry(
         "FedNova (Wang et al. 2020): updates normalised by local steps",
         implementation="strategies.fednova:FedNova", client=CLIENTS + "FedNovaClient",
-        reply_metrics={"fednova-a": ReplyMetric(float, gt=0)}, sgd_only=True,
+        reply_metrics={"fednova-a": ReplyMetric(float, gt=0, equals=_fednova_a)}, sgd_only=True,
         sum_weight=EXAMPLES + "/fednova-a"),
     "feddyn": StrategyEntry(
         "FedDyn (Acar et al. 2021): dynamic regularisation of the local objective",
