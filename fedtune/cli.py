@@ -3,6 +3,7 @@ superexec | config``. The only module that knows about terminals."""
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import json
 import signal
@@ -21,9 +22,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedtune import __version__
-from fedtune.config import Config, ConfigError, ConfigWarning, describe, load_config, to_toml
-from fedtune.results.run_dir import is_empty_run_dir, json_safe
+from fedtune.config import (
+    Config,
+    ConfigError,
+    ConfigWarning,
+    check_same_run,
+    describe,
+    load_config,
+    to_toml,
+)
+from fedtune.results.run_dir import check_creatable, is_empty_run_dir, json_safe
 from fedtune.results.run_log import capture_run_log, quiet_libraries
+from fedtune.results.tracking import check_tracking
 
 NORMAL, QUIET, JSON = "normal", "quiet", "json"  # what a command prints (--quiet, --json)
 
@@ -152,6 +162,8 @@ def _run_config(args: argparse.Namespace) -> Config:
                               "directory (it has no config.toml)")
         config = load_config(run_dir / "config.toml", args.set, resolved=True)
         config.run.dir, config.run.resume = str(run_dir), True
+        # a finished run has nothing to continue, but a changed key is still not allowed
+        check_same_run(load_config(run_dir / "config.toml", resolved=True), config)
         if not _finished(config):
             from fedtune.results.lock import check_unlocked
             from fedtune.server.resume import check_resumable
@@ -160,10 +172,12 @@ def _run_config(args: argparse.Namespace) -> Config:
             check_unlocked(run_dir)
             check_resumable(config)
             check_runtime(config)  # a runtime may refuse to resume (central keeps no checkpoint)
+        check_tracking(config)
         return config
     config = load_config(args.config, [*args.set, *_central_override(args)])
     config.run.dir = str(Path(args.output or config.run.dir or default_run_path(config)))
     _check_new_run_directory(Path(config.run.dir))
+    check_tracking(config)
     return config
 
 
@@ -174,6 +188,7 @@ def _check_new_run_directory(path: Path) -> None:
     if not is_empty_run_dir(path):
         raise ConfigError(f"--output {str(path)!r} is not allowed: must be a new or empty "
                           "directory")
+    check_creatable(path, "--output")
 
 
 def _finished(config: Config) -> bool:
@@ -195,19 +210,54 @@ def _central_override(args: argparse.Namespace) -> list[str]:
     return ["engine.backend=central"] if args.central else []
 
 
-def _stop_on_ctrl_c(console: Console) -> threading.Event:
-    """First Ctrl-C: finish the client being waited for, checkpoint, stop. Second: abort."""
-    stop = threading.Event()
+STOP_GRACE_S = 2.0  # how long the first Ctrl-C waits for the run to reach a stop check
 
-    def on_interrupt(signum: int, frame: Any) -> None:
-        if stop.is_set():
+
+class _StopNow(KeyboardInterrupt):
+    """The first Ctrl-C's grace ran out: the work under way (a client's training, a noise
+    search, loading the data) is abandoned where it is; the last finished round's checkpoint
+    is still written (``fedtune.server.resume.Checkpointer.run_aborted``)."""
+
+
+class _CtrlC:
+    """First Ctrl-C: stop at the next wait for a client (a round in progress is abandoned,
+    the last finished one checkpointed), or after ``STOP_GRACE_S`` wherever the run is (no
+    loop runs on); second: abort at once. ``done`` cancels the pending grace."""
+
+    def __init__(self, console: Console) -> None:
+        self.stop = threading.Event()
+        self.console = console
+        self.grace: threading.Timer | None = None
+        self.pressed = self.late = False
+        signal.signal(signal.SIGINT, self._interrupt)
+
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        if self.late:  # the grace ran out (``_expire``)
+            self.late = False
+            if self.stop.is_set():  # else the run heeded the stop meanwhile: let it finish
+                raise _StopNow
+            return
+        if self.pressed:
             raise KeyboardInterrupt
-        stop.set()
-        console.print("[bold yellow]stopping[/]: writing a checkpoint of the last finished "
-                      "round (Ctrl-C again aborts without it)")
+        self.pressed = True
+        self.stop.set()
+        self.console.print("[bold yellow]stopping[/]: writing a checkpoint of the last "
+                           "finished round (Ctrl-C again aborts without it)")
+        self.grace = threading.Timer(STOP_GRACE_S, self._expire)
+        self.grace.daemon = True
+        self.grace.start()
 
-    signal.signal(signal.SIGINT, on_interrupt)
-    return stop
+    def _expire(self) -> None:
+        """The run has not heeded the stop (``fedtune.server.loop.run_rounds`` clears it when
+        it does): interrupt the main thread, where the handler raises ``_StopNow``."""
+        if self.stop.is_set():
+            self.late = True
+            _thread.interrupt_main(signal.SIGINT)
+
+    def done(self) -> None:
+        if self.grace is not None:
+            self.grace.cancel()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _mode(args: argparse.Namespace) -> str:
@@ -240,11 +290,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"fedtune {__version__} · {_describe_run(config)}", highlight=False)
         console.print(f"run directory: {run_dir}", highlight=False)
     reporter = RichReporter(console, mode)
-    stop = _stop_on_ctrl_c(console)
+    ctrl_c = _CtrlC(console)
     reporter.stage("loading torch, transformers and Flower")
     try:
         with capture_run_log(run_dir, echo=args.verbose) as run_log:
-            stopped = _launch(config, reporter, stop, args.verbose)
+            stopped = _launch(config, reporter, ctrl_c.stop, args.verbose)
     except _RunFailed as failure:
         reporter.close()
         print(f"fedtune: run failed: {failure} (traceback in {run_dir / 'log.txt'})",
@@ -252,8 +302,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         _print_stopped(console, run_dir, mode)
         return 1
     finally:
+        ctrl_c.done()
         reporter.close()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     if stopped:
         _print_stopped(console, run_dir, mode)
         return 130
@@ -297,7 +347,7 @@ def _launch(config: Config, reporter: Any, stop: threading.Event, verbose: bool)
 
     try:
         launch(config, reporter, stop)
-    except RunStopped:
+    except (RunStopped, _StopNow):
         return True
     except (ConfigError, KeyboardInterrupt):
         raise
@@ -403,11 +453,11 @@ def _centralized_line(summary: dict[str, Any]) -> str:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.csv").is_file():  # answered before the plotting imports
+        raise ConfigError(f"{args.run_dir!r} is not a run directory: it has no metrics.csv")
     from fedtune.results.report import redraw
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "metrics.csv").is_file():
-        raise ConfigError(f"{args.run_dir!r} is not a run directory: it has no metrics.csv")
     for path in redraw(run_dir):
         console.print(f"wrote {path}")
     if (run_dir / "summary.json").is_file():
@@ -613,6 +663,9 @@ def cmd_config(args: argparse.Namespace, console: Console) -> int:
 def cmd_audit(args: argparse.Namespace, console: Console) -> int:
     """Recompute a run's audit (it must have run with privacy.audit = true); exit code 1
     when the empirical ε exceeds the accountant's."""
+    from fedtune.audit import audited_config
+
+    audited_config(args.run_dir)  # a directory that cannot be audited is told before torch
     quiet_libraries()
     from fedtune.audit.report import audit_run_dir, write_audit
 

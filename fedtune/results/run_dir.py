@@ -15,7 +15,9 @@ import copy
 import csv
 import json
 import math
+import os
 import sys
+import tempfile
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
@@ -131,6 +133,27 @@ def default_run_path(config: Config) -> Path:
         n += 1
         target = base.with_name(f"{base.name}-{n}")
     return target
+
+
+def check_creatable(path: Path, what: str) -> None:
+    """A directory can be made at ``path`` (or is one): raise a one-line ``ConfigError`` naming
+    ``what`` (``--output``, ``tracking.mlflow_uri``) when a file is in the way or its nearest
+    existing folder takes no new entry (read-only, /proc). The folder is probed by making and
+    removing a directory in it: permissions alone do not tell (root may write anywhere)."""
+    where = Path(os.path.abspath(path))
+    ancestor = where
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is not allowed: {str(ancestor)!r} is a file, "
+                          "not a directory")
+    if ancestor == where:
+        return
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fedtune-probe-", dir=ancestor))
+    except OSError as error:
+        raise ConfigError(f"{what} {str(path)!r} is not allowed: no directory can be made in "
+                          f"{str(ancestor)!r} ({error.strerror})") from None
 
 
 def is_empty_run_dir(path: Path) -> bool:

@@ -95,6 +95,8 @@ FLOWER = "flwr.serverapp.strategy:"
 CLIENTS = "fedtune.client.algorithms:"
 EXAMPLES = "num-examples"  # fedtune.protocol.NUM_EXAMPLES (tables import no Flower)
 KRUM_NEEDS = "it scores every individual update by its distances to the others"
+# each Weiszfeld step is a pass over every update; Pillutla et al. (2022) take 3 to 4
+MAX_RFA_ITERATIONS = 1000
 
 SERVER_LR = Key(1.0, "server learning rate", gt=0)
 FEDOPT_ETA = Key(0.01, "server learning rate eta (Reddi et al. 2021)", gt=0)
@@ -186,7 +188,8 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "rfa": StrategyEntry(
         "RFA (Pillutla et al. 2022): geometric median of the client models",
         keys={"rfa_iterations": Key(4, "smoothed Weiszfeld steps (Pillutla et al. 2022), "
-                                       "from the coordinate-wise median", ge=0),
+                                       "from the coordinate-wise median", ge=0,
+                                    le=MAX_RFA_ITERATIONS),
               "rfa_smoothing": Key(1e-6, "Weiszfeld smoothing nu", gt=0)},
         implementation="strategies.rfa:RFA",
         arguments=lambda c: {"iterations": c.strategy.rfa_iterations,
