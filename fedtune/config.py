@@ -617,12 +617,12 @@ def check_same_run(saved: Config, config: Config) -> None:
     before, now = to_dict(saved), to_dict(config)
     for section, values in now.items():
         free = RESUME_MAY_CHANGE.get(section, set())
-        for key, value in values.items():
-            if free is None or key in free or before[section][key] == value:
+        for name, value in values.items():
+            if free is None or name in free or before[section][name] == value:
                 continue
             raise ConfigError(
-                f"{section}.{key} = {shown(value)} is not allowed when resuming: must be "
-                f"{shown(before[section][key])} as in {config.run.dir}/config.toml (only "
+                f"{section}.{name} = {shown(value)} is not allowed when resuming: must be "
+                f"{shown(before[section][name])} as in {config.run.dir}/config.toml (only "
                 "run.rounds, run.checkpoint_every, engine.* and tracking.* may change)"
             )
 

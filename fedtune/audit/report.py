@@ -142,6 +142,7 @@ def audit_run_dir(path: str | Path) -> tuple[RunDirectory, dict[str, Any]]:
     from safetensors.numpy import load_file
 
     from fedtune.audit import audited_config
+    from fedtune.config import ConfigError
     from fedtune.models.build import SAVED_WEIGHTS, build_model
     from fedtune.models.weights import shared_state
     from fedtune.task import task_resources
