@@ -639,7 +639,8 @@ def cmd_superexec(args: argparse.Namespace, console: Console) -> int:
 
     run_signed_superexec(args.runtime_api_address, args.root_certificates,
                          Path(args.registry), Path(args.trusted_entities),
-                         args.superexec_auth_secret_file)
+                         args.superexec_auth_secret_file, args.accept,
+                         Path(args.allow_list) if args.allow_list else None)
     return 0
 
 
@@ -747,6 +748,13 @@ def build_parser() -> argparse.ArgumentParser:
     superexec.add_argument("--registry", required=True, help="the registry folder")
     superexec.add_argument("--trusted-entities", required=True)
     superexec.add_argument("--superexec-auth-secret-file")
+    superexec.add_argument("--accept", choices=("newest", "signed"), default="newest",
+                           help="which signed versions start: each app's newest (default; "
+                                "publishing a version retires the older ones) or every one")
+    superexec.add_argument("--allow-list", metavar="FILE",
+                           help="YAML '@publisher/app==version': expiry date or null; only "
+                                "the listed versions start, until they expire (read for every "
+                                "run; overrides --accept)")
     sub.add_parser("config", help="list every config key with its default")
     _add_audit_parser(sub)
     return parser
