@@ -17,7 +17,6 @@ from tests.conftest import REPO, rows_of
 from tests.integration.test_deploy import BIN, Processes, _free_port, _wait_for_port
 from tests.integration.test_end_to_end import CONTRACT
 
-
 HOSTILE = 3  # the partition id of the hostile SuperNode
 PLAN = "bad-mask-key@1,bad-share@2"  # tests.hostile_secagg
 
