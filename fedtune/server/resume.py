@@ -6,7 +6,8 @@ store: digests, no copy of the states), and writes it to disk every ``run.checkp
 rounds and whenever the run ends early (Ctrl-C, a failure). ``check_resumable`` checks that a
 resume continues the same run - the checkpoint matches its manifest, config.toml is the config
 it was written under, the settings agree, and a privacy mode that keeps its accountants in the
-clients' state finds them - and ``resume_state`` puts everything back. The format is in ``fedtune.server.checkpoint``.
+clients' state finds them - and ``resume_state`` puts everything back. The format is in
+``fedtune.server.checkpoint``.
 """
 
 from __future__ import annotations
