@@ -220,6 +220,8 @@ def _describe_run(config: Config) -> str:
     split = d.partitioner + (f" α={d.alpha:g}" if d.partitioner == "dirichlet" else "")
     model = f"{m.kind}/{m.transfer}"
     privacy = "" if config.privacy.mode == "none" else f", {config.privacy.mode} DP"
+    if config.privacy.mode != "none" and config.privacy.insecure_reproducible_noise:
+        privacy += " (NOT PRIVATE: noise seeded from run.seed)"
     return (f"{config.run.name}: {d.dataset}, {d.num_clients} clients ({split}), {model}, "
             f"{config.strategy.name}{privacy}, {config.run.rounds} rounds, engine "
             f"{config.engine.backend}")
@@ -345,6 +347,10 @@ def _print_final(console: Console, run_dir: Path, summary: dict | None = None) -
     line = _centralized_line(summary)
     if line:
         console.print(line, highlight=False)
+    if (summary.get("privacy") or {}).get("private") is False:
+        console.print("[bold red]NOT PRIVATE[/]: privacy.insecure_reproducible_noise = true drew "
+                      "the DP noise from run.seed; anyone with this run's config can remove it "
+                      "(epsilon holds only against someone who cannot)", highlight=False)
 
 
 def dry_run(config: Config, console: Console) -> int:

@@ -71,6 +71,10 @@ EVAL_ACCURACY = "eval-accuracy"
 # --- node config (set by every runtime, or flower-supernode --node-config) ----------------------
 NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"
+# node config: this node accepts privacy.insecure_reproducible_noise (fedtune's simulated
+# runtimes set it when the run asks for it; a deployed SuperNode only if its operator does)
+INSECURE_NOISE_ALLOWED = "insecure-noise-allowed"
+INSECURE_NOISE_KEY = "privacy.insecure_reproducible_noise"  # its run config key
 
 # --- a client's Context.state (kept by the runtime between rounds) ------------------------------
 ACCOUNTANT_STATE = "dp-accountant"  # local DP: the client's DP-SGD history

@@ -40,7 +40,13 @@ from fedtune.engine.cohort import (
     least_block,
     run_block,
 )
-from fedtune.protocol import DATA_PATH, NUM_PARTITIONS, PARTITION_ID
+from fedtune.protocol import (
+    DATA_PATH,
+    INSECURE_NOISE_ALLOWED,
+    INSECURE_NOISE_KEY,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+)
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.app import run_federated
 from fedtune.server.checkpoint import state_from_bytes, state_to_bytes
@@ -61,11 +67,14 @@ def client_contexts(run_id: int, num_clients: int,
     ``node_configs[i]`` adds to client i's node config (e.g. a ``data-path``).
     """
     extra = list(node_configs) or [{}] * num_clients
+    # a simulation's clients accept the reproducible (not private) noise the run asks for
+    allowed = ({INSECURE_NOISE_ALLOWED: True} if run_config.get(INSECURE_NOISE_KEY) is True
+               else {})
     return {
         NODE_ID_OFFSET + client_id: Context(
             run_id=run_id,
             node_id=NODE_ID_OFFSET + client_id,
-            node_config={PARTITION_ID: client_id, NUM_PARTITIONS: num_clients,
+            node_config={PARTITION_ID: client_id, NUM_PARTITIONS: num_clients, **allowed,
                          **extra[client_id]},
             state=RecordDict(),
             run_config=dict(run_config),

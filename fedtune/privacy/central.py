@@ -25,11 +25,12 @@ from fedtune.privacy.accounting import (
     HistoryEntry,
     compose,
     epsilon,
+    epsilon_by_accountants,
     noise_for_target,
 )
-from fedtune.privacy.mode import PrivacyMode, PrivacyPlan, PrivacyServer
+from fedtune.privacy.mode import PrivacyMode, PrivacyPlan, PrivacyServer, noise_source
 from strategies import dp_fedavg
-from strategies.dp_fedavg import DPFedAvg, adaptive_noise
+from strategies.dp_fedavg import COUNT_SENSITIVITY, DPFedAvg, adaptive_noise, count_share
 
 if TYPE_CHECKING:
     from flwr.app import MetricRecord
@@ -99,15 +100,32 @@ class CentralServer(PrivacyServer):
                 "noise_std": self.noise_std}
 
     def summary(self, config: Config, plan: PrivacyPlan) -> dict[str, Any]:
-        """σ, q, rounds, δ, ε and the accountant that computed ε; with adaptive clipping also
-        the two noise multipliers σ_Δ and σ_b that share σ, and the last bound used."""
+        """Everything a reader needs to recompute ε (docs/privacy.md has the recipe): σ, q,
+        the rounds accounted, δ, the accountant; with adaptive clipping the update's and the
+        count's noise multipliers and the count's sensitivity; ε of the composed mechanism by
+        two accountants; where the noise came from; and the last bound used."""
         p = config.privacy
+        rounds = sum(steps for _, _, steps in self.budget.history)
+        composed = composed_noise_multiplier(plan.details, plan.noise_multiplier)
         return {"mode": "central", "epsilon": self.budget.epsilon, "delta": p.delta,
                 "accountant": p.accountant, "accountant_library": ACCOUNTANT_LIBRARY,
                 "target_epsilon": p.target_epsilon or None,
                 "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-                "rounds_accounted": sum(steps for _, _, steps in self.budget.history),
-                **plan.details, "last_clip_norm": self.clip_norm}
+                "rounds_accounted": rounds, **plan.details,
+                "composed_noise_multiplier": composed,
+                "epsilon_by_accountant": epsilon_by_accountants(
+                    composed, plan.sample_rate, rounds, p.delta),
+                **noise_source(config), "last_clip_norm": self.clip_norm}
+
+
+def composed_noise_multiplier(details: Mapping[str, Any], noise: float) -> float:
+    """The multiplier of the one Gaussian mechanism a round releases: the update sum (noise
+    σ_Δ C on sensitivity C) and, with adaptive clipping, the centred count (noise σ_b on
+    sensitivity 1/2) together, ``(σ_Δ⁻² + (Δ_b / σ_b)⁻²)^(-1/2)`` (= σ by the split)."""
+    if not details.get("adaptive_clipping") or not noise:
+        return noise
+    update, count = details["update_noise_multiplier"], details["count_noise_multiplier"]
+    return (update ** -2 + count ** -2) ** -0.5
 
 
 def _number(value: Any) -> float | None:
@@ -138,18 +156,21 @@ class CentralDP(PrivacyMode):
         details: dict[str, Any] = {"adaptive_clipping": p.adaptive_clipping}
         if p.adaptive_clipping:
             cohort = rate * config.data.num_clients
-            count_std = p.clipped_count_stddev or cohort / 20
-            if noise and noise >= 2 * count_std:
+            count_std = p.clipped_count_stddev
+            if noise and count_std and noise * COUNT_SENSITIVITY >= count_std:
                 raise ConfigError(
                     f"privacy.clipped_count_stddev = {count_std:g} is not allowed with noise "
-                    f"multiplier {noise:.4g}: must be > noise / 2 (Andrew et al. 2021); raise "
-                    "it, or the expected cohort (fraction_train x num_clients), or set "
-                    "privacy.adaptive_clipping = false with a fixed privacy.clip_norm"
+                    f"multiplier {noise:.4g}: must be > noise / 2 (the count would take the "
+                    "whole budget); set privacy.clipped_count_stddev = 0 and choose "
+                    "privacy.count_budget_share (0 = automatic)"
                 )
-            update_noise, count_noise = adaptive_noise(noise, cohort,
-                                                       p.clipped_count_stddev or None)
-            details.update(update_noise_multiplier=update_noise,
-                           clipped_count_stddev=count_noise)
+            update_noise, count_noise = adaptive_noise(noise, cohort, count_std or None,
+                                                       p.count_budget_share)
+            details.update(
+                update_noise_multiplier=update_noise, clipped_count_stddev=count_noise,
+                count_sensitivity=COUNT_SENSITIVITY,
+                count_noise_multiplier=count_noise / COUNT_SENSITIVITY if noise else 0.0,
+                count_budget_share=count_share(noise, count_noise) if noise else 0.0)
         return PrivacyPlan(noise_multiplier=noise, sample_rate=rate, details=details)
 
     def strategy(self, config: Config, plan: PrivacyPlan, evaluate_args: dict[str, Any]
@@ -161,7 +182,9 @@ class CentralDP(PrivacyMode):
             sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier,
             clipping_norm=p.clip_norm, adaptive=p.adaptive_clipping,
             target_quantile=p.target_quantile, clip_learning_rate=p.clip_lr,
-            clipped_count_stddev=p.clipped_count_stddev or None, seed=config.run.seed,
+            # the plan's σ_b, so the mechanism noises exactly what the summary records
+            clipped_count_stddev=plan.details.get("clipped_count_stddev") or None,
+            seed=config.run.seed if p.insecure_reproducible_noise else None,
             canaries=p.audit_canaries if p.audit else 0, canary_seed=config.run.seed,
             client_noise=config.strategy.secure_aggregation,
             **server_optimizer(config), **evaluate_args,
@@ -169,7 +192,8 @@ class CentralDP(PrivacyMode):
         strategy.population = config.data.num_clients
         return strategy
 
-    def server(self, config: Config, plan: PrivacyPlan) -> CentralServer:
+    def server(self, config: Config, plan: PrivacyPlan, client_sizes: Sequence[int] = ()
+               ) -> CentralServer:
         p = config.privacy
         return CentralServer(CentralBudget(plan.noise_multiplier, plan.sample_rate, p.delta,
                                            p.accountant, p.target_epsilon))

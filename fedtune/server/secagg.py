@@ -390,8 +390,11 @@ class SecAggPlus(Strategy):
             return None, self._metrics(report)
         started = time.process_time()
         total_weight = sum(weight for _, weight, _ in inputs.values())
+        graph_seed, length = self._graph_seed(server_round), len(total) - 1
+        dither_sum = sum(weight * masking.dither(masking.dither_seed(graph_seed, node), length)
+                         for node, (_, weight, _) in inputs.items())
         mean, clipped = masking.decode_mean(total, total_weight, s.clip_range,
-                                            self.settings.bits)
+                                            self.settings.bits, dither_sum)
         records = masking.unflatten(mean, s.reference, s.summed)
         stand_ins = [self._stand_in(reply, records) for reply, _, _ in inputs.values()]
         report.survivors = sorted(inputs)

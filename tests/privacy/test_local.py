@@ -138,7 +138,16 @@ def test_a_text_run_with_local_dp_on_a_transformer(tmp_path, tiny_bert_path):
      "client.max_grad_norm = 1 is not allowed with privacy.mode = 'local'"),
     (["privacy.target_epsilon=2", "privacy.accountant=gdp"], "privacy.accountant = 'gdp'"),
     (["privacy.mode=central", "privacy.target_epsilon=1", "privacy.adaptive_clipping=true",
-      "privacy.delta=0.01"], "privacy.clipped_count_stddev = 0.2 is not allowed"),
+      "privacy.delta=0.01", "privacy.clipped_count_stddev=0.2"],
+     "privacy.clipped_count_stddev = 0.2 is not allowed"),
+    (["privacy.mode=central", "privacy.target_epsilon=1", "privacy.delta=0.01",
+      "privacy.clipped_count_stddev=2", "privacy.count_budget_share=0.1"],
+     "privacy.count_budget_share = 0.1 is not allowed with privacy.clipped_count_stddev = 2"),
+    (["privacy.mode=central", "privacy.target_epsilon=1", "privacy.delta=0.01",
+      "strategy.update_norm_z=3"],
+     "strategy.update_norm_z = 3 is not allowed with privacy.mode = 'central': must be 0"),
+    (["privacy.mode=central", "privacy.target_epsilon=1", "privacy.delta=0.01",
+      "privacy.count_budget_share=1"], "privacy.count_budget_share = 1 is not allowed"),
 ])
 def test_bad_privacy_config_gives_one_line(overrides, message):
     with pytest.raises(ConfigError) as error:
