@@ -125,6 +125,7 @@ SECAGG_DROPPED = "secagg-dropped"
 SECAGG_FAILED = "secagg-failed"  # 1: too few clients or shares: no aggregate this round
 SECAGG_ROUNDING_BOUND = "secagg-rounding-bound"  # largest quantisation error of a coordinate
 SECAGG_CLIPPED = "secagg-clipped"  # coordinates clipped to the range, over all clients
+SECAGG_DP_CLIP_BOUND = "secagg-dp-clip-bound"  # distributed DP: η, fedtune.secagg.distributed_dp
 SECAGG_SERVER_S = "secagg-server-s"  # CPU seconds the server spent in the protocol
 
 MAX_ANY_EXAMPLES = 10**9  # what a reply may claim where the server knows no data sizes

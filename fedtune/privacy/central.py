@@ -15,11 +15,13 @@ sees only the sum, neither clips nor noises.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedtune.errors import ConfigError
+from fedtune.protocol import SECAGG_DP_CLIP_BOUND
 from fedtune.privacy.accounting import (
     ACCOUNTANT_LIBRARY,
     HistoryEntry,
@@ -77,11 +79,14 @@ class CentralServer(PrivacyServer):
 
     releases_empty_rounds = True
 
-    def __init__(self, budget: CentralBudget) -> None:
+    def __init__(self, budget: CentralBudget, distributed: bool = False) -> None:
         self.budget = budget
+        self.distributed = distributed  # SecAgg+: the clients add the noise
         self.clip_norm: float | None = None
         self.clipped_fraction: float | None = None
         self.noise_std: float | None = None
+        self.participations: dict[str, int] = {}  # client -> rounds its update was summed
+        self.quantiser_clip_bound = 0.0  # Σ η over the rounds (distributed DP)
 
     def stop_before(self, server_round: int) -> str:
         return "" if self.budget.next_round_fits() else self.budget.stop_reason(server_round)
@@ -89,7 +94,12 @@ class CentralServer(PrivacyServer):
     def record_round(self, rows: Sequence[ClientRow], accepted: Sequence[Mapping[str, Any]],
                      aggregated: MetricRecord | None = None) -> None:
         self.budget.record_round()
+        for row in rows:
+            if row.status == "ok" and row.client_id is not None:
+                key = str(row.client_id)
+                self.participations[key] = self.participations.get(key, 0) + 1
         reported = aggregated or {}
+        self.quantiser_clip_bound += float(reported.get(SECAGG_DP_CLIP_BOUND, 0.0))
         self.clip_norm = _number(reported.get(dp_fedavg.CLIP_NORM))
         self.clipped_fraction = _number(reported.get(dp_fedavg.CLIPPED_FRACTION))
         self.noise_std = _number(reported.get(dp_fedavg.NOISE_STD))
@@ -115,7 +125,30 @@ class CentralServer(PrivacyServer):
                 "composed_noise_multiplier": composed,
                 "epsilon_by_accountant": epsilon_by_accountants(
                     composed, plan.sample_rate, rounds, p.delta),
-                **noise_source(config), "last_clip_norm": self.clip_norm}
+                **noise_source(config), "last_clip_norm": self.clip_norm,
+                **({"distributed": self.distributed_summary(config, plan)}
+                   if self.distributed else {})}
+
+    def distributed_summary(self, config: Config, plan: PrivacyPlan) -> dict[str, Any]:
+        """What distributed DP (SecAgg+) adds to the guarantee: who must add noise, the
+        quantiser's clipping bound η and the δ it costs, and ε against the server itself,
+        which samples the cohort and so knows who took part (no amplification by sampling:
+        q = 1 over the most rounds any one client's update was summed)."""
+        p = config.privacy
+        spent = self.budget.epsilon
+        most = max(self.participations.values(), default=0)
+        against_server = epsilon([(plan.noise_multiplier, 1.0, most)], p.delta, p.accountant)
+        return {
+            "noise_shares": "each client adds N(0, (noise_multiplier x clip_norm)^2 / m_min); "
+                            "a round sums at least m_min inputs or fails",
+            "assumes": "every client whose input is summed adds its share (if only h do, the "
+                       "multiplier is noise_multiplier x sqrt(h / m_min))",
+            "quantiser_clip_probability": self.quantiser_clip_bound,
+            "delta_with_quantiser": p.delta + (1 + math.exp(min(spent, 700)))
+            * self.quantiser_clip_bound,
+            "max_participations": most,
+            "epsilon_against_server": against_server,
+        }
 
 
 def composed_noise_multiplier(details: Mapping[str, Any], noise: float) -> float:
@@ -196,4 +229,5 @@ class CentralDP(PrivacyMode):
                ) -> CentralServer:
         p = config.privacy
         return CentralServer(CentralBudget(plan.noise_multiplier, plan.sample_rate, p.delta,
-                                           p.accountant, p.target_epsilon))
+                                           p.accountant, p.target_epsilon),
+                             distributed=config.strategy.secure_aggregation)
