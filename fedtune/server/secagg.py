@@ -395,8 +395,9 @@ class SecAggPlus(Strategy):
         started = time.process_time()
         total_weight = sum(weight for _, weight, _ in inputs.values())
         graph_seed, length = self._graph_seed(server_round), len(total) - 1
-        dither_sum = sum(weight * masking.dither(masking.dither_seed(graph_seed, node), length)
-                         for node, (_, weight, _) in inputs.items())
+        # in node order: a float sum must not depend on the order the replies arrived in
+        dither_sum = sum(inputs[node][1] * masking.dither(masking.dither_seed(graph_seed, node),
+                                                          length) for node in sorted(inputs))
         mean, clipped = masking.decode_mean(total, total_weight, s.clip_range,
                                             self.settings.bits, dither_sum)
         records = masking.unflatten(mean, s.reference, s.summed)
