@@ -215,9 +215,8 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
                   True, "move the bound towards the target_quantile of update norms (Andrew "
                         "et al. 2021). Recommended: keep it, with target_quantile 0.5, clip_lr "
                         "0.2 and a small clip_norm (TFF's defaults), and read the bound it "
-                        "found in metrics.csv clip_norm; it needs noise < 2 x "
-                        "clipped_count_stddev (an expected cohort of more than 10 x noise "
-                        "clients), else set false and clip_norm near the median update norm"),
+                        "found in metrics.csv clip_norm; the noised unclipped count takes "
+                        "count_budget_share of the budget"),
               "target_quantile": Key(0.5, "adaptive: share of updates left unclipped", gt=0,
                                      lt=1),
               "clip_lr": Key(0.2, "adaptive: geometric step size of the bound", gt=0),
