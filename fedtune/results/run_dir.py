@@ -57,8 +57,11 @@ class RoundRow:
 @dataclass
 class ClientRow:
     """One line of clients.csv: one client's training in one round. ``num_examples`` is the
-    size of its training split (what FedAvg weights by), ``examples_trained`` how many examples
-    its local steps went through (local_steps x batch_size, or its epochs' worth)."""
+    size of its training split (what FedAvg weights by); ``examples_trained`` is the sum of the
+    sizes of the batches its local steps took (the client's ``examples-seen``): at most
+    local_steps x batch_size, less when a batch is partial (a client with fewer examples than
+    a batch, the last batch of a pass through its data) or, under DP-SGD, what Poisson
+    sampling drew; with local_epochs, its examples times the epochs."""
 
     round: int
     client_id: int | None

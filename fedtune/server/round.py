@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,13 @@ class FederatedRun:
     stop: threading.Event | None = None
     started: float = 0.0  # perf_counter() when this session's rounds began
     identities: Identities = field(kw_only=True)  # who each node is
+    # told of each model or checkpoint a listener writes: (what, path)
+    save_hooks: list[Callable[[str, Path], None]] = field(default_factory=list, kw_only=True)
+
+    def announce_saved(self, what: str, path: Path) -> None:
+        """A listener wrote ``what`` ("best_model", "checkpoint", "model") to ``path``."""
+        for hook in self.save_hooks:
+            hook(what, path)
 
 
 @dataclass
@@ -167,6 +175,7 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
     seed_sampling(config.run.seed, server_round, "train")
     messages = list(strategy.configure_train(server_round, state.arrays, ConfigRecord(),
                                              run.grid))
+    run.progress(server_round, "train", 0, len(messages))  # each phase names itself as it starts
     bounds = UpdateBounds(state.arrays, config.strategy.max_update_norm,
                           config.strategy.update_norm_z)
     # the guard needs each update: a bounded cohort is not summed where it ran
@@ -174,14 +183,17 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
                       limits=limits)
     train = train_phase(run.grid, messages, spec, server_round, identities, bounds, timeout,
                         progress("train"), run.stop)
+    run.progress(server_round, "aggregate", 0, 0)
     train_metrics, model_update = update_global_model(run, server_round, train)
     privacy.record_round(train.rows, train.accepted, train_metrics)
 
     seed_sampling(config.run.seed, server_round, "evaluate")
-    evaluation = evaluate_phase(
-        run.grid, list(strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(),
-                                                   run.grid)),
-        limits, identities, timeout, progress("evaluate"), run.stop)
+    to_evaluate = list(strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(),
+                                                   run.grid))
+    run.progress(server_round, "evaluate", 0, len(to_evaluate))
+    evaluation = evaluate_phase(run.grid, to_evaluate, limits, identities, timeout,
+                                progress("evaluate"), run.stop)
+    run.progress(server_round, "test", 0, 0)  # the server's evaluation on the global test set
     global_eval = evaluate_global(run.resources, state.arrays)
     row = RoundRow(
         round=server_round,
