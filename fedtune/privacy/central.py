@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedtune.errors import ConfigError
-from fedtune.protocol import SECAGG_DP_CLIP_BOUND
 from fedtune.privacy.accounting import (
     ACCOUNTANT_LIBRARY,
     HistoryEntry,
@@ -31,6 +30,7 @@ from fedtune.privacy.accounting import (
     noise_for_target,
 )
 from fedtune.privacy.mode import PrivacyMode, PrivacyPlan, PrivacyServer, noise_source
+from fedtune.protocol import SECAGG_DP_CLIP_BOUND
 from strategies import dp_fedavg
 from strategies.dp_fedavg import COUNT_SENSITIVITY, DPFedAvg, adaptive_noise, count_share
 

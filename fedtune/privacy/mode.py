@@ -3,7 +3,8 @@
 A mode has two sides. Before the run and on the server: ``plan`` (fixed once, before any
 worker starts: σ), ``check_data``, ``strategy`` (how it wraps or replaces the aggregation)
 and ``server`` (its state during the run: stop rule, metrics.csv columns, summary.json part,
-checkpointed with the run, so it holds plain values only). On each client: ``train`` (how local training runs under it).
+checkpointed with the run, so it holds plain values only). On each client: ``train`` (how local
+training runs under it).
 The base classes are the mode without privacy; a mode overrides what it changes.
 """
 
