@@ -115,6 +115,11 @@ SA_PK_SEAL = "pk-seal"  # setup reply: public key for encrypting shares
 SA_COMMITMENT = "commitment"  # share-keys reply: SHA-256 commitment to the self-mask seed
 SA_PEERS = "peers"  # share-keys: neighbours; masked-input: sources of the forwarded shares
 SA_CIPHERTEXTS = "ciphertexts"  # share-keys reply and masked-input: encrypted shares
+SA_SEAL_OUT = "seal-out"  # share-keys reply: per peer, commitment to this client's key to it
+SA_SEAL_IN = "seal-in"  # share-keys reply: per peer, commitment to the peer's key to this one
+SA_REFUSED = "refused"  # masked-input reply: peers whose forwarded share did not open
+SA_REVEALED = "revealed"  # masked-input reply: for each, the key it did not open with
+SA_RECEIVED = "received"  # masked-input reply: for each, the share as it arrived
 SA_ALIVE = "alive"  # unmask: neighbours whose masked input arrived
 SA_DEAD = "dead"  # unmask: neighbours that dropped after sharing keys
 SA_OWNERS = "owners"  # unmask reply: whose share each entry of SA_SHARES is
@@ -157,6 +162,9 @@ class ReplySchema:
     metrics: Mapping[str, ReplyMetric] = field(default_factory=dict)
     status: bool = False  # the ConfigRecord STATUS: {REASON: text}
     reason_required: bool = False  # STATUS must give a reason (a decline says why)
+    # the run's [client] settings, for metrics whose value they fix (``ReplyMetric.equals``;
+    # empty: such metrics are checked against their bounds only)
+    client: Mapping[str, Any] = field(default_factory=dict)
 
     def records(self) -> dict[str, str]:
         """Record name -> the kind of record it must be."""
@@ -167,12 +175,14 @@ class ReplySchema:
         return kinds
 
 
-def train_reply_schema(strategy: str, privacy_mode: str) -> ReplySchema:
-    """A training update under ``strategy.name`` and ``privacy.mode``."""
+def train_reply_schema(strategy: str, privacy_mode: str,
+                       client: Mapping[str, Any] | None = None) -> ReplySchema:
+    """A training update under ``strategy.name`` and ``privacy.mode``; ``client``: the run's
+    ``[client]`` settings (what fixes some strategies' metrics, FedNova's ``fednova-a``)."""
     entry, mode = STRATEGIES[strategy], PRIVACY_MODES[privacy_mode]
     return ReplySchema(arrays={ARRAYS: ARRAYS, **entry.answers},
                        metrics={**TRAIN_METRICS, **entry.reply_metrics, **mode.reply_metrics},
-                       status=mode.reply_status)
+                       status=mode.reply_status, client=dict(client or {}))
 
 
 def decline_reply_schema(privacy_mode: str) -> ReplySchema | None:

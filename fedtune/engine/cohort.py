@@ -35,6 +35,7 @@ from fedtune import protocol
 from fedtune.client.app import TrainedClient, evaluate_client, train_client
 from fedtune.client.vectorised import train_chunks, vectorisable
 from fedtune.config import Config
+from fedtune.errors import one_line
 from fedtune.server.grid import ClientReport, CohortResult, CohortSpec
 from fedtune.server.screening import check_claims, check_metric_values, check_update_arrays
 from fedtune.task import TaskResources
@@ -174,7 +175,7 @@ block_sums = _BlockSums()
 
 
 def _error_line(error: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(error), error)).strip()[:400]
+    return one_line("".join(traceback.format_exception_only(type(error), error)))
 
 
 def _screen_update(trained: TrainedClient, received: dict[str, dict[str, np.ndarray]],

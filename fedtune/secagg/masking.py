@@ -134,6 +134,25 @@ def decode_mean(total: np.ndarray, total_weight: int, clip_range: float, bits: i
     return dequantize([mean_level], clip_range, levels(bits))[0], int(total[-1])
 
 
+def outside_range(total: np.ndarray, total_weight: int, bits: int, inputs: int) -> str:
+    """Why the unmasked sum of ``inputs`` encodings cannot be what in-range inputs add up to
+    ("" = it can): every level sum is at most ``L`` times the weights' sum (each client's
+    ``W_u * Q(x_u)`` lies in ``[0, W_u L]``), the clipped count at most every value of every
+    input. A masked vector of random ring elements (or one shifted by 2^62) breaks this with
+    overwhelming probability; one inside the range cannot be told from an honest one."""
+    most = levels(bits) * total_weight
+    over = int(np.count_nonzero(total[:-1] > np.asarray(most, dtype=total.dtype)))
+    if over:
+        return (f"the unmasked sum is outside what {inputs} inputs in range add up to in "
+                f"{over:,} of {total.size - 1:,} values (a level sum above {most:,}): a client "
+                "sent a masked input outside its range (SecAgg+ hides whose)")
+    if int(total[-1]) > (total.size - 1) * inputs:
+        return (f"the unmasked count of clipped values, {int(total[-1]):,}, is more than the "
+                f"{(total.size - 1) * inputs:,} values of {inputs} inputs: a client sent a "
+                "masked input outside its range (SecAgg+ hides whose)")
+    return ""
+
+
 def clip_l2(values: np.ndarray, bound: float) -> bool:
     """Scale ``values`` in place to L2 norm at most ``bound`` (Flower's flat clipping); whether
     it was within the bound already."""

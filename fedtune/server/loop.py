@@ -61,6 +61,8 @@ def run_rounds(run: FederatedRun, listeners: Sequence[RunListener]) -> EvalResul
                 listener.round_ended(run, outcome)
             final = outcome.evaluation
     except BaseException as error:
+        if run.stop is not None:  # heeded: who set it (Ctrl-C) lets the listeners finish
+            run.stop.clear()
         for listener in listeners:
             listener.run_aborted(run, error)
         raise

@@ -27,6 +27,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedtune import protocol
+from fedtune.errors import one_line
 from fedtune.results.run_dir import ClientRow
 from fedtune.server.exchange import Exchange, exchange
 from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec
@@ -246,8 +247,8 @@ def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     for line in reversed(lines):
         if "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]:
-            return line[:400]
-    return (lines[-1] if lines else "unknown error")[:400]
+            return one_line(line)
+    return one_line(lines[-1] if lines else "unknown error")
 
 
 def _reply_row(server_round: int, reply: Message, status: str, reason: str,

@@ -23,7 +23,14 @@ import tomli_w
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedtune.config import Config, ConfigError, load_config, to_dict
+from fedtune.config import (
+    RESUME_MAY_CHANGE,
+    Config,
+    ConfigError,
+    check_same_run,
+    load_config,
+    to_dict,
+)
 from fedtune.protocol import to_array_record
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.checkpoint import (
@@ -44,10 +51,6 @@ from fedtune.server.round import FederatedRun, RoundOutcome
 from fedtune.server.state import RoundState
 from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.runtimes import RUNTIMES
-
-# keys a resume may change: where and how long the run goes on, and on which runtime
-RESUME_MAY_CHANGE = {"run": {"dir", "output_dir", "rounds", "checkpoint_every", "resume"},
-                     "engine": None, "tracking": None}  # None: every key of the section
 
 
 def config_digest(config: Config) -> str:
@@ -148,17 +151,7 @@ def check_resumable(config: Config) -> Checkpoint:
         raise CheckpointError(f"{run_path / 'config.toml'} does not match the checkpoint's "
                               f"{directory.name}/manifest.json: the config was edited after the "
                               "checkpoint was written")
-    saved, current = to_dict(saved_config), to_dict(config)
-    for section, values in current.items():
-        free = RESUME_MAY_CHANGE.get(section, set())
-        for key, value in values.items():
-            if free is None or key in free or saved[section][key] == value:
-                continue
-            raise ConfigError(
-                f"{section}.{key} = {value!r} is not allowed when resuming: must be "
-                f"{saved[section][key]!r} as in {config.run.dir}/config.toml (only run.rounds, "
-                "run.checkpoint_every, engine.* and tracking.* may change)"
-            )
+    check_same_run(saved_config, config)
     checkpoint = read_checkpoint(run_path)
     _check_client_accountants(config, checkpoint)
     if config.run.rounds < checkpoint.server_round:

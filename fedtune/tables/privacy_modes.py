@@ -30,6 +30,12 @@ CENTRAL_STRATEGIES = ("fedavg", "fedavgm", "fedadam")
 # 0.5 GB for one ε on this machine, 100,000: 30 s and 1.5 GB); a plan evaluates ε many times
 # (fedtune.privacy.accounting.MAX_PRV_COMPOSITIONS is the same bound; tables load no opacus)
 MAX_PRV_COMPOSITIONS = 10_000
+# a noise multiplier below this spends an ε of tens of thousands (the RDP and PRV accountants
+# overflow or take minutes further down); above the maximum the noise drowns every update and
+# each ε takes seconds
+MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 0.01, 1000.0
+# the Rényi orders of opacus.accountants.RDPAccountant.DEFAULT_ALPHAS
+RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
 
 
@@ -47,9 +53,31 @@ class PrivacyModeEntry(Entry):
     client_accountants: bool = False  # each client's ε lives in its Context.state
 
 
+def smallest_epsilon(delta: float) -> float:
+    """The ε the RDP accountant certifies for infinite noise at ``delta``: no target below it
+    can be reached. Every order's RDP is 0 then, and Opacus' conversion (Balle et al. 2020,
+    Theorem 21: ``eps = rdp - (log delta + log a) / (a - 1) + log((a - 1) / a)``) leaves
+    its smallest value over the orders; pure math, so the config checks it without torch."""
+    return min(-(math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a)
+               for a in RDP_ORDERS)
+
+
 def _check_budget(config: Config) -> None:
-    """Exactly one of target_epsilon and noise_multiplier (both DP modes)."""
+    """Exactly one of target_epsilon and noise_multiplier (both DP modes), each in the range
+    an accountant can handle (a noise search for a smaller target runs for minutes and
+    fails)."""
     p = config.privacy
+    if 0 < p.noise_multiplier < MIN_NOISE_MULTIPLIER:
+        raise ConfigError(
+            f"privacy.noise_multiplier = {p.noise_multiplier!r} is not allowed: must be 0 "
+            f"(derived from privacy.target_epsilon) or >= {MIN_NOISE_MULTIPLIER:g} (below, ε is "
+            "tens of thousands and the accountants overflow)")
+    floor = smallest_epsilon(p.delta)
+    if 0 < p.target_epsilon <= floor:
+        raise ConfigError(
+            f"privacy.target_epsilon = {p.target_epsilon:g} is not allowed: must be > "
+            f"{floor:.3g}, the ε that even infinite noise spends at privacy.delta = "
+            f"{p.delta:g} (RDP accountant), or inf")
     if p.target_epsilon and p.noise_multiplier:
         raise ConfigError(
             f"privacy.noise_multiplier = {p.noise_multiplier:g} is not allowed with "
@@ -152,7 +180,7 @@ TARGET_EPSILON = Key(0.0, "ε the run may spend (local: per client, central: for
 DELTA = Key(1e-5, "δ of the (ε, δ) guarantee; must be < 1/N (local: N = examples of the "
                   "smallest client, central: N = data.num_clients)", gt=0, lt=1)
 NOISE_MULTIPLIER = Key(0.0, "Gaussian noise std / clipping bound; 0 = derived from "
-                            "target_epsilon", ge=0)
+                            "target_epsilon", ge=0, le=MAX_NOISE_MULTIPLIER)
 ACCOUNTANT = Key("rdp", "privacy accountant (opacus.accountants)", choices=ACCOUNTANTS)
 INSECURE_NOISE = Key(False, "NOT PRIVATE: draw the DP noise and sampling from generators "
                             "seeded by run.seed so runs repeat exactly; anyone with the run's "

@@ -184,3 +184,53 @@ def test_a_stopped_secure_run_resumes_bit_identical(tmp_path):
                     "key-shares"} & set(kept)
     config.run.resume = True
     _assert_same_run(run_inprocess(config).path, reference)
+
+
+# --- hostile clients in whole runs (issue 25, items 1 and 2) -----------------------------------
+
+def _hostile_secure_run(tmp_path, attacks, *overrides):
+    from fedtune.config import to_run_config
+    from fedtune.engine.inprocess import InProcessGrid
+    from fedtune.server.app import run_federated
+    from tests.hostile_secagg import hostile_secagg_app
+
+    config = tiny_config(tmp_path, *SECURE, "data.num_clients=6", "strategy.fraction_evaluate=0",
+                         *overrides)
+    grid = InProcessGrid(hostile_secagg_app(attacks), to_run_config(config), 6)
+    return config, lambda: run_federated(grid, config).path
+
+
+def test_clients_csv_names_the_attacker_and_nobody_else(tmp_path):
+    """Client 1 seals a share that does not open; client 4 claims to be client 0 at setup.
+    Before: client 1's receiver failed at masked input while client 1 stayed ok (and a setup
+    claim rewrote the server's node -> client map). Now client 1 alone is rejected, its reason
+    names the receiver by client id; client 4 is recorded as itself; every round applies."""
+    from tests import hostile_secagg
+
+    _, run = _hostile_secure_run(tmp_path, {1: hostile_secagg.BAD_SHARE,
+                                            4: hostile_secagg.IMPERSONATE})
+    run_dir = run()
+    rows = {(int(r["round"]), int(r["client_id"])): r for r in rows_of(run_dir / "clients.csv")}
+    assert sorted(rows) == [(r, c) for r in (1, 2) for c in range(6)]
+    for server_round in (1, 2):
+        attacker = rows[server_round, 1]
+        assert attacker["status"] == "rejected"
+        assert attacker["reason"].startswith("secagg masked-input: its share for client ")
+        assert "does not open (checked with the key that node revealed)" in attacker["reason"]
+        assert {rows[server_round, c]["status"] for c in (0, 2, 3, 4, 5)} == {"ok"}
+    assert [m["model_update"] for m in rows_of(run_dir / "metrics.csv")] == ["applied"] * 2
+
+
+def test_an_input_outside_the_range_stops_the_run_with_one_line(tmp_path):
+    from fedtune.server.loop import RunFailed
+    from tests import hostile_secagg
+
+    _, run = _hostile_secure_run(tmp_path, {2: hostile_secagg.SHIFTED_INPUT}, "run.rounds=3",
+                                 "run.max_rounds_without_update=2")
+    with pytest.raises(RunFailed, match="2 rounds in a row without an update.*secure "
+                                        "aggregation failed: the unmasked sum is outside what 6 "
+                                        "inputs in range add up to"):
+        run()
+    metrics = rows_of(tmp_path / "run" / "metrics.csv")
+    assert [m["model_update"].split(":")[0:2] for m in metrics] == [
+        ["kept", " secure aggregation failed"]]

@@ -94,6 +94,19 @@ def test_recovery_finds_and_leaves_out_a_tampered_share():
         keys.recover({h: shares[h] for h in (100, 101, 102, 103, 104)}, 5, check)
 
 
+def test_one_tampering_holder_with_the_lowest_id_cannot_make_a_secret_unrecoverable():
+    """k = 16 holders, t = 10 (the default degree): every one of the first 5,005 subsets in
+    order holds the lowest holder's share, so trying 256 of them in order failed and the
+    round failed, blaming the secret's owner; random subsets get past it."""
+    seed = keys.new_seed()
+    check = keys.seed_check(SESSION, 5, keys.commitment(SESSION, 5, seed))
+    shares = dict(zip(range(100, 116), keys.split(seed, 10, 16), strict=True))
+    bad = bytearray(shares[100])
+    bad[10] ^= 0xFF
+    shares[100] = bytes(bad)
+    assert keys.recover(shares, 10, check) == (seed, [100])
+
+
 # --- masking -------------------------------------------------------------------------------------
 
 def test_the_prg_is_deterministic_and_uniform():

@@ -350,3 +350,18 @@ def test_ray_engine_run_stopped_and_resumed_is_bit_identical(tmp_path):
     assert checkpoint.server_round == 2 and checkpoint.client_states  # variates were kept
     config.run.resume = True
     _assert_same_run(run_ray_engine(config).path, reference)
+
+
+def test_resuming_a_finished_run_with_a_changed_key_is_refused(tmp_path, capsys):
+    """A finished run has nothing to continue; a changed key used to be ignored ("nothing to
+    do"), now it is refused as for an unfinished run."""
+    from fedtune.cli import main
+
+    config = tiny_config(tmp_path, "run.rounds=1")
+    run_dir = run_inprocess(config).path
+    assert main(["run", "--resume", str(run_dir), "--set", "client.lr=0.5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"fedtune: error: client.lr = 0.5 is not allowed when resuming: must be 0.01 as in "
+        f"{run_dir}/config.toml (only run.rounds, run.checkpoint_every, engine.* and "
+        "tracking.* may change)")
+    assert main(["run", "--resume", str(run_dir)]) == 0  # unchanged: nothing to do
