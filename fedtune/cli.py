@@ -191,6 +191,8 @@ def _describe_run(config: Config) -> str:
     split = d.partitioner + (f" α={d.alpha:g}" if d.partitioner == "dirichlet" else "")
     model = f"{m.kind}/{m.transfer}"
     privacy = "" if config.privacy.mode == "none" else f", {config.privacy.mode} DP"
+    if config.privacy.mode != "none" and config.privacy.insecure_reproducible_noise:
+        privacy += " (NOT PRIVATE: noise seeded from run.seed)"
     return (f"{config.run.name}: {d.dataset}, {d.num_clients} clients ({split}), {model}, "
             f"{config.strategy.name}{privacy}, {config.run.rounds} rounds, engine "
             f"{config.engine.backend}")

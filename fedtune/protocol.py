@@ -85,6 +85,10 @@ RUN_KEY = "run-key"  # 32 hex digits: new for every run, the same when it resume
 SESSION = "session"  # 32 hex digits: new every time the server starts or resumes the run
 SESSION_START = "session-start"  # the round this session continues after (0: a new run)
 CHECKPOINTED_ROUND = "checkpointed-round"  # the round of the server's last durable checkpoint
+# node config: this node accepts privacy.insecure_reproducible_noise (fedtune's simulated
+# runtimes set it when the run asks for it; a deployed SuperNode only if its operator does)
+INSECURE_NOISE_ALLOWED = "insecure-noise-allowed"
+INSECURE_NOISE_KEY = "privacy.insecure_reproducible_noise"  # its run config key
 
 # --- a client's Context.state (kept by the runtime between rounds) ------------------------------
 ACCOUNTANT_STATE = "dp-accountant"  # local DP: the client's DP-SGD history
@@ -140,6 +144,7 @@ SECAGG_DROPPED = "secagg-dropped"
 SECAGG_FAILED = "secagg-failed"  # 1: too few clients or shares: no aggregate this round
 SECAGG_ROUNDING_BOUND = "secagg-rounding-bound"  # largest quantisation error of a coordinate
 SECAGG_CLIPPED = "secagg-clipped"  # coordinates clipped to the range, over all clients
+SECAGG_DP_CLIP_BOUND = "secagg-dp-clip-bound"  # distributed DP: η, fedtune.secagg.distributed_dp
 SECAGG_SERVER_S = "secagg-server-s"  # CPU seconds the server spent in the protocol
 
 MAX_ANY_EXAMPLES = 10**9  # what a reply may claim where the server knows no data sizes

@@ -139,6 +139,22 @@ def _client_id(context: Context, num_clients: int) -> int:
     return client_id
 
 
+def check_insecure_noise(config: Config, context: Context) -> None:
+    """A client draws its own DP noise under local DP and under distributed DP (SecAgg+), to
+    protect it from the server; so it takes the server's word for
+    ``privacy.insecure_reproducible_noise`` (noise anyone with run.seed can rebuild) only when
+    its own node config allows it (fedtune's simulated runtimes do, a deployed SuperNode only
+    if its operator starts it so)."""
+    p = config.privacy
+    own_noise = p.mode == "local" or (p.mode == "central" and config.strategy.secure_aggregation)
+    if (own_noise and p.insecure_reproducible_noise
+            and context.node_config.get(protocol.INSECURE_NOISE_ALLOWED) is not True):
+        raise ConfigError(
+            "privacy.insecure_reproducible_noise = true is not allowed by this SuperNode: it "
+            "would draw its DP noise from run.seed, which the server knows; start it with "
+            f"--node-config \"{protocol.INSECURE_NOISE_ALLOWED}=true\" only for a simulation")
+
+
 def _setup(msg: Message, context: Context) -> tuple[TaskResources, int, int]:
     """Resources, client id, server round of a message."""
     config = parsed_run_config(context.run_config)
@@ -148,6 +164,7 @@ def _setup(msg: Message, context: Context) -> tuple[TaskResources, int, int]:
     if config.data.dataset == "files" and not data_path:
         raise ConfigError("data.dataset = 'files' needs each SuperNode's own file: start it "
                           "with --node-config \"partition-id=<i> data-path=<file>\"")
+    check_insecure_noise(config, context)
     resources = run_config_resources(context.run_config, data_path)
     client_id = _client_id(context, config.data.num_clients)
     server_round = int(msg.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0))

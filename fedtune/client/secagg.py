@@ -17,8 +17,12 @@ the reply's summed ArrayRecords by one masked vector (``fedtune.secagg.masking``
 does not open is left out - no mask with its sender, none of its shares kept - and the reply
 names the sender and reveals that direction's key, so the server can tell who is at fault. Under
 distributed DP it first clips the update to the server's L2 bound and adds this client's share
-of the Gaussian noise, drawn from operating-system entropy (the server knows the run's seed, so
-seeded noise could be subtracted again).
+of the Gaussian noise, drawn from ``strategies.noise.SecureRandom`` (ChaCha20 keyed by OS
+entropy; the server knows the run's seed, so seeded noise could be subtracted again). Its
+reply metrics (training loss, example counts) still reach the server in clear: the DP
+guarantee covers the update only (docs/privacy.md). Only with
+``privacy.insecure_reproducible_noise``, and a node config that allows it, is the noise seeded
+from the client's round seed (not private).
 
 A client refuses - raises, so the runtime answers with an error reply - a stage out of order, a
 message of another session (a replay), neighbours it did not compute itself, fewer neighbours
@@ -34,7 +38,6 @@ shares to a round nor checks the neighbour graph.
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 import numpy as np
@@ -46,6 +49,7 @@ from fedtune.faults import FaultPlan
 from fedtune.secagg import graph, keys, masking
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import client_round_seed, parsed_run_config
+from strategies.noise import SecureRandom
 
 # fields of the client's state record (its own business, never sent)
 _MASK_SEED = "mask-seed"
@@ -59,8 +63,9 @@ _KEY_SHARES = "key-shares"
 _SECRETS = (_MASK_SEED, _SEAL_PRIVATE, _SELF_SEED, _SEAL_KEYS, _SEED_SHARES, _KEY_SHARES)
 _SETTINGS = (protocol.SA_ROUND, protocol.SA_THRESHOLD, protocol.SA_BITS,
              protocol.SA_RING_BITS, protocol.SA_CLIP_RANGE, protocol.SA_DP_CLIP,
-             protocol.SA_DP_STD, protocol.SA_WEIGHT, protocol.SA_RECORDS, protocol.SA_DELTAS)
-_ROUNDING_STREAM = 0x5EC  # seed stream of the stochastic rounding
+             protocol.SA_DP_STD, protocol.SA_WEIGHT, protocol.SA_RECORDS, protocol.SA_DELTAS,
+             protocol.SA_GRAPH_SEED)
+_NOISE_STREAM = 0x5EC  # seed stream of the noise share in the insecure reproducible mode
 
 
 class ProtocolViolation(ValueError):
@@ -272,22 +277,24 @@ def _open_shares(state: ConfigRecord, config: ConfigRecord, node: int
     return opened, refusal
 
 
-def _private_values(values: np.ndarray, state: ConfigRecord) -> np.ndarray:
+def _private_values(values: np.ndarray, state: ConfigRecord,
+                    rng: np.random.Generator | SecureRandom) -> np.ndarray:
     """Distributed DP: clip to the L2 bound, add this client's share of the noise."""
     bound, std = float(state[protocol.SA_DP_CLIP]), float(state[protocol.SA_DP_STD])
     if bound > 0:
         masking.clip_l2(values, bound)
     if std > 0:
-        # a secret: drawn from OS entropy, not from the run's seed that the server knows
-        values += np.random.default_rng(secrets.randbits(128)).normal(0.0, std, values.shape)
+        values += rng.normal(0.0, std, values.shape)
     return values
 
 
 def _masked(state: ConfigRecord, node: int, sources: list[int], values: np.ndarray,
-            weight: int, rounding_seed: int) -> np.ndarray:
+            weight: int) -> np.ndarray:
     dtype = masking.ring_dtype(int(state[protocol.SA_RING_BITS]))
+    offsets = masking.dither(masking.dither_seed(int(state[protocol.SA_GRAPH_SEED]), node),
+                             values.size)
     vector = masking.encode(values, weight, float(state[protocol.SA_CLIP_RANGE]),
-                            int(state[protocol.SA_BITS]), dtype, rounding_seed)
+                            int(state[protocol.SA_BITS]), dtype, offsets)
     masking.add_mask(vector, bytes(state[_SELF_SEED]), 1)
     mask_private = keys.mask_private_key(bytes(state[_MASK_SEED]))
     mask_keys = dict(zip(_ids(state[protocol.SA_PEERS]), state[_PEER_MASK_KEYS], strict=True))
@@ -319,11 +326,10 @@ def secagg_train_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     server_round = int(state[protocol.SA_ROUND])
     weight = masking.integer_weight(str(state[protocol.SA_WEIGHT]),
                                     reply.content[protocol.METRICS])
-    rounding_seed = int(np.random.SeedSequence(
-        [client_round_seed(run_config.run.seed, server_round, client_id), _ROUNDING_STREAM]
-    ).generate_state(1)[0])
-    vector = _masked(state, node, sources, _private_values(values, state), weight,
-                     rounding_seed)
+    rng = (np.random.default_rng(np.random.SeedSequence(
+        [client_round_seed(run_config.run.seed, server_round, client_id), _NOISE_STREAM]))
+        if run_config.privacy.insecure_reproducible_noise else SecureRandom())
+    vector = _masked(state, node, sources, _private_values(values, state, rng), weight)
     content = RecordDict({name: record for name, record in reply.content.items()
                           if name not in {s.reply for s in summed}})
     content[protocol.SECAGG_MASKED] = ArrayRecord({protocol.MASKED: Array(vector)})

@@ -42,7 +42,13 @@ from fedtune.engine.cohort import (
     least_block,
     run_block,
 )
-from fedtune.protocol import DATA_PATH, NUM_PARTITIONS, PARTITION_ID
+from fedtune.protocol import (
+    DATA_PATH,
+    INSECURE_NOISE_ALLOWED,
+    INSECURE_NOISE_KEY,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+)
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.app import run_federated
 from fedtune.server.exchange import RunStopped
@@ -55,12 +61,16 @@ NODE_ID_OFFSET = 1000  # node ids below this are Flower's own (0: none, 1: Super
 
 
 def node_config(client_id: int, num_clients: int,
+                run_config: Mapping[str, bool | int | float | str],
                 node_configs: Sequence[Mapping[str, bool | int | float | str]] = (),
                 ) -> dict[str, bool | int | float | str]:
     """Client ``client_id``'s node config; ``node_configs[i]`` adds to client i's (e.g. a
     ``data-path``)."""
     extra = node_configs[client_id] if node_configs else {}
-    return {PARTITION_ID: client_id, NUM_PARTITIONS: num_clients, **extra}
+    # a simulation's clients accept the reproducible (not private) noise the run asks for
+    allowed = ({INSECURE_NOISE_ALLOWED: True} if run_config.get(INSECURE_NOISE_KEY) is True
+               else {})
+    return {PARTITION_ID: client_id, NUM_PARTITIONS: num_clients, **allowed, **extra}
 
 
 def act_as_server(run_id: int) -> None:
@@ -144,7 +154,7 @@ class InProcessGrid(CohortGrid):
             client = self._client(node)
             context = Context(run_id=self._run.run_id, node_id=node,
                               node_config=node_config(client, self._num_clients,
-                                                      self._node_configs),
+                                                      self._run_config, self._node_configs),
                               state=self.client_states.get(client) or RecordDict(),
                               run_config=dict(self._run_config))
             started = time.perf_counter()

@@ -79,7 +79,12 @@ from fedtune.engine.cohort import (
 from fedtune.engine.inprocess import NODE_ID_OFFSET, act_as_server, error_reply
 from fedtune.engine.ray_pool import ActorFactory, stop_actors
 from fedtune.engine.ray_worker import ClientOutcome, ClientTask
-from fedtune.protocol import NUM_PARTITIONS, PARTITION_ID
+from fedtune.protocol import (
+    INSECURE_NOISE_ALLOWED,
+    INSECURE_NOISE_KEY,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+)
 from fedtune.server.exchange import RunStopped
 from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec
 from fedtune.state.store import ClientStateStore
@@ -188,6 +193,9 @@ class RayGrid(CohortGrid):
         self._run = Run.create_empty(factory.run_id)
         act_as_server(factory.run_id)
         self._num_clients = num_clients
+        # a simulation's clients accept the reproducible (not private) noise the run asks for
+        self._insecure_noise = ({INSECURE_NOISE_ALLOWED: True}
+                                if factory.run_config.get(INSECURE_NOISE_KEY) is True else {})
         self._client_timeout_s = client_timeout_s
         self._start_timeout_s = start_timeout_s
         now = time.monotonic()
@@ -226,7 +234,8 @@ class RayGrid(CohortGrid):
             task = ClientTask(metadata=message.metadata, content=rest, arrays=arrays,
                               order=tuple(message.content.keys()),
                               node_config={PARTITION_ID: self.node_to_client[node],
-                                           NUM_PARTITIONS: self._num_clients},
+                                           NUM_PARTITIONS: self._num_clients,
+                                           **self._insecure_noise},
                               state=self.client_states.get_bytes(self.node_to_client[node]))
             self._jobs[message_id] = (message, task)
             ids.append(message_id)

@@ -116,7 +116,8 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     mode = privacy_mode(config)
     plan = mode.plan(config)
     strategy = build_strategy(config, plan, resources.max_train_examples())
-    privacy = mode.server(config, plan)
+    privacy = mode.server(config, plan,
+                          [len(rows) for rows in resources.federation.client_train_rows])
     stateful = SimpleNamespace(strategy=strategy, privacy=privacy)  # what checkpoints keep
     # one writer per run directory, from before anything in it is read or written
     lock = RunLock(Path(config.run.dir)).acquire() if config.run.dir else None

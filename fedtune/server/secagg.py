@@ -52,7 +52,6 @@ counts) travel in clear. Under distributed DP the clients clip and noise their o
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -68,13 +67,12 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtune import protocol
 from fedtune.errors import one_line
-from fedtune.secagg import graph, keys, masking
+from fedtune.secagg import distributed_dp, graph, keys, masking
 from fedtune.server.exchange import exchange
 from strategies.dp_fedavg import DPFedAvg
 
 _GRAPH_STREAM = 0x5EC6  # seed stream of the public neighbour graph
-AUTO_CLIP_RANGE = 1.0  # strategy.secagg_clip_range = 0 without DP
-DP_NOISE_SPAN = 6.0  # ... and under distributed DP: clip_norm + this many noise std
+AUTO_CLIP_RANGE = 1.0  # strategy.secagg_clip_range = 0 without DP (distributed_dp's with it)
 
 
 @dataclass
@@ -170,6 +168,7 @@ class _Session:
     instructions: dict[int, Message] = field(default_factory=dict)
     dp_clip: float = 0.0
     dp_std: float = 0.0
+    dp_clip_bound: float = 0.0  # η: the quantiser clips a noised coordinate at most this often
 
 
 class SecAggPlus(Strategy):
@@ -309,8 +308,13 @@ class SecAggPlus(Strategy):
                                   f"own {name!r}: a secure sum needs one reference")
         if isinstance(self.inner, DPFedAvg) and self.inner.client_noise:
             s.dp_clip = self.inner.clipping_norm
-            s.dp_std = self.inner.noise_multiplier * s.dp_clip / math.sqrt(s.min_survivors)
-            s.clip_range = settings.clip_range or s.dp_clip + DP_NOISE_SPAN * s.dp_std
+            s.dp_std = distributed_dp.share_std(self.inner.noise_multiplier, s.dp_clip,
+                                                s.min_survivors)
+            coordinates = masking.vector_length(reference, s.summed)
+            s.clip_range = settings.clip_range or distributed_dp.automatic_clip_range(
+                s.dp_clip, s.dp_std, coordinates, cohort)
+            s.dp_clip_bound = distributed_dp.clip_probability(
+                s.clip_range, s.dp_clip, s.dp_std, coordinates, cohort)
         max_weight = (cohort if settings.sum_weight == "1" else settings.max_weight
                       * (masking.RATIO_SCALE if "/" in settings.sum_weight else 1))
         s.ring_bits = next((bits for bits in masking.RING_BITS
@@ -420,8 +424,12 @@ class SecAggPlus(Strategy):
         except RoundFailed:
             return None, self._metrics(report)
         started = time.process_time()
+        graph_seed, length = self._graph_seed(server_round), len(total) - 1
+        # in node order: a float sum must not depend on the order the replies arrived in
+        dither_sum = sum(inputs[node][1] * masking.dither(masking.dither_seed(graph_seed, node),
+                                                          length) for node in sorted(inputs))
         mean, clipped = masking.decode_mean(total, total_weight, s.clip_range,
-                                            self.settings.bits)
+                                            self.settings.bits, dither_sum)
         records = masking.unflatten(mean, s.reference, s.summed)
         stand_ins = [self._stand_in(reply, records) for reply, _, _ in inputs.values()]
         report.survivors = sorted(inputs)
@@ -429,6 +437,8 @@ class SecAggPlus(Strategy):
             protocol.SECAGG_ROUNDING_BOUND: masking.rounding_bound(s.clip_range,
                                                                    self.settings.bits),
             protocol.SECAGG_CLIPPED: clipped}
+        if s.dp_std:
+            report.metrics[protocol.SECAGG_DP_CLIP_BOUND] = s.dp_clip_bound
         report.server_s += time.process_time() - started
         arrays, metrics = self.inner.aggregate_train(server_round, stand_ins)
         metrics = MetricRecord(dict(metrics or {}))

@@ -28,6 +28,7 @@ CENTRAL_STRATEGIES = ("fedavg", "fedavgm", "fedadam")
 
 # the PRV accountant's memory and time grow with the steps it composes (10,000: about 2 s and
 # 0.5 GB for one ε on this machine, 100,000: 30 s and 1.5 GB); a plan evaluates ε many times
+# (fedtune.privacy.accounting.MAX_PRV_COMPOSITIONS is the same bound; tables load no opacus)
 MAX_PRV_COMPOSITIONS = 10_000
 # a noise multiplier below this spends an ε of tens of thousands (the RDP and PRV accountants
 # overflow or take minutes further down); above the maximum the noise drowns every update and
@@ -89,6 +90,18 @@ def _check_budget(config: Config) -> None:
         )
 
 
+def _check_insecure_noise(config: Config) -> None:
+    """Clients that draw their own noise (local DP, SecAgg+'s distributed DP) accept the
+    reproducible mode only where fedtune's runtime tells them it is a simulation."""
+    p = config.privacy
+    own_noise = p.mode == "local" or config.strategy.secure_aggregation
+    if p.insecure_reproducible_noise and own_noise and config.engine.backend == "flower":
+        raise ConfigError(
+            "privacy.insecure_reproducible_noise = true is not allowed with engine.backend = "
+            "'flower': must run on 'ray' or 'inprocess' (Flower's simulation starts the "
+            "clients, whose node configs do not allow noise the server can rebuild)")
+
+
 def check_prv_compositions(config: Config, compositions: int, what: str) -> None:
     """The PRV accountant only for as many compositions as it can hold."""
     if config.privacy.accountant == "prv" and compositions > MAX_PRV_COMPOSITIONS:
@@ -101,6 +114,7 @@ def check_prv_compositions(config: Config, compositions: int, what: str) -> None
 
 def _check_local(config: Config) -> None:
     _check_budget(config)
+    _check_insecure_noise(config)
     if config.client.local_steps:  # with local_epochs the steps depend on the data
         rounds = config.privacy.client_rounds or config.run.rounds
         check_prv_compositions(config, rounds * config.client.local_steps,
@@ -121,8 +135,23 @@ def _check_local(config: Config) -> None:
 
 def _check_central(config: Config) -> None:
     _check_budget(config)
+    _check_insecure_noise(config)
     check_prv_compositions(config, config.run.rounds, "rounds (run.rounds)")
     p = config.privacy
+    if config.strategy.update_norm_z:
+        raise ConfigError(
+            f"strategy.update_norm_z = {config.strategy.update_norm_z:g} is not allowed with "
+            "privacy.mode = 'central': must be 0 (whether it keeps a client would depend on "
+            "every other client's norm, so one client's sensitivity is no longer clip_norm "
+            "and epsilon would not bound it; strategy.max_update_norm is a fixed bound and "
+            "allowed)"
+        )
+    if p.clipped_count_stddev and p.count_budget_share:
+        raise ConfigError(
+            f"privacy.count_budget_share = {p.count_budget_share:g} is not allowed with "
+            f"privacy.clipped_count_stddev = {p.clipped_count_stddev:g}: set one of them (the "
+            "other = 0)"
+        )
     if p.delta >= 1 / config.data.num_clients:
         raise ConfigError(
             f"privacy.delta = {p.delta:g} is not allowed: must be < 1/data.num_clients = "
@@ -153,8 +182,15 @@ DELTA = Key(1e-5, "δ of the (ε, δ) guarantee; must be < 1/N (local: N = examp
 NOISE_MULTIPLIER = Key(0.0, "Gaussian noise std / clipping bound; 0 = derived from "
                             "target_epsilon", ge=0, le=MAX_NOISE_MULTIPLIER)
 ACCOUNTANT = Key("rdp", "privacy accountant (opacus.accountants)", choices=ACCOUNTANTS)
+INSECURE_NOISE = Key(False, "NOT PRIVATE: draw the DP noise and sampling from generators "
+                            "seeded by run.seed so runs repeat exactly; anyone with the run's "
+                            "config can then remove the noise. For comparing simulations only: "
+                            "summary.json and the terminal say 'not private', and a SuperNode "
+                            "refuses it unless its node config allows it "
+                            "(insecure-noise-allowed = true)")
 BUDGET_KEYS = {"target_epsilon": TARGET_EPSILON, "delta": DELTA,
-               "noise_multiplier": NOISE_MULTIPLIER, "accountant": ACCOUNTANT}
+               "noise_multiplier": NOISE_MULTIPLIER, "accountant": ACCOUNTANT,
+               "insecure_reproducible_noise": INSECURE_NOISE}
 
 AUDIT = Key(False, "empirical privacy audit after the run (audit.json, plots/audit.png): "
                    "central = canary clients (Andrew et al. 2024), local and none = canary "
@@ -207,14 +243,21 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
                   True, "move the bound towards the target_quantile of update norms (Andrew "
                         "et al. 2021). Recommended: keep it, with target_quantile 0.5, clip_lr "
                         "0.2 and a small clip_norm (TFF's defaults), and read the bound it "
-                        "found in metrics.csv clip_norm; it needs noise < 2 x "
-                        "clipped_count_stddev (an expected cohort of more than 10 x noise "
-                        "clients), else set false and clip_norm near the median update norm"),
+                        "found in metrics.csv clip_norm; the noised unclipped count takes "
+                        "count_budget_share of the budget"),
               "target_quantile": Key(0.5, "adaptive: share of updates left unclipped", gt=0,
                                      lt=1),
               "clip_lr": Key(0.2, "adaptive: geometric step size of the bound", gt=0),
-              "clipped_count_stddev": Key(0.0, "adaptive: noise std of the unclipped count; 0 "
-                                               "= expected cohort / 20", ge=0),
+              "clipped_count_stddev": Key(0.0, "adaptive: noise std of the centred unclipped "
+                                               "count (sensitivity 1/2); 0 = from "
+                                               "count_budget_share", ge=0),
+              "count_budget_share": Key(
+                  0.0, "adaptive: share of the privacy budget (of noise^-2, as Gaussian "
+                       "mechanisms compose) spent on the unclipped count; the update noise "
+                       "becomes noise / sqrt(1 - share). 0 = automatic, recommended: Andrew et "
+                       "al.'s count std (expected cohort / 20) if that takes at most 0.1, else "
+                       "0.1 (small cohorts: the clip bound then follows the quantile more "
+                       "noisily; more than 0.1 buys little and costs accuracy)", ge=0, lt=1),
               **AUDIT_CLIENTS},
         implementation="fedtune.privacy.central:CentralDP", spends_budget=True,
         audit_inserts="clients", check=_check_central),

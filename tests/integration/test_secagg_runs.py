@@ -12,7 +12,8 @@ from safetensors.numpy import load_file
 
 from fedtune.engine.inprocess import run_inprocess
 from fedtune.engine.launch import launch
-from fedtune.secagg import masking
+from fedtune.privacy.accounting import epsilon
+from fedtune.secagg import distributed_dp, masking
 from tests.conftest import rows_of, tiny_config
 
 SECURE = ("strategy.secure_aggregation=true",)
@@ -106,6 +107,36 @@ def test_distributed_dp_accounts_as_central_dp(tmp_path):
     assert summary["privacy"]["noise_multiplier"] == 0.8
     for metrics in _strategy_metrics(distributed):
         assert metrics["secagg-failed"] == 0 and "dp-unclipped" not in metrics
+        assert 0 < metrics["secagg-dp-clip-bound"] <= distributed_dp.CLIP_PROBABILITY * 1.001
+    assert "distributed" not in json.loads((central / "summary.json").read_text())["privacy"]
+
+
+def test_fewer_than_m_min_inputs_release_nothing_and_the_server_sees_who_took_part(tmp_path):
+    """6 clients, q = 1, m_min = 4: seed 96 crashes client 3 in round 1 and clients 0, 2, 3 in
+    round 2 (3 inputs left), nobody in round 3. Round 2 fails: the model stays, so its noise
+    shares, sized for 4 inputs, never had to cover 3 (sigma sqrt(3/4) would be what 3 give).
+    The accountant still counts round 2 (an upper bound). Against the server, which picked
+    the cohort, epsilon is that of the 2 rounds a client's update was summed, without
+    amplification by sampling."""
+    config = tiny_config(tmp_path, *SECURE, "data.num_clients=6", "run.rounds=3",
+                         "run.seed=96", "faults.crash_probability=0.3",
+                         "faults.crash_stage=share-keys", "strategy.fraction_evaluate=0",
+                         "privacy.mode=central", "privacy.noise_multiplier=1.5",
+                         "privacy.delta=0.01", "privacy.adaptive_clipping=false",
+                         "strategy.fraction_train=1.0")
+    run_dir = run_inprocess(config).path
+    failed = [m["secagg-failed"] for m in _strategy_metrics(run_dir)]
+    assert failed == [0, 1, 0]
+    rows = rows_of(run_dir / "metrics.csv")
+    assert [float(r["epsilon"]) for r in rows][-1] == pytest.approx(
+        epsilon([(1.5, 1.0, 3)], 0.01, "rdp"))
+    summary = json.loads((run_dir / "summary.json").read_text())["privacy"]["distributed"]
+    assert summary["max_participations"] == 2
+    assert summary["epsilon_against_server"] == pytest.approx(
+        epsilon([(1.5, 1.0, 2)], 0.01, "rdp"))
+    assert summary["quantiser_clip_probability"] <= 2.002 * distributed_dp.CLIP_PROBABILITY
+    assert summary["delta_with_quantiser"] == pytest.approx(0.01, rel=1e-6)
+    assert distributed_dp.honest_noise_multiplier(1.5, 3, 4) == pytest.approx(1.5 * 0.75**0.5)
 
 
 @pytest.mark.slow

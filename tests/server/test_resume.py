@@ -166,6 +166,7 @@ def _aggregated_rounds(run_dir: Path) -> list[int]:
     return [json.loads(line)["round"] for line in lines]
 
 
+SEEDED = "privacy.insecure_reproducible_noise=true"
 STATEFUL = {
     "fedavg": [],
     "fedadam": ["strategy.name=fedadam"],  # server moments
@@ -173,13 +174,16 @@ STATEFUL = {
     "scaffold_on_disk": ["strategy.name=scaffold", "client.optimizer=sgd", "client.lr=0.05",
                          "engine.client_state_memory_mb=0"],  # every variate in a file
     "feddyn": ["strategy.name=feddyn"],  # server state and client gradients
+    # DP runs repeat bit for bit only with seeded noise (not private); a private run's resume:
+    # test_a_private_run_resumes_with_fresh_noise_and_the_same_accountant
     "central_dp": ["privacy.mode=central", "privacy.noise_multiplier=0.5",
                    "privacy.delta=1e-3", "privacy.clip_norm=5.0",
-                   "privacy.adaptive_clipping=false"],  # accountant, noise RNG
+                   "privacy.adaptive_clipping=false", SEEDED],  # accountant, noise RNG
     "central_dp_fedadam": ["privacy.mode=central", "privacy.noise_multiplier=0.05",
-                           "privacy.delta=1e-3", "strategy.name=fedadam"],  # moments, clip
+                           "privacy.delta=1e-3", "strategy.name=fedadam",
+                           SEEDED],  # moments, clip
     "local_dp": ["privacy.mode=local", "privacy.noise_multiplier=0.8",
-                 "privacy.delta=1e-3"],  # client accountants in Context.state
+                 "privacy.delta=1e-3", SEEDED],  # client accountants in Context.state
 }
 
 
@@ -205,6 +209,30 @@ def test_stopped_run_resumes_bit_identical(tmp_path, extra, one_torch_thread):
     config.run.resume = True
     resumed = run_inprocess(config).path  # a fresh grid: client states come from the checkpoint
     _assert_same_run(resumed, reference)
+
+
+@pytest.mark.parametrize("extra", [STATEFUL["central_dp"][:-1], STATEFUL["local_dp"][:-1]],
+                         ids=["central_dp", "local_dp"])
+def test_a_private_run_resumes_with_fresh_noise_and_the_same_accountant(tmp_path, extra):
+    """Secret noise keeps no state, so the checkpoint holds none: a resumed private run draws
+    fresh noise for the rounds it still plays (its model differs from an uninterrupted run's)
+    while the accountant carries on exactly (the same ε every round)."""
+    import threading
+
+    reference = run_inprocess(tiny_config(tmp_path / "a", *FIVE_ROUNDS, *extra)).path
+    config = tiny_config(tmp_path / "b", *FIVE_ROUNDS, "run.checkpoint_every=0", *extra)
+    stop = threading.Event()
+    grid = InProcessGrid(client_app, to_run_config(config), config.data.num_clients)
+    with pytest.raises(RunStopped):
+        run_federated(grid, config, StopAfter(stop, after=2), stop)
+    config.run.resume = True
+    resumed = run_inprocess(config).path
+    column = "epsilon" if "privacy.mode=central" in extra else "max_client_epsilon"
+    epsilons = [[float(r[column]) for r in _rows_without_time(run, "metrics.csv")]
+                for run in (resumed, reference)]
+    assert len(epsilons[0]) == 5 and epsilons[0] == pytest.approx(epsilons[1], rel=1e-9)
+    assert (resumed / "model/model.safetensors").read_bytes() != (
+        reference / "model/model.safetensors").read_bytes()
 
 
 def test_rows_written_after_the_checkpoint_are_dropped_on_resume(tmp_path):
