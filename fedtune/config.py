@@ -43,6 +43,7 @@ from fedtune.tables import (
     used_with,
 )
 from fedtune.tables.datasets import DATASETS
+from fedtune.tables.devices import DEVICE_PROFILES, check_devices
 from fedtune.tables.model_kinds import MODEL_KINDS, TRANSFER_MODES, check_model
 from fedtune.tables.privacy_modes import PRIVACY_MODES, check_privacy
 from fedtune.tables.runtimes import RUNTIMES, check_runtime
@@ -236,6 +237,12 @@ StrategySection = section_class(
      "update_norm_z": Key(0.0, "reject an update whose norm lies more than this many robust "
                                "standard deviations (median absolute deviation) above the "
                                "round's median; 0 = off", ge=0),
+     "round_deadline_s": Key(0.0, "synchronous rounds with devices: a round ends this many "
+                                  "virtual seconds after it starts; later clients are dropped "
+                                  "as stragglers; 0 = no deadline", ge=0),
+     "over_selection": Key(0.0, "synchronous rounds with devices: sample ceil(K (1 + f)) "
+                                "clients and keep the first K to finish (Bonawitz et al. "
+                                "2019); 0 = sample K", ge=0, le=10),
      "secure_aggregation": Key(False, "SecAgg+ (Bell et al. 2020): the server sees only the "
                                       "weighted sum of the clients' updates (weighted-sum "
                                       "strategies; with privacy.mode = central: distributed DP)"),
@@ -281,6 +288,16 @@ EngineSection = section_class(
     RUNTIMES, "backend")
 
 
+DevicesSection = section_class(
+    "DevicesSection", "[devices]: simulated devices (fedtune.tables.devices) and the virtual "
+                      "clock that times the clients' work.",
+    {"profile": Key("none", "none = every client equally fast and always available; "
+                            "lognormal = parametric devices; trace = FedScale's device traces",
+                    choices=tuple(DEVICE_PROFILES)),
+     "seed": Key(0, "seed of the device draws, beside run.seed", ge=0)},
+    DEVICE_PROFILES, "profile")
+
+
 @dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
@@ -291,6 +308,7 @@ class Config:
     privacy: Any = field(default_factory=PrivacySection)
     faults: FaultsSection = field(default_factory=FaultsSection)
     engine: Any = field(default_factory=EngineSection)
+    devices: Any = field(default_factory=DevicesSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
 
@@ -303,10 +321,12 @@ SECTIONS: dict[str, type] = {
     "privacy": PrivacySection,
     "faults": FaultsSection,
     "engine": EngineSection,
+    "devices": DevicesSection,
     "tracking": TrackingSection,
 }
 # the key that picks a table entry, in each derived section
-CHOOSERS = {"model": "kind", "strategy": "name", "privacy": "mode", "engine": "backend"}
+CHOOSERS = {"model": "kind", "strategy": "name", "privacy": "mode", "engine": "backend",
+            "devices": "profile"}
 
 
 def _allowed_text(declared: Key, kind: Any) -> str:
@@ -536,6 +556,8 @@ def check_consistency(config: Config) -> None:
     _refuse_foreign_keys(config, "engine")
     check_runtime(config)
     check_strategy(config)
+    _refuse_foreign_keys(config, "devices")
+    check_devices(config)
     _check_faults(config)
 
 

@@ -56,6 +56,9 @@ class RoundRow:
     federated_eval_accuracy: float | None = None
     model_update: str = "applied"  # or "kept: <why the global model stayed as it was>"
     replies_dropped: int = 0  # replies that answered no message waiting for one
+    # with devices: the virtual clock when the round (an asynchronous run: the server update)
+    # ended, seconds since the run began (fedtune.devices.clock)
+    virtual_time_s: float | None = None
 
 
 @dataclass
@@ -76,6 +79,11 @@ class ClientRow:
     status: str
     reason: str = ""
     examples_trained: int | None = None
+    # with devices: when the client started on the virtual clock, how long its work took
+    # there, and (asynchronous runs) how many server updates happened meanwhile
+    virtual_start_s: float | None = None
+    virtual_duration_s: float | None = None
+    staleness: int | None = None
 
 
 METRICS_COLUMNS = [f.name for f in fields(RoundRow)]

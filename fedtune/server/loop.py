@@ -11,7 +11,7 @@ re-raises.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fedtune.server.round import FederatedRun, RoundOutcome, play_round
 from fedtune.train import EvalResult
@@ -43,9 +43,15 @@ class RunListener:
         """The run stopped with ``error`` (Ctrl-C, a failure) and is about to re-raise it."""
 
 
-def run_rounds(run: FederatedRun, listeners: Sequence[RunListener]) -> EvalResult | None:
+Play = Callable[[FederatedRun, int], RoundOutcome]
+
+
+def run_rounds(run: FederatedRun, listeners: Sequence[RunListener],
+               play: Play = play_round) -> EvalResult | None:
     """Play the rounds after ``run.state.server_round`` up to ``run.rounds``, or until a
-    listener stops the run; returns the last round's evaluation (None: no round was played)."""
+    listener stops the run; returns the last round's evaluation (None: no round was played).
+    ``play``: one round (an asynchronous run's: one server update,
+    ``fedtune.server.async_loop``)."""
     final: EvalResult | None = None
     try:
         for server_round in range(run.state.server_round + 1, run.config.run.rounds + 1):
@@ -55,7 +61,7 @@ def run_rounds(run: FederatedRun, listeners: Sequence[RunListener]) -> EvalResul
                      if (reason := listener.stop_before(run, server_round))), "")
             if run.state.stop_reason:
                 break
-            outcome = play_round(run, server_round)
+            outcome = play(run, server_round)
             run.state.server_round = server_round
             for listener in listeners:
                 listener.round_ended(run, outcome)

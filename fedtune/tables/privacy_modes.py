@@ -41,6 +41,7 @@ GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
 
 @dataclass(frozen=True)
 class PrivacyModeEntry(Entry):
+    asynchronous_refused: str = ""  # why it cannot run an asynchronous strategy ("" = it can)
     spends_budget: bool = False  # reports ε every round (and plots it)
     # what privacy.audit inserts: "examples" (sample-level canaries, Steinke et al. 2023) or
     # "clients" (user-level canary clients in the aggregation, Andrew et al. 2024)
@@ -260,7 +261,12 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
                        "noisily; more than 0.1 buys little and costs accuracy)", ge=0, lt=1),
               **AUDIT_CLIENTS},
         implementation="fedtune.privacy.central:CentralDP", spends_budget=True,
-        audit_inserts="clients", check=_check_central),
+        audit_inserts="clients", check=_check_central,
+        asynchronous_refused=(
+            "must be 'none' or 'local' (central DP under buffered asynchronous aggregation - "
+            "clip each update, noise each buffer release, account per release, as Nguyen et "
+            "al. 2022 describe - is not built yet; DP-FedAvg's accountant assumes "
+            "Poisson-sampled rounds)")),
 }
 
 

@@ -35,7 +35,7 @@ def test_each_derived_section_offers_the_tables_names_and_owns_their_keys(sectio
 
 def test_a_key_shared_by_two_entries_names_both_in_its_help():
     help_of = {key: text for key, _, text in describe()}
-    assert help_of["strategy.server_lr"].endswith("(fedavgm, scaffold)")
+    assert help_of["strategy.server_lr"].endswith("(fedavgm, scaffold, fedbuff)")
     assert help_of["privacy.delta"].endswith("(local, central)")
     assert "(" not in help_of["strategy.fraction_train"]  # common keys name no owner
 
