@@ -190,6 +190,10 @@ class AsyncRound:
         rows: list[ClientRow] = []
         accepted: list[dict[str, Any]] = []
         run.progress(server_round, "train", 0, 0)
+        # clients heard from in a row without an update (failed, rejected, offline, declined):
+        # after this many the server update ends without a change of the model
+        fruitless, patience = 0, 2 * max(loop.concurrency, len(self.node_of))
+        model_update = ""
         while True:
             moment, available = loop.next_start(self.clock)
             if len(available) and (not len(loop.client)
@@ -208,14 +212,20 @@ class AsyncRound:
             rows.append(row)
             kept = loop.kept.pop(str(client), None)
             if kept is None:  # offline, failed, rejected: the slot frees, nothing arrives
+                fruitless += 1
+                if fruitless >= patience:
+                    state.rounds_without_update += 1
+                    model_update = f"kept: no update from the last {fruitless} clients"
+                    break
                 continue
+            fruitless = 0
             metrics = {protocol.NUM_EXAMPLES: row.num_examples or 0,
                        protocol.TRAIN_LOSS: row.train_loss or 0.0}
             accepted.append(metrics)
             if strategy.receive(kept, version - started_on, float(row.num_examples or 0)):
                 break
         self._train_waiting(server_round, totals)  # whoever started on the old model
-        model_update = self._release()
+        model_update = model_update or self._release()
         return self._outcome(server_round, rows, accepted, totals, model_update, began)
 
     def _release(self) -> str:

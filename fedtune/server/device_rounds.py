@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from fedtune import protocol
 from fedtune.config import Config, clients_per_round
 from fedtune.devices.clock import NeverAvailable, VirtualClock
+from fedtune.errors import ConfigError
 from fedtune.results.run_dir import ClientRow, RoundRow
 from fedtune.server.grid import WrappedGrid
 from fedtune.server.identity import Identities
@@ -55,6 +56,12 @@ class DeviceRounds:
     """The virtual clock of a synchronous run with devices."""
 
     def __init__(self, config: Config, clock: VirtualClock, identities: Identities) -> None:
+        if not identities.fixed:
+            raise ConfigError(
+                f"devices.profile = {config.devices.profile!r} is not allowed on this runtime: "
+                "must be 'none', or run on engine.backend = 'ray' or 'inprocess' (or a "
+                "deployment with engine.node_ids): the clock must know which client each node "
+                "is before it samples")
         self.clock = clock
         self.identities = identities
         self.keep = clients_per_round(config)

@@ -131,3 +131,19 @@ def test_the_config_refuses_what_the_clock_cannot_do(overrides, message):
     with pytest.raises(ConfigError, match=message) as error:
         load_config(None, [*MLP_DIGITS, *overrides])
     assert "\n" not in str(error.value)
+
+
+def test_an_asynchronous_server_hearing_no_update_stops_as_a_round_would(tmp_path):
+    """Every client crashes: each server update ends after 2 x max(concurrency, clients)
+    fruitless arrivals, and run.max_rounds_without_update stops the run."""
+    from fedtune.server.loop import RunFailed
+
+    config = tiny_config(tmp_path, "strategy.name=fedbuff", "strategy.concurrency=2",
+                         "faults.crash_probability=1.0", "run.rounds=5")
+    with pytest.raises(RunFailed, match="3 rounds in a row without an update"):
+        run_inprocess(config)
+    # the third round stops the run before its row is written, as in a synchronous run
+    metrics = rows_of(Path(config.run.dir) / "metrics.csv")
+    assert [m["model_update"] for m in metrics] == ["kept: no update from the last 8 "
+                                                    "clients"] * 2
+    assert [int(m["clients_failed"]) for m in metrics] == [8, 8]
