@@ -79,7 +79,8 @@ def main() -> None:
                       color=f"C{list(runs).index(method)}",
                       label=method if index == 0 else None)
     axes.axhline(args.target, color="grey", linestyle=":", linewidth=1)
-    axes.set_xlabel("virtual hours")
+    axes.set_xscale("log")
+    axes.set_xlabel("virtual hours (log scale)")
     axes.set_ylabel("global test accuracy")
     axes.legend(fontsize=8)
     figure.tight_layout()
