@@ -9,8 +9,11 @@ on hashed Rotten Tomatoes, IID, one local step of batch 8, AdamW), in fedtune's 
 - ``sync``: every client every round, no devices;
 - ``sync+devices``: the same with ``devices.profile = lognormal`` (always available, so the
   same clients train; the clock times, orders and records them);
-- ``fedbuff``: ``strategy.name = fedbuff``, ``concurrency`` = the clients, a buffer of a tenth
-  of them (ten server updates per thousand client updates).
+- ``fedbuff K=n/10``: ``strategy.name = fedbuff``, ``concurrency`` = the clients, a buffer of a
+  tenth of them (ten server updates, each followed by the server's evaluation of the global
+  model, per thousand client updates);
+- ``fedbuff K=n``: the same with a buffer of all of them (one server update and one evaluation
+  per n client updates, as a synchronous round has: the event loop's own cost).
 
 Every side is a ``fedtune run`` child process; sides alternate (A B C A B C ...); the first
 round of every run (lazy imports, warm-up) is left out; the table gives medians of wall
@@ -43,9 +46,14 @@ def sides(clients: int) -> dict[str, list[str]]:
     return {
         "sync": [],
         "sync+devices": ["devices.profile=lognormal"],
-        "fedbuff": ["strategy.name=fedbuff", "devices.profile=lognormal",
-                    f"strategy.concurrency={clients}",
-                    f"strategy.fedbuff_buffer_size={max(1, clients // 10)}"],
+        "fedbuff K=n/10": ["strategy.name=fedbuff", "devices.profile=lognormal",
+                           f"strategy.concurrency={clients}",
+                           f"strategy.fedbuff_buffer_size={max(1, clients // 10)}"],
+        # one server update (and one evaluation of the global model) per n client updates,
+        # as a synchronous round has: what the loop itself costs
+        "fedbuff K=n": ["strategy.name=fedbuff", "devices.profile=lognormal",
+                        f"strategy.concurrency={clients}",
+                        f"strategy.fedbuff_buffer_size={clients}"],
     }
 
 
@@ -75,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for repeat in range(args.repeats):
             for name, extra in sides(args.clients).items():
-                rounds = args.rounds * (10 if name == "fedbuff" else 1)
+                rounds = args.rounds * (10 if name == "fedbuff K=n/10" else 1)
                 rows = run_side([*base, *extra, f"run.rounds={rounds}"],
                                 Path(folder) / f"{name}-{repeat}")
                 wall.setdefault(name, []).extend(float(r["wall_s"]) for r in rows)
