@@ -24,6 +24,8 @@ from fedtune import __version__
 from fedtune.config import Config, ConfigError, ConfigWarning, describe, load_config, to_toml
 from fedtune.results.run_dir import is_empty_run_dir, json_safe
 from fedtune.results.run_log import capture_run_log, quiet_libraries
+from fedtune.tables.privacy_modes import PRIVACY_MODES
+from fedtune.tables.runtimes import RUNTIMES
 
 NORMAL, QUIET, JSON = "normal", "quiet", "json"  # what a command prints (--quiet, --json)
 
@@ -219,7 +221,7 @@ def _describe_run(config: Config) -> str:
     d, m = config.data, config.model
     split = d.partitioner + (f" α={d.alpha:g}" if d.partitioner == "dirichlet" else "")
     model = f"{m.kind}/{m.transfer}"
-    privacy = "" if config.privacy.mode == "none" else f", {config.privacy.mode} DP"
+    privacy = f", {config.privacy.mode} DP" if PRIVACY_MODES[config.privacy.mode].mechanism else ""
     return (f"{config.run.name}: {d.dataset}, {d.num_clients} clients ({split}), {model}, "
             f"{config.strategy.name}{privacy}, {config.run.rounds} rounds, engine "
             f"{config.engine.backend}")
@@ -317,8 +319,9 @@ def _print_summary(console: Console, run_dir: Path) -> None:
 
     directory = RunDirectory(run_dir)
     summary = directory.read_json("summary.json")
+    runtime = RUNTIMES.get(summary.get("runtime", {}).get("backend", ""))
     setup = (f"centralized on the pooled data of {summary['dataset']['num_clients']} clients"
-             if summary.get("runtime", {}).get("backend") == "central"
+             if runtime is not None and not runtime.federated
              else f"{summary['dataset']['num_clients']} clients")
     table = Table(title=f"{summary['dataset']['name']}: {setup}, {summary['rounds_completed']} "
                         "rounds", padding=(0, 0))

@@ -42,7 +42,7 @@ from fedtune.tables import (
     section_class,
     used_with,
 )
-from fedtune.tables.datasets import DATASETS
+from fedtune.tables.datasets import DATASETS, check_dataset
 from fedtune.tables.model_kinds import MODEL_KINDS, TRANSFER_MODES, check_model
 from fedtune.tables.privacy_modes import PRIVACY_MODES, check_privacy
 from fedtune.tables.runtimes import RUNTIMES, check_runtime
@@ -72,7 +72,6 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # cuda:N = the N-th vis
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRAGGLER_DELAYS = ("constant", "exponential")
 CRASH_STAGES = ("train", "setup", "share-keys", "unmask")
-IN_THIS_PROCESS = ("inprocess", "central")  # runtimes that compute in the calling process
 
 
 @dataclass
@@ -471,27 +470,14 @@ def check_consistency(config: Config) -> None:
             "client.precision = 'fp16' is not allowed with client.device = 'cpu': must be "
             "'fp32' or 'bf16' (fp16 autocast needs CUDA)"
         )
-    if (config.client.device.startswith("cuda") and config.engine.backend not in IN_THIS_PROCESS
+    if (config.client.device.startswith("cuda") and not RUNTIMES[config.engine.backend].in_process
             and config.engine.client_gpus == 0):
         raise ConfigError(
             f"client.device = {config.client.device!r} is not allowed with engine.client_gpus = "
             "0: Ray gives such "
             "clients no GPU; set engine.client_gpus > 0 (0.125 = 8 clients share one GPU)"
         )
-    if config.model.kind == "mlp" and config.model.path:
-        raise ConfigError(
-            f"model.path = {config.model.path!r} is not allowed with model.kind = 'mlp': "
-            "must be '' (the MLP is built from model.hidden_sizes)"
-        )
-    if config.data.dataset == "files":
-        if len(config.data.label_names) < 2:
-            raise ConfigError(
-                f"data.label_names = {config.data.label_names!r} is not allowed with "
-                "data.dataset = 'files': must name at least 2 labels, e.g. [\"neg\", \"pos\"]"
-            )
-        if not config.data.test_path:
-            raise ConfigError("data.test_path = '' is not allowed with data.dataset = 'files': "
-                              "must be the server's global test file (CSV or JSONL)")
+    check_dataset(config)
     name = config.run.name
     if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
         raise ConfigError(f"run.name = {name!r} is not allowed: must be a plain name (no path "
@@ -521,12 +507,14 @@ def check_consistency(config: Config) -> None:
 def _check_reference(config: Config) -> None:
     if not config.run.reference:
         return
-    if config.engine.backend == "central":
-        raise ConfigError("run.reference = true is not allowed with engine.backend = 'central': "
-                          "must be false (a centralized run is its own reference)")
-    if config.data.dataset == "files":
-        raise ConfigError("run.reference = true is not allowed with data.dataset = 'files': "
-                          "must be false (the server never sees the parties' training data)")
+    if not RUNTIMES[config.engine.backend].federated:
+        raise ConfigError(f"run.reference = true is not allowed with engine.backend = "
+                          f"{config.engine.backend!r}: must be false (a centralized run is its "
+                          "own reference)")
+    if DATASETS[config.data.dataset].party_files:
+        raise ConfigError(f"run.reference = true is not allowed with data.dataset = "
+                          f"{config.data.dataset!r}: must be false (the server never sees the "
+                          "parties' training data)")
 
 
 # the [strategy] keys that decide how many examples a federated round trains on, which the

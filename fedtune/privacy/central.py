@@ -28,6 +28,7 @@ from fedtune.privacy.accounting import (
     noise_for_target,
 )
 from fedtune.privacy.mode import PrivacyMode, PrivacyPlan, PrivacyServer
+from fedtune.tables.strategies import STRATEGIES
 from strategies import dp_fedavg
 from strategies.dp_fedavg import DPFedAvg, adaptive_noise
 
@@ -116,15 +117,13 @@ def _number(value: Any) -> float | None:
 
 def server_optimizer(config: Config) -> dict[str, Any]:
     """The server optimizer the configured strategy runs on the noised mean (DPFedAvg's
-    arguments): FedAvg = SGD with rate 1, FedAvgM = SGD with momentum, FedAdam = Adam."""
-    s = config.strategy
-    if s.name == "fedavgm":
-        return {"server_optimizer": "sgd", "server_learning_rate": s.server_lr,
-                "server_momentum": s.server_momentum}
-    if s.name == "fedadam":
-        return {"server_optimizer": "adam", "server_learning_rate": s.fedopt_eta,
-                "adam_betas": (s.fedopt_beta_1, s.fedopt_beta_2), "adam_tau": s.fedopt_tau}
-    return {"server_optimizer": "sgd", "server_learning_rate": 1.0, "server_momentum": 0.0}
+    arguments), as its table entry's ``dp_server_optimizer`` says: FedAvg = SGD with rate 1,
+    FedAvgM = SGD with momentum, FedAdam = Adam."""
+    optimizer = STRATEGIES[config.strategy.name].dp_server_optimizer
+    if optimizer is None:  # the config check refuses such a strategy first
+        raise ConfigError(f"strategy.name = {config.strategy.name!r} is not allowed with "
+                          "privacy.mode = 'central'")
+    return optimizer(config)
 
 
 class CentralDP(PrivacyMode):
@@ -168,6 +167,13 @@ class CentralDP(PrivacyMode):
         )
         strategy.population = config.data.num_clients
         return strategy
+
+    def secure_sum_noise(self, config: Config, plan: PrivacyPlan) -> tuple[float, float]:
+        """Distributed DP under SecAgg+: each client clips to ``privacy.clip_norm`` and adds
+        its share of the plan's noise (``fedtune.client.secagg``)."""
+        if not config.strategy.secure_aggregation:
+            return 0.0, 0.0
+        return config.privacy.clip_norm, plan.noise_multiplier or 0.0
 
     def server(self, config: Config, plan: PrivacyPlan) -> CentralServer:
         p = config.privacy

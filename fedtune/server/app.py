@@ -15,7 +15,7 @@ import time
 from logging import WARNING
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import Context
@@ -142,8 +142,9 @@ def play_all_rounds(run: FederatedRun, run_dir: RunDirectory, plan: PrivacyPlan,
     config = run.config
     artifacts = FinalArtifacts(run_dir, plan, runtime)
     # SecAgg+ completes a round's rows before any other listener reads them
-    listeners: list[RunListener] = [SecAggRecorder()] if isinstance(run.strategy,
-                                                                     SecAggPlus) else []
+    listeners: list[RunListener] = []
+    if config.strategy.secure_aggregation:  # build_strategy wrapped the strategy in SecAgg+
+        listeners.append(SecAggRecorder(cast(SecAggPlus, run.strategy)))
     reference = [CentralizedReference(artifacts)] if config.run.reference else []
     listeners += [
         NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir),

@@ -34,6 +34,7 @@ from fedtune.server.identity import Identities
 from fedtune.server.phases import TrainPhase, UpdateBounds, evaluate_phase, train_phase
 from fedtune.server.screening import reply_limits
 from fedtune.server.state import RoundState
+from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import TaskResources
 from fedtune.train import EvalResult, evaluate
@@ -103,10 +104,12 @@ def _weighted(metrics: list[dict[str, Any]], key: str) -> float | None:
 
 def weighted_mean_aggregate(run: FederatedRun) -> bool:
     """Whether the run's strategy aggregates only the example-weighted mean of the updates
-    (its table entry says so, and no privacy mode replaced it), so the cohort may be summed
-    where the clients train."""
-    entry = STRATEGIES[run.config.strategy.name]
-    return entry.weighted_mean and type(run.strategy) is entry.load()
+    (its table entry says so, no privacy mode replaced it and SecAgg+ does not sum it), so the
+    cohort may be summed where the clients train."""
+    config = run.config
+    return (STRATEGIES[config.strategy.name].weighted_mean
+            and not PRIVACY_MODES[config.privacy.mode].replaces_strategy
+            and not config.strategy.secure_aggregation)
 
 
 

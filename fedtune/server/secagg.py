@@ -56,7 +56,6 @@ from flwr.serverapp.strategy import Strategy
 from fedtune import protocol
 from fedtune.secagg import graph, keys, masking
 from fedtune.server.exchange import exchange
-from strategies.dp_fedavg import DPFedAvg
 
 _GRAPH_STREAM = 0x5EC6  # seed stream of the public neighbour graph
 AUTO_CLIP_RANGE = 1.0  # strategy.secagg_clip_range = 0 without DP
@@ -77,6 +76,10 @@ class SecAggSettings:
     sum_weight: str  # what weights a client's input (the strategy's sum_weight, or "1")
     answers: Mapping[str, str] = field(default_factory=dict)  # the strategy's answers
     max_weight: int = protocol.MAX_ANY_EXAMPLES  # bound on a sum of client weights
+    # distributed DP (the privacy mode's ``secure_sum_noise``): each client clips its update
+    # to ``dp_clip`` and adds its share of noise of std ``dp_noise_multiplier × dp_clip``
+    dp_clip: float = 0.0  # 0 = the clients neither clip nor noise
+    dp_noise_multiplier: float = 0.0
 
 
 @dataclass
@@ -290,9 +293,10 @@ class SecAggPlus(Strategy):
                         message.content[name], reference[name]):
                     self._fail(s, f"the strategy sent node {message.metadata.dst_node_id} its "
                                   f"own {name!r}: a secure sum needs one reference")
-        if isinstance(self.inner, DPFedAvg) and self.inner.client_noise:
-            s.dp_clip = self.inner.clipping_norm
-            s.dp_std = self.inner.noise_multiplier * s.dp_clip / math.sqrt(s.min_survivors)
+        if settings.dp_clip:
+            s.dp_clip = settings.dp_clip
+            s.dp_std = (settings.dp_noise_multiplier * s.dp_clip
+                        / math.sqrt(s.min_survivors))
             s.clip_range = settings.clip_range or s.dp_clip + DP_NOISE_SPAN * s.dp_std
         max_weight = (cohort if settings.sum_weight == "1" else settings.max_weight
                       * (masking.RATIO_SCALE if "/" in settings.sum_weight else 1))

@@ -37,10 +37,11 @@ _BEFORE_TRAIN = (protocol.STAGE_SETUP, protocol.STAGE_SHARE_KEYS)
 class SecAggRecorder(RunListener):
     """Completes each round's rows with what the SecAgg+ protocol did."""
 
+    def __init__(self, strategy: SecAggPlus) -> None:
+        self.strategy = strategy  # the run's strategy (strategy.secure_aggregation)
+
     def round_ended(self, run: FederatedRun, outcome: RoundOutcome) -> None:
-        if not isinstance(run.strategy, SecAggPlus):
-            return
-        report = run.strategy.finish_round()
+        report = self.strategy.finish_round()
         if report is None:
             return
         run.state.node_to_client.update(report.node_to_client)

@@ -114,3 +114,39 @@ def test_pyproject_flower_config_is_derived_from_the_tables():
     out = subprocess.run([sys.executable, "scripts/sync_flwr_config.py", "--check"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("mode", sorted(PRIVACY_MODES))
+def test_a_privacy_modes_traits_are_what_its_implementation_does(mode):
+    """``replaces_strategy``: its implementation's ``strategy`` replaces the configured one;
+    ``mechanism``: it plans, noises or clips something (the mode without privacy does not)."""
+    from fedtune.privacy.mode import PrivacyMode
+
+    entry = PRIVACY_MODES[mode]
+    budget = ["privacy.noise_multiplier=1.0", "privacy.delta=1e-3"] if entry.spends_budget else []
+    config = load_config(None, ["data.num_clients=100", f"privacy.mode={mode}", *budget])
+    implementation = entry.load()()
+    plan = implementation.plan(config)
+    assert (implementation.strategy(config, plan, {}) is not None) == entry.replaces_strategy
+    overrides = {name for name in vars(type(implementation))
+                 if callable(getattr(PrivacyMode, name, None))}
+    assert bool(overrides) == entry.mechanism, overrides
+
+
+def test_the_strategies_central_dp_runs_are_those_with_a_dp_server_optimizer():
+    """Central DP accepts exactly the strategies whose entry names a DP server optimizer, and
+    each gives DP-FedAvg arguments it takes."""
+    from strategies.dp_fedavg import DPFedAvg
+
+    accepted = inspect.signature(DPFedAvg).parameters
+    for name, entry in STRATEGIES.items():
+        optimizer = "client.optimizer=sgd" if entry.sgd_only else "client.lr=1e-4"
+        overrides = [f"strategy.name={name}", optimizer, "privacy.mode=central",
+                     "privacy.noise_multiplier=1.0", "privacy.delta=1e-3",
+                     "data.num_clients=10"]
+        if entry.dp_server_optimizer is None:
+            with pytest.raises(ConfigError, match="is not allowed with privacy.mode = 'central'"):
+                load_config(None, overrides)
+            continue
+        arguments = entry.dp_server_optimizer(load_config(None, overrides))
+        assert set(arguments) <= set(accepted), name
