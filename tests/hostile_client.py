@@ -30,8 +30,13 @@ INFLATE = "inflate"  # claims the federation's whole example count
 DECLINE = "decline"  # "my privacy budget is spent" without training
 STALE = "stale"  # from round 2 on, answers its message of round 1
 SCALE = "scale"  # a finite update scaled by 1e6
+HUGE = "huge"  # 3e38 in every floating tensor: finite, well formed
+HUGE_LOSS = "huge-loss"  # train-loss = 1.7e308
+NEGATIVE_LOSS = "negative-loss"  # train-loss = -1.7e308
 # evaluate-reply attacks
 EVAL_NO_LOSS = "eval-no-loss"
+EVAL_HUGE_LOSS = "eval-huge-loss"  # eval-loss = 1.7e308
+EVALUATE_ATTACKS = (EVAL_NO_LOSS, EVAL_HUGE_LOSS)
 
 
 def _carrying(array: Array, values: np.ndarray) -> Array:
@@ -81,6 +86,16 @@ def tamper(attack: str, msg: Message, reply: Message,
         reply.content["status"] = ConfigRecord({"reason": "privacy budget: spent (a lie)"})
     elif attack == SCALE:
         _tamper_arrays(reply, lambda a: Array(a.numpy() * np.float32(1e6)))
+    elif attack == HUGE:
+        arrays = reply.content["arrays"]
+        for name in list(arrays.keys()):
+            if np.dtype(arrays[name].dtype).kind == "f":
+                arrays[name] = Array(np.full(tuple(arrays[name].shape), 3e38,
+                                             dtype=np.dtype(arrays[name].dtype)))
+    elif attack == HUGE_LOSS:
+        metrics["train-loss"] = 1.7e308
+    elif attack == NEGATIVE_LOSS:
+        metrics["train-loss"] = -1.7e308
     elif attack == STALE:
         client = int(metrics["partition-id"])
         first = first_messages.setdefault(client, msg)
@@ -88,6 +103,8 @@ def tamper(attack: str, msg: Message, reply: Message,
             return Message(RecordDict(dict(reply.content.items())), reply_to=first)
     elif attack == EVAL_NO_LOSS:
         del metrics["eval-loss"]
+    elif attack == EVAL_HUGE_LOSS:
+        metrics["eval-loss"] = 1.7e308
     return reply
 
 
@@ -100,7 +117,7 @@ def hostile_app(attacks: Mapping[int, str]) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         reply = fedtune_client.train(msg, context)
         attack = attacks.get(int(context.node_config["partition-id"]))
-        if attack is None or attack == EVAL_NO_LOSS:
+        if attack is None or attack in EVALUATE_ATTACKS:
             return reply
         return tamper(attack, msg, reply, first_messages)
 
@@ -108,6 +125,6 @@ def hostile_app(attacks: Mapping[int, str]) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         reply = fedtune_client.evaluate_local(msg, context)
         attack = attacks.get(int(context.node_config["partition-id"]))
-        return tamper(attack, msg, reply, {}) if attack == EVAL_NO_LOSS else reply
+        return tamper(attack, msg, reply, {}) if attack in EVALUATE_ATTACKS else reply
 
     return app

@@ -162,10 +162,14 @@ def _entry_names() -> set[str]:
     return {*DATASETS, *MODEL_KINDS, *PRIVACY_MODES, *RUNTIMES, *STRATEGIES}
 
 
+INTERFACES = {"Strategy", "PrivacyMode", "PrivacyServer"}  # what an entry's class implements
+
+
 def _implementation_classes(trees: dict[Path, ast.Module]) -> set[str]:
     """Names of the classes that implement a table entry: every class a table names, every
     class of ``strategies/``, and the package's subclasses of them or of the interfaces an
-    entry implements (a Flower ``Strategy``, ``PrivacyMode``, ``PrivacyServer``)."""
+    entry implements (a Flower ``Strategy``, ``PrivacyMode``, ``PrivacyServer``; an interface
+    itself is not an implementation)."""
     from fedtune.tables.datasets import DATASETS
     from fedtune.tables.model_kinds import MODEL_KINDS
     from fedtune.tables.privacy_modes import PRIVACY_MODES
@@ -176,7 +180,7 @@ def _implementation_classes(trees: dict[Path, ast.Module]) -> set[str]:
              for table in (DATASETS, MODEL_KINDS, PRIVACY_MODES, RUNTIMES, STRATEGIES)
              for entry in table.values()}
     named |= {entry.client.partition(":")[2] for entry in STRATEGIES.values() if entry.client}
-    found = {"Strategy", "PrivacyMode", "PrivacyServer", *named}
+    found = {*INTERFACES, *named}
     classes = [node for path, tree in trees.items() for node in ast.walk(tree)
                if isinstance(node, ast.ClassDef)]
     found |= {node.name for path, tree in trees.items() if path.parts[-2] == "strategies"
@@ -186,15 +190,15 @@ def _implementation_classes(trees: dict[Path, ast.Module]) -> set[str]:
             (base.id if isinstance(base, ast.Name) else getattr(base, "attr", "")) in found
             for base in node.bases)}
         if not more:
-            return found - {""}
+            return found - INTERFACES - {""}
         found |= more
 
 
 def _entry_name_checks() -> list[str]:
     """Every place outside ``fedtune/tables/`` where code compares a value with a table
-    entry's name ("fedavgm", "central", "mlp", ..., or a constant holding such names), takes
-    ``type(...)`` of something to compare it, or picks behaviour by ``isinstance`` of an
-    entry's implementation class."""
+    entry's name ("fedavgm", "central", "mlp", ..., or a constant holding such names), compares
+    ``type(...)`` of something with an implementation (an entry's ``load()``, a class of one),
+    or picks behaviour by ``isinstance`` of an entry's implementation class."""
     names = _entry_names()
     paths = [p for p in [*PACKAGE.rglob("*.py"), *(REPO / "strategies").glob("*.py")]
              if "tables" not in p.relative_to(REPO).parts]
@@ -224,7 +228,11 @@ def _entry_name_checks() -> list[str]:
             if isinstance(node, ast.Compare):
                 sides = [node.left, *node.comparators]
                 typed = any(isinstance(side, ast.Call) and isinstance(side.func, ast.Name)
-                            and side.func.id == "type" for side in sides)
+                            and side.func.id == "type" for side in sides) and any(
+                    isinstance(side, ast.Call) and not (isinstance(side.func, ast.Name)
+                                                        and side.func.id == "type")
+                    or (isinstance(side, ast.Name) and side.id in implementations)
+                    for side in sides)
                 if typed or any(named(side, constants) for side in sides):
                     found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
             elif isinstance(node, ast.MatchValue) and named(node.value, constants):

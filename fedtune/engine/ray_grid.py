@@ -80,7 +80,8 @@ from fedtune.engine.ray_worker import ClientOutcome, ClientTask
 from fedtune.protocol import NUM_PARTITIONS, PARTITION_ID
 from fedtune.server.checkpoint import state_from_bytes, state_to_bytes
 from fedtune.server.exchange import RunStopped
-from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec
+from fedtune.server.grid import CohortGrid, CohortResult, CohortSpec
+from fedtune.server.reports import ClientReport
 from fedtune.task import limit_threads, parsed_run_config, run_config_resources
 
 BATCH_S = 0.05  # single-message work per Ray call, once the time of a message is known

@@ -47,7 +47,7 @@ from fedtune.server.listeners import (
 from fedtune.server.loop import RunListener, run_rounds
 from fedtune.server.reporting import LogReporter, Reporter
 from fedtune.server.resume import Checkpointer, resume_state
-from fedtune.server.round import FederatedRun, evaluate_global
+from fedtune.server.round import FederatedRun
 from fedtune.server.secagg import SecAggPlus
 from fedtune.server.secagg_report import SecAggRecorder
 from fedtune.server.state import RoundState
@@ -158,8 +158,6 @@ def play_all_rounds(run: FederatedRun, run_dir: RunDirectory, plan: PrivacyPlan,
     wait_for_nodes(run.grid, run.config.data.num_clients, run.config.engine.node_wait_s)
     run.started = time.perf_counter()
     final = run_rounds(run, listeners)
-    if final is None:  # resumed after the last round: evaluate what the checkpoint holds
-        final = evaluate_global(run.resources, run.state.arrays)
     for listener in listeners:
         listener.run_ended(run, final)
 

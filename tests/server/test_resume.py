@@ -165,7 +165,9 @@ STATEFUL = {
 
 
 @pytest.mark.parametrize("extra", STATEFUL.values(), ids=STATEFUL.keys())
-def test_stopped_run_resumes_bit_identical(tmp_path, extra):
+def test_stopped_run_resumes_bit_identical(tmp_path, extra, one_torch_thread):
+    """(One torch thread, as run_inprocess trains: the stopped run below calls run_federated
+    itself, and torch's matmuls give other bits with another thread count.)"""
     import threading
 
     reference = run_inprocess(tiny_config(tmp_path / "a", *FIVE_ROUNDS, *extra)).path

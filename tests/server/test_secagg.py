@@ -27,7 +27,7 @@ from fedtune.privacy.mode import PrivacyPlan
 from fedtune.secagg import graph, masking
 from fedtune.server.exchange import exchange
 from fedtune.server.identity import Identities
-from fedtune.server.phases import by_client
+from fedtune.server.reports import by_client
 from fedtune.server.screening import ReplyLimits, screen_train_replies
 from fedtune.server.secagg import RoundReport, SecAggPlus
 from fedtune.server.strategies import build_strategy
@@ -137,9 +137,9 @@ def play(config: Config, grid: InProcessGrid, server_round: int = 1, strategy=No
                                                            config.privacy.mode),
                          decline=None, num_clients=N,
                          masked=config.strategy.secure_aggregation)
-    accepted = screen_train_replies(train, limits, Identities(grid.node_to_client,
-                                                              fixed=True)).accepted
-    new, metrics = strategy.aggregate_train(server_round, by_client(accepted))
+    reports = screen_train_replies(train, limits, Identities(grid.node_to_client, fixed=True))
+    accepted = [r.reply for r in by_client(reports) if r.status == "ok"]
+    new, metrics = strategy.aggregate_train(server_round, accepted)
     report = strategy.finish_round() if isinstance(strategy, SecAggPlus) else None
     return Round(None if new is None else protocol.to_numpy(new), metrics, report, strategy)
 
