@@ -17,7 +17,7 @@ PACKAGE = REPO / "fedtune"
 # only as listed in SAME_LAYER. The wings (server, client) sit side by side.
 LAYERS = [
     {"fedtune.errors", "fedtune.tables"},
-    {"fedtune.config"},
+    {"fedtune.config", "fedtune.sections"},
     {"fedtune.protocol", "fedtune.data", "fedtune.results.env_info"},
     {"fedtune.models", "fedtune.train", "fedtune.faults", "fedtune.secagg"},
     {"fedtune.task", "fedtune.privacy", "fedtune.results", "fedtune.centralized",

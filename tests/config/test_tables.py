@@ -108,6 +108,15 @@ def test_a_key_of_another_runtime_is_refused_and_names_its_owner():
         load_config(None, ["engine.backend=inprocess", "engine.num_actors=2"])
 
 
+def test_typed_section_stubs_are_derived_from_the_tables():
+    """`scripts/sync_config_stubs.py` writes fedtune/sections.pyi, the types of the sections
+    the tables build (``config.strategy.proximal_mu: float``); the committed file is what it
+    writes."""
+    out = subprocess.run([sys.executable, "scripts/sync_config_stubs.py", "--check"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
 def test_pyproject_flower_config_is_derived_from_the_tables():
     """`scripts/sync_flwr_config.py` writes [tool.flwr.app.config] from the defaults (so from
     the tables); the committed file is what it writes."""
