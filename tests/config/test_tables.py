@@ -33,10 +33,15 @@ def test_each_derived_section_offers_the_tables_names_and_owns_their_keys(sectio
             assert name in owners_of(fields[key]), f"{section}.{key}"
 
 
-def test_a_key_shared_by_two_entries_names_both_in_its_help():
+def test_a_key_shared_by_entries_names_every_owner_in_its_help():
     help_of = {key: text for key, _, text in describe()}
-    assert help_of["strategy.server_lr"].endswith("(fedavgm, scaffold)")
-    assert help_of["privacy.delta"].endswith("(local, central)")
+    for section, (_, table) in TABLES.items():
+        owned: dict[str, list[str]] = {}
+        for name, entry in table.items():
+            for key in entry.keys:
+                owned.setdefault(key, []).append(name)
+        for key, owners in owned.items():
+            assert help_of[f"{section}.{key}"].endswith(f"({', '.join(owners)})"), key
     assert "(" not in help_of["strategy.fraction_train"]  # common keys name no owner
 
 
