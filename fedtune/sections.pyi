@@ -64,7 +64,7 @@ class StrategySection:
     fedopt_beta_2: float  # fedadam, fedyogi
     fedopt_tau: float  # fedadam, fedyogi, fedadagrad
     trim_beta: float  # fedtrimmedavg
-    num_malicious: int  # krum, multikrum
+    num_malicious: int  # krum, multikrum, bulyan
     multikrum_select: int  # multikrum
     feddyn_alpha: float  # feddyn
     rfa_iterations: int  # rfa

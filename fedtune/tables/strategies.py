@@ -91,6 +91,16 @@ def _fedopt(config: Config) -> dict[str, Any]:
             "beta_2": s.fedopt_beta_2, "tau": s.fedopt_tau}
 
 
+def _check_bulyan(config: Config) -> None:
+    _check_krum(config)
+    s, sampled = config.strategy, clients_per_round(config)
+    if sampled < 4 * s.num_malicious + 3:
+        raise ConfigError(
+            f"strategy.num_malicious = {s.num_malicious} is not allowed with strategy.name = "
+            f"'bulyan': the {sampled} clients sampled per round must be at least "
+            "4 x num_malicious + 3")
+
+
 FLOWER = "flwr.serverapp.strategy:"
 CLIENTS = "fedtune.client.algorithms:"
 EXAMPLES = "num-examples"  # fedtune.protocol.NUM_EXAMPLES (tables import no Flower)
@@ -212,6 +222,13 @@ STRATEGIES: dict[str, StrategyEntry] = {
         arguments=lambda c: {"iterations": c.strategy.rfa_iterations,
                              "smoothing": c.strategy.rfa_smoothing},
         needs_updates="its geometric median reweights every individual update by its distance"),
+    "bulyan": StrategyEntry(
+        "Bulyan (El Mhamdi et al. 2018): Multi-Krum's selection, then per coordinate the mean "
+        "of the values closest to the median",
+        keys={"num_malicious": NUM_MALICIOUS}, implementation=FLOWER + "Bulyan",
+        arguments=lambda c: {"num_malicious_nodes": c.strategy.num_malicious},
+        check=_check_bulyan,
+        needs_updates="it selects and trims the individual updates by their distances"),
 }
 
 
