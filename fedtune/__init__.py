@@ -1,7 +1,8 @@
 """fedtune: federated fine-tuning simulations on Flower, with privacy and real deployments.
 
 The Python API (``fedtune.api``) is here: ``fedtune.run``, ``fedtune.sweep`` and
-``fedtune.load_run``. It is imported on first use, so that ``import fedtune.config`` (and a
+``fedtune.load_run``, and the callbacks ``fedtune.run`` takes (``fedtune.Callback``,
+``fedtune.EarlyStopping``). It is imported on first use, so that ``import fedtune.config`` (and a
 config error on the command line) loads no torch, Flower or Ray.
 """
 
@@ -18,6 +19,7 @@ import os as _os
 _os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 API = ("run", "sweep", "load_run", "RunResult", "SweepResult")
+CALLBACKS = ("Callback", "EarlyStopping", "RoundEnd")  # fedtune.run(..., callbacks=[...])
 
 
 def __getattr__(name: str) -> Any:
@@ -25,8 +27,12 @@ def __getattr__(name: str) -> Any:
         from fedtune import api
 
         return getattr(api, name)
+    if name in CALLBACKS:
+        from fedtune.server import callbacks
+
+        return getattr(callbacks, name)
     raise AttributeError(f"module 'fedtune' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *API])
+    return sorted([*globals(), *API, *CALLBACKS])

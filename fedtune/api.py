@@ -8,6 +8,8 @@
     model = result.load_model()        # the saved global model
     model.predict(["a new review"])    # label names (a text model)
 
+    fedtune.run(..., callbacks=[fedtune.EarlyStopping(patience=3)])  # hooks into the rounds
+
     study = fedtune.sweep("simulations/non_iid.toml", grid={"run.seed": [0]})
     study.table                        # mean ± std of the metric per grid point
 
@@ -22,7 +24,7 @@ stage and per round (``progress=False``: nothing), send library warnings to the 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,6 +35,8 @@ import tomli_w
 from fedtune.config import Config, ConfigError, config_from_raw, load_config, to_dict
 from fedtune.results.run_dir import default_run_path, is_empty_run_dir
 from fedtune.results.run_log import capture_run_log, quiet_libraries
+from fedtune.server.callbacks import Callback
+from fedtune.tables.runtimes import RUNTIMES
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -143,33 +147,44 @@ def load_run(run_dir: str | Path) -> RunResult:
     return RunResult(path)
 
 
-def _reporter(progress: bool) -> Any:
+def _reporter(progress: bool, callbacks: Sequence[Callback] = ()) -> Any:
     from rich.console import Console
 
-    from fedtune.cli import NORMAL, QUIET, RichReporter
+    from fedtune.terminal import NORMAL, QUIET, RichReporter
 
     # plain lines, bound to this stdout (a notebook's too): the log capture takes sys.stdout
     # while the run lasts
     console = Console(file=sys.stdout, soft_wrap=True, color_system=None, highlight=False,
                       force_jupyter=False, force_terminal=False)
-    return RichReporter(console, NORMAL if progress else QUIET)
+    return RichReporter(console, NORMAL if progress else QUIET, callbacks)
 
 
 def run(config: ConfigLike = None, overrides: Overrides = None, output: str | Path | None = None,
-        *, progress: bool = True, verbose: bool = False) -> RunResult:
+        *, progress: bool = True, verbose: bool = False,
+        callbacks: Sequence[Callback] = ()) -> RunResult:
     """Run one federated experiment (``fedtune run``); returns its results.
 
     ``config``: a TOML file, a ``Config`` or a dict of sections (None: the defaults, the
     quickstart); ``overrides``: ``{"section.key": value}`` or ``["section.key=value"]``;
-    ``output``: the run directory (new or empty; default ``<run.output_dir>/<name>-<time>``).
+    ``output``: the run directory (new or empty; default ``<run.output_dir>/<name>-<time>``);
+    ``callbacks``: ``fedtune.Callback`` objects called as rounds end, which may stop the run
+    (``fedtune.EarlyStopping``; see ``fedtune.server.callbacks``).
     """
     resolved = resolve_config(config, overrides)
     path = Path(output or resolved.run.dir or default_run_path(resolved))
     if not is_empty_run_dir(path):
         raise ConfigError(f"output = {str(path)!r} is not allowed: must be a new or empty "
                           "directory")
+    callbacks = list(callbacks)
+    if not all(isinstance(c, Callback) for c in callbacks):
+        raise ConfigError(f"callbacks = {callbacks!r} is not allowed: must be a list of "
+                          "fedtune.Callback objects")
+    if callbacks and not RUNTIMES[resolved.engine.backend].federated:
+        raise ConfigError(f"callbacks are not allowed with engine.backend = "
+                          f"{resolved.engine.backend!r}: the centralized reference has no "
+                          "round loop of the server")
     resolved.run.dir = str(path)
-    reporter = _reporter(progress)
+    reporter = _reporter(progress, callbacks)
     reporter.stage("loading torch, transformers and Flower")
     try:
         with capture_run_log(path, echo=verbose):
@@ -211,10 +226,12 @@ class SweepResult:
 def sweep(path: str | Path, overrides: Overrides = None,
           grid: Mapping[str, Any] | Iterable[str] | None = None,
           output: str | Path | None = None, *, progress: bool = True,
-          verbose: bool = False) -> SweepResult:
+          verbose: bool = False, other_code: str = "refuse") -> SweepResult:
     """Run a grid of experiments (``fedtune sweep``): every unfinished point of the sweep file
     ``path``, one line per run; returns the sweep's results. ``overrides`` change the base
-    config; ``grid`` runs only some values of grid keys (``{"run.seed": [0]}``, as ``--grid``).
+    config; ``grid`` runs only some values of grid keys (``{"run.seed": [0]}``, as ``--grid``);
+    ``other_code``: what to do with a finished point made by other code, "refuse" (a
+    ConfigError), "rerun" or "reuse" (``--other-code``).
     """
     from fedtune.studies.sweep import load_sweep, run_sweep
     from fedtune.studies.tables import write_outputs
@@ -238,5 +255,5 @@ def sweep(path: str | Path, overrides: Overrides = None,
             shown = "-" if final is None else f"{final:.4f}"
             print(f"[{index}/{total}] {values}: {spec.metric} {shown} ({status})", flush=True)
 
-    write_outputs(spec, run_sweep(spec, run_one, on_run))
+    write_outputs(spec, run_sweep(spec, run_one, on_run, other_code=other_code))
     return SweepResult(spec.directory)

@@ -170,7 +170,7 @@ def train_centralized(config: Config, reporter: Reporter | None = None,
             break
         round_start = time.perf_counter()
         if reporter is not None:
-            reporter.phase(server_round, "train", 0, 1)
+            reporter.phase(server_round, "train", 0, 0)  # the pooled data: no clients
         # the examples target is cumulative, so a batch that overshoots one round's share is
         # taken off the next one
         target = len(pooled) if converging else round(server_round * per_round)

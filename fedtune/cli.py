@@ -1,5 +1,5 @@
-"""Command line: ``fedtune run | sweep | report | audit | certs | publish | registry |
-superexec | config``. The only module that knows about terminals."""
+"""The ``fedtune`` command: its sub-commands and their arguments (``fedtune.terminal`` draws
+what a run shows)."""
 
 from __future__ import annotations
 
@@ -17,126 +17,33 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedtune import __version__
-from fedtune.config import Config, ConfigError, ConfigWarning, describe, load_config, to_toml
+from fedtune.config import (
+    Config,
+    ConfigError,
+    ConfigWarning,
+    annotated_toml,
+    load_config,
+    to_toml,
+)
 from fedtune.results.run_dir import is_empty_run_dir, json_safe
 from fedtune.results.run_log import capture_run_log, quiet_libraries
 from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.runtimes import RUNTIMES
-
-NORMAL, QUIET, JSON = "normal", "quiet", "json"  # what a command prints (--quiet, --json)
-
-# (metrics.csv column, short title, format): one terminal line per round, < 80 characters
-METRIC_COLUMNS = (
-    ("round", "round", "{:.0f}"),
-    ("train_loss", "trainloss", "{:.4f}"),
-    ("eval_loss", "testloss", "{:.4f}"),
-    ("eval_accuracy", "testacc", "{:.4f}"),
-    ("eval_macro_f1", "testF1", "{:.4f}"),
-    ("federated_eval_accuracy", "clientacc", "{:.4f}"),
-    ("clients_ok", "ok", "{:.0f}"),
-    ("clients_failed", "fail", "{:.0f}"),
-    ("bytes_up", "MBup", "{:.1f}"),
-    ("wall_s", "sec", "{:.1f}"),
+from fedtune.terminal import (
+    JSON,
+    NORMAL,
+    QUIET,
+    RichReporter,
+    SweepReporter,
+    cell,
+    next_lines,
+    print_final,
+    print_rows,
+    times_line,
 )
-WIDTHS = (5, 9, 8, 7, 6, 9, 3, 4, 7, 6)
-
-
-def _fmt(value: Any, pattern: str, key: str) -> str:
-    if value in (None, ""):
-        return "-"
-    number = float(value)
-    if key == "bytes_up":
-        number /= 1e6
-    return pattern.format(number)
-
-
-class RichReporter:
-    """What a run shows: a spinner naming each stage before the rounds (loading data, starting
-    workers), then a live progress bar (round, clients done, loss, accuracy, time) above one
-    line per round. ``--quiet``: nothing; ``--json``: one JSON line per round on stdout."""
-
-    def __init__(self, console: Console, mode: str = NORMAL) -> None:
-        self.console = console
-        self.mode = mode
-        self.status: Any = None
-        self.progress = Progress(
-            TextColumn("[bold]round {task.fields[round]}/{task.fields[rounds]}"),
-            TextColumn("{task.fields[phase]:>8}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("clients  loss {task.fields[loss]}  acc {task.fields[acc]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        )
-        self.task_id: Any = None
-        self.rounds = 0
-        self.run_dir = ""
-
-    def stage(self, text: str) -> None:
-        if self.mode != NORMAL:
-            return
-        if not self.console.is_terminal:  # a log or a pipe: one line per stage
-            self.console.print(f"{text} ...", highlight=False)
-        elif self.status is None:
-            self.status = self.console.status(text)
-            self.status.start()
-        else:
-            self.status.update(text)
-
-    def _stop_status(self) -> None:
-        if self.status is not None:
-            self.status.stop()
-            self.status = None
-
-    def start(self, config: Config, run_dir: Any) -> None:
-        self._stop_status()
-        self.rounds = config.run.rounds
-        self.run_dir = str(run_dir.path)
-        if self.mode != NORMAL:
-            return
-        header = " ".join(f"{title:>{w}}" for (_, title, _), w in zip(METRIC_COLUMNS, WIDTHS))
-        self.console.print(header, style="bold")
-        if not self.console.is_terminal:  # a pipe, a log, a notebook: the round lines only
-            return
-        self.progress.start()
-        self.task_id = self.progress.add_task("fl", total=config.data.num_clients, round=1,
-                                              rounds=self.rounds, phase="train", loss="-",
-                                              acc="-")
-
-    def phase(self, server_round: int, phase: str, done: int, total: int) -> None:
-        if self.task_id is not None:
-            self.progress.update(self.task_id, completed=done, total=total, round=server_round,
-                                 phase=phase)
-
-    def round_end(self, row: Any) -> None:
-        if self.mode == JSON:
-            line = json.dumps(json_safe({**row.__dict__, "run_dir": self.run_dir}))
-            print(line, file=self.console.file, flush=True)
-        if self.mode != NORMAL:
-            return
-        values = row.__dict__
-        self.console.print(" ".join(f"{_fmt(values.get(key), pattern, key):>{w}}"
-                                    for (key, _, pattern), w in zip(METRIC_COLUMNS, WIDTHS)))
-        if row.round == self.rounds:
-            self.close()
-            self.stage("saving the model, plots and summary; stopping the clients")
-        if self.task_id is not None:
-            self.progress.update(self.task_id, completed=0,
-                                 loss=_fmt(row.train_loss, "{:.4f}", ""),
-                                 acc=_fmt(row.eval_accuracy, "{:.4f}", ""))
-
-    def finish(self, summary: dict[str, Any], run_dir: Any) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._stop_status()
-        if self.progress.live.is_started:
-            self.progress.stop()
 
 
 def _run_config(args: argparse.Namespace) -> Config:
@@ -197,7 +104,7 @@ def _central_override(args: argparse.Namespace) -> list[str]:
     return ["engine.backend=central"] if args.central else []
 
 
-def _stop_on_ctrl_c(console: Console) -> threading.Event:
+def _stop_on_ctrl_c(console: Console, run_dir: Path) -> threading.Event:
     """First Ctrl-C: finish the client being waited for, checkpoint, stop. Second: abort."""
     stop = threading.Event()
 
@@ -205,11 +112,31 @@ def _stop_on_ctrl_c(console: Console) -> threading.Event:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        console.print("[bold yellow]stopping[/]: writing a checkpoint of the last finished "
-                      "round (Ctrl-C again aborts without it)")
+        if _has_rounds(run_dir):
+            console.print("[bold yellow]stopping[/]: writing a checkpoint of the last finished "
+                          "round (Ctrl-C again aborts without it)")
+        else:
+            console.print("[bold yellow]stopping[/]: no round has finished yet, so there will "
+                          "be nothing to resume (Ctrl-C again aborts at once)")
 
     signal.signal(signal.SIGINT, on_interrupt)
     return stop
+
+
+def _has_rounds(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished round (a metrics.csv row)."""
+    metrics = run_dir / "metrics.csv"
+    return metrics.is_file() and len(metrics.read_text(encoding="utf-8").splitlines()) > 1
+
+
+def _interrupted(run_dir: Path) -> str:
+    """What a second Ctrl-C (an abort) leaves behind."""
+    if _has_rounds(run_dir):
+        return (f"[bold yellow]interrupted[/]: the finished rounds are in {run_dir} "
+                "(metrics.csv, clients.csv)")
+    return ("[bold yellow]interrupted[/] before any round finished: nothing to keep "
+            + (f"(what the libraries said is in {run_dir / 'log.txt'})"
+               if (run_dir / "log.txt").is_file() else ""))
 
 
 def _mode(args: argparse.Namespace) -> str:
@@ -242,11 +169,15 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"fedtune {__version__} · {_describe_run(config)}", highlight=False)
         console.print(f"run directory: {run_dir}", highlight=False)
     reporter = RichReporter(console, mode)
-    stop = _stop_on_ctrl_c(console)
+    stop = _stop_on_ctrl_c(console, run_dir)
     reporter.stage("loading torch, transformers and Flower")
     try:
         with capture_run_log(run_dir, echo=args.verbose) as run_log:
             stopped = _launch(config, reporter, stop, args.verbose)
+    except KeyboardInterrupt:
+        reporter.close()
+        console.print(_interrupted(run_dir), highlight=False)
+        return 130
     except _RunFailed as failure:
         reporter.close()
         print(f"fedtune: run failed: {failure} (traceback in {run_dir / 'log.txt'})",
@@ -261,14 +192,15 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         return 130
     if mode == JSON:
         return 0
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    print_final(console, run_dir, summary, _centralized_line(summary))
     if mode == NORMAL:
-        _print_summary(console, run_dir)
         if run_log.warnings:
             console.print(f"library warnings: {run_log.warnings}, in {run_log.path}",
                           highlight=False)
-        console.print(f"finished in {time.perf_counter() - started:.1f}s")
-    else:
-        _print_final(console, run_dir)
+        console.print(times_line(time.perf_counter() - started, summary), highlight=False)
+        for line in next_lines(run_dir, summary):
+            console.print(line, highlight=False)
     console.print(f"run directory: {run_dir}", highlight=False)
     return 0
 
@@ -315,6 +247,7 @@ def _launch(config: Config, reporter: Any, stop: threading.Event, verbose: bool)
 
 
 def _print_summary(console: Console, run_dir: Path) -> None:
+    """A finished run's rounds (one line each, as the run printed them) and its result."""
     from fedtune.results.run_dir import RunDirectory
 
     directory = RunDirectory(run_dir)
@@ -323,31 +256,12 @@ def _print_summary(console: Console, run_dir: Path) -> None:
     setup = (f"centralized on the pooled data of {summary['dataset']['num_clients']} clients"
              if runtime is not None and not runtime.federated
              else f"{summary['dataset']['num_clients']} clients")
-    table = Table(title=f"{summary['dataset']['name']}: {setup}, {summary['rounds_completed']} "
-                        "rounds", padding=(0, 0))
-    for _, title, _ in METRIC_COLUMNS:
-        table.add_column(title, justify="right")
-    for row in directory.metrics():
-        table.add_row(*(_fmt(row.get(key), pattern, key) for key, _, pattern in METRIC_COLUMNS))
-    console.print(table)
-    _print_final(console, run_dir, summary)
-
-
-def _print_final(console: Console, run_dir: Path, summary: dict | None = None) -> None:
-    """The run's result in one line."""
-    from fedtune.results.run_dir import RunDirectory
-
-    summary = summary or RunDirectory(run_dir).read_json("summary.json")
-    final = summary["final"]
-    console.print(
-        f"final global test accuracy {final['eval_accuracy']:.4f}, macro-F1 "
-        f"{final['eval_macro_f1']:.4f} (majority class "
-        f"{summary['dataset']['majority_class_accuracy']:.4f}); best "
-        f"{summary['best']['eval_accuracy']:.4f} at round {summary['best']['round']}",
-        highlight=False)
-    line = _centralized_line(summary)
-    if line:
-        console.print(line, highlight=False)
+    console.print(f"{summary['dataset']['name']}: {setup}, {summary['rounds_completed']} "
+                  "rounds", highlight=False)
+    mode = PRIVACY_MODES.get((summary.get("privacy") or {}).get("mode", ""))
+    privacy = mode is not None and mode.mechanism
+    print_rows(console, directory.metrics(), privacy)
+    print_final(console, run_dir, summary, _centralized_line(summary))
 
 
 def dry_run(config: Config, console: Console) -> int:
@@ -418,50 +332,6 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-class SweepReporter:
-    """Progress of one run inside a sweep: a transient status line on a terminal (which point,
-    which stage or round), nothing elsewhere; the sweep prints a line when the run ends."""
-
-    def __init__(self, console: Console, mode: str) -> None:
-        self.console = console
-        self.show = mode == NORMAL and console.is_terminal
-        self.status: Any = None
-        self.point = ""
-        self.rounds = 0
-
-    def begin(self, point: str) -> None:
-        self.point = point
-        self.stage("starting")
-
-    def _say(self, text: str) -> None:
-        if not self.show:
-            return
-        if self.status is None:
-            self.status = self.console.status("")
-            self.status.start()
-        self.status.update(f"{self.point}: {text}")
-
-    def stage(self, text: str) -> None:
-        self._say(text)
-
-    def start(self, config: Config, run_dir: Any) -> None:
-        self.rounds = config.run.rounds
-
-    def phase(self, server_round: int, phase: str, done: int, total: int) -> None:
-        self._say(f"round {server_round}/{self.rounds} {phase} {done}/{total}")
-
-    def round_end(self, row: Any) -> None:
-        pass
-
-    def finish(self, summary: dict[str, Any], run_dir: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        if self.status is not None:
-            self.status.stop()
-            self.status = None
-
-
 def launch_point(config: Config) -> None:
     """One sweep point with its log.txt and no terminal output; module-level so that
     ``--parallel``'s child processes can import it."""
@@ -512,12 +382,12 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
         values = " ".join(f"{k}={v}" for k, v in run.values.items())
         took = f", {seconds:.1f}s" if status == "done" and args.parallel == 1 else ""
         console.print(f"[{index}/{total}] {values}: {spec.metric} "
-                      f"{_fmt(summary['final'].get(spec.metric), '{:.4f}', '')} "
+                      f"{cell(summary['final'].get(spec.metric), spec.metric, '.4f')} "
                       f"({status}{took})", highlight=False)
 
     try:
         rows = run_sweep(spec, run_one if args.parallel == 1 else launch_point, on_run,
-                         before_run, args.parallel)
+                         before_run, args.parallel, args.other_code)
     finally:
         reporter.close()
     written = write_outputs(spec, rows)
@@ -596,18 +466,32 @@ def cmd_superexec(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_flwr_setup(args: argparse.Namespace, console: Console) -> int:
+    """Set ``flwr run .`` up: the local simulation's connection, its SuperLink running."""
+    from fedtune.deploy.local_simulation import CONNECTION, set_up_local_simulation
+
+    if args.supernodes < 1:
+        raise ConfigError(f"--supernodes {args.supernodes} is not allowed: must be >= 1 (one "
+                          "SuperNode per client: data.num_clients)")
+    done = set_up_local_simulation(args.supernodes, args.default)
+    console.print(f"wrote [superlink.{CONNECTION}] ({done.supernodes} SuperNodes, one CPU each) "
+                  f"into {done.config_file}" + (", as the default connection" if done.default
+                                                else ""), highlight=False, markup=False)
+    console.print("started the local SuperLink without runtime dependency installation"
+                  if done.started else
+                  "a local SuperLink was running already: if it was started by a plain `flwr "
+                  "run`, it installs the app's dependencies (torch) for every run; stop it and "
+                  "run this again", highlight=False)
+    target = "" if done.default else f" {CONNECTION}"
+    console.print(f"now: flwr run .{target} --stream   (flwr run .{target} --run-config "
+                  "\"run.rounds=2\" --stream; data.num_clients must be "
+                  f"{done.supernodes})", highlight=False, markup=False)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, console: Console) -> int:
-    """Every key: a table on a terminal; one whole line per key when piped (for grep)."""
-    if not console.is_terminal:
-        for key, default, help_text in describe():
-            print(f"{key} = {default!r}  # {help_text}", file=console.file)
-        return 0
-    table = Table(title="fedtune config keys")
-    for column in ("key", "default", "meaning"):
-        table.add_column(column)
-    for key, default, help_text in describe():
-        table.add_row(key, repr(default), help_text)
-    console.print(table)
+    """Every key as valid TOML, grouped by section: its meaning, allowed values and default."""
+    print(annotated_toml(), end="", file=console.file)
     return 0
 
 
@@ -634,17 +518,28 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _add_audit_parser(sub: Any) -> None:
-    audit = sub.add_parser("audit", help="empirical privacy audit of a run made with "
-                                         "privacy.audit = true (audit.json, plots/audit.png)")
-    audit.add_argument("run_dir")
+DESCRIPTION = """\
+Federated fine-tuning simulations on Flower: clients train a shared model on data that never
+leaves them, the server aggregates, and every run leaves a directory of results, a saved model
+and plots.
+
+  fedtune run                                   the quickstart: MiniLM, 8 clients, 3 rounds
+  fedtune run simulations/mlp_digits.toml       a config file (fedtune config lists every key)
+  fedtune run --set data.alpha=0.1 --dry-run    override a key; show the config and partitions
+  fedtune sweep simulations/non_iid.toml        a grid of runs, tabulated and plotted
+  fedtune report runs/<run>                     a finished run's rounds, result and plots
+"""
+EPILOG = "Documentation: docs/ (mkdocs serve), or README.md. fedtune COMMAND -h: its options."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedtune", description=__doc__)
+    """Sub-commands in the order a user meets them: run, sweep, report, audit, config,
+    flwr-setup, then the deployment's (certs, publish, registry, superexec)."""
+    parser = argparse.ArgumentParser(prog="fedtune", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one federated experiment")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run one federated experiment (default: the quickstart)")
     run.add_argument("config", nargs="?", help="TOML config (default: built-in quickstart)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one config key (repeatable)")
@@ -657,8 +552,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train the centralized reference instead (engine.backend=central: "
                           "the pooled client data, as many examples as the federated run)")
     _output_options(run)
-    report = sub.add_parser("report", help="redraw plots and print the summary of a run")
-    report.add_argument("run_dir")
     sweep = sub.add_parser("sweep", help="run a grid of experiments, skip finished ones, "
                                          "tabulate and plot")
     sweep.add_argument("config", help="TOML config with a [sweep.grid] table")
@@ -666,40 +559,63 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one key of the base config (repeatable)")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=[VALUES]",
                        help="run only these values of one grid key, e.g. run.seed=[0] or "
-                            "model=mlp (repeatable; finished runs still fill the tables)")
+                            "strategy.name=['fedavg','scaffold'] (repeatable; finished runs "
+                            "still fill the tables)")
     sweep.add_argument("--output", help="sweep directory (default: <sweep.output_dir>/<name>)")
     sweep.add_argument("--parallel", type=int, default=1, metavar="N",
                        help="run N points at a time, each in its own process (runtimes "
                             "inprocess and central)")
+    sweep.add_argument("--other-code", choices=("refuse", "rerun", "reuse"), default="refuse",
+                       help="a finished point made by other code (fedtune's source or a "
+                            "package version differs): refuse (default: stop and say which), "
+                            "rerun it, or reuse it as it is (results.csv records each row's "
+                            "code)")
     _output_options(sweep)
-    certs = sub.add_parser("certs", help="create a CA, a SuperLink TLS certificate and SuperNode "
-                                         "authentication keys for a deployment")
+    report = sub.add_parser("report", help="print a finished run's rounds and result; redraw "
+                                           "its plots")
+    report.add_argument("run_dir")
+    audit = sub.add_parser("audit", help="empirical privacy audit of a run made with "
+                                         "privacy.audit = true (audit.json, plots/audit.png)")
+    audit.add_argument("run_dir")
+    sub.add_parser("config", help="every config key as TOML: meaning, allowed values, default")
+    flwr_setup = sub.add_parser("flwr-setup", help="set `flwr run .` up: a local simulation "
+                                                   "connection in ~/.flwr/config.toml and its "
+                                                   "SuperLink, without dependency installation")
+    flwr_setup.add_argument("--supernodes", type=int, default=Config().data.num_clients,
+                            help="SuperNodes to simulate, one per client (default: "
+                                 "%(default)s, the default data.num_clients)")
+    flwr_setup.add_argument("--default", action="store_true",
+                            help="make it the default connection, so a plain `flwr run .` "
+                                 "uses it")
+    _add_deployment_parsers(sub)
+    return parser
+
+
+def _add_deployment_parsers(sub: Any) -> None:
+    certs = sub.add_parser("certs", help="deployment: a CA, the SuperLink's TLS certificate, "
+                                         "SuperNode and publisher keys")
     certs.add_argument("output", help="new directory for the files")
     certs.add_argument("--host", action="append", metavar="NAME_OR_IP",
                        help="SuperLink host name or IP the certificate is valid for "
                             "(repeatable; default: localhost and 127.0.0.1)")
     certs.add_argument("--supernodes", type=int, default=3, help="key pairs to create")
-    publish = sub.add_parser("publish", help="build an app's FAB, sign it with the publisher "
-                                             "key and add it to the federation's registry")
+    publish = sub.add_parser("publish", help="deployment: build an app's FAB, sign it and add "
+                                             "it to the federation's registry")
     publish.add_argument("app", help="the app folder (its pyproject.toml names it)")
     publish.add_argument("--registry", required=True, help="the registry folder")
     publish.add_argument("--key", required=True, help="the publisher's private key")
-    registry = sub.add_parser("registry", help="serve the registry to the SuperLink (its "
-                                               "FLWR_SUPERGRID_API_URL)")
+    registry = sub.add_parser("registry", help="deployment: serve the registry to the "
+                                               "SuperLink (its FLWR_SUPERGRID_API_URL)")
     registry.add_argument("registry", help="the registry folder")
     registry.add_argument("--host", default="127.0.0.1")
     registry.add_argument("--port", type=int, default=9095)
-    superexec = sub.add_parser("superexec", help="Flower's SuperExec for a SuperLink started "
-                                                 "with --isolation process: it starts only "
+    superexec = sub.add_parser("superexec", help="deployment: a SuperExec that starts only "
                                                  "ServerApps the publisher signed")
     superexec.add_argument("--runtime-api-address", required=True)
     superexec.add_argument("--root-certificates", help="the CA certificate (ca.crt)")
     superexec.add_argument("--registry", required=True, help="the registry folder")
     superexec.add_argument("--trusted-entities", required=True)
     superexec.add_argument("--superexec-auth-secret-file")
-    sub.add_parser("config", help="list every config key with its default")
-    _add_audit_parser(sub)
-    return parser
 
 
 def _output_options(parser: argparse.ArgumentParser) -> None:
@@ -714,7 +630,7 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "certs": cmd_certs,
             "publish": cmd_publish, "registry": cmd_registry, "superexec": cmd_superexec,
-            "config": cmd_config, "audit": cmd_audit}
+            "config": cmd_config, "audit": cmd_audit, "flwr-setup": cmd_flwr_setup}
 
 
 @contextmanager
@@ -750,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedtune: error: {error}", file=sys.stderr)  # one line, never wrapped
         return 2
     except KeyboardInterrupt:
-        console.print("[bold yellow]interrupted[/]: finished rounds are in the run directory")
+        console.print("[bold yellow]interrupted[/]")
         return 130
 
 

@@ -196,8 +196,9 @@ class TrackingSection:
                                    "dir>/tb/ (pip install 'fedtune[tracking]')")
     mlflow: bool = key(False, "log the config, per-round metrics, plots, summary and model to "
                               "MLflow (pip install 'fedtune[tracking]')")
-    mlflow_uri: str = key("", "MLflow tracking URI; '' = the file store mlruns/ beside "
-                              "run.output_dir", used_with=UsedWith("mlflow", (True,)))
+    mlflow_uri: str = key("", "MLflow tracking URI; '' = sqlite:///<folder of the run "
+                              "directory>/mlflow.db, beside the runs",
+                          used_with=UsedWith("mlflow", (True,)))
     mlflow_experiment: str = key("", "MLflow experiment; '' = run.name (in a sweep: the "
                                      "sweep's name)", used_with=UsedWith("mlflow", (True,)))
 
@@ -649,6 +650,46 @@ def from_run_config(run_config: Mapping[str, Any]) -> Config:
         section, key = dotted.split(".")
         nested.setdefault(section, {})[key] = value
     return from_dict(nested)
+
+
+SECTION_HELP = {
+    "run": "the run: its name, seed, rounds, run directory, checkpoints",
+    "data": "the dataset and how it is split into clients",
+    "model": "the model kind (mlp, hf) and what trains (model.transfer)",
+    "client": "each client's local training and evaluation",
+    "strategy": "the aggregation, client sampling, secure aggregation, update bounds",
+    "privacy": "differential privacy (none, local, central) and the empirical audit",
+    "faults": "misbehaving clients on purpose: scaled or NaN updates, crashes, stragglers",
+    "engine": "the runtime (ray, flower, inprocess, central) and its resources",
+    "tracking": "TensorBoard and MLflow",
+}
+
+
+def allowed_values(full_key: str) -> str:
+    """What ``section.key`` takes, as its error message says it ("one of 'iid', ...")."""
+    section, name = full_key.split(".")
+    field = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+    declared = declared_key(field)
+    return _allowed_text(declared, declared.type)
+
+
+def annotated_toml(width: int = 100) -> str:
+    """Every key of every section as valid TOML (``fedtune config``): a comment per section,
+    then per key its meaning, who uses it and its allowed values, and its default."""
+    import textwrap
+
+    lines = ["# fedtune config: every key with its default value. Save it, edit it, run it:",
+             "#   fedtune config > my.toml && fedtune run my.toml",
+             "# Keys left out of a file keep these defaults; --set section.key=value overrides one."]
+    section = ""
+    for full_key, default, help_text in describe():
+        if full_key.split(".")[0] != section:
+            section = full_key.split(".")[0]
+            lines += ["", f"[{section}]  # {SECTION_HELP[section]}"]
+        comment = f"{help_text}. Allowed: {allowed_values(full_key)}"
+        lines += textwrap.wrap(comment, width, initial_indent="# ", subsequent_indent="#   ")
+        lines.append(tomli_w.dumps({full_key.split(".")[1]: default}).strip())
+    return "\n".join(lines) + "\n"
 
 
 def describe() -> list[tuple[str, Any, str]]:

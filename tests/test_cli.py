@@ -7,11 +7,20 @@ import json
 import subprocess
 import sys
 import time
+import tomllib
 
 import pytest
 
 from fedtune import __version__
-from fedtune.config import describe
+from fedtune.config import (
+    SECTION_HELP,
+    SECTIONS,
+    Config,
+    allowed_values,
+    describe,
+    load_config,
+    to_dict,
+)
 from fedtune.results.run_dir import METRICS_COLUMNS
 from tests.conftest import MLP_DIGITS, REPO, rows_of
 
@@ -100,13 +109,29 @@ def test_dry_run_prints_the_config_and_the_partitions_and_trains_nothing(tmp_pat
     assert not (tmp_path / "dry").exists()
 
 
-def test_config_listing_keeps_whole_lines_when_piped():
+def test_config_prints_valid_toml_by_section_with_each_keys_meaning_and_allowed_values(
+        tmp_path):
     out = fedtune("config")
+    assert out.returncode == 0, out.stderr
+    parsed = tomllib.loads(out.stdout)
+    assert parsed == to_dict(Config())  # every key, its default, TOML values (not reprs)
+    assert list(parsed) == list(SECTIONS)
     lines = out.stdout.splitlines()
-    assert len(lines) == len(describe())
-    for (key, default, help_text), line in zip(describe(), lines, strict=True):
-        assert line == f"{key} = {default!r}  # {help_text}"
-    assert max(map(len, lines)) > 120  # nothing cut or wrapped at 80 columns
+    assert max(map(len, lines)) <= 100
+    for key, _, help_text in describe():
+        section, name = key.split(".")
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"{name} = ")
+                  and lines[:i].count(f"[{section}]  # {SECTION_HELP[section]}") == 1)
+        comment = []
+        while lines[at - 1].startswith("#"):
+            at -= 1
+            comment.insert(0, lines[at].lstrip("# "))
+        text = " ".join(comment)
+        assert text.startswith(help_text.split()[0]) and "Allowed: " in text, key
+        assert text.endswith(allowed_values(key)), key
+    assert "Allowed: one of 'fedavg', 'fedprox'" in out.stdout.replace("\n#   ", " ")
+    (tmp_path / "all.toml").write_text(out.stdout)
+    assert load_config(tmp_path / "all.toml") == Config()  # it runs as a config file
 
 
 def test_a_failing_run_says_why_in_one_line_with_its_traceback_in_the_log(tmp_path):

@@ -129,10 +129,10 @@ def run_audit(config: Config, resources: TaskResources, initial: Mapping[str, np
 
 def save_canary_release(run_dir: RunDirectory, release: Mapping[str, np.ndarray]) -> None:
     """The shadow release with canary clients, so ``fedtune audit`` can redo the audit."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    save_file({k: np.ascontiguousarray(v) for k, v in release.items()},
-              str(run_dir.path / CANARY_RELEASE))
+    (run_dir.path / CANARY_RELEASE).write_bytes(  # the permissions of the run's other files
+        save({k: np.ascontiguousarray(v) for k, v in release.items()}))
 
 
 def audit_run_dir(path: str | Path) -> tuple[RunDirectory, dict[str, Any]]:

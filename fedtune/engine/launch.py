@@ -42,8 +42,7 @@ def preflight(config: Config) -> None:
         raise ConfigError(
             f"data.dataset = {config.data.dataset!r} is not allowed with engine.backend = "
             f"{config.engine.backend!r}: each party's file comes from its own SuperNode "
-            "(node config data-path), so it runs only in a deployment (README: Deploy across "
-            "machines)"
+            "(node config data-path), so it runs only in a deployment (docs/guide/deployment.md)"
         )
     check_tracking(config)
     task_resources(config)

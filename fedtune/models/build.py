@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from fedtune.models.transfer import TransferSpec, plain_model
@@ -95,7 +95,9 @@ def save_model(model: nn.Module, spec: ModelSpec, folder: Path) -> None:
     tokenizer). A LoRA model is saved merged, so ``load_saved_model`` gives a plain model."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in plain_model(model).state_dict().items()}
-    save_file(state, str(folder / SAVED_WEIGHTS))
+    # bytes written as any other file, with its permissions (save_file makes it 0600, so a
+    # colleague could not read the model)
+    (folder / SAVED_WEIGHTS).write_bytes(save(state))
     (folder / SAVED_META).write_text(json.dumps(asdict(spec), indent=2))
     model_kind(spec.kind).save_files(spec, folder)
 

@@ -313,7 +313,7 @@ class HFKind:
 
 
 def _complete_with_encoder(spec: ModelSpec, weights: Path) -> None:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     head = load_file(str(weights))
     whole = load_hf_classifier(spec.path, spec.num_labels, spec.pooling, spec.dropout)
@@ -321,7 +321,7 @@ def _complete_with_encoder(spec: ModelSpec, weights: Path) -> None:
     if unexpected or set(head) & set(missing):
         raise ValueError(f"head weights {sorted(head)} do not fit {type(whole).__name__}")
     state = {k: v.detach().cpu().contiguous() for k, v in whole.state_dict().items()}
-    save_file(state, str(weights))
+    weights.write_bytes(save(state))  # as save_model writes it (the permissions of any file)
 
 
 def resolve_pooling(path: str, pooling: str) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
 import sys
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -30,6 +32,26 @@ def _git_sha() -> str | None:
     return out.stdout.strip() or None
 
 
+@cache
+def code_digest() -> str:
+    """SHA-256 of the code that runs: every .py file of the fedtune and strategies packages,
+    by path and content. Unlike the git sha it sees uncommitted changes and installs without
+    git; a sweep compares it (with the package versions) before it reuses a finished run."""
+    digest = hashlib.sha256()
+    for package in ("fedtune", "strategies"):
+        root = Path(__import__(package).__file__).resolve().parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode())
+            digest.update(path.read_bytes())
+            digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str | None]:
+    """The versions of the packages a run's results depend on (env.json's ``packages``)."""
+    return {name: _version(name) for name in PACKAGES}
+
+
 def environment(seed: int) -> dict:
     import torch
 
@@ -38,7 +60,7 @@ def environment(seed: int) -> dict:
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {
         "python": sys.version.split()[0],
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": package_versions(),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -46,5 +68,6 @@ def environment(seed: int) -> dict:
         "cuda": torch.version.cuda,
         "gpus": gpus,
         "git_sha": _git_sha(),
+        "code_sha256": code_digest(),
         "seed": seed,
     }

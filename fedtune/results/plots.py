@@ -71,8 +71,10 @@ def _save(fig: Figure, path: Path, dpi: int = 120) -> None:
     plt.close(fig)
 
 
-def plot_epsilon(rows: list[dict[str, str]], target_epsilon: float, path: Path) -> None:
-    """ε spent after every round (central: the run's, local: the largest client's)."""
+def plot_epsilon(rows: list[dict[str, str]], target_epsilon: float, path: Path,
+                 setting: str = "") -> None:
+    """ε spent after every round (central: the run's, local: the largest client's);
+    ``setting``: the privacy setting in words, for the title."""
     rounds = _column(rows, "round")
     fig, ax = plt.subplots(figsize=(6, 4))
     for column, label in (("epsilon", "central ε (run)"),
@@ -85,7 +87,7 @@ def plot_epsilon(rows: list[dict[str, str]], target_epsilon: float, path: Path) 
                     transform=ax.transAxes)
     if 0 < target_epsilon < np.inf:
         ax.axhline(target_epsilon, color="grey", linestyle="--", label="target ε")
-    ax.set_title("privacy spent")
+    ax.set_title(f"privacy spent ({setting})" if setting else "privacy spent")
     ax.set_xlabel("round")
     ax.set_ylabel("ε spent")
     ax.set_ylim(bottom=0)

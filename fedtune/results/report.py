@@ -10,7 +10,7 @@ import numpy as np
 from fedtune.config import from_dict
 from fedtune.results.plots import plot_accuracy_loss, plot_epsilon, plot_partitions
 from fedtune.results.run_dir import RunDirectory, read_csv
-from fedtune.results.summary import run_title
+from fedtune.results.summary import privacy_setting, run_title
 from fedtune.tables.privacy_modes import PRIVACY_MODES
 
 
@@ -25,12 +25,14 @@ def redraw(path: Path) -> list[Path]:
                if config_file.is_file() else {})
     summary = run_dir.read_json("summary.json") if (path / "summary.json").is_file() else {}
     majority = summary.get("dataset", {}).get("majority_class_accuracy")
-    title = run_title(from_dict(tomllib.loads(config_file.read_text(encoding="utf-8")))
-                      ) if config_file.is_file() else ""
+    config = (from_dict(tomllib.loads(config_file.read_text(encoding="utf-8")))
+              if config_file.is_file() else None)
+    title = run_title(config) if config is not None else ""
     plot_accuracy_loss(run_dir.metrics(), written[0], majority, title)
     if PRIVACY_MODES[privacy.get("mode", "none")].spends_budget:
         written.append(run_dir.plots_dir / "epsilon.png")
-        plot_epsilon(run_dir.metrics(), float(privacy.get("target_epsilon", 0.0)), written[-1])
+        plot_epsilon(run_dir.metrics(), float(privacy.get("target_epsilon", 0.0)), written[-1],
+                     privacy_setting(config) if config is not None else "")
     partitions = read_csv(path / "partitions.csv")
     if partitions:
         labels = [k for k in partitions[0] if k not in ("client_id", "total")]

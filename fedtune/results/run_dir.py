@@ -59,10 +59,13 @@ class ClientRow:
     """One line of clients.csv: one client in one phase of one round. ``phase`` = ``train``:
     every client sampled for training, with its status (ok, rejected, failed, timeout) and,
     for a sound reply, its metrics: ``num_examples`` is the size of its training split (what
-    FedAvg weights by), ``examples_trained`` how many examples its local steps went through
-    (local_steps x batch_size, or its epochs' worth). ``phase`` = ``evaluate``: a client
-    sampled for federated evaluation whose reply did not count (rejected, failed, timeout),
-    with the reason; the sound evaluations are metrics.csv's federated_eval_* columns."""
+    FedAvg weights by); ``examples_trained`` is the sum of the sizes of the batches its local
+    steps took (the client's ``examples-seen``): at most local_steps x batch_size, less when a
+    batch is partial (a client with fewer examples than a batch, the last batch of a pass
+    through its data) or, under DP-SGD, what Poisson sampling drew; with local_epochs, its
+    examples times the epochs. ``phase`` = ``evaluate``: a client sampled for federated
+    evaluation whose reply did not count (rejected, failed, timeout), with the reason; the
+    sound evaluations are metrics.csv's federated_eval_* columns."""
 
     round: int
     client_id: int | None

@@ -28,10 +28,14 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def quiet_libraries() -> None:
-    """Before a run: no hub downloads, no tokenizer fork warnings, Flower's records at INFO
-    (into log.txt inside ``capture_run_log``)."""
+    """Before a run: no hub downloads, no tokenizer fork warnings, Ray workers' lines plain,
+    Flower's records at INFO (into log.txt inside ``capture_run_log``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray forwards each worker line to the driver: plain text, every line (no colour codes,
+    # no "[repeated 3x across cluster]" summaries), read before Ray is imported
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.supercore.logger import FLOWER_LOGGER  # importing it resets its level
 
     FLOWER_LOGGER.setLevel(logging.INFO)

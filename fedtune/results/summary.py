@@ -9,6 +9,7 @@ import numpy as np
 from fedtune.config import Config
 from fedtune.faults import FaultPlan
 from fedtune.results.run_dir import RunDirectory, json_safe
+from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.task import TaskResources
 from fedtune.train import EvalResult
 
@@ -25,10 +26,21 @@ def majority_class_accuracy(resources: TaskResources) -> float:
 
 
 def run_title(config: Config) -> str:
-    """A figure's title: the run's name, data, clients and strategy."""
+    """A figure's title: the run's name, data, clients, strategy and privacy setting."""
     return (f"{config.run.name}: {config.data.dataset}, {config.data.num_clients} clients "
             f"({config.data.partitioner}), {config.model.kind}/{config.model.transfer}, "
-            f"{config.strategy.name}")
+            f"{config.strategy.name}, {privacy_setting(config)}")
+
+
+def privacy_setting(config: Config) -> str:
+    """The privacy setting in words: "no DP", "central DP, ε ≤ 2 at δ = 1e-05", "local DP,
+    σ = 1.1 at δ = 1e-05"."""
+    p = config.privacy
+    if not PRIVACY_MODES[p.mode].mechanism:
+        return "no DP"
+    budget = (f"ε ≤ {p.target_epsilon:g}" if p.target_epsilon
+              else f"σ = {p.noise_multiplier:g}")
+    return f"{p.mode} DP, {budget} at δ = {p.delta:g}"
 
 
 def build_summary(config: Config, resources: TaskResources, run_dir: RunDirectory,

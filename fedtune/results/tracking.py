@@ -8,7 +8,8 @@
   ``tracking.mlflow_experiment`` (default ``run.name``; a sweep's points share the sweep's):
   the resolved config flattened as params, every metrics.csv column per round, and at the end
   summary.json, the CSV files, the plots and the model as artifacts. The store is
-  ``tracking.mlflow_uri``, by default the file store ``mlruns/`` beside ``run.output_dir``;
+  ``tracking.mlflow_uri``, by default MLflow's recommended SQLite store beside the runs
+  (``<folder of the run directory>/mlflow.db``, artifacts in ``mlartifacts/`` next to it);
   ``<run dir>/tracking.json`` records the MLflow run, so a resumed run logs into the same one.
 
 The server's ``fedtune.server.listeners.Tracking`` calls these trackers as rounds end. Both
@@ -34,6 +35,7 @@ from fedtune.results.run_dir import METRIC_NUMBER_COLUMNS, ClientRow, RoundRow, 
 CLIENT_HISTOGRAMS = ("train_loss", "duration_s", "examples_trained", "num_examples", "epsilon")
 TRACKING_FILE = "tracking.json"
 MLFLOW_BATCH = 100  # MLflow takes at most 100 params per log_batch call
+MLFLOW_DB, MLFLOW_ARTIFACTS = "mlflow.db", "mlartifacts"  # the default store, beside the runs
 
 
 def check_tracking(config: Config) -> None:
@@ -101,11 +103,19 @@ class TensorBoardTracker(Tracker):
             self.writer.close()
 
 
+def mlflow_home(config: Config) -> Path:
+    """The folder that holds the run directory (``run.output_dir`` when it is not set yet):
+    the default MLflow store lives there, beside the runs."""
+    return (Path(config.run.dir).parent if config.run.dir
+            else Path(config.run.output_dir)).resolve()
+
+
 def mlflow_uri(config: Config) -> str:
-    """``tracking.mlflow_uri``, or the file store ``mlruns/`` beside ``run.output_dir``."""
+    """``tracking.mlflow_uri``, or MLflow's recommended local store, a SQLite database beside
+    the runs: ``sqlite:///<folder of the run directory>/mlflow.db``."""
     if config.tracking.mlflow_uri:
         return config.tracking.mlflow_uri
-    return (Path(config.run.output_dir).resolve().parent / "mlruns").as_uri()
+    return f"sqlite:///{mlflow_home(config) / MLFLOW_DB}"
 
 
 class MlflowTracker(Tracker):
@@ -117,10 +127,13 @@ class MlflowTracker(Tracker):
 
     def start(self, config: Config, run_dir: RunDirectory, first_round: int) -> None:
         uri = mlflow_uri(config)
-        if uri.startswith("file:"):
-            # MLflow 3 keeps its plain-file store (what `mlflow ui --backend-store-uri mlruns`
-            # reads, no database to set up) only behind this switch
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        if uri.startswith("file:"):  # a plain-file store the user asked for: MLflow 3 keeps it
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # behind this switch
+        # the default store's artifacts go beside its database, not to ./mlruns of wherever
+        # the command was started
+        artifacts = (None if config.tracking.mlflow_uri
+                     else (mlflow_home(config) / MLFLOW_ARTIFACTS).as_uri())
+        mlflow_home(config).mkdir(parents=True, exist_ok=True)
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
@@ -132,7 +145,7 @@ class MlflowTracker(Tracker):
         name = config.tracking.mlflow_experiment or config.run.name
         experiment = self.client.get_experiment_by_name(name)
         experiment_id = (experiment.experiment_id if experiment is not None
-                         else self.client.create_experiment(name))
+                         else self.client.create_experiment(name, artifacts))
         run = self.client.create_run(experiment_id, run_name=run_dir.path.name,
                                      tags={"fedtune.run_dir": str(run_dir.path)})
         self.run_id = run.info.run_id

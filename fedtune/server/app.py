@@ -43,6 +43,7 @@ from fedtune.server.listeners import (
     ProgressListener,
     RoundWriter,
     Tracking,
+    UserCallbacks,
 )
 from fedtune.server.loop import RunListener, run_rounds
 from fedtune.server.reporting import LogReporter, Reporter
@@ -146,11 +147,14 @@ def play_all_rounds(run: FederatedRun, run_dir: RunDirectory, plan: PrivacyPlan,
     if config.strategy.secure_aggregation:  # build_strategy wrapped the strategy in SecAgg+
         listeners.append(SecAggRecorder(cast(SecAggPlus, run.strategy)))
     reference = [CentralizedReference(artifacts)] if config.run.reference else []
+    # a caller's own callbacks ride on its reporter (fedtune.run's callbacks)
+    user = [UserCallbacks(callbacks, run_dir, artifacts)] if (
+        callbacks := list(getattr(reporter, "callbacks", ()))) else []
     listeners += [
         NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir),
         *([BestModel(run_dir)] if config.run.save_best else []), *reference, artifacts,
         AuditWriter(run_dir, plan),
-        *([Tracking(chosen, run_dir)] if (chosen := trackers(config)) else []),
+        *([Tracking(chosen, run_dir)] if (chosen := trackers(config)) else []), *user,
         ProgressListener(reporter, run_dir, artifacts), checkpointer,
     ]
     for listener in listeners:

@@ -11,7 +11,7 @@ What the server can know depends on the runtime:
 - Without that list (Flower's own simulation, a deployment that did not pin its nodes) the
   server knows nothing but node ids: a node is identified by the partition id of its first
   sound reply and keeps it for the run; a second node claiming a taken id is rejected. What a
-  node declares the first time is trusted there, and README says so.
+  node declares the first time is trusted there, and docs/guide/hostile-clients.md says so.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@
 8. ``Tracking`` (``[tracking]``): TensorBoard and MLflow (``fedtune.results.tracking``).
 9. ``ProgressListener``: the live reporter (a terminal, or log lines).
 10. ``fedtune.server.resume.Checkpointer``: the checkpoint after each round (and on abort).
+
+A user's callbacks (``fedtune.run(..., callbacks=[...])``, ``fedtune.server.callbacks``) run
+through ``UserCallbacks``, after ``Tracking``: they see each round once its rows (and a best
+model) are on disk, may stop the run after it (before its checkpoint, which records why), hear
+of every model and checkpoint saved, and get summary.json (and audit.json) at the end.
 """
 
 from __future__ import annotations
@@ -36,8 +41,14 @@ from fedtune.models.weights import load_shared_state, shared_state
 from fedtune.privacy.mode import PrivacyPlan
 from fedtune.results.plots import plot_accuracy_loss, plot_epsilon
 from fedtune.results.run_dir import RunDirectory
-from fedtune.results.summary import build_summary, majority_class_accuracy, run_title
+from fedtune.results.summary import (
+    build_summary,
+    majority_class_accuracy,
+    privacy_setting,
+    run_title,
+)
 from fedtune.results.tracking import Tracker
+from fedtune.server.callbacks import EVALUATION_KEYS, Callback, RoundEnd
 from fedtune.server.loop import RunFailed, RunListener
 from fedtune.server.reporting import Reporter
 from fedtune.server.round import FederatedRun, RoundOutcome
@@ -84,6 +95,43 @@ class RoundWriter(RunListener):
         self.run_dir.append_round(outcome.row, outcome.clients + outcome.evaluations, metrics)
 
 
+class UserCallbacks(RunListener):
+    """Calls a user's ``Callback`` objects (``fedtune.server.callbacks``) as the run goes; a
+    reason to stop that one returns ends the run after the round, as ``PrivacyStop`` does."""
+
+    def __init__(self, callbacks: list[Callback], run_dir: RunDirectory,
+                 artifacts: FinalArtifacts) -> None:
+        self.callbacks = list(callbacks)
+        self.run_dir = run_dir
+        self.artifacts = artifacts
+
+    def run_started(self, run: FederatedRun) -> None:
+        run.save_hooks.append(self._saved)
+        for callback in self.callbacks:
+            callback.on_run_start(run.config, self.run_dir.path)
+
+    def _saved(self, what: str, path: Any) -> None:
+        for callback in self.callbacks:
+            callback.on_save(what, path)
+
+    def round_ended(self, run: FederatedRun, outcome: RoundOutcome) -> None:
+        row = outcome.row.__dict__
+        evaluation = {key: row[key] for key in EVALUATION_KEYS}
+        info = RoundEnd(outcome.row.round, run.config.run.rounds, dict(row),
+                        [dict(client.__dict__) for client in outcome.clients],
+                        self.run_dir.path)
+        for callback in self.callbacks:
+            reasons = [callback.on_evaluate(outcome.row.round, dict(evaluation)),
+                       callback.on_round_end(info)]
+            reason = next((r for r in reasons if r), "")
+            if reason and not run.state.stop_reason:
+                run.state.stop_reason = reason
+
+    def run_ended(self, run: FederatedRun, final: EvalResult) -> None:
+        for callback in self.callbacks:
+            callback.on_run_end(self.artifacts.summary)
+
+
 class BestModel(RunListener):
     """``run.save_best``: after a round whose global test accuracy beats every earlier round's,
     its model goes to <run dir>/model_best/ (a resumed run remembers the best so far)."""
@@ -104,6 +152,7 @@ class BestModel(RunListener):
         self.best = accuracy
         load_shared_state(run.resources.model, protocol.to_numpy(run.state.arrays))
         save_model(run.resources.model, run.resources.spec, self.run_dir.best_model_dir)
+        run.announce_saved("best_model", self.run_dir.best_model_dir)
 
 
 class FinalArtifacts(RunListener):
@@ -124,12 +173,13 @@ class FinalArtifacts(RunListener):
             log(INFO, "fedtune: %s", run.state.stop_reason)
         load_shared_state(resources.model, protocol.to_numpy(run.state.arrays))
         save_model(resources.model, resources.spec, self.run_dir.model_dir)
+        run.announce_saved("model", self.run_dir.model_dir)
         rows = self.run_dir.metrics()
         plot_accuracy_loss(rows, self.run_dir.plots_dir / "accuracy_loss.png",
                            majority_class_accuracy(resources), run_title(config))
         if PRIVACY_MODES[config.privacy.mode].spends_budget:
             plot_epsilon(rows, config.privacy.target_epsilon,
-                         self.run_dir.plots_dir / "epsilon.png")
+                         self.run_dir.plots_dir / "epsilon.png", privacy_setting(config))
         total_s = run.state.elapsed_s + time.perf_counter() - run.started
         self.summary = build_summary(
             config, resources, self.run_dir, final, total_s, run.state.stop_reason,
@@ -154,7 +204,7 @@ class CentralizedReference(RunListener):
 
     def run_ended(self, run: FederatedRun, final: EvalResult) -> None:
         log(INFO, "fedtune: centralized reference in %s", reference_path(run.config))
-        run.progress(run.state.server_round, "central", 0, 1)
+        run.progress(run.state.server_round, "central", 0, 0)
         reference = ensure_reference(run.config)
         self.artifacts.extra.update(reference_section(reference, final.accuracy))
 

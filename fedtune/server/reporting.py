@@ -14,14 +14,18 @@ from fedtune.results.run_log import single_flower_lines
 
 
 class Reporter(Protocol):
-    """Receives progress (``fedtune.cli.RichReporter`` draws it in a terminal)."""
+    """Receives progress (``fedtune.terminal.RichReporter`` draws it in a terminal). A
+    reporter may also carry ``callbacks``, a caller's ``fedtune.server.callbacks.Callback``
+    objects, which the server adds to the run's listeners (``fedtune.run(callbacks=...)``)."""
 
     def stage(self, text: str) -> None:
         """What the run is doing before its rounds ("loading data and model", ...)."""
 
     def start(self, config: Config, run_dir: RunDirectory) -> None: ...
 
-    def phase(self, server_round: int, phase: str, done: int, total: int) -> None: ...
+    def phase(self, server_round: int, phase: str, done: int, total: int) -> None:
+        """``phase`` (train, aggregate, evaluate, test) of ``server_round`` runs: ``done`` of
+        ``total`` clients have answered (called with 0 as it starts; total 0: no clients)."""
 
     def round_end(self, row: RoundRow) -> None: ...
 
@@ -42,7 +46,7 @@ class LogReporter:
             config.data.num_clients, run_dir.path)
 
     def phase(self, server_round: int, phase: str, done: int, total: int) -> None:
-        if done == total:
+        if total and done == total:  # a phase of clients ended (not one that starts)
             log(INFO, "round %d: %s replies %d/%d", server_round, phase, done, total)
 
     def round_end(self, row: RoundRow) -> None:

@@ -115,7 +115,9 @@ class Checkpointer(RunListener):
                       "stop_reason": state.stop_reason},
         )
         if self.every and state.server_round % self.every == 0:
-            self.save_latest()
+            written = self.save_latest()
+            if written is not None:
+                run.announce_saved("checkpoint", written)
 
     def run_aborted(self, run: FederatedRun, error: BaseException) -> None:
         self.save_latest()

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,13 @@ class FederatedRun:
     stop: threading.Event | None = None
     started: float = 0.0  # perf_counter() when this session's rounds began
     identities: Identities = field(kw_only=True)  # who each node is
+    # told of each model or checkpoint a listener writes: (what, path)
+    save_hooks: list[Callable[[str, Path], None]] = field(default_factory=list, kw_only=True)
+
+    def announce_saved(self, what: str, path: Path) -> None:
+        """A listener wrote ``what`` ("best_model", "checkpoint", "model") to ``path``."""
+        for hook in self.save_hooks:
+            hook(what, path)
 
 
 @dataclass
@@ -161,21 +169,24 @@ def update_global_model(run: FederatedRun, server_round: int, train: TrainPhase
     ``model_update`` and the global model's evaluation on the global test set."""
     config, state, accepted = run.config, run.state, len(train.accepted)
     sent = len(train.sent)
-    kept = ""
+
+    def tested(arrays: ArrayRecord) -> EvalResult:
+        run.progress(server_round, "test", 0, 0)  # the server's evaluation on its test set
+        return evaluate_global(run.resources, arrays)
+
     if sent and train.declined == sent:
         return None, "kept: every sampled client has spent its privacy budget", \
-            evaluate_global(run.resources, state.arrays)
+            tested(state.arrays)
     # DP-FedAvg releases a noised update every round, even from an empty Poisson cohort
     if not run.privacy.releases_empty_rounds and not (
             accepted >= min(config.strategy.min_train_clients, sent) > 0):
         state.rounds_without_update += 1
-        return None, f"kept: {accepted} sound updates of {sent}", \
-            evaluate_global(run.resources, state.arrays)
+        return None, f"kept: {accepted} sound updates of {sent}", tested(state.arrays)
     before = Snapshot.of(run.strategy)
     new_arrays, train_metrics, problem = aggregate_checked(
         run.strategy, server_round, train, state.arrays, summing(run))
     if not problem:
-        evaluation = evaluate_global(run.resources, new_arrays)
+        evaluation = tested(new_arrays)
         if math.isfinite(evaluation.loss):
             state.rounds_without_update = 0
             state.arrays = new_arrays
@@ -183,8 +194,7 @@ def update_global_model(run: FederatedRun, server_round: int, train: TrainPhase
         problem = f"the new model's loss on the global test set is {evaluation.loss}"
     before.restore()
     state.rounds_without_update += 1
-    kept = f"kept: {problem}"
-    return train_metrics, kept, evaluate_global(run.resources, state.arrays)
+    return train_metrics, f"kept: {problem}", tested(state.arrays)
 
 
 def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
@@ -201,21 +211,24 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
     seed_sampling(config.run.seed, server_round, "train")
     messages = list(strategy.configure_train(server_round, state.arrays, ConfigRecord(),
                                              run.grid))
+    run.progress(server_round, "train", 0, len(messages))  # each phase names itself as it starts
     bounds = UpdateBounds(state.arrays, config.strategy.max_update_norm,
                           config.strategy.update_norm_z)
     # the guard needs each update: a bounded cohort is not summed where it ran
     spec = CohortSpec(weighted_mean=summing(run) and not bounds.active, limits=limits)
     train = train_phase(run.grid, messages, spec, server_round, identities, bounds, timeout,
                         progress("train"), run.stop)
+    run.progress(server_round, "aggregate", 0, 0)
     rows = train.rows(server_round)
     train_metrics, model_update, global_eval = update_global_model(run, server_round, train)
     privacy.record_round(rows, train.accepted, train_metrics)
 
     seed_sampling(config.run.seed, server_round, "evaluate")
-    evaluation = evaluate_phase(
-        run.grid, list(strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(),
-                                                   run.grid)),
-        limits, server_round, identities, timeout, progress("evaluate"), run.stop)
+    to_evaluate = list(strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(),
+                                                   run.grid))
+    run.progress(server_round, "evaluate", 0, len(to_evaluate))
+    evaluation = evaluate_phase(run.grid, to_evaluate, limits, server_round, identities, timeout,
+                                progress("evaluate"), run.stop)
     row = RoundRow(
         round=server_round,
         train_loss=_weighted(train.accepted, protocol.TRAIN_LOSS),

@@ -149,7 +149,9 @@ def grid_keys(spec: SweepSpec) -> list[str]:
 
 
 def parse_selection(texts: Iterable[str], grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    """``--grid key=[values]``: run only these values of a grid key (variants by name)."""
+    """``--grid key=[values]``: run only these values of a grid key (variants by name); a
+    value the grid does not hold is an error (unquoted words are not TOML strings:
+    ``strategy.name=[fedavg,scaffold]`` is one string that matches nothing)."""
     selection: dict[str, list[Any]] = {}
     for text in texts:
         key, _, raw = text.partition("=")
@@ -158,7 +160,16 @@ def parse_selection(texts: Iterable[str], grid: dict[str, list[Any]]) -> dict[st
             raise ConfigError(f"--grid {text!r} is not allowed: the key must be one of "
                               + ", ".join(grid))
         value = toml_value(raw)
-        selection[key] = value if isinstance(value, list) else [value]
+        values = value if isinstance(value, list) else [value]
+        known = [v["name"] if isinstance(v, dict) else v for v in grid[key]]
+        missing = [v for v in values if v not in known]
+        if missing:
+            example = ", ".join(json.dumps(v) for v in known[:2])
+            raise ConfigError(
+                f"--grid {text!r} is not allowed: {missing[0]!r} is none of the values of "
+                f"sweep.grid.{key}: " + ", ".join(repr(v) for v in known)
+                + f" (write TOML, strings quoted: {key}=[{example}])")
+        selection[key] = values
     return selection
 
 
@@ -369,8 +380,37 @@ def expand_reference(spec: SweepSpec) -> list[SweepRun]:
     return runs
 
 
+OTHER_CODE = ("refuse", "rerun", "reuse")  # what to do with a finished run of other code
+
+
+def code_of(run_dir: Path) -> dict[str, Any]:
+    """The code a run was made with, from its env.json: git sha, the digest of fedtune's
+    source (``fedtune.results.env_info.code_digest``) and the package versions."""
+    env = run_dir / "env.json"
+    recorded = json.loads(env.read_text(encoding="utf-8")) if env.is_file() else {}
+    return {"git_sha": recorded.get("git_sha"), "code_sha256": recorded.get("code_sha256"),
+            "packages": recorded.get("packages") or {}}
+
+
+def code_difference(run_dir: Path) -> str:
+    """How the code of the finished run in ``run_dir`` differs from the code running now
+    ("" when it does not): fedtune's source, or a package version."""
+    from fedtune.results.env_info import code_digest, package_versions
+
+    made = code_of(run_dir)
+    if made["code_sha256"] is None:
+        return "it records no code digest (made before fedtune recorded one)"
+    if made["code_sha256"] != code_digest():
+        return (f"fedtune's source differs (code {made['code_sha256'][:12]}, git "
+                f"{str(made['git_sha'])[:12]}; now {code_digest()[:12]})")
+    now = package_versions()
+    changed = [f"{name} {made['packages'].get(name)} (now {version})"
+               for name, version in now.items() if made["packages"].get(name) != version]
+    return "package versions differ: " + ", ".join(changed) if changed else ""
+
+
 def result_row(run: SweepRun) -> dict[str, Any]:
-    """Grid values and final metrics of a finished run."""
+    """Grid values and final metrics of a finished run, and the code that made it."""
     summary = json.loads((Path(run.config.run.dir) / "summary.json").read_text())
     row: dict[str, Any] = dict(run.values)
     for name in FINAL_METRICS:
@@ -385,6 +425,11 @@ def result_row(run: SweepRun) -> dict[str, Any]:
     row["audit_epsilon"] = (float(json.loads(audit.read_text())["empirical_epsilon"])
                             if audit.is_file() else None)
     row["run_dir"] = run.config.run.dir
+    made = code_of(Path(run.config.run.dir))
+    row["git_sha"] = made["git_sha"]
+    row["code_sha256"] = made["code_sha256"]
+    row["versions"] = " ".join(f"{name}={version}" for name, version in
+                               sorted(made["packages"].items()) if version is not None)
     return row
 
 
@@ -396,16 +441,36 @@ def sweep_runs(spec: SweepSpec) -> list[SweepRun]:
 def run_sweep(spec: SweepSpec, run_one: Callable[[Config], Any],
               on_run: Callable[[int, int, SweepRun, str], None] | None = None,
               before_run: Callable[[int, int, SweepRun], None] | None = None,
-              parallel: int = 1) -> list[dict[str, Any]]:
+              parallel: int = 1, other_code: str = "refuse") -> list[dict[str, Any]]:
     """Run every unfinished point that ``--grid`` selects with ``run_one``, ``parallel`` at a
     time (in child processes when more than one: ``fedtune.studies.parallel``; ``run_one``
     must then be importable by name); returns one result row per point run or finished
     before, in table order. ``before_run(number, total, run)`` before a point runs (one at a
     time only), ``on_run(done, total, run, status)`` as each point is skipped or finishes.
-    Centralized rows run first when the points reuse them (``run.reference``)."""
+    Centralized rows run first when the points reuse them (``run.reference``).
+
+    A finished point made by other code (``code_difference``: fedtune's source or a package
+    version) would mix code versions in one table: ``other_code = "refuse"`` stops with a
+    ConfigError before anything runs, ``"rerun"`` runs such points again (selected by
+    ``--grid`` or not), ``"reuse"`` keeps them (results.csv records each row's code)."""
+    if other_code not in OTHER_CODE:
+        raise ConfigError(f"other_code = {other_code!r} is not allowed: must be one of "
+                          + ", ".join(repr(o) for o in OTHER_CODE))
     runs = sweep_runs(spec)
     finished = [is_finished(Path(run.config.run.dir), run.config) for run in runs]
-    todo = [i for i, run in enumerate(runs) if not finished[i] and spec.selects(run)]
+    stale = {i: why for i, run in enumerate(runs) if finished[i]
+             and (why := code_difference(Path(run.config.run.dir)))}
+    if stale and other_code == "refuse":
+        first, why = next(iter(stale.items()))
+        raise ConfigError(
+            f"{len(stale)} finished runs of sweep {spec.name} were made by other code ({why}: "
+            f"{runs[first].config.run.dir}); a table would mix code versions: --other-code "
+            "rerun runs them again, --other-code reuse keeps them as they are")
+    if other_code == "rerun":
+        for index in stale:
+            finished[index] = False
+    todo = [i for i, run in enumerate(runs)
+            if not finished[i] and (spec.selects(run) or i in stale)]
     check_parallel(parallel, [runs[i].config for i in todo])
     spec.directory.mkdir(parents=True, exist_ok=True)
     shown = [i for i in range(len(runs)) if finished[i] or i in todo]

@@ -50,6 +50,7 @@ def group_rows(rows: list[dict[str, Any]], keys: list[str], metric: str
         with np.errstate(invalid="ignore"):  # ε = inf in every seed: its spread is NaN
             entry["std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         entry["n"] = len(values)
+        entry["values"] = values  # one per seed, in the grid's order
         table.append(entry)
     return table
 
@@ -73,9 +74,10 @@ def write_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, A
             entry["epsilon_spent"] = spent["mean"]
         columns.append("epsilon_spent")
     with (spec.directory / "table.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*keys, "mean", "std", "n", *columns])
+        writer = csv.DictWriter(handle, fieldnames=[*keys, "mean", "std", "n", "values",
+                                                    *columns])
         writer.writeheader()
-        writer.writerows(table)
+        writer.writerows({**entry, "values": json.dumps(entry["values"])} for entry in table)
     (spec.directory / "table.md").write_text(markdown_table(table, keys, spec.metric, columns),
                                              encoding="utf-8")
     return table
@@ -134,14 +136,25 @@ def markdown_table(table: list[dict[str, Any]], keys: list[str], metric: str,
                    columns: Sequence[str] = ()) -> str:
     names = {"epsilon_spent": "ε spent", "gap_to_centralized": "gap to centralized"}
     titles = [f"{c} (MB)" if "bytes" in c else names.get(c, c) for c in columns]
-    header = [*keys, f"{metric} (mean ± std)", "runs", *titles]
+    header = [*keys, f"{metric} (mean ± std)", "per seed", "runs", *titles]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in table:
         cells = [_text(entry[k]) for k in keys]
-        score = "-" if entry["mean"] is None else f"{entry['mean']:.4f} ± {entry['std']:.4f}"
+        score = mean_and_spread(entry, 4)
+        seeds = " / ".join(f"{v:.3f}" for v in entry.get("values", []))
         extra = [_cell(c, entry[c]) for c in columns]
-        lines.append("| " + " | ".join([*cells, score, str(entry["n"]), *extra]) + " |")
+        lines.append("| " + " | ".join([*cells, score, seeds or "-", str(entry["n"]), *extra])
+                     + " |")
     return "\n".join(lines) + "\n"
+
+
+def mean_and_spread(entry: dict[str, Any], digits: int) -> str:
+    """"mean ± std" over seeds; one run has no spread to show, so only its value."""
+    if entry["mean"] is None:
+        return "-"
+    if entry["n"] < 2:
+        return f"{entry['mean']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
 def run_curves(spec: SweepSpec) -> list[tuple[str, list[dict[str, str]]]]:
@@ -180,8 +193,7 @@ def pivot_markdown(table: list[dict[str, Any]], row_key: str, column_keys: list[
         texts = []
         for column in columns:
             entry = cells.get((value, column))
-            texts.append("-" if entry is None or entry["mean"] is None
-                         else f"{entry['mean']:.3f} ± {entry['std']:.3f}")
+            texts.append("-" if entry is None else mean_and_spread(entry, 3))
         lines.append(f"| {json.loads(value)} | " + " | ".join(texts) + " |")
     return "\n".join(lines) + "\n"
 

@@ -178,8 +178,10 @@ def test_fedtune_run_central_and_report_show_the_reference(tmp_path, capsys):
     assert main(["run", "--central", "--output", str(tmp_path / "central"),
                  *sum((["--set", o] for o in MLP_DIGITS), [])]) == 0
     printed = capsys.readouterr().out
-    assert "centralized on the pooled data of 4 clients" in printed
+    assert "engine central" in printed and "centralized (examples): " in printed
     assert _summary(tmp_path / "central")["runtime"]["backend"] == "central"
+    assert main(["report", str(tmp_path / "central")]) == 0
+    assert "centralized on the pooled data of 4 clients" in capsys.readouterr().out
     assert main(["report", str(out)]) == 0
     assert "gap to centralized" in capsys.readouterr().out
     # a finished centralized run has nothing to resume (an unfinished one is refused)

@@ -16,22 +16,12 @@ import pytest
 from tests.conftest import REPO
 from tests.integration.test_end_to_end import check_contract
 
-FLOWER_CONNECTION = """
-[superlink]
-default = "fedtune-sim"
-
-[superlink.fedtune-sim]
-address = ":local:"
-options.num-supernodes = 4
-options.backend.client-resources.num-cpus = 1
-"""
-
 
 def _stop_local_superlink(flwr_home) -> None:
     """`flwr run` leaves a detached local SuperLink (and its SuperExecs) running: stop this
     test's own (found by its FLWR_HOME), wait for them, kill what does not stop (they hold
     fixed ports the next `flwr run` needs)."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     rows = [line.strip().partition(" ") for line in out.splitlines()[1:]]
     links = {pid for pid, _, args in rows if str(flwr_home) in args}
     ours = [int(pid) for pid, _, args in rows
@@ -61,21 +51,65 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def flwr_run(app: Path, run_config: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """`flwr run` of the app folder ``app`` on a local simulation with its own FLWR_HOME."""
-    flwr_home = tmp_path / "flwr-home"
-    flwr_home.mkdir()
-    (flwr_home / "config.toml").write_text(FLOWER_CONNECTION)
-    # ports of its own: a local SuperLink another session left on Flower's fixed ports would
-    # otherwise run this app with that session's code
+def _flower_env(flwr_home: Path) -> dict[str, str]:
+    """An FLWR_HOME and local SuperLink ports of this test's own: a local SuperLink another
+    session left on Flower's fixed ports would otherwise run this app with that session's
+    code. Runtime dependency installation is not switched off here: `fedtune flwr-setup`
+    must do that."""
     env = dict(os.environ, FLWR_HOME=str(flwr_home),
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
                FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()))
+    env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)
+    return env
+
+
+def flwr_setup(flwr_home: Path, env: dict[str, str], supernodes: int
+               ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedtune", "flwr-setup", "--supernodes",
+                           str(supernodes), "--default"], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=REPO, check=False)
+
+
+def flwr_run(app: Path, run_config: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`fedtune flwr-setup`, then a plain `flwr run` of the app folder ``app`` on the local
+    simulation it set up, with an FLWR_HOME of its own."""
+    flwr_home = tmp_path / "flwr-home"
+    env = _flower_env(flwr_home)
     flwr = os.path.join(os.path.dirname(sys.executable), "flwr")
     try:
+        setup = flwr_setup(flwr_home, env, 4)
+        assert setup.returncode == 0, setup.stderr[-3000:]
         return subprocess.run([flwr, "run", ".", "--run-config", run_config, "--stream"],
-                              cwd=app, env=env, capture_output=True, text=True, timeout=600)
+                              cwd=app, env=env, capture_output=True, text=True, timeout=600,
+                              check=False)
+    finally:
+        _stop_local_superlink(flwr_home)
+
+
+def test_flwr_setup_writes_the_connection_and_starts_a_superlink_that_installs_nothing(
+        tmp_path):
+    """What `flwr run .` needs, from one command; read back with Flower's own reader."""
+    flwr_home = tmp_path / "flwr-home"
+    env = _flower_env(flwr_home)
+    try:
+        setup = flwr_setup(flwr_home, env, 3)
+        assert setup.returncode == 0, setup.stderr[-3000:]
+        assert "started the local SuperLink without runtime dependency installation" in (
+            setup.stdout)
+        reader = ("from flwr.cli.flower_config import read_superlink_connection as r; "
+                  "c = r(); print(c.name, c.address, c.options.num_supernodes, "
+                  "c.options.backend.client_resources.num_cpus)")
+        read = subprocess.run([sys.executable, "-c", reader], env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert read.stdout.split() == ["fedtune-sim", ":local:", "3", "1"], read.stderr
+        out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True,
+                             text=True, check=False).stdout  # -ww: whole lines (COLUMNS=80)
+        links = [line.split()[0] for line in out.splitlines()
+                 if "flower-superlink" in line and str(flwr_home) in line]
+        assert len(links) == 1, out
+        link = links[0]
+        environment = Path(f"/proc/{link}/environ").read_bytes().split(b"\0")
+        assert b"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in environment
     finally:
         _stop_local_superlink(flwr_home)
 

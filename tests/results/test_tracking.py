@@ -67,7 +67,8 @@ def test_mlflow_run_holds_the_config_the_metrics_and_the_artifacts(tracked_run):
 
     config, run_dir = tracked_run
     uri = mlflow_uri(config)
-    assert uri == (Path(config.run.output_dir).parent / "mlruns").as_uri()  # beside runs/
+    assert uri == f"sqlite:///{run_dir.parent}/mlflow.db"  # beside the run directory
+    assert (run_dir.parent / "mlflow.db").is_file()
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(config.run.name)
     [run] = client.search_runs([experiment.experiment_id])
@@ -86,6 +87,9 @@ def test_mlflow_run_holds_the_config_the_metrics_and_the_artifacts(tracked_run):
     assert "model/model.safetensors" in model_files
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/accuracy_loss.png" in plots
+    # the artifacts lie beside the database, not in ./mlruns of the working directory
+    assert run.info.artifact_uri.startswith((run_dir.parent / "mlartifacts").as_uri())
+    assert list((run_dir.parent / "mlartifacts").rglob("model.safetensors"))
 
 
 def test_a_missing_tracking_library_is_a_config_error(tmp_path, monkeypatch):
@@ -131,7 +135,7 @@ backend = "inprocess"
 """)
     spec = load_sweep(file)
     rows = run_sweep(spec, run_inprocess)
-    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    client = MlflowClient(tracking_uri=f"sqlite:///{spec.directory / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tracked-sweep")
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.run_name for r in runs) == sorted(Path(r["run_dir"]).name

@@ -113,13 +113,64 @@ def test_finished_runs_are_skipped_and_unfinished_ones_rerun(tmp_path):
         assert "local_steps = 4" in (Path(run.config.run.dir) / "config.toml").read_text()
 
 
+def test_a_finished_run_of_other_code_is_refused_rerun_or_reused_and_rows_name_their_code(
+        tmp_path):
+    """The client-drift study's figures mixed code versions: a sweep reused finished runs
+    whose config matched, whatever code made them."""
+    from fedtune.results.env_info import code_digest
+
+    spec = load_sweep(_write(tmp_path))
+    started = []
+
+    def run_one(config):
+        started.append(config.run.dir)
+        return run_inprocess(config)
+
+    rows = run_sweep(spec, run_one)
+    git = json.loads((Path(rows[0]["run_dir"]) / "env.json").read_text())["git_sha"]
+    assert all(r["code_sha256"] == code_digest() and r["git_sha"] == git for r in rows)
+    assert "torch=" in rows[0]["versions"] and "flwr=" in rows[0]["versions"]
+    with (spec.directory / "results.csv").open() as handle:
+        assert {"git_sha", "code_sha256", "versions"} <= set(next(csv.DictReader(handle)))
+    # one finished run "made by other code": its env.json says another digest
+    env_file = Path(rows[2]["run_dir"]) / "env.json"
+    env = json.loads(env_file.read_text())
+    env_file.write_text(json.dumps({**env, "code_sha256": "0" * 64}))
+    started.clear()
+    with pytest.raises(ConfigError, match="1 finished runs of sweep tiny were made by other "
+                                          "code \\(fedtune's source differs"):
+        run_sweep(spec, run_one)
+    assert started == []
+    kept = run_sweep(spec, run_one, other_code="reuse")
+    assert started == [] and kept[2]["code_sha256"] == "0" * 64
+    again = run_sweep(spec, run_one, other_code="rerun")
+    assert started == [rows[2]["run_dir"]] and again[2]["code_sha256"] == code_digest()
+    assert again[2]["eval_accuracy"] == rows[2]["eval_accuracy"]  # the same code: same bits
+
+
+def test_a_grid_selection_that_matches_nothing_is_an_error(tmp_path):
+    text = SWEEP.replace('"client.lr" = [0.001, 0.01]',
+                         '"strategy.name" = ["fedavg", "fedprox"]\n"client.lr" = [0.01]')
+    with pytest.raises(ConfigError, match=r"--grid 'strategy.name=\[fedavg,fedprox\]' is not "
+                                          r"allowed: '\[fedavg,fedprox\]' is none of the "
+                                          "values of sweep.grid.strategy.name: 'fedavg', "
+                                          r"'fedprox' \(write TOML, strings quoted: "
+                                          r'strategy.name=\["fedavg", "fedprox"\]\)'):
+        load_sweep(_write(tmp_path, text), selection=["strategy.name=[fedavg,fedprox]"])
+    with pytest.raises(ConfigError, match="'fedyogi' is none of the values"):
+        load_sweep(_write(tmp_path, text), selection=['strategy.name=["fedavg","fedyogi"]'])
+    spec = load_sweep(_write(tmp_path, text), selection=['strategy.name=["fedprox"]'])
+    assert spec.selection == {"strategy.name": ["fedprox"]}
+
+
 def test_group_rows_gives_mean_and_sample_std_over_seeds():
     rows = [{"a": 1, "run.seed": s, "m": v} for s, v in enumerate([0.5, 0.7, 0.9])]
     rows.append({"a": 2, "run.seed": 0, "m": 0.1})
     table = group_rows(rows, ["a"], "m")
     assert table[0]["mean"] == pytest.approx(0.7)
     assert table[0]["std"] == pytest.approx(np.std([0.5, 0.7, 0.9], ddof=1))
-    assert table[0]["n"] == 3 and table[1] == {"a": 2, "mean": 0.1, "std": 0.0, "n": 1}
+    assert table[0]["n"] == 3 and table[0]["values"] == [0.5, 0.7, 0.9]
+    assert table[1] == {"a": 2, "mean": 0.1, "std": 0.0, "n": 1, "values": [0.1]}
 
 
 def test_sweep_cli_writes_results_table_and_plot(tmp_path):
@@ -130,7 +181,7 @@ def test_sweep_cli_writes_results_table_and_plot(tmp_path):
     directory = tmp_path / "sweeps" / "tiny"
     assert (directory / "plot.png").read_bytes()[:4] == b"\x89PNG"
     table = (directory / "table.md").read_text()
-    assert "| client.lr | eval_accuracy (mean ± std) | runs |" in table
+    assert "| client.lr | eval_accuracy (mean ± std) | per seed | runs |" in table
     assert table.count("| 2 |") == 2
     lines = result.stdout.splitlines()  # a line per run, then the table; libraries: log.txt
     assert lines[0].startswith("fedtune ") and lines[0].endswith(f"sweep tiny: {directory}")
@@ -169,8 +220,8 @@ def test_linked_keys_move_together_and_extra_columns_and_curves_are_written(tmp_
     assert table[1]["total_bytes"] == pytest.approx(np.mean([r["total_bytes"] for r in steps_3]))
     assert table[1]["eval_macro_f1"] == pytest.approx(
         np.mean([r["eval_macro_f1"] for r in steps_3]))
-    assert ("| client.lr | client.local_steps | eval_accuracy (mean ± std) | runs | eval_macro_f1 "
-            "| total_bytes (MB) |") in (spec.directory / "table.md").read_text()
+    assert ("| client.lr | client.local_steps | eval_accuracy (mean ± std) | per seed | runs | "
+            "eval_macro_f1 | total_bytes (MB) |") in (spec.directory / "table.md").read_text()
     curves = run_curves(spec)
     assert [label for label, _ in curves][:2] == ["lr=0.001 local_steps=2 seed=0",
                                                   "lr=0.001 local_steps=2 seed=1"]
@@ -356,9 +407,14 @@ def test_markdown_table_shows_epsilon_spent_and_infinity():
               "epsilon_spent": 0.998}]
     text = markdown_table(table, ["privacy.target_epsilon"], "eval_accuracy",
                           ["epsilon_spent"])
-    assert "| privacy.target_epsilon | eval_accuracy (mean ± std) | runs | ε spent |" in text
-    assert "| inf | 0.7500 ± 0.0100 | 3 | inf |" in text
-    assert "| 1 | 0.6000 ± 0.0200 | 3 | 0.998 |" in text
+    assert ("| privacy.target_epsilon | eval_accuracy (mean ± std) | per seed | runs | "
+            "ε spent |") in text
+    assert "| inf | 0.7500 ± 0.0100 | - | 3 | inf |" in text
+    assert "| 1 | 0.6000 ± 0.0200 | - | 3 | 0.998 |" in text
+    one = markdown_table([{"privacy.target_epsilon": 2.0, "mean": 0.7, "std": 0.0, "n": 1,
+                           "values": [0.7], "epsilon_spent": 2.0}],
+                         ["privacy.target_epsilon"], "eval_accuracy", ["epsilon_spent"])
+    assert "| 2 | 0.7000 | 0.700 | 1 | 2 |" in one  # one run: no "± 0.0000"
 
 
 CENTRAL_SWEEP = STRATEGY_SWEEP.replace('curves = "strategy.name"',
