@@ -69,11 +69,13 @@ def test_faults_are_reported_the_run_finishes_and_state_survives(tmp_path, ray_t
 
 
 @pytest.mark.slow
-def test_cohort_faults_are_reported_blocks_rejoin_and_match_a_clean_run(tmp_path, ray_two_cpus):
+def test_cohort_faults_are_reported_blocks_rejoin_and_match_a_clean_run(tmp_path, ray_two_cpus,
+                                                                       one_torch_thread):
     """The same faults in the cohort path: a client that raises is failed, one that kills its
     actor and one that stalls past engine.client_timeout_s are found by running their blocks
     client by client; the other clients' updates, summed block by block in client order, give
-    the model a run without those clients' failures gives in process."""
+    the model a run without those clients' failures gives in process (with one torch thread,
+    as each actor trains: torch's matmuls give other bits with another thread count)."""
     from fedtune.engine.inprocess import InProcessGrid
     from fedtune.engine.ray_engine import ray_engine_grid
 
