@@ -15,7 +15,7 @@ from fedtune.client.app import app as client_app
 from fedtune.config import load_config
 from fedtune.engine.inprocess import InProcessGrid
 from fedtune.privacy.mode import PrivacyPlan
-from fedtune.server.strategies import build_strategy
+from fedtune.server.build_strategy import build_strategy
 from fedtune.tables.strategies import FLOWER, STRATEGIES
 
 NUM_NODES = 5

@@ -31,6 +31,7 @@ from fedtune.results.lock import RunLock
 from fedtune.results.plots import plot_partitions
 from fedtune.results.run_dir import RunDirectory
 from fedtune.results.tracking import trackers
+from fedtune.server.build_strategy import build_strategy
 from fedtune.server.grid import SimulatedGrid
 from fedtune.server.identity import identify_nodes
 from fedtune.server.listeners import (
@@ -52,7 +53,6 @@ from fedtune.server.round import FederatedRun
 from fedtune.server.secagg import SecAggPlus
 from fedtune.server.secagg_report import SecAggRecorder
 from fedtune.server.state import RoundState
-from fedtune.server.strategies import build_strategy
 from fedtune.tables.privacy_modes import privacy_mode
 from fedtune.task import TaskResources, task_resources
 

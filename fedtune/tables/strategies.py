@@ -7,7 +7,7 @@ its constructor arguments come from the config, the client side it needs
 metrics it adds (``fedtune.protocol`` builds the exact reply schema from them), and its
 traits. Everything else is derived from this table: the allowed ``strategy.name`` values and
 the ``[strategy]`` keys (``fedtune config``), the config checks, building the strategy
-(``fedtune.server.strategies``), reply screening, and the client's local objective.
+(``fedtune.server.build_strategy``), reply screening, and the client's local objective.
 
 Adding a strategy: write its class (``strategies/<name>.py``; its client side, if any, in
 ``fedtune/client/algorithms.py``) and add one entry here. ``docs/architecture.md`` has the

@@ -145,10 +145,10 @@ def _federated_run(tmp_path, *overrides, strategy=None):
     from fedtune.models.build import build_model
     from fedtune.models.weights import shared_state
     from fedtune.protocol import to_array_record
+    from fedtune.server.build_strategy import build_strategy
     from fedtune.server.identity import Identities
     from fedtune.server.round import FederatedRun
     from fedtune.server.state import RoundState
-    from fedtune.server.strategies import build_strategy
     from fedtune.tables.privacy_modes import privacy_mode
     from fedtune.task import task_resources
 

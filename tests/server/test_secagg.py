@@ -25,12 +25,12 @@ from fedtune.faults import FaultPlan
 from fedtune.privacy.central import CentralDP
 from fedtune.privacy.mode import PrivacyPlan
 from fedtune.secagg import graph, masking
+from fedtune.server.build_strategy import build_strategy
 from fedtune.server.exchange import exchange
 from fedtune.server.identity import Identities
 from fedtune.server.reports import by_client
 from fedtune.server.screening import ReplyLimits, screen_train_replies
 from fedtune.server.secagg import RoundReport, SecAggPlus
-from fedtune.server.strategies import build_strategy
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import parsed_run_config
 from tests.conftest import tiny_config

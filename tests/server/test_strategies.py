@@ -8,7 +8,7 @@ import pytest
 
 from fedtune.config import ConfigError, ConfigWarning, load_config
 from fedtune.privacy.mode import PrivacyPlan
-from fedtune.server.strategies import build_strategy
+from fedtune.server.build_strategy import build_strategy
 from fedtune.tables.strategies import STRATEGIES, strategy_arguments
 from tests.conftest import REPO
 from tests.strategy_messages import assert_flowers_own, two_rounds
