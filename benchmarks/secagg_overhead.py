@@ -63,7 +63,7 @@ def _stand_in_app(shapes: dict[str, tuple[int, ...]]):
     from flwr.clientapp import ClientApp
 
     from fedtune import protocol
-    from fedtune.client.secagg import secagg_stage, secagg_train_mod
+    from fedtune.client.secagg_stages import secagg_stage, secagg_train_mod
 
     app = ClientApp()
     app.query(protocol.SECAGG_ACTION)(secagg_stage)

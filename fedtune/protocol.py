@@ -20,11 +20,12 @@ privacy mode's table entries declare (FedNova's ``fednova-a``; local DP's ``epsi
 ``noise-multiplier``, ``sample-rate`` and its ``status``). ``fedtune.server.screening`` checks
 every reply against it before anything reads the reply.
 
-With **secure aggregation** (SecAgg+, ``fedtune.server.secagg`` and ``fedtune.client.secagg``)
-the key set-up and the unmasking are messages of type ``SECAGG_MESSAGE_TYPE`` whose ConfigRecord
-``SECAGG`` holds the stage and its values; the train message also carries ``SECAGG`` (the
-forwarded encrypted shares), and its reply carries, instead of the summed ArrayRecords, the
-ArrayRecord ``SECAGG_MASKED`` (one masked integer vector ``MASKED``) beside ``METRICS``.
+With **secure aggregation** (SecAgg+, ``fedtune.server.secagg_plus`` and
+``fedtune.client.secagg_stages``) the key set-up and the unmasking are messages of type
+``SECAGG_MESSAGE_TYPE`` whose ConfigRecord ``SECAGG`` holds the stage and its values; the train
+message also carries ``SECAGG`` (the forwarded encrypted shares), and its reply carries, instead
+of the summed ArrayRecords, the ArrayRecord ``SECAGG_MASKED`` (one masked integer vector
+``MASKED``) beside ``METRICS``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 
 from fedtune import protocol
 from fedtune.client.algorithms import ClientSide
-from fedtune.client.secagg import secagg_stage, secagg_train_mod
+from fedtune.client.secagg_stages import secagg_stage, secagg_train_mod
 from fedtune.config import Config, ConfigError
 from fedtune.models.weights import load_shared_state, shared_state
 from fedtune.tables.datasets import DATASETS

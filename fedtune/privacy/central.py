@@ -9,7 +9,7 @@ after Andrew et al. 2021, canary clients for the audit) is ``strategies.dp_fedav
 configured strategy picks the server optimizer on its noised mean (fedavg: plain DP-FedAvg,
 fedavgm: DP-FedAvgM, fedadam: DP-FedAdam). Clients train as without privacy; with
 ``strategy.secure_aggregation`` the DP is distributed: each client clips its update and adds its
-share of the noise before SecAgg+ masks it (``fedtune.client.secagg``), and the server, which
+share of the noise before SecAgg+ masks it (``fedtune.client.secagg_stages``), and the server, which
 sees only the sum, neither clips nor noises.
 """
 
@@ -170,7 +170,7 @@ class CentralDP(PrivacyMode):
 
     def secure_sum_noise(self, config: Config, plan: PrivacyPlan) -> tuple[float, float]:
         """Distributed DP under SecAgg+: each client clips to ``privacy.clip_norm`` and adds
-        its share of the plan's noise (``fedtune.client.secagg``)."""
+        its share of the plan's noise (``fedtune.client.secagg_stages``)."""
         if not config.strategy.secure_aggregation:
             return 0.0, 0.0
         return config.privacy.clip_norm, plan.noise_multiplier or 0.0

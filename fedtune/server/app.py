@@ -50,8 +50,8 @@ from fedtune.server.loop import RunListener, run_rounds
 from fedtune.server.reporting import LogReporter, Reporter
 from fedtune.server.resume import Checkpointer, resume_state
 from fedtune.server.round import FederatedRun
-from fedtune.server.secagg import SecAggPlus
-from fedtune.server.secagg_report import SecAggRecorder
+from fedtune.server.secagg_plus import SecAggPlus
+from fedtune.server.secagg_recorder import SecAggRecorder
 from fedtune.server.state import RoundState
 from fedtune.tables.privacy_modes import privacy_mode
 from fedtune.task import TaskResources, task_resources

@@ -2,7 +2,7 @@
 
 The entry names the class and turns ``[strategy]`` keys into constructor arguments; the privacy
 mode may replace the strategy (central DP: DP-FedAvg); ``strategy.secure_aggregation`` wraps
-it in SecAgg+ (``fedtune.server.secagg``). Every strategy waits for all clients to connect
+it in SecAgg+ (``fedtune.server.secagg_plus``). Every strategy waits for all clients to connect
 before the first round.
 """
 
@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import Strategy
 from fedtune.config import Config
 from fedtune.privacy.mode import PrivacyPlan
 from fedtune.protocol import MAX_ANY_EXAMPLES
-from fedtune.server.secagg import SecAggPlus, SecAggSettings
+from fedtune.server.secagg_plus import SecAggPlus, SecAggSettings
 from fedtune.tables.privacy_modes import PRIVACY_MODES, privacy_mode
 from fedtune.tables.strategies import STRATEGIES, strategy_arguments
 

@@ -241,7 +241,7 @@ def check_masked_train_reply(reply: Message, limits: ReplyLimits,
                              client_id: int | None = None) -> str | None:
     """``check_train_reply`` for a SecAgg+ reply: its summed records travel masked in the
     one ArrayRecord ``SECAGG_MASKED`` beside the stage's ``SECAGG`` record, so only its records
-    and metrics can be screened here (``fedtune.server.secagg`` checks the masked vector's
+    and metrics can be screened here (``fedtune.server.secagg_plus`` checks the masked vector's
     form; its values are hidden by design)."""
     schema = ReplySchema(arrays={protocol.SECAGG_MASKED: protocol.SECAGG_MASKED},
                          metrics=limits.train.metrics, status=limits.train.status)

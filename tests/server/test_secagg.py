@@ -1,7 +1,7 @@
 """SecAgg+ over a Grid: the unmasked aggregate is the strategy's, the server learns nothing else,
 dropouts are recovered from shares, tampered and replayed messages are refused.
 
-The clients are fedtune's SecAgg+ client side (``fedtune.client.secagg``) around a stand-in
+The clients are fedtune's SecAgg+ client side (``fedtune.client.secagg_stages``) around a stand-in
 training that adds a known update to the model, so the exact aggregate is known; the grid runs
 them in this process and records (or alters) what the server sends and receives.
 """
@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from scipy import stats
 
 from fedtune import protocol
-from fedtune.client.secagg import secagg_stage, secagg_train_mod
+from fedtune.client.secagg_stages import secagg_stage, secagg_train_mod
 from fedtune.config import Config, load_config, to_run_config
 from fedtune.engine.inprocess import NODE_ID_OFFSET, InProcessGrid
 from fedtune.faults import FaultPlan
@@ -30,7 +30,7 @@ from fedtune.server.exchange import exchange
 from fedtune.server.identity import Identities
 from fedtune.server.reports import by_client
 from fedtune.server.screening import ReplyLimits, screen_train_replies
-from fedtune.server.secagg import RoundReport, SecAggPlus
+from fedtune.server.secagg_plus import RoundReport, SecAggPlus
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import parsed_run_config
 from tests.conftest import tiny_config

@@ -12,7 +12,7 @@ so the round loop does not change:
   for each neighbour and a commitment to its self-mask seed) run as ``query.secagg`` messages,
   and the train messages of the clients still in go out carrying the shares sealed for them;
 - the round's train exchange is the **masked-input** stage: a reply carries one masked vector
-  (``fedtune.client.secagg``) instead of the summed records;
+  (``fedtune.client.secagg_stages``) instead of the summed records;
 - ``aggregate_train``: the masked vectors are summed; **unmask** asks each survivor for the
   self-mask seed shares of its surviving neighbours and the key shares of its dropped ones; the
   server reconstructs every seed (checked against the commitment or the public key, so a

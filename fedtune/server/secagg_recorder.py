@@ -1,6 +1,6 @@
 """What SecAgg+ did in a round, in the run's files (``SecAggRecorder``, a round listener).
 
-The protocol runs inside the strategy (``fedtune.server.secagg``), so the round sees only the
+The protocol runs inside the strategy (``fedtune.server.secagg_plus``), so the round sees only the
 train exchange: clients that dropped at setup or share-keys were never sent a train message,
 and a round whose unmasking failed still has sound replies. The recorder, the first listener
 of a SecAgg+ run, completes the round's outcome before anything writes it:
@@ -29,7 +29,7 @@ from fedtune import protocol
 from fedtune.results.run_dir import ClientRow
 from fedtune.server.loop import RunListener
 from fedtune.server.round import FederatedRun, RoundOutcome
-from fedtune.server.secagg import RoundReport, SecAggPlus, report_metrics
+from fedtune.server.secagg_plus import RoundReport, SecAggPlus, report_metrics
 
 _BEFORE_TRAIN = (protocol.STAGE_SETUP, protocol.STAGE_SHARE_KEYS)
 
