@@ -22,7 +22,7 @@ from fedtune.config import Config, ConfigError
 from fedtune.tables.runtimes import RUNTIMES
 
 # what the fork server imports before it forks a child: the runtimes a parallel point may use
-PRELOAD = ["fedtune.engine.launch", "fedtune.engine.inprocess", "fedtune.engine.central"]
+PRELOAD = ["fedtune.engine.launch", "fedtune.engine.inprocess", "fedtune.engine.centralized"]
 
 
 def check_parallel(workers: int, configs: Sequence[Config]) -> None:

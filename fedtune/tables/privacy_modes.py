@@ -200,7 +200,7 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
               "clipped_count_stddev": Key(0.0, "adaptive: noise std of the unclipped count; 0 "
                                                "= expected cohort / 20", ge=0),
               **AUDIT_CLIENTS},
-        implementation="fedtune.privacy.central:CentralDP", spends_budget=True,
+        implementation="fedtune.privacy.central_dp:CentralDP", spends_budget=True,
         audit_inserts="clients", check=_check_central, replaces_strategy=True,
         # DP-FedAvg sums the clients' clipped updates unweighted (a fixed-denominator estimator)
         sum_weight="1"),

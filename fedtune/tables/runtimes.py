@@ -105,7 +105,7 @@ RUNTIMES: dict[str, RuntimeEntry] = {
                                              "local test splits stops improving",
                                  choices=("examples", "converged")),
         },
-        implementation="fedtune.engine.central:run_central", client_states=False,
+        implementation="fedtune.engine.centralized:run_central", client_states=False,
         check=_check_central, in_process=True, federated=False,
         starting="loading the pooled training data"),
 }

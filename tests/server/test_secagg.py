@@ -22,7 +22,7 @@ from fedtune.client.secagg_stages import secagg_stage, secagg_train_mod
 from fedtune.config import Config, load_config, to_run_config
 from fedtune.engine.inprocess import NODE_ID_OFFSET, InProcessGrid
 from fedtune.faults import FaultPlan
-from fedtune.privacy.central import CentralDP
+from fedtune.privacy.central_dp import CentralDP
 from fedtune.privacy.mode import PrivacyPlan
 from fedtune.secagg import graph, masking
 from fedtune.server.build_strategy import build_strategy
