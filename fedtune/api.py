@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
-from fedtune.config import Config, ConfigError, config_from_raw, load_config, to_dict
-from fedtune.results.run_dir import default_run_path, is_empty_run_dir
+from fedtune.config import Config, ConfigError, config_from_raw, load_config, shown, to_dict
+from fedtune.results.run_dir import check_creatable, default_run_path, is_empty_run_dir
 from fedtune.results.run_log import capture_run_log, quiet_libraries
 from fedtune.server.callbacks import Callback
 from fedtune.tables.runtimes import RUNTIMES
@@ -47,18 +47,55 @@ ConfigLike = str | Path | Config | Mapping[str, Any] | None
 Overrides = Mapping[str, Any] | Iterable[str] | None
 
 
+def _plain(value: Any) -> Any:
+    """A NumPy scalar (or a list of them) as the Python value it holds."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _flat(overrides: Mapping[Any, Any]) -> dict[str, Any]:
+    """``{"section.key": value}``; a section given as a dict (``{"data": {"alpha": 0.1}}``)
+    is flattened."""
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"overrides key {shown(key)} is not allowed: must be a text "
+                              "'section.key'")
+        if isinstance(value, Mapping) and "." not in key:
+            flat.update(_flat({f"{key}.{name}" if isinstance(name, str) else name: inner
+                               for name, inner in value.items()}))
+        else:
+            flat[key] = value
+    return flat
+
+
 def override_texts(overrides: Overrides) -> list[str]:
-    """``{"data.alpha": 0.1}`` (Python values) or ``["data.alpha=0.1"]`` as ``--set`` texts."""
+    """``{"data.alpha": 0.1}`` (Python or NumPy values; ``{"data": {"alpha": 0.1}}`` too) or
+    ``["data.alpha=0.1"]`` as ``--set`` texts."""
     if overrides is None:
         return []
     if isinstance(overrides, Mapping):
-        # a TOML literal of each value: the same parser as --set reads it back exactly
-        return [f"{key}={tomli_w.dumps({'v': value})[4:].strip()}"
-                for key, value in overrides.items()]
+        texts = []
+        for key, value in _flat(overrides).items():
+            try:  # a TOML literal of each value: the same parser as --set reads it back exactly
+                literal = tomli_w.dumps({"v": _plain(value)})[4:].strip()
+            except TypeError:
+                raise ConfigError(f"overrides[{key!r}] = {shown(value)} is not allowed: must be "
+                                  "a number, a text, true/false or a list of them") from None
+            texts.append(f"{key}={literal}")
+        return texts
     if isinstance(overrides, str):
-        raise ConfigError(f"overrides = {overrides!r} is not allowed: must be a dict "
+        raise ConfigError(f"overrides = {shown(overrides)} is not allowed: must be a dict "
                           "{'section.key': value} or a list of 'section.key=value'")
-    return list(overrides)
+    texts = list(overrides)
+    for text in texts:
+        if not isinstance(text, str):
+            raise ConfigError(f"overrides item {shown(text)} is not allowed: must be a text "
+                              "'section.key=value'")
+    return texts
 
 
 def resolve_config(config: ConfigLike = None, overrides: Overrides = None) -> Config:
@@ -172,9 +209,13 @@ def run(config: ConfigLike = None, overrides: Overrides = None, output: str | Pa
     """
     resolved = resolve_config(config, overrides)
     path = Path(output or resolved.run.dir or default_run_path(resolved))
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output = {str(path)!r} is not allowed: must be a new or empty "
+                          "directory, not a file")
     if not is_empty_run_dir(path):
         raise ConfigError(f"output = {str(path)!r} is not allowed: must be a new or empty "
                           "directory")
+    check_creatable(path, "output =")
     callbacks = list(callbacks)
     if not all(isinstance(c, Callback) for c in callbacks):
         raise ConfigError(f"callbacks = {callbacks!r} is not allowed: must be a list of "

@@ -3,6 +3,7 @@ what a run shows)."""
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import json
 import signal
@@ -25,11 +26,13 @@ from fedtune.config import (
     ConfigError,
     ConfigWarning,
     annotated_toml,
+    check_same_run,
     load_config,
     to_toml,
 )
-from fedtune.results.run_dir import is_empty_run_dir, json_safe
+from fedtune.results.run_dir import check_creatable, is_empty_run_dir, json_safe
 from fedtune.results.run_log import capture_run_log, quiet_libraries
+from fedtune.results.tracking import check_tracking
 from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.runtimes import RUNTIMES
 from fedtune.terminal import (
@@ -61,6 +64,8 @@ def _run_config(args: argparse.Namespace) -> Config:
                               "directory (it has no config.toml)")
         config = load_config(run_dir / "config.toml", args.set, resolved=True)
         config.run.dir, config.run.resume = str(run_dir), True
+        # a finished run has nothing to continue, but a changed key is still not allowed
+        check_same_run(load_config(run_dir / "config.toml", resolved=True), config)
         if not _finished(config):
             from fedtune.results.lock import check_unlocked
             from fedtune.server.resume import check_resumable
@@ -69,10 +74,12 @@ def _run_config(args: argparse.Namespace) -> Config:
             check_unlocked(run_dir)
             check_resumable(config)
             check_runtime(config)  # a runtime may refuse to resume (central keeps no checkpoint)
+        check_tracking(config)
         return config
     config = load_config(args.config, [*args.set, *_central_override(args)])
     config.run.dir = str(Path(args.output or config.run.dir or default_run_path(config)))
     _check_new_run_directory(Path(config.run.dir))
+    check_tracking(config)
     return config
 
 
@@ -83,6 +90,7 @@ def _check_new_run_directory(path: Path) -> None:
     if not is_empty_run_dir(path):
         raise ConfigError(f"--output {str(path)!r} is not allowed: must be a new or empty "
                           "directory")
+    check_creatable(path, "--output")
 
 
 def _finished(config: Config) -> bool:
@@ -104,23 +112,59 @@ def _central_override(args: argparse.Namespace) -> list[str]:
     return ["engine.backend=central"] if args.central else []
 
 
-def _stop_on_ctrl_c(console: Console, run_dir: Path) -> threading.Event:
-    """First Ctrl-C: finish the client being waited for, checkpoint, stop. Second: abort."""
-    stop = threading.Event()
+STOP_GRACE_S = 2.0  # how long the first Ctrl-C waits for the run to reach a stop check
 
-    def on_interrupt(signum: int, frame: Any) -> None:
-        if stop.is_set():
+
+class _StopNow(KeyboardInterrupt):
+    """The first Ctrl-C's grace ran out: the work under way (a client's training, a noise
+    search, loading the data) is abandoned where it is; the last finished round's checkpoint
+    is still written (``fedtune.server.resume.Checkpointer.run_aborted``)."""
+
+
+class _CtrlC:
+    """First Ctrl-C: stop at the next wait for a client (a round in progress is abandoned,
+    the last finished one checkpointed), or after ``STOP_GRACE_S`` wherever the run is (no
+    loop runs on); second: abort at once. ``done`` cancels the pending grace."""
+
+    def __init__(self, console: Console, run_dir: Path) -> None:
+        self.stop = threading.Event()
+        self.console = console
+        self.run_dir = run_dir
+        self.grace: threading.Timer | None = None
+        self.pressed = self.late = False
+        signal.signal(signal.SIGINT, self._interrupt)
+
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        if self.late:  # the grace ran out (``_expire``)
+            self.late = False
+            if self.stop.is_set():  # else the run heeded the stop meanwhile: let it finish
+                raise _StopNow
+            return
+        if self.pressed:
             raise KeyboardInterrupt
-        stop.set()
-        if _has_rounds(run_dir):
-            console.print("[bold yellow]stopping[/]: writing a checkpoint of the last finished "
-                          "round (Ctrl-C again aborts without it)")
+        self.pressed = True
+        self.stop.set()
+        if _has_rounds(self.run_dir):
+            self.console.print("[bold yellow]stopping[/]: writing a checkpoint of the last "
+                               "finished round (Ctrl-C again aborts without it)")
         else:
-            console.print("[bold yellow]stopping[/]: no round has finished yet, so there will "
-                          "be nothing to resume (Ctrl-C again aborts at once)")
+            self.console.print("[bold yellow]stopping[/]: no round has finished yet, so there "
+                               "will be nothing to resume (Ctrl-C again aborts at once)")
+        self.grace = threading.Timer(STOP_GRACE_S, self._expire)
+        self.grace.daemon = True
+        self.grace.start()
 
-    signal.signal(signal.SIGINT, on_interrupt)
-    return stop
+    def _expire(self) -> None:
+        """The run has not heeded the stop (``fedtune.server.loop.run_rounds`` clears it when
+        it does): interrupt the main thread, where the handler raises ``_StopNow``."""
+        if self.stop.is_set():
+            self.late = True
+            _thread.interrupt_main(signal.SIGINT)
+
+    def done(self) -> None:
+        if self.grace is not None:
+            self.grace.cancel()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _has_rounds(run_dir: Path) -> bool:
@@ -148,7 +192,10 @@ def _describe_run(config: Config) -> str:
     d, m = config.data, config.model
     split = d.partitioner + (f" α={d.alpha:g}" if d.partitioner == "dirichlet" else "")
     model = f"{m.kind}/{m.transfer}"
-    privacy = f", {config.privacy.mode} DP" if PRIVACY_MODES[config.privacy.mode].mechanism else ""
+    private = PRIVACY_MODES[config.privacy.mode].mechanism
+    privacy = f", {config.privacy.mode} DP" if private else ""
+    if private and config.privacy.insecure_reproducible_noise:
+        privacy += " (NOT PRIVATE: noise seeded from run.seed)"
     return (f"{config.run.name}: {d.dataset}, {d.num_clients} clients ({split}), {model}, "
             f"{config.strategy.name}{privacy}, {config.run.rounds} rounds, engine "
             f"{config.engine.backend}")
@@ -169,11 +216,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"fedtune {__version__} · {_describe_run(config)}", highlight=False)
         console.print(f"run directory: {run_dir}", highlight=False)
     reporter = RichReporter(console, mode)
-    stop = _stop_on_ctrl_c(console, run_dir)
+    ctrl_c = _CtrlC(console, run_dir)
     reporter.stage("loading torch, transformers and Flower")
     try:
         with capture_run_log(run_dir, echo=args.verbose) as run_log:
-            stopped = _launch(config, reporter, stop, args.verbose)
+            stopped = _launch(config, reporter, ctrl_c.stop, args.verbose)
     except KeyboardInterrupt:
         reporter.close()
         console.print(_interrupted(run_dir), highlight=False)
@@ -185,8 +232,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         _print_stopped(console, run_dir, mode)
         return 1
     finally:
+        ctrl_c.done()
         reporter.close()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     if stopped:
         _print_stopped(console, run_dir, mode)
         return 130
@@ -231,7 +278,7 @@ def _launch(config: Config, reporter: Any, stop: threading.Event, verbose: bool)
 
     try:
         launch(config, reporter, stop)
-    except RunStopped:
+    except (RunStopped, _StopNow):
         return True
     except (ConfigError, KeyboardInterrupt):
         raise
@@ -320,11 +367,11 @@ def _centralized_line(summary: dict[str, Any]) -> str:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.csv").is_file():  # answered before the plotting imports
+        raise ConfigError(f"{args.run_dir!r} is not a run directory: it has no metrics.csv")
     from fedtune.results.report import redraw
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "metrics.csv").is_file():
-        raise ConfigError(f"{args.run_dir!r} is not a run directory: it has no metrics.csv")
     for path in redraw(run_dir):
         console.print(f"wrote {path}")
     if (run_dir / "summary.json").is_file():
@@ -462,7 +509,8 @@ def cmd_superexec(args: argparse.Namespace, console: Console) -> int:
 
     run_signed_superexec(args.runtime_api_address, args.root_certificates,
                          Path(args.registry), Path(args.trusted_entities),
-                         args.superexec_auth_secret_file)
+                         args.superexec_auth_secret_file, args.accept,
+                         Path(args.allow_list) if args.allow_list else None)
     return 0
 
 
@@ -500,6 +548,9 @@ def cmd_config(args: argparse.Namespace, console: Console) -> int:
 def cmd_audit(args: argparse.Namespace, console: Console) -> int:
     """Recompute a run's audit (it must have run with privacy.audit = true); exit code 1
     when the empirical ε exceeds the accountant's."""
+    from fedtune.audit import audited_config
+
+    audited_config(args.run_dir)  # a directory that cannot be audited is told before torch
     quiet_libraries()
     from fedtune.audit.report import audit_run_dir, write_audit
 
@@ -616,6 +667,13 @@ def _add_deployment_parsers(sub: Any) -> None:
     superexec.add_argument("--registry", required=True, help="the registry folder")
     superexec.add_argument("--trusted-entities", required=True)
     superexec.add_argument("--superexec-auth-secret-file")
+    superexec.add_argument("--accept", choices=("newest", "signed"), default="newest",
+                           help="which signed versions start: each app's newest (default; "
+                                "publishing a version retires the older ones) or every one")
+    superexec.add_argument("--allow-list", metavar="FILE",
+                           help="YAML '@publisher/app==version': expiry date or null; only "
+                                "the listed versions start, until they expire (read for every "
+                                "run; overrides --accept)")
 
 
 def _output_options(parser: argparse.ArgumentParser) -> None:

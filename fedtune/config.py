@@ -73,6 +73,11 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # cuda:N = the N-th vis
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRAGGLER_DELAYS = ("constant", "exponential")
 CRASH_STAGES = ("train", "setup", "share-keys", "unmask")
+INT_BITS = 63  # an integer key fits a signed 64-bit integer (Flower's run config holds those)
+MAX_NAME = 200  # characters of run.name: <name>-<UTC time>-<n> must stay a valid file name
+# tracking.mlflow_uri schemes MLflow's tracking stores take ('' and file: a folder)
+MLFLOW_SCHEMES = ("file", "http", "https", "databricks", "sqlite", "postgresql", "mysql",
+                  "mssql")
 
 
 @dataclass
@@ -244,12 +249,21 @@ def _allowed_text(declared: Key, kind: Any) -> str:
     return name + (" " + " and ".join(bounds) if bounds else "")
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for a message: a long one is cut, saying how long it was."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    length = f" ({len(value):,} characters)" if isinstance(value, str) else ""
+    return text[:limit] + "..." + length
+
+
 def _coerce(full_key: str, value: Any, declared: Key) -> Any:
     """Convert one value to the key's type and check it; raise ConfigError naming the key."""
     kind = declared.type
 
     def bad() -> ConfigError:
-        return ConfigError(f"{full_key} = {value!r} is not allowed: must be "
+        return ConfigError(f"{full_key} = {shown(value)} is not allowed: must be "
                            f"{_allowed_text(declared, kind)}")
 
     if kind is bool:
@@ -273,6 +287,10 @@ def _coerce(full_key: str, value: Any, declared: Key) -> Any:
                 raise bad() from None
         else:
             raise bad()
+        if not -2**INT_BITS <= out < 2**INT_BITS:
+            raise ConfigError(f"{full_key} = {shown(value)} is not allowed: must be below "
+                              f"2^{INT_BITS} in size (a 64-bit integer), "
+                              f"{_allowed_text(declared, kind)}")
     elif kind is float:
         if isinstance(value, bool):
             raise bad()
@@ -406,10 +424,12 @@ def check_consistency(config: Config) -> None:
         )
     check_dataset(config)
     name = config.run.name
-    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
-        raise ConfigError(f"run.name = {name!r} is not allowed: must be a plain name (no path "
-                          "separators, not '.' or '..'), the run directory is "
-                          "<run.output_dir>/<run.name>-<time>")
+    if (not name or name in (".", "..") or any(c in name for c in "/\\") or not name.isprintable()
+            or name != name.strip() or len(name) > MAX_NAME):
+        raise ConfigError(f"run.name = {shown(name)} is not allowed: must be a plain name of at "
+                          f"most {MAX_NAME} characters (printable, no path separators, not '.' "
+                          "or '..'), the run directory is <run.output_dir>/<run.name>-<time>")
+    _check_mlflow_uri(config)
     node_ids = config.engine.node_ids
     if node_ids and (len(node_ids) != config.data.num_clients
                      or not all(n.isascii() and n.isdigit() for n in node_ids)):
@@ -429,6 +449,18 @@ def check_consistency(config: Config) -> None:
     check_runtime(config)
     check_strategy(config)
     _check_faults(config)
+
+
+def _check_mlflow_uri(config: Config) -> None:
+    """``tracking.mlflow_uri`` names a store MLflow can track in (a folder, or a server or
+    database URI); whether a folder can be written is checked before a run starts
+    (``fedtune.results.tracking.check_tracking``)."""
+    uri = config.tracking.mlflow_uri
+    scheme = uri.partition(":")[0].lower() if ":" in uri else ""
+    if not config.tracking.mlflow or not uri or len(scheme) == 1 or scheme in MLFLOW_SCHEMES:
+        return  # '' (the default folder), a path (C: is a drive), or a known scheme
+    raise ConfigError(f"tracking.mlflow_uri = {shown(uri)} is not allowed: must be a path, or a "
+                      "URI of scheme " + ", ".join(MLFLOW_SCHEMES))
 
 
 def _check_reference(config: Config) -> None:
@@ -489,6 +521,27 @@ def _check_faults(config: Config) -> None:
             )
 
 
+# keys a resume may change: where and how long the run goes on, and on which runtime
+RESUME_MAY_CHANGE = {"run": {"dir", "output_dir", "rounds", "checkpoint_every", "resume"},
+                     "engine": None, "tracking": None}  # None: every key of the section
+
+
+def check_same_run(saved: Config, config: Config) -> None:
+    """``config`` continues the run whose config.toml is ``saved``: every key a resume may
+    not change (``RESUME_MAY_CHANGE``) is as it was."""
+    before, now = to_dict(saved), to_dict(config)
+    for section, values in now.items():
+        free = RESUME_MAY_CHANGE.get(section, set())
+        for name, value in values.items():
+            if free is None or name in free or before[section][name] == value:
+                continue
+            raise ConfigError(
+                f"{section}.{name} = {shown(value)} is not allowed when resuming: must be "
+                f"{shown(before[section][name])} as in {config.run.dir}/config.toml (only "
+                "run.rounds, run.checkpoint_every, engine.* and tracking.* may change)"
+            )
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """Split "section.key=value"; the value is read as a TOML value, else kept as a string."""
     if "=" not in text:
@@ -519,8 +572,8 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what} {str(path)!r} is a directory: must be a TOML file")
     if not file.is_file():
         raise ConfigError(f"{what} {str(path)!r} does not exist")
-    try:
-        return tomllib.loads(file.read_text(encoding="utf-8"))
+    try:  # utf-8-sig: a byte-order mark (some editors write one) is not part of the text
+        return tomllib.loads(file.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as err:
         raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text: byte "
                           f"{err.object[err.start]:#04x} at offset {err.start}") from None

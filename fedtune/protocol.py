@@ -26,6 +26,12 @@ With **secure aggregation** (SecAgg+, ``fedtune.server.secagg_plus`` and
 message also carries ``SECAGG`` (the forwarded encrypted shares), and its reply carries, instead
 of the summed ArrayRecords, the ArrayRecord ``SECAGG_MASKED`` (one masked integer vector
 ``MASKED``) beside ``METRICS``.
+
+In a **deployment** (any Grid that is not a fedtune simulation) every message also carries the
+ConfigRecord ``NODE_STATE``: the run's ``RUN_KEY`` (the same across ``--resume``), this server
+session's ``SESSION`` and the round it continues after (``SESSION_START``), and the round of the
+server's last durable checkpoint (``CHECKPOINTED_ROUND``). A SuperNode started with the node
+config ``STATE_DIR`` keeps its client's state there by round (``fedtune.client.node_state``).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from numpy.lib import format as npy_format
 
 from fedtune.tables import ReplyMetric
@@ -72,6 +78,18 @@ EVAL_ACCURACY = "eval-accuracy"
 # --- node config (set by every runtime, or flower-supernode --node-config) ----------------------
 NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"
+STATE_DIR = "state-dir"  # a SuperNode keeps its client's state in this folder (deployment)
+
+# --- what a SuperNode needs to keep its client's state (every message of a deployment) -------
+NODE_STATE = "node-state"  # ConfigRecord of every message to a SuperNode
+RUN_KEY = "run-key"  # 32 hex digits: new for every run, the same when it resumes
+SESSION = "session"  # 32 hex digits: new every time the server starts or resumes the run
+SESSION_START = "session-start"  # the round this session continues after (0: a new run)
+CHECKPOINTED_ROUND = "checkpointed-round"  # the round of the server's last durable checkpoint
+# node config: this node accepts privacy.insecure_reproducible_noise (fedtune's simulated
+# runtimes set it when the run asks for it; a deployed SuperNode only if its operator does)
+INSECURE_NOISE_ALLOWED = "insecure-noise-allowed"
+INSECURE_NOISE_KEY = "privacy.insecure_reproducible_noise"  # its run config key
 
 # --- a client's Context.state (kept by the runtime between rounds) ------------------------------
 ACCOUNTANT_STATE = "dp-accountant"  # local DP: the client's DP-SGD history
@@ -112,6 +130,11 @@ SA_PK_SEAL = "pk-seal"  # setup reply: public key for encrypting shares
 SA_COMMITMENT = "commitment"  # share-keys reply: SHA-256 commitment to the self-mask seed
 SA_PEERS = "peers"  # share-keys: neighbours; masked-input: sources of the forwarded shares
 SA_CIPHERTEXTS = "ciphertexts"  # share-keys reply and masked-input: encrypted shares
+SA_SEAL_OUT = "seal-out"  # share-keys reply: per peer, commitment to this client's key to it
+SA_SEAL_IN = "seal-in"  # share-keys reply: per peer, commitment to the peer's key to this one
+SA_REFUSED = "refused"  # masked-input reply: peers whose forwarded share did not open
+SA_REVEALED = "revealed"  # masked-input reply: for each, the key it did not open with
+SA_RECEIVED = "received"  # masked-input reply: for each, the share as it arrived
 SA_ALIVE = "alive"  # unmask: neighbours whose masked input arrived
 SA_DEAD = "dead"  # unmask: neighbours that dropped after sharing keys
 SA_OWNERS = "owners"  # unmask reply: whose share each entry of SA_SHARES is
@@ -122,6 +145,7 @@ SECAGG_DROPPED = "secagg-dropped"
 SECAGG_FAILED = "secagg-failed"  # 1: too few clients or shares: no aggregate this round
 SECAGG_ROUNDING_BOUND = "secagg-rounding-bound"  # largest quantisation error of a coordinate
 SECAGG_CLIPPED = "secagg-clipped"  # coordinates clipped to the range, over all clients
+SECAGG_DP_CLIP_BOUND = "secagg-dp-clip-bound"  # distributed DP: η, fedtune.secagg.distributed_dp
 SECAGG_SERVER_S = "secagg-server-s"  # CPU seconds the server spent in the protocol
 
 MAX_ANY_EXAMPLES = 10**9  # what a reply may claim where the server knows no data sizes
@@ -158,6 +182,9 @@ class ReplySchema:
     metrics: Mapping[str, ReplyMetric] = field(default_factory=dict)
     status: bool = False  # the ConfigRecord STATUS: {REASON: text}
     reason_required: bool = False  # STATUS must give a reason (a decline says why)
+    # the run's [client] settings, for metrics whose value they fix (``ReplyMetric.equals``;
+    # empty: such metrics are checked against their bounds only)
+    client: Mapping[str, Any] = field(default_factory=dict)
 
     def records(self) -> dict[str, str]:
         """Record name -> the kind of record it must be."""
@@ -168,12 +195,14 @@ class ReplySchema:
         return kinds
 
 
-def train_reply_schema(strategy: str, privacy_mode: str) -> ReplySchema:
-    """A training update under ``strategy.name`` and ``privacy.mode``."""
+def train_reply_schema(strategy: str, privacy_mode: str,
+                       client: Mapping[str, Any] | None = None) -> ReplySchema:
+    """A training update under ``strategy.name`` and ``privacy.mode``; ``client``: the run's
+    ``[client]`` settings (what fixes some strategies' metrics, FedNova's ``fednova-a``)."""
     entry, mode = STRATEGIES[strategy], PRIVACY_MODES[privacy_mode]
     return ReplySchema(arrays={ARRAYS: ARRAYS, **entry.answers},
                        metrics={**TRAIN_METRICS, **entry.reply_metrics, **mode.reply_metrics},
-                       status=mode.reply_status)
+                       status=mode.reply_status, client=dict(client or {}))
 
 
 def decline_reply_schema(privacy_mode: str) -> ReplySchema | None:
@@ -200,6 +229,15 @@ def metric(message: Message, key: str) -> Any:
     """A value of the first MetricRecord (None when the key or the record is missing)."""
     record = first_metric_record(message)
     return None if record is None else record.get(key)
+
+
+def message_round(content: RecordDict) -> int:
+    """The server round a message belongs to: its config's ``SERVER_ROUND``, or a SecAgg+
+    stage's ``SA_ROUND`` (0: neither)."""
+    for record, key in ((CONFIG, SERVER_ROUND), (SECAGG, SA_ROUND)):
+        if record in content and key in content[record]:
+            return int(content[record][key])
+    return 0
 
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

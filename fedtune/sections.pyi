@@ -110,6 +110,7 @@ class PrivacySection:
     delta: float  # local, central
     noise_multiplier: float  # local, central
     accountant: str  # local, central
+    insecure_reproducible_noise: bool  # local, central
     max_grad_norm: float  # local
     grad_sample_mode: str  # local
     client_rounds: int  # local
@@ -118,6 +119,7 @@ class PrivacySection:
     target_quantile: float  # central
     clip_lr: float  # central
     clipped_count_stddev: float  # central
+    count_budget_share: float  # central
     audit_canaries: int  # central
 
     def __init__(
@@ -129,6 +131,7 @@ class PrivacySection:
         delta: float = ...,
         noise_multiplier: float = ...,
         accountant: str = ...,
+        insecure_reproducible_noise: bool = ...,
         max_grad_norm: float = ...,
         grad_sample_mode: str = ...,
         client_rounds: int = ...,
@@ -137,6 +140,7 @@ class PrivacySection:
         target_quantile: float = ...,
         clip_lr: float = ...,
         clipped_count_stddev: float = ...,
+        count_budget_share: float = ...,
         audit_canaries: int = ...,
     ) -> None: ...
 
@@ -155,6 +159,7 @@ class EngineSection:
     client_timeout_s: float  # ray
     ray_address: str  # ray
     vectorise_clients: bool  # ray, inprocess
+    client_state_memory_mb: int  # ray, inprocess
     central_until: str  # central
 
     def __init__(
@@ -170,6 +175,7 @@ class EngineSection:
         client_timeout_s: float = ...,
         ray_address: str = ...,
         vectorise_clients: bool = ...,
+        client_state_memory_mb: int = ...,
         central_until: str = ...,
     ) -> None: ...
 

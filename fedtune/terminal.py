@@ -297,6 +297,9 @@ def privacy_line(summary: dict[str, Any], audit: dict[str, Any] | None) -> str:
         who = " (the highest client's)" if mode.client_accountants else ""
         parts.append(f"{privacy['mode']} DP: ε spent {spent:{EPSILON_FORMAT}}{who} at δ "
                      f"{privacy['delta']:g} ({privacy['accountant']} accountant)")
+        if privacy.get("private") is False:
+            parts.append("NOT PRIVATE: privacy.insecure_reproducible_noise drew the noise from "
+                         "run.seed; anyone with this run's config can remove it")
     if audit is not None:
         low, high = audit["interval"]
         spread = (f", interval {low:.3g} to {high:.3g}" if high is not None

@@ -29,6 +29,9 @@ MLP = ["data.dataset=digits", "model.kind=mlp", "model.hidden_sizes=[32]", "data
        "client.local_steps=4", "client.batch_size=16", "engine.backend=inprocess",
        "data.max_examples=0", "strategy.fraction_train=0.5", "strategy.fraction_evaluate=0.5"]
 SGD = ["client.optimizer=sgd", "client.momentum=0.5"]
+# DP runs draw their noise from OS entropy unless this NOT PRIVATE switch seeds it from run.seed:
+# golden runs must repeat exactly, so every DP run below sets it
+REPRODUCIBLE_NOISE = "privacy.insecure_reproducible_noise=true"
 TINY_HF = ["data.max_examples=300", "data.num_clients=4", "run.rounds=2",
            "strategy.fraction_train=0.5", "client.local_steps=2", "client.batch_size=8",
            "engine.backend=inprocess", "model.max_length=24"]
@@ -52,17 +55,17 @@ RUNS: dict[str, tuple[str | None, list[str], bool]] = {
     "feddyn": (None, MLP + ["strategy.name=feddyn"], False),
     "rfa": (None, MLP + ["strategy.name=rfa"], False),
     "local_dp": (None, MLP + ["privacy.mode=local", "privacy.target_epsilon=4",
-                              "privacy.delta=1e-3"], False),
+                              "privacy.delta=1e-3", REPRODUCIBLE_NOISE], False),
     "local_dp_budget": (None, MLP + ["privacy.mode=local", "privacy.target_epsilon=1",
                                      "privacy.delta=1e-3", "privacy.client_rounds=1",
-                                     "run.rounds=4"], False),
+                                     "run.rounds=4", REPRODUCIBLE_NOISE], False),
     "central_dp": (None, MLP + ["privacy.mode=central", "privacy.target_epsilon=8",
                                 "privacy.delta=1e-3", "privacy.clip_norm=2",
-                                "privacy.adaptive_clipping=false"], False),
+                                "privacy.adaptive_clipping=false", REPRODUCIBLE_NOISE], False),
     "central_dp_adaptive": (None, MLP + ["privacy.mode=central", "privacy.noise_multiplier=0.3",
                                          "privacy.delta=1e-3", "privacy.adaptive_clipping=true",
                                          "privacy.clipped_count_stddev=1",
-                                         "privacy.clip_norm=1"], False),
+                                         "privacy.clip_norm=1", REPRODUCIBLE_NOISE], False),
     "faults": (None, MLP + ["faults.crash_probability=0.2", "faults.nan_fraction=0.2",
                             "faults.scale_fraction=0.2", "faults.wrong_shape_fraction=0.2"],
                False),

@@ -21,9 +21,18 @@ the two update rules are written out here.
 Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially Private Learning
 with Adaptive Clipping", NeurIPS): the server also counts the updates that were not clipped,
 noises the count (std ``σ_b``) and moves the bound geometrically towards the
-``target_quantile`` of update norms, ``C ← C · exp(-η_C (b̄ - γ))``. The update noise is then
-raised to ``σ_Δ = (σ⁻² - (2σ_b)⁻²)^(-1/2)`` so that both releases together cost what one
-Gaussian mechanism with ``σ`` costs (their Theorem 1).
+``target_quantile`` of update norms, ``C ← C · exp(-η_C (b̄ - γ))``. The count is *centred*:
+each sampled client adds ``b_i - 1/2`` (``b_i`` = 1 if its update was not clipped), so adding
+or removing one client moves it by at most ``COUNT_SENSITIVITY`` = 1/2, as TensorFlow Privacy's
+``QuantileEstimatorQuery`` does; the estimate is ``b̄ = 1/2 + (Σ (b_i - 1/2) + N(0, σ_b²)) / qN``.
+The update noise is raised to ``σ_Δ = (σ⁻² - (2σ_b)⁻²)^(-1/2)`` so that both releases together
+are one Gaussian mechanism of multiplier ``σ`` on the vector (update sum / C, count / (1/2))
+(their Theorem 1). Centring is what makes that split hold: an uncentred count has sensitivity 1
+and the same split would release a mechanism of multiplier ``(σ_Δ⁻² + σ_b⁻²)^(-1/2) < σ``.
+Centring also costs less than accounting an uncentred count at sensitivity 1: for the same noise
+on ``b̄`` it spends a quarter of the privacy budget. ``count_share`` is the share ``s`` of the
+budget (of ``σ⁻²``, which is how Gaussian mechanisms compose in Rényi DP) the count takes:
+``σ_b = σ / (2√s)``, ``σ_Δ = σ / √(1 - s)`` (``adaptive_noise``).
 
 Canary clients for an empirical privacy estimate (Andrew, Kairouz, Oh, Oprea, McMahan,
 Suriyakumar 2024, "One-shot Empirical Privacy Estimation for Federated Learning", ICLR):
@@ -53,8 +62,13 @@ whose inputs a round accepts); the server only sums and divides by ``qN``. The a
 same; the trust moves from "the server noises honestly" to "the clients do" (and the server
 learns nothing but the noised sum).
 
-The noise comes from a generator seeded with ``(seed, round)`` so simulations repeat exactly; a
-deployment that needs a cryptographic guarantee must pass ``seed=None`` (fresh OS entropy).
+Secrecy of the draws (``strategies.noise``): the noise and the Poisson sampling of each round
+come from ``SecureRandom`` (ChaCha20 keyed by OS entropy on every draw) unless ``seed`` is given,
+which selects NumPy generators seeded with ``(seed, round, stream)`` - reproducible and *not
+private*, since whoever knows the seed can rebuild the noise and which clients were sampled.
+The canaries' directions, which half of them is inserted and when they are sampled come from
+``canary_seed`` in either mode: they are the auditor's own test inputs, enter only the shadow
+release and never the reported model, so knowing them tells nothing about any real client.
 Only floating-point arrays are clipped, noised and averaged; integer buffers keep the server's
 values.
 
@@ -83,11 +97,9 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.differential_privacy import (
-    clip_inputs_inplace,
-    compute_adaptive_noise_params,
-    get_norm,
-)
+from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
+
+from strategies.noise import SecureRandom
 
 SERVER_OPTIMIZERS = ("sgd", "adam")
 
@@ -102,17 +114,45 @@ CANARY_UPDATES = "dp-canaries"
 _SAMPLING, _NOISE, _CANARY_SAMPLING = range(3)  # random streams of a round
 _CANARY_DIRECTION = 7919  # seeds canary i's direction as [seed, _CANARY_DIRECTION, i]
 
+# how far adding or removing one client moves the centred unclipped count (each adds b - 1/2)
+COUNT_SENSITIVITY = 0.5
+# automatic count noise: Andrew et al.'s std (expected cohort / 20) unless it takes more than
+# this share of the budget; then this share (the update noise grows by 1/sqrt(1 - share))
+MAX_AUTOMATIC_COUNT_SHARE = 0.1
+
+
+def count_share(noise_multiplier: float, count_stddev: float) -> float:
+    """The share of the budget (of σ⁻²) a centred count with noise std ``count_stddev``
+    takes: ``(σ / (2 σ_b))²`` (at least 1 means no budget is left for the update)."""
+    return (noise_multiplier * COUNT_SENSITIVITY / count_stddev) ** 2
+
+
+def automatic_count_stddev(noise_multiplier: float, expected_cohort: float) -> float:
+    """σ_b when none is given: Andrew et al.'s expected cohort / 20 (a std of 0.05 on the
+    estimated unclipped share), raised until the count takes at most
+    ``MAX_AUTOMATIC_COUNT_SHARE`` of the budget (small cohorts, large σ)."""
+    capped = noise_multiplier * COUNT_SENSITIVITY / math.sqrt(MAX_AUTOMATIC_COUNT_SHARE)
+    return max(expected_cohort / 20, capped)
+
 
 def adaptive_noise(noise_multiplier: float, expected_cohort: float,
-                   count_stddev: float | None) -> tuple[float, float]:
-    """(σ_Δ on the update sum, σ_b on the unclipped count) that together cost one Gaussian
-    mechanism of ``noise_multiplier`` (Andrew et al. 2021, Theorem 1; σ_b defaults to the
-    expected cohort / 20)."""
+                   count_stddev: float | None = None, share: float = 0.0
+                   ) -> tuple[float, float]:
+    """(σ_Δ on the update sum, σ_b on the centred unclipped count) that together cost one
+    Gaussian mechanism of ``noise_multiplier`` (Andrew et al. 2021, Theorem 1): the count takes
+    ``share`` of the budget if given, else the share its std ``count_stddev`` implies (None:
+    ``automatic_count_stddev``). Raises ``ValueError`` when the count would take it all."""
     if noise_multiplier == 0:
         return 0.0, 0.0
-    count_std, update_noise = compute_adaptive_noise_params(noise_multiplier, expected_cohort,
-                                                            count_stddev)
-    return float(update_noise), float(count_std)
+    if share:
+        count_std = noise_multiplier * COUNT_SENSITIVITY / math.sqrt(share)
+    else:
+        count_std = count_stddev or automatic_count_stddev(noise_multiplier, expected_cohort)
+    taken = count_share(noise_multiplier, count_std)
+    if taken >= 1:
+        raise ValueError(f"a count noise std of {count_std:g} takes all of noise multiplier "
+                         f"{noise_multiplier:g}: it must be > noise / 2")
+    return noise_multiplier / math.sqrt(1 - taken), float(count_std)
 
 
 def canary_inserted(seed: int, count: int) -> np.ndarray:
@@ -147,7 +187,9 @@ class DPFedAvg(FedAvg):
     target_quantile, clip_learning_rate : float
         ``γ`` and ``η_C`` of the adaptive rule.
     clipped_count_stddev : float or None
-        ``σ_b``; None = expected cohort / 20, as Andrew et al. recommend.
+        ``σ_b``; None = ``automatic_count_stddev`` (unless ``count_share`` is given).
+    count_share : float
+        Share of the budget the count takes (0 = from ``clipped_count_stddev``).
     server_optimizer : str
         ``"sgd"`` (learning rate and momentum) or ``"adam"``.
     server_learning_rate, server_momentum : float
@@ -161,7 +203,8 @@ class DPFedAvg(FedAvg):
     canary_seed : int
         Seeds the canaries' directions and which half is inserted.
     seed : int or None
-        Seeds client sampling and noise per round; None draws fresh entropy.
+        None (the default): client sampling and noise from ``SecureRandom``; an int seeds
+        them per round - reproducible, and not private.
     client_noise : bool
         Distributed DP: the replies were clipped and noised by the clients (and summed under
         secure aggregation); aggregation neither clips nor adds noise.
@@ -170,10 +213,11 @@ class DPFedAvg(FedAvg):
     def __init__(self, *, sample_rate: float, noise_multiplier: float, clipping_norm: float,
                  adaptive: bool = False, target_quantile: float = 0.5,
                  clip_learning_rate: float = 0.2, clipped_count_stddev: float | None = None,
+                 count_share: float = 0.0,
                  server_optimizer: str = "sgd", server_learning_rate: float = 1.0,
                  server_momentum: float = 0.0, adam_betas: tuple[float, float] = (0.9, 0.99),
                  adam_tau: float = 1e-3, canaries: int = 0, canary_seed: int = 0,
-                 seed: int | None = 0, client_noise: bool = False,
+                 seed: int | None = None, client_noise: bool = False,
                  **fedavg_args) -> None:
         super().__init__(fraction_train=sample_rate, **fedavg_args)
         if not 0 < sample_rate <= 1:
@@ -192,6 +236,7 @@ class DPFedAvg(FedAvg):
         self.target_quantile = target_quantile
         self.clip_learning_rate = clip_learning_rate
         self.clipped_count_stddev = clipped_count_stddev
+        self.count_share = count_share
         self.server_optimizer = server_optimizer
         self.server_learning_rate = server_learning_rate
         self.server_momentum = server_momentum
@@ -218,9 +263,10 @@ class DPFedAvg(FedAvg):
                 f"C={self.clipping_norm}, adaptive={self.adaptive}, "
                 f"server={self.server_optimizer}, lr={self.server_learning_rate})")
 
-    def _rng(self, server_round: int, stream: int) -> np.random.Generator:
+    def _rng(self, server_round: int, stream: int) -> np.random.Generator | SecureRandom:
+        """The draws of one round's sampling or noise: secret unless a seed was given."""
         if self.seed is None:
-            return np.random.default_rng()
+            return SecureRandom()
         return np.random.default_rng([self.seed, server_round, stream])
 
     def expected_cohort(self) -> float:
@@ -239,18 +285,19 @@ class DPFedAvg(FedAvg):
         return self._construct_messages(record, chosen, MessageType.TRAIN)
 
     def noise_parameters(self) -> tuple[float, float]:
-        """(σ_Δ for the update sum, σ_b for the unclipped count)."""
+        """(σ_Δ for the update sum, σ_b for the centred unclipped count)."""
         if not self.adaptive:
             return self.noise_multiplier, 0.0
         return adaptive_noise(self.noise_multiplier, self.expected_cohort(),
-                              self.clipped_count_stddev)
+                              self.clipped_count_stddev, self.count_share)
 
     def _canary_sum(self, server_round: int, like: list[np.ndarray]) -> tuple[list[np.ndarray],
                                                                              int]:
         """The sum of ``C · u_i`` over the inserted canaries Poisson sampling picks this
         round, shaped like ``like``, and how many there were."""
         total = [np.zeros_like(part) for part in like]
-        draws = self._rng(server_round, _CANARY_SAMPLING).random(len(self.canary_inserted))
+        draws = np.random.default_rng([self.canary_seed, server_round, _CANARY_SAMPLING]).random(
+            len(self.canary_inserted))
         sampled = np.flatnonzero(self.canary_inserted & (draws < self.sample_rate))
         sizes = [part.size for part in total]
         for index in sampled:
@@ -343,8 +390,9 @@ class DPFedAvg(FedAvg):
                                 NOISE_STD: noise_std / denominator if denominator else 0.0,
                                 COHORT: len(valid), UNCLIPPED: unclipped,
                                 CANARY_UPDATES: canary_updates})
-        if self.adaptive:
-            noisy_share = (unclipped + rng.normal(0.0, count_std)) / denominator
+        if self.adaptive:  # the centred count: each client adds b_i - 1/2
+            centred = unclipped - COUNT_SENSITIVITY * len(valid)
+            noisy_share = 0.5 + (centred + rng.normal(0.0, count_std)) / denominator
             metrics[CLIPPED_FRACTION] = float(1.0 - noisy_share)
             self.clipping_norm *= math.exp(-self.clip_learning_rate
                                            * (noisy_share - self.target_quantile))

@@ -15,6 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedtune.client import app as fedtune_client
+from strategies.fednova import local_normalizer
 
 # train-reply attacks
 BROADCAST = "broadcast"  # first tensor declares its shape but carries one value, 1000.0
@@ -33,6 +34,13 @@ SCALE = "scale"  # a finite update scaled by 1e6
 HUGE = "huge"  # 3e38 in every floating tensor: finite, well formed
 HUGE_LOSS = "huge-loss"  # train-loss = 1.7e308
 NEGATIVE_LOSS = "negative-loss"  # train-loss = -1.7e308
+LONG_NAME = "long-name"  # a metric named by 300,000 characters
+HUGE_DECLINE = "huge-decline"  # "budget spent" with a 1 MB reason
+ESCAPES = "escapes"  # raises an error whose text holds ANSI escapes and newlines
+FEDNOVA_HUGE = "fednova-huge"  # fednova-a = 1e300
+FEDNOVA_TINY = "fednova-tiny"  # fednova-a = 1e-300
+FEDNOVA_STEPS = "fednova-steps"  # claims 10^15 steps, with the fednova-a they give (momentum 0.5)
+ESCAPE_TEXT = "\x1b[2J\x1b[31mpwned\nfedtune: round 9 finished\r\x07"
 # evaluate-reply attacks
 EVAL_NO_LOSS = "eval-no-loss"
 EVAL_HUGE_LOSS = "eval-huge-loss"  # eval-loss = 1.7e308
@@ -80,10 +88,19 @@ def tamper(attack: str, msg: Message, reply: Message,
         metrics["partition-id"] = -7
     elif attack == INFLATE:
         metrics["num-examples"] = 10**6
-    elif attack == DECLINE:
+    elif attack in (DECLINE, HUGE_DECLINE):
         del reply.content["arrays"]
         del metrics["train-loss"]
-        reply.content["status"] = ConfigRecord({"reason": "privacy budget: spent (a lie)"})
+        reason = "privacy budget: spent (a lie)" if attack == DECLINE else "spent " * 2**18
+        reply.content["status"] = ConfigRecord({"reason": reason})
+    elif attack == LONG_NAME:
+        metrics["m" * 300_000] = 1.0
+    elif attack == ESCAPES:
+        raise RuntimeError(ESCAPE_TEXT)
+    elif attack in (FEDNOVA_HUGE, FEDNOVA_TINY):
+        metrics["fednova-a"] = 1e300 if attack == FEDNOVA_HUGE else 1e-300
+    elif attack == FEDNOVA_STEPS:
+        metrics["num-steps"], metrics["fednova-a"] = 10**15, local_normalizer(10**15, 0.5)
     elif attack == SCALE:
         _tamper_arrays(reply, lambda a: Array(a.numpy() * np.float32(1e6)))
     elif attack == HUGE:

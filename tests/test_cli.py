@@ -4,6 +4,8 @@ per sweep run, --quiet, --json, --dry-run, --version; library output in <run dir
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -155,3 +157,49 @@ def test_a_config_warning_is_one_line_on_stderr(tmp_path):
         "fedtune: warning: client.local_epochs = 2 has no effect with client.local_steps = 5: "
         "only client.local_steps = 0 uses it"]
 
+
+
+def test_report_and_audit_of_a_non_run_directory_answer_before_importing_torch(tmp_path):
+    """In a fresh interpreter: one line, exit 2, well under a second, and no torch loaded."""
+    probe = ("import sys, time; from fedtune.cli import main; start = time.perf_counter(); "
+             f"codes = [main([command, {str(tmp_path)!r}]) for command in ('report', 'audit')]; "
+             "print(codes, 'torch' in sys.modules, time.perf_counter() - start)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    codes, torch_loaded, seconds = result.stdout.rsplit(" ", 2)
+    assert (codes, torch_loaded) == ("[2, 2]", "False"), result.stderr
+    assert float(seconds) < 1.0
+    assert result.stderr.splitlines() == [
+        f"fedtune: error: {str(tmp_path)!r} is not a run directory: it has no metrics.csv",
+        f"fedtune: error: {str(tmp_path)!r} is not a finished run directory: it needs "
+        "config.toml, summary.json and model/"]
+
+
+@pytest.mark.slow
+def test_the_first_ctrl_c_stops_a_client_that_trains_for_minutes(tmp_path):
+    """Nothing checks the stop request while a client trains (nor while a noise search or the
+    data loading runs): the first Ctrl-C used to wait for the client to finish; now the run
+    stops within ``fedtune.cli.STOP_GRACE_S`` (2 s) wherever it is, and says so."""
+    run_dir = tmp_path / "run"
+    settings = [*MLP_DIGITS, "client.local_steps=10000000", "data.num_clients=2"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedtune", "run", "--output", str(run_dir),
+         *[arg for setting in settings for arg in ("--set", setting)]],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "partitions.csv").exists():  # the rounds begin after it
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(1.0)  # inside client 0's ten million steps
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=45)
+        took = time.monotonic() - interrupted
+    finally:
+        process.kill()
+    assert process.returncode == 130, output
+    assert took < 15, took
+    assert "stopped before round 1 finished: no checkpoint was written" in output
+    assert not (run_dir / "metrics.csv").exists()

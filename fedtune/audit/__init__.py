@@ -10,3 +10,23 @@
   ``audit.json`` and ``plots/audit.png`` and says loudly when an empirical ε exceeds the
   accountant's.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedtune.config import Config, ConfigError, load_config
+
+
+def audited_config(path: str | Path) -> Config:
+    """The config of the finished run in ``path``, which must have run with ``privacy.audit``
+    (checked from its files alone: no torch, so a wrong directory is told at once)."""
+    folder = Path(path)
+    if not (folder / "config.toml").is_file() or not (folder / "summary.json").is_file():
+        raise ConfigError(f"{str(path)!r} is not a finished run directory: it needs "
+                          "config.toml, summary.json and model/")
+    config = load_config(folder / "config.toml")
+    if not config.privacy.audit:
+        raise ConfigError(f"{str(path)!r} ran with privacy.audit = false: it inserted no "
+                          "canaries; rerun it with --set privacy.audit=true")
+    return config

@@ -141,19 +141,14 @@ def audit_run_dir(path: str | Path) -> tuple[RunDirectory, dict[str, Any]]:
     rebuilt from the run's seed."""
     from safetensors.numpy import load_file
 
-    from fedtune.config import ConfigError, load_config
+    from fedtune.audit import audited_config
+    from fedtune.config import ConfigError
     from fedtune.models.build import SAVED_WEIGHTS, build_model
     from fedtune.models.weights import shared_state
     from fedtune.task import task_resources
 
     folder = Path(path)
-    if not (folder / "config.toml").is_file() or not (folder / "summary.json").is_file():
-        raise ConfigError(f"{str(path)!r} is not a finished run directory: it needs "
-                          "config.toml, summary.json and model/")
-    config = load_config(folder / "config.toml")
-    if not config.privacy.audit:
-        raise ConfigError(f"{str(path)!r} ran with privacy.audit = false: it inserted no "
-                          "canaries; rerun it with --set privacy.audit=true")
+    config = audited_config(path)
     run_dir = RunDirectory(folder.resolve())
     resources = task_resources(config)
     initial = shared_state(build_model(resources.spec, config.run.seed))

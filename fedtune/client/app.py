@@ -23,10 +23,12 @@ from flwr.clientapp import ClientApp
 
 from fedtune import protocol
 from fedtune.client.algorithms import ClientSide
+from fedtune.client.node_state import node_state_mod
 from fedtune.client.secagg_stages import secagg_stage, secagg_train_mod
 from fedtune.config import Config, ConfigError
 from fedtune.models.weights import load_shared_state, shared_state
 from fedtune.tables.datasets import DATASETS
+from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.runtimes import RUNTIMES
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import (
@@ -140,6 +142,24 @@ def _client_id(context: Context, num_clients: int) -> int:
     return client_id
 
 
+def check_insecure_noise(config: Config, context: Context) -> None:
+    """A client draws its own DP noise under local DP and under distributed DP (SecAgg+), to
+    protect it from the server; so it takes the server's word for
+    ``privacy.insecure_reproducible_noise`` (noise anyone with run.seed can rebuild) only when
+    its own node config allows it (fedtune's simulated runtimes do, a deployed SuperNode only
+    if its operator starts it so)."""
+    p = config.privacy
+    entry = PRIVACY_MODES[p.mode]
+    own_noise = entry.client_noise or (entry.secure_aggregation_client_noise
+                                       and config.strategy.secure_aggregation)
+    if (own_noise and p.insecure_reproducible_noise
+            and context.node_config.get(protocol.INSECURE_NOISE_ALLOWED) is not True):
+        raise ConfigError(
+            "privacy.insecure_reproducible_noise = true is not allowed by this SuperNode: it "
+            "would draw its DP noise from run.seed, which the server knows; start it with "
+            f"--node-config \"{protocol.INSECURE_NOISE_ALLOWED}=true\" only for a simulation")
+
+
 def _setup(msg: Message, context: Context) -> tuple[TaskResources, int, int]:
     """Resources, client id, server round of a message."""
     config = parsed_run_config(context.run_config)
@@ -150,6 +170,7 @@ def _setup(msg: Message, context: Context) -> tuple[TaskResources, int, int]:
         raise ConfigError(f"data.dataset = {config.data.dataset!r} needs each SuperNode's own "
                           "file: start it with --node-config \"partition-id=<i> "
                           "data-path=<file>\"")
+    check_insecure_noise(config, context)
     resources = run_config_resources(context.run_config, data_path)
     client_id = _client_id(context, config.data.num_clients)
     server_round = int(msg.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0))
@@ -169,7 +190,7 @@ def reply_content(trained: TrainedClient) -> RecordDict:
     return content
 
 
-app = ClientApp()
+app = ClientApp(mods=[node_state_mod])  # a SuperNode's state-dir keeps its client's state
 app.query(protocol.SECAGG_ACTION)(secagg_stage)  # SecAgg+'s key set-up and unmasking
 
 

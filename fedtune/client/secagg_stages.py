@@ -5,24 +5,31 @@ Three stages arrive as messages of type ``protocol.SECAGG_MESSAGE_TYPE`` (``seca
 - **setup**: draw this round's key pairs and self-mask seed, compute the neighbours from the
   public graph seed (``fedtune.secagg.graph``), answer with the two public keys;
 - **share-keys**: Shamir-split the self-mask seed and the mask key's seed among the neighbours
-  the server names (``fedtune.secagg.keys``), seal each neighbour's shares for it, answer with
-  the ciphertexts and a commitment to the self-mask seed;
+  the server names (``fedtune.secagg.keys``), seal each neighbour's shares for it (a key per
+  direction), answer with the ciphertexts, a commitment to the self-mask seed and, per peer,
+  commitments to the keys of both directions;
 - **unmask**: hand back the self-mask seed shares of the neighbours whose input arrived and the
   key shares of those that dropped - never both for one neighbour, and only once.
 
 The masked input is the train message itself: ``secagg_train_mod`` (a Flower client mod around
 the ClientApp's train function) opens the forwarded shares, lets the client train, and replaces
-the reply's summed ArrayRecords by one masked vector (``fedtune.secagg.masking``). Under
+the reply's summed ArrayRecords by one masked vector (``fedtune.secagg.masking``). A share that
+does not open is left out - no mask with its sender, none of its shares kept - and the reply
+names the sender and reveals that direction's key, so the server can tell who is at fault. Under
 distributed DP it first clips the update to the server's L2 bound and adds this client's share
-of the Gaussian noise, drawn from operating-system entropy (the server knows the run's seed, so
-seeded noise could be subtracted again).
+of the Gaussian noise, drawn from ``strategies.noise.SecureRandom`` (ChaCha20 keyed by OS
+entropy; the server knows the run's seed, so seeded noise could be subtracted again). Its
+reply metrics (training loss, example counts) still reach the server in clear: the DP
+guarantee covers the update only (docs/privacy.md). Only with
+``privacy.insecure_reproducible_noise``, and a node config that allows it, is the noise seeded
+from the client's round seed (not private).
 
 A client refuses - raises, so the runtime answers with an error reply - a stage out of order, a
 message of another session (a replay), neighbours it did not compute itself, fewer neighbours
-than the threshold, a threshold not above half its neighbours, a share that does not open
-(tampered) or was not sealed for it, a non-finite update, and an unmask request that names a
-neighbour both alive and dead or comes a second time. Its keys live in ``Context.state`` for
-one round and are wiped when it hands over its shares (or crashes).
+than the threshold, a threshold not above half its neighbours, a peer key that is not a P-384
+point, fewer shares that open than the threshold, a non-finite update, and an unmask request
+that names a neighbour both alive and dead or comes a second time. Its keys live in
+``Context.state`` for one round and are wiped when it hands over its shares (or crashes).
 
 Flower's ``secaggplus_mod`` was the guide for the stages; it is not used because it reads the
 legacy record layout (``FitRes``), masks with a 32-bit-seeded Mersenne Twister and neither binds
@@ -31,7 +38,6 @@ shares to a round nor checks the neighbour graph.
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 import numpy as np
@@ -43,6 +49,7 @@ from fedtune.faults import FaultPlan
 from fedtune.secagg import graph, keys, masking
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import client_round_seed, parsed_run_config
+from strategies.noise import SecureRandom
 
 # fields of the client's state record (its own business, never sent)
 _MASK_SEED = "mask-seed"
@@ -50,14 +57,15 @@ _SEAL_PRIVATE = "seal-private"
 _SELF_SEED = "self-seed"
 _NEIGHBOURS = "neighbours"
 _PEER_MASK_KEYS = "peer-pk-mask"
-_SEAL_KEYS = "seal-keys"  # the Fernet key agreed with each peer
+_SEAL_KEYS = "seal-keys"  # the key each peer seals its shares for this client with
 _SEED_SHARES = "seed-shares"
 _KEY_SHARES = "key-shares"
 _SECRETS = (_MASK_SEED, _SEAL_PRIVATE, _SELF_SEED, _SEAL_KEYS, _SEED_SHARES, _KEY_SHARES)
 _SETTINGS = (protocol.SA_ROUND, protocol.SA_THRESHOLD, protocol.SA_BITS,
              protocol.SA_RING_BITS, protocol.SA_CLIP_RANGE, protocol.SA_DP_CLIP,
-             protocol.SA_DP_STD, protocol.SA_WEIGHT, protocol.SA_RECORDS, protocol.SA_DELTAS)
-_ROUNDING_STREAM = 0x5EC  # seed stream of the stochastic rounding
+             protocol.SA_DP_STD, protocol.SA_WEIGHT, protocol.SA_RECORDS, protocol.SA_DELTAS,
+             protocol.SA_GRAPH_SEED)
+_NOISE_STREAM = 0x5EC  # seed stream of the noise share in the insecure reproducible mode
 
 
 class ProtocolViolation(ValueError):
@@ -184,17 +192,27 @@ def _share_keys(state: ConfigRecord, config: ConfigRecord, node: int) -> dict[st
         raise ProtocolViolation(f"{len(peers)} peers with keys, {threshold} needed")
     if len(set(mask_keys) | set(seal_keys)) != 2 * len(peers):
         raise ProtocolViolation("two peers share a public key")
+    if not all(map(keys.is_public_key, mask_keys + seal_keys)):
+        raise ProtocolViolation("a peer's public key is not a P-384 point")
     seed_shares = keys.split(bytes(state[_SELF_SEED]), threshold, len(peers))
     key_shares = keys.split(bytes(state[_MASK_SEED]), threshold, len(peers))
     sealing = keys.seal_keys(bytes(state[_SEAL_PRIVATE]), seal_keys)
+    outgoing = [keys.direction_key(pair, session, node, peer)
+                for peer, pair in zip(peers, sealing, strict=True)]
+    incoming = [keys.direction_key(pair, session, peer, node)
+                for peer, pair in zip(peers, sealing, strict=True)]
     ciphertexts = [keys.seal(key, session, node, peer, seed_share, key_share)
                    for peer, key, seed_share, key_share
-                   in zip(peers, sealing, seed_shares, key_shares, strict=True)]
+                   in zip(peers, outgoing, seed_shares, key_shares, strict=True)]
     state[protocol.SA_PEERS] = _node_ids(peers)
-    # the agreed keys open the peers' shares at the next stage; secrets, wiped with the rest
-    state[_PEER_MASK_KEYS], state[_SEAL_KEYS] = mask_keys, sealing
+    # the keys that open the peers' shares at the next stage; secrets, wiped with the rest
+    state[_PEER_MASK_KEYS], state[_SEAL_KEYS] = mask_keys, incoming
     return {protocol.SA_PEERS: _node_ids(peers), protocol.SA_CIPHERTEXTS: ciphertexts,
-            protocol.SA_COMMITMENT: keys.commitment(session, node, bytes(state[_SELF_SEED]))}
+            protocol.SA_COMMITMENT: keys.commitment(session, node, bytes(state[_SELF_SEED])),
+            protocol.SA_SEAL_OUT: [keys.key_commitment(session, node, peer, key)
+                                   for peer, key in zip(peers, outgoing, strict=True)],
+            protocol.SA_SEAL_IN: [keys.key_commitment(session, peer, node, key)
+                                  for peer, key in zip(peers, incoming, strict=True)]}
 
 
 def _unmask(state: ConfigRecord, config: ConfigRecord) -> dict[str, Any]:
@@ -220,9 +238,12 @@ def _unmask(state: ConfigRecord, config: ConfigRecord) -> dict[str, Any]:
 
 # --- the masked input: a mod around the train function ------------------------------------------
 
-def _open_shares(state: ConfigRecord, config: ConfigRecord, node: int) -> list[int]:
-    """Open the shares the server forwarded; returns their sources (this client's pairwise
-    set)."""
+def _open_shares(state: ConfigRecord, config: ConfigRecord, node: int
+                 ) -> tuple[list[int], dict[str, Any]]:
+    """Open the shares the server forwarded; returns the sources whose shares opened (this
+    client's pairwise set) and, for the others, the refusal its reply carries: their ids and
+    the keys they did not open with and the shares as they arrived (``SA_REFUSED``,
+    ``SA_REVEALED``, ``SA_RECEIVED``)."""
     session, threshold = str(state[protocol.SA_SESSION]), int(state[protocol.SA_THRESHOLD])
     sources = _ids(config[protocol.SA_PEERS])
     ciphertexts = list(config[protocol.SA_CIPHERTEXTS])
@@ -230,36 +251,50 @@ def _open_shares(state: ConfigRecord, config: ConfigRecord, node: int) -> list[i
     if (len(set(sources)) != len(sources) or not set(sources) <= set(peers)
             or len(ciphertexts) != len(sources)):
         raise ProtocolViolation("forwarded shares come from a node that is not a peer, or twice")
-    if len(sources) < threshold:
-        raise ProtocolViolation(f"shares from {len(sources)} peers, {threshold} needed")
-    sealing = dict(zip(peers, state[_SEAL_KEYS], strict=True))
-    seed_shares, key_shares = [], []
+    incoming = dict(zip(peers, state[_SEAL_KEYS], strict=True))
+    opened, seed_shares, key_shares, refused, received = [], [], [], [], []
     for source, ciphertext in zip(sources, ciphertexts, strict=True):
-        seed_share, key_share = keys.open_sealed(sealing[source], ciphertext, session, source,
-                                                 node)
+        try:
+            seed_share, key_share = keys.open_sealed(incoming[source], ciphertext, session,
+                                                     source, node)
+        except keys.ShareRejected:
+            refused.append(source)
+            received.append(bytes(ciphertext))
+            continue
+        opened.append(source)
         seed_shares.append(seed_share)
         key_shares.append(key_share)
-    state[protocol.SA_OWNERS] = _node_ids(sources)
+    if len(opened) < threshold:
+        raise ProtocolViolation(f"shares that open from {len(opened)} peers, {threshold} needed"
+                                + (f" (those of {refused} do not open)" if refused else ""))
+    state[protocol.SA_OWNERS] = _node_ids(opened)
     state[_SEED_SHARES], state[_KEY_SHARES] = seed_shares, key_shares
-    return sources
+    refusal: dict[str, Any] = {}
+    if refused:  # a key per direction: it opens only what that sender sealed for this client
+        refusal = {protocol.SA_REFUSED: _node_ids(refused),
+                   protocol.SA_REVEALED: [bytes(incoming[source]) for source in refused],
+                   protocol.SA_RECEIVED: received}
+    return opened, refusal
 
 
-def _private_values(values: np.ndarray, state: ConfigRecord) -> np.ndarray:
+def _private_values(values: np.ndarray, state: ConfigRecord,
+                    rng: np.random.Generator | SecureRandom) -> np.ndarray:
     """Distributed DP: clip to the L2 bound, add this client's share of the noise."""
     bound, std = float(state[protocol.SA_DP_CLIP]), float(state[protocol.SA_DP_STD])
     if bound > 0:
         masking.clip_l2(values, bound)
     if std > 0:
-        # a secret: drawn from OS entropy, not from the run's seed that the server knows
-        values += np.random.default_rng(secrets.randbits(128)).normal(0.0, std, values.shape)
+        values += rng.normal(0.0, std, values.shape)
     return values
 
 
 def _masked(state: ConfigRecord, node: int, sources: list[int], values: np.ndarray,
-            weight: int, rounding_seed: int) -> np.ndarray:
+            weight: int) -> np.ndarray:
     dtype = masking.ring_dtype(int(state[protocol.SA_RING_BITS]))
+    offsets = masking.dither(masking.dither_seed(int(state[protocol.SA_GRAPH_SEED]), node),
+                             values.size)
     vector = masking.encode(values, weight, float(state[protocol.SA_CLIP_RANGE]),
-                            int(state[protocol.SA_BITS]), dtype, rounding_seed)
+                            int(state[protocol.SA_BITS]), dtype, offsets)
     masking.add_mask(vector, bytes(state[_SELF_SEED]), 1)
     mask_private = keys.mask_private_key(bytes(state[_MASK_SEED]))
     mask_keys = dict(zip(_ids(state[protocol.SA_PEERS]), state[_PEER_MASK_KEYS], strict=True))
@@ -276,7 +311,7 @@ def secagg_train_mod(msg: Message, context: Context, call_next: ClientAppCallabl
         return call_next(msg, context)
     config, state, node = msg.content[protocol.SECAGG], _state(context), msg.metadata.dst_node_id
     _expect(state, config, protocol.STAGE_SHARE_KEYS)
-    sources = _open_shares(state, config, node)
+    sources, refusal = _open_shares(state, config, node)
     state[protocol.SA_STAGE] = protocol.STAGE_MASKED_INPUT
     reply = call_next(msg, context)
     run_config = parsed_run_config(context.run_config)
@@ -291,15 +326,14 @@ def secagg_train_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     server_round = int(state[protocol.SA_ROUND])
     weight = masking.integer_weight(str(state[protocol.SA_WEIGHT]),
                                     reply.content[protocol.METRICS])
-    rounding_seed = int(np.random.SeedSequence(
-        [client_round_seed(run_config.run.seed, server_round, client_id), _ROUNDING_STREAM]
-    ).generate_state(1)[0])
-    vector = _masked(state, node, sources, _private_values(values, state), weight,
-                     rounding_seed)
+    rng = (np.random.default_rng(np.random.SeedSequence(
+        [client_round_seed(run_config.run.seed, server_round, client_id), _NOISE_STREAM]))
+        if run_config.privacy.insecure_reproducible_noise else SecureRandom())
+    vector = _masked(state, node, sources, _private_values(values, state, rng), weight)
     content = RecordDict({name: record for name, record in reply.content.items()
                           if name not in {s.reply for s in summed}})
     content[protocol.SECAGG_MASKED] = ArrayRecord({protocol.MASKED: Array(vector)})
-    return _reply(msg, protocol.STAGE_MASKED_INPUT, str(state[protocol.SA_SESSION]), {},
+    return _reply(msg, protocol.STAGE_MASKED_INPUT, str(state[protocol.SA_SESSION]), refusal,
                   content)
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from fedtune.config import ConfigError, DataSection
+from fedtune.config import ConfigError, ConfigWarning, DataSection
 from fedtune.data.files import load_party_file
 from fedtune.data.partition import (
     check_partition,
@@ -31,6 +32,8 @@ from fedtune.tables.datasets import DATASETS
 
 # Independent seed streams per random stage, so changing one stage leaves the others alone.
 _SUBSAMPLE, _TEST_SPLIT, _PARTITION, _LOCAL_SPLIT = range(4)
+# a global test file below this is warned about: its accuracy has a standard error up to 0.05
+MIN_TEST_EXAMPLES = 100
 
 
 def stage_seed(seed: int, stage: int) -> int:
@@ -140,6 +143,12 @@ def _files_federation(cfg: DataSection, seed: int, data_path: str) -> Federation
     labels = tuple(cfg.label_names)
     if not data_path:
         data = load_party_file(cfg.test_path, labels, cfg.text_column, cfg.label_column)
+        if len(data) < MIN_TEST_EXAMPLES:
+            warnings.warn(ConfigWarning(
+                f"data.test_path = {cfg.test_path!r} holds {len(data)} examples: a test "
+                f"accuracy on it moves in steps of {1 / len(data):.2g} and its standard error "
+                f"reaches {0.5 / math.sqrt(len(data)):.2g}; {MIN_TEST_EXAMPLES} or more make it "
+                "mean something"), stacklevel=2)
         return Federation(data, np.arange(len(data)), (), ())
     data = load_party_file(data_path, labels, cfg.text_column, cfg.label_column)
     rng = np.random.default_rng(stage_seed(seed, _LOCAL_SPLIT))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fedtune.config import ConfigError
 from fedtune.data.sources import LabelledData, build_text_data
+from fedtune.errors import one_line
 
 ENCODING = "utf-8-sig"  # UTF-8, with or without a byte order mark
 MAX_FIELD_CHARS = 2**27  # one CSV field (a whole document); csv's default stops at 131,072
@@ -55,7 +56,74 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-def _rows(path: Path, text_column: str, label_column: str) -> list[tuple[object, object, str]]:
+def _reads_as_row(line: str, columns: int, label_at: int,
+                  label_names: tuple[str, ...]) -> bool:
+    """Whether ``line`` parses as a whole record of the file: as many fields as the header,
+    a label where the label column is."""
+    try:
+        fields = next(csv.reader([line]), [])
+    except csv.Error:
+        return False
+    if len(fields) != columns:
+        return False
+    label = fields[label_at].strip()
+    return label in label_names or (label.isascii() and label.isdigit()
+                                    and int(label) < len(label_names))
+
+
+def _merged_row(record: dict[str, str], columns: list[str], label_column: str,
+                label_names: tuple[str, ...]) -> str | None:
+    """A line inside a field of a multi-line record that reads as a record of its own: the
+    sign of a quote opened by mistake that a later quote happened to close."""
+    label_at = columns.index(label_column)
+    for value in record.values():
+        for line in (value or "").split("\n")[1:]:
+            if _reads_as_row(line, len(columns), label_at, label_names):
+                return line
+    return None
+
+
+def _csv_rows(path: Path, text_column: str, label_column: str,
+              label_names: tuple[str, ...]) -> list[tuple[object, object, str]]:
+    """(text, label, where) per CSV record (``strict``: a quote must close right before a
+    delimiter or the end of a line). A quoted text may span lines; a quote left open, or one
+    whose field swallowed a line that reads as a row, is an error naming the line where it
+    opened."""
+    csv.field_size_limit(MAX_FIELD_CHARS)
+    reader = csv.DictReader((line for _, line in _lines(path)), strict=True)
+    rows, start = [], 2  # reader.reader.line_num: DictReader's own is stale after an error
+    try:
+        missing = {text_column, label_column} - set(reader.fieldnames or [])
+        if missing:
+            raise ConfigError(f"{path}: the header lacks {sorted(missing)} (data.text_column, "
+                              "data.label_column)")
+        start = reader.reader.line_num + 1
+        for record in reader:
+            where = f"{path}:{start}"
+            if record[text_column] is None or record[label_column] is None:
+                raise ConfigError(f"{where}: the row has fewer fields than the header")
+            end = reader.reader.line_num
+            if end > start:
+                merged = _merged_row(record, list(reader.fieldnames or []), label_column,
+                                     label_names)
+                if merged is not None:
+                    raise ConfigError(
+                        f"{where}: the quoted field that starts on this line runs to line "
+                        f"{end} and holds {one_line(merged, 80)!r}, which reads as a row of its "
+                        "own: close the quote (a quote inside a quoted text is written twice)")
+            rows.append((record[text_column], record[label_column], where))
+            start = reader.reader.line_num + 1
+    except csv.Error as err:
+        if "unexpected end of data" in str(err):
+            raise ConfigError(f"{path}:{start}: a quote opened on this line is never closed "
+                              "(the file ends inside it)") from None
+        raise ConfigError(f"{path}:{start}: not a valid CSV record ({err}): it starts here and "
+                          f"ends on line {reader.reader.line_num}") from None
+    return rows
+
+
+def _rows(path: Path, text_column: str, label_column: str, label_names: tuple[str, ...]
+          ) -> list[tuple[object, object, str]]:
     """(text, label, where) per record."""
     rows = []
     if path.suffix.lower() in (".jsonl", ".json"):
@@ -73,21 +141,7 @@ def _rows(path: Path, text_column: str, label_column: str) -> list[tuple[object,
                                   f"{text_column!r} and {label_column!r}")
             rows.append((_text(record[text_column], where), record[label_column], where))
         return rows
-    csv.field_size_limit(MAX_FIELD_CHARS)
-    reader = csv.DictReader(line for _, line in _lines(path))
-    try:
-        missing = {text_column, label_column} - set(reader.fieldnames or [])
-        if missing:
-            raise ConfigError(f"{path}: the header lacks {sorted(missing)} (data.text_column, "
-                              "data.label_column)")
-        for record in reader:
-            where = f"{path}:{reader.line_num}"
-            if record[text_column] is None or record[label_column] is None:
-                raise ConfigError(f"{where}: the row has fewer fields than the header")
-            rows.append((record[text_column], record[label_column], where))
-    except csv.Error as err:
-        raise ConfigError(f"{path}:{reader.line_num}: not a valid CSV row ({err})") from None
-    return rows
+    return _csv_rows(path, text_column, label_column, label_names)
 
 
 @lru_cache(maxsize=4)
@@ -97,7 +151,7 @@ def load_party_file(path: str, label_names: tuple[str, ...], text_column: str = 
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"data file {path!r} does not exist")
-    records = _rows(file, text_column, label_column)
+    records = _rows(file, text_column, label_column, label_names)
     if not records:
         raise ConfigError(f"data file {path!r} holds no examples")
     texts = [str(text) for text, _, _ in records]

@@ -24,7 +24,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import yaml
@@ -152,14 +152,110 @@ def publish(app_dir: Path, registry: Path, private_key_path: Path) -> Published:
     return Published(app_id, version, fab_path, hashlib.sha256(fab).hexdigest())
 
 
-def signed_fab_hashes(registry: Path, trusted: Mapping[str, str]) -> set[str]:
-    """SHA-256 of every FAB in ``registry`` that a trusted key signed."""
-    hashes = set()
-    for fab_path in Path(registry).glob("*/*/*.fab"):
+@dataclass(frozen=True)
+class SignedFab:
+    """A FAB of the registry that a trusted key signed, named by its own metadata (what is
+    signed), never by its file name."""
+
+    app_id: str  # "@publisher/name"
+    version: str
+    fab_hash: str
+
+    @property
+    def spec(self) -> str:
+        return f"{self.app_id}=={self.version}"
+
+
+def signed_fabs(registry: Path, trusted: Mapping[str, str]) -> list[SignedFab]:
+    """Every FAB in ``registry`` that a trusted key signed."""
+    found = []
+    for fab_path in sorted(Path(registry).glob("*/*/*.fab")):
         signatures = fab_path.with_suffix(".json")
         if not signatures.is_file():
             continue
         fab = fab_path.read_bytes()
-        if is_signed(fab, json.loads(signatures.read_text(encoding="utf-8")), trusted):
-            hashes.add(hashlib.sha256(fab).hexdigest())
-    return hashes
+        try:
+            signed = is_signed(fab, json.loads(signatures.read_text(encoding="utf-8")), trusted)
+            fab_id, version = get_metadata_from_config(get_fab_config(fab))
+        except (ValueError, KeyError, TypeError):  # a damaged file is simply not accepted
+            continue
+        if signed:
+            found.append(SignedFab(f"@{fab_id}", version, hashlib.sha256(fab).hexdigest()))
+    return found
+
+
+def signed_fab_hashes(registry: Path, trusted: Mapping[str, str]) -> set[str]:
+    """SHA-256 of every FAB in ``registry`` that a trusted key signed."""
+    return {fab.fab_hash for fab in signed_fabs(registry, trusted)}
+
+
+# --- retiring versions ----------------------------------------------------------------------------
+# A signature never expires (a SuperNode checks only that a trusted key made it), so every
+# version ever published would stay runnable by whoever reaches the SuperLink's Control API.
+# The ServerApp's gate, ``fedtune superexec``, accepts only what the operator still accepts.
+
+@dataclass(frozen=True)
+class AcceptPolicy:
+    """Which signed versions ``fedtune superexec`` starts: with ``allow`` (spec -> expiry, None
+    = none) exactly the listed versions until they expire; otherwise the newest version of each
+    app (``newest_only``), or every signed one."""
+
+    newest_only: bool = True
+    allow: Mapping[str, datetime | None] | None = None
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def accepted_fab_hashes(registry: Path, trusted: Mapping[str, str], policy: AcceptPolicy,
+                        now: datetime | None = None) -> set[str]:
+    """SHA-256 of every FAB in ``registry`` that a trusted key signed and ``policy`` accepts
+    at ``now`` (the current time)."""
+    fabs = signed_fabs(registry, trusted)
+    if policy.allow is not None:
+        moment = now or datetime.now(UTC)
+        return {fab.fab_hash for fab in fabs if fab.spec in policy.allow and (
+            policy.allow[fab.spec] is None or moment < policy.allow[fab.spec])}
+    if not policy.newest_only:
+        return {fab.fab_hash for fab in fabs}
+    newest: dict[str, SignedFab] = {}
+    for fab in fabs:
+        if fab.app_id not in newest or (_version_key(fab.version)
+                                        > _version_key(newest[fab.app_id].version)):
+            newest[fab.app_id] = fab
+    return {fab.fab_hash for fab in newest.values()}
+
+
+def read_allow_list(path: Path) -> dict[str, datetime | None]:
+    """An allow-list file: YAML mapping ``"@publisher/app==version"`` to the moment it expires
+    (an ISO date or date-time, UTC unless it says otherwise) or ``null`` (no expiry)."""
+    try:
+        entries = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"allow-list {str(path)!r} cannot be read: {error}") from None
+    if not isinstance(entries, dict):
+        raise ConfigError(f"allow-list {str(path)!r} must map '@publisher/app==version' to an "
+                          "expiry date or null")
+    allowed: dict[str, datetime | None] = {}
+    for spec, expiry in entries.items():
+        app_id, _, version = str(spec).partition("==")
+        if not app_id.startswith("@") or "/" not in app_id or not version:
+            raise ConfigError(f"allow-list {str(path)!r}: {str(spec)!r} is not "
+                              "'@publisher/app==version'")
+        allowed[str(spec)] = None if expiry is None else _moment(expiry, str(spec), path)
+    return allowed
+
+
+def _moment(value: object, spec: str, path: Path) -> datetime:
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, date):
+        moment = datetime(value.year, value.month, value.day)
+    else:
+        try:
+            moment = datetime.fromisoformat(str(value))
+        except ValueError:
+            raise ConfigError(f"allow-list {str(path)!r}: expiry {str(value)!r} of {spec!r} is "
+                              "not a date (YYYY-MM-DD) or a date-time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

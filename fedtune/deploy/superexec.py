@@ -24,11 +24,27 @@ from flwr.supercore.superexec import run_superexec as superexec_module
 from flwr.supercore.superexec.executor import LaunchResult
 from flwr.supercore.superexec.plugin import AutoExecPlugin
 
-from fedtune.deploy.signing import read_trusted_entities, signed_fab_hashes
+from fedtune.deploy.signing import (
+    AcceptPolicy,
+    accepted_fab_hashes,
+    read_allow_list,
+    read_trusted_entities,
+    signed_fab_hashes,
+)
 
 
-def signed_apps_only(registry: Path, trusted: Mapping[str, str]) -> type[AutoExecPlugin]:
-    """Flower's SuperExec plugin, refusing every task whose FAB a trusted key did not sign."""
+def signed_apps_only(registry: Path, trusted: Mapping[str, str],
+                     policy: AcceptPolicy | None = None,
+                     allow_list: Path | None = None) -> type[AutoExecPlugin]:
+    """Flower's SuperExec plugin, refusing every task whose FAB a trusted key did not sign, or
+    whose version the operator no longer accepts (``policy``; ``allow_list``: a file read
+    again for every task, so an edit takes effect at the next run)."""
+
+    def accepted() -> set[str]:
+        current = policy or AcceptPolicy()
+        if allow_list is not None:
+            current = AcceptPolicy(allow=read_allow_list(allow_list))
+        return accepted_fab_hashes(registry, trusted, current)
 
     class SignedAppsOnly(AutoExecPlugin):
         def launch_task(self, token: str, task: Task) -> LaunchResult:
@@ -38,6 +54,12 @@ def signed_apps_only(registry: Path, trusted: Mapping[str, str]) -> type[AutoExe
                            "signed by a trusted publisher key", task.task_id, task.run_id,
                     fab_hash[:12] or "unknown")
                 return LaunchResult.failed("the app is not signed by a trusted publisher key")
+            if fab_hash not in accepted():
+                log(ERROR, "fedtune: refused task %d of run %d: its app (FAB %s) is signed but "
+                           "retired (not the newest version, or not on the allow-list, or "
+                           "expired)", task.task_id, task.run_id, fab_hash[:12])
+                return LaunchResult.failed("the app version is signed but not accepted any "
+                                           "more: retired by the operator")
             return super().launch_task(token, task)
 
     return SignedAppsOnly
@@ -45,12 +67,18 @@ def signed_apps_only(registry: Path, trusted: Mapping[str, str]) -> type[AutoExe
 
 def run_signed_superexec(runtime_api_address: str, root_certificates: str | None,
                          registry: Path, trusted_entities: Path,
-                         secret_file: str | None) -> None:
-    """Run Flower's SuperExec with ``signed_apps_only`` as its plugin (until stopped)."""
+                         secret_file: str | None, accept: str = "newest",
+                         allow_list: Path | None = None) -> None:
+    """Run Flower's SuperExec with ``signed_apps_only`` as its plugin (until stopped):
+    ``accept`` "newest" (each app's highest signed version) or "signed" (every one);
+    ``allow_list`` replaces both with the versions a file lists, until their expiry."""
     trusted = read_trusted_entities(trusted_entities)
+    if allow_list is not None:
+        read_allow_list(allow_list)  # a broken file is told now, not at the first run
     # Flower 1.41's SuperExec builds its plugin from this module-level name and offers no
     # option to choose another, so the plugin is swapped here.
-    superexec_module.AutoExecPlugin = signed_apps_only(Path(registry), trusted)
+    superexec_module.AutoExecPlugin = signed_apps_only(
+        Path(registry), trusted, AcceptPolicy(newest_only=accept == "newest"), allow_list)
     superexec_module.run_superexec(
         runtime_api_address=runtime_api_address,
         insecure=root_certificates is None,

@@ -20,7 +20,13 @@ import opacus
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedtune.errors import ConfigError
+from fedtune.tables.privacy_modes import MAX_NOISE_MULTIPLIER, smallest_epsilon
+
 MECHANISMS = ("rdp", "prv")
+# the PRV accountant's memory and time grow with the steps it composes (10,000: about 2 s and
+# 0.5 GB for one ε on this machine, 100,000: 30 s and 1.5 GB); a plan evaluates ε many times
+MAX_PRV_COMPOSITIONS = 10_000
 ACCOUNTANT_LIBRARY = f"opacus {opacus.__version__} accountants"  # what computes every ε
 
 HistoryEntry = tuple[float, float, int]
@@ -65,10 +71,20 @@ def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, st
                      mechanism: str) -> float:
     """The smallest noise multiplier (to 0.01 in ε) whose ``steps`` stay within the target.
 
-    ``target_epsilon = inf`` asks for no noise (clipping only).
+    ``target_epsilon = inf`` asks for no noise (clipping only). Opacus' search doubles the
+    noise until ε fits (up to 10^6, each ε taking longer than the last); a target within twice
+    the least ε any noise gives is first checked against ``MAX_NOISE_MULTIPLIER``, so an
+    unreachable one is refused in seconds, by name.
     """
     if math.isinf(target_epsilon):
         return 0.0
+    if target_epsilon < 2 * smallest_epsilon(delta):
+        ceiling = epsilon([(MAX_NOISE_MULTIPLIER, sample_rate, max(1, steps))], delta, mechanism)
+        if ceiling > target_epsilon:
+            raise ConfigError(
+                f"privacy.target_epsilon = {target_epsilon:g} is not allowed for {steps} steps "
+                f"at sampling rate {sample_rate:g}: must be >= {ceiling:.4g}, what noise "
+                f"multiplier {MAX_NOISE_MULTIPLIER:g} (the most fedtune adds) spends")
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                       sample_rate=sample_rate, steps=max(1, steps),
                                       accountant=mechanism))
@@ -98,6 +114,15 @@ def steps_within_budget(history: Sequence[HistoryEntry], noise_multiplier: float
         else:
             too_many = middle
     return fitting
+
+
+def epsilon_by_accountants(noise_multiplier: float, sample_rate: float, steps: int,
+                           delta: float) -> dict[str, float | None]:
+    """ε of ``steps`` identical Poisson-subsampled Gaussian steps by both accountants (PRV
+    only up to ``MAX_PRV_COMPOSITIONS`` steps, None beyond)."""
+    history = [(noise_multiplier, sample_rate, steps)]
+    return {"rdp": epsilon(history, delta, "rdp"),
+            "prv": epsilon(history, delta, "prv") if steps <= MAX_PRV_COMPOSITIONS else None}
 
 
 def history_to_lists(history: Sequence[HistoryEntry]) -> dict[str, list]:

@@ -15,6 +15,7 @@ sees only the sum, neither clips nor noises.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,12 +26,14 @@ from fedtune.privacy.accounting import (
     HistoryEntry,
     compose,
     epsilon,
+    epsilon_by_accountants,
     noise_for_target,
 )
-from fedtune.privacy.mode import PrivacyMode, PrivacyPlan, PrivacyServer
+from fedtune.privacy.mode import PrivacyMode, PrivacyPlan, PrivacyServer, noise_source
+from fedtune.protocol import SECAGG_DP_CLIP_BOUND
 from fedtune.tables.strategies import STRATEGIES
 from strategies import dp_fedavg
-from strategies.dp_fedavg import DPFedAvg, adaptive_noise
+from strategies.dp_fedavg import COUNT_SENSITIVITY, DPFedAvg, adaptive_noise, count_share
 
 if TYPE_CHECKING:
     from flwr.app import MetricRecord
@@ -77,11 +80,14 @@ class CentralServer(PrivacyServer):
 
     releases_empty_rounds = True
 
-    def __init__(self, budget: CentralBudget) -> None:
+    def __init__(self, budget: CentralBudget, distributed: bool = False) -> None:
         self.budget = budget
+        self.distributed = distributed  # SecAgg+: the clients add the noise
         self.clip_norm: float | None = None
         self.clipped_fraction: float | None = None
         self.noise_std: float | None = None
+        self.participations: dict[str, int] = {}  # client -> rounds its update was summed
+        self.quantiser_clip_bound = 0.0  # Σ η over the rounds (distributed DP)
 
     def stop_before(self, server_round: int) -> str:
         return "" if self.budget.next_round_fits() else self.budget.stop_reason(server_round)
@@ -89,7 +95,12 @@ class CentralServer(PrivacyServer):
     def record_round(self, rows: Sequence[ClientRow], accepted: Sequence[Mapping[str, Any]],
                      aggregated: MetricRecord | None = None) -> None:
         self.budget.record_round()
+        for row in rows:
+            if row.status == "ok" and row.client_id is not None:
+                key = str(row.client_id)
+                self.participations[key] = self.participations.get(key, 0) + 1
         reported = aggregated or {}
+        self.quantiser_clip_bound += float(reported.get(SECAGG_DP_CLIP_BOUND, 0.0))
         self.clip_norm = _number(reported.get(dp_fedavg.CLIP_NORM))
         self.clipped_fraction = _number(reported.get(dp_fedavg.CLIPPED_FRACTION))
         self.noise_std = _number(reported.get(dp_fedavg.NOISE_STD))
@@ -100,15 +111,55 @@ class CentralServer(PrivacyServer):
                 "noise_std": self.noise_std}
 
     def summary(self, config: Config, plan: PrivacyPlan) -> dict[str, Any]:
-        """σ, q, rounds, δ, ε and the accountant that computed ε; with adaptive clipping also
-        the two noise multipliers σ_Δ and σ_b that share σ, and the last bound used."""
+        """Everything a reader needs to recompute ε (docs/privacy.md has the recipe): σ, q,
+        the rounds accounted, δ, the accountant; with adaptive clipping the update's and the
+        count's noise multipliers and the count's sensitivity; ε of the composed mechanism by
+        two accountants; where the noise came from; and the last bound used."""
         p = config.privacy
+        rounds = sum(steps for _, _, steps in self.budget.history)
+        composed = composed_noise_multiplier(plan.details, plan.noise_multiplier)
         return {"mode": "central", "epsilon": self.budget.epsilon, "delta": p.delta,
                 "accountant": p.accountant, "accountant_library": ACCOUNTANT_LIBRARY,
                 "target_epsilon": p.target_epsilon or None,
                 "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-                "rounds_accounted": sum(steps for _, _, steps in self.budget.history),
-                **plan.details, "last_clip_norm": self.clip_norm}
+                "rounds_accounted": rounds, **plan.details,
+                "composed_noise_multiplier": composed,
+                "epsilon_by_accountant": epsilon_by_accountants(
+                    composed, plan.sample_rate, rounds, p.delta),
+                **noise_source(config), "last_clip_norm": self.clip_norm,
+                **({"distributed": self.distributed_summary(config, plan)}
+                   if self.distributed else {})}
+
+    def distributed_summary(self, config: Config, plan: PrivacyPlan) -> dict[str, Any]:
+        """What distributed DP (SecAgg+) adds to the guarantee: who must add noise, the
+        quantiser's clipping bound η and the δ it costs, and ε against the server itself,
+        which samples the cohort and so knows who took part (no amplification by sampling:
+        q = 1 over the most rounds any one client's update was summed)."""
+        p = config.privacy
+        spent = self.budget.epsilon
+        most = max(self.participations.values(), default=0)
+        against_server = epsilon([(plan.noise_multiplier, 1.0, most)], p.delta, p.accountant)
+        return {
+            "noise_shares": "each client adds N(0, (noise_multiplier x clip_norm)^2 / m_min); "
+                            "a round sums at least m_min inputs or fails",
+            "assumes": "every client whose input is summed adds its share (if only h do, the "
+                       "multiplier is noise_multiplier x sqrt(h / m_min))",
+            "quantiser_clip_probability": self.quantiser_clip_bound,
+            "delta_with_quantiser": p.delta + (1 + math.exp(min(spent, 700)))
+            * self.quantiser_clip_bound,
+            "max_participations": most,
+            "epsilon_against_server": against_server,
+        }
+
+
+def composed_noise_multiplier(details: Mapping[str, Any], noise: float) -> float:
+    """The multiplier of the one Gaussian mechanism a round releases: the update sum (noise
+    σ_Δ C on sensitivity C) and, with adaptive clipping, the centred count (noise σ_b on
+    sensitivity 1/2) together, ``(σ_Δ⁻² + (Δ_b / σ_b)⁻²)^(-1/2)`` (= σ by the split)."""
+    if not details.get("adaptive_clipping") or not noise:
+        return noise
+    update, count = details["update_noise_multiplier"], details["count_noise_multiplier"]
+    return (update ** -2 + count ** -2) ** -0.5
 
 
 def _number(value: Any) -> float | None:
@@ -137,18 +188,21 @@ class CentralDP(PrivacyMode):
         details: dict[str, Any] = {"adaptive_clipping": p.adaptive_clipping}
         if p.adaptive_clipping:
             cohort = rate * config.data.num_clients
-            count_std = p.clipped_count_stddev or cohort / 20
-            if noise and noise >= 2 * count_std:
+            count_std = p.clipped_count_stddev
+            if noise and count_std and noise * COUNT_SENSITIVITY >= count_std:
                 raise ConfigError(
                     f"privacy.clipped_count_stddev = {count_std:g} is not allowed with noise "
-                    f"multiplier {noise:.4g}: must be > noise / 2 (Andrew et al. 2021); raise "
-                    "it, or the expected cohort (fraction_train x num_clients), or set "
-                    "privacy.adaptive_clipping = false with a fixed privacy.clip_norm"
+                    f"multiplier {noise:.4g}: must be > noise / 2 (the count would take the "
+                    "whole budget); set privacy.clipped_count_stddev = 0 and choose "
+                    "privacy.count_budget_share (0 = automatic)"
                 )
-            update_noise, count_noise = adaptive_noise(noise, cohort,
-                                                       p.clipped_count_stddev or None)
-            details.update(update_noise_multiplier=update_noise,
-                           clipped_count_stddev=count_noise)
+            update_noise, count_noise = adaptive_noise(noise, cohort, count_std or None,
+                                                       p.count_budget_share)
+            details.update(
+                update_noise_multiplier=update_noise, clipped_count_stddev=count_noise,
+                count_sensitivity=COUNT_SENSITIVITY,
+                count_noise_multiplier=count_noise / COUNT_SENSITIVITY if noise else 0.0,
+                count_budget_share=count_share(noise, count_noise) if noise else 0.0)
         return PrivacyPlan(noise_multiplier=noise, sample_rate=rate, details=details)
 
     def strategy(self, config: Config, plan: PrivacyPlan, evaluate_args: dict[str, Any]
@@ -160,7 +214,9 @@ class CentralDP(PrivacyMode):
             sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier,
             clipping_norm=p.clip_norm, adaptive=p.adaptive_clipping,
             target_quantile=p.target_quantile, clip_learning_rate=p.clip_lr,
-            clipped_count_stddev=p.clipped_count_stddev or None, seed=config.run.seed,
+            # the plan's σ_b, so the mechanism noises exactly what the summary records
+            clipped_count_stddev=plan.details.get("clipped_count_stddev") or None,
+            seed=config.run.seed if p.insecure_reproducible_noise else None,
             canaries=p.audit_canaries if p.audit else 0, canary_seed=config.run.seed,
             client_noise=config.strategy.secure_aggregation,
             **server_optimizer(config), **evaluate_args,
@@ -175,7 +231,9 @@ class CentralDP(PrivacyMode):
             return 0.0, 0.0
         return config.privacy.clip_norm, plan.noise_multiplier or 0.0
 
-    def server(self, config: Config, plan: PrivacyPlan) -> CentralServer:
+    def server(self, config: Config, plan: PrivacyPlan, client_sizes: Sequence[int] = ()
+               ) -> CentralServer:
         p = config.privacy
         return CentralServer(CentralBudget(plan.noise_multiplier, plan.sample_rate, p.delta,
-                                           p.accountant, p.target_epsilon))
+                                           p.accountant, p.target_epsilon),
+                             distributed=config.strategy.secure_aggregation)

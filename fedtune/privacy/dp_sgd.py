@@ -11,6 +11,15 @@ frozen encoders and LoRA adapters work as they are.
 The accountant's history is handed in and handed back: the caller keeps it (a Flower client in
 its ``Context.state``), so ε accumulates over every round the client trains. Before a round the
 client computes how many steps its budget still allows and trains at most that many.
+
+Secrecy of the draws: the Poisson sample of every step and the Gaussian noise come from
+``strategies.noise.SecureRandom`` (ChaCha20 keyed by OS entropy per draw), through
+``SecurePoissonSampler`` and ``SecureNoiseEngine``. Opacus' own ``secure_mode`` would do the same
+with torchcsprng, which is unmaintained and does not build for current torch; without it Opacus
+draws both from torch's Mersenne Twister, which fedtune seeds per client and round from
+run.seed - the server, which local DP protects the clients from, knows that seed. With
+``privacy.insecure_reproducible_noise`` the old, reproducible and not private, path is kept
+(Opacus' ``DPDataLoader`` seeded from the client's round seed, noise from torch's generator).
 """
 
 from __future__ import annotations
@@ -18,13 +27,17 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, get_optimizer_class
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -39,6 +52,7 @@ from fedtune.privacy.accounting import (
     total_steps,
 )
 from fedtune.train import TrainResult, TrainSettings, make_optimizer, train_local
+from strategies.noise import SecureRandom
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,7 @@ class LocalDPSettings:
     target_epsilon: float = 0.0  # 0 = no target: noise_multiplier is given
     noise_multiplier: float = 0.0
     planned_rounds: int = 1  # rounds the noise is planned for (when derived from the target)
+    secure: bool = True  # False: privacy.insecure_reproducible_noise (seeded, not private)
 
 
 @dataclass(frozen=True)
@@ -92,18 +107,98 @@ class PoissonRows(RowDataset):
         return inputs, labels
 
 
+class SecurePoissonSampler(UniformWithReplacementSampler):
+    """Opacus' Poisson batch sampler (each example joins each batch with ``sample_rate``, for
+    ``steps`` batches) with its coin flips from ``SecureRandom`` instead of a torch generator:
+    which examples a step used is as secret as its noise, which amplification by subsampling
+    assumes."""
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            flips = SecureRandom().random(self.num_samples) < self.sample_rate
+            yield np.flatnonzero(flips).tolist()
+
+
+def poisson_steps(num_examples: int, batch_size: int) -> int:
+    """Poisson batches per epoch of a client with ``num_examples`` examples, as Opacus'
+    ``DPDataLoader`` counts them (``int(1 / q)`` for ``q = 1 / ceil(n / batch)``, which float
+    division makes one less for some n); the accountant's rate is one over it. The server
+    computes it too (``fedtune.privacy.local``), to account each client itself."""
+    batches = -(-num_examples // min(batch_size, num_examples))
+    return int(1 / (1 / batches))
+
+
 def poisson_loader(encoded: Encoded, labels: np.ndarray, rows: np.ndarray, batch_size: int,
-                   seed: int, model: nn.Module) -> DPDataLoader:
-    """Opacus' Poisson-sampling loader: each example joins each batch with probability
-    1/ceil(n/batch_size), so batches hold ``batch_size`` examples on average."""
+                   seed: int, model: nn.Module, secure: bool = True) -> DataLoader:
+    """Poisson-sampling batches: each example joins each batch with probability
+    1/ceil(n/batch_size), so batches hold ``batch_size`` examples on average. ``secure``: the
+    coin flips come from ``SecurePoissonSampler``; else Opacus' ``DPDataLoader`` draws them
+    from a torch generator seeded with ``seed`` (reproducible, not private)."""
     accepted = _encoder_accepts(model) & {"position_ids", "token_type_ids"}
     dataset = PoissonRows(encoded, labels, rows, frozenset(accepted))
+    if secure:
+        steps = poisson_steps(len(dataset), batch_size)
+        sampler = SecurePoissonSampler(num_samples=len(dataset), sample_rate=1 / steps,
+                                       steps=steps)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate)
     plain = DataLoader(dataset, batch_size=min(batch_size, len(dataset)),
                        collate_fn=dataset.collate,
                        generator=torch.Generator().manual_seed(seed))
     loader = DPDataLoader.from_data_loader(plain)
     loader.collate_fn = dataset.collate  # ours builds empty batches from the first one too
     return loader
+
+
+class SecureNoise:
+    """An Opacus DP optimizer whose Gaussian noise comes from ``SecureRandom`` (the same std
+    and the same bookkeeping as Opacus' ``add_noise``)."""
+
+    def add_noise(self) -> None:
+        multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        std = multiplier * self.max_grad_norm
+        source = SecureRandom()
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = torch.from_numpy(source.normal(0.0, std, tuple(p.summed_grad.shape)))
+            p.grad = (p.summed_grad + noise.to(p.summed_grad)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+class SecureDPOptimizer(SecureNoise, DPOptimizer):
+    """Opacus' DPOptimizer (per-example gradients, ``grad_sample_mode = "hooks"``)."""
+
+
+class SecureGhostDPOptimizer(SecureNoise, DPOptimizerFastGradientClipping):
+    """Opacus' optimizer for ghost clipping (``grad_sample_mode = "ghost"``)."""
+
+
+_SECURE_OPTIMIZERS = {DPOptimizer: SecureDPOptimizer,
+                      DPOptimizerFastGradientClipping: SecureGhostDPOptimizer}
+
+
+class SecureNoiseEngine(PrivacyEngine):
+    """Opacus' PrivacyEngine whose optimizers draw their noise from ``SecureRandom``."""
+
+    def __init__(self, *, accountant: str) -> None:
+        with warnings.catch_warnings():  # its "Secure RNG turned off" is about torchcsprng
+            warnings.simplefilter("ignore", UserWarning)
+            super().__init__(accountant=accountant)
+
+    def _prepare_optimizer(self, *, optimizer: torch.optim.Optimizer, noise_multiplier: float,
+                           max_grad_norm: float, expected_batch_size: int,
+                           loss_reduction: str = "mean", distributed: bool = False,
+                           clipping: str = "flat", noise_generator: object = None,
+                           grad_sample_mode: str = "hooks", **kwargs: object) -> DPOptimizer:
+        if isinstance(optimizer, DPOptimizer):
+            optimizer = optimizer.original_optimizer
+        base = get_optimizer_class(clipping=clipping, distributed=distributed,
+                                   grad_sample_mode=grad_sample_mode)
+        if base not in _SECURE_OPTIMIZERS:
+            raise ValueError(f"no secure-noise variant of Opacus' {base.__name__}")
+        return _SECURE_OPTIMIZERS[base](
+            optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
+            generator=None, secure_mode=False, **kwargs)
 
 
 def accounted_sample_rate(loader: DataLoader) -> float:
@@ -171,7 +266,8 @@ def train_private(model: nn.Module, loader: DPDataLoader, settings: TrainSetting
 
     private = copy.deepcopy(model).to(device).train()
     optimizer = make_optimizer([p for p in private.parameters() if p.requires_grad], settings)
-    engine = PrivacyEngine(accountant=dp.accountant)
+    engine = (SecureNoiseEngine(accountant=dp.accountant) if dp.secure
+              else PrivacyEngine(accountant=dp.accountant))
     engine.accountant.history = list(history)
     mode = resolve_grad_sample_mode(private, dp.grad_sample_mode)
     wrapped = engine.make_private(

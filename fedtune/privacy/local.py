@@ -4,7 +4,18 @@ A client trains with Opacus (``fedtune.privacy.dp_sgd``); its accountant history
 ``Context.state``, so its ε accumulates over every round it trains. A client whose budget allows
 no further step sends no update and says why (a reply without arrays whose ``STATUS`` gives the
 reason); the server records it as ``rejected`` with that reason and stops the run once every
-sampled client has spent its budget. The server reports the largest client ε each round.
+sampled client has spent its budget.
+
+The server does not take a client's word for its ε (a client could report 0). It accounts
+every client itself from what it asked for: the noise multiplier of the config (or the one a
+client must derive from ``target_epsilon``, which the server derives the same way), the
+client's Poisson rate (one over its batches per epoch, from its training-set size - known to
+the server in a simulation, as the reply states it when parties hold their own files) and the
+steps the client's budget allowed each round it sent an update (the client's own rule, replayed
+on the server's copy of its history). summary.json and metrics.csv report the largest of these;
+clients.csv keeps what each client reported, and summary.json counts the clients whose report
+disagrees. What the server cannot check stays the client's word: that it clipped and noised as
+asked (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -19,11 +30,26 @@ from fedtune import protocol
 from fedtune.errors import ConfigError
 from fedtune.privacy.accounting import (
     ACCOUNTANT_LIBRARY,
+    compose,
+    epsilon,
     history_from_lists,
     history_to_lists,
+    steps_within_budget,
 )
-from fedtune.privacy.dp_sgd import LocalDPSettings, poisson_loader, train_private
-from fedtune.privacy.mode import LocalTraining, PrivacyMode, PrivacyPlan, PrivacyServer
+from fedtune.privacy.dp_sgd import (
+    LocalDPSettings,
+    client_noise,
+    poisson_loader,
+    poisson_steps,
+    train_private,
+)
+from fedtune.privacy.mode import (
+    LocalTraining,
+    PrivacyMode,
+    PrivacyPlan,
+    PrivacyServer,
+    noise_source,
+)
 from fedtune.tables.privacy_modes import check_prv_compositions
 
 if TYPE_CHECKING:
@@ -40,22 +66,64 @@ def local_dp_settings(config: Config) -> LocalDPSettings:
     return LocalDPSettings(delta=p.delta, max_grad_norm=p.max_grad_norm, accountant=p.accountant,
                            grad_sample_mode=p.grad_sample_mode,
                            target_epsilon=p.target_epsilon, noise_multiplier=p.noise_multiplier,
-                           planned_rounds=p.client_rounds or config.run.rounds)
+                           planned_rounds=p.client_rounds or config.run.rounds,
+                           secure=not p.insecure_reproducible_noise)
 
 
 class LocalServer(PrivacyServer):
-    """What the server keeps of the clients' budgets: each client's latest ε (keyed by its id
-    as text, so checkpoints can hold it) and the noise multipliers they reported."""
+    """The server's own account of every client's budget (keyed by client id as text, so
+    checkpoints can hold it; plain values only), what the clients reported beside it, and the
+    noise multipliers they reported."""
 
-    def __init__(self) -> None:
-        self.client_epsilons: dict[str, float] = {}
+    def __init__(self, config: Config, client_sizes: Sequence[int] = ()) -> None:
+        p, c = config.privacy, config.client
+        self.delta, self.accountant = p.delta, p.accountant
+        self.target_epsilon, self.noise_multiplier = p.target_epsilon, p.noise_multiplier
+        self.planned_rounds = p.client_rounds or config.run.rounds
+        self.batch_size, self.local_steps, self.local_epochs = (
+            c.batch_size, c.local_steps, c.local_epochs)
+        self.client_sizes = {str(i): int(n) for i, n in enumerate(client_sizes)}
+        self.histories: dict[str, dict[str, list]] = {}  # the server's accountant per client
+        self.client_epsilons: dict[str, float] = {}  # ε the server computed
+        self.reported_epsilons: dict[str, float] = {}  # ε the clients reported
+        self.disagreements: dict[str, str] = {}  # client -> its first report the server doubts
         self.noise_multipliers: list[float] = []  # smallest and largest reported so far
+
+    def _settings(self) -> LocalDPSettings:
+        return LocalDPSettings(delta=self.delta, max_grad_norm=1.0, accountant=self.accountant,
+                               target_epsilon=self.target_epsilon,
+                               noise_multiplier=self.noise_multiplier,
+                               planned_rounds=self.planned_rounds)
+
+    def account(self, metrics: Mapping[str, Any]) -> None:
+        """Compose one accepted update into its client's history, from what the server asked
+        for; note where the client's report differs."""
+        client = str(int(metrics[protocol.PARTITION_ID]))
+        size = self.client_sizes.get(client) or int(metrics[protocol.NUM_EXAMPLES])
+        batches = poisson_steps(size, self.batch_size)
+        rate = 1 / batches
+        wanted = self.local_steps or self.local_epochs * batches
+        dp = self._settings()
+        noise = client_noise(dp, rate, wanted)
+        history = history_from_lists(self.histories[client]) if client in self.histories else []
+        steps = wanted if not self.target_epsilon else steps_within_budget(
+            history, noise, rate, wanted, self.target_epsilon, self.delta, self.accountant)
+        history = compose(history, noise, rate, steps)
+        self.histories[client] = history_to_lists(history)
+        spent = epsilon(history, self.delta, self.accountant)
+        self.client_epsilons[client] = spent
+        reported = metrics.get(protocol.EPSILON)
+        if reported is not None:
+            self.reported_epsilons[client] = float(reported)
+        doubt = _disagreement(metrics, noise, rate, steps, spent)
+        if doubt and client not in self.disagreements:
+            self.disagreements[client] = doubt
 
     def record_round(self, rows: Sequence[ClientRow], accepted: Sequence[Mapping[str, Any]],
                      aggregated: MetricRecord | None = None) -> None:
-        for row in rows:
-            if row.epsilon is not None and row.client_id is not None:
-                self.client_epsilons[str(row.client_id)] = row.epsilon
+        for metrics in accepted:
+            if protocol.PARTITION_ID in metrics:
+                self.account(metrics)
         reported = [float(metrics[protocol.NOISE_MULTIPLIER]) for metrics in accepted
                     if protocol.NOISE_MULTIPLIER in metrics]
         if reported:
@@ -67,16 +135,42 @@ class LocalServer(PrivacyServer):
         return {**super().columns(), "max_client_epsilon": largest}
 
     def summary(self, config: Config, plan: PrivacyPlan) -> dict[str, Any]:
+        """The largest ε the server computed (``epsilon``), the largest a client reported, how
+        many clients' reports disagree with the server's account (and the first few), and the
+        source of the clients' noise."""
         p = config.privacy
-        no_noise = bool(self.noise_multipliers) and self.noise_multipliers[1] == 0
-        spent = (math.inf if no_noise else
-                 max(self.client_epsilons.values()) if self.client_epsilons else 0.0)
+        spent = max(self.client_epsilons.values()) if self.client_epsilons else 0.0
         return {"mode": "local", "epsilon": spent, "delta": p.delta,
                 "accountant": p.accountant, "accountant_library": ACCOUNTANT_LIBRARY,
                 "target_epsilon": p.target_epsilon or None,
                 "noise_multiplier": p.noise_multiplier or None,
+                "epsilon_accounted_by": "server (the σ it asked for, each client's sample rate "
+                                        "from its training-set size, the steps its budget "
+                                        "allowed)",
+                "client_sizes_known": bool(self.client_sizes),
+                "max_reported_epsilon": (max(self.reported_epsilons.values())
+                                         if self.reported_epsilons else None),
+                "clients_disagreeing": len(self.disagreements),
+                "disagreements": dict(list(self.disagreements.items())[:5]),
                 "client_noise_multipliers": (dict(zip(("min", "max"), self.noise_multipliers))
-                                             if self.noise_multipliers else None)}
+                                             if self.noise_multipliers else None),
+                **noise_source(config)}
+
+
+def _disagreement(metrics: Mapping[str, Any], noise: float, rate: float, steps: int,
+                  spent: float) -> str:
+    """How a client's report differs from what the server asked for ("" = it agrees)."""
+    said = {"noise multiplier": (metrics.get(protocol.NOISE_MULTIPLIER), noise),
+            "sample rate": (metrics.get(protocol.SAMPLE_RATE), rate),
+            "steps": (metrics.get(protocol.NUM_STEPS), steps),
+            "epsilon": (metrics.get(protocol.EPSILON), spent if math.isfinite(spent) else None)}
+    for what, (reported, expected) in said.items():
+        if reported is None and expected is None:
+            continue
+        if reported is None or expected is None or not math.isclose(
+                float(reported), float(expected), rel_tol=1e-3, abs_tol=1e-9):
+            return f"reported {what} {reported}, the server accounts {expected}"
+    return ""
 
 
 class LocalDP(PrivacyMode):
@@ -100,8 +194,9 @@ class LocalDP(PrivacyMode):
                 f"{1 / smallest:g} for the smallest client's n = {smallest} training examples"
             )
 
-    def server(self, config: Config, plan: PrivacyPlan) -> LocalServer:
-        return LocalServer()
+    def server(self, config: Config, plan: PrivacyPlan, client_sizes: Sequence[int] = ()
+               ) -> LocalServer:
+        return LocalServer(config, client_sizes)
 
     def train(self, resources: TaskResources, shard: int, seed: int, state: RecordDict,
               objective: GradientTerms | None) -> LocalTraining:
@@ -110,7 +205,8 @@ class LocalDP(PrivacyMode):
         config = resources.config
         loader = poisson_loader(resources.encoded, resources.federation.data.labels,
                                 resources.federation.client_train_rows[shard],
-                                config.client.batch_size, seed, resources.model)
+                                config.client.batch_size, seed, resources.model,
+                                secure=not config.privacy.insecure_reproducible_noise)
         history = (history_from_lists(state[protocol.ACCOUNTANT_STATE])
                    if protocol.ACCOUNTANT_STATE in state else [])
         private = train_private(resources.model, loader, resources.train_settings,

@@ -3,7 +3,8 @@
 A mode has two sides. Before the run and on the server: ``plan`` (fixed once, before any
 worker starts: σ), ``check_data``, ``strategy`` (how it wraps or replaces the aggregation)
 and ``server`` (its state during the run: stop rule, metrics.csv columns, summary.json part,
-checkpointed with the run). On each client: ``train`` (how local training runs under it).
+checkpointed with the run, so it holds plain values only). On each client: ``train`` (how local
+training runs under it).
 The base classes are the mode without privacy; a mode overrides what it changes.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedtune.train import GradientTerms, TrainResult, train_local
+from strategies.noise import INSECURE_SOURCE, SOURCE
 
 if TYPE_CHECKING:
     from flwr.app import MetricRecord, RecordDict
@@ -29,6 +31,13 @@ if TYPE_CHECKING:
 # updates (noised; adaptive clipping only) and noise std per coordinate of the mean update
 PRIVACY_COLUMNS = ("epsilon", "max_client_epsilon", "clip_norm", "clipped_fraction",
                    "noise_std")
+
+
+def noise_source(config: Config) -> dict[str, Any]:
+    """summary.json's statement of where a DP mode's noise came from, and whether the run is
+    private at all (``privacy.insecure_reproducible_noise`` makes it not)."""
+    insecure = config.privacy.insecure_reproducible_noise
+    return {"private": not insecure, "noise_source": INSECURE_SOURCE if insecure else SOURCE}
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,10 @@ class PrivacyMode:
         """A strategy that replaces the configured one (None: keep it)."""
         return None
 
-    def server(self, config: Config, plan: PrivacyPlan) -> PrivacyServer:
+    def server(self, config: Config, plan: PrivacyPlan, client_sizes: Sequence[int] = ()
+               ) -> PrivacyServer:
+        """The server's state for one run (``client_sizes``: the clients' training-set sizes
+        where the server knows them, as ``check_data`` gets them)."""
         return PrivacyServer()
 
     def secure_sum_noise(self, config: Config, plan: PrivacyPlan) -> tuple[float, float]:

@@ -15,6 +15,9 @@ import copy
 import csv
 import json
 import math
+import os
+import sys
+import tempfile
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
@@ -24,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.config import Config, ConfigError, TrackingSection, from_dict, to_toml
+from fedtune.errors import one_line
 from fedtune.results.env_info import environment
 from fedtune.results.lock import LOCK_NAME
 
@@ -93,7 +97,15 @@ def _cell(value: Any) -> Any:
     return value
 
 
+# the text columns a client's reply can reach: one printable, capped line each
+_TEXT_COLUMNS = ("reason", "model_update")
+# a file of an older version may hold longer fields than the csv module's default (131,072)
+_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
 def _append(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    rows = [{k: one_line(v) if k in _TEXT_COLUMNS and v else v for k, v in row.items()}
+            for row in rows]
     new = not path.exists()
     with path.open("a", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -105,10 +117,16 @@ def _append(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a run's CSV file, whatever the length of a field (a run written before
+    reasons were capped holds longer ones than the csv module reads by default)."""
     if not path.exists():
         return []
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    previous = csv.field_size_limit(_FIELD_LIMIT)
+    try:
+        with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+            return list(csv.DictReader(handle))
+    finally:
+        csv.field_size_limit(previous)
 
 
 def utc_stamp() -> str:
@@ -123,6 +141,27 @@ def default_run_path(config: Config) -> Path:
         n += 1
         target = base.with_name(f"{base.name}-{n}")
     return target
+
+
+def check_creatable(path: Path, what: str) -> None:
+    """A directory can be made at ``path`` (or is one): raise a one-line ``ConfigError`` naming
+    ``what`` (``--output``, ``tracking.mlflow_uri``) when a file is in the way or its nearest
+    existing folder takes no new entry (read-only, /proc). The folder is probed by making and
+    removing a directory in it: permissions alone do not tell (root may write anywhere)."""
+    where = Path(os.path.abspath(path))
+    ancestor = where
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is not allowed: {str(ancestor)!r} is a file, "
+                          "not a directory")
+    if ancestor == where:
+        return
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fedtune-probe-", dir=ancestor))
+    except OSError as error:
+        raise ConfigError(f"{what} {str(path)!r} is not allowed: no directory can be made in "
+                          f"{str(ancestor)!r} ({error.strerror})") from None
 
 
 def is_empty_run_dir(path: Path) -> bool:

@@ -25,11 +25,19 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 
 from fedtune.config import Config, ConfigError, to_run_config
-from fedtune.results.run_dir import METRIC_NUMBER_COLUMNS, ClientRow, RoundRow, RunDirectory
+from fedtune.results.run_dir import (
+    METRIC_NUMBER_COLUMNS,
+    ClientRow,
+    RoundRow,
+    RunDirectory,
+    check_creatable,
+)
 
 # clients.csv columns drawn as a histogram over a round's clients
 CLIENT_HISTOGRAMS = ("train_loss", "duration_s", "examples_trained", "num_examples", "epsilon")
@@ -39,11 +47,22 @@ MLFLOW_DB, MLFLOW_ARTIFACTS = "mlflow.db", "mlartifacts"  # the default store, b
 
 
 def check_tracking(config: Config) -> None:
-    """The libraries ``[tracking]`` asks for are installed (checked before any work starts)."""
+    """The libraries ``[tracking]`` asks for are installed, and MLflow's local store (a folder
+    or a SQLite database file) can be made (checked before any work starts)."""
     for key, module in (("tensorboard", "tensorboard"), ("mlflow", "mlflow")):
         if getattr(config.tracking, key) and importlib.util.find_spec(module) is None:
             raise ConfigError(f"tracking.{key} = true is not allowed here: {module} is not "
                               "installed; pip install 'fedtune[tracking]'")
+    if config.tracking.mlflow:
+        uri = mlflow_uri(config)
+        scheme = uri.partition(":")[0].lower() if ":" in uri else ""
+        folder = None
+        if scheme == "file" or len(scheme) <= 1:  # a folder (C: is a drive)
+            folder = Path(url2pathname(urlparse(uri).path)) if scheme == "file" else Path(uri)
+        elif scheme == "sqlite" and uri.startswith("sqlite:///"):  # the database's folder
+            folder = Path(uri.removeprefix("sqlite:///")).parent
+        if folder is not None:
+            check_creatable(folder, "tracking.mlflow_uri =")
 
 
 def _number(value: Any) -> float | None:

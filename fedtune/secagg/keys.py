@@ -20,6 +20,15 @@ Two choices differ from Flower's legacy SecAgg+ mod, on purpose:
   reconstruction is checked too. A reconstruction that fails its check is retried on other
   subsets of the shares; shares that disagree with the verified secret are reported as
   tampered, never used.
+
+A share that does not open must be pinned on its sender or on the receiver who says so, and the
+server cannot open it. So each direction of a pair has a key of its own (``direction_key``: HKDF
+of the pair's agreed key, bound to the session, the source and the destination), and both ends
+commit to both directions' keys (``key_commitment``, SHA-256) before any share is forwarded; the
+server forwards shares only between two clients whose commitments agree. A receiver that cannot
+open a share reveals that one direction's key: the server checks it against the commitments and
+opens the share itself. It does not open: the sender is at fault; it opens: the receiver lied.
+The key opens nothing but what that sender sealed for that receiver.
 """
 
 from __future__ import annotations
@@ -27,11 +36,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from functools import lru_cache
 from itertools import combinations, islice
+from math import comb
 
+import numpy as np
 from cryptography.exceptions import InvalidKey
-from cryptography.fernet import InvalidToken
+from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -113,6 +125,57 @@ def seal_keys(private_bytes: bytes, peer_publics: list[bytes]) -> list[bytes]:
     return [generate_shared_key(private_key, bytes_to_public_key(peer)) for peer in peer_publics]
 
 
+def direction_key(pair_key: bytes, session: str, src: int, dst: int) -> bytes:
+    """The Fernet key ``src`` seals its shares for ``dst`` with, from the key the pair agreed
+    (``seal_keys``): one key per direction and session, so revealing it opens nothing else."""
+    info = (b"fedtune secagg+ seal" + bytes.fromhex(session) + src.to_bytes(8, "little")
+            + dst.to_bytes(8, "little"))
+    material = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=info).derive(base64.urlsafe_b64decode(pair_key))
+    return base64.urlsafe_b64encode(material)
+
+
+def key_commitment(session: str, src: int, dst: int, key: bytes) -> bytes:
+    """SHA-256 commitment to the direction key ``src`` -> ``dst`` (both ends send it)."""
+    return hashlib.sha256(b"fedtune secagg+ seal key" + bytes.fromhex(session)
+                          + src.to_bytes(8, "little") + dst.to_bytes(8, "little")
+                          + key).digest()
+
+
+COMMITMENT_BYTES = 32  # a SHA-256 digest
+SHARE_BYTES = 52  # a Shamir share of a 32-byte secret: 4 index bytes, 3 chunks of 16
+
+
+@lru_cache(maxsize=1)
+def sealed_length() -> int:
+    """The length of every sealed pair of shares (Fernet: version, time, IV, the padded
+    plaintext of session, source, destination and two shares, HMAC; base64url)."""
+    share = bytes(SHARE_BYTES)
+    return len(seal(Fernet.generate_key(), bytes(SESSION_BYTES).hex(), 0, 0, share, share))
+
+
+def is_sealed_form(ciphertext: object) -> bool:
+    """Whether ``ciphertext`` has the form of a sealed pair of shares (its length, base64url,
+    Fernet's version byte): what the server can check of it before forwarding it."""
+    if not isinstance(ciphertext, bytes) or len(ciphertext) != sealed_length():
+        return False
+    try:
+        return base64.urlsafe_b64decode(ciphertext)[:1] == b"\x80"
+    except ValueError:
+        return False
+
+
+def is_public_key(data: object) -> bool:
+    """Whether ``data`` is a P-384 public key (a point on the curve), as a peer must parse it."""
+    if not isinstance(data, bytes):
+        return False
+    try:
+        key = bytes_to_public_key(data)
+    except (ValueError, TypeError):
+        return False
+    return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP384R1)
+
+
 def seal(key: bytes, session: str, src: int, dst: int, seed_share: bytes,
          key_share: bytes) -> bytes:
     """Encrypt ``src``'s shares for ``dst`` in ``session``."""
@@ -173,12 +236,14 @@ def recover(shares: Mapping[int, bytes], threshold: int, check: Callable[[bytes]
 
     The first ``threshold`` shares (by holder) are combined; when the result fails ``check``,
     other subsets are tried (at most ``MAX_SUBSETS``), and every share outside the subset that
-    passed is tested against it.
+    passed is tested against it. The other subsets are drawn at random (a fixed seed): in
+    order, one bad share held by the lowest holder would be in the first thousands of them,
+    so one tampering holder could make an honest client's secret unrecoverable.
     """
     holders = sorted(shares)
     if len(holders) < threshold:
         raise RecoveryFailed(f"{len(holders)} shares, {threshold} needed")
-    for index, subset in enumerate(islice(combinations(holders, threshold), MAX_SUBSETS)):
+    for index, subset in enumerate(islice(_subsets(holders, threshold), MAX_SUBSETS)):
         secret = _combine([shares[h] for h in subset])
         if not _passes(check, secret):
             continue
@@ -190,6 +255,18 @@ def recover(shares: Mapping[int, bytes], threshold: int, check: Callable[[bytes]
         return secret, tampered
     raise RecoveryFailed(f"no {threshold} of the {len(holders)} shares reconstruct a secret "
                          "that passes its check")
+
+
+def _subsets(holders: list[int], size: int) -> Iterator[tuple[int, ...]]:
+    """Every ``size``-subset of ``holders`` when there are few of them (in order), else the
+    first one and then random ones."""
+    if comb(len(holders), size) <= MAX_SUBSETS:
+        yield from combinations(holders, size)
+        return
+    yield tuple(holders[:size])
+    rng = np.random.default_rng(len(holders))  # which subsets are tried changes no result
+    while True:
+        yield tuple(sorted(rng.choice(holders, size, replace=False).tolist()))
 
 
 def seed_check(session: str, node: int, committed: bytes) -> Callable[[bytes], bool]:

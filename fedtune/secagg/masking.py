@@ -7,14 +7,22 @@ summed as it is, such as SCAFFOLD's control delta - into one vector of unsigned 
 
     y_u = W_u * Q(x_u) + PRG(b_u) + sum_{v in N(u)} ±PRG(s_uv)                  (mod 2^R)
 
-``Q`` is Flower's stochastic quantiser (``flwr.common.secure_aggregation.quantization``): clip to
-``[-c, c]``, map onto the levels ``0..L`` (``L = 2^bits - 1``), rounding up or down at random so
-that the expected level is exact; ``W_u`` is the client's integer weight; ``+`` towards a larger
-node id and ``-`` towards a smaller one, so the pairwise masks cancel in the sum. One more
-coordinate counts the values the client clipped. The server removes the survivors' self masks
-and the dropped clients' pairwise masks and reads ``sum_u W_u Q(x_u)`` exactly while
-``(sum_u W_u) * L < 2^R``; the weighted mean is dequantised with Flower's ``dequantize``.
-Rounding moves each coordinate of the mean by less than one step ``2c / L``
+``Q`` clips to ``[-c, c]``, maps onto the levels ``0..L`` (``L = 2^bits - 1``, Flower's mapping)
+and rounds with a *subtractive dither* (Schuchman 1964; Gray and Stockham 1993, "Dithered
+quantizers"): ``Q(x_u) = round(level(x_u) + d_u)`` with ``d_u`` uniform on ``[-1/2, 1/2)`` per
+coordinate, drawn from a public seed (the round's graph seed and the node id) that the server
+knows too; it subtracts ``sum_u W_u d_u`` after unmasking. The rounding error of each client is
+then uniform on ``[-1/2, 1/2)`` level and *independent of the value* rounded, so the decoded
+sum is the exact sum of the clipped values plus noise that does not depend on any client's
+data. Under distributed DP that makes the quantised release a post-processing of the Gaussian
+mechanism on the real-valued noised sum (fedtune.privacy.central_dp). Flower's quantiser rounds
+stochastically instead (unbiased, but its error depends on the value, so the sum of rounded
+values is not a function of the noised sum), which is why it is not used here; its
+``dequantize`` is. ``W_u`` is the client's integer weight; ``+`` towards a larger node id and
+``-`` towards a smaller one, so the pairwise masks cancel in the sum. One more coordinate counts
+the values the client clipped. The server removes the survivors' self masks and the dropped
+clients' pairwise masks and reads ``sum_u W_u Q(x_u)`` exactly while ``(sum_u W_u) * L < 2^R``.
+Rounding moves each coordinate of the weighted mean by at most half a step, ``c / L``
 (``rounding_bound``).
 
 The PRG is AES-256 in counter mode keyed by a 32-byte seed. Flower's ``pseudo_rand_gen`` folds
@@ -24,13 +32,14 @@ could be tried one by one; a mask has to be a cryptographic pseudo-random stream
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from flwr.app import Array, ArrayRecord, RecordDict
-from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
 
 RING_BITS = (32, 64)
@@ -49,8 +58,9 @@ def levels(bits: int) -> int:
 
 
 def rounding_bound(clip_range: float, bits: int) -> float:
-    """The largest error stochastic rounding leaves in a coordinate of the weighted mean."""
-    return 2 * clip_range / levels(bits)
+    """The largest error dithered rounding leaves in a coordinate of the weighted mean (half a
+    step)."""
+    return clip_range / levels(bits)
 
 
 def max_total_weight(ring_bits: int, bits: int) -> int:
@@ -79,36 +89,68 @@ def pair_sign(own: int, peer: int) -> int:
     return 1 if own < peer else -1
 
 
-def quantise(values: np.ndarray, clip_range: float, bits: int, seed: int) -> np.ndarray:
-    """Flower's stochastic quantisation of ``values``, its random rounding drawn from ``seed``
-    (Flower draws from NumPy's global generator; it is seeded here and given back as it was,
-    so runs repeat and nothing else's draws move)."""
-    saved = np.random.get_state()
-    np.random.seed(seed % 2**32)
-    try:
-        return quantize([values], clip_range, levels(bits))[0]
-    finally:
-        np.random.set_state(saved)
+def dither_seed(graph_seed: int, node: int) -> bytes:
+    """The public 32-byte seed of ``node``'s dither in the round whose neighbour graph
+    ``graph_seed`` seeds (both parties know both numbers)."""
+    return hashlib.sha256(b"fedtune-secagg-dither" + int(graph_seed).to_bytes(8, "big")
+                          + int(node).to_bytes(8, "big")).digest()
+
+
+def dither(seed: bytes, length: int) -> np.ndarray:
+    """``length`` dither values, uniform on ``[-1/2, 1/2)`` (53-bit grid), from ``seed``."""
+    words = prg(seed, length, np.dtype(np.uint64))
+    return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53 - 0.5
+
+
+def quantise(values: np.ndarray, clip_range: float, bits: int, offsets: np.ndarray
+             ) -> np.ndarray:
+    """Levels ``0..L`` of ``values`` clipped to ``[-c, c]`` (Flower's mapping), rounded after
+    adding the dither ``offsets`` (``level + offset`` lies in ``[-1/2, L + 1/2)``, so the
+    rounded level stays in ``0..L``)."""
+    scale = levels(bits) / (2 * clip_range)
+    exact = (np.clip(values, -clip_range, clip_range) + clip_range) * scale
+    return np.clip(np.rint(exact + offsets), 0, levels(bits)).astype(np.int64)
 
 
 def encode(values: np.ndarray, weight: int, clip_range: float, bits: int, dtype: np.dtype,
-           seed: int) -> np.ndarray:
+           offsets: np.ndarray) -> np.ndarray:
     """``[W * Q(values)..., number of clipped values]`` as ring elements (unmasked)."""
     clipped = int(np.count_nonzero(np.abs(values) > clip_range))
     encoded = np.empty(values.size + 1, dtype=dtype)
-    encoded[:-1] = quantise(values, clip_range, bits, seed).astype(dtype) * dtype.type(weight)
+    encoded[:-1] = quantise(values, clip_range, bits, offsets).astype(dtype) * dtype.type(weight)
     encoded[-1] = min(clipped, 2**(8 * dtype.itemsize) - 1)
     return encoded
 
 
-def decode_mean(total: np.ndarray, total_weight: int, clip_range: float, bits: int
-                ) -> tuple[np.ndarray, int]:
+def decode_mean(total: np.ndarray, total_weight: int, clip_range: float, bits: int,
+                dither_sum: np.ndarray) -> tuple[np.ndarray, int]:
     """(weighted mean of the clients' values, clipped values over all clients) from the unmasked
-    sum of their encodings; exact integer division first, so no precision is lost above 2^53."""
+    sum of their encodings and the weighted sum of their dithers; exact integer division
+    first, so no precision is lost above 2^53."""
     levels_sum = total[:-1].astype(np.uint64)
     quotient, remainder = np.divmod(levels_sum, np.uint64(total_weight))
-    mean_level = quotient.astype(np.float64) + remainder.astype(np.float64) / total_weight
+    mean_level = quotient.astype(np.float64) + (remainder.astype(np.float64)
+                                                - dither_sum) / total_weight
     return dequantize([mean_level], clip_range, levels(bits))[0], int(total[-1])
+
+
+def outside_range(total: np.ndarray, total_weight: int, bits: int, inputs: int) -> str:
+    """Why the unmasked sum of ``inputs`` encodings cannot be what in-range inputs add up to
+    ("" = it can): every level sum is at most ``L`` times the weights' sum (each client's
+    ``W_u * Q(x_u)`` lies in ``[0, W_u L]``), the clipped count at most every value of every
+    input. A masked vector of random ring elements (or one shifted by 2^62) breaks this with
+    overwhelming probability; one inside the range cannot be told from an honest one."""
+    most = levels(bits) * total_weight
+    over = int(np.count_nonzero(total[:-1] > np.asarray(most, dtype=total.dtype)))
+    if over:
+        return (f"the unmasked sum is outside what {inputs} inputs in range add up to in "
+                f"{over:,} of {total.size - 1:,} values (a level sum above {most:,}): a client "
+                "sent a masked input outside its range (SecAgg+ hides whose)")
+    if int(total[-1]) > (total.size - 1) * inputs:
+        return (f"the unmasked count of clipped values, {int(total[-1]):,}, is more than the "
+                f"{(total.size - 1) * inputs:,} values of {inputs} inputs: a client sent a "
+                "masked input outside its range (SecAgg+ hides whose)")
+    return ""
 
 
 def clip_l2(values: np.ndarray, bound: float) -> bool:

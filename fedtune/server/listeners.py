@@ -36,6 +36,7 @@ from flwr.common import log
 from fedtune import protocol
 from fedtune.audit.report import run_audit, save_canary_release, write_audit
 from fedtune.centralized import ensure_reference, reference_path, reference_section
+from fedtune.errors import one_line
 from fedtune.models.build import build_model, save_model
 from fedtune.models.weights import load_shared_state, shared_state
 from fedtune.privacy.mode import PrivacyPlan
@@ -64,8 +65,8 @@ class NoUpdateStop(RunListener):
     def round_ended(self, run: FederatedRun, outcome: RoundOutcome) -> None:
         state = run.state
         if state.rounds_without_update >= run.config.run.max_rounds_without_update:
-            reasons = "; ".join([outcome.row.model_update, *sorted(
-                {r.reason for r in outcome.clients if r.reason})])[:1000]
+            reasons = one_line("; ".join([outcome.row.model_update, *sorted(
+                {r.reason for r in outcome.clients if r.reason})]), 1000)
             raise RunFailed(
                 f"round {state.server_round}: {state.rounds_without_update} rounds in a row "
                 f"without an update of the global model (run.max_rounds_without_update); last "

@@ -70,6 +70,8 @@ def run_rounds(run: FederatedRun, listeners: Sequence[RunListener]) -> EvalResul
             raise RunFailed(f"the final global model's loss on the global test set is "
                             f"{final.loss}: not a model to keep")
     except BaseException as error:
+        if run.stop is not None:  # heeded: who set it (Ctrl-C) lets the listeners finish
+            run.stop.clear()
         for listener in listeners:
             listener.run_aborted(run, error)
         raise

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedtune import protocol
+from fedtune.errors import one_line
 from fedtune.results.run_dir import ClientRow
 
 if TYPE_CHECKING:
@@ -76,5 +77,5 @@ def last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     for line in reversed(lines):
         if "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]:
-            return line[:400]
-    return (lines[-1] if lines else "unknown error")[:400]
+            return one_line(line)
+    return one_line(lines[-1] if lines else "unknown error")

@@ -25,7 +25,7 @@ reply is rejected.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,7 @@ from fedtune.protocol import (
     MAX_ANY_EXAMPLES,
     METRICS,
     NUM_EXAMPLES,
+    NUM_STEPS,
     PARTITION_ID,
     REASON,
     STATUS,
@@ -69,18 +70,34 @@ class ReplyLimits:
     test_sizes: tuple[int, ...] = ()  # each client's local test examples (empty: unknown)
     max_examples: int = MAX_ANY_EXAMPLES  # what a reply may claim where sizes are unknown
     masked: bool = False  # SecAgg+: a train reply carries its update masked
+    # the steps a client takes in a round: local_steps, or local_epochs passes of its batches
+    # (local_steps None: unknown, num-steps is not bounded)
+    local_steps: int | None = None
+    local_epochs: int = 1
+    batch_size: int = 1
+
+    def most_steps(self, examples: int) -> int | None:
+        """The most local steps a client with ``examples`` training examples takes in a round
+        (a loader's batch is at most its examples: ``fedtune.data.loaders``)."""
+        if self.local_steps is None:
+            return None
+        if self.local_steps:
+            return self.local_steps
+        return self.local_epochs * -(-examples // max(1, min(self.batch_size, examples)))
 
 
 def reply_limits(config: Config, federation: Federation) -> ReplyLimits:
     """The limits of a run: its strategy's and privacy mode's schemas, its clients' sizes (the
     server of a files dataset knows none)."""
+    client = config.client
     return ReplyLimits(
-        train=train_reply_schema(config.strategy.name, config.privacy.mode),
+        train=train_reply_schema(config.strategy.name, config.privacy.mode, asdict(client)),
         decline=decline_reply_schema(config.privacy.mode),
         num_clients=config.data.num_clients,
         train_sizes=tuple(len(rows) for rows in federation.client_train_rows),
         test_sizes=tuple(len(rows) for rows in federation.client_test_rows),
-        masked=config.strategy.secure_aggregation)
+        masked=config.strategy.secure_aggregation, local_steps=client.local_steps,
+        local_epochs=client.local_epochs, batch_size=client.batch_size)
 
 
 # --- the pieces of a reply --------------------------------------------------------------------
@@ -172,7 +189,12 @@ def check_metric_values(record: Mapping[str, Any], schema: ReplySchema) -> str |
             return problem
     missing = [key for key, declared in schema.metrics.items()
                if declared.required and key not in record]
-    return f"no {missing[0]!r} metric" if missing else None
+    if missing:
+        return f"no {missing[0]!r} metric"
+    if schema.client:
+        return next((problem for key, declared in schema.metrics.items()
+                     if (problem := declared.mismatch(key, record, schema.client))), None)
+    return None
 
 
 def _check_status(reply: Message, schema: ReplySchema) -> str | None:
@@ -194,7 +216,8 @@ def _check_claims(reply: Message, limits: ReplyLimits, client_id: int | None,
 def check_claims(metrics: Mapping[str, Any], limits: ReplyLimits, client_id: int | None,
                  sizes: tuple[int, ...], fewest: int) -> str | None:
     """The partition id is the node's (``client_id``, where the server knows it) and within
-    the run; ``num-examples`` is what that client holds (where the server knows sizes)."""
+    the run; ``num-examples`` is what that client holds (where the server knows sizes), and
+    ``num-steps`` no more than the run lets a client of that size take."""
     claimed, count = metrics[PARTITION_ID], metrics[NUM_EXAMPLES]
     if limits.num_clients is not None and claimed >= limits.num_clients:
         return f"{PARTITION_ID} = {claimed} is outside 0..{limits.num_clients - 1}"
@@ -206,6 +229,9 @@ def check_claims(metrics: Mapping[str, Any], limits: ReplyLimits, client_id: int
             return f"{NUM_EXAMPLES} = {count}, but client {who} holds {sizes[who]}"
     elif not fewest <= count <= limits.max_examples:
         return f"{NUM_EXAMPLES} = {count} is outside {fewest}..{limits.max_examples}"
+    steps, most = metrics.get(NUM_STEPS), limits.most_steps(count)
+    if steps is not None and most is not None and steps > most:
+        return f"{NUM_STEPS} = {steps}, but client {who} takes at most {most} steps"
     return None
 
 

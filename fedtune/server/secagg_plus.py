@@ -24,8 +24,21 @@ so the round loop does not change:
 
 A round fails - no aggregate, the global model stays, the run goes on - when at any stage
 fewer than ``t`` of a client's neighbours, or fewer than the threshold share of the cohort,
-remain. ``finish_round`` reports who dropped at which stage (``SecAggRecorder`` writes it into
+remain, or when the unmasked sum lies outside what in-range inputs can add up to.
+``finish_round`` reports who dropped at which stage (``SecAggRecorder`` writes it into
 clients.csv).
+
+One client cannot make others drop or take the blame: the server forwards only what it can
+check - public keys that are P-384 points, a 32-byte commitment, ciphertexts of the sealed form,
+and shares only between two clients whose commitments to their direction keys agree (a pair
+that disagrees does not mask with each other; neither is blamed, one of them lies). A receiver
+that cannot open a forwarded share leaves its sender out and reveals that direction's key; the
+server checks the key against both commitments and opens the share itself: it does not open,
+the sender is rejected; it opens, the receiver is. Either way the one at fault leaves the sum
+(as a dropout: its pairwise masks are removed with its neighbours' key shares) and the round
+goes on. What the server cannot check is a masked input inside the ring: one that pushes the
+sum beyond the range fails the round (nobody can say whose it was); one inside the range
+moves the mean unseen (README, "Secure aggregation").
 
 Trust: the server is honest but curious - it follows the protocol and may read everything it
 receives; it learns the sum of the survivors' quantised updates and nothing else, even if it
@@ -39,7 +52,6 @@ counts) travel in clear. Under distributed DP the clients clip and noise their o
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -54,12 +66,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune import protocol
-from fedtune.secagg import graph, keys, masking
+from fedtune.errors import one_line
+from fedtune.secagg import distributed_dp, graph, keys, masking
 from fedtune.server.exchange import exchange
 
 _GRAPH_STREAM = 0x5EC6  # seed stream of the public neighbour graph
-AUTO_CLIP_RANGE = 1.0  # strategy.secagg_clip_range = 0 without DP
-DP_NOISE_SPAN = 6.0  # ... and under distributed DP: clip_norm + this many noise std
+AUTO_CLIP_RANGE = 1.0  # strategy.secagg_clip_range = 0 without DP (distributed_dp's with it)
 
 
 @dataclass
@@ -102,8 +114,9 @@ class RoundReport:
     survivors: list[int] = field(default_factory=list)  # nodes whose input is in the sum
     dropped: list[Dropout] = field(default_factory=list)
     tampered: dict[int, list[int]] = field(default_factory=dict)  # holder -> owners
+    disagreeing: list[tuple[int, int]] = field(default_factory=list)  # pairs that do not mask
+    culprit: int | None = None  # the node whose secret could not be recovered (failed round)
     failed: str = ""  # why no aggregate came out ("" = it did)
-    aggregate_called: bool = False
     bytes_up: int = 0  # SecAgg+ stage messages (the masked vectors count as train replies)
     bytes_down: int = 0
     # CPU seconds of the server's own protocol work (process time, so Shamir's worker threads
@@ -130,7 +143,7 @@ def _record_bytes(record: ConfigRecord) -> int:
 def _reason(reply: Message) -> str:
     """The last line of a client's error (runtimes wrap it in tracebacks)."""
     lines = [line.strip() for line in reply.error.reason.strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else "unknown error")[:300]
+    return one_line(lines[-1] if lines else "unknown error")
 
 
 @dataclass
@@ -152,10 +165,13 @@ class _Session:
     mask_keys: dict[int, bytes] = field(default_factory=dict)
     seal_keys: dict[int, bytes] = field(default_factory=dict)
     commitments: dict[int, bytes] = field(default_factory=dict)
+    sealed: dict[int, dict[int, bytes]] = field(default_factory=dict)  # src -> dst -> share
+    seal_out: dict[int, dict[int, bytes]] = field(default_factory=dict)  # key commitments
     pairs: dict[int, list[int]] = field(default_factory=dict)  # node -> its pairwise set
     instructions: dict[int, Message] = field(default_factory=dict)
     dp_clip: float = 0.0
     dp_std: float = 0.0
+    dp_clip_bound: float = 0.0  # η: the quantiser clips a noised coordinate at most this often
 
 
 class SecAggPlus(Strategy):
@@ -295,9 +311,13 @@ class SecAggPlus(Strategy):
                                   f"own {name!r}: a secure sum needs one reference")
         if settings.dp_clip:
             s.dp_clip = settings.dp_clip
-            s.dp_std = (settings.dp_noise_multiplier * s.dp_clip
-                        / math.sqrt(s.min_survivors))
-            s.clip_range = settings.clip_range or s.dp_clip + DP_NOISE_SPAN * s.dp_std
+            s.dp_std = distributed_dp.share_std(settings.dp_noise_multiplier, s.dp_clip,
+                                                s.min_survivors)
+            coordinates = masking.vector_length(reference, s.summed)
+            s.clip_range = settings.clip_range or distributed_dp.automatic_clip_range(
+                s.dp_clip, s.dp_std, coordinates, cohort)
+            s.dp_clip_bound = distributed_dp.clip_probability(
+                s.clip_range, s.dp_clip, s.dp_std, coordinates, cohort)
         max_weight = (cohort if settings.sum_weight == "1" else settings.max_weight
                       * (masking.RATIO_SCALE if "/" in settings.sum_weight else 1))
         s.ring_bits = next((bits for bits in masking.RING_BITS
@@ -328,15 +348,20 @@ class SecAggPlus(Strategy):
         for node, record in sorted(replies.items()):
             mask_key, seal_key = record.get(protocol.SA_PK_MASK), record.get(protocol.SA_PK_SEAL)
             client = record.get(protocol.PARTITION_ID)
+            if isinstance(client, int):  # a claim: the recorder takes it for unknown nodes only
+                s.report.node_to_client[node] = client
             if (not isinstance(mask_key, bytes) or not isinstance(seal_key, bytes)
                     or {mask_key, seal_key} & seen or mask_key == seal_key):
                 self._drop(s, node, protocol.STAGE_SETUP, "rejected",
                            "missing or repeated public keys")
                 continue
+            if not keys.is_public_key(mask_key) or not keys.is_public_key(seal_key):
+                self._drop(s, node, protocol.STAGE_SETUP, "rejected",
+                           "a public key that is not a P-384 point (its neighbours could not "
+                           "use it)")
+                continue
             seen |= {mask_key, seal_key}
             s.mask_keys[node], s.seal_keys[node] = mask_key, seal_key
-            if isinstance(client, int):
-                s.report.node_to_client[node] = client
         self._check_remaining(s, {n: s.neighbours[n] for n in s.alive}, "setup")
 
     def _share_keys(self, s: _Session) -> None:
@@ -347,18 +372,23 @@ class SecAggPlus(Strategy):
                   for node in s.alive}
         replies = self._stage(s, protocol.STAGE_SHARE_KEYS, values)
         started = time.process_time()
-        sealed: dict[int, dict[int, bytes]] = {}  # source -> destination -> ciphertext
-        for node, record in replies.items():
-            destinations = [int(d) for d in record.get(protocol.SA_PEERS, [])]
-            ciphertexts = list(record.get(protocol.SA_CIPHERTEXTS, []))
-            commitment = record.get(protocol.SA_COMMITMENT)
-            if (sorted(destinations) != peers[node] or len(ciphertexts) != len(destinations)
-                    or not isinstance(commitment, bytes)):
-                self._drop(s, node, protocol.STAGE_SHARE_KEYS, "rejected",
-                           "shares for other peers than named, or no commitment")
+        sealed = s.sealed  # source -> destination -> ciphertext
+        seal_in: dict[int, dict[int, bytes]] = {}  # commitments to the peers' keys to a node
+        for node, record in sorted(replies.items()):
+            problem = _share_keys_problem(record, peers[node])
+            if problem:
+                self._drop(s, node, protocol.STAGE_SHARE_KEYS, "rejected", problem)
                 continue
-            s.commitments[node] = commitment
-            sealed[node] = dict(zip(destinations, ciphertexts, strict=True))
+            destinations = [int(d) for d in record[protocol.SA_PEERS]]
+            s.commitments[node] = record[protocol.SA_COMMITMENT]
+            sealed[node] = dict(zip(destinations, record[protocol.SA_CIPHERTEXTS], strict=True))
+            s.seal_out[node] = dict(zip(destinations, record[protocol.SA_SEAL_OUT], strict=True))
+            seal_in[node] = dict(zip(destinations, record[protocol.SA_SEAL_IN], strict=True))
+        for u, v in sorted((u, v) for u in sealed for v in sealed[u] if u < v and v in sealed
+                           and u in sealed[v]):
+            if s.seal_out[u][v] != seal_in[v][u] or s.seal_out[v][u] != seal_in[u][v]:
+                del sealed[u][v], sealed[v][u]  # one of them lies: the pair does not mask
+                s.report.disagreeing.append((u, v))
         for node in s.alive:
             s.pairs[node] = sorted(src for src in s.alive if node in sealed.get(src, {}))
         self._check_remaining(s, {n: s.pairs[n] for n in s.alive}, "share-keys")
@@ -384,18 +414,25 @@ class SecAggPlus(Strategy):
         replies = list(replies)
         if report is None:  # configure_train did not run this round
             return self.inner.aggregate_train(server_round, replies)
-        report.aggregate_called = True
         if s is None or report.failed:
             return None, self._metrics(report)
         try:
             inputs = self._inputs(s, replies)
             total = self._unmask(s, inputs)
+            total_weight = sum(weight for _, weight, _ in inputs.values())
+            outside = masking.outside_range(total, total_weight, self.settings.bits,
+                                            len(inputs))
+            if outside:
+                self._fail(s, outside)
         except RoundFailed:
             return None, self._metrics(report)
         started = time.process_time()
-        total_weight = sum(weight for _, weight, _ in inputs.values())
+        graph_seed, length = self._graph_seed(server_round), len(total) - 1
+        # in node order: a float sum must not depend on the order the replies arrived in
+        dither_sum = sum(inputs[node][1] * masking.dither(masking.dither_seed(graph_seed, node),
+                                                          length) for node in sorted(inputs))
         mean, clipped = masking.decode_mean(total, total_weight, s.clip_range,
-                                            self.settings.bits)
+                                            self.settings.bits, dither_sum)
         records = masking.unflatten(mean, s.reference, s.summed)
         stand_ins = [self._stand_in(reply, records) for reply, _, _ in inputs.values()]
         report.survivors = sorted(inputs)
@@ -403,6 +440,8 @@ class SecAggPlus(Strategy):
             protocol.SECAGG_ROUNDING_BOUND: masking.rounding_bound(s.clip_range,
                                                                    self.settings.bits),
             protocol.SECAGG_CLIPPED: clipped}
+        if s.dp_std:
+            report.metrics[protocol.SECAGG_DP_CLIP_BOUND] = s.dp_clip_bound
         report.server_s += time.process_time() - started
         arrays, metrics = self.inner.aggregate_train(server_round, stand_ins)
         metrics = MetricRecord(dict(metrics or {}))
@@ -421,6 +460,7 @@ class SecAggPlus(Strategy):
         dtype = masking.ring_dtype(s.ring_bits)
         length = masking.vector_length(s.reference, s.summed) + 1
         inputs = {}
+        claims: dict[int, list[Refusal]] = {}  # receiver -> the shares it says did not open
         for reply in replies:
             node = reply.metadata.src_node_id
             problem = self._malformed(s, reply.content.config_records.get(protocol.SECAGG),
@@ -441,10 +481,19 @@ class SecAggPlus(Strategy):
                                                     reply.content[protocol.METRICS])
                 except (KeyError, ValueError) as error:
                     problem = f"no weight: {error}"
+            refusals: list[Refusal] = []
+            if not problem:
+                refusals, problem = _refusals(reply.content.config_records[protocol.SECAGG],
+                                              s.pairs[node])
             if problem:
                 self._drop(s, node, protocol.STAGE_MASKED_INPUT, "rejected", problem)
             else:
                 inputs[node] = (reply, weight, vector)
+                claims[node] = refusals
+        for receiver, refused in sorted(claims.items()):
+            for source, key, received in refused:
+                if receiver in s.alive:
+                    self._judge(s, inputs, source, receiver, key, received)
         for node in sorted(s.alive - set(inputs)):
             self._drop(s, node, protocol.STAGE_MASKED_INPUT, "failed",
                        "no sound masked input (see its clients.csv row)")
@@ -458,6 +507,40 @@ class SecAggPlus(Strategy):
         if total_weight == 0:
             self._fail(s, "the weights sum to 0")
         return inputs
+
+    def _judge(self, s: _Session, inputs: dict[int, Any], source: int, receiver: int,
+               key: bytes, received: bytes) -> None:
+        """``receiver`` says ``source``'s share did not open, revealing the key: whoever is
+        wrong leaves the sum, rejected with the reason. A sender at fault also loses its pair
+        with the receiver (the receiver neither masked with it nor holds its shares). A share
+        that arrived other than it was forwarded (no TLS) is nobody's fault: the receiver,
+        which did not mask with the sender, leaves the sum as failed."""
+        status = "rejected"
+        if received != s.sealed[source][receiver]:
+            culprit, status, reason = receiver, "failed", (
+                f"node {source}'s share was altered on its way to it (by neither client): it "
+                "left the sum")
+        elif keys.key_commitment(s.session, source, receiver, key) != s.seal_out[source][
+                receiver]:
+            culprit, reason = receiver, (f"it says node {source}'s share does not open but "
+                                         "reveals another key than the two committed to")
+        else:
+            try:
+                shares = keys.open_sealed(key, s.sealed[source][receiver], s.session, source,
+                                          receiver)
+                sound = all(len(share) == keys.SHARE_BYTES for share in shares)
+            except keys.ShareRejected:
+                sound = False
+            culprit, reason = (receiver, f"it says node {source}'s share does not open, but it "
+                                         "opens with the key it revealed") if sound else (
+                source, f"its share for node {receiver} does not open (checked with the key "
+                        "that node revealed)")
+        if culprit == source:
+            s.pairs[receiver] = [n for n in s.pairs[receiver] if n != source]
+            s.pairs[source] = [n for n in s.pairs[source] if n != receiver]
+        inputs.pop(culprit, None)
+        if culprit in s.alive:
+            self._drop(s, culprit, protocol.STAGE_MASKED_INPUT, status, reason)
 
     def _unmask(self, s: _Session, inputs: Mapping[int, tuple[Message, int, np.ndarray]]
                 ) -> np.ndarray:
@@ -506,7 +589,9 @@ class SecAggPlus(Strategy):
         try:
             secret, tampered = keys.recover(shares, s.threshold, check)
         except keys.RecoveryFailed as error:
-            self._fail(s, f"node {owner}'s {what} cannot be recovered: {error}")
+            s.report.culprit = owner  # it dealt the shares and the commitment
+            self._fail(s, f"node {owner}'s {what} cannot be recovered: {error} (its commitment "
+                          "or the shares it dealt are bad)")
         for holder in tampered:
             s.report.tampered.setdefault(holder, []).append(owner)
         return secret
@@ -543,6 +628,44 @@ def report_metrics(report: RoundReport) -> MetricRecord:
         protocol.SECAGG_FAILED: int(bool(report.failed)),
         protocol.SECAGG_SERVER_S: report.server_s,
         **report.metrics})
+
+
+def _share_keys_problem(record: ConfigRecord, peers: list[int]) -> str:
+    """Why a share-keys reply cannot be forwarded ("" = it can): shares for exactly the named
+    peers, each of the sealed form, a 32-byte commitment, two key commitments per peer."""
+    destinations = list(record.get(protocol.SA_PEERS, []))
+    columns = [list(record.get(key, [])) for key in (
+        protocol.SA_CIPHERTEXTS, protocol.SA_SEAL_OUT, protocol.SA_SEAL_IN)]
+    if sorted(int(d) for d in destinations if str(d).isdigit()) != peers or any(
+            len(column) != len(destinations) for column in columns):
+        return "shares or key commitments for other peers than named"
+    commitment = record.get(protocol.SA_COMMITMENT)
+    if not isinstance(commitment, bytes) or len(commitment) != keys.COMMITMENT_BYTES:
+        return f"a commitment that is not {keys.COMMITMENT_BYTES} bytes"
+    if not all(map(keys.is_sealed_form, columns[0])):
+        return "a sealed share of the wrong form (its receiver could not open it)"
+    if not all(isinstance(c, bytes) and len(c) == keys.COMMITMENT_BYTES
+               for c in columns[1] + columns[2]):
+        return f"a key commitment that is not {keys.COMMITMENT_BYTES} bytes"
+    return ""
+
+
+Refusal = tuple[int, bytes, bytes]  # (source, revealed key, the share as it arrived)
+
+
+def _refusals(record: ConfigRecord, pairs: list[int]) -> tuple[list[Refusal], str]:
+    """(source, revealed key, share as received) of every forwarded share a masked-input reply
+    says did not open, and why the refusal itself is malformed ("" = it is not)."""
+    refused = list(record.get(protocol.SA_REFUSED, []))
+    revealed = list(record.get(protocol.SA_REVEALED, []))
+    received = list(record.get(protocol.SA_RECEIVED, []))
+    sources = [int(r) for r in refused if str(r).isdigit()]
+    if (len(sources) != len(refused) or len(revealed) != len(refused)
+            or len(received) != len(refused) or len(set(sources)) != len(sources)
+            or not set(sources) <= set(pairs)
+            or not all(isinstance(value, bytes) for value in revealed + received)):
+        return [], "a refusal of shares it was not forwarded, or without their keys"
+    return list(zip(sources, revealed, received, strict=True)), ""
 
 
 def _same(a: ArrayRecord, b: ArrayRecord) -> bool:

@@ -9,17 +9,23 @@ of a SecAgg+ run, completes the round's outcome before anything writes it:
   ``timeout``, the reason naming the stage: ``secagg setup: ...``), and for each client left in
   a key set-up that failed (``rejected``); a client whose train reply failed gets the stage in
   its reason (``secagg masked-input: ...``); a masked reply the protocol refused becomes
-  ``rejected``; a survivor that vanished at unmask keeps ``ok`` (its input was
+  ``rejected`` (a share that did not open: its sender, or the receiver that lied about it);
+  a survivor that vanished at unmask keeps ``ok`` (its input was
   recovered from its neighbours' shares) with the reason saying so; a holder whose share failed
-  its check is named; when the round failed, every ``ok`` client becomes ``rejected`` with the
-  reason (``secure aggregation failed: ...``);
-- metrics.csv: the counts follow those rows, and the stage messages' bytes are added;
+  its check is named; a pair whose key commitments disagree is named on both rows (neither is
+  blamed); when the round failed, the client whose secret could not be recovered is
+  ``rejected`` for it and every other ``ok`` client becomes ``rejected`` with the reason
+  (``secure aggregation failed: ...``). Node ids in reasons are given with their client ids;
+- metrics.csv: the counts follow those rows, the stage messages' bytes are added, and a failed
+  round's ``model_update`` says why;
 - strategy_metrics.jsonl: the protocol's metrics (``secagg-*``) even when no aggregate came out;
-- a failed round counts as a round without update (``run.max_rounds_without_update``).
+- a failed round counts once as a round without update (``run.max_rounds_without_update``:
+  the round itself counts it, the strategy having returned no model).
 """
 
 from __future__ import annotations
 
+import re
 from logging import INFO
 
 from flwr.app import MetricRecord
@@ -44,7 +50,9 @@ class SecAggRecorder(RunListener):
         report = self.strategy.finish_round()
         if report is None:
             return
-        run.state.node_to_client.update(report.node_to_client)
+        for node, client in report.node_to_client.items():  # a claim never replaces an identity
+            if run.identities.client_of(node) is None:
+                run.identities.claim(node, client)
         outcome.clients = _rows(report, outcome, run.state.node_to_client)
         row = outcome.row
         row.clients_sampled = len(outcome.clients)
@@ -56,28 +64,38 @@ class SecAggRecorder(RunListener):
         metrics.update(report_metrics(report))
         outcome.train_metrics = metrics
         if report.failed:
+            failed = _named(report.failed, run.state.node_to_client)
             log(INFO, "fedtune: round %s: secure aggregation failed: %s", report.server_round,
-                report.failed)
-            if report.aggregate_called:  # the round reset the count before aggregating
-                run.state.rounds_without_update += 1
+                failed)
+            if row.model_update == "applied" or "returned no model" in row.model_update:
+                row.model_update = f"kept: secure aggregation failed: {failed}"
+
+
+def _named(text: str, node_to_client: dict[int, int]) -> str:
+    """``text`` with every "node N" whose client is known as "client C (node N)"."""
+    def name(match: re.Match[str]) -> str:
+        client = node_to_client.get(int(match.group(1)))
+        return match.group(0) if client is None else f"client {client} ({match.group(0)})"
+
+    return re.sub(r"node (\d+)", name, text)
 
 
 def _rows(report: RoundReport, outcome: RoundOutcome, node_to_client: dict[int, int]
           ) -> list[ClientRow]:
     rows = list(outcome.clients)
     by_client = {row.client_id: row for row in rows if row.client_id is not None}
-    server_round, failed = outcome.row.round, report.failed
+    server_round, failed = outcome.row.round, _named(report.failed, node_to_client)
     dropped = {dropout.node for dropout in report.dropped}
     for dropout in report.dropped:
         client = node_to_client.get(dropout.node)
-        reason = f"secagg {dropout.stage}: {dropout.reason}"
+        reason = _named(f"secagg {dropout.stage}: {dropout.reason}", node_to_client)
         row = by_client.get(client) if client is not None else None
         if dropout.stage in _BEFORE_TRAIN:  # never sent a train message: no row yet
             rows.append(ClientRow(server_round, client, None, None, None, None,
                                   dropout.status, reason))
         elif row is not None and dropout.stage == protocol.STAGE_MASKED_INPUT:
-            if dropout.status == "rejected":  # a sound reply whose masked input was not
-                row.status, row.reason = "rejected", reason
+            if row.status == "ok":  # a sound reply the protocol left out
+                row.status, row.reason = dropout.status, reason
             else:  # its train reply failed, timed out or was rejected: the row says how
                 row.reason = f"secagg {dropout.stage}: {row.reason}"
         elif row is not None and dropout.stage == protocol.STAGE_UNMASK:
@@ -89,10 +107,20 @@ def _rows(report: RoundReport, outcome: RoundOutcome, node_to_client: dict[int, 
     for holder, owners in report.tampered.items():
         row = by_client.get(node_to_client.get(holder))  # type: ignore[arg-type]
         if row is not None:
-            row.reason = (f"secagg unmask: its share of node(s) {owners} failed the check "
-                          "(tampered) and was left out")
+            row.reason = _named(f"secagg unmask: its share of node(s) {owners} failed the check "
+                                "(tampered) and was left out", node_to_client)
+    for pair in report.disagreeing:
+        for node, other in (pair, pair[::-1]):
+            row = by_client.get(node_to_client.get(node))  # type: ignore[arg-type]
+            if row is not None and not row.reason:
+                row.reason = _named(f"secagg share-keys: its key commitments and node {other}'s "
+                                    "disagree (one of the two lies): the pair did not mask",
+                                    node_to_client)
     if failed:
+        culprit = by_client.get(node_to_client.get(report.culprit))  # type: ignore[arg-type]
         for row in rows:
-            if row.status == "ok":
+            if row is culprit:
+                row.status, row.reason = "rejected", f"secagg unmask: {failed}"
+            elif row.status == "ok":
                 row.status, row.reason = "rejected", f"secure aggregation failed: {failed}"
     return sorted(rows, key=lambda r: (r.client_id is None, r.client_id or 0))

@@ -165,8 +165,7 @@ def run_curves(spec: SweepSpec) -> list[tuple[str, list[dict[str, str]]]]:
     for run in expand(spec):
         if not is_finished(Path(run.config.run.dir), run.config):
             continue
-        with (Path(run.config.run.dir) / "metrics.csv").open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = read_csv(Path(run.config.run.dir) / "metrics.csv")
         label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in run.values.items()
                          if k != SEED_KEY or several_seeds)
         curves.append((label, rows))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,13 +95,19 @@ def key(default: Any, help: str, used_with: UsedWith | None = None, **allowed: A
 class ReplyMetric:
     """How one metric of a client's reply is declared: its type and the values it may take.
     ``fedtune.protocol`` builds the exact reply schema from these; a table entry declares the
-    metrics its strategy or privacy mode adds."""
+    metrics its strategy or privacy mode adds.
+
+    ``equals``: where the reply's other (already screened) metrics and the run's ``[client]``
+    settings fix the value, ``(metrics, client settings) -> (the value, what fixes it)``; a
+    reply whose value differs is refused (FedNova's ``fednova-a`` follows from ``num-steps``
+    and the momentum: a client may not claim another)."""
 
     kind: type  # int or float (a float metric also takes an int; neither takes a bool or list)
     required: bool = True
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
+    equals: Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[float, str]] | None = None
 
     def problem(self, name: str, value: Any) -> str | None:
         """Why ``value`` is not allowed for metric ``name`` (None: it is)."""
@@ -117,6 +123,17 @@ class ReplyMetric:
             if bound is not None and not holds:
                 return f"metric {name!r} = {value!r} is not {sign} {bound:g}"
         return None
+
+    def mismatch(self, name: str, metrics: Mapping[str, Any],
+                 client: Mapping[str, Any]) -> str | None:
+        """Why ``metrics[name]`` is not the value ``equals`` gives (None: it is, or nothing
+        fixes it)."""
+        if self.equals is None or name not in metrics:
+            return None
+        expected, because = self.equals(metrics, client)
+        if math.isclose(metrics[name], expected, rel_tol=1e-9):
+            return None
+        return f"metric {name!r} = {metrics[name]!r}, but {because} give {expected:.6g}"
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,14 @@ ACCOUNTANTS = ("rdp", "prv")
 
 # the PRV accountant's memory and time grow with the steps it composes (10,000: about 2 s and
 # 0.5 GB for one ε on this machine, 100,000: 30 s and 1.5 GB); a plan evaluates ε many times
+# (fedtune.privacy.accounting.MAX_PRV_COMPOSITIONS is the same bound; tables load no opacus)
 MAX_PRV_COMPOSITIONS = 10_000
+# a noise multiplier below this spends an ε of tens of thousands (the RDP and PRV accountants
+# overflow or take minutes further down); above the maximum the noise drowns every update and
+# each ε takes seconds
+MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 0.01, 1000.0
+# the Rényi orders of opacus.accountants.RDPAccountant.DEFAULT_ALPHAS
+RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
 
 
@@ -48,11 +55,37 @@ class PrivacyModeEntry(Entry):
     reply_status: bool = False  # a training reply carries the ConfigRecord "status"
     declines: bool = False  # a client may answer "no update: my privacy budget is spent"
     client_accountants: bool = False  # each client's ε lives in its Context.state
+    # its clients draw DP noise themselves (local DP), or do so under SecAgg+ (distributed DP):
+    # such a client refuses noise seeded from run.seed unless its node config allows it
+    client_noise: bool = False
+    secure_aggregation_client_noise: bool = False
+
+
+def smallest_epsilon(delta: float) -> float:
+    """The ε the RDP accountant certifies for infinite noise at ``delta``: no target below it
+    can be reached. Every order's RDP is 0 then, and Opacus' conversion (Balle et al. 2020,
+    Theorem 21: ``eps = rdp - (log delta + log a) / (a - 1) + log((a - 1) / a)``) leaves
+    its smallest value over the orders; pure math, so the config checks it without torch."""
+    return min(-(math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a)
+               for a in RDP_ORDERS)
 
 
 def _check_budget(config: Config) -> None:
-    """Exactly one of target_epsilon and noise_multiplier (both DP modes)."""
+    """Exactly one of target_epsilon and noise_multiplier (both DP modes), each in the range
+    an accountant can handle (a noise search for a smaller target runs for minutes and
+    fails)."""
     p = config.privacy
+    if 0 < p.noise_multiplier < MIN_NOISE_MULTIPLIER:
+        raise ConfigError(
+            f"privacy.noise_multiplier = {p.noise_multiplier!r} is not allowed: must be 0 "
+            f"(derived from privacy.target_epsilon) or >= {MIN_NOISE_MULTIPLIER:g} (below, ε is "
+            "tens of thousands and the accountants overflow)")
+    floor = smallest_epsilon(p.delta)
+    if 0 < p.target_epsilon <= floor:
+        raise ConfigError(
+            f"privacy.target_epsilon = {p.target_epsilon:g} is not allowed: must be > "
+            f"{floor:.3g}, the ε that even infinite noise spends at privacy.delta = "
+            f"{p.delta:g} (RDP accountant), or inf")
     if p.target_epsilon and p.noise_multiplier:
         raise ConfigError(
             f"privacy.noise_multiplier = {p.noise_multiplier:g} is not allowed with "
@@ -63,6 +96,18 @@ def _check_budget(config: Config) -> None:
             f"privacy.target_epsilon = 0 is not allowed with privacy.mode = {p.mode!r}: must "
             "be > 0 (inf = no noise), or set privacy.noise_multiplier > 0"
         )
+
+
+def _check_insecure_noise(config: Config) -> None:
+    """Clients that draw their own noise (local DP, SecAgg+'s distributed DP) accept the
+    reproducible mode only where fedtune's runtime tells them it is a simulation."""
+    p = config.privacy
+    own_noise = p.mode == "local" or config.strategy.secure_aggregation
+    if p.insecure_reproducible_noise and own_noise and config.engine.backend == "flower":
+        raise ConfigError(
+            "privacy.insecure_reproducible_noise = true is not allowed with engine.backend = "
+            "'flower': must run on 'ray' or 'inprocess' (Flower's simulation starts the "
+            "clients, whose node configs do not allow noise the server can rebuild)")
 
 
 def check_prv_compositions(config: Config, compositions: int, what: str) -> None:
@@ -77,6 +122,7 @@ def check_prv_compositions(config: Config, compositions: int, what: str) -> None
 
 def _check_local(config: Config) -> None:
     _check_budget(config)
+    _check_insecure_noise(config)
     if config.client.local_steps:  # with local_epochs the steps depend on the data
         rounds = config.privacy.client_rounds or config.run.rounds
         check_prv_compositions(config, rounds * config.client.local_steps,
@@ -97,8 +143,23 @@ def _check_local(config: Config) -> None:
 
 def _check_central(config: Config) -> None:
     _check_budget(config)
+    _check_insecure_noise(config)
     check_prv_compositions(config, config.run.rounds, "rounds (run.rounds)")
     p = config.privacy
+    if config.strategy.update_norm_z:
+        raise ConfigError(
+            f"strategy.update_norm_z = {config.strategy.update_norm_z:g} is not allowed with "
+            "privacy.mode = 'central': must be 0 (whether it keeps a client would depend on "
+            "every other client's norm, so one client's sensitivity is no longer clip_norm "
+            "and epsilon would not bound it; strategy.max_update_norm is a fixed bound and "
+            "allowed)"
+        )
+    if p.clipped_count_stddev and p.count_budget_share:
+        raise ConfigError(
+            f"privacy.count_budget_share = {p.count_budget_share:g} is not allowed with "
+            f"privacy.clipped_count_stddev = {p.clipped_count_stddev:g}: set one of them (the "
+            "other = 0)"
+        )
     if p.delta >= 1 / config.data.num_clients:
         raise ConfigError(
             f"privacy.delta = {p.delta:g} is not allowed: must be < 1/data.num_clients = "
@@ -135,10 +196,17 @@ TARGET_EPSILON = Key(0.0, "ε the run may spend (local: per client, central: for
 DELTA = Key(1e-5, "δ of the (ε, δ) guarantee; must be < 1/N (local: N = examples of the "
                   "smallest client, central: N = data.num_clients)", gt=0, lt=1)
 NOISE_MULTIPLIER = Key(0.0, "Gaussian noise std / clipping bound; 0 = derived from "
-                            "target_epsilon", ge=0)
+                            "target_epsilon", ge=0, le=MAX_NOISE_MULTIPLIER)
 ACCOUNTANT = Key("rdp", "privacy accountant (opacus.accountants)", choices=ACCOUNTANTS)
+INSECURE_NOISE = Key(False, "NOT PRIVATE: draw the DP noise and sampling from generators "
+                            "seeded by run.seed so runs repeat exactly; anyone with the run's "
+                            "config can then remove the noise. For comparing simulations only: "
+                            "summary.json and the terminal say 'not private', and a SuperNode "
+                            "refuses it unless its node config allows it "
+                            "(insecure-noise-allowed = true)")
 BUDGET_KEYS = {"target_epsilon": TARGET_EPSILON, "delta": DELTA,
-               "noise_multiplier": NOISE_MULTIPLIER, "accountant": ACCOUNTANT}
+               "noise_multiplier": NOISE_MULTIPLIER, "accountant": ACCOUNTANT,
+               "insecure_reproducible_noise": INSECURE_NOISE}
 
 AUDIT = Key(False, "empirical privacy audit after the run (audit.json, plots/audit.png): "
                    "central = canary clients (Andrew et al. 2024), local and none = canary "
@@ -176,7 +244,7 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
         reply_metrics={"epsilon": ReplyMetric(float, required=False, ge=0),
                        "noise-multiplier": ReplyMetric(float, ge=0),
                        "sample-rate": ReplyMetric(float, gt=0, le=1)},
-        reply_status=True, declines=True, client_accountants=True),
+        reply_status=True, declines=True, client_accountants=True, client_noise=True),
     "central": PrivacyModeEntry(
         "DP-FedAvg at the server (per client); each client is sampled with probability "
         "strategy.fraction_train; strategy.name = fedavgm or fedadam runs that server "
@@ -191,19 +259,26 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
                   True, "move the bound towards the target_quantile of update norms (Andrew "
                         "et al. 2021). Recommended: keep it, with target_quantile 0.5, clip_lr "
                         "0.2 and a small clip_norm (TFF's defaults), and read the bound it "
-                        "found in metrics.csv clip_norm; it needs noise < 2 x "
-                        "clipped_count_stddev (an expected cohort of more than 10 x noise "
-                        "clients), else set false and clip_norm near the median update norm"),
+                        "found in metrics.csv clip_norm; the noised unclipped count takes "
+                        "count_budget_share of the budget"),
               "target_quantile": Key(0.5, "adaptive: share of updates left unclipped", gt=0,
                                      lt=1),
               "clip_lr": Key(0.2, "adaptive: geometric step size of the bound", gt=0),
-              "clipped_count_stddev": Key(0.0, "adaptive: noise std of the unclipped count; 0 "
-                                               "= expected cohort / 20", ge=0),
+              "clipped_count_stddev": Key(0.0, "adaptive: noise std of the centred unclipped "
+                                               "count (sensitivity 1/2); 0 = from "
+                                               "count_budget_share", ge=0),
+              "count_budget_share": Key(
+                  0.0, "adaptive: share of the privacy budget (of noise^-2, as Gaussian "
+                       "mechanisms compose) spent on the unclipped count; the update noise "
+                       "becomes noise / sqrt(1 - share). 0 = automatic, recommended: Andrew et "
+                       "al.'s count std (expected cohort / 20) if that takes at most 0.1, else "
+                       "0.1 (small cohorts: the clip bound then follows the quantile more "
+                       "noisily; more than 0.1 buys little and costs accuracy)", ge=0, lt=1),
               **AUDIT_CLIENTS},
         implementation="fedtune.privacy.central_dp:CentralDP", spends_budget=True,
         audit_inserts="clients", check=_check_central, replaces_strategy=True,
         # DP-FedAvg sums the clients' clipped updates unweighted (a fixed-denominator estimator)
-        sum_weight="1"),
+        sum_weight="1", secure_aggregation_client_noise=True),
 }
 
 

@@ -84,6 +84,15 @@ def _check_multikrum(config: Config) -> None:
         )
 
 
+def _fednova_a(metrics: Mapping[str, Any], client: Mapping[str, Any]) -> tuple[float, str]:
+    """What a FedNova reply's ``fednova-a`` must be: ``||a||_1`` of its ``num-steps`` steps
+    with the run's momentum (``strategies.fednova.local_normalizer``, what the client computes)."""
+    from strategies.fednova import local_normalizer  # numpy and flwr: only when screening
+
+    steps, momentum = int(metrics["num-steps"]), float(client.get("momentum", 0.0))
+    return local_normalizer(steps, momentum), f"{steps} steps with momentum {momentum:g}"
+
+
 def _fedopt(config: Config) -> dict[str, Any]:
     s = config.strategy
     # eta_l is the clients' learning rate; Flower's FedOpt only stores it
@@ -105,6 +114,8 @@ FLOWER = "flwr.serverapp.strategy:"
 CLIENTS = "fedtune.client.algorithms:"
 EXAMPLES = "num-examples"  # fedtune.protocol.NUM_EXAMPLES (tables import no Flower)
 KRUM_NEEDS = "it scores every individual update by its distances to the others"
+# each Weiszfeld step is a pass over every update; Pillutla et al. (2022) take 3 to 4
+MAX_RFA_ITERATIONS = 1000
 
 SERVER_LR = Key(1.0, "server learning rate", gt=0)
 FEDOPT_ETA = Key(0.01, "server learning rate eta (Reddi et al. 2021)", gt=0)
@@ -204,7 +215,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "fednova": StrategyEntry(
         "FedNova (Wang et al. 2020): updates normalised by local steps",
         implementation="strategies.fednova:FedNova", client=CLIENTS + "FedNovaClient",
-        reply_metrics={"fednova-a": ReplyMetric(float, gt=0)}, sgd_only=True,
+        reply_metrics={"fednova-a": ReplyMetric(float, gt=0, equals=_fednova_a)}, sgd_only=True,
         sum_weight=EXAMPLES + "/fednova-a"),
     "feddyn": StrategyEntry(
         "FedDyn (Acar et al. 2021): dynamic regularisation of the local objective",
@@ -216,7 +227,8 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "rfa": StrategyEntry(
         "RFA (Pillutla et al. 2022): geometric median of the client models",
         keys={"rfa_iterations": Key(4, "smoothed Weiszfeld steps (Pillutla et al. 2022), "
-                                       "from the coordinate-wise median", ge=0),
+                                       "from the coordinate-wise median", ge=0,
+                                    le=MAX_RFA_ITERATIONS),
               "rfa_smoothing": Key(1e-6, "Weiszfeld smoothing nu", gt=0)},
         implementation="strategies.rfa:RFA",
         arguments=lambda c: {"iterations": c.strategy.rfa_iterations,

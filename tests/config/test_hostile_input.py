@@ -125,3 +125,90 @@ def test_party_files_need_a_deployment():
                                           "engine.backend = 'inprocess': each party's file "
                                           "comes from its own SuperNode"):
         preflight(config)
+
+
+# --- second pass (issue 25, items 8 and 9): bounds and one-line errors -----------------------
+
+@pytest.mark.parametrize("setting, message", [
+    ("run.seed=9223372036854775808", "run.seed = 9223372036854775808 is not allowed: must be "
+                                     "below 2^63"),
+    ("client.eval_batch_size=1e308", "client.eval_batch_size = 1e+308 is not allowed: must be "
+                                     "below 2^63"),
+    ("data.num_clients=-99999999999999999999", "must be below 2^63"),
+    ('run.name="a\\nb"', "run.name = 'a\\nb' is not allowed: must be a plain name"),
+    ("run.name='" + "a" * 5000 + "'", "is not allowed: must be a plain name of at most 200 "
+                                      "characters"),
+    ("strategy.rfa_iterations=100000000", "strategy.rfa_iterations = 100000000 is not "
+                                          "allowed: must be an integer >= 0 and <= 1000"),
+    ("tracking.mlflow_uri='bogus://x'", "tracking.mlflow_uri = 'bogus://x' is not allowed: "
+                                        "must be a path, or a URI of scheme file, http, https"),
+])
+def test_extreme_values_are_refused_by_name(setting, message):
+    base = {"rfa": ["strategy.name=rfa"], "mlflow": ["tracking.mlflow=true"]}
+    extra = next((v for k, v in base.items() if k in setting), [])
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*extra, setting])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+@pytest.mark.parametrize("setting, message", [
+    ("privacy.noise_multiplier=1e308", "privacy.noise_multiplier = 1e+308 is not allowed: "
+                                       "must be a number >= 0 and <= 1000"),
+    ("privacy.noise_multiplier=1e-320", "privacy.noise_multiplier = 1e-320 is not allowed: "
+                                        "must be 0 (derived from privacy.target_epsilon) or "
+                                        ">= 0.01"),
+    ("privacy.target_epsilon=1e-6", "privacy.target_epsilon = 1e-06 is not allowed: must be "
+                                    "> 0.103"),
+])
+def test_privacy_values_no_accountant_can_handle_are_refused(mode, setting, message):
+    """σ of 1e308 or 1e-320 overflowed the accountants; a target ε below what infinite noise
+    certifies sent the noise search on for minutes before a ValueError."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"privacy.mode={mode}", "privacy.delta=1e-5", setting])
+    assert message in str(info.value)
+
+
+def test_a_config_file_may_start_with_a_byte_order_mark(tmp_path):
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[run]\nrounds = 7\n")
+    assert load_config(bom).run.rounds == 7
+
+
+@pytest.mark.parametrize("where", ["below a file", "in /proc"])
+def test_output_that_cannot_be_created_is_one_line(tmp_path, capsys, where):
+    file = tmp_path / "taken.txt"
+    file.write_text("x")
+    output = str(file / "run") if where == "below a file" else "/proc/fedtune-run"
+    line = _error(capsys, "run", "--output", output, "--set", "run.rounds=1")
+    assert line.startswith(f"fedtune: error: --output {output!r} is not allowed: ")
+
+
+def test_an_unwritable_mlflow_store_is_refused_before_the_run(tmp_path, capsys):
+    file = tmp_path / "taken.txt"
+    file.write_text("x")
+    line = _error(capsys, "run", "--output", str(tmp_path / "run"), "--set",
+                  "tracking.mlflow=true", "--set", f"tracking.mlflow_uri='{file}/mlruns'")
+    assert line.startswith("fedtune: error: tracking.mlflow_uri = ")
+    assert "is not allowed: " in line and not (tmp_path / "run").exists()
+
+
+def test_the_api_refuses_odd_overrides_and_a_file_as_output(tmp_path):
+    import numpy as np
+
+    from fedtune.api import resolve_config, run
+
+    config = resolve_config(None, {"run.seed": np.int64(3), "client.lr": np.float32(0.5),
+                                   "data": {"partitioner": "dirichlet", "alpha": 0.25}})
+    assert (config.run.seed, config.client.lr, config.data.alpha) == (3, 0.5, 0.25)
+    with pytest.raises(ConfigError, match=r"overrides key 1 is not allowed: must be a text "
+                                          r"'section.key'"):
+        resolve_config(None, {1: 2})
+    with pytest.raises(ConfigError, match="overrides\\['run.name'\\] = None is not allowed"):
+        resolve_config(None, {"run.name": None})
+    file = tmp_path / "taken.txt"
+    file.write_text("x")
+    with pytest.raises(ConfigError, match=f"output = {str(file)!r} is not allowed: must be a "
+                                          "new or empty directory, not a file"):
+        run(None, {"run.rounds": 1}, output=file, progress=False)

@@ -111,3 +111,43 @@ def test_party_files_may_start_with_a_byte_order_mark_and_hold_long_texts(tmp_pa
     bom.write_bytes(("\ufefflabel,text\nfresh,good\nrotten," + long_text + "\n").encode())
     data = load_party_file(str(bom), LABELS)
     assert data.texts == ("good", long_text) and list(data.labels) == [0, 1]
+
+
+# --- issue 25, item 10: rows that merge, a test file too small to measure anything --------------
+
+@pytest.mark.parametrize("data, message", [
+    # the quote on line 3 never closes: lines 3-5 became one text, "fewer fields" on line 5
+    ('label,text\nfresh,good\nrotten,"unclosed\nfresh,third\nrotten,fourth\n',
+     r"q.csv:3: a quote opened on this line is never closed \(the file ends inside it\)"),
+    # closed by a quote in the middle of a later text
+    ('label,text\nfresh,"great film\nrotten,ok\nfresh,bad" film\n',
+     r"q.csv:2: not a valid CSV record \(',' expected after '\"'\): it starts here and ends "
+     r"on line 4"),
+    # closed at the end of a later row: three rows merged into one, silently
+    ('label,text\nfresh,"great film\nrotten,ok\nfresh,bad film"\n',
+     r"q.csv:2: the quoted field that starts on this line runs to line 4 and holds 'rotten,ok',"
+     r" which reads as a row of its own"),
+])
+def test_an_unbalanced_quote_names_the_line_it_opens_on(tmp_path, data, message):
+    (tmp_path / "q.csv").write_text(data)
+    with pytest.raises(ConfigError, match=message):
+        load_party_file(str(tmp_path / "q.csv"), LABELS)
+
+
+def test_a_quoted_text_may_still_span_lines(tmp_path):
+    (tmp_path / "ok.csv").write_text('label,text\nfresh,"two\nlines, fine"\nrotten,"say ""hi"""\n')
+    data = load_party_file(str(tmp_path / "ok.csv"), LABELS)
+    assert data.texts == ("two\nlines, fine", 'say "hi"')
+
+
+def test_a_global_test_file_of_three_rows_is_warned_about(tmp_path):
+    from fedtune.config import ConfigWarning
+    from fedtune.data.federation import build_federation
+
+    (tmp_path / "test.csv").write_text("label,text\nfresh,a\nrotten,b\nfresh,c\n")
+    config = load_config(None, ["data.dataset=files", 'data.label_names=["fresh", "rotten"]',
+                                f"data.test_path='{tmp_path / 'test.csv'}'"])
+    with pytest.warns(ConfigWarning, match=r"data.test_path = .* holds 3 examples: a test "
+                                           r"accuracy on it moves in steps of 0.33"):
+        federation = build_federation(config.data, 0)
+    assert len(federation.test_rows) == 3

@@ -62,9 +62,12 @@ CASES = {
     "fednova": ["strategy.name=fednova", *SGD, "client.momentum=0.5"],
     "feddyn": ["strategy.name=feddyn"],
     "fedmedian": ["strategy.name=fedmedian"],
-    "local_dp": ["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3"],
+    # both paths draw the same noise only when it is seeded (not private)
+    "local_dp": ["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3",
+                 "privacy.insecure_reproducible_noise=true"],
     "central_dp": ["privacy.mode=central", "privacy.noise_multiplier=0.3",
-                   "privacy.delta=1e-3", "privacy.clip_norm=2"],
+                   "privacy.delta=1e-3", "privacy.clip_norm=2",
+                   "privacy.insecure_reproducible_noise=true"],
     "faults": ["faults.nan_fraction=0.25", "faults.scale_fraction=0.25",
                "faults.crash_probability=0.3"],
     # the model guard needs each update: the cohort is then kept client by client

@@ -1,5 +1,7 @@
-"""SecAgg+ in a real deployment: SuperLink and 3 SuperNodes on 127.0.0.1 with TLS and node
-authentication, two rounds (the processes and credentials as in ``test_deploy``)."""
+"""SecAgg+ in a real deployment: SuperLink and 4 SuperNodes on 127.0.0.1 with TLS and node
+authentication, two rounds (the processes and credentials as in ``test_deploy``). One SuperNode
+is hostile (issue 25, item 1): in round 1 it sends a public key that is no P-384 point, in round
+2 a share for a neighbour that does not open."""
 
 from __future__ import annotations
 
@@ -15,10 +17,17 @@ from tests.conftest import REPO, rows_of
 from tests.integration.test_deploy import BIN, Processes, _free_port, _wait_for_port
 from tests.integration.test_end_to_end import CONTRACT
 
+HOSTILE = 3  # the partition id of the hostile SuperNode
+PLAN = "bad-mask-key@1,bad-share@2"  # tests.hostile_secagg
+
 
 @pytest.mark.slow
-def test_two_secure_rounds_across_three_tls_supernodes(tmp_path):
-    creds = write_credentials(tmp_path / "creds", ["localhost", "127.0.0.1"], 3)
+def test_two_secure_rounds_across_tls_supernodes_one_of_them_hostile(tmp_path):
+    """Before: the garbage key made every honest client fail (the round failed, the honest
+    ones blamed) and the bad share made its receiver drop while its sender stayed ok. Now the
+    hostile client alone is rejected each round, named in clients.csv, and both rounds apply
+    the honest three clients' sum."""
+    creds = write_credentials(tmp_path / "creds", ["localhost", "127.0.0.1"], 4)
     port = _free_port()
     base_env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                     FLWR_TELEMETRY_ENABLED="0")
@@ -42,17 +51,22 @@ def test_two_secure_rounds_across_three_tls_supernodes(tmp_path):
                                          "test"], env=cli_env, capture_output=True, text=True,
                                         timeout=60, check=False)
             assert "registered successfully" in registered.stdout, registered.stdout
+            node_env = dict(base_env, FLWR_HOME=str(tmp_path / f"node-home-{index}"))
+            if index == HOSTILE:  # tests/integration/hostile_node/sitecustomize.py loads
+                node_env.update(FEDTUNE_TEST_SECAGG_ATTACK=PLAN, PYTHONPATH=os.pathsep.join(
+                    [str(REPO / "tests" / "integration" / "hostile_node"), str(REPO),
+                     os.environ.get("PYTHONPATH", "")]))
             processes.start(f"supernode-{index}", [
                 str(BIN / "flower-supernode"), "--root-certificates", str(creds.ca_cert),
                 "--superlink", f"127.0.0.1:{port}", "--auth-supernode-private-key", str(private),
-                "--node-config", f"partition-id={index} num-partitions=3",
+                "--node-config", f"partition-id={index} num-partitions=4",
                 "--port", str(_free_port()),
-            ], dict(base_env, FLWR_HOME=str(tmp_path / f"node-home-{index}")))
+            ], node_env)
 
         run_dir = tmp_path / "run"
         overrides = " ".join([
             "data.dataset='digits'", "model.kind='mlp'", "data.partitioner='iid'",
-            "data.num_clients=3", "run.rounds=2", "strategy.fraction_train=1.0",
+            "data.num_clients=4", "run.rounds=2", "strategy.fraction_train=1.0",
             "strategy.fraction_evaluate=0.0", "client.lr=0.01", "engine.node_wait_s=120",
             "strategy.secure_aggregation=true", f"run.dir='{run_dir}'",
         ])
@@ -67,11 +81,18 @@ def test_two_secure_rounds_across_three_tls_supernodes(tmp_path):
         # masked reply is uint64, so more goes up than comes down)
         assert all((run_dir / name).is_file() for name in CONTRACT)
         metrics = rows_of(run_dir / "metrics.csv")
-        assert [(r["clients_sampled"], r["clients_ok"]) for r in metrics] == [("3", "3")] * 2
+        assert [(r["clients_sampled"], r["clients_ok"], r["model_update"]) for r in metrics] == [
+            ("4", "3", "applied")] * 2
         assert all(int(r["bytes_up"]) > int(r["bytes_down"]) > 0 for r in metrics)
-        clients = rows_of(run_dir / "clients.csv")
-        assert sorted((r["round"], r["client_id"], r["status"]) for r in clients) == [
-            (str(r), str(c), "ok") for r in (1, 2) for c in range(3)]
+        clients = {(int(r["round"]), int(r["client_id"])): r
+                   for r in rows_of(run_dir / "clients.csv")}
+        assert sorted(clients) == [(r, c) for r in (1, 2) for c in range(4)]
+        assert {clients[r, c]["status"] for r in (1, 2) for c in range(3)} == {"ok"}
+        assert clients[1, HOSTILE]["status"] == clients[2, HOSTILE]["status"] == "rejected"
+        assert clients[1, HOSTILE]["reason"].startswith("secagg setup: a public key that is not "
+                                                        "a P-384 point")
+        assert clients[2, HOSTILE]["reason"].startswith("secagg masked-input: its share for "
+                                                        "client ")
         assert json.loads((run_dir / "summary.json").read_text())["rounds_completed"] == 2
         lines = (run_dir / "strategy_metrics.jsonl").read_text().splitlines()
         secure = [json.loads(line)["train"] for line in lines]

@@ -12,7 +12,8 @@ from safetensors.numpy import load_file
 
 from fedtune.engine.inprocess import run_inprocess
 from fedtune.engine.launch import launch
-from fedtune.secagg import masking
+from fedtune.privacy.accounting import epsilon
+from fedtune.secagg import distributed_dp, masking
 from tests.conftest import rows_of, tiny_config
 
 SECURE = ("strategy.secure_aggregation=true",)
@@ -106,6 +107,36 @@ def test_distributed_dp_accounts_as_central_dp(tmp_path):
     assert summary["privacy"]["noise_multiplier"] == 0.8
     for metrics in _strategy_metrics(distributed):
         assert metrics["secagg-failed"] == 0 and "dp-unclipped" not in metrics
+        assert 0 < metrics["secagg-dp-clip-bound"] <= distributed_dp.CLIP_PROBABILITY * 1.001
+    assert "distributed" not in json.loads((central / "summary.json").read_text())["privacy"]
+
+
+def test_fewer_than_m_min_inputs_release_nothing_and_the_server_sees_who_took_part(tmp_path):
+    """6 clients, q = 1, m_min = 4: seed 96 crashes client 3 in round 1 and clients 0, 2, 3 in
+    round 2 (3 inputs left), nobody in round 3. Round 2 fails: the model stays, so its noise
+    shares, sized for 4 inputs, never had to cover 3 (sigma sqrt(3/4) would be what 3 give).
+    The accountant still counts round 2 (an upper bound). Against the server, which picked
+    the cohort, epsilon is that of the 2 rounds a client's update was summed, without
+    amplification by sampling."""
+    config = tiny_config(tmp_path, *SECURE, "data.num_clients=6", "run.rounds=3",
+                         "run.seed=96", "faults.crash_probability=0.3",
+                         "faults.crash_stage=share-keys", "strategy.fraction_evaluate=0",
+                         "privacy.mode=central", "privacy.noise_multiplier=1.5",
+                         "privacy.delta=0.01", "privacy.adaptive_clipping=false",
+                         "strategy.fraction_train=1.0")
+    run_dir = run_inprocess(config).path
+    failed = [m["secagg-failed"] for m in _strategy_metrics(run_dir)]
+    assert failed == [0, 1, 0]
+    rows = rows_of(run_dir / "metrics.csv")
+    assert [float(r["epsilon"]) for r in rows][-1] == pytest.approx(
+        epsilon([(1.5, 1.0, 3)], 0.01, "rdp"))
+    summary = json.loads((run_dir / "summary.json").read_text())["privacy"]["distributed"]
+    assert summary["max_participations"] == 2
+    assert summary["epsilon_against_server"] == pytest.approx(
+        epsilon([(1.5, 1.0, 2)], 0.01, "rdp"))
+    assert summary["quantiser_clip_probability"] <= 2.002 * distributed_dp.CLIP_PROBABILITY
+    assert summary["delta_with_quantiser"] == pytest.approx(0.01, rel=1e-6)
+    assert distributed_dp.honest_noise_multiplier(1.5, 3, 4) == pytest.approx(1.5 * 0.75**0.5)
 
 
 @pytest.mark.slow
@@ -134,8 +165,10 @@ def test_a_stopped_secure_run_resumes_bit_identical(tmp_path):
     from fedtune.config import to_run_config
     from fedtune.engine.inprocess import InProcessGrid
     from fedtune.server.app import run_federated
-    from fedtune.server.checkpoint import read_checkpoint, state_from_bytes
+    from fedtune.server.checkpoint import read_checkpoint
     from fedtune.server.exchange import RunStopped
+    from fedtune.state.blobs import STATE_DIR, StateBlobs
+    from fedtune.state.codec import state_from_bytes
     from tests.server.test_resume import FIVE_ROUNDS, StopAfter, _assert_same_run
 
     extra = (*SECURE, "strategy.name=fedadam", "strategy.fraction_train=0.75")
@@ -147,9 +180,60 @@ def test_a_stopped_secure_run_resumes_bit_identical(tmp_path):
         run_federated(grid, config, StopAfter(stop, after=2), stop)
     checkpoint = read_checkpoint(Path(config.run.dir))
     assert checkpoint.server_round == 2
-    for state in checkpoint.client_states.values():
-        kept = state_from_bytes(state).config_records.get("secagg-state", {})
+    blobs = StateBlobs(Path(config.run.dir) / STATE_DIR)
+    for digest in checkpoint.client_states.digests.values():
+        kept = state_from_bytes(blobs.read(digest)).config_records.get("secagg-state", {})
         assert not {"mask-seed", "seal-private", "self-seed", "seal-keys", "seed-shares",
                     "key-shares"} & set(kept)
     config.run.resume = True
     _assert_same_run(run_inprocess(config).path, reference)
+
+
+# --- hostile clients in whole runs (issue 25, items 1 and 2) -----------------------------------
+
+def _hostile_secure_run(tmp_path, attacks, *overrides):
+    from fedtune.config import to_run_config
+    from fedtune.engine.inprocess import InProcessGrid
+    from fedtune.server.app import run_federated
+    from tests.hostile_secagg import hostile_secagg_app
+
+    config = tiny_config(tmp_path, *SECURE, "data.num_clients=6", "strategy.fraction_evaluate=0",
+                         *overrides)
+    grid = InProcessGrid(hostile_secagg_app(attacks), to_run_config(config), 6)
+    return config, lambda: run_federated(grid, config).path
+
+
+def test_clients_csv_names_the_attacker_and_nobody_else(tmp_path):
+    """Client 1 seals a share that does not open; client 4 claims to be client 0 at setup.
+    Before: client 1's receiver failed at masked input while client 1 stayed ok (and a setup
+    claim rewrote the server's node -> client map). Now client 1 alone is rejected, its reason
+    names the receiver by client id; client 4 is recorded as itself; every round applies."""
+    from tests import hostile_secagg
+
+    _, run = _hostile_secure_run(tmp_path, {1: hostile_secagg.BAD_SHARE,
+                                            4: hostile_secagg.IMPERSONATE})
+    run_dir = run()
+    rows = {(int(r["round"]), int(r["client_id"])): r for r in rows_of(run_dir / "clients.csv")}
+    assert sorted(rows) == [(r, c) for r in (1, 2) for c in range(6)]
+    for server_round in (1, 2):
+        attacker = rows[server_round, 1]
+        assert attacker["status"] == "rejected"
+        assert attacker["reason"].startswith("secagg masked-input: its share for client ")
+        assert "does not open (checked with the key that node revealed)" in attacker["reason"]
+        assert {rows[server_round, c]["status"] for c in (0, 2, 3, 4, 5)} == {"ok"}
+    assert [m["model_update"] for m in rows_of(run_dir / "metrics.csv")] == ["applied"] * 2
+
+
+def test_an_input_outside_the_range_stops_the_run_with_one_line(tmp_path):
+    from fedtune.server.loop import RunFailed
+    from tests import hostile_secagg
+
+    _, run = _hostile_secure_run(tmp_path, {2: hostile_secagg.SHIFTED_INPUT}, "run.rounds=3",
+                                 "run.max_rounds_without_update=2")
+    with pytest.raises(RunFailed, match="2 rounds in a row without an update.*secure "
+                                        "aggregation failed: the unmasked sum is outside what 6 "
+                                        "inputs in range add up to"):
+        run()
+    metrics = rows_of(tmp_path / "run" / "metrics.csv")
+    assert [m["model_update"].split(":")[0:2] for m in metrics] == [
+        ["kept", " secure aggregation failed"]]

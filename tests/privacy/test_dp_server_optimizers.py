@@ -208,10 +208,10 @@ def test_canaries_half_inserted_unit_directions_sampled_like_clients():
                                        {"server_optimizer": "adam"}])
 def test_canaries_never_enter_the_reported_model(optimizer):
     """With noise and a server optimizer, the reported models of a run with canary clients
-    are bit-identical to those of a run without; the shadow release differs by exactly the
-    canaries' propagated share (linear for SGD with momentum)."""
+    are bit-identical to those of a run without (seeded noise: the same draws in both runs);
+    the shadow release differs by exactly the canaries' propagated share."""
     common = {"sample_rate": 0.5, "noise_multiplier": 1.0, "clipping_norm": 0.5,
-              "min_available_nodes": 1, **optimizer}
+              "min_available_nodes": 1, "seed": 0, **optimizer}
     plain = _play(DPFedAvg(**common), rounds=3, clients=6, seed=7)
     audited = DPFedAvg(canaries=30, canary_seed=1, **common)
     with_canaries = _play(audited, rounds=3, clients=6, seed=7)
@@ -258,9 +258,15 @@ def test_bad_central_settings_give_one_line(overrides, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_adaptive_clipping_with_too_small_a_cohort_says_what_to_do():
-    config = load_config(None, [*CENTRAL, "privacy.noise_multiplier=1"])  # cohort 1 of 4
-    with pytest.raises(ConfigError, match="set privacy.adaptive_clipping = false"):
+def test_a_small_cohort_gives_the_count_a_tenth_of_the_budget_and_a_too_small_std_is_refused():
+    """Cohort 1 of 4 with σ = 1: Andrew et al.'s std (cohort / 20) would take the budget 400
+    times over; the automatic share caps the count at 0.1, so σ_Δ = σ / sqrt(0.9)."""
+    plan = CentralDP().plan(load_config(None, [*CENTRAL, "privacy.noise_multiplier=1"]))
+    assert plan.details["count_budget_share"] == pytest.approx(0.1)
+    assert plan.details["update_noise_multiplier"] == pytest.approx(1 / math.sqrt(0.9))
+    config = load_config(None, [*CENTRAL, "privacy.noise_multiplier=1",
+                                "privacy.clipped_count_stddev=0.4"])
+    with pytest.raises(ConfigError, match="choose privacy.count_budget_share"):
         CentralDP().plan(config)
 
 

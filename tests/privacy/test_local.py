@@ -138,7 +138,16 @@ def test_a_text_run_with_local_dp_on_a_transformer(tmp_path, tiny_bert_path):
      "client.max_grad_norm = 1 is not allowed with privacy.mode = 'local'"),
     (["privacy.target_epsilon=2", "privacy.accountant=gdp"], "privacy.accountant = 'gdp'"),
     (["privacy.mode=central", "privacy.target_epsilon=1", "privacy.adaptive_clipping=true",
-      "privacy.delta=0.01"], "privacy.clipped_count_stddev = 0.2 is not allowed"),
+      "privacy.delta=0.01", "privacy.clipped_count_stddev=0.2"],
+     "privacy.clipped_count_stddev = 0.2 is not allowed"),
+    (["privacy.mode=central", "privacy.target_epsilon=1", "privacy.delta=0.01",
+      "privacy.clipped_count_stddev=2", "privacy.count_budget_share=0.1"],
+     "privacy.count_budget_share = 0.1 is not allowed with privacy.clipped_count_stddev = 2"),
+    (["privacy.mode=central", "privacy.target_epsilon=1", "privacy.delta=0.01",
+      "strategy.update_norm_z=3"],
+     "strategy.update_norm_z = 3 is not allowed with privacy.mode = 'central': must be 0"),
+    (["privacy.mode=central", "privacy.target_epsilon=1", "privacy.delta=0.01",
+      "privacy.count_budget_share=1"], "privacy.count_budget_share = 1 is not allowed"),
 ])
 def test_bad_privacy_config_gives_one_line(overrides, message):
     with pytest.raises(ConfigError) as error:
@@ -156,3 +165,126 @@ def test_local_delta_must_be_below_one_over_the_smallest_client(tmp_path):
     LocalDP().check_data(config, [])
     with pytest.raises(ConfigError, match="smallest client's n = 100 "):
         LocalDP().check_data(config, [200, 100])
+
+
+def _train_twice(config, secure: bool, mode: str) -> list[dict[str, np.ndarray]]:
+    """The same client trained twice from the same state, every seed a run sets set alike
+    (torch's global generator, the loader's seed): only the DP draws can differ."""
+    resources = task_resources(config)
+    rows = resources.federation.client_train_rows[0]
+    settings = LocalDPSettings(delta=1e-5, max_grad_norm=1.0, accountant="rdp",
+                               grad_sample_mode=mode, noise_multiplier=1.0, secure=secure)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        model = build_model(resources.spec, 0)
+        loader = poisson_loader(resources.encoded, resources.federation.data.labels, rows, 16,
+                                5, model, secure=secure)
+        train_private(model, loader, train_settings(config), settings, [], torch.device("cpu"))
+        results.append(shared_state(model))
+    return results
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_dp_sgd_noise_and_sampling_do_not_follow_the_run_seed(mode):
+    """The old DP-SGD drew its noise from torch's generator, which a client seeds from run.seed
+    (known to the server), and its Poisson sample from a generator seeded the same way: two
+    trainings seeded alike were identical. Now they differ; the insecure switch repeats."""
+    config = load_config(None, [*MLP_DIGITS, "privacy.mode=local",
+                                "privacy.noise_multiplier=1", "client.local_steps=3"])
+    first, second = _train_twice(config, secure=True, mode=mode)
+    assert all(not np.array_equal(first[name], second[name]) for name in first)
+    first, second = _train_twice(config, secure=False, mode=mode)
+    assert all(np.array_equal(first[name], second[name]) for name in first)
+
+
+def test_the_secure_sampler_draws_poisson_batches_at_the_accounted_rate():
+    from fedtune.privacy.dp_sgd import SecurePoissonSampler, poisson_steps
+
+    steps = poisson_steps(500, 25)
+    assert steps == 20 and poisson_steps(93 * 16, 16) == 92  # Opacus' int(1 / (1 / 93))
+    sampler = SecurePoissonSampler(num_samples=500, sample_rate=1 / steps, steps=steps)
+    sizes = [len(batch) for _ in range(20) for batch in sampler]
+    assert len(sizes) == 400 and len(set(sizes)) > 5  # Poisson: the size varies
+    assert np.mean(sizes) == pytest.approx(25, rel=0.05)
+
+
+def test_the_server_accounts_every_client_itself_and_ignores_a_reported_zero(tmp_path,
+                                                                              monkeypatch):
+    """Every client reports epsilon = 0 (issue 25, item 12): the server's epsilon is still each
+    client's opacus accountant over the sigma, rate and steps the server asked for, and
+    summary.json names the disagreement."""
+    original = LocalDP.train
+
+    def lying(self, resources, shard, seed, state, objective):
+        trained = original(self, resources, shard, seed, state, objective)
+        trained.metrics["epsilon"] = 0.0
+        return trained
+
+    monkeypatch.setattr(LocalDP, "train", lying)
+    config = tiny_config(tmp_path, "privacy.mode=local", "privacy.noise_multiplier=1.2",
+                         "run.rounds=2", "client.local_steps=4")
+    run_dir = run_inprocess(config).path
+    assert {float(r["epsilon"]) for r in _rows(run_dir / "clients.csv")} == {0.0}
+    resources = task_resources(config)
+    expected = []
+    for rows in resources.federation.client_train_rows:
+        accountant = RDPAccountant()
+        for _ in range(8):  # 2 rounds x 4 steps, every client sampled
+            accountant.step(noise_multiplier=1.2, sample_rate=1 / math.ceil(len(rows) / 32))
+        expected.append(accountant.get_epsilon(delta=1e-5))
+    summary = json.loads((run_dir / "summary.json").read_text())["privacy"]
+    assert summary["epsilon"] == pytest.approx(max(expected), rel=1e-6)
+    assert summary["max_reported_epsilon"] == 0.0
+    assert summary["clients_disagreeing"] == 4
+    assert "reported epsilon 0.0" in next(iter(summary["disagreements"].values()))
+    assert summary["client_sizes_known"] is True and summary["private"] is True
+    metrics = _rows(run_dir / "metrics.csv")
+    assert float(metrics[-1]["max_client_epsilon"]) == pytest.approx(max(expected), rel=1e-5)
+
+
+def test_a_supernode_refuses_the_insecure_switch_unless_its_node_config_allows_it():
+    from flwr.app import Context, RecordDict
+
+    from fedtune.client.app import check_insecure_noise
+    from fedtune.config import to_run_config
+    from fedtune.engine.inprocess import node_config
+
+    config = load_config(None, [*MLP_DIGITS, "privacy.mode=local", "privacy.noise_multiplier=1",
+                                "privacy.insecure_reproducible_noise=true"])
+    deployed = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(),
+                       run_config=to_run_config(config))
+    with pytest.raises(ConfigError, match="not allowed by this SuperNode"):
+        check_insecure_noise(config, deployed)
+    for client in range(4):  # fedtune's simulation allows it, and says so
+        simulated = Context(run_id=1, node_id=1000 + client, state=RecordDict(),
+                            node_config=node_config(client, 4, to_run_config(config)),
+                            run_config=to_run_config(config))
+        check_insecure_noise(config, simulated)
+    private = load_config(None, [*MLP_DIGITS, "privacy.mode=local", "privacy.noise_multiplier=1"])
+    check_insecure_noise(private, deployed)
+    assert all("insecure-noise-allowed" not in node_config(c, 4, to_run_config(private))
+               for c in range(4))
+
+
+@pytest.mark.parametrize(("secure", "refused"), [(True, True), (False, False)])
+def test_a_supernode_refuses_the_switch_under_distributed_dp_only(secure, refused):
+    """Central DP's clients draw noise only under SecAgg+ (distributed DP): a deployed
+    SuperNode refuses the switch then, and has nothing to refuse without SecAgg+ (the server
+    adds the noise)."""
+    from flwr.app import Context, RecordDict
+
+    from fedtune.client.app import check_insecure_noise
+    from fedtune.config import to_run_config
+
+    config = load_config(None, [*MLP_DIGITS, "privacy.mode=central", "privacy.noise_multiplier=1",
+                                "privacy.adaptive_clipping=false",
+                                f"strategy.secure_aggregation={str(secure).lower()}",
+                                "privacy.insecure_reproducible_noise=true"])
+    deployed = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(),
+                       run_config=to_run_config(config))
+    if refused:
+        with pytest.raises(ConfigError, match="not allowed by this SuperNode"):
+            check_insecure_noise(config, deployed)
+    else:
+        check_insecure_noise(config, deployed)

@@ -94,6 +94,19 @@ def test_recovery_finds_and_leaves_out_a_tampered_share():
         keys.recover({h: shares[h] for h in (100, 101, 102, 103, 104)}, 5, check)
 
 
+def test_one_tampering_holder_with_the_lowest_id_cannot_make_a_secret_unrecoverable():
+    """k = 16 holders, t = 10 (the default degree): every one of the first 5,005 subsets in
+    order holds the lowest holder's share, so trying 256 of them in order failed and the
+    round failed, blaming the secret's owner; random subsets get past it."""
+    seed = keys.new_seed()
+    check = keys.seed_check(SESSION, 5, keys.commitment(SESSION, 5, seed))
+    shares = dict(zip(range(100, 116), keys.split(seed, 10, 16), strict=True))
+    bad = bytearray(shares[100])
+    bad[10] ^= 0xFF
+    shares[100] = bytes(bad)
+    assert keys.recover(shares, 10, check) == (seed, [100])
+
+
 # --- masking -------------------------------------------------------------------------------------
 
 def test_the_prg_is_deterministic_and_uniform():
@@ -114,8 +127,9 @@ def test_masks_cancel_and_the_weighted_mean_is_within_the_rounding_bound(ring_bi
     public = [keys.public_bytes(p) for p in private]
     self_seeds = [keys.new_seed() for _ in range(4)]
     total = np.zeros(501, dtype=dtype)
+    dithers = [masking.dither(masking.dither_seed(11, u), 500) for u in range(4)]
     for u in range(4):
-        vector = masking.encode(values[u], weights[u], 1.0, bits, dtype, seed=u)
+        vector = masking.encode(values[u], weights[u], 1.0, bits, dtype, dithers[u])
         masking.add_mask(vector, self_seeds[u], 1)
         for v in range(4):
             if v != u:
@@ -124,7 +138,8 @@ def test_masks_cancel_and_the_weighted_mean_is_within_the_rounding_bound(ring_bi
         total += vector
     for seed in self_seeds:
         masking.add_mask(total, seed, -1)
-    mean, clipped = masking.decode_mean(total, sum(weights), 1.0, bits)
+    dither_sum = sum(w * d for w, d in zip(weights, dithers, strict=True))
+    mean, clipped = masking.decode_mean(total, sum(weights), 1.0, bits, dither_sum)
     exact = np.average(np.clip(values, -1, 1), axis=0, weights=weights)
     bound = masking.rounding_bound(1.0, bits)
     assert np.abs(mean - exact).max() <= bound
@@ -132,13 +147,40 @@ def test_masks_cancel_and_the_weighted_mean_is_within_the_rounding_bound(ring_bi
     assert clipped == sum(int(np.count_nonzero(np.abs(v) > 1.0)) for v in values) > 0
 
 
-def test_quantisation_repeats_from_its_seed_and_leaves_numpy_as_it_was():
-    values = np.linspace(-1, 1, 101)
+def test_the_dither_is_public_uniform_and_leaves_numpy_as_it_was():
     np.random.seed(7)
     before = np.random.get_state()[1].copy()
-    first = masking.quantise(values, 1.0, 8, seed=3)
-    assert np.array_equal(first, masking.quantise(values, 1.0, 8, seed=3))
+    offsets = masking.dither(masking.dither_seed(5, 1001), 20_000)
+    assert np.array_equal(offsets, masking.dither(masking.dither_seed(5, 1001), 20_000))
+    assert not np.array_equal(offsets, masking.dither(masking.dither_seed(5, 1002), 20_000))
+    assert offsets.min() >= -0.5 and offsets.max() < 0.5
+    assert stats.kstest(offsets + 0.5, "uniform").pvalue > 1e-4
     assert np.array_equal(np.random.get_state()[1], before)
+
+
+def _rounding_errors(value: float, bits: int, draws: int) -> np.ndarray:
+    """What the decoder makes of ``value`` minus ``value``, over ``draws`` dithers (in steps)."""
+    errors = np.empty(draws)
+    step = 2.0 / masking.levels(bits)
+    for i in range(draws):
+        offsets = masking.dither(masking.dither_seed(i, 3), 1)
+        encoded = masking.encode(np.array([value]), 1, 1.0, bits, np.dtype(np.uint64), offsets)
+        mean, _ = masking.decode_mean(encoded, 1, 1.0, bits, offsets)
+        errors[i] = (mean[0] - value) / step
+    return errors
+
+
+def test_the_rounding_error_does_not_depend_on_the_value_rounded():
+    """Subtractive dither: the decoder's error is uniform on [-1/2, 1/2) step whatever the value
+    (on a level, between two, anywhere), which makes the quantised secure sum the real sum plus
+    noise independent of the data. Stochastic rounding (Flower's quantiser) fails this: a value
+    on a level is never moved, one halfway is always moved by half a step."""
+    step = 2.0 / masking.levels(8)
+    on_level, halfway = -1.0 + 100 * step, -1.0 + 100.5 * step
+    first, second = _rounding_errors(on_level, 8, 3000), _rounding_errors(halfway, 8, 3000)
+    assert np.abs(first).max() <= 0.5 + 1e-9 and np.abs(second).max() <= 0.5 + 1e-9
+    assert stats.ks_2samp(first, second).pvalue > 1e-3
+    assert stats.kstest(first + 0.5, "uniform").pvalue > 1e-3
 
 
 def test_flatten_and_unflatten_cover_float_tensors_relative_or_as_they_are():

@@ -400,3 +400,24 @@ def test_losses_beyond_any_training_are_rejected_and_metrics_stay_finite(tmp_pat
         numbers = [float(v) for k, v in row.items() if v and k != "model_update"]
         assert all(math.isfinite(v) for v in numbers), row
     assert _finite_model(run_dir)
+
+
+def test_an_absurd_fednova_a_is_rejected_and_its_sender_named(tmp_path):
+    """FedNova's ``fednova-a`` of 1e300 or 1e-300 (finite, > 0) made every aggregate
+    non-finite while its sender stayed ``ok``; 10^15 claimed steps with the matching
+    ``fednova-a`` would multiply the global step. Each is rejected under its sender's id,
+    the others are aggregated every round."""
+    attacks = {0: hostile.FEDNOVA_HUGE, 1: hostile.FEDNOVA_TINY, 2: hostile.FEDNOVA_STEPS}
+    run_dir, rows, metrics = _hostile_run(
+        tmp_path, attacks, "strategy.name=fednova", "client.optimizer=sgd",
+        "client.momentum=0.5", clients=5)
+    for server_round in (1, 2):
+        for client in (0, 1):
+            status, reason = rows[server_round, client]
+            assert status == "rejected"
+            assert reason.startswith("metric 'fednova-a' = 1e") and "5 steps" in reason
+        assert rows[server_round, 2] == (
+            "rejected", "num-steps = 1000000000000000, but client 2 takes at most 5 steps")
+        assert rows[server_round, 3] == rows[server_round, 4] == ("ok", "")
+    assert [(m["clients_ok"], m["model_update"]) for m in metrics] == [("2", "applied")] * 2
+    assert _finite_model(run_dir)

@@ -8,7 +8,7 @@ them in this process and records (or alters) what the server sends and receives.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +33,7 @@ from fedtune.server.screening import ReplyLimits, screen_train_replies
 from fedtune.server.secagg_plus import RoundReport, SecAggPlus
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import parsed_run_config
+from tests import hostile_secagg
 from tests.conftest import tiny_config
 
 N = 10
@@ -53,14 +54,27 @@ def _update(client: int, scale: float = 0.05) -> dict[str, np.ndarray]:
     return {name: rng.normal(0, scale, shape) for name, shape in SHAPES.items()}
 
 
-def stand_in_app(update: Callable[[int], dict[str, np.ndarray]] = _update) -> ClientApp:
+def stand_in_app(update: Callable[[int], dict[str, np.ndarray]] = _update,
+                 attacks: Mapping[int, str] | None = None) -> ClientApp:
     """fedtune's SecAgg+ client side around a training that adds ``update(client)`` to every
-    sent float record (and answers every record the strategy's table says it answers)."""
+    sent float record (and answers every record the strategy's table says it answers); the
+    clients in ``attacks`` then tamper with their replies (``tests.hostile_secagg``)."""
     app = ClientApp()
-    app.query(protocol.SECAGG_ACTION)(secagg_stage)
+    attacks = attacks or {}
 
-    @app.train(mods=[secagg_train_mod])
+    def hostile(msg: Message, context: Context, reply: Message) -> Message:
+        attack = attacks.get(int(context.node_config[protocol.PARTITION_ID]))
+        return reply if attack is None else hostile_secagg.tamper(attack, msg, reply, context)
+
+    @app.query(protocol.SECAGG_ACTION)
+    def stage(msg: Message, context: Context) -> Message:
+        return hostile(msg, context, secagg_stage(msg, context))
+
+    @app.train()
     def train(msg: Message, context: Context) -> Message:
+        return hostile(msg, context, secagg_train_mod(msg, context, plain_train))
+
+    def plain_train(msg: Message, context: Context) -> Message:
         client = int(context.node_config[protocol.PARTITION_ID])
         config = parsed_run_config(context.run_config)
         server_round = int(msg.content[protocol.CONFIG]["server-round"])
@@ -347,10 +361,13 @@ def test_a_share_the_server_alters_on_the_way_is_refused(tmp_path):
 
     grid.outgoing = alter
     result = play(config, grid)
-    errors = [r for r in grid.received if r.has_error()]
-    assert [r.metadata.src_node_id for r in errors] == [victim]
-    assert "does not open" in errors[0].error.reason
-    # the victim dropped before its input was masked; the others' sum is still right
+    assert not [r for r in grid.received if r.has_error()]
+    # the victim left the share out and said so; the server saw the share arrive altered,
+    # so it blames neither client: the victim (which did not mask with the sender) leaves the
+    # sum as failed; the others' sum is still right
+    (dropout,) = result.report.dropped
+    assert (dropout.node, dropout.stage, dropout.status) == (victim, "masked-input", "failed")
+    assert "altered on its way to it (by neither client)" in dropout.reason
     assert_within(result.arrays, weighted_mean([c for c in range(N) if c != 4]),
                   masking.rounding_bound(1.0, 24))
 
@@ -370,11 +387,6 @@ def test_a_tampered_unmask_share_is_found_and_left_out(tmp_path):
     result = play(config, grid)
     assert_within(result.arrays, weighted_mean(list(range(N))), masking.rounding_bound(1.0, 24))
     assert list(result.report.tampered) == [liar]
-
-
-def _node(grid: InProcessGrid, client: int) -> tuple[int, Context]:
-    node = NODE_ID_OFFSET + client
-    return node, grid.contexts[node]
 
 
 def _resend(grid: InProcessGrid, message: Message) -> Message:
@@ -494,7 +506,7 @@ def test_clients_refuse_a_server_that_bends_the_graph_or_the_threshold(tmp_path,
                 record[protocol.SA_THRESHOLD] = 2
             else:
                 peers = [int(p) for p in record[protocol.SA_PEERS]]
-                stranger = next(n for n in grid.contexts if n not in peers and n != victim)
+                stranger = next(n for n in grid.get_node_ids() if n not in peers and n != victim)
                 record[protocol.SA_PEERS] = [str(p) for p in peers + [stranger]]
                 record[protocol.SA_PK_MASK] = [*record[protocol.SA_PK_MASK], b"m" * 97]
                 record[protocol.SA_PK_SEAL] = [*record[protocol.SA_PK_SEAL], b"s" * 97]
@@ -505,3 +517,92 @@ def test_clients_refuse_a_server_that_bends_the_graph_or_the_threshold(tmp_path,
     (error,) = [r for r in grid.received if r.has_error()]
     assert error.metadata.src_node_id == victim and refusal in error.error.reason
     assert result.report.dropped[0].stage == stage
+
+
+# --- one hostile client (issue 25, items 1 and 2): it alone leaves, named; the round goes on ---
+
+ATTACKER = 3
+
+
+def _only_dropout(result: Round) -> object:
+    (dropout,) = result.report.dropped
+    assert dropout.node == NODE_ID_OFFSET + ATTACKER
+    assert dropout.status == "rejected"
+    return dropout
+
+
+@pytest.mark.parametrize("attack, stage, reason", [
+    # before: every honest client failed at share-keys (seal key) or, after training, at
+    # masked input (mask key), and the round failed with the attacker never named
+    (hostile_secagg.BAD_MASK_KEY, "setup", "not a P-384 point"),
+    (hostile_secagg.BAD_SEAL_KEY, "setup", "not a P-384 point"),
+    # before: the short commitment failed every round at unmask; the truncated share made its
+    # receiver drop while the sender stayed in
+    (hostile_secagg.SHORT_COMMITMENT, "share-keys", "a commitment that is not 32 bytes"),
+    (hostile_secagg.TRUNCATED_SHARE, "share-keys", "a sealed share of the wrong form"),
+    # a share of the right form that does not open: before, its receiver dropped, the sender
+    # stayed ok; now the receiver reveals that direction's key and the server pins it
+    (hostile_secagg.BAD_SHARE, "masked-input", "does not open (checked with the key that node "
+                                               "revealed)"),
+    # a receiver that lies about a share that opens, or reveals a made-up key
+    (hostile_secagg.FALSE_REFUSAL, "masked-input", "but it opens with the key it revealed"),
+    (hostile_secagg.FALSE_KEY, "masked-input", "reveals another key than the two committed to"),
+])
+def test_one_hostile_client_leaves_the_sum_alone_and_named(tmp_path, attack, stage, reason):
+    config = config_of(tmp_path)
+    grid = Instrumented(config, stand_in_app(attacks={ATTACKER: attack}))
+    result = play(config, grid)
+    dropout = _only_dropout(result)
+    assert dropout.stage == stage and reason in dropout.reason
+    assert not [r for r in grid.received if r.has_error()]  # no honest client failed
+    assert_within(result.arrays, weighted_mean([c for c in range(N) if c != ATTACKER]),
+                  masking.rounding_bound(1.0, 24))
+
+
+def test_key_commitments_that_disagree_unpair_two_clients_and_blame_neither(tmp_path):
+    config = config_of(tmp_path)
+    result = play(config, Instrumented(config, stand_in_app(
+        attacks={ATTACKER: hostile_secagg.DISAGREE})))
+    assert result.report.dropped == []
+    (pair,) = result.report.disagreeing
+    assert NODE_ID_OFFSET + ATTACKER in pair
+    assert_within(result.arrays, weighted_mean(list(range(N))), masking.rounding_bound(1.0, 24))
+
+
+def test_a_commitment_no_seed_matches_fails_the_round_naming_its_client(tmp_path):
+    """32 bytes of the right form, but no seed's: only unmasking can tell. The round fails (the
+    attacker's self mask cannot be removed) and the report names the attacker."""
+    config = config_of(tmp_path)
+    result = play(config, Instrumented(config, stand_in_app(
+        attacks={ATTACKER: hostile_secagg.WRONG_COMMITMENT})))
+    assert result.arrays is None
+    assert result.report.culprit == NODE_ID_OFFSET + ATTACKER
+    assert f"node {NODE_ID_OFFSET + ATTACKER}'s self-mask seed cannot be recovered" in (
+        result.report.failed)
+
+
+@pytest.mark.parametrize("attack", [hostile_secagg.RANDOM_INPUT, hostile_secagg.SHIFTED_INPUT])
+def test_a_masked_input_outside_its_range_fails_the_round_with_the_reason(tmp_path, attack):
+    """Before: the unmasked sum wrapped anywhere in the ring and became the global model."""
+    config = config_of(tmp_path)
+    result = play(config, Instrumented(config, stand_in_app(attacks={ATTACKER: attack})))
+    assert result.arrays is None
+    assert "the unmasked sum is outside what 10 inputs in range add up to" in (
+        result.report.failed)
+    assert result.metrics[protocol.SECAGG_FAILED] == 1
+
+
+def test_an_input_inside_the_range_moves_the_mean_unseen(tmp_path):
+    """What SecAgg+ cannot stop (README): no proof that each input lies in its own range, so
+    one client may push every coordinate of the mean to the edge of the clipping range."""
+    config = config_of(tmp_path)
+
+    def push(client: int) -> dict[str, np.ndarray]:
+        if client != ATTACKER:
+            return _update(client)
+        return {name: np.full(shape, 50.0) for name, shape in SHAPES.items()}  # clipped to 1
+
+    result = play(config, Instrumented(config, stand_in_app(push)))
+    assert result.arrays is not None and not result.report.failed
+    moved = result.arrays["b"] - weighted_mean(list(range(N)))["b"]
+    assert np.all(moved > 0.05)  # the attacker's weight share of 1.0, in every coordinate
