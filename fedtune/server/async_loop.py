@@ -20,7 +20,7 @@ checkpoint keeps beside the strategy's buffer, so a resumed run continues bit fo
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, MetricRecord
@@ -32,7 +32,8 @@ from fedtune.errors import ConfigError
 from fedtune.results.run_dir import ClientRow, RoundRow
 from fedtune.server.grid import CohortSpec, SimulatedGrid
 from fedtune.server.guard import non_finite_tensors
-from fedtune.server.phases import UpdateBounds, evaluate_phase, train_phase, weighted_metrics
+from fedtune.server.phases import UpdateBounds, evaluate_phase, train_phase
+from fedtune.server.reports import ClientReport
 from fedtune.server.round import (
     FederatedRun,
     RoundOutcome,
@@ -41,6 +42,7 @@ from fedtune.server.round import (
     seed_sampling,
 )
 from fedtune.server.screening import reply_limits
+from fedtune.server.summing import weighted_metrics
 from strategies.asynchronous import AsynchronousStrategy
 
 _ROW_FIELDS = ("num_examples", "train_loss", "epsilon", "duration_s", "status", "reason",
@@ -132,10 +134,10 @@ class AsyncRound:
                 "must run on engine.backend = 'ray' or 'inprocess' (an asynchronous server "
                 "starts clients on a virtual clock through fedtune's own engines; a SuperLink "
                 "deployment runs rounds)")
-        if not isinstance(run.strategy, AsynchronousStrategy):
-            raise ConfigError(f"strategy.name = {run.config.strategy.name!r}: the privacy mode "
-                              "replaced its asynchronous strategy")
-        self.run, self.loop, self.strategy, self.clock = run, loop, run.strategy, clock
+        # the entry's class: a privacy mode that replaces strategies refuses asynchronous ones
+        # (its entry's asynchronous_refused)
+        self.strategy = cast(AsynchronousStrategy, run.strategy)
+        self.run, self.loop, self.clock = run, loop, clock
         self.node_of = {client: node for node, client in run.identities.node_to_client.items()}
         self.limits = reply_limits(run.config, run.resources.federation)
 
@@ -158,11 +160,9 @@ class AsyncRound:
             lambda done, total: self.run.progress(server_round, "train", done, total),
             self.run.stop)
         start = protocol.to_numpy(state.arrays)
-        for reply in train.replies:
-            client = int(protocol.metric(reply, protocol.PARTITION_ID))
-            trained = protocol.to_numpy(reply.content[protocol.ARRAYS])
-            loop.kept[str(client)] = self.strategy.prepare(start, trained)
-        for row in train.rows:
+        for report in train.accepted_reports:
+            loop.kept[str(report.client_id)] = self.strategy.prepare(start, _trained(report))
+        for row in train.rows(server_round):
             if row.client_id is not None:
                 loop.rows[str(row.client_id)] = {f: getattr(row, f) for f in _ROW_FIELDS}
         loop.trained[waiting] = True
@@ -251,7 +251,7 @@ class AsyncRound:
         to_evaluate = list(run.strategy.configure_evaluate(server_round, state.arrays,
                                                            ConfigRecord(), run.grid))
         evaluation = evaluate_phase(
-            run.grid, to_evaluate, self.limits, run.identities,
+            run.grid, to_evaluate, self.limits, server_round, run.identities,
             run.config.strategy.round_timeout_s,
             lambda done, total: run.progress(server_round, "evaluate", done, total), run.stop)
         run.progress(server_round, "test", 0, 0)
@@ -270,5 +270,14 @@ class AsyncRound:
             federated_eval_accuracy=example_weighted(evaluation.metrics, protocol.EVAL_ACCURACY),
             model_update=model_update, replies_dropped=totals["dropped"] + evaluation.dropped,
             virtual_time_s=self.loop.now)
-        return RoundOutcome(row, rows, global_eval, metrics, len(rows), 0)
+        return RoundOutcome(row, rows, global_eval, metrics, len(rows), 0,
+                            evaluation.rows(server_round))
+
+
+def _trained(report: ClientReport) -> dict[str, np.ndarray]:
+    """An accepted client's trained model: kept one by one by a cohort, or its reply."""
+    if report.update is not None:
+        return report.update[protocol.ARRAYS]
+    assert report.reply is not None  # the message path keeps the accepted reply
+    return protocol.to_numpy(report.reply.content[protocol.ARRAYS])
 

@@ -11,9 +11,10 @@ re-raises.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
-from fedtune.server.round import FederatedRun, RoundOutcome, play_round
+from fedtune.server.round import FederatedRun, RoundOutcome, evaluate_global, play_round
 from fedtune.train import EvalResult
 
 
@@ -47,10 +48,12 @@ Play = Callable[[FederatedRun, int], RoundOutcome]
 
 
 def run_rounds(run: FederatedRun, listeners: Sequence[RunListener],
-               play: Play = play_round) -> EvalResult | None:
+               play: Play = play_round) -> EvalResult:
     """Play the rounds after ``run.state.server_round`` up to ``run.rounds``, or until a
-    listener stops the run; returns the last round's evaluation (None: no round was played).
-    ``play``: one round (an asynchronous run's: one server update,
+    listener stops the run; returns the final global model's evaluation (the last round's, or
+    the checkpoint's when a resumed run had no round left). A final model whose loss on the
+    global test set is not finite fails the run (``RunFailed``): no run ends "finished" with
+    it. ``play``: one round (an asynchronous run's: one server update,
     ``fedtune.server.async_loop``)."""
     final: EvalResult | None = None
     try:
@@ -66,6 +69,11 @@ def run_rounds(run: FederatedRun, listeners: Sequence[RunListener],
             for listener in listeners:
                 listener.round_ended(run, outcome)
             final = outcome.evaluation
+        if final is None:
+            final = evaluate_global(run.resources, run.state.arrays)
+        if not math.isfinite(final.loss):
+            raise RunFailed(f"the final global model's loss on the global test set is "
+                            f"{final.loss}: not a model to keep")
     except BaseException as error:
         if run.stop is not None:  # heeded: who set it (Ctrl-C) lets the listeners finish
             run.stop.clear()
