@@ -64,7 +64,8 @@ class RoundRow:
 @dataclass
 class ClientRow:
     """One line of clients.csv: one client in one phase of one round. ``phase`` = ``train``:
-    every client sampled for training, with its status (ok, rejected, failed, timeout) and,
+    every client sampled for training, with its status (ok, rejected, failed, timeout; with
+    devices also straggler and offline: guide/devices.md) and,
     for a sound reply, its metrics: ``num_examples`` is the size of its training split (what
     FedAvg weights by); ``examples_trained`` is the sum of the sizes of the batches its local
     steps took (the client's ``examples-seen``): at most local_steps x batch_size, less when a
