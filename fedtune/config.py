@@ -720,6 +720,7 @@ SECTION_HELP = {
     "privacy": "differential privacy (none, local, central) and the empirical audit",
     "faults": "misbehaving clients on purpose: scaled or NaN updates, crashes, stragglers",
     "engine": "the runtime (ray, flower, inprocess, central) and its resources",
+    "devices": "simulated devices (none, lognormal, trace) and the virtual clock",
     "tracking": "TensorBoard and MLflow",
 }
 
