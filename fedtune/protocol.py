@@ -25,6 +25,12 @@ the key set-up and the unmasking are messages of type ``SECAGG_MESSAGE_TYPE`` wh
 ``SECAGG`` holds the stage and its values; the train message also carries ``SECAGG`` (the
 forwarded encrypted shares), and its reply carries, instead of the summed ArrayRecords, the
 ArrayRecord ``SECAGG_MASKED`` (one masked integer vector ``MASKED``) beside ``METRICS``.
+
+In a **deployment** (any Grid that is not a fedtune simulation) every message also carries the
+ConfigRecord ``NODE_STATE``: the run's ``RUN_KEY`` (the same across ``--resume``), this server
+session's ``SESSION`` and the round it continues after (``SESSION_START``), and the round of the
+server's last durable checkpoint (``CHECKPOINTED_ROUND``). A SuperNode started with the node
+config ``STATE_DIR`` keeps its client's state there by round (``fedtune.client.node_state``).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from numpy.lib import format as npy_format
 
 from fedtune.tables import ReplyMetric
@@ -71,6 +77,14 @@ EVAL_ACCURACY = "eval-accuracy"
 # --- node config (set by every runtime, or flower-supernode --node-config) ----------------------
 NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"
+STATE_DIR = "state-dir"  # a SuperNode keeps its client's state in this folder (deployment)
+
+# --- what a SuperNode needs to keep its client's state (every message of a deployment) -------
+NODE_STATE = "node-state"  # ConfigRecord of every message to a SuperNode
+RUN_KEY = "run-key"  # 32 hex digits: new for every run, the same when it resumes
+SESSION = "session"  # 32 hex digits: new every time the server starts or resumes the run
+SESSION_START = "session-start"  # the round this session continues after (0: a new run)
+CHECKPOINTED_ROUND = "checkpointed-round"  # the round of the server's last durable checkpoint
 # node config: this node accepts privacy.insecure_reproducible_noise (fedtune's simulated
 # runtimes set it when the run asks for it; a deployed SuperNode only if its operator does)
 INSECURE_NOISE_ALLOWED = "insecure-noise-allowed"
@@ -209,6 +223,15 @@ def metric(message: Message, key: str) -> Any:
     """A value of the first MetricRecord (None when the key or the record is missing)."""
     record = first_metric_record(message)
     return None if record is None else record.get(key)
+
+
+def message_round(content: RecordDict) -> int:
+    """The server round a message belongs to: its config's ``SERVER_ROUND``, or a SecAgg+
+    stage's ``SA_ROUND`` (0: neither)."""
+    for record, key in ((CONFIG, SERVER_ROUND), (SECAGG, SA_ROUND)):
+        if record in content and key in content[record]:
+            return int(content[record][key])
+    return 0
 
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -19,7 +19,7 @@ LAYERS = [
     {"fedtune.errors", "fedtune.tables"},
     {"fedtune.config"},
     {"fedtune.protocol", "fedtune.data", "fedtune.results.env_info"},
-    {"fedtune.models", "fedtune.train", "fedtune.faults", "fedtune.secagg"},
+    {"fedtune.models", "fedtune.train", "fedtune.faults", "fedtune.secagg", "fedtune.state"},
     {"fedtune.task", "fedtune.privacy", "fedtune.results", "fedtune.centralized",
      "fedtune.audit"},
     {"fedtune.server", "fedtune.client"},

@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 
 from fedtune import protocol
 from fedtune.client.algorithms import ClientSide
+from fedtune.client.node_state import node_state_mod
 from fedtune.client.secagg import secagg_stage, secagg_train_mod
 from fedtune.config import Config, ConfigError
 from fedtune.models.weights import load_shared_state, shared_state
@@ -183,7 +184,7 @@ def reply_content(trained: TrainedClient) -> RecordDict:
     return content
 
 
-app = ClientApp()
+app = ClientApp(mods=[node_state_mod])  # a SuperNode's state-dir keeps its client's state
 app.query(protocol.SECAGG_ACTION)(secagg_stage)  # SecAgg+'s key set-up and unmasking
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, MessageType, RecordDict
+from flwr.app import Array, Message, MessageType, RecordDict
 
 from fedtune import protocol
 from fedtune.client.app import TrainedClient, evaluate_client, train_client
@@ -38,6 +38,8 @@ from fedtune.config import Config
 from fedtune.errors import one_line
 from fedtune.server.grid import ClientReport, CohortResult, CohortSpec
 from fedtune.server.screening import check_claims, check_metric_values, check_update_arrays
+from fedtune.state.codec import state_from_bytes, state_to_bytes
+from fedtune.state.store import ClientStateStore
 from fedtune.task import TaskResources
 
 BLOCKS_PER_ROUND = 64  # a round's cohort is cut into at most this many blocks
@@ -63,11 +65,12 @@ def least_block(config: Config) -> int:
 
 @dataclass
 class BlockClient:
-    """One client of a block: its node, its id, its Context.state."""
+    """One client of a block: its node, its id, its Context.state as bytes
+    (``fedtune.state.codec``: what travels to an actor, and what the store keeps)."""
 
     node_id: int
     client_id: int
-    state: RecordDict | None  # None: empty so far
+    state: bytes | None  # None: empty so far, or not needed (an evaluation)
 
 
 @dataclass
@@ -87,7 +90,8 @@ class BlockResult:
 
     index: int
     reports: list[ClientReport]
-    states: dict[int, RecordDict] = field(default_factory=dict)  # node -> state after training
+    # client id -> its state's bytes after training, for the clients whose state changed
+    states: dict[int, bytes] = field(default_factory=dict)
     total: dict[str, np.ndarray] | None = None  # float64 sum of weight × update, client order
     weight: float = 0.0
     updates: dict[int, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
@@ -223,7 +227,8 @@ def run_block(resources: TaskResources, content: DecodedContent, task: BlockTask
     ``engine.vectorise_clients``, clients it may train together (``fedtune.client.vectorised``)
     are. A client that trains for longer than ``client_limit_s`` is reported ``timeout`` and
     its update is dropped (the in-process engine runs clients one after another and bounds each
-    one's own time, as if they ran side by side)."""
+    one's own time, as if they ran side by side). A client's new state is returned unless it
+    failed or timed out, as the runtimes keep it: the server never heard from such a client."""
     started = time.perf_counter()
     result = BlockResult(task.index, [])
     if task.message_type == MessageType.EVALUATE:
@@ -240,8 +245,9 @@ def run_block(resources: TaskResources, content: DecodedContent, task: BlockTask
                 report.reason = (f"no reply within strategy.round_timeout_s = "
                                  f"{client_limit_s:g}s (the client took {took:.1f}s)")
                 continue
-            if len(state) > 0:
-                result.states[client.node_id] = state
+            after = state_to_bytes(state)
+            if after != (client.state or b""):
+                result.states[client.client_id] = after
             _keep_update(result, report, trained, content, task.spec)
     result.seconds = time.perf_counter() - started
     return result
@@ -272,7 +278,7 @@ def _trained(resources: TaskResources, content: DecodedContent, task: BlockTask,
     how long it took, in client order; one client at a time, or together where they may be
     (a trained client's arrays may be views that the next client overwrites)."""
     global_arrays = content.arrays[protocol.ARRAYS]
-    states = [(client, client.state if client.state is not None else RecordDict())
+    states = [(client, state_from_bytes(client.state) if client.state else RecordDict())
               for client in task.clients]
     if train is train_client and vectorisable(resources):
         chunks = train_chunks(resources, content.server_round, content.records, global_arrays,
@@ -418,6 +424,21 @@ def join_singletons(index: int, parts: list[BlockResult]) -> BlockResult:
         joined.total = _add_block_sum(joined.total, part)
         joined.weight += part.weight
     return joined
+
+
+def cohort_clients(messages: list[Message], node_to_client: Mapping[int, int],
+                   store: ClientStateStore) -> list[BlockClient]:
+    """The clients ``messages`` address, each with its state from ``store`` when they train
+    (an evaluation uses none; one that evaluates a personal model passes it here)."""
+    with_state = messages[0].metadata.message_type == MessageType.TRAIN
+    clients = []
+    for message in messages:
+        node = message.metadata.dst_node_id
+        if node not in node_to_client:
+            raise ValueError(f"no node {node} in this grid")
+        client = node_to_client[node]
+        clients.append(BlockClient(node, client, store.get_bytes(client) if with_state else None))
+    return clients
 
 
 def cohort_blocks(clients: list[BlockClient], message_type: str, spec: CohortSpec,

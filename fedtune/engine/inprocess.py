@@ -1,8 +1,10 @@
 """In-process runtime: a Flower ``Grid`` that calls the ClientApp directly, without Ray.
 
-For debugging (breakpoints work in client code) and for fast tests. Each virtual client keeps
-its own Flower ``Context`` (node config with its ``partition-id``, persistent ``state``) for the
-whole run, as in Flower's runtimes. Messages are processed one at a time when replies are
+For debugging (breakpoints work in client code) and for fast tests. Each virtual client's
+``Context.state`` lives in the grid's ``ClientStateStore`` (``fedtune.state.store``) for the
+whole run, as Flower's runtimes keep a Context per node; a message's ``Context`` (node config
+with the client's ``partition-id``, its state) is made when the message runs, so a client
+costs nothing until it has state. Messages are processed one at a time when replies are
 pulled, so a caller polling ``pull_messages`` sees clients finish one by one.
 
 The clients run one after another, so a round's wall time is the sum of theirs; the round
@@ -33,10 +35,10 @@ from fedtune.client.app import train_client
 from fedtune.config import Config, to_run_config
 from fedtune.engine.cohort import (
     BlockAdder,
-    BlockClient,
     DecodedContent,
     TrainFunction,
     cohort_blocks,
+    cohort_clients,
     least_block,
     run_block,
 )
@@ -49,38 +51,26 @@ from fedtune.protocol import (
 )
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.app import run_federated
-from fedtune.server.checkpoint import state_from_bytes, state_to_bytes
 from fedtune.server.exchange import RunStopped
 from fedtune.server.grid import CohortGrid, CohortResult, CohortSpec
 from fedtune.server.reporting import Reporter
-from fedtune.task import limit_threads, run_config_resources
+from fedtune.state.store import ClientStateStore
+from fedtune.task import limit_threads, parsed_run_config, run_config_resources
 
 NODE_ID_OFFSET = 1000  # node ids below this are Flower's own (0: none, 1: SuperLink)
 
 
-def client_contexts(run_id: int, num_clients: int,
-                    run_config: Mapping[str, bool | int | float | str],
-                    node_configs: Sequence[Mapping[str, bool | int | float | str]] = (),
-                    ) -> dict[int, Context]:
-    """One Context per virtual client, keyed by node id (client id + NODE_ID_OFFSET).
-
-    ``node_configs[i]`` adds to client i's node config (e.g. a ``data-path``).
-    """
-    extra = list(node_configs) or [{}] * num_clients
+def node_config(client_id: int, num_clients: int,
+                run_config: Mapping[str, bool | int | float | str],
+                node_configs: Sequence[Mapping[str, bool | int | float | str]] = (),
+                ) -> dict[str, bool | int | float | str]:
+    """Client ``client_id``'s node config; ``node_configs[i]`` adds to client i's (e.g. a
+    ``data-path``)."""
+    extra = node_configs[client_id] if node_configs else {}
     # a simulation's clients accept the reproducible (not private) noise the run asks for
     allowed = ({INSECURE_NOISE_ALLOWED: True} if run_config.get(INSECURE_NOISE_KEY) is True
                else {})
-    return {
-        NODE_ID_OFFSET + client_id: Context(
-            run_id=run_id,
-            node_id=NODE_ID_OFFSET + client_id,
-            node_config={PARTITION_ID: client_id, NUM_PARTITIONS: num_clients, **allowed,
-                         **extra[client_id]},
-            state=RecordDict(),
-            run_config=dict(run_config),
-        )
-        for client_id in range(num_clients)
-    }
+    return {PARTITION_ID: client_id, NUM_PARTITIONS: num_clients, **allowed, **extra}
 
 
 def act_as_server(run_id: int) -> None:
@@ -127,20 +117,24 @@ class InProcessGrid(CohortGrid):
             DATA_PATH in extra for extra in node_configs)
         self._run = Run.create_empty(run_id)
         act_as_server(run_id)
-        self.contexts = client_contexts(run_id, num_clients, run_config, node_configs)
-        self.node_to_client = {node: int(ctx.node_config[PARTITION_ID])
-                               for node, ctx in self.contexts.items()}
+        self._num_clients = num_clients
+        self._node_configs = list(node_configs)
+        self.node_to_client = {NODE_ID_OFFSET + c: c for c in range(num_clients)}
+        self.client_states = ClientStateStore.for_config(parsed_run_config(run_config))
         self._queued: dict[str, Message] = {}
-        self._touched: set[int] = set()  # nodes that handled a message since the last capture
 
     def get_node_ids(self) -> Iterable[int]:
-        return sorted(self.contexts)
+        return range(NODE_ID_OFFSET, NODE_ID_OFFSET + self._num_clients)
+
+    def _client(self, node: int) -> int:
+        if node not in self.node_to_client:
+            raise ValueError(f"no node {node} in this grid")
+        return self.node_to_client[node]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for message in messages:
-            if message.metadata.dst_node_id not in self.contexts:
-                raise ValueError(f"no node {message.metadata.dst_node_id} in this grid")
+            self._client(message.metadata.dst_node_id)
             message_id = uuid.uuid4().hex
             message.metadata.__dict__["_message_id"] = message_id  # as a SuperLink assigns it
             self._queued[message_id] = message
@@ -150,13 +144,19 @@ class InProcessGrid(CohortGrid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Run the ClientApp for the first queued message asked for; return its reply (none
         left to run: nothing). A client over ``client_timeout_s`` gets a timeout reply; a
-        reply that answers another message is passed on with an error reply for this one."""
+        reply that answers another message is passed on with an error reply for this one.
+        The client's state after it is kept unless it failed or timed out."""
         for message_id in message_ids:
             message = self._queued.pop(message_id, None)
             if message is None:
                 continue
-            context = self.contexts[message.metadata.dst_node_id]
-            self._touched.add(message.metadata.dst_node_id)
+            node = message.metadata.dst_node_id
+            client = self._client(node)
+            context = Context(run_id=self._run.run_id, node_id=node,
+                              node_config=node_config(client, self._num_clients,
+                                                      self._run_config, self._node_configs),
+                              state=self.client_states.get(client) or RecordDict(),
+                              run_config=dict(self._run_config))
             started = time.perf_counter()
             try:
                 reply = self._client_app(message, context)
@@ -165,6 +165,8 @@ class InProcessGrid(CohortGrid):
             took = time.perf_counter() - started
             if took > self._client_timeout_s:
                 return [timeout_reply(message, self._client_timeout_s, took)]
+            if not reply.has_error():
+                self.client_states.put(client, context.state)
             if reply.metadata.reply_to_message_id != message_id:
                 return [reply, error_reply(message, RuntimeError(
                     "the ClientApp's reply answered another message"))]
@@ -183,39 +185,22 @@ class InProcessGrid(CohortGrid):
         each one's own time is bounded, not the cohort's)."""
         resources = run_config_resources(self._run_config)
         content = DecodedContent.of(messages[0].content)
-        clients = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            if node not in self.contexts:
-                raise ValueError(f"no node {node} in this grid")
-            clients.append(BlockClient(node, self.node_to_client[node], self.contexts[node].state))
+        store = self.client_states
+        clients = cohort_clients(messages, self.node_to_client, store)
         blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec,
                                least_block(resources.config))
         adder, done = BlockAdder(), 0
         for block in blocks:
             if stop is not None and stop.is_set():
                 raise RunStopped(f"stopped with {len(clients) - done} clients to go")
-            adder.add(run_block(resources, content, block, self._train,
-                                client_limit_s=timeout_s))
-            self._touched.update(c.node_id for c in block.clients)
+            result = run_block(resources, content, block, self._train, client_limit_s=timeout_s)
+            for client, state in result.states.items():
+                store.put_bytes(client, state)
+            adder.add(result)
             done += len(block.clients)
             if progress is not None:
                 progress(done, len(clients))
         return adder.result()
-
-    def changed_client_states(self) -> dict[int, bytes]:
-        """Serialised Context.state of each client that handled a message since the last call
-        (keyed by partition id), for checkpoints."""
-        changed = {self.node_to_client[node]: state_to_bytes(self.contexts[node].state)
-                   for node in sorted(self._touched)}
-        self._touched.clear()
-        return changed
-
-    def restore_client_states(self, states: Mapping[int, bytes]) -> None:
-        """Give clients back the Context.state a checkpoint recorded."""
-        for node, client in self.node_to_client.items():
-            if client in states:
-                self.contexts[node].state = state_from_bytes(states[client])
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

@@ -26,9 +26,11 @@ time of a client is known from an earlier phase).
 Each actor is kept ``CALLS_PER_ACTOR`` calls ahead, so it never waits for the driver, and a
 slower actor takes fewer calls. The driver waits on Ray (``ray.wait``), never sleeps or polls.
 
-Client state. The driver keeps each client's ``Context.state`` between rounds and ships it with
-the work; the state that comes back replaces it unless the client failed. State therefore
-survives a dead actor, and any actor can serve any client.
+Client state. The driver keeps each client's ``Context.state`` between rounds, in a
+``ClientStateStore`` (``fedtune.state.store``: bytes in memory up to
+``engine.client_state_memory_mb``, the rest on disk), and ships it as bytes with the work; the
+state that comes back replaces it unless the client failed. State therefore survives a dead
+actor, and any actor can serve any client.
 
 Faults. A client that raises is reported failed (an error reply, or a ``failed`` report). When an
 actor dies, a new one takes its place and its unfinished work is queued again; the work of the
@@ -53,7 +55,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import ray
@@ -64,11 +66,11 @@ from flwr.supercore.run import Run
 
 from fedtune.engine.cohort import (
     BlockAdder,
-    BlockClient,
     BlockResult,
     BlockTask,
     DecodedContent,
     cohort_blocks,
+    cohort_clients,
     join_singletons,
     least_block,
     run_block,
@@ -83,9 +85,9 @@ from fedtune.protocol import (
     NUM_PARTITIONS,
     PARTITION_ID,
 )
-from fedtune.server.checkpoint import state_from_bytes, state_to_bytes
 from fedtune.server.exchange import RunStopped
 from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec
+from fedtune.state.store import ClientStateStore
 from fedtune.task import limit_threads, parsed_run_config, run_config_resources
 
 BATCH_S = 0.05  # single-message work per Ray call, once the time of a message is known
@@ -207,8 +209,8 @@ class RayGrid(CohortGrid):
         # actor's first block also pays for warming up, which the running mean remembers)
         self._phase_client_s: dict[str, float] = {}
         self._retired_reason = ""
-        self.states: dict[int, RecordDict] = {}  # node id -> Context.state (clients with state)
-        self._changed: set[int] = set()  # nodes whose state changed since the last capture
+        self.client_states = ClientStateStore.for_config(
+            parsed_run_config(factory.run_config))
         self.node_to_client = {NODE_ID_OFFSET + c: c for c in range(num_clients)}
         self.restarts = 0  # actors replaced after dying or overrunning
 
@@ -234,7 +236,7 @@ class RayGrid(CohortGrid):
                               node_config={PARTITION_ID: self.node_to_client[node],
                                            NUM_PARTITIONS: self._num_clients,
                                            **self._insecure_noise},
-                              state=self.states.get(node))
+                              state=self.client_states.get_bytes(self.node_to_client[node]))
             self._jobs[message_id] = (message, task)
             ids.append(message_id)
         self._queue.extend(_Work(message_ids=[i]) for i in ids)
@@ -271,11 +273,10 @@ class RayGrid(CohortGrid):
                    progress: Callable[[int, int], None] | None = None,
                    stop: threading.Event | None = None) -> CohortResult:
         content = messages[0].content
-        clients = [BlockClient(node, self.node_to_client[node], self.states.get(node))
-                   for node in (self._node(m) for m in messages)]
-        blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec,
-                               least_block(parsed_run_config(self._factory.run_config)))
         kind = messages[0].metadata.message_type
+        clients = cohort_clients(messages, self.node_to_client, self.client_states)
+        blocks = cohort_blocks(clients, kind, spec,
+                               least_block(parsed_run_config(self._factory.run_config)))
         if self._in_driver(kind, len(clients)):
             return self._run_in_driver(content, blocks, timeout_s, progress, stop)
         cohort = _Cohort(self._put(content), len(blocks), len(clients))
@@ -297,9 +298,8 @@ class RayGrid(CohortGrid):
                 done = cohort.clients_done
                 progress(done, cohort.total_clients)
         for block in cohort.results.values():
-            for node, state in block.states.items():
-                self.states[node] = state
-                self._changed.add(node)
+            for client, state in block.states.items():
+                self.client_states.put_bytes(client, state)
         self._note_phase(kind, list(cohort.results.values()))
         return cohort.adder.result()
 
@@ -339,9 +339,8 @@ class RayGrid(CohortGrid):
                 result = run_block(resources, decoded, block, client_limit_s=timeout_s)
                 results.append(result)
                 adder.add(result)  # its sum is free for the next block's at once
-                for node, state in result.states.items():
-                    self.states[node] = state
-                    self._changed.add(node)
+                for client, state in result.states.items():
+                    self.client_states.put_bytes(client, state)
                 done += len(block.clients)
                 if progress is not None:
                     progress(done, total)
@@ -350,25 +349,10 @@ class RayGrid(CohortGrid):
         self._note_phase(blocks[0].message_type, results)
         return adder.result()
 
-    # --- checkpoints ---
-
     def close(self) -> None:
         """Kill every actor now (the end of the Ray session would too, later)."""
         stop_actors([lane.actor for lane in self._lanes])
         self._lanes = []
-
-    def changed_client_states(self) -> dict[int, bytes]:
-        """Serialised Context.state of each client whose state changed since the last call
-        (keyed by partition id), for checkpoints."""
-        changed = {self.node_to_client[node]: state_to_bytes(self.states[node])
-                   for node in sorted(self._changed)}
-        self._changed.clear()
-        return changed
-
-    def restore_client_states(self, states: Mapping[int, bytes]) -> None:
-        """Give clients back the Context.state a checkpoint recorded."""
-        self.states = {NODE_ID_OFFSET + client: state_from_bytes(data)
-                       for client, data in states.items()}
 
     @property
     def actor_count(self) -> int:
@@ -527,8 +511,8 @@ class RayGrid(CohortGrid):
             return
         message, _ = job
         if outcome.state is not None and not outcome.reply.has_error():
-            self.states[message.metadata.dst_node_id] = outcome.state
-            self._changed.add(message.metadata.dst_node_id)
+            self.client_states.put_bytes(self.node_to_client[message.metadata.dst_node_id],
+                                         outcome.state)
         self._replies[message_id] = outcome.reply
 
     @staticmethod

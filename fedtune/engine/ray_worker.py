@@ -11,7 +11,8 @@ federation's index arrays, the encoded data, one model) once. Then it serves wor
   a round's train and evaluate phases), a client's ``Context`` rebuilt for every message.
 
 Either way the driver keeps every client's ``Context.state`` between rounds and ships it with
-the work (as Flower's simulation does), and the state after it goes back with the result.
+the work as bytes (``fedtune.state.codec``), and the state after it goes back with the result
+when it changed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from fedtune.engine.cohort import (
     run_block,
 )
 from fedtune.engine.inprocess import error_reply
+from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.task import limit_threads, run_config_resources
 
 ARRAYS_KEPT = 4  # pushed records an actor keeps decoded (train + evaluate, two rounds)
@@ -51,7 +53,7 @@ class ClientTask:
     arrays: dict[str, ray.ObjectRef]  # its ArrayRecords, by record key, in the object store
     order: tuple[str, ...]  # record keys in the message's order
     node_config: dict[str, RunConfigValue]
-    state: RecordDict | None  # the client's Context.state; None = empty
+    state: bytes | None  # the client's Context.state as bytes; None = empty
 
     def message(self, arrays: dict[str, ArrayRecord]) -> Message:
         records = {key: arrays[key] if key in arrays else self.content[key] for key in self.order}
@@ -60,10 +62,10 @@ class ClientTask:
 
 @dataclass
 class ClientOutcome:
-    """The reply to a task and the client's state after it (None: still empty)."""
+    """The reply to a task and the client's state after it (None: unchanged)."""
 
     reply: Message
-    state: RecordDict | None
+    state: bytes | None
     seconds: float  # how long the actor took
 
 
@@ -112,16 +114,16 @@ class ClientWorker:
         started = time.perf_counter()
         message = task.message({key: self._pushed(ref, lambda record: record)
                                 for key, ref in task.arrays.items()})
+        state = state_from_bytes(task.state) if task.state else RecordDict()
         context = Context(run_id=self.run_id, node_id=task.metadata.dst_node_id,
-                          node_config=task.node_config, state=task.state or RecordDict(),
-                          run_config=self.run_config)
+                          node_config=task.node_config, state=state, run_config=self.run_config)
         try:
             reply = self.client_app(message, context)
         except Exception as error:  # noqa: BLE001 - a client's failure is its reply
             reply = error_reply(message, error)
-        keep_state = not reply.has_error() and (task.state is not None or len(context.state) > 0)
-        return ClientOutcome(reply, context.state if keep_state else None,
-                             time.perf_counter() - started)
+        after = None if reply.has_error() else state_to_bytes(context.state)
+        changed = after is not None and after != (task.state or b"")
+        return ClientOutcome(reply, after if changed else None, time.perf_counter() - started)
 
     def _pushed(self, ref: ray.ObjectRef, decode) -> object:
         """What the driver put in the object store once, fetched and decoded once here."""

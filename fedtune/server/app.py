@@ -46,6 +46,7 @@ from fedtune.server.listeners import (
     UserCallbacks,
 )
 from fedtune.server.loop import RunListener, run_rounds
+from fedtune.server.node_state import NodeStateGrid, new_run_key
 from fedtune.server.reporting import LogReporter, Reporter
 from fedtune.server.resume import Checkpointer, resume_state
 from fedtune.server.round import FederatedRun, evaluate_global
@@ -95,7 +96,7 @@ def new_run(config: Config, resources: TaskResources, grid: Grid, stateful: Simp
     # a fresh model: the resident one may hold weights of an earlier run in this process
     arrays = to_array_record(shared_state(build_model(resources.spec, config.run.seed)))
     nodes = dict(grid.node_to_client) if isinstance(grid, SimulatedGrid) else {}
-    state = RoundState(arrays, node_to_client=nodes)
+    state = RoundState(arrays, node_to_client=nodes, run_key=new_run_key())
     return run_dir, state, Checkpointer(run_dir.path, config, grid, stateful)
 
 
@@ -128,6 +129,9 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
         lock = lock or RunLock(run_dir.path).acquire()
         grid, identities = identify_nodes(grid, config.engine.node_ids,
                                           config.data.num_clients, state.node_to_client)
+        if not isinstance(grid, SimulatedGrid):  # SuperNodes keep their own clients' state
+            grid = NodeStateGrid(grid, state.run_key, state.server_round,
+                                 lambda: max(checkpointer.written_round, 0))
         run = FederatedRun(config, grid, resources, strategy, privacy, state, reporter.phase,
                            stop, identities=identities)
         play_all_rounds(run, run_dir, plan, reporter, checkpointer, runtime)

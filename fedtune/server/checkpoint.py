@@ -2,10 +2,17 @@
 
 A checkpoint is what the server needs to continue after round ``r`` as if it had never stopped:
 the global weights, the strategy's state (FedAdam moments, SCAFFOLD's server variate, a central
-DP accountant ...), the random number generators, every simulated client's Flower
-``Context.state`` (where runtimes allow reading it), and small counters. It is written into
+DP accountant ...), the random number generators, every simulated client's state (where the
+runtime keeps it: ``fedtune.state.store``), and small counters. It is written into
 ``<run dir>/checkpoint/`` as safetensors (arrays) plus ``state.json`` (everything else):
 nothing is pickled, so reading one runs no code.
+
+Client states are not copied into it: ``client_states.safetensors`` maps each client id to the
+SHA-256 of its state, whose bytes are a file of that name in ``<run dir>/client_states/``
+(``fedtune.state.blobs``), written and fsync'ed before the manifest. A checkpoint thus writes
+only the states that changed since the previous one; files no checkpoint references any more
+are deleted after the swap. A checkpoint of format 2 (every state's bytes in
+``clients.safetensors``) is still read.
 
 ``manifest.json`` holds the SHA-256 of every other file of the checkpoint and of the run's
 config (``config_digest``: the keys a resume may not change), so a file that was edited,
@@ -24,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 from collections.abc import Mapping
@@ -35,20 +41,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from flwr.app import Array, ArrayRecord
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from fedtune.errors import ConfigError
+from fedtune.state.blobs import STATE_DIR, StateBlobs, digest_of, fsync_path
+from fedtune.state.store import StateSnapshot
 
 CHECKPOINT_DIR = "checkpoint"
 MANIFEST = "manifest.json"
 STATE = "state.json"
 _PARTIAL = ".partial"
 _PREVIOUS = ".previous"
-FORMAT_VERSION = 2  # 2: with manifest.json
+FORMAT_VERSION = 3  # 2: with manifest.json; 3: client states by digest
+READABLE_FORMATS = (2, 3)
+CLIENT_STATES = "client_states.safetensors"  # client id -> digest of its state
+OLD_CLIENT_STATES = "clients.safetensors"  # format 2: every client state's bytes
 
 
 class CheckpointError(ConfigError):
@@ -164,19 +173,6 @@ def restore_rng(description: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
         torch.cuda.set_rng_state_all([torch.from_numpy(arrays[key].copy()) for key in cuda])
 
 
-# --- client contexts --------------------------------------------------------------------------
-
-def state_to_bytes(state: RecordDict) -> bytes:
-    """A client's ``Context.state`` as Flower's protobuf (no pickle)."""
-    return recorddict_to_proto(state).SerializeToString()
-
-
-def state_from_bytes(data: bytes) -> RecordDict:
-    proto = ProtoRecordDict()
-    proto.ParseFromString(data)
-    return recorddict_from_proto(proto)
-
-
 # --- the checkpoint on disk -------------------------------------------------------------------
 
 @dataclass
@@ -187,7 +183,7 @@ class Checkpoint:
     global_arrays: dict[str, np.ndarray]
     strategy: tuple[dict[str, Any], dict[str, np.ndarray]]
     rng: tuple[dict[str, Any], dict[str, np.ndarray]]
-    client_states: dict[int, bytes] | None  # None: the runtime does not expose them
+    client_states: StateSnapshot | None  # None: the runtime keeps them to itself
     counters: dict[str, Any] = field(default_factory=dict)
 
 
@@ -204,13 +200,26 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
         return {key: handle.get_tensor(key) for key in order}
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to the disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+def _save_client_states(snapshot: StateSnapshot, run_path: Path, path: Path) -> None:
+    """Make the snapshot's state files durable and write its map client id -> digest."""
+    snapshot.persist(StateBlobs(run_path / STATE_DIR))
+    clients = sorted(snapshot.digests)
+    digests = b"".join(snapshot.digests[client] for client in clients)
+    _save_arrays({"client": np.array(clients, dtype=np.int64),
+                  "digest": np.frombuffer(digests, dtype=np.uint8).reshape(len(clients), 32)},
+                 path)
+
+
+def _load_client_states(directory: Path) -> StateSnapshot:
+    """The map of a format 3 checkpoint, or the states a format 2 one holds in itself."""
+    if (directory / CLIENT_STATES).is_file():
+        arrays = _load_arrays(directory / CLIENT_STATES)
+        return StateSnapshot({int(client): digest.tobytes() for client, digest
+                              in zip(arrays["client"], arrays["digest"], strict=True)})
+    states = {int(client): data.tobytes()
+              for client, data in _load_arrays(directory / OLD_CLIENT_STATES).items()}
+    digests = {client: digest_of(data) for client, data in states.items()}
+    return StateSnapshot(digests, {digests[client]: data for client, data in states.items()})
 
 
 def sha256_of(path: Path) -> str:
@@ -224,8 +233,9 @@ def sha256_of(path: Path) -> str:
 def write_checkpoint(run_path: Path, checkpoint: Checkpoint, config_digest: str = "") -> Path:
     """Write atomically and durably: each file and the manifest are fsync'ed, then the
     directory, before it replaces the previous checkpoint, so a kill or a power cut at any
-    moment leaves the previous or the new checkpoint whole. ``config_digest``: the run
-    config's ``config_digest``, recorded in the manifest."""
+    moment leaves the previous or the new checkpoint whole (the client state files it
+    references are written and fsync'ed first). ``config_digest``: the run config's
+    ``config_digest``, recorded in the manifest."""
     target = run_path / CHECKPOINT_DIR
     partial = run_path / (CHECKPOINT_DIR + _PARTIAL)
     previous = run_path / (CHECKPOINT_DIR + _PREVIOUS)
@@ -238,8 +248,7 @@ def write_checkpoint(run_path: Path, checkpoint: Checkpoint, config_digest: str 
     _save_arrays(rng_arrays, partial / "rng.safetensors")
     states = checkpoint.client_states
     if states is not None:
-        _save_arrays({str(client): np.frombuffer(data, dtype=np.uint8)
-                      for client, data in states.items() if data}, partial / "clients.safetensors")
+        _save_client_states(states, run_path, partial / CLIENT_STATES)
     (partial / STATE).write_text(json.dumps({
         "format": FORMAT_VERSION,
         "round": checkpoint.server_round,
@@ -250,17 +259,17 @@ def write_checkpoint(run_path: Path, checkpoint: Checkpoint, config_digest: str 
     }, indent=1), encoding="utf-8")
     files = sorted(partial.iterdir())
     for file in files:
-        _fsync(file)
+        fsync_path(file)
     (partial / MANIFEST).write_text(json.dumps({
         "format": FORMAT_VERSION, "config": config_digest,
         "files": {file.name: sha256_of(file) for file in files}}, indent=1), encoding="utf-8")
-    _fsync(partial / MANIFEST)
-    _fsync(partial)
+    fsync_path(partial / MANIFEST)
+    fsync_path(partial)
     if target.exists():
         shutil.rmtree(previous, ignore_errors=True)
         target.rename(previous)
     partial.rename(target)
-    _fsync(run_path)
+    fsync_path(run_path)
     shutil.rmtree(previous, ignore_errors=True)
     return target
 
@@ -293,10 +302,10 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
                               "damaged)")
     manifest = _read_json(manifest_path)
     files = manifest.get("files")
-    if manifest.get("format") != FORMAT_VERSION or not isinstance(files, dict) \
+    if manifest.get("format") not in READABLE_FORMATS or not isinstance(files, dict) \
             or STATE not in files:
         raise CheckpointError(f"checkpoint file {manifest_path} is not a format "
-                              f"{FORMAT_VERSION} manifest")
+                              f"{' or '.join(map(str, READABLE_FORMATS))} manifest")
     for name, digest in files.items():
         path = directory / str(name)
         if Path(str(name)).name != name or not path.is_file():
@@ -331,9 +340,8 @@ def read_checkpoint(run_path: Path) -> Checkpoint:
     try:
         states = None
         if meta["client_states"]:
-            current = "clients.safetensors"
-            states = {int(client): data.tobytes()
-                      for client, data in _load_arrays(directory / current).items()}
+            current = CLIENT_STATES if meta["format"] == FORMAT_VERSION else OLD_CLIENT_STATES
+            states = _load_client_states(directory)
         current = "global.safetensors"
         global_arrays = _load_arrays(directory / current)
         current = "strategy.safetensors"

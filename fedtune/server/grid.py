@@ -1,11 +1,12 @@
 """What the server may ask of a simulated runtime's Grid, beyond Flower's ``Grid``.
 
 Flower's ``Grid`` (push messages, pull replies) is all a SuperLink offers. fedtune's own
-simulation runtimes (``fedtune.engine``) hold every client's ``Context`` themselves, so their
-Grids also implement ``SimulatedGrid``: the server checkpoints the clients' ``Context.state``
-and gives it back on resume, and drops what it stopped waiting for. The server checks for this
-interface with ``isinstance``; a runtime that does not implement it (Flower's simulation, a
-real deployment) keeps client states to itself.
+simulation runtimes (``fedtune.engine``) keep every client's ``Context.state`` themselves, in a
+``fedtune.state.store.ClientStateStore``, so their Grids also implement ``SimulatedGrid``: the
+server opens the store in the run directory, checkpoints it and restores it on resume, and
+drops what it stopped waiting for. The server checks for this interface with ``isinstance``; a
+runtime that does not implement it (Flower's simulation, a real deployment) keeps client states
+to itself.
 
 A ``CohortGrid`` also runs a whole round's cohort at once (``run_cohort``): given the messages a
 strategy configured, it trains or evaluates every addressed client with the client wing's own
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,8 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+from fedtune.state.store import ClientStateStore
 
 if TYPE_CHECKING:  # screening builds on the grid's node map (server.identity)
     from fedtune.server.screening import ReplyLimits
@@ -37,6 +40,7 @@ class SimulatedGrid(Grid):
 
     _run: Run
     node_to_client: dict[int, int]  # node id -> client id (its partition)
+    client_states: ClientStateStore  # every client's Context.state, by client id
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -48,15 +52,6 @@ class SimulatedGrid(Grid):
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    @abstractmethod
-    def changed_client_states(self) -> dict[int, bytes]:
-        """Serialised Context.state of each client whose state changed since the last call
-        (keyed by client id), for checkpoints."""
-
-    @abstractmethod
-    def restore_client_states(self, states: Mapping[int, bytes]) -> None:
-        """Give clients back the Context.state a checkpoint recorded (keyed by client id)."""
 
     @abstractmethod
     def discard(self, message_ids: Iterable[str]) -> None:

@@ -1,12 +1,13 @@
 """Checkpointing a run as its rounds end, and continuing a run from its checkpoint.
 
 ``Checkpointer`` is the round loop's listener for checkpoints: after every round it captures the
-state in memory (strategy and privacy attributes, RNGs, the client states that changed), and
-writes it to disk every ``run.checkpoint_every`` rounds and whenever the run ends early
-(Ctrl-C, a failure). ``check_resumable`` checks that a resume continues the same run - the
-checkpoint matches its manifest, config.toml is the config it was written under, the settings
-agree, and a privacy mode that keeps its accountants in the clients' state finds them - and
-``resume_state`` puts everything back. The format is in ``fedtune.server.checkpoint``.
+state in memory (strategy and privacy attributes, RNGs, a snapshot of the runtime's client state
+store: digests, no copy of the states), and writes it to disk every ``run.checkpoint_every``
+rounds and whenever the run ends early (Ctrl-C, a failure). ``check_resumable`` checks that a
+resume continues the same run - the checkpoint matches its manifest, config.toml is the config
+it was written under, the settings agree, and a privacy mode that keeps its accountants in the
+clients' state finds them - and ``resume_state`` puts everything back. The format is in
+``fedtune.server.checkpoint``.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ from fedtune.server.checkpoint import (
 )
 from fedtune.server.grid import SimulatedGrid
 from fedtune.server.loop import RunListener
+from fedtune.server.node_state import new_run_key
 from fedtune.server.round import FederatedRun, RoundOutcome
 from fedtune.server.state import RoundState
+from fedtune.state.blobs import STATE_DIR
 from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.runtimes import RUNTIMES
 
@@ -74,9 +77,10 @@ class Checkpointer(RunListener):
         self.every = config.run.checkpoint_every
         self.backend = config.engine.backend
         self.stateful = stateful
-        self.grid = grid
-        self.client_states: dict[int, bytes] | None = (
-            {} if isinstance(grid, SimulatedGrid) else None)
+        # the runtime's client state store (None: the runtime keeps its clients' state itself)
+        self.store = grid.client_states if isinstance(grid, SimulatedGrid) else None
+        if self.store is not None:
+            self.store.open(run_path / STATE_DIR)
         self.latest: Checkpoint | None = None
         self.written_round = -1
 
@@ -86,16 +90,15 @@ class Checkpointer(RunListener):
         restore_attributes(self.stateful, *checkpoint.strategy)
         restore_rng(*checkpoint.rng)
         saved_states = checkpoint.client_states
-        if saved_states and self.client_states is None:
+        if saved_states is not None and saved_states.digests and self.store is None:
             raise ConfigError(
                 f"engine.backend = {self.backend!r} is not allowed to resume this checkpoint: "
-                f"its runtime cannot restore the {len(saved_states)} client states it holds; "
-                "must be one of ray, inprocess"
+                f"its runtime cannot restore the {len(saved_states.digests)} client states it "
+                "holds; must be one of ray, inprocess"
             )
-        if saved_states is not None and isinstance(self.grid, SimulatedGrid):
-            self.grid.restore_client_states(saved_states)
-            self.client_states = dict(saved_states)
-        elif self.client_states is not None:
+        if saved_states is not None and self.store is not None:
+            self.store.restore(saved_states)
+        elif self.store is not None:
             log(WARNING, "fedtune: the checkpoint has no client states (its runtime keeps them "
                          "private); clients resume with empty state")
         self.latest = checkpoint
@@ -104,18 +107,16 @@ class Checkpointer(RunListener):
     def round_ended(self, run: FederatedRun, outcome: RoundOutcome) -> None:
         """Capture the state after ``run.state.server_round``; write it if it is due."""
         state = run.state
-        if isinstance(self.grid, SimulatedGrid) and self.client_states is not None:
-            self.client_states.update(self.grid.changed_client_states())
         self.latest = Checkpoint(
             server_round=state.server_round,
             global_arrays={name: array.numpy() for name, array in state.arrays.items()},
             strategy=capture_attributes(self.stateful),
             rng=capture_rng(),
-            client_states=None if self.client_states is None else dict(self.client_states),
+            client_states=None if self.store is None else self.store.snapshot(),
             counters={"rounds_without_update": state.rounds_without_update,
                       "elapsed_s": state.elapsed_s + time.perf_counter() - run.started,
                       "node_to_client": {str(k): v for k, v in state.node_to_client.items()},
-                      "stop_reason": state.stop_reason},
+                      "stop_reason": state.stop_reason, "run_key": state.run_key},
         )
         if self.every and state.server_round % self.every == 0:
             written = self.save_latest()
@@ -131,6 +132,8 @@ class Checkpointer(RunListener):
             return None
         path = write_checkpoint(self.run_path, self.latest, self.config_digest)
         self.written_round = self.latest.server_round
+        if self.store is not None and self.latest.client_states is not None:
+            self.store.checkpointed(self.latest.client_states)
         return path
 
 
@@ -202,9 +205,13 @@ def resume_state(config: Config, grid: Grid, stateful: Any
             int(counters["rounds_without_update"]), float(counters["elapsed_s"]),
             {int(node): int(client) for node, client in counters["node_to_client"].items()},
             str(counters["stop_reason"]),
+            # a checkpoint from before run keys: its SuperNodes kept no state to find again
+            str(counters.get("run_key") or new_run_key()),
         )
         checkpointer = Checkpointer(run_dir.path, config, grid, stateful)
         checkpointer.restore(checkpoint)
+    except ConfigError:  # says itself what is wrong (a missing client state file ...)
+        raise
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise CheckpointError(f"the checkpoint in {run_dir.path} does not fit this run's "
                               f"strategy or state ({type(error).__name__}: {error})") from None

@@ -17,3 +17,4 @@ class RoundState:
     elapsed_s: float = 0.0  # time spent in earlier sessions of a resumed run
     node_to_client: dict[int, int] = field(default_factory=dict)
     stop_reason: str = ""  # why the run ended before run.rounds (privacy budget)
+    run_key: str = ""  # names the run on a deployment's SuperNodes (fedtune.server.node_state)

@@ -64,6 +64,12 @@ VECTORISE_CLIENTS = Key(
            "pooled features): faster, and agrees with one client at a time to float rounding, "
            "not bit for bit")
 
+# fedtune's own runtimes keep their clients' state (fedtune.state.store)
+CLIENT_STATE_MEMORY_MB = Key(
+    1024, "memory for the clients' state (SCAFFOLD's variates, a local DP accountant, a "
+          "personal model), in MiB; beyond it the least recently used states wait on disk in "
+          "<run dir>/client_states/ (0 = every state on disk)", ge=0)
+
 RUNTIMES: dict[str, RuntimeEntry] = {
     "ray": RuntimeEntry(
         "fedtune's engine: persistent Ray actors serve many virtual clients each",
@@ -75,6 +81,7 @@ RUNTIMES: dict[str, RuntimeEntry] = {
             "ray_address": Key("", "address of a running Ray cluster to join ('' = start one "
                                    "here)"),
             "vectorise_clients": VECTORISE_CLIENTS,
+            "client_state_memory_mb": CLIENT_STATE_MEMORY_MB,
         },
         implementation="fedtune.engine.ray_engine:run_ray_engine",
         starting="starting Ray and its workers (each loads the data and the model)"),
@@ -84,7 +91,8 @@ RUNTIMES: dict[str, RuntimeEntry] = {
         starting="starting Flower's simulation runtime (Ray, one SuperNode per client)"),
     "inprocess": RuntimeEntry(
         "every client in this process, one after another (no Ray; for debugging)",
-        keys={"vectorise_clients": VECTORISE_CLIENTS},
+        keys={"vectorise_clients": VECTORISE_CLIENTS,
+              "client_state_memory_mb": CLIENT_STATE_MEMORY_MB},
         implementation="fedtune.engine.inprocess:run_inprocess",
         starting="building the global model"),
     "central": RuntimeEntry(

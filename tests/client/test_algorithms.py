@@ -150,8 +150,9 @@ def test_control_variates_persist_in_each_clients_context_during_a_run(tmp_path)
                          "client.lr=0.05")
     grid = InProcessGrid(client_app, to_run_config(config), config.data.num_clients)
     run_dir = run_federated(grid, config).path
-    for context in grid.contexts.values():
-        control = numpy_of(context.state[SCAFFOLD_STATE])
+    assert grid.client_states.clients() == list(range(config.data.num_clients))
+    for client in grid.client_states.clients():
+        control = numpy_of(grid.client_states.get(client)[SCAFFOLD_STATE])
         assert set(control) == {name for name, _ in MLP(64, [32], 10).named_parameters()}
         assert max(np.abs(v).max() for v in control.values()) > 0
     rows = (run_dir / "metrics.csv").read_text().splitlines()

@@ -52,8 +52,9 @@ def test_faults_are_reported_the_run_finishes_and_state_survives(tmp_path, ray_t
     with ray_engine_grid(config, faulty_client.app) as grid:
         run_dir = run_federated(grid, config).path
         assert grid.restarts >= 2 and grid.actor_count == 2
-        trainings = {grid.node_to_client[node]: int(state[faulty_client.COUNTER]["count"])
-                     for node, state in grid.states.items()}
+        store = grid.client_states
+        trainings = {client: int(store.get(client)[faulty_client.COUNTER]["count"])
+                     for client in store.clients()}
     rows = {(int(r["round"]), int(r["client_id"])): r for r in rows_of(run_dir / "clients.csv")}
     first = {client: rows[1, client]["status"] for client in range(8)}
     assert first == {0: "ok", 1: "failed", 2: "failed", 3: "timeout", 4: "ok", 5: "ok",
@@ -69,11 +70,13 @@ def test_faults_are_reported_the_run_finishes_and_state_survives(tmp_path, ray_t
 
 
 @pytest.mark.slow
-def test_cohort_faults_are_reported_blocks_rejoin_and_match_a_clean_run(tmp_path, ray_two_cpus):
+def test_cohort_faults_are_reported_blocks_rejoin_and_match_a_clean_run(tmp_path, ray_two_cpus,
+                                                                       one_torch_thread):
     """The same faults in the cohort path: a client that raises is failed, one that kills its
     actor and one that stalls past engine.client_timeout_s are found by running their blocks
     client by client; the other clients' updates, summed block by block in client order, give
-    the model a run without those clients' failures gives in process."""
+    the model a run without those clients' failures gives in process (with one torch thread,
+    as each actor has)."""
     from fedtune.engine.inprocess import InProcessGrid
     from fedtune.engine.ray_engine import ray_engine_grid
 
@@ -83,8 +86,9 @@ def test_cohort_faults_are_reported_blocks_rejoin_and_match_a_clean_run(tmp_path
         assert grid.runs_cohorts
         run_dir = run_federated(grid, config).path
         assert grid.restarts >= 2 and grid.actor_count == 2
-        trainings = {grid.node_to_client[node]: int(state[faulty_client.COUNTER]["count"])
-                     for node, state in grid.states.items()}
+        store = grid.client_states
+        trainings = {client: int(store.get(client)[faulty_client.COUNTER]["count"])
+                     for client in store.clients()}
     rows = {(int(r["round"]), int(r["client_id"])): r for r in rows_of(run_dir / "clients.csv")}
     assert {c: rows[1, c]["status"] for c in range(8)} == {
         0: "ok", 1: "failed", 2: "failed", 3: "timeout", 4: "ok", 5: "ok", 6: "ok", 7: "ok"}

@@ -21,7 +21,7 @@ def count_calls(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord({"calls": calls})}), reply_to=msg)
 
 
-def _task(state: RecordDict | None, fail: bool = False) -> ClientTask:
+def _task(state: bytes | None, fail: bool = False) -> ClientTask:
     act_as_server(1)
     message = Message(RecordDict({"config": ConfigRecord({"fail": fail})}), 1007, "train")
     return ClientTask(metadata=message.metadata, content=message.content, arrays={},

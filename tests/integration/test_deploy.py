@@ -12,12 +12,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.common.constant import ErrorCode
+from safetensors.numpy import load_file
 
+from fedtune.config import load_config
 from fedtune.deploy.certs import write_credentials
 from fedtune.deploy.registry import RegistryServer
 from fedtune.deploy.signing import publish
+from fedtune.server.app import run_federated
+from tests.client.test_node_state import deployment_grid
 from tests.conftest import REPO
 from tests.integration.test_end_to_end import check_contract
 
@@ -152,13 +157,28 @@ def _wait_for(condition, seconds: float, what: str) -> None:
     raise AssertionError(f"{what} within {seconds}s")
 
 
+def _summary_rounds(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())["rounds_completed"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _same_weights(run_dir: Path, reference: Path) -> bool:
+    ours, theirs = (load_file(str(d / "model" / "model.safetensors")) for d in (run_dir, reference))
+    return ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
 @pytest.mark.slow
 def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
     """TLS, registered SuperNode keys, SuperNodes that run only apps signed by the federation's
     publisher key (``--trusted-entities``), a SuperLink whose ServerApps only ``fedtune
     superexec`` starts (signed apps only), pinned node ids. A stranger who holds ca.crt runs
     its own app: every SuperNode refuses it, and so does the server side; it registers its own
-    SuperNode, which is never sampled. The honest app, published and signed, runs."""
+    SuperNode, which is never sampled. The honest app, published and signed, runs SCAFFOLD for
+    two rounds; the SuperLink restarts and the run resumes for a third: each SuperNode's
+    state-dir gives its client back its variates, and the run ends with the weights of an
+    uninterrupted run (replayed rounds: tests/client/test_node_state.py)."""
     creds = write_credentials(tmp_path / "creds", ["localhost", "127.0.0.1"], 5)
     registry_dir = tmp_path / "registry"
     published = publish(REPO, registry_dir, creds.publisher_key)
@@ -177,15 +197,20 @@ def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
     superexec_args = ["--runtime-api-address", f"127.0.0.1:{port}", "--root-certificates",
                       str(creds.ca_cert), *secret]
     processes = Processes(tmp_path)
+    superlink_args = [
+        str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(creds.ca_cert),
+        "--ssl-certfile", str(creds.server_cert), "--ssl-keyfile", str(creds.server_key),
+        "--enable-supernode-auth", "--isolation", "process",
+        "--disable-runtime-dependency-installation", *secret, "--host", "127.0.0.1",
+        "--port", str(port), "--database", str(tmp_path / "state.db"),
+    ]
+    superlink_env = dict(base_env, FLWR_HOME=str(tmp_path / "link-home"),
+                         FLWR_SUPERGRID_API_URL=registry.url)
+    superexec = [str(BIN / "fedtune"), "superexec", *superexec_args, "--registry",
+                 str(registry_dir), "--trusted-entities", str(creds.trusted_entities)]
+    superexec_env = dict(base_env, FLWR_HOME=str(tmp_path / "exec-home"))
     try:
-        processes.start("superlink", [
-            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(creds.ca_cert),
-            "--ssl-certfile", str(creds.server_cert), "--ssl-keyfile", str(creds.server_key),
-            "--enable-supernode-auth", "--isolation", "process",
-            "--disable-runtime-dependency-installation", *secret, "--host", "127.0.0.1",
-            "--port", str(port), "--database", str(tmp_path / "state.db"),
-        ], dict(base_env, FLWR_HOME=str(tmp_path / "link-home"),
-                FLWR_SUPERGRID_API_URL=registry.url))
+        superlink = processes.start("superlink", superlink_args, superlink_env)
         _wait_for_port(port, 60)
         node_ids = []
         for _, public in creds.supernode_keys[:3]:
@@ -199,7 +224,8 @@ def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
                 str(BIN / "flower-supernode"), "--root-certificates", str(creds.ca_cert),
                 "--superlink", f"127.0.0.1:{port}", "--auth-supernode-private-key", str(private),
                 "--trusted-entities", str(creds.trusted_entities),
-                "--node-config", f"partition-id={index} num-partitions=3",
+                "--node-config", (f"partition-id={index} num-partitions=3 "
+                                  f"state-dir='{tmp_path / f'node-state-{index}'}'"),
                 "--port", str(_free_port()),
             ], dict(base_env, FLWR_HOME=str(tmp_path / f"node-home-{index}")))
 
@@ -262,10 +288,7 @@ def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
         (markers / "server-ran").unlink()
 
         # 2. the server side: fedtune superexec starts no ServerApp the publisher did not sign
-        processes.start("superexec", [str(BIN / "fedtune"), "superexec", *superexec_args,
-                                      "--registry", str(registry_dir),
-                                      "--trusted-entities", str(creds.trusted_entities)],
-                        dict(base_env, FLWR_HOME=str(tmp_path / "exec-home")))
+        server_side = processes.start("superexec", superexec, superexec_env)
         started = subprocess.run([str(BIN / "flwr"), "run", str(stranger_app), "test"],
                                  env=stranger_env, capture_output=True, text=True, timeout=120)
         assert "Successfully started run" in started.stdout, started.stdout + started.stderr
@@ -273,25 +296,50 @@ def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
                   (tmp_path / "superexec.log").read_text(), 120, "no refusal was logged")
         assert not (markers / "server-ran").exists()
 
-        # 3. the honest app, published and signed, runs on the pinned SuperNodes only
+        # 3. the honest app, published and signed, runs SCAFFOLD on the pinned SuperNodes only
         run_dir = tmp_path / "run"
-        overrides = " ".join([
+        overrides = [
             "data.dataset='digits'", "model.kind='mlp'", "data.partitioner='iid'",
-            "data.num_clients=3", "run.rounds=2", "strategy.fraction_train=1.0",
-            "strategy.fraction_evaluate=0.0", "client.lr=0.01", "engine.node_wait_s=120",
+            "data.num_clients=3", "strategy.fraction_train=1.0", "strategy.fraction_evaluate=0.0",
+            "strategy.name='scaffold'", "client.optimizer='sgd'", "client.lr=0.05",
+            "engine.node_wait_s=120",
             f"engine.node_ids='{','.join(node_ids)}'", f"run.dir='{run_dir}'",
-        ])
-        result = subprocess.run([str(BIN / "flwr"), "run", published.spec, "test",
-                                 "--run-config", overrides, "--stream"], env=cli_env,
-                                capture_output=True, text=True, timeout=900)
+        ]
+
+        def honest_run(*more: str) -> subprocess.CompletedProcess:
+            return subprocess.run([str(BIN / "flwr"), "run", published.spec, "test",
+                                   "--run-config", " ".join(overrides + list(more)), "--stream"],
+                                  env=cli_env, capture_output=True, text=True, timeout=900)
+
+        result = honest_run("run.rounds=2")
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-        _wait_for(lambda: (run_dir / "summary.json").exists(), 120,
+        _wait_for(lambda: _summary_rounds(run_dir) == 2, 120,
                   "the honest run wrote no summary")  # the stream can end just before it
         check_contract(run_dir, rounds=2, clients=3)
         assert not (markers / "server-ran").exists()
-        honest_run = re.search(r"Successfully started run (\d+)", result.stdout)[1]
-        assert f"[RUN {honest_run}" in (tmp_path / "supernode-0.log").read_text()
-        assert f"[RUN {honest_run}" not in (tmp_path / "stranger-supernode.log").read_text()
+        honest_run_id = re.search(r"Successfully started run (\d+)", result.stdout)[1]
+        assert f"[RUN {honest_run_id}" in (tmp_path / "supernode-0.log").read_text()
+        assert f"[RUN {honest_run_id}" not in (tmp_path / "stranger-supernode.log").read_text()
+
+        # 4. the SuperLink restarts (every Context it kept is gone) and the run resumes for a
+        #    third round: the SuperNodes find their variates in their state-dir
+        processes.stop(server_side)
+        processes.stop(superlink)
+        processes.start("superlink-again", superlink_args, superlink_env)
+        _wait_for_port(port, 60)
+        processes.start("superexec-again", superexec, superexec_env)
+        result = honest_run("run.rounds=3", "run.resume=true")
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        _wait_for(lambda: _summary_rounds(run_dir) == 3, 120, "the resumed run wrote no summary")
+        check_contract(run_dir, rounds=3, clients=3)
+        versions = sorted(p.name[:8] for p in (tmp_path / "node-state-0").glob("*/*/*.state"))
+        assert versions == ["00000002", "00000003"]  # what a resume may still need
+        # the same run uninterrupted, its clients in this process (their Context kept)
+        reference = load_config(run_dir / "config.toml", resolved=True)
+        reference.run.dir, reference.run.resume = str(tmp_path / "reference"), False
+        reference.engine.node_ids = []
+        run_federated(deployment_grid(reference, None), reference)
+        assert _same_weights(run_dir, tmp_path / "reference")
     finally:
         processes.stop_all()
         registry.shutdown()

@@ -165,8 +165,10 @@ def test_a_stopped_secure_run_resumes_bit_identical(tmp_path):
     from fedtune.config import to_run_config
     from fedtune.engine.inprocess import InProcessGrid
     from fedtune.server.app import run_federated
-    from fedtune.server.checkpoint import read_checkpoint, state_from_bytes
+    from fedtune.server.checkpoint import read_checkpoint
     from fedtune.server.exchange import RunStopped
+    from fedtune.state.blobs import STATE_DIR, StateBlobs
+    from fedtune.state.codec import state_from_bytes
     from tests.server.test_resume import FIVE_ROUNDS, StopAfter, _assert_same_run
 
     extra = (*SECURE, "strategy.name=fedadam", "strategy.fraction_train=0.75")
@@ -178,8 +180,9 @@ def test_a_stopped_secure_run_resumes_bit_identical(tmp_path):
         run_federated(grid, config, StopAfter(stop, after=2), stop)
     checkpoint = read_checkpoint(Path(config.run.dir))
     assert checkpoint.server_round == 2
-    for state in checkpoint.client_states.values():
-        kept = state_from_bytes(state).config_records.get("secagg-state", {})
+    blobs = StateBlobs(Path(config.run.dir) / STATE_DIR)
+    for digest in checkpoint.client_states.digests.values():
+        kept = state_from_bytes(blobs.read(digest)).config_records.get("secagg-state", {})
         assert not {"mask-seed", "seal-private", "self-seed", "seal-keys", "seed-shares",
                     "key-shares"} & set(kept)
     config.run.resume = True

@@ -248,7 +248,7 @@ def test_a_supernode_refuses_the_insecure_switch_unless_its_node_config_allows_i
 
     from fedtune.client.app import check_insecure_noise
     from fedtune.config import to_run_config
-    from fedtune.engine.inprocess import client_contexts
+    from fedtune.engine.inprocess import node_config
 
     config = load_config(None, [*MLP_DIGITS, "privacy.mode=local", "privacy.noise_multiplier=1",
                                 "privacy.insecure_reproducible_noise=true"])
@@ -256,13 +256,15 @@ def test_a_supernode_refuses_the_insecure_switch_unless_its_node_config_allows_i
                        run_config=to_run_config(config))
     with pytest.raises(ConfigError, match="not allowed by this SuperNode"):
         check_insecure_noise(config, deployed)
-    simulated = client_contexts(1, 4, to_run_config(config))
-    for context in simulated.values():  # fedtune's simulation allows it, and says so
-        check_insecure_noise(config, context)
+    for client in range(4):  # fedtune's simulation allows it, and says so
+        simulated = Context(run_id=1, node_id=1000 + client, state=RecordDict(),
+                            node_config=node_config(client, 4, to_run_config(config)),
+                            run_config=to_run_config(config))
+        check_insecure_noise(config, simulated)
     private = load_config(None, [*MLP_DIGITS, "privacy.mode=local", "privacy.noise_multiplier=1"])
     check_insecure_noise(private, deployed)
-    assert all("insecure-noise-allowed" not in c.node_config
-               for c in client_contexts(1, 4, to_run_config(private)).values())
+    assert all("insecure-noise-allowed" not in node_config(c, 4, to_run_config(private))
+               for c in range(4))
 
 
 def test_the_servers_round_by_round_account_is_one_accountant_from_scratch(tmp_path):

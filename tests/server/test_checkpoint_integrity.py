@@ -150,7 +150,7 @@ def test_checkpoint_files_and_directory_are_synced_before_the_swap(run_copy, mon
     swap = events.index("rename checkpoint.partial -> checkpoint")
     synced = {event.removeprefix("sync ") for event in events[:swap] if event.startswith("sync")}
     assert synced >= {f"{partial}/{name}" for name in (
-        "global.safetensors", "strategy.safetensors", "rng.safetensors", "clients.safetensors",
+        "global.safetensors", "strategy.safetensors", "rng.safetensors", "client_states.safetensors",
         "state.json", "manifest.json")} | {partial}
     assert events[swap + 1] == f"sync {run_copy}"  # the renames themselves are durable
     assert json.loads((run_copy / "checkpoint" / "manifest.json").read_text())["config"] == \

@@ -389,11 +389,6 @@ def test_a_tampered_unmask_share_is_found_and_left_out(tmp_path):
     assert list(result.report.tampered) == [liar]
 
 
-def _node(grid: InProcessGrid, client: int) -> tuple[int, Context]:
-    node = NODE_ID_OFFSET + client
-    return node, grid.contexts[node]
-
-
 def _resend(grid: InProcessGrid, message: Message) -> Message:
     copy = Message(RecordDict(dict(message.content.items())),
                    dst_node_id=message.metadata.dst_node_id,
@@ -511,7 +506,7 @@ def test_clients_refuse_a_server_that_bends_the_graph_or_the_threshold(tmp_path,
                 record[protocol.SA_THRESHOLD] = 2
             else:
                 peers = [int(p) for p in record[protocol.SA_PEERS]]
-                stranger = next(n for n in grid.contexts if n not in peers and n != victim)
+                stranger = next(n for n in grid.get_node_ids() if n not in peers and n != victim)
                 record[protocol.SA_PEERS] = [str(p) for p in peers + [stranger]]
                 record[protocol.SA_PK_MASK] = [*record[protocol.SA_PK_MASK], b"m" * 97]
                 record[protocol.SA_PK_SEAL] = [*record[protocol.SA_PK_SEAL], b"s" * 97]
