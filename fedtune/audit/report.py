@@ -21,7 +21,7 @@ Two kinds of number, never to be confused (``docs/privacy.md``, "The audit"):
   audit``.
 - an **estimate** (central DP: ``empirical_epsilon``, the one-shot estimate, and its bootstrap
   ``interval``): not a bound, and biased upwards at a few hundred inserted canaries (the
-  study's DP-FedAvg at accountant ε = 1, whose final model's true ε is 0.84, reads 1.17 in
+  study's DP-FedAvg at accountant ε = 1, whose final model's true ε is 0.84, reads 1.19 in
   median with its 500; ``benchmarks/audit_calibration.py``).
   Beside it, ``estimate_reference``: what the estimator reads at this canary count for a
   Gaussian mechanism at exactly the accountant's ε. An estimate above that reference's 97.5 %
