@@ -77,7 +77,7 @@ def round_weights(config, clip_norms: list[float] | None) -> np.ndarray:
     """w_t C_t: the weight the final model gives a canary's round-t update (server momentum,
     and the clip bound: the run's if replayed, else the config's constant one)."""
     from fedtune.audit.final_model import momentum_weights
-    from fedtune.privacy.central import server_optimizer
+    from fedtune.privacy.central_dp import server_optimizer
 
     optimizer = server_optimizer(config)
     if optimizer["server_optimizer"] != "sgd":
@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--json", help="write every number here")
     args = parser.parse_args()
 
-    from fedtune.server.strategies import build_strategy
+    from fedtune.server.build_strategy import build_strategy
     from fedtune.tables.privacy_modes import privacy_mode
 
     logging.getLogger("flwr").setLevel(logging.ERROR)  # "federated evaluation skipped"
