@@ -120,6 +120,7 @@ class RoundReport:
     tampered: dict[int, list[int]] = field(default_factory=dict)  # holder -> owners
     disagreeing: list[tuple[int, int]] = field(default_factory=list)  # pairs that do not mask
     culprit: int | None = None  # the node whose secret could not be recovered (failed round)
+    culprit_reason: str = ""  # why it is left out of every later round
     excluded: dict[int, str] = field(default_factory=dict)  # sampled, left out: why
     failed: str = ""  # why no aggregate came out ("" = it did)
     bytes_up: int = 0  # SecAgg+ stage messages (the masked vectors count as train replies)
@@ -197,9 +198,13 @@ class SecAggPlus(Strategy):
     # --- the round's reports ---
 
     def finish_round(self) -> RoundReport | None:
-        """The finished round's report (None: the round ran no protocol); forgets the round."""
+        """The finished round's report (None: the round ran no protocol); forgets the round and
+        leaves its culprit out of every later one (here, after the round: a refused aggregate
+        puts the strategy's attributes back as they were before it aggregated)."""
         report = self._report
         self._session, self._report = None, None
+        if report is not None and report.culprit is not None:
+            self.excluded[str(report.culprit)] = report.culprit_reason
         return report
 
     def _drop(self, s: _Session, node: int, stage: str, status: str, reason: str) -> None:
@@ -608,8 +613,7 @@ class SecAggPlus(Strategy):
                               "of its holders answered to tell whose fault it is)")
             # more than t shares and no t of them open it: not one lying holder (keys.recover
             # leaves any one out) but the owner, which dealt the shares and the commitment
-            s.report.culprit = owner
-            self.excluded[str(owner)] = (
+            s.report.culprit, s.report.culprit_reason = owner, (
                 f"its {what} could not be recovered from {len(shares)} shares in round "
                 f"{s.server_round} (its commitment or the shares it dealt are bad)")
             self._fail(s, f"node {owner}'s {what} cannot be recovered: {error} (its commitment "

@@ -75,7 +75,7 @@ class SecAggRecorder(RunListener):
             log(INFO, "fedtune: round %s: %s is left out of every later round of secure "
                 "aggregation: %s", report.server_round,
                 _named(f"node {report.culprit}", run.state.node_to_client),
-                self.strategy.excluded.get(str(report.culprit), ""))
+                report.culprit_reason)
 
 
 def _named(text: str, node_to_client: dict[int, int]) -> str:
