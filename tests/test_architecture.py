@@ -21,7 +21,7 @@ LAYERS = [
     {"fedtune.protocol", "fedtune.data", "fedtune.results.env_info"},
     {"fedtune.models", "fedtune.train", "fedtune.faults", "fedtune.secagg", "fedtune.state"},
     {"fedtune.task", "fedtune.privacy", "fedtune.results", "fedtune.centralized",
-     "fedtune.audit"},
+     "fedtune.audit", "fedtune.personal"},
     {"fedtune.server", "fedtune.client"},
     {"fedtune.engine", "fedtune.studies", "fedtune.deploy"},
     {"fedtune.cli", "fedtune.__main__", "fedtune"},
