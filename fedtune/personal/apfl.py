@@ -117,7 +117,7 @@ class APFL(Personalisation):
             param.grad = None
         store_arrays(state, PERSONAL_STATE,
                      {name: v.detach().cpu().numpy() for name, v in personal.items()})
-        state[PERSONAL_MIX_STATE] = ConfigRecord({ALPHA: float(step.alpha)})
+        state[PERSONAL_MIX_STATE] = ConfigRecord({ALPHA: float(step.alpha.detach())})
         return result
 
     def personal_arrays(self, resources: TaskResources, shard: int, state: RecordDict | None,

@@ -51,12 +51,10 @@ class StrategyEntry(Entry):
     needs_updates: str = ""  # why it needs every individual update (then SecAgg+ is refused)
     # personalisation: "module:Class" of its ``fedtune.personal`` algorithm ("" = none); what
     # each client keeps to itself (``personal_part``: "head", "model", "" = nothing kept, the
-    # personal model is made at evaluation) and what its replies share; whether its client
-    # trains with its own loop rather than the privacy mode's (then local DP is refused)
+    # personal model is made at evaluation) and what its replies share (``shared_part``)
     personal: str = ""
     personal_part: str = ""
     shared_part: str = ""
-    own_training: bool = False
     check: Callable[[Config], None] | None = None  # checks involving other keys
 
     def load_client(self) -> Any:
@@ -208,14 +206,10 @@ STRATEGIES: dict[str, StrategyEntry] = {
 
 
 def _check_personal(config: Config) -> None:
-    """A personalised strategy: its own training is not DP-SGD, and the personal evaluation
-    reads every client's state where the runtime keeps it."""
+    """A personalised strategy that keeps a personal part: the personal evaluation reads every
+    client's state where the runtime keeps it. (Its client trains with its own loop, not
+    DP-SGD: local DP refuses every strategy with a client side.)"""
     name, entry = config.strategy.name, STRATEGIES[config.strategy.name]
-    if entry.own_training and config.privacy.mode == "local":
-        raise ConfigError(
-            f"privacy.mode = 'local' is not allowed with strategy.name = {name!r}: its clients "
-            "train with their own loop, not DP-SGD; must be 'none' or 'central' (or use "
-            "strategy.name = 'finetune', whose training is the privacy mode's)")
     if entry.personal_part and not RUNTIMES[config.engine.backend].client_states:
         keeps = ", ".join(repr(n) for n, r in RUNTIMES.items() if r.client_states)
         raise ConfigError(
@@ -239,35 +233,35 @@ STRATEGIES.update({
         "FedAvg, then each client fine-tunes the global model on its own data (local "
         "adaptation; Wang et al. 2019)",
         keys=FINETUNE_KEYS, personal="fedtune.personal.finetune:FineTune",
-        shared_part="model", **PERSONAL),
+        shared_part="model", **{**PERSONAL, "client": ""}),  # FedAvg's training, any privacy
     "fedbabu": StrategyEntry(
         "FedBABU (Oh et al. 2022): the body trains under a fixed random head; each client "
         "fine-tunes at evaluation",
         keys=FINETUNE_KEYS, personal="fedtune.personal.fedbabu:FedBABU", shared_part="body",
-        own_training=True, **PERSONAL),
+        **PERSONAL),
     "fedper": StrategyEntry(
         "FedPer (Arivazhagan et al. 2019): shared body, personal head, trained together",
         personal="fedtune.personal.fedper:FedPer", personal_part="head", shared_part="body",
-        own_training=True, **PERSONAL),
+        **PERSONAL),
     "fedrep": StrategyEntry(
         "FedRep (Collins et al. 2021): personal head trained first, then the shared body",
         keys={"fedrep_head_epochs": Key(2, "epochs of head-only training before the body's "
                                            "(Collins et al. 2021)", ge=1)},
         personal="fedtune.personal.fedrep:FedRep", personal_part="head", shared_part="body",
-        own_training=True, **PERSONAL),
+        **PERSONAL),
     "ditto": StrategyEntry(
         "Ditto (Li et al. 2021): a personal model pulled towards the global one by lambda",
         keys={"ditto_lambda": Key(0.1, "proximal weight lambda of the personal model (Li et "
                                        "al. 2021 search 0.01-2)", ge=0)},
         personal="fedtune.personal.ditto:Ditto", personal_part="model", shared_part="model",
-        own_training=True, **PERSONAL),
+        **PERSONAL),
     "apfl": StrategyEntry(
         "APFL (Deng et al. 2020): a local model mixed with the global one by a learnt alpha",
         keys={"apfl_alpha": Key(0.25, "initial mixing weight alpha of the local model (Deng "
                                       "et al. 2020)", ge=0, le=1),
               "apfl_alpha_lr": Key(0.01, "learning rate of alpha; 0 keeps it fixed", ge=0)},
         personal="fedtune.personal.apfl:APFL", personal_part="model", shared_part="model",
-        own_training=True, **PERSONAL),
+        **PERSONAL),
 })
 
 

@@ -157,6 +157,9 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
         assert np.array_equal(ours[name], theirs[name]), name  # bit-identical
     for table in ("metrics.csv", "clients.csv"):
         assert _rows_without_time(resumed, table) == _rows_without_time(reference, table)
+    if (reference / "personal.csv").exists():  # every client's models (personalisation)
+        assert _rows_without_time(resumed, "personal.csv") == _rows_without_time(
+            reference, "personal.csv")
     # what the strategy aggregated: one line per round, none twice
     assert _aggregated_rounds(resumed) == _aggregated_rounds(reference)
 
@@ -174,6 +177,10 @@ STATEFUL = {
     "scaffold_on_disk": ["strategy.name=scaffold", "client.optimizer=sgd", "client.lr=0.05",
                          "engine.client_state_memory_mb=0"],  # every variate in a file
     "feddyn": ["strategy.name=feddyn"],  # server state and client gradients
+    # personal models in the clients' states; every client evaluated every other round
+    "ditto": ["strategy.name=ditto", "run.personal_eval_every=2"],
+    "fedrep_on_disk": ["strategy.name=fedrep", "run.personal_eval_every=2",
+                       "engine.client_state_memory_mb=0"],  # personal heads in files
     # DP runs repeat bit for bit only with seeded noise (not private); a private run's resume:
     # test_a_private_run_resumes_with_fresh_noise_and_the_same_accountant
     "central_dp": ["privacy.mode=central", "privacy.noise_multiplier=0.5",
