@@ -81,9 +81,9 @@ from fedtune.studies.parallel import check_parallel, run_points
 
 SEED_KEY = "run.seed"
 FINAL_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "train_loss",
-                 "federated_eval_accuracy")
+                 "federated_eval_accuracy", "personal_mean", "personal_p10", "personal_worst")
 TOTALS = ("best_eval_accuracy", "epsilon", "audit_epsilon", "total_bytes", "total_bytes_up",
-          "total_time_s")
+          "total_time_s", "local_only_mean", "local_only_p10", "worse_than_local_only")
 GRID_KEY_OPTIONS = ("x", "series", "rows", "curves")  # [sweep] keys whose value is a grid key
 # what a centralized row's grid keys that do not change it read, per sweep.centralized kind
 CENTRAL_LABELS = {"examples": "centralized", "converged": "centralized (converged)"}
@@ -421,6 +421,10 @@ def result_row(run: SweepRun) -> dict[str, Any]:
     row["total_bytes"] = summary["total_bytes_up"] + summary["total_bytes_down"]
     row["total_bytes_up"] = summary["total_bytes_up"]
     row["total_time_s"] = summary["total_time_s"]
+    personal = summary.get("personal") or {}  # run.local_reference: each client trained alone
+    alone = personal.get("models", {}).get("local_only") or {}
+    row["local_only_mean"], row["local_only_p10"] = alone.get("mean"), alone.get("p10")
+    row["worse_than_local_only"] = personal.get("worse_than_local_only")
     audit = Path(run.config.run.dir) / "audit.json"  # privacy.audit's empirical ε
     row["audit_epsilon"] = (float(json.loads(audit.read_text())["empirical_epsilon"])
                             if audit.is_file() else None)

@@ -117,3 +117,21 @@ def test_bad_personalisation_settings_are_refused_in_one_line(overrides, message
     with pytest.raises(ConfigError) as error:
         load_config(None, overrides)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_fedper_on_the_ray_engine_gives_the_in_process_personal_csv(tmp_path, one_torch_thread):
+    """Personal heads travel with the cohort to any actor and back to the driver's store: the
+    Ray engine's personal.csv equals the in-process runtime's (one torch thread, as each actor
+    trains)."""
+    from fedtune.engine.launch import launch
+
+    overrides = ["strategy.name=fedper", "strategy.fraction_train=0.5", "run.rounds=3",
+                 "run.personal_eval_every=1", "data.num_clients=6"]
+    runs = [launch(tiny_config(tmp_path / backend, f"engine.backend={backend}", *overrides))
+            .path for backend in ("inprocess", "ray")]
+    inprocess, ray = (rows_of(run / "personal.csv") for run in runs)
+    assert len(inprocess) == 3 * 6 * 2 and inprocess == ray
+    personal = [r for r in inprocess if r["model"] == "personalised" and r["round"] == "3"]
+    glob = [r for r in inprocess if r["model"] == "global" and r["round"] == "3"]
+    assert personal != glob  # the heads are the clients' own
