@@ -27,18 +27,24 @@ from fedtune.train import TrainResult
 
 def own_head_model(state: RecordDict | None, global_arrays: Mapping[str, NDArray]
                    ) -> dict[str, NDArray]:
-    """The global model with the client's own head (the global head before its first round)."""
+    """The global model with the client's own part (the global one before its first round)."""
     return with_part(global_arrays, stored_arrays(state, PERSONAL_STATE))
+
+
+def keep_personal_send_shared(resources: TaskResources, state: RecordDict,
+                              global_arrays: Mapping[str, NDArray], personal: list[str]) -> None:
+    """Store the trained ``personal`` tensors, and put the global ones back for the reply."""
+    model = resources.model
+    trained = shared_state(model)
+    store_arrays(state, PERSONAL_STATE, {name: trained[name] for name in personal})
+    load_shared_state(model, with_part(trained, {name: global_arrays[name]
+                                                 for name in personal}))
 
 
 def keep_head_send_body(resources: TaskResources, state: RecordDict,
                         global_arrays: Mapping[str, NDArray]) -> None:
     """Store the trained head, and put the global head back for the reply."""
-    model = resources.model
-    heads = head_names(model)
-    trained = shared_state(model)
-    store_arrays(state, PERSONAL_STATE, {name: trained[name] for name in heads})
-    load_shared_state(model, with_part(trained, {name: global_arrays[name] for name in heads}))
+    keep_personal_send_shared(resources, state, global_arrays, head_names(resources.model))
 
 
 class FedPer(Personalisation):

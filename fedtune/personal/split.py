@@ -44,6 +44,11 @@ def body_names(model: nn.Module) -> list[str]:
     return [name for name in travelling_tensors(model) if name not in head]
 
 
+def lora_names(model: nn.Module, matrix: str) -> list[str]:
+    """The travelling LoRA ``A`` or ``B`` matrices (peft names them ``...lora_A.<adapter>...``)."""
+    return [name for name in travelling_tensors(model) if f".lora_{matrix}." in name]
+
+
 def part_names(model: nn.Module, part: str) -> list[str]:
     """``head``, ``body`` or ``full`` (every travelling tensor)."""
     if part == "head":

@@ -228,6 +228,14 @@ FINETUNE_KEYS = {
 PERSONAL = dict(implementation=FLOWER + "FedAvg", weighted_mean=True, sum_weight=EXAMPLES,
                 client="fedtune.client.personal:PersonalClient", check=_check_personal)
 
+def _check_fedsa_lora(config: Config) -> None:
+    _check_personal(config)
+    if config.model.transfer != "lora":
+        raise ConfigError(
+            f"model.transfer = {config.model.transfer!r} is not allowed with strategy.name = "
+            "'fedsa_lora': must be 'lora' (its clients keep the adapters' B matrices)")
+
+
 STRATEGIES.update({
     "finetune": StrategyEntry(
         "FedAvg, then each client fine-tunes the global model on its own data (local "
@@ -262,6 +270,10 @@ STRATEGIES.update({
               "apfl_alpha_lr": Key(0.01, "learning rate of alpha; 0 keeps it fixed", ge=0)},
         personal="fedtune.personal.apfl:APFL", personal_part="model", shared_part="model",
         **PERSONAL),
+    "fedsa_lora": StrategyEntry(
+        "FedSA-LoRA (Guo et al. 2025): LoRA's A matrices shared, its B matrices personal",
+        personal="fedtune.personal.fedsa_lora:FedSALoRA", personal_part="lora_B",
+        shared_part="lora_A and the head", **{**PERSONAL, "check": _check_fedsa_lora}),
 })
 
 

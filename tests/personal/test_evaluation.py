@@ -135,3 +135,13 @@ def test_fedper_on_the_ray_engine_gives_the_in_process_personal_csv(tmp_path, on
     personal = [r for r in inprocess if r["model"] == "personalised" and r["round"] == "3"]
     glob = [r for r in inprocess if r["model"] == "global" and r["round"] == "3"]
     assert personal != glob  # the heads are the clients' own
+
+
+def test_personal_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
+    from fedtune.results.run_dir import RunDirectory
+
+    run_dir = RunDirectory(tmp_path)
+    run_dir.append_personal([{"round": r, "client_id": 0, "model": "global", "accuracy": 0.5,
+                              "loss": 1.0, "examples": 3} for r in (1, 2, 3)])
+    run_dir.truncate_after(2)
+    assert [row["round"] for row in run_dir.personal()] == ["1", "2"]
