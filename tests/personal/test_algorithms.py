@@ -205,3 +205,35 @@ def test_apfl_step_is_the_papers_update_of_w_v_and_alpha(tmp_path):
     for name in w:
         np.testing.assert_allclose(personal[name],
                                    new_alpha * kept[name] + (1 - new_alpha) * w[name], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_fedsa_lora_keeps_b_and_sends_a_and_the_head(tmp_path, tiny_bert_path):
+    """The client's B matrices are trained and kept; its reply carries the trained A matrices
+    and head beside the global B it received."""
+    from fedtune.personal.split import lora_names
+
+    config = tiny_config(tmp_path, base=[
+        "data.dataset=rotten_tomatoes", "data.max_examples=120", "data.num_clients=3",
+        "data.partitioner=iid", f"model.path={tiny_bert_path}", "model.max_length=16",
+        "model.transfer=lora", "model.lora_dropout=0", "model.dropout=0",
+        "strategy.name=fedsa_lora", *ONE_STEP, "engine.backend=inprocess"])
+    resources = task_resources(config)
+    algorithm = personalisation_of(config)
+    a, b = lora_names(resources.model, "A"), lora_names(resources.model, "B")
+    assert a and len(a) == len(b) and not set(a) & set(head_names(resources.model))
+    w = _global(resources)
+    own_b = {name: w[name] + 0.05 for name in b}
+    state = RecordDict()
+    store_arrays(state, PERSONAL_STATE, own_b)
+    reply = _train(resources, algorithm, state, w)
+    kept = stored_arrays(state, PERSONAL_STATE)
+    assert kept.keys() == set(b)
+    for name in b:
+        np.testing.assert_array_equal(reply[name], w[name])
+        assert not np.array_equal(kept[name], own_b[name])  # trained from the client's own B
+    assert all(not np.array_equal(reply[name], w[name]) for name in a)
+    with pytest.raises(Exception, match="must be 'lora'"):
+        from fedtune.config import load_config
+
+        load_config(None, ["strategy.name=fedsa_lora", "model.kind=hf", "model.transfer=full"])
