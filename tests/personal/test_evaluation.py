@@ -145,3 +145,18 @@ def test_personal_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
                               "loss": 1.0, "examples": 3} for r in (1, 2, 3)])
     run_dir.truncate_after(2)
     assert [row["round"] for row in run_dir.personal()] == ["1", "2"]
+
+
+def test_the_final_screen_reads_mean_and_p10_of_every_model(ditto_run):
+    from fedtune.terminal import personal_line
+
+    summary = json.loads((ditto_run / "summary.json").read_text())
+    line = personal_line(summary)
+    models = summary["personal"]["models"]
+    assert line.startswith("per-client accuracy (4 clients, local test splits): ")
+    for label, name in (("global model", "global"), ("personalised", "personalised"),
+                        ("local only", "local_only")):
+        assert (f"{label} mean {models[name]['mean']:.3f} p10 {models[name]['p10']:.3f}"
+                in line)
+    share = summary["personal"]["worse_than_local_only"]
+    assert f"{share:.0%} of clients worse than alone" in line
