@@ -22,6 +22,8 @@ from fedtune.server.listeners import FinalArtifacts
 from fedtune.server.loop import RunListener
 from fedtune.server.round import FederatedRun, RoundOutcome
 from fedtune.state.store import ClientStateStore
+from fedtune.tables.privacy_modes import PRIVACY_MODES
+from fedtune.tables.strategies import STRATEGIES
 from fedtune.train import EvalResult
 
 OUTSIDE_DP = ("each client's personal part (its personalised model, head or mixing weight) "
@@ -84,8 +86,10 @@ class PersonalEvaluation(RunListener):
             return
         section = {"round": max(int(r["round"]) for r in rows), **summarise(by_model),
                    "local_only": LOCAL_ONLY in by_model}
-        if run.config.privacy.mode != "none":
+        config = run.config
+        if STRATEGIES[config.strategy.name].personal and PRIVACY_MODES[
+                config.privacy.mode].spends_budget:  # a DP guarantee, and a personal part
             section["privacy"] = OUTSIDE_DP
         self.artifacts.extra["personal"] = section
         plot_personal(rows, self.run_dir.plots_dir / "personal_accuracy.png",
-                      run_title(run.config))
+                      run_title(config))

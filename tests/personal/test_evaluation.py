@@ -160,3 +160,15 @@ def test_the_final_screen_reads_mean_and_p10_of_every_model(ditto_run):
                 in line)
     share = summary["personal"]["worse_than_local_only"]
     assert f"{share:.0%} of clients worse than alone" in line
+
+
+@pytest.mark.slow
+def test_a_private_personalised_run_says_the_personal_part_is_outside_the_guarantee(tmp_path):
+    """Fine-tuning trains as FedAvg does, so it runs under local DP; the fine-tuned models the
+    evaluation makes are not private, and summary.json says so."""
+    config = tiny_config(tmp_path, "strategy.name=finetune", "privacy.mode=local",
+                         "privacy.noise_multiplier=1.0", "privacy.delta=1e-3", "run.rounds=1",
+                         "strategy.finetune_steps=2")
+    summary = json.loads((run_inprocess(config).path / "summary.json").read_text())
+    assert "not covered by the DP guarantee" in summary["personal"]["privacy"]
+    assert summary["personal"]["models"]["personalised"]["clients"] == 4
