@@ -107,11 +107,20 @@ def train_part(resources: TaskResources, shard: int, seed: int, names: Iterable[
     model = resources.model
     settings = settings or resources.train_settings
     tensors = travelling_tensors(model)
-    params = [tensors[n] for n in names if isinstance(tensors[n], nn.Parameter)]
+    chosen = set(names)
+    params = [t for n, t in tensors.items() if n in chosen and isinstance(t, nn.Parameter)]
+    # the others need no gradient (a head-only pass stops its backward at the head)
+    fixed = [t for n, t in tensors.items() if n not in chosen and isinstance(t, nn.Parameter)]
     loader = batches if batches is not None else resources.client_train_loader(shard, seed)
-    result = train_loop(model, loader, settings, resources.device, objective,
-                        optimizer=make_optimizer(params, settings))
-    for param in model.parameters():  # gradients of the parameters it did not step
+    try:
+        for param in fixed:
+            param.requires_grad_(False)
+        result = train_loop(model, loader, settings, resources.device, objective,
+                            optimizer=make_optimizer(params, settings))
+    finally:
+        for param in fixed:
+            param.requires_grad_(True)
+    for param in params:
         param.grad = None
     return result
 
