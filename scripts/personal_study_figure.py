@@ -45,7 +45,8 @@ def main(sweep: Path, out: Path) -> None:
         own, alone = own_accuracies(run)
         panel = groups.setdefault(alpha, {})
         panel.setdefault(name, []).extend(own)
-        panel.setdefault("local only", []).extend(alone)
+        if name == ORDER[0]:  # training alone is the same in every run of a seed
+            panel.setdefault("local only", []).extend(alone)
         if name not in order:
             order.append(name)
     order = sorted(order, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
