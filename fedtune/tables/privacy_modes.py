@@ -24,7 +24,10 @@ if TYPE_CHECKING:
 ACCOUNTANTS = ("rdp", "prv")
 # strategies whose server optimizer central DP runs on the noised mean: plain DP-FedAvg,
 # DP-FedAvgM (strategy.server_lr, server_momentum), DP-FedAdam (strategy.fedopt_*)
-CENTRAL_STRATEGIES = ("fedavg", "fedavgm", "fedadam")
+# and plain DP-FedAvg of the shared part for the personalised strategies (FedAvg's server; the
+# personal part never leaves a client and is outside the guarantee)
+CENTRAL_STRATEGIES = ("fedavg", "fedavgm", "fedadam",
+                      *(name for name, entry in STRATEGIES.items() if entry.personal))
 
 # the PRV accountant's memory and time grow with the steps it composes (10,000: about 2 s and
 # 0.5 GB for one ε on this machine, 100,000: 30 s and 1.5 GB); a plan evaluates ε many times

@@ -172,3 +172,15 @@ def test_a_private_personalised_run_says_the_personal_part_is_outside_the_guaran
     summary = json.loads((run_inprocess(config).path / "summary.json").read_text())
     assert "not covered by the DP guarantee" in summary["personal"]["privacy"]
     assert summary["personal"]["models"]["personalised"]["clients"] == 4
+
+
+def test_ditto_under_central_dp_releases_a_noised_global_model_and_keeps_its_own(tmp_path):
+    """DP-FedAvg noises the shared update; each client's personal model stays outside it."""
+    config = tiny_config(tmp_path, "strategy.name=ditto", "privacy.mode=central",
+                         "privacy.noise_multiplier=0.5", "privacy.delta=1e-3", "run.rounds=1",
+                         "privacy.clip_norm=1.0", "privacy.adaptive_clipping=false")
+    run = run_inprocess(config).path
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["privacy"]["mode"] == "central" and summary["privacy"]["epsilon"] > 0
+    assert "not covered by the DP guarantee" in summary["personal"]["privacy"]
+    assert float(rows_of(run / "metrics.csv")[0]["noise_std"]) > 0
