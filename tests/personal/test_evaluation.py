@@ -184,3 +184,25 @@ def test_ditto_under_central_dp_releases_a_noised_global_model_and_keeps_its_own
     assert summary["privacy"]["mode"] == "central" and summary["privacy"]["epsilon"] > 0
     assert "not covered by the DP guarantee" in summary["personal"]["privacy"]
     assert float(rows_of(run / "metrics.csv")[0]["noise_std"]) > 0
+
+
+def test_fedper_under_secagg_sums_bodies_and_the_untouched_global_head(tmp_path):
+    """SecAgg+ masks whole replies; a FedPer reply's head is the global head it received, so
+    the unmasked mean keeps the initial head (up to SecAgg+'s quantisation) while the body
+    moves, and every client still gets its own head."""
+    from safetensors.numpy import load_file
+
+    from fedtune.models.build import build_model
+    from fedtune.models.weights import shared_state
+    from fedtune.task import task_resources
+
+    config = tiny_config(tmp_path, "strategy.name=fedper", "strategy.secure_aggregation=true",
+                         "run.rounds=1", "client.lr=0.05")
+    run = run_inprocess(config).path
+    final = load_file(str(run / "model" / "model.safetensors"))
+    initial = shared_state(build_model(task_resources(config).spec, config.run.seed))
+    for name in ("classifier.weight", "classifier.bias"):
+        np.testing.assert_allclose(final[name], initial[name], atol=1e-4)
+    assert np.abs(final["body.0.weight"] - initial["body.0.weight"]).max() > 1e-3
+    personal = [r for r in rows_of(run / "personal.csv") if r["model"] == "personalised"]
+    assert len(personal) == 4
