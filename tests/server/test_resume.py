@@ -395,3 +395,32 @@ def test_resuming_a_finished_run_with_a_changed_key_is_refused(tmp_path, capsys)
         f"{run_dir}/config.toml (only run.rounds, run.checkpoint_every, engine.* and "
         "tracking.* may change)")
     assert main(["run", "--resume", str(run_dir)]) == 0  # unchanged: nothing to do
+
+
+@pytest.mark.slow
+def test_a_killed_ditto_run_resumes_bit_identical_with_every_clients_models(tmp_path):
+    """SIGKILL mid-run: the personal models in the clients' states, personal.csv (every client
+    evaluated every round) and the global model all end up as an uninterrupted run's."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ditto = [arg for setting in ("strategy.name=ditto", "run.personal_eval_every=1")
+             for arg in ("--set", setting)]
+    reference = tmp_path / "reference"
+    subprocess.run(_cli(*_cli_overrides(), *ditto, "--output", str(reference)), check=True,
+                   env=env, capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_cli(*_cli_overrides(), *ditto, "--output", str(killed)),
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        _wait_for_rows(killed, 2, process, timeout=240)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert not (killed / "summary.json").exists()
+    resumed = subprocess.run(_cli("--resume", str(killed)), env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(killed, reference)
+    rounds = {row["round"] for row in _rows_without_time(killed, "personal.csv")}
+    assert rounds == {"1", "2", "3", "4", "5"}
