@@ -233,7 +233,7 @@ def test_fedsa_lora_keeps_b_and_sends_a_and_the_head(tmp_path, tiny_bert_path):
         np.testing.assert_array_equal(reply[name], w[name])
         assert not np.array_equal(kept[name], own_b[name])  # trained from the client's own B
     assert all(not np.array_equal(reply[name], w[name]) for name in a)
-    with pytest.raises(Exception, match="must be 'lora'"):
+    with pytest.raises(Exception, match="model.transfer = 'full' is not allowed .* must be 'lora'"):
         from fedtune.config import load_config
 
         load_config(None, ["strategy.name=fedsa_lora", "model.kind=hf", "model.transfer=full"])
