@@ -29,7 +29,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from engine_benchmarks import MLP  # noqa: E402 - the same workload as the engine's benchmark
 
-
 FINE_TUNING = ("finetune", "fedbabu")  # their evaluation fine-tunes: one step is enough here
 
 
@@ -75,7 +74,7 @@ def main() -> None:
                     totals.setdefault((strategy, runtime), []).append(total)
                     print(f"[{repeat + 1}/{args.repeats}] {runtime} {strategy}: rounds "
                           + " ".join(f"{w:.2f}" for w in got), flush=True)
-    print(f"\n| runtime | strategy | round s (median) | vs FedAvg | run s (rounds + end) |")
+    print("\n| runtime | strategy | round s (median) | vs FedAvg | run s (rounds + end) |")
     print("|---|---|---|---|---|")
     for runtime in runtimes:
         base = statistics.median(walls[("fedavg", runtime)]) if "fedavg" in strategies else None

@@ -19,7 +19,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-
 ORDER = ["fedavg", "fedavg+ft", "fedper", "fedrep", "fedbabu", "ditto", "apfl"]
 
 

@@ -83,7 +83,7 @@ def store_arrays(state: RecordDict, key: str, arrays: Mapping[str, NDArray]) -> 
     state[key] = ArrayRecord({name: _array(value) for name, value in arrays.items()})
 
 
-def _array(value: NDArray):  
+def _array(value: NDArray):
     from flwr.app import Array
 
     return Array(np.array(value, copy=True))

@@ -13,7 +13,6 @@ from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.task import TaskResources
 from fedtune.train import EvalResult
 
-
 PERSONAL_FINAL = ("personal_mean", "personal_p10", "personal_worst")
 
 
