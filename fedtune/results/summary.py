@@ -13,6 +13,8 @@ from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.task import TaskResources
 from fedtune.train import EvalResult
 
+PERSONAL_FINAL = ("personal_mean", "personal_p10", "personal_worst")
+
 
 def _number(text: str) -> float | None:
     return float(text) if text not in ("", None) else None
@@ -79,6 +81,8 @@ def build_summary(config: Config, resources: TaskResources, run_dir: RunDirector
             "eval_loss": _number(final.get("eval_loss", "")),
             "train_loss": _number(final.get("train_loss", "")),
             "federated_eval_accuracy": _number(final.get("federated_eval_accuracy", "")),
+            # personal evaluation: each client's own model on its local test split
+            **{key: _number(final[key]) for key in PERSONAL_FINAL if final.get(key)},
         },
         "best": {"eval_accuracy": best_accuracy, "round": best_round},
         "classification_report": final_eval.classification_report(federation.data.label_names),
