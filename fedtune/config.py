@@ -132,6 +132,9 @@ class DataSection:
     local_test_fraction: float = key(0.1, "per-client local test split", ge=0, lt=1)
     max_examples: int = key(3000, "use a seeded subsample of this many examples; 0 = all",
                               ge=0)
+    client_examples: int = key(
+        8, "examples each client holds, drawn from the training pool (replicated when the "
+        "clients need more than it holds)", ge=1, used_with=UsedWith("dataset", ("generated",)))
     label_names: list[str] = key([], "labels of a files dataset, in index order", kind=list[str],
                                  used_with=UsedWith("dataset", ("files",)))
     test_path: str = key("", "the server's global test file (CSV or JSONL)",
@@ -511,6 +514,11 @@ def check_consistency(config: Config) -> None:
         if not config.data.test_path:
             raise ConfigError("data.test_path = '' is not allowed with data.dataset = 'files': "
                               "must be the server's global test file (CSV or JSONL)")
+    if DATASETS[config.data.dataset].replicated and config.data.partitioner != "iid":
+        raise ConfigError(
+            f"data.partitioner = {config.data.partitioner!r} is not allowed with data.dataset = "
+            f"{config.data.dataset!r}: must be 'iid' (its clients draw their examples from one "
+            "pool, again and again)")
     name = config.run.name
     if (not name or name in (".", "..") or any(c in name for c in "/\\") or not name.isprintable()
             or name != name.strip() or len(name) > MAX_NAME):

@@ -140,11 +140,11 @@ class TaskResources:
     def max_train_examples(self) -> int:
         """The most examples a training reply may claim: the federation's training rows
         (unknown, so any count, for private per-party files)."""
-        return sum(map(len, self.federation.client_train_rows)) or MAX_ANY_EXAMPLES
+        return int(self.federation.train_sizes.sum()) or MAX_ANY_EXAMPLES
 
     def max_test_examples(self) -> int:
         """The most examples an evaluation reply may claim (any count for private files)."""
-        return sum(map(len, self.federation.client_test_rows)) or MAX_ANY_EXAMPLES
+        return int(self.federation.test_sizes.sum()) or MAX_ANY_EXAMPLES
 
     def global_test_loader(self) -> DataLoader:
         return eval_loader(self.encoded, self.federation.data.labels, self.federation.test_rows,
@@ -193,7 +193,7 @@ def _resident(config_key: str, config: Config, data_path: str) -> TaskResources:
 
 def _build_resources(config: Config, data_path: str) -> TaskResources:
     federation = build_federation(config.data, config.run.seed, data_path)
-    privacy_mode(config).check_data(config, [len(rows) for rows in federation.client_train_rows])
+    privacy_mode(config).check_data(config, federation.train_sizes.tolist())
     encoded = model_kind(config.model.kind).encode(config, federation.data)
     canaries = None
     if config.privacy.audit and PRIVACY_MODES[config.privacy.mode].audit_inserts == "examples":

@@ -51,7 +51,7 @@ from fedtune.protocol import (
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.app import run_federated
 from fedtune.server.exchange import RunStopped
-from fedtune.server.grid import CohortGrid, CohortResult, CohortSpec
+from fedtune.server.grid import CohortGrid, CohortResult, CohortSpec, NodeRange
 from fedtune.server.reporting import Reporter
 from fedtune.state.store import ClientStateStore
 from fedtune.task import parsed_run_config, process_threads, run_config_resources
@@ -118,7 +118,7 @@ class InProcessGrid(CohortGrid):
         act_as_server(run_id)
         self._num_clients = num_clients
         self._node_configs = list(node_configs)
-        self.node_to_client = {NODE_ID_OFFSET + c: c for c in range(num_clients)}
+        self.node_to_client = NodeRange(NODE_ID_OFFSET, num_clients)
         self.client_states = ClientStateStore.for_config(parsed_run_config(run_config))
         self._queued: dict[str, Message] = {}
 

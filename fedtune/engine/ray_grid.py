@@ -85,7 +85,7 @@ from fedtune.protocol import (
     PARTITION_ID,
 )
 from fedtune.server.exchange import RunStopped
-from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec
+from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec, NodeRange
 from fedtune.state.store import ClientStateStore
 from fedtune.task import parsed_run_config, run_config_resources
 
@@ -210,7 +210,7 @@ class RayGrid(CohortGrid):
         self._retired_reason = ""
         self.client_states = ClientStateStore.for_config(
             parsed_run_config(factory.run_config))
-        self.node_to_client = {NODE_ID_OFFSET + c: c for c in range(num_clients)}
+        self.node_to_client = NodeRange(NODE_ID_OFFSET, num_clients)
         self.restarts = 0  # actors replaced after dying or overrunning
 
     # --- Grid: single messages ---

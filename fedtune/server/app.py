@@ -95,8 +95,7 @@ def new_run(config: Config, resources: TaskResources, grid: Grid, stateful: Simp
                         run_dir.plots_dir / "partitions.png")
     # a fresh model: the resident one may hold weights of an earlier run in this process
     arrays = to_array_record(shared_state(build_model(resources.spec, config.run.seed)))
-    nodes = dict(grid.node_to_client) if isinstance(grid, SimulatedGrid) else {}
-    state = RoundState(arrays, node_to_client=nodes, run_key=new_run_key())
+    state = RoundState(arrays, run_key=new_run_key())  # a simulation's nodes: its grid's
     return run_dir, state, Checkpointer(run_dir.path, config, grid, stateful)
 
 
@@ -117,7 +116,7 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     plan = mode.plan(config)
     strategy = build_strategy(config, plan, resources.max_train_examples())
     privacy = mode.server(config, plan,
-                          [len(rows) for rows in resources.federation.client_train_rows])
+                          resources.federation.train_sizes.tolist())
     stateful = SimpleNamespace(strategy=strategy, privacy=privacy)  # what checkpoints keep
     # one writer per run directory, from before anything in it is read or written
     lock = RunLock(Path(config.run.dir)).acquire() if config.run.dir else None

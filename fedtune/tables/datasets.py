@@ -17,6 +17,9 @@ from fedtune.tables import Entry
 @dataclass(frozen=True)
 class DatasetEntry(Entry):
     text: bool = True  # examples are texts (else feature vectors)
+    # clients draw data.client_examples examples each from the training pool, again and again
+    # (fedtune.data.replicated): any number of clients, IID only, no per-client memory
+    replicated: bool = False
 
 
 SOURCES = "fedtune.data.sources:"
@@ -29,5 +32,9 @@ DATASETS: dict[str, DatasetEntry] = {
                              implementation=SOURCES + "load_bbc_news"),
     "digits": DatasetEntry("scikit-learn's 8x8 handwritten digits", text=False,
                            implementation=SOURCES + "load_digits"),
+    "generated": DatasetEntry(
+        "synthetic, for scale tests: 20,000 generated feature vectors in 2 classes (scikit-"
+        "learn's make_classification), replicated over any number of clients",
+        text=False, replicated=True, implementation=SOURCES + "load_generated"),
     "files": DatasetEntry("each SuperNode's own CSV/JSONL file (deployment)"),
 }
