@@ -26,19 +26,22 @@ def test_a_million_clients_are_dealt_from_the_pool_by_seed():
     assert sizes.shape == (1_000_000,) and set(sizes[:10].tolist()) == {6}
     assert sizes.strides == (0,)  # one number, however many clients
     pool = np.setdiff1d(np.arange(len(federation.data)), federation.test_rows)
-    per_pass = len(pool) // 8
-    # a pass deals disjoint rows of the pool; the next pass deals them again, reshuffled
-    first_pass = np.concatenate([federation.client_rows(c) for c in range(per_pass)])
-    assert len(np.unique(first_pass)) == per_pass * 8 and np.isin(first_pass, pool).all()
-    last = federation.client_rows(999_999)
-    assert len(last) == 8 and np.isin(last, pool).all()
-    assert len(federation.client_test_rows[999_999]) == 2
+    for client in (0, 1, 999_999):  # 8 distinct rows of the pool, 2 of them local test
+        rows = federation.client_rows(client)
+        assert len(np.unique(rows)) == 8 and np.isin(rows, pool).all()
+        assert len(federation.client_test_rows[client]) == 2
+    # clients' windows start all over the shuffled pool: 2,000 clients see most of it
+    seen = np.unique(np.concatenate([federation.client_rows(c) for c in range(2000)]))
+    assert len(seen) > 0.5 * len(pool)
     # every process derives the same shards from the config alone
     again = replicated_shards(pool, 1_000_000, 8, 0.25, seed=_partition_seed(config))
     assert np.array_equal(again[0][999_999], federation.client_train_rows[999_999])
-    # the histogram, a pass at a time, is each client's own count
+    other = replicated_shards(pool, 1_000_000, 8, 0.25, seed=_partition_seed(config) + 1)
+    assert not np.array_equal(other[0][999_999], federation.client_train_rows[999_999])
+    # the histogram, a chunk of clients at a time, is each client's own count
     histogram = federation.label_histogram()
-    for client in (0, per_pass - 1, per_pass, 999_999):
+    assert histogram.sum() == 8_000_000
+    for client in (0, 65_535, 65_536, 999_999):
         counts = np.bincount(federation.data.labels[federation.client_rows(client)],
                              minlength=2)
         assert np.array_equal(histogram[client], counts), client
