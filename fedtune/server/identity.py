@@ -25,7 +25,8 @@ from fedtune.server.grid import SimulatedGrid, WrappedGrid
 
 
 class Identities:
-    """The node -> client map of a run (``RoundState.node_to_client``, checkpointed)."""
+    """The node -> client map of a run: a simulation's grid's own (``NodeRange``: nothing to
+    checkpoint), or the pinned and claimed ``RoundState.node_to_client`` (checkpointed)."""
 
     def __init__(self, node_to_client: Mapping[int, int], fixed: bool) -> None:
         """``fixed``: the map is complete (a simulation's or ``engine.node_ids``), so no node
