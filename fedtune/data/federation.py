@@ -201,7 +201,7 @@ def _files_federation(cfg: DataSection, seed: int, data_path: str) -> Federation
 @lru_cache(maxsize=4)
 def _build_cached(cfg_values: tuple, seed: int, data_path: str) -> Federation:
     cfg = DataSection(*cfg_values)
-    if cfg.dataset == "files":
+    if DATASETS[cfg.dataset].party_files:
         return _files_federation(cfg, seed, data_path)
     data = load_dataset(cfg.dataset)
     rows = np.arange(len(data))

@@ -85,7 +85,8 @@ from fedtune.protocol import (
     PARTITION_ID,
 )
 from fedtune.server.exchange import RunStopped
-from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec, NodeRange
+from fedtune.server.grid import CohortGrid, CohortResult, CohortSpec, NodeRange
+from fedtune.server.reports import ClientReport
 from fedtune.state.store import ClientStateStore
 from fedtune.task import parsed_run_config, run_config_resources
 

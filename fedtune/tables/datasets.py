@@ -9,9 +9,15 @@ loader (``fedtune/data/sources.py``) and add one entry here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from fedtune.errors import ConfigError
 from fedtune.tables import Entry
+
+if TYPE_CHECKING:
+    from fedtune.config import Config
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,31 @@ class DatasetEntry(Entry):
     # clients draw data.client_examples examples each from the training pool, again and again
     # (fedtune.data.replicated): any number of clients, IID only, no per-client memory
     replicated: bool = False
+    # each party reads its own file (node config data-path; the server its data.test_path):
+    # it runs only in a deployment, and no process ever holds every client's data
+    party_files: bool = False
+    check: Callable[[Config], None] | None = None  # checks involving other keys
+
+
+def _check_party_files(config: Config) -> None:
+    d = config.data
+    if len(d.label_names) < 2:
+        raise ConfigError(
+            f"data.label_names = {d.label_names!r} is not allowed with data.dataset = "
+            f"{d.dataset!r}: must name at least 2 labels, e.g. [\"neg\", \"pos\"]")
+    if not d.test_path:
+        raise ConfigError(f"data.test_path = '' is not allowed with data.dataset = "
+                          f"{d.dataset!r}: must be the server's global test file (CSV or JSONL)")
+
+
+def _check_replicated(config: Config) -> None:
+    """A replicated pool is dealt to IID clients only."""
+    d = config.data
+    if d.partitioner != "iid":
+        raise ConfigError(
+            f"data.partitioner = {d.partitioner!r} is not allowed with data.dataset = "
+            f"{d.dataset!r}: must be 'iid' (its clients draw their examples from one pool, "
+            "again and again)")
 
 
 SOURCES = "fedtune.data.sources:"
@@ -35,6 +66,15 @@ DATASETS: dict[str, DatasetEntry] = {
     "generated": DatasetEntry(
         "synthetic, for scale tests: 20,000 generated feature vectors in 2 classes (scikit-"
         "learn's make_classification), replicated over any number of clients",
-        text=False, replicated=True, implementation=SOURCES + "load_generated"),
-    "files": DatasetEntry("each SuperNode's own CSV/JSONL file (deployment)"),
+        text=False, replicated=True, check=_check_replicated,
+        implementation=SOURCES + "load_generated"),
+    "files": DatasetEntry("each SuperNode's own CSV/JSONL file (deployment)", party_files=True,
+                          check=_check_party_files),
 }
+
+
+def check_dataset(config: Config) -> None:
+    """The chosen dataset's checks that involve other keys."""
+    entry = DATASETS[config.data.dataset]
+    if entry.check is not None:
+        entry.check(config)
