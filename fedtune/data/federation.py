@@ -28,7 +28,7 @@ from fedtune.data.partition import (
     partition_quantity_skew,
     partition_shards,
 )
-from fedtune.data.replicated import ReplicatedShards, replicated_shards
+from fedtune.data.replicated import replicated_shards
 from fedtune.data.sources import LabelledData, load_dataset
 from fedtune.tables.datasets import DATASETS
 
@@ -75,9 +75,9 @@ class Federation:
         """Examples per (client, label), train and local test together."""
         if self.num_clients == 0:  # the server of a files dataset sees no client data
             return np.zeros((0, self.data.num_labels), dtype=np.int64)
-        if isinstance(self.client_train_rows, ReplicatedShards):
-            return self.client_train_rows.deal.label_histogram(self.data.labels,
-                                                               self.data.num_labels)
+        deal = getattr(self.client_train_rows, "deal", None)  # derived shards count at once
+        if deal is not None:
+            return deal.label_histogram(self.data.labels, self.data.num_labels)
         return np.stack([
             np.bincount(self.data.labels[self.client_rows(c)], minlength=self.data.num_labels)
             for c in range(self.num_clients)
@@ -105,8 +105,9 @@ class ClientSizes(Sequence[int]):
 
 
 def _sizes(shards: Sequence[np.ndarray]) -> np.ndarray:
-    if isinstance(shards, ReplicatedShards):
-        return shards.sizes
+    derived = getattr(shards, "sizes", None)  # a replicated federation's shards know them
+    if derived is not None:
+        return derived
     return np.fromiter(map(len, shards), dtype=np.int64, count=len(shards))
 
 
