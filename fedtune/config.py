@@ -37,6 +37,7 @@ import tomli_w
 from fedtune.errors import ConfigError, ConfigWarning
 from fedtune.sections import (
     CHOOSERS,
+    DevicesSection,
     EngineSection,
     ModelSection,
     PrivacySection,
@@ -44,6 +45,7 @@ from fedtune.sections import (
 )
 from fedtune.tables import Key, UsedWith, declared_key, key, owners_of, used_with
 from fedtune.tables.datasets import DATASETS, check_dataset
+from fedtune.tables.devices import check_devices
 from fedtune.tables.model_kinds import check_model
 from fedtune.tables.privacy_modes import check_privacy
 from fedtune.tables.runtimes import RUNTIMES, check_runtime
@@ -221,6 +223,7 @@ class Config:
     privacy: PrivacySection = field(default_factory=PrivacySection)
     faults: FaultsSection = field(default_factory=FaultsSection)
     engine: EngineSection = field(default_factory=EngineSection)
+    devices: DevicesSection = field(default_factory=DevicesSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
 
@@ -233,6 +236,7 @@ SECTIONS: dict[str, type] = {
     "privacy": PrivacySection,
     "faults": FaultsSection,
     "engine": EngineSection,
+    "devices": DevicesSection,
     "tracking": TrackingSection,
 }
 
@@ -451,6 +455,8 @@ def check_consistency(config: Config) -> None:
     _refuse_foreign_keys(config, "engine")
     check_runtime(config)
     check_strategy(config)
+    _refuse_foreign_keys(config, "devices")
+    check_devices(config)
     _check_faults(config)
 
 
@@ -717,6 +723,7 @@ SECTION_HELP = {
     "privacy": "differential privacy (none, local, central) and the empirical audit",
     "faults": "misbehaving clients on purpose: scaled or NaN updates, crashes, stragglers",
     "engine": "the runtime (ray, flower, inprocess, central) and its resources",
+    "devices": "simulated devices (none, lognormal, trace) and the virtual clock",
     "tracking": "TensorBoard and MLflow",
 }
 

@@ -51,13 +51,15 @@ class StrategySection:
     round_timeout_s: float
     max_update_norm: float
     update_norm_z: float
+    round_deadline_s: float
+    over_selection: float
     secure_aggregation: bool
     secagg_degree: int
     secagg_threshold: float
     secagg_bits: int
     secagg_clip_range: float
     proximal_mu: float  # fedprox
-    server_lr: float  # fedavgm, scaffold
+    server_lr: float  # fedavgm, scaffold, fedbuff
     server_momentum: float  # fedavgm
     fedopt_eta: float  # fedadam, fedyogi, fedadagrad
     fedopt_beta_1: float  # fedadam, fedyogi
@@ -69,6 +71,12 @@ class StrategySection:
     feddyn_alpha: float  # feddyn
     rfa_iterations: int  # rfa
     rfa_smoothing: float  # rfa
+    concurrency: int  # fedbuff, fedasync
+    fedbuff_buffer_size: int  # fedbuff
+    fedasync_alpha: float  # fedasync
+    fedasync_staleness: str  # fedasync
+    fedasync_a: float  # fedasync
+    fedasync_b: int  # fedasync
 
     def __init__(
         self,
@@ -79,6 +87,8 @@ class StrategySection:
         round_timeout_s: float = ...,
         max_update_norm: float = ...,
         update_norm_z: float = ...,
+        round_deadline_s: float = ...,
+        over_selection: float = ...,
         secure_aggregation: bool = ...,
         secagg_degree: int = ...,
         secagg_threshold: float = ...,
@@ -97,6 +107,12 @@ class StrategySection:
         feddyn_alpha: float = ...,
         rfa_iterations: int = ...,
         rfa_smoothing: float = ...,
+        concurrency: int = ...,
+        fedbuff_buffer_size: int = ...,
+        fedasync_alpha: float = ...,
+        fedasync_staleness: str = ...,
+        fedasync_a: float = ...,
+        fedasync_b: int = ...,
     ) -> None: ...
 
 
@@ -179,6 +195,44 @@ class EngineSection:
         vectorise_clients: bool = ...,
         client_state_memory_mb: int = ...,
         central_until: str = ...,
+    ) -> None: ...
+
+
+class DevicesSection:
+    """[devices]: simulated devices (fedtune.tables.devices) and the virtual clock that times the
+    clients' work."""
+
+    profile: str
+    seed: int
+    speed_median_s: float  # lognormal
+    speed_sigma: float  # lognormal
+    slow_fraction: float  # lognormal
+    slowdown: float  # lognormal
+    up_mbps: float  # lognormal
+    down_mbps: float  # lognormal
+    bandwidth_sigma: float  # lognormal
+    available_fraction: float  # lognormal
+    day_s: float  # lognormal
+    arrival_rate: float  # lognormal, trace
+    trace_file: str  # trace
+    availability_file: str  # trace
+
+    def __init__(
+        self,
+        profile: str = ...,
+        seed: int = ...,
+        speed_median_s: float = ...,
+        speed_sigma: float = ...,
+        slow_fraction: float = ...,
+        slowdown: float = ...,
+        up_mbps: float = ...,
+        down_mbps: float = ...,
+        bandwidth_sigma: float = ...,
+        available_fraction: float = ...,
+        day_s: float = ...,
+        arrival_rate: float = ...,
+        trace_file: str = ...,
+        availability_file: str = ...,
     ) -> None: ...
 
 
