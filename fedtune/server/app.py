@@ -127,8 +127,7 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     asynchronous = STRATEGIES[config.strategy.name].asynchronous
     clock = None
     if asynchronous or devices_on(config):  # the virtual clock of the clients' devices
-        clock = VirtualClock.for_config(config, np.array(
-            [len(rows) for rows in resources.federation.client_train_rows]))
+        clock = VirtualClock.for_config(config, resources.federation.train_sizes)
     if asynchronous:  # the event loop's state is checkpointed beside the strategy's
         stateful.async_loop = AsyncLoop(config, clock)
     # one writer per run directory, from before anything in it is read or written
