@@ -51,6 +51,21 @@ MLP = [
     "client.optimizer=adamw", "client.lr=0.1", "strategy.fraction_evaluate=0",
     "strategy.fraction_train=1.0", "engine.node_wait_s=900", "run.checkpoint_every=0",
 ]
+# From this many clients on each Rotten Tomatoes client holds 0-1 training examples (11,476 in
+# all): those rows train on the generated federation (8 synthetic examples a client, 32 dense
+# features, so a 32-64-2 MLP), and say so
+GENERATED_FROM = 10_000
+GENERATED = ["data.dataset=generated", "data.client_examples=8"]
+
+
+def workload(base: list[str], clients: int) -> tuple[list[str], str]:
+    """The overrides of a row of ``clients`` clients, and its label in the table."""
+    if base is MLP and clients >= GENERATED_FROM:
+        kept = [o for o in base if not o.startswith("data.dataset=")]
+        return [*kept, *GENERATED], f"{clients:,} (generated)"
+    return base, f"{clients:,}"
+
+
 LORA = [
     "data.dataset=rotten_tomatoes", "model.kind=hf", "model.transfer=lora", "model.max_length=48",
     "data.partitioner=iid", "data.max_examples=3000", "data.local_test_fraction=0",
@@ -299,11 +314,13 @@ def bench_rounds(out: Path, sizes: list[int], rounds: int, repeats: int,
                  title: str, vectorised: bool = True) -> None:
     print(f"\n## {title}: seconds per round, medians over rounds 2.. of {repeats} alternated "
           "runs")
-    print("| clients | runtime | s/round | CPU-s/round | CPU-ms per client-round | start-up s "
-          "| accuracy (last round) | time ratio (runtime / fedtune ray) |")
+    print("| clients | runtime | s/round (min-max) | CPU-s/round (min-max) | CPU-ms per "
+          "client-round | start-up s | accuracy (last round) | time ratio (runtime / fedtune "
+          "ray) |")
     print("|---|---|---|---|---|---|---|---|")
     for n in sizes:
-        overrides = [*base, f"data.num_clients={n}", f"run.rounds={rounds}"]
+        row_base, label = workload(base, n)
+        overrides = [*row_base, f"data.num_clients={n}", f"run.rounds={rounds}"]
         sides = {
             "fedtune ray (2 actors)": lambda i, o=overrides, k=n: fedtune_command(
                 [*o, "engine.backend=ray"], out / f"ray-{k}-{i}"),
@@ -322,7 +339,7 @@ def bench_rounds(out: Path, sizes: list[int], rounds: int, repeats: int,
             "pfl 2 workers": lambda i, o=overrides: pfl_command(o, rounds, 2),
         }
         if n in flower_sizes:
-            flower = [*base, f"data.num_clients={n}", f"run.rounds={flower_rounds}"]
+            flower = [*row_base, f"data.num_clients={n}", f"run.rounds={flower_rounds}"]
             sides["Flower simulation"] = lambda i, o=flower, k=n: fedtune_command(
                 [*o, "engine.backend=flower"], out / f"flower-{k}-{i}")
         results: dict[str, list[dict]] = {name: [] for name in sides}
@@ -337,12 +354,17 @@ def bench_rounds(out: Path, sizes: list[int], rounds: int, repeats: int,
             wall = statistics.median(r["wall_s"] for r in rows)
             cpu = statistics.median(r["cpu_s"] for r in rows)
             accuracy = rows[-1].get("accuracy")
+            shown = "-" if accuracy is None else f"{accuracy:.3f}"
             start = f"{statistics.median(startups[name]):.1f}" if startups[name] else "-"
-            print(f"| {n:,} | {name} | {wall:.2f} | {cpu:.2f} | {1000 * cpu / n:.2f} | {start} "
-                  f"| {accuracy:.3f} | {wall / reference:.2f}x |"
-                  if accuracy is not None else
-                  f"| {n:,} | {name} | {wall:.2f} | {cpu:.2f} | {1000 * cpu / n:.2f} | {start} "
-                  f"| - | {wall / reference:.2f}x |", flush=True)
+            print(f"| {label} | {name} | {_spread(rows, 'wall_s')} | {_spread(rows, 'cpu_s')} | "
+                  f"{1000 * cpu / n:.2f} | {start} | {shown} | {wall / reference:.2f}x |",
+                  flush=True)
+
+
+def _spread(rows: list[dict], key: str) -> str:
+    """The median with the range of every measured round beside it."""
+    values = [r[key] for r in rows]
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def bench_floor(sizes: list[int]) -> None:
@@ -351,11 +373,13 @@ def bench_floor(sizes: list[int]) -> None:
     print("| clients | steps CPU-s | per step ms | server evaluation CPU-s |")
     print("|---|---|---|---|")
     for n in sizes:
+        row_base, label = workload(MLP, n)
         lines, _ = run_side([sys.executable, __file__, "_side", "floor", "-",
-                             *[x for o in [*MLP, f"data.num_clients={n}"] for x in ("--set", o)]])
+                             *[x for o in [*row_base, f"data.num_clients={n}"]
+                               for x in ("--set", o)]])
         steps = statistics.median(line["steps_cpu_s"] for line in lines)
         evaluation = statistics.median(line["eval_cpu_s"] for line in lines)
-        print(f"| {n:,} | {steps:.3f} | {1000 * steps / n:.3f} | {evaluation:.3f} |",
+        print(f"| {label} | {steps:.3f} | {1000 * steps / n:.3f} | {evaluation:.3f} |",
               flush=True)
 
 

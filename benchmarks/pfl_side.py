@@ -6,8 +6,8 @@ The data, the partition into clients, the model inputs (hashed features, or toke
 to the longest text of each client) and the initial weights are fedtune's own (built from the
 config given as ``--set`` overrides), so both simulators start from the same bytes. pfl runs
 FedAvg (``FederatedAveraging`` with ``WeightByDatapoints`` and a central SGD step of 1.0),
-every client every round, the same local optimizer (AdamW, fused, learning rate, batch size,
-local steps) and a central evaluation on fedtune's global test set after every round. One torch
+every client every round, the same local optimizer (AdamW, fused, learning rate, weight decay,
+batch size, local steps) and a central evaluation on fedtune's global test set after every round. One torch
 thread per process. Run it alone for one process, or under
 ``python -m torch.distributed.run --nproc_per_node=2`` for two workers (gloo).
 
@@ -104,8 +104,12 @@ def main() -> None:
     training = FederatedDataset.from_slices(users, get_user_sampler("minimize_reuse",
                                                                    range(len(users))))
     network = Classifier(build_model(resources.spec, config.run.seed), input_names)
-    optimizer = (functools.partial(torch.optim.AdamW, fused=True)
-                 if config.client.optimizer == "adamw" else torch.optim.SGD)
+    # fedtune's weight decay (and momentum), not torch's defaults: AdamW's is 0.01, fedtune's 0
+    c = config.client
+    optimizer = (functools.partial(torch.optim.AdamW, fused=True, weight_decay=c.weight_decay)
+                 if c.optimizer == "adamw" else
+                 functools.partial(torch.optim.SGD, momentum=c.momentum,
+                                   weight_decay=c.weight_decay))
     model = PyTorchModel(model=network, local_optimizer_create=optimizer,
                          central_optimizer=torch.optim.SGD(network.parameters(), lr=1.0))
     distributed = get_default_framework_module().distributed

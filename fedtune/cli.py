@@ -313,6 +313,8 @@ def _print_summary(console: Console, run_dir: Path) -> None:
 
 def dry_run(config: Config, console: Console) -> int:
     """``fedtune run --dry-run``: the resolved config and the partitions, without training."""
+    import numpy as np
+
     from fedtune.data.federation import build_federation
     from fedtune.tables.strategies import clients_per_round
 
@@ -323,21 +325,21 @@ def dry_run(config: Config, console: Console) -> int:
         console.print("partitions: each SuperNode's own file (data.dataset = 'files'); the "
                       f"server holds {len(federation.test_rows)} global test examples")
         return 0
-    sizes = [len(rows) for rows in federation.client_train_rows]
+    sizes, test_sizes = federation.train_sizes, federation.test_sizes
     table = Table(title="partitions: examples per client (train + local test)")
     labels = federation.data.label_names
     for column in ("client", "train", "local test", *labels):
         table.add_column(column, justify="right")
     for client, counts in enumerate(histogram[:MAX_DRY_RUN_ROWS]):
         table.add_row(str(client), str(sizes[client]),
-                      str(len(federation.client_test_rows[client])),
+                      str(test_sizes[client]),
                       *(str(int(c)) for c in counts))
     console.print(table)
     if len(histogram) > MAX_DRY_RUN_ROWS:
         console.print(f"... {len(histogram) - MAX_DRY_RUN_ROWS} more clients")
     console.print(
-        f"{federation.num_clients} clients, {sum(sizes)} training examples (per client: min "
-        f"{min(sizes)}, median {int(sorted(sizes)[len(sizes) // 2])}, max {max(sizes)}); "
+        f"{federation.num_clients} clients, {int(sizes.sum())} training examples (per client: "
+        f"min {sizes.min()}, median {int(np.sort(sizes)[len(sizes) // 2])}, max {sizes.max()}); "
         f"{len(federation.test_rows)} global test examples; {clients_per_round(config)} "
         f"clients train per round; nothing was trained (drop --dry-run to run it)",
         highlight=False)

@@ -149,6 +149,9 @@ class DataSection:
         "the test split; 0 = none (the last model is taken)", ge=0, lt=1)
     max_examples: int = key(3000, "use a seeded subsample of this many examples; 0 = all",
                               ge=0)
+    client_examples: int = key(
+        8, "examples each client holds, drawn from the training pool (replicated when the "
+        "clients need more than it holds)", ge=1, used_with=UsedWith("dataset", ("generated",)))
     label_names: list[str] = key([], "labels of a files dataset, in index order", kind=list[str],
                                  used_with=UsedWith("dataset", ("files",)))
     test_path: str = key("", "the server's global test file (CSV or JSONL)",

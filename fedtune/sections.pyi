@@ -186,6 +186,7 @@ class EngineSection:
     num_actors: int  # ray
     client_timeout_s: float  # ray
     ray_address: str  # ray
+    actor_min_cohort: int  # ray
     vectorise_clients: bool  # ray, inprocess
     client_state_memory_mb: int  # ray, inprocess
     central_until: str  # central
@@ -202,6 +203,7 @@ class EngineSection:
         num_actors: int = ...,
         client_timeout_s: float = ...,
         ray_address: str = ...,
+        actor_min_cohort: int = ...,
         vectorise_clients: bool = ...,
         client_state_memory_mb: int = ...,
         central_until: str = ...,

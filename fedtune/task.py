@@ -9,7 +9,8 @@ loads and encodes, later calls (every round, every virtual client) reuse it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING
@@ -147,11 +148,11 @@ class TaskResources:
     def max_train_examples(self) -> int:
         """The most examples a training reply may claim: the federation's training rows
         (unknown, so any count, for private per-party files)."""
-        return sum(map(len, self.federation.client_train_rows)) or MAX_ANY_EXAMPLES
+        return int(self.federation.train_sizes.sum()) or MAX_ANY_EXAMPLES
 
     def max_test_examples(self) -> int:
         """The most examples an evaluation reply may claim (any count for private files)."""
-        return sum(map(len, self.federation.client_test_rows)) or MAX_ANY_EXAMPLES
+        return int(self.federation.test_sizes.sum()) or MAX_ANY_EXAMPLES
 
     def global_test_loader(self) -> DataLoader:
         return eval_loader(self.encoded, self.federation.data.labels, self.federation.test_rows,
@@ -200,7 +201,7 @@ def _resident(config_key: str, config: Config, data_path: str) -> TaskResources:
 
 def _build_resources(config: Config, data_path: str) -> TaskResources:
     federation = build_federation(config.data, config.run.seed, data_path)
-    privacy_mode(config).check_data(config, [len(rows) for rows in federation.client_train_rows])
+    privacy_mode(config).check_data(config, federation.train_sizes.tolist())
     encoded = model_kind(config.model.kind).encode(config, federation.data)
     canaries = None
     if config.privacy.audit and PRIVACY_MODES[config.privacy.mode].audit_inserts == "examples":
@@ -212,8 +213,34 @@ def _build_resources(config: Config, data_path: str) -> TaskResources:
     return TaskResources(config, federation, encoded, spec, device, canaries)
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what OpenMP and MKL read when they start
+
+
 def limit_threads(cpus: float) -> None:
-    """Match torch's thread pools to the CPU share a simulated client was given."""
+    """Match torch's thread pools to the CPU share a simulated client was given (and the
+    environment that processes started from here read: OpenMP and MKL read it once, when a
+    process loads them, so for this process only ``torch.set_num_threads`` counts)."""
     threads = max(1, int(cpus))
     torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    for name in THREAD_ENV:
+        os.environ[name] = str(threads)
+
+
+@contextmanager
+def process_threads(cpus: float) -> Iterator[None]:
+    """A runtime's driver computes with a simulated client's threads for its whole life (the
+    server's evaluation, clients run in the driver) and hands its child processes (Ray's
+    workers inherit the environment of ``ray.init``) the same; the caller's torch threads and
+    environment come back afterwards. A torch left at its default of a thread per core spins a
+    second OpenMP thread against the clients' processes on a busy machine (BENCHMARKS.md)."""
+    threads, environment = torch.get_num_threads(), {n: os.environ.get(n) for n in THREAD_ENV}
+    limit_threads(cpus)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        for name, value in environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

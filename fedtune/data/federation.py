@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 from sklearn.model_selection import train_test_split
@@ -27,6 +28,7 @@ from fedtune.data.partition import (
     partition_quantity_skew,
     partition_shards,
 )
+from fedtune.data.replicated import replicated_shards
 from fedtune.data.sources import LabelledData, load_dataset
 from fedtune.tables.datasets import DATASETS
 
@@ -43,19 +45,30 @@ def stage_seed(seed: int, stage: int) -> int:
 
 @dataclass(frozen=True)
 class Federation:
-    """Who holds what: rows of ``data`` for the global test and for each client."""
+    """Who holds what: rows of ``data`` for the global test and for each client (a tuple of
+    index arrays, or a replicated federation's shards derived on demand)."""
 
     data: LabelledData
     test_rows: np.ndarray
-    client_train_rows: tuple[np.ndarray, ...]
-    client_test_rows: tuple[np.ndarray, ...]
+    client_train_rows: Sequence[np.ndarray]
+    client_test_rows: Sequence[np.ndarray]
     # data.local_val_fraction: rows held out of each client's training rows for personalised
     # model selection (empty without one)
-    client_val_rows: tuple[np.ndarray, ...] = ()
+    client_val_rows: Sequence[np.ndarray] = ()
 
     @property
     def num_clients(self) -> int:
         return len(self.client_train_rows)
+
+    @cached_property
+    def train_sizes(self) -> np.ndarray:
+        """Each client's training examples (without deriving a replicated shard)."""
+        return _sizes(self.client_train_rows)
+
+    @cached_property
+    def test_sizes(self) -> np.ndarray:
+        """Each client's local test examples."""
+        return _sizes(self.client_test_rows)
 
     def client_rows(self, client_id: int) -> np.ndarray:
         """All rows of one client (train and local test)."""
@@ -65,10 +78,40 @@ class Federation:
         """Examples per (client, label), train and local test together."""
         if self.num_clients == 0:  # the server of a files dataset sees no client data
             return np.zeros((0, self.data.num_labels), dtype=np.int64)
+        deal = getattr(self.client_train_rows, "deal", None)  # derived shards count at once
+        if deal is not None:
+            return deal.label_histogram(self.data.labels, self.data.num_labels)
         return np.stack([
             np.bincount(self.data.labels[self.client_rows(c)], minlength=self.data.num_labels)
             for c in range(self.num_clients)
         ])
+
+
+class ClientSizes(Sequence[int]):
+    """Each client's example count as compact as it can travel (every block of a cohort
+    carries the run's ``ReplyLimits`` to the actors): one number when every client holds the
+    same (a replicated federation, any number of clients), else an int64 array."""
+
+    def __init__(self, sizes: np.ndarray) -> None:
+        sizes = np.asarray(sizes, dtype=np.int64)
+        self._count = len(sizes)
+        same = self._count > 0 and bool((sizes == sizes[0]).all())
+        self._values = sizes[:1] if same else np.ascontiguousarray(sizes)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, client: int) -> int:  # type: ignore[override]
+        if not 0 <= client < self._count:
+            raise IndexError(f"client {client} of {self._count}")
+        return int(self._values[0 if len(self._values) == 1 else client])
+
+
+def _sizes(shards: Sequence[np.ndarray]) -> np.ndarray:
+    derived = getattr(shards, "sizes", None)  # a replicated federation's shards know them
+    if derived is not None:
+        return derived
+    return np.fromiter(map(len, shards), dtype=np.int64, count=len(shards))
 
 
 def _split_global_test(labels: np.ndarray, cfg: DataSection, seed: int
@@ -172,6 +215,21 @@ def _build_cached(cfg_values: tuple, seed: int, data_path: str) -> Federation:
             rows = np.sort(rng.choice(rows, size=cfg.max_examples, replace=False))
     pool_pos, test_pos = _split_global_test(data.labels[rows], cfg, stage_seed(seed, _TEST_SPLIT))
     pool, test_rows = rows[pool_pos], rows[test_pos]
+    if DATASETS[cfg.dataset].replicated:
+        if cfg.client_examples > len(pool):
+            raise ConfigError(
+                f"data.client_examples = {cfg.client_examples} is not allowed: must be <= "
+                f"{len(pool)} (the training pool once data.test_fraction = "
+                f"{cfg.test_fraction:g} is held out)")
+        if cfg.local_val_fraction:
+            raise ConfigError(
+                f"data.local_val_fraction = {cfg.local_val_fraction:g} is not allowed with "
+                f"data.dataset = '{cfg.dataset}': must be 0 (a replicated federation's shards "
+                "hold no validation split)")
+        train, test = replicated_shards(pool, cfg.num_clients, cfg.client_examples,
+                                        cfg.local_test_fraction, stage_seed(seed, _PARTITION))
+        return Federation(data=data, test_rows=test_rows, client_train_rows=train,
+                          client_test_rows=test)
     parts = _partition_pool(cfg, data, pool, stage_seed(seed, _PARTITION))
     check_partition(parts, len(pool))
     rng = np.random.default_rng(stage_seed(seed, _LOCAL_SPLIT))

@@ -141,6 +141,25 @@ def load_digits() -> LabelledData:
     )
 
 
+GENERATED_EXAMPLES = 20_000
+GENERATED_FEATURES = 32
+
+
+def load_generated() -> LabelledData:
+    """A synthetic dataset for scale tests, named as such: scikit-learn's
+    ``make_classification`` (Guyon 2003's MADELON design: class clusters on the vertices of a
+    hypercube, 8 informative of 32 features, 2 classes, 1 % flipped labels), always the same
+    20,000 examples (``random_state = 0``); ``fedtune.data.replicated`` hands its examples to
+    any number of clients."""
+    from sklearn.datasets import make_classification
+
+    features, labels = make_classification(
+        n_samples=GENERATED_EXAMPLES, n_features=GENERATED_FEATURES, n_informative=8,
+        n_redundant=4, n_classes=2, flip_y=0.01, random_state=0)
+    return LabelledData(name="generated", label_names=("0", "1"),
+                        labels=labels.astype(np.int64), features=features.astype(np.float32))
+
+
 @lru_cache(maxsize=4)
 def load_dataset(name: str) -> LabelledData:
     """Load (once per process) one of the offline datasets by name (``DATASETS``)."""

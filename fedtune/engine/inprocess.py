@@ -23,7 +23,6 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
@@ -52,10 +51,10 @@ from fedtune.protocol import (
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.app import run_federated
 from fedtune.server.exchange import RunStopped
-from fedtune.server.grid import CohortGrid, CohortResult, CohortSpec
+from fedtune.server.grid import CohortGrid, CohortResult, CohortSpec, NodeRange
 from fedtune.server.reporting import Reporter
 from fedtune.state.store import ClientStateStore
-from fedtune.task import limit_threads, parsed_run_config, run_config_resources
+from fedtune.task import parsed_run_config, process_threads, run_config_resources
 
 NODE_ID_OFFSET = 1000  # node ids below this are Flower's own (0: none, 1: SuperLink)
 
@@ -119,7 +118,7 @@ class InProcessGrid(CohortGrid):
         act_as_server(run_id)
         self._num_clients = num_clients
         self._node_configs = list(node_configs)
-        self.node_to_client = {NODE_ID_OFFSET + c: c for c in range(num_clients)}
+        self.node_to_client = NodeRange(NODE_ID_OFFSET, num_clients)
         self.client_states = ClientStateStore.for_config(parsed_run_config(run_config))
         self._queued: dict[str, Message] = {}
 
@@ -220,9 +219,5 @@ def run_inprocess(config: Config, reporter: Reporter | None = None,
     machine, many times slower for small models (BENCHMARKS.md, in-process threads)."""
     grid = InProcessGrid(fedtune_client_app, to_run_config(config), config.data.num_clients,
                          client_timeout_s=config.strategy.round_timeout_s)
-    threads = torch.get_num_threads()
-    limit_threads(config.engine.client_cpus)
-    try:
+    with process_threads(config.engine.client_cpus):  # then the caller's (a notebook's) own
         return run_federated(grid, config, reporter, stop)
-    finally:
-        torch.set_num_threads(threads)  # the caller's (a notebook's) own setting

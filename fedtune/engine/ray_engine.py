@@ -12,11 +12,14 @@ from flwr.clientapp import ClientApp
 from fedtune.client.app import app as fedtune_client_app
 from fedtune.config import Config, to_run_config
 from fedtune.engine.cohort import TrainFunction
+from fedtune.engine.inprocess import run_inprocess
 from fedtune.engine.ray_grid import RayGrid, prepare_driver
 from fedtune.engine.ray_pool import ActorFactory, pool_size, ray_session, start_actors
+from fedtune.engine.shape import runs_in_process
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.app import run_federated
 from fedtune.server.reporting import Reporter
+from fedtune.task import process_threads
 
 RAY_RUN_ID = 1
 
@@ -30,7 +33,9 @@ def ray_engine_grid(config: Config, client_app: ClientApp = fedtune_client_app,
     trains a client of a cohort (tests wrap fedtune's). With another ClientApp and no
     ``train``, every message goes through that ClientApp."""
     e = config.engine
-    with ray_session(config):
+    # the driver computes (server evaluation, phases run here) with a client's threads, and
+    # Ray's local workers inherit the environment set here before it starts them
+    with process_threads(e.client_cpus), ray_session(config):
         factory = ActorFactory(client_app, to_run_config(config), RAY_RUN_ID,
                                e.client_cpus, e.client_gpus, train)
         actors = start_actors(factory, pool_size(config, ray.cluster_resources()),
@@ -48,6 +53,10 @@ def run_ray_engine(config: Config, reporter: Reporter | None = None,
                    stop: threading.Event | None = None,
                    client_app: ClientApp = fedtune_client_app) -> RunDirectory:
     """The ``ray`` runtime: every round with the clients served by a pool of long-lived Ray
-    actors (``stop``: see ``fedtune.engine.launch.launch``)."""
+    actors, or - a cohort too small to pay for actors (``fedtune.engine.shape``) - by this
+    process, as the ``inprocess`` runtime runs them (``stop``: see
+    ``fedtune.engine.launch.launch``)."""
+    if client_app is fedtune_client_app and runs_in_process(config):
+        return run_inprocess(config, reporter, stop)
     with ray_engine_grid(config, client_app) as grid:
         return run_federated(grid, config, reporter, stop)

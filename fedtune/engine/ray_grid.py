@@ -59,7 +59,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import ray
-import torch
 from flwr.app import ArrayRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.run import Run
@@ -86,10 +85,10 @@ from fedtune.protocol import (
     PARTITION_ID,
 )
 from fedtune.server.exchange import RunStopped
-from fedtune.server.grid import CohortGrid, CohortResult, CohortSpec
+from fedtune.server.grid import CohortGrid, CohortResult, CohortSpec, NodeRange
 from fedtune.server.reports import ClientReport
 from fedtune.state.store import ClientStateStore
-from fedtune.task import limit_threads, parsed_run_config, run_config_resources
+from fedtune.task import parsed_run_config, run_config_resources
 
 BATCH_S = 0.05  # single-message work per Ray call, once the time of a message is known
 COHORT_CALL_S = 0.25  # most client time per Ray call of blocks (calls shrink as a phase ends)
@@ -212,7 +211,7 @@ class RayGrid(CohortGrid):
         self._retired_reason = ""
         self.client_states = ClientStateStore.for_config(
             parsed_run_config(factory.run_config))
-        self.node_to_client = {NODE_ID_OFFSET + c: c for c in range(num_clients)}
+        self.node_to_client = NodeRange(NODE_ID_OFFSET, num_clients)
         self.restarts = 0  # actors replaced after dying or overrunning
 
     # --- Grid: single messages ---
@@ -324,29 +323,25 @@ class RayGrid(CohortGrid):
     def _run_in_driver(self, content: RecordDict, blocks: list[BlockTask], timeout_s: float,
                        progress: Callable[[int, int], None] | None,
                        stop: threading.Event | None = None) -> CohortResult:
-        """The phase's blocks in this process, in order, with the actors' torch threads (a
-        client over ``timeout_s`` is reported as a timeout, as in process; ``stop`` set ends
-        the phase between blocks with ``RunStopped``)."""
+        """The phase's blocks in this process, in order, with the actors' torch threads (the
+        driver's for its whole life: ``fedtune.task.process_threads``). A client over
+        ``timeout_s`` is reported as a timeout, as in process; ``stop`` set ends the phase
+        between blocks with ``RunStopped``."""
         resources = run_config_resources(self._factory.run_config)
         decoded = DecodedContent.of(content)
-        threads = torch.get_num_threads()
-        limit_threads(self._factory.client_cpus)
         adder, results, done = BlockAdder(), [], 0
         total = sum(len(b.clients) for b in blocks)
-        try:
-            for block in blocks:
-                if stop is not None and stop.is_set():
-                    raise RunStopped(f"stopped with {total - done} clients to go")
-                result = run_block(resources, decoded, block, client_limit_s=timeout_s)
-                results.append(result)
-                adder.add(result)  # its sum is free for the next block's at once
-                for client, state in result.states.items():
-                    self.client_states.put_bytes(client, state)
-                done += len(block.clients)
-                if progress is not None:
-                    progress(done, total)
-        finally:
-            torch.set_num_threads(threads)
+        for block in blocks:
+            if stop is not None and stop.is_set():
+                raise RunStopped(f"stopped with {total - done} clients to go")
+            result = run_block(resources, decoded, block, client_limit_s=timeout_s)
+            results.append(result)
+            adder.add(result)  # its sum is free for the next block's at once
+            for client, state in result.states.items():
+                self.client_states.put_bytes(client, state)
+            done += len(block.clients)
+            if progress is not None:
+                progress(done, total)
         self._note_phase(blocks[0].message_type, results)
         return adder.result()
 

@@ -85,14 +85,16 @@ class ClientWorker:
         self.returned: list[BlockResult] = []  # the last call's results
 
     def ready(self) -> str:
-        """Load data and model once; return the Ray node this actor runs on."""
+        """Load data and model once; return where this actor runs: ``node:pid:gpus`` (the Ray
+        node, the process, the GPU ids Ray gave it - logical ones on a machine without)."""
         limit_threads(self.threads)
         resources = run_config_resources(self.run_config)
         _ = resources.model
         # torch's optimizers import torch._dynamo on first use, which takes seconds: pay for it
         # while starting, not inside the first client's task (and its timeout)
         importlib.import_module("torch._dynamo")
-        return f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}"
+        gpus = ",".join(str(g) for g in ray.get_gpu_ids())
+        return f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}:{gpus}"
 
     def run_blocks(self, content: tuple[ray.ObjectRef], tasks: list[BlockTask]
                    ) -> list[BlockResult]:

@@ -297,12 +297,13 @@ class RunDirectory:
                 handle.write(line + "\n")
 
     def write_partitions(self, histogram: np.ndarray, label_names: tuple[str, ...]) -> None:
-        """partitions.csv: examples per client and label."""
+        """partitions.csv: examples per client and label (a million clients' rows at once)."""
         with (self.path / "partitions.csv").open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["client_id", *label_names, "total"])
-            for client_id, counts in enumerate(histogram):
-                writer.writerow([client_id, *counts.tolist(), int(counts.sum())])
+            csv.writer(handle).writerow(["client_id", *label_names, "total"])
+            table = np.column_stack([np.arange(len(histogram)), histogram,
+                                     histogram.sum(axis=1)]).astype(np.int64)
+            np.savetxt(handle, table.reshape(-1, len(label_names) + 2), fmt="%d", delimiter=",",
+                       newline="\r\n")  # as csv.writer ends its rows
 
     def write_json(self, name: str, payload: dict) -> None:
         file = self.path / name

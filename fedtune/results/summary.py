@@ -60,7 +60,7 @@ def build_summary(config: Config, resources: TaskResources, run_dir: RunDirector
     final = rows[-1] if rows else {}
     if final_round is not None:
         final = next(r for r in rows if int(r["round"]) == final_round)
-    client_sizes = [len(r) for r in federation.client_train_rows]
+    client_sizes = federation.train_sizes
     summary = {
         "run_dir": str(run_dir.path),
         "status": "finished",
@@ -69,8 +69,8 @@ def build_summary(config: Config, resources: TaskResources, run_dir: RunDirector
             "name": federation.data.name,
             "labels": list(federation.data.label_names),
             "global_test_examples": len(federation.test_rows),
-            "client_train_examples": int(sum(client_sizes)),
-            "client_test_examples": int(sum(len(r) for r in federation.client_test_rows)),
+            "client_train_examples": int(client_sizes.sum()),
+            "client_test_examples": int(federation.test_sizes.sum()),
             "num_clients": federation.num_clients,
             "majority_class_accuracy": majority,
         },

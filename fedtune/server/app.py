@@ -17,7 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
-import numpy as np
 import torch
 from flwr.app import Context
 from flwr.common import log
@@ -103,8 +102,7 @@ def new_run(config: Config, resources: TaskResources, grid: Grid, stateful: Simp
                         run_dir.plots_dir / "partitions.png")
     # a fresh model: the resident one may hold weights of an earlier run in this process
     arrays = to_array_record(shared_state(build_model(resources.spec, config.run.seed)))
-    nodes = dict(grid.node_to_client) if isinstance(grid, SimulatedGrid) else {}
-    state = RoundState(arrays, node_to_client=nodes, run_key=new_run_key())
+    state = RoundState(arrays, run_key=new_run_key())  # a simulation's nodes: its grid's
     return run_dir, state, Checkpointer(run_dir.path, config, grid, stateful)
 
 
@@ -125,13 +123,12 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     plan = mode.plan(config)
     strategy = build_strategy(config, plan, resources.max_train_examples())
     privacy = mode.server(config, plan,
-                          [len(rows) for rows in resources.federation.client_train_rows])
+                          resources.federation.train_sizes.tolist())
     stateful = SimpleNamespace(strategy=strategy, privacy=privacy)  # what checkpoints keep
     asynchronous = STRATEGIES[config.strategy.name].asynchronous
     clock = None
     if asynchronous or devices_on(config):  # the virtual clock of the clients' devices
-        clock = VirtualClock.for_config(config, np.array(
-            [len(rows) for rows in resources.federation.client_train_rows]))
+        clock = VirtualClock.for_config(config, resources.federation.train_sizes)
     if asynchronous:  # the event loop's state is checkpointed beside the strategy's
         stateful.async_loop = AsyncLoop(config, clock)
     # one writer per run directory, from before anything in it is read or written

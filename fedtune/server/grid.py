@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from abc import abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,11 +36,34 @@ if TYPE_CHECKING:  # screening builds on the grid's node map (server.identity)
     from fedtune.server.screening import ReplyLimits
 
 
+class NodeRange(Mapping[int, int]):
+    """A simulation's node -> client map, ``node = first + client`` for ``count`` clients, in
+    constant memory: a dict of a million registered clients would hold ~100 MB."""
+
+    def __init__(self, first: int, count: int) -> None:
+        self.first = first
+        self.count = count
+
+    def __getitem__(self, node: int) -> int:
+        if not (isinstance(node, int) and self.first <= node < self.first + self.count):
+            raise KeyError(node)
+        return node - self.first
+
+    def __contains__(self, node: object) -> bool:
+        return isinstance(node, int) and self.first <= node < self.first + self.count
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.first, self.first + self.count))
+
+    def __len__(self) -> int:
+        return self.count
+
+
 class SimulatedGrid(Grid):
     """A Grid whose nodes are virtual clients this process controls."""
 
     _run: Run
-    node_to_client: dict[int, int]  # node id -> client id (its partition)
+    node_to_client: Mapping[int, int]  # node id -> client id (its partition)
     client_states: ClientStateStore  # every client's Context.state, by client id
 
     def set_run(self, run: Run) -> None:

@@ -16,7 +16,7 @@ What the server can know depends on the runtime:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from flwr.serverapp import Grid
 
@@ -25,9 +25,10 @@ from fedtune.server.grid import SimulatedGrid, WrappedGrid
 
 
 class Identities:
-    """The node -> client map of a run (``RoundState.node_to_client``, checkpointed)."""
+    """The node -> client map of a run: a simulation's grid's own (``NodeRange``: nothing to
+    checkpoint), or the pinned and claimed ``RoundState.node_to_client`` (checkpointed)."""
 
-    def __init__(self, node_to_client: dict[int, int], fixed: bool) -> None:
+    def __init__(self, node_to_client: Mapping[int, int], fixed: bool) -> None:
         """``fixed``: the map is complete (a simulation's or ``engine.node_ids``), so no node
         may claim an identity."""
         self.node_to_client = node_to_client
@@ -69,9 +70,8 @@ def identify_nodes(grid: Grid, node_ids: Sequence[str], num_clients: int,
         if node_ids:
             raise ConfigError(f"engine.node_ids = {list(node_ids)!r} is not allowed in a "
                               "simulation: must be [] (the runtime made its clients' nodes)")
-        node_to_client.clear()
-        node_to_client.update(grid.node_to_client)
-        return grid, Identities(node_to_client, fixed=True)
+        node_to_client.clear()  # the grid's own map is the truth; nothing to keep (or save)
+        return grid, Identities(grid.node_to_client, fixed=True)
     if node_ids:
         pinned = pinned_nodes(node_ids, num_clients)
         node_to_client.clear()

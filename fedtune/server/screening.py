@@ -24,7 +24,7 @@ reply is rejected.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from flwr.common.constant import SType
 
 from fedtune import protocol
 from fedtune.config import Config
-from fedtune.data.federation import Federation
+from fedtune.data.federation import ClientSizes, Federation
 from fedtune.protocol import (
     EVALUATE_REPLY_SCHEMA,
     MAX_ANY_EXAMPLES,
@@ -66,8 +66,8 @@ class ReplyLimits:
     decline: ReplySchema | None  # a "budget spent" reply (None: the privacy mode allows none)
     evaluate: ReplySchema = EVALUATE_REPLY_SCHEMA
     num_clients: int | None = None  # partition ids are 0..num_clients-1 (None: unknown)
-    train_sizes: tuple[int, ...] = ()  # each client's training examples (empty: unknown)
-    test_sizes: tuple[int, ...] = ()  # each client's local test examples (empty: unknown)
+    train_sizes: Sequence[int] = ()  # each client's training examples (empty: unknown)
+    test_sizes: Sequence[int] = ()  # each client's local test examples (empty: unknown)
     max_examples: int = MAX_ANY_EXAMPLES  # what a reply may claim where sizes are unknown
     masked: bool = False  # SecAgg+: a train reply carries its update masked
     # the steps a client takes in a round: local_steps, or local_epochs passes of its batches
@@ -94,8 +94,8 @@ def reply_limits(config: Config, federation: Federation) -> ReplyLimits:
         train=train_reply_schema(config.strategy.name, config.privacy.mode, asdict(client)),
         decline=decline_reply_schema(config.privacy.mode),
         num_clients=config.data.num_clients,
-        train_sizes=tuple(len(rows) for rows in federation.client_train_rows),
-        test_sizes=tuple(len(rows) for rows in federation.client_test_rows),
+        train_sizes=ClientSizes(federation.train_sizes),
+        test_sizes=ClientSizes(federation.test_sizes),
         masked=config.strategy.secure_aggregation, local_steps=client.local_steps,
         local_epochs=client.local_epochs, batch_size=client.batch_size)
 
@@ -209,12 +209,12 @@ def _check_status(reply: Message, schema: ReplySchema) -> str | None:
 
 
 def _check_claims(reply: Message, limits: ReplyLimits, client_id: int | None,
-                  sizes: tuple[int, ...], fewest: int) -> str | None:
+                  sizes: Sequence[int], fewest: int) -> str | None:
     return check_claims(reply.content[METRICS], limits, client_id, sizes, fewest)
 
 
 def check_claims(metrics: Mapping[str, Any], limits: ReplyLimits, client_id: int | None,
-                 sizes: tuple[int, ...], fewest: int) -> str | None:
+                 sizes: Sequence[int], fewest: int) -> str | None:
     """The partition id is the node's (``client_id``, where the server knows it) and within
     the run; ``num-examples`` is what that client holds (where the server knows sizes), and
     ``num-steps`` no more than the run lets a client of that size take."""

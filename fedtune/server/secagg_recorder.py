@@ -28,6 +28,7 @@ of a SecAgg+ run, completes the round's outcome before anything writes it:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from logging import INFO
 
 from flwr.app import MetricRecord
@@ -55,7 +56,7 @@ class SecAggRecorder(RunListener):
         for node, client in report.node_to_client.items():  # a claim never replaces an identity
             if run.identities.client_of(node) is None:
                 run.identities.claim(node, client)
-        outcome.clients = _rows(report, outcome, run.state.node_to_client)
+        outcome.clients = _rows(report, outcome, run.identities.node_to_client)
         row = outcome.row
         row.clients_sampled = len(outcome.clients)
         row.clients_ok = sum(r.status == "ok" for r in outcome.clients)
@@ -66,7 +67,7 @@ class SecAggRecorder(RunListener):
         metrics.update(report_metrics(report))
         outcome.train_metrics = metrics
         if report.failed:
-            failed = _named(report.failed, run.state.node_to_client)
+            failed = _named(report.failed, run.identities.node_to_client)
             log(INFO, "fedtune: round %s: secure aggregation failed: %s", report.server_round,
                 failed)
             if row.model_update == "applied" or "returned no model" in row.model_update:
@@ -78,7 +79,7 @@ class SecAggRecorder(RunListener):
                 report.culprit_reason)
 
 
-def _named(text: str, node_to_client: dict[int, int]) -> str:
+def _named(text: str, node_to_client: Mapping[int, int]) -> str:
     """``text`` with every "node N" whose client is known as "client C (node N)"."""
     def name(match: re.Match[str]) -> str:
         client = node_to_client.get(int(match.group(1)))
@@ -87,7 +88,7 @@ def _named(text: str, node_to_client: dict[int, int]) -> str:
     return re.sub(r"node (\d+)", name, text)
 
 
-def _rows(report: RoundReport, outcome: RoundOutcome, node_to_client: dict[int, int]
+def _rows(report: RoundReport, outcome: RoundOutcome, node_to_client: Mapping[int, int]
           ) -> list[ClientRow]:
     rows = list(outcome.clients)
     by_client = {row.client_id: row for row in rows if row.client_id is not None}

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class DatasetEntry(Entry):
     text: bool = True  # examples are texts (else feature vectors)
+    # clients draw data.client_examples examples each from the training pool, again and again
+    # (fedtune.data.replicated): any number of clients, IID only, no per-client memory
+    replicated: bool = False
     # each party reads its own file (node config data-path; the server its data.test_path):
     # it runs only in a deployment, and no process ever holds every client's data
     party_files: bool = False
@@ -40,6 +43,16 @@ def _check_party_files(config: Config) -> None:
                           f"{d.dataset!r}: must be the server's global test file (CSV or JSONL)")
 
 
+def _check_replicated(config: Config) -> None:
+    """A replicated pool is dealt to IID clients only."""
+    d = config.data
+    if d.partitioner != "iid":
+        raise ConfigError(
+            f"data.partitioner = {d.partitioner!r} is not allowed with data.dataset = "
+            f"{d.dataset!r}: must be 'iid' (its clients draw their examples from one pool, "
+            "again and again)")
+
+
 SOURCES = "fedtune.data.sources:"
 
 DATASETS: dict[str, DatasetEntry] = {
@@ -50,6 +63,11 @@ DATASETS: dict[str, DatasetEntry] = {
                              implementation=SOURCES + "load_bbc_news"),
     "digits": DatasetEntry("scikit-learn's 8x8 handwritten digits", text=False,
                            implementation=SOURCES + "load_digits"),
+    "generated": DatasetEntry(
+        "synthetic, for scale tests: 20,000 generated feature vectors in 2 classes (scikit-"
+        "learn's make_classification), replicated over any number of clients",
+        text=False, replicated=True, check=_check_replicated,
+        implementation=SOURCES + "load_generated"),
     "files": DatasetEntry("each SuperNode's own CSV/JSONL file (deployment)", party_files=True,
                           check=_check_party_files),
 }

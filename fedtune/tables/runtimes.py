@@ -90,11 +90,18 @@ RUNTIMES: dict[str, RuntimeEntry] = {
                                            "reported timeout", gt=0),
             "ray_address": Key("", "address of a running Ray cluster to join ('' = start one "
                                    "here)"),
+            "actor_min_cohort": Key(8, "start Ray actors only when a round's train or evaluate "
+                                       "phase holds at least this many clients; a smaller "
+                                       "run's clients run in this process, with the same "
+                                       "results (fedtune/engine/shape.py: the rule and why). "
+                                       "engine.num_actors, ray_address or client_gpus set: "
+                                       "always actors; 0 = always actors", ge=0),
             "vectorise_clients": VECTORISE_CLIENTS,
             "client_state_memory_mb": CLIENT_STATE_MEMORY_MB,
         },
         implementation="fedtune.engine.ray_engine:run_ray_engine",
-        starting="starting Ray and its workers (each loads the data and the model)"),
+        starting="starting the clients (Ray's workers each load the data and the model; a "
+                 "cohort under engine.actor_min_cohort runs here instead)"),
     "flower": RuntimeEntry(
         "Flower's own Ray simulation (the runtime of `flwr run`)",
         implementation="fedtune.engine.flower_sim:run_flower", client_states=False,

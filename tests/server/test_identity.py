@@ -36,7 +36,9 @@ def test_a_simulation_knows_its_nodes_and_takes_no_pins():
     node_to_client = {5: 2}  # e.g. from a tampered checkpoint: the grid's map wins
     same, identities = identify_nodes(grid, [], 3, node_to_client)
     assert same is grid and identities.fixed
-    assert node_to_client == {1000: 0, 1001: 1, 1002: 2}
+    assert node_to_client == {}  # nothing of its own to keep or checkpoint
+    assert dict(identities.node_to_client) == {1000: 0, 1001: 1, 1002: 2}
+    assert identities.client_of(5) is None and identities.client_of(1003) is None
     with pytest.raises(ConfigError, match="engine.node_ids = \\['1'\\] is not allowed in a "
                                           "simulation"):
         identify_nodes(grid, ["1"], 3, {})
