@@ -42,6 +42,7 @@ from fedtune.tables import (
     section_class,
     used_with,
 )
+from fedtune.tables.attacks import ATTACKS, check_attack
 from fedtune.tables.datasets import DATASETS
 from fedtune.tables.model_kinds import MODEL_KINDS, TRANSFER_MODES, check_model
 from fedtune.tables.privacy_modes import PRIVACY_MODES, check_privacy
@@ -165,12 +166,6 @@ class ClientSection:
 
 @dataclass
 class FaultsSection:
-    scale_fraction: float = key(
-        0.0, "fraction of clients (drawn once from run.seed) whose every update is scaled",
-        ge=0, le=1
-    )
-    scale_factor: float = key(-10.0, "what a scaling client multiplies its update by",
-                              used_with=UsedWith("scale_fraction", nonzero=True))
     nan_fraction: float = key(
         0.0, "fraction of clients (drawn once) whose every update is NaN", ge=0, le=1
     )
@@ -280,6 +275,23 @@ EngineSection = section_class(
      "central_max_epochs": Key(100, "centralized runs to convergence: the most epochs", ge=1)},
     RUNTIMES, "backend")
 
+ATTACKERS = UsedWith("name", tuple(name for name in ATTACKS if name != "none"))
+AttackSection = section_class(
+    "AttackSection", "[attack]: a poisoning attack (fedtune.tables.attacks) played by some "
+                     "clients, drawn once from run.seed or named.",
+    {"name": Key("none", "the attack the attackers play", choices=tuple(ATTACKS)),
+     "fraction": Key(0.0, "share of the clients that attack, drawn once from run.seed (the "
+                          "same clients every round)", ge=0, le=1),
+     "count": Key(0, "how many clients attack, drawn once from run.seed (instead of "
+                     "fraction)", ge=0),
+     "clients": Key([], "the attacking clients' ids (instead of fraction or count)",
+                    kind=list[int]),
+     "start_round": Key(1, "the first round the attackers attack (honest before it)", ge=1),
+     "collude": Key(0, "attackers per collusion group (in id order); 0 = all of them collude",
+                    ge=0)},
+    ATTACKS, "name",
+    {name: ATTACKERS for name in ("fraction", "count", "clients", "start_round", "collude")})
+
 
 @dataclass
 class Config:
@@ -290,6 +302,7 @@ class Config:
     strategy: Any = field(default_factory=StrategySection)
     privacy: Any = field(default_factory=PrivacySection)
     faults: FaultsSection = field(default_factory=FaultsSection)
+    attack: Any = field(default_factory=AttackSection)
     engine: Any = field(default_factory=EngineSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
@@ -302,11 +315,13 @@ SECTIONS: dict[str, type] = {
     "strategy": StrategySection,
     "privacy": PrivacySection,
     "faults": FaultsSection,
+    "attack": AttackSection,
     "engine": EngineSection,
     "tracking": TrackingSection,
 }
 # the key that picks a table entry, in each derived section
-CHOOSERS = {"model": "kind", "strategy": "name", "privacy": "mode", "engine": "backend"}
+CHOOSERS = {"model": "kind", "strategy": "name", "privacy": "mode", "engine": "backend",
+            "attack": "name"}
 
 
 def _allowed_text(declared: Key, kind: Any) -> str:
@@ -537,6 +552,7 @@ def check_consistency(config: Config) -> None:
     check_runtime(config)
     check_strategy(config)
     _check_faults(config)
+    _check_attack(config)
 
 
 def _check_mlflow_uri(config: Config) -> None:
@@ -598,13 +614,36 @@ def centralized_config(config: Config, until: str = "examples", run_dir: str = "
 
 def _check_faults(config: Config) -> None:
     f, n = config.faults, config.data.num_clients
-    for name in ("scale_fraction", "nan_fraction", "wrong_shape_fraction", "straggler_fraction"):
+    for name in ("nan_fraction", "wrong_shape_fraction", "straggler_fraction"):
         fraction = getattr(f, name)
         if 0 < fraction * n < 0.5:  # rounds to no client at all
             raise ConfigError(
                 f"faults.{name} = {fraction:g} is not allowed with data.num_clients = {n}: "
                 f"must pick at least one client (>= {0.5 / n:g}) or be 0"
             )
+
+
+def _check_attack(config: Config) -> None:
+    a, n = config.attack, config.data.num_clients
+    if a.name == "none":
+        return
+    given = [name for name in ("fraction", "count", "clients") if getattr(a, name)]
+    if len(given) != 1:
+        raise ConfigError(
+            f"attack.name = {a.name!r} needs exactly one of attack.fraction, attack.count or "
+            f"attack.clients, got {', '.join(given) or 'none of them'}")
+    if a.count > n:
+        raise ConfigError(f"attack.count = {a.count} is not allowed: must be <= data.num_clients"
+                          f" = {n}")
+    if 0 < a.fraction * n < 0.5:
+        raise ConfigError(f"attack.fraction = {a.fraction:g} is not allowed with "
+                          f"data.num_clients = {n}: must pick at least one client "
+                          f"(>= {0.5 / n:g})")
+    bad = [c for c in a.clients if not 0 <= c < n]
+    if bad or len(set(a.clients)) != len(a.clients):
+        raise ConfigError(f"attack.clients = {a.clients!r} is not allowed: must be distinct "
+                          f"client ids in 0..{n - 1}")
+    check_attack(config)
 
 
 # keys a resume may change: where and how long the run goes on, and on which runtime

@@ -60,7 +60,7 @@ def vectorisable(resources: TaskResources) -> bool:
     return (config.engine.vectorise_clients
             and not STRATEGIES[config.strategy.name].client
             and config.privacy.mode == "none"
-            and not resources.faults.active
+            and not resources.faults.active and not resources.attack.active
             and resources.device.type == "cpu"
             and settings.precision == "fp32" and not settings.max_grad_norm
             and (resources.spec.kind == "mlp" or resources.spec.features)

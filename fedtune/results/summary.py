@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.config import Config
+from fedtune.attacks.plan import AttackPlan
 from fedtune.faults import FaultPlan
 from fedtune.results.run_dir import RunDirectory, json_safe
 from fedtune.task import TaskResources
@@ -85,6 +86,7 @@ def build_summary(config: Config, resources: TaskResources, run_dir: RunDirector
         "total_bytes_down": int(sum(int(r["bytes_down"]) for r in rows)),
         "total_time_s": total_s,
         "faults": FaultPlan.from_config(config).describe(),
+        "attack": AttackPlan.from_config(config).describe(),
         **sections,
         "stop_reason": stop_reason,
     }

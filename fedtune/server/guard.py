@@ -2,7 +2,7 @@
 
 Screening (``fedtune.server.screening``) makes sure a reply is well formed and finite; it does
 not stop a finite update that is far too large, such as the sign-flipped, boosted update of the
-scaling attack (``[faults] scale_factor = -10``), which moves FedAvg's mean arbitrarily far.
+scaling attack (``[attack] name = "scaling"``), which moves FedAvg's mean arbitrarily far.
 Two optional rules bound the updates ``Δ_k = w_k - w`` (L2 norm over the floating tensors that
 travel) before the strategy sees them:
 

@@ -29,6 +29,7 @@ from fedtune.config import Config
 from fedtune.models.weights import load_shared_state
 from fedtune.privacy.mode import PrivacyServer
 from fedtune.results.run_dir import ClientRow, RoundRow
+from fedtune.server.attack_metrics import attack_columns
 from fedtune.server.grid import CohortSpec
 from fedtune.server.guard import non_finite_tensors
 from fedtune.server.identity import Identities
@@ -186,6 +187,7 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
     run.progress(server_round, "aggregate", 0, 0)
     train_metrics, model_update = update_global_model(run, server_round, train)
     privacy.record_round(train.rows, train.accepted, train_metrics)
+    attack = attack_columns(run.resources, server_round, train, state.arrays)
 
     seed_sampling(config.run.seed, server_round, "evaluate")
     to_evaluate = list(strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(),
@@ -212,6 +214,7 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
         federated_eval_accuracy=_weighted(evaluation.metrics, protocol.EVAL_ACCURACY),
         model_update=model_update,
         replies_dropped=train.dropped + evaluation.dropped,
+        **attack,
     )
     return RoundOutcome(row, train.rows, global_eval, train_metrics, train.sent,
                         train.declined)

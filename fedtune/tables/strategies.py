@@ -48,6 +48,9 @@ class StrategyEntry(Entry):
     # integer ("num-examples"), "1" (unweighted) or "a/b" (a ratio of two metrics)
     sum_weight: str = ""
     needs_updates: str = ""  # why it needs every individual update (then SecAgg+ is refused)
+    # "module:function" saying which of a round's updates it left out (fedtune.server.filtering:
+    # the screening rates of an attacked run); "" = it weighs every update it is given
+    filters: str = ""
     check: Callable[[Config], None] | None = None  # checks involving other keys
 
     def load_client(self) -> Any:
@@ -93,6 +96,7 @@ def _fedopt(config: Config) -> dict[str, Any]:
 
 FLOWER = "flwr.serverapp.strategy:"
 CLIENTS = "fedtune.client.algorithms:"
+FILTERING = "fedtune.server.filtering:"
 EXAMPLES = "num-examples"  # fedtune.protocol.NUM_EXAMPLES (tables import no Flower)
 KRUM_NEEDS = "it scores every individual update by its distances to the others"
 # each Weiszfeld step is a pass over every update; Pillutla et al. (2022) take 3 to 4
@@ -147,6 +151,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
                                lt=0.5)},
         implementation=FLOWER + "FedTrimmedAvg",
         arguments=lambda c: {"beta": c.strategy.trim_beta},
+        filters=FILTERING + "trimmed_filtered",
         needs_updates="it sorts every coordinate of the individual updates to cut the tails"),
     "fedmedian": StrategyEntry(
         "median per coordinate (Yin et al. 2018)", implementation=FLOWER + "FedMedian",
@@ -155,7 +160,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
         "Krum (Blanchard et al. 2017): the update closest to its neighbours",
         keys={"num_malicious": NUM_MALICIOUS}, implementation=FLOWER + "Krum",
         arguments=lambda c: {"num_malicious_nodes": c.strategy.num_malicious},
-        check=_check_krum, needs_updates=KRUM_NEEDS),
+        check=_check_krum, needs_updates=KRUM_NEEDS, filters=FILTERING + "krum_filtered"),
     "multikrum": StrategyEntry(
         "Multi-Krum (Blanchard et al. 2017): the mean of the best Krum scores",
         keys={"num_malicious": NUM_MALICIOUS,
@@ -166,7 +171,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
             "num_malicious_nodes": c.strategy.num_malicious,
             "num_nodes_to_select": (c.strategy.multikrum_select
                                     or clients_per_round(c) - c.strategy.num_malicious)},
-        check=_check_krum, needs_updates=KRUM_NEEDS),
+        check=_check_krum, needs_updates=KRUM_NEEDS, filters=FILTERING + "krum_filtered"),
     "scaffold": StrategyEntry(
         "SCAFFOLD (Karimireddy et al. 2020): control variates correct client drift",
         keys={"server_lr": SERVER_LR}, implementation="strategies.scaffold:Scaffold",

@@ -1,0 +1,61 @@
+"""What an attacked run measures each round (metrics.csv), beside clean accuracy:
+
+- ``attack_success_rate`` (a backdoor): the share of the triggered global test examples of
+  other labels that the new global model classifies as the target label;
+- ``malicious_filtered`` / ``benign_filtered``: the true and false positive rates of the
+  round's defences, the share of the attackers' / honest clients' updates that screening or
+  the update bounds rejected or that a selecting aggregator left out
+  (``fedtune.server.filtering``), among the sampled clients that sent an update. An attacker
+  counts as malicious only in the rounds it attacks (``attack.start_round``).
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord
+
+from fedtune import protocol
+from fedtune.config import Config
+from fedtune.models.weights import load_shared_state
+from fedtune.server.phases import TrainPhase
+from fedtune.tables import import_object
+from fedtune.tables.strategies import STRATEGIES
+from fedtune.task import TaskResources
+from fedtune.train import evaluate
+
+ATTACK_COLUMNS = ("attack_success_rate", "malicious_filtered", "benign_filtered")
+
+
+def filtered_clients(config: Config, train: TrainPhase) -> dict[int, bool]:
+    """Client id -> whether its update was filtered, for every sampled client that sent one."""
+    filtered = {row.client_id: row.status == "rejected" for row in train.rows
+                if row.client_id is not None and row.status in ("ok", "rejected")}
+    entry = STRATEGIES[config.strategy.name]
+    ok = sum(row.status == "ok" for row in train.rows)
+    if entry.filters and train.replies and len(train.replies) == ok:
+        flags = import_object(entry.filters)([reply.content for reply in train.replies], config)
+        for reply, flag in zip(train.replies, flags, strict=True):
+            client = int(protocol.metric(reply, protocol.PARTITION_ID))
+            filtered[client] = filtered.get(client, False) or bool(flag)
+    return filtered
+
+
+def _share(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def attack_columns(resources: TaskResources, server_round: int, train: TrainPhase,
+                   arrays: ArrayRecord) -> dict[str, float | None]:
+    """The round's attack columns (empty without an attack)."""
+    plan = resources.attack
+    if not plan.active:
+        return {}
+    filtered = filtered_clients(resources.config, train)
+    malicious = [f for c, f in filtered.items() if plan.attacks(c, server_round)]
+    benign = [f for c, f in filtered.items() if not plan.attacks(c, server_round)]
+    success = None
+    loader = resources.triggered_test_loader()
+    if loader is not None:
+        load_shared_state(resources.model, protocol.to_numpy(arrays))
+        success = evaluate(resources.model, loader, resources.device).accuracy
+    return {"attack_success_rate": success, "malicious_filtered": _share(malicious),
+            "benign_filtered": _share(benign)}

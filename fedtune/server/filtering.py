@@ -1,0 +1,51 @@
+"""Which updates a robust aggregator left out of a round, for the screening rates of an
+attacked run (``attack_metrics``). One function per strategy that selects, named by its table
+entry (``StrategyEntry.filters``): ``(contents, config) -> filtered`` over the replies it
+aggregated, in their order. What "filtered" means per aggregator:
+
+- Krum / Multi-Krum: not among the updates it selected (Flower's own ``select_multikrum``, the
+  selection the strategy made);
+- trimmed mean: more than half of the update's coordinates fall in the cut tails (each tail
+  ``int(beta n)`` values, as scipy's ``trim_mean`` cuts).
+
+Other aggregators weigh every update they are given (a median mixes them coordinate by
+coordinate), so only screening and the update bounds filter there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import RecordDict
+from flwr.serverapp.strategy.multikrum import select_multikrum
+
+from fedtune.config import Config
+from fedtune.tables.strategies import strategy_arguments
+
+
+def _stacked(contents: list[RecordDict]) -> np.ndarray:
+    rows = []
+    for content in contents:
+        record = next(iter(content.array_records.values()))
+        rows.append(np.concatenate([a.numpy().ravel() for a in record.values()]))
+    return np.stack(rows).astype(np.float64)
+
+
+def krum_filtered(contents: list[RecordDict], config: Config) -> list[bool]:
+    """The updates Krum / Multi-Krum did not select."""
+    arguments = strategy_arguments(config)
+    selected = select_multikrum(contents, arguments["num_malicious_nodes"],
+                                arguments.get("num_nodes_to_select", 1))
+    chosen = {id(content) for content in selected}
+    return [id(content) not in chosen for content in contents]
+
+
+def trimmed_filtered(contents: list[RecordDict], config: Config) -> list[bool]:
+    """The updates whose coordinates were mostly cut by the trimmed mean."""
+    values = _stacked(contents)
+    n = len(values)
+    cut = int(config.strategy.trim_beta * n)
+    if cut == 0:
+        return [False] * n
+    ranks = values.argsort(axis=0).argsort(axis=0)
+    trimmed = (ranks < cut) | (ranks >= n - cut)
+    return list(trimmed.mean(axis=1) > 0.5)
