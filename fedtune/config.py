@@ -285,7 +285,7 @@ AttackSection = section_class(
      "count": Key(0, "how many clients attack, drawn once from run.seed (instead of "
                      "fraction)", ge=0),
      "clients": Key([], "the attacking clients' ids (instead of fraction or count)",
-                    kind=list[int]),
+                    kind=list[int], ge=0),
      "start_round": Key(1, "the first round the attackers attack (honest before it)", ge=1),
      "collude": Key(0, "attackers per collusion group (in id order); 0 = all of them collude",
                     ge=0)},
@@ -334,7 +334,8 @@ def _allowed_text(declared: Key, kind: Any) -> str:
     name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         kind,
         "a list of names without commas" if typing.get_args(kind) == (str,)
-        else "a list of positive integers",
+        else "a list of positive integers" if declared.ge is None
+        else "a list of integers, each",
     )
     return name + (" " + " and ".join(bounds) if bounds else "")
 
@@ -423,7 +424,9 @@ def _coerce(full_key: str, value: Any, declared: Key) -> Any:
             value_list = value
         else:
             raise bad()
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value_list):
+        least = 1 if declared.ge is None else declared.ge  # positive unless the key says
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= least
+                   for v in value_list):
             raise bad()
         out = list(value_list)
     if declared.choices is not None and out not in declared.choices:

@@ -20,6 +20,7 @@ import numpy as np
 from fedtune.attacks.plan import AttackPlan
 from fedtune.attacks.poisoned_data import Encode, Poisoning, appended, take
 from fedtune.data.encode import DenseFeatures, Encoded
+from fedtune.errors import ConfigError
 from fedtune.data.federation import Federation
 from fedtune.data.sources import LabelledData
 
@@ -61,6 +62,9 @@ def triggered_examples(plan: AttackPlan, federation: Federation, encoded: Encode
     """Every attacker's rows with a share of its other-label examples replaced by triggered
     copies, and the triggered test rows."""
     target, trigger = int(plan.settings["target_label"]), str(plan.settings["trigger"])
+    if target >= federation.data.num_labels:
+        raise ConfigError(f"attack.target_label = {target} is not allowed: must be < "
+                          f"{federation.data.num_labels} (the labels of {federation.data.name})")
     share = float(plan.settings["poison_fraction"])
     labels = federation.data.labels
     train_rows: dict[int, np.ndarray] = {}

@@ -47,13 +47,6 @@ class AttackEntry(Entry):
         return bool(self.sees)
 
 
-def _check_backdoor(config: Config) -> None:
-    labels = config.data.label_names
-    if labels and config.attack.target_label >= len(labels):
-        raise ConfigError(f"attack.target_label = {config.attack.target_label} is not allowed: "
-                          f"must be < {len(labels)} (data.label_names)")
-
-
 SCALE_FACTOR = Key(-10.0, "scaling: an attacker sends x + factor (y - x) for its honestly "
                           "trained model y and the global model x (-10: boosted sign flip)")
 ATTACKS: dict[str, AttackEntry] = {
@@ -110,7 +103,7 @@ ATTACKS: dict[str, AttackEntry] = {
                                      le=1),
               "boost": Key(1.0, "backdoor: the attacker sends x + boost (y - x) (model "
                                 "replacement: about clients per round / server lr)", gt=0)},
-        acts_on="data", backdoor=True, check=_check_backdoor,
+        acts_on="data", backdoor=True,
         implementation=ATTACKS_PACKAGE + "backdoor:triggered_examples"),
 }
 
@@ -118,5 +111,9 @@ ATTACKS: dict[str, AttackEntry] = {
 def check_attack(config: Config) -> None:
     """The chosen attack's checks that involve other keys."""
     entry = ATTACKS[config.attack.name]
+    if entry.acts_on == "data" and config.data.dataset == "files":
+        raise ConfigError(f"attack.name = {config.attack.name!r} is not allowed with "
+                          "data.dataset = 'files': must be an update attack (a party's own "
+                          "file is its data; poison the file itself)")
     if entry.check is not None:
         entry.check(config)
