@@ -20,9 +20,9 @@ import numpy as np
 from fedtune.attacks.plan import AttackPlan
 from fedtune.attacks.poisoned_data import Encode, Poisoning, appended, take
 from fedtune.data.encode import DenseFeatures, Encoded
-from fedtune.errors import ConfigError
 from fedtune.data.federation import Federation
 from fedtune.data.sources import LabelledData
+from fedtune.errors import ConfigError
 
 _PATCH = 3  # side of the image trigger
 _POISON_STREAM = 0xBAD
@@ -53,7 +53,7 @@ def _triggered(federation: Federation, encoded: Encoded, rows: np.ndarray, targe
         return appended(federation, encoded, rows, labels, inputs, texts)
     original = take(encoded, rows)
     if not isinstance(original, DenseFeatures):
-        raise ValueError("a backdoor's image trigger needs dense features")
+        raise TypeError("a backdoor's image trigger needs dense features")
     return appended(federation, encoded, rows, labels, patched(original))
 
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from fedtune.config import Config
 from fedtune.attacks.plan import AttackPlan
+from fedtune.config import Config
 from fedtune.faults import FaultPlan
 from fedtune.results.run_dir import RunDirectory, json_safe
 from fedtune.task import TaskResources

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
 
 from fedtune import protocol
 from fedtune.config import Config
@@ -25,14 +26,15 @@ from fedtune.train import evaluate
 ATTACK_COLUMNS = ("attack_success_rate", "malicious_filtered", "benign_filtered")
 
 
-def filtered_clients(config: Config, train: TrainPhase) -> dict[int, bool]:
+def filtered_clients(config: Config, strategy: Strategy, train: TrainPhase) -> dict[int, bool]:
     """Client id -> whether its update was filtered, for every sampled client that sent one."""
     filtered = {row.client_id: row.status == "rejected" for row in train.rows
                 if row.client_id is not None and row.status in ("ok", "rejected")}
     entry = STRATEGIES[config.strategy.name]
     ok = sum(row.status == "ok" for row in train.rows)
     if entry.filters and train.replies and len(train.replies) == ok:
-        flags = import_object(entry.filters)([reply.content for reply in train.replies], config)
+        flags = import_object(entry.filters)(strategy, [reply.content for reply in train.replies],
+                                             config)
         for reply, flag in zip(train.replies, flags, strict=True):
             client = int(protocol.metric(reply, protocol.PARTITION_ID))
             filtered[client] = filtered.get(client, False) or bool(flag)
@@ -43,13 +45,13 @@ def _share(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
-def attack_columns(resources: TaskResources, server_round: int, train: TrainPhase,
-                   arrays: ArrayRecord) -> dict[str, float | None]:
+def attack_columns(resources: TaskResources, strategy: Strategy, server_round: int,
+                   train: TrainPhase, arrays: ArrayRecord) -> dict[str, float | None]:
     """The round's attack columns (empty without an attack)."""
     plan = resources.attack
     if not plan.active:
         return {}
-    filtered = filtered_clients(resources.config, train)
+    filtered = filtered_clients(resources.config, strategy, train)
     malicious = [f for c, f in filtered.items() if plan.attacks(c, server_round)]
     benign = [f for c, f in filtered.items() if not plan.attacks(c, server_round)]
     success = None

@@ -1,12 +1,13 @@
 """Which updates a robust aggregator left out of a round, for the screening rates of an
 attacked run (``attack_metrics``). One function per strategy that selects, named by its table
-entry (``StrategyEntry.filters``): ``(contents, config) -> filtered`` over the replies it
-aggregated, in their order. What "filtered" means per aggregator:
+entry (``StrategyEntry.filters``): ``(strategy, contents, config) -> filtered`` over the
+replies it aggregated, in their order. What "filtered" means per aggregator:
 
 - Krum / Multi-Krum: not among the updates it selected (Flower's own ``select_multikrum``, the
   selection the strategy made);
 - trimmed mean: more than half of the update's coordinates fall in the cut tails (each tail
-  ``int(beta n)`` values, as scipy's ``trim_mean`` cuts).
+  ``int(beta n)`` values, as scipy's ``trim_mean`` cuts);
+- FLTrust: a trust score of 0 (its direction disagrees with the server's root update).
 
 Other aggregators weigh every update they are given (a median mixes them coordinate by
 coordinate), so only screening and the update bounds filter there.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 from flwr.app import RecordDict
+from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from fedtune.config import Config
@@ -30,7 +32,8 @@ def _stacked(contents: list[RecordDict]) -> np.ndarray:
     return np.stack(rows).astype(np.float64)
 
 
-def krum_filtered(contents: list[RecordDict], config: Config) -> list[bool]:
+def krum_filtered(strategy: Strategy, contents: list[RecordDict], config: Config
+                  ) -> list[bool]:
     """The updates Krum / Multi-Krum did not select."""
     arguments = strategy_arguments(config)
     selected = select_multikrum(contents, arguments["num_malicious_nodes"],
@@ -39,7 +42,8 @@ def krum_filtered(contents: list[RecordDict], config: Config) -> list[bool]:
     return [id(content) not in chosen for content in contents]
 
 
-def trimmed_filtered(contents: list[RecordDict], config: Config) -> list[bool]:
+def trimmed_filtered(strategy: Strategy, contents: list[RecordDict], config: Config
+                     ) -> list[bool]:
     """The updates whose coordinates were mostly cut by the trimmed mean."""
     values = _stacked(contents)
     n = len(values)
@@ -49,3 +53,11 @@ def trimmed_filtered(contents: list[RecordDict], config: Config) -> list[bool]:
     ranks = values.argsort(axis=0).argsort(axis=0)
     trimmed = (ranks < cut) | (ranks >= n - cut)
     return list(trimmed.mean(axis=1) > 0.5)
+
+
+def fltrust_filtered(strategy: Strategy, contents: list[RecordDict], config: Config
+                     ) -> list[bool]:
+    """The updates FLTrust gave no trust (its scores of the round, ``FLTrust.trust``)."""
+    trust = getattr(strategy, "trust", ())
+    return [bool(score == 0) for score in trust] if len(trust) == len(contents) else \
+        [False] * len(contents)

@@ -187,7 +187,7 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
     run.progress(server_round, "aggregate", 0, 0)
     train_metrics, model_update = update_global_model(run, server_round, train)
     privacy.record_round(train.rows, train.accepted, train_metrics)
-    attack = attack_columns(run.resources, server_round, train, state.arrays)
+    attack = attack_columns(run.resources, strategy, server_round, train, state.arrays)
 
     seed_sampling(config.run.seed, server_round, "evaluate")
     to_evaluate = list(strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(),

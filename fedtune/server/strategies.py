@@ -40,7 +40,7 @@ def build_strategy(config: Config, plan: PrivacyPlan,
     if strategy is None:
         strategy = STRATEGIES[s.name].load()(
             fraction_train=s.fraction_train, min_train_nodes=s.min_train_clients,
-            **evaluate_args, **strategy_arguments(config))
+            **evaluate_args, **strategy_arguments(config), **STRATEGIES[s.name].components(config))
     if not s.secure_aggregation:
         return strategy
     entry = STRATEGIES[s.name]

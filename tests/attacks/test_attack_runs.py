@@ -39,7 +39,7 @@ def _update(start: dict, sent: dict) -> np.ndarray:
 
 
 def test_a_sign_flipper_sends_its_negated_honest_update_from_its_start_round(tmp_path):
-    honest_start, honest = _sent(tiny_config(tmp_path, *EIGHT), 1)
+    _, honest = _sent(tiny_config(tmp_path, *EIGHT), 1)
     attacked = tiny_config(tmp_path, *EIGHT, "attack.name=sign_flip", "attack.clients=[1]",
                            "attack.start_round=2")
     start, before = _sent(attacked, 1, server_round=1)
