@@ -106,9 +106,15 @@ def update_context(config: Config, plan: AttackPlan, server_round: int, client_i
 
 
 def stacked(updates: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """Updates as rows of one float64 matrix (their floating tensors, flattened in order)."""
-    return np.stack([np.concatenate([v.ravel() for v in u.values()]).astype(np.float64)
-                     for u in updates])
+    """Updates as rows of one float64 matrix (their tensors, flattened in order)."""
+    width = sum(v.size for v in updates[0].values())
+    matrix = np.empty((len(updates), width))
+    for row, update in zip(matrix, updates, strict=True):
+        start = 0
+        for value in update.values():
+            row[start:start + value.size] = value.ravel()
+            start += value.size
+    return matrix
 
 
 def unflattened(vector: np.ndarray, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

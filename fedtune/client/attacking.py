@@ -9,8 +9,10 @@ and what it sends, played inside ``train_client`` so that every runtime plays it
 - An attack whose colluders see the round's honest updates (the entry's ``sees``) gets the
   honest updates of the attacker's collusion group: the attacker trains every member's data
   from the round's global model with plain local training and the member's own round seed, so
-  every member derives the same statistics whoever computes them first (one process computes
-  them once per round and group). No colluder sees an honest client's update.
+  every member derives the same statistics, and sends the same update, whoever computes it
+  first: a process computes a group's update once per round and keeps the round's (one model's
+  floating tensors in float64 per group) until the next round. No colluder sees an honest
+  client's update.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from fedtune.client.algorithms import ClientSide
 from fedtune.models.weights import load_shared_state, shared_state
 from fedtune.task import TaskResources, client_round_seed, seed_torch
 
-_GROUP_UPDATES: dict[tuple, list[dict[str, np.ndarray]]] = {}  # the latest group's, one entry
+# (resources, round, global model digest) -> group -> the update its colluders send; one round
+_GROUP_UPDATES: dict[tuple, dict[tuple[int, ...], dict[str, np.ndarray]]] = {}
 
 
 def training_data(resources: TaskResources, client_id: int, shard: int,
@@ -54,9 +57,6 @@ def group_updates(resources: TaskResources, group: tuple[int, ...], server_round
                   content: RecordDict, global_arrays: dict[str, np.ndarray]
                   ) -> list[dict[str, np.ndarray]]:
     """The honest updates (float64) of every member of ``group`` this round."""
-    key = (id(resources), group, server_round, _digest(global_arrays))
-    if key in _GROUP_UPDATES:
-        return _GROUP_UPDATES[key]
     model, updates = resources.model, []
     for member in group:
         seed = client_round_seed(resources.config.run.seed, server_round, member)
@@ -67,9 +67,25 @@ def group_updates(resources: TaskResources, group: tuple[int, ...], server_round
         trained = shared_state(model, copy=False)
         updates.append({name: trained[name].astype(np.float64) - value
                         for name, value in global_arrays.items() if _floating(value)})
-    _GROUP_UPDATES.clear()
-    _GROUP_UPDATES[key] = updates
     return updates
+
+
+def colluders_update(resources: TaskResources, client_id: int, server_round: int,
+                     content: RecordDict, global_arrays: dict[str, np.ndarray],
+                     honest: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What every colluder of ``client_id``'s group sends this round (computed once)."""
+    plan = resources.attack
+    group = plan.group_of(client_id)
+    key = (id(resources), server_round, _digest(global_arrays))
+    if key not in _GROUP_UPDATES:
+        _GROUP_UPDATES.clear()
+        _GROUP_UPDATES[key] = {}
+    known = _GROUP_UPDATES[key]
+    if group not in known:
+        benign = group_updates(resources, group, server_round, content, global_arrays)
+        context = update_context(resources.config, plan, server_round, client_id, benign)
+        known[group] = plan.entry.load()(context, honest)
+    return known[group]
 
 
 def attacked_update(resources: TaskResources, client_id: int, server_round: int,
@@ -80,10 +96,11 @@ def attacked_update(resources: TaskResources, client_id: int, server_round: int,
     entry = plan.entry
     honest = {name: local_arrays[name].astype(np.float64) - value
               for name, value in global_arrays.items() if _floating(value)}
-    if entry.acts_on == "update":
-        benign = (group_updates(resources, plan.group_of(client_id), server_round, content,
-                                global_arrays) if entry.needs_benign else [])
-        context = update_context(resources.config, plan, server_round, client_id, benign)
+    if entry.needs_benign:
+        sent = colluders_update(resources, client_id, server_round, content, global_arrays,
+                                honest)
+    elif entry.acts_on == "update":
+        context = update_context(resources.config, plan, server_round, client_id, [])
         sent = entry.load()(context, honest)
     else:
         boost = float(plan.settings["boost"]) if "boost" in entry.keys else 1.0
