@@ -127,3 +127,37 @@ def test_krum_leaves_out_every_boosted_update_and_the_rates_say_so(tmp_path, one
     rows = rows_of(run_inprocess(config).path / "metrics.csv")
     assert [float(r["malicious_filtered"]) for r in rows] == [1.0, 1.0]
     assert [float(r["benign_filtered"]) for r in rows] == [0.0, 0.0]  # Multi-Krum keeps 6
+
+
+@pytest.fixture(scope="module")
+def ray_two_cpus():
+    """One local Ray for this module's runs (the engine leaves a running session alone)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack, defence", [("alie", "fltrust"), ("backdoor", "bucketing")])
+def test_the_ray_engine_plays_attacks_and_defences_as_the_in_process_runtime(
+        tmp_path, attack, defence, ray_two_cpus, one_torch_thread):
+    """Colluders training their group in the actors, a data attack's poisoned rows, FLTrust's
+    root training and bucketing's shuffle: the same metrics and model bit for bit (the
+    in-process side with one torch thread, as each actor has)."""
+    from safetensors.numpy import load_file
+
+    from fedtune.engine.ray_engine import run_ray_engine
+
+    settings = [*EIGHT, "run.rounds=2", f"strategy.name={defence}", f"attack.name={attack}",
+                "attack.count=2"]
+    ray_dir = run_ray_engine(tiny_config(tmp_path / "ray", *settings,
+                                         "engine.backend=ray")).path
+    local_dir = run_inprocess(tiny_config(tmp_path / "local", *settings)).path
+    columns = ("eval_accuracy", "attack_success_rate", "malicious_filtered", "benign_filtered")
+    assert ([[r[c] for c in columns] for r in rows_of(ray_dir / "metrics.csv")]
+            == [[r[c] for c in columns] for r in rows_of(local_dir / "metrics.csv")])
+    ours = load_file(str(ray_dir / "model" / "model.safetensors"))
+    theirs = load_file(str(local_dir / "model" / "model.safetensors"))
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
