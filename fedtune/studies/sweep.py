@@ -81,9 +81,9 @@ from fedtune.studies.parallel import check_parallel, run_points
 
 SEED_KEY = "run.seed"
 FINAL_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "train_loss",
-                 "federated_eval_accuracy")
+                 "federated_eval_accuracy", "attack_success_rate")
 TOTALS = ("best_eval_accuracy", "epsilon", "audit_epsilon", "total_bytes", "total_bytes_up",
-          "total_time_s")
+          "total_time_s", "malicious_filtered", "benign_filtered")
 GRID_KEY_OPTIONS = ("x", "series", "rows", "curves")  # [sweep] keys whose value is a grid key
 # what a centralized row's grid keys that do not change it read, per sweep.centralized kind
 CENTRAL_LABELS = {"examples": "centralized", "converged": "centralized (converged)"}
@@ -421,6 +421,9 @@ def result_row(run: SweepRun) -> dict[str, Any]:
     row["total_bytes"] = summary["total_bytes_up"] + summary["total_bytes_down"]
     row["total_bytes_up"] = summary["total_bytes_up"]
     row["total_time_s"] = summary["total_time_s"]
+    # an attacked run: the shares of malicious / honest updates filtered, mean over rounds
+    for name in ("malicious_filtered", "benign_filtered"):
+        row[name] = summary.get("attack", {}).get(name)
     audit = Path(run.config.run.dir) / "audit.json"  # privacy.audit's empirical ε
     row["audit_epsilon"] = (float(json.loads(audit.read_text())["empirical_epsilon"])
                             if audit.is_file() else None)
