@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord
+import copy
+
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
 from fedtune import protocol
@@ -26,17 +28,30 @@ from fedtune.train import evaluate
 ATTACK_COLUMNS = ("attack_success_rate", "malicious_filtered", "benign_filtered")
 
 
-def filtered_clients(config: Config, strategy: Strategy, train: TrainPhase) -> dict[int, bool]:
-    """Client id -> whether its update was filtered, for every sampled client that sent one."""
+def aggregated_updates(resources: TaskResources, train: TrainPhase) -> list[RecordDict]:
+    """Copies of the replies a selecting aggregator is about to see, taken before it does (an
+    aggregator may consume them: Flower's trimmed mean pops their arrays); none without an
+    attack, for an aggregator that selects nothing, or for a cohort summed where it ran."""
+    entry = STRATEGIES[resources.config.strategy.name]
+    ok = sum(row.status == "ok" for row in train.rows)
+    if not (resources.attack.active and entry.filters and train.replies
+            and len(train.replies) == ok):
+        return []
+    return [copy.deepcopy(reply.content) for reply in train.replies]
+
+
+def filtered_clients(config: Config, strategy: Strategy, train: TrainPhase,
+                     aggregated: list[RecordDict]) -> dict[int, bool]:
+    """Client id -> whether its update was filtered, for every sampled client that sent one
+    (``aggregated``: what ``aggregated_updates`` copied)."""
     filtered = {row.client_id: row.status == "rejected" for row in train.rows
                 if row.client_id is not None and row.status in ("ok", "rejected")}
-    entry = STRATEGIES[config.strategy.name]
-    ok = sum(row.status == "ok" for row in train.rows)
-    if entry.filters and train.replies and len(train.replies) == ok:
-        flags = import_object(entry.filters)(strategy, [reply.content for reply in train.replies],
-                                             config)
-        for reply, flag in zip(train.replies, flags, strict=True):
-            client = int(protocol.metric(reply, protocol.PARTITION_ID))
+    if aggregated:
+        entry = STRATEGIES[config.strategy.name]
+        flags = import_object(entry.filters)(strategy, aggregated, config)
+        for content, flag in zip(aggregated, flags, strict=True):
+            record = next(r for r in content.values() if isinstance(r, MetricRecord))
+            client = int(record[protocol.PARTITION_ID])
             filtered[client] = filtered.get(client, False) or bool(flag)
     return filtered
 
@@ -46,12 +61,13 @@ def _share(flags: list[bool]) -> float | None:
 
 
 def attack_columns(resources: TaskResources, strategy: Strategy, server_round: int,
-                   train: TrainPhase, arrays: ArrayRecord) -> dict[str, float | None]:
-    """The round's attack columns (empty without an attack)."""
+                   train: TrainPhase, aggregated: list[RecordDict], arrays: ArrayRecord
+                   ) -> dict[str, float | None]:
+    """The round's attack columns (empty without an attack); ``arrays``: the new model."""
     plan = resources.attack
     if not plan.active:
         return {}
-    filtered = filtered_clients(resources.config, strategy, train)
+    filtered = filtered_clients(resources.config, strategy, train, aggregated)
     malicious = [f for c, f in filtered.items() if plan.attacks(c, server_round)]
     benign = [f for c, f in filtered.items() if not plan.attacks(c, server_round)]
     success = None

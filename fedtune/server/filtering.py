@@ -5,8 +5,9 @@ replies it aggregated, in their order. What "filtered" means per aggregator:
 
 - Krum / Multi-Krum: not among the updates it selected (Flower's own ``select_multikrum``, the
   selection the strategy made);
-- trimmed mean: more than half of the update's coordinates fall in the cut tails (each tail
-  ``int(beta n)`` values, as scipy's ``trim_mean`` cuts);
+- trimmed mean: more than half of the update's coordinates lie outside the range of the values
+  kept (each tail ``int(beta n)`` values, as scipy's ``trim_mean`` cuts), counting only the
+  coordinates where the updates differ (a value tied with a kept one was not cut off);
 - FLTrust: a trust score of 0 (its direction disagrees with the server's root update).
 
 Other aggregators weigh every update they are given (a median mixes them coordinate by
@@ -48,11 +49,13 @@ def trimmed_filtered(strategy: Strategy, contents: list[RecordDict], config: Con
     values = _stacked(contents)
     n = len(values)
     cut = int(config.strategy.trim_beta * n)
-    if cut == 0:
+    varying = values.min(axis=0) < values.max(axis=0)
+    if cut == 0 or not varying.any():
         return [False] * n
-    ranks = values.argsort(axis=0).argsort(axis=0)
-    trimmed = (ranks < cut) | (ranks >= n - cut)
-    return list(trimmed.mean(axis=1) > 0.5)
+    values = values[:, varying]
+    ordered = np.sort(values, axis=0)
+    trimmed = (values < ordered[cut]) | (values > ordered[n - cut - 1])
+    return [bool(share > 0.5) for share in trimmed.mean(axis=1)]
 
 
 def fltrust_filtered(strategy: Strategy, contents: list[RecordDict], config: Config

@@ -29,7 +29,7 @@ from fedtune.config import Config
 from fedtune.models.weights import load_shared_state
 from fedtune.privacy.mode import PrivacyServer
 from fedtune.results.run_dir import ClientRow, RoundRow
-from fedtune.server.attack_metrics import attack_columns
+from fedtune.server.attack_metrics import aggregated_updates, attack_columns
 from fedtune.server.grid import CohortSpec
 from fedtune.server.guard import non_finite_tensors
 from fedtune.server.identity import Identities
@@ -185,9 +185,11 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
     train = train_phase(run.grid, messages, spec, server_round, identities, bounds, timeout,
                         progress("train"), run.stop)
     run.progress(server_round, "aggregate", 0, 0)
+    aggregated = aggregated_updates(run.resources, train)  # an attacked run's, for its rates
     train_metrics, model_update = update_global_model(run, server_round, train)
     privacy.record_round(train.rows, train.accepted, train_metrics)
-    attack = attack_columns(run.resources, strategy, server_round, train, state.arrays)
+    attack = attack_columns(run.resources, strategy, server_round, train, aggregated,
+                            state.arrays)
 
     seed_sampling(config.run.seed, server_round, "evaluate")
     to_evaluate = list(strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(),

@@ -1,12 +1,13 @@
 """Extension tables: the one place each kind of extension is declared.
 
-fedtune has five extension points, each a dict from a name to an entry:
+fedtune has six extension points, each a dict from a name to an entry:
 
 - dataset (``data.dataset``): ``fedtune.tables.datasets.DATASETS``
 - strategy (``strategy.name``): ``fedtune.tables.strategies.STRATEGIES``
 - model kind (``model.kind``): ``fedtune.tables.model_kinds.MODEL_KINDS``
 - privacy mode (``privacy.mode``): ``fedtune.tables.privacy_modes.PRIVACY_MODES``
 - runtime (``engine.backend``): ``fedtune.tables.runtimes.RUNTIMES``
+- attack (``attack.name``): ``fedtune.tables.attacks.ATTACKS``
 
 An entry is light: it declares the config keys it owns (``Key``), its traits and its config
 checks, and names its implementation as ``"module:attribute"``, imported the first time it is

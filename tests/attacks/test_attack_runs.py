@@ -121,12 +121,19 @@ def test_every_attack_plays_a_round_and_is_measured(tmp_path, name, one_torch_th
     assert (row["attack_success_rate"] != "") == ATTACKS[name].backdoor
 
 
-def test_krum_leaves_out_every_boosted_update_and_the_rates_say_so(tmp_path, one_torch_thread):
-    config = tiny_config(tmp_path, *EIGHT, "run.rounds=2", "strategy.name=multikrum",
-                         "strategy.num_malicious=2", "attack.name=scaling", "attack.count=2")
+@pytest.mark.parametrize("strategy", [
+    ["strategy.name=multikrum", "strategy.num_malicious=2"],  # keeps the 6 best of 8
+    # cuts int(0.25 x 8) = 2 per tail: the boosted updates sit in the tails of most coordinates
+    ["strategy.name=fedtrimmedavg", "strategy.trim_beta=0.25"],
+    ["strategy.name=fltrust"],  # the boosted sign flips point away from the server's update
+])
+def test_selecting_aggregators_leave_out_every_boosted_update_and_the_rates_say_so(
+        tmp_path, strategy, one_torch_thread):
+    config = tiny_config(tmp_path, *EIGHT, "run.rounds=2", *strategy, "attack.name=scaling",
+                         "attack.count=2")
     rows = rows_of(run_inprocess(config).path / "metrics.csv")
     assert [float(r["malicious_filtered"]) for r in rows] == [1.0, 1.0]
-    assert [float(r["benign_filtered"]) for r in rows] == [0.0, 0.0]  # Multi-Krum keeps 6
+    assert [float(r["benign_filtered"]) for r in rows] == [0.0, 0.0]
 
 
 @pytest.fixture(scope="module")
