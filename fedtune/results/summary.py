@@ -43,6 +43,12 @@ def privacy_setting(config: Config) -> str:
     return f"{p.mode} DP, {budget} at δ = {p.delta:g}"
 
 
+def _backdoor(final: dict[str, str]) -> dict[str, float]:
+    """A backdoored run's final attack success rate (nothing for other runs)."""
+    rate = _number(final.get("attack_success_rate", ""))
+    return {} if rate is None else {"attack_success_rate": rate}
+
+
 def _filtered_means(rows: list[dict[str, str]]) -> dict[str, float]:
     """An attacked run's shares of filtered updates, averaged over the rounds that had any."""
     means = {}
@@ -89,7 +95,7 @@ def build_summary(config: Config, resources: TaskResources, run_dir: RunDirector
             "eval_loss": _number(final.get("eval_loss", "")),
             "train_loss": _number(final.get("train_loss", "")),
             "federated_eval_accuracy": _number(final.get("federated_eval_accuracy", "")),
-            "attack_success_rate": _number(final.get("attack_success_rate", "")),
+            **_backdoor(final),
         },
         "best": {"eval_accuracy": best_accuracy, "round": best_round},
         "classification_report": final_eval.classification_report(federation.data.label_names),
