@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 
@@ -50,7 +51,7 @@ def heatmap(rows: list[dict[str, str]], metric: str, attacks: list[str], title: 
         axis.set_title(f"{partition}")
         for i, line in enumerate(grid):
             for j, value in enumerate(line):
-                if value == value:  # not NaN
+                if not math.isnan(value):
                     axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
     figure.colorbar(image, ax=axes, shrink=0.8)
     figure.suptitle(title)

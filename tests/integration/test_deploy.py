@@ -177,9 +177,9 @@ def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
     its own app: every SuperNode refuses it, and so does the server side; it registers its own
     SuperNode, which is never sampled. The honest app, published and signed, runs SCAFFOLD for
     two rounds, its client 1 playing the sign-flip attack (on its own SuperNode, from the run
-    config) and the run measuring it; the SuperLink restarts and the run resumes for a third: each SuperNode's
-    state-dir gives its client back its variates, and the run ends with the weights of an
-    uninterrupted run (replayed rounds: tests/client/test_node_state.py)."""
+    config) and the run measuring it; the SuperLink restarts and the run resumes for a third:
+    each SuperNode's state-dir gives its client back its variates, and the run ends with the
+    weights of an uninterrupted run (replayed rounds: tests/client/test_node_state.py)."""
     creds = write_credentials(tmp_path / "creds", ["localhost", "127.0.0.1"], 5)
     registry_dir = tmp_path / "registry"
     published = publish(REPO, registry_dir, creds.publisher_key)
