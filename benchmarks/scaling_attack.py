@@ -3,9 +3,8 @@
 MLP on digits, 10 IID clients, every client trains every round; with the attack, 2 of them
 (``attack.name = "scaling"``, ``attack.fraction = 0.2``, drawn from the seed) send
 ``x + factor (y - x)`` instead of their model ``y``. Each condition runs in process for every
-seed; the table gives the final
-global test accuracy (mean ± std over seeds), how many updates the server rejected per run, and
-the wall time of a run. First it prints the L2 norms of the honest updates of an unattacked
+seed; the table gives the final global test accuracy (mean ± std over seeds), how many updates
+the server rejected per run, and the wall time of a run. First it prints the L2 norms of the honest updates of an unattacked
 run (what a ``strategy.max_update_norm`` has to be compared with).
 
     python benchmarks/scaling_attack.py                 # factor -10, 3 seeds
