@@ -44,7 +44,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("client: seeding", ("client_round_seed ", "seed_torch ")),
     ("client: local evaluation", ("evaluate_client ",)),
     ("cohort: screening the update", ("_screen_update ", "_screen_evaluation ")),
-    ("cohort: adding the update to the block sum", ("_accumulate ",)),
+    ("cohort: adding the update to the block sum", ("accumulate ",)),
     ("clients together: vmapped forward and backward", ("_train_group.<locals>.loss ",
                                                         "_autograd_grad ")),
     ("clients together: stacking batches", ("_stack_step ",)),

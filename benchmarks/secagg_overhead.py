@@ -63,7 +63,7 @@ def _stand_in_app(shapes: dict[str, tuple[int, ...]]):
     from flwr.clientapp import ClientApp
 
     from fedtune import protocol
-    from fedtune.client.secagg import secagg_stage, secagg_train_mod
+    from fedtune.client.secagg_stages import secagg_stage, secagg_train_mod
 
     app = ClientApp()
     app.query(protocol.SECAGG_ACTION)(secagg_stage)
@@ -91,10 +91,10 @@ def one_round(arrays: dict[str, np.ndarray], clients: int, secure: bool, degree:
     from fedtune.config import load_config, to_run_config
     from fedtune.engine.inprocess import InProcessGrid
     from fedtune.privacy.mode import PrivacyPlan
+    from fedtune.server.build_strategy import build_strategy
     from fedtune.server.exchange import exchange
     from fedtune.server.round import by_client
     from fedtune.server.screening import screen_train_replies
-    from fedtune.server.strategies import build_strategy
 
     config = load_config(None, [
         "model.kind=mlp", f"data.num_clients={clients}", "strategy.fraction_train=1.0",

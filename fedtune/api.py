@@ -36,6 +36,7 @@ from fedtune.config import Config, ConfigError, config_from_raw, load_config, sh
 from fedtune.results.run_dir import check_creatable, default_run_path, is_empty_run_dir
 from fedtune.results.run_log import capture_run_log, quiet_libraries
 from fedtune.server.callbacks import Callback
+from fedtune.tables.runtimes import RUNTIMES
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -219,9 +220,10 @@ def run(config: ConfigLike = None, overrides: Overrides = None, output: str | Pa
     if not all(isinstance(c, Callback) for c in callbacks):
         raise ConfigError(f"callbacks = {callbacks!r} is not allowed: must be a list of "
                           "fedtune.Callback objects")
-    if callbacks and resolved.engine.backend == "central":
-        raise ConfigError("callbacks are not allowed with engine.backend = 'central': the "
-                          "centralized reference has no round loop of the server")
+    if callbacks and not RUNTIMES[resolved.engine.backend].federated:
+        raise ConfigError(f"callbacks are not allowed with engine.backend = "
+                          f"{resolved.engine.backend!r}: the centralized reference has no "
+                          "round loop of the server")
     resolved.run.dir = str(path)
     reporter = _reporter(progress, callbacks)
     reporter.stage("loading torch, transformers and Flower")

@@ -33,6 +33,8 @@ from fedtune.config import (
 from fedtune.results.run_dir import check_creatable, is_empty_run_dir, json_safe
 from fedtune.results.run_log import capture_run_log, quiet_libraries
 from fedtune.results.tracking import check_tracking
+from fedtune.tables.privacy_modes import PRIVACY_MODES
+from fedtune.tables.runtimes import RUNTIMES
 from fedtune.terminal import (
     JSON,
     NORMAL,
@@ -190,8 +192,9 @@ def _describe_run(config: Config) -> str:
     d, m = config.data, config.model
     split = d.partitioner + (f" α={d.alpha:g}" if d.partitioner == "dirichlet" else "")
     model = f"{m.kind}/{m.transfer}"
-    privacy = "" if config.privacy.mode == "none" else f", {config.privacy.mode} DP"
-    if config.privacy.mode != "none" and config.privacy.insecure_reproducible_noise:
+    private = PRIVACY_MODES[config.privacy.mode].mechanism
+    privacy = f", {config.privacy.mode} DP" if private else ""
+    if private and config.privacy.insecure_reproducible_noise:
         privacy += " (NOT PRIVATE: noise seeded from run.seed)"
     return (f"{config.run.name}: {d.dataset}, {d.num_clients} clients ({split}), {model}, "
             f"{config.strategy.name}{privacy}, {config.run.rounds} rounds, engine "
@@ -296,12 +299,14 @@ def _print_summary(console: Console, run_dir: Path) -> None:
 
     directory = RunDirectory(run_dir)
     summary = directory.read_json("summary.json")
+    runtime = RUNTIMES.get(summary.get("runtime", {}).get("backend", ""))
     setup = (f"centralized on the pooled data of {summary['dataset']['num_clients']} clients"
-             if summary.get("runtime", {}).get("backend") == "central"
+             if runtime is not None and not runtime.federated
              else f"{summary['dataset']['num_clients']} clients")
     console.print(f"{summary['dataset']['name']}: {setup}, {summary['rounds_completed']} "
                   "rounds", highlight=False)
-    privacy = (summary.get("privacy") or {}).get("mode", "none") != "none"
+    mode = PRIVACY_MODES.get((summary.get("privacy") or {}).get("mode", ""))
+    privacy = mode is not None and mode.mechanism
     print_rows(console, directory.metrics(), privacy)
     print_final(console, run_dir, summary, _centralized_line(summary))
 

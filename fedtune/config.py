@@ -5,10 +5,12 @@ and a check. ``load_config`` reads a file, applies ``--set section.key=value`` o
 validates; any user error raises ``ConfigError`` with one line naming the key, the value and
 what is allowed, before any work starts.
 
-Four sections are derived from the extension tables (``fedtune.tables``): ``[model]`` from the
-model kinds, ``[strategy]`` from the strategies, ``[privacy]`` from the privacy modes and
-``[engine]`` from the runtimes. Each has a few common keys plus the keys the table's entries
-own; the entry that ``kind`` / ``name`` / ``mode`` / ``backend`` picks checks its own settings.
+Four sections are derived from the extension tables (``fedtune.tables``; the classes are
+``fedtune.sections``, typed for type checkers by the generated ``fedtune/sections.pyi``):
+``[model]`` from the model kinds, ``[strategy]`` from the strategies, ``[privacy]`` from the
+privacy modes and ``[engine]`` from the runtimes. Each has a few common keys plus the keys the
+table's entries own; the entry that ``kind`` / ``name`` / ``mode`` / ``backend`` picks checks
+its own settings.
 This module imports neither torch nor Flower nor Ray: a mistake is reported in well under a
 second.
 
@@ -33,21 +35,21 @@ from typing import Any
 import tomli_w
 
 from fedtune.errors import ConfigError, ConfigWarning
-from fedtune.tables import (
-    Key,
-    UsedWith,
-    declared_key,
-    key,
-    owners_of,
-    section_class,
-    used_with,
+from fedtune.sections import (
+    CHOOSERS,
+    AttackSection,
+    EngineSection,
+    ModelSection,
+    PrivacySection,
+    StrategySection,
 )
-from fedtune.tables.attacks import ATTACKS, check_attack
-from fedtune.tables.datasets import DATASETS
-from fedtune.tables.model_kinds import MODEL_KINDS, TRANSFER_MODES, check_model
-from fedtune.tables.privacy_modes import PRIVACY_MODES, check_privacy
+from fedtune.tables import Key, UsedWith, declared_key, key, owners_of, used_with
+from fedtune.tables.datasets import DATASETS, check_dataset
+from fedtune.tables.model_kinds import check_model
+from fedtune.tables.privacy_modes import check_privacy
+from fedtune.tables.attacks import check_attack
 from fedtune.tables.runtimes import RUNTIMES, check_runtime
-from fedtune.tables.strategies import STRATEGIES, check_strategy, clients_per_round
+from fedtune.tables.strategies import check_strategy, clients_per_round
 
 __all__ = [
     "Config",
@@ -73,7 +75,6 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # cuda:N = the N-th vis
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRAGGLER_DELAYS = ("constant", "exponential")
 CRASH_STAGES = ("train", "setup", "share-keys", "unmask")
-IN_THIS_PROCESS = ("inprocess", "central")  # runtimes that compute in the calling process
 INT_BITS = 63  # an integer key fits a signed 64-bit integer (Flower's run config holds those)
 MAX_NAME = 200  # characters of run.name: <name>-<UTC time>-<n> must stay a valid file name
 # tracking.mlflow_uri schemes MLflow's tracking stores take ('' and file: a folder)
@@ -203,107 +204,17 @@ class TrackingSection:
                                      "sweep's name)", used_with=UsedWith("mlflow", (True,)))
 
 
-ModelSection = section_class(
-    "ModelSection", "[model]: the model kind (fedtune.tables.model_kinds) and how it trains.",
-    {"kind": Key("hf", "hf = Hugging Face sequence classifier, mlp = multilayer perceptron",
-                 choices=tuple(MODEL_KINDS)),
-     "transfer": Key("full", "what trains (and travels): scratch = random init, all; full = "
-                             "pretrained, all; frozen = head only; top_k = last top_k_layers "
-                             "encoder layers + head; lora = LoRA adapters + head",
-                     choices=TRANSFER_MODES),
-     "dropout": Key(0.1, "dropout before the classifier head", ge=0, lt=1)},
-    MODEL_KINDS, "kind")
-
-StrategySection = section_class(
-    "StrategySection", "[strategy]: the aggregation (fedtune.tables.strategies) and sampling. "
-                       "Hyper-parameters apply to the strategies named in their help and are "
-                       "ignored by the others, so one sweep file can set them all.",
-    {"name": Key("fedavg", "aggregation strategy", choices=tuple(STRATEGIES)),
-     "fraction_train": Key(0.25, "fraction of clients sampled for training each round", gt=0,
-                           le=1),
-     "fraction_evaluate": Key(0.25, "fraction of clients sampled for federated evaluation; 0 "
-                                    "= none", ge=0, le=1),
-     "min_train_clients": Key(1, "fewest clients sampled for training each round (Flower's "
-                                 "min_train_nodes)", ge=1),
-     "round_timeout_s": Key(3600.0, "longest wait for the replies of one round", gt=0),
-     "max_update_norm": Key(0.0, "clip every client's update (its model minus the global "
-                                 "model, L2 norm) to at most this; 0 = off", ge=0),
-     "update_norm_z": Key(0.0, "reject an update whose norm lies more than this many robust "
-                               "standard deviations (median absolute deviation) above the "
-                               "round's median; 0 = off", ge=0),
-     "secure_aggregation": Key(False, "SecAgg+ (Bell et al. 2020): the server sees only the "
-                                      "weighted sum of the clients' updates (weighted-sum "
-                                      "strategies; with privacy.mode = central: distributed DP)"),
-     "secagg_degree": Key(16, "SecAgg+: neighbours k each client masks with and shares its "
-                              "secrets with (even); 0 = every other sampled client", ge=0),
-     "secagg_threshold": Key(0.6, "SecAgg+: share of a client's k neighbours that must "
-                                   "survive to unmask it, and of the cohort whose inputs must "
-                                   "arrive", gt=0.5, le=1),
-     "secagg_bits": Key(24, "SecAgg+: quantisation bits of each summed value", ge=4, le=30),
-     "secagg_clip_range": Key(0.0, "SecAgg+: summed values are clipped to [-c, c] before "
-                                   "quantising; 0 = 1, or under central DP clip_norm + 6 noise "
-                                   "std", ge=0)},
-    STRATEGIES, "name")
-
-PrivacySection = section_class(
-    "PrivacySection", "[privacy]: the privacy mode (fedtune.privacy) and its budget.",
-    {"mode": Key("none", "differential privacy: local = DP-SGD on every client (per example, "
-                         "Opacus), central = DP-FedAvg at the server (per client); in central "
-                         "mode each client is sampled with probability strategy.fraction_train",
-                 choices=tuple(PRIVACY_MODES))},
-    PRIVACY_MODES, "mode")
-
-EngineSection = section_class(
-    "EngineSection", "[engine]: the runtime (fedtune.tables.runtimes) and its resources.",
-    {"backend": Key("ray", "ray = fedtune's engine (persistent Ray actors), flower = Flower's "
-                           "Ray simulation, inprocess = no Ray (debug), central = the "
-                           "centralized reference (pooled data, no federation)",
-                    choices=tuple(RUNTIMES)),
-     "client_cpus": Key(1.0, "CPU cores reserved per simulated client", gt=0),
-     "client_gpus": Key(0.0, "GPU fraction per simulated client (0.25 = 4 share one)", ge=0,
-                        le=1),
-     "node_wait_s": Key(300.0, "how long the server waits for all clients (ray: its actors) to "
-                              "start", gt=0),
-     "node_ids": Key([], "deployment: the node id of each client, in client order, as `flwr "
-                         "supernode register` printed them; only these SuperNodes take part. "
-                         "[] = simulations (the runtime knows its clients), or trust the "
-                         "partition-id each SuperNode first declares", kind=list[str]),
-     # centralized runs to convergence (engine.central_until = "converged", a sweep's
-     # centralized rows); any config may carry them, so that a sweep's base sets them
-     "central_patience": Key(5, "centralized runs to convergence: stop after this many "
-                                "epochs without a lower validation loss", ge=1),
-     "central_max_epochs": Key(100, "centralized runs to convergence: the most epochs", ge=1)},
-    RUNTIMES, "backend")
-
-ATTACKERS = UsedWith("name", tuple(name for name in ATTACKS if name != "none"))
-AttackSection = section_class(
-    "AttackSection", "[attack]: a poisoning attack (fedtune.tables.attacks) played by some "
-                     "clients, drawn once from run.seed or named.",
-    {"name": Key("none", "the attack the attackers play", choices=tuple(ATTACKS)),
-     "fraction": Key(0.0, "share of the clients that attack, drawn once from run.seed (the "
-                          "same clients every round)", ge=0, le=1),
-     "count": Key(0, "how many clients attack, drawn once from run.seed (instead of "
-                     "fraction)", ge=0),
-     "clients": Key([], "the attacking clients' ids (instead of fraction or count)",
-                    kind=list[int], ge=0),
-     "start_round": Key(1, "the first round the attackers attack (honest before it)", ge=1),
-     "collude": Key(0, "attackers per collusion group (in id order); 0 = all of them collude",
-                    ge=0)},
-    ATTACKS, "name",
-    {name: ATTACKERS for name in ("fraction", "count", "clients", "start_round", "collude")})
-
-
 @dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
-    model: Any = field(default_factory=ModelSection)
+    model: ModelSection = field(default_factory=ModelSection)
     client: ClientSection = field(default_factory=ClientSection)
-    strategy: Any = field(default_factory=StrategySection)
-    privacy: Any = field(default_factory=PrivacySection)
+    strategy: StrategySection = field(default_factory=StrategySection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     faults: FaultsSection = field(default_factory=FaultsSection)
-    attack: Any = field(default_factory=AttackSection)
-    engine: Any = field(default_factory=EngineSection)
+    attack: AttackSection = field(default_factory=AttackSection)
+    engine: EngineSection = field(default_factory=EngineSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
 
@@ -319,9 +230,6 @@ SECTIONS: dict[str, type] = {
     "engine": EngineSection,
     "tracking": TrackingSection,
 }
-# the key that picks a table entry, in each derived section
-CHOOSERS = {"model": "kind", "strategy": "name", "privacy": "mode", "engine": "backend",
-            "attack": "name"}
 
 
 def _allowed_text(declared: Key, kind: Any) -> str:
@@ -508,27 +416,14 @@ def check_consistency(config: Config) -> None:
             "client.precision = 'fp16' is not allowed with client.device = 'cpu': must be "
             "'fp32' or 'bf16' (fp16 autocast needs CUDA)"
         )
-    if (config.client.device.startswith("cuda") and config.engine.backend not in IN_THIS_PROCESS
+    if (config.client.device.startswith("cuda") and not RUNTIMES[config.engine.backend].in_process
             and config.engine.client_gpus == 0):
         raise ConfigError(
             f"client.device = {config.client.device!r} is not allowed with engine.client_gpus = "
             "0: Ray gives such "
             "clients no GPU; set engine.client_gpus > 0 (0.125 = 8 clients share one GPU)"
         )
-    if config.model.kind == "mlp" and config.model.path:
-        raise ConfigError(
-            f"model.path = {config.model.path!r} is not allowed with model.kind = 'mlp': "
-            "must be '' (the MLP is built from model.hidden_sizes)"
-        )
-    if config.data.dataset == "files":
-        if len(config.data.label_names) < 2:
-            raise ConfigError(
-                f"data.label_names = {config.data.label_names!r} is not allowed with "
-                "data.dataset = 'files': must name at least 2 labels, e.g. [\"neg\", \"pos\"]"
-            )
-        if not config.data.test_path:
-            raise ConfigError("data.test_path = '' is not allowed with data.dataset = 'files': "
-                              "must be the server's global test file (CSV or JSONL)")
+    check_dataset(config)
     name = config.run.name
     if (not name or name in (".", "..") or any(c in name for c in "/\\") or not name.isprintable()
             or name != name.strip() or len(name) > MAX_NAME):
@@ -555,7 +450,7 @@ def check_consistency(config: Config) -> None:
     check_runtime(config)
     check_strategy(config)
     _check_faults(config)
-    _check_attack(config)
+    check_attack(config)
 
 
 def _check_mlflow_uri(config: Config) -> None:
@@ -573,12 +468,14 @@ def _check_mlflow_uri(config: Config) -> None:
 def _check_reference(config: Config) -> None:
     if not config.run.reference:
         return
-    if config.engine.backend == "central":
-        raise ConfigError("run.reference = true is not allowed with engine.backend = 'central': "
-                          "must be false (a centralized run is its own reference)")
-    if config.data.dataset == "files":
-        raise ConfigError("run.reference = true is not allowed with data.dataset = 'files': "
-                          "must be false (the server never sees the parties' training data)")
+    if not RUNTIMES[config.engine.backend].federated:
+        raise ConfigError(f"run.reference = true is not allowed with engine.backend = "
+                          f"{config.engine.backend!r}: must be false (a centralized run is its "
+                          "own reference)")
+    if DATASETS[config.data.dataset].party_files:
+        raise ConfigError(f"run.reference = true is not allowed with data.dataset = "
+                          f"{config.data.dataset!r}: must be false (the server never sees the "
+                          "parties' training data)")
 
 
 # the [strategy] keys that decide how many examples a federated round trains on, which the
@@ -624,29 +521,6 @@ def _check_faults(config: Config) -> None:
                 f"faults.{name} = {fraction:g} is not allowed with data.num_clients = {n}: "
                 f"must pick at least one client (>= {0.5 / n:g}) or be 0"
             )
-
-
-def _check_attack(config: Config) -> None:
-    a, n = config.attack, config.data.num_clients
-    if a.name == "none":
-        return
-    given = [name for name in ("fraction", "count", "clients") if getattr(a, name)]
-    if len(given) != 1:
-        raise ConfigError(
-            f"attack.name = {a.name!r} needs exactly one of attack.fraction, attack.count or "
-            f"attack.clients, got {', '.join(given) or 'none of them'}")
-    if a.count > n:
-        raise ConfigError(f"attack.count = {a.count} is not allowed: must be <= data.num_clients"
-                          f" = {n}")
-    if 0 < a.fraction * n < 0.5:
-        raise ConfigError(f"attack.fraction = {a.fraction:g} is not allowed with "
-                          f"data.num_clients = {n}: must pick at least one client "
-                          f"(>= {0.5 / n:g})")
-    bad = [c for c in a.clients if not 0 <= c < n]
-    if bad or len(set(a.clients)) != len(a.clients):
-        raise ConfigError(f"attack.clients = {a.clients!r} is not allowed: must be distinct "
-                          f"client ids in 0..{n - 1}")
-    check_attack(config)
 
 
 # keys a resume may change: where and how long the run goes on, and on which runtime

@@ -20,11 +20,12 @@ privacy mode's table entries declare (FedNova's ``fednova-a``; local DP's ``epsi
 ``noise-multiplier``, ``sample-rate`` and its ``status``). ``fedtune.server.screening`` checks
 every reply against it before anything reads the reply.
 
-With **secure aggregation** (SecAgg+, ``fedtune.server.secagg`` and ``fedtune.client.secagg``)
-the key set-up and the unmasking are messages of type ``SECAGG_MESSAGE_TYPE`` whose ConfigRecord
-``SECAGG`` holds the stage and its values; the train message also carries ``SECAGG`` (the
-forwarded encrypted shares), and its reply carries, instead of the summed ArrayRecords, the
-ArrayRecord ``SECAGG_MASKED`` (one masked integer vector ``MASKED``) beside ``METRICS``.
+With **secure aggregation** (SecAgg+, ``fedtune.server.secagg_plus`` and
+``fedtune.client.secagg_stages``) the key set-up and the unmasking are messages of type
+``SECAGG_MESSAGE_TYPE`` whose ConfigRecord ``SECAGG`` holds the stage and its values; the train
+message also carries ``SECAGG`` (the forwarded encrypted shares), and its reply carries, instead
+of the summed ArrayRecords, the ArrayRecord ``SECAGG_MASKED`` (one masked integer vector
+``MASKED``) beside ``METRICS``.
 
 In a **deployment** (any Grid that is not a fedtune simulation) every message also carries the
 ConfigRecord ``NODE_STATE``: the run's ``RUN_KEY`` (the same across ``--resume``), this server
@@ -148,6 +149,10 @@ SECAGG_DP_CLIP_BOUND = "secagg-dp-clip-bound"  # distributed DP: η, fedtune.sec
 SECAGG_SERVER_S = "secagg-server-s"  # CPU seconds the server spent in the protocol
 
 MAX_ANY_EXAMPLES = 10**9  # what a reply may claim where the server knows no data sizes
+# a loss beyond this means the model diverged: refused, so that a mean of losses stays finite
+# (a reply of 1.7e308 would otherwise write inf into metrics.csv)
+MAX_LOSS = 1e12
+MAX_DURATION_S = 1e9  # about 30 years
 
 # --- the exact schema of a reply ----------------------------------------------------------------
 
@@ -155,12 +160,13 @@ TRAIN_METRICS: dict[str, ReplyMetric] = {
     NUM_EXAMPLES: ReplyMetric(int, ge=0),  # further bounded by what the server knows
     EXAMPLES_SEEN: ReplyMetric(int, ge=0),
     NUM_STEPS: ReplyMetric(int, ge=0),
-    DURATION_S: ReplyMetric(float, ge=0),
+    DURATION_S: ReplyMetric(float, ge=0, le=MAX_DURATION_S),
     PARTITION_ID: ReplyMetric(int, ge=0),
-    TRAIN_LOSS: ReplyMetric(float),  # a local objective may add terms of either sign
+    # a local objective may add terms of either sign
+    TRAIN_LOSS: ReplyMetric(float, ge=-MAX_LOSS, le=MAX_LOSS),
 }
 EVALUATE_METRICS: dict[str, ReplyMetric] = {
-    EVAL_LOSS: ReplyMetric(float, ge=0),
+    EVAL_LOSS: ReplyMetric(float, ge=0, le=MAX_LOSS),
     EVAL_ACCURACY: ReplyMetric(float, ge=0, le=1),
     NUM_EXAMPLES: ReplyMetric(int, ge=0),
     PARTITION_ID: ReplyMetric(int, ge=0),

@@ -24,6 +24,7 @@ from rich.spinner import Spinner
 
 from fedtune.config import Config
 from fedtune.results.run_dir import json_safe
+from fedtune.tables.privacy_modes import PRIVACY_MODES
 
 NORMAL, QUIET, JSON = "normal", "quiet", "json"  # what a command prints (--quiet, --json)
 
@@ -97,8 +98,6 @@ def row_line(row: dict[str, Any], privacy: bool) -> str:
 
 
 def spends_budget(config: Config) -> bool:
-    from fedtune.tables.privacy_modes import PRIVACY_MODES
-
     return PRIVACY_MODES[config.privacy.mode].spends_budget
 
 
@@ -287,12 +286,15 @@ def result_line(summary: dict[str, Any]) -> str:
 def privacy_line(summary: dict[str, Any], audit: dict[str, Any] | None) -> str:
     """ε spent at δ, with the accountant, and the audit's empirical ε (a private run)."""
     privacy = summary.get("privacy") or {}
-    if privacy.get("mode", "none") == "none" and audit is None:
+    mode = PRIVACY_MODES.get(privacy.get("mode", ""))
+    private = mode is not None and mode.mechanism
+    if not private and audit is None:
         return ""
     parts = []
-    if privacy.get("mode", "none") != "none":
+    if private:
         spent = shown_value(privacy["epsilon"])  # "inf" in JSON reads back as inf
-        who = " (the highest client's)" if privacy["mode"] == "local" else ""
+        # each client has its own accountant: the run's ε is the highest client's
+        who = " (the highest client's)" if mode.client_accountants else ""
         parts.append(f"{privacy['mode']} DP: ε spent {spent:{EPSILON_FORMAT}}{who} at δ "
                      f"{privacy['delta']:g} ({privacy['accountant']} accountant)")
         if privacy.get("private") is False:

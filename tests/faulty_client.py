@@ -73,3 +73,22 @@ def in_process_faults(resources, client_id: int, server_round: int, content, glo
     if client_id == RAISES or (client_id in (DIES, STALLS) and server_round == 1):
         raise RuntimeError(f"client {client_id} fails on purpose")
     return train_client(resources, client_id, server_round, content, global_arrays, state)
+
+
+HUGE = 3e38  # finite in float32; a mean with it is finite, the next training is not
+ATTACKER = 0
+
+
+def huge_update_train(resources, client_id: int, server_round: int, content, global_arrays,
+                      state):
+    """fedtune's ``train_client``, except that client ATTACKER sends HUGE in every floating
+    tensor of its model (well formed, finite, its metrics honest): the cohort path's attack."""
+    import numpy as np
+
+    from fedtune.client.app import train_client
+
+    trained = train_client(resources, client_id, server_round, content, global_arrays, state)
+    if client_id == ATTACKER and trained.arrays is not None:
+        trained.arrays = {name: np.full_like(value, HUGE) if value.dtype.kind == "f" else value
+                          for name, value in trained.arrays.items()}
+    return trained

@@ -31,6 +31,9 @@ INFLATE = "inflate"  # claims the federation's whole example count
 DECLINE = "decline"  # "my privacy budget is spent" without training
 STALE = "stale"  # from round 2 on, answers its message of round 1
 SCALE = "scale"  # a finite update scaled by 1e6
+HUGE = "huge"  # 3e38 in every floating tensor: finite, well formed
+HUGE_LOSS = "huge-loss"  # train-loss = 1.7e308
+NEGATIVE_LOSS = "negative-loss"  # train-loss = -1.7e308
 LONG_NAME = "long-name"  # a metric named by 300,000 characters
 HUGE_DECLINE = "huge-decline"  # "budget spent" with a 1 MB reason
 ESCAPES = "escapes"  # raises an error whose text holds ANSI escapes and newlines
@@ -40,6 +43,8 @@ FEDNOVA_STEPS = "fednova-steps"  # claims 10^15 steps, with the fednova-a they g
 ESCAPE_TEXT = "\x1b[2J\x1b[31mpwned\nfedtune: round 9 finished\r\x07"
 # evaluate-reply attacks
 EVAL_NO_LOSS = "eval-no-loss"
+EVAL_HUGE_LOSS = "eval-huge-loss"  # eval-loss = 1.7e308
+EVALUATE_ATTACKS = (EVAL_NO_LOSS, EVAL_HUGE_LOSS)
 
 
 def _carrying(array: Array, values: np.ndarray) -> Array:
@@ -98,6 +103,16 @@ def tamper(attack: str, msg: Message, reply: Message,
         metrics["num-steps"], metrics["fednova-a"] = 10**15, local_normalizer(10**15, 0.5)
     elif attack == SCALE:
         _tamper_arrays(reply, lambda a: Array(a.numpy() * np.float32(1e6)))
+    elif attack == HUGE:
+        arrays = reply.content["arrays"]
+        for name in list(arrays.keys()):
+            if np.dtype(arrays[name].dtype).kind == "f":
+                arrays[name] = Array(np.full(tuple(arrays[name].shape), 3e38,
+                                             dtype=np.dtype(arrays[name].dtype)))
+    elif attack == HUGE_LOSS:
+        metrics["train-loss"] = 1.7e308
+    elif attack == NEGATIVE_LOSS:
+        metrics["train-loss"] = -1.7e308
     elif attack == STALE:
         client = int(metrics["partition-id"])
         first = first_messages.setdefault(client, msg)
@@ -105,6 +120,8 @@ def tamper(attack: str, msg: Message, reply: Message,
             return Message(RecordDict(dict(reply.content.items())), reply_to=first)
     elif attack == EVAL_NO_LOSS:
         del metrics["eval-loss"]
+    elif attack == EVAL_HUGE_LOSS:
+        metrics["eval-loss"] = 1.7e308
     return reply
 
 
@@ -117,7 +134,7 @@ def hostile_app(attacks: Mapping[int, str]) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         reply = fedtune_client.train(msg, context)
         attack = attacks.get(int(context.node_config["partition-id"]))
-        if attack is None or attack == EVAL_NO_LOSS:
+        if attack is None or attack in EVALUATE_ATTACKS:
             return reply
         return tamper(attack, msg, reply, first_messages)
 
@@ -125,6 +142,6 @@ def hostile_app(attacks: Mapping[int, str]) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         reply = fedtune_client.evaluate_local(msg, context)
         attack = attacks.get(int(context.node_config["partition-id"]))
-        return tamper(attack, msg, reply, {}) if attack == EVAL_NO_LOSS else reply
+        return tamper(attack, msg, reply, {}) if attack in EVALUATE_ATTACKS else reply
 
     return app

@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from fedtune import protocol
 from fedtune.client import app as fedtune_client
-from fedtune.client.secagg import secagg_stage, secagg_train_mod
+from fedtune.client.secagg_stages import secagg_stage, secagg_train_mod
 
 # setup
 BAD_MASK_KEY = "bad-mask-key"  # a mask public key that is no P-384 point

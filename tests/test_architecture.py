@@ -17,7 +17,7 @@ PACKAGE = REPO / "fedtune"
 # only as listed in SAME_LAYER. The wings (server, client) sit side by side.
 LAYERS = [
     {"fedtune.errors", "fedtune.tables"},
-    {"fedtune.config"},
+    {"fedtune.config", "fedtune.sections"},
     {"fedtune.protocol", "fedtune.data", "fedtune.results.env_info"},
     {"fedtune.models", "fedtune.train", "fedtune.faults", "fedtune.secagg", "fedtune.state",
      "fedtune.attacks"},
@@ -149,3 +149,107 @@ def test_the_architecture_page_lists_every_module():
     modules = [str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py")
                if p.name not in ("__init__.py", "__main__.py")]
     assert [m for m in modules if m not in readme] == []
+
+
+# --- facts about a table entry live in its entry ------------------------------------------------
+
+def _entry_names() -> set[str]:
+    from fedtune.tables.datasets import DATASETS
+    from fedtune.tables.model_kinds import MODEL_KINDS
+    from fedtune.tables.privacy_modes import PRIVACY_MODES
+    from fedtune.tables.runtimes import RUNTIMES
+    from fedtune.tables.strategies import STRATEGIES
+
+    return {*DATASETS, *MODEL_KINDS, *PRIVACY_MODES, *RUNTIMES, *STRATEGIES}
+
+
+INTERFACES = {"Strategy", "PrivacyMode", "PrivacyServer"}  # what an entry's class implements
+
+
+def _implementation_classes(trees: dict[Path, ast.Module]) -> set[str]:
+    """Names of the classes that implement a table entry: every class a table names, every
+    class of ``strategies/``, and the package's subclasses of them or of the interfaces an
+    entry implements (a Flower ``Strategy``, ``PrivacyMode``, ``PrivacyServer``; an interface
+    itself is not an implementation)."""
+    from fedtune.tables.datasets import DATASETS
+    from fedtune.tables.model_kinds import MODEL_KINDS
+    from fedtune.tables.privacy_modes import PRIVACY_MODES
+    from fedtune.tables.runtimes import RUNTIMES
+    from fedtune.tables.strategies import STRATEGIES
+
+    named = {entry.implementation.partition(":")[2]
+             for table in (DATASETS, MODEL_KINDS, PRIVACY_MODES, RUNTIMES, STRATEGIES)
+             for entry in table.values()}
+    named |= {entry.client.partition(":")[2] for entry in STRATEGIES.values() if entry.client}
+    found = {*INTERFACES, *named}
+    classes = [node for path, tree in trees.items() for node in ast.walk(tree)
+               if isinstance(node, ast.ClassDef)]
+    found |= {node.name for path, tree in trees.items() if path.parts[-2] == "strategies"
+              for node in tree.body if isinstance(node, ast.ClassDef)}
+    while True:
+        more = {node.name for node in classes if node.name not in found and any(
+            (base.id if isinstance(base, ast.Name) else getattr(base, "attr", "")) in found
+            for base in node.bases)}
+        if not more:
+            return found - INTERFACES - {""}
+        found |= more
+
+
+def _entry_name_checks() -> list[str]:
+    """Every place outside ``fedtune/tables/`` where code compares a value with a table
+    entry's name ("fedavgm", "central", "mlp", ..., or a constant holding such names), compares
+    ``type(...)`` of something with an implementation (an entry's ``load()``, a class of one),
+    or picks behaviour by ``isinstance`` of an entry's implementation class."""
+    names = _entry_names()
+    paths = [p for p in [*PACKAGE.rglob("*.py"), *(REPO / "strategies").glob("*.py")]
+             if "tables" not in p.relative_to(REPO).parts]
+    trees = {p: ast.parse(p.read_text(encoding="utf-8")) for p in paths}
+
+    def named(node: ast.AST, constants: dict[str, set[str]]) -> set[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return {node.value} & names
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return set().union(*(named(item, constants) for item in node.elts))
+        if isinstance(node, ast.Name):
+            return constants.get(node.id, set())
+        return set()
+
+    constants: dict[str, set[str]] = {}  # module-level constants that hold entry names
+    for tree in trees.values():
+        for node in tree.body:
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                    and isinstance(node.targets[0], ast.Name)
+                    and (held := named(node.value, {}))):
+                constants[node.targets[0].id] = held
+    implementations = _implementation_classes(trees)
+    found = []
+    for path, tree in trees.items():
+        where = path.relative_to(REPO)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                typed = any(isinstance(side, ast.Call) and isinstance(side.func, ast.Name)
+                            and side.func.id == "type" for side in sides) and any(
+                    isinstance(side, ast.Call) and not (isinstance(side.func, ast.Name)
+                                                        and side.func.id == "type")
+                    or (isinstance(side, ast.Name) and side.id in implementations)
+                    for side in sides)
+                if typed or any(named(side, constants) for side in sides):
+                    found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.MatchValue) and named(node.value, constants):
+                found.append(f"{where}:{node.lineno}: case {ast.unparse(node.value)}")
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                  and node.func.id == "isinstance" and len(node.args) == 2):
+                kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [
+                    node.args[1]]
+                if any((k.id if isinstance(k, ast.Name) else getattr(k, "attr", ""))
+                       in implementations for k in kinds):
+                    found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+    return sorted(found)
+
+
+def test_no_code_outside_the_tables_branches_on_an_entry():
+    """What an entry is (a runtime that computes in this process, the server optimizer a
+    strategy runs under central DP, ...) is a field of the entry; code reads the field, never
+    compares a config value with an entry's name or tests for an implementation class."""
+    assert _entry_name_checks() == []

@@ -46,7 +46,7 @@ class AttackPlan:
     @classmethod
     def from_config(cls, config: Config) -> AttackPlan:
         a, n = config.attack, config.data.num_clients
-        if a.name == "none":
+        if not ATTACKS[a.name].attacks:
             return cls()
         if a.clients:
             attackers = tuple(sorted(a.clients))

@@ -26,9 +26,12 @@ from fedtune import protocol
 from fedtune.client.algorithms import ClientSide
 from fedtune.client.attacking import attacked_update, training_data
 from fedtune.client.node_state import node_state_mod
-from fedtune.client.secagg import secagg_stage, secagg_train_mod
+from fedtune.client.secagg_stages import secagg_stage, secagg_train_mod
 from fedtune.config import Config, ConfigError
 from fedtune.models.weights import load_shared_state, shared_state
+from fedtune.tables.datasets import DATASETS
+from fedtune.tables.privacy_modes import PRIVACY_MODES
+from fedtune.tables.runtimes import RUNTIMES
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import (
     TaskResources,
@@ -55,8 +58,8 @@ class TrainedClient:
 
 def client_shard(config: Config, client_id: int) -> int:
     """The training split a client's process holds for it: its partition, or with private
-    per-party files (``data.dataset = "files"``) the one shard its own file makes."""
-    return 0 if config.data.dataset == "files" else client_id
+    per-party files (a dataset of ``party_files``) the one shard its own file makes."""
+    return 0 if DATASETS[config.data.dataset].party_files else client_id
 
 
 def train_client(resources: TaskResources, client_id: int, server_round: int,
@@ -153,7 +156,9 @@ def check_insecure_noise(config: Config, context: Context) -> None:
     its own node config allows it (fedtune's simulated runtimes do, a deployed SuperNode only
     if its operator starts it so)."""
     p = config.privacy
-    own_noise = p.mode == "local" or (p.mode == "central" and config.strategy.secure_aggregation)
+    entry = PRIVACY_MODES[p.mode]
+    own_noise = entry.client_noise or (entry.secure_aggregation_client_noise
+                                       and config.strategy.secure_aggregation)
     if (own_noise and p.insecure_reproducible_noise
             and context.node_config.get(protocol.INSECURE_NOISE_ALLOWED) is not True):
         raise ConfigError(
@@ -165,12 +170,13 @@ def check_insecure_noise(config: Config, context: Context) -> None:
 def _setup(msg: Message, context: Context) -> tuple[TaskResources, int, int]:
     """Resources, client id, server round of a message."""
     config = parsed_run_config(context.run_config)
-    if config.engine.backend != "inprocess":
+    if not RUNTIMES[config.engine.backend].in_process:
         limit_threads(config.engine.client_cpus)
     data_path = str(context.node_config.get(protocol.DATA_PATH, ""))
-    if config.data.dataset == "files" and not data_path:
-        raise ConfigError("data.dataset = 'files' needs each SuperNode's own file: start it "
-                          "with --node-config \"partition-id=<i> data-path=<file>\"")
+    if DATASETS[config.data.dataset].party_files and not data_path:
+        raise ConfigError(f"data.dataset = {config.data.dataset!r} needs each SuperNode's own "
+                          "file: start it with --node-config \"partition-id=<i> "
+                          "data-path=<file>\"")
     check_insecure_noise(config, context)
     resources = run_config_resources(context.run_config, data_path)
     client_id = _client_id(context, config.data.num_clients)

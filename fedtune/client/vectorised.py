@@ -36,6 +36,8 @@ from fedtune.client.algorithms import ClientSide
 from fedtune.client.app import TrainedClient, client_shard, train_metrics
 from fedtune.data.encode import Batch
 from fedtune.models.weights import load_shared_state, travelling_tensors
+from fedtune.tables.model_kinds import MODEL_KINDS
+from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import TaskResources, client_round_seed, seed_torch
 from fedtune.train import (
@@ -59,11 +61,11 @@ def vectorisable(resources: TaskResources) -> bool:
     settings = resources.train_settings
     return (config.engine.vectorise_clients
             and not STRATEGIES[config.strategy.name].client
-            and config.privacy.mode == "none"
+            and not PRIVACY_MODES[config.privacy.mode].mechanism
             and not resources.faults.active and not resources.attack.active
             and resources.device.type == "cpu"
             and settings.precision == "fp32" and not settings.max_grad_norm
-            and (resources.spec.kind == "mlp" or resources.spec.features)
+            and (MODEL_KINDS[resources.spec.kind].vectorisable or resources.spec.features)
             and _stackable(resources.model))
 
 

@@ -28,6 +28,7 @@ from fedtune.data.partition import (
     partition_shards,
 )
 from fedtune.data.sources import LabelledData, load_dataset
+from fedtune.tables.datasets import DATASETS
 
 # Independent seed streams per random stage, so changing one stage leaves the others alone.
 _SUBSAMPLE, _TEST_SPLIT, _PARTITION, _LOCAL_SPLIT = range(4)
@@ -158,7 +159,7 @@ def _files_federation(cfg: DataSection, seed: int, data_path: str) -> Federation
 @lru_cache(maxsize=4)
 def _build_cached(cfg_values: tuple, seed: int, data_path: str) -> Federation:
     cfg = DataSection(*cfg_values)
-    if cfg.dataset == "files":
+    if DATASETS[cfg.dataset].party_files:
         return _files_federation(cfg, seed, data_path)
     data = load_dataset(cfg.dataset)
     rows = np.arange(len(data))

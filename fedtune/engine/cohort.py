@@ -6,12 +6,13 @@ on the cohort's size alone (``block_size``), so the same config gives the same b
 the number of workers or the order in which they finish. For each client of a block,
 ``run_block`` calls the client wing's own ``train_client`` / ``evaluate_client`` (the code the
 ClientApp runs), screens the update with the server's checks (``fedtune.server.screening``)
-and, for strategies whose aggregate is the example-weighted mean, adds ``weight × update`` to
-the block's float64 sum in client order; otherwise it keeps each accepted update. The blocks'
-sums are added in block order by whoever collects them (``add_blocks``), so a round's total does
-not depend on how the blocks were spread over workers - a resumed run or another worker count
-gives the same bits. No Flower message is built per client: the per-client overhead is a few
-copies of the model's travelling tensors.
+and, for strategies that opt into the summing aggregator (``fedtune.server.summing``), adds
+``weight × update`` to the block's float64 sum in client order; otherwise it keeps each
+accepted update in its client's report. The blocks' sums are added in block order by whoever
+collects them (``add_blocks``), so a round's total does not depend on how the blocks were
+spread over workers - a resumed run or another worker count gives the same bits. No Flower
+message is built per client: the per-client overhead is a few copies of the model's travelling
+tensors.
 
 This is what pfl-research's workers do (Granqvist et al. 2024, "pfl-research: simulation
 framework for accelerating research in Private Federated Learning"): one resident model, clients
@@ -28,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import Array, Message, MessageType, RecordDict
 
 from fedtune import protocol
@@ -36,16 +36,17 @@ from fedtune.client.app import TrainedClient, evaluate_client, train_client
 from fedtune.client.vectorised import train_chunks, vectorisable
 from fedtune.config import Config
 from fedtune.errors import one_line
-from fedtune.server.grid import ClientReport, CohortResult, CohortSpec
+from fedtune.server.grid import CohortResult, CohortSpec
+from fedtune.server.guard import absurd_update, model_norm, update_norm
+from fedtune.server.reports import ClientReport
 from fedtune.server.screening import check_claims, check_metric_values, check_update_arrays
+from fedtune.server.summing import accumulate
 from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.state.store import ClientStateStore
 from fedtune.task import TaskResources
 
 BLOCKS_PER_ROUND = 64  # a round's cohort is cut into at most this many blocks
 VECTOR_BLOCK = 32  # clients trained together in a block, at least (engine.vectorise_clients)
-EXACT_WEIGHT = 2**29  # float32 (24-bit significand) x an integer up to this is exact in float64
-NARROW_FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
 
 TrainFunction = Callable[..., TrainedClient]  # ``fedtune.client.app.train_client``'s signature
 
@@ -85,8 +86,8 @@ class BlockTask:
 
 @dataclass
 class BlockResult:
-    """What a block returns: a report per client, their states, and the block's sum or its
-    accepted updates."""
+    """What a block returns: a report per client (an accepted update kept one by one is its
+    report's ``update``), their states, and the block's sum."""
 
     index: int
     reports: list[ClientReport]
@@ -94,7 +95,6 @@ class BlockResult:
     states: dict[int, bytes] = field(default_factory=dict)
     total: dict[str, np.ndarray] | None = None  # float64 sum of weight × update, client order
     weight: float = 0.0
-    updates: dict[int, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -104,6 +104,7 @@ class DecodedContent:
 
     records: RecordDict
     arrays: dict[str, dict[str, np.ndarray]]  # record name -> arrays
+    _model_norm: float | None = None
 
     @classmethod
     def of(cls, records: RecordDict) -> DecodedContent:
@@ -113,6 +114,13 @@ class DecodedContent:
     @property
     def server_round(self) -> int:
         return int(self.records[protocol.CONFIG].get(protocol.SERVER_ROUND, 0))
+
+    @property
+    def model_norm(self) -> float:
+        """‖w‖ of the model the clients receive (measured once)."""
+        if self._model_norm is None:
+            self._model_norm = model_norm(self.arrays[protocol.ARRAYS])
+        return self._model_norm
 
 
 class _ByteCounter:
@@ -183,9 +191,13 @@ def _error_line(error: BaseException) -> str:
 
 
 def _screen_update(trained: TrainedClient, received: dict[str, dict[str, np.ndarray]],
-                   content: DecodedContent, spec: CohortSpec, client_id: int) -> tuple[str, str]:
+                   content: DecodedContent, spec: CohortSpec, report: ClientReport
+                   ) -> tuple[str, str]:
     """(status, reason) of a trained client's reply, by the run's exact reply schemas
-    (``fedtune.server.screening``): ok, declined or rejected."""
+    (``fedtune.server.screening``) and the guard's bound on an absurd update
+    (``fedtune.server.guard``, which sets the report's ``update_norm``): ok, declined or
+    rejected."""
+    client_id = report.client_id
     limits = spec.limits
     if trained.arrays is None:
         if limits.decline is None:
@@ -209,6 +221,10 @@ def _screen_update(trained: TrainedClient, received: dict[str, dict[str, np.ndar
             return "rejected", problem
     problem = (check_metric_values(trained.metrics, schema)
                or check_claims(trained.metrics, limits, client_id, limits.train_sizes, 1))
+    if problem:
+        return "rejected", problem
+    report.update_norm = update_norm(content.arrays[protocol.ARRAYS], received[protocol.ARRAYS])
+    problem = absurd_update(report.update_norm, content.model_norm)
     return ("rejected", problem) if problem else ("ok", "")
 
 
@@ -312,39 +328,19 @@ def _keep_update(result: BlockResult, report: ClientReport, trained: TrainedClie
                     **{name: protocol.to_numpy(r) for name, r in trained.records.items()}}
         report.bytes_up = count_bytes(received)
     report.metrics = trained.metrics
-    report.status, report.reason = _screen_update(trained, received, content, spec,
-                                                  report.client_id)
+    report.status, report.reason = _screen_update(trained, received, content, spec, report)
     if report.status != "ok":
         return
     if spec.weighted_mean:
         weight = float(trained.metrics[protocol.NUM_EXAMPLES])
-        _accumulate(result, received[protocol.ARRAYS], weight)
+        if result.total is None:
+            result.total = block_sums.take(received[protocol.ARRAYS])
+        accumulate(result.total, received[protocol.ARRAYS], weight)
+        result.weight += weight
     else:  # kept past the next client, who overwrites the resident model
         received[protocol.ARRAYS] = {name: np.array(value)
                                      for name, value in received[protocol.ARRAYS].items()}
-        result.updates[report.node_id] = received
-
-
-def _accumulate(result: BlockResult, arrays: Mapping[str, np.ndarray], weight: float) -> None:
-    """``result.total += weight * arrays`` in float64.
-
-    For float32 (or narrower) arrays and a whole weight up to 2**29, ``weight * value`` is
-    exact in float64, so one fused multiply-add pass (torch's ``add_`` with ``alpha``) gives
-    the same bits as multiplying, rounding and adding - with half the memory traffic; other
-    arrays are multiplied and rounded first."""
-    if result.total is None:
-        result.total = block_sums.take(arrays)
-    exact = weight.is_integer() and abs(weight) <= EXACT_WEIGHT
-    fused_totals, fused_values = [], []
-    for name, value in arrays.items():
-        if exact and value.dtype in NARROW_FLOATS:
-            fused_totals.append(torch.from_numpy(result.total[name]))
-            fused_values.append(torch.from_numpy(value))
-        else:
-            result.total[name] += np.multiply(value, weight, dtype=np.float64)
-    if fused_totals:
-        torch._foreach_add_(fused_totals, fused_values, alpha=weight)
-    result.weight += weight
+        report.update = received
 
 
 def _add_block_sum(total: dict[str, np.ndarray] | None,
@@ -383,7 +379,6 @@ class BlockAdder:
     def _add_next(self, block: BlockResult) -> None:
         cohort = self._cohort
         cohort.reports.extend(block.reports)
-        cohort.updates.update(block.updates)
         if block.total is not None:
             cohort.total = _add_block_sum(cohort.total, block)
             cohort.total_weight += block.weight
@@ -417,7 +412,6 @@ def join_singletons(index: int, parts: list[BlockResult]) -> BlockResult:
     for part in parts:
         joined.reports.extend(part.reports)
         joined.states.update(part.states)
-        joined.updates.update(part.updates)
         joined.seconds += part.seconds
         if part.total is None:
             continue

@@ -8,6 +8,8 @@ from fedtune.config import Config, ConfigError
 from fedtune.results.run_dir import RunDirectory
 from fedtune.results.tracking import check_tracking
 from fedtune.server.reporting import Reporter
+from fedtune.tables.datasets import DATASETS
+from fedtune.tables.model_kinds import MODEL_KINDS
 from fedtune.tables.privacy_modes import privacy_mode
 from fedtune.tables.runtimes import RUNTIMES
 from fedtune.task import task_resources
@@ -22,8 +24,8 @@ def launch(config: Config, reporter: Reporter | None = None,
     """
     runtime = RUNTIMES[config.engine.backend]
     stage = getattr(reporter, "stage", _silent)  # a reporter written before stages: none
-    stage("loading the data and the model" + (
-        "" if config.model.kind == "mlp" else " (tokenising once, cached after)"))
+    loading = MODEL_KINDS[config.model.kind].loading
+    stage("loading the data and the model" + (f" ({loading})" if loading else ""))
     preflight(config)
     stage(runtime.starting)
     return runtime.load()(config, reporter, stop)
@@ -36,9 +38,9 @@ def _silent(text: str) -> None:
 def preflight(config: Config) -> None:
     """The checks that need the data or the accountant (client counts and sizes, the privacy
     plan), so they fail here, before any worker starts."""
-    if config.data.dataset == "files":
+    if DATASETS[config.data.dataset].party_files:
         raise ConfigError(
-            f"data.dataset = 'files' is not allowed with engine.backend = "
+            f"data.dataset = {config.data.dataset!r} is not allowed with engine.backend = "
             f"{config.engine.backend!r}: each party's file comes from its own SuperNode "
             "(node config data-path), so it runs only in a deployment (docs/guide/deployment.md)"
         )

@@ -86,7 +86,8 @@ from fedtune.protocol import (
     PARTITION_ID,
 )
 from fedtune.server.exchange import RunStopped
-from fedtune.server.grid import ClientReport, CohortGrid, CohortResult, CohortSpec
+from fedtune.server.grid import CohortGrid, CohortResult, CohortSpec
+from fedtune.server.reports import ClientReport
 from fedtune.state.store import ClientStateStore
 from fedtune.task import limit_threads, parsed_run_config, run_config_resources
 

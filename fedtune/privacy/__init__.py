@@ -3,7 +3,7 @@
 - ``none.py``: no privacy mechanism.
 - ``local.py``: sample-level DP on every client, DP-SGD (Abadi et al. 2016) with Opacus (the
   Opacus side is ``dp_sgd.py``). ε is per client and accumulates over every round it trains.
-- ``central.py``: user-level DP-FedAvg at the server (McMahan et al. 2018), with adaptive
+- ``central_dp.py``: user-level DP-FedAvg at the server (McMahan et al. 2018), with adaptive
   clipping (Andrew et al. 2021); the mechanism is ``strategies.dp_fedavg``. ε is the run's.
 - ``accounting.py``: ε of Poisson-subsampled Gaussian mechanisms (opacus.accountants).
 

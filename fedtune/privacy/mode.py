@@ -104,6 +104,12 @@ class PrivacyMode:
         where the server knows them, as ``check_data`` gets them)."""
         return PrivacyServer()
 
+    def secure_sum_noise(self, config: Config, plan: PrivacyPlan) -> tuple[float, float]:
+        """Under SecAgg+, the L2 bound each client clips its update to and the noise
+        multiplier of the Gaussian noise the clients add together (distributed DP); (0, 0):
+        the clients neither clip nor noise."""
+        return 0.0, 0.0
+
     def train(self, resources: TaskResources, shard: int, seed: int, state: RecordDict,
               objective: GradientTerms | None) -> LocalTraining:
         """Train the resident model on client ``shard``'s training split; ``state`` is the

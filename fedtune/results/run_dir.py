@@ -64,12 +64,16 @@ class RoundRow:
 
 @dataclass
 class ClientRow:
-    """One line of clients.csv: one client's training in one round. ``num_examples`` is the
-    size of its training split (what FedAvg weights by); ``examples_trained`` is the sum of the
-    sizes of the batches its local steps took (the client's ``examples-seen``): at most
-    local_steps x batch_size, less when a batch is partial (a client with fewer examples than
-    a batch, the last batch of a pass through its data) or, under DP-SGD, what Poisson
-    sampling drew; with local_epochs, its examples times the epochs."""
+    """One line of clients.csv: one client in one phase of one round. ``phase`` = ``train``:
+    every client sampled for training, with its status (ok, rejected, failed, timeout) and,
+    for a sound reply, its metrics: ``num_examples`` is the size of its training split (what
+    FedAvg weights by); ``examples_trained`` is the sum of the sizes of the batches its local
+    steps took (the client's ``examples-seen``): at most local_steps x batch_size, less when a
+    batch is partial (a client with fewer examples than a batch, the last batch of a pass
+    through its data) or, under DP-SGD, what Poisson sampling drew; with local_epochs, its
+    examples times the epochs. ``phase`` = ``evaluate``: a client sampled for federated
+    evaluation whose reply did not count (rejected, failed, timeout), with the reason; the
+    sound evaluations are metrics.csv's federated_eval_* columns."""
 
     round: int
     client_id: int | None
@@ -80,6 +84,7 @@ class ClientRow:
     status: str
     reason: str = ""
     examples_trained: int | None = None
+    phase: str = "train"
 
 
 METRICS_COLUMNS = [f.name for f in fields(RoundRow)]
@@ -204,10 +209,13 @@ class RunDirectory:
         (self.path / "config.toml").write_text(to_toml(resolved), encoding="utf-8")
 
     def truncate_after(self, server_round: int) -> None:
-        """Drop rows of rounds after ``server_round`` (written after the checkpoint was)."""
+        """Drop rows of rounds after ``server_round`` (written after the checkpoint was); rows
+        written before clients.csv had its ``phase`` column are training rows."""
         for path, columns in ((self.metrics_csv, METRICS_COLUMNS),
                               (self.clients_csv, CLIENT_COLUMNS)):
             kept = [row for row in read_csv(path) if int(row["round"]) <= server_round]
+            if path == self.clients_csv:
+                kept = [{"phase": "train", **row} for row in kept]
             partial = path.with_suffix(".tmp")
             partial.unlink(missing_ok=True)
             _append(partial, columns, kept)

@@ -10,6 +10,7 @@ from fedtune.attacks.plan import AttackPlan
 from fedtune.config import Config
 from fedtune.faults import FaultPlan
 from fedtune.results.run_dir import RunDirectory, json_safe
+from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.task import TaskResources
 from fedtune.train import EvalResult
 
@@ -36,7 +37,7 @@ def privacy_setting(config: Config) -> str:
     """The privacy setting in words: "no DP", "central DP, ε ≤ 2 at δ = 1e-05", "local DP,
     σ = 1.1 at δ = 1e-05"."""
     p = config.privacy
-    if p.mode == "none":
+    if not PRIVACY_MODES[p.mode].mechanism:
         return "no DP"
     budget = (f"ε ≤ {p.target_epsilon:g}" if p.target_epsilon
               else f"σ = {p.noise_multiplier:g}")

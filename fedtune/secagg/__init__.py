@@ -3,6 +3,6 @@
 Bell, Bonawitz, Gascón, Lepoint, Raykova, "Secure Single-Server Aggregation with
 (Poly)Logarithmic Overhead", CCS 2020 (SecAgg+), after Bonawitz et al., "Practical Secure
 Aggregation for Privacy-Preserving Machine Learning", CCS 2017 (SecAgg). The server side of the
-protocol is ``fedtune.server.secagg``, the client side ``fedtune.client.secagg``; the keys of its
-messages are ``fedtune.protocol``'s.
+protocol is ``fedtune.server.secagg_plus``, the client side ``fedtune.client.secagg_stages``;
+the keys of its messages are ``fedtune.protocol``'s.
 """

@@ -15,7 +15,7 @@ knows too; it subtracts ``sum_u W_u d_u`` after unmasking. The rounding error of
 then uniform on ``[-1/2, 1/2)`` level and *independent of the value* rounded, so the decoded
 sum is the exact sum of the clipped values plus noise that does not depend on any client's
 data. Under distributed DP that makes the quantised release a post-processing of the Gaussian
-mechanism on the real-valued noised sum (fedtune.privacy.central). Flower's quantiser rounds
+mechanism on the real-valued noised sum (fedtune.privacy.central_dp). Flower's quantiser rounds
 stochastically instead (unbiased, but its error depends on the value, so the sum of rounded
 values is not a function of the noised sum), which is why it is not used here; its
 ``dequantize`` is. ``W_u`` is the client's integer weight; ``+`` towards a larger node id and

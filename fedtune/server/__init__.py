@@ -1,1 +1,2 @@
-"""The ServerApp wing: a run set up, its rounds played, their listeners (docs/architecture.md)."""
+"""The ServerApp wing: a run's set-up, its rounds and their listeners (``fedtune.server.app``);
+it never imports the client wing or an engine (``docs/architecture.md``)."""

@@ -15,7 +15,7 @@ import time
 from logging import WARNING
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import Context
@@ -31,6 +31,7 @@ from fedtune.results.lock import RunLock
 from fedtune.results.plots import plot_partitions
 from fedtune.results.run_dir import RunDirectory
 from fedtune.results.tracking import trackers
+from fedtune.server.build_strategy import build_strategy
 from fedtune.server.grid import SimulatedGrid
 from fedtune.server.identity import identify_nodes
 from fedtune.server.listeners import (
@@ -49,11 +50,10 @@ from fedtune.server.loop import RunListener, run_rounds
 from fedtune.server.node_state import NodeStateGrid, new_run_key
 from fedtune.server.reporting import LogReporter, Reporter
 from fedtune.server.resume import Checkpointer, resume_state
-from fedtune.server.round import FederatedRun, evaluate_global
-from fedtune.server.secagg import SecAggPlus
-from fedtune.server.secagg_report import SecAggRecorder
+from fedtune.server.round import FederatedRun
+from fedtune.server.secagg_plus import SecAggPlus
+from fedtune.server.secagg_recorder import SecAggRecorder
 from fedtune.server.state import RoundState
-from fedtune.server.strategies import build_strategy
 from fedtune.tables.privacy_modes import privacy_mode
 from fedtune.task import TaskResources, task_resources
 
@@ -148,8 +148,9 @@ def play_all_rounds(run: FederatedRun, run_dir: RunDirectory, plan: PrivacyPlan,
     config = run.config
     artifacts = FinalArtifacts(run_dir, plan, runtime)
     # SecAgg+ completes a round's rows before any other listener reads them
-    listeners: list[RunListener] = [SecAggRecorder()] if isinstance(run.strategy,
-                                                                     SecAggPlus) else []
+    listeners: list[RunListener] = []
+    if config.strategy.secure_aggregation:  # build_strategy wrapped the strategy in SecAgg+
+        listeners.append(SecAggRecorder(cast(SecAggPlus, run.strategy)))
     reference = [CentralizedReference(artifacts)] if config.run.reference else []
     # a caller's own callbacks ride on its reporter (fedtune.run's callbacks)
     user = [UserCallbacks(callbacks, run_dir, artifacts)] if (
@@ -166,8 +167,6 @@ def play_all_rounds(run: FederatedRun, run_dir: RunDirectory, plan: PrivacyPlan,
     wait_for_nodes(run.grid, run.config.data.num_clients, run.config.engine.node_wait_s)
     run.started = time.perf_counter()
     final = run_rounds(run, listeners)
-    if final is None:  # resumed after the last round: evaluate what the checkpoint holds
-        final = evaluate_global(run.resources, run.state.arrays)
     for listener in listeners:
         listener.run_ended(run, final)
 

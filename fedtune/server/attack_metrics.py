@@ -28,30 +28,38 @@ from fedtune.train import evaluate
 ATTACK_COLUMNS = ("attack_success_rate", "malicious_filtered", "benign_filtered")
 
 
-def aggregated_updates(resources: TaskResources, train: TrainPhase) -> list[RecordDict]:
-    """Copies of the replies a selecting aggregator is about to see, taken before it does (an
-    aggregator may consume them: Flower's trimmed mean pops their arrays); none without an
-    attack, for an aggregator that selects nothing, or for a cohort summed where it ran."""
+def aggregated_updates(resources: TaskResources, train: TrainPhase
+                       ) -> list[tuple[int, RecordDict]]:
+    """(client id, a copy of its reply) for every update a selecting aggregator is about to
+    see, taken before it does (an aggregator may consume a reply: Flower's trimmed mean pops
+    its arrays); none without an attack, or for an aggregator that selects nothing."""
     entry = STRATEGIES[resources.config.strategy.name]
-    ok = sum(row.status == "ok" for row in train.rows)
-    if not (resources.attack.active and entry.filters and train.replies
-            and len(train.replies) == ok):
+    if not (resources.attack.active and entry.filters):
         return []
-    return [copy.deepcopy(reply.content) for reply in train.replies]
+    copies = []
+    for report in train.accepted_reports:
+        if report.reply is not None:
+            content = copy.deepcopy(report.reply.content)
+        elif report.update is not None:
+            content = RecordDict({name: protocol.to_array_record(arrays)
+                                  for name, arrays in report.update.items()})
+            content[protocol.METRICS] = MetricRecord(dict(report.metrics))
+        else:  # summed where the clients ran: no single update to judge
+            return []
+        copies.append((report.client_id, content))
+    return copies
 
 
 def filtered_clients(config: Config, strategy: Strategy, train: TrainPhase,
-                     aggregated: list[RecordDict]) -> dict[int, bool]:
+                     aggregated: list[tuple[int, RecordDict]]) -> dict[int, bool]:
     """Client id -> whether its update was filtered, for every sampled client that sent one
     (``aggregated``: what ``aggregated_updates`` copied)."""
-    filtered = {row.client_id: row.status == "rejected" for row in train.rows
-                if row.client_id is not None and row.status in ("ok", "rejected")}
+    filtered = {r.client_id: r.status == "rejected" for r in train.reports
+                if r.client_id is not None and r.status in ("ok", "rejected")}
     if aggregated:
         entry = STRATEGIES[config.strategy.name]
-        flags = import_object(entry.filters)(strategy, aggregated, config)
-        for content, flag in zip(aggregated, flags, strict=True):
-            record = next(r for r in content.values() if isinstance(r, MetricRecord))
-            client = int(record[protocol.PARTITION_ID])
+        flags = import_object(entry.filters)(strategy, [c for _, c in aggregated], config)
+        for (client, _), flag in zip(aggregated, flags, strict=True):
             filtered[client] = filtered.get(client, False) or bool(flag)
     return filtered
 
@@ -61,7 +69,8 @@ def _share(flags: list[bool]) -> float | None:
 
 
 def attack_columns(resources: TaskResources, strategy: Strategy, server_round: int,
-                   train: TrainPhase, aggregated: list[RecordDict], arrays: ArrayRecord
+                   train: TrainPhase, aggregated: list[tuple[int, RecordDict]],
+                   arrays: ArrayRecord
                    ) -> dict[str, float | None]:
     """The round's attack columns (empty without an attack); ``arrays``: the new model."""
     plan = resources.attack

@@ -10,10 +10,10 @@ to itself.
 
 A ``CohortGrid`` also runs a whole round's cohort at once (``run_cohort``): given the messages a
 strategy configured, it trains or evaluates every addressed client with the client wing's own
-functions, screens each update where the client ran, and - when the strategy's aggregate is the
-example-weighted mean - returns the sum of ``weight × update`` instead of one update per client.
-No Flower message is built per client; the round turns the result back into the replies the
-strategy expects (``fedtune.server.round``).
+functions, screens each update where the client ran, and - when the strategy opts into the
+summing aggregator (``fedtune.server.summing``) - returns the sum of ``weight × update`` instead
+of one update per client. No Flower message is built per client: the phase gets one
+``ClientReport`` per client, as from the replies of any other Grid (``fedtune.server.phases``).
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from __future__ import annotations
 import threading
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedtune.server.reports import ClientReport
 from fedtune.state.store import ClientStateStore
 
 if TYPE_CHECKING:  # screening builds on the grid's node map (server.identity)
@@ -92,27 +93,14 @@ class WrappedGrid(Grid):
 
 
 @dataclass
-class ClientReport:
-    """One addressed client's outcome in a cohort: ok, declined (local DP budget spent),
-    rejected (its update failed screening), failed (it raised, or its worker died) or timeout."""
-
-    node_id: int
-    client_id: int
-    status: str
-    reason: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)  # its reply metrics, when it replied
-    bytes_up: int = 0  # serialised size of the arrays its reply carries
-
-
-@dataclass
 class CohortResult:
-    """What ``run_cohort`` returns for one phase of a round."""
+    """What ``run_cohort`` returns for one phase of a round: a report per addressed client, by
+    client id (an accepted update kept one by one is its report's ``update``), or with
+    ``CohortSpec.weighted_mean`` the accepted updates' sum."""
 
-    reports: list[ClientReport]  # one per addressed client, by client id
-    total: dict[str, np.ndarray] | None = None  # weighted-mean path: sum of weight × update
+    reports: list[ClientReport]
+    total: dict[str, np.ndarray] | None = None  # sum of num-examples × update, float64
     total_weight: float = 0.0
-    updates: dict[int, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
-    # individual path: node id -> record name -> arrays, for every accepted client
 
 
 @dataclass(frozen=True)

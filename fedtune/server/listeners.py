@@ -5,8 +5,9 @@
    refused), before that round is recorded.
 2. ``PrivacyStop``: the privacy mode's budget - a round that would pass the target ε does not
    run; a round in which every sampled client had spent its budget is the last.
-3. ``RoundWriter``: one metrics.csv row and the clients.csv rows of each round, and what the
-   strategy aggregated from the train replies (strategy_metrics.jsonl).
+3. ``RoundWriter``: one metrics.csv row and the clients.csv rows of each round (its training
+   clients, then its evaluations that did not count), and what the strategy aggregated from
+   the train replies (strategy_metrics.jsonl).
 4. ``BestModel`` (``run.save_best``): the model of the best round so far, in model_best/.
 5. ``CentralizedReference`` (with ``run.reference = true``): trains (or reuses) the run's
    centralized reference and hands ``centralized_accuracy`` to summary.json.
@@ -92,7 +93,7 @@ class RoundWriter(RunListener):
 
     def round_ended(self, run: FederatedRun, outcome: RoundOutcome) -> None:
         metrics = dict(outcome.train_metrics) if outcome.train_metrics else None
-        self.run_dir.append_round(outcome.row, outcome.clients, metrics)
+        self.run_dir.append_round(outcome.row, outcome.clients + outcome.evaluations, metrics)
 
 
 class UserCallbacks(RunListener):
@@ -150,7 +151,6 @@ class BestModel(RunListener):
         if accuracy is None or accuracy <= self.best:
             return
         self.best = accuracy
-        # the round's server evaluation left the new global weights in the resident model
         load_shared_state(run.resources.model, protocol.to_numpy(run.state.arrays))
         save_model(run.resources.model, run.resources.spec, self.run_dir.best_model_dir)
         run.announce_saved("best_model", self.run_dir.best_model_dir)

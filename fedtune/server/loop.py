@@ -11,9 +11,10 @@ re-raises.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-from fedtune.server.round import FederatedRun, RoundOutcome, play_round
+from fedtune.server.round import FederatedRun, RoundOutcome, evaluate_global, play_round
 from fedtune.train import EvalResult
 
 
@@ -43,9 +44,12 @@ class RunListener:
         """The run stopped with ``error`` (Ctrl-C, a failure) and is about to re-raise it."""
 
 
-def run_rounds(run: FederatedRun, listeners: Sequence[RunListener]) -> EvalResult | None:
+def run_rounds(run: FederatedRun, listeners: Sequence[RunListener]) -> EvalResult:
     """Play the rounds after ``run.state.server_round`` up to ``run.rounds``, or until a
-    listener stops the run; returns the last round's evaluation (None: no round was played)."""
+    listener stops the run; returns the final global model's evaluation (the last round's, or
+    the checkpoint's when a resumed run had no round left). A final model whose loss on the
+    global test set is not finite fails the run (``RunFailed``): no run ends "finished" with
+    it."""
     final: EvalResult | None = None
     try:
         for server_round in range(run.state.server_round + 1, run.config.run.rounds + 1):
@@ -60,6 +64,11 @@ def run_rounds(run: FederatedRun, listeners: Sequence[RunListener]) -> EvalResul
             for listener in listeners:
                 listener.round_ended(run, outcome)
             final = outcome.evaluation
+        if final is None:
+            final = evaluate_global(run.resources, run.state.arrays)
+        if not math.isfinite(final.loss):
+            raise RunFailed(f"the final global model's loss on the global test set is "
+                            f"{final.loss}: not a model to keep")
     except BaseException as error:
         if run.stop is not None:  # heeded: who set it (Ctrl-C) lets the listeners finish
             run.stop.clear()

@@ -1,16 +1,18 @@
 """One federated round, as Flower's strategies shape it: configure -> send -> aggregate.
 
-``play_round`` asks the strategy for the train messages, exchanges them, screens the replies,
-bounds the updates (``fedtune.server.guard``), aggregates the sound ones into the new global
-model (or keeps the old one when too few are sound or the aggregate is not finite), lets the
-privacy mode account for the round, runs federated evaluation on the clients'
-local test splits and evaluates the new global model on the held-out global test set. It
-returns what happened (``RoundOutcome``); writing rows, checkpoints, progress and stop rules
-are the listeners' business (``fedtune.server.listeners``).
+``play_round`` asks the strategy for the train messages, runs the train phase (a report per
+client, screened and bounded by ``fedtune.server.guard``, from either transport:
+``fedtune.server.phases``), aggregates the sound updates into a candidate model and evaluates it
+on the held-out global test set - the candidate becomes the global model unless too few updates
+were sound or the guard refuses it (not finite, an absurd step, a non-finite test loss) -, lets
+the privacy mode account for the round and runs federated evaluation on the clients' local test
+splits. It returns what happened (``RoundOutcome``); writing rows, checkpoints, progress and
+stop rules are the listeners' business (``fedtune.server.listeners``).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -31,11 +33,19 @@ from fedtune.privacy.mode import PrivacyServer
 from fedtune.results.run_dir import ClientRow, RoundRow
 from fedtune.server.attack_metrics import aggregated_updates, attack_columns
 from fedtune.server.grid import CohortSpec
-from fedtune.server.guard import non_finite_tensors
+from fedtune.server.guard import absurd_step, model_norm, non_finite_tensors, update_norm
 from fedtune.server.identity import Identities
-from fedtune.server.phases import TrainPhase, UpdateBounds, evaluate_phase, train_phase
+from fedtune.server.phases import (
+    TrainPhase,
+    UpdateBounds,
+    aggregate_train,
+    evaluate_phase,
+    train_phase,
+)
+from fedtune.server.rollback import Snapshot
 from fedtune.server.screening import reply_limits
 from fedtune.server.state import RoundState
+from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import TaskResources
 from fedtune.train import EvalResult, evaluate
@@ -71,11 +81,13 @@ class RoundOutcome:
     """What happened in one round."""
 
     row: RoundRow  # its metrics.csv line
-    clients: list[ClientRow]  # one clients.csv line per sampled client
+    clients: list[ClientRow]  # one clients.csv line per client sampled for training
     evaluation: EvalResult  # the new global model on the global test set
     train_metrics: MetricRecord | None  # the strategy's aggregate of the train replies
     sampled: int
     declined: int  # clients that sent no update because their privacy budget is spent
+    # clients.csv lines of the evaluations that did not count (rejected, failed, timeout)
+    evaluations: list[ClientRow] = field(default_factory=list)
 
 
 def same_dtypes(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
@@ -110,22 +122,26 @@ def _weighted(metrics: list[dict[str, Any]], key: str) -> float | None:
     return float(np.average(values, weights=weights))
 
 
-def weighted_mean_aggregate(run: FederatedRun) -> bool:
-    """Whether the run's strategy aggregates only the example-weighted mean of the updates
-    (its table entry says so, and no privacy mode replaced it), so the cohort may be summed
-    where the clients train."""
-    entry = STRATEGIES[run.config.strategy.name]
-    return entry.weighted_mean and type(run.strategy) is entry.load()
+def summing(run: FederatedRun) -> bool:
+    """Whether the run's strategy gets the summing aggregator (``fedtune.server.summing``): its
+    table entry opts in (its aggregate depends only on the example-weighted mean of the
+    updates), no privacy mode replaced it and SecAgg+ does not sum it."""
+    config = run.config
+    return (STRATEGIES[config.strategy.name].weighted_mean
+            and not PRIVACY_MODES[config.privacy.mode].replaces_strategy
+            and not config.strategy.secure_aggregation)
 
 
-
-
-def aggregate_checked(strategy: Strategy, server_round: int, replies: list[Message],
-                      previous: ArrayRecord) -> tuple[ArrayRecord, MetricRecord | None, str]:
-    """The strategy's aggregate of ``replies`` (in client order) in ``previous``'s dtypes, its
-    train metrics, and why the aggregate cannot become the global model ("" = it can)."""
+def aggregate_checked(strategy: Strategy, server_round: int, train: TrainPhase,
+                      previous: ArrayRecord, summed: bool = False
+                      ) -> tuple[ArrayRecord, MetricRecord | None, str]:
+    """The strategy's aggregate of the round's accepted updates (``summed``: through the
+    summing aggregator) in ``previous``'s dtypes, its train metrics, and why the aggregate
+    cannot become the global model ("" = it can): the strategy failed or returned nothing, the
+    aggregate is not finite, or its step is absurd next to the clients' updates
+    (``fedtune.server.guard``)."""
     try:
-        new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+        new_arrays, metrics = aggregate_train(strategy, server_round, train, summed)
     except Exception as error:  # noqa: BLE001 - client input fails the round, not the run
         return previous, None, f"the strategy's aggregation failed ({type(error).__name__}: " \
                                f"{str(error)[:200]})"
@@ -135,31 +151,51 @@ def aggregate_checked(strategy: Strategy, server_round: int, replies: list[Messa
     bad = non_finite_tensors(new_arrays)
     if bad:
         return previous, metrics, f"the aggregate is not finite (in {', '.join(bad[:3])})"
+    old = protocol.to_numpy(previous)
+    norms = [r.update_norm for r in train.accepted_reports if r.update_norm is not None]
+    problem = absurd_step(update_norm(old, protocol.to_numpy(new_arrays)), norms,
+                          model_norm(old))
+    if problem:
+        return previous, metrics, problem
     return new_arrays, metrics, ""
 
 
-def update_global_model(run: FederatedRun, server_round: int,
-                        train: TrainPhase) -> tuple[MetricRecord | None, str]:
+def update_global_model(run: FederatedRun, server_round: int, train: TrainPhase
+                        ) -> tuple[MetricRecord | None, str, EvalResult]:
     """Aggregate the sound updates into the new global model, or keep the old one: every
-    client declined, too few sound updates, or an aggregate the guard refuses (a round
-    without an update counts towards ``run.max_rounds_without_update``). Returns the
-    strategy's train metrics and metrics.csv's ``model_update``."""
+    client declined, too few sound updates, or an aggregate the guard refuses - not finite,
+    absurd, or with a loss on the global test set that is not finite (the strategy's state is
+    then put back as it was before it aggregated; a round without an update counts towards
+    ``run.max_rounds_without_update``). Returns the strategy's train metrics, metrics.csv's
+    ``model_update`` and the global model's evaluation on the global test set."""
     config, state, accepted = run.config, run.state, len(train.accepted)
-    if train.sent and train.declined == train.sent:
-        return None, "kept: every sampled client has spent its privacy budget"
+    sent = len(train.sent)
+
+    def tested(arrays: ArrayRecord) -> EvalResult:
+        run.progress(server_round, "test", 0, 0)  # the server's evaluation on its test set
+        return evaluate_global(run.resources, arrays)
+
+    if sent and train.declined == sent:
+        return None, "kept: every sampled client has spent its privacy budget", \
+            tested(state.arrays)
     # DP-FedAvg releases a noised update every round, even from an empty Poisson cohort
     if not run.privacy.releases_empty_rounds and not (
-            accepted >= min(config.strategy.min_train_clients, train.sent) > 0):
+            accepted >= min(config.strategy.min_train_clients, sent) > 0):
         state.rounds_without_update += 1
-        return None, f"kept: {accepted} sound updates of {train.sent}"
-    new_arrays, train_metrics, problem = aggregate_checked(run.strategy, server_round,
-                                                           train.replies, state.arrays)
-    if problem:
-        state.rounds_without_update += 1
-        return train_metrics, f"kept: {problem}"
-    state.rounds_without_update = 0
-    state.arrays = new_arrays
-    return train_metrics, "applied"
+        return None, f"kept: {accepted} sound updates of {sent}", tested(state.arrays)
+    before = Snapshot.of(run.strategy)
+    new_arrays, train_metrics, problem = aggregate_checked(
+        run.strategy, server_round, train, state.arrays, summing(run))
+    if not problem:
+        evaluation = tested(new_arrays)
+        if math.isfinite(evaluation.loss):
+            state.rounds_without_update = 0
+            state.arrays = new_arrays
+            return train_metrics, "applied", evaluation
+        problem = f"the new model's loss on the global test set is {evaluation.loss}"
+    before.restore()
+    state.rounds_without_update += 1
+    return train_metrics, f"kept: {problem}", tested(state.arrays)
 
 
 def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
@@ -180,14 +216,14 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
     bounds = UpdateBounds(state.arrays, config.strategy.max_update_norm,
                           config.strategy.update_norm_z)
     # the guard needs each update: a bounded cohort is not summed where it ran
-    spec = CohortSpec(weighted_mean=weighted_mean_aggregate(run) and not bounds.active,
-                      limits=limits)
+    spec = CohortSpec(weighted_mean=summing(run) and not bounds.active, limits=limits)
     train = train_phase(run.grid, messages, spec, server_round, identities, bounds, timeout,
                         progress("train"), run.stop)
     run.progress(server_round, "aggregate", 0, 0)
+    rows = train.rows(server_round)
     aggregated = aggregated_updates(run.resources, train)  # an attacked run's, for its rates
-    train_metrics, model_update = update_global_model(run, server_round, train)
-    privacy.record_round(train.rows, train.accepted, train_metrics)
+    train_metrics, model_update, global_eval = update_global_model(run, server_round, train)
+    privacy.record_round(rows, train.accepted, train_metrics)
     attack = attack_columns(run.resources, strategy, server_round, train, aggregated,
                             state.arrays)
 
@@ -195,10 +231,8 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
     to_evaluate = list(strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(),
                                                    run.grid))
     run.progress(server_round, "evaluate", 0, len(to_evaluate))
-    evaluation = evaluate_phase(run.grid, to_evaluate, limits, identities, timeout,
+    evaluation = evaluate_phase(run.grid, to_evaluate, limits, server_round, identities, timeout,
                                 progress("evaluate"), run.stop)
-    run.progress(server_round, "test", 0, 0)  # the server's evaluation on the global test set
-    global_eval = evaluate_global(run.resources, state.arrays)
     row = RoundRow(
         round=server_round,
         train_loss=_weighted(train.accepted, protocol.TRAIN_LOSS),
@@ -206,9 +240,9 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
         eval_accuracy=global_eval.accuracy,
         eval_macro_f1=global_eval.macro_f1,
         **privacy.columns(),
-        clients_sampled=train.sent,
+        clients_sampled=len(train.sent),
         clients_ok=len(train.accepted),
-        clients_failed=train.sent - len(train.accepted),
+        clients_failed=len(train.sent) - len(train.accepted),
         bytes_up=train.bytes_up + evaluation.bytes_up,
         bytes_down=train.bytes_down + evaluation.bytes_down,
         wall_s=time.perf_counter() - round_start,
@@ -218,5 +252,5 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
         replies_dropped=train.dropped + evaluation.dropped,
         **attack,
     )
-    return RoundOutcome(row, train.rows, global_eval, train_metrics, train.sent,
-                        train.declined)
+    return RoundOutcome(row, rows, global_eval, train_metrics, len(train.sent), train.declined,
+                        evaluation.rows(server_round))

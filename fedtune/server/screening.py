@@ -10,7 +10,8 @@ a pickle) and must *carry* the shape and dtype that was sent - what its metadata
 not trusted - with exactly that many bytes, all values finite. The partition id a reply
 claims must be the one the server knows for the node that sent it, and ``num-examples`` must
 be what the server knows that client holds (where it knows; any count up to
-``MAX_ANY_EXAMPLES`` for private per-party files).
+``MAX_ANY_EXAMPLES`` for private per-party files). An update far longer than the model it was
+trained from is refused too (``fedtune.server.guard.absurd_update``).
 
 The checks are pure functions of (what was sent, the reply, ``ReplyLimits``, the client id the
 server holds for the node): no server state, so the engines screen a cohort's updates with
@@ -24,7 +25,7 @@ reply is rejected.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,9 @@ from fedtune.protocol import (
     train_reply_schema,
 )
 from fedtune.server.exchange import Exchange
+from fedtune.server.guard import absurd_update, model_norm, update_norm
 from fedtune.server.identity import Identities
+from fedtune.server.reports import ClientReport
 
 RECORD_KINDS = {"ArrayRecord": ArrayRecord, "MetricRecord": MetricRecord,
                 "ConfigRecord": ConfigRecord}
@@ -238,6 +241,16 @@ def check_train_reply(sent: Message, reply: Message, limits: ReplyLimits,
                       client_id: int | None = None) -> str | None:
     """Why a training update must not be aggregated (None: it is sound). ``client_id``: the
     client the server holds for the node that sent it (None: not known yet)."""
+    problem = _train_reply_problem(sent, reply, limits, client_id)
+    if problem:
+        return problem
+    global_arrays = _model_of(sent)
+    return absurd_update(update_norm(global_arrays, _model_of(reply)), model_norm(global_arrays))
+
+
+def _train_reply_problem(sent: Message, reply: Message, limits: ReplyLimits,
+                         client_id: int | None) -> str | None:
+    """``check_train_reply`` but the update's size."""
     schema = limits.train
     return (_check_records(reply, schema) or _check_metrics(reply, schema)
             or _check_status(reply, schema)
@@ -245,11 +258,16 @@ def check_train_reply(sent: Message, reply: Message, limits: ReplyLimits,
             or _check_arrays(sent, reply, schema))
 
 
+def _model_of(message: Message) -> dict[str, np.ndarray]:
+    """The ARRAYS record of a message (or of a screened reply), read in place."""
+    return {name: npy_view(array) for name, array in message.content[protocol.ARRAYS].items()}
+
+
 def check_masked_train_reply(reply: Message, limits: ReplyLimits,
                              client_id: int | None = None) -> str | None:
     """``check_train_reply`` for a SecAgg+ reply: its summed records travel masked in the
     one ArrayRecord ``SECAGG_MASKED`` beside the stage's ``SECAGG`` record, so only its records
-    and metrics can be screened here (``fedtune.server.secagg`` checks the masked vector's
+    and metrics can be screened here (``fedtune.server.secagg_plus`` checks the masked vector's
     form; its values are hidden by design)."""
     schema = ReplySchema(arrays={protocol.SECAGG_MASKED: protocol.SECAGG_MASKED},
                          metrics=limits.train.metrics, status=limits.train.status)
@@ -286,52 +304,63 @@ def is_decline(reply: Message) -> bool:
 
 # --- a round's replies ------------------------------------------------------------------------
 
-@dataclass
-class ScreenedReplies:
-    """The sound train replies of one round, and the others with their reasons."""
-
-    accepted: list[Message] = field(default_factory=list)
-    declined: list[tuple[Message, str]] = field(default_factory=list)  # budget spent
-    rejected: list[tuple[Message, str]] = field(default_factory=list)
-
-
 def screen_train_replies(train: Exchange, limits: ReplyLimits,
-                         identities: Identities) -> ScreenedReplies:
-    """Sort the replies of ``train`` into accepted, declined (where the privacy mode lets a
-    client decline) and rejected with a reason. A node the server does not know yet is
-    identified by its first sound reply's partition id (``Identities.claim``)."""
-    screened = ScreenedReplies()
+                         identities: Identities) -> list[ClientReport]:
+    """A report for each reply of ``train`` that is not an error: ``ok`` (its update is sound;
+    the report keeps the reply and its update's norm), ``declined`` (where the privacy mode
+    lets a client decline) or ``rejected`` with the reason. A node the server does not know yet
+    is identified by its first sound reply's partition id (``Identities.claim``)."""
+    reports = []
+    norms: dict[int, tuple[dict[str, np.ndarray], float]] = {}  # id(sent content) -> w, ‖w‖
     for reply in train.ok:
         node = train.node(reply)
         client_id = identities.client_of(node)
+        sent = train.instruction(reply)
         declines = is_decline(reply)
+        step = None
         if declines:
             reason = check_decline(reply, limits, client_id)
         elif limits.masked:
             reason = check_masked_train_reply(reply, limits, client_id)
         else:
-            reason = check_train_reply(train.instruction(reply), reply, limits, client_id)
+            reason = _train_reply_problem(sent, reply, limits, client_id)
+            if reason is None:
+                if id(sent.content) not in norms:
+                    model = _model_of(sent)
+                    norms[id(sent.content)] = model, model_norm(model)
+                model, norm = norms[id(sent.content)]
+                step = update_norm(model, _model_of(reply))
+                reason = absurd_update(step, norm)
         if reason is None and client_id is None:
             reason = identities.claim(node, protocol.metric(reply, PARTITION_ID))
-        if reason is not None:
-            screened.rejected.append((reply, reason))
-        elif declines:
-            screened.declined.append((reply, str(reply.content[STATUS][REASON])))
-        else:
-            screened.accepted.append(reply)
-    return screened
+            client_id = identities.client_of(node)
+        report = ClientReport(node, client_id, "rejected", reason or "",
+                              bytes_up=protocol.array_bytes(reply))
+        if reason is None:
+            report.metrics = dict(protocol.first_metric_record(reply) or {})
+            if declines:
+                report.status, report.reason = "declined", str(reply.content[STATUS][REASON])
+            else:
+                report.status, report.reply, report.update_norm = "ok", reply, step
+        reports.append(report)
+    return reports
 
 
 def screen_evaluate_replies(evaluation: Exchange, limits: ReplyLimits,
-                            identities: Identities) -> list[Message]:
-    """The sound evaluation replies (from nodes the server knows, or identifies now)."""
-    sound = []
+                            identities: Identities) -> list[ClientReport]:
+    """A report for each evaluation reply that is not an error: ``ok`` with its metrics (from
+    nodes the server knows, or identifies now), or ``rejected`` with the reason."""
+    reports = []
     for reply in evaluation.ok:
         node = evaluation.node(reply)
         client_id = identities.client_of(node)
         reason = check_evaluate_reply(reply, limits, client_id)
         if reason is None and client_id is None:
             reason = identities.claim(node, protocol.metric(reply, PARTITION_ID))
+            client_id = identities.client_of(node)
+        report = ClientReport(node, client_id, "rejected", reason or "")
         if reason is None:
-            sound.append(reply)
-    return sound
+            report.status = "ok"
+            report.metrics = dict(protocol.first_metric_record(reply) or {})
+        reports.append(report)
+    return reports

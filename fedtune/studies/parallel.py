@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
-from fedtune.config import IN_THIS_PROCESS, Config, ConfigError
+from fedtune.config import Config, ConfigError
+from fedtune.tables.runtimes import RUNTIMES
 
 # what the fork server imports before it forks a child: the runtimes a parallel point may use
-PRELOAD = ["fedtune.engine.launch", "fedtune.engine.inprocess", "fedtune.engine.central"]
+PRELOAD = ["fedtune.engine.launch", "fedtune.engine.inprocess", "fedtune.engine.centralized"]
 
 
 def check_parallel(workers: int, configs: Sequence[Config]) -> None:
@@ -32,11 +33,12 @@ def check_parallel(workers: int, configs: Sequence[Config]) -> None:
     if workers == 1:
         return
     for config in configs:
-        if config.engine.backend not in IN_THIS_PROCESS:
+        if not RUNTIMES[config.engine.backend].in_process:
+            here = [name for name, entry in RUNTIMES.items() if entry.in_process]
             raise ConfigError(
                 f"--parallel {workers} is not allowed with engine.backend = "
                 f"{config.engine.backend!r}: must be 1, or set engine.backend to one of "
-                + ", ".join(repr(b) for b in IN_THIS_PROCESS)
+                + ", ".join(repr(b) for b in here)
                 + " (each parallel point runs in its own process)")
 
 

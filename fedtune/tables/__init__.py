@@ -184,7 +184,7 @@ def section_class(name: str, doc: str, common: Mapping[str, Key],
                        key_field(declared, tuple(owners), UsedWith(chooser, tuple(owners)))))
     cls = dataclasses.make_dataclass(name, fields)
     cls.__doc__ = doc
-    cls.__module__ = "fedtune.config"
+    cls.__module__ = "fedtune.sections"
     return cls
 
 

@@ -42,6 +42,11 @@ class AttackEntry(Entry):
     check: Callable[[Config], None] | None = None
 
     @property
+    def attacks(self) -> bool:
+        """Whether anyone attacks under this entry (every entry but ``none``)."""
+        return bool(self.acts_on)
+
+    @property
     def needs_benign(self) -> bool:
         """Whether colluders need the round's honest updates of their group."""
         return bool(self.sees)
@@ -109,8 +114,28 @@ ATTACKS: dict[str, AttackEntry] = {
 
 
 def check_attack(config: Config) -> None:
-    """The chosen attack's checks that involve other keys."""
-    entry = ATTACKS[config.attack.name]
+    """Who attacks (exactly one of fraction, count, clients, naming at least one client), and
+    the chosen attack's checks that involve other keys."""
+    a, n = config.attack, config.data.num_clients
+    entry = ATTACKS[a.name]
+    if not entry.attacks:
+        return
+    given = [name for name in ("fraction", "count", "clients") if getattr(a, name)]
+    if len(given) != 1:
+        raise ConfigError(
+            f"attack.name = {a.name!r} needs exactly one of attack.fraction, attack.count or "
+            f"attack.clients, got {', '.join(given) or 'none of them'}")
+    if a.count > n:
+        raise ConfigError(f"attack.count = {a.count} is not allowed: must be <= data.num_clients"
+                          f" = {n}")
+    if 0 < a.fraction * n < 0.5:
+        raise ConfigError(f"attack.fraction = {a.fraction:g} is not allowed with "
+                          f"data.num_clients = {n}: must pick at least one client "
+                          f"(>= {0.5 / n:g})")
+    bad = [c for c in a.clients if not 0 <= c < n]
+    if bad or len(set(a.clients)) != len(a.clients):
+        raise ConfigError(f"attack.clients = {a.clients!r} is not allowed: must be distinct "
+                          f"client ids in 0..{n - 1}")
     if entry.acts_on == "data" and config.data.dataset == "files":
         raise ConfigError(f"attack.name = {config.attack.name!r} is not allowed with "
                           "data.dataset = 'files': must be an update attack (a party's own "

@@ -29,6 +29,10 @@ POOLING = ("auto", "cls", "mean")
 class ModelKindEntry(Entry):
     transfer_modes: tuple[str, ...] = ("scratch", "full")
     check: Callable[[Config], None] | None = None
+    # its clients may train together as stacked copies (engine.vectorise_clients; a kind
+    # whose models are not may still be trained so on precomputed features)
+    vectorisable: bool = False
+    loading: str = ""  # what the user is told while its inputs are prepared (after "loading")
 
 
 def lora_target_names(text: str) -> tuple[str, ...]:
@@ -65,6 +69,11 @@ def _check_mlp(config: Config) -> None:
     """Refuse, before anything is allocated, an MLP too large to build: its parameter count
     with the widest input it can have (``model.num_features`` hashed features on text)."""
     m = config.model
+    if m.path:
+        raise ConfigError(
+            f"model.path = {m.path!r} is not allowed with model.kind = 'mlp': must be '' (the "
+            "MLP is built from model.hidden_sizes)"
+        )
     text = DATASETS[config.data.dataset].text
     widths = [m.num_features if text else FEATURES_BOUND, *m.hidden_sizes]
     parameters = sum((a + 1) * b for a, b in zip(widths, widths[1:], strict=False))
@@ -100,7 +109,7 @@ MODEL_KINDS: dict[str, ModelKindEntry] = {
                                        "the head on it; false = run the encoder every step"),
         },
         implementation="fedtune.models.hf:HFKind", transfer_modes=TRANSFER_MODES,
-        check=_check_hf),
+        check=_check_hf, loading="tokenising once, cached after"),
     "mlp": ModelKindEntry(
         "multilayer perceptron over fixed-size features (pixels, hashed bag-of-words)",
         keys={
@@ -108,7 +117,7 @@ MODEL_KINDS: dict[str, ModelKindEntry] = {
             "num_features": Key(4096, "hashed bag-of-words features on text", ge=16,
                                 le=2**24),
         },
-        implementation="fedtune.models.mlp:MLPKind", check=_check_mlp),
+        implementation="fedtune.models.mlp:MLPKind", check=_check_mlp, vectorisable=True),
 }
 
 

@@ -15,16 +15,13 @@ from typing import TYPE_CHECKING
 
 from fedtune.errors import ConfigError
 from fedtune.tables import Entry, Key, ReplyMetric
-from fedtune.tables.strategies import STRATEGIES
+from fedtune.tables.strategies import STRATEGIES, check_secure_cohort
 
 if TYPE_CHECKING:
     from fedtune.config import Config
     from fedtune.privacy.mode import PrivacyMode
 
 ACCOUNTANTS = ("rdp", "prv")
-# strategies whose server optimizer central DP runs on the noised mean: plain DP-FedAvg,
-# DP-FedAvgM (strategy.server_lr, server_momentum), DP-FedAdam (strategy.fedopt_*)
-CENTRAL_STRATEGIES = ("fedavg", "fedavgm", "fedadam")
 
 # the PRV accountant's memory and time grow with the steps it composes (10,000: about 2 s and
 # 0.5 GB for one ε on this machine, 100,000: 30 s and 1.5 GB); a plan evaluates ε many times
@@ -41,7 +38,14 @@ GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
 
 @dataclass(frozen=True)
 class PrivacyModeEntry(Entry):
+    mechanism: bool = True  # it adds a privacy mechanism (False: the mode without privacy)
     spends_budget: bool = False  # reports ε every round (and plots it)
+    # its implementation's ``strategy`` replaces the configured strategy's aggregation (the
+    # strategy entry's ``dp_server_optimizer`` says what it keeps of it)
+    replaces_strategy: bool = False
+    # under SecAgg+, what weights a client's input instead of the strategy's ``sum_weight``
+    # ("1": the replacement sums the clients' updates unweighted); "" = the strategy's
+    sum_weight: str = ""
     # what privacy.audit inserts: "examples" (sample-level canaries, Steinke et al. 2023) or
     # "clients" (user-level canary clients in the aggregation, Andrew et al. 2024)
     audit_inserts: str = "examples"
@@ -51,6 +55,10 @@ class PrivacyModeEntry(Entry):
     reply_status: bool = False  # a training reply carries the ConfigRecord "status"
     declines: bool = False  # a client may answer "no update: my privacy budget is spent"
     client_accountants: bool = False  # each client's ε lives in its Context.state
+    # its clients draw DP noise themselves (local DP), or do so under SecAgg+ (distributed DP):
+    # such a client refuses noise seeded from run.seed unless its node config allows it
+    client_noise: bool = False
+    secure_aggregation_client_noise: bool = False
 
 
 def smallest_epsilon(delta: float) -> float:
@@ -157,13 +165,21 @@ def _check_central(config: Config) -> None:
             f"privacy.delta = {p.delta:g} is not allowed: must be < 1/data.num_clients = "
             f"{1 / config.data.num_clients:g} (user-level DP protects each client)"
         )
-    if config.strategy.name not in CENTRAL_STRATEGIES:
+    if STRATEGIES[config.strategy.name].dp_server_optimizer is None:
+        allowed = [name for name, entry in STRATEGIES.items() if entry.dp_server_optimizer]
         raise ConfigError(
             f"strategy.name = {config.strategy.name!r} is not allowed with privacy.mode = "
-            "'central': must be " + ", ".join(repr(n) for n in CENTRAL_STRATEGIES)
-            + " (DP-FedAvg, DP-FedAvgM or DP-FedAdam: the server optimizer runs on the noised "
-            "mean)"
+            "'central': must be " + ", ".join(repr(n) for n in allowed)
+            + " (DP-FedAvg replaces the aggregation; the strategy's server optimizer runs on "
+            "the noised mean)"
         )
+    # Poisson sampling: the expected cohort decides what a secure sum reveals
+    check_secure_cohort(config, config.strategy.fraction_train * config.data.num_clients)
+    if config.strategy.secure_aggregation and p.adaptive_clipping:
+        raise ConfigError(
+            "privacy.adaptive_clipping = true is not allowed with strategy.secure_aggregation "
+            "= true: must be false (the count of unclipped updates would need a second secure "
+            "sum)")
     noisy = p.noise_multiplier > 0 or not math.isinf(p.target_epsilon)
     if math.isinf(p.clip_norm) and (noisy or p.audit):
         raise ConfigError(
@@ -207,7 +223,7 @@ AUDIT_CLIENTS = {"audit": AUDIT,
 
 PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
     "none": PrivacyModeEntry("no privacy mechanism", keys=AUDIT_EXAMPLES,
-                             implementation="fedtune.privacy.none:NoPrivacy"),
+                             implementation="fedtune.privacy.none:NoPrivacy", mechanism=False),
     "local": PrivacyModeEntry(
         "DP-SGD on every client (per example, Opacus)",
         keys={**BUDGET_KEYS,
@@ -228,7 +244,7 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
         reply_metrics={"epsilon": ReplyMetric(float, required=False, ge=0),
                        "noise-multiplier": ReplyMetric(float, ge=0),
                        "sample-rate": ReplyMetric(float, gt=0, le=1)},
-        reply_status=True, declines=True, client_accountants=True),
+        reply_status=True, declines=True, client_accountants=True, client_noise=True),
     "central": PrivacyModeEntry(
         "DP-FedAvg at the server (per client); each client is sampled with probability "
         "strategy.fraction_train; strategy.name = fedavgm or fedadam runs that server "
@@ -259,8 +275,10 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
                        "0.1 (small cohorts: the clip bound then follows the quantile more "
                        "noisily; more than 0.1 buys little and costs accuracy)", ge=0, lt=1),
               **AUDIT_CLIENTS},
-        implementation="fedtune.privacy.central:CentralDP", spends_budget=True,
-        audit_inserts="clients", check=_check_central),
+        implementation="fedtune.privacy.central_dp:CentralDP", spends_budget=True,
+        audit_inserts="clients", check=_check_central, replaces_strategy=True,
+        # DP-FedAvg sums the clients' clipped updates unweighted (a fixed-denominator estimator)
+        sum_weight="1", secure_aggregation_client_noise=True),
 }
 
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from fedtune.errors import ConfigError
 from fedtune.tables import Entry, Key
+from fedtune.tables.datasets import DATASETS
+from fedtune.tables.privacy_modes import PRIVACY_MODES
 
 if TYPE_CHECKING:
     from fedtune.config import Config
@@ -27,26 +29,32 @@ if TYPE_CHECKING:
 class RuntimeEntry(Entry):
     client_states: bool = True  # checkpoints keep every client's Context.state
     reproducible: bool = True  # the same config gives the same metrics, run after run
+    # it computes in the calling process (no Ray: a GPU needs no engine.client_gpus, and a
+    # sweep may run its points in parallel processes)
+    in_process: bool = False
+    federated: bool = True  # it runs a federation (False: the centralized reference)
     check: Callable[[Config], None] | None = None
     starting: str = "starting the clients"  # what the user is told while it starts
 
 
 def _check_central(config: Config) -> None:
     """A centralized run trains the pooled data without any federated mechanism."""
-    if config.privacy.mode != "none":
+    if PRIVACY_MODES[config.privacy.mode].mechanism:
+        plain = [name for name, entry in PRIVACY_MODES.items() if not entry.mechanism]
         raise ConfigError(f"privacy.mode = {config.privacy.mode!r} is not allowed with "
-                          "engine.backend = 'central': must be 'none' (the centralized "
-                          "reference pools the data without privacy)")
+                          "engine.backend = 'central': must be "
+                          + " or ".join(repr(name) for name in plain)
+                          + " (the centralized reference pools the data without privacy)")
     faulty = [name for name, value in vars(config.faults).items()
               if name.endswith(("_fraction", "_probability")) and value]
     if faulty:
         raise ConfigError(f"faults.{faulty[0]} = {getattr(config.faults, faulty[0])!r} is not "
                           "allowed with engine.backend = 'central': must be 0 (there are no "
                           "clients to misbehave)")
-    if config.data.dataset == "files":
-        raise ConfigError("data.dataset = 'files' is not allowed with engine.backend = "
-                          "'central': must be a benchmark dataset (the parties' files are "
-                          "never pooled)")
+    if DATASETS[config.data.dataset].party_files:
+        raise ConfigError(f"data.dataset = {config.data.dataset!r} is not allowed with "
+                          "engine.backend = 'central': must be a benchmark dataset (the "
+                          "parties' files are never pooled)")
     if config.engine.central_until == "converged" and config.data.local_test_fraction == 0:
         raise ConfigError("data.local_test_fraction = 0 is not allowed with "
                           "engine.central_until = 'converged': must be > 0 (the clients' "
@@ -93,7 +101,7 @@ RUNTIMES: dict[str, RuntimeEntry] = {
         "every client in this process, one after another (no Ray; for debugging)",
         keys={"vectorise_clients": VECTORISE_CLIENTS,
               "client_state_memory_mb": CLIENT_STATE_MEMORY_MB},
-        implementation="fedtune.engine.inprocess:run_inprocess",
+        implementation="fedtune.engine.inprocess:run_inprocess", in_process=True,
         starting="building the global model"),
     "central": RuntimeEntry(
         "no federation: the centralized reference, the same model, data pipeline, optimizer "
@@ -105,8 +113,8 @@ RUNTIMES: dict[str, RuntimeEntry] = {
                                              "local test splits stops improving",
                                  choices=("examples", "converged")),
         },
-        implementation="fedtune.engine.central:run_central", client_states=False,
-        check=_check_central,
+        implementation="fedtune.engine.centralized:run_central", client_states=False,
+        check=_check_central, in_process=True, federated=False,
         starting="loading the pooled training data"),
 }
 

@@ -7,7 +7,7 @@ its constructor arguments come from the config, the client side it needs
 metrics it adds (``fedtune.protocol`` builds the exact reply schema from them), and its
 traits. Everything else is derived from this table: the allowed ``strategy.name`` values and
 the ``[strategy]`` keys (``fedtune config``), the config checks, building the strategy
-(``fedtune.server.strategies``), reply screening, and the client's local objective.
+(``fedtune.server.build_strategy``), reply screening, and the client's local objective.
 
 Adding a strategy: write its class (``strategies/<name>.py``; its client side, if any, in
 ``fedtune/client/algorithms.py``) and add one entry here. ``docs/architecture.md`` has the
@@ -55,6 +55,10 @@ class StrategyEntry(Entry):
     # the screening rates of an attacked run); "" = it weighs every update it is given
     filters: str = ""
     check: Callable[[Config], None] | None = None  # checks involving other keys
+    # central DP (``privacy.mode = "central"``) replaces the aggregation by DP-FedAvg and runs
+    # this strategy's server optimizer on the noised mean: DP-FedAvg's optimizer arguments
+    # (``strategies.dp_fedavg.DPFedAvg``); None = the strategy cannot run under central DP
+    dp_server_optimizer: Callable[[Config], dict[str, Any]] | None = None
 
     def load_client(self) -> Any:
         """The client-side class this entry names."""
@@ -74,7 +78,12 @@ def _check_krum(config: Config) -> None:
             f"strategy.num_malicious = {s.num_malicious} is not allowed: must be < the "
             f"{sampled} clients sampled per round"
         )
-    if s.name == "multikrum" and s.multikrum_select > sampled:
+
+
+def _check_multikrum(config: Config) -> None:
+    _check_krum(config)
+    s, sampled = config.strategy, clients_per_round(config)
+    if s.multikrum_select > sampled:
         raise ConfigError(
             f"strategy.multikrum_select = {s.multikrum_select} is not allowed: must be <= the "
             f"{sampled} clients sampled per round (0 = {sampled} - num_malicious)"
@@ -113,6 +122,16 @@ def _fedopt(config: Config) -> dict[str, Any]:
             "beta_2": s.fedopt_beta_2, "tau": s.fedopt_tau}
 
 
+def _check_bulyan(config: Config) -> None:
+    _check_krum(config)
+    s, sampled = config.strategy, clients_per_round(config)
+    if sampled < 4 * s.num_malicious + 3:
+        raise ConfigError(
+            f"strategy.num_malicious = {s.num_malicious} is not allowed with strategy.name = "
+            f"'bulyan': the {sampled} clients sampled per round must be at least "
+            "4 x num_malicious + 3")
+
+
 FLOWER = "flwr.serverapp.strategy:"
 CLIENTS = "fedtune.client.algorithms:"
 FILTERING = "fedtune.server.filtering:"
@@ -138,10 +157,30 @@ BUCKETING_INNER = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "rfa")
 FEDOPT_KEYS = {"fedopt_eta": FEDOPT_ETA, "fedopt_beta_1": FEDOPT_BETA_1,
                "fedopt_beta_2": FEDOPT_BETA_2, "fedopt_tau": FEDOPT_TAU}
 
+
+def _dp_sgd(config: Config) -> dict[str, Any]:
+    """Plain DP-FedAvg: the noised mean is the step (SGD with rate 1, no momentum)."""
+    return {"server_optimizer": "sgd", "server_learning_rate": 1.0, "server_momentum": 0.0}
+
+
+def _dp_momentum(config: Config) -> dict[str, Any]:
+    """DP-FedAvgM: SGD with ``strategy.server_lr`` and ``server_momentum`` on the noised mean."""
+    s = config.strategy
+    return {"server_optimizer": "sgd", "server_learning_rate": s.server_lr,
+            "server_momentum": s.server_momentum}
+
+
+def _dp_adam(config: Config) -> dict[str, Any]:
+    """DP-FedAdam: Adam with ``strategy.fedopt_*`` on the noised mean."""
+    s = config.strategy
+    return {"server_optimizer": "adam", "server_learning_rate": s.fedopt_eta,
+            "adam_betas": (s.fedopt_beta_1, s.fedopt_beta_2), "adam_tau": s.fedopt_tau}
+
 STRATEGIES: dict[str, StrategyEntry] = {
     "fedavg": StrategyEntry(
         "FedAvg (McMahan et al. 2017): example-weighted mean of the client models",
-        implementation=FLOWER + "FedAvg", weighted_mean=True, sum_weight=EXAMPLES),
+        implementation=FLOWER + "FedAvg", weighted_mean=True, sum_weight=EXAMPLES,
+        dp_server_optimizer=_dp_sgd),
     "fedprox": StrategyEntry(
         "FedProx (Li et al. 2020): FedAvg with a proximal term in the clients' objective",
         keys={"proximal_mu": Key(0.01, "proximal weight mu (Li et al. 2020 search 0.001-1)",
@@ -156,11 +195,11 @@ STRATEGIES: dict[str, StrategyEntry] = {
         implementation=FLOWER + "FedAvgM", weighted_mean=True,
         arguments=lambda c: {"server_learning_rate": c.strategy.server_lr,
                              "server_momentum": c.strategy.server_momentum},
-        sum_weight=EXAMPLES),
+        sum_weight=EXAMPLES, dp_server_optimizer=_dp_momentum),
     "fedadam": StrategyEntry("FedAdam (Reddi et al. 2021): Adam on the server",
                              keys=FEDOPT_KEYS, implementation=FLOWER + "FedAdam",
-                             weighted_mean=True,
-                             arguments=_fedopt, sum_weight=EXAMPLES),
+                             weighted_mean=True, arguments=_fedopt, sum_weight=EXAMPLES,
+                             dp_server_optimizer=_dp_adam),
     "fedyogi": StrategyEntry("FedYogi (Reddi et al. 2021): Yogi on the server",
                              keys=FEDOPT_KEYS, implementation=FLOWER + "FedYogi",
                              weighted_mean=True,
@@ -195,7 +234,8 @@ STRATEGIES: dict[str, StrategyEntry] = {
             "num_malicious_nodes": c.strategy.num_malicious,
             "num_nodes_to_select": (c.strategy.multikrum_select
                                     or clients_per_round(c) - c.strategy.num_malicious)},
-        check=_check_krum, needs_updates=KRUM_NEEDS, filters=FILTERING + "krum_filtered"),
+        check=_check_multikrum, needs_updates=KRUM_NEEDS,
+        filters=FILTERING + "krum_filtered"),
     "scaffold": StrategyEntry(
         "SCAFFOLD (Karimireddy et al. 2020): control variates correct client drift",
         keys={"server_lr": SERVER_LR}, implementation="strategies.scaffold:Scaffold",
@@ -266,6 +306,13 @@ STRATEGIES: dict[str, StrategyEntry] = {
         arguments=lambda c: {"norm_bound": c.strategy.norm_bound,
                              "noise_std": c.strategy.dp_noise_std, "seed": c.run.seed},
         needs_updates="it clips every individual update before averaging"),
+    "bulyan": StrategyEntry(
+        "Bulyan (El Mhamdi et al. 2018): Multi-Krum's selection, then per coordinate the mean "
+        "of the values closest to the median",
+        keys={"num_malicious": NUM_MALICIOUS}, implementation=FLOWER + "Bulyan",
+        arguments=lambda c: {"num_malicious_nodes": c.strategy.num_malicious},
+        check=_check_bulyan,
+        needs_updates="it selects and trims the individual updates by their distances"),
 }
 
 
@@ -291,23 +338,21 @@ def _check_secure_aggregation(config: Config) -> None:
                 f"strategy.{bound} = {getattr(s, bound):g} is not allowed with "
                 "strategy.secure_aggregation = true: must be 0 (the server sees no single "
                 "update to bound; under central DP each client clips its own)")
-    central = config.privacy.mode == "central"
-    cohort = (s.fraction_train * config.data.num_clients if central
-              else clients_per_round(config))
-    if cohort < 3:
-        raise ConfigError(
-            f"strategy.fraction_train = {s.fraction_train:g} is not allowed with "
-            f"strategy.secure_aggregation = true: {cohort:g} clients per round, at least 3 "
-            "needed (a sum of two reveals each to the other)")
+    check_secure_cohort(config, clients_per_round(config))
     if s.secagg_degree % 2:
         raise ConfigError(
             f"strategy.secagg_degree = {s.secagg_degree} is not allowed: must be even (k/2 "
             "neighbours on each side of a ring) or 0 (every other sampled client)")
-    if central and config.privacy.adaptive_clipping:
+
+
+def check_secure_cohort(config: Config, cohort: float) -> None:
+    """SecAgg+ needs at least 3 clients per round (``cohort``: how many are sampled, or
+    expected under Poisson sampling)."""
+    if config.strategy.secure_aggregation and cohort < 3:
         raise ConfigError(
-            "privacy.adaptive_clipping = true is not allowed with strategy.secure_aggregation "
-            "= true: must be false (the count of unclipped updates would need a second secure "
-            "sum)")
+            f"strategy.fraction_train = {config.strategy.fraction_train:g} is not allowed with "
+            f"strategy.secure_aggregation = true: {cohort:g} clients per round, at least 3 "
+            "needed (a sum of two reveals each to the other)")
 
 
 def check_strategy(config: Config) -> None:

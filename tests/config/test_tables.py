@@ -33,10 +33,15 @@ def test_each_derived_section_offers_the_tables_names_and_owns_their_keys(sectio
             assert name in owners_of(fields[key]), f"{section}.{key}"
 
 
-def test_a_key_shared_by_two_entries_names_both_in_its_help():
+def test_a_key_shared_by_entries_names_every_owner_in_its_help():
     help_of = {key: text for key, _, text in describe()}
-    assert help_of["strategy.server_lr"].endswith("(fedavgm, scaffold)")
-    assert help_of["privacy.delta"].endswith("(local, central)")
+    for section, (_, table) in TABLES.items():
+        owned: dict[str, list[str]] = {}
+        for name, entry in table.items():
+            for key in entry.keys:
+                owned.setdefault(key, []).append(name)
+        for key, owners in owned.items():
+            assert help_of[f"{section}.{key}"].endswith(f"({', '.join(owners)})"), key
     assert "(" not in help_of["strategy.fraction_train"]  # common keys name no owner
 
 
@@ -68,8 +73,10 @@ def test_every_strategy_entry_names_a_strategy_class_and_its_client_side():
         assert issubclass(entry.load(), Strategy), name
         if entry.client:
             assert issubclass(entry.load_client(), ClientSide), name
-        arguments = entry.arguments(load_config(None, [f"strategy.name={name}",
-                                                       "client.optimizer=sgd"]))
+        # every client sampled: enough for any strategy's own check (Bulyan needs 4f + 3)
+        arguments = entry.arguments(load_config(None, [
+            f"strategy.name={name}", "client.optimizer=sgd", "data.num_clients=8",
+            "strategy.fraction_train=1.0"]))
         accepted = inspect.signature(entry.load()).parameters
         assert set(arguments) <= set(accepted), name
 
@@ -108,9 +115,54 @@ def test_a_key_of_another_runtime_is_refused_and_names_its_owner():
         load_config(None, ["engine.backend=inprocess", "engine.num_actors=2"])
 
 
+def test_typed_section_stubs_are_derived_from_the_tables():
+    """`scripts/sync_config_stubs.py` writes fedtune/sections.pyi, the types of the sections
+    the tables build (``config.strategy.proximal_mu: float``); the committed file is what it
+    writes."""
+    out = subprocess.run([sys.executable, "scripts/sync_config_stubs.py", "--check"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
 def test_pyproject_flower_config_is_derived_from_the_tables():
     """`scripts/sync_flwr_config.py` writes [tool.flwr.app.config] from the defaults (so from
     the tables); the committed file is what it writes."""
     out = subprocess.run([sys.executable, "scripts/sync_flwr_config.py", "--check"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("mode", sorted(PRIVACY_MODES))
+def test_a_privacy_modes_traits_are_what_its_implementation_does(mode):
+    """``replaces_strategy``: its implementation's ``strategy`` replaces the configured one;
+    ``mechanism``: it plans, noises or clips something (the mode without privacy does not)."""
+    from fedtune.privacy.mode import PrivacyMode
+
+    entry = PRIVACY_MODES[mode]
+    budget = ["privacy.noise_multiplier=1.0", "privacy.delta=1e-3"] if entry.spends_budget else []
+    config = load_config(None, ["data.num_clients=100", f"privacy.mode={mode}", *budget])
+    implementation = entry.load()()
+    plan = implementation.plan(config)
+    assert (implementation.strategy(config, plan, {}) is not None) == entry.replaces_strategy
+    overrides = {name for name in vars(type(implementation))
+                 if callable(getattr(PrivacyMode, name, None))}
+    assert bool(overrides) == entry.mechanism, overrides
+
+
+def test_the_strategies_central_dp_runs_are_those_with_a_dp_server_optimizer():
+    """Central DP accepts exactly the strategies whose entry names a DP server optimizer, and
+    each gives DP-FedAvg arguments it takes."""
+    from strategies.dp_fedavg import DPFedAvg
+
+    accepted = inspect.signature(DPFedAvg).parameters
+    for name, entry in STRATEGIES.items():
+        optimizer = "client.optimizer=sgd" if entry.sgd_only else "client.lr=1e-4"
+        overrides = [f"strategy.name={name}", optimizer, "privacy.mode=central",
+                     "privacy.noise_multiplier=1.0", "privacy.delta=1e-3",
+                     "data.num_clients=10"]
+        if entry.dp_server_optimizer is None:
+            with pytest.raises(ConfigError, match="is not allowed with privacy.mode = 'central'"):
+                load_config(None, overrides)
+            continue
+        arguments = entry.dp_server_optimizer(load_config(None, overrides))
+        assert set(arguments) <= set(accepted), name

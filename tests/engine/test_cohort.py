@@ -20,7 +20,6 @@ from fedtune.engine.cohort import (
     BlockResult,
     BlockTask,
     DecodedContent,
-    _accumulate,
     add_blocks,
     block_size,
     block_sums,
@@ -36,6 +35,7 @@ from fedtune.protocol import ARRAYS, CONFIG, SERVER_ROUND, to_array_record, trai
 from fedtune.server.app import run_federated
 from fedtune.server.grid import CohortSpec
 from fedtune.server.screening import ReplyLimits, reply_limits
+from fedtune.server.summing import accumulate
 from fedtune.task import task_resources
 from tests.conftest import rows_of, tiny_config
 
@@ -145,23 +145,26 @@ def test_a_split_block_sums_to_the_same_bits_and_block_order_fixes_the_total(tmp
     assert json.dumps([r.status for r in forward.reports]) == json.dumps(["ok"] * 6)
 
 
-def test_a_whole_weight_is_added_in_one_fused_pass_with_the_bits_of_multiply_then_add():
+@pytest.mark.parametrize("read_only", [False, True])  # read-only: a reply's bytes, read in place
+def test_a_whole_weight_is_added_in_one_fused_pass_with_the_bits_of_multiply_then_add(read_only):
     rng = np.random.default_rng(0)
     updates = [{"w": rng.normal(size=(64, 33)).astype(np.float32) * 10.0 ** rng.integers(-8, 8),
                 "b": rng.normal(size=7).astype(np.float32),
                 "steps": np.array([3], np.int64)} for _ in range(5)]
+    for update in updates:
+        for value in update.values():
+            value.setflags(write=not read_only)
     for weights in ([3.0, 17.0, 1.0, 2.0**29, 250.0], [0.5, 3.25, 1e-3, 7.0, 2.0**30 + 1]):
-        result = BlockResult(0, [])
+        total = block_sums.take(updates[0])
         for update, weight in zip(updates, weights, strict=True):
-            _accumulate(result, update, weight)
+            accumulate(total, update, weight)
         expected = {name: np.zeros(value.shape, np.float64) for name, value in updates[0].items()}
         for update, weight in zip(updates, weights, strict=True):
             for name, value in update.items():
                 expected[name] += np.multiply(value, weight, dtype=np.float64)
         for name in expected:
-            assert np.array_equal(result.total[name], expected[name]), (weights, name)
-        assert result.weight == sum(weights)
-        block_sums.give_back(result.total)
+            assert np.array_equal(total[name], expected[name]), (weights, name)
+        block_sums.give_back(total)
 
 
 def test_block_sums_are_reused_zeroed_and_blocks_may_come_in_any_order():

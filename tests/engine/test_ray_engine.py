@@ -76,7 +76,7 @@ def test_cohort_faults_are_reported_blocks_rejoin_and_match_a_clean_run(tmp_path
     actor and one that stalls past engine.client_timeout_s are found by running their blocks
     client by client; the other clients' updates, summed block by block in client order, give
     the model a run without those clients' failures gives in process (with one torch thread,
-    as each actor has)."""
+    as each actor trains: torch's matmuls give other bits with another thread count)."""
     from fedtune.engine.inprocess import InProcessGrid
     from fedtune.engine.ray_engine import ray_engine_grid
 
@@ -152,3 +152,26 @@ def test_small_phases_run_in_the_driver_once_a_clients_time_is_known(tmp_path, r
         assert set(grid._phase_client_s) == {"train", "evaluate"}
     # rounds 2 and 3: both phases in the driver (round 1's were measured on the actors)
     assert where == [("train", "driver"), ("evaluate", "driver")] * 2
+
+
+@pytest.mark.slow
+def test_a_huge_finite_update_is_refused_where_its_client_trained(tmp_path, ray_two_cpus):
+    """Client 0 sends 3e38 in every weight on the Ray engine's cohort path (summed in the
+    actors): the actor's screening rejects it, naming client 0, before it reaches the sum;
+    the honest clients stay ok in every round and the model stays sane (before: round 1
+    applied it and round 2 rejected every honest client for a non-finite train loss)."""
+    from fedtune.engine.ray_engine import ray_engine_grid
+
+    config = tiny_config(tmp_path, *RAY, "run.rounds=2")
+    with ray_engine_grid(config, train=faulty_client.huge_update_train) as grid:
+        assert grid.runs_cohorts
+        run_dir = run_federated(grid, config).path
+    rows = {(int(r["round"]), int(r["client_id"])): r for r in rows_of(run_dir / "clients.csv")}
+    for server_round in (1, 2):
+        assert rows[server_round, 0]["status"] == "rejected"
+        assert "is absurd: more than 1e+06 x max(the global model's norm" in rows[
+            server_round, 0]["reason"]
+        assert [rows[server_round, c]["status"] for c in (1, 2, 3)] == ["ok"] * 3
+    assert [m["model_update"] for m in rows_of(run_dir / "metrics.csv")] == ["applied"] * 2
+    model = load_file(str(run_dir / "model" / "model.safetensors"))
+    assert all(np.isfinite(v).all() and np.abs(v).max() < 1e3 for v in model.values())

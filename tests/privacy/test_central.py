@@ -15,7 +15,7 @@ from opacus.accountants import RDPAccountant
 
 from fedtune.engine.inprocess import run_inprocess
 from fedtune.privacy.accounting import noise_for_target
-from fedtune.privacy.central import CentralBudget
+from fedtune.privacy.central_dp import CentralBudget
 from strategies.dp_fedavg import DPFedAvg
 from tests.conftest import tiny_config
 

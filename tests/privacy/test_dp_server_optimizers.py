@@ -19,7 +19,7 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 
 from fedtune.config import ConfigError, load_config
-from fedtune.privacy.central import CentralDP, server_optimizer
+from fedtune.privacy.central_dp import CentralDP, server_optimizer
 from strategies import dp_fedavg
 from strategies.dp_fedavg import DPFedAvg, canary_direction, canary_inserted
 from tests.conftest import MLP_DIGITS

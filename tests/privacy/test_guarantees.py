@@ -29,7 +29,7 @@ from safetensors.numpy import load_file
 from fedtune.engine.inprocess import run_inprocess
 from fedtune.models.build import build_model
 from fedtune.models.weights import shared_state
-from fedtune.privacy.central import CentralDP
+from fedtune.privacy.central_dp import CentralDP
 from fedtune.task import task_resources
 from strategies import dp_fedavg
 from strategies.dp_fedavg import DPFedAvg

@@ -265,3 +265,26 @@ def test_a_supernode_refuses_the_insecure_switch_unless_its_node_config_allows_i
     check_insecure_noise(private, deployed)
     assert all("insecure-noise-allowed" not in node_config(c, 4, to_run_config(private))
                for c in range(4))
+
+
+@pytest.mark.parametrize(("secure", "refused"), [(True, True), (False, False)])
+def test_a_supernode_refuses_the_switch_under_distributed_dp_only(secure, refused):
+    """Central DP's clients draw noise only under SecAgg+ (distributed DP): a deployed
+    SuperNode refuses the switch then, and has nothing to refuse without SecAgg+ (the server
+    adds the noise)."""
+    from flwr.app import Context, RecordDict
+
+    from fedtune.client.app import check_insecure_noise
+    from fedtune.config import to_run_config
+
+    config = load_config(None, [*MLP_DIGITS, "privacy.mode=central", "privacy.noise_multiplier=1",
+                                "privacy.adaptive_clipping=false",
+                                f"strategy.secure_aggregation={str(secure).lower()}",
+                                "privacy.insecure_reproducible_noise=true"])
+    deployed = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(),
+                       run_config=to_run_config(config))
+    if refused:
+        with pytest.raises(ConfigError, match="not allowed by this SuperNode"):
+            check_insecure_noise(config, deployed)
+    else:
+        check_insecure_noise(config, deployed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import pickle
 
 import numpy as np
@@ -233,7 +234,8 @@ def _hostile_run(tmp_path, attacks, *overrides, clients=4):
     grid = InProcessGrid(hostile.hostile_app(attacks), to_run_config(config), clients,
                          client_timeout_s=config.strategy.round_timeout_s)
     run_dir = run_federated(grid, config).path
-    rows = {(int(r["round"]), int(r["client_id"])): (r["status"], r["reason"])
+    rows = {(int(r["round"]), int(r["client_id"]),
+             *(() if r["phase"] == "train" else (r["phase"],))): (r["status"], r["reason"])
             for r in rows_of(run_dir / "clients.csv")}
     return run_dir, rows, rows_of(run_dir / "metrics.csv")
 
@@ -260,7 +262,8 @@ def test_payloads_that_lie_about_their_shape_are_rejected(tmp_path, strategy):
 
 def test_replies_off_the_schema_are_rejected_not_fatal(tmp_path):
     """A missing or extra metric, a list for a number, a renamed metric record, an evaluation
-    reply without its loss: round 1 no longer crashes; each is rejected with its reason."""
+    reply without its loss: round 1 no longer crashes; each is rejected with its reason (the
+    evaluation in a clients.csv row of phase "evaluate")."""
     attacks = {0: hostile.EXTRA_METRIC, 1: hostile.MISSING_DURATION, 2: hostile.LIST_METRIC,
                3: hostile.RENAMED_RECORD, 4: hostile.EVAL_NO_LOSS}
     run_dir, rows, metrics = _hostile_run(tmp_path, attacks, clients=6)
@@ -270,6 +273,8 @@ def test_replies_off_the_schema_are_rejected_not_fatal(tmp_path):
     assert reasons[2] == ("rejected", "metric 'num-examples' = [1, 2] is not an integer")
     assert reasons[3] == ("rejected", "unexpected record 'stats' (MetricRecord)")
     assert reasons[4] == reasons[5] == ("ok", "")  # client 4 lies only when evaluating
+    assert {key: row for key, row in rows.items() if len(key) == 3} == {
+        (r, 4, "evaluate"): ("rejected", "no 'eval-loss' metric") for r in (1, 2)}
     assert [m["clients_ok"] for m in metrics] == ["2", "2"]
     # the evaluation without a loss is left out of the federated mean, not averaged as 0
     assert all(float(m["federated_eval_loss"]) > 0 for m in metrics)
@@ -373,6 +378,27 @@ def test_the_ray_engine_never_aggregates_a_lying_payload(tmp_path):
         assert "but carries float32[1]" in rows[server_round, 0][1]
         assert {rows[server_round, c] for c in (1, 2, 3)} == {("ok", "")}
     assert [m["model_update"] for m in rows_of(run_dir / "metrics.csv")] == ["applied"] * 2
+    assert _finite_model(run_dir)
+
+
+def test_losses_beyond_any_training_are_rejected_and_metrics_stay_finite(tmp_path):
+    """A train loss of +-1.7e308 and an evaluation loss of 1.7e308 (finite, so once accepted,
+    their example-weighted means overflowed and metrics.csv read inf): each is rejected with
+    the bound it breaks, the evaluation in a row of phase "evaluate", and every number in
+    metrics.csv is finite."""
+    attacks = {0: hostile.HUGE_LOSS, 1: hostile.NEGATIVE_LOSS, 2: hostile.EVAL_HUGE_LOSS}
+    run_dir, rows, metrics = _hostile_run(tmp_path, attacks, clients=4)
+    for server_round in (1, 2):
+        assert rows[server_round, 0] == ("rejected", "metric 'train-loss' = 1.7e+308 is not "
+                                                     "<= 1e+12")
+        assert rows[server_round, 1] == ("rejected", "metric 'train-loss' = -1.7e+308 is not "
+                                                     ">= -1e+12")
+        assert rows[server_round, 2] == rows[server_round, 3] == ("ok", "")
+        assert rows[server_round, 2, "evaluate"] == ("rejected", "metric 'eval-loss' = "
+                                                                 "1.7e+308 is not <= 1e+12")
+    for row in metrics:
+        numbers = [float(v) for k, v in row.items() if v and k != "model_update"]
+        assert all(math.isfinite(v) for v in numbers), row
     assert _finite_model(run_dir)
 
 

@@ -1,7 +1,7 @@
 """SecAgg+ over a Grid: the unmasked aggregate is the strategy's, the server learns nothing else,
 dropouts are recovered from shares, tampered and replayed messages are refused.
 
-The clients are fedtune's SecAgg+ client side (``fedtune.client.secagg``) around a stand-in
+The clients are fedtune's SecAgg+ client side (``fedtune.client.secagg_stages``) around a stand-in
 training that adds a known update to the model, so the exact aggregate is known; the grid runs
 them in this process and records (or alters) what the server sends and receives.
 """
@@ -18,19 +18,19 @@ from flwr.clientapp import ClientApp
 from scipy import stats
 
 from fedtune import protocol
-from fedtune.client.secagg import secagg_stage, secagg_train_mod
+from fedtune.client.secagg_stages import secagg_stage, secagg_train_mod
 from fedtune.config import Config, load_config, to_run_config
 from fedtune.engine.inprocess import NODE_ID_OFFSET, InProcessGrid
 from fedtune.faults import FaultPlan
-from fedtune.privacy.central import CentralDP
+from fedtune.privacy.central_dp import CentralDP
 from fedtune.privacy.mode import PrivacyPlan
 from fedtune.secagg import graph, masking
+from fedtune.server.build_strategy import build_strategy
 from fedtune.server.exchange import exchange
 from fedtune.server.identity import Identities
-from fedtune.server.phases import by_client
+from fedtune.server.reports import by_client
 from fedtune.server.screening import ReplyLimits, screen_train_replies
-from fedtune.server.secagg import RoundReport, SecAggPlus
-from fedtune.server.strategies import build_strategy
+from fedtune.server.secagg_plus import RoundReport, SecAggPlus
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import parsed_run_config
 from tests import hostile_secagg
@@ -151,9 +151,9 @@ def play(config: Config, grid: InProcessGrid, server_round: int = 1, strategy=No
                                                            config.privacy.mode),
                          decline=None, num_clients=N,
                          masked=config.strategy.secure_aggregation)
-    accepted = screen_train_replies(train, limits, Identities(grid.node_to_client,
-                                                              fixed=True)).accepted
-    new, metrics = strategy.aggregate_train(server_round, by_client(accepted))
+    reports = screen_train_replies(train, limits, Identities(grid.node_to_client, fixed=True))
+    accepted = [r.reply for r in by_client(reports) if r.status == "ok"]
+    new, metrics = strategy.aggregate_train(server_round, accepted)
     report = strategy.finish_round() if isinstance(strategy, SecAggPlus) else None
     return Round(None if new is None else protocol.to_numpy(new), metrics, report, strategy)
 

@@ -346,7 +346,7 @@ def test_a_tiny_non_iid_grid_runs_with_its_centralized_row(tmp_path):
 def test_the_privacy_utility_study_is_a_valid_sweep_whose_dp_plans_all_hold():
     """Every point of the study is a valid config, and every central point's σ works with
     adaptive clipping (σ < 2 x clipped-count std) at ~100 clients a round."""
-    from fedtune.privacy.central import CentralDP
+    from fedtune.privacy.central_dp import CentralDP
     from tests.conftest import REPO
 
     spec = load_sweep(REPO / "simulations" / "privacy_utility.toml")

@@ -2,10 +2,11 @@
 
 That SuperNode's processes (its ClientApp processes included) start with this folder first on
 ``PYTHONPATH``, so Python loads this module at start-up. Once fedtune's SecAgg+ client side
-(``fedtune.client.secagg``) is imported, its stage handler and train mod are wrapped so that
-their replies are tampered with as ``FEDTUNE_TEST_SECAGG_ATTACK`` plans (``tests.hostile_secagg``,
-e.g. "bad-mask-key@1,bad-share@2"); the ClientApp then binds the wrapped ones. Everything else
-is fedtune's own code, from the signed-off app the SuperLink sent.
+(``fedtune.client.secagg_stages``) is imported, its stage handler and train mod are wrapped so
+that their replies are tampered with as ``FEDTUNE_TEST_SECAGG_ATTACK`` plans
+(``tests.hostile_secagg``, e.g. "bad-mask-key@1,bad-share@2"); the ClientApp then binds the
+wrapped ones. Everything else is fedtune's own code, from the signed-off app the SuperLink
+sent.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sys
 
 PLAN = os.environ.get("FEDTUNE_TEST_SECAGG_ATTACK", "")
-TARGET = "fedtune.client.secagg"
+TARGET = "fedtune.client.secagg_stages"
 
 
 def _wrap(module) -> None:

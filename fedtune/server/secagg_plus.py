@@ -12,7 +12,7 @@ so the round loop does not change:
   for each neighbour and a commitment to its self-mask seed) run as ``query.secagg`` messages,
   and the train messages of the clients still in go out carrying the shares sealed for them;
 - the round's train exchange is the **masked-input** stage: a reply carries one masked vector
-  (``fedtune.client.secagg``) instead of the summed records;
+  (``fedtune.client.secagg_stages``) instead of the summed records;
 - ``aggregate_train``: the masked vectors are summed; **unmask** asks each survivor for the
   self-mask seed shares of its surviving neighbours and the key shares of its dropped ones; the
   server reconstructs every seed (checked against the commitment or the public key, so a
@@ -69,7 +69,6 @@ from fedtune import protocol
 from fedtune.errors import one_line
 from fedtune.secagg import distributed_dp, graph, keys, masking
 from fedtune.server.exchange import exchange
-from strategies.dp_fedavg import DPFedAvg
 
 _GRAPH_STREAM = 0x5EC6  # seed stream of the public neighbour graph
 AUTO_CLIP_RANGE = 1.0  # strategy.secagg_clip_range = 0 without DP (distributed_dp's with it)
@@ -89,6 +88,10 @@ class SecAggSettings:
     sum_weight: str  # what weights a client's input (the strategy's sum_weight, or "1")
     answers: Mapping[str, str] = field(default_factory=dict)  # the strategy's answers
     max_weight: int = protocol.MAX_ANY_EXAMPLES  # bound on a sum of client weights
+    # distributed DP (the privacy mode's ``secure_sum_noise``): each client clips its update
+    # to ``dp_clip`` and adds its share of noise of std ``dp_noise_multiplier × dp_clip``
+    dp_clip: float = 0.0  # 0 = the clients neither clip nor noise
+    dp_noise_multiplier: float = 0.0
 
 
 @dataclass
@@ -306,9 +309,9 @@ class SecAggPlus(Strategy):
                         message.content[name], reference[name]):
                     self._fail(s, f"the strategy sent node {message.metadata.dst_node_id} its "
                                   f"own {name!r}: a secure sum needs one reference")
-        if isinstance(self.inner, DPFedAvg) and self.inner.client_noise:
-            s.dp_clip = self.inner.clipping_norm
-            s.dp_std = distributed_dp.share_std(self.inner.noise_multiplier, s.dp_clip,
+        if settings.dp_clip:
+            s.dp_clip = settings.dp_clip
+            s.dp_std = distributed_dp.share_std(settings.dp_noise_multiplier, s.dp_clip,
                                                 s.min_survivors)
             coordinates = masking.vector_length(reference, s.summed)
             s.clip_range = settings.clip_range or distributed_dp.automatic_clip_range(

@@ -9,7 +9,7 @@ after Andrew et al. 2021, canary clients for the audit) is ``strategies.dp_fedav
 configured strategy picks the server optimizer on its noised mean (fedavg: plain DP-FedAvg,
 fedavgm: DP-FedAvgM, fedadam: DP-FedAdam). Clients train as without privacy; with
 ``strategy.secure_aggregation`` the DP is distributed: each client clips its update and adds its
-share of the noise before SecAgg+ masks it (``fedtune.client.secagg``), and the server, which
+share of the noise before SecAgg+ masks it (``fedtune.client.secagg_stages``), and the server, which
 sees only the sum, neither clips nor noises.
 """
 
@@ -31,6 +31,7 @@ from fedtune.privacy.accounting import (
 )
 from fedtune.privacy.mode import PrivacyMode, PrivacyPlan, PrivacyServer, noise_source
 from fedtune.protocol import SECAGG_DP_CLIP_BOUND
+from fedtune.tables.strategies import STRATEGIES
 from strategies import dp_fedavg
 from strategies.dp_fedavg import COUNT_SENSITIVITY, DPFedAvg, adaptive_noise, count_share
 
@@ -167,15 +168,13 @@ def _number(value: Any) -> float | None:
 
 def server_optimizer(config: Config) -> dict[str, Any]:
     """The server optimizer the configured strategy runs on the noised mean (DPFedAvg's
-    arguments): FedAvg = SGD with rate 1, FedAvgM = SGD with momentum, FedAdam = Adam."""
-    s = config.strategy
-    if s.name == "fedavgm":
-        return {"server_optimizer": "sgd", "server_learning_rate": s.server_lr,
-                "server_momentum": s.server_momentum}
-    if s.name == "fedadam":
-        return {"server_optimizer": "adam", "server_learning_rate": s.fedopt_eta,
-                "adam_betas": (s.fedopt_beta_1, s.fedopt_beta_2), "adam_tau": s.fedopt_tau}
-    return {"server_optimizer": "sgd", "server_learning_rate": 1.0, "server_momentum": 0.0}
+    arguments), as its table entry's ``dp_server_optimizer`` says: FedAvg = SGD with rate 1,
+    FedAvgM = SGD with momentum, FedAdam = Adam."""
+    optimizer = STRATEGIES[config.strategy.name].dp_server_optimizer
+    if optimizer is None:  # the config check refuses such a strategy first
+        raise ConfigError(f"strategy.name = {config.strategy.name!r} is not allowed with "
+                          "privacy.mode = 'central'")
+    return optimizer(config)
 
 
 class CentralDP(PrivacyMode):
@@ -224,6 +223,13 @@ class CentralDP(PrivacyMode):
         )
         strategy.population = config.data.num_clients
         return strategy
+
+    def secure_sum_noise(self, config: Config, plan: PrivacyPlan) -> tuple[float, float]:
+        """Distributed DP under SecAgg+: each client clips to ``privacy.clip_norm`` and adds
+        its share of the plan's noise (``fedtune.client.secagg_stages``)."""
+        if not config.strategy.secure_aggregation:
+            return 0.0, 0.0
+        return config.privacy.clip_norm, plan.noise_multiplier or 0.0
 
     def server(self, config: Config, plan: PrivacyPlan, client_sizes: Sequence[int] = ()
                ) -> CentralServer:

@@ -1,6 +1,6 @@
 """What SecAgg+ did in a round, in the run's files (``SecAggRecorder``, a round listener).
 
-The protocol runs inside the strategy (``fedtune.server.secagg``), so the round sees only the
+The protocol runs inside the strategy (``fedtune.server.secagg_plus``), so the round sees only the
 train exchange: clients that dropped at setup or share-keys were never sent a train message,
 and a round whose unmasking failed still has sound replies. The recorder, the first listener
 of a SecAgg+ run, completes the round's outcome before anything writes it:
@@ -35,7 +35,7 @@ from fedtune import protocol
 from fedtune.results.run_dir import ClientRow
 from fedtune.server.loop import RunListener
 from fedtune.server.round import FederatedRun, RoundOutcome
-from fedtune.server.secagg import RoundReport, SecAggPlus, report_metrics
+from fedtune.server.secagg_plus import RoundReport, SecAggPlus, report_metrics
 
 _BEFORE_TRAIN = (protocol.STAGE_SETUP, protocol.STAGE_SHARE_KEYS)
 
@@ -43,10 +43,11 @@ _BEFORE_TRAIN = (protocol.STAGE_SETUP, protocol.STAGE_SHARE_KEYS)
 class SecAggRecorder(RunListener):
     """Completes each round's rows with what the SecAgg+ protocol did."""
 
+    def __init__(self, strategy: SecAggPlus) -> None:
+        self.strategy = strategy  # the run's strategy (strategy.secure_aggregation)
+
     def round_ended(self, run: FederatedRun, outcome: RoundOutcome) -> None:
-        if not isinstance(run.strategy, SecAggPlus):
-            return
-        report = run.strategy.finish_round()
+        report = self.strategy.finish_round()
         if report is None:
             return
         for node, client in report.node_to_client.items():  # a claim never replaces an identity

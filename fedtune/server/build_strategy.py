@@ -2,7 +2,7 @@
 
 The entry names the class and turns ``[strategy]`` keys into constructor arguments; the privacy
 mode may replace the strategy (central DP: DP-FedAvg); ``strategy.secure_aggregation`` wraps
-it in SecAgg+ (``fedtune.server.secagg``). Every strategy waits for all clients to connect
+it in SecAgg+ (``fedtune.server.secagg_plus``). Every strategy waits for all clients to connect
 before the first round.
 """
 
@@ -15,10 +15,9 @@ from flwr.serverapp.strategy import Strategy
 from fedtune.config import Config
 from fedtune.privacy.mode import PrivacyPlan
 from fedtune.protocol import MAX_ANY_EXAMPLES
-from fedtune.server.secagg import SecAggPlus, SecAggSettings
-from fedtune.tables.privacy_modes import privacy_mode
+from fedtune.server.secagg_plus import SecAggPlus, SecAggSettings
+from fedtune.tables.privacy_modes import PRIVACY_MODES, privacy_mode
 from fedtune.tables.strategies import STRATEGIES, strategy_arguments
-from strategies.dp_fedavg import DPFedAvg
 
 
 def evaluate_arguments(config: Config) -> dict[str, Any]:
@@ -36,17 +35,20 @@ def build_strategy(config: Config, plan: PrivacyPlan,
     ``max_examples``: the federation's training examples, where the server knows them)."""
     s = config.strategy
     evaluate_args = evaluate_arguments(config)
-    strategy = privacy_mode(config).strategy(config, plan, evaluate_args)
+    mode = privacy_mode(config)
+    strategy = mode.strategy(config, plan, evaluate_args)
     if strategy is None:
-        strategy = STRATEGIES[s.name].load()(
+        entry = STRATEGIES[s.name]
+        strategy = entry.load()(
             fraction_train=s.fraction_train, min_train_nodes=s.min_train_clients,
-            **evaluate_args, **strategy_arguments(config), **STRATEGIES[s.name].components(config))
+            **evaluate_args, **strategy_arguments(config), **entry.components(config))
     if not s.secure_aggregation:
         return strategy
     entry = STRATEGIES[s.name]
-    # DP-FedAvg sums the clients' clipped updates unweighted (a fixed-denominator estimator)
-    weight = "1" if isinstance(strategy, DPFedAvg) else entry.sum_weight
+    dp_clip, dp_noise_multiplier = mode.secure_sum_noise(config, plan)
     return SecAggPlus(strategy, SecAggSettings(
         degree=s.secagg_degree, threshold=s.secagg_threshold, bits=s.secagg_bits,
         clip_range=s.secagg_clip_range, timeout_s=s.round_timeout_s, seed=config.run.seed,
-        sum_weight=weight, answers=dict(entry.answers), max_weight=max_examples))
+        sum_weight=PRIVACY_MODES[config.privacy.mode].sum_weight or entry.sum_weight,
+        answers=dict(entry.answers), max_weight=max_examples, dp_clip=dp_clip,
+        dp_noise_multiplier=dp_noise_multiplier))
