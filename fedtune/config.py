@@ -38,16 +38,18 @@ from fedtune.errors import ConfigError, ConfigWarning
 from fedtune.sections import (
     CHOOSERS,
     AttackSection,
+    DevicesSection,
     EngineSection,
     ModelSection,
     PrivacySection,
     StrategySection,
 )
 from fedtune.tables import Key, UsedWith, declared_key, key, owners_of, used_with
+from fedtune.tables.attacks import check_attack
 from fedtune.tables.datasets import DATASETS, check_dataset
+from fedtune.tables.devices import check_devices
 from fedtune.tables.model_kinds import check_model
 from fedtune.tables.privacy_modes import check_privacy
-from fedtune.tables.attacks import check_attack
 from fedtune.tables.runtimes import RUNTIMES, check_runtime
 from fedtune.tables.strategies import check_strategy, clients_per_round
 
@@ -215,6 +217,7 @@ class Config:
     faults: FaultsSection = field(default_factory=FaultsSection)
     attack: AttackSection = field(default_factory=AttackSection)
     engine: EngineSection = field(default_factory=EngineSection)
+    devices: DevicesSection = field(default_factory=DevicesSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
 
@@ -228,6 +231,7 @@ SECTIONS: dict[str, type] = {
     "faults": FaultsSection,
     "attack": AttackSection,
     "engine": EngineSection,
+    "devices": DevicesSection,
     "tracking": TrackingSection,
 }
 
@@ -449,6 +453,8 @@ def check_consistency(config: Config) -> None:
     _refuse_foreign_keys(config, "engine")
     check_runtime(config)
     check_strategy(config)
+    _refuse_foreign_keys(config, "devices")
+    check_devices(config)
     _check_faults(config)
     check_attack(config)
 
@@ -716,6 +722,7 @@ SECTION_HELP = {
     "privacy": "differential privacy (none, local, central) and the empirical audit",
     "faults": "misbehaving clients on purpose: scaled or NaN updates, crashes, stragglers",
     "engine": "the runtime (ray, flower, inprocess, central) and its resources",
+    "devices": "simulated devices (none, lognormal, trace) and the virtual clock",
     "tracking": "TensorBoard and MLflow",
 }
 

@@ -1,7 +1,7 @@
 """The config sections built from the extension tables: ``[model]`` from the model kinds,
 ``[strategy]`` from the strategies, ``[privacy]`` from the privacy modes, ``[engine]`` from
-the runtimes and ``[attack]`` from the attacks (``fedtune.tables.section_class``: a few common keys, then every key the table's
-entries own).
+the runtimes, ``[devices]`` from the device profiles and ``[attack]`` from the attacks
+(``fedtune.tables.section_class``: a few common keys, then every key the table's entries own).
 
 The classes are made at import time, so a type checker cannot see their fields:
 ``fedtune/sections.pyi`` declares them, generated from the tables by
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from fedtune.tables import Key, UsedWith, section_class
 from fedtune.tables.attacks import ATTACKS
+from fedtune.tables.devices import DEVICE_PROFILES
 from fedtune.tables.model_kinds import MODEL_KINDS, TRANSFER_MODES
 from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.runtimes import RUNTIMES
 from fedtune.tables.strategies import STRATEGIES
 
-__all__ = ["CHOOSERS", "DERIVED_SECTIONS", "AttackSection", "EngineSection", "ModelSection",
-           "PrivacySection", "StrategySection"]
+__all__ = ["CHOOSERS", "DERIVED_SECTIONS", "AttackSection", "DevicesSection", "EngineSection",
+           "ModelSection", "PrivacySection", "StrategySection"]
 
 ModelSection = section_class(
     "ModelSection", "[model]: the model kind (fedtune.tables.model_kinds) and how it trains.",
@@ -50,6 +51,12 @@ StrategySection = section_class(
      "update_norm_z": Key(0.0, "reject an update whose norm lies more than this many robust "
                                "standard deviations (median absolute deviation) above the "
                                "round's median; 0 = off", ge=0),
+     "round_deadline_s": Key(0.0, "synchronous rounds with devices: a round ends this many "
+                                  "virtual seconds after it starts; later clients are dropped "
+                                  "as stragglers; 0 = no deadline", ge=0),
+     "over_selection": Key(0.0, "synchronous rounds with devices: sample ceil(K (1 + f)) "
+                                "clients and keep the first K to finish (Bonawitz et al. "
+                                "2019); 0 = sample K", ge=0, le=10),
      "secure_aggregation": Key(False, "SecAgg+ (Bell et al. 2020): the server sees only the "
                                       "weighted sum of the clients' updates (weighted-sum "
                                       "strategies; with privacy.mode = central: distributed DP)"),
@@ -113,8 +120,18 @@ AttackSection = section_class(
     {name: ATTACKERS for name in ("fraction", "count", "clients", "start_round", "collude")})
 
 # each derived section, and the key of it that picks a table entry
+DevicesSection = section_class(
+    "DevicesSection", "[devices]: simulated devices (fedtune.tables.devices) and the virtual "
+                      "clock that times the clients' work.",
+    {"profile": Key("none", "none = every client equally fast and always available; "
+                            "lognormal = parametric devices; trace = FedScale's device traces",
+                    choices=tuple(DEVICE_PROFILES)),
+     "seed": Key(0, "seed of the device draws, beside run.seed", ge=0)},
+    DEVICE_PROFILES, "profile")
+
+
 DERIVED_SECTIONS: dict[str, type] = {"model": ModelSection, "strategy": StrategySection,
                                      "privacy": PrivacySection, "engine": EngineSection,
-                                     "attack": AttackSection}
+                                     "attack": AttackSection, "devices": DevicesSection}
 CHOOSERS = {"model": "kind", "strategy": "name", "privacy": "mode", "engine": "backend",
-            "attack": "name"}
+            "attack": "name", "devices": "profile"}

@@ -51,13 +51,15 @@ class StrategySection:
     round_timeout_s: float
     max_update_norm: float
     update_norm_z: float
+    round_deadline_s: float
+    over_selection: float
     secure_aggregation: bool
     secagg_degree: int
     secagg_threshold: float
     secagg_bits: int
     secagg_clip_range: float
     proximal_mu: float  # fedprox
-    server_lr: float  # fedavgm, scaffold
+    server_lr: float  # fedavgm, scaffold, fedbuff
     server_momentum: float  # fedavgm
     fedopt_eta: float  # fedadam, fedyogi, fedadagrad
     fedopt_beta_1: float  # fedadam, fedyogi
@@ -76,6 +78,12 @@ class StrategySection:
     fltrust_root_examples: int  # fltrust
     norm_bound: float  # norm_bound_dp
     dp_noise_std: float  # norm_bound_dp
+    concurrency: int  # fedbuff, fedasync
+    fedbuff_buffer_size: int  # fedbuff
+    fedasync_alpha: float  # fedasync
+    fedasync_staleness: str  # fedasync
+    fedasync_a: float  # fedasync
+    fedasync_b: int  # fedasync
 
     def __init__(
         self,
@@ -86,6 +94,8 @@ class StrategySection:
         round_timeout_s: float = ...,
         max_update_norm: float = ...,
         update_norm_z: float = ...,
+        round_deadline_s: float = ...,
+        over_selection: float = ...,
         secure_aggregation: bool = ...,
         secagg_degree: int = ...,
         secagg_threshold: float = ...,
@@ -111,6 +121,12 @@ class StrategySection:
         fltrust_root_examples: int = ...,
         norm_bound: float = ...,
         dp_noise_std: float = ...,
+        concurrency: int = ...,
+        fedbuff_buffer_size: int = ...,
+        fedasync_alpha: float = ...,
+        fedasync_staleness: str = ...,
+        fedasync_a: float = ...,
+        fedasync_b: int = ...,
     ) -> None: ...
 
 
@@ -229,6 +245,44 @@ class AttackSection:
         trigger: str = ...,
         poison_fraction: float = ...,
         boost: float = ...,
+    ) -> None: ...
+
+
+class DevicesSection:
+    """[devices]: simulated devices (fedtune.tables.devices) and the virtual clock that times the
+    clients' work."""
+
+    profile: str
+    seed: int
+    speed_median_s: float  # lognormal
+    speed_sigma: float  # lognormal
+    slow_fraction: float  # lognormal
+    slowdown: float  # lognormal
+    up_mbps: float  # lognormal
+    down_mbps: float  # lognormal
+    bandwidth_sigma: float  # lognormal
+    available_fraction: float  # lognormal
+    day_s: float  # lognormal
+    arrival_rate: float  # lognormal, trace
+    trace_file: str  # trace
+    availability_file: str  # trace
+
+    def __init__(
+        self,
+        profile: str = ...,
+        seed: int = ...,
+        speed_median_s: float = ...,
+        speed_sigma: float = ...,
+        slow_fraction: float = ...,
+        slowdown: float = ...,
+        up_mbps: float = ...,
+        down_mbps: float = ...,
+        bandwidth_sigma: float = ...,
+        available_fraction: float = ...,
+        day_s: float = ...,
+        arrival_rate: float = ...,
+        trace_file: str = ...,
+        availability_file: str = ...,
     ) -> None: ...
 
 

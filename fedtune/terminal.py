@@ -22,6 +22,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.spinner import Spinner
 
+from fedtune.audit import audit_line
 from fedtune.config import Config
 from fedtune.results.run_dir import json_safe
 from fedtune.tables.privacy_modes import PRIVACY_MODES
@@ -283,13 +284,11 @@ def result_line(summary: dict[str, Any]) -> str:
             f"{summary['best']['eval_accuracy']:.4f} at round {summary['best']['round']}")
 
 
-def privacy_line(summary: dict[str, Any], audit: dict[str, Any] | None) -> str:
-    """ε spent at δ, with the accountant, and the audit's empirical ε (a private run)."""
+def privacy_line(summary: dict[str, Any]) -> str:
+    """ε spent at δ, with the accountant (a private run)."""
     privacy = summary.get("privacy") or {}
     mode = PRIVACY_MODES.get(privacy.get("mode", ""))
     private = mode is not None and mode.mechanism
-    if not private and audit is None:
-        return ""
     parts = []
     if private:
         spent = shown_value(privacy["epsilon"])  # "inf" in JSON reads back as inf
@@ -300,13 +299,6 @@ def privacy_line(summary: dict[str, Any], audit: dict[str, Any] | None) -> str:
         if privacy.get("private") is False:
             parts.append("NOT PRIVATE: privacy.insecure_reproducible_noise drew the noise from "
                          "run.seed; anyone with this run's config can remove it")
-    if audit is not None:
-        low, high = audit["interval"]
-        spread = (f", interval {low:.3g} to {high:.3g}" if high is not None
-                  else ", a lower bound")
-        verdict = "VIOLATION: above the accountant's" if audit["violation"] else "no violation"
-        parts.append(f"audit: empirical ε {audit['empirical_epsilon']:.3g}{spread} "
-                     f"({verdict})")
     return "; ".join(parts)
 
 
@@ -338,11 +330,12 @@ def read_audit(run_dir: Path) -> dict[str, Any] | None:
 
 def print_final(console: Console, run_dir: Path, summary: dict[str, Any],
                 centralized: str = "") -> None:
-    """The result, why the run stopped early (if it did), privacy and the centralized
-    reference, each in one line."""
+    """The result, why the run stopped early (if it did), privacy, the audit and the
+    centralized reference, each in one line."""
     stopped = (f"stopped after round {summary['rounds_completed']}: {summary['stop_reason']}"
                if summary.get("stop_reason") else "")
-    for line in (result_line(summary), stopped, privacy_line(summary, read_audit(run_dir)),
-                 centralized):
+    audit = read_audit(run_dir)
+    for line in (result_line(summary), stopped, privacy_line(summary),
+                 f"audit: {audit_line(audit)}" if audit else "", centralized):
         if line:
             console.print(line, highlight=False)

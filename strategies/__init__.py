@@ -5,9 +5,11 @@ usable by any Flower ServerApp; the module docstrings give the paper and the mes
 a ClientApp must follow.
 """
 
+from strategies.fedasync import FedAsync
+from strategies.fedbuff import FedBuff
 from strategies.feddyn import FedDyn
 from strategies.fednova import FedNova
 from strategies.rfa import RFA
 from strategies.scaffold import Scaffold
 
-__all__ = ["RFA", "FedDyn", "FedNova", "Scaffold"]
+__all__ = ["RFA", "FedAsync", "FedBuff", "FedDyn", "FedNova", "Scaffold"]

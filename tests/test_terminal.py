@@ -57,24 +57,31 @@ def test_a_run_prints_each_round_once_under_a_bar_that_names_the_running_phase(t
         assert row_line(row, True).split()[-1] == f"{float(row['epsilon']):.4g}"
     assert not BOX & set("".join(lines))
 
-    # the final lines: the result, ε spent and the audit's ε, the two times, what comes next
+    # the final lines: the result, ε spent, the audit, the two times, what comes next
     after = lines[start + 7:]
     assert after[0].startswith("final global test accuracy "
                                f"{summary['final']['eval_accuracy']:.4f}")
     assert after[1] == (
         f"central DP: ε spent {float(summary['privacy']['epsilon']):.4g} at δ 1e-05 (rdp "
-        f"accountant); audit: empirical ε {audit['empirical_epsilon']:.3g}, interval "
-        f"{audit['interval'][0]:.3g} to {audit['interval'][1]:.3g} (no violation)")
-    if after[2].startswith("library warnings: "):  # in process, Opacus warns in this process
-        assert after.pop(2).endswith(f", in {run_dir}/log.txt")
+        "accountant)")
+    reference = audit["estimate_reference"]
+    assert after[2] == (
+        f"audit: estimate ε {audit['empirical_epsilon']:.3g} (interval "
+        f"{audit['interval'][0]:.3g} to {audit['interval'][1]:.3g}; at ε "
+        f"{reference['epsilon']:.3g} it reads {reference['low']:.3g} to "
+        f"{reference['high']:.3g} with 25 inserted canaries)"
+        f"{' HIGH (not a proof)' * audit['estimate_high']}, lower bound ε "
+        f"{audit['epsilon_lower_bound']:.3g} (no violation)")
+    if after[3].startswith("library warnings: "):  # in process, Opacus warns in this process
+        assert after.pop(3).endswith(f", in {run_dir}/log.txt")
     wall, rounds = re.fullmatch(r"took ([\d.]+)s wall \(start-up, workers and saving "
                                 r"included\); rounds ([\d.]+)s \(summary.json total_time_s\)",
-                                after[2]).groups()
+                                after[3]).groups()
     assert rounds == f"{summary['total_time_s']:.1f}" and float(wall) > float(rounds)
-    assert after[3] == (f"plots: {run_dir}/plots/{{accuracy_loss.png,audit.png,epsilon.png,"
+    assert after[4] == (f"plots: {run_dir}/plots/{{accuracy_loss.png,audit.png,epsilon.png,"
                         "partitions.png}")
-    assert after[4].startswith(f"next: fedtune report {run_dir} ")
-    assert after[5].startswith(f"      fedtune audit {run_dir} ")
+    assert after[5].startswith(f"next: fedtune report {run_dir} ")
+    assert after[6].startswith(f"      fedtune audit {run_dir} ")
     assert lines[-1] == f"run directory: {run_dir}"
 
     # the bar, frame by frame: the round running, never one whose line is printed already;

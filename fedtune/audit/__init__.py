@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fedtune.config import Config, ConfigError, load_config
 
@@ -30,3 +31,27 @@ def audited_config(path: str | Path) -> Config:
         raise ConfigError(f"{str(path)!r} ran with privacy.audit = false: it inserted no "
                           "canaries; rerun it with --set privacy.audit=true")
     return config
+
+
+def audit_line(audit: dict[str, Any]) -> str:
+    """The audit in one line: the estimate (central DP) beside what it reads for a mechanism
+    at the accountant's ε, and the lower bound with the verdict."""
+    if "epsilon_lower_bound" not in audit:  # written before the audit kept a bound apart
+        return (f"empirical ε {audit['empirical_epsilon']:.3g} (an older audit.json: "
+                "`fedtune audit RUN_DIR` redoes it)")
+    parts = []
+    if audit.get("empirical_is") == "estimate":
+        low, high = audit["interval"]
+        text = (f"estimate ε {audit['empirical_epsilon']:.3g} (interval {low:.3g} to "
+                f"{high:.3g}")
+        reference = audit.get("estimate_reference")
+        if reference:
+            text += (f"; at ε {reference['epsilon']:.3g} it reads {reference['low']:.3g} to "
+                     f"{reference['high']:.3g} with {reference['inserted']} inserted canaries")
+        parts.append(text + ")" + (" HIGH (not a proof)" if audit.get("estimate_high")
+                                   else ""))
+    verdict = ("VIOLATION: above the accountant's" if audit["violation"]
+               else "no violation")
+    parts.append(f"lower bound ε {audit['epsilon_lower_bound']:.3g} ({verdict})")
+    return ", ".join(parts)
+

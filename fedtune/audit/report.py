@@ -12,9 +12,20 @@ The audit fits the privacy mode (``fedtune.tables.privacy_modes``: ``audit_inser
   of a canary is minus its loss under the final model, and the one-run bound of Steinke et
   al. 2023 turns membership guesses into an ε lower bound (``estimators.one_run_audit``).
 
-The empirical ε stands beside the accountant's. An empirical ε above the accountant's (the
-lower end of the estimate's interval, or the lower bound) is a bug in the mechanism or its
-accounting: the audit says so in audit.json (``violation``) and in the log.
+Two kinds of number, never to be confused (``docs/privacy.md``, "The audit"):
+
+- a **lower bound** (``epsilon_lower_bound``, both modes; for central DP the one-run bound on the
+  same canary cosines, its canaries being a random half): it holds at 95 % confidence whatever
+  the mechanism. A lower bound above the accountant's ε is a bug in the mechanism or its
+  accounting: ``violation`` in audit.json, a warning in the log, exit code 1 of ``fedtune
+  audit``.
+- an **estimate** (central DP: ``empirical_epsilon``, the one-shot estimate, and its bootstrap
+  ``interval``): not a bound, and biased upwards at a few hundred inserted canaries (the
+  study's DP-FedAvg at accountant ε = 1, whose final model's true ε is 0.84, reads 1.19 in
+  median with its 500; ``benchmarks/audit_calibration.py``).
+  Beside it, ``estimate_reference``: what the estimator reads at this canary count for a
+  Gaussian mechanism at exactly the accountant's ε. An estimate above that reference's 97.5 %
+  quantile is ``estimate_high``: worth a look, not a violation.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtune.audit.estimators import canary_epsilon, one_run_audit
+from fedtune.audit.estimators import canary_epsilon, canary_estimate_reference, one_run_audit
 from fedtune.config import Config
 from fedtune.models.weights import load_shared_state
 from fedtune.results.run_dir import RunDirectory, json_safe
@@ -41,7 +52,8 @@ AUDIT_JSON = "audit.json"
 AUDIT_PLOT = "audit.png"
 CANARY_RELEASE = "canary_release.safetensors"  # the shadow release with canary clients
 USER_LEVEL = ("user-level: canary clients, one-shot estimate from final-model cosines "
-              "(Andrew et al. 2024)")
+              "(Andrew et al. 2024) and the one-run lower bound on the same cosines (Steinke, "
+              "Nasr, Jagielski 2023)")
 SAMPLE_LEVEL = ("sample-level: canary examples, one-run lower bound from loss-based "
                 "membership guesses (Steinke, Nasr, Jagielski 2023)")
 
@@ -64,16 +76,25 @@ def canary_cosines(delta: np.ndarray, seed: int, count: int) -> np.ndarray:
 
 
 def user_level(config: Config, initial: Mapping[str, np.ndarray],
-               final: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """The one-shot estimate from the canary clients' cosines (``final``: the release)."""
+               final: Mapping[str, np.ndarray], accountant_epsilon: float) -> dict[str, Any]:
+    """The one-shot estimate, its reference at the accountant's ε and the one-run lower bound,
+    all from the canary clients' cosines (``final``: the release)."""
     p = config.privacy
     delta = floating_delta(initial, final)
     cosines = canary_cosines(delta, config.run.seed, p.audit_canaries)
     inserted = canary_inserted(config.run.seed, p.audit_canaries)
     estimate = canary_epsilon(cosines[inserted], cosines[~inserted], p.delta,
                               dimension=delta.size, seed=config.run.seed)
+    bound = one_run_audit(cosines, inserted, p.delta, exactly_half=True)
+    reference = (canary_estimate_reference(accountant_epsilon, p.delta, int(inserted.sum()),
+                                           seed=config.run.seed)
+                 if math.isfinite(accountant_epsilon) else None)
     return {"kind": USER_LEVEL, "empirical_epsilon": estimate.epsilon,
-            "interval": [estimate.ci_low, estimate.ci_high], "estimate": estimate.to_dict(),
+            "empirical_is": "estimate", "interval": [estimate.ci_low, estimate.ci_high],
+            "estimate": estimate.to_dict(),
+            "estimate_reference": reference.to_dict() if reference else None,
+            "estimate_high": bool(reference and estimate.epsilon > reference.high),
+            "epsilon_lower_bound": bound.epsilon_lower_bound, "bound": bound.to_dict(),
             "dimension": int(delta.size), "statistic": "cosine",
             "inserted_values": cosines[inserted].tolist(),
             "held_out_values": cosines[~inserted].tolist()}
@@ -87,7 +108,8 @@ def sample_level(config: Config, resources: TaskResources, final: Mapping[str, n
     canaries = resources.canaries
     audit = one_run_audit(-losses, canaries.included, config.privacy.delta)
     return {"kind": SAMPLE_LEVEL, "empirical_epsilon": audit.epsilon_lower_bound,
-            "interval": [audit.epsilon_lower_bound, None], "bound": audit.to_dict(),
+            "empirical_is": "lower bound", "interval": [audit.epsilon_lower_bound, None],
+            "epsilon_lower_bound": audit.epsilon_lower_bound, "bound": audit.to_dict(),
             "statistic": "minus loss",
             "inserted_values": (-losses[canaries.included]).tolist(),
             "held_out_values": (-losses[~canaries.included]).tolist()}
@@ -115,12 +137,11 @@ def run_audit(config: Config, resources: TaskResources, initial: Mapping[str, np
               final: Mapping[str, np.ndarray], accountant_epsilon: float) -> dict[str, Any]:
     """The audit of one run, beside the accountant's ε (inf without noise or privacy)."""
     kind = PRIVACY_MODES[config.privacy.mode].audit_inserts
-    result = (user_level(config, initial, final) if kind == "clients"
+    result = (user_level(config, initial, final, accountant_epsilon) if kind == "clients"
               else sample_level(config, resources, final))
-    # the estimate's lower end, or the bound, may not pass the accountant's guarantee
-    evidence = result["interval"][0]
-    violation = bool(math.isfinite(accountant_epsilon) and evidence > accountant_epsilon
-                     + 1e-6)
+    # only a lower bound can contradict the accountant; an estimate above it is not proof
+    violation = bool(math.isfinite(accountant_epsilon)
+                     and result["epsilon_lower_bound"] > accountant_epsilon + 1e-6)
     count = (config.privacy.audit_canaries if kind == "clients"
              else config.privacy.audit_examples)
     return {"mode": config.privacy.mode, "delta": config.privacy.delta, "canaries": count,
@@ -175,15 +196,16 @@ def write_audit(run_dir: RunDirectory, audit: dict[str, Any]) -> Path:
     plot = run_dir.plots_dir / AUDIT_PLOT
     plot_audit(audit, plot)
     if audit["violation"]:
-        log(WARNING, "fedtune audit: VIOLATION: empirical epsilon %.4g (interval from %.4g) "
-            "is above the accountant's %.4g: the mechanism or its accounting is wrong",
-            audit["empirical_epsilon"], audit["interval"][0], audit["accountant_epsilon"])
+        log(WARNING, "fedtune audit: VIOLATION: the lower bound on epsilon, %.4g at 95%% "
+            "confidence, is above the accountant's %.4g: the mechanism or its accounting is "
+            "wrong", audit["epsilon_lower_bound"], audit["accountant_epsilon"])
     return plot
 
 
 def plot_audit(audit: dict[str, Any], path: Path) -> None:
-    """Left: the canaries' statistic, inserted against held-out. Right: the empirical ε (with
-    its interval, or as a lower bound) beside the accountant's ε."""
+    """Left: the canaries' statistic, inserted against held-out. Right: the lower bound, the
+    estimate (central DP: with its interval and the range it reads for a mechanism at the
+    accountant's ε) and the accountant's ε."""
     from fedtune.results.plots import plt  # the Agg backend is chosen there
 
     fig, (hist_ax, eps_ax) = plt.subplots(1, 2, figsize=(10, 4))
@@ -195,27 +217,39 @@ def plot_audit(audit: dict[str, Any], path: Path) -> None:
     hist_ax.set_ylabel("canaries")
     hist_ax.set_title(audit["kind"].split(":")[0])
     hist_ax.legend()
-    empirical = float(audit["empirical_epsilon"])
     accountant = float(audit["accountant_epsilon"])
+    bars = [("lower bound\n(95 %)", float(audit["epsilon_lower_bound"]), "tab:green")]
+    estimate = audit.get("empirical_is") == "estimate"
+    if estimate:
+        bars.append(("estimate\n(one-shot)", float(audit["empirical_epsilon"]), "tab:orange"))
+    bars.append(("accountant", accountant, "tab:blue"))
+    reference = audit.get("estimate_reference") if estimate else None
     low, high = audit["interval"]
-    finite = [v for v in (empirical, accountant, high) if v is not None and math.isfinite(v)]
+    finite = [v for _, v, _ in bars if math.isfinite(v)]
+    finite += [high] if estimate and math.isfinite(high) else []
+    finite += [reference["high"]] if reference else []
     top = 1.25 * max(finite + [1.0])
-    label = ("empirical ε (estimate)" if audit["kind"] == USER_LEVEL
-             else "empirical ε (lower bound)")
-    bars = eps_ax.bar([0, 1], [min(empirical, top), min(accountant, top)],
-                      color=["tab:orange", "tab:blue"])
-    if high is not None and math.isfinite(high):
-        eps_ax.errorbar([0], [empirical], yerr=[[empirical - low], [high - empirical]],
-                        color="black", capsize=6)
-    for bar, value in zip(bars, (empirical, accountant), strict=True):
+    if reference:  # where a mechanism at the accountant's ε puts the estimate (95 %)
+        eps_ax.axhspan(reference["low"], reference["high"], color="tab:blue", alpha=0.12,
+                       label=f"estimate at ε {reference['epsilon']:.3g} (95 % of runs)")
+        eps_ax.legend(loc="upper left", fontsize=8)
+    drawn = eps_ax.bar(range(len(bars)), [min(v, top) for _, v, _ in bars],
+                       color=[c for _, _, c in bars])
+    if estimate and math.isfinite(high):
+        value = float(audit["empirical_epsilon"])
+        eps_ax.errorbar([1], [value], yerr=[[value - low], [high - value]], color="black",
+                        capsize=6)
+    for bar, (_, value, _) in zip(drawn, bars, strict=True):
         text = "∞" if math.isinf(value) else f"{value:.3g}"
         eps_ax.text(bar.get_x() + bar.get_width() / 2, min(value, top), text, ha="center",
                     va="bottom")
-    eps_ax.set_xticks([0, 1], [label, "accountant ε"])
+    eps_ax.set_xticks(range(len(bars)), [name for name, _, _ in bars])
     eps_ax.set_ylim(0, top * 1.1)
     eps_ax.set_ylabel(f"ε at δ = {audit['delta']:g}")
     if audit["violation"]:
-        eps_ax.set_title("VIOLATION: empirical ε above the accountant's", color="red")
+        eps_ax.set_title("VIOLATION: lower bound above the accountant's ε", color="red")
+    elif audit.get("estimate_high"):
+        eps_ax.set_title("estimate above its reference range (not a proof)", color="darkorange")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -60,12 +60,16 @@ class RoundRow:
     attack_success_rate: float | None = None  # a backdoor: triggered tests classed as target
     malicious_filtered: float | None = None  # attackers' updates rejected or left out (TPR)
     benign_filtered: float | None = None  # honest updates rejected or left out (FPR)
+    # with devices: the virtual clock when the round (an asynchronous run: the server update)
+    # ended, seconds since the run began (fedtune.devices.clock)
+    virtual_time_s: float | None = None
 
 
 @dataclass
 class ClientRow:
     """One line of clients.csv: one client in one phase of one round. ``phase`` = ``train``:
-    every client sampled for training, with its status (ok, rejected, failed, timeout) and,
+    every client sampled for training, with its status (ok, rejected, failed, timeout; with
+    devices also straggler and offline: guide/devices.md) and,
     for a sound reply, its metrics: ``num_examples`` is the size of its training split (what
     FedAvg weights by); ``examples_trained`` is the sum of the sizes of the batches its local
     steps took (the client's ``examples-seen``): at most local_steps x batch_size, less when a
@@ -85,6 +89,11 @@ class ClientRow:
     reason: str = ""
     examples_trained: int | None = None
     phase: str = "train"
+    # with devices: when the client started on the virtual clock, how long its work took
+    # there, and (asynchronous runs) how many server updates happened meanwhile
+    virtual_start_s: float | None = None
+    virtual_duration_s: float | None = None
+    staleness: int | None = None
 
 
 METRICS_COLUMNS = [f.name for f in fields(RoundRow)]

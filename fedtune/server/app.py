@@ -17,12 +17,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import numpy as np
 import torch
 from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import Config, ConfigError, from_run_config, keys_without_effect
+from fedtune.devices.clock import VirtualClock
 from fedtune.models.build import build_model
 from fedtune.models.weights import shared_state
 from fedtune.privacy.mode import PrivacyPlan
@@ -31,7 +33,9 @@ from fedtune.results.lock import RunLock
 from fedtune.results.plots import plot_partitions
 from fedtune.results.run_dir import RunDirectory
 from fedtune.results.tracking import trackers
+from fedtune.server.async_loop import AsyncLoop, AsyncRound
 from fedtune.server.build_strategy import build_strategy
+from fedtune.server.device_rounds import DeviceRounds
 from fedtune.server.grid import SimulatedGrid
 from fedtune.server.identity import identify_nodes
 from fedtune.server.listeners import (
@@ -46,15 +50,17 @@ from fedtune.server.listeners import (
     Tracking,
     UserCallbacks,
 )
-from fedtune.server.loop import RunListener, run_rounds
+from fedtune.server.loop import Play, RunListener, run_rounds
 from fedtune.server.node_state import NodeStateGrid, new_run_key
 from fedtune.server.reporting import LogReporter, Reporter
 from fedtune.server.resume import Checkpointer, resume_state
-from fedtune.server.round import FederatedRun
+from fedtune.server.round import FederatedRun, play_round
 from fedtune.server.secagg_plus import SecAggPlus
 from fedtune.server.secagg_recorder import SecAggRecorder
 from fedtune.server.state import RoundState
+from fedtune.tables.devices import devices_on
 from fedtune.tables.privacy_modes import privacy_mode
+from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import TaskResources, task_resources
 
 # a SuperLink (flwr run, a deployment) names its nodes with random ids, which Flower's
@@ -119,6 +125,13 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     privacy = mode.server(config, plan,
                           [len(rows) for rows in resources.federation.client_train_rows])
     stateful = SimpleNamespace(strategy=strategy, privacy=privacy)  # what checkpoints keep
+    asynchronous = STRATEGIES[config.strategy.name].asynchronous
+    clock = None
+    if asynchronous or devices_on(config):  # the virtual clock of the clients' devices
+        clock = VirtualClock.for_config(config, np.array(
+            [len(rows) for rows in resources.federation.client_train_rows]))
+    if asynchronous:  # the event loop's state is checkpointed beside the strategy's
+        stateful.async_loop = AsyncLoop(config, clock)
     # one writer per run directory, from before anything in it is read or written
     lock = RunLock(Path(config.run.dir)).acquire() if config.run.dir else None
     try:
@@ -132,9 +145,12 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
         if not isinstance(grid, SimulatedGrid):  # SuperNodes keep their own clients' state
             grid = NodeStateGrid(grid, state.run_key, state.server_round,
                                  lambda: max(checkpointer.written_round, 0))
+        devices = DeviceRounds(config, clock, identities) if (
+            clock is not None and not asynchronous) else None
         run = FederatedRun(config, grid, resources, strategy, privacy, state, reporter.phase,
-                           stop, identities=identities)
-        play_all_rounds(run, run_dir, plan, reporter, checkpointer, runtime)
+                           stop, identities=identities, devices=devices)
+        play = AsyncRound(run, stateful.async_loop, clock) if asynchronous else play_round
+        play_all_rounds(run, run_dir, plan, reporter, checkpointer, runtime, play)
     finally:
         if lock is not None:
             lock.release()
@@ -143,7 +159,7 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
 
 def play_all_rounds(run: FederatedRun, run_dir: RunDirectory, plan: PrivacyPlan,
                     reporter: Reporter, checkpointer: Checkpointer,
-                    runtime: dict[str, Any] | None) -> None:
+                    runtime: dict[str, Any] | None, play: Play = play_round) -> None:
     """Wait for the clients, play the rounds with the standard listeners, finish the run."""
     config = run.config
     artifacts = FinalArtifacts(run_dir, plan, runtime)
@@ -166,7 +182,7 @@ def play_all_rounds(run: FederatedRun, run_dir: RunDirectory, plan: PrivacyPlan,
         listener.run_started(run)
     wait_for_nodes(run.grid, run.config.data.num_clients, run.config.engine.node_wait_s)
     run.started = time.perf_counter()
-    final = run_rounds(run, listeners)
+    final = run_rounds(run, listeners, play)
     for listener in listeners:
         listener.run_ended(run, final)
 

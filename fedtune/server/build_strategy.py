@@ -12,10 +12,11 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from fedtune.config import Config
+from fedtune.config import Config, clients_per_round
 from fedtune.privacy.mode import PrivacyPlan
 from fedtune.protocol import MAX_ANY_EXAMPLES
 from fedtune.server.secagg_plus import SecAggPlus, SecAggSettings
+from fedtune.tables.devices import devices_on, sampled_per_round
 from fedtune.tables.privacy_modes import PRIVACY_MODES, privacy_mode
 from fedtune.tables.strategies import STRATEGIES, strategy_arguments
 
@@ -26,7 +27,9 @@ def evaluate_arguments(config: Config) -> dict[str, Any]:
     evaluate = s.fraction_evaluate > 0 and config.data.local_test_fraction > 0
     return {"fraction_evaluate": s.fraction_evaluate if evaluate else 0.0,
             "min_evaluate_nodes": 1 if evaluate else 0,
-            "min_available_nodes": config.data.num_clients}
+            # with devices the round samples from the available clients only
+            # (fedtune.server.device_rounds); every client connected before the first round
+            "min_available_nodes": 1 if devices_on(config) else config.data.num_clients}
 
 
 def build_strategy(config: Config, plan: PrivacyPlan,
@@ -38,9 +41,11 @@ def build_strategy(config: Config, plan: PrivacyPlan,
     mode = privacy_mode(config)
     strategy = mode.strategy(config, plan, evaluate_args)
     if strategy is None:
+        per_round = (sampled_per_round(config, clients_per_round(config))
+                     if devices_on(config) else s.min_train_clients)
         entry = STRATEGIES[s.name]
         strategy = entry.load()(
-            fraction_train=s.fraction_train, min_train_nodes=s.min_train_clients,
+            fraction_train=s.fraction_train, min_train_nodes=per_round,
             **evaluate_args, **strategy_arguments(config), **entry.components(config))
     if not s.secure_aggregation:
         return strategy

@@ -12,7 +12,7 @@ re-raises.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fedtune.server.round import FederatedRun, RoundOutcome, evaluate_global, play_round
 from fedtune.train import EvalResult
@@ -44,12 +44,17 @@ class RunListener:
         """The run stopped with ``error`` (Ctrl-C, a failure) and is about to re-raise it."""
 
 
-def run_rounds(run: FederatedRun, listeners: Sequence[RunListener]) -> EvalResult:
+Play = Callable[[FederatedRun, int], RoundOutcome]
+
+
+def run_rounds(run: FederatedRun, listeners: Sequence[RunListener],
+               play: Play = play_round) -> EvalResult:
     """Play the rounds after ``run.state.server_round`` up to ``run.rounds``, or until a
     listener stops the run; returns the final global model's evaluation (the last round's, or
     the checkpoint's when a resumed run had no round left). A final model whose loss on the
     global test set is not finite fails the run (``RunFailed``): no run ends "finished" with
-    it."""
+    it. ``play``: one round (an asynchronous run's: one server update,
+    ``fedtune.server.async_loop``)."""
     final: EvalResult | None = None
     try:
         for server_round in range(run.state.server_round + 1, run.config.run.rounds + 1):
@@ -59,7 +64,7 @@ def run_rounds(run: FederatedRun, listeners: Sequence[RunListener]) -> EvalResul
                      if (reason := listener.stop_before(run, server_round))), "")
             if run.state.stop_reason:
                 break
-            outcome = play_round(run, server_round)
+            outcome = play(run, server_round)
             run.state.server_round = server_round
             for listener in listeners:
                 listener.round_ended(run, outcome)

@@ -116,7 +116,8 @@ class Checkpointer(RunListener):
             counters={"rounds_without_update": state.rounds_without_update,
                       "elapsed_s": state.elapsed_s + time.perf_counter() - run.started,
                       "node_to_client": {str(k): v for k, v in state.node_to_client.items()},
-                      "stop_reason": state.stop_reason, "run_key": state.run_key},
+                      "stop_reason": state.stop_reason, "run_key": state.run_key,
+                      "virtual_time_s": state.virtual_time_s},
         )
         if self.every and state.server_round % self.every == 0:
             written = self.save_latest()
@@ -207,6 +208,7 @@ def resume_state(config: Config, grid: Grid, stateful: Any
             str(counters["stop_reason"]),
             # a checkpoint from before run keys: its SuperNodes kept no state to find again
             str(counters.get("run_key") or new_run_key()),
+            float(counters.get("virtual_time_s", 0.0)),
         )
         checkpointer = Checkpointer(run_dir.path, config, grid, stateful)
         checkpointer.restore(checkpoint)

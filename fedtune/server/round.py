@@ -32,6 +32,7 @@ from fedtune.models.weights import load_shared_state
 from fedtune.privacy.mode import PrivacyServer
 from fedtune.results.run_dir import ClientRow, RoundRow
 from fedtune.server.attack_metrics import aggregated_updates, attack_columns
+from fedtune.server.device_rounds import DeviceRounds
 from fedtune.server.grid import CohortSpec
 from fedtune.server.guard import absurd_step, model_norm, non_finite_tensors, update_norm
 from fedtune.server.identity import Identities
@@ -67,6 +68,8 @@ class FederatedRun:
     stop: threading.Event | None = None
     started: float = 0.0  # perf_counter() when this session's rounds began
     identities: Identities = field(kw_only=True)  # who each node is
+    # the virtual clock of a synchronous run with devices (None: no devices)
+    devices: DeviceRounds | None = field(default=None, kw_only=True)
     # told of each model or checkpoint a listener writes: (what, path)
     save_hooks: list[Callable[[str, Path], None]] = field(default_factory=list, kw_only=True)
 
@@ -113,7 +116,7 @@ def seed_sampling(seed: int, server_round: int, phase: str) -> None:
     random.seed(f"{seed}-{server_round}-{phase}")
 
 
-def _weighted(metrics: list[dict[str, Any]], key: str) -> float | None:
+def example_weighted(metrics: list[dict[str, Any]], key: str) -> float | None:
     """Mean of ``key`` weighted by ``num-examples`` (None without examples)."""
     weights = [float(m[protocol.NUM_EXAMPLES]) for m in metrics]
     if not metrics or sum(weights) == 0:
@@ -210,8 +213,14 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
         return lambda done, total: run.progress(server_round, phase, done, total)
 
     seed_sampling(config.run.seed, server_round, "train")
+    sampling_grid, plan = run.grid, None
+    if run.devices is not None:  # the available clients, on the virtual clock
+        sampling_grid, start = run.devices.sampling_grid(run.grid, state.virtual_time_s)
     messages = list(strategy.configure_train(server_round, state.arrays, ConfigRecord(),
-                                             run.grid))
+                                             sampling_grid))
+    if run.devices is not None:  # the first K to finish train; the stragglers are dropped
+        plan = run.devices.plan(messages, start)
+        messages = plan.kept
     run.progress(server_round, "train", 0, len(messages))  # each phase names itself as it starts
     bounds = UpdateBounds(state.arrays, config.strategy.max_update_norm,
                           config.strategy.update_norm_z)
@@ -235,7 +244,7 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
                                 progress("evaluate"), run.stop)
     row = RoundRow(
         round=server_round,
-        train_loss=_weighted(train.accepted, protocol.TRAIN_LOSS),
+        train_loss=example_weighted(train.accepted, protocol.TRAIN_LOSS),
         eval_loss=global_eval.loss,
         eval_accuracy=global_eval.accuracy,
         eval_macro_f1=global_eval.macro_f1,
@@ -246,11 +255,14 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
         bytes_up=train.bytes_up + evaluation.bytes_up,
         bytes_down=train.bytes_down + evaluation.bytes_down,
         wall_s=time.perf_counter() - round_start,
-        federated_eval_loss=_weighted(evaluation.metrics, protocol.EVAL_LOSS),
-        federated_eval_accuracy=_weighted(evaluation.metrics, protocol.EVAL_ACCURACY),
+        federated_eval_loss=example_weighted(evaluation.metrics, protocol.EVAL_LOSS),
+        federated_eval_accuracy=example_weighted(evaluation.metrics, protocol.EVAL_ACCURACY),
         model_update=model_update,
         replies_dropped=train.dropped + evaluation.dropped,
         **attack,
     )
-    return RoundOutcome(row, rows, global_eval, train_metrics, len(train.sent), train.declined,
-                        evaluation.rows(server_round))
+    if plan is not None:
+        rows = run.devices.settle(plan, server_round, rows, row)
+        state.virtual_time_s = plan.end
+    return RoundOutcome(row, rows, global_eval, train_metrics, row.clients_sampled,
+                        train.declined, evaluation.rows(server_round))

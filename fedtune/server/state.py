@@ -18,3 +18,4 @@ class RoundState:
     node_to_client: dict[int, int] = field(default_factory=dict)
     stop_reason: str = ""  # why the run ended before run.rounds (privacy budget)
     run_key: str = ""  # names the run on a deployment's SuperNodes (fedtune.server.node_state)
+    virtual_time_s: float = 0.0  # the virtual clock (fedtune.devices.clock) after the round

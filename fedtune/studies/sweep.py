@@ -82,8 +82,10 @@ from fedtune.studies.parallel import check_parallel, run_points
 SEED_KEY = "run.seed"
 FINAL_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "train_loss",
                  "federated_eval_accuracy", "attack_success_rate")
-TOTALS = ("best_eval_accuracy", "epsilon", "audit_epsilon", "total_bytes", "total_bytes_up",
-          "total_time_s", "malicious_filtered", "benign_filtered")
+# audit_epsilon: the audit's estimate (central DP) or lower bound (local); audit_bound: its
+# lower bound, the one number that can contradict the accountant
+TOTALS = ("best_eval_accuracy", "epsilon", "audit_epsilon", "audit_bound", "total_bytes",
+          "total_bytes_up", "total_time_s", "malicious_filtered", "benign_filtered")
 GRID_KEY_OPTIONS = ("x", "series", "rows", "curves")  # [sweep] keys whose value is a grid key
 # what a centralized row's grid keys that do not change it read, per sweep.centralized kind
 CENTRAL_LABELS = {"examples": "centralized", "converged": "centralized (converged)"}
@@ -424,9 +426,11 @@ def result_row(run: SweepRun) -> dict[str, Any]:
     # an attacked run: the shares of malicious / honest updates filtered, mean over rounds
     for name in ("malicious_filtered", "benign_filtered"):
         row[name] = summary.get("attack", {}).get(name)
-    audit = Path(run.config.run.dir) / "audit.json"  # privacy.audit's empirical ε
-    row["audit_epsilon"] = (float(json.loads(audit.read_text())["empirical_epsilon"])
-                            if audit.is_file() else None)
+    audit_path = Path(run.config.run.dir) / "audit.json"  # privacy.audit's results
+    audit = json.loads(audit_path.read_text()) if audit_path.is_file() else {}
+    row["audit_epsilon"] = float(audit["empirical_epsilon"]) if audit else None
+    bound = audit.get("epsilon_lower_bound")
+    row["audit_bound"] = None if bound is None else float(bound)
     row["run_dir"] = run.config.run.dir
     made = code_of(Path(run.config.run.dir))
     row["git_sha"] = made["git_sha"]

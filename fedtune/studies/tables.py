@@ -119,7 +119,7 @@ def _cell(column: str, value: Any) -> str:
         return f"{value / 1e6:,.2f}"
     if column.endswith("_s"):
         return f"{value:.0f}"
-    if column in ("epsilon_spent", "audit_epsilon"):
+    if column in ("epsilon_spent", "audit_epsilon", "audit_bound"):
         return f"{value:.3g}"
     return f"{value:.4f}"
 

@@ -1,6 +1,6 @@
 """Extension tables: the one place each kind of extension is declared.
 
-fedtune has six extension points, each a dict from a name to an entry:
+fedtune has seven extension points, each a dict from a name to an entry:
 
 - dataset (``data.dataset``): ``fedtune.tables.datasets.DATASETS``
 - strategy (``strategy.name``): ``fedtune.tables.strategies.STRATEGIES``
@@ -8,6 +8,7 @@ fedtune has six extension points, each a dict from a name to an entry:
 - privacy mode (``privacy.mode``): ``fedtune.tables.privacy_modes.PRIVACY_MODES``
 - runtime (``engine.backend``): ``fedtune.tables.runtimes.RUNTIMES``
 - attack (``attack.name``): ``fedtune.tables.attacks.ATTACKS``
+- device profile (``devices.profile``): ``fedtune.tables.devices.DEVICE_PROFILES``
 
 An entry is light: it declares the config keys it owns (``Key``), its traits and its config
 checks, and names its implementation as ``"module:attribute"``, imported the first time it is

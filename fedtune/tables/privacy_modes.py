@@ -39,6 +39,7 @@ GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
 @dataclass(frozen=True)
 class PrivacyModeEntry(Entry):
     mechanism: bool = True  # it adds a privacy mechanism (False: the mode without privacy)
+    asynchronous_refused: str = ""  # why it cannot run an asynchronous strategy ("" = it can)
     spends_budget: bool = False  # reports ε every round (and plots it)
     # its implementation's ``strategy`` replaces the configured strategy's aggregation (the
     # strategy entry's ``dp_server_optimizer`` says what it keeps of it)
@@ -278,7 +279,12 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
         implementation="fedtune.privacy.central_dp:CentralDP", spends_budget=True,
         audit_inserts="clients", check=_check_central, replaces_strategy=True,
         # DP-FedAvg sums the clients' clipped updates unweighted (a fixed-denominator estimator)
-        sum_weight="1", secure_aggregation_client_noise=True),
+        sum_weight="1", secure_aggregation_client_noise=True,
+        asynchronous_refused=(
+            "must be 'none' or 'local' (central DP under buffered asynchronous aggregation - "
+            "clip each update, noise each buffer release, account per release, as Nguyen et "
+            "al. 2022 describe - is not built yet; DP-FedAvg's accountant assumes "
+            "Poisson-sampled rounds)")),
 }
 
 

@@ -35,6 +35,7 @@ class RuntimeEntry(Entry):
     federated: bool = True  # it runs a federation (False: the centralized reference)
     check: Callable[[Config], None] | None = None
     starting: str = "starting the clients"  # what the user is told while it starts
+    asynchronous_refused: str = ""  # why it cannot run an asynchronous strategy ("" = it can)
 
 
 def _check_central(config: Config) -> None:
@@ -96,6 +97,9 @@ RUNTIMES: dict[str, RuntimeEntry] = {
     "flower": RuntimeEntry(
         "Flower's own Ray simulation (the runtime of `flwr run`)",
         implementation="fedtune.engine.flower_sim:run_flower", client_states=False,
+        asynchronous_refused="must be 'ray' or 'inprocess' (Flower's simulation runs a "
+                             "ServerApp's rounds; fedtune's asynchronous event loop starts "
+                             "clients on a virtual clock through fedtune's own engines)",
         starting="starting Flower's simulation runtime (Ray, one SuperNode per client)"),
     "inprocess": RuntimeEntry(
         "every client in this process, one after another (no Ray; for debugging)",

@@ -59,6 +59,9 @@ class StrategyEntry(Entry):
     # this strategy's server optimizer on the noised mean: DP-FedAvg's optimizer arguments
     # (``strategies.dp_fedavg.DPFedAvg``); None = the strategy cannot run under central DP
     dp_server_optimizer: Callable[[Config], dict[str, Any]] | None = None
+    # an asynchronous strategy: the server's event loop (fedtune.server.async_loop) feeds it
+    # one client update at a time on the virtual clock; a "round" is one server update
+    asynchronous: bool = False
 
     def load_client(self) -> Any:
         """The client-side class this entry names."""
@@ -141,6 +144,14 @@ KRUM_NEEDS = "it scores every individual update by its distances to the others"
 MAX_RFA_ITERATIONS = 1000
 
 SERVER_LR = Key(1.0, "server learning rate", gt=0)
+CONCURRENCY = Key(10, "asynchronous strategies: clients training at the same time", ge=1)
+ASYNC_REFUSED = {  # what an asynchronous strategy cannot compose with yet, and why
+    "secure_aggregation": "SecAgg+ needs a cohort that starts and ends together, and an "
+                          "asynchronous buffer fills one update at a time",
+    "round_deadline_s": "an asynchronous server has no rounds to end: slow clients arrive "
+                        "stale instead",
+    "over_selection": "an asynchronous server starts a client whenever one finishes",
+}
 FEDOPT_ETA = Key(0.01, "server learning rate eta (Reddi et al. 2021)", gt=0)
 FEDOPT_BETA_1 = Key(0.9, "first-moment decay", ge=0, lt=1)
 FEDOPT_BETA_2 = Key(0.99, "second-moment decay", ge=0, lt=1)
@@ -313,7 +324,45 @@ STRATEGIES: dict[str, StrategyEntry] = {
         arguments=lambda c: {"num_malicious_nodes": c.strategy.num_malicious},
         check=_check_bulyan,
         needs_updates="it selects and trims the individual updates by their distances"),
+    "fedbuff": StrategyEntry(
+        "FedBuff (Nguyen et al. 2022): asynchronous; the server applies the mean of every K "
+        "updates it receives, each weighted by 1/sqrt(1 + staleness)",
+        keys={"concurrency": CONCURRENCY, "server_lr": SERVER_LR,
+              "fedbuff_buffer_size": Key(10, "FedBuff: updates K per server step", ge=1)},
+        implementation="strategies.fedbuff:FedBuff",
+        arguments=lambda c: {"buffer_size": c.strategy.fedbuff_buffer_size,
+                             "server_lr": c.strategy.server_lr},
+        asynchronous=True, check=lambda c: _check_asynchronous(c),
+        needs_updates="it weights each update by its own staleness"),
+    "fedasync": StrategyEntry(
+        "FedAsync (Xie et al. 2019): asynchronous; the server mixes in each update as it "
+        "arrives, x <- (1 - a_s) x + a_s x_client, a_s = alpha s(staleness)",
+        keys={"concurrency": CONCURRENCY,
+              "fedasync_alpha": Key(0.6, "FedAsync: mixing weight alpha", gt=0, le=1),
+              "fedasync_staleness": Key("polynomial", "FedAsync: s(t) = 1 (constant), "
+                                                      "(t + 1)^-a (polynomial), 1 for t <= b "
+                                                      "else 1 / (a (t - b) + 1) (hinge)",
+                                        choices=("constant", "polynomial", "hinge")),
+              "fedasync_a": Key(0.5, "FedAsync: staleness exponent / slope a", ge=0),
+              "fedasync_b": Key(4, "FedAsync: hinge staleness b", ge=0)},
+        implementation="strategies.fedasync:FedAsync",
+        arguments=lambda c: {"alpha": c.strategy.fedasync_alpha,
+                             "staleness": c.strategy.fedasync_staleness,
+                             "a": c.strategy.fedasync_a, "b": c.strategy.fedasync_b},
+        asynchronous=True, check=lambda c: _check_asynchronous(c),
+        needs_updates="it mixes each update into the model as it arrives"),
 }
+
+
+def _check_asynchronous(config: Config) -> None:
+    """The strategy keys an asynchronous strategy refuses, each with its reason (the privacy
+    mode and the runtime say their own: ``fedtune.tables.devices.check_asynchronous``)."""
+    s = config.strategy
+    for name, reason in ASYNC_REFUSED.items():
+        if getattr(s, name):
+            raise ConfigError(f"strategy.{name} = {getattr(s, name)!r} is not allowed with "
+                              f"strategy.name = {s.name!r}: must be off ({reason})")
+
 
 
 def _check_secure_aggregation(config: Config) -> None:

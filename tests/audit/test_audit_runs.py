@@ -33,8 +33,10 @@ def _without_time(path):
 @pytest.mark.slow
 def test_canary_clients_measure_a_large_epsilon_without_noise_and_never_touch_accuracy(
         tmp_path, capsys):
-    # the same cohorts in both runs: the sampling is seeded (not private; there is no noise)
-    seeded = ("privacy.target_epsilon=inf", "privacy.insecure_reproducible_noise=true")
+    # the same cohorts in both runs: the sampling is seeded (not private; there is no noise);
+    # a tiny δ leaves the one-run bound its power (its δ term is 2 m δ times a tail)
+    seeded = ("privacy.target_epsilon=inf", "privacy.insecure_reproducible_noise=true",
+              "privacy.delta=1e-10")
     plain = run_inprocess(tiny_config(tmp_path / "plain", *CENTRAL, *seeded)).path
     audited = run_inprocess(tiny_config(tmp_path / "audited", *CENTRAL, *seeded,
                                         "privacy.audit=true")).path
@@ -47,13 +49,17 @@ def test_canary_clients_measure_a_large_epsilon_without_noise_and_never_touch_ac
     assert audit["kind"].startswith("user-level") and audit["canaries"] == 100
     assert audit["accountant_epsilon"] == "inf" and not audit["violation"]
     assert audit["empirical_epsilon"] > 5  # no noise: the audit sees the canaries plainly
+    assert audit["empirical_is"] == "estimate" and audit["estimate_reference"] is None
+    assert audit["epsilon_lower_bound"] > 0.5  # and the one-run bound on the same cosines
     assert np.mean(audit["inserted_values"]) > np.mean(audit["held_out_values"])
     assert (audited / "plots/audit.png").read_bytes()[:4] == b"\x89PNG"
     # fedtune audit RUN_DIR redoes it from what the run directory kept
     assert main(["audit", str(audited)]) == 0
     assert _audit(audited)["empirical_epsilon"] == pytest.approx(audit["empirical_epsilon"])
-    assert "empirical epsilon" in capsys.readouterr().out
-    # an accountant claiming far less than the audit measured is reported loudly
+    printed = capsys.readouterr().out
+    assert f"estimate ε {audit['empirical_epsilon']:.3g}" in printed
+    assert f"lower bound ε {audit['epsilon_lower_bound']:.3g} (no violation)" in printed
+    # an accountant claiming less than the audit's lower bound is reported loudly
     broken = tmp_path / "broken"
     shutil.copytree(audited, broken)
     summary = json.loads((broken / "summary.json").read_text())
@@ -68,7 +74,11 @@ def test_canary_clients_under_noise_stay_below_the_accountant(tmp_path):
                                         "privacy.audit=true")).path
     audit = _audit(run_dir)
     assert 1.5 < audit["accountant_epsilon"] <= 2.0
-    assert audit["interval"][0] <= audit["accountant_epsilon"] and not audit["violation"]
+    assert audit["epsilon_lower_bound"] <= audit["accountant_epsilon"]
+    assert not audit["violation"]
+    reference = audit["estimate_reference"]  # what the estimate reads at the accountant's ε
+    assert reference["epsilon"] == audit["accountant_epsilon"] and reference["inserted"] == 50
+    assert reference["low"] < audit["accountant_epsilon"] < reference["high"]
     assert audit["dimension"] == 64 * 32 + 32 + 32 * 10 + 10  # the MLP's floats
 
 
@@ -91,6 +101,8 @@ def test_canary_examples_go_into_training_rows_only_and_are_audited(tmp_path):
     audit = _audit(run_dir)
     assert audit["kind"].startswith("sample-level")
     assert audit["accountant_epsilon"] == "inf" and audit["empirical_epsilon"] >= 0
+    assert audit["empirical_is"] == "lower bound"
+    assert audit["epsilon_lower_bound"] == audit["empirical_epsilon"]
     assert len(audit["inserted_values"]) == canaries.included.sum()
     assert max(t["guesses"] for t in audit["bound"]["tried"]) == 100
 

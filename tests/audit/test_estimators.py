@@ -11,7 +11,9 @@ from scipy import integrate, special, stats
 
 from fedtune.audit.estimators import (
     canary_epsilon,
+    canary_estimate_reference,
     epsilon_two_gaussians,
+    gaussian_separation,
     log_delta_one_way,
     one_run_audit,
     one_run_epsilon_bound,
@@ -140,3 +142,50 @@ def test_one_run_audit_of_a_perfect_attack_reaches_the_cap_of_m():
     # six guess counts share the 5%: each bound is taken at 1 - 0.05 / 6
     p = (0.05 / 6) ** (1 / 200)
     assert audit.epsilon_lower_bound == pytest.approx(math.log(p / (1 - p)), rel=1e-5)
+
+
+def test_one_run_audit_of_an_exact_half_is_valid_and_pays_for_the_design():
+    """Randomized response at ε = 1 on canaries included as an exact random half (the canary
+    clients' design): the bound, taken at the error level times P[Bin(m, 1/2) = m/2], stays
+    below ε in (nearly) every trial, and is never above the independent-coins bound."""
+    eps, m = 1.0, 2000
+    bounds = []
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        included = np.zeros(m, dtype=bool)
+        included[rng.permutation(m)[:m // 2]] = True
+        reported = np.where(rng.random(m) < special.expit(eps), included, ~included)
+        scores = reported + 1e-3 * rng.random(m)
+        half = one_run_audit(scores, included, delta=1e-5, exactly_half=True)
+        coins = one_run_audit(scores, included, delta=1e-5)
+        assert half.epsilon_lower_bound <= coins.epsilon_lower_bound
+        assert half.design == "exactly half" and coins.design == "independent coins"
+        bounds.append(half.epsilon_lower_bound)
+    assert np.mean(np.array(bounds) > eps) <= 0.05 and np.median(bounds) > 0.4
+    # a perfect attack: each of six guess counts at 0.05 / 6 * P[Bin(200, 1/2) = 100]
+    included = np.arange(200) % 2 == 0
+    perfect = one_run_audit(included.astype(float), included, delta=0.0, exactly_half=True)
+    p = (0.05 / 6 * stats.binom.pmf(100, 200, 0.5)) ** (1 / 200)
+    assert perfect.epsilon_lower_bound == pytest.approx(math.log(p / (1 - p)), rel=1e-5)
+    with pytest.raises(ValueError, match="99 of 200 canaries are included, not 100"):
+        one_run_audit(np.zeros(200), np.arange(200) < 99, 1e-5, exactly_half=True)
+
+
+@pytest.mark.parametrize("eps", [0.5, 1.0, 4.0])
+def test_gaussian_separation_is_the_gaussian_mechanisms(eps):
+    mu = gaussian_separation(eps, 1e-5)
+    assert _gaussian_mechanism_delta(eps, mu) == pytest.approx(1e-5, rel=1e-4)
+    assert gaussian_separation(0.0, 1e-5) == 0.0
+
+
+def test_estimate_reference_is_centred_with_many_canaries_and_reads_high_with_few():
+    """With 20,000 inserted canaries the one-shot estimate of a mechanism at ε = 1 is close to
+    1 (1.06: the bias shrinks slowly); with the study's 500 it reads high (the fitted variance's
+    noise fattens the tail): its median and 97.5 % quantile are what audit.json shows beside a
+    run's estimate."""
+    many = canary_estimate_reference(1.0, 1e-5, 20_000, draws=100)
+    assert many.median == pytest.approx(1.0, abs=0.1) and many.high < 1.3
+    few = canary_estimate_reference(1.0, 1e-5, 500)
+    assert 1.2 < few.median < 1.6 and 2.0 < few.high < 2.8 and few.low < 1.0
+    assert few.separation == pytest.approx(gaussian_separation(1.0, 1e-5))
+    assert few.inserted == 500 and few.draws == 400

@@ -175,3 +175,30 @@ def test_a_huge_finite_update_is_refused_where_its_client_trained(tmp_path, ray_
     assert [m["model_update"] for m in rows_of(run_dir / "metrics.csv")] == ["applied"] * 2
     model = load_file(str(run_dir / "model" / "model.safetensors"))
     assert all(np.isfinite(v).all() and np.abs(v).max() < 1e3 for v in model.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [
+    ["strategy.name=fedbuff", "strategy.fedbuff_buffer_size=2", "strategy.concurrency=3"],
+    ["strategy.fraction_train=0.5", "strategy.over_selection=0.5",
+     "strategy.round_deadline_s=3"]], ids=["fedbuff", "deadline"])
+def test_devices_runs_on_the_ray_engine_match_the_in_process_run(tmp_path, ray_two_cpus, extra):
+    """The virtual clock and the asynchronous loop ask the same of both engines' cohorts."""
+    from fedtune.engine.inprocess import run_inprocess
+    from fedtune.engine.ray_engine import ray_engine_grid
+
+    devices = ["data.num_clients=6", "devices.profile=lognormal", "devices.slow_fraction=0.3",
+               "run.rounds=3", *extra]
+    reference = run_inprocess(tiny_config(tmp_path / "inprocess", *devices)).path
+    config = tiny_config(tmp_path / "ray", *RAY, *devices)
+    with ray_engine_grid(config, fedtune_client_app) as grid:
+        run_dir = run_federated(grid, config).path
+    for table in ("metrics.csv", "clients.csv"):
+        ours, theirs = (
+            [{k: v for k, v in row.items() if k not in ("wall_s", "duration_s")}
+             for row in rows_of(run / table)] for run in (run_dir, reference))
+        assert ours == theirs
+    statuses = {row["status"] for row in rows_of(run_dir / "clients.csv")}
+    assert "ok" in statuses
+    assert (run_dir / "model/model.safetensors").read_bytes() == (
+        reference / "model/model.safetensors").read_bytes()

@@ -288,3 +288,37 @@ def test_a_supernode_refuses_the_switch_under_distributed_dp_only(secure, refuse
             check_insecure_noise(config, deployed)
     else:
         check_insecure_noise(config, deployed)
+
+
+def test_the_servers_round_by_round_account_is_one_accountant_from_scratch(tmp_path):
+    """The server composes each client's account round by round (per-(σ, q) step counts and
+    cached one-step RDP): after every round each client's ε is bit for bit Opacus'
+    RDPAccountant stepped over all its steps from scratch, its state stays one (σ, q, steps)
+    entry, and the budget rule holds (noise planned for 2 rounds, 3 asked for: the
+    steps stop where one more would pass the target)."""
+    from fedtune import protocol
+    from fedtune.privacy.accounting import history_from_lists
+    from fedtune.privacy.local import LocalServer
+
+    config = tiny_config(tmp_path, "privacy.mode=local", "privacy.target_epsilon=3",
+                         "privacy.client_rounds=2", "privacy.delta=1e-3",
+                         "client.local_steps=4")
+    sizes = [100, 7 * 32]
+    server = LocalServer(config, sizes)
+    for _ in range(3):
+        server.record_round([], [{protocol.PARTITION_ID: client, protocol.NUM_EXAMPLES: n}
+                                 for client, n in enumerate(sizes)])
+        for client, n in enumerate(sizes):
+            [(sigma, q, steps)] = history_from_lists(server.histories[str(client)])
+            assert q == 1 / math.ceil(n / 32)
+            accountant = RDPAccountant()
+            for _ in range(steps):
+                accountant.step(noise_multiplier=sigma, sample_rate=q)
+            assert server.client_epsilons[str(client)] == accountant.get_epsilon(delta=1e-3)
+    for client in map(str, range(len(sizes))):
+        [(sigma, q, steps)] = history_from_lists(server.histories[client])
+        assert 8 <= steps < 12  # the two planned rounds fit, three do not
+        assert server.client_epsilons[client] <= 3
+        one_more = RDPAccountant()
+        one_more.history = [(sigma, q, steps + 1)]
+        assert one_more.get_epsilon(delta=1e-3) > 3

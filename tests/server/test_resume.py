@@ -174,6 +174,13 @@ STATEFUL = {
     "scaffold_on_disk": ["strategy.name=scaffold", "client.optimizer=sgd", "client.lr=0.05",
                          "engine.client_state_memory_mb=0"],  # every variate in a file
     "feddyn": ["strategy.name=feddyn"],  # server state and client gradients
+    # the virtual clock; the asynchronous loop's clients in flight, their updates, the buffer
+    "devices": ["devices.profile=lognormal", "devices.slow_fraction=0.25"],
+    "fedbuff": ["strategy.name=fedbuff", "devices.profile=lognormal",
+                "devices.slow_fraction=0.25", "strategy.fedbuff_buffer_size=2",
+                "strategy.concurrency=3"],
+    "fedasync": ["strategy.name=fedasync", "devices.profile=lognormal",
+                 "strategy.concurrency=3"],
     # DP runs repeat bit for bit only with seeded noise (not private); a private run's resume:
     # test_a_private_run_resumes_with_fresh_noise_and_the_same_accountant
     "central_dp": ["privacy.mode=central", "privacy.noise_multiplier=0.5",

@@ -1,0 +1,283 @@
+"""The asynchronous server: an event loop on the virtual clock (FedBuff, FedAsync).
+
+Up to ``strategy.concurrency`` clients train at once. Whenever one finishes (on the virtual
+clock, ``fedtune.devices.clock``) the server receives its update - however stale: the server
+updates made since the client fetched its model - and a new client starts on the current model:
+an available client that is not training, drawn from (run.seed, the count of starts); with
+``devices.arrival_rate`` the starts follow a Poisson process instead. The strategy
+(``strategies.asynchronous``) says when the global model changes; a "round" of an asynchronous
+run - a metrics.csv row, a checkpoint, a listener's ``round_ended`` - is one server update.
+
+Training runs at full speed, in batches: a client's virtual duration is known when it starts,
+so clients are trained only when their result is needed, and every client that started on the
+same model version trains in one cohort call (``fedtune.server.phases.train_phase``: the
+engines' cohort path, screening and the update bounds included). A client whose device goes
+offline before it finishes is never trained; its slot frees when it leaves. Everything the loop
+holds - the clients in flight, their results, the clock - is plain attributes, which the
+checkpoint keeps beside the strategy's buffer, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import ConfigRecord, MetricRecord
+
+from fedtune import protocol
+from fedtune.config import Config
+from fedtune.devices.clock import VirtualClock
+from fedtune.errors import ConfigError
+from fedtune.results.run_dir import ClientRow, RoundRow
+from fedtune.server.grid import CohortSpec, SimulatedGrid
+from fedtune.server.guard import non_finite_tensors
+from fedtune.server.phases import UpdateBounds, evaluate_phase, train_phase
+from fedtune.server.reports import ClientReport
+from fedtune.server.round import (
+    FederatedRun,
+    RoundOutcome,
+    evaluate_global,
+    example_weighted,
+    seed_sampling,
+)
+from fedtune.server.screening import reply_limits
+from fedtune.server.summing import weighted_metrics
+from strategies.asynchronous import AsynchronousStrategy
+
+_ROW_FIELDS = ("num_examples", "train_loss", "epsilon", "duration_s", "status", "reason",
+               "examples_trained")
+_NO_CLIENTS = np.zeros(0, dtype=np.int64)
+
+
+class AsyncLoop:
+    """The event loop's state (checkpointed with the strategy: plain attributes only)."""
+
+    def __init__(self, config: Config, clock: VirtualClock) -> None:
+        self.seed = config.run.seed
+        self.concurrency = config.strategy.concurrency
+        self.arrival_rate = clock.profiles.arrival_rate
+        self.now = 0.0
+        self.starts = 0  # clients started so far: names each start's random draw
+        self.next_arrival = 0.0
+        # the clients in flight, one entry each
+        self.client = _NO_CLIENTS.copy()
+        self.start = np.zeros(0)
+        self.finish = np.zeros(0)  # when the server hears of it (or it goes offline)
+        self.version = _NO_CLIENTS.copy()  # the server update its model came from
+        self.lost = np.zeros(0, dtype=bool)  # goes offline before it finishes
+        self.trained = np.zeros(0, dtype=bool)
+        self.kept: dict[str, dict[str, np.ndarray]] = {}  # str(client) -> strategy.prepare(...)
+        self.rows: dict[str, dict[str, Any]] = {}  # str(client) -> its clients.csv fields
+
+    # --- starting clients ------------------------------------------------------------------
+
+    def _draw(self) -> np.random.Generator:
+        return np.random.default_rng([self.seed, 28, self.starts])
+
+    def next_start(self, clock: VirtualClock) -> tuple[float, np.ndarray]:
+        """When the next client may start and the clients available then (none: no slot)."""
+        if len(self.client) >= self.concurrency:
+            return np.inf, _NO_CLIENTS
+        moment = max(self.now, self.next_arrival) if self.arrival_rate else self.now
+        idle = np.setdiff1d(np.arange(clock.profiles.num_clients), self.client)
+        if not len(idle):
+            return np.inf, _NO_CLIENTS
+        available = idle[clock.available(idle, moment)]
+        if not len(available):
+            moment = float(clock.next_available(idle, moment).min()) + 1e-6
+            available = idle[clock.available(idle, moment)]
+        return moment, available
+
+    def start_client(self, clock: VirtualClock, moment: float, available: np.ndarray,
+                     version: int, model_bytes: int) -> None:
+        """One client starts at ``moment`` on model ``version``."""
+        rng = self._draw()
+        client = int(rng.choice(available))
+        self.starts += 1
+        if self.arrival_rate:
+            self.next_arrival = moment + float(rng.exponential(1.0 / self.arrival_rate))
+        self.now = moment
+        ids = np.array([client])
+        finish = moment + float(clock.durations(ids, model_bytes, model_bytes)[0])
+        offline = float(clock.online_until(ids, moment)[0])
+        lost = finish > offline
+        self.client = np.append(self.client, client)
+        self.start = np.append(self.start, moment)
+        self.finish = np.append(self.finish, min(finish, offline))
+        self.version = np.append(self.version, version)
+        self.lost = np.append(self.lost, lost)
+        self.trained = np.append(self.trained, lost)  # a lost client's work is never needed
+
+    def next_finish(self) -> int:
+        """Index of the client the server hears of next (earliest; ties by client id)."""
+        return int(np.lexsort((self.client, self.finish))[0])
+
+    def pop(self, index: int) -> tuple[int, float, float, int, bool]:
+        """Remove a client: (client, start, finish, version, lost)."""
+        out = (int(self.client[index]), float(self.start[index]), float(self.finish[index]),
+               int(self.version[index]), bool(self.lost[index]))
+        keep = np.arange(len(self.client)) != index
+        for name in ("client", "start", "finish", "version", "lost", "trained"):
+            setattr(self, name, getattr(self, name)[keep])
+        return out
+
+
+class AsyncRound:
+    """Plays one server update of an asynchronous run (the loop's ``play`` for
+    ``fedtune.server.loop.run_rounds``)."""
+
+    def __init__(self, run: FederatedRun, loop: AsyncLoop, clock: VirtualClock) -> None:
+        if not isinstance(run.grid, SimulatedGrid) or not run.identities.fixed:
+            raise ConfigError(
+                f"strategy.name = {run.config.strategy.name!r} is not allowed on this runtime: "
+                "must run on engine.backend = 'ray' or 'inprocess' (an asynchronous server "
+                "starts clients on a virtual clock through fedtune's own engines; a SuperLink "
+                "deployment runs rounds)")
+        # the entry's class: a privacy mode that replaces strategies refuses asynchronous ones
+        # (its entry's asynchronous_refused)
+        self.strategy = cast(AsynchronousStrategy, run.strategy)
+        self.run, self.loop, self.clock = run, loop, clock
+        self.node_of = {client: node for node, client in run.identities.node_to_client.items()}
+        self.limits = reply_limits(run.config, run.resources.federation)
+
+    def _train_waiting(self, server_round: int, totals: dict[str, Any]) -> None:
+        """Train every started client not yet trained (all on the current model), in one
+        cohort; keep what the strategy needs of each accepted update."""
+        loop, state = self.loop, self.run.state
+        waiting = np.flatnonzero(~loop.trained)
+        if not len(waiting):
+            return
+        clients = sorted(int(c) for c in loop.client[waiting])
+        messages = self.strategy.start_messages(server_round, state.arrays,
+                                                [self.node_of[c] for c in clients])
+        config = self.run.config
+        bounds = UpdateBounds(state.arrays, config.strategy.max_update_norm,
+                              config.strategy.update_norm_z)
+        train = train_phase(
+            self.run.grid, messages, CohortSpec(weighted_mean=False, limits=self.limits),
+            server_round, self.run.identities, bounds, config.strategy.round_timeout_s,
+            lambda done, total: self.run.progress(server_round, "train", done, total),
+            self.run.stop)
+        start = protocol.to_numpy(state.arrays)
+        for report in train.accepted_reports:
+            loop.kept[str(report.client_id)] = self.strategy.prepare(start, _trained(report))
+        for row in train.rows(server_round):
+            if row.client_id is not None:
+                loop.rows[str(row.client_id)] = {f: getattr(row, f) for f in _ROW_FIELDS}
+        loop.trained[waiting] = True
+        totals["bytes_up"] += train.bytes_up
+        totals["bytes_down"] += train.bytes_down
+        totals["dropped"] += train.dropped
+
+    def _client_row(self, server_round: int, client: int, start: float, finish: float,
+                    staleness: int, lost: bool) -> ClientRow:
+        if lost:
+            return ClientRow(server_round, client, None, None, None, None, "offline",
+                             "the device went offline before it finished",
+                             virtual_start_s=start, virtual_duration_s=finish - start)
+        fields = self.loop.rows.pop(str(client))
+        return ClientRow(server_round, client, **fields, virtual_start_s=start,
+                         virtual_duration_s=finish - start, staleness=staleness)
+
+    def __call__(self, run: FederatedRun, server_round: int) -> RoundOutcome:
+        """Run the event loop until the strategy updates the global model once."""
+        loop, state, strategy = self.loop, run.state, self.strategy
+        began = time.perf_counter()
+        version = server_round - 1  # server updates made so far
+        model_bytes = state.arrays.count_bytes()
+        totals = {"bytes_up": 0, "bytes_down": 0, "dropped": 0}
+        rows: list[ClientRow] = []
+        accepted: list[dict[str, Any]] = []
+        run.progress(server_round, "train", 0, 0)
+        # clients heard from in a row without an update (failed, rejected, offline, declined):
+        # after this many the server update ends without a change of the model
+        fruitless, patience = 0, 2 * max(loop.concurrency, len(self.node_of))
+        model_update = ""
+        while True:
+            moment, available = loop.next_start(self.clock)
+            if len(available) and (not len(loop.client)
+                                   or moment <= loop.finish[loop.next_finish()]):
+                loop.start_client(self.clock, moment, available, version, model_bytes)
+                continue
+            if not len(loop.client):
+                raise RuntimeError("devices: no client is ever available to start")
+            index = loop.next_finish()
+            if not loop.trained[index]:
+                self._train_waiting(server_round, totals)
+            client, start, finish, started_on, lost = loop.pop(index)
+            loop.now = finish
+            row = self._client_row(server_round, client, start, finish, version - started_on,
+                                   lost)
+            rows.append(row)
+            kept = loop.kept.pop(str(client), None)
+            if kept is None:  # offline, failed, rejected: the slot frees, nothing arrives
+                fruitless += 1
+                if fruitless >= patience:
+                    state.rounds_without_update += 1
+                    model_update = f"kept: no update from the last {fruitless} clients"
+                    break
+                continue
+            fruitless = 0
+            metrics = {protocol.NUM_EXAMPLES: row.num_examples or 0,
+                       protocol.TRAIN_LOSS: row.train_loss or 0.0}
+            accepted.append(metrics)
+            if strategy.receive(kept, version - started_on, float(row.num_examples or 0)):
+                break
+        self._train_waiting(server_round, totals)  # whoever started on the old model
+        model_update = model_update or self._release()
+        return self._outcome(server_round, rows, accepted, totals, model_update, began)
+
+    def _release(self) -> str:
+        state = self.run.state
+        current = protocol.to_numpy(state.arrays)
+        new = protocol.to_array_record(self.strategy.release(current))
+        bad = non_finite_tensors(new)
+        if bad:
+            state.rounds_without_update += 1
+            return f"kept: the update is not finite (in {', '.join(bad[:3])})"
+        state.arrays = new
+        state.rounds_without_update = 0
+        return "applied"
+
+    def _outcome(self, server_round: int, rows: list[ClientRow],
+                 accepted: list[dict[str, Any]], totals: dict[str, Any], model_update: str,
+                 began: float) -> RoundOutcome:
+        run, state = self.run, self.run.state
+        metrics = MetricRecord(weighted_metrics(accepted)) if accepted else None
+        run.privacy.record_round(rows, accepted, metrics)
+        state.virtual_time_s = self.loop.now
+        seed_sampling(run.config.run.seed, server_round, "evaluate")
+        to_evaluate = list(run.strategy.configure_evaluate(server_round, state.arrays,
+                                                           ConfigRecord(), run.grid))
+        evaluation = evaluate_phase(
+            run.grid, to_evaluate, self.limits, server_round, run.identities,
+            run.config.strategy.round_timeout_s,
+            lambda done, total: run.progress(server_round, "evaluate", done, total), run.stop)
+        run.progress(server_round, "test", 0, 0)
+        global_eval = evaluate_global(run.resources, state.arrays)
+        ok = sum(r.status == "ok" for r in rows)
+        rows.sort(key=lambda r: r.client_id or 0)
+        row = RoundRow(
+            round=server_round, train_loss=example_weighted(accepted, protocol.TRAIN_LOSS),
+            eval_loss=global_eval.loss, eval_accuracy=global_eval.accuracy,
+            eval_macro_f1=global_eval.macro_f1, **run.privacy.columns(),
+            clients_sampled=len(rows), clients_ok=ok, clients_failed=len(rows) - ok,
+            bytes_up=totals["bytes_up"] + evaluation.bytes_up,
+            bytes_down=totals["bytes_down"] + evaluation.bytes_down,
+            wall_s=time.perf_counter() - began,
+            federated_eval_loss=example_weighted(evaluation.metrics, protocol.EVAL_LOSS),
+            federated_eval_accuracy=example_weighted(evaluation.metrics, protocol.EVAL_ACCURACY),
+            model_update=model_update, replies_dropped=totals["dropped"] + evaluation.dropped,
+            virtual_time_s=self.loop.now)
+        return RoundOutcome(row, rows, global_eval, metrics, len(rows), 0,
+                            evaluation.rows(server_round))
+
+
+def _trained(report: ClientReport) -> dict[str, np.ndarray]:
+    """An accepted client's trained model: kept one by one by a cohort, or its reply."""
+    if report.update is not None:
+        return report.update[protocol.ARRAYS]
+    assert report.reply is not None  # the message path keeps the accepted reply
+    return protocol.to_numpy(report.reply.content[protocol.ARRAYS])
+

@@ -1,0 +1,57 @@
+"""What an asynchronous strategy offers an event loop, beside Flower's ``Strategy``.
+
+Flower's strategies are round-based: configure every sampled node, aggregate every reply. An
+asynchronous server instead starts a client whenever another finishes and takes each update as
+it arrives, however stale (the server updates made since the client fetched its model). An
+``AsynchronousStrategy`` is a FedAvg subclass (Flower's sampling and federated evaluation)
+with four more steps, which an event loop calls:
+
+- ``start_messages``: train messages for the given nodes, carrying the current model;
+- ``prepare``: what to keep of one client's result until the server receives it (called when
+  the client has trained, with the model it started from);
+- ``receive``: take one update and its staleness; True when the server must update now;
+- ``release``: the new global model.
+
+Their state is plain attributes (numbers, numpy arrays), so a checkpoint of the strategy keeps
+a half-full buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.serverapp.strategy import FedAvg
+
+NDArrays = dict[str, np.ndarray]
+
+
+class AsynchronousStrategy(FedAvg):
+    """The steps an asynchronous event loop calls; subclasses define the update rule."""
+
+    def start_messages(self, server_round: int, arrays: ArrayRecord,
+                       node_ids: Iterable[int]) -> list[Message]:
+        """Train messages for ``node_ids``, all sharing one content (the current model)."""
+        config = ConfigRecord({"server-round": server_round})
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(content, list(node_ids), MessageType.TRAIN))
+
+    def prepare(self, start: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray]
+                ) -> NDArrays:
+        """What to keep of a client's trained model (``start``: the model it began from)."""
+        raise NotImplementedError
+
+    def receive(self, kept: Mapping[str, np.ndarray], staleness: int, weight: float) -> bool:
+        """Take one client's ``prepare``d result; True when the global model must change now."""
+        raise NotImplementedError
+
+    def release(self, current: Mapping[str, np.ndarray]) -> NDArrays:
+        """The new global model from ``current`` and what was received."""
+        raise NotImplementedError
+
+
+def same_dtype(values: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray]) -> NDArrays:
+    """``values`` (float64 arithmetic) cast back to the dtypes of ``like``."""
+    return {name: np.asarray(values[name]).astype(like[name].dtype, copy=False) for name in like}

@@ -1,0 +1,79 @@
+"""strategies/fedbuff.py and strategies/fedasync.py against the papers' update rules, in NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedtune.server.checkpoint import capture_attributes, restore_attributes
+from strategies import FedAsync, FedBuff
+from strategies.fedasync import staleness_factor
+from tests.strategy_messages import node_grid, record
+
+X0 = {"w": np.array([[0.5, -1.0], [2.0, 0.25]], np.float32), "b": np.array([0.1, -0.2],
+                                                                              np.float32)}
+# three clients' models, each trained from its own (stale) start
+STARTS = [X0, {k: v + 0.5 for k, v in X0.items()}, {k: v - 0.25 for k, v in X0.items()}]
+TRAINED = [{k: v * 1.5 + 0.1 for k, v in s.items()} for s in STARTS]
+STALENESS = [0, 1, 3]
+
+
+def test_fedbuff_server_step_matches_the_paper():
+    """x <- x + lr (1 / K) sum_i delta_i / sqrt(1 + tau_i), after K updates (Nguyen et al.
+    2022, Algorithm 1 with their staleness scaling)."""
+    strategy = FedBuff(buffer_size=3, server_lr=0.5)
+    due = [strategy.receive(strategy.prepare(s, t), tau, 10.0)
+           for s, t, tau in zip(STARTS, TRAINED, STALENESS, strict=True)]
+    assert due == [False, False, True]
+    new = strategy.release(X0)
+    for name, x in X0.items():
+        step = sum((t[name].astype(np.float64) - s[name]) / np.sqrt(1 + tau)
+                   for s, t, tau in zip(STARTS, TRAINED, STALENESS, strict=True)) / 3
+        np.testing.assert_allclose(new[name], x + 0.5 * step, rtol=1e-6)
+        assert new[name].dtype == np.float32
+    assert strategy.buffered == 0 and strategy.buffer == {}
+
+
+def test_fedbuff_half_full_buffer_survives_a_checkpoint():
+    whole = FedBuff(buffer_size=3, server_lr=0.5)
+    for s, t, tau in zip(STARTS, TRAINED, STALENESS, strict=True):
+        whole.receive(whole.prepare(s, t), tau, 1.0)
+    halved = FedBuff(buffer_size=3, server_lr=0.5)
+    halved.receive(halved.prepare(STARTS[0], TRAINED[0]), 0, 1.0)
+    saved = capture_attributes(halved)
+    resumed = FedBuff(buffer_size=3, server_lr=0.5)
+    restore_attributes(resumed, *saved)
+    for s, t, tau in list(zip(STARTS, TRAINED, STALENESS, strict=True))[1:]:
+        resumed.receive(resumed.prepare(s, t), tau, 1.0)
+    assert resumed.buffered == 3
+    expected, got = whole.release(X0), resumed.release(X0)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value)
+
+
+def test_fedasync_mixing_matches_the_paper():
+    """x <- (1 - a_s) x + a_s x_client, a_s = alpha s(staleness) (Xie et al. 2019, Sec. 5.2)."""
+    assert staleness_factor("constant", 7, 0.5, 4) == 1.0
+    assert staleness_factor("polynomial", 3, 0.5, 4) == pytest.approx(4 ** -0.5)
+    assert staleness_factor("hinge", 4, 0.5, 4) == 1.0
+    assert staleness_factor("hinge", 10, 0.5, 4) == pytest.approx(1 / (0.5 * 6 + 1))
+    strategy = FedAsync(alpha=0.6, staleness="polynomial", a=0.5, b=4)
+    assert strategy.receive(strategy.prepare(STARTS[1], TRAINED[1]), 3, 1.0)
+    new = strategy.release(X0)
+    mix = 0.6 * 4 ** -0.5
+    for name, x in X0.items():
+        np.testing.assert_allclose(new[name], (1 - mix) * x + mix * TRAINED[1][name], rtol=1e-6)
+        assert new[name].dtype == np.float32
+
+
+def test_fedasync_refuses_an_unknown_staleness_function():
+    with pytest.raises(ValueError, match="unknown FedAsync staleness function 'linear'"):
+        FedAsync(staleness="linear")
+
+
+def test_start_messages_share_one_content_with_the_server_round():
+    node_grid(4)  # Flower builds messages inside a run
+    messages = FedBuff().start_messages(4, record(X0), [3, 1])
+    assert [m.metadata.dst_node_id for m in messages] == [3, 1]
+    assert messages[0].content is messages[1].content
+    assert messages[0].content["config"]["server-round"] == 4
