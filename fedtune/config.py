@@ -108,6 +108,17 @@ class RunSection:
                                  "and record centralized_accuracy in summary.json")
     reference_dir: str = key("", "run directory of the centralized reference; a finished one "
                                  "with the same config is reused; '' = <run dir>/centralized")
+    personal_eval: bool = key(
+        False, "evaluate every client on its own local test split (the global model, and the "
+        "personalised one where the strategy keeps one) into personal.csv; always on for a "
+        "personalised strategy")
+    personal_eval_every: int = key(
+        0, "personal evaluation every this many rounds, and at the end; 0 = only at the end",
+        ge=0)
+    local_reference: bool = key(
+        False, "also train each client alone (the same model and initial weights, as many "
+        "local epochs or steps as all rounds give it) and evaluate it on its local test split "
+        "beside the federated models in personal.csv")
 
 
 @dataclass
@@ -134,6 +145,10 @@ class DataSection:
         used_with=UsedWith("partitioner", ("dirichlet", "quantity_skew")))
     test_fraction: float = key(0.1, "held-out global test split", gt=0, lt=1)
     local_test_fraction: float = key(0.1, "per-client local test split", ge=0, lt=1)
+    local_val_fraction: float = key(
+        0.0, "per-client local validation split, held out of the client's training rows: "
+        "personalised model selection (fine-tuning steps, local-only epochs) uses it, never "
+        "the test split; 0 = none (the last model is taken)", ge=0, lt=1)
     max_examples: int = key(3000, "use a seeded subsample of this many examples; 0 = all",
                               ge=0)
     label_names: list[str] = key([], "labels of a files dataset, in index order", kind=list[str],
@@ -472,6 +487,12 @@ def _check_mlflow_uri(config: Config) -> None:
 
 
 def _check_reference(config: Config) -> None:
+    if DATASETS[config.data.dataset].party_files and (config.run.personal_eval
+                                                      or config.run.local_reference):
+        key = "personal_eval" if config.run.personal_eval else "local_reference"
+        raise ConfigError(f"run.{key} = true is not allowed with data.dataset = "
+                          f"{config.data.dataset!r}: must be false (the server holds no "
+                          "client's local splits)")
     if not config.run.reference:
         return
     if not RUNTIMES[config.engine.backend].federated:

@@ -95,6 +95,8 @@ INSECURE_NOISE_KEY = "privacy.insecure_reproducible_noise"  # its run config key
 ACCOUNTANT_STATE = "dp-accountant"  # local DP: the client's DP-SGD history
 SCAFFOLD_STATE = "scaffold-client-control"
 FEDDYN_STATE = "feddyn-gradient"
+PERSONAL_STATE = "personal-model"  # personalisation: the client's own tensors (head or model)
+PERSONAL_MIX_STATE = "personal-mix"  # APFL: the client's mixing weight alpha
 
 # --- secure aggregation (SecAgg+, Bell et al. 2020) -------------------------------------------
 SECAGG_ACTION = "secagg"

@@ -84,6 +84,12 @@ class StrategySection:
     fedasync_staleness: str  # fedasync
     fedasync_a: float  # fedasync
     fedasync_b: int  # fedasync
+    finetune_steps: int  # finetune, fedbabu
+    finetune_part: str  # finetune, fedbabu
+    fedrep_head_epochs: int  # fedrep
+    ditto_lambda: float  # ditto
+    apfl_alpha: float  # apfl
+    apfl_alpha_lr: float  # apfl
 
     def __init__(
         self,
@@ -127,6 +133,12 @@ class StrategySection:
         fedasync_staleness: str = ...,
         fedasync_a: float = ...,
         fedasync_b: int = ...,
+        finetune_steps: int = ...,
+        finetune_part: str = ...,
+        fedrep_head_epochs: int = ...,
+        ditto_lambda: float = ...,
+        apfl_alpha: float = ...,
+        apfl_alpha_lr: float = ...,
     ) -> None: ...
 
 

@@ -170,6 +170,14 @@ class TaskResources:
                            self.federation.client_test_rows[shard],
                            self.config.client.eval_batch_size)
 
+    def client_val_loader(self, shard: int) -> DataLoader | None:
+        """The client's local validation split (``data.local_val_fraction``), None without."""
+        rows = self.federation.client_val_rows
+        if not rows or not len(rows[shard]):
+            return None
+        return eval_loader(self.encoded, self.federation.data.labels, rows[shard],
+                           self.config.client.eval_batch_size)
+
     def max_train_examples(self) -> int:
         """The most examples a training reply may claim: the federation's training rows
         (unknown, so any count, for private per-party files)."""

@@ -94,8 +94,12 @@ def legend_lines(privacy: bool) -> list[str]:
 
 def row_line(row: dict[str, Any], privacy: bool) -> str:
     values = row_values(row)
-    return " ".join(f"{cell(values.get(key), key, spec):>{width}}"
+    line = " ".join(f"{cell(values.get(key), key, spec):>{width}}"
                     for key, _, width, spec in row_columns(privacy))
+    if shown_value(row.get("personal_mean")) is not None:  # a round with personal evaluation
+        line += (f"   every client's own model: mean {cell(row['personal_mean'], '', '.4f')}"
+                 f", p10 {cell(row.get('personal_p10'), '', '.4f')}")
+    return line
 
 
 def spends_budget(config: Config) -> bool:
@@ -302,6 +306,28 @@ def privacy_line(summary: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+PERSONAL_LABELS = {"global": "global model", "personalised": "personalised",
+                   "local_only": "local only"}
+
+
+def personal_line(summary: dict[str, Any]) -> str:
+    """Every client's accuracy on its local test split (personal evaluation): mean and 10th
+    percentile per model, and the share of clients worse off than alone or than global."""
+    personal = summary.get("personal")
+    if not personal:
+        return ""
+    models = personal["models"]
+    clients = max(m["clients"] for m in models.values())
+    parts = [f"{PERSONAL_LABELS.get(name, name)} mean {m['mean']:.3f} p10 {m['p10']:.3f}"
+             for name, m in models.items() if m["mean"] is not None]
+    worse = [f"{share:.0%} of clients worse than {what}"
+             for key, what in (("worse_than_local_only", "alone"), ("worse_than_global",
+                                                                     "the global model"))
+             if (share := personal.get(key)) is not None]
+    return (f"per-client accuracy ({clients} clients, local test splits): "
+            + "; ".join(parts) + (f" ({', '.join(worse)})" if worse else ""))
+
+
 def times_line(wall_s: float, summary: dict[str, Any]) -> str:
     """The command's wall time and the rounds' time (summary.json total_time_s), named."""
     return (f"took {wall_s:.1f}s wall (start-up, workers and saving included); rounds "
@@ -335,7 +361,7 @@ def print_final(console: Console, run_dir: Path, summary: dict[str, Any],
     stopped = (f"stopped after round {summary['rounds_completed']}: {summary['stop_reason']}"
                if summary.get("stop_reason") else "")
     audit = read_audit(run_dir)
-    for line in (result_line(summary), stopped, privacy_line(summary),
+    for line in (result_line(summary), personal_line(summary), stopped, privacy_line(summary),
                  f"audit: {audit_line(audit)}" if audit else "", centralized):
         if line:
             console.print(line, highlight=False)

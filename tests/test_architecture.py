@@ -22,7 +22,7 @@ LAYERS = [
     {"fedtune.models", "fedtune.train", "fedtune.faults", "fedtune.secagg", "fedtune.state",
      "fedtune.attacks", "fedtune.devices"},
     {"fedtune.task", "fedtune.privacy", "fedtune.results", "fedtune.centralized",
-     "fedtune.audit"},
+     "fedtune.audit", "fedtune.personal"},
     {"fedtune.server", "fedtune.client"},
     {"fedtune.engine", "fedtune.studies", "fedtune.deploy"},
     {"fedtune.cli", "fedtune.__main__", "fedtune"},

@@ -18,7 +18,7 @@ terms of the objective are a ``LocalObjective``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
@@ -29,6 +29,10 @@ from fedtune.protocol import CONFIG, FEDDYN_STATE, SCAFFOLD_STATE
 from fedtune.train import TrainSettings
 from strategies import feddyn, fednova, scaffold
 from strategies.records import NDArray, floating, to_numpy, to_record, zeros_like
+
+if TYPE_CHECKING:
+    from fedtune.privacy.mode import LocalTraining
+    from fedtune.task import TaskResources
 
 PROXIMAL_KEY = "proximal-mu"  # what Flower's FedProx sends
 
@@ -61,6 +65,11 @@ class ClientSide:
 
     def objective(self, model: nn.Module) -> LocalObjective | None:
         """Extra terms of the local objective (None: plain cross-entropy)."""
+        return None
+
+    def train(self, resources: TaskResources, shard: int, seed: int) -> LocalTraining | None:
+        """The client's own training of the resident model, which holds the global one
+        (None: the privacy mode's plain training with ``objective``)."""
         return None
 
     def reply(self, local_arrays: dict[str, NDArray], num_steps: int

@@ -84,8 +84,8 @@ def train_client(resources: TaskResources, client_id: int, server_round: int,
     side_class = entry.load_client() if entry.client else ClientSide
     algorithm = side_class(content, state, global_arrays, resources.train_settings)
     with training_data(resources, client_id, shard, server_round):
-        local = resources.privacy.train(resources, shard, seed, state,
-                                        algorithm.objective(model))
+        local = algorithm.train(resources, shard, seed) or resources.privacy.train(
+            resources, shard, seed, state, algorithm.objective(model))
     result = local.result
     trained = TrainedClient(arrays=None, status=local.status)
     extra_metrics: dict[str, float] = {}

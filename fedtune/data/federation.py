@@ -31,7 +31,7 @@ from fedtune.data.sources import LabelledData, load_dataset
 from fedtune.tables.datasets import DATASETS
 
 # Independent seed streams per random stage, so changing one stage leaves the others alone.
-_SUBSAMPLE, _TEST_SPLIT, _PARTITION, _LOCAL_SPLIT = range(4)
+_SUBSAMPLE, _TEST_SPLIT, _PARTITION, _LOCAL_SPLIT, _LOCAL_VAL = range(5)
 # a global test file below this is warned about: its accuracy has a standard error up to 0.05
 MIN_TEST_EXAMPLES = 100
 
@@ -49,6 +49,9 @@ class Federation:
     test_rows: np.ndarray
     client_train_rows: tuple[np.ndarray, ...]
     client_test_rows: tuple[np.ndarray, ...]
+    # data.local_val_fraction: rows held out of each client's training rows for personalised
+    # model selection (empty without one)
+    client_val_rows: tuple[np.ndarray, ...] = ()
 
     @property
     def num_clients(self) -> int:
@@ -173,5 +176,9 @@ def _build_cached(cfg_values: tuple, seed: int, data_path: str) -> Federation:
     check_partition(parts, len(pool))
     rng = np.random.default_rng(stage_seed(seed, _LOCAL_SPLIT))
     train, test = zip(*(_split_local_test(pool[p], cfg.local_test_fraction, rng) for p in parts))
+    # its own seed stream: without a validation split every other split stays as it was
+    val_rng = np.random.default_rng(stage_seed(seed, _LOCAL_VAL))
+    train, val = zip(*(_split_local_test(rows, cfg.local_val_fraction, val_rng)
+                       for rows in train))
     return Federation(data=data, test_rows=test_rows, client_train_rows=tuple(train),
-                      client_test_rows=tuple(test))
+                      client_test_rows=tuple(test), client_val_rows=tuple(val))

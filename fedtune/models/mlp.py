@@ -37,6 +37,12 @@ class MLP(nn.Module):
         self.body = nn.Sequential(*layers)
         self.classifier = nn.Linear(width, num_labels)
 
+    @property
+    def base_model(self) -> nn.Module:
+        """The body under the head, by the name transformers give a classifier's encoder (what
+        ``fedtune.personal.split`` shares and what stays personal read it)."""
+        return self.body
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.body(features))
 

@@ -266,3 +266,62 @@ def plot_round_curves(curves: list[dict], line_key: str, metric: str, path: Path
                            1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+PERSONAL_STYLES = {"global": ("global model", "tab:blue"),
+                   "personalised": ("personalised", "tab:orange"),
+                   "local_only": ("local only", "tab:green")}
+
+
+def last_personal_round(rows: list[dict[str, str]]) -> dict[str, dict[int, float]]:
+    """personal.csv's last evaluated round: model -> client id -> accuracy."""
+    if not rows:
+        return {}
+    last = max(int(r["round"]) for r in rows)
+    by_model: dict[str, dict[int, float]] = {}
+    for row in rows:
+        if int(row["round"]) == last and row["accuracy"] not in ("", None):
+            by_model.setdefault(row["model"], {})[int(row["client_id"])] = float(row["accuracy"])
+    return by_model
+
+
+def personal_figure(rows: list[dict[str, str]], title: str = "") -> Figure:
+    """The per-client accuracy distribution of the last personal evaluation: left, each
+    model's clients sorted from worst to best (the share of clients at or below an accuracy,
+    with the mean and the 10th percentile marked); right, each client's accuracy under each
+    model, joined, worst global accuracy first."""
+    by_model = last_personal_round(rows)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, values in by_model.items():
+        label, colour = PERSONAL_STYLES.get(name, (name, None))
+        accuracies = np.sort(np.array(list(values.values())))
+        share = np.arange(1, len(accuracies) + 1) / len(accuracies)
+        mean, p10 = accuracies.mean(), np.percentile(accuracies, 10)
+        left.step(accuracies, share, where="post", color=colour,
+                  label=f"{label}: mean {mean:.3f}, p10 {p10:.3f}")
+        left.axvline(p10, color=colour, linestyle=":", linewidth=1)
+    left.set(xlabel="client accuracy on its local test split", ylabel="share of clients",
+             ylim=(0, 1.02), title="per-client accuracy (dotted: 10th percentile)")
+    left.legend(loc="best", fontsize=8)
+    clients = sorted(by_model.get("global", {}),
+                     key=lambda c: by_model["global"][c]) or sorted(
+        {c for values in by_model.values() for c in values})
+    position = {client: i for i, client in enumerate(clients)}
+    for name, values in by_model.items():
+        label, colour = PERSONAL_STYLES.get(name, (name, None))
+        xs = [position[c] for c in clients if c in values]
+        right.plot(xs, [values[c] for c in clients if c in values], "o", markersize=3,
+                   color=colour, label=label, alpha=0.8)
+    right.set(xlabel="clients, by their global model's accuracy", ylabel="accuracy",
+              title="each client under each model")
+    right.legend(loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_personal(rows: list[dict[str, str]], path: Path, title: str = "") -> None:
+    """``personal_figure`` as a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(personal_figure(rows, title), path)

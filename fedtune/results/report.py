@@ -8,15 +8,20 @@ from pathlib import Path
 import numpy as np
 
 from fedtune.config import from_dict
-from fedtune.results.plots import plot_accuracy_loss, plot_epsilon, plot_partitions
+from fedtune.results.plots import (
+    plot_accuracy_loss,
+    plot_epsilon,
+    plot_partitions,
+    plot_personal,
+)
 from fedtune.results.run_dir import RunDirectory, read_csv
 from fedtune.results.summary import privacy_setting, run_title
 from fedtune.tables.privacy_modes import PRIVACY_MODES
 
 
 def redraw(path: Path) -> list[Path]:
-    """Rewrite plots/accuracy_loss.png, partitions.png and (with DP) epsilon.png; returns
-    the files written."""
+    """Rewrite plots/accuracy_loss.png, partitions.png, (with DP) epsilon.png and (with a
+    personal evaluation) personal_accuracy.png; returns the files written."""
     run_dir = RunDirectory(path)
     run_dir.plots_dir.mkdir(exist_ok=True)
     written = [run_dir.plots_dir / "accuracy_loss.png"]
@@ -39,4 +44,8 @@ def redraw(path: Path) -> list[Path]:
         histogram = np.array([[int(row[k]) for k in labels] for row in partitions])
         written.append(run_dir.plots_dir / "partitions.png")
         plot_partitions(histogram, labels, written[-1])
+    personal = run_dir.personal()
+    if personal:
+        written.append(run_dir.plots_dir / "personal_accuracy.png")
+        plot_personal(personal, written[-1], title)
     return written

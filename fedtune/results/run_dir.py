@@ -2,7 +2,8 @@
 
 ```
 <run dir>/config.toml  env.json  metrics.csv  clients.csv  partitions.csv  summary.json
-          log.txt  model/  plots/  (model_best/, tb/, tracking.json as configured)
+          log.txt  model/  plots/  (model_best/, tb/, tracking.json, personal.csv as
+          configured)
 ```
 
 Rows are appended and flushed as each round ends, so a run that dies keeps every finished
@@ -63,6 +64,15 @@ class RoundRow:
     # with devices: the virtual clock when the round (an asynchronous run: the server update)
     # ended, seconds since the run began (fedtune.devices.clock)
     virtual_time_s: float | None = None
+    # personal evaluation (run.personal_eval, a personalised strategy), in the rounds it ran:
+    # every client's own model (personalised, or the global one) on its local test split
+    personal_mean: float | None = None
+    personal_median: float | None = None
+    personal_p10: float | None = None
+    personal_worst: float | None = None
+    personal_std: float | None = None
+    personal_worse_than_global: float | None = None  # share of clients
+    personal_worse_than_local: float | None = None  # share of clients (run.local_reference)
 
 
 @dataclass
@@ -96,6 +106,7 @@ class ClientRow:
     staleness: int | None = None
 
 
+PERSONAL_COLUMNS = ["round", "client_id", "model", "accuracy", "loss", "examples"]
 METRICS_COLUMNS = [f.name for f in fields(RoundRow)]
 # the per-round numbers (trackers plot these; model_update is a text)
 METRIC_NUMBER_COLUMNS = [f.name for f in fields(RoundRow)[1:] if f.type not in ("str", str)]
@@ -221,7 +232,10 @@ class RunDirectory:
         """Drop rows of rounds after ``server_round`` (written after the checkpoint was); rows
         written before clients.csv had its ``phase`` column are training rows."""
         for path, columns in ((self.metrics_csv, METRICS_COLUMNS),
-                              (self.clients_csv, CLIENT_COLUMNS)):
+                              (self.clients_csv, CLIENT_COLUMNS),
+                              (self.personal_csv, PERSONAL_COLUMNS)):
+            if path == self.personal_csv and not path.exists():
+                continue
             kept = [row for row in read_csv(path) if int(row["round"]) <= server_round]
             if path == self.clients_csv:
                 kept = [{"phase": "train", **row} for row in kept]
@@ -244,6 +258,18 @@ class RunDirectory:
     @property
     def clients_csv(self) -> Path:
         return self.path / "clients.csv"
+
+    @property
+    def personal_csv(self) -> Path:
+        """Every client's models on its local test split (personal evaluation)."""
+        return self.path / "personal.csv"
+
+    def append_personal(self, rows: list[dict[str, Any]]) -> None:
+        """personal.csv rows (round, client_id, model, accuracy, loss, examples)."""
+        _append(self.personal_csv, PERSONAL_COLUMNS, rows)
+
+    def personal(self) -> list[dict[str, str]]:
+        return read_csv(self.personal_csv)
 
     @property
     def model_dir(self) -> Path:

@@ -14,6 +14,8 @@ from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.task import TaskResources
 from fedtune.train import EvalResult
 
+PERSONAL_FINAL = ("personal_mean", "personal_p10", "personal_worst")
+
 
 def _number(text: str) -> float | None:
     return float(text) if text not in ("", None) else None
@@ -97,6 +99,8 @@ def build_summary(config: Config, resources: TaskResources, run_dir: RunDirector
             "train_loss": _number(final.get("train_loss", "")),
             "federated_eval_accuracy": _number(final.get("federated_eval_accuracy", "")),
             **_backdoor(final),
+            # personal evaluation: each client's own model on its local test split
+            **{key: _number(final[key]) for key in PERSONAL_FINAL if final.get(key)},
         },
         "best": {"eval_accuracy": best_accuracy, "round": best_round},
         "classification_report": final_eval.classification_report(federation.data.label_names),

@@ -235,15 +235,19 @@ def recover(shares: Mapping[int, bytes], threshold: int, check: Callable[[bytes]
     """(the secret, holders whose shares disagree with it) from ``shares`` (holder -> share).
 
     The first ``threshold`` shares (by holder) are combined; when the result fails ``check``,
-    other subsets are tried (at most ``MAX_SUBSETS``), and every share outside the subset that
-    passed is tested against it. The other subsets are drawn at random (a fixed seed): in
-    order, one bad share held by the lowest holder would be in the first thousands of them,
-    so one tampering holder could make an honest client's secret unrecoverable.
+    other subsets are tried (at most ``MAX_SUBSETS``, or ``threshold + 1``), and every share
+    outside the subset that passed is tested against it. Where there are too many subsets to
+    try them all, the ``threshold`` subsets of the first ``threshold + 1`` shares come next
+    (one bad share among them is left out by one), then subsets drawn at random (a fixed
+    seed): in order, one bad share held by the lowest holder would be in the first thousands
+    of them. So with more than ``threshold`` shares one tampering holder can never make an
+    honest client's secret unrecoverable (and the server never blames its dealer for it).
     """
     holders = sorted(shares)
     if len(holders) < threshold:
         raise RecoveryFailed(f"{len(holders)} shares, {threshold} needed")
-    for index, subset in enumerate(islice(_subsets(holders, threshold), MAX_SUBSETS)):
+    attempts = max(MAX_SUBSETS, threshold + 1)
+    for index, subset in enumerate(islice(_subsets(holders, threshold), attempts)):
         secret = _combine([shares[h] for h in subset])
         if not _passes(check, secret):
             continue
@@ -259,11 +263,13 @@ def recover(shares: Mapping[int, bytes], threshold: int, check: Callable[[bytes]
 
 def _subsets(holders: list[int], size: int) -> Iterator[tuple[int, ...]]:
     """Every ``size``-subset of ``holders`` when there are few of them (in order), else the
-    first one and then random ones."""
+    ``size + 1`` subsets of the first ``size + 1`` holders and then random ones."""
     if comb(len(holders), size) <= MAX_SUBSETS:
         yield from combinations(holders, size)
         return
-    yield tuple(holders[:size])
+    first = holders[:size + 1]
+    for left_out in reversed(range(size + 1)):  # the first ``size`` holders come first
+        yield tuple(holder for i, holder in enumerate(first) if i != left_out)
     rng = np.random.default_rng(len(holders))  # which subsets are tried changes no result
     while True:
         yield tuple(sorted(rng.choice(holders, size, replace=False).tolist()))

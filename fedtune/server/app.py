@@ -27,6 +27,7 @@ from fedtune.config import Config, ConfigError, from_run_config, keys_without_ef
 from fedtune.devices.clock import VirtualClock
 from fedtune.models.build import build_model
 from fedtune.models.weights import shared_state
+from fedtune.personal.base import personal_evaluation_on
 from fedtune.privacy.mode import PrivacyPlan
 from fedtune.protocol import to_array_record
 from fedtune.results.lock import RunLock
@@ -52,6 +53,7 @@ from fedtune.server.listeners import (
 )
 from fedtune.server.loop import Play, RunListener, run_rounds
 from fedtune.server.node_state import NodeStateGrid, new_run_key
+from fedtune.server.personal_eval import PersonalEvaluation
 from fedtune.server.reporting import LogReporter, Reporter
 from fedtune.server.resume import Checkpointer, resume_state
 from fedtune.server.round import FederatedRun, play_round
@@ -171,8 +173,11 @@ def play_all_rounds(run: FederatedRun, run_dir: RunDirectory, plan: PrivacyPlan,
     # a caller's own callbacks ride on its reporter (fedtune.run's callbacks)
     user = [UserCallbacks(callbacks, run_dir, artifacts)] if (
         callbacks := list(getattr(reporter, "callbacks", ()))) else []
+    # every client's own model, before its round's row is written (the runtime's state store)
+    personal = [PersonalEvaluation(run_dir, artifacts, checkpointer.store)] if (
+        personal_evaluation_on(config)) else []
     listeners += [
-        NoUpdateStop(), PrivacyStop(), RoundWriter(run_dir),
+        NoUpdateStop(), PrivacyStop(), *personal, RoundWriter(run_dir),
         *([BestModel(run_dir)] if config.run.save_best else []), *reference, artifacts,
         AuditWriter(run_dir, plan),
         *([Tracking(chosen, run_dir)] if (chosen := trackers(config)) else []), *user,

@@ -36,9 +36,13 @@ that cannot open a forwarded share leaves its sender out and reveals that direct
 server checks the key against both commitments and opens the share itself: it does not open,
 the sender is rejected; it opens, the receiver is. Either way the one at fault leaves the sum
 (as a dropout: its pairwise masks are removed with its neighbours' key shares) and the round
-goes on. What the server cannot check is a masked input inside the ring: one that pushes the
-sum beyond the range fails the round (nobody can say whose it was); one inside the range
-moves the mean unseen (README, "Secure aggregation").
+goes on. A commitment of the right form that matches no seed (or shares that reconstruct no
+seed) is found only at unmask: the round fails, and when more than ``t`` shares arrived (so no
+one lying holder can be the cause: ``keys.recover`` leaves any one out) its dealer is the
+round's ``culprit`` and is left out of every later round (``excluded``, checkpointed), so it
+stops one round, not the run. What the server cannot check is a masked input inside the
+ring: one that pushes the sum beyond the range fails the round (nobody can say whose it was);
+one inside the range moves the mean unseen (README, "Secure aggregation").
 
 Trust: the server is honest but curious - it follows the protocol and may read everything it
 receives; it learns the sum of the survivors' quantised updates and nothing else, even if it
@@ -116,6 +120,8 @@ class RoundReport:
     tampered: dict[int, list[int]] = field(default_factory=dict)  # holder -> owners
     disagreeing: list[tuple[int, int]] = field(default_factory=list)  # pairs that do not mask
     culprit: int | None = None  # the node whose secret could not be recovered (failed round)
+    culprit_reason: str = ""  # why it is left out of every later round
+    excluded: dict[int, str] = field(default_factory=dict)  # sampled, left out: why
     failed: str = ""  # why no aggregate came out ("" = it did)
     bytes_up: int = 0  # SecAgg+ stage messages (the masked vectors count as train replies)
     bytes_down: int = 0
@@ -182,6 +188,9 @@ class SecAggPlus(Strategy):
         self.settings = settings
         self._session: _Session | None = None
         self._report: RoundReport | None = None
+        # node id -> why it is left out of every later round: the culprits of failed rounds
+        # (checkpointed with the strategy, so the keys are strings and a resume keeps them)
+        self.excluded: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"SecAggPlus({self.inner!r}, k={self.settings.degree})"
@@ -189,9 +198,13 @@ class SecAggPlus(Strategy):
     # --- the round's reports ---
 
     def finish_round(self) -> RoundReport | None:
-        """The finished round's report (None: the round ran no protocol); forgets the round."""
+        """The finished round's report (None: the round ran no protocol); forgets the round and
+        leaves its culprit out of every later one (here, after the round: a refused aggregate
+        puts the strategy's attributes back as they were before it aggregated)."""
         report = self._report
         self._session, self._report = None, None
+        if report is not None and report.culprit is not None:
+            self.excluded[str(report.culprit)] = report.culprit_reason
         return report
 
     def _drop(self, s: _Session, node: int, stage: str, status: str, reason: str) -> None:
@@ -267,10 +280,16 @@ class SecAggPlus(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """The wrapped strategy's train messages, after the key set-up, for the clients still
-        in (none when the round failed)."""
+        in (none when the round failed); the culprits of earlier rounds are left out."""
         self._session = None
-        instructions = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self._report = RoundReport(server_round, [m.metadata.dst_node_id for m in instructions])
+        sampled = list(self.inner.configure_train(server_round, arrays, config, grid))
+        # a culprit of an earlier round is sampled as before (the wrapped strategy's
+        # population and sampling do not change) but never set up: it stopped a round once
+        excluded = {m.metadata.dst_node_id: self.excluded[str(m.metadata.dst_node_id)]
+                    for m in sampled if str(m.metadata.dst_node_id) in self.excluded}
+        instructions = [m for m in sampled if m.metadata.dst_node_id not in excluded]
+        self._report = RoundReport(server_round, [m.metadata.dst_node_id for m in instructions],
+                                   excluded=excluded)
         if not instructions:
             return []
         try:
@@ -589,7 +608,14 @@ class SecAggPlus(Strategy):
         try:
             secret, tampered = keys.recover(shares, s.threshold, check)
         except keys.RecoveryFailed as error:
-            s.report.culprit = owner  # it dealt the shares and the commitment
+            if len(shares) <= s.threshold:  # too few holders answered, or one of t lied
+                self._fail(s, f"node {owner}'s {what} cannot be recovered: {error} (too few "
+                              "of its holders answered to tell whose fault it is)")
+            # more than t shares and no t of them open it: not one lying holder (keys.recover
+            # leaves any one out) but the owner, which dealt the shares and the commitment
+            s.report.culprit, s.report.culprit_reason = owner, (
+                f"its {what} could not be recovered from {len(shares)} shares in round "
+                f"{s.server_round} (its commitment or the shares it dealt are bad)")
             self._fail(s, f"node {owner}'s {what} cannot be recovered: {error} (its commitment "
                           "or the shares it dealt are bad)")
         for holder in tampered:

@@ -15,7 +15,9 @@ of a SecAgg+ run, completes the round's outcome before anything writes it:
   its check is named; a pair whose key commitments disagree is named on both rows (neither is
   blamed); when the round failed, the client whose secret could not be recovered is
   ``rejected`` for it and every other ``ok`` client becomes ``rejected`` with the reason
-  (``secure aggregation failed: ...``). Node ids in reasons are given with their client ids;
+  (``secure aggregation failed: ...``); that client is left out of every later round, and
+  each round that samples it gets a ``rejected`` row, reason ``excluded: ...`` (the log says
+  it once, in the round that named it). Node ids in reasons are given with their client ids;
 - metrics.csv: the counts follow those rows, the stage messages' bytes are added, and a failed
   round's ``model_update`` says why;
 - strategy_metrics.jsonl: the protocol's metrics (``secagg-*``) even when no aggregate came out;
@@ -69,6 +71,11 @@ class SecAggRecorder(RunListener):
                 failed)
             if row.model_update == "applied" or "returned no model" in row.model_update:
                 row.model_update = f"kept: secure aggregation failed: {failed}"
+        if report.culprit is not None:
+            log(INFO, "fedtune: round %s: %s is left out of every later round of secure "
+                "aggregation: %s", report.server_round,
+                _named(f"node {report.culprit}", run.state.node_to_client),
+                report.culprit_reason)
 
 
 def _named(text: str, node_to_client: dict[int, int]) -> str:
@@ -100,6 +107,9 @@ def _rows(report: RoundReport, outcome: RoundOutcome, node_to_client: dict[int, 
                 row.reason = f"secagg {dropout.stage}: {row.reason}"
         elif row is not None and dropout.stage == protocol.STAGE_UNMASK:
             row.reason = reason + "; its input was recovered from its neighbours' shares"
+    for node, why in report.excluded.items():  # the culprit of an earlier round
+        rows.append(ClientRow(server_round, node_to_client.get(node), None, None, None, None,
+                              "rejected", f"excluded: {why}"))
     for node in set(report.sampled) - dropped - set(report.trained):  # the key set-up failed
         client = node_to_client.get(node)
         rows.append(ClientRow(server_round, client, None, None, None, None, "rejected",
@@ -120,7 +130,8 @@ def _rows(report: RoundReport, outcome: RoundOutcome, node_to_client: dict[int, 
         culprit = by_client.get(node_to_client.get(report.culprit))  # type: ignore[arg-type]
         for row in rows:
             if row is culprit:
-                row.status, row.reason = "rejected", f"secagg unmask: {failed}"
+                row.status, row.reason = "rejected", (f"secagg unmask: {failed}; left out of "
+                                                      "every later round")
             elif row.status == "ok":
                 row.status, row.reason = "rejected", f"secure aggregation failed: {failed}"
     return sorted(rows, key=lambda r: (r.client_id is None, r.client_id or 0))

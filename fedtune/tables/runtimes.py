@@ -20,6 +20,7 @@ from fedtune.errors import ConfigError
 from fedtune.tables import Entry, Key
 from fedtune.tables.datasets import DATASETS
 from fedtune.tables.privacy_modes import PRIVACY_MODES
+from fedtune.tables.strategies import STRATEGIES
 
 if TYPE_CHECKING:
     from fedtune.config import Config
@@ -127,3 +128,10 @@ def check_runtime(config: Config) -> None:
     entry = RUNTIMES[config.engine.backend]
     if entry.check is not None:
         entry.check(config)
+    strategy = STRATEGIES[config.strategy.name]
+    if strategy.personal_part and not entry.client_states:
+        keeps = ", ".join(repr(name) for name, e in RUNTIMES.items() if e.client_states)
+        raise ConfigError(
+            f"engine.backend = {config.engine.backend!r} is not allowed with strategy.name = "
+            f"{config.strategy.name!r}: the personal evaluation reads every client's state "
+            f"from the runtime's state store; must be one of {keeps}")

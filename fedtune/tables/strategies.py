@@ -54,6 +54,15 @@ class StrategyEntry(Entry):
     # "module:function" saying which of a round's updates it left out (fedtune.server.filtering:
     # the screening rates of an attacked run); "" = it weighs every update it is given
     filters: str = ""
+    # personalisation: "module:Class" of its ``fedtune.personal`` algorithm ("" = none); what
+    # each client keeps to itself (``personal_part``: "head", "model", "" = nothing kept, the
+    # personal model is made at evaluation) and what its replies share (``shared_part``)
+    personal: str = ""
+    personal_part: str = ""
+    shared_part: str = ""
+    # config values it needs ("section.key" -> value) and why
+    requires: Mapping[str, Any] = field(default_factory=dict)
+    requires_why: str = ""
     check: Callable[[Config], None] | None = None  # checks involving other keys
     # central DP (``privacy.mode = "central"``) replaces the aggregation by DP-FedAvg and runs
     # this strategy's server optimizer on the noised mean: DP-FedAvg's optimizer arguments
@@ -364,6 +373,62 @@ def _check_asynchronous(config: Config) -> None:
                               f"strategy.name = {s.name!r}: must be off ({reason})")
 
 
+FINETUNE_KEYS = {
+    "finetune_steps": Key(20, "local steps of the final model each client fine-tunes at "
+                              "evaluation (finetune, fedbabu)", ge=0),
+    "finetune_part": Key("head", "what the evaluation's fine-tuning trains: head, or full "
+                                 "(every travelling tensor; with model.transfer = lora the "
+                                 "adapters and the head)", choices=("head", "full")),
+}
+# FedAvg's server; under central DP plain DP-FedAvg of the replies, the shared part (a reply's
+# personal part is the global values; what a client keeps is outside the guarantee)
+PERSONAL = dict(implementation=FLOWER + "FedAvg", weighted_mean=True, sum_weight=EXAMPLES,
+                dp_server_optimizer=_dp_sgd,
+                client="fedtune.client.personal:PersonalClient")
+
+
+STRATEGIES.update({
+    "finetune": StrategyEntry(
+        "FedAvg, then each client fine-tunes the global model on its own data (local "
+        "adaptation; Wang et al. 2019)",
+        keys=FINETUNE_KEYS, personal="fedtune.personal.finetune:FineTune",
+        shared_part="model", **{**PERSONAL, "client": ""}),  # FedAvg's training, any privacy
+    "fedbabu": StrategyEntry(
+        "FedBABU (Oh et al. 2022): the body trains under a fixed random head; each client "
+        "fine-tunes at evaluation",
+        keys=FINETUNE_KEYS, personal="fedtune.personal.fedbabu:FedBABU", shared_part="body",
+        **PERSONAL),
+    "fedper": StrategyEntry(
+        "FedPer (Arivazhagan et al. 2019): shared body, personal head, trained together",
+        personal="fedtune.personal.fedper:FedPer", personal_part="head", shared_part="body",
+        **PERSONAL),
+    "fedrep": StrategyEntry(
+        "FedRep (Collins et al. 2021): personal head trained first, then the shared body",
+        keys={"fedrep_head_epochs": Key(2, "epochs of head-only training before the body's "
+                                           "(Collins et al. 2021)", ge=1)},
+        personal="fedtune.personal.fedrep:FedRep", personal_part="head", shared_part="body",
+        **PERSONAL),
+    "ditto": StrategyEntry(
+        "Ditto (Li et al. 2021): a personal model pulled towards the global one by lambda",
+        keys={"ditto_lambda": Key(0.1, "proximal weight lambda of the personal model (Li et "
+                                       "al. 2021 search 0.01-2)", ge=0)},
+        personal="fedtune.personal.ditto:Ditto", personal_part="model", shared_part="model",
+        **PERSONAL),
+    "apfl": StrategyEntry(
+        "APFL (Deng et al. 2020): a local model mixed with the global one by a learnt alpha",
+        keys={"apfl_alpha": Key(0.25, "initial mixing weight alpha of the local model (Deng "
+                                      "et al. 2020)", ge=0, le=1),
+              "apfl_alpha_lr": Key(0.01, "learning rate of alpha; 0 keeps it fixed", ge=0)},
+        personal="fedtune.personal.apfl:APFL", personal_part="model", shared_part="model",
+        **PERSONAL),
+    "fedsa_lora": StrategyEntry(
+        "FedSA-LoRA (Guo et al. 2025): LoRA's A matrices shared, its B matrices personal",
+        personal="fedtune.personal.fedsa_lora:FedSALoRA", personal_part="lora_B",
+        shared_part="lora_A and the head",
+        requires={"model.kind": "hf", "model.transfer": "lora"},
+        requires_why="its clients keep the LoRA adapters' B matrices", **PERSONAL),
+})
+
 
 def _check_secure_aggregation(config: Config) -> None:
     """SecAgg+ needs a weighted-sum strategy, the server's own sum, and at least 3 clients."""
@@ -414,6 +479,13 @@ def check_strategy(config: Config) -> None:
             f"= {config.strategy.name!r}: must be 'sgd' (its update rule assumes local SGD "
             "steps)"
         )
+    for key, value in entry.requires.items():
+        section, _, name = key.partition(".")
+        if getattr(getattr(config, section), name) != value:
+            raise ConfigError(
+                f"{key} = {getattr(getattr(config, section), name)!r} is not allowed with "
+                f"strategy.name = {config.strategy.name!r}: must be {value!r} "
+                f"({entry.requires_why})")
     if entry.check is not None:
         entry.check(config)
 

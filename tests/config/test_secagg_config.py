@@ -19,7 +19,8 @@ def _settings(name: str) -> list[str]:
     """A config of strategy ``name`` that passes its own checks with 8 clients, all sampled."""
     optimizer = "client.optimizer=sgd" if STRATEGIES[name].sgd_only else "client.lr=1e-4"
     return [f"strategy.name={name}", optimizer, "data.num_clients=8",
-            "strategy.fraction_train=1.0"]
+            "strategy.fraction_train=1.0",
+            *(f"{key}={value}" for key, value in STRATEGIES[name].requires.items())]
 
 
 @pytest.mark.parametrize("name", [n for n, e in STRATEGIES.items() if e.sum_weight])

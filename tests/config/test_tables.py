@@ -64,6 +64,11 @@ def test_section_class_merges_shared_keys_and_refuses_conflicting_ones():
                       "name")
 
 
+def _required(name: str) -> list[str]:
+    """The config values strategy ``name`` needs (its entry's ``requires``), as overrides."""
+    return [f"{key}={value}" for key, value in STRATEGIES[name].requires.items()]
+
+
 def test_every_strategy_entry_names_a_strategy_class_and_its_client_side():
     from flwr.serverapp.strategy import Strategy
 
@@ -76,7 +81,7 @@ def test_every_strategy_entry_names_a_strategy_class_and_its_client_side():
         # every client sampled: enough for any strategy's own check (Bulyan needs 4f + 3)
         arguments = entry.arguments(load_config(None, [
             f"strategy.name={name}", "client.optimizer=sgd", "data.num_clients=8",
-            "strategy.fraction_train=1.0"]))
+            "strategy.fraction_train=1.0", *_required(name)]))
         accepted = inspect.signature(entry.load()).parameters
         assert set(arguments) <= set(accepted), name
 
@@ -159,7 +164,7 @@ def test_the_strategies_central_dp_runs_are_those_with_a_dp_server_optimizer():
         optimizer = "client.optimizer=sgd" if entry.sgd_only else "client.lr=1e-4"
         overrides = [f"strategy.name={name}", optimizer, "privacy.mode=central",
                      "privacy.noise_multiplier=1.0", "privacy.delta=1e-3",
-                     "data.num_clients=10"]
+                     "data.num_clients=10", *_required(name)]
         if entry.dp_server_optimizer is None:
             with pytest.raises(ConfigError, match="is not allowed with privacy.mode = 'central'"):
                 load_config(None, overrides)

@@ -237,3 +237,56 @@ def test_an_input_outside_the_range_stops_the_run_with_one_line(tmp_path):
     metrics = rows_of(tmp_path / "run" / "metrics.csv")
     assert [m["model_update"].split(":")[0:2] for m in metrics] == [
         ["kept", " secure aggregation failed"]]
+
+
+def test_a_commitment_no_seed_matches_stops_one_round_not_the_run_even_across_a_resume(tmp_path):
+    """Client 2 commits to no seed in every round. Before: every round failed at unmask, and
+    the run failed after run.max_rounds_without_update. Now round 1 fails naming it (and only
+    it); the run stops there and resumes, and round 2 leaves it out (clients.csv says why) and
+    applies the other clients' update; the log says so once."""
+    import logging
+    import threading
+
+    from fedtune.config import to_run_config
+    from fedtune.engine.inprocess import InProcessGrid
+    from fedtune.server.app import run_federated
+    from fedtune.server.exchange import RunStopped
+    from tests import hostile_secagg
+    from tests.hostile_secagg import hostile_secagg_app
+    from tests.server.test_resume import StopAfter
+
+    attacks = {2: hostile_secagg.WRONG_COMMITMENT}
+    config = tiny_config(tmp_path, *SECURE, "data.num_clients=6", "strategy.fraction_evaluate=0",
+                         "run.rounds=2", "run.max_rounds_without_update=2")
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        stop = threading.Event()
+        with pytest.raises(RunStopped):
+            run_federated(InProcessGrid(hostile_secagg_app(attacks), to_run_config(config), 6),
+                          config, StopAfter(stop, after=1), stop)
+        config.run.resume = True
+        run_dir = run_federated(InProcessGrid(hostile_secagg_app(attacks), to_run_config(config),
+                                              6), config).path
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+    rows = {(int(r["round"]), int(r["client_id"])): r for r in rows_of(run_dir / "clients.csv")}
+    assert sorted(rows) == [(r, c) for r in (1, 2) for c in range(6)]
+    culprit = rows[1, 2]
+    assert culprit["status"] == "rejected"
+    assert culprit["reason"].startswith("secagg unmask: client 2 (node ")
+    assert culprit["reason"].endswith("; left out of every later round")
+    assert {rows[1, c]["reason"].split(":")[0] for c in (0, 1, 3, 4, 5)} == {
+        "secure aggregation failed"}
+    assert rows[2, 2]["status"] == "rejected"  # round 2: after the resume
+    assert rows[2, 2]["reason"] == (
+        "excluded: its self-mask seed could not be recovered from 5 shares in round 1 (its "
+        "commitment or the shares it dealt are bad)")
+    assert {rows[2, c]["status"] for c in (0, 1, 3, 4, 5)} == {"ok"}
+    updates = [m["model_update"] for m in rows_of(run_dir / "metrics.csv")]
+    assert updates[0].startswith("kept: secure aggregation failed: client 2 (node ")
+    assert updates[1:] == ["applied"]
+    said = [line for line in lines if "left out of every later round of secure" in line]
+    assert len(said) == 1 and said[0].startswith("fedtune: round 1: client 2 (node ")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import islice
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -105,6 +107,18 @@ def test_one_tampering_holder_with_the_lowest_id_cannot_make_a_secret_unrecovera
     bad[10] ^= 0xFF
     shares[100] = bytes(bad)
     assert keys.recover(shares, 10, check) == (seed, [100])
+
+
+def test_any_one_holder_is_left_out_by_a_subset_tried_where_not_all_are():
+    """300 shares, t = 299: 300 subsets, more than are tried at random; the first t + 1 tried
+    each leave out another holder, so one bad share anywhere never makes a secret
+    unrecoverable (and never gets its dealer blamed: ``SecAggPlus`` names a dealer only then).
+    Random subsets alone would leave out a given holder with probability 1/300 per try."""
+    holders = list(range(300))
+    tried = list(islice(keys._subsets(holders, 299), 300))
+    assert all(len(subset) == 299 for subset in tried)
+    assert {next(iter(set(holders) - set(subset))) for subset in tried} == set(holders)
+    assert tried[0] == tuple(range(299))  # the first t holders first, as before
 
 
 # --- masking -------------------------------------------------------------------------------------

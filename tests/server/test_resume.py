@@ -157,6 +157,9 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
         assert np.array_equal(ours[name], theirs[name]), name  # bit-identical
     for table in ("metrics.csv", "clients.csv"):
         assert _rows_without_time(resumed, table) == _rows_without_time(reference, table)
+    if (reference / "personal.csv").exists():  # every client's models (personalisation)
+        assert _rows_without_time(resumed, "personal.csv") == _rows_without_time(
+            reference, "personal.csv")
     # what the strategy aggregated: one line per round, none twice
     assert _aggregated_rounds(resumed) == _aggregated_rounds(reference)
 
@@ -174,6 +177,10 @@ STATEFUL = {
     "scaffold_on_disk": ["strategy.name=scaffold", "client.optimizer=sgd", "client.lr=0.05",
                          "engine.client_state_memory_mb=0"],  # every variate in a file
     "feddyn": ["strategy.name=feddyn"],  # server state and client gradients
+    # personal models in the clients' states; every client evaluated every other round
+    "ditto": ["strategy.name=ditto", "run.personal_eval_every=2"],
+    "fedrep_on_disk": ["strategy.name=fedrep", "run.personal_eval_every=2",
+                       "engine.client_state_memory_mb=0"],  # personal heads in files
     # the virtual clock; the asynchronous loop's clients in flight, their updates, the buffer
     "devices": ["devices.profile=lognormal", "devices.slow_fraction=0.25"],
     "fedbuff": ["strategy.name=fedbuff", "devices.profile=lognormal",
@@ -395,3 +402,32 @@ def test_resuming_a_finished_run_with_a_changed_key_is_refused(tmp_path, capsys)
         f"{run_dir}/config.toml (only run.rounds, run.checkpoint_every, engine.* and "
         "tracking.* may change)")
     assert main(["run", "--resume", str(run_dir)]) == 0  # unchanged: nothing to do
+
+
+@pytest.mark.slow
+def test_a_killed_ditto_run_resumes_bit_identical_with_every_clients_models(tmp_path):
+    """SIGKILL mid-run: the personal models in the clients' states, personal.csv (every client
+    evaluated every round) and the global model all end up as an uninterrupted run's."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ditto = [arg for setting in ("strategy.name=ditto", "run.personal_eval_every=1")
+             for arg in ("--set", setting)]
+    reference = tmp_path / "reference"
+    subprocess.run(_cli(*_cli_overrides(), *ditto, "--output", str(reference)), check=True,
+                   env=env, capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_cli(*_cli_overrides(), *ditto, "--output", str(killed)),
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        _wait_for_rows(killed, 2, process, timeout=240)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert not (killed / "summary.json").exists()
+    resumed = subprocess.run(_cli("--resume", str(killed)), env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(killed, reference)
+    rounds = {row["round"] for row in _rows_without_time(killed, "personal.csv")}
+    assert rounds == {"1", "2", "3", "4", "5"}

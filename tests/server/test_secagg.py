@@ -309,6 +309,9 @@ def test_one_dropout_more_fails_the_round_without_an_aggregate(tmp_path, stage):
     assert result.report.failed
     assert result.metrics[protocol.SECAGG_FAILED] == 1
     assert len(result.report.dropped) == 4
+    # too few holders answered: nobody is to blame, nobody is left out of later rounds
+    # (before, at unmask, the first client whose seed lacked shares was named the culprit)
+    assert result.report.culprit is None and result.strategy.excluded == {}
 
 
 def test_a_ring_graph_recovers_a_dropout_from_its_neighbours_only(tmp_path):
@@ -557,6 +560,7 @@ def test_one_hostile_client_leaves_the_sum_alone_and_named(tmp_path, attack, sta
     assert not [r for r in grid.received if r.has_error()]  # no honest client failed
     assert_within(result.arrays, weighted_mean([c for c in range(N) if c != ATTACKER]),
                   masking.rounding_bound(1.0, 24))
+    assert result.strategy.excluded == {}  # the round went on: it is left out of this one only
 
 
 def test_key_commitments_that_disagree_unpair_two_clients_and_blame_neither(tmp_path):
@@ -579,6 +583,39 @@ def test_a_commitment_no_seed_matches_fails_the_round_naming_its_client(tmp_path
     assert result.report.culprit == NODE_ID_OFFSET + ATTACKER
     assert f"node {NODE_ID_OFFSET + ATTACKER}'s self-mask seed cannot be recovered" in (
         result.report.failed)
+
+
+def test_the_culprit_of_a_failed_round_is_left_out_of_every_later_round_and_a_resume(tmp_path):
+    """The attacker sends a commitment no seed matches in every round. Before: every round it
+    was sampled in failed, so one client stopped the run's progress. Now round 1 fails naming
+    it, and rounds 2 and 3 (the latter in a freshly built strategy restored from the
+    checkpoint's description of the first) leave it out: they aggregate the honest mean."""
+    import json
+
+    from fedtune.server.checkpoint import capture_attributes, restore_attributes
+
+    config = config_of(tmp_path)
+    grid = Instrumented(config, stand_in_app(attacks={ATTACKER: hostile_secagg.WRONG_COMMITMENT}))
+    attacker, honest = NODE_ID_OFFSET + ATTACKER, [c for c in range(N) if c != ATTACKER]
+    first = play(config, grid)
+    assert first.arrays is None and first.report.culprit == attacker
+    assert list(first.strategy.excluded) == [str(attacker)]  # the attacker, nobody else
+    assert "could not be recovered from 9 shares in round 1" in first.strategy.excluded[
+        str(attacker)]
+    grid.sent.clear()
+    second = play(config, grid, server_round=2, strategy=first.strategy)
+    assert not second.report.failed and second.report.dropped == []
+    assert list(second.report.excluded) == [attacker]  # sampled, then left out
+    assert attacker not in {m.metadata.dst_node_id for m in grid.sent}  # never set up
+    bound = masking.rounding_bound(1.0, 24)
+    assert_within(second.arrays, weighted_mean(honest), bound)
+    # the checkpoint holds the list (a resume restores it into a fresh strategy)
+    description, arrays = capture_attributes(second.strategy)
+    resumed = build_strategy(config, PrivacyPlan(), max_examples=sum(EXAMPLES))
+    restore_attributes(resumed, json.loads(json.dumps(description)), arrays)
+    third = play(config, grid, server_round=3, strategy=resumed)
+    assert list(third.report.excluded) == [attacker] and not third.report.failed
+    assert_within(third.arrays, weighted_mean(honest), bound)
 
 
 @pytest.mark.parametrize("attack", [hostile_secagg.RANDOM_INPUT, hostile_secagg.SHIFTED_INPUT])

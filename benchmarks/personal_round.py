@@ -1,0 +1,89 @@
+"""A personalised round against a FedAvg round at scale (issue 27: within 1.5x on the MLP).
+
+Each side is ``fedtune run`` in a child process on the engine benchmark's MLP workload
+(``engine_benchmarks.MLP``: 1024 hashed features of Rotten Tomatoes -> 64 -> 2, one local
+AdamW step of batch 8, every client every round), ``--clients`` clients, ``--rounds`` rounds;
+the round time is metrics.csv's ``wall_s`` (train, aggregate, the server's global test; the
+personal evaluation of every client runs after it, once at the end, and is timed apart from
+the end of the last round to the end of the run). Round 1 (imports, warm-up) is left out; the
+table shows the median of the other rounds over ``--repeats`` runs, the sides alternating, and
+the ratio to FedAvg on the same runtime. Ditto and APFL do two models' work per step by design.
+Times need a quiet machine:
+
+    python benchmarks/personal_round.py --clients 1000 --rounds 4 --repeats 2 \\
+        --runtimes inprocess,ray --strategies fedavg,finetune,fedbabu,fedper,fedrep,ditto,apfl
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from engine_benchmarks import MLP  # noqa: E402 - the same workload as the engine's benchmark
+
+FINE_TUNING = ("finetune", "fedbabu")  # their evaluation fine-tunes: one step is enough here
+
+
+def one_run(strategy: str, runtime: str, clients: int, rounds: int, folder: Path
+            ) -> tuple[list[float], float]:
+    """Round wall times of one run (round 1 left out) and its whole time in summary.json."""
+    out = folder / f"{strategy}-{runtime}"
+    overrides = [*MLP, f"strategy.name={strategy}", f"engine.backend={runtime}",
+                 f"data.num_clients={clients}", f"run.rounds={rounds}",
+                 "data.local_test_fraction=0.2",
+                 *(["strategy.finetune_steps=1"] if strategy in FINE_TUNING else [])]
+    command = [sys.executable, "-m", "fedtune", "run", "--quiet", "--output", str(out)]
+    for override in overrides:
+        command += ["--set", override]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        sys.exit(f"{strategy} on {runtime}: rc {done.returncode}\n{done.stderr[-2000:]}")
+    with (out / "metrics.csv").open(newline="") as handle:
+        walls = [float(row["wall_s"]) for row in csv.DictReader(handle)][1:]
+    total = json.loads((out / "summary.json").read_text())["total_time_s"]
+    return walls, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--runtimes", default="inprocess,ray")
+    parser.add_argument("--strategies",
+                        default="fedavg,finetune,fedbabu,fedper,fedrep,ditto,apfl")
+    args = parser.parse_args()
+    strategies, runtimes = args.strategies.split(","), args.runtimes.split(",")
+    walls: dict[tuple[str, str], list[float]] = {}
+    totals: dict[tuple[str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            for runtime in runtimes:
+                for strategy in strategies:
+                    folder = Path(tmp) / str(repeat)
+                    got, total = one_run(strategy, runtime, args.clients, args.rounds, folder)
+                    walls.setdefault((strategy, runtime), []).extend(got)
+                    totals.setdefault((strategy, runtime), []).append(total)
+                    print(f"[{repeat + 1}/{args.repeats}] {runtime} {strategy}: rounds "
+                          + " ".join(f"{w:.2f}" for w in got), flush=True)
+    print("\n| runtime | strategy | round s (median) | vs FedAvg | run s (rounds + end) |")
+    print("|---|---|---|---|---|")
+    for runtime in runtimes:
+        base = statistics.median(walls[("fedavg", runtime)]) if "fedavg" in strategies else None
+        for strategy in strategies:
+            median = statistics.median(walls[(strategy, runtime)])
+            ratio = f"{median / base:.2f}x" if base else "-"
+            print(f"| {runtime} | {strategy} | {median:.3f} | {ratio} | "
+                  f"{statistics.median(totals[(strategy, runtime)]):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
