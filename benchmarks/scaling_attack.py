@@ -1,10 +1,10 @@
 """What the update-norm bounds and the robust strategies buy under the scaling attack.
 
 MLP on digits, 10 IID clients, every client trains every round; with the attack, 2 of them
-(``faults.scale_fraction = 0.2``, drawn from the seed) send ``x + factor (y - x)`` instead of
-their model ``y``. Each condition runs in process for every seed; the table gives the final
-global test accuracy (mean ± std over seeds), how many updates the server rejected per run, and
-the wall time of a run. First it prints the L2 norms of the honest updates of an unattacked
+(``attack.name = "scaling"``, ``attack.fraction = 0.2``, drawn from the seed) send
+``x + factor (y - x)`` instead of their model ``y``. Each condition runs in process for every
+seed; the table gives the final global test accuracy (mean ± std over seeds), how many updates
+the server rejected per run, and the wall time of a run. First it prints the L2 norms of the honest updates of an unattacked
 run (what a ``strategy.max_update_norm`` has to be compared with).
 
     python benchmarks/scaling_attack.py                 # factor -10, 3 seeds
@@ -37,7 +37,7 @@ BASE = ["data.dataset=digits", "model.kind=mlp", "model.hidden_sizes=[32]",
         "client.batch_size=32", "strategy.fraction_train=1.0", "strategy.fraction_evaluate=0",
         "engine.backend=inprocess", "run.max_rounds_without_update=10"]
 CONDITIONS = {
-    "fedavg, no attack": ["strategy.name=fedavg", "faults.scale_fraction=0"],
+    "fedavg, no attack": ["strategy.name=fedavg", "attack.name=none"],
     "fedavg": ["strategy.name=fedavg"],
     "fedavg + update_norm_z=3": ["strategy.name=fedavg", "strategy.update_norm_z=3"],
     "fedavg + max_update_norm=1": ["strategy.name=fedavg", "strategy.max_update_norm=1"],
@@ -48,8 +48,9 @@ CONDITIONS = {
 
 
 def run(condition: list[str], factor: float, seed: int, folder: Path) -> dict[str, float]:
-    config = load_config(None, [*BASE, "faults.scale_fraction=0.2", *condition,
-                                f"faults.scale_factor={factor}", f"run.seed={seed}"])
+    attack = ([] if "attack.name=none" in condition else
+              ["attack.name=scaling", "attack.fraction=0.2", f"attack.scale_factor={factor}"])
+    config = load_config(None, [*BASE, *attack, *condition, f"run.seed={seed}"])
     config.run.dir = str(folder)
     started = time.perf_counter()
     try:

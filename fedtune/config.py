@@ -37,6 +37,7 @@ import tomli_w
 from fedtune.errors import ConfigError, ConfigWarning
 from fedtune.sections import (
     CHOOSERS,
+    AttackSection,
     DevicesSection,
     EngineSection,
     ModelSection,
@@ -44,6 +45,7 @@ from fedtune.sections import (
     StrategySection,
 )
 from fedtune.tables import Key, UsedWith, declared_key, key, owners_of, used_with
+from fedtune.tables.attacks import check_attack
 from fedtune.tables.datasets import DATASETS, check_dataset
 from fedtune.tables.devices import check_devices
 from fedtune.tables.model_kinds import check_model
@@ -185,12 +187,6 @@ class ClientSection:
 
 @dataclass
 class FaultsSection:
-    scale_fraction: float = key(
-        0.0, "fraction of clients (drawn once from run.seed) whose every update is scaled",
-        ge=0, le=1
-    )
-    scale_factor: float = key(-10.0, "what a scaling client multiplies its update by",
-                              used_with=UsedWith("scale_fraction", nonzero=True))
     nan_fraction: float = key(
         0.0, "fraction of clients (drawn once) whose every update is NaN", ge=0, le=1
     )
@@ -237,6 +233,7 @@ class Config:
     strategy: StrategySection = field(default_factory=StrategySection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     faults: FaultsSection = field(default_factory=FaultsSection)
+    attack: AttackSection = field(default_factory=AttackSection)
     engine: EngineSection = field(default_factory=EngineSection)
     devices: DevicesSection = field(default_factory=DevicesSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
@@ -250,6 +247,7 @@ SECTIONS: dict[str, type] = {
     "strategy": StrategySection,
     "privacy": PrivacySection,
     "faults": FaultsSection,
+    "attack": AttackSection,
     "engine": EngineSection,
     "devices": DevicesSection,
     "tracking": TrackingSection,
@@ -266,7 +264,8 @@ def _allowed_text(declared: Key, kind: Any) -> str:
     name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         kind,
         "a list of names without commas" if typing.get_args(kind) == (str,)
-        else "a list of positive integers",
+        else "a list of positive integers" if declared.ge is None
+        else "a list of integers, each",
     )
     return name + (" " + " and ".join(bounds) if bounds else "")
 
@@ -355,7 +354,9 @@ def _coerce(full_key: str, value: Any, declared: Key) -> Any:
             value_list = value
         else:
             raise bad()
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value_list):
+        least = 1 if declared.ge is None else declared.ge  # positive unless the key says
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= least
+                   for v in value_list):
             raise bad()
         out = list(value_list)
     if declared.choices is not None and out not in declared.choices:
@@ -473,6 +474,7 @@ def check_consistency(config: Config) -> None:
     _refuse_foreign_keys(config, "devices")
     check_devices(config)
     _check_faults(config)
+    check_attack(config)
 
 
 def _check_mlflow_uri(config: Config) -> None:
@@ -542,7 +544,7 @@ def centralized_config(config: Config, until: str = "examples", run_dir: str = "
 
 def _check_faults(config: Config) -> None:
     f, n = config.faults, config.data.num_clients
-    for name in ("scale_fraction", "nan_fraction", "wrong_shape_fraction", "straggler_fraction"):
+    for name in ("nan_fraction", "wrong_shape_fraction", "straggler_fraction"):
         fraction = getattr(f, name)
         if 0 < fraction * n < 0.5:  # rounds to no client at all
             raise ConfigError(
@@ -742,7 +744,8 @@ SECTION_HELP = {
     "client": "each client's local training and evaluation",
     "strategy": "the aggregation, client sampling, secure aggregation, update bounds",
     "privacy": "differential privacy (none, local, central) and the empirical audit",
-    "faults": "misbehaving clients on purpose: scaled or NaN updates, crashes, stragglers",
+    "faults": "misbehaving clients on purpose: NaN or misshapen updates, crashes, stragglers",
+    "attack": "a poisoning attack some clients play (label flip, ALIE, a backdoor, ...)",
     "engine": "the runtime (ray, flower, inprocess, central) and its resources",
     "devices": "simulated devices (none, lognormal, trace) and the virtual clock",
     "tracking": "TensorBoard and MLflow",

@@ -15,10 +15,10 @@ the server and every client process agree:
 - bad updates, each a fixed set of clients drawn once from ``run.seed`` (the same clients
   every round), applied to the finished reply after honest local training, first that applies:
   NaN (``nan_fraction``: the first floating tensor is all NaN), wrong shape
-  (``wrong_shape_fraction``: the first tensor loses its last entry along axis 0), scaled
-  (``scale_fraction``, ``scale_factor``: the client sends ``x + factor * (y - x)`` instead of
-  its model ``y``, ``x`` being the global model it received; factor -10 is the sign-flipping,
-  boosting attack of Byzantine-robustness studies).
+  (``wrong_shape_fraction``: the first tensor loses its last entry along axis 0).
+
+Well-formed malicious updates (scaling, sign flipping, ALIE, backdoors...) are attacks, not
+faults: the ``[attack]`` section (``fedtune.attacks``).
 
 No fault library fits here: Flower and Ray inject no client-level faults, so this is written
 by hand, with every draw seeded as the rest of fedtune is.
@@ -32,8 +32,8 @@ import numpy as np
 
 from fedtune.config import Config
 
-# seed streams of the draws, apart from each other and from the data stages
-_SCALE_STREAM = 0xFA17
+# seed streams of the draws, apart from each other and from the data stages (0xFA17 is the
+# attackers', fedtune.attacks.plan)
 _NAN_STREAM = 0xFA18
 _SHAPE_STREAM = 0xFA19
 _STRAGGLER_STREAM = 0xFA1A
@@ -62,8 +62,6 @@ def _round_rng(seed: int, stream: int, server_round: int, client_id: int) -> np.
 class FaultPlan:
     """Which clients misbehave, and how."""
 
-    scaled_clients: frozenset[int] = frozenset()
-    scale_factor: float = 1.0
     nan_clients: frozenset[int] = frozenset()
     wrong_shape_clients: frozenset[int] = frozenset()
     straggler_clients: frozenset[int] = frozenset()
@@ -77,8 +75,6 @@ class FaultPlan:
     def from_config(cls, config: Config) -> FaultPlan:
         f, n, seed = config.faults, config.data.num_clients, config.run.seed
         return cls(
-            scaled_clients=draw_clients(n, f.scale_fraction, seed, _SCALE_STREAM),
-            scale_factor=f.scale_factor,
             nan_clients=draw_clients(n, f.nan_fraction, seed, _NAN_STREAM),
             wrong_shape_clients=draw_clients(n, f.wrong_shape_fraction, seed, _SHAPE_STREAM),
             straggler_clients=draw_clients(n, f.straggler_fraction, seed, _STRAGGLER_STREAM),
@@ -92,7 +88,7 @@ class FaultPlan:
     @property
     def active(self) -> bool:
         """Whether any client misbehaves at all."""
-        return bool(self.scaled_clients or self.nan_clients or self.wrong_shape_clients
+        return bool(self.nan_clients or self.wrong_shape_clients
                     or self.straggler_clients or self.crash_probability)
 
     def crashes(self, client_id: int, server_round: int) -> bool:
@@ -122,8 +118,8 @@ class FaultPlan:
         rng = _round_rng(self.seed, _DELAY_STREAM, server_round, client_id)
         return float(rng.exponential(self.straggler_delay_s))
 
-    def corrupt_update(self, client_id: int, global_arrays: dict[str, np.ndarray],
-                       local_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def corrupt_update(self, client_id: int, local_arrays: dict[str, np.ndarray]
+                       ) -> dict[str, np.ndarray]:
         """What ``client_id`` sends instead of its honest model ``local_arrays``."""
         if client_id in self.nan_clients:
             return _with_first(local_arrays, lambda a: np.full_like(a, np.nan),
@@ -131,16 +127,11 @@ class FaultPlan:
         if client_id in self.wrong_shape_clients:
             return _with_first(local_arrays, lambda a: a.reshape(-1)[:-1] if a.ndim < 2
                                else a[:-1])
-        if client_id in self.scaled_clients:
-            return {name: (global_arrays[name] + self.scale_factor
-                           * (value - global_arrays[name])).astype(value.dtype)
-                    for name, value in local_arrays.items()}
         return local_arrays
 
     def describe(self) -> dict[str, object]:
         """For summary.json: who misbehaved and how."""
-        return {"scaled_clients": sorted(self.scaled_clients), "scale_factor": self.scale_factor,
-                "nan_clients": sorted(self.nan_clients),
+        return {"nan_clients": sorted(self.nan_clients),
                 "wrong_shape_clients": sorted(self.wrong_shape_clients),
                 "straggler_clients": sorted(self.straggler_clients),
                 "straggler_delay": self.straggler_delay,

@@ -1,7 +1,7 @@
 """The config sections built from the extension tables: ``[model]`` from the model kinds,
-``[strategy]`` from the strategies, ``[privacy]`` from the privacy modes and ``[engine]`` from
-the runtimes (``fedtune.tables.section_class``: a few common keys, then every key the table's
-entries own).
+``[strategy]`` from the strategies, ``[privacy]`` from the privacy modes, ``[engine]`` from
+the runtimes, ``[devices]`` from the device profiles and ``[attack]`` from the attacks
+(``fedtune.tables.section_class``: a few common keys, then every key the table's entries own).
 
 The classes are made at import time, so a type checker cannot see their fields:
 ``fedtune/sections.pyi`` declares them, generated from the tables by
@@ -12,15 +12,16 @@ The classes are made at import time, so a type checker cannot see their fields:
 
 from __future__ import annotations
 
-from fedtune.tables import Key, section_class
+from fedtune.tables import Key, UsedWith, section_class
+from fedtune.tables.attacks import ATTACKS
 from fedtune.tables.devices import DEVICE_PROFILES
 from fedtune.tables.model_kinds import MODEL_KINDS, TRANSFER_MODES
 from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.runtimes import RUNTIMES
 from fedtune.tables.strategies import STRATEGIES
 
-__all__ = ["CHOOSERS", "DERIVED_SECTIONS", "DevicesSection", "EngineSection", "ModelSection",
-           "PrivacySection", "StrategySection"]
+__all__ = ["CHOOSERS", "DERIVED_SECTIONS", "AttackSection", "DevicesSection", "EngineSection",
+           "ModelSection", "PrivacySection", "StrategySection"]
 
 ModelSection = section_class(
     "ModelSection", "[model]: the model kind (fedtune.tables.model_kinds) and how it trains.",
@@ -100,6 +101,23 @@ EngineSection = section_class(
      "central_max_epochs": Key(100, "centralized runs to convergence: the most epochs", ge=1)},
     RUNTIMES, "backend")
 
+# the keys that say who attacks have an effect only while someone does
+ATTACKERS = UsedWith("name", tuple(name for name, entry in ATTACKS.items() if entry.attacks))
+AttackSection = section_class(
+    "AttackSection", "[attack]: a poisoning attack (fedtune.tables.attacks) played by some "
+                     "clients, drawn once from run.seed or named.",
+    {"name": Key("none", "the attack the attackers play", choices=tuple(ATTACKS)),
+     "fraction": Key(0.0, "share of the clients that attack, drawn once from run.seed (the "
+                          "same clients every round)", ge=0, le=1),
+     "count": Key(0, "how many clients attack, drawn once from run.seed (instead of "
+                     "fraction)", ge=0),
+     "clients": Key([], "the attacking clients' ids (instead of fraction or count)",
+                    kind=list[int], ge=0),
+     "start_round": Key(1, "the first round the attackers attack (honest before it)", ge=1),
+     "collude": Key(0, "attackers per collusion group (in id order); 0 = all of them collude",
+                    ge=0)},
+    ATTACKS, "name",
+    {name: ATTACKERS for name in ("fraction", "count", "clients", "start_round", "collude")})
 
 # each derived section, and the key of it that picks a table entry
 DevicesSection = section_class(
@@ -114,6 +132,6 @@ DevicesSection = section_class(
 
 DERIVED_SECTIONS: dict[str, type] = {"model": ModelSection, "strategy": StrategySection,
                                      "privacy": PrivacySection, "engine": EngineSection,
-                                     "devices": DevicesSection}
+                                     "attack": AttackSection, "devices": DevicesSection}
 CHOOSERS = {"model": "kind", "strategy": "name", "privacy": "mode", "engine": "backend",
-            "devices": "profile"}
+            "attack": "name", "devices": "profile"}

@@ -65,12 +65,19 @@ class StrategySection:
     fedopt_beta_1: float  # fedadam, fedyogi
     fedopt_beta_2: float  # fedadam, fedyogi
     fedopt_tau: float  # fedadam, fedyogi, fedadagrad
-    trim_beta: float  # fedtrimmedavg
-    num_malicious: int  # krum, multikrum, bulyan
-    multikrum_select: int  # multikrum
+    trim_beta: float  # fedtrimmedavg, bucketing
+    num_malicious: int  # krum, multikrum, bucketing, bulyan
+    multikrum_select: int  # multikrum, bucketing
     feddyn_alpha: float  # feddyn
-    rfa_iterations: int  # rfa
-    rfa_smoothing: float  # rfa
+    rfa_iterations: int  # rfa, bucketing
+    rfa_smoothing: float  # rfa, bucketing
+    cc_tau: float  # centered_clipping
+    cc_iterations: int  # centered_clipping
+    bucket_size: int  # bucketing
+    bucketing_inner: str  # bucketing
+    fltrust_root_examples: int  # fltrust
+    norm_bound: float  # norm_bound_dp
+    dp_noise_std: float  # norm_bound_dp
     concurrency: int  # fedbuff, fedasync
     fedbuff_buffer_size: int  # fedbuff
     fedasync_alpha: float  # fedasync
@@ -113,6 +120,13 @@ class StrategySection:
         feddyn_alpha: float = ...,
         rfa_iterations: int = ...,
         rfa_smoothing: float = ...,
+        cc_tau: float = ...,
+        cc_iterations: int = ...,
+        bucket_size: int = ...,
+        bucketing_inner: str = ...,
+        fltrust_root_examples: int = ...,
+        norm_bound: float = ...,
+        dp_noise_std: float = ...,
         concurrency: int = ...,
         fedbuff_buffer_size: int = ...,
         fedasync_alpha: float = ...,
@@ -207,6 +221,44 @@ class EngineSection:
         vectorise_clients: bool = ...,
         client_state_memory_mb: int = ...,
         central_until: str = ...,
+    ) -> None: ...
+
+
+class AttackSection:
+    """[attack]: a poisoning attack (fedtune.tables.attacks) played by some clients, drawn once
+    from run.seed or named."""
+
+    name: str
+    fraction: float
+    count: int
+    clients: list[int]
+    start_round: int
+    collude: int
+    scale_factor: float  # scaling
+    noise_std: float  # gaussian
+    alie_z: float  # alie
+    ipm_epsilon: float  # ipm
+    target_label: int  # backdoor
+    trigger: str  # backdoor
+    poison_fraction: float  # backdoor
+    boost: float  # backdoor
+
+    def __init__(
+        self,
+        name: str = ...,
+        fraction: float = ...,
+        count: int = ...,
+        clients: list[int] = ...,
+        start_round: int = ...,
+        collude: int = ...,
+        scale_factor: float = ...,
+        noise_std: float = ...,
+        alie_z: float = ...,
+        ipm_epsilon: float = ...,
+        target_label: int = ...,
+        trigger: str = ...,
+        poison_fraction: float = ...,
+        boost: float = ...,
     ) -> None: ...
 
 

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedtune.attacks.plan import AttackPlan
+from fedtune.attacks.poisoned_data import Poisoning
 from fedtune.audit.canary_examples import CanaryExamples, insert_canary_examples
 from fedtune.config import Config, ConfigError, RunConfigValue, from_run_config, to_toml
 from fedtune.data.encode import Batch, Encoded
@@ -95,6 +97,8 @@ class TaskResources:
     spec: ModelSpec
     device: torch.device
     canaries: CanaryExamples | None = None  # privacy.audit's canary examples, if any
+    poisoning: Poisoning | None = None  # a data attack's poisoned examples, if any
+    _poisoned_shard: int | None = field(default=None, repr=False)  # trains on poisoned rows
     _model: nn.Module | None = field(default=None, repr=False)
     _optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
 
@@ -112,6 +116,35 @@ class TaskResources:
         """Which clients misbehave, and how ([faults])."""
         return FaultPlan.from_config(self.config)
 
+    @cached_property
+    def attack(self) -> AttackPlan:
+        """Who attacks, and how ([attack])."""
+        return AttackPlan.from_config(self.config)
+
+    @contextmanager
+    def poisoned(self, shard: int) -> Iterator[None]:
+        """Within this block, ``shard`` trains on its data attack's poisoned rows."""
+        self._poisoned_shard = shard
+        try:
+            yield
+        finally:
+            self._poisoned_shard = None
+
+    def client_train_rows(self, shard: int) -> np.ndarray:
+        """The rows ``shard`` trains on: its training split, or its poisoned rows while it
+        attacks (``poisoned``)."""
+        if self.poisoning is not None and shard == self._poisoned_shard:
+            return self.poisoning.train_rows[shard]
+        return self.federation.client_train_rows[shard]
+
+    def triggered_test_loader(self) -> DataLoader | None:
+        """A backdoor's triggered global test examples of other labels, labelled with its
+        target (None without a backdoor)."""
+        if self.poisoning is None or self.poisoning.triggered_test_rows is None:
+            return None
+        return eval_loader(self.encoded, self.federation.data.labels,
+                           self.poisoning.triggered_test_rows, self.config.client.eval_batch_size)
+
     @property
     def model(self) -> nn.Module:
         """The resident model (built on first use, then reused with new weights each call)."""
@@ -128,7 +161,7 @@ class TaskResources:
         return reset_optimizer(self._optimizer)
 
     def client_train_loader(self, shard: int, seed: int) -> Iterable[Batch]:
-        rows = self.federation.client_train_rows[shard]
+        rows = self.client_train_rows(shard)
         return train_loader(self.encoded, self.federation.data.labels, rows,
                             self.config.client.batch_size, seed)
 
@@ -207,10 +240,17 @@ def _build_resources(config: Config, data_path: str) -> TaskResources:
     if config.privacy.audit and PRIVACY_MODES[config.privacy.mode].audit_inserts == "examples":
         federation, encoded, canaries = insert_canary_examples(
             federation, encoded, config.privacy.audit_examples, config.run.seed)
+    poisoning = None
+    plan = AttackPlan.from_config(config)
+    if plan.active and plan.entry.acts_on == "data":
+        kind = model_kind(config.model.kind)
+        poisoning = plan.entry.load()(plan, federation, encoded,
+                                      lambda data: kind.encode(config, data), config.run.seed)
+        federation, encoded = poisoning.federation, poisoning.encoded
     spec = model_spec(config, federation.data.label_names, encoded)
     device = resolve_device(config.client.device)
     check_precision(config.client.precision, device)
-    return TaskResources(config, federation, encoded, spec, device, canaries)
+    return TaskResources(config, federation, encoded, spec, device, canaries, poisoning)
 
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what OpenMP and MKL read when they start

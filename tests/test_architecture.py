@@ -20,7 +20,7 @@ LAYERS = [
     {"fedtune.config", "fedtune.sections"},
     {"fedtune.protocol", "fedtune.data", "fedtune.results.env_info"},
     {"fedtune.models", "fedtune.train", "fedtune.faults", "fedtune.secagg", "fedtune.state",
-     "fedtune.devices"},
+     "fedtune.attacks", "fedtune.devices"},
     {"fedtune.task", "fedtune.privacy", "fedtune.results", "fedtune.centralized",
      "fedtune.audit", "fedtune.personal"},
     {"fedtune.server", "fedtune.client"},

@@ -5,7 +5,8 @@ unpacks a Flower message, calls them and packs the reply; fedtune's engines call
 for a whole cohort of clients (``fedtune.engine.cohort``), so every runtime trains with the same
 code. What a client trains is the strategy's client side (``fedtune.client.algorithms``, from
 the strategy table) under the privacy mode (``fedtune.privacy``), with the ``[faults]`` plan
-applied; the keys of the reply are ``fedtune.protocol``'s.
+and the ``[attack]`` (``fedtune.client.attacking``) applied; the keys of the reply are
+``fedtune.protocol``'s.
 
 The client finds its shard from its node config (``partition-id``, set by every simulation
 runtime and by ``flower-supernode --node-config``) and the run config (which rebuilds the same
@@ -23,6 +24,7 @@ from flwr.clientapp import ClientApp
 
 from fedtune import protocol
 from fedtune.client.algorithms import ClientSide
+from fedtune.client.attacking import attacked_update, training_data
 from fedtune.client.node_state import node_state_mod
 from fedtune.client.secagg_stages import secagg_stage, secagg_train_mod
 from fedtune.config import Config, ConfigError
@@ -81,15 +83,19 @@ def train_client(resources: TaskResources, client_id: int, server_round: int,
     entry = STRATEGIES[config.strategy.name]
     side_class = entry.load_client() if entry.client else ClientSide
     algorithm = side_class(content, state, global_arrays, resources.train_settings)
-    local = algorithm.train(resources, shard, seed) or resources.privacy.train(
-        resources, shard, seed, state, algorithm.objective(model))
+    with training_data(resources, client_id, shard, server_round):
+        local = algorithm.train(resources, shard, seed) or resources.privacy.train(
+            resources, shard, seed, state, algorithm.objective(model))
     result = local.result
     trained = TrainedClient(arrays=None, status=local.status)
     extra_metrics: dict[str, float] = {}
     if result.num_steps:
         local_arrays = shared_state(model, copy=False)  # the reply or the cohort copies them
         trained.records, extra_metrics = algorithm.reply(local_arrays, result.num_steps)
-        trained.arrays = faults.corrupt_update(client_id, global_arrays, local_arrays)
+        if resources.attack.attacks(client_id, server_round):
+            local_arrays = attacked_update(resources, client_id, server_round, content,
+                                           global_arrays, local_arrays)
+        trained.arrays = faults.corrupt_update(client_id, local_arrays)
     trained.metrics = train_metrics(resources, shard, client_id, result, local.metrics,
                                     extra_metrics)
     return trained

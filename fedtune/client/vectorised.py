@@ -62,7 +62,7 @@ def vectorisable(resources: TaskResources) -> bool:
     return (config.engine.vectorise_clients
             and not STRATEGIES[config.strategy.name].client
             and not PRIVACY_MODES[config.privacy.mode].mechanism
-            and not resources.faults.active
+            and not resources.faults.active and not resources.attack.active
             and resources.device.type == "cpu"
             and settings.precision == "fp32" and not settings.max_grad_norm
             and (MODEL_KINDS[resources.spec.kind].vectorisable or resources.spec.features)

@@ -204,7 +204,7 @@ class LocalDP(PrivacyMode):
         strategies with a client-side objective, so ``objective`` is None)."""
         config = resources.config
         loader = poisson_loader(resources.encoded, resources.federation.data.labels,
-                                resources.federation.client_train_rows[shard],
+                                resources.client_train_rows(shard),
                                 config.client.batch_size, seed, resources.model,
                                 secure=not config.privacy.insecure_reproducible_noise)
         history = (history_from_lists(state[protocol.ACCOUNTANT_STATE])

@@ -57,6 +57,10 @@ class RoundRow:
     federated_eval_accuracy: float | None = None
     model_update: str = "applied"  # or "kept: <why the global model stayed as it was>"
     replies_dropped: int = 0  # replies that answered no message waiting for one
+    # an attacked run ([attack], fedtune.server.attack_metrics); empty otherwise
+    attack_success_rate: float | None = None  # a backdoor: triggered tests classed as target
+    malicious_filtered: float | None = None  # attackers' updates rejected or left out (TPR)
+    benign_filtered: float | None = None  # honest updates rejected or left out (FPR)
     # with devices: the virtual clock when the round (an asynchronous run: the server update)
     # ended, seconds since the run began (fedtune.devices.clock)
     virtual_time_s: float | None = None

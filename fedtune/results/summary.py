@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from fedtune.attacks.plan import AttackPlan
 from fedtune.config import Config
 from fedtune.faults import FaultPlan
 from fedtune.results.run_dir import RunDirectory, json_safe
@@ -45,6 +46,22 @@ def privacy_setting(config: Config) -> str:
     return f"{p.mode} DP, {budget} at δ = {p.delta:g}"
 
 
+def _backdoor(final: dict[str, str]) -> dict[str, float]:
+    """A backdoored run's final attack success rate (nothing for other runs)."""
+    rate = _number(final.get("attack_success_rate", ""))
+    return {} if rate is None else {"attack_success_rate": rate}
+
+
+def _filtered_means(rows: list[dict[str, str]]) -> dict[str, float]:
+    """An attacked run's shares of filtered updates, averaged over the rounds that had any."""
+    means = {}
+    for column in ("malicious_filtered", "benign_filtered"):
+        values = [v for r in rows if (v := _number(r.get(column, ""))) is not None]
+        if values:
+            means[column] = sum(values) / len(values)
+    return means
+
+
 def build_summary(config: Config, resources: TaskResources, run_dir: RunDirectory,
                   final_eval: EvalResult, total_s: float, stop_reason: str,
                   final_round: int | None = None, **sections: Any) -> dict[str, Any]:
@@ -81,6 +98,7 @@ def build_summary(config: Config, resources: TaskResources, run_dir: RunDirector
             "eval_loss": _number(final.get("eval_loss", "")),
             "train_loss": _number(final.get("train_loss", "")),
             "federated_eval_accuracy": _number(final.get("federated_eval_accuracy", "")),
+            **_backdoor(final),
             # personal evaluation: each client's own model on its local test split
             **{key: _number(final[key]) for key in PERSONAL_FINAL if final.get(key)},
         },
@@ -90,6 +108,7 @@ def build_summary(config: Config, resources: TaskResources, run_dir: RunDirector
         "total_bytes_down": int(sum(int(r["bytes_down"]) for r in rows)),
         "total_time_s": total_s,
         "faults": FaultPlan.from_config(config).describe(),
+        "attack": {**AttackPlan.from_config(config).describe(), **_filtered_means(rows)},
         **sections,
         "stop_reason": stop_reason,
     }

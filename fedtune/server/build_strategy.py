@@ -43,9 +43,10 @@ def build_strategy(config: Config, plan: PrivacyPlan,
     if strategy is None:
         per_round = (sampled_per_round(config, clients_per_round(config))
                      if devices_on(config) else s.min_train_clients)
-        strategy = STRATEGIES[s.name].load()(
+        entry = STRATEGIES[s.name]
+        strategy = entry.load()(
             fraction_train=s.fraction_train, min_train_nodes=per_round,
-            **evaluate_args, **strategy_arguments(config))
+            **evaluate_args, **strategy_arguments(config), **entry.components(config))
     if not s.secure_aggregation:
         return strategy
     entry = STRATEGIES[s.name]

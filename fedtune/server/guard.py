@@ -25,7 +25,7 @@ client reports (``bound_updates``), whichever transport brought them:
 - ``strategy.max_update_norm`` clips every update to at most that norm, ``Δ_k · min(1, C/‖Δ_k‖)``
   (the clipping of DP-FedAvg, McMahan et al. 2018, without the noise): whatever one client
   sends moves the mean by at most ``C`` times its weight. Such as the sign-flipped, boosted
-  update of the scaling attack (``[faults] scale_factor = -10``), which moves FedAvg's mean
+  update of the scaling attack (``[attack] name = "scaling"``), which moves FedAvg's mean
   arbitrarily far.
 """
 

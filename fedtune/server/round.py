@@ -31,6 +31,7 @@ from fedtune.config import Config
 from fedtune.models.weights import load_shared_state
 from fedtune.privacy.mode import PrivacyServer
 from fedtune.results.run_dir import ClientRow, RoundRow
+from fedtune.server.attack_metrics import aggregated_updates, attack_columns
 from fedtune.server.device_rounds import DeviceRounds
 from fedtune.server.grid import CohortSpec
 from fedtune.server.guard import absurd_step, model_norm, non_finite_tensors, update_norm
@@ -229,8 +230,11 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
                         progress("train"), run.stop)
     run.progress(server_round, "aggregate", 0, 0)
     rows = train.rows(server_round)
+    aggregated = aggregated_updates(run.resources, train)  # an attacked run's, for its rates
     train_metrics, model_update, global_eval = update_global_model(run, server_round, train)
     privacy.record_round(rows, train.accepted, train_metrics)
+    attack = attack_columns(run.resources, strategy, server_round, train, aggregated,
+                            state.arrays)
 
     seed_sampling(config.run.seed, server_round, "evaluate")
     to_evaluate = list(strategy.configure_evaluate(server_round, state.arrays, ConfigRecord(),
@@ -255,6 +259,7 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
         federated_eval_accuracy=example_weighted(evaluation.metrics, protocol.EVAL_ACCURACY),
         model_update=model_update,
         replies_dropped=train.dropped + evaluation.dropped,
+        **attack,
     )
     if plan is not None:
         rows = run.devices.settle(plan, server_round, rows, row)

@@ -81,12 +81,13 @@ from fedtune.studies.parallel import check_parallel, run_points
 
 SEED_KEY = "run.seed"
 FINAL_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "train_loss",
-                 "federated_eval_accuracy", "personal_mean", "personal_p10", "personal_worst")
+                 "federated_eval_accuracy", "attack_success_rate", "personal_mean", "personal_p10",
+                 "personal_worst")
 # audit_epsilon: the audit's estimate (central DP) or lower bound (local); audit_bound: its
 # lower bound, the one number that can contradict the accountant
 TOTALS = ("best_eval_accuracy", "epsilon", "audit_epsilon", "audit_bound", "total_bytes",
-          "total_bytes_up", "total_time_s", "local_only_mean", "local_only_p10",
-          "worse_than_local_only")
+          "total_bytes_up", "total_time_s", "malicious_filtered", "benign_filtered",
+          "local_only_mean", "local_only_p10", "worse_than_local_only")
 GRID_KEY_OPTIONS = ("x", "series", "rows", "curves")  # [sweep] keys whose value is a grid key
 # what a centralized row's grid keys that do not change it read, per sweep.centralized kind
 CENTRAL_LABELS = {"examples": "centralized", "converged": "centralized (converged)"}
@@ -424,6 +425,9 @@ def result_row(run: SweepRun) -> dict[str, Any]:
     row["total_bytes"] = summary["total_bytes_up"] + summary["total_bytes_down"]
     row["total_bytes_up"] = summary["total_bytes_up"]
     row["total_time_s"] = summary["total_time_s"]
+    # an attacked run: the shares of malicious / honest updates filtered, mean over rounds
+    for name in ("malicious_filtered", "benign_filtered"):
+        row[name] = summary.get("attack", {}).get(name)
     personal = summary.get("personal") or {}  # run.local_reference: each client trained alone
     alone = personal.get("models", {}).get("local_only") or {}
     row["local_only_mean"], row["local_only_p10"] = alone.get("mean"), alone.get("p10")

@@ -1,12 +1,13 @@
 """Extension tables: the one place each kind of extension is declared.
 
-fedtune has six extension points, each a dict from a name to an entry:
+fedtune has seven extension points, each a dict from a name to an entry:
 
 - dataset (``data.dataset``): ``fedtune.tables.datasets.DATASETS``
 - strategy (``strategy.name``): ``fedtune.tables.strategies.STRATEGIES``
 - model kind (``model.kind``): ``fedtune.tables.model_kinds.MODEL_KINDS``
 - privacy mode (``privacy.mode``): ``fedtune.tables.privacy_modes.PRIVACY_MODES``
 - runtime (``engine.backend``): ``fedtune.tables.runtimes.RUNTIMES``
+- attack (``attack.name``): ``fedtune.tables.attacks.ATTACKS``
 - device profile (``devices.profile``): ``fedtune.tables.devices.DEVICE_PROFILES``
 
 An entry is light: it declares the config keys it owns (``Key``), its traits and its config
@@ -159,11 +160,13 @@ def import_object(path: str) -> Any:
 
 
 def section_class(name: str, doc: str, common: Mapping[str, Key],
-                  table: Mapping[str, Entry], chooser: str) -> type:
+                  table: Mapping[str, Entry], chooser: str,
+                  common_used_with: Mapping[str, UsedWith] | None = None) -> type:
     """A config section dataclass: the ``common`` keys, then every key the ``table``'s entries
     own, in table order. An entry may share a key with another (the same ``Key``); the field's
     help then names every entry that uses it. ``chooser`` is the common key that names the
-    entry (``kind``, ``name``, ...): an owned key has an effect only while it names an owner."""
+    entry (``kind``, ``name``, ...): an owned key has an effect only while it names an owner;
+    ``common_used_with`` says when a common key has an effect (absent: always)."""
     owned: dict[str, tuple[Key, list[str]]] = {}
     for entry_name, entry in table.items():
         for key_name, declared in entry.keys.items():
@@ -173,8 +176,10 @@ def section_class(name: str, doc: str, common: Mapping[str, Key],
                 raise ValueError(f"[{name}] {key_name}: {entry_name} declares it differently "
                                  f"from {', '.join(owned[key_name][1])}")
             owned.setdefault(key_name, (declared, []))[1].append(entry_name)
+    rules = common_used_with or {}
     fields: list[tuple[str, Any, Any]] = [
-        (key_name, declared.type, key_field(declared)) for key_name, declared in common.items()]
+        (key_name, declared.type, key_field(declared, used_with=rules.get(key_name)))
+        for key_name, declared in common.items()]
     for key_name, (declared, owners) in owned.items():
         fields.append((key_name, declared.type,
                        key_field(declared, tuple(owners), UsedWith(chooser, tuple(owners)))))

@@ -36,6 +36,9 @@ class StrategyEntry(Entry):
     """One strategy: ``implementation`` is its ``Strategy`` class ("module:Class")."""
 
     arguments: Callable[[Config], dict[str, Any]] = _no_arguments  # constructor arguments
+    # constructor arguments that are objects built when the server starts (an inner strategy,
+    # the server's own trainer); summary.json describes a strategy by ``arguments`` only
+    components: Callable[[Config], dict[str, Any]] = _no_arguments
     client: str = ""  # "module:Class" of its client side; "" = plain local training
     answers: Mapping[str, str] = field(default_factory=dict)  # reply record -> sent record
     reply_metrics: Mapping[str, ReplyMetric] = field(default_factory=dict)  # beyond the core
@@ -48,6 +51,9 @@ class StrategyEntry(Entry):
     # integer ("num-examples"), "1" (unweighted) or "a/b" (a ratio of two metrics)
     sum_weight: str = ""
     needs_updates: str = ""  # why it needs every individual update (then SecAgg+ is refused)
+    # "module:function" saying which of a round's updates it left out (fedtune.server.filtering:
+    # the screening rates of an attacked run); "" = it weighs every update it is given
+    filters: str = ""
     # personalisation: "module:Class" of its ``fedtune.personal`` algorithm ("" = none); what
     # each client keeps to itself (``personal_part``: "head", "model", "" = nothing kept, the
     # personal model is made at evaluation) and what its replies share (``shared_part``)
@@ -96,6 +102,22 @@ def _check_multikrum(config: Config) -> None:
         )
 
 
+def _bucketing_inner(config: Config) -> Any:
+    """The strategy bucketing wraps, built from its own entry (only its aggregation is used)."""
+    entry = STRATEGIES[config.strategy.bucketing_inner]
+    return entry.load()(**entry.arguments(config))
+
+
+def _check_bucketing(config: Config) -> None:
+    s = config.strategy
+    buckets = -(-clients_per_round(config) // s.bucket_size)
+    if s.bucketing_inner in ("krum", "multikrum") and s.num_malicious >= buckets:
+        raise ConfigError(
+            f"strategy.num_malicious = {s.num_malicious} is not allowed with strategy.name = "
+            f"'bucketing': must be < the {buckets} buckets of strategy.bucket_size = "
+            f"{s.bucket_size} per round")
+
+
 def _fednova_a(metrics: Mapping[str, Any], client: Mapping[str, Any]) -> tuple[float, str]:
     """What a FedNova reply's ``fednova-a`` must be: ``||a||_1`` of its ``num-steps`` steps
     with the run's momentum (``strategies.fednova.local_normalizer``, what the client computes)."""
@@ -124,6 +146,7 @@ def _check_bulyan(config: Config) -> None:
 
 FLOWER = "flwr.serverapp.strategy:"
 CLIENTS = "fedtune.client.algorithms:"
+FILTERING = "fedtune.server.filtering:"
 EXAMPLES = "num-examples"  # fedtune.protocol.NUM_EXAMPLES (tables import no Flower)
 KRUM_NEEDS = "it scores every individual update by its distances to the others"
 # each Weiszfeld step is a pass over every update; Pillutla et al. (2022) take 3 to 4
@@ -143,6 +166,14 @@ FEDOPT_BETA_1 = Key(0.9, "first-moment decay", ge=0, lt=1)
 FEDOPT_BETA_2 = Key(0.99, "second-moment decay", ge=0, lt=1)
 FEDOPT_TAU = Key(1e-3, "adaptivity tau", gt=0)
 NUM_MALICIOUS = Key(0, "assumed Byzantine clients f per round", ge=0)
+TRIM_BETA = Key(0.2, "fraction cut from each tail per coordinate", ge=0, lt=0.5)
+MULTIKRUM_SELECT = Key(0, "updates Multi-Krum averages; 0 = clients per round - num_malicious",
+                       ge=0)
+RFA_ITERATIONS = Key(4, "smoothed Weiszfeld steps (Pillutla et al. 2022), from the "
+                        "coordinate-wise median", ge=0, le=MAX_RFA_ITERATIONS)
+RFA_SMOOTHING = Key(1e-6, "Weiszfeld smoothing nu", gt=0)
+# the aggregators bucketing may wrap (stateless: they see only the round's bucket means)
+BUCKETING_INNER = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "rfa")
 FEDOPT_KEYS = {"fedopt_eta": FEDOPT_ETA, "fedopt_beta_1": FEDOPT_BETA_1,
                "fedopt_beta_2": FEDOPT_BETA_2, "fedopt_tau": FEDOPT_TAU}
 
@@ -202,10 +233,10 @@ STRATEGIES: dict[str, StrategyEntry] = {
         sum_weight=EXAMPLES),
     "fedtrimmedavg": StrategyEntry(
         "trimmed mean per coordinate (Yin et al. 2018)",
-        keys={"trim_beta": Key(0.2, "fraction cut from each tail per coordinate", ge=0,
-                               lt=0.5)},
+        keys={"trim_beta": TRIM_BETA},
         implementation=FLOWER + "FedTrimmedAvg",
         arguments=lambda c: {"beta": c.strategy.trim_beta},
+        filters=FILTERING + "trimmed_filtered",
         needs_updates="it sorts every coordinate of the individual updates to cut the tails"),
     "fedmedian": StrategyEntry(
         "median per coordinate (Yin et al. 2018)", implementation=FLOWER + "FedMedian",
@@ -214,18 +245,17 @@ STRATEGIES: dict[str, StrategyEntry] = {
         "Krum (Blanchard et al. 2017): the update closest to its neighbours",
         keys={"num_malicious": NUM_MALICIOUS}, implementation=FLOWER + "Krum",
         arguments=lambda c: {"num_malicious_nodes": c.strategy.num_malicious},
-        check=_check_krum, needs_updates=KRUM_NEEDS),
+        check=_check_krum, needs_updates=KRUM_NEEDS, filters=FILTERING + "krum_filtered"),
     "multikrum": StrategyEntry(
         "Multi-Krum (Blanchard et al. 2017): the mean of the best Krum scores",
-        keys={"num_malicious": NUM_MALICIOUS,
-              "multikrum_select": Key(0, "updates Multi-Krum averages; 0 = clients per round "
-                                         "- num_malicious", ge=0)},
+        keys={"num_malicious": NUM_MALICIOUS, "multikrum_select": MULTIKRUM_SELECT},
         implementation=FLOWER + "MultiKrum",
         arguments=lambda c: {
             "num_malicious_nodes": c.strategy.num_malicious,
             "num_nodes_to_select": (c.strategy.multikrum_select
                                     or clients_per_round(c) - c.strategy.num_malicious)},
-        check=_check_multikrum, needs_updates=KRUM_NEEDS),
+        check=_check_multikrum, needs_updates=KRUM_NEEDS,
+        filters=FILTERING + "krum_filtered"),
     "scaffold": StrategyEntry(
         "SCAFFOLD (Karimireddy et al. 2020): control variates correct client drift",
         keys={"server_lr": SERVER_LR}, implementation="strategies.scaffold:Scaffold",
@@ -246,14 +276,56 @@ STRATEGIES: dict[str, StrategyEntry] = {
         client=CLIENTS + "FedDynClient", sum_weight="1"),
     "rfa": StrategyEntry(
         "RFA (Pillutla et al. 2022): geometric median of the client models",
-        keys={"rfa_iterations": Key(4, "smoothed Weiszfeld steps (Pillutla et al. 2022), "
-                                       "from the coordinate-wise median", ge=0,
-                                    le=MAX_RFA_ITERATIONS),
-              "rfa_smoothing": Key(1e-6, "Weiszfeld smoothing nu", gt=0)},
+        keys={"rfa_iterations": RFA_ITERATIONS, "rfa_smoothing": RFA_SMOOTHING},
         implementation="strategies.rfa:RFA",
         arguments=lambda c: {"iterations": c.strategy.rfa_iterations,
                              "smoothing": c.strategy.rfa_smoothing},
         needs_updates="its geometric median reweights every individual update by its distance"),
+    "centered_clipping": StrategyEntry(
+        "centred clipping (Karimireddy et al. 2021): updates clipped around the previous "
+        "aggregate, the server's momentum",
+        keys={"cc_tau": Key(1.0, "centred clipping: the radius tau around the previous "
+                                 "aggregate update", gt=0),
+              "cc_iterations": Key(1, "centred clipping: clipping iterations per round", ge=1,
+                                   le=100)},
+        implementation="strategies.centered_clipping:CenteredClipping",
+        arguments=lambda c: {"tau": c.strategy.cc_tau, "iterations": c.strategy.cc_iterations},
+        needs_updates="it clips every individual update around the previous aggregate"),
+    "bucketing": StrategyEntry(
+        "bucketing (Karimireddy et al. 2022): a robust aggregator over the means of random "
+        "buckets of updates",
+        keys={"bucket_size": Key(2, "bucketing: updates per bucket (s)", ge=1),
+              "bucketing_inner": Key("fedmedian", "bucketing: the robust aggregator of the "
+                                                  "bucket means", choices=BUCKETING_INNER),
+              "num_malicious": NUM_MALICIOUS, "trim_beta": TRIM_BETA,
+              "multikrum_select": MULTIKRUM_SELECT, "rfa_iterations": RFA_ITERATIONS,
+              "rfa_smoothing": RFA_SMOOTHING},
+        implementation="strategies.bucketing:Bucketing",
+        arguments=lambda c: {"bucket_size": c.strategy.bucket_size, "seed": c.run.seed},
+        components=lambda c: {"inner": _bucketing_inner(c)},
+        check=_check_bucketing,
+        needs_updates="it shuffles the individual updates into buckets"),
+    "fltrust": StrategyEntry(
+        "FLTrust (Cao et al. 2021): updates weighted by their cosine with the server's update "
+        "on its root data, rescaled to its norm",
+        keys={"fltrust_root_examples": Key(100, "FLTrust: the server's root dataset, this many "
+                                                "rows drawn with run.seed from the clients' "
+                                                "training rows", ge=1)},
+        implementation="strategies.fltrust:FLTrust",
+        components=lambda c: {"root_update": import_object(
+            "fedtune.server.root_data:RootTrainer")(c)},
+        filters=FILTERING + "fltrust_filtered",
+        needs_updates="it scores every individual update against the server's own"),
+    "norm_bound_dp": StrategyEntry(
+        "norm bounding + weak DP (Sun et al. 2019): updates clipped, Gaussian noise on the mean",
+        keys={"norm_bound": Key(1.0, "norm_bound_dp: the largest L2 norm of an update", gt=0),
+              "dp_noise_std": Key(0.001, "norm_bound_dp: std of the Gaussian noise on each "
+                                         "coordinate of the mean update (a defence, not a "
+                                         "privacy guarantee)", ge=0)},
+        implementation="strategies.norm_bound_dp:NormBoundDP",
+        arguments=lambda c: {"norm_bound": c.strategy.norm_bound,
+                             "noise_std": c.strategy.dp_noise_std, "seed": c.run.seed},
+        needs_updates="it clips every individual update before averaging"),
     "bulyan": StrategyEntry(
         "Bulyan (El Mhamdi et al. 2018): Multi-Krum's selection, then per coordinate the mean "
         "of the values closest to the median",

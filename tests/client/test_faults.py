@@ -14,7 +14,7 @@ from fedtune.faults import FaultPlan, InjectedCrash, draw_clients
 from tests.conftest import tiny_config
 
 
-def test_scaled_clients_are_a_seeded_fraction():
+def test_faulty_clients_are_a_seeded_fraction():
     first = draw_clients(10, 0.2, seed=0, stream=1)
     assert len(first) == 2 and first <= set(range(10))
     assert draw_clients(10, 0.2, seed=0, stream=1) == first
@@ -23,22 +23,13 @@ def test_scaled_clients_are_a_seeded_fraction():
     assert draw_clients(10, 0.0, seed=0, stream=1) == frozenset()
 
 
-def test_a_scaled_client_sends_the_global_model_plus_its_update_times_the_factor():
-    plan = FaultPlan(scaled_clients=frozenset({3}), scale_factor=-10.0)
-    x = {"w": np.array([1.0, 2.0], np.float32)}
-    y = {"w": np.array([1.5, 1.0], np.float32)}
-    np.testing.assert_allclose(plan.corrupt_update(3, x, y)["w"], [-4.0, 12.0])
-    assert plan.corrupt_update(3, x, y)["w"].dtype == np.float32
-    assert plan.corrupt_update(2, x, y) is y
-
-
 def _final_accuracy(tmp_path, name, fraction):
+    attack = ["attack.name=scaling", f"attack.fraction={fraction}"] if fraction else []
     config = tiny_config(tmp_path, f"strategy.name={name}", "data.num_clients=10",
-                         "run.rounds=5", "strategy.fraction_evaluate=0",
-                         f"faults.scale_fraction={fraction}",
+                         "run.rounds=5", "strategy.fraction_evaluate=0", *attack,
                          f"run.dir={tmp_path / f'{name}-{fraction}'}")
     summary = json.loads((run_inprocess(config).path / "summary.json").read_text())
-    assert len(summary["faults"]["scaled_clients"]) == round(10 * fraction)
+    assert len(summary["attack"].get("attackers", [])) == round(10 * fraction)
     return summary["final"]["eval_accuracy"]
 
 
@@ -81,11 +72,11 @@ def test_nan_and_wrong_shape_updates_change_the_first_tensor():
     x = {"steps": np.array([3]), "w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}
     y = {name: value + 1 for name, value in x.items()}
     plan = FaultPlan(nan_clients=frozenset({1}), wrong_shape_clients=frozenset({2}))
-    nan = plan.corrupt_update(1, x, y)
+    nan = plan.corrupt_update(1, y)
     assert np.isnan(nan["w"]).all() and nan["w"].dtype == np.float32
     assert np.array_equal(nan["steps"], y["steps"]) and np.array_equal(nan["b"], y["b"])
-    assert plan.corrupt_update(2, x, y)["steps"].shape == (0,)
-    assert plan.corrupt_update(3, x, y) is y
+    assert plan.corrupt_update(2, y)["steps"].shape == (0,)
+    assert plan.corrupt_update(3, y) is y
 
 
 def test_crashing_and_nan_clients_never_stop_the_run_and_every_client_is_accounted(tmp_path):

@@ -163,8 +163,8 @@ def test_cli_prints_one_line_and_no_traceback_for_user_errors(tmp_path):
                                    "strategy.name = 'fedavg': only strategy.name = 'fedprox'"),
     (["client.momentum=0.9"], "client.momentum = 0.9 is not allowed with client.optimizer = "
                               "'adamw': only client.optimizer = 'sgd' uses it"),
-    (["faults.scale_factor=5"], "faults.scale_factor = 5.0 is not allowed with "
-                                "faults.scale_fraction = 0.0: only faults.scale_fraction != 0"),
+    (["attack.scale_factor=5"], "attack.scale_factor = 5.0 is not allowed with "
+                                "attack.name = 'none': only attack.name = 'scaling' uses it"),
     (["tracking.mlflow_uri=sqlite:///x.db"], "tracking.mlflow_uri = 'sqlite:///x.db' is not "
                                              "allowed with tracking.mlflow = False"),
 ])

@@ -26,7 +26,7 @@ def _error(capsys, *argv: str) -> str:
 @pytest.mark.parametrize("setting, message", [
     ("client.lr=inf", "client.lr = inf is not allowed: must be a finite number > 0"),
     ("strategy.fedopt_eta=inf", "must be a finite number > 0"),
-    ("faults.scale_factor=-inf", "faults.scale_factor = -inf is not allowed: must be a finite "
+    ("attack.scale_factor=-inf", "attack.scale_factor = -inf is not allowed: must be a finite "
                                  "number"),
     ("strategy.round_timeout_s=inf", "must be a finite number > 0"),
     ("run.name=../../x", "run.name = '../../x' is not allowed: must be a plain name"),

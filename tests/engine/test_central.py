@@ -134,12 +134,12 @@ def test_run_reference_records_the_gap_and_reuses_a_finished_reference(tmp_path)
 def test_the_reference_config_drops_what_a_centralized_run_does_not_read(tmp_path):
     config = tiny_config(tmp_path, "strategy.name=fedavgm", "strategy.server_momentum=0.5",
                          "strategy.fraction_train=0.5", "privacy.mode=local",
-                         "privacy.noise_multiplier=1.0", "faults.scale_fraction=0.25",
+                         "privacy.noise_multiplier=1.0", "attack.name=alie", "attack.fraction=0.25",
                          "run.reference=true")
     reference = centralized_config(config, "examples", "/somewhere")
     assert reference.engine.backend == "central" and reference.privacy.mode == "none"
     assert reference.strategy.name == "fedavg" and reference.strategy.fraction_train == 0.5
-    assert reference.faults.scale_fraction == 0 and not reference.run.reference
+    assert reference.attack.name == "none" and not reference.run.reference
     assert reference.client == config.client and reference.data == config.data
     assert reference == centralized_config(
         tiny_config(tmp_path, "strategy.fraction_train=0.5"), "examples", "/somewhere")

@@ -68,10 +68,10 @@ CASES = {
     "central_dp": ["privacy.mode=central", "privacy.noise_multiplier=0.3",
                    "privacy.delta=1e-3", "privacy.clip_norm=2",
                    "privacy.insecure_reproducible_noise=true"],
-    "faults": ["faults.nan_fraction=0.25", "faults.scale_fraction=0.25",
+    "faults": ["faults.nan_fraction=0.25", "attack.name=scaling", "attack.fraction=0.25",
                "faults.crash_probability=0.3"],
     # the model guard needs each update: the cohort is then kept client by client
-    "update_bounds": ["faults.scale_fraction=0.25", "strategy.update_norm_z=3",
+    "update_bounds": ["attack.name=scaling", "attack.fraction=0.25", "strategy.update_norm_z=3",
                       "strategy.max_update_norm=0.5"],
 }
 

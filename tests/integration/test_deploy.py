@@ -23,7 +23,7 @@ from fedtune.deploy.registry import RegistryServer
 from fedtune.deploy.signing import publish
 from fedtune.server.app import run_federated
 from tests.client.test_node_state import deployment_grid
-from tests.conftest import REPO
+from tests.conftest import REPO, rows_of
 from tests.integration.test_end_to_end import check_contract
 
 BIN = Path(sys.executable).parent
@@ -176,9 +176,10 @@ def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
     superexec`` starts (signed apps only), pinned node ids. A stranger who holds ca.crt runs
     its own app: every SuperNode refuses it, and so does the server side; it registers its own
     SuperNode, which is never sampled. The honest app, published and signed, runs SCAFFOLD for
-    two rounds; the SuperLink restarts and the run resumes for a third: each SuperNode's
-    state-dir gives its client back its variates, and the run ends with the weights of an
-    uninterrupted run (replayed rounds: tests/client/test_node_state.py)."""
+    two rounds, its client 1 playing the sign-flip attack (on its own SuperNode, from the run
+    config) and the run measuring it; the SuperLink restarts and the run resumes for a third:
+    each SuperNode's state-dir gives its client back its variates, and the run ends with the
+    weights of an uninterrupted run (replayed rounds: tests/client/test_node_state.py)."""
     creds = write_credentials(tmp_path / "creds", ["localhost", "127.0.0.1"], 5)
     registry_dir = tmp_path / "registry"
     published = publish(REPO, registry_dir, creds.publisher_key)
@@ -302,7 +303,7 @@ def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
             "data.dataset='digits'", "model.kind='mlp'", "data.partitioner='iid'",
             "data.num_clients=3", "strategy.fraction_train=1.0", "strategy.fraction_evaluate=0.0",
             "strategy.name='scaffold'", "client.optimizer='sgd'", "client.lr=0.05",
-            "engine.node_wait_s=120",
+            "engine.node_wait_s=120", "attack.name='sign_flip'", "attack.clients='1'",
             f"engine.node_ids='{','.join(node_ids)}'", f"run.dir='{run_dir}'",
         ]
 
@@ -316,6 +317,9 @@ def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
         _wait_for(lambda: _summary_rounds(run_dir) == 2, 120,
                   "the honest run wrote no summary")  # the stream can end just before it
         check_contract(run_dir, rounds=2, clients=3)
+        assert json.loads((run_dir / "summary.json").read_text())["attack"]["attackers"] == [1]
+        assert [row["malicious_filtered"] for row in rows_of(run_dir / "metrics.csv")] == \
+            ["0", "0"]  # measured: SCAFFOLD filters nothing
         assert not (markers / "server-ran").exists()
         honest_run_id = re.search(r"Successfully started run (\d+)", result.stdout)[1]
         assert f"[RUN {honest_run_id}" in (tmp_path / "supernode-0.log").read_text()

@@ -120,11 +120,12 @@ def test_robust_z_rejects_the_scaling_attack(tmp_path, one_torch_thread):
     """MLP on digits, 10 clients, 2 send x - 10 (y - x): update_norm_z rejects exactly those
     two every round, and FedAvg keeps learning (without it: about chance, 0.1)."""
     config = tiny_config(tmp_path, "data.num_clients=10", "run.rounds=5",
-                         "strategy.fraction_evaluate=0", "faults.scale_fraction=0.2",
+                         "strategy.fraction_evaluate=0", "attack.name=scaling",
+                         "attack.fraction=0.2",
                          "strategy.update_norm_z=3")
     run_dir = run_inprocess(config).path
     summary = json.loads((run_dir / "summary.json").read_text())
-    scaled = set(summary["faults"]["scaled_clients"])
+    scaled = set(summary["attack"]["attackers"])
     rows = rows_of(run_dir / "clients.csv")
     rejected = {(int(r["round"]), int(r["client_id"])) for r in rows if r["status"] == "rejected"}
     assert rejected == {(r, c) for r in range(1, 6) for c in scaled}

@@ -118,12 +118,12 @@ def test_multikrum_selects_clients_minus_malicious_by_default():
                                  "and < 0.5"),
     (["strategy.server_momentum=1"], "strategy.server_momentum = 1 is not allowed"),
     (["strategy.feddyn_alpha=0"], "strategy.feddyn_alpha = 0 is not allowed: must be a number > 0"),
-    (["faults.scale_fraction=0.05"], "faults.scale_fraction = 0.05 is not allowed with "
-                                     "data.num_clients = 5: must pick at least one client"),
-    (["faults.scale_fraction=1.5"], "faults.scale_fraction = 1.5 is not allowed: must be a number "
-                                    ">= 0 and <= 1"),
+    (["faults.nan_fraction=0.05"], "faults.nan_fraction = 0.05 is not allowed with "
+                                   "data.num_clients = 5: must pick at least one client"),
+    (["faults.nan_fraction=1.5"], "faults.nan_fraction = 1.5 is not allowed: must be a number "
+                                  ">= 0 and <= 1"),
     (["faults.crash_chance=0.1"], "faults.crash_chance is not a config key: [faults] "
-                                  "allows scale_fraction, scale_factor, nan_fraction"),
+                                  "allows nan_fraction, wrong_shape_fraction"),
 ])
 def test_bad_strategy_and_fault_settings_fail_with_one_line(overrides, message):
     with pytest.raises(ConfigError) as error:

@@ -1,0 +1,97 @@
+"""FLTrust: the server's own update on a small root dataset decides whom to trust.
+
+Cao, Fang, Liu, Gong. "FLTrust: Byzantine-robust Federated Learning via Trust Bootstrapping",
+NDSS 2021, https://arxiv.org/abs/2012.13995 (Algorithm 1). Each round the server trains the
+global model ``x`` on its root dataset the way clients train, giving ``g0``; each client update
+``Δ_i = w_i - x`` gets the trust score ``TS_i = ReLU(cos(Δ_i, g0))`` and is rescaled to
+``g0``'s norm; the new model is
+
+    x + sum_i TS_i (||g0|| / ||Δ_i||) Δ_i / sum_i TS_i
+
+(``x`` unchanged when every score is 0). An update pointing away from the server's direction
+gets no weight, and no update weighs more than ``g0``'s norm, so scaling buys nothing.
+``root_update`` computes ``g0`` (the caller owns the root data and the training); the scores of
+the last round are kept in ``trust`` (a client with score 0 was filtered out).
+
+Message protocol: as FedAvg (``"arrays"`` and a MetricRecord with ``"num-examples"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from strategies.records import NDArray, floating, require_configured, to_numpy, to_record
+
+RootUpdate = Callable[[dict[str, NDArray], int], dict[str, NDArray]]  # (x, round) -> g0
+
+
+def _flat(arrays: dict[str, NDArray], names: list[str]) -> NDArray:
+    return np.concatenate([np.asarray(arrays[n], np.float64).ravel() for n in names])
+
+
+def trust_scores(updates: list[NDArray], server: NDArray) -> NDArray:
+    """ReLU of the cosine similarity of each update with the server's."""
+    norm = np.linalg.norm(server)
+    scores = [max(0.0, float(u @ server) / (np.linalg.norm(u) * norm))
+              if np.linalg.norm(u) > 0 and norm > 0 else 0.0 for u in updates]
+    return np.array(scores)
+
+
+def fltrust_update(updates: list[NDArray], server: NDArray) -> tuple[NDArray, NDArray]:
+    """(the aggregate update, the trust scores) of flattened ``updates``."""
+    scores = trust_scores(updates, server)
+    if scores.sum() == 0:
+        return np.zeros_like(server), scores
+    norm = np.linalg.norm(server)
+    total = sum(s * (norm / np.linalg.norm(u)) * u for s, u in zip(scores, updates, strict=True)
+                if s > 0)
+    return total / scores.sum(), scores
+
+
+class FLTrust(FedAvg):
+    """FLTrust [Cao et al., 2021].
+
+    Parameters
+    ----------
+    root_update : Callable[[dict[str, NDArray], int], dict[str, NDArray]]
+        The server's update ``g0`` on its root data from the global model ``x`` in a round
+        (the floating arrays, as ``trained - x``).
+    **kwargs
+        Passed to ``FedAvg`` (sampling, evaluation).
+    """
+
+    def __init__(self, *, root_update: RootUpdate, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root_update = root_update
+        self.global_arrays: dict[str, NDArray] | None = None
+        self.trust = np.zeros(0)  # the last round's scores, in reply order
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.global_arrays = to_numpy(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        x = require_configured(self.global_arrays, "FLTrust")
+        names = list(floating(x))
+        server = _flat(self.root_update(x, server_round), names)
+        contents = [message.content for message in valid]
+        base = _flat(x, names)
+        updates = [_flat(to_numpy(c[self.arrayrecord_key]), names) - base for c in contents]
+        step, self.trust = fltrust_update(updates, server)
+        new, start = dict(x), 0
+        for name in names:
+            size = x[name].size
+            new[name] = x[name] + step[start:start + size].reshape(x[name].shape)
+            start += size
+        return to_record(new, x), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
