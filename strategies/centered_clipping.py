@@ -22,11 +22,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord, Message, MetricRecord
 
-from strategies.records import NDArray, floating, require_configured, to_numpy, to_record
+from strategies.records import NDArray, UpdatesFromGlobal, floating, to_record
 
 
 def _norm(arrays: dict[str, NDArray]) -> float:
@@ -49,7 +47,7 @@ def centered_clip(updates: list[dict[str, NDArray]], start: dict[str, NDArray], 
     return v
 
 
-class CenteredClipping(FedAvg):
+class CenteredClipping(UpdatesFromGlobal):
     """Centred clipping [Karimireddy et al., 2021] with the server's momentum as its centre.
 
     Parameters
@@ -62,30 +60,23 @@ class CenteredClipping(FedAvg):
         Passed to ``FedAvg`` (sampling, evaluation).
     """
 
+    label = "centred clipping"
+
     def __init__(self, *, tau: float, iterations: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if tau <= 0 or iterations < 1:
             raise ValueError(f"need tau > 0 and iterations >= 1, got {tau}, {iterations}")
         self.tau = tau
         self.iterations = iterations
-        self.global_arrays: dict[str, NDArray] | None = None
         self.momentum: dict[str, NDArray] | None = None  # the last aggregate update
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self.global_arrays = to_numpy(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
+        read = self.round_updates(replies)
+        if read is None:
             return None, None
-        x = require_configured(self.global_arrays, "centred clipping")
+        x, contents, updates = read
         moving = floating(x)
-        contents = [message.content for message in valid]
-        updates = [{name: to_numpy(c[self.arrayrecord_key])[name].astype(np.float64) - value
-                    for name, value in moving.items()} for c in contents]
         start = self.momentum or {name: np.zeros(v.shape) for name, v in moving.items()}
         self.momentum = centered_clip(updates, start, self.tau, self.iterations)
         new = {name: x[name] + self.momentum[name] if name in moving else x[name] for name in x}

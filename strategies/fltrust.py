@@ -22,11 +22,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord, Message, MetricRecord
 
-from strategies.records import NDArray, floating, require_configured, to_numpy, to_record
+from strategies.records import NDArray, UpdatesFromGlobal, floating, to_record
 
 RootUpdate = Callable[[dict[str, NDArray], int], dict[str, NDArray]]  # (x, round) -> g0
 
@@ -54,7 +52,7 @@ def fltrust_update(updates: list[NDArray], server: NDArray) -> tuple[NDArray, ND
     return total / scores.sum(), scores
 
 
-class FLTrust(FedAvg):
+class FLTrust(UpdatesFromGlobal):
     """FLTrust [Cao et al., 2021].
 
     Parameters
@@ -66,28 +64,22 @@ class FLTrust(FedAvg):
         Passed to ``FedAvg`` (sampling, evaluation).
     """
 
+    label = "FLTrust"
+
     def __init__(self, *, root_update: RootUpdate, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.root_update = root_update
-        self.global_arrays: dict[str, NDArray] | None = None
         self.trust = np.zeros(0)  # the last round's scores, in reply order
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self.global_arrays = to_numpy(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
+        read = self.round_updates(replies)
+        if read is None:
             return None, None
-        x = require_configured(self.global_arrays, "FLTrust")
+        x, contents, update_arrays = read
         names = list(floating(x))
         server = _flat(self.root_update(x, server_round), names)
-        contents = [message.content for message in valid]
-        base = _flat(x, names)
-        updates = [_flat(to_numpy(c[self.arrayrecord_key]), names) - base for c in contents]
+        updates = [_flat(update, names) for update in update_arrays]
         step, self.trust = fltrust_update(updates, server)
         new, start = dict(x), 0
         for name in names:

@@ -17,11 +17,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord, Message, MetricRecord
 
-from strategies.records import NDArray, floating, metric, require_configured, to_numpy, to_record
+from strategies.records import NDArray, UpdatesFromGlobal, metric, to_record
 
 
 def bounded_mean(updates: list[dict[str, NDArray]], weights: list[float], bound: float
@@ -37,7 +35,7 @@ def bounded_mean(updates: list[dict[str, NDArray]], weights: list[float], bound:
     return total
 
 
-class NormBoundDP(FedAvg):
+class NormBoundDP(UpdatesFromGlobal):
     """Norm bounding + weak DP noise [Sun et al., 2019].
 
     Parameters
@@ -52,6 +50,8 @@ class NormBoundDP(FedAvg):
         Passed to ``FedAvg`` (sampling, evaluation, ``weighted_by_key``).
     """
 
+    label = "norm bound + DP"
+
     def __init__(self, *, norm_bound: float, noise_std: float, seed: int = 0,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -61,23 +61,13 @@ class NormBoundDP(FedAvg):
         self.norm_bound = norm_bound
         self.noise_std = noise_std
         self.seed = seed
-        self.global_arrays: dict[str, NDArray] | None = None
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self.global_arrays = to_numpy(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
+        read = self.round_updates(replies)
+        if read is None:
             return None, None
-        x = require_configured(self.global_arrays, "norm bound + DP")
-        moving = floating(x)
-        contents = [message.content for message in valid]
-        updates = [{name: to_numpy(c[self.arrayrecord_key])[name].astype(np.float64) - value
-                    for name, value in moving.items()} for c in contents]
+        x, contents, updates = read
         weights = [metric(c, self.weighted_by_key) for c in contents]
         mean = bounded_mean(updates, weights, self.norm_bound)
         rng = np.random.default_rng([self.seed, server_round])

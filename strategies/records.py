@@ -1,4 +1,5 @@
-"""NumPy views of Flower records and the reply checks shared by the strategies of this package.
+"""NumPy views of Flower records, the reply checks and the update-reading base class shared by
+the strategies of this package.
 
 Flower's own ``validate_message_reply_consistency`` insists on exactly one ArrayRecord per
 reply; SCAFFOLD replies carry two (model and control-variate delta), so the strategies here
@@ -10,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
+from flwr.serverapp.strategy import FedAvg
 
 NDArray = np.ndarray
 
@@ -75,3 +78,34 @@ def check_replies(contents: Iterable[RecordDict], expected: Mapping[str, Mapping
         missing = [key for key in metric_keys if key not in record]
         if missing:
             raise InconsistentMessageReplies(reason=f"a reply's metrics lack {missing}")
+
+
+class UpdatesFromGlobal(FedAvg):
+    """A FedAvg whose aggregation reads each reply as an update from the global model it sent:
+    ``configure_train`` keeps that model, ``round_updates`` gives it with the valid replies and
+    their float64 updates ``w_i - x`` of the floating arrays (the robust rules of this package
+    that start from the updates: centred clipping, FLTrust, norm bounding)."""
+
+    label = "this strategy"  # named in the error when aggregation comes before configuration
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.global_arrays: dict[str, NDArray] | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.global_arrays = to_numpy(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def round_updates(self, replies: Iterable[Message]) -> tuple[
+            dict[str, NDArray], list[RecordDict], list[dict[str, NDArray]]] | None:
+        """``(x, contents, updates)`` of the round's valid replies; None when none is valid."""
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None
+        x = require_configured(self.global_arrays, self.label)
+        moving = floating(x)
+        contents = [message.content for message in valid]
+        updates = [{name: to_numpy(c[self.arrayrecord_key])[name].astype(np.float64) - value
+                    for name, value in moving.items()} for c in contents]
+        return x, contents, updates
