@@ -75,7 +75,7 @@ class SecAggRecorder(RunListener):
         if report.culprit is not None:
             log(INFO, "fedtune: round %s: %s is left out of every later round of secure "
                 "aggregation: %s", report.server_round,
-                _named(f"node {report.culprit}", run.state.node_to_client),
+                _named(f"node {report.culprit}", run.identities.node_to_client),
                 report.culprit_reason)
 
 

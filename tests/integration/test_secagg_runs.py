@@ -156,7 +156,7 @@ def test_secure_aggregation_on_the_ray_runtimes(tmp_path, backend):
     assert worst < 1e-4  # two rounds: the rounding (< 1.2e-7) moves round 2's start a little
 
 
-def test_a_stopped_secure_run_resumes_bit_identical(tmp_path):
+def test_a_stopped_secure_run_resumes_bit_identical(tmp_path, one_torch_thread):
     """The masks are fresh randomness every round, but they cancel exactly and the rounding is
     seeded: a resumed run ends with the same model, and the checkpoint holds no client secret."""
     import threading
