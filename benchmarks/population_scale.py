@@ -12,9 +12,13 @@ engine, its actors and Ray's processes) for PSS every ``--sample-s``. Printed pe
 - s/round: median ``wall_s`` of rounds 2..;
 - driver CPU-s/round: the driver process's ``time.process_time`` over rounds 2.., per round
   (sampling, messages, the cohort's bookkeeping, summing, evaluation);
-- driver PSS peak and its growth per registered client over the run (peak minus the PSS
-  after imports, divided by registered clients): the bookkeeping the issue bounds by 100 bytes;
-- tree PSS peak (every process of the point's session).
+- driver PSS peak; at the end, its growth per additional registered client between the
+  smallest and the largest population of a cohort: the bookkeeping the issue bounds by 100
+  bytes (a peak minus the PSS at the start would count the imports and Ray's client, which
+  fedtune loads lazily);
+- tree PSS peak (every process of the point's session);
+- with a stateful strategy (``--set strategy.name=scaffold``), the client state store's files
+  on disk at the end.
 
     python benchmarks/population_scale.py --registered 10000,100000,1000000 \
         --cohorts 1000,10000 --rounds 4                       # the full table (quiet machine)
@@ -48,7 +52,6 @@ def point(registered: int, cohort: int, rounds: int, backend: str, out: Path,
     import fedtune
     from fedtune.server.callbacks import Callback, RoundEnd
 
-    base_pss = psutil.Process().memory_full_info().pss
     cpu_at: dict[int, float] = {}
 
     class DriverCpu(Callback):
@@ -66,7 +69,6 @@ def point(registered: int, cohort: int, rounds: int, backend: str, out: Path,
         "start_s": time.perf_counter() - STARTED - sum(walls),
         "round_s": statistics.median(walls[1:]) if len(walls) > 1 else walls[0],
         "driver_cpu_s": (cpu_at[rounds] - cpu_at[1]) / max(rounds - 1, 1),
-        "base_pss": base_pss,
         "peak_pss": psutil.Process().memory_full_info().pss,  # updated by the sampler below
         "clients_ok": sum(r["status"] == "ok" for r in clients) / rounds,
         # the client state store's files (a stateful strategy's per-client state on disk)
@@ -144,8 +146,8 @@ def main() -> None:
           f"{args.backend}{''.join(', ' + o for o in args.extra)}: medians over rounds "
           f"2..{args.rounds}")
     print("| registered | cohort | start-up s | s/round | driver CPU-s/round | driver PSS peak "
-          "MiB | driver bytes per registered client | tree PSS peak MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+          "MiB | tree PSS peak MiB |")
+    print("|---|---|---|---|---|---|---|")
     peaks: dict[int, dict[int, float]] = {}
     for registered in map(int, args.registered.split(",")):
         for cohort in map(int, args.cohorts.split(",")):
@@ -154,10 +156,9 @@ def main() -> None:
             r = measure(registered, cohort, args.rounds, args.backend, args.sample_s,
                         args.extra)
             peaks.setdefault(cohort, {})[registered] = r["driver_peak"]
-            per_client = (r["driver_peak"] - r["base_pss"]) / registered
             print(f"| {registered:,} | {cohort:,} | {r['start_s']:.1f} | {r['round_s']:.2f} | "
                   f"{r['driver_cpu_s']:.2f} | {r['driver_peak'] / 2**20:.0f} | "
-                  f"{per_client:.0f} | {r['tree_peak'] / 2**20:.0f} |", flush=True)
+                  f"{r['tree_peak'] / 2**20:.0f} |", flush=True)
             if r["state_disk"]:
                 print(f"  (client states on disk at the end: {r['state_disk'] / 2**20:.1f} "
                       "MiB)", flush=True)
