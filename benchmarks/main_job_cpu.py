@@ -75,8 +75,7 @@ def measured(command: list[str], sample_s: float) -> dict[str, float]:
                     times = proc.cpu_times()
                     key = proc.pid, proc.create_time()
                     cpu_by_pid[key] = times.user + times.system
-                    if key not in kind_of:
-                        kind_of[key] = _kind(proc, process.pid)
+                    kind_of[key] = _kind(proc, process.pid)  # a worker's title comes later
                     pss += proc.memory_full_info().pss
             except (psutil.Error, ProcessLookupError, PermissionError):
                 continue
@@ -97,8 +96,11 @@ def _kind(proc: psutil.Process, driver: int) -> str:
     or ``ray`` (Ray's daemons: GCS, raylet, agents, log monitor)."""
     if proc.pid == driver:
         return "driver"
-    title = " ".join(proc.cmdline()[:1])
-    return "workers" if title.startswith("ray::") and "Agent" not in title else "ray"
+    command = proc.cmdline()
+    title = command[0] if command else ""
+    if title.startswith("ray::"):  # Ray's title: ray::<actor class>, ray::IDLE, or an agent
+        return "ray" if title.endswith("Agent") else "workers"
+    return "workers" if any(part.endswith("default_worker.py") for part in command) else "ray"
 
 
 def fedtune_side(out: Path, sets: list[str], sample_s: float) -> dict[str, float]:
