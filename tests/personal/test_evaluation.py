@@ -105,8 +105,8 @@ def test_local_only_does_not_depend_on_the_strategy(tmp_path, ditto_run):
 @pytest.mark.parametrize(("overrides", "message"), [
     (["strategy.name=ditto", "privacy.mode=local", "privacy.noise_multiplier=1.0"],
      "strategy.name = 'ditto' is not allowed with privacy.mode = 'local'"),
-    (["strategy.name=fedper", "engine.backend=flower"],
-     "engine.backend = 'flower' is not allowed with strategy.name = 'fedper'"),
+    (["strategy.name=fedper", "engine.backend=central"],
+     "engine.backend = 'central' is not allowed with strategy.name = 'fedper'"),
     (["run.personal_eval=true", "data.dataset=files", "data.test_path=x.csv",
       "data.label_names=[a,b]"],
      "run.personal_eval = true is not allowed with data.dataset = 'files'"),
