@@ -140,6 +140,7 @@ SA_DP_STD = "dp-noise-std"  # setup, distributed DP: each client's Gaussian nois
 SA_WEIGHT = "weight"  # setup: what weights a client's input (a reply metric, "1", "a/b")
 SA_RECORDS = "records"  # setup: the reply ArrayRecords that enter the sum, in order
 SA_DELTAS = "deltas"  # setup: for each, whether it is summed relative to the sent record
+SA_KEPT = "kept"  # setup: tensors of a relative record no client sends (its personal part)
 SA_PK_MASK = "pk-mask"  # setup reply: public key for pairwise masks
 SA_PK_SEAL = "pk-seal"  # setup reply: public key for encrypting shares
 SA_COMMITMENT = "commitment"  # share-keys reply: SHA-256 commitment to the self-mask seed

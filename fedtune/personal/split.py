@@ -10,6 +10,7 @@ adapters (so a LoRA model's "body" is its adapters and its "head" the classifier
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from torch import nn
 
@@ -60,11 +61,12 @@ def part_names(model: nn.Module, part: str) -> list[str]:
     return list(travelling_tensors(model))
 
 
-def kept_names(model: nn.Module, personal_part: str, shared_part: str) -> list[str]:
+def kept_names(model: Callable[[], nn.Module], personal_part: str, shared_part: str
+               ) -> list[str]:
     """The travelling tensors a client keeps to itself, so that its reply carries them exactly
     as they were sent (a strategy entry's ``personal_part``; none where it keeps nothing, or
     where its personal part is a whole model beside the global one it trains and shares:
-    Ditto, APFL)."""
+    Ditto, APFL). ``model`` gives the run's model, asked for only where there is a part."""
     if not personal_part or personal_part == shared_part:
         return []
-    return part_names(model, personal_part)
+    return part_names(model(), personal_part)

@@ -24,7 +24,7 @@ reply is rejected.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -93,10 +93,10 @@ class ReplyLimits:
 
 
 def reply_limits(config: Config, federation: Federation,
-                 model: nn.Module | None = None) -> ReplyLimits:
+                 model: Callable[[], nn.Module] | None = None) -> ReplyLimits:
     """The limits of a run: its strategy's and privacy mode's schemas, its clients' sizes (the
-    server of a files dataset knows none) and, given the run's ``model``, the personal part a
-    personalised strategy's reply must carry as it was sent."""
+    server of a files dataset knows none) and, given what gives the run's ``model``, the
+    personal part a personalised strategy's reply must carry as it was sent."""
     client = config.client
     entry = STRATEGIES[config.strategy.name]
     kept = () if model is None else tuple(kept_names(model, entry.personal_part,

@@ -331,7 +331,8 @@ def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
         personal_dir = tmp_path / "run-fedper"
         personal = [o for o in overrides if not o.startswith(("strategy.name", "attack.",
                                                               "run.dir"))]
-        personal += ["strategy.name='fedper'", f"run.dir='{personal_dir}'"]
+        personal += ["strategy.name='fedper'", "run.personal_eval_every=1",
+                     f"run.dir='{personal_dir}'"]
         result = honest_run("run.rounds=1", base=personal)
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
         _wait_for(lambda: _summary_rounds(personal_dir) == 1, 120, "fedper wrote no summary")
