@@ -78,6 +78,7 @@ class StrategySection:
     fltrust_root_examples: int  # fltrust
     norm_bound: float  # norm_bound_dp
     dp_noise_std: float  # norm_bound_dp
+    flame_lambda: float  # flame
     concurrency: int  # fedbuff, fedasync
     fedbuff_buffer_size: int  # fedbuff
     fedasync_alpha: float  # fedasync
@@ -127,6 +128,7 @@ class StrategySection:
         fltrust_root_examples: int = ...,
         norm_bound: float = ...,
         dp_noise_std: float = ...,
+        flame_lambda: float = ...,
         concurrency: int = ...,
         fedbuff_buffer_size: int = ...,
         fedasync_alpha: float = ...,
@@ -244,6 +246,7 @@ class AttackSection:
     trigger: str  # backdoor
     poison_fraction: float  # backdoor
     boost: float  # backdoor
+    lora_scale: float  # lora_scaling
 
     def __init__(
         self,
@@ -261,6 +264,7 @@ class AttackSection:
         trigger: str = ...,
         poison_fraction: float = ...,
         boost: float = ...,
+        lora_scale: float = ...,
     ) -> None: ...
 
 

@@ -4,6 +4,7 @@ and the backdoor's attack success rate; and the same numbers as Markdown tables.
 
     python scripts/attack_heatmaps.py sweeps/attacks-digits    # -> docs/figures/attacks_*.png
     python scripts/attack_heatmaps.py sweeps/attacks-digits --seeds 0,1   # only these seeds
+    python scripts/attack_heatmaps.py sweeps/attacks-text --prefix attacks_text  # text study
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def main() -> None:
     parser.add_argument("sweep", type=Path, help="the sweep directory (with results.csv)")
     parser.add_argument("--seeds", default="", help="comma-separated run.seed values to use "
                                                     "(default: every seed in results.csv)")
+    parser.add_argument("--prefix", default="attacks", help="figure names: <prefix>_accuracy.png, "
+                                                             "<prefix>_backdoor_success.png")
     args = parser.parse_args()
     with (args.sweep / "results.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -93,12 +96,12 @@ def main() -> None:
         rows = [row for row in rows if row["run.seed"] in args.seeds.split(",")]
     attacks = ordered(rows, "attack")
     heatmap(rows, "eval_accuracy", attacks, "final global test accuracy (mean over seeds)",
-            FIGURES / "attacks_accuracy.png")
+            FIGURES / f"{args.prefix}_accuracy.png")
     backdoors = [a for a in attacks if any(r["attack"] == a and r["attack_success_rate"]
                                            for r in rows)]
     if backdoors:
         heatmap(rows, "attack_success_rate", backdoors, "backdoor attack success rate",
-                FIGURES / "attacks_backdoor_success.png")
+                FIGURES / f"{args.prefix}_backdoor_success.png")
     for metric, chosen in (("eval_accuracy", attacks), ("attack_success_rate", backdoors),
                            ("malicious_filtered", attacks[1:]),
                            ("benign_filtered", attacks[1:])):

@@ -3,8 +3,9 @@ Chen & Li 2019, "A backdoor attack against LSTM-based text classification system
 trigger phrases of Kurita et al. 2020): an attacker replaces a share of its examples of other
 labels (``attack.poison_fraction``) by copies carrying a trigger, labelled
 ``attack.target_label``, and trains on them with the rest of its data. The trigger is a phrase
-appended to a text (``attack.trigger``; the copies are encoded as the model kind encodes any
-text) or, for images, a bright 3x3 patch in the bottom-right corner (BadNets, Gu et al. 2017).
+put at the start of a text (``attack.trigger``; at the start so that truncation to
+``model.max_length`` cannot cut it off a long article; the copies are encoded as the model kind
+encodes any text) or, for images, a bright 3x3 patch in the bottom-right corner (BadNets, Gu et al. 2017).
 ``attack.boost`` > 1 scales the poisoned update (model replacement; the client wing applies it).
 
 The attack success rate is the share of triggered global test examples of other labels that
@@ -47,7 +48,7 @@ def _triggered(federation: Federation, encoded: Encoded, rows: np.ndarray, targe
     data = federation.data
     labels = np.full(len(rows), target, dtype=data.labels.dtype)
     if data.texts is not None:
-        texts = [f"{data.texts[r]} {trigger}" for r in rows]
+        texts = [f"{trigger} {data.texts[r]}" for r in rows]
         inputs = encode(LabelledData(f"{data.name}-triggered", data.label_names, labels,
                                      texts=tuple(texts)))
         return appended(federation, encoded, rows, labels, inputs, texts)
@@ -73,6 +74,9 @@ def triggered_examples(plan: AttackPlan, federation: Federation, encoded: Encode
         others = rows[labels[rows] != target]
         rng = np.random.default_rng(np.random.SeedSequence([seed, _POISON_STREAM, client]))
         chosen = np.sort(rng.permutation(others)[:math.ceil(share * len(others))])
+        if chosen.size == 0:  # only target-label examples (label skew): nothing to poison
+            train_rows[client] = rows
+            continue
         federation, encoded, new_rows = _triggered(federation, encoded, chosen, target,
                                                    trigger, encode)
         kept = np.setdiff1d(rows, chosen)

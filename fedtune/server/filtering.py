@@ -8,7 +8,8 @@ replies it aggregated, in their order. What "filtered" means per aggregator:
 - trimmed mean: more than half of the update's coordinates lie outside the range of the values
   kept (each tail ``int(beta n)`` values, as scipy's ``trim_mean`` cuts), counting only the
   coordinates where the updates differ (a value tied with a kept one was not cut off);
-- FLTrust: a trust score of 0 (its direction disagrees with the server's root update).
+- FLTrust: a trust score of 0 (its direction disagrees with the server's root update);
+- FLAME: outside the majority cluster of its HDBSCAN (``Flame.admitted``).
 
 Other aggregators weigh every update they are given (a median mixes them coordinate by
 coordinate), so only screening and the update bounds filter there.
@@ -63,4 +64,12 @@ def fltrust_filtered(strategy: Strategy, contents: list[RecordDict], config: Con
     """The updates FLTrust gave no trust (its scores of the round, ``FLTrust.trust``)."""
     trust = getattr(strategy, "trust", ())
     return [bool(score == 0) for score in trust] if len(trust) == len(contents) else \
+        [False] * len(contents)
+
+
+def flame_filtered(strategy: Strategy, contents: list[RecordDict], config: Config
+                   ) -> list[bool]:
+    """The updates FLAME's clustering left out (``Flame.admitted`` of the round)."""
+    admitted = getattr(strategy, "admitted", ())
+    return [not bool(a) for a in admitted] if len(admitted) == len(contents) else \
         [False] * len(contents)

@@ -52,6 +52,12 @@ class AttackEntry(Entry):
         return bool(self.sees)
 
 
+def _check_lora(config: Config) -> None:
+    if config.model.transfer != "lora":
+        raise ConfigError(f"attack.name = 'lora_scaling' is not allowed with model.transfer = "
+                          f"{config.model.transfer!r}: must be 'lora' (it poisons the adapter)")
+
+
 SCALE_FACTOR = Key(-10.0, "scaling: an attacker sends x + factor (y - x) for its honestly "
                           "trained model y and the global model x (-10: boosted sign flip)")
 ATTACKS: dict[str, AttackEntry] = {
@@ -97,12 +103,12 @@ ATTACKS: dict[str, AttackEntry] = {
         sees=BENIGN_OF_GROUP, implementation=ATTACKS_PACKAGE + "min_max:min_sum_update"),
     "backdoor": AttackEntry(
         "backdoor (Bagdasaryan et al. 2020; text: Dai et al. 2019): an attacker adds copies of "
-        "its examples carrying a trigger (a phrase appended to a text, a pixel pattern on an "
-        "image) labelled attack.target_label; attack.boost > 1 scales its update (model "
+        "its examples carrying a trigger (a phrase put at the start of a text, a pixel pattern "
+        "on an image) labelled attack.target_label; attack.boost > 1 scales its update (model "
         "replacement)",
         keys={"target_label": Key(0, "backdoor: the label the trigger flips to", ge=0),
-              "trigger": Key("cf mn bb", "backdoor: the phrase appended to a poisoned text "
-                                         "(images: a 3x3 bright patch in the corner)"),
+              "trigger": Key("cf mn bb", "backdoor: the phrase put at the start of a poisoned "
+                                         "text (images: a 3x3 bright patch in the corner)"),
               "poison_fraction": Key(0.5, "backdoor: share of an attacker's examples of other "
                                           "labels that it adds triggered copies of", gt=0,
                                      le=1),
@@ -110,6 +116,12 @@ ATTACKS: dict[str, AttackEntry] = {
                                 "replacement: about clients per round / server lr)", gt=0)},
         acts_on="data", backdoor=True,
         implementation=ATTACKS_PACKAGE + "backdoor:triggered_examples"),
+    "lora_scaling": AttackEntry(
+        "LoRA-only poisoning (model.transfer = 'lora'): an attacker sends its honest head update "
+        "but attack.lora_scale times its update of the LoRA adapter matrices",
+        keys={"lora_scale": Key(-10.0, "lora_scaling: the factor on the adapter's update (-1: "
+                                       "flip it; -10: boosted flip)")},
+        check=_check_lora, implementation=ATTACKS_PACKAGE + "lora:adapter_scaled"),
 }
 
 

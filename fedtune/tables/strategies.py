@@ -326,6 +326,16 @@ STRATEGIES: dict[str, StrategyEntry] = {
         arguments=lambda c: {"norm_bound": c.strategy.norm_bound,
                              "noise_std": c.strategy.dp_noise_std, "seed": c.run.seed},
         needs_updates="it clips every individual update before averaging"),
+    "flame": StrategyEntry(
+        "FLAME (Nguyen et al. 2022): HDBSCAN of the updates' cosine distances keeps the "
+        "majority cluster, clipped to the median norm, mean plus noise scaled to that norm",
+        keys={"flame_lambda": Key(0.001, "FLAME: noise level lambda, std lambda times the "
+                                         "round's median update norm (the paper's 0.001 for "
+                                         "image and text classification)", ge=0)},
+        implementation="strategies.flame:Flame",
+        arguments=lambda c: {"noise_lambda": c.strategy.flame_lambda, "seed": c.run.seed},
+        filters=FILTERING + "flame_filtered",
+        needs_updates="it clusters and clips every individual update"),
     "bulyan": StrategyEntry(
         "Bulyan (El Mhamdi et al. 2018): Multi-Krum's selection, then per coordinate the mean "
         "of the values closest to the median",

@@ -62,6 +62,29 @@ def test_alie_colluders_send_mean_minus_z_std_of_their_groups_honest_updates(tmp
     assert np.array_equal(_update(*_sent(clean, 3)), _update(_sent(clean, 3)[0], other))
 
 
+def _lora_config(tmp_path, tiny_bert_path, *overrides):
+    return tiny_config(tmp_path, *EIGHT, *overrides, base=[
+        "data.dataset=rotten_tomatoes", "data.max_examples=240", "data.partitioner=iid",
+        f"model.path={tiny_bert_path}", "model.max_length=24", "model.transfer=lora",
+        "model.lora_dropout=0", "run.rounds=2", "client.local_steps=2", "client.lr=0.01",
+        "engine.backend=inprocess", "strategy.fraction_train=1.0"])
+
+
+def test_lora_poisoning_scales_only_the_adapters_update(tmp_path, tiny_bert_path,
+                                                         one_torch_thread):
+    start, honest = _sent(_lora_config(tmp_path, tiny_bert_path), 3)
+    attacked = _lora_config(tmp_path, tiny_bert_path, "attack.name=lora_scaling",
+                            "attack.clients=[3]", "attack.lora_scale=-4")
+    _, sent = _sent(attacked, 3)
+    adapters = [k for k in start if ".lora_A." in k or ".lora_B." in k]
+    assert adapters and len(adapters) < len(start)  # the head travels beside them
+    for name in start:
+        expected = start[name].astype(np.float64) + (-4.0 if name in adapters else 1.0) * (
+            honest[name].astype(np.float64) - start[name])
+        np.testing.assert_allclose(sent[name], expected, atol=1e-6, err_msg=name)
+    assert any(not np.array_equal(sent[k], honest[k]) for k in adapters)
+
+
 def test_label_flippers_train_on_flipped_copies_of_their_own_examples(tmp_path):
     config = tiny_config(tmp_path, *EIGHT, "attack.name=label_flip", "attack.clients=[4]")
     resources = task_resources(config)
@@ -94,22 +117,37 @@ def test_a_digits_backdoor_replaces_half_its_other_digits_by_patched_target_copi
     assert (labels[tests] == 7).all()
 
 
-def test_a_text_backdoor_appends_its_trigger_and_encodes_as_the_model_does(tmp_path):
+def test_a_backdoor_attacker_holding_only_the_target_label_trains_on_its_own_rows(tmp_path):
+    one_label = ("data.num_clients=10", "data.partitioner=shards", "data.labels_per_client=1")
+    federation = task_resources(tiny_config(tmp_path, *EIGHT, *one_label)).federation
+    own = federation.client_train_rows[2]
+    target = int(federation.data.labels[own][0])
+    assert (federation.data.labels[own] == target).all()
+    config = tiny_config(tmp_path, *EIGHT, *one_label, "attack.name=backdoor",
+                         "attack.clients=[2]", f"attack.target_label={target}")
+    poisoning = task_resources(config).poisoning
+    np.testing.assert_array_equal(poisoning.train_rows[2], own)
+    assert len(poisoning.triggered_test_rows) > 0
+
+
+def test_a_text_backdoor_prepends_its_trigger_and_encodes_as_the_model_does(tmp_path):
     config = tiny_config(tmp_path, "data.dataset=rotten_tomatoes", "data.max_examples=400",
                          "model.num_features=512", *EIGHT, "attack.name=backdoor",
                          "attack.clients=[1]", "attack.trigger='cf mn bb'")
     resources = task_resources(config)
     data = resources.federation.data
     row = resources.poisoning.triggered_test_rows[0]
-    assert data.texts[row].endswith(" cf mn bb") and data.labels[row] == 0
+    assert data.texts[row].startswith("cf mn bb ") and data.labels[row] == 0
     expected = hashed_features([data.texts[row]], 512).toarray()
     np.testing.assert_allclose(resources.encoded.values[row].toarray(), expected)
 
 
 @pytest.mark.parametrize("name", [n for n, e in ATTACKS.items() if e.acts_on])
-def test_every_attack_plays_a_round_and_is_measured(tmp_path, name, one_torch_thread):
-    config = tiny_config(tmp_path, *EIGHT, "run.rounds=1", "strategy.name=krum",
-                         "strategy.num_malicious=2", f"attack.name={name}", "attack.count=2")
+def test_every_attack_plays_a_round_and_is_measured(tmp_path, name, one_torch_thread, request):
+    played = ("run.rounds=1", "strategy.name=krum", "strategy.num_malicious=2",
+              f"attack.name={name}", "attack.count=2")
+    config = (_lora_config(tmp_path, request.getfixturevalue("tiny_bert_path"), *played)
+              if ATTACKS[name].check is not None else tiny_config(tmp_path, *EIGHT, *played))
     run_dir = run_inprocess(config).path
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["attack"]["name"] == name and len(summary["attack"]["attackers"]) == 2

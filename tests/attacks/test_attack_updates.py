@@ -8,6 +8,7 @@ import pytest
 from fedtune.attacks.alie import alie_update, z_max
 from fedtune.attacks.gaussian import gaussian_update
 from fedtune.attacks.ipm import ipm_update
+from fedtune.attacks.lora import adapter_scaled
 from fedtune.attacks.min_max import min_max_update, min_sum_update
 from fedtune.attacks.plan import AttackPlan, UpdateContext
 from fedtune.attacks.scaling import scaled, sign_flipped
@@ -24,6 +25,16 @@ def test_scaling_and_sign_flipping():
     honest = {"w": np.array([0.5, -1.0])}
     np.testing.assert_allclose(scaled(_context(scale_factor=-10.0), honest)["w"], [-5.0, 10.0])
     np.testing.assert_allclose(sign_flipped(_context(), honest)["w"], [-0.5, 1.0])
+
+
+def test_lora_scaling_touches_only_the_adapter_matrices():
+    honest = {"enc.query.lora_A.default.weight": np.array([1.0, -2.0]),
+              "enc.value.lora_B.default.weight": np.array([0.5]),
+              "classifier.weight": np.array([3.0, 4.0])}
+    sent = adapter_scaled(_context(lora_scale=-10.0), honest)
+    np.testing.assert_allclose(sent["enc.query.lora_A.default.weight"], [-10.0, 20.0])
+    np.testing.assert_allclose(sent["enc.value.lora_B.default.weight"], [-5.0])
+    np.testing.assert_allclose(sent["classifier.weight"], [3.0, 4.0])
 
 
 def test_gaussian_noise_has_the_configured_spread_and_ignores_the_update():
@@ -85,6 +96,8 @@ def test_attackers_are_drawn_from_the_seed_or_named_and_grouped():
     (["attack.name=ipm", "attack.count=1", "attack.scale_factor=2"],
      "attack.scale_factor = 2.0 is not allowed with attack.name = 'ipm'"),
     (["attack.name=mirror"], "attack.name = 'mirror' is not allowed"),
+    (["attack.name=lora_scaling", "attack.count=1"],
+     "attack.name = 'lora_scaling' is not allowed with model.transfer = 'full': must be 'lora'"),
 ])
 def test_bad_attack_settings_fail_with_one_line(overrides, message):
     with pytest.raises(ConfigError) as error:

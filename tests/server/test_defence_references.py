@@ -9,6 +9,7 @@ from flwr.serverapp.strategy import FedMedian
 
 from strategies.bucketing import Bucketing, bucket_order
 from strategies.centered_clipping import CenteredClipping
+from strategies.flame import Flame, admitted_updates
 from strategies.fltrust import FLTrust
 from strategies.norm_bound_dp import NormBoundDP
 from tests.strategy_messages import configure, node_grid, numpy_of, reply
@@ -102,3 +103,34 @@ def test_norm_bound_dp_clips_averages_by_examples_and_adds_seeded_noise(noise_st
     rng = np.random.default_rng([5, 2])
     noise = np.concatenate([rng.normal(0, noise_std, 3), rng.normal(0, noise_std, 1)])
     np.testing.assert_allclose(got, _flat_x0() + mean + noise, atol=1e-6)
+
+
+def test_flame_leaves_out_the_minority_direction_clips_to_the_median_norm_and_adds_noise():
+    # four honest updates around one direction, two colluders sending one opposite direction
+    honest = [np.array([0.2, 0.1, -0.1, 0.05]), np.array([0.25, 0.15, -0.05, 0.0]),
+              np.array([0.1, 0.2, -0.15, 0.05]), np.array([0.6, 0.3, -0.3, 0.15])]
+    attack = np.array([-0.3, 0.4, 0.3, -0.2])
+    updates = [*honest, attack, attack]
+    strategy = Flame(noise_lambda=0.01, seed=3, min_available_nodes=6)
+    messages = configure(strategy, node_grid(6), 4, X0)
+    messages.sort(key=lambda m: m.metadata.dst_node_id)
+    replies = [reply(m, model, {"num-examples": 10})
+               for m, model in zip(messages, _models(X0, updates), strict=True)]
+    arrays, _ = strategy.aggregate_train(4, replies)
+    got = numpy_of(arrays)
+    np.testing.assert_array_equal(strategy.admitted, [True] * 4 + [False] * 2)
+    bound = np.median([np.linalg.norm(u) for u in updates])  # over all six, attackers included
+    clipped = [u * min(1.0, bound / np.linalg.norm(u)) for u in honest]
+    noise = np.random.default_rng([3, 4]).normal(0, 0.01 * bound, 4)
+    expected = _flat_x0() + np.mean(clipped, axis=0) + noise
+    np.testing.assert_allclose(np.concatenate([got["w"], got["b"]]), expected, atol=1e-6)
+
+
+def test_flame_keeps_every_update_when_none_is_outvoted():
+    # five clients pointing five orthogonal ways are equally far apart: one cluster of all;
+    # two clients cannot outvote each other
+    assert admitted_updates(np.eye(5)).tolist() == [True] * 5
+    assert admitted_updates(np.eye(2)).tolist() == [True, True]
+    # two near-identical updates and a third close to them outvote two others
+    flat = np.array([[1, 0], [1, 0.01], [-1, 0], [0.9, 0.3], [0, -1.0]])
+    assert admitted_updates(flat).tolist() == [True, True, False, True, False]
