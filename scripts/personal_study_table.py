@@ -12,7 +12,9 @@ is strictly below).
     python scripts/personal_study_table.py sweeps/personalisation-digits
     python scripts/personal_study_table.py sweeps/personalisation-rotten-tomatoes
 
-prints a Markdown table (one column pair per skew) and writes it to ``<sweep>/personal_table.md``.
+prints two Markdown tables (each client's own model on its local test split, one column group per
+skew; the global model on the global test set beside the centralized reference) and writes them
+to ``<sweep>/personal_table.md``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import statistics
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from fedtune.personal.stats import GLOBAL, LOCAL_ONLY, PERSONALISED, distribution, share_worse
 
@@ -50,8 +53,8 @@ def run_results(sweep: Path) -> list[dict]:
     """One record per finished run: algorithm, cell (alpha or '-'), seed and its accuracies."""
     results = []
     for run in sorted((sweep / "runs").iterdir()):
-        if not (run / "summary.json").is_file():  # unfinished
-            continue
+        if not (run / "summary.json").is_file() or not (run / "personal.csv").is_file():
+            continue  # unfinished, or a centralized run
         config = tomllib.loads((run / "config.toml").read_text())
         summary = json.loads((run / "summary.json").read_text())
         name = next(p.split("=", 1)[1] for p in run.name.split("_") if p.startswith("algorithm="))
@@ -90,7 +93,7 @@ def per_run_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
-def _spread(values: list[float | None], percent: bool = False) -> str:
+def _spread(values: list[float | None], percent: bool = False, signed: bool = False) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "-"
@@ -98,22 +101,35 @@ def _spread(values: list[float | None], percent: bool = False) -> str:
     mean = statistics.fmean(values) * scale
     if percent:
         return f"{mean:.{digits}f}%"
+    sign = "+" if signed else ""
     if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+        return f"{mean:{sign}.{digits}f}"
+    return f"{mean:{sign}.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def _cells_and_names(rows: list[dict]) -> tuple[list, list[str]]:
+    cells = sorted({r["cell"] for r in rows}, key=lambda c: (c == "-", c if c != "-" else 0))
+    names = sorted({r["algorithm"] for r in rows},
+                   key=lambda n: (ORDER + ["local only", "centralized"]).index(n))
+    return cells, names
+
+
+def _label(cell: Any) -> str:
+    return f"α = {cell:g} " if cell != "-" else ""
 
 
 def markdown(rows: list[dict]) -> str:
-    """Rows: algorithms; per cell: mean and p10 (mean ± std over seeds), share worse than alone
-    (mean over seeds), and the number of seeds."""
-    cells = sorted({r["cell"] for r in rows}, key=lambda c: (c == "-", c if c != "-" else 0))
-    label = {c: (f"α = {c:g}" if c != "-" else "") for c in cells}
-    names = sorted({r["algorithm"] for r in rows},
-                   key=lambda n: (ORDER + ["local only", "centralized"]).index(n))
+    """Rows: algorithms and local only; per cell: each client's own model's mean on the local
+    test splits, its difference from FedAvg's in the same seed (paired: the seeds' partitions
+    differ, so the pairs vary less than the means), the p10 (mean ± std over seeds), the share
+    worse than alone (mean over seeds); the number of seeds."""
+    rows = [r for r in rows if r["algorithm"] != "centralized"]
+    cells, names = _cells_and_names(rows)
+    base = {(r["cell"], r["seed"]): r["mean"] for r in rows if r["algorithm"] == REFERENCE}
     head = ["algorithm"]
     for c in cells:
-        head += [f"{label[c]} mean".strip(), f"{label[c]} p10".strip(),
-                 f"{label[c]} worse than alone".strip()]
+        head += [f"{_label(c)}mean", f"{_label(c)}Δ mean", f"{_label(c)}p10",
+                 f"{_label(c)}worse than alone"]
     head.append("seeds")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names:
@@ -121,16 +137,35 @@ def markdown(rows: list[dict]) -> str:
         for c in cells:
             mine = [r for r in rows if r["algorithm"] == name and r["cell"] == c]
             seeds |= {r["seed"] for r in mine}
-            line += [_spread([r["mean"] for r in mine]), _spread([r["p10"] for r in mine]),
+            line += [_spread([r["mean"] for r in mine]),
+                     _spread([r["mean"] - base[(c, r["seed"])] for r in mine
+                              if name != REFERENCE and (c, r["seed"]) in base], signed=True),
+                     _spread([r["p10"] for r in mine]),
                      _spread([r["worse"] for r in mine], percent=True)]
         line.append(str(len(seeds)))
         lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines) + "\n"
 
 
+def global_markdown(rows: list[dict]) -> str:
+    """The global model's accuracy on the global test set (mean ± std over seeds), beside the
+    centralized reference's (the same model and examples, the clients' data pooled)."""
+    rows = [r for r in rows if r["algorithm"] != "local only"]
+    cells, names = _cells_and_names(rows)
+    head = ["algorithm"] + [f"{_label(c)}global test".strip() for c in cells]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        line = [NAMES.get(name, name).replace(" (global model)", "")
+                .replace(" (global test set)", "")]
+        line += [_spread([r["eval_accuracy"] for r in rows
+                          if r["algorithm"] == name and r["cell"] == c]) for c in cells]
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(sweep: Path) -> None:
     rows = per_run_rows(run_results(sweep))
-    text = markdown(rows)
+    text = markdown(rows) + "\n" + global_markdown(rows)
     (sweep / "personal_table.md").write_text(text)
     print(text, end="")
 
