@@ -397,6 +397,16 @@ PERSONAL = dict(implementation=FLOWER + "FedAvg", weighted_mean=True, sum_weight
                 client="fedtune.client.personal:PersonalClient")
 
 
+def _check_shared_body(config: Config) -> None:
+    """FedPer, FedRep and FedBABU share the body: with a frozen encoder nothing of it travels
+    (model.feature_cache even drops it), so there would be nothing to federate."""
+    if config.model.transfer == "frozen":
+        raise ConfigError(
+            f"model.transfer = 'frozen' is not allowed with strategy.name = "
+            f"{config.strategy.name!r}: must be 'full', 'top_k' or 'lora' (it shares the body, "
+            "and a frozen encoder's body does not travel: only the personal head would train)")
+
+
 STRATEGIES.update({
     "finetune": StrategyEntry(
         "FedAvg, then each client fine-tunes the global model on its own data (local "
@@ -407,17 +417,17 @@ STRATEGIES.update({
         "FedBABU (Oh et al. 2022): the body trains under a fixed random head; each client "
         "fine-tunes at evaluation",
         keys=FINETUNE_KEYS, personal="fedtune.personal.fedbabu:FedBABU", shared_part="body",
-        **PERSONAL),
+        check=_check_shared_body, **PERSONAL),
     "fedper": StrategyEntry(
         "FedPer (Arivazhagan et al. 2019): shared body, personal head, trained together",
         personal="fedtune.personal.fedper:FedPer", personal_part="head", shared_part="body",
-        **PERSONAL),
+        check=_check_shared_body, **PERSONAL),
     "fedrep": StrategyEntry(
         "FedRep (Collins et al. 2021): personal head trained first, then the shared body",
         keys={"fedrep_head_epochs": Key(2, "epochs of head-only training before the body's "
                                            "(Collins et al. 2021)", ge=1)},
         personal="fedtune.personal.fedrep:FedRep", personal_part="head", shared_part="body",
-        **PERSONAL),
+        check=_check_shared_body, **PERSONAL),
     "ditto": StrategyEntry(
         "Ditto (Li et al. 2021): a personal model pulled towards the global one by lambda",
         keys={"ditto_lambda": Key(0.1, "proximal weight lambda of the personal model (Li et "

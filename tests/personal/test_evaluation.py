@@ -211,3 +211,16 @@ def test_fedper_under_secagg_sums_bodies_and_the_untouched_global_head(tmp_path)
     assert np.abs(final["body.0.weight"] - initial["body.0.weight"]).max() > 1e-3
     personal = [r for r in rows_of(run / "personal.csv") if r["model"] == "personalised"]
     assert len(personal) == 4
+
+
+@pytest.mark.parametrize("name", ["fedper", "fedrep", "fedbabu"])
+def test_shared_body_algorithms_refuse_a_frozen_encoder_before_any_round(name):
+    """A frozen encoder's body never travels (with the feature cache it is not even built), so
+    FedPer, FedRep and FedBABU would federate nothing: refused at load time, not in round 1's
+    client training (a 'PooledFeatureHead has no separate encoder' failure before this)."""
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [f"strategy.name={name}", "model.kind=hf", "model.transfer=frozen"])
+    message = str(error.value)
+    assert (f"model.transfer = 'frozen' is not allowed with strategy.name = {name!r}"
+            in message and "\n" not in message)
+    load_config(None, [f"strategy.name={name}", "model.kind=hf", "model.transfer=lora"])
