@@ -292,7 +292,10 @@ class RunDirectory:
                      strategy_metrics: dict[str, Any] | None = None) -> None:
         """The round's clients.csv rows, its metrics.csv row, and (when the strategy
         aggregated any) a strategy_metrics.jsonl line: ``{"round": r, "train": {...}}``."""
-        _append(self.clients_csv, CLIENT_COLUMNS, [asdict(c) for c in clients])
+        # a ClientRow holds scalars: read its fields (``asdict`` deep-copies each one, which
+        # costs more per client than training one on a small model)
+        _append(self.clients_csv, CLIENT_COLUMNS,
+                [{name: getattr(c, name) for name in CLIENT_COLUMNS} for c in clients])
         _append(self.metrics_csv, METRICS_COLUMNS, [asdict(row)])
         if strategy_metrics:
             line = json.dumps(json_safe({"round": row.round, "train": strategy_metrics}),

@@ -10,7 +10,12 @@ from safetensors.numpy import load_file
 
 from fedtune.client import vectorised
 from fedtune.client.app import train_client
-from fedtune.client.vectorised import chunk_sizes, train_chunks, vectorisable
+from fedtune.client.vectorised import (
+    chunk_sizes,
+    one_at_a_time_because,
+    train_chunks,
+    vectorisable,
+)
 from fedtune.config import ConfigError, load_config
 from fedtune.engine.cohort import (
     VECTOR_BLOCK,
@@ -57,11 +62,11 @@ def test_clients_trained_together_match_one_client_at_a_time(tmp_path, overrides
     resources = task_resources(tiny_config(tmp_path, *VECTORISED, *overrides))
     assert vectorisable(resources)
     arrays = _global_arrays(resources)
-    clients = [(c, RecordDict()) for c in range(12)]
-    together = [item for chunk in train_chunks(resources, 3, _content(3), arrays, clients)
-                for item in chunk]
+    clients = list(range(12))
+    together = [(trained, chunk.share) for chunk in train_chunks(resources, 3, arrays, clients)
+                for trained in chunk.trained]
     steps: list[int] = []
-    for (client_id, _), (trained, took) in zip(clients, together, strict=True):
+    for client_id, (trained, took) in zip(clients, together, strict=True):
         kept = {name: value.copy() for name, value in trained.arrays.items()}
         one = train_client(resources, client_id, 3, _content(3), arrays, RecordDict())
         assert kept.keys() == one.arrays.keys() and took > 0
@@ -145,7 +150,7 @@ def test_blocks_hold_at_least_a_chunk_when_clients_train_together(tmp_path):
     assert block_size(100, least=VECTOR_BLOCK) == VECTOR_BLOCK
     assert block_size(10_000, least=VECTOR_BLOCK) == 157  # 64 blocks already hold more
     assert least_block(tiny_config(tmp_path, *VECTORISED)) == VECTOR_BLOCK
-    assert least_block(tiny_config(tmp_path)) == 1
+    assert least_block(tiny_config(tmp_path, "engine.vectorise_clients=false")) == 1
 
 
 @pytest.mark.parametrize("overrides", [
@@ -162,10 +167,29 @@ def test_clients_that_need_their_own_loop_train_one_at_a_time(tmp_path, override
     assert not vectorisable(resources)
 
 
-def test_only_fedtunes_own_runtimes_train_clients_together():
-    with pytest.raises(ConfigError, match=r"engine.vectorise_clients = True is not allowed "
+def test_only_fedtunes_own_runtimes_train_clients_together(tmp_path):
+    with pytest.raises(ConfigError, match=r"engine.vectorise_clients = False is not allowed "
                                           r"with engine.backend = 'flower'.*ray, inprocess"):
-        load_config(None, ["engine.backend=flower", "engine.vectorise_clients=true"])
+        load_config(None, ["engine.backend=flower", "engine.vectorise_clients=false"])
+    assert "one ClientApp per client" in one_at_a_time_because(
+        tiny_config(tmp_path, "engine.backend=flower"))
+
+
+def test_clients_train_together_by_default_where_they_may(tmp_path):
+    """The default: together wherever the tables' facts allow, one at a time (with the
+    reason) elsewhere; blocks of a chunk's size only where clients train together."""
+    config = tiny_config(tmp_path)
+    assert one_at_a_time_because(config) is None and vectorisable(task_resources(config))
+    assert least_block(config) == VECTOR_BLOCK
+    for overrides, reason in [
+        (["strategy.name=fedprox", "strategy.proximal_mu=0.1"], "has its own client side"),
+        (["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3"],
+         "trains with its own mechanism"),
+        (["engine.vectorise_clients=false"], "engine.vectorise_clients = false"),
+    ]:
+        other = tiny_config(tmp_path, *overrides)
+        assert reason in one_at_a_time_because(other)
+        assert least_block(other) == 1
 
 
 def test_heads_on_frozen_features_train_together(tmp_path, tiny_bert_path, one_torch_thread):
@@ -178,9 +202,9 @@ def test_heads_on_frozen_features_train_together(tmp_path, tiny_bert_path, one_t
     resources = task_resources(config)
     assert resources.spec.features and vectorisable(resources)
     arrays = _global_arrays(resources)
-    clients = [(c, RecordDict()) for c in range(6)]
-    (chunk,) = list(train_chunks(resources, 2, _content(2), arrays, clients))
-    for (client_id, _), (trained, _) in zip(clients, chunk, strict=True):
+    clients = list(range(6))
+    (chunk,) = list(train_chunks(resources, 2, arrays, clients))
+    for client_id, trained in zip(clients, chunk.trained, strict=True):
         one = train_client(resources, client_id, 2, _content(2), arrays, RecordDict())
         for name in one.arrays:
             np.testing.assert_allclose(trained.arrays[name], one.arrays[name], atol=1e-5,
@@ -192,12 +216,9 @@ def test_with_dropout_clients_draw_their_own_masks_from_the_round_seeds(tmp_path
     resources = task_resources(tiny_config(tmp_path, *VECTORISED, "model.dropout=0.5"))
     assert vectorisable(resources)
     arrays = _global_arrays(resources)
-    clients = [(c, RecordDict()) for c in range(4)]
-
     def together(server_round):
-        (chunk,) = list(train_chunks(resources, server_round, _content(server_round), arrays,
-                                     clients))
-        return [{n: v.copy() for n, v in trained.arrays.items()} for trained, _ in chunk]
+        (chunk,) = list(train_chunks(resources, server_round, arrays, range(4)))
+        return [{n: v.copy() for n, v in trained.arrays.items()} for trained in chunk.trained]
 
     first, again, other_round = together(2), together(2), together(3)
     name = next(iter(first[0]))
