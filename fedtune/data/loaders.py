@@ -54,9 +54,11 @@ class ShuffledRows:
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the base seed
         n = len(self.rows)
         order = self.rows[torch.randperm(n, generator=self.generator).numpy()]
-        torch.randperm(n, generator=self.generator)  # RandomSampler draws a second, unused one
         for start in range(0, n, self.batch_size):
             yield order[start:start + self.batch_size]
+        # RandomSampler draws a second, unused permutation once the first is used up (not
+        # when the epoch stops early: a loader iterated again stays in step)
+        torch.randperm(n, generator=self.generator)
 
 
 class SampledRows:
