@@ -29,11 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from flwr.app import RecordDict
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedtune.attacks.plan import AttackPlan
 from fedtune.client.app import TrainedClient, client_shard, train_metrics
+from fedtune.client.objective import LocalObjective
 from fedtune.config import Config
 from fedtune.data.encode import Encoded
 from fedtune.faults import FaultPlan
@@ -74,7 +76,8 @@ def one_at_a_time_because(config: Config) -> str | None:
         (not (MODEL_KINDS[config.model.kind].vectorisable or uses_feature_cache(config)),
          f"model.kind = {config.model.kind!r} trains whole (not a dense MLP or a head on "
          "cached features)"),
-        (bool(STRATEGIES[config.strategy.name].client),
+        (bool(STRATEGIES[config.strategy.name].client)
+         and not STRATEGIES[config.strategy.name].client_together,
          f"strategy.name = {config.strategy.name!r} has its own client side"),
         (bool(PRIVACY_MODES[config.privacy.mode].mechanism),
          f"privacy.mode = {config.privacy.mode!r} trains with its own mechanism"),
@@ -124,25 +127,37 @@ class TrainedChunk:
     share: float
 
 
-def train_chunks(resources: TaskResources, server_round: int,
+def train_chunks(resources: TaskResources, server_round: int, content: RecordDict,
                  global_arrays: dict[str, np.ndarray], client_ids: Sequence[int]
                  ) -> Iterator[TrainedChunk]:
-    """Train the clients ``client_ids`` on their training splits from ``global_arrays``, a
-    chunk at a time (``chunk_sizes``)."""
+    """Train the clients ``client_ids`` on their training splits from ``global_arrays``
+    (``content``: the train message's records), a chunk at a time (``chunk_sizes``)."""
     first = 0
     for size in chunk_sizes(len(client_ids), resources.model):
-        yield _train_chunk(resources, server_round, global_arrays,
+        yield _train_chunk(resources, server_round, content, global_arrays,
                            client_ids[first:first + size])
         first += size
 
 
-def _train_chunk(resources: TaskResources, server_round: int,
+def round_objective(resources: TaskResources, content: RecordDict,
+                    global_arrays: dict[str, np.ndarray]) -> LocalObjective | None:
+    """The strategy's client side's extra terms, the same for every client of the round (a
+    ``client_together`` side: FedProx's proximal term), or None."""
+    entry = STRATEGIES[resources.config.strategy.name]
+    if not entry.client:
+        return None
+    side = entry.load_client()(content, RecordDict(), global_arrays, resources.train_settings)
+    return side.objective(resources.model)
+
+
+def _train_chunk(resources: TaskResources, server_round: int, content: RecordDict,
                  global_arrays: dict[str, np.ndarray], ids: Sequence[int]) -> TrainedChunk:
     started = time.perf_counter()
     config = resources.config
     model = resources.model
     load_shared_state(model, global_arrays)
     model.train()
+    objective = round_objective(resources, content, global_arrays)
     seeds = client_round_seeds(config.run.seed, server_round, ids)
     shards = [client_shard(config, client_id) for client_id in ids]
     rows = [list(local_batches(resources.client_train_row_batches(shard, seed),
@@ -155,7 +170,7 @@ def _train_chunk(resources: TaskResources, server_round: int,
     results = [TrainResult(float("nan"), 0, 0, 0.0)] * len(ids)
     for count in np.unique(steps[steps > 0]):  # clients with as many steps train together
         members = np.flatnonzero(steps == count)
-        arrays, group = _train_group(resources, model, [rows[i] for i in members])
+        arrays, group = _train_group(resources, model, [rows[i] for i in members], objective)
         if len(members) == len(ids):
             stacked = arrays
         else:  # a later group of as many clients trains in the same stacked copies
@@ -181,11 +196,13 @@ def _train_chunk(resources: TaskResources, server_round: int,
     return TrainedChunk(trained, stacked, share)
 
 
-def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.ndarray]]
+def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.ndarray]],
+                 objective: LocalObjective | None
                  ) -> tuple[dict[str, np.ndarray], list[TrainResult]]:
     """Clients that take the same number of steps (at least one), trained together: their
     travelling arrays stacked (client i: row i) and each one's training result (duration 0:
-    the caller shares the chunk's time)."""
+    the caller shares the chunk's time). ``objective``'s terms are added to every client's
+    gradient, as ``LocalObjective.adjust_gradients`` adds them to one client's."""
     travelling = travelling_tensors(model)
     steps = len(rows[0])
     clients = len(rows)
@@ -214,6 +231,8 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
         grads, losses = step(tuple(stacked), inputs, target, mask)
         for param, gradient in zip(stacked, grads, strict=True):
             param.grad = gradient
+        if objective is not None:
+            _adjust_stacked(objective, names, stacked)
         optimizer.step()
         loss_sums += losses.detach().double().numpy() * counts
         seen += counts
@@ -223,6 +242,20 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
               for name, value in travelling.items()}
     return arrays, [TrainResult(float(loss_sums[i] / seen[i]), int(seen[i]), steps, 0.0)
                     for i in range(clients)]
+
+
+@torch.no_grad()
+def _adjust_stacked(objective: LocalObjective, names: list[str],
+                    stacked: list[torch.Tensor]) -> None:
+    """``LocalObjective.adjust_gradients`` for stacked copies: the same terms, in the same
+    order, with the round's anchor, linear and shift tensors broadcast over the clients."""
+    for name, param in zip(names, stacked, strict=True):
+        if objective.quadratic and name in objective.anchor:
+            param.grad.add_(param - objective.anchor[name], alpha=objective.quadratic)
+        if name in objective.linear:
+            param.grad.sub_(objective.linear[name])
+        if name in objective.shift:
+            param.grad.add_(objective.shift[name])
 
 
 def _stacked_copies(model: nn.Module, names: list[str], clients: int, settings: TrainSettings

@@ -310,7 +310,8 @@ def _train_together(resources: TaskResources, content: DecodedContent, task: Blo
     """The clients of a train block trained together a chunk at a time
     (``fedtune.client.vectorised``), each chunk screened and summed as a whole
     (``_keep_chunk``). Their client side keeps no state, so no state changes."""
-    chunks = train_chunks(resources, content.server_round, content.arrays[protocol.ARRAYS],
+    chunks = train_chunks(resources, content.server_round, content.records,
+                          content.arrays[protocol.ARRAYS],
                           [client.client_id for client in task.clients])
     done = 0
     while done < len(task.clients):

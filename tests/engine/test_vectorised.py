@@ -9,6 +9,7 @@ from flwr.app import ConfigRecord, RecordDict
 from safetensors.numpy import load_file
 
 from fedtune.client import vectorised
+from fedtune.client.algorithms import PROXIMAL_KEY
 from fedtune.client.app import train_client
 from fedtune.client.vectorised import (
     chunk_sizes,
@@ -63,7 +64,7 @@ def test_clients_trained_together_match_one_client_at_a_time(tmp_path, overrides
     assert vectorisable(resources)
     arrays = _global_arrays(resources)
     clients = list(range(12))
-    together = [(trained, chunk.share) for chunk in train_chunks(resources, 3, arrays, clients)
+    together = [(trained, chunk.share) for chunk in train_chunks(resources, 3, _content(3), arrays, clients)
                 for trained in chunk.trained]
     steps: list[int] = []
     for client_id, (trained, took) in zip(clients, together, strict=True):
@@ -153,15 +154,35 @@ def test_blocks_hold_at_least_a_chunk_when_clients_train_together(tmp_path):
     assert least_block(tiny_config(tmp_path, "engine.vectorise_clients=false")) == 1
 
 
+def test_fedprox_clients_trained_together_match_one_at_a_time(tmp_path, one_torch_thread):
+    """FedProx's proximal term (Li et al. 2020) added to the stacked gradients, as the loop
+    adds it to one client's: the same weights to float rounding, and (mu large) other weights
+    than plain training."""
+    resources = task_resources(tiny_config(tmp_path, *VECTORISED, "strategy.name=fedprox",
+                                           "strategy.proximal_mu=2.0", "client.lr=0.2",
+                                           "client.optimizer=sgd"))
+    assert vectorisable(resources)
+    arrays = _global_arrays(resources)
+    content = RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: 2, PROXIMAL_KEY: 2.0})})
+    (chunk,) = list(train_chunks(resources, 2, content, arrays, range(6)))
+    kept = [{n: v.copy() for n, v in trained.arrays.items()} for trained in chunk.trained]
+    plain = [{n: v.copy() for n, v in trained.arrays.items()} for trained in next(
+        train_chunks(resources, 2, _content(2), arrays, range(6))).trained]
+    for client_id, ours, without in zip(range(6), kept, plain, strict=True):
+        one = train_client(resources, client_id, 2, content, arrays, RecordDict())
+        for name in one.arrays:
+            np.testing.assert_allclose(ours[name], one.arrays[name], atol=1e-5, rtol=0)
+        assert max(np.abs(ours[n] - without[n]).max() for n in ours) > 1e-3
+
+
 @pytest.mark.parametrize("overrides", [
-    ["strategy.name=fedprox", "strategy.proximal_mu=0.1"],  # its own objective
     ["strategy.name=scaffold", "client.optimizer=sgd"],  # client state and control variates
     ["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3"],
     ["faults.nan_fraction=0.25"],
     ["client.precision=bf16"],
     ["client.max_grad_norm=1.0"],
     ["engine.vectorise_clients=false"],
-], ids=["fedprox", "scaffold", "local-dp", "faults", "bf16", "clipping", "off"])
+], ids=["scaffold", "local-dp", "faults", "bf16", "clipping", "off"])
 def test_clients_that_need_their_own_loop_train_one_at_a_time(tmp_path, overrides):
     resources = task_resources(tiny_config(tmp_path, *VECTORISED, *overrides))
     assert not vectorisable(resources)
@@ -182,7 +203,7 @@ def test_clients_train_together_by_default_where_they_may(tmp_path):
     assert one_at_a_time_because(config) is None and vectorisable(task_resources(config))
     assert least_block(config) == VECTOR_BLOCK
     for overrides, reason in [
-        (["strategy.name=fedprox", "strategy.proximal_mu=0.1"], "has its own client side"),
+        (["strategy.name=scaffold", "client.optimizer=sgd"], "has its own client side"),
         (["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3"],
          "trains with its own mechanism"),
         (["engine.vectorise_clients=false"], "engine.vectorise_clients = false"),
@@ -203,7 +224,7 @@ def test_heads_on_frozen_features_train_together(tmp_path, tiny_bert_path, one_t
     assert resources.spec.features and vectorisable(resources)
     arrays = _global_arrays(resources)
     clients = list(range(6))
-    (chunk,) = list(train_chunks(resources, 2, arrays, clients))
+    (chunk,) = list(train_chunks(resources, 2, _content(2), arrays, clients))
     for client_id, trained in zip(clients, chunk.trained, strict=True):
         one = train_client(resources, client_id, 2, _content(2), arrays, RecordDict())
         for name in one.arrays:
@@ -217,7 +238,8 @@ def test_with_dropout_clients_draw_their_own_masks_from_the_round_seeds(tmp_path
     assert vectorisable(resources)
     arrays = _global_arrays(resources)
     def together(server_round):
-        (chunk,) = list(train_chunks(resources, server_round, arrays, range(4)))
+        (chunk,) = list(train_chunks(resources, server_round, _content(server_round), arrays,
+                                     range(4)))
         return [{n: v.copy() for n, v in trained.arrays.items()} for trained in chunk.trained]
 
     first, again, other_round = together(2), together(2), together(3)
