@@ -34,6 +34,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedtune.attacks.plan import AttackPlan
+from fedtune.client.algorithms import ClientSide
 from fedtune.client.app import TrainedClient, client_shard, train_metrics
 from fedtune.client.objective import LocalObjective
 from fedtune.config import Config
@@ -139,15 +140,14 @@ def train_chunks(resources: TaskResources, server_round: int, content: RecordDic
         first += size
 
 
-def round_objective(resources: TaskResources, content: RecordDict,
-                    global_arrays: dict[str, np.ndarray]) -> LocalObjective | None:
-    """The strategy's client side's extra terms, the same for every client of the round (a
-    ``client_together`` side: FedProx's proximal term), or None."""
+def round_side(resources: TaskResources, content: RecordDict,
+               global_arrays: dict[str, np.ndarray]) -> ClientSide:
+    """The strategy's client side for every client of the round: plain, or a
+    ``client_together`` one (FedProx's proximal term, FedNova's reply metric), which keeps no
+    state, so one serves the whole chunk."""
     entry = STRATEGIES[resources.config.strategy.name]
-    if not entry.client:
-        return None
-    side = entry.load_client()(content, RecordDict(), global_arrays, resources.train_settings)
-    return side.objective(resources.model)
+    side_class = entry.load_client() if entry.client else ClientSide
+    return side_class(content, RecordDict(), global_arrays, resources.train_settings)
 
 
 def _train_chunk(resources: TaskResources, server_round: int, content: RecordDict,
@@ -157,7 +157,8 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     model = resources.model
     load_shared_state(model, global_arrays)
     model.train()
-    objective = round_objective(resources, content, global_arrays)
+    side = round_side(resources, content, global_arrays)
+    objective = side.objective(model)
     seeds = client_round_seeds(config.run.seed, server_round, ids)
     shards = [client_shard(config, client_id) for client_id in ids]
     rows = [list(local_batches(resources.client_train_row_batches(shard, seed),
@@ -187,11 +188,13 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     for i, client_id in enumerate(ids):
         result = results[i]
         client = TrainedClient(arrays=None)
+        extra: dict[str, float] = {}
         if result.num_steps:
             client.arrays = {name: value[i] for name, value in stacked.items()}
+            client.records, extra = side.reply(client.arrays, result.num_steps)
         client.metrics = train_metrics(resources, shards[i], client_id,
                                        TrainResult(result.loss, result.num_examples,
-                                                   result.num_steps, share), {}, {})
+                                                   result.num_steps, share), {}, extra)
         trained.append(client)
     return TrainedChunk(trained, stacked, share)
 

@@ -354,8 +354,9 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
     limits = spec.limits
     for i, (report, trained) in enumerate(zip(reports, chunk.trained, strict=True)):
         report.metrics = trained.metrics
-        if trained.arrays is None or chunk_problem or not np.isfinite(norms[i]):
-            received = {} if trained.arrays is None else {protocol.ARRAYS: trained.arrays}
+        if (trained.arrays is None or chunk_problem or trained.records
+                or not np.isfinite(norms[i])):
+            received = {} if trained.arrays is None else _received(trained)
             if received:
                 report.bytes_up = count_bytes(received)
             report.status, report.reason = _screen_update(trained, received, content, spec,
@@ -385,8 +386,15 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
     else:  # kept past the next chunk, which overwrites the stacked copies: one copy
         kept = {name: np.array(value) for name, value in rows.items()}
         for j, i in enumerate(accepted):
-            reports[i].update = {protocol.ARRAYS: {name: value[j]
+            reports[i].update = {**_received(chunk.trained[i]),
+                                 protocol.ARRAYS: {name: value[j]
                                                    for name, value in kept.items()}}
+
+
+def _received(trained: TrainedClient) -> dict[str, dict[str, np.ndarray]]:
+    """A trained client's reply arrays by record: its model, and its client side's records."""
+    return {protocol.ARRAYS: trained.arrays,
+            **{name: protocol.to_numpy(r) for name, r in trained.records.items()}}
 
 
 def _reply_structure(received: dict[str, dict[str, np.ndarray]], content: DecodedContent,
@@ -412,8 +420,7 @@ def _keep_update(result: BlockResult, report: ClientReport, trained: TrainedClie
     sum (weighted-mean strategies) or keep a copy of it."""
     received: dict[str, dict[str, np.ndarray]] = {}
     if trained.arrays is not None:
-        received = {protocol.ARRAYS: trained.arrays,
-                    **{name: protocol.to_numpy(r) for name, r in trained.records.items()}}
+        received = _received(trained)
         report.bytes_up = count_bytes(received)
     report.metrics = trained.metrics
     report.status, report.reason = _screen_update(trained, received, content, spec, report)

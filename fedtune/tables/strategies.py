@@ -42,8 +42,8 @@ class StrategyEntry(Entry):
     client: str = ""  # "module:Class" of its client side; "" = plain local training
     # its client side changes local training only by a LocalObjective (fedtune.client.
     # objective) that is the same for every client of a round (it reads the train message and
-    # the global model alone) and keeps no state or extra reply: clients may train together
-    # (engine.vectorise_clients, fedtune.client.vectorised)
+    # the global model alone), keeps no state and replies with metrics at most: clients may
+    # train together (engine.vectorise_clients, fedtune.client.vectorised)
     client_together: bool = False
     answers: Mapping[str, str] = field(default_factory=dict)  # reply record -> sent record
     reply_metrics: Mapping[str, ReplyMetric] = field(default_factory=dict)  # beyond the core
@@ -270,7 +270,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "fednova": StrategyEntry(
         "FedNova (Wang et al. 2020): updates normalised by local steps",
         implementation="strategies.fednova:FedNova", client=CLIENTS + "FedNovaClient",
-        reply_metrics={"fednova-a": ReplyMetric(float, gt=0, equals=_fednova_a)}, sgd_only=True,
+        client_together=True, reply_metrics={"fednova-a": ReplyMetric(float, gt=0, equals=_fednova_a)}, sgd_only=True,
         sum_weight=EXAMPLES + "/fednova-a"),
     "feddyn": StrategyEntry(
         "FedDyn (Acar et al. 2021): dynamic regularisation of the local objective",

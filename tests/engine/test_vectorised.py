@@ -83,13 +83,22 @@ def test_clients_trained_together_match_one_client_at_a_time(tmp_path, overrides
         assert len(group_sizes) > 1 and len(set(group_sizes)) < len(group_sizes)
 
 
-def test_a_run_with_clients_together_matches_the_loop(tmp_path, one_torch_thread):
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["strategy.name=fedprox", "strategy.proximal_mu=0.5"],
+    # FedNova's reply metric (Wang et al. 2020) and its server's normalised aggregate of the
+    # updates kept one by one
+    ["strategy.name=fednova", "client.optimizer=sgd", "client.momentum=0.5"],
+], ids=["fedavg", "fedprox", "fednova"])
+def test_a_run_with_clients_together_matches_the_loop(tmp_path, overrides, one_torch_thread):
     """The whole round (screening, sums, server): the same statuses and metrics, the same model
     to float rounding."""
     runs = {}
     for flag in ("false", "true"):
-        config = tiny_config(tmp_path, *VECTORISED, f"engine.vectorise_clients={flag}",
-                             "run.rounds=3", f"run.dir={tmp_path / flag}")
+        config = tiny_config(tmp_path, *VECTORISED, *overrides,
+                             f"engine.vectorise_clients={flag}", "run.rounds=3",
+                             f"run.dir={tmp_path / flag}")
+        assert (one_at_a_time_because(config) is None) == (flag == "true")
         runs[flag] = run_inprocess(config).path
     clients = {flag: [(r["round"], r["client_id"], r["status"], r["num_examples"])
                       for r in rows_of(path / "clients.csv")] for flag, path in runs.items()}
