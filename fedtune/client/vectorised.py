@@ -15,9 +15,9 @@ Each client trains on exactly the batches its own loader gives
 (``TaskResources.client_train_loader`` with its round seed), as ``fedtune.client.app.
 train_client`` would; a client whose batch at a step is smaller than the others' is padded and
 the padding is masked out of its loss. The arithmetic is batched, so weights agree with
-one-client-at-a-time training to float rounding, not bit for bit. Dropout draws a separate mask
-per client (``randomness="different"``) from torch's generator seeded with the chunk's first
-client's round seed. What a chunk may hold is fixed by the block and the model's size
+one-client-at-a-time training to float rounding, not bit for bit. Dropout drops what it drops
+one client at a time: each client's masks come from a generator seeded with its round seed
+(``fedtune.client.dropout_masks``). What a chunk may hold is fixed by the block and the model's size
 (``chunk_sizes``), so every runtime that vectorises gives the same bits.
 """
 
@@ -36,6 +36,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedtune.attacks.plan import AttackPlan
 from fedtune.client.algorithms import ClientSide
 from fedtune.client.app import TrainedClient, client_shard, train_metrics
+from fedtune.client.dropout_masks import ClientMasks
 from fedtune.client.objective import LocalObjective
 from fedtune.config import Config
 from fedtune.data.encode import Encoded
@@ -46,7 +47,7 @@ from fedtune.tables.model_kinds import MODEL_KINDS
 from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.runtimes import RUNTIMES
 from fedtune.tables.strategies import STRATEGIES
-from fedtune.task import TaskResources, client_round_seeds, resolve_device, seed_torch
+from fedtune.task import TaskResources, client_round_seeds, resolve_device
 from fedtune.train import (
     TrainResult,
     TrainSettings,
@@ -161,17 +162,20 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     objective = side.objective(model)
     seeds = client_round_seeds(config.run.seed, server_round, ids)
     shards = [client_shard(config, client_id) for client_id in ids]
-    rows = [list(local_batches(resources.client_train_row_batches(shard, seed),
-                               resources.train_settings))
-            for shard, seed in zip(shards, seeds, strict=True)]
-    seed_torch(seeds[0])  # dropout's masks
+    loaders = [resources.client_train_row_batches(shard, seed)
+               for shard, seed in zip(shards, seeds, strict=True)]
+    rows = [list(local_batches(loader, resources.train_settings)) for loader in loaders]
     steps = np.array([len(r) for r in rows])
     travelling = travelling_tensors(model)
     stacked: dict[str, np.ndarray] | None = None
     results = [TrainResult(float("nan"), 0, 0, 0.0)] * len(ids)
     for count in np.unique(steps[steps > 0]):  # clients with as many steps train together
         members = np.flatnonzero(steps == count)
-        arrays, group = _train_group(resources, model, [rows[i] for i in members], objective)
+        masks = ClientMasks(model, [torch.Generator().manual_seed(seeds[i]) for i in members],
+                            [loaders[i].epoch_draws for i in members],
+                            [len(loaders[i]) for i in members])
+        arrays, group = _train_group(resources, model, [rows[i] for i in members], objective,
+                                     masks)
         if len(members) == len(ids):
             stacked = arrays
         else:  # a later group of as many clients trains in the same stacked copies
@@ -200,12 +204,13 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
 
 
 def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.ndarray]],
-                 objective: LocalObjective | None
+                 objective: LocalObjective | None, masks: ClientMasks
                  ) -> tuple[dict[str, np.ndarray], list[TrainResult]]:
     """Clients that take the same number of steps (at least one), trained together: their
     travelling arrays stacked (client i: row i) and each one's training result (duration 0:
     the caller shares the chunk's time). ``objective``'s terms are added to every client's
-    gradient, as ``LocalObjective.adjust_gradients`` adds them to one client's."""
+    gradient, as ``LocalObjective.adjust_gradients`` adds them to one client's; dropout drops
+    what each client's own generator draws (``masks``)."""
     travelling = travelling_tensors(model)
     steps = len(rows[0])
     clients = len(rows)
@@ -218,27 +223,33 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
                                        for name, copy in zip(names, stacked, strict=True)])
 
     def loss(params: tuple[torch.Tensor, ...], inputs: dict[str, torch.Tensor],
-             labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+             labels: torch.Tensor, mask: torch.Tensor, dropped: tuple[torch.Tensor, ...]
+             ) -> torch.Tensor:
+        masks.current = dropped  # this client's dropout masks (``ClientMasks.applied``)
         out = functional_call(model, {**fixed, **dict(zip(names, params, strict=True))},
                               args=(), kwargs=inputs)
         logits = out if isinstance(out, torch.Tensor) else out.logits
         per_example = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
         return (per_example * mask).sum() / mask.sum()
 
-    step = vmap(grad_and_value(loss), randomness="different")
+    step = vmap(grad_and_value(loss))
     loss_sums = np.zeros(clients)
     seen = np.zeros(clients, dtype=np.int64)
     encoded, labels = resources.encoded, resources.federation.data.labels
-    for s in range(steps):
-        inputs, target, mask, counts = _gather_step(encoded, labels, [r[s] for r in rows])
-        grads, losses = step(tuple(stacked), inputs, target, mask)
-        for param, gradient in zip(stacked, grads, strict=True):
-            param.grad = gradient
-        if objective is not None:
-            _adjust_stacked(objective, names, stacked)
-        optimizer.step()
-        loss_sums += losses.detach().double().numpy() * counts
-        seen += counts
+    with masks.applied():
+        for s in range(steps):
+            inputs, target, mask, counts = _gather_step(encoded, labels, [r[s] for r in rows])
+            if masks and not masks.shapes:
+                masks.probe(inputs)
+            dropped = masks.draw(s, counts, mask.shape[1]) if masks else ()
+            grads, losses = step(tuple(stacked), inputs, target, mask, dropped)
+            for param, gradient in zip(stacked, grads, strict=True):
+                param.grad = gradient
+            if objective is not None:
+                _adjust_stacked(objective, names, stacked)
+            optimizer.step()
+            loss_sums += losses.detach().double().numpy() * counts
+            seen += counts
     by_name = dict(zip(names, stacked, strict=True))
     arrays = {name: by_name[name].detach().numpy() if name in by_name
               else np.broadcast_to(value.detach().numpy(), (clients, *value.shape))

@@ -42,6 +42,8 @@ class ShuffledRows:
     per-iteration machinery - for a small client that takes one step, creating a DataLoader
     iterator costs more than the step. Each iteration is a new epoch (new draws)."""
 
+    epoch_draws = 0  # values an epoch draws from torch's default generator (none)
+
     def __init__(self, rows: np.ndarray, batch_size: int, generator: torch.Generator) -> None:
         self.rows = rows
         self.batch_size = batch_size
@@ -65,6 +67,8 @@ class SampledRows:
     """The row numbers of the batches a DataLoader over ``sampler`` yields, epoch by epoch
     (the sampler draws from its own generator; DataLoader's base seed, drawn from torch's
     global generator, picks no rows)."""
+
+    epoch_draws = 1  # DataLoader's base seed, from torch's default generator, every epoch
 
     def __init__(self, rows: np.ndarray, batch_size: int, sampler: Sampler) -> None:
         self.rows = rows
