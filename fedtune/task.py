@@ -89,8 +89,9 @@ def client_round_seeds(run_seed: int, server_round: int, client_ids: Sequence[in
     SeedSequence([run_seed, server_round, client_id]).generate_state(1) costs ~20 µs of
     Python per client; its arithmetic (hash and mix of 32-bit words, every constant sequence
     independent of the data) runs here over all clients as NumPy uint32 vectors. NumPy has no
-    batched SeedSequence, hence this; tests/client/test_round_seeds.py checks it against SeedSequence. Ids
-    of 2**32 or more, or entropy longer than the pool, go through SeedSequence itself."""
+    batched SeedSequence, hence this; tests/client/test_round_seeds.py checks it against
+    SeedSequence. Ids of 2**32 or more, or entropy longer than the pool, go through
+    SeedSequence itself."""
     ids = np.asarray(client_ids, dtype=np.int64)
     head = [*_words(run_seed), *_words(server_round)] if min(run_seed, server_round) >= 0 else []
     if (not head or len(head) + 1 > _POOL_SIZE or len(ids) == 0 or ids.min() < 0

@@ -76,8 +76,8 @@ def one_at_a_time_because(config: Config) -> str | None:
          f"engine.backend = {engine.backend!r} runs one ClientApp per client"),
         (not getattr(engine, VECTORISE_KEY, False), "engine.vectorise_clients = false"),
         (not (MODEL_KINDS[config.model.kind].vectorisable or uses_feature_cache(config)),
-         f"model.kind = {config.model.kind!r} trains whole (not a dense MLP or a head on "
-         "cached features)"),
+         (f"model.kind = {config.model.kind!r} trains whole (not a dense MLP or a head on "
+          "cached features)")),
         (bool(STRATEGIES[config.strategy.name].client)
          and not STRATEGIES[config.strategy.name].client_together,
          f"strategy.name = {config.strategy.name!r} has its own client side"),

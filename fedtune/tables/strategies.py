@@ -270,7 +270,8 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "fednova": StrategyEntry(
         "FedNova (Wang et al. 2020): updates normalised by local steps",
         implementation="strategies.fednova:FedNova", client=CLIENTS + "FedNovaClient",
-        client_together=True, reply_metrics={"fednova-a": ReplyMetric(float, gt=0, equals=_fednova_a)}, sgd_only=True,
+        client_together=True,
+        reply_metrics={"fednova-a": ReplyMetric(float, gt=0, equals=_fednova_a)}, sgd_only=True,
         sum_weight=EXAMPLES + "/fednova-a"),
     "feddyn": StrategyEntry(
         "FedDyn (Acar et al. 2021): dynamic regularisation of the local objective",

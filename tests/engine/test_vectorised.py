@@ -64,7 +64,8 @@ def test_clients_trained_together_match_one_client_at_a_time(tmp_path, overrides
     assert vectorisable(resources)
     arrays = _global_arrays(resources)
     clients = list(range(12))
-    together = [(trained, chunk.share) for chunk in train_chunks(resources, 3, _content(3), arrays, clients)
+    together = [(trained, chunk.share)
+                for chunk in train_chunks(resources, 3, _content(3), arrays, clients)
                 for trained in chunk.trained]
     steps: list[int] = []
     for client_id, (trained, took) in zip(clients, together, strict=True):
