@@ -11,11 +11,14 @@ rounds of all repeats. Sub-benchmarks:
   on the global test set after every round - on fedtune's Ray engine (2 actors), fedtune in one
   process, pfl 0.6.0 in one process and with two workers (torchrun, gloo), and Flower's stock
   simulation; 100, 1,000 and 10,000 clients. fedtune runs each of its runtimes twice: clients
-  one at a time (the default) and trained together (``engine.vectorise_clients = true``:
+  one at a time (``engine.vectorise_clients = false``) and trained together (the default,
   ``torch.func.vmap`` over chunks of clients). Ratios are other / fedtune Ray engine.
 - ``floor``: the same clients' steps in a tight torch loop (one model, one fused AdamW reset
   per client, batches built beforehand, one thread) plus one server evaluation: what any
   simulator must spend. (fedtune's CPU per round - floor) / clients is its per-client overhead.
+  Beside it the batched floor: the same steps as ``torch.func.vmap`` over chunks of 32 stacked
+  copies and one fused AdamW over the stack, batches stacked beforehand (what clients trained
+  together compute, without any bookkeeping).
 - ``central``: federated (Ray engine) against centralized training on the same batches in one
   process with the same model and optimizer, with and without start-up.
 - ``startup``: where fedtune's start-up goes (imports, data and features, Ray, actors).
@@ -372,11 +375,13 @@ def bench_rounds(out: Path, sizes: list[int], rounds: int, repeats: int,
     for n in sizes:
         row_base, label = workload(base, n)
         overrides = [*row_base, f"data.num_clients={n}", f"run.rounds={rounds}"]
-        sides = {
+        sides = {  # clients one at a time (engine.vectorise_clients = false)
             "fedtune ray (2 actors)": lambda i, o=overrides, k=n: fedtune_command(
-                [*o, "engine.backend=ray"], out / f"ray-{k}-{i}"),
+                [*o, "engine.backend=ray", "engine.vectorise_clients=false"],
+                out / f"ray-{k}-{i}"),
             "fedtune in process": lambda i, o=overrides, k=n: fedtune_command(
-                [*o, "engine.backend=inprocess"], out / f"inproc-{k}-{i}"),
+                [*o, "engine.backend=inprocess", "engine.vectorise_clients=false"],
+                out / f"inproc-{k}-{i}"),
         }
         if vectorised:  # clients trained together (torch.func.vmap), engine.vectorise_clients
             sides |= {
