@@ -23,6 +23,10 @@ sys.path.insert(0, str(HERE))
 import engine_benchmarks as bench  # noqa: E402
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", help="source tree A (its fedtune package is imported)")
@@ -38,7 +42,7 @@ def main() -> None:
         name, _, overrides = side.partition("=")
         sides[name] = overrides.split(",") if overrides else []
     trees = {"A": str(Path(args.before).resolve()), "B": str(Path(args.after).resolve())}
-    print(f"load average before: {' '.join(open('/proc/loadavg').read().split()[:3])}")
+    print(f"load average before: {_load()}")
     print("| clients | side | tree | s/round (min-max) | CPU-s/round (min-max) | "
           "CPU-ms per client-round |")
     print("|---|---|---|---|---|---|")
@@ -60,7 +64,7 @@ def main() -> None:
                 print(f"| {label} | {name} | {tree} | {bench._spread(measured, 'wall_s')} | "
                       f"{bench._spread(measured, 'cpu_s')} | {1000 * cpu / n:.3f} |",
                       flush=True)
-    print(f"load average after: {' '.join(open('/proc/loadavg').read().split()[:3])}")
+    print(f"load average after: {_load()}")
 
 
 if __name__ == "__main__":
