@@ -44,7 +44,12 @@ from fedtune.errors import one_line
 from fedtune.server.grid import CohortResult, CohortSpec
 from fedtune.server.guard import absurd_update, model_norm, update_norm, update_norms
 from fedtune.server.reports import ClientReport
-from fedtune.server.screening import check_claims, check_metric_values, check_update_arrays
+from fedtune.server.screening import (
+    check_claims,
+    check_kept,
+    check_metric_values,
+    check_update_arrays,
+)
 from fedtune.server.summing import accumulate, accumulate_rows
 from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.state.store import ClientStateStore
@@ -215,7 +220,9 @@ def _screen_update(trained: TrainedClient, received: dict[str, dict[str, np.ndar
             problem = f"record {protocol.STATUS!r} gives no {protocol.REASON!r}"
         return ("rejected", problem) if problem else ("declined", trained.status)
     schema = limits.train
-    problem = _reply_structure(received, content, spec)
+    problem = (_reply_structure(received, content, spec)
+               or check_kept(content.arrays[protocol.ARRAYS], received[protocol.ARRAYS],
+                             limits.kept))
     if problem:
         return "rejected", problem
     problem = (check_metric_values(trained.metrics, schema)
@@ -363,7 +370,8 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
                                                           report)
             continue
         report.bytes_up = chunk_bytes
-        problem = (check_metric_values(trained.metrics, limits.train)
+        problem = (check_kept(global_arrays, trained.arrays, limits.kept)
+                   or check_metric_values(trained.metrics, limits.train)
                    or check_claims(trained.metrics, limits, report.client_id,
                                    limits.train_sizes, 1))
         if not problem:
