@@ -11,11 +11,14 @@ rounds of all repeats. Sub-benchmarks:
   on the global test set after every round - on fedtune's Ray engine (2 actors), fedtune in one
   process, pfl 0.6.0 in one process and with two workers (torchrun, gloo), and Flower's stock
   simulation; 100, 1,000 and 10,000 clients. fedtune runs each of its runtimes twice: clients
-  one at a time (the default) and trained together (``engine.vectorise_clients = true``:
+  one at a time (``engine.vectorise_clients = false``) and trained together (the default,
   ``torch.func.vmap`` over chunks of clients). Ratios are other / fedtune Ray engine.
 - ``floor``: the same clients' steps in a tight torch loop (one model, one fused AdamW reset
   per client, batches built beforehand, one thread) plus one server evaluation: what any
   simulator must spend. (fedtune's CPU per round - floor) / clients is its per-client overhead.
+  Beside it the batched floor: the same steps as ``torch.func.vmap`` over chunks of 32 stacked
+  copies and one fused AdamW over the stack, batches stacked beforehand (what clients trained
+  together compute, without any bookkeeping).
 - ``central``: federated (Ray engine) against centralized training on the same batches in one
   process with the same model and optimizer, with and without start-up.
 - ``startup``: where fedtune's start-up goes (imports, data and features, Ray, actors).
@@ -191,6 +194,7 @@ def side_floor(overrides: list[str]) -> None:
         picked = rng.permutation(rows)[:config.client.batch_size]
         batches.append((resources.encoded.pad(picked), torch.from_numpy(labels[picked])))
     loss_fn = torch.nn.CrossEntropyLoss()
+    batched = _batched_floor(model, batches, resources.train_settings)
     for repeat in range(3):
         cpu = time.process_time()
         for inputs, target in batches:
@@ -199,9 +203,59 @@ def side_floor(overrides: list[str]) -> None:
             optimizer.step()
         steps_s = time.process_time() - cpu
         cpu = time.process_time()
+        batched()
+        batched_s = time.process_time() - cpu
+        cpu = time.process_time()
         evaluate(model, resources.global_test_loader(), torch.device("cpu"))
-        print(json.dumps({"steps_cpu_s": steps_s, "eval_cpu_s": time.process_time() - cpu}),
-              flush=True)
+        print(json.dumps({"steps_cpu_s": steps_s, "batched_cpu_s": batched_s,
+                          "batched_clients": batched.clients,
+                          "eval_cpu_s": time.process_time() - cpu}), flush=True)
+
+
+FLOOR_CHUNK = 32  # clients a step of the batched floor trains together
+
+
+def _batched_floor(model, batches, settings):
+    """The batched floor: the same clients' steps as ``torch.func.vmap(grad)`` over chunks of
+    FLOOR_CHUNK stacked copies of the model and one fused AdamW step over the stack (the
+    computation engine.vectorise_clients does, without any of its bookkeeping), batches
+    stacked beforehand; a chunk's copies start from the global weights."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    from fedtune.train import make_optimizer, reset_optimizer
+
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    chunks = []
+    for start in range(0, len(batches) - FLOOR_CHUNK + 1, FLOOR_CHUNK):
+        part = batches[start:start + FLOOR_CHUNK]
+        if len({len(target) for _, target in part}) == 1:  # equal batches (no padding)
+            chunks.append(({key: torch.stack([inputs[key] for inputs, _ in part])
+                            for key in part[0][0]}, torch.stack([t for _, t in part])))
+    stacked = [p.detach().expand(FLOOR_CHUNK, *p.shape).clone()
+               for name, p in model.named_parameters() if name in names]
+    optimizer = make_optimizer(stacked, settings)
+    start = [p.detach() for name, p in model.named_parameters() if name in names]
+
+    def loss(params, inputs, target):
+        out = functional_call(model, dict(zip(names, params, strict=True)), args=(),
+                              kwargs=inputs)
+        return torch.nn.functional.cross_entropy(out, target)
+
+    step = vmap(grad(loss))
+
+    def run() -> None:
+        for inputs, target in chunks:
+            with torch.no_grad():
+                torch._foreach_copy_(stacked, [p.expand_as(s) for p, s in
+                                               zip(start, stacked, strict=True)])
+            reset_optimizer(optimizer)
+            for param, gradient in zip(stacked, step(tuple(stacked), inputs, target),
+                                       strict=True):
+                param.grad = gradient
+            optimizer.step()
+    run.clients = len(chunks) * FLOOR_CHUNK
+    return run
 
 
 def side_central(overrides: list[str], threads: int) -> None:
@@ -321,11 +375,13 @@ def bench_rounds(out: Path, sizes: list[int], rounds: int, repeats: int,
     for n in sizes:
         row_base, label = workload(base, n)
         overrides = [*row_base, f"data.num_clients={n}", f"run.rounds={rounds}"]
-        sides = {
+        sides = {  # clients one at a time (engine.vectorise_clients = false)
             "fedtune ray (2 actors)": lambda i, o=overrides, k=n: fedtune_command(
-                [*o, "engine.backend=ray"], out / f"ray-{k}-{i}"),
+                [*o, "engine.backend=ray", "engine.vectorise_clients=false"],
+                out / f"ray-{k}-{i}"),
             "fedtune in process": lambda i, o=overrides, k=n: fedtune_command(
-                [*o, "engine.backend=inprocess"], out / f"inproc-{k}-{i}"),
+                [*o, "engine.backend=inprocess", "engine.vectorise_clients=false"],
+                out / f"inproc-{k}-{i}"),
         }
         if vectorised:  # clients trained together (torch.func.vmap), engine.vectorise_clients
             sides |= {
@@ -370,17 +426,20 @@ def _spread(rows: list[dict], key: str) -> str:
 def bench_floor(sizes: list[int]) -> None:
     print("\n## the floor: the same steps in a tight torch loop (one thread), and one server "
           "evaluation")
-    print("| clients | steps CPU-s | per step ms | server evaluation CPU-s |")
-    print("|---|---|---|---|")
+    print("| clients | steps CPU-s | per step ms | batched floor: per client-round ms "
+          f"(vmap, chunks of {FLOOR_CHUNK}, fused AdamW) | server evaluation CPU-s |")
+    print("|---|---|---|---|---|")
     for n in sizes:
         row_base, label = workload(MLP, n)
         lines, _ = run_side([sys.executable, __file__, "_side", "floor", "-",
                              *[x for o in [*row_base, f"data.num_clients={n}"]
                                for x in ("--set", o)]])
         steps = statistics.median(line["steps_cpu_s"] for line in lines)
+        batched = statistics.median(line["batched_cpu_s"] / line["batched_clients"]
+                                    for line in lines)
         evaluation = statistics.median(line["eval_cpu_s"] for line in lines)
-        print(f"| {label} | {steps:.3f} | {1000 * steps / n:.3f} | {evaluation:.3f} |",
-              flush=True)
+        print(f"| {label} | {steps:.3f} | {1000 * steps / n:.3f} | {1000 * batched:.3f} | "
+              f"{evaluation:.3f} |", flush=True)
 
 
 def bench_central(out: Path, n: int, rounds: int, repeats: int) -> None:

@@ -15,9 +15,9 @@ Each client trains on exactly the batches its own loader gives
 (``TaskResources.client_train_loader`` with its round seed), as ``fedtune.client.app.
 train_client`` would; a client whose batch at a step is smaller than the others' is padded and
 the padding is masked out of its loss. The arithmetic is batched, so weights agree with
-one-client-at-a-time training to float rounding, not bit for bit. Dropout draws a separate mask
-per client (``randomness="different"``) from torch's generator seeded with the chunk's first
-client's round seed. What a chunk may hold is fixed by the block and the model's size
+one-client-at-a-time training to float rounding, not bit for bit. Dropout drops what it drops
+one client at a time: each client's masks come from a generator seeded with its round seed
+(``fedtune.client.dropout_masks``). What a chunk may hold is fixed by the block and the model's size
 (``chunk_sizes``), so every runtime that vectorises gives the same bits.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,14 +33,21 @@ from flwr.app import RecordDict
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedtune.attacks.plan import AttackPlan
 from fedtune.client.algorithms import ClientSide
 from fedtune.client.app import TrainedClient, client_shard, train_metrics
-from fedtune.data.encode import Batch
+from fedtune.client.dropout_masks import ClientMasks
+from fedtune.client.objective import LocalObjective
+from fedtune.config import Config
+from fedtune.data.encode import Encoded
+from fedtune.faults import FaultPlan
+from fedtune.models.hf import uses_feature_cache
 from fedtune.models.weights import load_shared_state, travelling_tensors
 from fedtune.tables.model_kinds import MODEL_KINDS
 from fedtune.tables.privacy_modes import PRIVACY_MODES
+from fedtune.tables.runtimes import RUNTIMES
 from fedtune.tables.strategies import STRATEGIES
-from fedtune.task import TaskResources, client_round_seed, seed_torch
+from fedtune.task import TaskResources, client_round_seeds, resolve_device
 from fedtune.train import (
     TrainResult,
     TrainSettings,
@@ -52,21 +60,42 @@ from fedtune.train import (
 # moments take as much again each); larger chunks stop paying once they leave the caches
 CHUNK_BYTES = 16 * 2**20
 KEPT_SIZES = 4  # stacked copies (and their optimizers) kept per model, by chunk size
+VECTORISE_KEY = "vectorise_clients"  # the runtimes' key (fedtune.tables.runtimes)
 STEPPED_MODULES = (nn.modules.batchnorm._BatchNorm,)  # update buffers in place while training
+
+
+def one_at_a_time_because(config: Config) -> str | None:
+    """Why this run's clients train one at a time (None: they train together), from the config
+    and the facts of the tables' entries: the runtime's ``vectorise_clients`` key, the model
+    kind's ``vectorisable`` (or a head on cached pooled features), the strategy's client side
+    and the privacy mode's mechanism (each changes a client's objective or steps), and faults,
+    attacks, devices, precision and clipping, which the loop alone plays."""
+    engine, client = config.engine, config.client
+    reasons = [
+        (VECTORISE_KEY not in RUNTIMES[engine.backend].keys,
+         f"engine.backend = {engine.backend!r} runs one ClientApp per client"),
+        (not getattr(engine, VECTORISE_KEY, False), "engine.vectorise_clients = false"),
+        (not (MODEL_KINDS[config.model.kind].vectorisable or uses_feature_cache(config)),
+         (f"model.kind = {config.model.kind!r} trains whole (not a dense MLP or a head on "
+          "cached features)")),
+        (bool(STRATEGIES[config.strategy.name].client)
+         and not STRATEGIES[config.strategy.name].client_together,
+         f"strategy.name = {config.strategy.name!r} has its own client side"),
+        (bool(PRIVACY_MODES[config.privacy.mode].mechanism),
+         f"privacy.mode = {config.privacy.mode!r} trains with its own mechanism"),
+        (FaultPlan.from_config(config).active, "[faults] are played"),
+        (AttackPlan.from_config(config).active, "an [attack] is played"),
+        (client.precision != "fp32", f"client.precision = {client.precision!r}"),
+        (bool(client.max_grad_norm), "client.max_grad_norm clips each client's gradients"),
+        (resolve_device(client.device).type != "cpu", "clients train on a GPU"),
+    ]
+    return next((reason for refused, reason in reasons if refused), None)
 
 
 def vectorisable(resources: TaskResources) -> bool:
     """Whether this run's training clients may be trained together (see the module doc)."""
-    config = resources.config
-    settings = resources.train_settings
-    return (config.engine.vectorise_clients
-            and not STRATEGIES[config.strategy.name].client
-            and not PRIVACY_MODES[config.privacy.mode].mechanism
-            and not resources.faults.active and not resources.attack.active
-            and resources.device.type == "cpu"
-            and settings.precision == "fp32" and not settings.max_grad_norm
-            and (MODEL_KINDS[resources.spec.kind].vectorisable or resources.spec.features)
-            and _stackable(resources.model))
+    return (one_at_a_time_because(resources.config) is None
+            and resources.device.type == "cpu" and _stackable(resources.model))
 
 
 def _stackable(model: nn.Module) -> bool:
@@ -88,70 +117,103 @@ def chunk_sizes(clients: int, model: nn.Module) -> list[int]:
     return [base + (i < extra) for i in range(count)]
 
 
+@dataclass
+class TrainedChunk:
+    """A chunk of clients trained together: in client order, each client's ``TrainedClient``
+    (its arrays: rows of ``stacked``) and the chunk's time shared out per client."""
+
+    trained: list[TrainedClient]
+    # travelling tensor name -> the chunk's clients' values stacked (client i: row i), valid
+    # until the next chunk trains; None when no client of the chunk took a step
+    stacked: dict[str, np.ndarray] | None
+    share: float
+
+
 def train_chunks(resources: TaskResources, server_round: int, content: RecordDict,
-                 global_arrays: dict[str, np.ndarray], clients: Sequence[tuple[int, RecordDict]]
-                 ) -> Iterator[list[tuple[TrainedClient, float]]]:
-    """Train ``clients`` (client id, Context.state) on their training splits from
-    ``global_arrays``, a chunk at a time (``chunk_sizes``); for each chunk, in client order,
-    each client's ``TrainedClient`` and its share of the chunk's time. A client's arrays are
-    views of the stacked copies, valid until the next chunk trains."""
+                 global_arrays: dict[str, np.ndarray], client_ids: Sequence[int]
+                 ) -> Iterator[TrainedChunk]:
+    """Train the clients ``client_ids`` on their training splits from ``global_arrays``
+    (``content``: the train message's records), a chunk at a time (``chunk_sizes``)."""
     first = 0
-    for size in chunk_sizes(len(clients), resources.model):
+    for size in chunk_sizes(len(client_ids), resources.model):
         yield _train_chunk(resources, server_round, content, global_arrays,
-                           clients[first:first + size])
+                           client_ids[first:first + size])
         first += size
 
 
+def round_side(resources: TaskResources, content: RecordDict,
+               global_arrays: dict[str, np.ndarray]) -> ClientSide:
+    """The strategy's client side for every client of the round: plain, or a
+    ``client_together`` one (FedProx's proximal term, FedNova's reply metric), which keeps no
+    state, so one serves the whole chunk."""
+    entry = STRATEGIES[resources.config.strategy.name]
+    side_class = entry.load_client() if entry.client else ClientSide
+    return side_class(content, RecordDict(), global_arrays, resources.train_settings)
+
+
 def _train_chunk(resources: TaskResources, server_round: int, content: RecordDict,
-                 global_arrays: dict[str, np.ndarray], clients: Sequence[tuple[int, RecordDict]]
-                 ) -> list[tuple[TrainedClient, float]]:
+                 global_arrays: dict[str, np.ndarray], ids: Sequence[int]) -> TrainedChunk:
     started = time.perf_counter()
     config = resources.config
     model = resources.model
     load_shared_state(model, global_arrays)
     model.train()
-    seeds = [client_round_seed(config.run.seed, server_round, client_id)
-             for client_id, _ in clients]
-    shards = [client_shard(config, client_id) for client_id, _ in clients]
-    batches = [list(local_batches(resources.client_train_loader(shard, seed),
-                             resources.train_settings))
+    side = round_side(resources, content, global_arrays)
+    objective = side.objective(model)
+    seeds = client_round_seeds(config.run.seed, server_round, ids)
+    shards = [client_shard(config, client_id) for client_id in ids]
+    loaders = [resources.client_train_row_batches(shard, seed)
                for shard, seed in zip(shards, seeds, strict=True)]
-    seed_torch(seeds[0])  # dropout's masks
-    steps = {len(b) for b in batches}
-    results: dict[int, tuple[dict[str, np.ndarray], TrainResult]] = {}
-    for count in sorted(steps):  # clients with as many steps train together
-        members = [i for i, b in enumerate(batches) if len(b) == count]
-        trained = _train_group(resources, model, [batches[i] for i in members])
-        if len(steps) > 1:  # a later group of as many clients trains in the same stacked copies
-            trained = [({name: value.copy() for name, value in arrays.items()}, result)
-                       for arrays, result in trained]
-        results.update(zip(members, trained, strict=True))
-    share = (time.perf_counter() - started) / len(clients)
-    out = []
-    for i, (client_id, state) in enumerate(clients):
-        arrays, result = results[i]
-        trained = TrainedClient(arrays=None)
+    rows = [list(local_batches(loader, resources.train_settings)) for loader in loaders]
+    steps = np.array([len(r) for r in rows])
+    travelling = travelling_tensors(model)
+    stacked: dict[str, np.ndarray] | None = None
+    results = [TrainResult(float("nan"), 0, 0, 0.0)] * len(ids)
+    for count in np.unique(steps[steps > 0]):  # clients with as many steps train together
+        members = np.flatnonzero(steps == count)
+        masks = ClientMasks(model, [torch.Generator().manual_seed(seeds[i]) for i in members],
+                            [loaders[i].epoch_draws for i in members],
+                            [len(loaders[i]) for i in members])
+        arrays, group = _train_group(resources, model, [rows[i] for i in members], objective,
+                                     masks)
+        if len(members) == len(ids):
+            stacked = arrays
+        else:  # a later group of as many clients trains in the same stacked copies
+            if stacked is None:
+                stacked = {name: np.empty((len(ids), *value.shape),
+                                          value.detach().numpy().dtype)
+                           for name, value in travelling.items()}
+            for name, value in arrays.items():
+                stacked[name][members] = value
+        for i, result in zip(members, group, strict=True):
+            results[i] = result
+    share = (time.perf_counter() - started) / len(ids)
+    trained = []
+    for i, client_id in enumerate(ids):
+        result = results[i]
+        client = TrainedClient(arrays=None)
         extra: dict[str, float] = {}
         if result.num_steps:
-            side = ClientSide(content, state, global_arrays, resources.train_settings)
-            trained.records, extra = side.reply(arrays, result.num_steps)
-            trained.arrays = arrays
-        trained.metrics = train_metrics(resources, shards[i], client_id,
-                                        TrainResult(result.loss, result.num_examples,
-                                                    result.num_steps, share), {}, extra)
-        out.append((trained, share))
-    return out
+            client.arrays = {name: value[i] for name, value in stacked.items()}
+            client.records, extra = side.reply(client.arrays, result.num_steps)
+        client.metrics = train_metrics(resources, shards[i], client_id,
+                                       TrainResult(result.loss, result.num_examples,
+                                                   result.num_steps, share), {}, extra)
+        trained.append(client)
+    return TrainedChunk(trained, stacked, share)
 
 
-def _train_group(resources: TaskResources, model: nn.Module, batches: list[list[Batch]]
-                 ) -> list[tuple[dict[str, np.ndarray], TrainResult]]:
-    """Clients that take the same number of steps, trained together: each one's travelling
-    arrays and its training result (duration 0: the caller shares the chunk's time)."""
+def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.ndarray]],
+                 objective: LocalObjective | None, masks: ClientMasks
+                 ) -> tuple[dict[str, np.ndarray], list[TrainResult]]:
+    """Clients that take the same number of steps (at least one), trained together: their
+    travelling arrays stacked (client i: row i) and each one's training result (duration 0:
+    the caller shares the chunk's time). ``objective``'s terms are added to every client's
+    gradient, as ``LocalObjective.adjust_gradients`` adds them to one client's; dropout drops
+    what each client's own generator draws (``masks``)."""
     travelling = travelling_tensors(model)
-    steps = len(batches[0])
-    if steps == 0:
-        return [({}, TrainResult(float("nan"), 0, 0, 0.0)) for _ in batches]
-    clients = len(batches)
+    steps = len(rows[0])
+    clients = len(rows)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     fixed = {name: t for name, t in (*model.named_parameters(), *model.named_buffers())
              if name not in names}
@@ -161,32 +223,53 @@ def _train_group(resources: TaskResources, model: nn.Module, batches: list[list[
                                        for name, copy in zip(names, stacked, strict=True)])
 
     def loss(params: tuple[torch.Tensor, ...], inputs: dict[str, torch.Tensor],
-             labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+             labels: torch.Tensor, mask: torch.Tensor, dropped: tuple[torch.Tensor, ...]
+             ) -> torch.Tensor:
+        masks.current = dropped  # this client's dropout masks (``ClientMasks.applied``)
         out = functional_call(model, {**fixed, **dict(zip(names, params, strict=True))},
                               args=(), kwargs=inputs)
         logits = out if isinstance(out, torch.Tensor) else out.logits
         per_example = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
         return (per_example * mask).sum() / mask.sum()
 
-    step = vmap(grad_and_value(loss), randomness="different")
+    step = vmap(grad_and_value(loss))
     loss_sums = np.zeros(clients)
     seen = np.zeros(clients, dtype=np.int64)
-    for s in range(steps):
-        inputs, labels, mask, counts = _stack_step([client[s] for client in batches])
-        grads, losses = step(tuple(stacked), inputs, labels, mask)
-        for param, gradient in zip(stacked, grads, strict=True):
-            param.grad = gradient
-        optimizer.step()
-        loss_sums += losses.detach().double().numpy() * counts
-        seen += counts
-    stacked_arrays = dict(zip(names, (p.detach().numpy() for p in stacked), strict=True))
-    out = []
-    for i in range(clients):
-        arrays = {name: stacked_arrays[name][i] if name in stacked_arrays
-                  else travelling[name].detach().numpy().copy() for name in travelling}
-        out.append((arrays, TrainResult(float(loss_sums[i] / seen[i]), int(seen[i]), steps,
-                                        0.0)))
-    return out
+    encoded, labels = resources.encoded, resources.federation.data.labels
+    with masks.applied():
+        for s in range(steps):
+            inputs, target, mask, counts = _gather_step(encoded, labels, [r[s] for r in rows])
+            if masks and not masks.shapes:
+                masks.probe(inputs)
+            dropped = masks.draw(s, counts, mask.shape[1]) if masks else ()
+            grads, losses = step(tuple(stacked), inputs, target, mask, dropped)
+            for param, gradient in zip(stacked, grads, strict=True):
+                param.grad = gradient
+            if objective is not None:
+                _adjust_stacked(objective, names, stacked)
+            optimizer.step()
+            loss_sums += losses.detach().double().numpy() * counts
+            seen += counts
+    by_name = dict(zip(names, stacked, strict=True))
+    arrays = {name: by_name[name].detach().numpy() if name in by_name
+              else np.broadcast_to(value.detach().numpy(), (clients, *value.shape))
+              for name, value in travelling.items()}
+    return arrays, [TrainResult(float(loss_sums[i] / seen[i]), int(seen[i]), steps, 0.0)
+                    for i in range(clients)]
+
+
+@torch.no_grad()
+def _adjust_stacked(objective: LocalObjective, names: list[str],
+                    stacked: list[torch.Tensor]) -> None:
+    """``LocalObjective.adjust_gradients`` for stacked copies: the same terms, in the same
+    order, with the round's anchor, linear and shift tensors broadcast over the clients."""
+    for name, param in zip(names, stacked, strict=True):
+        if objective.quadratic and name in objective.anchor:
+            param.grad.add_(param - objective.anchor[name], alpha=objective.quadratic)
+        if name in objective.linear:
+            param.grad.sub_(objective.linear[name])
+        if name in objective.shift:
+            param.grad.add_(objective.shift[name])
 
 
 def _stacked_copies(model: nn.Module, names: list[str], clients: int, settings: TrainSettings
@@ -208,27 +291,29 @@ def _stacked_copies(model: nn.Module, names: list[str], clients: int, settings: 
     return stacked, reset_optimizer(optimizer)
 
 
-def _stack_step(batches: list[Batch]
-                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, np.ndarray]:
-    """The clients' batches of one step stacked (inputs, labels, mask of real examples,
-    examples per client); smaller batches are padded with zeros the mask leaves out."""
-    counts = np.array([labels.shape[0] for _, labels in batches])
-    width = int(counts.max())
-    keys = batches[0][0].keys()
+def _gather_step(encoded: Encoded, labels: np.ndarray, rows: list[np.ndarray]
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, np.ndarray]:
+    """The clients' batches of one step (``rows``: each client's row numbers), gathered in one
+    call and stacked (inputs, labels, mask of real examples, examples per client); smaller
+    batches are padded with zeros the mask leaves out."""
+    counts = np.array([len(r) for r in rows])
+    picked = np.concatenate(rows)
+    values = encoded.pad(picked)
+    target = torch.from_numpy(labels[picked])
+    clients, width = len(rows), int(counts.max())
     if (counts == width).all():
-        inputs = {key: torch.stack([b[0][key] for b in batches]) for key in keys}
-        labels = torch.stack([b[1] for b in batches])
-        return inputs, labels, torch.ones(len(batches), width), counts
-    inputs = {key: batches[0][0][key].new_zeros((len(batches), width,
-                                                 *batches[0][0][key].shape[1:]))
-              for key in keys}
-    labels = batches[0][1].new_zeros((len(batches), width))
-    mask = torch.zeros(len(batches), width)
-    for i, (values, target) in enumerate(batches):
-        n = int(counts[i])
-        for key in keys:
-            inputs[key][i, :n] = values[key]
-        labels[i, :n] = target
-        mask[i, :n] = 1.0
-    return inputs, labels, mask, counts
-
+        return ({key: value.view(clients, width, *value.shape[1:])
+                 for key, value in values.items()},
+                target.view(clients, width), torch.ones(clients, width), counts)
+    client = torch.from_numpy(np.repeat(np.arange(clients), counts))
+    position = torch.from_numpy(np.arange(len(picked)) - np.repeat(np.cumsum(counts) - counts,
+                                                                  counts))
+    inputs = {}
+    for key, value in values.items():
+        inputs[key] = value.new_zeros((clients, width, *value.shape[1:]))
+        inputs[key][client, position] = value
+    stacked_target = target.new_zeros((clients, width))
+    stacked_target[client, position] = target
+    mask = torch.zeros(clients, width)
+    mask[client, position] = 1.0
+    return inputs, stacked_target, mask, counts

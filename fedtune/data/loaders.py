@@ -7,12 +7,11 @@ built from row numbers, so a client's loader holds an index array, never a copy 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from fedtune.data.encode import Batch, Encoded, text_lengths
 
@@ -36,36 +35,91 @@ class RowDataset(Dataset):
         return self.encoded.pad(picked), torch.from_numpy(self.labels[picked])
 
 
-class ShuffledBatches:
-    """The batches ``DataLoader(dataset, batch_size, shuffle=True, generator=generator)`` yields,
-    in the same order (the same draws from ``generator``: DataLoader's base seed, then its
-    RandomSampler's permutations), without DataLoader's per-iteration machinery - for a small
-    client that takes one step, creating a DataLoader iterator costs more than the step."""
+class ShuffledRows:
+    """The row numbers of the batches ``DataLoader(dataset, batch_size, shuffle=True,
+    generator=generator)`` yields, in the same order (the same draws from ``generator``:
+    DataLoader's base seed, then its RandomSampler's permutations), without DataLoader's
+    per-iteration machinery - for a small client that takes one step, creating a DataLoader
+    iterator costs more than the step. Each iteration is a new epoch (new draws)."""
 
-    def __init__(self, dataset: RowDataset, batch_size: int, generator: torch.Generator) -> None:
-        self.dataset = dataset
+    epoch_draws = 0  # values an epoch draws from torch's default generator (none)
+
+    def __init__(self, rows: np.ndarray, batch_size: int, generator: torch.Generator) -> None:
+        self.rows = rows
         self.batch_size = batch_size
         self.generator = generator
 
     def __len__(self) -> int:
-        return -(-len(self.dataset) // self.batch_size)
+        return -(-len(self.rows) // self.batch_size)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the base seed
+        n = len(self.rows)
+        order = self.rows[torch.randperm(n, generator=self.generator).numpy()]
+        for start in range(0, n, self.batch_size):
+            yield order[start:start + self.batch_size]
+        # RandomSampler draws a second, unused permutation once the first is used up (not
+        # when the epoch stops early: a loader iterated again stays in step)
+        torch.randperm(n, generator=self.generator)
+
+
+class SampledRows:
+    """The row numbers of the batches a DataLoader over ``sampler`` yields, epoch by epoch
+    (the sampler draws from its own generator; DataLoader's base seed, drawn from torch's
+    global generator, picks no rows)."""
+
+    epoch_draws = 1  # DataLoader's base seed, from torch's default generator, every epoch
+
+    def __init__(self, rows: np.ndarray, batch_size: int, sampler: Sampler) -> None:
+        self.rows = rows
+        self.batches = BatchSampler(sampler, batch_size, drop_last=False)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for positions in self.batches:
+            yield self.rows[positions]
+
+
+class RowBatches:
+    """Batches collated from the row numbers of ``rows`` (``ShuffledRows``), epoch by epoch."""
+
+    def __init__(self, dataset: RowDataset, rows: ShuffledRows) -> None:
+        self.dataset = dataset
+        self.row_batches = rows
+
+    def __len__(self) -> int:
+        return len(self.row_batches)
 
     def __iter__(self) -> Iterator[Batch]:
-        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the base seed
-        order = self._order()
-        while batch := list(itertools.islice(order, self.batch_size)):
-            yield self.dataset.collate(batch)
+        for picked in self.row_batches:
+            yield self.dataset.encoded.pad(picked), torch.from_numpy(self.dataset.labels[picked])
 
-    def _order(self) -> Iterator[int]:
-        """RandomSampler's order of rows (it draws a second, empty permutation at the end)."""
-        n, rows = len(self.dataset), self.dataset.rows
-        yield from (int(rows[i]) for i in torch.randperm(n, generator=self.generator).tolist())
-        yield from torch.randperm(n, generator=self.generator).tolist()[:0]
+
+def train_rows(encoded: Encoded, rows: np.ndarray, batch_size: int, seed: int
+               ) -> ShuffledRows | SampledRows:
+    """The row numbers of ``train_loader``'s batches, epoch by epoch: the same draws, so the
+    same batches (clients trained together gather a chunk's batches at once from these)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    batch_size = min(batch_size, max(1, len(rows)))
+    generator = torch.Generator().manual_seed(seed)
+    lengths = text_lengths(encoded, rows)
+    if lengths is not None:
+        return SampledRows(rows, batch_size, _length_grouped(batch_size, lengths, generator))
+    return ShuffledRows(rows, batch_size, generator)
+
+
+def _length_grouped(batch_size: int, lengths: np.ndarray, generator: torch.Generator
+                    ) -> Sampler:
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    return LengthGroupedSampler(batch_size, lengths=lengths.tolist(), generator=generator)
 
 
 def train_loader(
     encoded: Encoded, labels: np.ndarray, rows: np.ndarray, batch_size: int, seed: int
-) -> DataLoader | ShuffledBatches:
+) -> DataLoader | RowBatches:
     """Shuffled batches; the order depends only on ``seed``.
 
     Texts are grouped by length (transformers' LengthGroupedSampler: shuffle, sort within
@@ -78,13 +132,10 @@ def train_loader(
     generator = torch.Generator().manual_seed(seed)
     lengths = text_lengths(encoded, dataset.rows)
     if lengths is not None:
-        from transformers.trainer_pt_utils import LengthGroupedSampler
-
-        sampler = LengthGroupedSampler(batch_size, lengths=lengths.tolist(),
-                                       generator=generator)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+        return DataLoader(dataset, batch_size=batch_size,
+                          sampler=_length_grouped(batch_size, lengths, generator),
                           collate_fn=dataset.collate)
-    return ShuffledBatches(dataset, batch_size, generator)
+    return RowBatches(dataset, ShuffledRows(dataset.rows, batch_size, generator))
 
 
 def eval_loader(

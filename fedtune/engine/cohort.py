@@ -33,12 +33,17 @@ from flwr.app import Array, Message, MessageType, RecordDict
 
 from fedtune import protocol
 from fedtune.client.app import TrainedClient, evaluate_client, train_client
-from fedtune.client.vectorised import train_chunks, vectorisable
+from fedtune.client.vectorised import (
+    TrainedChunk,
+    one_at_a_time_because,
+    train_chunks,
+    vectorisable,
+)
 from fedtune.config import Config
 from fedtune.engine.gpu_memory import explained
 from fedtune.errors import one_line
 from fedtune.server.grid import CohortResult, CohortSpec
-from fedtune.server.guard import absurd_update, model_norm, update_norm
+from fedtune.server.guard import absurd_update, model_norm, update_norm, update_norms
 from fedtune.server.reports import ClientReport
 from fedtune.server.screening import (
     check_claims,
@@ -46,7 +51,7 @@ from fedtune.server.screening import (
     check_metric_values,
     check_update_arrays,
 )
-from fedtune.server.summing import accumulate
+from fedtune.server.summing import accumulate, accumulate_rows
 from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.state.store import ClientStateStore
 from fedtune.task import TaskResources
@@ -66,8 +71,9 @@ def block_size(cohort: int, least: int = 1) -> int:
 def least_block(config: Config) -> int:
     """The fewest clients in a block under ``config``: VECTOR_BLOCK when clients are trained
     together (the clients of a chunk come from one block, so a block must hold enough of them
-    to gain from it), else 1."""
-    return VECTOR_BLOCK if config.engine.vectorise_clients else 1
+    to gain from it), else 1 (so a run whose clients train one at a time adds its sums as it
+    always did)."""
+    return VECTOR_BLOCK if one_at_a_time_because(config) is None else 1
 
 
 @dataclass
@@ -216,17 +222,9 @@ def _screen_update(trained: TrainedClient, received: dict[str, dict[str, np.ndar
             problem = f"record {protocol.STATUS!r} gives no {protocol.REASON!r}"
         return ("rejected", problem) if problem else ("declined", trained.status)
     schema = limits.train
-    if received.keys() != schema.arrays.keys():
-        return "rejected", (f"array records {sorted(received)} instead of "
-                            f"{sorted(schema.arrays)}")
-    for record_name, arrays in received.items():
-        answered = schema.arrays[record_name]
-        if answered not in content.arrays:
-            return "rejected", f"array record {answered!r} was not sent"
-        problem = check_update_arrays(content.arrays[answered], arrays, record_name)
-        if problem:
-            return "rejected", problem
-    problem = check_kept(content.arrays[protocol.ARRAYS], received[protocol.ARRAYS], limits.kept)
+    problem = (_reply_structure(received, content, spec)
+               or check_kept(content.arrays[protocol.ARRAYS], received[protocol.ARRAYS],
+                             limits.kept))
     if problem:
         return "rejected", problem
     problem = (check_metric_values(trained.metrics, schema)
@@ -259,6 +257,8 @@ def run_block(resources: TaskResources, content: DecodedContent, task: BlockTask
     result = BlockResult(task.index, [])
     if task.message_type == MessageType.EVALUATE:
         _evaluate_block(resources, content, task, result)
+    elif train is train_client and vectorisable(resources):
+        _train_together(resources, content, task, result, client_limit_s)
     else:
         for client, state, trained, took in _trained(resources, content, task, train):
             report = ClientReport(client.node_id, client.client_id, "ok")
@@ -301,24 +301,10 @@ TrainOutcome = tuple[BlockClient, RecordDict, "TrainedClient | Exception", float
 def _trained(resources: TaskResources, content: DecodedContent, task: BlockTask,
              train: TrainFunction) -> Iterator[TrainOutcome]:
     """Each client of a train block with its state, what its training gave (or raised) and
-    how long it took, in client order; one client at a time, or together where they may be
-    (a trained client's arrays may be views that the next client overwrites)."""
+    how long it took, in client order, one client at a time."""
     global_arrays = content.arrays[protocol.ARRAYS]
-    states = [(client, state_from_bytes(client.state) if client.state else RecordDict())
-              for client in task.clients]
-    if train is train_client and vectorisable(resources):
-        chunks = train_chunks(resources, content.server_round, content.records, global_arrays,
-                              [(client.client_id, state) for client, state in states])
-        while states:
-            try:
-                chunk: list = next(chunks)
-            except Exception as error:  # noqa: BLE001 - the clients' failure is their outcome
-                chunk = [(error, 0.0)] * len(states)
-            for (client, state), (trained, took) in zip(states, chunk):
-                yield client, state, trained, took
-            states = states[len(chunk):]
-        return
-    for client, state in states:
+    for client in task.clients:
+        state = state_from_bytes(client.state) if client.state else RecordDict()
         client_started = time.perf_counter()
         try:
             trained = train(resources, client.client_id, content.server_round,
@@ -328,14 +314,123 @@ def _trained(resources: TaskResources, content: DecodedContent, task: BlockTask,
         yield client, state, trained, time.perf_counter() - client_started
 
 
+def _train_together(resources: TaskResources, content: DecodedContent, task: BlockTask,
+                    result: BlockResult, client_limit_s: float) -> None:
+    """The clients of a train block trained together a chunk at a time
+    (``fedtune.client.vectorised``), each chunk screened and summed as a whole
+    (``_keep_chunk``). Their client side keeps no state, so no state changes."""
+    chunks = train_chunks(resources, content.server_round, content.records,
+                          content.arrays[protocol.ARRAYS],
+                          [client.client_id for client in task.clients])
+    done = 0
+    while done < len(task.clients):
+        try:
+            chunk = next(chunks)
+        except Exception as error:  # noqa: BLE001 - the clients' failure is their outcome
+            for client in task.clients[done:]:
+                result.reports.append(ClientReport(client.node_id, client.client_id, "failed",
+                                                   _error_line(error)))
+            return
+        members = task.clients[done:done + len(chunk.trained)]
+        done += len(members)
+        _keep_chunk(result, members, chunk, content, task.spec, client_limit_s)
+
+
+def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedChunk,
+                content: DecodedContent, spec: CohortSpec, client_limit_s: float) -> None:
+    """``_keep_update`` for a chunk of clients trained together, per chunk where it can be:
+    the reply's records, names, shapes and dtypes checked once (every client's arrays are rows
+    of the same stacked arrays), every update's norm in one pass (``update_norms``: a
+    non-finite value makes it non-finite, and that client goes through ``_screen_update``,
+    which names the tensor), the bytes counted once, and the accepted updates added to the
+    block's sum as one contraction (``accumulate_rows``) or kept as one copy."""
+    reports = [ClientReport(c.node_id, c.client_id, "ok") for c in members]
+    result.reports.extend(reports)
+    if chunk.share > client_limit_s:
+        for report in reports:
+            report.status = "timeout"
+            report.reason = (f"no reply within strategy.round_timeout_s = "
+                             f"{client_limit_s:g}s (the client took {chunk.share:.1f}s)")
+        return
+    global_arrays = content.arrays[protocol.ARRAYS]
+    stacked = chunk.stacked
+    norms, chunk_problem, chunk_bytes = None, "?", 0
+    if stacked is not None:
+        first = {name: value[0] for name, value in stacked.items()}
+        chunk_problem = _reply_structure({protocol.ARRAYS: first}, content, spec)
+        norms = update_norms(global_arrays, stacked)
+        chunk_bytes = count_bytes({protocol.ARRAYS: first})
+    limits = spec.limits
+    for i, (report, trained) in enumerate(zip(reports, chunk.trained, strict=True)):
+        report.metrics = trained.metrics
+        if (trained.arrays is None or chunk_problem or trained.records
+                or not np.isfinite(norms[i])):
+            received = {} if trained.arrays is None else _received(trained)
+            if received:
+                report.bytes_up = count_bytes(received)
+            report.status, report.reason = _screen_update(trained, received, content, spec,
+                                                          report)
+            continue
+        report.bytes_up = chunk_bytes
+        problem = (check_kept(global_arrays, trained.arrays, limits.kept)
+                   or check_metric_values(trained.metrics, limits.train)
+                   or check_claims(trained.metrics, limits, report.client_id,
+                                   limits.train_sizes, 1))
+        if not problem:
+            report.update_norm = float(norms[i])
+            problem = absurd_update(report.update_norm, content.model_norm)
+        if problem:
+            report.status, report.reason = "rejected", problem
+    accepted = np.array([i for i, r in enumerate(reports) if r.status == "ok"], dtype=np.int64)
+    if not len(accepted):
+        return
+    rows = stacked if len(accepted) == len(reports) else {
+        name: value[accepted] for name, value in stacked.items()}
+    if spec.weighted_mean:
+        weights = np.array([float(reports[i].metrics[protocol.NUM_EXAMPLES])
+                            for i in accepted])
+        if result.total is None:
+            result.total = block_sums.take(global_arrays)
+        accumulate_rows(result.total, rows, weights)
+        result.weight += float(weights.sum())
+    else:  # kept past the next chunk, which overwrites the stacked copies: one copy
+        kept = {name: np.array(value) for name, value in rows.items()}
+        for j, i in enumerate(accepted):
+            reports[i].update = {**_received(chunk.trained[i]),
+                                 protocol.ARRAYS: {name: value[j]
+                                                   for name, value in kept.items()}}
+
+
+def _received(trained: TrainedClient) -> dict[str, dict[str, np.ndarray]]:
+    """A trained client's reply arrays by record: its model, and its client side's records."""
+    return {protocol.ARRAYS: trained.arrays,
+            **{name: protocol.to_numpy(r) for name, r in trained.records.items()}}
+
+
+def _reply_structure(received: dict[str, dict[str, np.ndarray]], content: DecodedContent,
+                     spec: CohortSpec) -> str | None:
+    """What is wrong with a reply's records, names, shapes, dtypes (and its values' finiteness:
+    ``check_update_arrays``), or None."""
+    schema = spec.limits.train
+    if received.keys() != schema.arrays.keys():
+        return f"array records {sorted(received)} instead of {sorted(schema.arrays)}"
+    for record_name, arrays in received.items():
+        answered = schema.arrays[record_name]
+        if answered not in content.arrays:
+            return f"array record {answered!r} was not sent"
+        problem = check_update_arrays(content.arrays[answered], arrays, record_name)
+        if problem:
+            return problem
+    return None
+
+
 def _keep_update(result: BlockResult, report: ClientReport, trained: TrainedClient,
                  content: DecodedContent, spec: CohortSpec) -> None:
     """Screen a trained client's reply into ``report``; add an accepted update to the block's
     sum (weighted-mean strategies) or keep a copy of it."""
     received: dict[str, dict[str, np.ndarray]] = {}
     if trained.arrays is not None:
-        received = {protocol.ARRAYS: trained.arrays,
-                    **{name: protocol.to_numpy(r) for name, r in trained.records.items()}}
+        received = _received(trained)
         report.bytes_up = count_bytes(received)
     report.metrics = trained.metrics
     report.status, report.reason = _screen_update(trained, received, content, spec, report)

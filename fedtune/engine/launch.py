@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import threading
+from logging import INFO
 
+from flwr.common import log
+
+from fedtune.client.vectorised import VECTORISE_KEY, one_at_a_time_because
 from fedtune.config import Config, ConfigError
 from fedtune.results.run_dir import RunDirectory
 from fedtune.results.tracking import check_tracking
@@ -27,6 +31,10 @@ def launch(config: Config, reporter: Reporter | None = None,
     loading = MODEL_KINDS[config.model.kind].loading
     stage("loading the data and the model" + (f" ({loading})" if loading else ""))
     preflight(config)
+    if runtime.keys and VECTORISE_KEY in runtime.keys:
+        reason = one_at_a_time_because(config)
+        log(INFO, "fedtune: clients train %s", "together, a chunk at a time "
+            "(engine.vectorise_clients)" if reason is None else f"one at a time: {reason}")
     stage(runtime.starting)
     return runtime.load()(config, reporter, stop)
 

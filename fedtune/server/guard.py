@@ -43,6 +43,7 @@ MAD_SCALE = 0.6745  # the normal distribution's MAD in standard deviations (Igle
 # how many times longer than the model (or 1) an update, or than the clients' updates an
 # aggregate step, may be before it is absurd: far beyond any learning rate that trains
 ABSURD = 1e6
+NORM_BUFFER = 2**15  # float64 values of differences held at once by update_norms (256 KiB)
 
 
 def non_finite_tensors(arrays: ArrayRecord) -> list[str]:
@@ -55,13 +56,18 @@ def non_finite_tensors(arrays: ArrayRecord) -> list[str]:
     return bad
 
 
+def _squared(values: np.ndarray) -> float:
+    """Σ values² of a float64 vector, by NumPy's own loop (``np.dot`` calls a threaded BLAS,
+    whose threads cost more than the sum on a busy machine; ``einsum`` is one thread)."""
+    return float(np.einsum("i,i->", values, values))
+
+
 def model_norm(arrays: Mapping[str, np.ndarray]) -> float:
     """‖w‖ over the floating tensors, in float64."""
     total = 0.0
     for value in arrays.values():
         if value.dtype.kind == "f":
-            flat = value.astype(np.float64, copy=False).ravel()
-            total += float(np.dot(flat, flat))
+            total += _squared(value.astype(np.float64, copy=False).ravel())
     return float(np.sqrt(total))
 
 
@@ -71,9 +77,30 @@ def update_norm(global_arrays: Mapping[str, np.ndarray],
     total = 0.0
     for name, value in global_arrays.items():
         if value.dtype.kind == "f":
-            step = np.subtract(arrays[name], value, dtype=np.float64).ravel()
-            total += float(np.dot(step, step))
+            total += _squared(np.subtract(arrays[name], value, dtype=np.float64).ravel())
     return float(np.sqrt(total))
+
+
+def update_norms(global_arrays: Mapping[str, np.ndarray],
+                 stacked: Mapping[str, np.ndarray]) -> np.ndarray:
+    """``update_norm`` of every row of ``stacked`` (tensor name -> the clients' values, client
+    k in row k) at once: the float64 differences of as many rows as fit a small buffer (the
+    caches), their squares summed row by row in one call. A non-finite value gives a
+    non-finite norm."""
+    clients = len(next(iter(stacked.values())))
+    totals = np.zeros(clients)
+    for name, value in global_arrays.items():
+        if value.dtype.kind != "f":
+            continue
+        rows = stacked[name].reshape(clients, -1)
+        flat = value.ravel()
+        step = max(1, NORM_BUFFER // max(flat.size, 1))
+        buffer = np.empty((min(step, clients), flat.size))
+        for start in range(0, clients, step):
+            part = buffer[:min(step, clients - start)]
+            np.subtract(rows[start:start + len(part)], flat, out=part, dtype=np.float64)
+            totals[start:start + len(part)] += np.einsum("kn,kn->k", part, part)
+    return np.sqrt(totals)
 
 
 def absurd_update(norm: float, global_norm: float) -> str | None:

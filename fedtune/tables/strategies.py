@@ -40,6 +40,11 @@ class StrategyEntry(Entry):
     # the server's own trainer); summary.json describes a strategy by ``arguments`` only
     components: Callable[[Config], dict[str, Any]] = _no_arguments
     client: str = ""  # "module:Class" of its client side; "" = plain local training
+    # its client side changes local training only by a LocalObjective (fedtune.client.
+    # objective) that is the same for every client of a round (it reads the train message and
+    # the global model alone), keeps no state and replies with metrics at most: clients may
+    # train together (engine.vectorise_clients, fedtune.client.vectorised)
+    client_together: bool = False
     answers: Mapping[str, str] = field(default_factory=dict)  # reply record -> sent record
     reply_metrics: Mapping[str, ReplyMetric] = field(default_factory=dict)  # beyond the core
     sgd_only: bool = False  # its update rule assumes plain local SGD steps
@@ -207,7 +212,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
                                  ge=0)},
         implementation=FLOWER + "FedProx", weighted_mean=True,
         arguments=lambda c: {"proximal_mu": c.strategy.proximal_mu},
-        client=CLIENTS + "FedProxClient", sum_weight=EXAMPLES),
+        client=CLIENTS + "FedProxClient", client_together=True, sum_weight=EXAMPLES),
     "fedavgm": StrategyEntry(
         "FedAvgM (Hsu et al. 2019): FedAvg with server momentum",
         keys={"server_lr": SERVER_LR,
@@ -265,6 +270,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "fednova": StrategyEntry(
         "FedNova (Wang et al. 2020): updates normalised by local steps",
         implementation="strategies.fednova:FedNova", client=CLIENTS + "FedNovaClient",
+        client_together=True,
         reply_metrics={"fednova-a": ReplyMetric(float, gt=0, equals=_fednova_a)}, sgd_only=True,
         sum_weight=EXAMPLES + "/fednova-a"),
     "feddyn": StrategyEntry(

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedtune.data.encode import SparseFeatures, hash_bag_of_words
-from fedtune.data.loaders import RowDataset, ShuffledBatches, train_loader
+from fedtune.data.loaders import RowBatches, RowDataset, ShuffledRows, train_loader
 from fedtune.data.sources import load_dataset
 from fedtune.train import TrainSettings, local_batches
 
@@ -49,7 +49,8 @@ def test_shuffled_batches_are_dataloaders_batches(size, batch, steps):
 
     dataset = RowDataset(DenseFeatures(features), labels, rows)
     settings = TrainSettings(local_steps=steps)
-    ours = ShuffledBatches(dataset, min(batch, size), torch.Generator().manual_seed(7))
+    ours = RowBatches(dataset, ShuffledRows(dataset.rows, min(batch, size),
+                                            torch.Generator().manual_seed(7)))
     theirs = DataLoader(dataset, batch_size=min(batch, size), shuffle=True,
                         generator=torch.Generator().manual_seed(7), collate_fn=dataset.collate)
     assert len(ours) == len(theirs)
@@ -66,5 +67,5 @@ def test_train_loader_uses_shuffled_batches_for_features_only():
     labels = np.zeros(4, dtype=np.int64)
     dense = train_loader(DenseFeatures(np.zeros((4, 2), np.float32)), labels, np.arange(4), 2, 0)
     tokens = TokenIds(np.arange(8, dtype=np.int32), np.array([0, 2, 4, 6, 8]), 0)
-    assert isinstance(dense, ShuffledBatches)
+    assert isinstance(dense, RowBatches)
     assert isinstance(train_loader(tokens, labels, np.arange(4), 2, 0), DataLoader)

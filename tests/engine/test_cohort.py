@@ -77,8 +77,10 @@ CASES = {
 
 
 def _run(tmp_path, name, overrides, client_app):
+    # one client at a time: the ClientApp's own code, so the same bits (clients trained
+    # together agree to float rounding: tests/engine/test_vectorised.py)
     config = tiny_config(tmp_path / name, *overrides, "run.rounds=3", "data.num_clients=8",
-                         "strategy.fraction_train=0.5")
+                         "strategy.fraction_train=0.5", "engine.vectorise_clients=false")
     grid = InProcessGrid(client_app, to_run_config(config), config.data.num_clients)
     assert grid.runs_cohorts == (client_app is fedtune_client.app)
     run_dir = run_federated(grid, config).path
@@ -121,7 +123,8 @@ def test_blocks_depend_on_the_cohort_size_only():
 
 def test_a_split_block_sums_to_the_same_bits_and_block_order_fixes_the_total(tmp_path,
                                                                           one_torch_thread):
-    config = tiny_config(tmp_path, "data.num_clients=6")
+    # one client at a time (a chunk of clients trained together is not its singletons' bits)
+    config = tiny_config(tmp_path, "data.num_clients=6", "engine.vectorise_clients=false")
     resources = task_resources(config)
     act_as_server(1)
     arrays = shared_state(build_model(resources.spec, 0))

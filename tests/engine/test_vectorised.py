@@ -9,8 +9,14 @@ from flwr.app import ConfigRecord, RecordDict
 from safetensors.numpy import load_file
 
 from fedtune.client import vectorised
+from fedtune.client.algorithms import PROXIMAL_KEY
 from fedtune.client.app import train_client
-from fedtune.client.vectorised import chunk_sizes, train_chunks, vectorisable
+from fedtune.client.vectorised import (
+    chunk_sizes,
+    one_at_a_time_because,
+    train_chunks,
+    vectorisable,
+)
 from fedtune.config import ConfigError, load_config
 from fedtune.engine.cohort import (
     VECTOR_BLOCK,
@@ -57,11 +63,12 @@ def test_clients_trained_together_match_one_client_at_a_time(tmp_path, overrides
     resources = task_resources(tiny_config(tmp_path, *VECTORISED, *overrides))
     assert vectorisable(resources)
     arrays = _global_arrays(resources)
-    clients = [(c, RecordDict()) for c in range(12)]
-    together = [item for chunk in train_chunks(resources, 3, _content(3), arrays, clients)
-                for item in chunk]
+    clients = list(range(12))
+    together = [(trained, chunk.share)
+                for chunk in train_chunks(resources, 3, _content(3), arrays, clients)
+                for trained in chunk.trained]
     steps: list[int] = []
-    for (client_id, _), (trained, took) in zip(clients, together, strict=True):
+    for client_id, (trained, took) in zip(clients, together, strict=True):
         kept = {name: value.copy() for name, value in trained.arrays.items()}
         one = train_client(resources, client_id, 3, _content(3), arrays, RecordDict())
         assert kept.keys() == one.arrays.keys() and took > 0
@@ -77,13 +84,22 @@ def test_clients_trained_together_match_one_client_at_a_time(tmp_path, overrides
         assert len(group_sizes) > 1 and len(set(group_sizes)) < len(group_sizes)
 
 
-def test_a_run_with_clients_together_matches_the_loop(tmp_path, one_torch_thread):
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["strategy.name=fedprox", "strategy.proximal_mu=0.5"],
+    # FedNova's reply metric (Wang et al. 2020) and its server's normalised aggregate of the
+    # updates kept one by one
+    ["strategy.name=fednova", "client.optimizer=sgd", "client.momentum=0.5"],
+], ids=["fedavg", "fedprox", "fednova"])
+def test_a_run_with_clients_together_matches_the_loop(tmp_path, overrides, one_torch_thread):
     """The whole round (screening, sums, server): the same statuses and metrics, the same model
     to float rounding."""
     runs = {}
     for flag in ("false", "true"):
-        config = tiny_config(tmp_path, *VECTORISED, f"engine.vectorise_clients={flag}",
-                             "run.rounds=3", f"run.dir={tmp_path / flag}")
+        config = tiny_config(tmp_path, *VECTORISED, *overrides,
+                             f"engine.vectorise_clients={flag}", "run.rounds=3",
+                             f"run.dir={tmp_path / flag}")
+        assert (one_at_a_time_because(config) is None) == (flag == "true")
         runs[flag] = run_inprocess(config).path
     clients = {flag: [(r["round"], r["client_id"], r["status"], r["num_examples"])
                       for r in rows_of(path / "clients.csv")] for flag, path in runs.items()}
@@ -145,62 +161,115 @@ def test_blocks_hold_at_least_a_chunk_when_clients_train_together(tmp_path):
     assert block_size(100, least=VECTOR_BLOCK) == VECTOR_BLOCK
     assert block_size(10_000, least=VECTOR_BLOCK) == 157  # 64 blocks already hold more
     assert least_block(tiny_config(tmp_path, *VECTORISED)) == VECTOR_BLOCK
-    assert least_block(tiny_config(tmp_path)) == 1
+    assert least_block(tiny_config(tmp_path, "engine.vectorise_clients=false")) == 1
+
+
+def test_fedprox_clients_trained_together_match_one_at_a_time(tmp_path, one_torch_thread):
+    """FedProx's proximal term (Li et al. 2020) added to the stacked gradients, as the loop
+    adds it to one client's: the same weights to float rounding, and (mu large) other weights
+    than plain training."""
+    resources = task_resources(tiny_config(tmp_path, *VECTORISED, "strategy.name=fedprox",
+                                           "strategy.proximal_mu=2.0", "client.lr=0.2",
+                                           "client.optimizer=sgd"))
+    assert vectorisable(resources)
+    arrays = _global_arrays(resources)
+    content = RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: 2, PROXIMAL_KEY: 2.0})})
+    (chunk,) = list(train_chunks(resources, 2, content, arrays, range(6)))
+    kept = [{n: v.copy() for n, v in trained.arrays.items()} for trained in chunk.trained]
+    plain = [{n: v.copy() for n, v in trained.arrays.items()} for trained in next(
+        train_chunks(resources, 2, _content(2), arrays, range(6))).trained]
+    for client_id, ours, without in zip(range(6), kept, plain, strict=True):
+        one = train_client(resources, client_id, 2, content, arrays, RecordDict())
+        for name in one.arrays:
+            np.testing.assert_allclose(ours[name], one.arrays[name], atol=1e-5, rtol=0)
+        assert max(np.abs(ours[n] - without[n]).max() for n in ours) > 1e-3
 
 
 @pytest.mark.parametrize("overrides", [
-    ["strategy.name=fedprox", "strategy.proximal_mu=0.1"],  # its own objective
     ["strategy.name=scaffold", "client.optimizer=sgd"],  # client state and control variates
     ["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3"],
     ["faults.nan_fraction=0.25"],
     ["client.precision=bf16"],
     ["client.max_grad_norm=1.0"],
     ["engine.vectorise_clients=false"],
-], ids=["fedprox", "scaffold", "local-dp", "faults", "bf16", "clipping", "off"])
+], ids=["scaffold", "local-dp", "faults", "bf16", "clipping", "off"])
 def test_clients_that_need_their_own_loop_train_one_at_a_time(tmp_path, overrides):
     resources = task_resources(tiny_config(tmp_path, *VECTORISED, *overrides))
     assert not vectorisable(resources)
 
 
-def test_only_fedtunes_own_runtimes_train_clients_together():
-    with pytest.raises(ConfigError, match=r"engine.vectorise_clients = True is not allowed "
+def test_only_fedtunes_own_runtimes_train_clients_together(tmp_path):
+    with pytest.raises(ConfigError, match=r"engine.vectorise_clients = False is not allowed "
                                           r"with engine.backend = 'flower'.*ray, inprocess"):
-        load_config(None, ["engine.backend=flower", "engine.vectorise_clients=true"])
+        load_config(None, ["engine.backend=flower", "engine.vectorise_clients=false"])
+    assert "one ClientApp per client" in one_at_a_time_because(
+        tiny_config(tmp_path, "engine.backend=flower"))
+
+
+def test_clients_train_together_by_default_where_they_may(tmp_path):
+    """The default: together wherever the tables' facts allow, one at a time (with the
+    reason) elsewhere; blocks of a chunk's size only where clients train together."""
+    config = tiny_config(tmp_path)
+    assert one_at_a_time_because(config) is None and vectorisable(task_resources(config))
+    assert least_block(config) == VECTOR_BLOCK
+    for overrides, reason in [
+        (["strategy.name=scaffold", "client.optimizer=sgd"], "has its own client side"),
+        (["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3"],
+         "trains with its own mechanism"),
+        (["engine.vectorise_clients=false"], "engine.vectorise_clients = false"),
+    ]:
+        other = tiny_config(tmp_path, *overrides)
+        assert reason in one_at_a_time_because(other)
+        assert least_block(other) == 1
 
 
 def test_heads_on_frozen_features_train_together(tmp_path, tiny_bert_path, one_torch_thread):
     config = tiny_config(tmp_path, base=[
         "data.dataset=rotten_tomatoes", "data.max_examples=240", "data.num_clients=6",
         "data.partitioner=iid", f"model.path={tiny_bert_path}", "model.max_length=24",
-        "model.transfer=frozen", "model.dropout=0", "client.local_steps=3",
+        # dropout, and steps into a second epoch: the DataLoader draws its base seed from
+        # torch's default generator at each epoch's start, before that step's masks
+        "model.transfer=frozen", "model.dropout=0.3", "client.local_steps=7",
         "client.batch_size=8", "client.lr=0.02", "engine.backend=inprocess",
         "engine.vectorise_clients=true"])
     resources = task_resources(config)
     assert resources.spec.features and vectorisable(resources)
     arrays = _global_arrays(resources)
-    clients = [(c, RecordDict()) for c in range(6)]
+    clients = list(range(6))
     (chunk,) = list(train_chunks(resources, 2, _content(2), arrays, clients))
-    for (client_id, _), (trained, _) in zip(clients, chunk, strict=True):
+    for client_id, trained in zip(clients, chunk.trained, strict=True):
         one = train_client(resources, client_id, 2, _content(2), arrays, RecordDict())
         for name in one.arrays:
             np.testing.assert_allclose(trained.arrays[name], one.arrays[name], atol=1e-5,
                                        rtol=0)
 
 
-def test_with_dropout_clients_draw_their_own_masks_from_the_round_seeds(tmp_path,
-                                                                       one_torch_thread):
-    resources = task_resources(tiny_config(tmp_path, *VECTORISED, "model.dropout=0.5"))
+@pytest.mark.parametrize("overrides", [
+    ["client.local_steps=3"],
+    # one epoch of batches of 16 (a smaller last batch, padded) with two dropout layers
+    ["client.local_steps=0", "client.local_epochs=1", "client.batch_size=16",
+     "model.hidden_sizes=[16,8]", "client.optimizer=sgd", "client.lr=0.5"],
+], ids=["steps", "epochs-two-layers"])
+def test_with_dropout_clients_drop_what_they_drop_one_at_a_time(tmp_path, overrides,
+                                                                one_torch_thread):
+    """Each client's masks come from its own round seed, as one client at a time: the same
+    weights to float rounding (other masks would move them by far more), and other masks in
+    another round."""
+    resources = task_resources(tiny_config(tmp_path, *VECTORISED, "model.dropout=0.5",
+                                           *overrides))
     assert vectorisable(resources)
     arrays = _global_arrays(resources)
-    clients = [(c, RecordDict()) for c in range(4)]
 
     def together(server_round):
         (chunk,) = list(train_chunks(resources, server_round, _content(server_round), arrays,
-                                     clients))
-        return [{n: v.copy() for n, v in trained.arrays.items()} for trained, _ in chunk]
+                                     range(4)))
+        return [{n: v.copy() for n, v in trained.arrays.items()} for trained in chunk.trained]
 
-    first, again, other_round = together(2), together(2), together(3)
+    first, other_round = together(2), together(3)
+    for client_id, ours in enumerate(first):
+        one = train_client(resources, client_id, 2, _content(2), arrays, RecordDict())
+        for name in one.arrays:
+            np.testing.assert_allclose(ours[name], one.arrays[name], atol=1e-5, rtol=0)
     name = next(iter(first[0]))
-    assert all(np.array_equal(a[name], b[name]) for a, b in zip(first, again, strict=True))
-    # round 3 gives clients other batches and other masks
     assert not np.array_equal(first[0][name], other_round[0][name])
+    assert all(layer.training for layer in resources.model.modules())  # dropout restored

@@ -1,0 +1,71 @@
+"""The engine benchmark's MLP workload on two source trees, alternated (A B A B ...).
+
+Each side is ``engine_benchmarks.py``'s fedtune side (a child process: its whole process tree's
+CPU seconds and wall time per round, rounds 2.. kept) with ``PYTHONPATH`` set to one tree, so a
+change is measured against the code before it under the same load. Prints the load average
+before and after and, per side, the medians with their min-max and CPU-ms per client-round.
+
+    python benchmarks/compare_trees.py /work/main . --sizes 1000 --repeats 2 \\
+        --side "ray=engine.backend=ray,engine.vectorise_clients=true"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import engine_benchmarks as bench  # noqa: E402
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("before", help="source tree A (its fedtune package is imported)")
+    parser.add_argument("after", help="source tree B")
+    parser.add_argument("--sizes", default="1000")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--side", action="append", required=True,
+                        help="name=override,override,... (both trees run every side)")
+    args = parser.parse_args()
+    sides = {}
+    for side in args.side:
+        name, _, overrides = side.partition("=")
+        sides[name] = overrides.split(",") if overrides else []
+    trees = {"A": str(Path(args.before).resolve()), "B": str(Path(args.after).resolve())}
+    print(f"load average before: {_load()}")
+    print("| clients | side | tree | s/round (min-max) | CPU-s/round (min-max) | "
+          "CPU-ms per client-round |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        for n in [int(x) for x in args.sizes.split(",")]:
+            base, label = bench.workload(bench.MLP, n)
+            rows: dict[tuple[str, str], list[dict]] = {}
+            for repeat in range(args.repeats):
+                for name, overrides in sides.items():
+                    for tree, path in trees.items():
+                        os.environ["PYTHONPATH"] = path
+                        out = Path(folder) / f"{name}-{tree}-{n}-{repeat}"
+                        lines, _ = bench.run_side(bench.fedtune_command(
+                            [*base, f"data.num_clients={n}", f"run.rounds={args.rounds}",
+                             *overrides], out))
+                        rows.setdefault((name, tree), []).extend(bench.steady(lines))
+            for (name, tree), measured in rows.items():
+                cpu = statistics.median(r["cpu_s"] for r in measured)
+                print(f"| {label} | {name} | {tree} | {bench._spread(measured, 'wall_s')} | "
+                      f"{bench._spread(measured, 'cpu_s')} | {1000 * cpu / n:.3f} |",
+                      flush=True)
+    print(f"load average after: {_load()}")
+
+
+if __name__ == "__main__":
+    main()
