@@ -62,9 +62,14 @@ def check_precision(precision: str, device: torch.device) -> None:
                           "device is visible; must be 'fp32' or 'bf16'")
 
 
-def client_round_seed(run_seed: int, server_round: int, client_id: int) -> int:
-    """Seed for one client's work in one round (batch order, dropout)."""
-    return int(np.random.SeedSequence([run_seed, server_round, client_id]).generate_state(1)[0])
+def client_round_seed(run_seed: int, server_round: int, client_id: int,
+                      dispatch: int | None = None) -> int:
+    """Seed for one client's work in one round (batch order, dropout); ``dispatch``: an
+    asynchronous server's training call (``fedtune.protocol.DISPATCH``), where a client may
+    finish and start again on the same model within one server update and must not train on
+    the same batches twice."""
+    words = [run_seed, server_round, client_id] + ([] if dispatch is None else [dispatch])
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 @lru_cache(maxsize=1)

@@ -32,9 +32,10 @@ class AsynchronousStrategy(FedAvg):
     """The steps an asynchronous event loop calls; subclasses define the update rule."""
 
     def start_messages(self, server_round: int, arrays: ArrayRecord,
-                       node_ids: Iterable[int]) -> list[Message]:
-        """Train messages for ``node_ids``, all sharing one content (the current model)."""
-        config = ConfigRecord({"server-round": server_round})
+                       node_ids: Iterable[int], dispatch: int = 0) -> list[Message]:
+        """Train messages for ``node_ids``, all sharing one content (the current model and
+        ``dispatch``, the event loop's training call, which seeds the clients' batches)."""
+        config = ConfigRecord({"server-round": server_round, "dispatch": dispatch})
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return list(self._construct_messages(content, list(node_ids), MessageType.TRAIN))
 

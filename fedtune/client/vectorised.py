@@ -32,6 +32,7 @@ from flwr.app import RecordDict
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedtune import protocol
 from fedtune.client.algorithms import ClientSide
 from fedtune.client.app import TrainedClient, client_shard, train_metrics
 from fedtune.data.encode import Batch
@@ -110,7 +111,8 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     model = resources.model
     load_shared_state(model, global_arrays)
     model.train()
-    seeds = [client_round_seed(config.run.seed, server_round, client_id)
+    dispatch = protocol.message_dispatch(content)
+    seeds = [client_round_seed(config.run.seed, server_round, client_id, dispatch)
              for client_id, _ in clients]
     shards = [client_shard(config, client_id) for client_id, _ in clients]
     batches = [list(local_batches(resources.client_train_loader(shard, seed),

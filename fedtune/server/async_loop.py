@@ -59,6 +59,9 @@ class AsyncLoop:
         self.arrival_rate = clock.profiles.arrival_rate
         self.now = 0.0
         self.starts = 0  # clients started so far: names each start's random draw
+        # training calls so far: seeds each call's clients (fedtune.protocol.DISPATCH), so a
+        # client that finishes and starts again on the same model draws other batches
+        self.dispatches = 0
         self.next_arrival = 0.0
         # the clients in flight, one entry each
         self.client = _NO_CLIENTS.copy()
@@ -150,7 +153,9 @@ class AsyncRound:
             return
         clients = sorted(int(c) for c in loop.client[waiting])
         messages = self.strategy.start_messages(server_round, state.arrays,
-                                                [self.node_of[c] for c in clients])
+                                                [self.node_of[c] for c in clients],
+                                                loop.dispatches)
+        loop.dispatches += 1
         config = self.run.config
         bounds = UpdateBounds(state.arrays, config.strategy.max_update_norm,
                               config.strategy.update_norm_z)
