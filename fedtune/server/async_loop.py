@@ -214,8 +214,11 @@ class AsyncRound:
             loop.now = finish
             row = self._client_row(server_round, client, start, finish, version - started_on,
                                    lost)
-            rows.append(row)
             kept = loop.kept.pop(str(client), None)
+            refused = strategy.refuses(client) if kept is not None else ""
+            if refused:  # central DP: its update is already in this buffer
+                row.status, row.reason, kept = "rejected", refused, None
+            rows.append(row)
             if kept is None:  # offline, failed, rejected: the slot frees, nothing arrives
                 fruitless += 1
                 if fruitless >= patience:
@@ -227,7 +230,8 @@ class AsyncRound:
             metrics = {protocol.NUM_EXAMPLES: row.num_examples or 0,
                        protocol.TRAIN_LOSS: row.train_loss or 0.0}
             accepted.append(metrics)
-            if strategy.receive(kept, version - started_on, float(row.num_examples or 0)):
+            if strategy.receive(kept, version - started_on, float(row.num_examples or 0),
+                                client):
                 break
         self._train_waiting(server_round, totals)  # whoever started on the old model
         model_update = model_update or self._release()
@@ -249,7 +253,8 @@ class AsyncRound:
                  accepted: list[dict[str, Any]], totals: dict[str, Any], model_update: str,
                  began: float) -> RoundOutcome:
         run, state = self.run, self.run.state
-        metrics = MetricRecord(weighted_metrics(accepted)) if accepted else None
+        released = self.strategy.release_metrics() if model_update == "applied" else {}
+        metrics = MetricRecord({**weighted_metrics(accepted), **released}) if accepted else None
         run.privacy.record_round(rows, accepted, metrics)
         state.virtual_time_s = self.loop.now
         seed_sampling(run.config.run.seed, server_round, "evaluate")
