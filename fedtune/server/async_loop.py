@@ -30,7 +30,7 @@ from fedtune.config import Config
 from fedtune.devices.clock import VirtualClock
 from fedtune.errors import ConfigError
 from fedtune.results.run_dir import ClientRow, RoundRow
-from fedtune.server.grid import CohortSpec, SimulatedGrid
+from fedtune.server.grid import CohortSpec, NodeRange, SimulatedGrid
 from fedtune.server.guard import non_finite_tensors
 from fedtune.server.phases import UpdateBounds, evaluate_phase, train_phase
 from fedtune.server.reports import ClientReport
@@ -141,7 +141,12 @@ class AsyncRound:
         # (its entry's asynchronous_refused)
         self.strategy = cast(AsynchronousStrategy, run.strategy)
         self.run, self.loop, self.clock = run, loop, clock
-        self.node_of = {client: node for node, client in run.identities.node_to_client.items()}
+        nodes = run.identities.node_to_client
+        # the client -> node map: a simulation's NodeRange inverts itself in constant memory;
+        # pinned nodes (engine.node_ids) are few, so their dict is inverted once
+        self.node_of = nodes.node_of if isinstance(nodes, NodeRange) else {
+            client: node for node, client in nodes.items()}.__getitem__
+        self.population = len(nodes)
         self.limits = reply_limits(run.config, run.resources.federation)
 
     def _train_waiting(self, server_round: int, totals: dict[str, Any]) -> None:
@@ -153,7 +158,7 @@ class AsyncRound:
             return
         clients = sorted(int(c) for c in loop.client[waiting])
         messages = self.strategy.start_messages(server_round, state.arrays,
-                                                [self.node_of[c] for c in clients],
+                                                [self.node_of(c) for c in clients],
                                                 loop.dispatches)
         loop.dispatches += 1
         config = self.run.config
@@ -197,7 +202,7 @@ class AsyncRound:
         run.progress(server_round, "train", 0, 0)
         # clients heard from in a row without an update (failed, rejected, offline, declined):
         # after this many the server update ends without a change of the model
-        fruitless, patience = 0, 2 * max(loop.concurrency, len(self.node_of))
+        fruitless, patience = 0, 2 * max(loop.concurrency, self.population)
         model_update = ""
         while True:
             moment, available = loop.next_start(self.clock)
