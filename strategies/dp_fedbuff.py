@@ -1,9 +1,9 @@
 """DP-FedBuff: buffered asynchronous aggregation with user-level central differential privacy.
 
 The mechanism is FedBuff's (Nguyen et al., "Federated Learning with Buffered Asynchronous
-Aggregation", AISTATS 2022, https://arxiv.org/abs/2106.06639, Algorithm 1) with the Gaussian
-mechanism of DP-FedAvg (McMahan et al. 2018) moved to the buffer, as that paper's DP section
-composes them - the buffer is the release:
+Aggregation", AISTATS 2022, https://arxiv.org/abs/2106.06639, Algorithm 1; its buffer is what
+they argue makes asynchronous FL compatible with central DP) with the Gaussian mechanism of
+DP-FedAvg (McMahan et al. 2018) moved to the buffer - the buffer is the release:
 
 - each client update ``delta_i = y_i - x_(t_i)`` (floating arrays only) is clipped to L2 norm
   ``C`` when it arrives and scaled by the staleness weight ``s(tau) = 1 / sqrt(1 + tau) <= 1``,
@@ -16,8 +16,9 @@ composes them - the buffer is the release:
 
 Each release is then one Gaussian mechanism of noise multiplier ``sigma`` on a sum of
 sensitivity ``C`` (``fedtune.privacy.central_dp`` accounts them: composed over every release,
-without amplification by sampling; ``docs/privacy.md`` says what that assumes). Integer arrays
-keep the server's values.
+without amplification by sampling: the Gaussian mechanism's Rényi DP composed adaptively,
+Mironov 2017; ``docs/privacy.md`` says what that assumes). Integer arrays keep the server's
+values.
 
 Secrecy of the draws (``strategies.noise``): the noise comes from ``SecureRandom`` (ChaCha20
 keyed by OS entropy per draw) unless ``seed`` is given, which selects NumPy generators seeded
