@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -32,9 +34,16 @@ from engine_benchmarks import MLP  # noqa: E402 - the same workload as the engin
 FINE_TUNING = ("finetune", "fedbabu")  # their evaluation fine-tunes: one step is enough here
 
 
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def one_run(strategy: str, runtime: str, clients: int, rounds: int, folder: Path
-            ) -> tuple[list[float], float]:
-    """Round wall times of one run (round 1 left out) and its whole time in summary.json."""
+            ) -> tuple[list[float], float, float, float]:
+    """Round wall times of one run (round 1 left out), its whole time in summary.json, and the
+    child process's wall and CPU seconds (its reaped process tree: Ray's workers included only
+    as far as their parents reap them)."""
     out = folder / f"{strategy}-{runtime}"
     overrides = [*MLP, f"strategy.name={strategy}", f"engine.backend={runtime}",
                  f"data.num_clients={clients}", f"run.rounds={rounds}",
@@ -43,13 +52,15 @@ def one_run(strategy: str, runtime: str, clients: int, rounds: int, folder: Path
     command = [sys.executable, "-m", "fedtune", "run", "--quiet", "--output", str(out)]
     for override in overrides:
         command += ["--set", override]
+    cpu, wall = _children_cpu_s(), time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
+    cpu, wall = _children_cpu_s() - cpu, time.perf_counter() - wall
     if done.returncode:
         sys.exit(f"{strategy} on {runtime}: rc {done.returncode}\n{done.stderr[-2000:]}")
     with (out / "metrics.csv").open(newline="") as handle:
         walls = [float(row["wall_s"]) for row in csv.DictReader(handle)][1:]
     total = json.loads((out / "summary.json").read_text())["total_time_s"]
-    return walls, total
+    return walls, total, wall, cpu
 
 
 def main() -> None:
@@ -64,25 +75,36 @@ def main() -> None:
     strategies, runtimes = args.strategies.split(","), args.runtimes.split(",")
     walls: dict[tuple[str, str], list[float]] = {}
     totals: dict[tuple[str, str], list[float]] = {}
+    processes: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    print("load average at start:", Path("/proc/loadavg").read_text().strip(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for runtime in runtimes:
                 for strategy in strategies:
                     folder = Path(tmp) / str(repeat)
-                    got, total = one_run(strategy, runtime, args.clients, args.rounds, folder)
+                    got, total, wall, cpu = one_run(strategy, runtime, args.clients,
+                                                    args.rounds, folder)
                     walls.setdefault((strategy, runtime), []).extend(got)
                     totals.setdefault((strategy, runtime), []).append(total)
+                    processes.setdefault((strategy, runtime), []).append((wall, cpu))
                     print(f"[{repeat + 1}/{args.repeats}] {runtime} {strategy}: rounds "
-                          + " ".join(f"{w:.2f}" for w in got), flush=True)
-    print("\n| runtime | strategy | round s (median) | vs FedAvg | run s (rounds + end) |")
-    print("|---|---|---|---|---|")
+                          + " ".join(f"{w:.2f}" for w in got)
+                          + f"; process {wall:.1f} s wall, {cpu:.1f} CPU-s", flush=True)
+    print("load average at end:", Path("/proc/loadavg").read_text().strip())
+    print("\n| runtime | strategy | round s (median, min-max) | vs FedAvg | run s (rounds + end) "
+          "| process wall s / CPU-s (median) |")
+    print("|---|---|---|---|---|---|")
     for runtime in runtimes:
         base = statistics.median(walls[("fedavg", runtime)]) if "fedavg" in strategies else None
         for strategy in strategies:
-            median = statistics.median(walls[(strategy, runtime)])
+            rounds = walls[(strategy, runtime)]
+            median = statistics.median(rounds)
             ratio = f"{median / base:.2f}x" if base else "-"
-            print(f"| {runtime} | {strategy} | {median:.3f} | {ratio} | "
-                  f"{statistics.median(totals[(strategy, runtime)]):.1f} |")
+            wall = statistics.median(w for w, _ in processes[(strategy, runtime)])
+            cpu = statistics.median(c for _, c in processes[(strategy, runtime)])
+            print(f"| {runtime} | {strategy} | {median:.3f} ({min(rounds):.3f}-{max(rounds):.3f})"
+                  f" | {ratio} | {statistics.median(totals[(strategy, runtime)]):.1f} | "
+                  f"{wall:.1f} / {cpu:.1f} |")
 
 
 if __name__ == "__main__":

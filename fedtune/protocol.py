@@ -101,6 +101,19 @@ FEDDYN_STATE = "feddyn-gradient"
 PERSONAL_STATE = "personal-model"  # personalisation: the client's own tensors (head or model)
 PERSONAL_MIX_STATE = "personal-mix"  # APFL: the client's mixing weight alpha
 
+# --- personal evaluation where the clients live (a runtime that keeps no ClientStateStore) ---
+PERSONAL_ACTION = "personal"
+PERSONAL_MESSAGE_TYPE = f"query.{PERSONAL_ACTION}"  # evaluate your own models on your test split
+PERSONAL_LOCAL_ONLY = "local-only"  # config: also train alone and evaluate that model
+PERSONAL_MODELS = ("global", "personalised", "local_only")  # personal.csv's models, in order
+
+
+def personal_metric(model: str, what: str) -> str:
+    """The reply metric of one model's ``accuracy``, ``loss`` or ``examples``
+    (``personalised-accuracy``, ...)."""
+    return f"{model.replace('_', '-')}-{what}"
+
+
 # --- secure aggregation (SecAgg+, Bell et al. 2020) -------------------------------------------
 SECAGG_ACTION = "secagg"
 SECAGG_MESSAGE_TYPE = f"query.{SECAGG_ACTION}"  # its own stages (Flower's "<category>.<action>")
@@ -130,6 +143,7 @@ SA_DP_STD = "dp-noise-std"  # setup, distributed DP: each client's Gaussian nois
 SA_WEIGHT = "weight"  # setup: what weights a client's input (a reply metric, "1", "a/b")
 SA_RECORDS = "records"  # setup: the reply ArrayRecords that enter the sum, in order
 SA_DELTAS = "deltas"  # setup: for each, whether it is summed relative to the sent record
+SA_KEPT = "kept"  # setup: tensors of a relative record no client sends (its personal part)
 SA_PK_MASK = "pk-mask"  # setup reply: public key for pairwise masks
 SA_PK_SEAL = "pk-seal"  # setup reply: public key for encrypting shares
 SA_COMMITMENT = "commitment"  # share-keys reply: SHA-256 commitment to the self-mask seed
@@ -222,6 +236,22 @@ def decline_reply_schema(privacy_mode: str) -> ReplySchema | None:
 
 
 EVALUATE_REPLY_SCHEMA = ReplySchema(metrics=EVALUATE_METRICS)
+
+
+def personal_reply_schema(personalised: bool, local_only: bool) -> ReplySchema:
+    """A client's answer to ``PERSONAL_MESSAGE_TYPE``: its partition id and, for the global
+    model, its personalised one (where the strategy makes one) and the model it trained alone
+    (where asked), the local test examples and, with any, the accuracy and loss; metrics only."""
+    models = [m for m, on in zip(PERSONAL_MODELS, (True, personalised, local_only),
+                                 strict=True) if on]
+    metrics = {PARTITION_ID: ReplyMetric(int, ge=0)}
+    for model in models:
+        metrics[personal_metric(model, "examples")] = ReplyMetric(int, ge=0)
+        metrics[personal_metric(model, "accuracy")] = ReplyMetric(float, required=False, ge=0,
+                                                                  le=1)
+        metrics[personal_metric(model, "loss")] = ReplyMetric(float, required=False, ge=0,
+                                                              le=MAX_LOSS)
+    return ReplySchema(metrics=metrics)
 
 
 def first_metric_record(message: Message) -> MetricRecord | None:

@@ -40,6 +40,7 @@ ESCAPES = "escapes"  # raises an error whose text holds ANSI escapes and newline
 FEDNOVA_HUGE = "fednova-huge"  # fednova-a = 1e300
 FEDNOVA_TINY = "fednova-tiny"  # fednova-a = 1e-300
 FEDNOVA_STEPS = "fednova-steps"  # claims 10^15 steps, with the fednova-a they give (momentum 0.5)
+SMUGGLE_HEAD = "smuggle-head"  # its last tensor (the MLP's classifier bias) + 0.5: a trained head
 ESCAPE_TEXT = "\x1b[2J\x1b[31mpwned\nfedtune: round 9 finished\r\x07"
 # evaluate-reply attacks
 EVAL_NO_LOSS = "eval-no-loss"
@@ -101,6 +102,10 @@ def tamper(attack: str, msg: Message, reply: Message,
         metrics["fednova-a"] = 1e300 if attack == FEDNOVA_HUGE else 1e-300
     elif attack == FEDNOVA_STEPS:
         metrics["num-steps"], metrics["fednova-a"] = 10**15, local_normalizer(10**15, 0.5)
+    elif attack == SMUGGLE_HEAD:
+        arrays = reply.content["arrays"]
+        name = list(arrays.keys())[-1]
+        arrays[name] = Array(arrays[name].numpy() + np.float32(0.5))
     elif attack == SCALE:
         _tamper_arrays(reply, lambda a: Array(a.numpy() * np.float32(1e6)))
     elif attack == HUGE:

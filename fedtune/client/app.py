@@ -26,6 +26,7 @@ from fedtune import protocol
 from fedtune.client.algorithms import ClientSide
 from fedtune.client.attacking import attacked_update, training_data
 from fedtune.client.node_state import node_state_mod
+from fedtune.client.personal import personal_metrics
 from fedtune.client.secagg_stages import secagg_stage, secagg_train_mod
 from fedtune.config import Config, ConfigError
 from fedtune.models.weights import load_shared_state, shared_state
@@ -200,6 +201,19 @@ def reply_content(trained: TrainedClient) -> RecordDict:
 
 app = ClientApp(mods=[node_state_mod])  # a SuperNode's state-dir keeps its client's state
 app.query(protocol.SECAGG_ACTION)(secagg_stage)  # SecAgg+'s key set-up and unmasking
+
+
+@app.query(protocol.PERSONAL_ACTION)
+def evaluate_personal(msg: Message, context: Context) -> Message:
+    """This node's client evaluates its own models (global, personalised, and with
+    ``PERSONAL_LOCAL_ONLY`` the one it trains alone) on its local test split, with the state
+    its node keeps (``fedtune.client.personal.personal_metrics``); the reply is metrics only."""
+    resources, client_id, server_round = _setup(msg, context)
+    local_only = bool(msg.content[protocol.CONFIG].get(protocol.PERSONAL_LOCAL_ONLY, False))
+    metrics = personal_metrics(resources, client_id, server_round,
+                               protocol.to_numpy(msg.content[protocol.ARRAYS]), context.state,
+                               local_only)
+    return Message(content=RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.train(mods=[secagg_train_mod])  # SecAgg+ masks the reply when the server asks for it

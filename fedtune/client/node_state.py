@@ -20,8 +20,9 @@ fsync'ed), from what the server sends with every message (``protocol.NODE_STATE`
 - versions older than the newest one a resume may still need (at or before the server's last
   checkpoint) are deleted.
 
-SecAgg+'s per-round key material (``protocol.SECAGG_STATE``) is never written: it lives for
-one round of one session.
+A personal evaluation (``protocol.PERSONAL_MESSAGE_TYPE``) of a round reads the state after that
+round and writes nothing. SecAgg+'s per-round key material (``protocol.SECAGG_STATE``) is never
+written: it lives for one round of one session.
 """
 
 from __future__ import annotations
@@ -137,14 +138,16 @@ def node_state_mod(message: Message, context: Context,
     files = NodeStateFiles(Path(str(state_dir)) / run_key / f"client-{client}")
     files.start_session(str(record[protocol.SESSION]), int(record[protocol.SESSION_START]))
     server_round = protocol.message_round(message.content)
+    # a personal evaluation of round r reads the state after r, and changes nothing
+    reads_only = message.metadata.message_type == protocol.PERSONAL_MESSAGE_TYPE
     state = context.state
     marker = state.get(protocol.NODE_STATE)
     if not isinstance(marker, ConfigRecord) or marker.get(protocol.RUN_KEY) != run_key:
         state.clear()
-        state.update(files.load_before(server_round))
+        state.update(files.load_before(server_round + reads_only))
         state[protocol.NODE_STATE] = ConfigRecord({protocol.RUN_KEY: run_key})
     reply = call_next(message, context)
-    if not reply.has_error():
+    if not reply.has_error() and not reads_only:
         kept = RecordDict({name: value for name, value in state.items()
                            if name not in _NOT_KEPT})
         if len(kept) or files.versions():

@@ -64,7 +64,7 @@ _SECRETS = (_MASK_SEED, _SEAL_PRIVATE, _SELF_SEED, _SEAL_KEYS, _SEED_SHARES, _KE
 _SETTINGS = (protocol.SA_ROUND, protocol.SA_THRESHOLD, protocol.SA_BITS,
              protocol.SA_RING_BITS, protocol.SA_CLIP_RANGE, protocol.SA_DP_CLIP,
              protocol.SA_DP_STD, protocol.SA_WEIGHT, protocol.SA_RECORDS, protocol.SA_DELTAS,
-             protocol.SA_GRAPH_SEED)
+             protocol.SA_KEPT, protocol.SA_GRAPH_SEED)
 _NOISE_STREAM = 0x5EC  # seed stream of the noise share in the insecure reproducible mode
 
 
@@ -340,10 +340,11 @@ def secagg_train_mod(msg: Message, context: Context, call_next: ClientAppCallabl
 def _summed(state: ConfigRecord, strategy_name: str) -> list[masking.SummedRecord]:
     """The summed records the server announced, each with the sent record it refers to."""
     answers = STRATEGIES[strategy_name].answers
+    kept = tuple(str(name) for name in state[protocol.SA_KEPT])
     out = []
     for name, delta in zip(state[protocol.SA_RECORDS], state[protocol.SA_DELTAS], strict=True):
         if not delta and name not in answers:
             raise ProtocolViolation(f"record {name!r} answers no sent record")
         out.append(masking.SummedRecord(str(name), str(name) if delta else answers[name],
-                                        bool(delta)))
+                                        bool(delta), kept if delta else ()))
     return out

@@ -39,7 +39,12 @@ from fedtune.errors import one_line
 from fedtune.server.grid import CohortResult, CohortSpec
 from fedtune.server.guard import absurd_update, model_norm, update_norm
 from fedtune.server.reports import ClientReport
-from fedtune.server.screening import check_claims, check_metric_values, check_update_arrays
+from fedtune.server.screening import (
+    check_claims,
+    check_kept,
+    check_metric_values,
+    check_update_arrays,
+)
 from fedtune.server.summing import accumulate
 from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.state.store import ClientStateStore
@@ -219,6 +224,9 @@ def _screen_update(trained: TrainedClient, received: dict[str, dict[str, np.ndar
         problem = check_update_arrays(content.arrays[answered], arrays, record_name)
         if problem:
             return "rejected", problem
+    problem = check_kept(content.arrays[protocol.ARRAYS], received[protocol.ARRAYS], limits.kept)
+    if problem:
+        return "rejected", problem
     problem = (check_metric_values(trained.metrics, schema)
                or check_claims(trained.metrics, limits, client_id, limits.train_sizes, 1))
     if problem:

@@ -86,7 +86,7 @@ def store_arrays(state: RecordDict, key: str, arrays: Mapping[str, NDArray]) -> 
 def _array(value: NDArray):
     from flwr.app import Array
 
-    return Array(np.array(value, copy=True))
+    return Array(np.asarray(value))  # Array serialises the values: a copy already
 
 
 def with_part(arrays: Mapping[str, NDArray], part: Mapping[str, NDArray] | None
@@ -112,11 +112,16 @@ def train_part(resources: TaskResources, shard: int, seed: int, names: Iterable[
     # the others need no gradient (a head-only pass stops its backward at the head)
     fixed = [t for n, t in tensors.items() if n not in chosen and isinstance(t, nn.Parameter)]
     loader = batches if batches is not None else resources.client_train_loader(shard, seed)
+    # every trainable tensor with the run's settings: the process's one optimizer, reset (the
+    # same steps as a new one, without building one per client)
+    whole = not fixed and settings is resources.train_settings and len(params) == sum(
+        p.requires_grad for p in model.parameters())
+    optimizer = resources.local_optimizer() if whole else make_optimizer(params, settings)
     try:
         for param in fixed:
             param.requires_grad_(False)
         result = train_loop(model, loader, settings, resources.device, objective,
-                            optimizer=make_optimizer(params, settings))
+                            optimizer=optimizer)
     finally:
         for param in fixed:
             param.requires_grad_(True)

@@ -1,9 +1,10 @@
 """Every client's models on its own local test split: the global model, its personalised model
 (where the strategy makes one) and, with ``run.local_reference``, the model it trains alone.
 
-This is the simulation's measurement, like the server's global test: it runs where the
-federation's data and the clients' states are (the driver, with the runtime's
-``ClientStateStore``), over every registered client, sampled or not.
+It runs where the clients' states are, over every registered client, sampled or not: in the
+driver for a runtime with a ``ClientStateStore`` (``evaluate_clients``), and in each client
+(``client_rows``, ``local_only_row``) where its state lives with it (Flower's simulation, a
+deployment's SuperNodes: ``fedtune.server.personal_messages``). Both compute the same rows.
 """
 
 from __future__ import annotations
@@ -53,21 +54,28 @@ def _row(resources: TaskResources, server_round: int, client: int, model: str,
                        result.num_examples)
 
 
+def client_rows(resources: TaskResources, personalisation: Personalisation,
+                global_arrays: Mapping[str, NDArray], state: RecordDict | None, client: int,
+                server_round: int) -> list[PersonalRow]:
+    """The global and the personalised model of one client on its local test split (what the
+    client computes itself where its state lives with it: ``fedtune.client.app``)."""
+    rows = [_row(resources, server_round, client, GLOBAL, global_arrays)]
+    seed = personal_seed(resources.config.run.seed, server_round, client)
+    seed_torch(seed)
+    personal = personalisation.personal_arrays(resources, client, state, global_arrays, seed)
+    if personal is not None:
+        rows.append(_row(resources, server_round, client, PERSONALISED, personal))
+    return rows
+
+
 def evaluate_clients(resources: TaskResources, personalisation: Personalisation,
                      global_arrays: Mapping[str, NDArray],
                      state_of: Callable[[int], RecordDict | None],
                      server_round: int) -> list[PersonalRow]:
     """The global and the personalised model of every client on its local test split."""
-    rows = []
-    for client in range(resources.federation.num_clients):
-        rows.append(_row(resources, server_round, client, GLOBAL, global_arrays))
-        seed = personal_seed(resources.config.run.seed, server_round, client)
-        seed_torch(seed)
-        personal = personalisation.personal_arrays(resources, client, state_of(client),
-                                                   global_arrays, seed)
-        if personal is not None:
-            rows.append(_row(resources, server_round, client, PERSONALISED, personal))
-    return rows
+    return [row for client in range(resources.federation.num_clients)
+            for row in client_rows(resources, personalisation, global_arrays,
+                                   state_of(client), client, server_round)]
 
 
 def train_alone(resources: TaskResources, client: int, initial: Mapping[str, NDArray]
@@ -91,9 +99,20 @@ def train_alone(resources: TaskResources, client: int, initial: Mapping[str, NDA
     return best
 
 
+def initial_arrays(resources: TaskResources) -> dict[str, NDArray]:
+    """The run's initial weights (what the global model starts from)."""
+    return shared_state(build_model(resources.spec, resources.config.run.seed))
+
+
+def local_only_row(resources: TaskResources, client: int, server_round: int,
+                   initial: Mapping[str, NDArray]) -> PersonalRow:
+    """One client's model trained alone, on its local test split."""
+    return _row(resources, server_round, client, LOCAL_ONLY,
+                train_alone(resources, client, initial))
+
+
 def local_only_rows(resources: TaskResources, server_round: int) -> list[PersonalRow]:
     """Every client's model trained alone, on its local test split."""
-    initial = shared_state(build_model(resources.spec, resources.config.run.seed))
-    return [_row(resources, server_round, client, LOCAL_ONLY,
-                 train_alone(resources, client, initial))
+    initial = initial_arrays(resources)
+    return [local_only_row(resources, client, server_round, initial)
             for client in range(resources.federation.num_clients)]

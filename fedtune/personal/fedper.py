@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
+import torch
 from flwr.app import RecordDict
 
-from fedtune.models.weights import load_shared_state, shared_state
+from fedtune.models.weights import load_shared_state, travelling_tensors
 from fedtune.personal.base import (
     NDArray,
     Personalisation,
@@ -33,12 +35,14 @@ def own_head_model(state: RecordDict | None, global_arrays: Mapping[str, NDArray
 
 def keep_personal_send_shared(resources: TaskResources, state: RecordDict,
                               global_arrays: Mapping[str, NDArray], personal: list[str]) -> None:
-    """Store the trained ``personal`` tensors, and put the global ones back for the reply."""
-    model = resources.model
-    trained = shared_state(model)
-    store_arrays(state, PERSONAL_STATE, {name: trained[name] for name in personal})
-    load_shared_state(model, with_part(trained, {name: global_arrays[name]
-                                                 for name in personal}))
+    """Store the trained ``personal`` tensors, and put the global ones back for the reply (only
+    those tensors are read and written: a small client's step costs about as much)."""
+    tensors = travelling_tensors(resources.model)
+    store_arrays(state, PERSONAL_STATE,  # serialised (copied) as they are stored
+                 {name: tensors[name].detach().cpu().numpy() for name in personal})
+    with torch.no_grad():
+        for name in personal:
+            tensors[name].copy_(torch.from_numpy(np.asarray(global_arrays[name])))
 
 
 def keep_head_send_body(resources: TaskResources, state: RecordDict,

@@ -10,6 +10,7 @@ adapters (so a LoRA model's "body" is its adapters and its "head" the classifier
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from torch import nn
 
@@ -50,9 +51,22 @@ def lora_names(model: nn.Module, matrix: str) -> list[str]:
 
 
 def part_names(model: nn.Module, part: str) -> list[str]:
-    """``head``, ``body`` or ``full`` (every travelling tensor)."""
+    """``head``, ``body``, ``lora_A``, ``lora_B`` or ``full`` (every travelling tensor)."""
     if part == "head":
         return head_names(model)
     if part == "body":
         return body_names(model)
+    if part in ("lora_A", "lora_B"):
+        return lora_names(model, part[-1])
     return list(travelling_tensors(model))
+
+
+def kept_names(model: Callable[[], nn.Module], personal_part: str, shared_part: str
+               ) -> list[str]:
+    """The travelling tensors a client keeps to itself, so that its reply carries them exactly
+    as they were sent (a strategy entry's ``personal_part``; none where it keeps nothing, or
+    where its personal part is a whole model beside the global one it trains and shares:
+    Ditto, APFL). ``model`` gives the run's model, asked for only where there is a part."""
+    if not personal_part or personal_part == shared_part:
+        return []
+    return part_names(model(), personal_part)

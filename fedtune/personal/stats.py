@@ -6,8 +6,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-GLOBAL, PERSONALISED, LOCAL_ONLY = "global", "personalised", "local_only"
-MODELS = (GLOBAL, PERSONALISED, LOCAL_ONLY)
+from fedtune.protocol import PERSONAL_MODELS
+
+GLOBAL, PERSONALISED, LOCAL_ONLY = PERSONAL_MODELS  # what personal.csv's ``model`` says
+MODELS = PERSONAL_MODELS
 
 
 def distribution(accuracies: Sequence[float]) -> dict[str, float | int | None]:

@@ -173,28 +173,32 @@ class SummedRecord:
     reply: str
     sent: str
     delta: bool
+    # tensors of a relative record that are not summed and keep the sent values: a personalised
+    # strategy's personal part, which each client keeps and never sends, even masked
+    kept: tuple[str, ...] = ()
 
 
-def summed_records(sent_records: Sequence[str], answers: Mapping[str, str]
-                   ) -> list[SummedRecord]:
+def summed_records(sent_records: Sequence[str], answers: Mapping[str, str],
+                   kept: Sequence[str] = ()) -> list[SummedRecord]:
     """The summed records of a reply to a message that sent ``sent_records`` (ArrayRecords, in
-    order): a sent record comes back under its own name (relative) or as the reply record that
-    answers it (``answers``: reply record -> sent record; as it is)."""
+    order): a sent record comes back under its own name (relative, without its ``kept``
+    tensors) or as the reply record that answers it (``answers``: reply record -> sent record;
+    as it is)."""
     answering = {sent: reply for reply, sent in answers.items()}
     return [SummedRecord(answering[name], name, False) if name in answering
-            else SummedRecord(name, name, True) for name in sent_records]
+            else SummedRecord(name, name, True, tuple(kept)) for name in sent_records]
 
 
-def _floating(record: ArrayRecord) -> list[str]:
+def _floating(record: ArrayRecord, kept: Sequence[str] = ()) -> list[str]:
     return [name for name, array in record.items()
-            if np.issubdtype(np.dtype(array.dtype), np.floating)]
+            if np.issubdtype(np.dtype(array.dtype), np.floating) and name not in kept]
 
 
 def vector_length(sent: RecordDict, summed: Sequence[SummedRecord]) -> int:
-    """How many values the sum holds (floating tensors only: integer buffers keep the server's
-    values)."""
+    """How many values the sum holds (floating tensors only: integer buffers and a personal
+    part keep the server's values)."""
     return sum(int(np.prod(sent[s.sent][name].shape, dtype=np.int64))
-               for s in summed for name in _floating(sent[s.sent]))
+               for s in summed for name in _floating(sent[s.sent], s.kept))
 
 
 def flatten(reply: RecordDict, sent: RecordDict, summed: Sequence[SummedRecord]) -> np.ndarray:
@@ -205,7 +209,7 @@ def flatten(reply: RecordDict, sent: RecordDict, summed: Sequence[SummedRecord])
         if s.reply not in reply.array_records:
             raise ValueError(f"the reply has no ArrayRecord {s.reply!r} to sum")
         received, reference = reply[s.reply], sent[s.sent]
-        for name in _floating(reference):
+        for name in _floating(reference, s.kept):
             if name not in received:
                 raise ValueError(f"{s.reply}.{name} is missing")
             value = received[name].numpy()
@@ -222,11 +226,11 @@ def flatten(reply: RecordDict, sent: RecordDict, summed: Sequence[SummedRecord])
 def unflatten(mean: np.ndarray, sent: RecordDict, summed: Sequence[SummedRecord]
               ) -> dict[str, ArrayRecord]:
     """The reply records that ``mean`` stands for, in the sent tensors' dtypes (integer tensors
-    keep the sent values)."""
+    and a personal part keep the sent values)."""
     records, position = {}, 0
     for s in summed:
         reference, arrays = sent[s.sent], {}
-        floating = set(_floating(reference))
+        floating = set(_floating(reference, s.kept))
         for name, array in reference.items():
             value = array.numpy()
             if name in floating:

@@ -27,6 +27,7 @@ from fedtune.devices.clock import VirtualClock
 from fedtune.models.build import build_model
 from fedtune.models.weights import shared_state
 from fedtune.personal.base import personal_evaluation_on
+from fedtune.personal.split import kept_names
 from fedtune.privacy.mode import PrivacyPlan
 from fedtune.protocol import to_array_record
 from fedtune.results.lock import RunLock
@@ -121,7 +122,9 @@ def run_federated(grid: Grid, config: Config, reporter: Reporter | None = None,
     resources = task_resources(config)
     mode = privacy_mode(config)
     plan = mode.plan(config)
-    strategy = build_strategy(config, plan, resources.max_train_examples())
+    entry = STRATEGIES[config.strategy.name]  # SecAgg+ leaves a personal part out of its sum
+    strategy = build_strategy(config, plan, resources.max_train_examples(), kept_names(
+        lambda: resources.model, entry.personal_part, entry.shared_part))
     privacy = mode.server(config, plan,
                           resources.federation.train_sizes.tolist())
     stateful = SimpleNamespace(strategy=strategy, privacy=privacy)  # what checkpoints keep

@@ -8,6 +8,7 @@ before the first round.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from flwr.serverapp.strategy import Strategy
@@ -33,9 +34,10 @@ def evaluate_arguments(config: Config) -> dict[str, Any]:
 
 
 def build_strategy(config: Config, plan: PrivacyPlan,
-                   max_examples: int = MAX_ANY_EXAMPLES) -> Strategy:
+                   max_examples: int = MAX_ANY_EXAMPLES, kept: Sequence[str] = ()) -> Strategy:
     """The configured strategy (``plan``: what the privacy mode fixed for the run;
-    ``max_examples``: the federation's training examples, where the server knows them)."""
+    ``max_examples``: the federation's training examples, where the server knows them;
+    ``kept``: a personalised strategy's personal part, which SecAgg+ leaves out of the sum)."""
     s = config.strategy
     evaluate_args = evaluate_arguments(config)
     mode = privacy_mode(config)
@@ -56,4 +58,4 @@ def build_strategy(config: Config, plan: PrivacyPlan,
         clip_range=s.secagg_clip_range, timeout_s=s.round_timeout_s, seed=config.run.seed,
         sum_weight=PRIVACY_MODES[config.privacy.mode].sum_weight or entry.sum_weight,
         answers=dict(entry.answers), max_weight=max_examples, dp_clip=dp_clip,
-        dp_noise_multiplier=dp_noise_multiplier))
+        dp_noise_multiplier=dp_noise_multiplier, kept=tuple(kept)))

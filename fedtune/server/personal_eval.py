@@ -5,6 +5,9 @@ It writes personal.csv (one row per client and model: global, personalised, loca
 the round's metrics.csv columns ``personal_*`` (the distribution of each client's own model:
 its personalised one, or the global one where the strategy makes none) and hands summary.json
 its ``personal`` section and plots/personal_accuracy.png. It runs before ``RoundWriter``.
+Where the runtime keeps every client's state in its ``ClientStateStore`` the rows are computed
+here; where the clients keep their own (Flower's simulation, a deployment) each client computes
+its rows and replies metrics only (``fedtune.server.personal_messages``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from fedtune.results.run_dir import RunDirectory
 from fedtune.results.summary import run_title
 from fedtune.server.listeners import FinalArtifacts
 from fedtune.server.loop import RunListener
+from fedtune.server.personal_messages import personal_rows_by_messages
 from fedtune.server.round import FederatedRun, RoundOutcome
 from fedtune.state.store import ClientStateStore
 from fedtune.tables.privacy_modes import PRIVACY_MODES
@@ -53,13 +57,18 @@ class PersonalEvaluation(RunListener):
         config, resources = run.config, run.resources
         clients = resources.federation.num_clients
         run.progress(server_round, "personal", 0, clients)
-        rows = evaluate_clients(
-            resources, self.algorithm, protocol.to_numpy(run.state.arrays),
-            self.store.get if self.store is not None else lambda client: None, server_round)
-        if config.run.local_reference and server_round == run.state.server_round and (
-                server_round == config.run.rounds or run.state.stop_reason):
-            run.progress(server_round, "alone", 0, clients)
-            rows += local_only_rows(resources, server_round)
+        local_only = bool(config.run.local_reference and server_round == run.state.server_round
+                          and (server_round == config.run.rounds or run.state.stop_reason))
+        if self.store is None:  # the clients keep their states: they evaluate themselves
+            personalised = bool(STRATEGIES[config.strategy.name].personal)
+            rows = personal_rows_by_messages(run, server_round, personalised, local_only)
+        else:  # the runtime's store holds every state: the same rows, computed here
+            rows = evaluate_clients(resources, self.algorithm,
+                                    protocol.to_numpy(run.state.arrays), self.store.get,
+                                    server_round)
+            if local_only:
+                run.progress(server_round, "alone", 0, clients)
+                rows += local_only_rows(resources, server_round)
         self.run_dir.append_personal([asdict(row) for row in rows])
         self.evaluated = server_round
         return summarise(last_personal_round(self.run_dir.personal()))

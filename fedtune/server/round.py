@@ -207,7 +207,7 @@ def play_round(run: FederatedRun, server_round: int) -> RoundOutcome:
     identities = run.identities
     round_start = time.perf_counter()
     timeout = config.strategy.round_timeout_s
-    limits = reply_limits(config, run.resources.federation)
+    limits = reply_limits(config, run.resources.federation, lambda: run.resources.model)
 
     def progress(phase: str) -> Callable[[int, int], None]:
         return lambda done, total: run.progress(server_round, phase, done, total)

@@ -24,17 +24,19 @@ reply is rejected.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import SType
+from torch import nn
 
 from fedtune import protocol
 from fedtune.config import Config
 from fedtune.data.federation import ClientSizes, Federation
+from fedtune.personal.split import kept_names
 from fedtune.protocol import (
     EVALUATE_REPLY_SCHEMA,
     MAX_ANY_EXAMPLES,
@@ -53,6 +55,7 @@ from fedtune.server.exchange import Exchange
 from fedtune.server.guard import absurd_update, model_norm, update_norm
 from fedtune.server.identity import Identities
 from fedtune.server.reports import ClientReport
+from fedtune.tables.strategies import STRATEGIES
 
 RECORD_KINDS = {"ArrayRecord": ArrayRecord, "MetricRecord": MetricRecord,
                 "ConfigRecord": ConfigRecord}
@@ -75,6 +78,9 @@ class ReplyLimits:
     local_steps: int | None = None
     local_epochs: int = 1
     batch_size: int = 1
+    # a personalised strategy's personal part: tensors of a training reply's ARRAYS that
+    # must be exactly what was sent (a client keeps them; it never sends them)
+    kept: tuple[str, ...] = ()
 
     def most_steps(self, examples: int) -> int | None:
         """The most local steps a client with ``examples`` training examples takes in a round
@@ -86,10 +92,15 @@ class ReplyLimits:
         return self.local_epochs * -(-examples // max(1, min(self.batch_size, examples)))
 
 
-def reply_limits(config: Config, federation: Federation) -> ReplyLimits:
+def reply_limits(config: Config, federation: Federation,
+                 model: Callable[[], nn.Module] | None = None) -> ReplyLimits:
     """The limits of a run: its strategy's and privacy mode's schemas, its clients' sizes (the
-    server of a files dataset knows none)."""
+    server of a files dataset knows none) and, given what gives the run's ``model``, the
+    personal part a personalised strategy's reply must carry as it was sent."""
     client = config.client
+    entry = STRATEGIES[config.strategy.name]
+    kept = () if model is None else tuple(kept_names(model, entry.personal_part,
+                                                     entry.shared_part))
     return ReplyLimits(
         train=train_reply_schema(config.strategy.name, config.privacy.mode, asdict(client)),
         decline=decline_reply_schema(config.privacy.mode),
@@ -97,7 +108,7 @@ def reply_limits(config: Config, federation: Federation) -> ReplyLimits:
         train_sizes=ClientSizes(federation.train_sizes),
         test_sizes=ClientSizes(federation.test_sizes),
         masked=config.strategy.secure_aggregation, local_steps=client.local_steps,
-        local_epochs=client.local_epochs, batch_size=client.batch_size)
+        local_epochs=client.local_epochs, batch_size=client.batch_size, kept=kept)
 
 
 # --- the pieces of a reply --------------------------------------------------------------------
@@ -171,6 +182,17 @@ def _check_arrays(sent: Message, reply: Message, schema: ReplySchema) -> str | N
             problem = check_tensor(reference[name], received[name])
             if problem:
                 return f"{record_name}.{name}: {problem}"
+    return None
+
+
+def check_kept(sent: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray],
+               kept: Sequence[str]) -> str | None:
+    """A personalised strategy's reply carries its personal part exactly as it was sent (bit
+    for bit: the client keeps its own and puts the global values back)."""
+    for name in kept:
+        if not np.array_equal(sent[name], received[name]):
+            return (f"{protocol.ARRAYS}.{name} is part of the client's personal part, which "
+                    "must be sent back as received, but it differs")
     return None
 
 
@@ -255,7 +277,9 @@ def _train_reply_problem(sent: Message, reply: Message, limits: ReplyLimits,
     return (_check_records(reply, schema) or _check_metrics(reply, schema)
             or _check_status(reply, schema)
             or _check_claims(reply, limits, client_id, limits.train_sizes, fewest=1)
-            or _check_arrays(sent, reply, schema))
+            or _check_arrays(sent, reply, schema)
+            or (check_kept(_model_of(sent), _model_of(reply), limits.kept)
+                if limits.kept else None))
 
 
 def _model_of(message: Message) -> dict[str, np.ndarray]:
@@ -293,6 +317,34 @@ def check_evaluate_reply(reply: Message, limits: ReplyLimits,
     schema = limits.evaluate
     return (_check_records(reply, schema) or _check_metrics(reply, schema)
             or _check_claims(reply, limits, client_id, limits.test_sizes, fewest=0))
+
+
+def check_personal_reply(reply: Message, schema: ReplySchema, limits: ReplyLimits,
+                         client_id: int | None = None) -> str | None:
+    """Why a personal evaluation reply must not enter personal.csv (None: it is sound): metrics
+    only, of ``schema`` (``protocol.personal_reply_schema``), the node's partition id, and the
+    local test examples the server knows that client holds."""
+    problem = _check_records(reply, schema) or _check_metrics(reply, schema)
+    if problem:
+        return problem
+    metrics = reply.content[METRICS]
+    claimed = metrics[PARTITION_ID]
+    if limits.num_clients is not None and claimed >= limits.num_clients:
+        return f"{PARTITION_ID} = {claimed} is outside 0..{limits.num_clients - 1}"
+    if client_id is not None and claimed != client_id:
+        return f"{PARTITION_ID} = {claimed}, but the node that sent it is client {client_id}"
+    who = claimed if client_id is None else client_id
+    for key in schema.metrics:
+        if not key.endswith("-examples"):
+            continue
+        count = metrics[key]
+        if limits.test_sizes and who < len(limits.test_sizes) and count != limits.test_sizes[who]:
+            return f"{key} = {count}, but client {who} holds {limits.test_sizes[who]}"
+        model = key.removesuffix("-examples")
+        measured = [f"{model}-{what}" in metrics for what in ("accuracy", "loss")]
+        if measured != [bool(count)] * 2:
+            return f"{model}-accuracy and -loss must be given exactly when {key} > 0"
+    return None
 
 
 def is_decline(reply: Message) -> bool:

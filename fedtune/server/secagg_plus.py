@@ -96,6 +96,9 @@ class SecAggSettings:
     # to ``dp_clip`` and adds its share of noise of std ``dp_noise_multiplier × dp_clip``
     dp_clip: float = 0.0  # 0 = the clients neither clip nor noise
     dp_noise_multiplier: float = 0.0
+    # a personalised strategy's personal part (``fedtune.personal.split.kept_names``): tensors
+    # of the model no client sends, masked or not; the aggregate keeps the sent values there
+    kept: tuple[str, ...] = ()
 
 
 @dataclass
@@ -317,7 +320,8 @@ class SecAggPlus(Strategy):
             threshold=graph.share_threshold(degree, settings.threshold),
             min_survivors=graph.min_survivors(cohort, degree, settings.threshold),
             ring_bits=64, clip_range=settings.clip_range or AUTO_CLIP_RANGE,
-            summed=masking.summed_records(sent, settings.answers), reference=reference,
+            summed=masking.summed_records(sent, settings.answers, settings.kept),
+            reference=reference,
             report=report, alive=set(nodes),
             instructions={m.metadata.dst_node_id: m for m in instructions})
         if cohort < 3 or degree < 2:
@@ -361,6 +365,7 @@ class SecAggPlus(Strategy):
             protocol.SA_DP_STD: s.dp_std, protocol.SA_WEIGHT: settings.sum_weight,
             protocol.SA_RECORDS: [r.reply for r in s.summed],
             protocol.SA_DELTAS: [r.delta for r in s.summed],
+            protocol.SA_KEPT: list(settings.kept),
         }
         replies = self._stage(s, protocol.STAGE_SETUP, {node: values for node in s.alive})
         seen: set[bytes] = set()

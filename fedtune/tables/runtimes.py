@@ -136,9 +136,9 @@ def check_runtime(config: Config) -> None:
     if entry.check is not None:
         entry.check(config)
     strategy = STRATEGIES[config.strategy.name]
-    if strategy.personal_part and not entry.client_states:
-        keeps = ", ".join(repr(name) for name, e in RUNTIMES.items() if e.client_states)
+    if strategy.personal_part and not entry.federated:
+        keeps = ", ".join(repr(name) for name, e in RUNTIMES.items() if e.federated)
         raise ConfigError(
             f"engine.backend = {config.engine.backend!r} is not allowed with strategy.name = "
-            f"{config.strategy.name!r}: the personal evaluation reads every client's state "
-            f"from the runtime's state store; must be one of {keeps}")
+            f"{config.strategy.name!r}: its clients keep a personal part across rounds; must "
+            f"be one of {keeps}")

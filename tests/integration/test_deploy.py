@@ -179,7 +179,9 @@ def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
     two rounds, its client 1 playing the sign-flip attack (on its own SuperNode, from the run
     config) and the run measuring it; the SuperLink restarts and the run resumes for a third:
     each SuperNode's state-dir gives its client back its variates, and the run ends with the
-    weights of an uninterrupted run (replayed rounds: tests/client/test_node_state.py)."""
+    weights of an uninterrupted run (replayed rounds: tests/client/test_node_state.py). A
+    FedPer run beside it does the same with each client's personal head: its personal.csv (each
+    SuperNode evaluating its own models) after the restart is the uninterrupted run's."""
     creds = write_credentials(tmp_path / "creds", ["localhost", "127.0.0.1"], 5)
     registry_dir = tmp_path / "registry"
     published = publish(REPO, registry_dir, creds.publisher_key)
@@ -307,9 +309,9 @@ def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
             f"engine.node_ids='{','.join(node_ids)}'", f"run.dir='{run_dir}'",
         ]
 
-        def honest_run(*more: str) -> subprocess.CompletedProcess:
+        def honest_run(*more: str, base: list[str] = overrides) -> subprocess.CompletedProcess:
             return subprocess.run([str(BIN / "flwr"), "run", published.spec, "test",
-                                   "--run-config", " ".join(overrides + list(more)), "--stream"],
+                                   "--run-config", " ".join(base + list(more)), "--stream"],
                                   env=cli_env, capture_output=True, text=True, timeout=900)
 
         result = honest_run("run.rounds=2")
@@ -324,6 +326,16 @@ def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
         honest_run_id = re.search(r"Successfully started run (\d+)", result.stdout)[1]
         assert f"[RUN {honest_run_id}" in (tmp_path / "supernode-0.log").read_text()
         assert f"[RUN {honest_run_id}" not in (tmp_path / "stranger-supernode.log").read_text()
+        # ... and FedPer for one round: each SuperNode keeps its client's head, and evaluates
+        # its own models when the server asks (fedtune.server.personal_messages)
+        personal_dir = tmp_path / "run-fedper"
+        personal = [o for o in overrides if not o.startswith(("strategy.name", "attack.",
+                                                              "run.dir"))]
+        personal += ["strategy.name='fedper'", "run.personal_eval_every=1",
+                     f"run.dir='{personal_dir}'"]
+        result = honest_run("run.rounds=1", base=personal)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        _wait_for(lambda: _summary_rounds(personal_dir) == 1, 120, "fedper wrote no summary")
 
         # 4. the SuperLink restarts (every Context it kept is gone) and the run resumes for a
         #    third round: the SuperNodes find their variates in their state-dir
@@ -336,14 +348,35 @@ def test_a_trusted_federation_runs_only_the_signed_app(tmp_path):
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
         _wait_for(lambda: _summary_rounds(run_dir) == 3, 120, "the resumed run wrote no summary")
         check_contract(run_dir, rounds=3, clients=3)
-        versions = sorted(p.name[:8] for p in (tmp_path / "node-state-0").glob("*/*/*.state"))
-        assert versions == ["00000002", "00000003"]  # what a resume may still need
+        # FedPer resumes for a second round: its heads come back from the state-dir
+        result = honest_run("run.rounds=2", "run.resume=true", base=personal)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        _wait_for(lambda: _summary_rounds(personal_dir) == 2, 120, "fedper wrote no summary")
+        versions = {tuple(sorted(p.name[:8] for p in run_key.glob("*/*.state")))
+                    for run_key in (tmp_path / "node-state-0").iterdir()}
+        # what a resume may still need: SCAFFOLD's after rounds 2 and 3, FedPer's after 1, 2
+        assert versions == {("00000002", "00000003"), ("00000001", "00000002")}
         # the same run uninterrupted, its clients in this process (their Context kept)
         reference = load_config(run_dir / "config.toml", resolved=True)
         reference.run.dir, reference.run.resume = str(tmp_path / "reference"), False
         reference.engine.node_ids = []
         run_federated(deployment_grid(reference, None), reference)
         assert _same_weights(run_dir, tmp_path / "reference")
+        reference = load_config(personal_dir / "config.toml", resolved=True)
+        reference.run.dir, reference.run.resume = str(tmp_path / "fedper-ref"), False
+        reference.engine.node_ids = []
+        run_federated(deployment_grid(reference, None), reference)
+        assert _same_weights(personal_dir, tmp_path / "fedper-ref")
+        # every client's personalised model after the restart is the uninterrupted run's: the
+        # head each SuperNode kept (the global head would differ, as round 2 shows)
+        deployed = rows_of(personal_dir / "personal.csv")
+        assert deployed == rows_of(tmp_path / "fedper-ref" / "personal.csv")
+        assert len(deployed) == 2 * 3 * 2
+        last = {(r["client_id"], r["model"]): r["accuracy"] for r in deployed if r["round"] == "2"}
+        assert any(last[c, "personalised"] != last[c, "global"] for c in ("0", "1", "2"))
+        summary = json.loads((personal_dir / "summary.json").read_text())["personal"]
+        assert summary["round"] == 2 and summary["own_model"] == "personalised"
+        assert summary["models"]["personalised"]["clients"] == 3
     finally:
         processes.stop_all()
         registry.shutdown()

@@ -222,6 +222,24 @@ def test_flatten_and_unflatten_cover_float_tensors_relative_or_as_they_are():
         masking.flatten(wrong, sent, summed)
 
 
+def test_a_personal_part_never_enters_the_masked_vector():
+    """FedPer's head (``kept``) is left out of the vector a client masks, whatever its reply
+    holds there, and the unmasked aggregate keeps the sent head bit for bit."""
+    head = np.array([0.1, 0.2, 0.3], np.float32)
+    sent = RecordDict({"arrays": ArrayRecord({"body": Array(np.ones(4, np.float32)),
+                                              "head": Array(head)})})
+    summed = masking.summed_records(["arrays"], {}, kept=["head"])
+    assert summed == [masking.SummedRecord("arrays", "arrays", True, ("head",))]
+    reply = RecordDict({"arrays": ArrayRecord({"body": Array(np.full(4, 3.0, np.float32)),
+                                               "head": Array(head + np.float32(7))})})
+    flat = masking.flatten(reply, sent, summed)
+    assert masking.vector_length(sent, summed) == flat.size == 4
+    assert np.array_equal(flat, [2.0] * 4)
+    back = masking.unflatten(flat, sent, summed)["arrays"]
+    assert np.array_equal(back["head"].numpy(), head)
+    assert np.array_equal(back["body"].numpy(), [3.0] * 4)
+
+
 def test_client_weights():
     metrics = {"num-examples": 40, "fednova-a": 8.0}
     assert masking.integer_weight("1", metrics) == 1

@@ -421,3 +421,38 @@ def test_an_absurd_fednova_a_is_rejected_and_its_sender_named(tmp_path):
         assert rows[server_round, 3] == rows[server_round, 4] == ("ok", "")
     assert [(m["clients_ok"], m["model_update"]) for m in metrics] == [("2", "applied")] * 2
     assert _finite_model(run_dir)
+
+
+SMUGGLED = ("arrays.{} is part of the client's personal part, which must be sent back as "
+            "received, but it differs")
+
+
+@pytest.mark.parametrize("strategy", ["fedper", "ditto"])
+def test_a_reply_that_smuggles_a_personal_part_is_rejected(tmp_path, strategy):
+    """FedPer's clients keep their heads: a reply whose classifier differs from the one sent
+    releases (or injects) a personal part and is rejected with that reason, in the message
+    path and in the cohort engine's; Ditto keeps a whole personal model beside the global one
+    it shares, so the same reply is an ordinary update there."""
+    _, rows, metrics = _hostile_run(tmp_path, {0: hostile.SMUGGLE_HEAD},
+                                    f"strategy.name={strategy}")
+    if strategy == "ditto":
+        assert rows[1, 0] == ("ok", "")
+        return
+    for server_round in (1, 2):
+        assert rows[server_round, 0] == ("rejected", SMUGGLED.format("classifier.bias"))
+        assert rows[server_round, 1] == ("ok", "")
+    assert [m["clients_ok"] for m in metrics] == ["3", "3"]
+
+
+def test_the_cohort_engine_rejects_an_update_attack_on_a_personal_part(tmp_path):
+    """Gaussian noise on every coordinate of FedPer's update changes the head the client must
+    send back as received: screened where the clients ran (fedtune.engine.cohort), rejected
+    with the same reason; the honest clients' bodies are aggregated."""
+    from fedtune.engine.inprocess import run_inprocess
+
+    run_dir = run_inprocess(tiny_config(tmp_path, "strategy.name=fedper", "attack.name=gaussian",
+                                        "attack.clients=[1]")).path
+    rows = [(r["client_id"], r["status"], r["reason"]) for r in rows_of(run_dir / "clients.csv")]
+    smuggled = ("1", "rejected", SMUGGLED.format("classifier.weight"))
+    assert [r for r in rows if r[0] == "1"] == [smuggled] * 2
+    assert all(status == "ok" for client, status, _ in rows if client != "1")
