@@ -30,7 +30,7 @@ from fedtune.config import Config
 from fedtune.devices.clock import VirtualClock
 from fedtune.errors import ConfigError
 from fedtune.results.run_dir import ClientRow, RoundRow
-from fedtune.server.grid import CohortSpec, NodeRange, SimulatedGrid
+from fedtune.server.grid import CohortSpec, SimulatedGrid
 from fedtune.server.guard import non_finite_tensors
 from fedtune.server.phases import UpdateBounds, evaluate_phase, train_phase
 from fedtune.server.reports import ClientReport
@@ -144,7 +144,7 @@ class AsyncRound:
         nodes = run.identities.node_to_client
         # the client -> node map: a simulation's NodeRange inverts itself in constant memory;
         # pinned nodes (engine.node_ids) are few, so their dict is inverted once
-        self.node_of = nodes.node_of if isinstance(nodes, NodeRange) else {
+        self.node_of = getattr(nodes, "node_of", None) or {
             client: node for node, client in nodes.items()}.__getitem__
         self.population = len(nodes)
         self.limits = reply_limits(run.config, run.resources.federation)
