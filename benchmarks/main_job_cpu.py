@@ -63,6 +63,7 @@ def measured(command: list[str], sample_s: float) -> dict[str, float]:
                                text=True, start_new_session=True)
     session = os.getsid(process.pid)
     cpu_by_pid: dict[tuple[int, float], float] = {}
+    kind_of: dict[tuple[int, float], str] = {}  # the driver, Ray's workers, Ray's daemons
     peak_pss = 0
     while process.poll() is None:
         pss = 0
@@ -72,7 +73,9 @@ def measured(command: list[str], sample_s: float) -> dict[str, float]:
                     continue
                 with proc.oneshot():
                     times = proc.cpu_times()
-                    cpu_by_pid[proc.pid, proc.create_time()] = times.user + times.system
+                    key = proc.pid, proc.create_time()
+                    cpu_by_pid[key] = times.user + times.system
+                    kind_of[key] = _kind(proc, process.pid)  # a worker's title comes later
                     pss += proc.memory_full_info().pss
             except (psutil.Error, ProcessLookupError, PermissionError):
                 continue
@@ -83,7 +86,21 @@ def measured(command: list[str], sample_s: float) -> dict[str, float]:
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
     cpu = max(sum(cpu_by_pid.values()), _children_cpu() - before)
-    return {"wall_s": wall, "cpu_s": cpu, "peak_mib": peak_pss / 2**20}
+    by_kind = {kind: sum(v for k, v in cpu_by_pid.items() if kind_of[k] == kind)
+               for kind in ("driver", "workers", "ray")}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_mib": peak_pss / 2**20, **by_kind}
+
+
+def _kind(proc: psutil.Process, driver: int) -> str:
+    """``driver`` (the command), ``workers`` (Ray's worker processes: the actors, idle ones)
+    or ``ray`` (Ray's daemons: GCS, raylet, agents, log monitor)."""
+    if proc.pid == driver:
+        return "driver"
+    command = proc.cmdline()
+    title = command[0] if command else ""
+    if title.startswith("ray::"):  # Ray's title: ray::<actor class>, ray::IDLE, or an agent
+        return "ray" if title.endswith("Agent") else "workers"
+    return "workers" if any(part.endswith("default_worker.py") for part in command) else "ray"
 
 
 def fedtune_side(out: Path, sets: list[str], sample_s: float) -> dict[str, float]:
@@ -174,7 +191,9 @@ def main() -> None:
             print(f"pair {pair + 1}: " + "; ".join(
                 f"{name} {rows[-1]['wall_s']:.1f} s, {rows[-1]['cpu_s']:.1f} CPU-s, "
                 f"{rows[-1]['peak_mib']:.0f} MiB, accuracy {rows[-1]['accuracy']:.4f}"
-                for name, rows in sides.items()), flush=True)
+                for name, rows in sides.items())
+                + " (fedtune's CPU-s: driver {driver:.1f}, Ray workers {workers:.1f}, Ray "
+                  "daemons {ray:.1f})".format(**sides["fedtune run"][-1]), flush=True)
     print(f"\n## main job{' (--small)' if args.small else ''}: medians of {args.pairs} "
           f"alternated pairs; overrides {sets or 'none'}")
     print("| side | wall s (min-max) | process-tree CPU-s (min-max) | peak PSS MiB | "

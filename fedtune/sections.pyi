@@ -203,6 +203,7 @@ class EngineSection:
     actor_min_cohort: int  # ray
     vectorise_clients: bool  # ray, inprocess
     client_state_memory_mb: int  # ray, inprocess
+    client_gpu_memory_mb: int  # ray
     central_until: str  # central
 
     def __init__(
@@ -220,6 +221,7 @@ class EngineSection:
         actor_min_cohort: int = ...,
         vectorise_clients: bool = ...,
         client_state_memory_mb: int = ...,
+        client_gpu_memory_mb: int = ...,
         central_until: str = ...,
     ) -> None: ...
 

@@ -35,6 +35,7 @@ from fedtune import protocol
 from fedtune.client.app import TrainedClient, evaluate_client, train_client
 from fedtune.client.vectorised import train_chunks, vectorisable
 from fedtune.config import Config
+from fedtune.engine.gpu_memory import explained
 from fedtune.errors import one_line
 from fedtune.server.grid import CohortResult, CohortSpec
 from fedtune.server.guard import absurd_update, model_norm, update_norm
@@ -192,6 +193,7 @@ block_sums = _BlockSums()
 
 
 def _error_line(error: BaseException) -> str:
+    error = explained(error)  # past an actor's GPU memory cap: one line that names it
     return one_line("".join(traceback.format_exception_only(type(error), error)))
 
 

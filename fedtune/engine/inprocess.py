@@ -41,6 +41,7 @@ from fedtune.engine.cohort import (
     least_block,
     run_block,
 )
+from fedtune.engine.gpu_memory import explained
 from fedtune.protocol import (
     DATA_PATH,
     INSECURE_NOISE_ALLOWED,
@@ -81,6 +82,7 @@ def act_as_server(run_id: int) -> None:
 
 def error_reply(message: Message, error: BaseException) -> Message:
     """The reply Flower's runtimes send when a ClientApp raises."""
+    error = explained(error)  # past an actor's GPU memory cap: one line that names it
     reason = "".join(traceback.format_exception_only(type(error), error)).strip()
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                    reply_to=message)

@@ -37,7 +37,7 @@ def ray_engine_grid(config: Config, client_app: ClientApp = fedtune_client_app,
     # Ray's local workers inherit the environment set here before it starts them
     with process_threads(e.client_cpus), ray_session(config):
         factory = ActorFactory(client_app, to_run_config(config), RAY_RUN_ID,
-                               e.client_cpus, e.client_gpus, train)
+                               e.client_cpus, e.client_gpus, train, e.client_gpu_memory_mb)
         actors = start_actors(factory, pool_size(config, ray.cluster_resources()),
                               e.node_wait_s, meanwhile=lambda: prepare_driver(factory))
         grid = RayGrid(factory, actors, config.data.num_clients, e.client_timeout_s,

@@ -72,13 +72,14 @@ class ActorFactory:
     client_cpus: float
     client_gpus: float
     train: TrainFunction | None = None  # what trains a client in a block (None: fedtune's)
+    gpu_memory_mb: int = 0  # each actor's GPU memory cap (0: its client_gpus share)
 
     def start(self) -> tuple[ray.actor.ActorHandle, ray.ObjectRef]:
         """A new actor and the reference its ``ready`` (data and model loaded) will fill."""
         remote = _REMOTE_WORKER.options(num_cpus=self.client_cpus, num_gpus=self.client_gpus,
                                         max_restarts=0)  # the grid replaces dead actors itself
         actor = remote.remote(self.client_app, self.run_config, self.run_id, self.client_cpus,
-                              self.train)
+                              self.train, (self.client_gpus, self.gpu_memory_mb))
         return actor, actor.ready.remote()
 
 

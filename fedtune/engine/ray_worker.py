@@ -37,6 +37,7 @@ from fedtune.engine.cohort import (
     block_sums,
     run_block,
 )
+from fedtune.engine.gpu_memory import cap_gpu_memory
 from fedtune.engine.inprocess import error_reply
 from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.task import limit_threads, run_config_resources
@@ -73,14 +74,17 @@ class ClientWorker:
     """Serves virtual clients (wrapped by ``ray.remote`` in the pool)."""
 
     def __init__(self, client_app: ClientApp, run_config: dict[str, RunConfigValue],
-                 run_id: int, threads: float, train: TrainFunction | None = None) -> None:
+                 run_id: int, threads: float, train: TrainFunction | None = None,
+                 gpu_memory: tuple[float, int] = (0.0, 0)) -> None:
         """``train``: what trains one client in a block (default: the client wing's
-        ``train_client``; tests wrap it to inject faults)."""
+        ``train_client``; tests wrap it to inject faults); ``gpu_memory``: this actor's GPU
+        share and memory cap in MiB (``fedtune.engine.gpu_memory``)."""
         self.client_app = client_app
         self.run_config = run_config
         self.run_id = run_id
         self.threads = threads
         self.train = train
+        self.gpu_memory = gpu_memory
         self.pushed: OrderedDict[ray.ObjectRef, object] = OrderedDict()  # decoded, by ref
         self.returned: list[BlockResult] = []  # the last call's results
 
@@ -88,6 +92,7 @@ class ClientWorker:
         """Load data and model once; return where this actor runs: ``node:pid:gpus`` (the Ray
         node, the process, the GPU ids Ray gave it - logical ones on a machine without)."""
         limit_threads(self.threads)
+        cap_gpu_memory(*self.gpu_memory)  # before the model takes any GPU memory
         resources = run_config_resources(self.run_config)
         _ = resources.model
         # torch's optimizers import torch._dynamo on first use, which takes seconds: pay for it

@@ -67,6 +67,15 @@ def _check_central(config: Config) -> None:
                           "again)")
 
 
+def _check_ray(config: Config) -> None:
+    """A GPU memory cap needs a GPU share to cap."""
+    e = config.engine
+    if e.client_gpu_memory_mb and not e.client_gpus:
+        raise ConfigError(f"engine.client_gpu_memory_mb = {e.client_gpu_memory_mb} is not "
+                          "allowed with engine.client_gpus = 0: must be 0 (clients without a "
+                          "GPU share have no GPU memory to cap); set engine.client_gpus > 0")
+
+
 # fedtune's own runtimes run cohorts of clients, so they can train clients together
 VECTORISE_CLIENTS = Key(
     False, "train eligible clients together, a chunk at a time, with torch.func.vmap (plain "
@@ -98,8 +107,12 @@ RUNTIMES: dict[str, RuntimeEntry] = {
                                        "always actors; 0 = always actors", ge=0),
             "vectorise_clients": VECTORISE_CLIENTS,
             "client_state_memory_mb": CLIENT_STATE_MEMORY_MB,
+            "client_gpu_memory_mb": Key(0, "GPU memory cap per actor in MiB, enforced (a "
+                                           "client that passes it fails with one line, the "
+                                           "round goes on; fedtune/engine/gpu_memory.py); 0 = "
+                                           "the engine.client_gpus share of the GPU", ge=0),
         },
-        implementation="fedtune.engine.ray_engine:run_ray_engine",
+        implementation="fedtune.engine.ray_engine:run_ray_engine", check=_check_ray,
         starting="starting the clients (Ray's workers each load the data and the model; a "
                  "cohort under engine.actor_min_cohort runs here instead)"),
     "flower": RuntimeEntry(

@@ -240,3 +240,42 @@ def test_lora_under_ray_matches_inprocess(tmp_path, tiny_bert_path):
     ray_model = load_file(str(tmp_path / "ray/model/model.safetensors"))
     for name, value in load_file(str(local / "model/model.safetensors")).items():
         torch.testing.assert_close(ray_model[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("transfer", ["full", "lora"])
+def test_bf16_autocast_trains_a_hugging_face_model_close_to_fp32(tmp_path, tiny_bert_path,
+                                                                transfer, one_torch_thread):
+    """client.precision = 'bf16' on CPU: the same client's update under autocast differs from
+    fp32's (the forward ran in bf16) but only within bf16's rounding (relative distance < 5 %),
+    with the same loss to 2 %. SGD: its step is the gradient (Adam's normalised steps turn the
+    rounding of near-zero gradients into full-size steps)."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedtune.client.app import train_client
+    from fedtune.models.weights import shared_state
+    from fedtune.protocol import CONFIG, SERVER_ROUND, TRAIN_LOSS
+    from fedtune.task import task_resources
+
+    trained = {}
+    for precision in ("fp32", "bf16"):
+        config = tiny_config(tmp_path / precision, base=[
+            "data.dataset=rotten_tomatoes", "data.max_examples=200", "data.num_clients=2",
+            "data.partitioner=iid", f"model.path={tiny_bert_path}", "model.max_length=24",
+            f"model.transfer={transfer}", "model.dropout=0", "client.local_steps=4",
+            "client.batch_size=8", "client.optimizer=sgd", "client.lr=0.05",
+            "engine.backend=inprocess",
+            f"client.precision={precision}"])
+        resources = task_resources(config)
+        start = {k: v.copy() for k, v in shared_state(resources.model).items()}
+        one = train_client(resources, 0, 1, RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: 1})}),
+                           start, RecordDict())
+        trained[precision] = (start, {k: v.copy() for k, v in one.arrays.items()},
+                              one.metrics[TRAIN_LOSS])
+    (start, fp32, fp32_loss), (_, bf16, bf16_loss) = trained["fp32"], trained["bf16"]
+    assert fp32.keys() == bf16.keys()
+    update32 = np.concatenate([(fp32[k] - start[k]).ravel() for k in fp32])
+    update16 = np.concatenate([(bf16[k] - start[k]).ravel() for k in bf16])
+    assert all(bf16[k].dtype == np.float32 for k in bf16)  # fp32 weights travel
+    distance = np.linalg.norm(update16 - update32) / np.linalg.norm(update32)
+    assert 0 < distance < 0.05, distance
+    assert bf16_loss == pytest.approx(fp32_loss, rel=0.02)
