@@ -16,8 +16,11 @@ on hashed Rotten Tomatoes, IID, one local step of batch 8, AdamW), in fedtune's 
   per n client updates, as a synchronous round has: the event loop's own cost).
 
 Every side is a ``fedtune run`` child process; sides alternate (A B C A B C ...); the first
-round of every run (lazy imports, warm-up) is left out; the table gives medians of wall
-seconds per round and client updates per wall second (``clients_ok / wall_s`` of metrics.csv).
+round of every run (lazy imports, warm-up) is left out; the table gives medians (min-max) of
+wall seconds per round and client updates per wall second (``clients_ok / wall_s`` of
+metrics.csv), and each side's whole process tree's CPU-seconds per client update (children's
+``getrusage``, start-up included: Ray's workers are children too), with the load average at
+the start and the end (the machine is shared).
 
     python benchmarks/virtual_clock.py                       # 1,000 clients, in process
     python benchmarks/virtual_clock.py --clients 50 --rounds 3 --repeats 1   # a quick check
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -57,15 +62,29 @@ def sides(clients: int) -> dict[str, list[str]]:
     }
 
 
-def run_side(overrides: list[str], out: Path) -> list[dict[str, str]]:
-    """One ``fedtune run``; its metrics.csv rows after the first."""
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_side(overrides: list[str], out: Path) -> tuple[list[dict[str, str]], float, int]:
+    """One ``fedtune run``: its metrics.csv rows after the first, the CPU-seconds of its
+    process tree and its client updates (every round)."""
     fedtune = Path(sys.executable).with_name("fedtune")
     command = [str(fedtune), "run", "--output", str(out)]
     for override in overrides:
         command += ["--set", override]
+    before = _children_cpu_s()
     subprocess.run(command, check=True, capture_output=True)
+    cpu = _children_cpu_s() - before
     with (out / "metrics.csv").open(newline="") as handle:
-        return list(csv.DictReader(handle))[1:]
+        rows = list(csv.DictReader(handle))
+    return rows[1:], cpu, sum(int(r["clients_ok"]) for r in rows)
+
+
+def _spread(values: list[float], digits: int) -> str:
+    return (f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-"
+            f"{max(values):.{digits}f})")
 
 
 def main() -> None:
@@ -80,25 +99,32 @@ def main() -> None:
     base = [*WORKLOAD, f"data.num_clients={args.clients}", f"engine.backend={args.backend}"]
     wall: dict[str, list[float]] = {}
     rate: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
         for repeat in range(args.repeats):
             for name, extra in sides(args.clients).items():
                 rounds = args.rounds * (10 if name == "fedbuff K=n/10" else 1)
-                rows = run_side([*base, *extra, f"run.rounds={rounds}"],
-                                Path(folder) / f"{name}-{repeat}")
+                rows, seconds, updates = run_side([*base, *extra, f"run.rounds={rounds}"],
+                                                  Path(folder) / f"{name}-{repeat}")
                 wall.setdefault(name, []).extend(float(r["wall_s"]) for r in rows)
                 rate.setdefault(name, []).append(
                     sum(int(r["clients_ok"]) for r in rows) / sum(float(r["wall_s"]) for r in rows))
-    sync_wall = statistics.median(wall["sync"])
-    print(f"{args.clients:,} clients, {args.backend}, {args.repeats} repeats")
-    print("| side | wall s per round (median) | vs sync | client updates per s | vs sync |")
-    print("|---|---|---|---|---|")
-    for name in wall:
-        per_round = statistics.median(wall[name])
+                cpu.setdefault(name, []).append(1000 * seconds / updates)
+    load_end = os.getloadavg()
+    sync_wall, sync_rate = statistics.median(wall["sync"]), statistics.median(rate["sync"])
+    print(f"{args.clients:,} clients, {args.backend}, {args.repeats} alternated repeats; load "
+          f"average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end")
+    print("| side | wall s per round, median (min-max) | vs sync | client updates per wall s, "
+          "median (min-max) | vs sync | process tree CPU-ms per client update, median "
+          "(min-max) |")
+    print("|---|---|---|---|---|---|")
+    for name, walls in wall.items():
+        per_round = statistics.median(walls)
         updates = statistics.median(rate[name])
-        print(f"| {name} | {per_round:.3f} | {per_round / sync_wall:.2f}x | {updates:,.0f} | "
-              f"{updates / statistics.median(rate['sync']):.2f}x |")
-
+        print(f"| {name} | {_spread(walls, 3)} | {per_round / sync_wall:.2f}x | "
+              f"{_spread(rate[name], 0)} | {updates / sync_rate:.2f}x | "
+              f"{_spread(cpu[name], 2)} |")
 
 if __name__ == "__main__":
     main()

@@ -58,6 +58,9 @@ STATUS = "status"  # ConfigRecord of a train reply: REASON why training stopped 
 
 # --- config record ------------------------------------------------------------------------------
 SERVER_ROUND = "server-round"
+# an asynchronous server's training call (``fedtune.server.async_loop``): a client is in at most
+# one dispatch per call, so (run.seed, round, client, call) names one dispatch and seeds it
+DISPATCH = "dispatch"
 REASON = "reason"
 
 # --- metric record of a train reply -------------------------------------------------------------
@@ -270,6 +273,14 @@ def message_round(content: RecordDict) -> int:
         if record in content and key in content[record]:
             return int(content[record][key])
     return 0
+
+
+def message_dispatch(content: RecordDict) -> int | None:
+    """The asynchronous training call a train message belongs to (None: a synchronous round's
+    message, whose clients train once per round)."""
+    if CONFIG in content and DISPATCH in content[CONFIG]:
+        return int(content[CONFIG][DISPATCH])
+    return None
 
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

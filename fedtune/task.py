@@ -62,9 +62,14 @@ def check_precision(precision: str, device: torch.device) -> None:
                           "device is visible; must be 'fp32' or 'bf16'")
 
 
-def client_round_seed(run_seed: int, server_round: int, client_id: int) -> int:
-    """Seed for one client's work in one round (batch order, dropout)."""
-    return int(np.random.SeedSequence([run_seed, server_round, client_id]).generate_state(1)[0])
+def client_round_seed(run_seed: int, server_round: int, client_id: int,
+                      dispatch: int | None = None) -> int:
+    """Seed for one client's work in one round (batch order, dropout); ``dispatch``: an
+    asynchronous server's training call (``fedtune.protocol.DISPATCH``), where a client may
+    finish and start again on the same model within one server update and must not train on
+    the same batches twice."""
+    words = [run_seed, server_round, client_id] + ([] if dispatch is None else [dispatch])
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 # NumPy's SeedSequence (O'Neill's seed_seq; numpy/random/bit_generator.pyx): its constants,
@@ -82,8 +87,8 @@ def _words(value: int) -> list[int]:
     return words
 
 
-def client_round_seeds(run_seed: int, server_round: int, client_ids: Sequence[int]
-                       ) -> list[int]:
+def client_round_seeds(run_seed: int, server_round: int, client_ids: Sequence[int],
+                       dispatch: int | None = None) -> list[int]:
     """``client_round_seed`` of each client of ``client_ids``, derived for the block at once.
 
     SeedSequence([run_seed, server_round, client_id]).generate_state(1) costs ~20 µs of
@@ -91,8 +96,10 @@ def client_round_seeds(run_seed: int, server_round: int, client_ids: Sequence[in
     independent of the data) runs here over all clients as NumPy uint32 vectors. NumPy has no
     batched SeedSequence, hence this; tests/client/test_round_seeds.py checks it against
     SeedSequence. Ids of 2**32 or more, or entropy longer than the pool, go through
-    SeedSequence itself."""
+    SeedSequence itself, as do an asynchronous server's dispatches (``dispatch``)."""
     ids = np.asarray(client_ids, dtype=np.int64)
+    if dispatch is not None:
+        return [client_round_seed(run_seed, server_round, int(i), dispatch) for i in ids]
     head = [*_words(run_seed), *_words(server_round)] if min(run_seed, server_round) >= 0 else []
     if (not head or len(head) + 1 > _POOL_SIZE or len(ids) == 0 or ids.min() < 0
             or ids.max() > _MASK):

@@ -6,6 +6,9 @@ Client updates are the updates the server used (clients.csv ``ok`` rows); "work"
 stragglers a synchronous round dropped (their devices trained in vain, had the round let them).
 
     python scripts/devices_async_table.py sweeps/devices-async --target 0.85
+    python scripts/devices_async_table.py sweeps/devices-async-text \
+        --target "Rotten Tomatoes by movie=0.72" --target "BBC News Dirichlet(0.5)=0.9" \
+        --centralized sweeps/devices-async-text-central/*
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import tomllib
 from pathlib import Path
 
 import matplotlib
@@ -50,39 +54,76 @@ def _mean(values: list[float | None]) -> str:
     return text + (f" ({len(got)}/{len(values)} reached)" if len(got) < len(values) else "")
 
 
+def _targets(given: list[str], groups: list[str]) -> dict[str, float]:
+    """``--target 0.85`` for every group, or ``--target "NAME=0.85"`` per group."""
+    targets: dict[str, float] = {}
+    for item in given:
+        name, _, value = item.rpartition("=")
+        for group in groups if not name else [name]:
+            targets[group] = float(value)
+    return targets
+
+
+def _dataset(run: Path) -> str:
+    return tomllib.loads((run / "config.toml").read_text())["data"]["dataset"]
+
+
+def _centralized(paths: list[Path]) -> dict[str, list[float]]:
+    """Final global test accuracy of centralized reference runs, by data.dataset."""
+    found: dict[str, list[float]] = {}
+    for path in paths:
+        found.setdefault(_dataset(path), []).append(
+            float(_rows(path / "metrics.csv")[-1]["eval_accuracy"]))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path)
-    parser.add_argument("--target", type=float, default=0.85)
+    parser.add_argument("--target", action="append", default=[],
+                        help="accuracy target: 0.85, or 'DATASET NAME=0.85' per grid dataset")
+    parser.add_argument("--centralized", type=Path, nargs="*", default=[],
+                        help="centralized reference runs (their final accuracy, by dataset)")
     parser.add_argument("--figure", type=Path, default=None)
     args = parser.parse_args()
-    runs: dict[str, list[Path]] = {}
+    runs: dict[str, dict[str, list[Path]]] = {}
     for row in _rows(args.sweep / "results.csv"):
-        runs.setdefault(row["method"], []).append(Path(row["run_dir"]))
-    print(f"target: global test accuracy >= {args.target:g}")
-    print("| method | virtual hours to target | client updates to target | client work "
-          "to target | final accuracy | virtual hours in all |")
-    print("|---|---|---|---|---|---|")
-    figure, axes = plt.subplots(figsize=(7, 4))
-    for method, paths in runs.items():
-        results = [time_to_target(p, args.target) for p in paths]
-        print(f"| {method} | {_mean([r['hours'] for r in results])} | "
-              f"{_mean([r['updates'] for r in results])} | "
-              f"{_mean([r['work'] for r in results])} | "
-              f"{_mean([r['final'] for r in results])} | "
-              f"{_mean([r['total_hours'] for r in results])} |")
-        for index, path in enumerate(paths):
-            metrics = _rows(path / "metrics.csv")
-            axes.plot([float(m["virtual_time_s"]) / 3600 for m in metrics],
-                      [float(m["eval_accuracy"]) for m in metrics], linewidth=1,
-                      color=f"C{list(runs).index(method)}",
-                      label=method if index == 0 else None)
-    axes.axhline(args.target, color="grey", linestyle=":", linewidth=1)
-    axes.set_xscale("log")
-    axes.set_xlabel("virtual hours (log scale)")
-    axes.set_ylabel("global test accuracy")
-    axes.legend(fontsize=8)
+        group = row.get("dataset", "")
+        runs.setdefault(group, {}).setdefault(row["method"], []).append(Path(row["run_dir"]))
+    targets = _targets(args.target or ["0.85"], list(runs))
+    references = _centralized(args.centralized)
+    figure, all_axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 4), squeeze=False)
+    for (group, methods), axes in zip(runs.items(), all_axes[0], strict=True):
+        target = targets[group]
+        print(f"\n{group or 'runs'}: target global test accuracy >= {target:g}")
+        print("| method | virtual hours to target | client updates to target | client work "
+              "to target | final accuracy | virtual hours in all |")
+        print("|---|---|---|---|---|---|")
+        for method, paths in methods.items():
+            results = [time_to_target(p, target) for p in paths]
+            print(f"| {method} | {_mean([r['hours'] for r in results])} | "
+                  f"{_mean([r['updates'] for r in results])} | "
+                  f"{_mean([r['work'] for r in results])} | "
+                  f"{_mean([r['final'] for r in results])} | "
+                  f"{_mean([r['total_hours'] for r in results])} |")
+            for index, path in enumerate(paths):
+                metrics = _rows(path / "metrics.csv")
+                axes.plot([float(m["virtual_time_s"]) / 3600 for m in metrics],
+                          [float(m["eval_accuracy"]) for m in metrics], linewidth=1,
+                          color=f"C{list(methods).index(method)}",
+                          label=method if index == 0 else None)
+        reference = references.get(_dataset(next(iter(methods.values()))[0]))
+        if reference:
+            print(f"| centralized reference | | | | {_mean(reference)} | |")
+            axes.axhline(statistics.mean(reference), color="black", linewidth=1,
+                         label="centralized")
+        axes.axhline(target, color="grey", linestyle=":", linewidth=1)
+        axes.set_xscale("log")
+        axes.set_title(group)
+        axes.set_xlabel("virtual hours (log scale)")
+        axes.set_ylabel("global test accuracy")
+        axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(args.figure or args.sweep / "time_to_accuracy.png", dpi=120)
 

@@ -9,8 +9,9 @@ with four more steps, which an event loop calls:
 - ``start_messages``: train messages for the given nodes, carrying the current model;
 - ``prepare``: what to keep of one client's result until the server receives it (called when
   the client has trained, with the model it started from);
+- ``refuses``: why it will not take a client's update now ("" = it will);
 - ``receive``: take one update and its staleness; True when the server must update now;
-- ``release``: the new global model.
+- ``release``: the new global model; ``release_metrics``: what it reports of that release.
 
 Their state is plain attributes (numbers, numpy arrays), so a checkpoint of the strategy keeps
 a half-full buffer.
@@ -32,9 +33,10 @@ class AsynchronousStrategy(FedAvg):
     """The steps an asynchronous event loop calls; subclasses define the update rule."""
 
     def start_messages(self, server_round: int, arrays: ArrayRecord,
-                       node_ids: Iterable[int]) -> list[Message]:
-        """Train messages for ``node_ids``, all sharing one content (the current model)."""
-        config = ConfigRecord({"server-round": server_round})
+                       node_ids: Iterable[int], dispatch: int = 0) -> list[Message]:
+        """Train messages for ``node_ids``, all sharing one content (the current model and
+        ``dispatch``, the event loop's training call, which seeds the clients' batches)."""
+        config = ConfigRecord({"server-round": server_round, "dispatch": dispatch})
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return list(self._construct_messages(content, list(node_ids), MessageType.TRAIN))
 
@@ -43,13 +45,22 @@ class AsynchronousStrategy(FedAvg):
         """What to keep of a client's trained model (``start``: the model it began from)."""
         raise NotImplementedError
 
-    def receive(self, kept: Mapping[str, np.ndarray], staleness: int, weight: float) -> bool:
+    def refuses(self, client: int) -> str:
+        """Why this client's update cannot be received now ("" = it can)."""
+        return ""
+
+    def receive(self, kept: Mapping[str, np.ndarray], staleness: int, weight: float,
+                client: int = -1) -> bool:
         """Take one client's ``prepare``d result; True when the global model must change now."""
         raise NotImplementedError
 
     def release(self, current: Mapping[str, np.ndarray]) -> NDArrays:
         """The new global model from ``current`` and what was received."""
         raise NotImplementedError
+
+    def release_metrics(self) -> dict[str, float]:
+        """Metrics of the latest release (the strategy's MetricRecord of that server update)."""
+        return {}
 
 
 def same_dtype(values: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray]) -> NDArrays:

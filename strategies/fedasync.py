@@ -49,7 +49,8 @@ class FedAsync(AsynchronousStrategy):
                 ) -> NDArrays:
         return {name: np.array(trained[name]) for name in start}
 
-    def receive(self, kept: Mapping[str, np.ndarray], staleness: int, weight: float) -> bool:
+    def receive(self, kept: Mapping[str, np.ndarray], staleness: int, weight: float,
+                client: int = -1) -> bool:
         self.received = dict(kept)
         self.mixing = self.alpha * staleness_factor(self.staleness, staleness, self.a, self.b)
         return True

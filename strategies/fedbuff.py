@@ -41,7 +41,8 @@ class FedBuff(AsynchronousStrategy):
                 ) -> NDArrays:
         return {name: trained[name].astype(np.float64) - start[name] for name in start}
 
-    def receive(self, kept: Mapping[str, np.ndarray], staleness: int, weight: float) -> bool:
+    def receive(self, kept: Mapping[str, np.ndarray], staleness: int, weight: float,
+                client: int = -1) -> bool:
         scale = staleness_weight(staleness)
         for name, delta in kept.items():
             self.buffer[name] = self.buffer[name] + scale * delta if name in self.buffer \

@@ -73,7 +73,8 @@ def train_client(resources: TaskResources, client_id: int, server_round: int,
     config = resources.config
     model = resources.model  # built (and seeded) on first use: before this client's seed
     shard = client_shard(config, client_id)
-    seed = client_round_seed(config.run.seed, server_round, client_id)
+    seed = client_round_seed(config.run.seed, server_round, client_id,
+                             protocol.message_dispatch(content))
     seed_torch(seed)
     faults = resources.faults
     faults.check_crash(client_id, server_round)

@@ -23,6 +23,7 @@ from contextlib import AbstractContextManager, nullcontext
 import numpy as np
 from flwr.app import RecordDict
 
+from fedtune import protocol
 from fedtune.attacks.plan import update_context
 from fedtune.client.algorithms import ClientSide
 from fedtune.models.weights import load_shared_state, shared_state
@@ -59,7 +60,8 @@ def group_updates(resources: TaskResources, group: tuple[int, ...], server_round
     """The honest updates (float64) of every member of ``group`` this round."""
     model, updates = resources.model, []
     for member in group:
-        seed = client_round_seed(resources.config.run.seed, server_round, member)
+        seed = client_round_seed(resources.config.run.seed, server_round, member,
+                                 protocol.message_dispatch(content))
         seed_torch(seed)
         load_shared_state(model, global_arrays)
         plain = ClientSide(content, RecordDict(), global_arrays, resources.train_settings)

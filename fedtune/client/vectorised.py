@@ -33,6 +33,7 @@ from flwr.app import RecordDict
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedtune import protocol
 from fedtune.attacks.plan import AttackPlan
 from fedtune.client.algorithms import ClientSide
 from fedtune.client.app import TrainedClient, client_shard, train_metrics
@@ -160,7 +161,8 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     model.train()
     side = round_side(resources, content, global_arrays)
     objective = side.objective(model)
-    seeds = client_round_seeds(config.run.seed, server_round, ids)
+    seeds = client_round_seeds(config.run.seed, server_round, ids,
+                               protocol.message_dispatch(content))
     shards = [client_shard(config, client_id) for client_id in ids]
     loaders = [resources.client_train_row_batches(shard, seed)
                for shard, seed in zip(shards, seeds, strict=True)]

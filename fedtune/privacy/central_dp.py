@@ -31,12 +31,14 @@ from fedtune.privacy.accounting import (
 )
 from fedtune.privacy.mode import PrivacyMode, PrivacyPlan, PrivacyServer, noise_source
 from fedtune.protocol import SECAGG_DP_CLIP_BOUND
+from fedtune.tables import import_object
 from fedtune.tables.strategies import STRATEGIES
 from strategies import dp_fedavg
 from strategies.dp_fedavg import COUNT_SENSITIVITY, DPFedAvg, adaptive_noise, count_share
 
 if TYPE_CHECKING:
     from flwr.app import MetricRecord
+    from flwr.serverapp.strategy import Strategy
 
     from fedtune.config import Config
     from fedtune.results.run_dir import ClientRow
@@ -177,11 +179,29 @@ def server_optimizer(config: Config) -> dict[str, Any]:
     return optimizer(config)
 
 
+# what the accountant assumes of an asynchronous strategy's releases (summary.json, docs)
+RELEASE_ACCOUNTING = (
+    "each buffer release is one Gaussian mechanism (noise multiplier sigma on a sum of "
+    "sensitivity clip_norm: every client adds at most one clipped update, scaled by a staleness "
+    "weight <= 1); every server update is accounted as a release whoever took part, without "
+    "amplification by sampling (sample_rate = 1): which clients start when follows their "
+    "devices, not a sampling the accountant could model; who runs when is treated as public")
+
+
 class CentralDP(PrivacyMode):
-    """User-level DP-FedAvg: the server clips, noises and accounts; clients train plainly."""
+    """User-level DP-FedAvg: the server clips, noises and accounts; clients train plainly.
+    Under an asynchronous strategy with a ``dp_release`` (FedBuff), the strategy's own
+    release is the mechanism: ``strategies.dp_fedbuff``."""
 
     def plan(self, config: Config) -> PrivacyPlan:
         p = config.privacy
+        if STRATEGIES[config.strategy.name].asynchronous:
+            # Gaussian mechanisms composed over the releases, no sampling (Mironov 2017)
+            noise = p.noise_multiplier or noise_for_target(p.target_epsilon, p.delta, 1.0,
+                                                           config.run.rounds, p.accountant)
+            return PrivacyPlan(noise_multiplier=noise, sample_rate=1.0,
+                               details={"adaptive_clipping": False,
+                                        "release_accounting": RELEASE_ACCOUNTING})
         rate = config.strategy.fraction_train
         noise = p.noise_multiplier or noise_for_target(p.target_epsilon, p.delta, rate,
                                                        config.run.rounds, p.accountant)
@@ -206,18 +226,24 @@ class CentralDP(PrivacyMode):
         return PrivacyPlan(noise_multiplier=noise, sample_rate=rate, details=details)
 
     def strategy(self, config: Config, plan: PrivacyPlan, evaluate_args: dict[str, Any]
-                 ) -> DPFedAvg:
+                 ) -> Strategy:
         """DP-FedAvg replaces the aggregation (its noise is the plan's); the configured
-        strategy's server optimizer steps on its noised mean."""
+        strategy's server optimizer steps on its noised mean. An asynchronous strategy is
+        replaced by its entry's ``dp_release`` (DP-FedBuff), with the same noise source."""
         p = config.privacy
+        seed = config.run.seed if p.insecure_reproducible_noise else None
+        entry = STRATEGIES[config.strategy.name]
+        if entry.asynchronous:
+            return import_object(entry.dp_release)(
+                noise_multiplier=plan.noise_multiplier, clipping_norm=p.clip_norm, seed=seed,
+                **entry.arguments(config), **evaluate_args)
         strategy = DPFedAvg(
             sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier,
             clipping_norm=p.clip_norm, adaptive=p.adaptive_clipping,
             target_quantile=p.target_quantile, clip_learning_rate=p.clip_lr,
             # the plan's σ_b, so the mechanism noises exactly what the summary records
             clipped_count_stddev=plan.details.get("clipped_count_stddev") or None,
-            seed=config.run.seed if p.insecure_reproducible_noise else None,
-            canaries=p.audit_canaries if p.audit else 0, canary_seed=config.run.seed,
+            seed=seed, canaries=p.audit_canaries if p.audit else 0, canary_seed=config.run.seed,
             client_noise=config.strategy.secure_aggregation,
             **server_optimizer(config), **evaluate_args,
         )

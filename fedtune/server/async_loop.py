@@ -59,6 +59,9 @@ class AsyncLoop:
         self.arrival_rate = clock.profiles.arrival_rate
         self.now = 0.0
         self.starts = 0  # clients started so far: names each start's random draw
+        # training calls so far: seeds each call's clients (fedtune.protocol.DISPATCH), so a
+        # client that finishes and starts again on the same model draws other batches
+        self.dispatches = 0
         self.next_arrival = 0.0
         # the clients in flight, one entry each
         self.client = _NO_CLIENTS.copy()
@@ -138,7 +141,12 @@ class AsyncRound:
         # (its entry's asynchronous_refused)
         self.strategy = cast(AsynchronousStrategy, run.strategy)
         self.run, self.loop, self.clock = run, loop, clock
-        self.node_of = {client: node for node, client in run.identities.node_to_client.items()}
+        nodes = run.identities.node_to_client
+        # the client -> node map: a simulation's NodeRange inverts itself in constant memory;
+        # pinned nodes (engine.node_ids) are few, so their dict is inverted once
+        self.node_of = getattr(nodes, "node_of", None) or {
+            client: node for node, client in nodes.items()}.__getitem__
+        self.population = len(nodes)
         self.limits = reply_limits(run.config, run.resources.federation)
 
     def _train_waiting(self, server_round: int, totals: dict[str, Any]) -> None:
@@ -150,7 +158,9 @@ class AsyncRound:
             return
         clients = sorted(int(c) for c in loop.client[waiting])
         messages = self.strategy.start_messages(server_round, state.arrays,
-                                                [self.node_of[c] for c in clients])
+                                                [self.node_of(c) for c in clients],
+                                                loop.dispatches)
+        loop.dispatches += 1
         config = self.run.config
         bounds = UpdateBounds(state.arrays, config.strategy.max_update_norm,
                               config.strategy.update_norm_z)
@@ -192,7 +202,7 @@ class AsyncRound:
         run.progress(server_round, "train", 0, 0)
         # clients heard from in a row without an update (failed, rejected, offline, declined):
         # after this many the server update ends without a change of the model
-        fruitless, patience = 0, 2 * max(loop.concurrency, len(self.node_of))
+        fruitless, patience = 0, 2 * max(loop.concurrency, self.population)
         model_update = ""
         while True:
             moment, available = loop.next_start(self.clock)
@@ -209,8 +219,11 @@ class AsyncRound:
             loop.now = finish
             row = self._client_row(server_round, client, start, finish, version - started_on,
                                    lost)
-            rows.append(row)
             kept = loop.kept.pop(str(client), None)
+            refused = strategy.refuses(client) if kept is not None else ""
+            if refused:  # central DP: its update is already in this buffer
+                row.status, row.reason, kept = "rejected", refused, None
+            rows.append(row)
             if kept is None:  # offline, failed, rejected: the slot frees, nothing arrives
                 fruitless += 1
                 if fruitless >= patience:
@@ -222,7 +235,8 @@ class AsyncRound:
             metrics = {protocol.NUM_EXAMPLES: row.num_examples or 0,
                        protocol.TRAIN_LOSS: row.train_loss or 0.0}
             accepted.append(metrics)
-            if strategy.receive(kept, version - started_on, float(row.num_examples or 0)):
+            if strategy.receive(kept, version - started_on, float(row.num_examples or 0),
+                                client):
                 break
         self._train_waiting(server_round, totals)  # whoever started on the old model
         model_update = model_update or self._release()
@@ -244,7 +258,8 @@ class AsyncRound:
                  accepted: list[dict[str, Any]], totals: dict[str, Any], model_update: str,
                  began: float) -> RoundOutcome:
         run, state = self.run, self.run.state
-        metrics = MetricRecord(weighted_metrics(accepted)) if accepted else None
+        released = self.strategy.release_metrics() if model_update == "applied" else {}
+        metrics = MetricRecord({**weighted_metrics(accepted), **released}) if accepted else None
         run.privacy.record_round(rows, accepted, metrics)
         state.virtual_time_s = self.loop.now
         seed_sampling(run.config.run.seed, server_round, "evaluate")

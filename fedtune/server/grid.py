@@ -58,6 +58,12 @@ class NodeRange(Mapping[int, int]):
     def __len__(self) -> int:
         return self.count
 
+    def node_of(self, client: int) -> int:
+        """The node of ``client`` (the inverse map, in constant memory too)."""
+        if not 0 <= client < self.count:
+            raise KeyError(client)
+        return self.first + client
+
 
 class SimulatedGrid(Grid):
     """A Grid whose nodes are virtual clients this process controls."""

@@ -109,7 +109,10 @@ def check_asynchronous(config: Config) -> None:
     name = config.strategy.name
     if not STRATEGIES[name].asynchronous:
         return
-    reason = PRIVACY_MODES[config.privacy.mode].asynchronous_refused
+    mode = PRIVACY_MODES[config.privacy.mode]
+    # a mode that replaces the strategy (central DP) runs the strategy's own DP release
+    reason = "" if mode.replaces_strategy and STRATEGIES[name].dp_release else (
+        mode.asynchronous_refused)
     if reason:
         raise ConfigError(f"privacy.mode = {config.privacy.mode!r} is not allowed with "
                           f"strategy.name = {name!r}: {reason}")
@@ -136,7 +139,7 @@ def check_devices(config: Config) -> None:
         raise ConfigError("devices.profile = " + repr(config.devices.profile) + " is not allowed "
                           "with data.dataset = 'files': must be 'none' (the server must know "
                           "each client's training-set size to time its work)")
-    if config.privacy.mode == "central":
+    if config.privacy.mode == "central" and not STRATEGIES[s.name].asynchronous:
         raise ConfigError(
             f"devices.profile = {config.devices.profile!r} is not allowed with privacy.mode = "
             "'central': must be 'none' (availability and dropped stragglers change who "

@@ -166,7 +166,12 @@ def _check_central(config: Config) -> None:
             f"privacy.delta = {p.delta:g} is not allowed: must be < 1/data.num_clients = "
             f"{1 / config.data.num_clients:g} (user-level DP protects each client)"
         )
-    if STRATEGIES[config.strategy.name].dp_server_optimizer is None:
+    entry = STRATEGIES[config.strategy.name]
+    if entry.dp_release:
+        _check_central_release(config)
+    elif entry.asynchronous:  # refused with this mode's asynchronous_refused (tables/devices)
+        pass
+    elif entry.dp_server_optimizer is None:
         allowed = [name for name, entry in STRATEGIES.items() if entry.dp_server_optimizer]
         raise ConfigError(
             f"strategy.name = {config.strategy.name!r} is not allowed with privacy.mode = "
@@ -189,6 +194,29 @@ def _check_central(config: Config) -> None:
             + ": must be finite (the noise std is noise_multiplier x clip_norm, and canary "
             "clients send clip_norm x a unit direction); inf only with target_epsilon = inf"
         )
+
+
+def _check_central_release(config: Config) -> None:
+    """Central DP under an asynchronous strategy that releases a noised buffer
+    (``strategies.dp_fedbuff``): a fixed clipping bound, no canary clients, and a buffer that
+    distinct clients can fill (each adds at most one update to a release)."""
+    p, s = config.privacy, config.strategy
+    name = repr(s.name)
+    if p.adaptive_clipping:
+        raise ConfigError(
+            f"privacy.adaptive_clipping = true is not allowed with strategy.name = {name}: "
+            "must be false (adapting the bound needs a noised count of unclipped updates per "
+            "release, which the buffered release does not draw yet)")
+    if p.audit:
+        raise ConfigError(
+            f"privacy.audit = true is not allowed with privacy.mode = 'central' and "
+            f"strategy.name = {name}: must be false (the canary clients' shadow release is "
+            "built for DP-FedAvg's rounds)")
+    if s.fedbuff_buffer_size > config.data.num_clients:
+        raise ConfigError(
+            f"strategy.fedbuff_buffer_size = {s.fedbuff_buffer_size} is not allowed with "
+            f"privacy.mode = 'central': must be <= data.num_clients = "
+            f"{config.data.num_clients} (each client adds at most one update to a release)")
 
 
 TARGET_EPSILON = Key(0.0, "ε the run may spend (local: per client, central: for the run); inf "
@@ -280,11 +308,12 @@ PRIVACY_MODES: dict[str, PrivacyModeEntry] = {
         audit_inserts="clients", check=_check_central, replaces_strategy=True,
         # DP-FedAvg sums the clients' clipped updates unweighted (a fixed-denominator estimator)
         sum_weight="1", secure_aggregation_client_noise=True,
+        # an asynchronous strategy with a ``dp_release`` (FedBuff) runs under it
         asynchronous_refused=(
-            "must be 'none' or 'local' (central DP under buffered asynchronous aggregation - "
-            "clip each update, noise each buffer release, account per release, as Nguyen et "
-            "al. 2022 describe - is not built yet; DP-FedAvg's accountant assumes "
-            "Poisson-sampled rounds)")),
+            "must be 'none' or 'local', or strategy.name = 'fedbuff' (central DP noises a "
+            "release of many clipped updates: FedBuff's buffer; FedAsync releases a model "
+            "after every single update, so each release would carry one client's update under "
+            "noise of its own size)")),
 }
 
 

@@ -76,6 +76,10 @@ class StrategyEntry(Entry):
     # an asynchronous strategy: the server's event loop (fedtune.server.async_loop) feeds it
     # one client update at a time on the virtual clock; a "round" is one server update
     asynchronous: bool = False
+    # an asynchronous strategy under central DP: "module:Class" of the strategy that replaces
+    # it (clips each update, noises each release: strategies.dp_fedbuff); "" = central DP
+    # refuses it
+    dp_release: str = ""
 
     def load_client(self) -> Any:
         """The client-side class this entry names."""
@@ -358,6 +362,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
         arguments=lambda c: {"buffer_size": c.strategy.fedbuff_buffer_size,
                              "server_lr": c.strategy.server_lr},
         asynchronous=True, check=lambda c: _check_asynchronous(c),
+        dp_release="strategies.dp_fedbuff:DPFedBuff",
         needs_updates="it weights each update by its own staleness"),
     "fedasync": StrategyEntry(
         "FedAsync (Xie et al. 2019): asynchronous; the server mixes in each update as it "

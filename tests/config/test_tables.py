@@ -156,7 +156,10 @@ def test_a_privacy_modes_traits_are_what_its_implementation_does(mode):
 
 def test_the_strategies_central_dp_runs_are_those_with_a_dp_server_optimizer():
     """Central DP accepts exactly the strategies whose entry names a DP server optimizer, and
-    each gives DP-FedAvg arguments it takes."""
+    each gives DP-FedAvg arguments it takes; or, asynchronous, a DP release (DP-FedBuff), which
+    then replaces it."""
+    from fedtune.privacy.central_dp import CentralDP
+    from fedtune.tables import import_object
     from strategies.dp_fedavg import DPFedAvg
 
     accepted = inspect.signature(DPFedAvg).parameters
@@ -165,8 +168,16 @@ def test_the_strategies_central_dp_runs_are_those_with_a_dp_server_optimizer():
         overrides = [f"strategy.name={name}", optimizer, "privacy.mode=central",
                      "privacy.noise_multiplier=1.0", "privacy.delta=1e-3",
                      "data.num_clients=10", *_required(name)]
+        if entry.dp_release:
+            config = load_config(None, [*overrides, "privacy.adaptive_clipping=false"])
+            mode = CentralDP()
+            strategy = mode.strategy(config, mode.plan(config), {})
+            assert type(strategy) is import_object(entry.dp_release), name
+            continue
         if entry.dp_server_optimizer is None:
-            with pytest.raises(ConfigError, match="is not allowed with privacy.mode = 'central'"):
+            refused = ("(is not allowed with privacy.mode = 'central'|privacy.mode = 'central' "
+                       "is not allowed with strategy.name)")  # FedAsync: the mode's reason
+            with pytest.raises(ConfigError, match=refused):
                 load_config(None, overrides)
             continue
         arguments = entry.dp_server_optimizer(load_config(None, overrides))

@@ -181,7 +181,12 @@ def test_a_huge_finite_update_is_refused_where_its_client_trained(tmp_path, ray_
 @pytest.mark.parametrize("extra", [
     ["strategy.name=fedbuff", "strategy.fedbuff_buffer_size=2", "strategy.concurrency=3"],
     ["strategy.fraction_train=0.5", "strategy.over_selection=0.5",
-     "strategy.round_deadline_s=3"]], ids=["fedbuff", "deadline"])
+     "strategy.round_deadline_s=3"],
+    # DP-FedBuff (seeded noise, NOT PRIVATE, so the two engines' releases can be compared)
+    ["strategy.name=fedbuff", "strategy.fedbuff_buffer_size=2", "strategy.concurrency=3",
+     "privacy.mode=central", "privacy.noise_multiplier=0.5", "privacy.clip_norm=1",
+     "privacy.adaptive_clipping=false", "privacy.delta=1e-3",
+     "privacy.insecure_reproducible_noise=true"]], ids=["fedbuff", "deadline", "dp_fedbuff"])
 def test_devices_runs_on_the_ray_engine_match_the_in_process_run(tmp_path, ray_two_cpus, extra):
     """The virtual clock and the asynchronous loop ask the same of both engines' cohorts."""
     from fedtune.engine.inprocess import run_inprocess

@@ -196,6 +196,12 @@ STATEFUL = {
     "central_dp_fedadam": ["privacy.mode=central", "privacy.noise_multiplier=0.05",
                            "privacy.delta=1e-3", "strategy.name=fedadam",
                            SEEDED],  # moments, clip
+    # DP-FedBuff: the clipped updates in flight, the release count that seeds the noise
+    "central_dp_fedbuff": ["strategy.name=fedbuff", "devices.profile=lognormal",
+                           "strategy.fedbuff_buffer_size=2", "strategy.concurrency=3",
+                           "privacy.mode=central", "privacy.noise_multiplier=0.5",
+                           "privacy.delta=1e-3", "privacy.clip_norm=5.0",
+                           "privacy.adaptive_clipping=false", SEEDED],
     "local_dp": ["privacy.mode=local", "privacy.noise_multiplier=0.8",
                  "privacy.delta=1e-3", SEEDED],  # client accountants in Context.state
 }
