@@ -33,7 +33,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from sklearn.cluster import HDBSCAN
 
-from strategies.records import NDArray, UpdatesFromGlobal, to_record
+from strategies.records import NDArray, UpdatesFromGlobal, add_flat_step, flatten, to_record
 
 
 def cosine_distances(flat: NDArray) -> NDArray:
@@ -100,12 +100,7 @@ class Flame(UpdatesFromGlobal):
             return None, None
         x, contents, updates = read
         names = list(updates[0])
-        flat = np.stack([np.concatenate([u[name].ravel() for name in names]) for u in updates])
+        flat = np.stack([flatten(u, names) for u in updates])
         rng = np.random.default_rng([self.seed, server_round])
         step, self.admitted = flame_step(flat, self.noise_lambda, rng)
-        new, start = dict(x), 0
-        for name in names:
-            size = x[name].size
-            new[name] = x[name] + step[start:start + size].reshape(x[name].shape)
-            start += size
-        return to_record(new, x), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return to_record(add_flat_step(x, names, step), x), self.train_metrics_aggr_fn(contents, self.weighted_by_key)

@@ -24,13 +24,16 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from strategies.records import NDArray, UpdatesFromGlobal, floating, to_record
+from strategies.records import (
+    NDArray,
+    UpdatesFromGlobal,
+    add_flat_step,
+    flatten,
+    floating,
+    to_record,
+)
 
 RootUpdate = Callable[[dict[str, NDArray], int], dict[str, NDArray]]  # (x, round) -> g0
-
-
-def _flat(arrays: dict[str, NDArray], names: list[str]) -> NDArray:
-    return np.concatenate([np.asarray(arrays[n], np.float64).ravel() for n in names])
 
 
 def trust_scores(updates: list[NDArray], server: NDArray) -> NDArray:
@@ -78,12 +81,7 @@ class FLTrust(UpdatesFromGlobal):
             return None, None
         x, contents, update_arrays = read
         names = list(floating(x))
-        server = _flat(self.root_update(x, server_round), names)
-        updates = [_flat(update, names) for update in update_arrays]
+        server = flatten(self.root_update(x, server_round), names)
+        updates = [flatten(update, names) for update in update_arrays]
         step, self.trust = fltrust_update(updates, server)
-        new, start = dict(x), 0
-        for name in names:
-            size = x[name].size
-            new[name] = x[name] + step[start:start + size].reshape(x[name].shape)
-            start += size
-        return to_record(new, x), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return to_record(add_flat_step(x, names, step), x), self.train_metrics_aggr_fn(contents, self.weighted_by_key)

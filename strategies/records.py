@@ -80,11 +80,28 @@ def check_replies(contents: Iterable[RecordDict], expected: Mapping[str, Mapping
             raise InconsistentMessageReplies(reason=f"a reply's metrics lack {missing}")
 
 
+def flatten(arrays: Mapping[str, NDArray], names: list[str]) -> NDArray:
+    """The arrays named ``names``, in that order, as one float64 vector."""
+    return np.concatenate([np.asarray(arrays[name], np.float64).ravel() for name in names])
+
+
+def add_flat_step(x: Mapping[str, NDArray], names: list[str], step: NDArray
+                  ) -> dict[str, NDArray]:
+    """``x`` with the flat vector ``step`` (laid out as ``flatten(x, names)``) added to the
+    arrays named ``names``; the other arrays as they are."""
+    new, start = dict(x), 0
+    for name in names:
+        size = x[name].size
+        new[name] = x[name] + step[start:start + size].reshape(x[name].shape)
+        start += size
+    return new
+
+
 class UpdatesFromGlobal(FedAvg):
     """A FedAvg whose aggregation reads each reply as an update from the global model it sent:
     ``configure_train`` keeps that model, ``round_updates`` gives it with the valid replies and
     their float64 updates ``w_i - x`` of the floating arrays (the robust rules of this package
-    that start from the updates: centred clipping, FLTrust, norm bounding)."""
+    that start from the updates: centred clipping, FLTrust, FLAME, norm bounding)."""
 
     label = "this strategy"  # named in the error when aggregation comes before configuration
 
