@@ -34,7 +34,6 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedtune import protocol
-from fedtune.attacks.plan import AttackPlan
 from fedtune.client.algorithms import ClientSide
 from fedtune.client.app import TrainedClient, client_shard, train_metrics
 from fedtune.client.dropout_masks import ClientMasks
@@ -70,7 +69,8 @@ def one_at_a_time_because(config: Config) -> str | None:
     and the facts of the tables' entries: the runtime's ``vectorise_clients`` key, the model
     kind's ``vectorisable`` (or a head on cached pooled features), the strategy's client side
     and the privacy mode's mechanism (each changes a client's objective or steps), and faults,
-    attacks, devices, precision and clipping, which the loop alone plays."""
+    precision and clipping, which the loop alone plays. Under an [attack] the honest clients
+    train together and each attacker alone (``fedtune.engine.cohort.run_block``)."""
     engine, client = config.engine, config.client
     reasons = [
         (VECTORISE_KEY not in RUNTIMES[engine.backend].keys,
@@ -85,7 +85,6 @@ def one_at_a_time_because(config: Config) -> str | None:
         (bool(PRIVACY_MODES[config.privacy.mode].mechanism),
          f"privacy.mode = {config.privacy.mode!r} trains with its own mechanism"),
         (FaultPlan.from_config(config).active, "[faults] are played"),
-        (AttackPlan.from_config(config).active, "an [attack] is played"),
         (client.precision != "fp32", f"client.precision = {client.precision!r}"),
         (bool(client.max_grad_norm), "client.max_grad_norm clips each client's gradients"),
         (resolve_device(client.device).type != "cpu", "clients train on a GPU"),

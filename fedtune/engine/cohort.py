@@ -25,7 +25,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -258,25 +258,44 @@ def run_block(resources: TaskResources, content: DecodedContent, task: BlockTask
     if task.message_type == MessageType.EVALUATE:
         _evaluate_block(resources, content, task, result)
     elif train is train_client and vectorisable(resources):
-        _train_together(resources, content, task, result, client_limit_s)
+        attacking = [resources.attack.attacks(c.client_id, content.server_round)
+                     for c in task.clients]
+        honest = [c for c, attacks in zip(task.clients, attacking, strict=True) if not attacks]
+        if honest:
+            _train_together(resources, content, replace(task, clients=honest), result,
+                            client_limit_s)
+        if len(honest) < len(task.clients):  # an attacker plays its attack one at a time
+            attackers = [c for c, attacks in zip(task.clients, attacking, strict=True) if attacks]
+            _train_one_at_a_time(resources, content, replace(task, clients=attackers), train,
+                                 result, client_limit_s)
+            order = {c.client_id: i for i, c in enumerate(task.clients)}
+            result.reports.sort(key=lambda report: order[report.client_id])
     else:
-        for client, state, trained, took in _trained(resources, content, task, train):
-            report = ClientReport(client.node_id, client.client_id, "ok")
-            result.reports.append(report)
-            if isinstance(trained, Exception):
-                report.status, report.reason = "failed", _error_line(trained)
-                continue
-            if took > client_limit_s:
-                report.status = "timeout"
-                report.reason = (f"no reply within strategy.round_timeout_s = "
-                                 f"{client_limit_s:g}s (the client took {took:.1f}s)")
-                continue
-            after = state_to_bytes(state)
-            if after != (client.state or b""):
-                result.states[client.client_id] = after
-            _keep_update(result, report, trained, content, task.spec)
+        _train_one_at_a_time(resources, content, task, train, result, client_limit_s)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _train_one_at_a_time(resources: TaskResources, content: DecodedContent, task: BlockTask,
+                         train: TrainFunction, result: BlockResult,
+                         client_limit_s: float) -> None:
+    """The clients of a train block trained one after another by ``train``, each update
+    screened and kept (``_keep_update``), each new state returned."""
+    for client, state, trained, took in _trained(resources, content, task, train):
+        report = ClientReport(client.node_id, client.client_id, "ok")
+        result.reports.append(report)
+        if isinstance(trained, Exception):
+            report.status, report.reason = "failed", _error_line(trained)
+            continue
+        if took > client_limit_s:
+            report.status = "timeout"
+            report.reason = (f"no reply within strategy.round_timeout_s = "
+                             f"{client_limit_s:g}s (the client took {took:.1f}s)")
+            continue
+        after = state_to_bytes(state)
+        if after != (client.state or b""):
+            result.states[client.client_id] = after
+        _keep_update(result, report, trained, content, task.spec)
 
 
 def _evaluate_block(resources: TaskResources, content: DecodedContent, task: BlockTask,

@@ -90,7 +90,11 @@ def test_clients_trained_together_match_one_client_at_a_time(tmp_path, overrides
     # FedNova's reply metric (Wang et al. 2020) and its server's normalised aggregate of the
     # updates kept one by one
     ["strategy.name=fednova", "client.optimizer=sgd", "client.momentum=0.5"],
-], ids=["fedavg", "fedprox", "fednova"])
+    # under an attack the honest clients train together and each attacker alone (run_block)
+    ["attack.name=sign_flip", "attack.count=3"],
+    ["attack.name=label_flip", "attack.count=3", "attack.start_round=2"],
+    ["attack.name=alie", "attack.count=3", "attack.collude=3"],
+], ids=["fedavg", "fedprox", "fednova", "sign-flip", "label-flip", "alie"])
 def test_a_run_with_clients_together_matches_the_loop(tmp_path, overrides, one_torch_thread):
     """The whole round (screening, sums, server): the same statuses and metrics, the same model
     to float rounding."""
