@@ -46,19 +46,31 @@ def largest_gamma(fits: Callable[[float], bool]) -> float:
 
 def _crafted(context: UpdateContext, honest: dict[str, np.ndarray], rule: str
              ) -> dict[str, np.ndarray]:
+    """The paper's update mean + gamma * direction for the largest gamma whose squared
+    distances to the benign updates stay within the benign updates' own (their largest for
+    min-max, the largest row sum for min-sum). A candidate's distances are a quadratic in gamma,
+    ||m - b_j||^2 + 2 gamma (m - b_j).v + gamma^2 ||v||^2, so each step of the search costs one
+    pass over the benign count, not over the model."""
     benign = stacked(context.benign)
     mean, direction = benign.mean(axis=0), -benign.std(axis=0)
     pairwise = _distances(benign, benign)
+    offsets = mean[None] - benign
+    constant, linear = (offsets ** 2).sum(axis=1), 2.0 * offsets @ direction
+    quadratic = float(direction @ direction)
+
+    def distances(gamma: float) -> np.ndarray:
+        return np.maximum(constant + gamma * linear + gamma * gamma * quadratic, 0.0)
+
     if rule == "max":
         bound = pairwise.max()
 
         def fits(gamma: float) -> bool:
-            return _distances((mean + gamma * direction)[None], benign).max() <= bound
+            return distances(gamma).max() <= bound
     else:
         bound = pairwise.sum(axis=1).max()
 
         def fits(gamma: float) -> bool:
-            return _distances((mean + gamma * direction)[None], benign).sum() <= bound
+            return distances(gamma).sum() <= bound
     return unflattened(mean + largest_gamma(fits) * direction, honest)
 
 

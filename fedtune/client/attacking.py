@@ -8,7 +8,8 @@ and what it sends, played inside ``train_client`` so that every runtime plays it
   computed in float64 and sent in the model's dtypes.
 - An attack whose colluders see the round's honest updates (the entry's ``sees``) gets the
   honest updates of the attacker's collusion group: the attacker trains every member's data
-  from the round's global model with plain local training and the member's own round seed, so
+  from the round's global model with plain local training and the member's own round seed
+  (together where the cohort engine trains plain clients together: its ``train_group``), so
   every member derives the same statistics, and sends the same update, whoever computes it
   first: a process computes a group's update once per round and keeps the round's (one model's
   floating tensors in float64 per group) until the next round. No colluder sees an honest
@@ -18,6 +19,7 @@ and what it sends, played inside ``train_client`` so that every runtime plays it
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
@@ -31,6 +33,9 @@ from fedtune.task import TaskResources, client_round_seed, seed_torch
 
 # (resources, round, global model digest) -> group -> the update its colluders send; one round
 _GROUP_UPDATES: dict[tuple, dict[tuple[int, ...], dict[str, np.ndarray]]] = {}
+# (resources, group, round, train message's records, global model) -> the members' honest updates
+GroupTrainer = Callable[[TaskResources, tuple[int, ...], int, RecordDict, dict[str, np.ndarray]],
+                        list[dict[str, np.ndarray]]]
 
 
 def training_data(resources: TaskResources, client_id: int, shard: int,
@@ -57,7 +62,7 @@ def _digest(arrays: dict[str, np.ndarray]) -> bytes:
 def group_updates(resources: TaskResources, group: tuple[int, ...], server_round: int,
                   content: RecordDict, global_arrays: dict[str, np.ndarray]
                   ) -> list[dict[str, np.ndarray]]:
-    """The honest updates (float64) of every member of ``group`` this round."""
+    """The honest updates (float64) of every member of ``group`` this round, one at a time."""
     model, updates = resources.model, []
     for member in group:
         seed = client_round_seed(resources.config.run.seed, server_round, member,
@@ -74,7 +79,8 @@ def group_updates(resources: TaskResources, group: tuple[int, ...], server_round
 
 def colluders_update(resources: TaskResources, client_id: int, server_round: int,
                      content: RecordDict, global_arrays: dict[str, np.ndarray],
-                     honest: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                     honest: dict[str, np.ndarray],
+                     train_group: GroupTrainer = group_updates) -> dict[str, np.ndarray]:
     """What every colluder of ``client_id``'s group sends this round (computed once)."""
     plan = resources.attack
     group = plan.group_of(client_id)
@@ -84,7 +90,7 @@ def colluders_update(resources: TaskResources, client_id: int, server_round: int
         _GROUP_UPDATES[key] = {}
     known = _GROUP_UPDATES[key]
     if group not in known:
-        benign = group_updates(resources, group, server_round, content, global_arrays)
+        benign = train_group(resources, group, server_round, content, global_arrays)
         context = update_context(resources.config, plan, server_round, client_id, benign)
         known[group] = plan.entry.load()(context, honest)
     return known[group]
@@ -92,15 +98,17 @@ def colluders_update(resources: TaskResources, client_id: int, server_round: int
 
 def attacked_update(resources: TaskResources, client_id: int, server_round: int,
                     content: RecordDict, global_arrays: dict[str, np.ndarray],
-                    local_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """What attacker ``client_id`` sends instead of its honest model ``local_arrays``."""
+                    local_arrays: dict[str, np.ndarray],
+                    train_group: GroupTrainer = group_updates) -> dict[str, np.ndarray]:
+    """What attacker ``client_id`` sends instead of its honest model ``local_arrays``
+    (``train_group``: how its collusion group's honest updates are trained)."""
     plan = resources.attack
     entry = plan.entry
     honest = {name: local_arrays[name].astype(np.float64) - value
               for name, value in global_arrays.items() if _floating(value)}
     if entry.needs_benign:
         sent = colluders_update(resources, client_id, server_round, content, global_arrays,
-                                honest)
+                                honest, train_group)
     elif entry.acts_on == "update":
         context = update_context(resources.config, plan, server_round, client_id, [])
         sent = entry.load()(context, honest)

@@ -70,7 +70,8 @@ def one_at_a_time_because(config: Config) -> str | None:
     kind's ``vectorisable`` (or a head on cached pooled features), the strategy's client side
     and the privacy mode's mechanism (each changes a client's objective or steps), and faults,
     precision and clipping, which the loop alone plays. Under an [attack] the honest clients
-    train together and each attacker alone (``fedtune.engine.cohort.run_block``)."""
+    and update attackers train together and a data attacker alone
+    (``fedtune.engine.cohort.run_block``)."""
     engine, client = config.engine, config.client
     reasons = [
         (VECTORISE_KEY not in RUNTIMES[engine.backend].keys,
@@ -139,6 +140,22 @@ def train_chunks(resources: TaskResources, server_round: int, content: RecordDic
         yield _train_chunk(resources, server_round, content, global_arrays,
                            client_ids[first:first + size])
         first += size
+
+
+def group_updates_together(resources: TaskResources, group: tuple[int, ...], server_round: int,
+                           content: RecordDict, global_arrays: dict[str, np.ndarray]
+                           ) -> list[dict[str, np.ndarray]]:
+    """``fedtune.client.attacking.group_updates`` for a run whose plain clients train together:
+    the collusion group's members trained as chunks, their float64 updates."""
+    moving = {name: value for name, value in global_arrays.items()
+              if np.issubdtype(value.dtype, np.floating)}
+    updates = []
+    for chunk in train_chunks(resources, server_round, content, global_arrays, list(group)):
+        for trained in chunk.trained:  # a member without a step sends the global model back
+            arrays = trained.arrays or moving
+            updates.append({name: arrays[name].astype(np.float64) - value
+                            for name, value in moving.items()})
+    return updates
 
 
 def round_side(resources: TaskResources, content: RecordDict,

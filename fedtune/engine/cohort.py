@@ -33,8 +33,10 @@ from flwr.app import Array, Message, MessageType, RecordDict
 
 from fedtune import protocol
 from fedtune.client.app import TrainedClient, evaluate_client, train_client
+from fedtune.client.attacking import attacked_update, group_updates
 from fedtune.client.vectorised import (
     TrainedChunk,
+    group_updates_together,
     one_at_a_time_because,
     train_chunks,
     vectorisable,
@@ -54,6 +56,7 @@ from fedtune.server.screening import (
 from fedtune.server.summing import accumulate, accumulate_rows
 from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.state.store import ClientStateStore
+from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import TaskResources
 
 BLOCKS_PER_ROUND = 64  # a round's cohort is cut into at most this many blocks
@@ -258,14 +261,16 @@ def run_block(resources: TaskResources, content: DecodedContent, task: BlockTask
     if task.message_type == MessageType.EVALUATE:
         _evaluate_block(resources, content, task, result)
     elif train is train_client and vectorisable(resources):
-        attacking = [resources.attack.attacks(c.client_id, content.server_round)
-                     for c in task.clients]
-        honest = [c for c, attacks in zip(task.clients, attacking, strict=True) if not attacks]
-        if honest:
-            _train_together(resources, content, replace(task, clients=honest), result,
+        plan = resources.attack
+        on_data = plan.active and plan.entry.acts_on == "data"
+        alone = [on_data and plan.attacks(c.client_id, content.server_round)
+                 for c in task.clients]
+        together = [c for c, own in zip(task.clients, alone, strict=True) if not own]
+        if together:
+            _train_together(resources, content, replace(task, clients=together), result,
                             client_limit_s)
-        if len(honest) < len(task.clients):  # an attacker plays its attack one at a time
-            attackers = [c for c, attacks in zip(task.clients, attacking, strict=True) if attacks]
+        if len(together) < len(task.clients):  # a data attacker trains on its poisoned rows
+            attackers = [c for c, own in zip(task.clients, alone, strict=True) if own]
             _train_one_at_a_time(resources, content, replace(task, clients=attackers), train,
                                  result, client_limit_s)
             order = {c.client_id: i for i, c in enumerate(task.clients)}
@@ -352,7 +357,29 @@ def _train_together(resources: TaskResources, content: DecodedContent, task: Blo
             return
         members = task.clients[done:done + len(chunk.trained)]
         done += len(members)
+        _play_update_attacks(resources, content, members, chunk)
         _keep_chunk(result, members, chunk, content, task.spec, client_limit_s)
+
+
+def _play_update_attacks(resources: TaskResources, content: DecodedContent,
+                         members: list[BlockClient], chunk: TrainedChunk) -> None:
+    """An update attacker of the chunk trained honestly with the others; what it sends instead
+    (``fedtune.client.attacking.attacked_update``, as ``train_client`` plays it) replaces its
+    row of the chunk's stacked arrays, which its reply's arrays view."""
+    plan = resources.attack
+    if not plan.active or chunk.stacked is None:
+        return
+    global_arrays = content.arrays[protocol.ARRAYS]
+    # colluders' group trained like its plain members; a strategy's own client side, one at a time
+    plain = not STRATEGIES[resources.config.strategy.name].client
+    train_group = group_updates_together if plain else group_updates
+    for i, (client, trained) in enumerate(zip(members, chunk.trained, strict=True)):
+        if trained.arrays is None or not plan.attacks(client.client_id, content.server_round):
+            continue
+        sent = attacked_update(resources, client.client_id, content.server_round,
+                               content.records, global_arrays, trained.arrays, train_group)
+        for name, value in sent.items():
+            chunk.stacked[name][i] = value
 
 
 def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedChunk,

@@ -9,7 +9,7 @@ from fedtune.attacks.alie import alie_update, z_max
 from fedtune.attacks.gaussian import gaussian_update
 from fedtune.attacks.ipm import ipm_update
 from fedtune.attacks.lora import adapter_scaled
-from fedtune.attacks.min_max import min_max_update, min_sum_update
+from fedtune.attacks.min_max import largest_gamma, min_max_update, min_sum_update
 from fedtune.attacks.plan import AttackPlan, UpdateContext
 from fedtune.attacks.scaling import scaled, sign_flipped
 from fedtune.config import ConfigError, load_config
@@ -64,6 +64,25 @@ def test_min_max_and_min_sum_find_the_largest_gamma():
     context = _context([[0.0], [1.0], [5.0]])
     assert min_max_update(context, {"w": np.zeros(1)})["w"][0] == pytest.approx(0.0, abs=1e-4)
     assert min_sum_update(context, {"w": np.zeros(1)})["w"][0] == pytest.approx(-1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["max", "sum"])
+def test_min_max_and_min_sum_match_the_direct_search_on_many_coordinates(rule):
+    """The search's distances as a quadratic in gamma give the gamma (and update) of measuring
+    every candidate against every benign update coordinate by coordinate."""
+    benign = np.random.default_rng(3).normal(size=(12, 500)) * np.linspace(0.1, 2, 500)
+    mean, direction = benign.mean(axis=0), -benign.std(axis=0)
+    pairwise = ((benign[:, None] - benign[None]) ** 2).sum(axis=2)
+    bound = pairwise.max() if rule == "max" else pairwise.sum(axis=1).max()
+
+    def fits(gamma):
+        distances = ((mean + gamma * direction - benign) ** 2).sum(axis=1)
+        return (distances.max() if rule == "max" else distances.sum()) <= bound
+
+    expected = mean + largest_gamma(fits) * direction
+    update = (min_max_update if rule == "max" else min_sum_update)(
+        _context(benign.tolist()), {"w": np.zeros(500)})
+    np.testing.assert_allclose(update["w"], expected, rtol=0, atol=1e-9)
 
 
 def _plan(*overrides: str) -> AttackPlan:
