@@ -22,42 +22,16 @@ can never take less than it, whatever the number of actors.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 from population_scale import measure  # this script's folder is on sys.path
 
+from fedtune.engine.local_ray_node import start_node, stop_node
+
 PORT = 26479
-
-
-def _ray_node(*args: str) -> subprocess.Popen:
-    """``ray start --block`` in its own process group (stopped by its group, never ``ray
-    stop``, which would stop every Ray on the machine)."""
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    return subprocess.Popen([ray_cli, "start", "--block", "--node-ip-address=127.0.0.1",
-                             "--disable-usage-stats", *args],
-                            env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-
-
-def _stop(node: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(node.pid, sig)
-            node.wait(timeout=wait_s)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _wait_for_nodes(address: str, count: int, timeout_s: float = 180) -> None:
@@ -82,19 +56,19 @@ def side(nodes: int, cpus_per_node: int, args: argparse.Namespace) -> dict:
     address = f"127.0.0.1:{PORT}"
     temp_dir = tempfile.mkdtemp(prefix="fedtune-ray-", dir="/tmp")  # short: Unix sockets
     head_cpus = cpus_per_node * (2 if nodes == 1 else 1)
-    started = [_ray_node("--head", f"--port={PORT}", "--include-dashboard=false",
+    started = [start_node("--head", f"--port={PORT}", "--include-dashboard=false",
                          f"--temp-dir={temp_dir}", f"--num-cpus={head_cpus}")]
     try:
         _wait_for_nodes(address, 1)
         if nodes == 2:
-            started.append(_ray_node(f"--address={address}", f"--num-cpus={cpus_per_node}"))
+            started.append(start_node(f"--address={address}", f"--num-cpus={cpus_per_node}"))
             _wait_for_nodes(address, 2)
         return measure(args.registered, args.cohort, args.rounds, "ray", args.sample_s,
                        [f"engine.ray_address={address}",
                         f"engine.num_actors={2 * cpus_per_node}"])
     finally:
         for node in reversed(started):
-            _stop(node)
+            stop_node(node)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -5,43 +5,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 
 import pytest
 
+from fedtune.engine.local_ray_node import start_node, stop_node
 from fedtune.server.app import run_federated
 from tests.conftest import rows_of, tiny_config
 
 PORT = 26379
-
-
-def _ray_node(*args: str) -> subprocess.Popen:
-    """`ray start --block ...` in its own process group, so the test stops exactly the Ray
-    processes it started (never `ray stop`, which stops every Ray on the machine). The head
-    gets its own --temp-dir: `ray start --head` writes its address there, where a later plain
-    `ray.init()` elsewhere on the machine would otherwise find it and try to join."""
-    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    return subprocess.Popen([ray_cli, "start", "--block", "--node-ip-address=127.0.0.1",
-                             "--num-cpus=1", "--disable-usage-stats", *args],
-                            env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-
-
-def _stop(node: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(node.pid, sig)
-            node.wait(timeout=wait_s)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _wait_for_nodes(address: str, count: int, timeout_s: float) -> None:
@@ -85,11 +58,11 @@ def test_two_node_cluster_on_localhost(tmp_path):
     address = f"127.0.0.1:{PORT}"
     # a short path: Ray's Unix sockets live under it (sun_path holds 107 bytes)
     temp_dir = tempfile.mkdtemp(prefix="fedtune-ray-", dir="/tmp")
-    nodes = [_ray_node("--head", f"--port={PORT}", "--include-dashboard=false",
+    nodes = [start_node("--num-cpus=1", "--head", f"--port={PORT}", "--include-dashboard=false",
                        f"--temp-dir={temp_dir}")]
     try:
         _wait_for_nodes(address, 1, 120)
-        nodes.append(_ray_node(f"--address={address}"))
+        nodes.append(start_node("--num-cpus=1", f"--address={address}"))
         _wait_for_nodes(address, 2, 120)
         config = tiny_config(tmp_path, "engine.backend=ray", f"engine.ray_address={address}",
                              "data.num_clients=6")
@@ -98,7 +71,7 @@ def test_two_node_cluster_on_localhost(tmp_path):
             run_dir = run_federated(grid, config).path
     finally:
         for node in reversed(nodes):
-            _stop(node)
+            stop_node(node)
         shutil.rmtree(temp_dir, ignore_errors=True)
         _forget_address(get_ray_address_file(None), PORT)
     rows = rows_of(run_dir / "clients.csv")
