@@ -45,7 +45,13 @@ from fedtune.config import Config
 from fedtune.engine.gpu_memory import explained
 from fedtune.errors import one_line
 from fedtune.server.grid import CohortResult, CohortSpec
-from fedtune.server.guard import absurd_update, model_norm, update_norm, update_norms
+from fedtune.server.guard import (
+    absurd_bound,
+    absurd_update,
+    model_norm,
+    update_norm,
+    update_norms,
+)
 from fedtune.server.reports import ClientReport
 from fedtune.server.screening import (
     check_claims,
@@ -404,7 +410,7 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
     if stacked is not None:
         first = {name: value[0] for name, value in stacked.items()}
         chunk_problem = _reply_structure({protocol.ARRAYS: first}, content, spec)
-        norms = update_norms(global_arrays, stacked)
+        norms = update_norms(global_arrays, stacked, absurd_bound(content.model_norm))
         chunk_bytes = count_bytes({protocol.ARRAYS: first})
     limits = spec.limits
     for i, (report, trained) in enumerate(zip(reports, chunk.trained, strict=True)):

@@ -297,9 +297,11 @@ def test_a_final_model_whose_test_loss_is_not_finite_fails_the_run(tmp_path):
 
 
 def test_a_chunks_update_norms_are_each_updates_own_and_its_sum_the_loops():
-    """The per-chunk screening and sum of clients trained together: every row's norm has
-    ``update_norm``'s bits (a non-finite value makes it non-finite), and the chunk's weighted
-    sum is the client-order sum to float64 rounding."""
+    """The per-chunk screening and sum of clients trained together: every row's norm is
+    ``update_norm``'s to 1e-6 (from float32 differences), and exactly its bits where the
+    estimate is not finite (a NaN; a float32 overflow that float64 holds) or reaches the bound
+    it is compared with; the chunk's weighted sum is the client-order sum to float64
+    rounding."""
     rng = np.random.default_rng(3)
     global_arrays = {"w": rng.normal(size=(64, 700)).astype(np.float32),
                      "b": rng.normal(size=64).astype(np.float32),
@@ -307,10 +309,20 @@ def test_a_chunks_update_norms_are_each_updates_own_and_its_sum_the_loops():
     stacked = {name: (value + rng.normal(0, 0.1, (40, *value.shape))).astype(value.dtype)
                for name, value in global_arrays.items()}
     stacked["w"][7, 3, 5] = np.nan
-    norms = update_norms(global_arrays, stacked)
+    stacked["b"][9] = 3e38  # overflows float32 squares, not float64
+    stacked["w"][11] *= 1e3  # beyond the bound below
+    exact = {k: update_norm(global_arrays, {name: value[k] for name, value in stacked.items()})
+             for k in range(40)}
+    bound = 1e3
+    assert exact[11] > bound > max(v for k, v in exact.items() if k not in (7, 9, 11))
+    norms = update_norms(global_arrays, stacked, exact_from=bound)
     for k in range(40):
-        one = update_norm(global_arrays, {name: value[k] for name, value in stacked.items()})
-        assert (np.isnan(one) and np.isnan(norms[k])) if k == 7 else norms[k] == one
+        if k == 7:
+            assert np.isnan(norms[k])
+        elif k in (9, 11):
+            assert norms[k] == exact[k] and np.isfinite(norms[k])
+        else:
+            assert norms[k] == pytest.approx(exact[k], rel=1e-6)
     rows = {name: np.delete(value, 7, axis=0) for name, value in stacked.items()}
     weights = rng.integers(1, 50, 39).astype(np.float64)
     together = {name: np.zeros(value.shape) for name, value in global_arrays.items()}
