@@ -151,8 +151,12 @@ class AsyncLoop:
             for name, value in zip(_NUMBERS, numbers.tolist(), strict=True)}
         fields["status"], fields["reason"] = results["notes"].get(str(row), ("ok", ""))
         at = int(results["kept_at"][row])
-        kept = None if at < 0 else strategy.prepare(
-            results["start"], {name: stack[at] for name, stack in results["trained"].items()})
+        if at < 0:
+            kept = None
+        else:
+            block, position = results["where"][at]
+            kept = strategy.prepare(results["start"], {
+                name: stack[position] for name, stack in results["trained"][block].items()})
         if not np.any(self.call == call):
             del self.results[str(call)]
         return fields, kept
@@ -326,7 +330,7 @@ def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np
     """One training call's results, read-only: its clients (sorted), their clients.csv rows'
     numbers (float64 columns, NaN: None) and any status but ok or reason ("notes", by row),
     the model they started from and, where ``kept_at`` says so, the accepted clients' trained
-    models (stacked in client order)."""
+    models (in client order, stacked: ``_stacked``)."""
     by_client = {row.client_id: row for row in rows}
     numbers = np.array([[np.nan if getattr(by_client[c], name) is None
                          else getattr(by_client[c], name) for name in _NUMBERS]
@@ -336,14 +340,51 @@ def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np
     kept_at = np.full(len(clients), -1, dtype=np.int64)
     kept_at[np.searchsorted(clients, np.array([r.client_id for r in accepted], dtype=np.int64))
             ] = np.arange(len(accepted))
-    models = [_trained(report) for report in accepted]
-    stacks = {name: np.stack([model[name] for model in models]) for name in start} if models \
-        else {}
+    blocks, where = _stacked([_trained(report) for report in accepted], list(start))
     results = {"client": np.array(clients, dtype=np.int64), "numbers": numbers,
-               "kept_at": kept_at, "start": start, "trained": stacks}
-    for array in (results["client"], numbers, kept_at, *start.values(), *stacks.values()):
+               "kept_at": kept_at, "start": start, "where": where}
+    for array in (results["client"], numbers, kept_at, where, *start.values(),
+                  *(a for block in blocks for a in block.values())):
         array.flags.writeable = False  # the checkpoint keeps it without a copy
-    return {**results, "notes": notes}
+    return {**results, "trained": blocks, "notes": notes}
+
+
+def _row_of(array: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """(the array, its row) where ``array`` is a row of a C-contiguous array that owns its data
+    (how a cohort keeps a chunk's accepted updates: one copy, ``fedtune.engine.cohort``)."""
+    base = array.base
+    if (not isinstance(base, np.ndarray) or base.base is not None
+            or not base.flags.c_contiguous or base.shape[1:] != array.shape
+            or base.dtype != array.dtype or not base.size):
+        return None
+    row, rest = divmod(array.ctypes.data - base.ctypes.data, base.strides[0])
+    return (base, row) if not rest and 0 <= row < len(base) else None
+
+
+def _stacked(models: list[dict[str, np.ndarray]], names: list[str]
+             ) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    """The trained models as blocks of arrays stacked along a first axis, and ``where``: model
+    j is row ``where[j, 1]`` of block ``where[j, 0]``. Models that are the same row of the same
+    arrays a cohort stacked keep those arrays (no copy: a thousand updates in flight are a
+    quarter of a GB); the others are stacked here, in one block."""
+    blocks: list[dict[str, np.ndarray]] = []
+    index: dict[tuple[int, ...], int] = {}
+    where = np.zeros((len(models), 2), dtype=np.int64)
+    loose: list[int] = []
+    for j, model in enumerate(models):
+        rows = [_row_of(model[name]) for name in names]
+        if not names or any(r is None or r[1] != rows[0][1] for r in rows):  # type: ignore[index]
+            loose.append(j)
+            continue
+        key = tuple(id(r[0]) for r in rows)  # type: ignore[index]
+        if key not in index:
+            index[key] = len(blocks)
+            blocks.append({name: r[0] for name, r in zip(names, rows)})  # type: ignore[index]
+        where[j] = index[key], rows[0][1]  # type: ignore[index]
+    if loose:
+        where[loose] = np.column_stack([np.full(len(loose), len(blocks)), np.arange(len(loose))])
+        blocks.append({name: np.stack([models[j][name] for j in loose]) for name in names})
+    return blocks, where
 
 
 def _trained(report: ClientReport) -> dict[str, np.ndarray]:
