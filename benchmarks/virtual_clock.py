@@ -75,7 +75,10 @@ def run_side(overrides: list[str], out: Path) -> tuple[list[dict[str, str]], flo
     for override in overrides:
         command += ["--set", override]
     before = _children_cpu_s()
-    subprocess.run(command, check=True, capture_output=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)}\nexited with {done.returncode}:\n"
+                         f"{done.stderr[-3000:]}{done.stdout[-2000:]}")
     cpu = _children_cpu_s() - before
     with (out / "metrics.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -7,8 +7,8 @@ it arrives, however stale (the server updates made since the client fetched its 
 with four more steps, which an event loop calls:
 
 - ``start_messages``: train messages for the given nodes, carrying the current model;
-- ``prepare``: what to keep of one client's result until the server receives it (called when
-  the client has trained, with the model it started from);
+- ``prepare``: what to take of one client's trained model (called when the server receives
+  it, with the model it started from);
 - ``refuses``: why it will not take a client's update now ("" = it will);
 - ``receive``: take one update and its staleness; True when the server must update now;
 - ``release``: the new global model; ``release_metrics``: what it reports of that release.

@@ -28,6 +28,18 @@ so a checkpoint taken mid-buffer resumes to the same bits under a seed.
 Metrics of every release (``release_metrics``): ``dp-clip-norm``, ``dp-noise-std`` (std of the
 noise on each coordinate of the mean update), ``dp-cohort`` (updates in the buffer) and
 ``dp-unclipped`` (how many were not clipped: a simulation diagnostic).
+
+Canary clients for the privacy audit (``canaries``; Andrew, Kairouz, Oh, Oprea, McMahan,
+Suriyakumar 2024, "One-shot Empirical Privacy Estimation for Federated Learning", ICLR), as in
+``strategies.dp_fedavg``: each has a fixed random unit direction ``u_i`` over the floating arrays
+and half of them (``canary_inserted``) are inserted; they enter a *shadow release* only
+(``canary_release``: the same clipped sum and the same noise plus the canaries, stepped the same
+way), never the reported model. Each inserted canary adds ``C · u_i`` to **every** release: the
+most one client can move the sum (one update per buffer, staleness weight 1), which is what the
+accountant assumes of every client (every release composed, no sampling). The final shadow
+release's projection on ``u_i`` is then ``η C T / K`` plus Gaussian noise of std
+``η σ C √T / K`` for an inserted canary after T releases: exactly the accounted mechanism, a
+Gaussian of multiplier ``σ / √T``, so the audit's estimate reads the accountant's bound tightly.
 """
 
 from __future__ import annotations
@@ -38,7 +50,14 @@ import numpy as np
 from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
 
 from strategies.asynchronous import NDArrays, same_dtype
-from strategies.dp_fedavg import CLIP_NORM, COHORT, NOISE_STD, UNCLIPPED
+from strategies.dp_fedavg import (
+    CLIP_NORM,
+    COHORT,
+    NOISE_STD,
+    UNCLIPPED,
+    canary_direction,
+    canary_inserted,
+)
 from strategies.fedbuff import FedBuff
 from strategies.noise import SecureRandom
 
@@ -49,10 +68,12 @@ _RELEASE_NOISE = 2801  # the stream of the seeded (insecure) noise: [seed, strea
 class DPFedBuff(FedBuff):
     """FedBuff whose every buffer release is a Gaussian mechanism (``noise_multiplier``
     sigma, clipping bound ``clipping_norm`` C); ``seed``: None = secret noise, an int =
-    reproducible noise (not private)."""
+    reproducible noise (not private); ``canaries``: canary clients for the audit (0 = none),
+    their directions and which half is inserted drawn from ``canary_seed``."""
 
     def __init__(self, *, noise_multiplier: float, clipping_norm: float,
-                 seed: int | None = None, **kwargs: object) -> None:
+                 seed: int | None = None, canaries: int = 0, canary_seed: int = 0,
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         if noise_multiplier < 0 or not 0 < clipping_norm:
             raise ValueError("noise_multiplier must be >= 0 and clipping_norm > 0")
@@ -63,6 +84,10 @@ class DPFedBuff(FedBuff):
         self.contributors: list[int] = []  # clients in the current buffer
         self.unclipped = 0
         self.last_metrics: dict[str, float] = {}
+        self.canary_seed = canary_seed
+        self.canary_inserted = canary_inserted(canary_seed, canaries)
+        self.shadow: NDArrays = {}  # with canaries: the shadow release's floating arrays
+        self.canary_sum: NDArrays = {}  # C times the inserted canaries' directions, summed
 
     def __repr__(self) -> str:
         return (f"DPFedBuff(K={self.buffer_size}, sigma={self.noise_multiplier}, "
@@ -103,9 +128,14 @@ class DPFedBuff(FedBuff):
         std = self.noise_multiplier * self.clipping_norm
         rng = self._noise()
         new = dict(current)
+        canaries = self._canaries(current) if len(self.canary_inserted) else {}
         for name, total in self.buffer.items():
             noised = total + rng.normal(0.0, std, total.shape) if std else total
             new[name] = current[name] + self.server_lr * noised / self.buffer_size
+            if canaries:  # the shadow release: the same step with the canaries added
+                shadow = self.shadow.get(name, np.asarray(current[name], dtype=np.float64))
+                self.shadow[name] = (shadow + self.server_lr * (noised + canaries[name])
+                                     / self.buffer_size)
         self.last_metrics = {CLIP_NORM: self.clipping_norm, NOISE_STD: std / self.buffer_size,
                              COHORT: self.buffered, UNCLIPPED: self.unclipped}
         self.buffer, self.buffered, self.contributors, self.unclipped = {}, 0, [], 0
@@ -114,4 +144,23 @@ class DPFedBuff(FedBuff):
 
     def release_metrics(self) -> dict[str, float]:
         return dict(self.last_metrics)
+
+    def _canaries(self, current: Mapping[str, np.ndarray]) -> NDArrays:
+        """``C · Σ u_i`` over the inserted canaries, shaped like the floating arrays of
+        ``current`` (in their order, as ``fedtune.audit`` flattens them); drawn once."""
+        if not self.canary_sum:
+            names = [n for n in current if np.issubdtype(current[n].dtype, np.floating)]
+            sizes = [current[name].size for name in names]
+            total = np.zeros(sum(sizes))
+            for index in np.flatnonzero(self.canary_inserted):
+                total += canary_direction(self.canary_seed, int(index), total.size)
+            parts = np.split(self.clipping_norm * total, np.cumsum(sizes)[:-1])
+            self.canary_sum = {name: part.reshape(current[name].shape)
+                               for name, part in zip(names, parts, strict=True)}
+        return self.canary_sum
+
+    def canary_release(self) -> dict[str, np.ndarray]:
+        """The shadow release's floating arrays by name (what an observer of a run with the
+        canary clients would see); empty without canaries or before the first release."""
+        return dict(self.shadow)
 

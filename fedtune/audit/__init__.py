@@ -6,7 +6,8 @@
 - ``canary_examples.py``: sample-level canaries (local DP, no privacy): random examples with
   random labels, half of them added to random clients' training data.
 - ``report.py``: runs the audit that fits the run's privacy mode (user-level canary clients
-  of ``strategies.dp_fedavg`` for central DP, canary examples otherwise), writes
+  of ``strategies.dp_fedavg`` or ``strategies.dp_fedbuff`` for central DP, canary examples
+  otherwise), writes
   ``audit.json`` and ``plots/audit.png`` and says loudly when an empirical ε exceeds the
   accountant's.
 """

@@ -2,7 +2,8 @@
 
 The audit fits the privacy mode (``fedtune.tables.privacy_modes``: ``audit_inserts``):
 
-- ``clients`` (central DP): the canary clients of ``strategies.dp_fedavg``; the statistic of
+- ``clients`` (central DP): the canary clients of ``strategies.dp_fedavg`` (under FedBuff,
+  ``strategies.dp_fedbuff``: in every buffer release); the statistic of
   canary i is the cosine of the final delta of the shadow release (the model released had the
   canary clients taken part, minus the initial travelling floats, in the order DP-FedAvg
   flattens them; kept in ``canary_release.safetensors``) with its direction; the one-shot

@@ -236,6 +236,7 @@ class CentralDP(PrivacyMode):
         if entry.asynchronous:
             return import_object(entry.dp_release)(
                 noise_multiplier=plan.noise_multiplier, clipping_norm=p.clip_norm, seed=seed,
+                canaries=p.audit_canaries if p.audit else 0, canary_seed=config.run.seed,
                 **entry.arguments(config), **evaluate_args)
         strategy = DPFedAvg(
             sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier,

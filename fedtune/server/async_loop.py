@@ -15,6 +15,13 @@ engines' cohort path, screening and the update bounds included). A client whose 
 offline before it finishes is never trained; its slot frees when it leaves. Everything the loop
 holds - the clients in flight, their results, the clock - is plain attributes, which the
 checkpoint keeps beside the strategy's buffer, so a resumed run continues bit for bit.
+
+The results wait by training call, not by client: one entry per call, the model its clients
+started from, their trained models stacked (the strategy ``prepare``s one when the server hears
+of it) and their clients.csv fields column by column, read-only arrays that the
+checkpoint keeps without copying (``fedtune.server.checkpoint``). A checkpoint is captured after
+every server update (Ctrl-C writes the latest), and with a thousand clients in flight a dict per
+client made that capture cost more than the clients' training.
 """
 
 from __future__ import annotations
@@ -45,8 +52,9 @@ from fedtune.server.screening import reply_limits
 from fedtune.server.summing import weighted_metrics
 from strategies.asynchronous import AsynchronousStrategy
 
-_ROW_FIELDS = ("num_examples", "train_loss", "epsilon", "duration_s", "status", "reason",
-               "examples_trained")
+# a clients.csv row's numeric fields, kept as float64 columns (NaN: None)
+_NUMBERS = ("num_examples", "train_loss", "epsilon", "duration_s", "examples_trained")
+_INTEGERS = ("num_examples", "examples_trained")
 _NO_CLIENTS = np.zeros(0, dtype=np.int64)
 
 
@@ -70,8 +78,9 @@ class AsyncLoop:
         self.version = _NO_CLIENTS.copy()  # the server update its model came from
         self.lost = np.zeros(0, dtype=bool)  # goes offline before it finishes
         self.trained = np.zeros(0, dtype=bool)
-        self.kept: dict[str, dict[str, np.ndarray]] = {}  # str(client) -> strategy.prepare(...)
-        self.rows: dict[str, dict[str, Any]] = {}  # str(client) -> its clients.csv fields
+        self.call = _NO_CLIENTS.copy()  # the training call that trained it (-1: none yet)
+        # str(training call) -> its results (``_call_results``), until its last client is heard
+        self.results: dict[str, dict[str, Any]] = {}
 
     # --- starting clients ------------------------------------------------------------------
 
@@ -83,7 +92,9 @@ class AsyncLoop:
         if len(self.client) >= self.concurrency:
             return np.inf, _NO_CLIENTS
         moment = max(self.now, self.next_arrival) if self.arrival_rate else self.now
-        idle = np.setdiff1d(np.arange(clock.profiles.num_clients), self.client)
+        busy = np.zeros(clock.profiles.num_clients, dtype=bool)
+        busy[self.client] = True
+        idle = np.flatnonzero(~busy)
         if not len(idle):
             return np.inf, _NO_CLIENTS
         available = idle[clock.available(idle, moment)]
@@ -111,19 +122,44 @@ class AsyncLoop:
         self.version = np.append(self.version, version)
         self.lost = np.append(self.lost, lost)
         self.trained = np.append(self.trained, lost)  # a lost client's work is never needed
+        self.call = np.append(self.call, -1)
 
     def next_finish(self) -> int:
         """Index of the client the server hears of next (earliest; ties by client id)."""
-        return int(np.lexsort((self.client, self.finish))[0])
+        earliest = np.flatnonzero(self.finish == self.finish.min())
+        return int(earliest[np.argmin(self.client[earliest])])
 
-    def pop(self, index: int) -> tuple[int, float, float, int, bool]:
-        """Remove a client: (client, start, finish, version, lost)."""
+    def pop(self, index: int) -> tuple[int, float, float, int, bool, int]:
+        """Remove a client: (client, start, finish, version, lost, training call)."""
         out = (int(self.client[index]), float(self.start[index]), float(self.finish[index]),
-               int(self.version[index]), bool(self.lost[index]))
+               int(self.version[index]), bool(self.lost[index]), int(self.call[index]))
         keep = np.arange(len(self.client)) != index
-        for name in ("client", "start", "finish", "version", "lost", "trained"):
+        for name in ("client", "start", "finish", "version", "lost", "trained", "call"):
             setattr(self, name, getattr(self, name)[keep])
         return out
+
+    def take(self, call: int, client: int, strategy: AsynchronousStrategy
+             ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+        """A trained client's clients.csv fields and what ``strategy`` keeps of its update
+        (None: no update), dropping its call's results once no client in flight needs them
+        (after ``pop``)."""
+        results = self.results[str(call)]
+        row = int(np.searchsorted(results["client"], client))
+        numbers = results["numbers"][row]
+        fields: dict[str, Any] = {
+            name: None if np.isnan(value) else int(value) if name in _INTEGERS else float(value)
+            for name, value in zip(_NUMBERS, numbers.tolist(), strict=True)}
+        fields["status"], fields["reason"] = results["notes"].get(str(row), ("ok", ""))
+        at = int(results["kept_at"][row])
+        if at < 0:
+            kept = None
+        else:
+            block, position = results["where"][at]
+            kept = strategy.prepare(results["start"], {
+                name: stack[position] for name, stack in results["trained"][block].items()})
+        if not np.any(self.call == call):
+            del self.results[str(call)]
+        return fields, kept
 
 
 class AsyncRound:
@@ -169,26 +205,27 @@ class AsyncRound:
             server_round, self.run.identities, bounds, config.strategy.round_timeout_s,
             lambda done, total: self.run.progress(server_round, "train", done, total),
             self.run.stop)
-        start = protocol.to_numpy(state.arrays)
-        for report in train.accepted_reports:
-            loop.kept[str(report.client_id)] = self.strategy.prepare(start, _trained(report))
-        for row in train.rows(server_round):
-            if row.client_id is not None:
-                loop.rows[str(row.client_id)] = {f: getattr(row, f) for f in _ROW_FIELDS}
+        loop.results[str(loop.dispatches - 1)] = _call_results(
+            clients, train.rows(server_round), protocol.to_numpy(state.arrays),
+            train.accepted_reports)
+        loop.call[waiting] = loop.dispatches - 1
         loop.trained[waiting] = True
         totals["bytes_up"] += train.bytes_up
         totals["bytes_down"] += train.bytes_down
         totals["dropped"] += train.dropped
 
-    def _client_row(self, server_round: int, client: int, start: float, finish: float,
-                    staleness: int, lost: bool) -> ClientRow:
+    def _heard(self, server_round: int, client: int, start: float, finish: float,
+               staleness: int, lost: bool, call: int
+               ) -> tuple[ClientRow, dict[str, np.ndarray] | None]:
+        """A client the server hears of: its clients.csv row and what the strategy keeps of its
+        update."""
         if lost:
             return ClientRow(server_round, client, None, None, None, None, "offline",
                              "the device went offline before it finished",
-                             virtual_start_s=start, virtual_duration_s=finish - start)
-        fields = self.loop.rows.pop(str(client))
+                             virtual_start_s=start, virtual_duration_s=finish - start), None
+        fields, kept = self.loop.take(call, client, self.strategy)
         return ClientRow(server_round, client, **fields, virtual_start_s=start,
-                         virtual_duration_s=finish - start, staleness=staleness)
+                         virtual_duration_s=finish - start, staleness=staleness), kept
 
     def __call__(self, run: FederatedRun, server_round: int) -> RoundOutcome:
         """Run the event loop until the strategy updates the global model once."""
@@ -215,11 +252,10 @@ class AsyncRound:
             index = loop.next_finish()
             if not loop.trained[index]:
                 self._train_waiting(server_round, totals)
-            client, start, finish, started_on, lost = loop.pop(index)
+            client, start, finish, started_on, lost, call = loop.pop(index)
             loop.now = finish
-            row = self._client_row(server_round, client, start, finish, version - started_on,
-                                   lost)
-            kept = loop.kept.pop(str(client), None)
+            row, kept = self._heard(server_round, client, start, finish, version - started_on,
+                                    lost, call)
             refused = strategy.refuses(client) if kept is not None else ""
             if refused:  # central DP: its update is already in this buffer
                 row.status, row.reason, kept = "rejected", refused, None
@@ -287,6 +323,68 @@ class AsyncRound:
             virtual_time_s=self.loop.now)
         return RoundOutcome(row, rows, global_eval, metrics, len(rows), 0,
                             evaluation.rows(server_round))
+
+
+def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np.ndarray],
+                  accepted: list[ClientReport]) -> dict[str, Any]:
+    """One training call's results, read-only: its clients (sorted), their clients.csv rows'
+    numbers (float64 columns, NaN: None) and any status but ok or reason ("notes", by row),
+    the model they started from and, where ``kept_at`` says so, the accepted clients' trained
+    models (in client order, stacked: ``_stacked``)."""
+    by_client = {row.client_id: row for row in rows}
+    numbers = np.array([[np.nan if getattr(by_client[c], name) is None
+                         else getattr(by_client[c], name) for name in _NUMBERS]
+                        for c in clients], dtype=np.float64).reshape(len(clients), len(_NUMBERS))
+    notes = {str(i): [by_client[c].status, by_client[c].reason] for i, c in enumerate(clients)
+             if (by_client[c].status, by_client[c].reason) != ("ok", "")}
+    kept_at = np.full(len(clients), -1, dtype=np.int64)
+    kept_at[np.searchsorted(clients, np.array([r.client_id for r in accepted], dtype=np.int64))
+            ] = np.arange(len(accepted))
+    blocks, where = _stacked([_trained(report) for report in accepted], list(start))
+    results = {"client": np.array(clients, dtype=np.int64), "numbers": numbers,
+               "kept_at": kept_at, "start": start, "where": where}
+    for array in (results["client"], numbers, kept_at, where, *start.values(),
+                  *(a for block in blocks for a in block.values())):
+        array.flags.writeable = False  # the checkpoint keeps it without a copy
+    return {**results, "trained": blocks, "notes": notes}
+
+
+def _row_of(array: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """(the array, its row) where ``array`` is a row of a C-contiguous array that owns its data
+    (how a cohort keeps a chunk's accepted updates: one copy, ``fedtune.engine.cohort``)."""
+    base = array.base
+    if (not isinstance(base, np.ndarray) or base.base is not None
+            or not base.flags.c_contiguous or base.shape[1:] != array.shape
+            or base.dtype != array.dtype or not base.size):
+        return None
+    row, rest = divmod(array.ctypes.data - base.ctypes.data, base.strides[0])
+    return (base, row) if not rest and 0 <= row < len(base) else None
+
+
+def _stacked(models: list[dict[str, np.ndarray]], names: list[str]
+             ) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    """The trained models as blocks of arrays stacked along a first axis, and ``where``: model
+    j is row ``where[j, 1]`` of block ``where[j, 0]``. Models that are the same row of the same
+    arrays a cohort stacked keep those arrays (no copy: a thousand updates in flight are a
+    quarter of a GB); the others are stacked here, in one block."""
+    blocks: list[dict[str, np.ndarray]] = []
+    index: dict[tuple[int, ...], int] = {}
+    where = np.zeros((len(models), 2), dtype=np.int64)
+    loose: list[int] = []
+    for j, model in enumerate(models):
+        rows = [_row_of(model[name]) for name in names]
+        if not names or any(r is None or r[1] != rows[0][1] for r in rows):  # type: ignore[index]
+            loose.append(j)
+            continue
+        key = tuple(id(r[0]) for r in rows)  # type: ignore[index]
+        if key not in index:
+            index[key] = len(blocks)
+            blocks.append({name: r[0] for name, r in zip(names, rows)})  # type: ignore[index]
+        where[j] = index[key], rows[0][1]  # type: ignore[index]
+    if loose:
+        where[loose] = np.column_stack([np.full(len(loose), len(blocks)), np.arange(len(loose))])
+        blocks.append({name: np.stack([models[j][name] for j in loose]) for name in names})
+    return blocks, where
 
 
 def _trained(report: ClientReport) -> dict[str, np.ndarray]:

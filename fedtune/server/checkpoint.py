@@ -73,7 +73,10 @@ def _encode(value: Any, path: str, arrays: dict[str, np.ndarray]) -> dict[str, A
     if isinstance(value, np.generic):
         return {"v": value.item()}
     if isinstance(value, np.ndarray):
-        arrays[path] = np.array(value, order="C")  # a copy: the owner may change it in place
+        # a copy, as the owner may change it in place; not of a read-only array that owns its
+        # data (nobody can: the asynchronous loop's results wait so, fedtune.server.async_loop)
+        frozen = not value.flags.writeable and value.base is None and value.flags.c_contiguous
+        arrays[path] = value if frozen else np.array(value, order="C")
         return {"a": path}
     if isinstance(value, torch.Tensor):
         arrays[path] = value.detach().cpu().numpy().copy()

@@ -198,8 +198,8 @@ def _check_central(config: Config) -> None:
 
 def _check_central_release(config: Config) -> None:
     """Central DP under an asynchronous strategy that releases a noised buffer
-    (``strategies.dp_fedbuff``): a fixed clipping bound, no canary clients, and a buffer that
-    distinct clients can fill (each adds at most one update to a release)."""
+    (``strategies.dp_fedbuff``): a fixed clipping bound and a buffer that distinct clients
+    can fill (each adds at most one update to a release)."""
     p, s = config.privacy, config.strategy
     name = repr(s.name)
     if p.adaptive_clipping:
@@ -207,11 +207,6 @@ def _check_central_release(config: Config) -> None:
             f"privacy.adaptive_clipping = true is not allowed with strategy.name = {name}: "
             "must be false (adapting the bound needs a noised count of unclipped updates per "
             "release, which the buffered release does not draw yet)")
-    if p.audit:
-        raise ConfigError(
-            f"privacy.audit = true is not allowed with privacy.mode = 'central' and "
-            f"strategy.name = {name}: must be false (the canary clients' shadow release is "
-            "built for DP-FedAvg's rounds)")
     if s.fedbuff_buffer_size > config.data.num_clients:
         raise ConfigError(
             f"strategy.fedbuff_buffer_size = {s.fedbuff_buffer_size} is not allowed with "

@@ -188,8 +188,6 @@ def test_a_dp_fedbuff_runs_epsilon_is_at_most_the_reported_one(fedbuff_run):
                                   "'fedbuff'")),
     (["strategy.name=fedbuff", "privacy.adaptive_clipping=true"],
      "privacy.adaptive_clipping = true is not allowed with strategy.name = 'fedbuff'"),
-    (["strategy.name=fedbuff", "privacy.adaptive_clipping=false", "privacy.audit=true"],
-     "privacy.audit = true is not allowed"),
     (["strategy.name=fedbuff", "privacy.adaptive_clipping=false",
       "strategy.fedbuff_buffer_size=5"], "strategy.fedbuff_buffer_size = 5 is not allowed"),
 ])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -77,3 +79,24 @@ def test_start_messages_share_one_content_with_the_server_round():
     assert [m.metadata.dst_node_id for m in messages] == [3, 1]
     assert messages[0].content is messages[1].content
     assert messages[0].content["config"]["server-round"] == 4
+
+
+def test_the_loop_keeps_a_cohorts_stacked_updates_without_copying_them():
+    """The event loop holds every update in flight (fedtune.server.async_loop._stacked): rows
+    of the arrays a cohort stacked stay views of them (read-only, so the checkpoint captured
+    after every server update keeps them without a copy either); other models are stacked."""
+    from fedtune.server.async_loop import _stacked
+
+    chunk = {"w": np.arange(24.0).reshape(3, 2, 4).copy(), "b": np.arange(3.0)[:, None].copy()}
+    loose = {"w": np.ones((2, 4)), "b": np.ones(1)}
+    models = [{n: a[2] for n, a in chunk.items()}, loose, {n: a[0] for n, a in chunk.items()}]
+    blocks, where = _stacked(models, ["w", "b"])
+    assert blocks[0]["w"] is chunk["w"] and blocks[0]["b"] is chunk["b"]
+    assert where.tolist() == [[0, 2], [1, 0], [0, 0]]
+    for model, (block, row) in zip(models, where, strict=True):
+        for name, value in model.items():
+            np.testing.assert_array_equal(blocks[block][name][row], value)
+    chunk["w"].flags.writeable = False
+    _, arrays = capture_attributes(SimpleNamespace(blocks=blocks))
+    assert any(array is chunk["w"] for array in arrays.values())  # kept, not copied
+    assert not any(array is loose["w"] for array in arrays.values())
