@@ -48,6 +48,11 @@ class ClientSide:
     """What a train message asks of a client beyond plain local training; the base class asks
     nothing. ``content`` is the message, ``state`` the client's Context.state."""
 
+    # a ``client_together`` side whose objective or reply reads or writes ``state``: clients
+    # trained together each have their own (``fedtune.client.vectorised``); otherwise one side
+    # serves a whole chunk
+    own_state = False
+
     def __init__(self, content: RecordDict, state: RecordDict,
                  global_arrays: dict[str, NDArray], settings: TrainSettings) -> None:
         self.content = content
@@ -91,6 +96,8 @@ class FedProxClient(ClientSide):
 class FedDynClient(ClientSide):
     """FedDyn (Acar et al. 2021): a dynamic regulariser with a per-client gradient state."""
 
+    own_state = True
+
     def objective(self, model: nn.Module) -> LocalObjective | None:
         alpha = float(self.config.get(feddyn.ALPHA_KEY, 0.0))
         if not alpha:
@@ -112,6 +119,8 @@ class FedDynClient(ClientSide):
 
 class ScaffoldClient(ClientSide):
     """SCAFFOLD (Karimireddy et al. 2020): control variates correct the client's drift."""
+
+    own_state = True
 
     def _server_control(self) -> dict[str, NDArray] | None:
         if scaffold.CONTROL_KEY not in self.content:
