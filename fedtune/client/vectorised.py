@@ -19,6 +19,12 @@ one-client-at-a-time training to float rounding, not bit for bit. Dropout drops 
 one client at a time: each client's masks come from a generator seeded with its round seed
 (``fedtune.client.dropout_masks``). What a chunk may hold is fixed by the block and the model's size
 (``chunk_sizes``), so every runtime that vectorises gives the same bits.
+
+A strategy whose entry is ``client_together`` trains its clients' objective here too: its
+client side's extra terms are added to the stacked gradients (``_adjust_stacked``), the round's
+(FedProx's proximal term) broadcast over the chunk, or each client's own from its state
+(SCAFFOLD's ``c - c_i``, FedDyn's ``g_k``) stacked over it (``chunk_objective``); each client's
+reply and new state come from its own row and state (``chunk_sides``).
 """
 
 from __future__ import annotations

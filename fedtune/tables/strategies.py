@@ -43,9 +43,9 @@ class StrategyEntry(Entry):
     # its client side changes local training only by a LocalObjective (fedtune.client.
     # objective) whose quadratic weight and anchor are the same for every client of a round
     # (its linear and shift terms may come from the client's own state: FedDyn's gradient,
-    # SCAFFOLD's control variate; ClientSide.own_state), and its reply comes from the trained
-    # weights, the step count and that state alone: clients may train together
-    # (engine.vectorise_clients, fedtune.client.vectorised)
+    # SCAFFOLD's control variate; ClientSide.own_state), and its reply comes from the train
+    # message, its trained weights, its step count and that state alone: clients may train
+    # together (engine.vectorise_clients, fedtune.client.vectorised)
     client_together: bool = False
     answers: Mapping[str, str] = field(default_factory=dict)  # reply record -> sent record
     reply_metrics: Mapping[str, ReplyMetric] = field(default_factory=dict)  # beyond the core
