@@ -237,8 +237,9 @@ def test_client_states_after_a_batched_round_match_one_at_a_time(tmp_path, monke
     """SCAFFOLD's control variates (Karimireddy et al. 2020, option II) and FedDyn's gradients
     (Acar et al. 2021): each client of a chunk corrects its gradients by its own state (a
     stacked tensor, cut to the clients of each step count) and updates it after, as one client
-    at a time does: the same new states and replies to float rounding, over chunks of 4; and
-    the states matter (other weights than from empty states)."""
+    at a time does: the same new states and replies to float rounding, over chunks of 4; the
+    states matter (other weights than from empty states); a client that timed out keeps its
+    old state."""
     config = tiny_config(tmp_path, *VECTORISED, f"strategy.name={strategy}",
                          "client.optimizer=sgd", "client.lr=0.1", "client.local_steps=0",
                          "client.local_epochs=1", "client.batch_size=16",
@@ -273,6 +274,8 @@ def test_client_states_after_a_batched_round_match_one_at_a_time(tmp_path, monke
         if ours.client_id < 11:
             assert max(np.abs(ours.update[ARRAYS][n] - unstated.update[ARRAYS][n]).max()
                        for n in arrays) > 1e-3
+    late = run_block(resources, content, task, client_limit_s=0.0)  # the server never heard
+    assert {r.status for r in late.reports} == {"timeout"} and not late.states
 
 
 @pytest.mark.parametrize("overrides", [
