@@ -37,6 +37,21 @@ if TYPE_CHECKING:
 PROXIMAL_KEY = "proximal-mu"  # what Flower's FedProx sends
 
 
+# the last sent ArrayRecord decoded (kept with the record, so its identity is not reused): a
+# round's clients trained in one process all receive the same one (SCAFFOLD's control variate)
+_last_decoded: list[tuple[ArrayRecord, dict[str, NDArray]]] = []
+
+
+def _decoded(record: ArrayRecord) -> dict[str, NDArray]:
+    """``to_numpy(record)``, read-only, decoded once for every client that receives it."""
+    if not _last_decoded or _last_decoded[0][0] is not record:
+        arrays = to_numpy(record)
+        for value in arrays.values():
+            value.flags.writeable = False  # shared by the round's clients
+        _last_decoded[:] = [(record, arrays)]
+    return _last_decoded[0][1]
+
+
 def _tensors(arrays: dict[str, NDArray], model: nn.Module) -> dict[str, torch.Tensor]:
     """Arrays of the model's trainable parameters, as tensors beside those parameters."""
     return {name: torch.as_tensor(arrays[name]).to(param.device, param.dtype)
@@ -48,20 +63,33 @@ class ClientSide:
     """What a train message asks of a client beyond plain local training; the base class asks
     nothing. ``content`` is the message, ``state`` the client's Context.state."""
 
+    # a ``client_together`` side whose objective or reply reads or writes ``state``: clients
+    # trained together each have their own (``fedtune.client.vectorised``); otherwise one side
+    # serves a whole chunk
+    own_state = False
+
     def __init__(self, content: RecordDict, state: RecordDict,
                  global_arrays: dict[str, NDArray], settings: TrainSettings) -> None:
         self.content = content
         self.state = state
         self.global_arrays = global_arrays
         self.settings = settings
+        self._stored: dict[str, tuple[ArrayRecord, dict[str, NDArray]]] = {}
 
     @property
     def config(self) -> dict[str, Any]:
         return dict(self.content[CONFIG]) if CONFIG in self.content else {}
 
     def stored(self, key: str, like: dict[str, NDArray]) -> dict[str, NDArray]:
-        """Per-client arrays kept across rounds (zeros before this client's first round)."""
-        return to_numpy(self.state[key]) if key in self.state else zeros_like(like)
+        """Per-client arrays kept across rounds (zeros before this client's first round),
+        decoded once while ``state[key]`` is the same record (objective and reply both read
+        it)."""
+        if key not in self.state:
+            return zeros_like(like)
+        record = self.state[key]
+        if key not in self._stored or self._stored[key][0] is not record:
+            self._stored[key] = record, to_numpy(record)
+        return self._stored[key][1]
 
     def objective(self, model: nn.Module) -> LocalObjective | None:
         """Extra terms of the local objective (None: plain cross-entropy)."""
@@ -91,6 +119,8 @@ class FedProxClient(ClientSide):
 class FedDynClient(ClientSide):
     """FedDyn (Acar et al. 2021): a dynamic regulariser with a per-client gradient state."""
 
+    own_state = True
+
     def objective(self, model: nn.Module) -> LocalObjective | None:
         alpha = float(self.config.get(feddyn.ALPHA_KEY, 0.0))
         if not alpha:
@@ -113,10 +143,12 @@ class FedDynClient(ClientSide):
 class ScaffoldClient(ClientSide):
     """SCAFFOLD (Karimireddy et al. 2020): control variates correct the client's drift."""
 
+    own_state = True
+
     def _server_control(self) -> dict[str, NDArray] | None:
         if scaffold.CONTROL_KEY not in self.content:
             return None
-        return to_numpy(self.content[scaffold.CONTROL_KEY])
+        return _decoded(self.content[scaffold.CONTROL_KEY])
 
     def objective(self, model: nn.Module) -> LocalObjective | None:
         server = self._server_control()

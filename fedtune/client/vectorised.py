@@ -19,6 +19,12 @@ one-client-at-a-time training to float rounding, not bit for bit. Dropout drops 
 one client at a time: each client's masks come from a generator seeded with its round seed
 (``fedtune.client.dropout_masks``). What a chunk may hold is fixed by the block and the model's size
 (``chunk_sizes``), so every runtime that vectorises gives the same bits.
+
+A strategy whose entry is ``client_together`` trains its clients' objective here too: its
+client side's extra terms are added to the stacked gradients (``_adjust_stacked``), the round's
+(FedProx's proximal term) broadcast over the chunk, or each client's own from its state
+(SCAFFOLD's ``c - c_i``, FedDyn's ``g_k``) stacked over it (``chunk_objective``); each client's
+reply and new state come from its own row and state (``chunk_sides``).
 """
 
 from __future__ import annotations
@@ -131,14 +137,18 @@ class TrainedChunk:
 
 
 def train_chunks(resources: TaskResources, server_round: int, content: RecordDict,
-                 global_arrays: dict[str, np.ndarray], client_ids: Sequence[int]
-                 ) -> Iterator[TrainedChunk]:
+                 global_arrays: dict[str, np.ndarray], client_ids: Sequence[int],
+                 states: Sequence[RecordDict] | None = None) -> Iterator[TrainedChunk]:
     """Train the clients ``client_ids`` on their training splits from ``global_arrays``
-    (``content``: the train message's records), a chunk at a time (``chunk_sizes``)."""
+    (``content``: the train message's records), a chunk at a time (``chunk_sizes``).
+    ``states``: each client's Context.state, which a client side with its own state
+    (SCAFFOLD's control variate, FedDyn's gradient) reads before the chunk trains and updates
+    after, as one client at a time does (None: every client's state is empty)."""
     first = 0
     for size in chunk_sizes(len(client_ids), resources.model):
         yield _train_chunk(resources, server_round, content, global_arrays,
-                           client_ids[first:first + size])
+                           client_ids[first:first + size],
+                           None if states is None else states[first:first + size])
         first += size
 
 
@@ -168,15 +178,74 @@ def round_side(resources: TaskResources, content: RecordDict,
     return side_class(content, RecordDict(), global_arrays, resources.train_settings)
 
 
+def chunk_sides(resources: TaskResources, content: RecordDict,
+                global_arrays: dict[str, np.ndarray], states: Sequence[RecordDict] | None,
+                clients: int) -> list[ClientSide]:
+    """The client side of each of a chunk's ``clients``: the round's one side
+    (``round_side``), or for a side with its own state (``ClientSide.own_state``: SCAFFOLD,
+    FedDyn) one per client over that client's state (``states``; None: empty ones)."""
+    entry = STRATEGIES[resources.config.strategy.name]
+    side_class = entry.load_client() if entry.client else ClientSide
+    if not side_class.own_state:
+        return [round_side(resources, content, global_arrays)] * clients
+    if states is None:
+        states = [RecordDict() for _ in range(clients)]
+    if len(states) != clients:
+        raise ValueError(f"{len(states)} client states for a chunk of {clients} clients")
+    return [side_class(content, state, global_arrays, resources.train_settings)
+            for state in states]
+
+
+@dataclass
+class StackedObjective(LocalObjective):
+    """A chunk's clients' extra terms (``chunk_objective``): the round's quadratic weight and
+    anchor, each client's linear and shift tensors stacked (client i: row i)."""
+
+    def rows(self, members: np.ndarray) -> StackedObjective:
+        """The terms of the chunk's clients ``members`` alone."""
+        index = torch.from_numpy(members)
+        return StackedObjective(
+            quadratic=self.quadratic, anchor=self.anchor,
+            linear={name: value[index] for name, value in self.linear.items()},
+            shift={name: value[index] for name, value in self.shift.items()})
+
+
+def chunk_objective(sides: Sequence[ClientSide], model: nn.Module) -> LocalObjective | None:
+    """The extra terms of a chunk's clients' objectives as one ``LocalObjective`` over their
+    stacked copies: one side's terms as they are (broadcast over the clients); sides of their
+    own (``chunk_sides``) share the round's quadratic weight and anchor (the global model) and
+    have their own linear and shift tensors (FedDyn's gradient state ``g_k``, Acar et al.
+    2021; SCAFFOLD's ``c - c_i``, Karimireddy et al. 2020), stacked (client i: row i) so that
+    ``_adjust_stacked`` adds each client's own."""
+    if all(side is sides[0] for side in sides):
+        return sides[0].objective(model)
+    objectives = [side.objective(model) for side in sides]
+    first = objectives[0]
+    if first is None:
+        if any(objective is not None for objective in objectives):
+            raise ValueError("the clients of a chunk have extra terms and none, in one round")
+        return None
+    if any(objective is None or objective.quadratic != first.quadratic
+           or objective.anchor.keys() != first.anchor.keys()
+           or objective.linear.keys() != first.linear.keys()
+           or objective.shift.keys() != first.shift.keys() for objective in objectives):
+        raise ValueError("the clients of a chunk have other extra terms in one round")
+    return StackedObjective(
+        quadratic=first.quadratic, anchor=first.anchor,
+        linear={name: torch.stack([o.linear[name] for o in objectives]) for name in first.linear},
+        shift={name: torch.stack([o.shift[name] for o in objectives]) for name in first.shift})
+
+
 def _train_chunk(resources: TaskResources, server_round: int, content: RecordDict,
-                 global_arrays: dict[str, np.ndarray], ids: Sequence[int]) -> TrainedChunk:
+                 global_arrays: dict[str, np.ndarray], ids: Sequence[int],
+                 states: Sequence[RecordDict] | None = None) -> TrainedChunk:
     started = time.perf_counter()
     config = resources.config
     model = resources.model
     load_shared_state(model, global_arrays)
     model.train()
-    side = round_side(resources, content, global_arrays)
-    objective = side.objective(model)
+    sides = chunk_sides(resources, content, global_arrays, states, len(ids))
+    objective = chunk_objective(sides, model)
     seeds = client_round_seeds(config.run.seed, server_round, ids,
                                protocol.message_dispatch(content))
     shards = [client_shard(config, client_id) for client_id in ids]
@@ -192,8 +261,10 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
         masks = ClientMasks(model, [torch.Generator().manual_seed(seeds[i]) for i in members],
                             [loaders[i].epoch_draws for i in members],
                             [len(loaders[i]) for i in members])
-        arrays, group = _train_group(resources, model, [rows[i] for i in members], objective,
-                                     masks)
+        group_objective = (objective.rows(members) if isinstance(objective, StackedObjective)
+                           and len(members) < len(ids) else objective)
+        arrays, group = _train_group(resources, model, [rows[i] for i in members],
+                                     group_objective, masks)
         if len(members) == len(ids):
             stacked = arrays
         else:  # a later group of as many clients trains in the same stacked copies
@@ -213,7 +284,7 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
         extra: dict[str, float] = {}
         if result.num_steps:
             client.arrays = {name: value[i] for name, value in stacked.items()}
-            client.records, extra = side.reply(client.arrays, result.num_steps)
+            client.records, extra = sides[i].reply(client.arrays, result.num_steps)
         client.metrics = train_metrics(resources, shards[i], client_id,
                                        TrainResult(result.loss, result.num_examples,
                                                    result.num_steps, share), {}, extra)

@@ -348,10 +348,12 @@ def _train_together(resources: TaskResources, content: DecodedContent, task: Blo
                     result: BlockResult, client_limit_s: float) -> None:
     """The clients of a train block trained together a chunk at a time
     (``fedtune.client.vectorised``), each chunk screened and summed as a whole
-    (``_keep_chunk``). Their client side keeps no state, so no state changes."""
+    (``_keep_chunk``); each client's new state returned as ``_train_one_at_a_time`` returns
+    it (``_keep_states``)."""
+    states = [state_from_bytes(c.state) if c.state else RecordDict() for c in task.clients]
     chunks = train_chunks(resources, content.server_round, content.records,
                           content.arrays[protocol.ARRAYS],
-                          [client.client_id for client in task.clients])
+                          [client.client_id for client in task.clients], states)
     done = 0
     while done < len(task.clients):
         try:
@@ -362,9 +364,21 @@ def _train_together(resources: TaskResources, content: DecodedContent, task: Blo
                                                    _error_line(error)))
             return
         members = task.clients[done:done + len(chunk.trained)]
-        done += len(members)
         _play_update_attacks(resources, content, members, chunk)
         _keep_chunk(result, members, chunk, content, task.spec, client_limit_s)
+        if chunk.share <= client_limit_s:  # a timed-out client's state is dropped with it
+            _keep_states(result, members, states[done:done + len(members)])
+        done += len(members)
+
+
+def _keep_states(result: BlockResult, members: list[BlockClient],
+                 states: list[RecordDict]) -> None:
+    """The states of a chunk's clients that changed while they trained (SCAFFOLD's control
+    variates, FedDyn's gradients), into ``result``."""
+    for client, state in zip(members, states, strict=True):
+        after = state_to_bytes(state)
+        if after != (client.state or b""):
+            result.states[client.client_id] = after
 
 
 def _play_update_attacks(resources: TaskResources, content: DecodedContent,

@@ -79,10 +79,11 @@ def _check_ray(config: Config) -> None:
 # fedtune's own runtimes run cohorts of clients, so they can train clients together
 VECTORISE_CLIENTS = Key(
     True, "train eligible clients together, a chunk at a time, with torch.func.vmap (plain "
-          "FedAvg-family, FedProx and FedNova clients, no privacy mode, faults or attack, fp32 "
-          "on CPU, the MLP or a head on pooled features; any other run trains one client at a "
-          "time, and the run's log says which and why): faster, and agrees with one client at "
-          "a time to float rounding, not bit for bit; false = always one at a time")
+          "FedAvg-family, FedProx, FedNova, SCAFFOLD and FedDyn clients, no privacy mode, "
+          "faults or attack, fp32 on CPU, the MLP or a head on pooled features; any other run "
+          "trains one client at a time, and the run's log says which and why): faster, and "
+          "agrees with one client at a time to float rounding, not bit for bit; false = always "
+          "one at a time")
 
 # fedtune's own runtimes keep their clients' state (fedtune.state.store)
 CLIENT_STATE_MEMORY_MB = Key(

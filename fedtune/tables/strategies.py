@@ -41,9 +41,11 @@ class StrategyEntry(Entry):
     components: Callable[[Config], dict[str, Any]] = _no_arguments
     client: str = ""  # "module:Class" of its client side; "" = plain local training
     # its client side changes local training only by a LocalObjective (fedtune.client.
-    # objective) that is the same for every client of a round (it reads the train message and
-    # the global model alone), keeps no state and replies with metrics at most: clients may
-    # train together (engine.vectorise_clients, fedtune.client.vectorised)
+    # objective) whose quadratic weight and anchor are the same for every client of a round
+    # (its linear and shift terms may come from the client's own state: FedDyn's gradient,
+    # SCAFFOLD's control variate; ClientSide.own_state), and its reply comes from the train
+    # message, its trained weights, its step count and that state alone: clients may train
+    # together (engine.vectorise_clients, fedtune.client.vectorised)
     client_together: bool = False
     answers: Mapping[str, str] = field(default_factory=dict)  # reply record -> sent record
     reply_metrics: Mapping[str, ReplyMetric] = field(default_factory=dict)  # beyond the core
@@ -269,7 +271,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
         "SCAFFOLD (Karimireddy et al. 2020): control variates correct client drift",
         keys={"server_lr": SERVER_LR}, implementation="strategies.scaffold:Scaffold",
         arguments=lambda c: {"server_lr": c.strategy.server_lr},
-        client=CLIENTS + "ScaffoldClient",
+        client=CLIENTS + "ScaffoldClient", client_together=True,
         answers={"scaffold-control-delta": "scaffold-control"}, sgd_only=True, sum_weight="1"),
     "fednova": StrategyEntry(
         "FedNova (Wang et al. 2020): updates normalised by local steps",
@@ -283,7 +285,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
                                         "2021)", gt=0)},
         implementation="strategies.feddyn:FedDyn",
         arguments=lambda c: {"alpha": c.strategy.feddyn_alpha},
-        client=CLIENTS + "FedDynClient", sum_weight="1"),
+        client=CLIENTS + "FedDynClient", client_together=True, sum_weight="1"),
     "rfa": StrategyEntry(
         "RFA (Pillutla et al. 2022): geometric median of the client models",
         keys={"rfa_iterations": RFA_ITERATIONS, "rfa_smoothing": RFA_SMOOTHING},

@@ -3,11 +3,14 @@ time to float rounding, the same bits however blocks are spread, and only where 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 from safetensors.numpy import load_file
 
+from fedtune import protocol
 from fedtune.client import vectorised
 from fedtune.client.algorithms import PROXIMAL_KEY
 from fedtune.client.app import train_client
@@ -21,6 +24,7 @@ from fedtune.config import ConfigError, load_config
 from fedtune.engine.cohort import (
     VECTOR_BLOCK,
     BlockClient,
+    BlockTask,
     DecodedContent,
     add_blocks,
     block_size,
@@ -30,10 +34,20 @@ from fedtune.engine.cohort import (
 )
 from fedtune.engine.inprocess import act_as_server, run_inprocess
 from fedtune.models.weights import shared_state
-from fedtune.protocol import ARRAYS, CONFIG, SERVER_ROUND, to_array_record
+from fedtune.protocol import (
+    ARRAYS,
+    CONFIG,
+    FEDDYN_STATE,
+    SCAFFOLD_STATE,
+    SERVER_ROUND,
+    to_array_record,
+)
 from fedtune.server.grid import CohortSpec
 from fedtune.server.screening import reply_limits
+from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.task import task_resources
+from strategies import feddyn, scaffold
+from strategies.records import floating
 from tests.conftest import rows_of, tiny_config
 
 VECTORISED = ["engine.vectorise_clients=true", "data.num_clients=12", "model.dropout=0"]
@@ -90,11 +104,16 @@ def test_clients_trained_together_match_one_client_at_a_time(tmp_path, overrides
     # FedNova's reply metric (Wang et al. 2020) and its server's normalised aggregate of the
     # updates kept one by one
     ["strategy.name=fednova", "client.optimizer=sgd", "client.momentum=0.5"],
+    # each client's own state: SCAFFOLD's control variate c_i (Karimireddy et al. 2020) and
+    # FedDyn's gradient g_k (Acar et al. 2021), read before a chunk trains, written after
+    ["strategy.name=scaffold", "client.optimizer=sgd", "client.lr=0.1"],
+    ["strategy.name=feddyn", "strategy.feddyn_alpha=0.1", "client.optimizer=sgd"],
     # under an attack the honest clients train together and each attacker alone (run_block)
     ["attack.name=sign_flip", "attack.count=3"],
     ["attack.name=label_flip", "attack.count=3", "attack.start_round=2"],
     ["attack.name=alie", "attack.count=3", "attack.collude=3"],
-], ids=["fedavg", "fedprox", "fednova", "sign-flip", "label-flip", "alie"])
+], ids=["fedavg", "fedprox", "fednova", "scaffold", "feddyn", "sign-flip", "label-flip",
+        "alie"])
 def test_a_run_with_clients_together_matches_the_loop(tmp_path, overrides, one_torch_thread):
     """The whole round (screening, sums, server): the same statuses and metrics, the same model
     to float rounding."""
@@ -189,14 +208,84 @@ def test_fedprox_clients_trained_together_match_one_at_a_time(tmp_path, one_torc
         assert max(np.abs(ours[n] - without[n]).max() for n in ours) > 1e-3
 
 
+def _stateful_block(resources, config, strategy):
+    """A round-3 train block of 12 clients under SCAFFOLD or FedDyn: the content (a random
+    server control variate for SCAFFOLD) and every client's state random, as after earlier
+    rounds, but client 11's (its first round: no state)."""
+    rng = np.random.default_rng(1)
+    moving = floating(_global_arrays(resources))
+
+    def noise():
+        return to_array_record({name: rng.normal(0, 0.05, value.shape).astype(value.dtype)
+                                for name, value in moving.items()})
+
+    records = RecordDict({ARRAYS: to_array_record(_global_arrays(resources)),
+                          CONFIG: ConfigRecord({SERVER_ROUND: 3})})
+    if strategy == "scaffold":
+        records[scaffold.CONTROL_KEY], key = noise(), SCAFFOLD_STATE
+    else:
+        records[CONFIG][feddyn.ALPHA_KEY], key = 0.1, FEDDYN_STATE
+    clients = [BlockClient(1000 + c, c, state_to_bytes(RecordDict({key: noise()}))
+                           if c < 11 else None) for c in range(12)]
+    spec = CohortSpec(weighted_mean=False, limits=reply_limits(config, resources.federation))
+    return DecodedContent.of(records), BlockTask(0, "train", clients, spec), key
+
+
+@pytest.mark.parametrize("strategy", ["scaffold", "feddyn"])
+def test_client_states_after_a_batched_round_match_one_at_a_time(tmp_path, monkeypatch,
+                                                                 strategy, one_torch_thread):
+    """SCAFFOLD's control variates (Karimireddy et al. 2020, option II) and FedDyn's gradients
+    (Acar et al. 2021): each client of a chunk corrects its gradients by its own state (a
+    stacked tensor, cut to the clients of each step count) and updates it after, as one client
+    at a time does: the same new states and replies to float rounding, over chunks of 4; the
+    states matter (other weights than from empty states); a client that timed out keeps its
+    old state."""
+    config = tiny_config(tmp_path, *VECTORISED, f"strategy.name={strategy}",
+                         "client.optimizer=sgd", "client.lr=0.1", "client.local_steps=0",
+                         "client.local_epochs=1", "client.batch_size=16",
+                         "data.partitioner=dirichlet", "data.alpha=1.0")
+    resources = task_resources(config)
+    assert vectorisable(resources)
+    per_client = sum(p.numel() * 4 for p in resources.model.parameters() if p.requires_grad)
+    monkeypatch.setattr(vectorised, "CHUNK_BYTES", 4 * per_client)
+    content, task, key = _stateful_block(resources, config, strategy)
+    together = run_block(resources, content, task)
+    loop = run_block(resources, content, task, train=lambda *args: train_client(*args))
+    empty = run_block(resources, content, replace(task, clients=[
+        replace(client, state=None) for client in task.clients]))
+    assert [r.status for r in together.reports] == [r.status for r in loop.reports]
+    assert sum(r.status == "ok" for r in loop.reports) >= 10
+    assert together.states.keys() == loop.states.keys()
+    assert len(loop.states) == sum(r.status == "ok" for r in loop.reports)
+    for client_id in loop.states:
+        ours, theirs = (protocol.to_numpy(state_from_bytes(r.states[client_id])[key])
+                        for r in (together, loop))
+        for name in theirs:
+            np.testing.assert_allclose(ours[name], theirs[name], atol=1e-4, rtol=0)
+    for ours, theirs, unstated in zip(together.reports, loop.reports, empty.reports,
+                                      strict=True):
+        if theirs.status != "ok":
+            continue
+        assert ours.update.keys() == theirs.update.keys()
+        for record, arrays in theirs.update.items():
+            for name in arrays:
+                np.testing.assert_allclose(ours.update[record][name], arrays[name],
+                                           atol=1e-4 if record != ARRAYS else 1e-5, rtol=0)
+        if ours.client_id < 11:
+            assert max(np.abs(ours.update[ARRAYS][n] - unstated.update[ARRAYS][n]).max()
+                       for n in arrays) > 1e-3
+    late = run_block(resources, content, task, client_limit_s=0.0)  # the server never heard
+    assert {r.status for r in late.reports} == {"timeout"} and not late.states
+
+
 @pytest.mark.parametrize("overrides", [
-    ["strategy.name=scaffold", "client.optimizer=sgd"],  # client state and control variates
+    ["strategy.name=ditto"],  # a personal model of its own, trained by its own loop
     ["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3"],
     ["faults.nan_fraction=0.25"],
     ["client.precision=bf16"],
     ["client.max_grad_norm=1.0"],
     ["engine.vectorise_clients=false"],
-], ids=["scaffold", "local-dp", "faults", "bf16", "clipping", "off"])
+], ids=["ditto", "local-dp", "faults", "bf16", "clipping", "off"])
 def test_clients_that_need_their_own_loop_train_one_at_a_time(tmp_path, overrides):
     resources = task_resources(tiny_config(tmp_path, *VECTORISED, *overrides))
     assert not vectorisable(resources)
@@ -217,7 +306,7 @@ def test_clients_train_together_by_default_where_they_may(tmp_path):
     assert one_at_a_time_because(config) is None and vectorisable(task_resources(config))
     assert least_block(config) == VECTOR_BLOCK
     for overrides, reason in [
-        (["strategy.name=scaffold", "client.optimizer=sgd"], "has its own client side"),
+        (["strategy.name=ditto"], "has its own client side"),
         (["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3"],
          "trains with its own mechanism"),
         (["engine.vectorise_clients=false"], "engine.vectorise_clients = false"),
