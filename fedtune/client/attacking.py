@@ -27,7 +27,9 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from flwr.app import RecordDict
+from threadpoolctl import threadpool_limits
 
 from fedtune import protocol
 from fedtune.attacks.plan import update_context
@@ -125,7 +127,10 @@ def formed_update(resources: TaskResources, group: Group, server_round: int,
     benign = train_group(resources, group, server_round, content, global_arrays)
     context = update_context(resources.config, plan, server_round, group[0], benign)
     shapes = {name: value for name, value in global_arrays.items() if _floating(value)}
-    return plan.entry.load()(context, shapes)
+    # numpy's BLAS with the threads torch has here (a client's share): at its default of a
+    # thread per core it spins against the other processes (min-max: 6x the wall time at load 10)
+    with threadpool_limits(torch.get_num_threads(), user_api="blas"):
+        return plan.entry.load()(context, shapes)
 
 
 def group_update(resources: TaskResources, group: Group, server_round: int,
