@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import ray
-from flwr.app import MessageType
+from flwr.app import MessageType, RecordDict
 
 from fedtune import protocol
 from fedtune.attacks.plan import AttackPlan
@@ -35,12 +35,13 @@ Forming = tuple[list[Group], ray.ObjectRef]
 
 
 def colluding_groups(plan: AttackPlan, clients: list[BlockClient], message_type: str,
-                     server_round: int) -> list[Group]:
-    """The collusion groups whose update attackers among ``clients`` send in this phase: none
-    outside a train phase or for an attack that needs no honest updates."""
+                     content: RecordDict) -> list[Group]:
+    """The collusion groups whose update attackers among ``clients`` send in the phase of
+    ``content``: none outside a train phase or for an attack that needs no honest updates."""
     if (message_type != MessageType.TRAIN or not plan.active
             or not plan.entry.needs_benign):
         return []
+    server_round = int(content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0))
     attacking = {c.client_id for c in clients if plan.attacks(c.client_id, server_round)}
     return [group for group in plan.groups if attacking.intersection(group)]
 

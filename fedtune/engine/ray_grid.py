@@ -84,12 +84,10 @@ from fedtune.engine.inprocess import NODE_ID_OFFSET, act_as_server, error_reply
 from fedtune.engine.ray_pool import ActorFactory, stop_actors
 from fedtune.engine.ray_worker import ClientOutcome, ClientTask
 from fedtune.protocol import (
-    CONFIG,
     INSECURE_NOISE_ALLOWED,
     INSECURE_NOISE_KEY,
     NUM_PARTITIONS,
     PARTITION_ID,
-    SERVER_ROUND,
 )
 from fedtune.server.exchange import RunStopped
 from fedtune.server.grid import CohortGrid, CohortResult, CohortSpec, NodeRange
@@ -319,8 +317,7 @@ class RayGrid(CohortGrid):
         started actors, before their blocks (``fedtune.engine.colluders``)."""
         if self._attack is None:
             self._attack = AttackPlan.from_config(parsed_run_config(self._factory.run_config))
-        server_round = int(content[CONFIG].get(SERVER_ROUND, 0))
-        groups = colluding_groups(self._attack, clients, kind, server_round)
+        groups = colluding_groups(self._attack, clients, kind, content)
         if not groups:
             return []
         lanes = sorted((lane for lane in self._lanes
