@@ -33,7 +33,14 @@ from flwr.app import Array, Message, MessageType, RecordDict
 
 from fedtune import protocol
 from fedtune.client.app import TrainedClient, evaluate_client, train_client
-from fedtune.client.attacking import attacked_update, group_updates
+from fedtune.client.attacking import (
+    Group,
+    GroupTrainer,
+    Update,
+    attacked_update,
+    group_update,
+    group_updates,
+)
 from fedtune.client.vectorised import (
     TrainedChunk,
     group_updates_together,
@@ -390,9 +397,7 @@ def _play_update_attacks(resources: TaskResources, content: DecodedContent,
     if not plan.active or chunk.stacked is None:
         return
     global_arrays = content.arrays[protocol.ARRAYS]
-    # colluders' group trained like its plain members; a strategy's own client side, one at a time
-    plain = not STRATEGIES[resources.config.strategy.name].client
-    train_group = group_updates_together if plain else group_updates
+    train_group = group_trainer(resources)
     for i, (client, trained) in enumerate(zip(members, chunk.trained, strict=True)):
         if trained.arrays is None or not plan.attacks(client.client_id, content.server_round):
             continue
@@ -400,6 +405,26 @@ def _play_update_attacks(resources: TaskResources, content: DecodedContent,
                                content.records, global_arrays, trained.arrays, train_group)
         for name, value in sent.items():
             chunk.stacked[name][i] = value
+
+
+def group_trainer(resources: TaskResources, train: TrainFunction = train_client) -> GroupTrainer:
+    """How ``run_block`` (training clients with ``train``) trains a collusion group's honest
+    updates: as chunks where its plain clients train together, else one at a time (as a
+    strategy's own client side, or ``train_client`` alone, trains them)."""
+    plain = not STRATEGIES[resources.config.strategy.name].client
+    together = train is train_client and vectorisable(resources) and plain
+    return group_updates_together if together else group_updates
+
+
+def colluders_updates(resources: TaskResources, content: DecodedContent, groups: list[Group],
+                      train: TrainFunction = train_client) -> dict[Group, Update]:
+    """The updates the colluders of ``groups`` send in the train phase of ``content``, formed
+    as ``run_block`` with ``train`` forms them (``fedtune.client.attacking.group_update``):
+    what one Ray actor forms for the others (``fedtune.engine.colluders``)."""
+    train_group = group_trainer(resources, train)
+    return {group: group_update(resources, group, content.server_round, content.records,
+                                content.arrays[protocol.ARRAYS], train_group)
+            for group in groups}
 
 
 def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedChunk,

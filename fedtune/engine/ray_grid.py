@@ -13,7 +13,9 @@ Two kinds of work go to the actors:
   go into Ray's object store once; each block is one Ray call that trains its clients with the
   client wing's own functions and returns per-client reports plus either the block's weighted
   sum of screened updates or the updates themselves. The driver adds block sums in block order,
-  so the result does not depend on which actor ran which block.
+  so the result does not depend on which actor ran which block. Under an attack whose
+  colluders see their group's honest updates, one actor forms each group's update for all
+  (``fedtune.engine.colluders``).
 - **Messages** (``push_messages`` / ``pull_messages``, anything else a strategy sends): batches
   of about ``BATCH_S`` seconds of single-message work through the ClientApp.
 
@@ -63,8 +65,10 @@ from flwr.app import ArrayRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.run import Run
 
+from fedtune.attacks.plan import AttackPlan
 from fedtune.engine.cohort import (
     BlockAdder,
+    BlockClient,
     BlockResult,
     BlockTask,
     DecodedContent,
@@ -75,6 +79,7 @@ from fedtune.engine.cohort import (
     run_block,
     split_block,
 )
+from fedtune.engine.colluders import Forming, colluding_groups, start_forming
 from fedtune.engine.inprocess import NODE_ID_OFFSET, act_as_server, error_reply
 from fedtune.engine.ray_pool import ActorFactory, stop_actors
 from fedtune.engine.ray_worker import ClientOutcome, ClientTask
@@ -162,6 +167,7 @@ class _Cohort:
     split_sizes: dict[int, int] = field(default_factory=dict)
     works: list[_Work] = field(default_factory=list)
     clients_done: int = 0
+    forming: list[Forming] = field(default_factory=list)  # collusion groups' updates, formed once
 
     def deliver(self, block: BlockTask, result: BlockResult) -> None:
         index = block.index
@@ -213,6 +219,7 @@ class RayGrid(CohortGrid):
             parsed_run_config(factory.run_config))
         self.node_to_client = NodeRange(NODE_ID_OFFSET, num_clients)
         self.restarts = 0  # actors replaced after dying or overrunning
+        self._attack: AttackPlan | None = None  # the run's, once a phase has asked
 
     # --- Grid: single messages ---
 
@@ -280,6 +287,7 @@ class RayGrid(CohortGrid):
         if self._in_driver(kind, len(clients)):
             return self._run_in_driver(content, blocks, timeout_s, progress, stop)
         cohort = _Cohort(self._put(content), len(blocks), len(clients))
+        cohort.forming = self._start_forming(cohort.content, clients, kind, content)
         cohort.works = [_Work(blocks=[block], cohort=cohort) for block in blocks]
         self._queue.extend(cohort.works)
         deadline = time.monotonic() + timeout_s
@@ -302,6 +310,20 @@ class RayGrid(CohortGrid):
                 self.client_states.put_bytes(client, state)
         self._note_phase(kind, list(cohort.results.values()))
         return cohort.adder.result()
+
+    def _start_forming(self, ref: ray.ObjectRef, clients: list[BlockClient], kind: str,
+                       content: RecordDict) -> list[Forming]:
+        """Have the collusion groups of this phase's attackers formed once, by the least busy
+        started actors, before their blocks (``fedtune.engine.colluders``)."""
+        if self._attack is None:
+            self._attack = AttackPlan.from_config(parsed_run_config(self._factory.run_config))
+        groups = colluding_groups(self._attack, clients, kind, content)
+        if not groups:
+            return []
+        lanes = sorted((lane for lane in self._lanes
+                        if not lane.retired and lane.starting is None),
+                       key=lambda lane: len(lane.calls))
+        return start_forming([lane.actor for lane in lanes], ref, groups)
 
     def _note_phase(self, kind: str, results: list[BlockResult]) -> None:
         """Remember one client's time in this phase (the median over its blocks)."""
@@ -437,7 +459,8 @@ class RayGrid(CohortGrid):
 
     def _call(self, lane: _Lane, work: _Work) -> None:
         if work.blocks:
-            ref = lane.actor.run_blocks.remote((work.cohort.content,), work.blocks)
+            ref = lane.actor.run_blocks.remote((work.cohort.content,), work.blocks,
+                                               work.cohort.forming)
             kind = work.blocks[0].message_type
         else:
             work.message_ids = [i for i in work.message_ids if i in self._jobs]  # not discarded

@@ -6,7 +6,8 @@ federation's index arrays, the encoded data, one model) once. Then it serves wor
 - ``run_blocks``: blocks of a round's cohort (``fedtune.engine.cohort``) - the client wing's
   train or evaluate function per client on the resident model, updates screened and summed
   here. The round's shared records come from Ray's object store, where the driver put them once
-  per phase; the actor decodes them once.
+  per phase; the actor decodes them once. ``colluders``, called before a train phase's blocks,
+  forms collusion groups' updates for every actor (``fedtune.engine.colluders``).
 - ``serve``: single Flower messages through the ClientApp (any message a strategy sends outside
   a round's train and evaluate phases), a client's ``Context`` rebuilt for every message.
 
@@ -28,6 +29,8 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.app.metadata import Metadata
 from flwr.clientapp import ClientApp
 
+from fedtune.client.app import train_client
+from fedtune.client.attacking import Group, Update
 from fedtune.config import RunConfigValue
 from fedtune.engine.cohort import (
     BlockResult,
@@ -35,8 +38,10 @@ from fedtune.engine.cohort import (
     DecodedContent,
     TrainFunction,
     block_sums,
+    colluders_updates,
     run_block,
 )
+from fedtune.engine.colluders import Forming, receive
 from fedtune.engine.gpu_memory import cap_gpu_memory
 from fedtune.engine.inprocess import error_reply
 from fedtune.state.codec import state_from_bytes, state_to_bytes
@@ -101,17 +106,28 @@ class ClientWorker:
         gpus = ",".join(str(g) for g in ray.get_gpu_ids())
         return f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}:{gpus}"
 
-    def run_blocks(self, content: tuple[ray.ObjectRef], tasks: list[BlockTask]
-                   ) -> list[BlockResult]:
+    def run_blocks(self, content: tuple[ray.ObjectRef], tasks: list[BlockTask],
+                   forming: list[Forming] = ()) -> list[BlockResult]:
         """Train or evaluate blocks of clients, each with its own result; ``content``: the
-        phase's shared records."""
+        phase's shared records; ``forming``: the collusion groups other actors form this phase
+        (``fedtune.engine.colluders``)."""
         for result in self.returned:  # Ray serialised them when the call that made them ended
             block_sums.give_back(result.total)
         decoded = self._pushed(content[0], lambda records: DecodedContent.of(records))
         resources = run_config_resources(self.run_config)
+        receive(resources, decoded, forming)
         train = {} if self.train is None else {"train": self.train}
         self.returned = [run_block(resources, decoded, task, **train) for task in tasks]
         return self.returned
+
+    def colluders(self, content: tuple[ray.ObjectRef], groups: list[Group]
+                  ) -> dict[Group, Update]:
+        """Form the updates the colluders of ``groups`` send in this train phase, for every
+        actor (``fedtune.engine.colluders``)."""
+        decoded = self._pushed(content[0], lambda records: DecodedContent.of(records))
+        resources = run_config_resources(self.run_config)
+        return colluders_updates(resources, decoded, groups,
+                                 train_client if self.train is None else self.train)
 
     def serve(self, tasks: list[ClientTask]) -> list[ClientOutcome]:
         """Run the tasks one after another; one call for several clients costs Ray one call."""

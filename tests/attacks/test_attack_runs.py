@@ -206,3 +206,58 @@ def test_the_ray_engine_plays_attacks_and_defences_as_the_in_process_runtime(
     ours = load_file(str(ray_dir / "model" / "model.safetensors"))
     theirs = load_file(str(local_dir / "model" / "model.safetensors"))
     assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+def _count_formed(worker) -> None:
+    """(Run in a Ray actor) record every collusion group's update this process forms."""
+    from fedtune.client import attacking
+
+    formed = getattr(attacking.formed_update, "formed", None)
+    if formed is None:
+        original = attacking.formed_update
+
+        def counted(resources, group, server_round, *rest):
+            counted.formed.append((server_round, group))
+            return original(resources, group, server_round, *rest)
+
+        counted.formed = []
+        attacking.formed_update = counted
+
+
+def _formed(worker) -> list:
+    from fedtune.client import attacking
+
+    return attacking.formed_update.formed
+
+
+@pytest.mark.slow
+def test_the_ray_engine_forms_a_collusion_groups_update_once_a_round_for_all_actors(
+        tmp_path, ray_two_cpus, one_torch_thread):
+    """Two groups of min-max colluders spread over three blocks on two actors: each group's
+    update is formed once a round in the whole run (not by every actor that meets a member),
+    and the run equals the in-process one bit for bit."""
+    import ray
+    from safetensors.numpy import load_file
+
+    from fedtune.engine.ray_engine import ray_engine_grid
+    from fedtune.server.app import run_federated
+
+    settings = ["data.num_clients=96", "strategy.fraction_evaluate=0", "run.rounds=2",
+                "attack.name=min_max", "attack.count=10", "attack.collude=5"]
+    config = tiny_config(tmp_path / "ray", *settings, "engine.backend=ray",
+                         "engine.num_actors=2")
+    # a ``train`` of its own keeps every phase on the actors (none runs in the driver)
+    with ray_engine_grid(config, train=train_client) as grid:
+        actors = [lane.actor for lane in grid._lanes]
+        ray.get([actor.__ray_call__.remote(_count_formed) for actor in actors])
+        ray_dir = run_federated(grid, config).path
+        formed = [f for actor in actors for f in ray.get(actor.__ray_call__.remote(_formed))]
+    groups = sorted({g for _, g in formed})
+    assert len(groups) == 2 and all(len(g) == 5 for g in groups)
+    assert sorted(formed) == [(r, g) for r in (1, 2) for g in groups]
+    local_dir = run_inprocess(tiny_config(tmp_path / "local", *settings)).path
+    assert ([r["eval_accuracy"] for r in rows_of(ray_dir / "metrics.csv")]
+            == [r["eval_accuracy"] for r in rows_of(local_dir / "metrics.csv")])
+    ours = load_file(str(ray_dir / "model" / "model.safetensors"))
+    theirs = load_file(str(local_dir / "model" / "model.safetensors"))
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ours)

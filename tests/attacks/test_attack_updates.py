@@ -9,7 +9,12 @@ from fedtune.attacks.alie import alie_update, z_max
 from fedtune.attacks.gaussian import gaussian_update
 from fedtune.attacks.ipm import ipm_update
 from fedtune.attacks.lora import adapter_scaled
-from fedtune.attacks.min_max import largest_gamma, min_max_update, min_sum_update
+from fedtune.attacks.min_max import (
+    largest_gamma,
+    largest_pairwise,
+    min_max_update,
+    min_sum_update,
+)
 from fedtune.attacks.plan import AttackPlan, UpdateContext
 from fedtune.attacks.scaling import scaled, sign_flipped
 from fedtune.config import ConfigError, load_config
@@ -83,6 +88,19 @@ def test_min_max_and_min_sum_match_the_direct_search_on_many_coordinates(rule):
     update = (min_max_update if rule == "max" else min_sum_update)(
         _context(benign.tolist()), {"w": np.zeros(500)})
     np.testing.assert_allclose(update["w"], expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("rows", [
+    np.random.default_rng(4).normal(size=(30, 3000)) * np.linspace(0.5, 1.5, 30)[:, None],
+    np.eye(20, 300) * 3.0,  # every pair at the same distance: every row is near the largest
+])
+def test_the_largest_pairwise_distance_is_float64s_though_its_pairs_are_found_in_float32(rows):
+    """The float32 Gram matrix only picks the pairs: the value equals the direct float64 one
+    far below float32's rounding (1e-7)."""
+    offsets = rows - rows.mean(axis=0)
+    direct = ((offsets[:, None] - offsets[None]) ** 2).sum(axis=2).max()
+    norms = (offsets ** 2).sum(axis=1)
+    assert largest_pairwise(offsets, norms) == pytest.approx(direct, rel=1e-13)
 
 
 def _plan(*overrides: str) -> AttackPlan:
