@@ -37,7 +37,7 @@ def test_a_run_prints_each_round_once_under_a_bar_that_names_the_running_phase(t
     run_dir = tmp_path / "run"
     shown = run_in_terminal(
         "run", "--output", str(run_dir), *SETS, "--set", "strategy.fraction_train=0.5",
-        "--set", "run.rounds=3", "--set", "client.local_steps=10",
+        "--set", "run.rounds=3", "--set", "client.local_steps=300",
         "--set", "privacy.mode=central", "--set", "privacy.target_epsilon=8",
         "--set", "privacy.adaptive_clipping=false", "--set", "privacy.clip_norm=1",
         "--set", "privacy.audit=true", "--set", "privacy.audit_canaries=50", timeout=300)
@@ -104,7 +104,8 @@ def test_a_run_prints_each_round_once_under_a_bar_that_names_the_running_phase(t
             if phase == "evaluate":
                 assert re.search(r" [0-4]/4 clients ", bar), bar
             phases.append((number, phase))
-    assert "train" in {phase for _, phase in phases}  # (frames are ~0.1 s apart)
+    # (frames are ~0.1 s apart: 300 local steps keep a round's training on screen for several)
+    assert "train" in {phase for _, phase in phases}
     assert all(phase in ("sampling", "train", "aggregate", "evaluate", "test")
                for _, phase in phases)
 
