@@ -65,3 +65,13 @@ class FedPer(Personalisation):
                         global_arrays: Mapping[str, NDArray], seed: int
                         ) -> dict[str, NDArray] | None:
         return own_head_model(state, global_arrays)
+
+    def together_start(self, resources: TaskResources, state: RecordDict,
+                       global_arrays: Mapping[str, NDArray]) -> dict[str, NDArray]:
+        own = stored_arrays(state, PERSONAL_STATE) or {}
+        return {name: own.get(name, global_arrays[name]) for name in head_names(resources.model)}
+
+    def together_keep(self, resources: TaskResources, state: RecordDict,
+                      trained: Mapping[str, NDArray]) -> None:
+        store_arrays(state, PERSONAL_STATE,
+                     {name: trained[name] for name in head_names(resources.model)})
