@@ -105,6 +105,15 @@ class ClientSide:
         """Extra reply records and metrics; may update ``state``."""
         return {}, {}
 
+    def personal_start(self, resources: TaskResources) -> dict[str, NDArray]:
+        """For clients trained together (``fedtune.client.vectorised``): the travelling
+        tensors this client trains from in place of the global ones and keeps to itself, its
+        reply carrying their global values (FedPer's own head; {}: none)."""
+        return {}
+
+    def keep_personal(self, resources: TaskResources, trained: dict[str, NDArray]) -> None:
+        """Keep the tensors of ``personal_start`` as this client trained them, in ``state``."""
+
 
 class FedProxClient(ClientSide):
     """FedProx (Li et al. 2020): a proximal term keeps the local model near the global one."""

@@ -24,7 +24,10 @@ A strategy whose entry is ``client_together`` trains its clients' objective here
 client side's extra terms are added to the stacked gradients (``_adjust_stacked``), the round's
 (FedProx's proximal term) broadcast over the chunk, or each client's own from its state
 (SCAFFOLD's ``c - c_i``, FedDyn's ``g_k``) stacked over it (``chunk_objective``); each client's
-reply and new state come from its own row and state (``chunk_sides``).
+reply and new state come from its own row and state (``chunk_sides``). A side with a
+personal part (FedPer's head, Arivazhagan et al. 2019) starts each client's row of those
+tensors from its own values (``ClientSide.personal_start``), keeps the trained row in its state
+and sets the reply's row back to the global values (``ClientSide.keep_personal``).
 """
 
 from __future__ import annotations
@@ -246,6 +249,8 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     model.train()
     sides = chunk_sides(resources, content, global_arrays, states, len(ids))
     objective = chunk_objective(sides, model)
+    starts = [side.personal_start(resources) for side in sides] if sides[0].own_state else []
+    personal = list(starts[0]) if starts else []
     seeds = client_round_seeds(config.run.seed, server_round, ids,
                                protocol.message_dispatch(content))
     shards = [client_shard(config, client_id) for client_id in ids]
@@ -263,8 +268,9 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
                             [len(loaders[i]) for i in members])
         group_objective = (objective.rows(members) if isinstance(objective, StackedObjective)
                            and len(members) < len(ids) else objective)
+        start = {name: np.stack([starts[i][name] for i in members]) for name in personal}
         arrays, group = _train_group(resources, model, [rows[i] for i in members],
-                                     group_objective, masks)
+                                     group_objective, masks, start)
         if len(members) == len(ids):
             stacked = arrays
         else:  # a later group of as many clients trains in the same stacked copies
@@ -285,6 +291,10 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
         if result.num_steps:
             client.arrays = {name: value[i] for name, value in stacked.items()}
             client.records, extra = sides[i].reply(client.arrays, result.num_steps)
+        if personal:  # its trained personal part kept, the reply's the global values
+            sides[i].keep_personal(resources, client.arrays or starts[i])
+            for name in personal if client.arrays else ():
+                stacked[name][i] = global_arrays[name]
         client.metrics = train_metrics(resources, shards[i], client_id,
                                        TrainResult(result.loss, result.num_examples,
                                                    result.num_steps, share), {}, extra)
@@ -293,13 +303,16 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
 
 
 def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.ndarray]],
-                 objective: LocalObjective | None, masks: ClientMasks
+                 objective: LocalObjective | None, masks: ClientMasks,
+                 start: dict[str, np.ndarray] | None = None
                  ) -> tuple[dict[str, np.ndarray], list[TrainResult]]:
     """Clients that take the same number of steps (at least one), trained together: their
     travelling arrays stacked (client i: row i) and each one's training result (duration 0:
     the caller shares the chunk's time). ``objective``'s terms are added to every client's
     gradient, as ``LocalObjective.adjust_gradients`` adds them to one client's; dropout drops
-    what each client's own generator draws (``masks``)."""
+    what each client's own generator draws (``masks``). Every client starts from the global
+    weights but for the trainable tensors of ``start``: its own values (row i: client i's;
+    FedPer's personal head)."""
     travelling = travelling_tensors(model)
     steps = len(rows[0])
     clients = len(rows)
@@ -310,6 +323,11 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
     with torch.no_grad():  # every client starts from the global weights
         torch._foreach_copy_(stacked, [travelling[name].detach().expand_as(copy)
                                        for name, copy in zip(names, stacked, strict=True)])
+        for name, values in (start or {}).items():
+            if name not in names:
+                raise ValueError(f"the personal tensor {name!r} does not train: clients that "
+                                 "keep it cannot train together")
+            stacked[names.index(name)].copy_(torch.from_numpy(values))
 
     def loss(params: tuple[torch.Tensor, ...], inputs: dict[str, torch.Tensor],
              labels: torch.Tensor, mask: torch.Tensor, dropped: tuple[torch.Tensor, ...]

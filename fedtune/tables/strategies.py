@@ -44,8 +44,10 @@ class StrategyEntry(Entry):
     # objective) whose quadratic weight and anchor are the same for every client of a round
     # (its linear and shift terms may come from the client's own state: FedDyn's gradient,
     # SCAFFOLD's control variate; ClientSide.own_state), and its reply comes from the train
-    # message, its trained weights, its step count and that state alone: clients may train
-    # together (engine.vectorise_clients, fedtune.client.vectorised)
+    # message, its trained weights, its step count and that state alone; or it trains the
+    # whole model plainly from its own values of some tensors, kept in its state and sent back
+    # as received (FedPer's head; ClientSide.personal_start): clients may train together
+    # (engine.vectorise_clients, fedtune.client.vectorised)
     client_together: bool = False
     answers: Mapping[str, str] = field(default_factory=dict)  # reply record -> sent record
     reply_metrics: Mapping[str, ReplyMetric] = field(default_factory=dict)  # beyond the core
@@ -434,7 +436,7 @@ STRATEGIES.update({
     "fedper": StrategyEntry(
         "FedPer (Arivazhagan et al. 2019): shared body, personal head, trained together",
         personal="fedtune.personal.fedper:FedPer", personal_part="head", shared_part="body",
-        check=_check_shared_body, **PERSONAL),
+        check=_check_shared_body, **PERSONAL, client_together=True),
     "fedrep": StrategyEntry(
         "FedRep (Collins et al. 2021): personal head trained first, then the shared body",
         keys={"fedrep_head_epochs": Key(2, "epochs of head-only training before the body's "

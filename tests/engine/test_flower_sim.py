@@ -44,14 +44,16 @@ def test_fedper_on_flowers_simulation_gives_the_in_process_personal_csv(tmp_path
     """On Flower's simulation each client's head lives in its node's Context and the client
     evaluates its own models when asked (global, personalised with its head, and trained alone
     at the end): personal.csv equals the in-process runtime's, whose driver evaluates every
-    client over its state store."""
+    client over its state store (its clients one at a time, as Flower's: trained together
+    they agree to float rounding, not bit for bit, ``tests/engine/test_vectorised.py``)."""
     from fedtune.engine.flower_sim import run_flower
 
     over = ["strategy.name=fedper", "strategy.fraction_train=0.5", "run.personal_eval_every=1",
             "run.local_reference=true", "data.local_val_fraction=0.2"]
     flower = run_flower(tiny_config(tmp_path, *over, "engine.backend=flower",
                                     "run.dir=" + str(tmp_path / "flower"))).path
-    local = run_inprocess(tiny_config(tmp_path, *over, "run.dir=" + str(tmp_path / "local"))).path
+    local = run_inprocess(tiny_config(tmp_path, *over, "engine.vectorise_clients=false",
+                                      "run.dir=" + str(tmp_path / "local"))).path
     ours, theirs = (rows_of(run / "personal.csv") for run in (flower, local))
     assert len(ours) == 2 * 4 * 2 + 4 and ours == theirs
     last = {(r["client_id"], r["model"]): r["accuracy"] for r in ours if r["round"] == "2"}

@@ -34,10 +34,12 @@ from fedtune.engine.cohort import (
 )
 from fedtune.engine.inprocess import act_as_server, run_inprocess
 from fedtune.models.weights import shared_state
+from fedtune.personal.split import head_names
 from fedtune.protocol import (
     ARRAYS,
     CONFIG,
     FEDDYN_STATE,
+    PERSONAL_STATE,
     SCAFFOLD_STATE,
     SERVER_ROUND,
     to_array_record,
@@ -136,6 +138,51 @@ def test_a_run_with_clients_together_matches_the_loop(tmp_path, overrides, one_t
         np.testing.assert_allclose(ours[name], theirs[name], atol=1e-5, rtol=0)
 
 
+def test_a_fedper_run_with_clients_together_matches_the_loop(tmp_path, one_torch_thread):
+    """FedPer (Arivazhagan et al. 2019) batched: each client starts from its own head, keeps
+    the trained one and replies the global head, as one at a time: the same statuses, metrics
+    and personal evaluation to float rounding, and every client's head in the state store."""
+    from fedtune.client.app import app as fedtune_client_app
+    from fedtune.config import to_run_config
+    from fedtune.engine.inprocess import InProcessGrid
+    from fedtune.server.app import run_federated
+
+    runs, heads = {}, {}
+    for flag in ("false", "true"):
+        config = tiny_config(tmp_path, *VECTORISED, "strategy.name=fedper",
+                             f"engine.vectorise_clients={flag}", "run.rounds=3",
+                             f"run.dir={tmp_path / flag}")
+        assert (one_at_a_time_because(config) is None) == (flag == "true")
+        grid = InProcessGrid(fedtune_client_app, to_run_config(config), 12)
+        runs[flag] = run_federated(grid, config).path
+        heads[flag] = {client: protocol.to_numpy(grid.client_states.get(client)[PERSONAL_STATE])
+                       for client in grid.client_states.clients()}
+    clients = {flag: [(r["round"], r["client_id"], r["status"], r["num_examples"])
+                      for r in rows_of(path / "clients.csv")] for flag, path in runs.items()}
+    assert clients["true"] == clients["false"] and len(clients["true"]) == 36
+    for ours, theirs in zip(rows_of(runs["true"] / "metrics.csv"),
+                            rows_of(runs["false"] / "metrics.csv"), strict=True):
+        for column in ("train_loss", "eval_loss", "eval_accuracy"):
+            assert float(ours[column]) == pytest.approx(float(theirs[column]), rel=1e-4)
+    personal = {flag: rows_of(path / "personal.csv") for flag, path in runs.items()}
+    assert len(personal["true"]) == len(personal["false"]) >= 24
+    for ours, theirs in zip(personal["true"], personal["false"], strict=True):
+        assert [ours[k] for k in ("round", "client_id", "model", "examples")] == [
+            theirs[k] for k in ("round", "client_id", "model", "examples")]
+        for column in ("accuracy", "loss"):
+            if theirs[column]:
+                assert float(ours[column]) == pytest.approx(float(theirs[column]), abs=1e-4)
+    assert heads["true"].keys() == heads["false"].keys() == set(range(12))
+    for client, theirs in heads["false"].items():
+        assert heads["true"][client].keys() == theirs.keys() and theirs
+        for name in theirs:
+            np.testing.assert_allclose(heads["true"][client][name], theirs[name], atol=1e-5,
+                                       rtol=0)
+    ours, theirs = (load_file(str(runs[f] / "model" / "model.safetensors")) for f in runs)
+    for name in theirs:
+        np.testing.assert_allclose(ours[name], theirs[name], atol=1e-5, rtol=0)
+
+
 def _content_and_blocks(resources, config, clients):
     act_as_server(1)
     content = DecodedContent.of(RecordDict({ARRAYS: to_array_record(_global_arrays(resources)),
@@ -209,11 +256,13 @@ def test_fedprox_clients_trained_together_match_one_at_a_time(tmp_path, one_torc
 
 
 def _stateful_block(resources, config, strategy):
-    """A round-3 train block of 12 clients under SCAFFOLD or FedDyn: the content (a random
-    server control variate for SCAFFOLD) and every client's state random, as after earlier
-    rounds, but client 11's (its first round: no state)."""
+    """A round-3 train block of 12 clients under SCAFFOLD, FedDyn or FedPer: the content (a
+    random server control variate for SCAFFOLD) and every client's state random (FedPer's: its
+    own head), as after earlier rounds, but client 11's (its first round: no state)."""
     rng = np.random.default_rng(1)
     moving = floating(_global_arrays(resources))
+    if strategy == "fedper":
+        moving = {name: moving[name] for name in head_names(resources.model)}
 
     def noise():
         return to_array_record({name: rng.normal(0, 0.05, value.shape).astype(value.dtype)
@@ -223,6 +272,8 @@ def _stateful_block(resources, config, strategy):
                           CONFIG: ConfigRecord({SERVER_ROUND: 3})})
     if strategy == "scaffold":
         records[scaffold.CONTROL_KEY], key = noise(), SCAFFOLD_STATE
+    elif strategy == "fedper":
+        key = PERSONAL_STATE
     else:
         records[CONFIG][feddyn.ALPHA_KEY], key = 0.1, FEDDYN_STATE
     clients = [BlockClient(1000 + c, c, state_to_bytes(RecordDict({key: noise()}))
@@ -231,15 +282,16 @@ def _stateful_block(resources, config, strategy):
     return DecodedContent.of(records), BlockTask(0, "train", clients, spec), key
 
 
-@pytest.mark.parametrize("strategy", ["scaffold", "feddyn"])
+@pytest.mark.parametrize("strategy", ["scaffold", "feddyn", "fedper"])
 def test_client_states_after_a_batched_round_match_one_at_a_time(tmp_path, monkeypatch,
                                                                  strategy, one_torch_thread):
     """SCAFFOLD's control variates (Karimireddy et al. 2020, option II) and FedDyn's gradients
     (Acar et al. 2021): each client of a chunk corrects its gradients by its own state (a
     stacked tensor, cut to the clients of each step count) and updates it after, as one client
-    at a time does: the same new states and replies to float rounding, over chunks of 4; the
-    states matter (other weights than from empty states); a client that timed out keeps its
-    old state."""
+    at a time does; FedPer's clients (Arivazhagan et al. 2019) start from their own heads and
+    keep the trained ones, replying the global head: the same new states and replies to float
+    rounding, over chunks of 4; the states matter (other weights than from empty states); a
+    client that timed out keeps its old state."""
     config = tiny_config(tmp_path, *VECTORISED, f"strategy.name={strategy}",
                          "client.optimizer=sgd", "client.lr=0.1", "client.local_steps=0",
                          "client.local_epochs=1", "client.batch_size=16",
@@ -271,6 +323,10 @@ def test_client_states_after_a_batched_round_match_one_at_a_time(tmp_path, monke
             for name in arrays:
                 np.testing.assert_allclose(ours.update[record][name], arrays[name],
                                            atol=1e-4 if record != ARRAYS else 1e-5, rtol=0)
+        if strategy == "fedper":  # the head sent back exactly as received
+            for name in head_names(resources.model):
+                np.testing.assert_array_equal(ours.update[ARRAYS][name],
+                                              content.arrays[ARRAYS][name])
         if ours.client_id < 11:
             assert max(np.abs(ours.update[ARRAYS][n] - unstated.update[ARRAYS][n]).max()
                        for n in arrays) > 1e-3
