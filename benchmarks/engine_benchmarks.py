@@ -101,10 +101,10 @@ def _children() -> dict[int, list[int]]:
     return children
 
 
-def tree_cpu_s(root: int) -> float:
-    """User + system CPU seconds of ``root`` and every living descendant (and the children
-    they have reaped)."""
-    children, total, stack = _children(), 0.0, [root]
+def tree_cpu(root: int) -> dict[int, tuple[float, float]]:
+    """pid -> (its own user + system CPU seconds, those of the children it has reaped), for
+    ``root`` and every living descendant."""
+    children, out, stack = _children(), {}, [root]
     ticks = os.sysconf("SC_CLK_TCK")
     while stack:
         pid = stack.pop()
@@ -113,8 +113,15 @@ def tree_cpu_s(root: int) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += sum(int(fields[i]) for i in (11, 12, 13, 14)) / ticks
-    return total
+        out[pid] = ((int(fields[11]) + int(fields[12])) / ticks,
+                    (int(fields[13]) + int(fields[14])) / ticks)
+    return out
+
+
+def tree_cpu_s(root: int) -> float:
+    """User + system CPU seconds of ``root`` and every living descendant (and the children
+    they have reaped)."""
+    return sum(own + reaped for own, reaped in tree_cpu(root).values())
 
 
 def tree_rss_kb(root: int) -> int:

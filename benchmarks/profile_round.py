@@ -30,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from engine_benchmarks import MLP, _children  # noqa: E402
+from engine_benchmarks import MLP, tree_cpu  # noqa: E402
 
 from fedtune.results.run_dir import read_csv  # noqa: E402
 
@@ -117,17 +117,7 @@ def process_kind(pid: int, root: int) -> str:
 
 def kinds_cpu_s(root: int) -> dict[int, tuple[str, float]]:
     """pid -> (its kind, its user + system CPU seconds) for ``root`` and every descendant."""
-    children, out, stack = _children(), {}, [root]
-    ticks = os.sysconf("SC_CLK_TCK")
-    while stack:
-        pid = stack.pop()
-        stack.extend(children.get(pid, []))
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[pid] = process_kind(pid, root), sum(int(fields[i]) for i in (11, 12)) / ticks
-    return out
+    return {pid: (process_kind(pid, root), own) for pid, (own, _) in tree_cpu(root).items()}
 
 
 def cpu_by_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]

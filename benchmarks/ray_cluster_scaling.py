@@ -25,30 +25,12 @@ import argparse
 import shutil
 import statistics
 import tempfile
-import time
 
 from population_scale import measure  # this script's folder is on sys.path
 
-from fedtune.engine.local_ray_node import start_node, stop_node
+from fedtune.engine.local_ray_node import start_node, stop_node, wait_for_nodes
 
 PORT = 26479
-
-
-def _wait_for_nodes(address: str, count: int, timeout_s: float = 180) -> None:
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-            alive = sum(node["Alive"] for node in ray.nodes())
-            ray.shutdown()
-            if alive >= count:
-                return
-        except ConnectionError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"{count} Ray nodes at {address} did not come up in {timeout_s:g}s")
 
 
 def side(nodes: int, cpus_per_node: int, args: argparse.Namespace) -> dict:
@@ -59,10 +41,10 @@ def side(nodes: int, cpus_per_node: int, args: argparse.Namespace) -> dict:
     started = [start_node("--head", f"--port={PORT}", "--include-dashboard=false",
                          f"--temp-dir={temp_dir}", f"--num-cpus={head_cpus}")]
     try:
-        _wait_for_nodes(address, 1)
+        wait_for_nodes(address, 1, 180)
         if nodes == 2:
             started.append(start_node(f"--address={address}", f"--num-cpus={cpus_per_node}"))
-            _wait_for_nodes(address, 2)
+            wait_for_nodes(address, 2, 180)
         return measure(args.registered, args.cohort, args.rounds, "ray", args.sample_s,
                        [f"engine.ray_address={address}",
                         f"engine.num_actors={2 * cpus_per_node}"])

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 
 def start_node(*args: str) -> subprocess.Popen:
@@ -38,3 +39,22 @@ def stop_node(node: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def wait_for_nodes(address: str, count: int, timeout_s: float) -> None:
+    """Return once the cluster at ``address`` has ``count`` live nodes; TimeoutError after
+    ``timeout_s``."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            alive = sum(node["Alive"] for node in ray.nodes())
+            ray.shutdown()
+            if alive >= count:
+                return
+        except ConnectionError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"{count} Ray nodes at {address} did not come up in {timeout_s:g}s")

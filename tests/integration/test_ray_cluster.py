@@ -6,32 +6,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 
 import pytest
 
-from fedtune.engine.local_ray_node import start_node, stop_node
+from fedtune.engine.local_ray_node import start_node, stop_node, wait_for_nodes
 from fedtune.server.app import run_federated
 from tests.conftest import rows_of, tiny_config
 
 PORT = 26379
-
-
-def _wait_for_nodes(address: str, count: int, timeout_s: float) -> None:
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-            alive = sum(node["Alive"] for node in ray.nodes())
-            ray.shutdown()
-            if alive >= count:
-                return
-        except ConnectionError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"{count} Ray nodes at {address} did not come up in {timeout_s:g}s")
 
 
 def _forget_address(address_file: str, port: int) -> None:
@@ -61,9 +43,9 @@ def test_two_node_cluster_on_localhost(tmp_path):
     nodes = [start_node("--num-cpus=1", "--head", f"--port={PORT}", "--include-dashboard=false",
                        f"--temp-dir={temp_dir}")]
     try:
-        _wait_for_nodes(address, 1, 120)
+        wait_for_nodes(address, 1, 120)
         nodes.append(start_node("--num-cpus=1", f"--address={address}"))
-        _wait_for_nodes(address, 2, 120)
+        wait_for_nodes(address, 2, 120)
         config = tiny_config(tmp_path, "engine.backend=ray", f"engine.ray_address={address}",
                              "data.num_clients=6")
         with ray_engine_grid(config) as grid:
