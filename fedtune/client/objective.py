@@ -34,13 +34,18 @@ class LocalObjective:
 
     def adjust_gradients(self, model: nn.Module) -> None:
         """Add the gradient of the extra terms to every parameter's ``.grad``."""
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if param.grad is None:
-                    continue
-                if self.quadratic and name in self.anchor:
-                    param.grad.add_(param - self.anchor[name], alpha=self.quadratic)
-                if name in self.linear:
-                    param.grad.sub_(self.linear[name])
-                if name in self.shift:
-                    param.grad.add_(self.shift[name])
+        for name, param in model.named_parameters():
+            if param.grad is not None:
+                self.adjust_gradient(name, param)
+
+    @torch.no_grad()
+    def adjust_gradient(self, name: str, param: torch.Tensor) -> None:
+        """Add the extra terms' gradient to ``param.grad``: the proximal pull towards the
+        anchor, minus the linear term, plus the shift, in that order. ``param`` may be a stack
+        of clients' copies; the round's tensors broadcast over them."""
+        if self.quadratic and name in self.anchor:
+            param.grad.add_(param - self.anchor[name], alpha=self.quadratic)
+        if name in self.linear:
+            param.grad.sub_(self.linear[name])
+        if name in self.shift:
+            param.grad.add_(self.shift[name])

@@ -365,18 +365,12 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
                     for i in range(clients)]
 
 
-@torch.no_grad()
 def _adjust_stacked(objective: LocalObjective, names: list[str],
                     stacked: list[torch.Tensor]) -> None:
     """``LocalObjective.adjust_gradients`` for stacked copies: the same terms, in the same
     order, with the round's anchor, linear and shift tensors broadcast over the clients."""
     for name, param in zip(names, stacked, strict=True):
-        if objective.quadratic and name in objective.anchor:
-            param.grad.add_(param - objective.anchor[name], alpha=objective.quadratic)
-        if name in objective.linear:
-            param.grad.sub_(objective.linear[name])
-        if name in objective.shift:
-            param.grad.add_(objective.shift[name])
+        objective.adjust_gradient(name, param)
 
 
 def _stacked_copies(model: nn.Module, names: list[str], clients: int, settings: TrainSettings
