@@ -171,26 +171,19 @@ def group_updates_together(resources: TaskResources, group: tuple[int, ...], ser
     return updates
 
 
-def round_side(resources: TaskResources, content: RecordDict,
-               global_arrays: dict[str, np.ndarray]) -> ClientSide:
-    """The strategy's client side for every client of the round: plain, or a
-    ``client_together`` one (FedProx's proximal term, FedNova's reply metric), which keeps no
-    state, so one serves the whole chunk."""
-    entry = STRATEGIES[resources.config.strategy.name]
-    side_class = entry.load_client() if entry.client else ClientSide
-    return side_class(content, RecordDict(), global_arrays, resources.train_settings)
-
-
 def chunk_sides(resources: TaskResources, content: RecordDict,
                 global_arrays: dict[str, np.ndarray], states: Sequence[RecordDict] | None,
                 clients: int) -> list[ClientSide]:
-    """The client side of each of a chunk's ``clients``: the round's one side
-    (``round_side``), or for a side with its own state (``ClientSide.own_state``: SCAFFOLD,
-    FedDyn) one per client over that client's state (``states``; None: empty ones)."""
+    """The client side of each of a chunk's ``clients``: plain, or the strategy's
+    ``client_together`` one; a side that keeps no state (FedProx's proximal term, FedNova's
+    reply metric) is one side serving the whole chunk, a side with its own state
+    (``ClientSide.own_state``: SCAFFOLD, FedDyn, FedPer) one per client over that client's
+    state (``states``; None: empty ones)."""
     entry = STRATEGIES[resources.config.strategy.name]
     side_class = entry.load_client() if entry.client else ClientSide
     if not side_class.own_state:
-        return [round_side(resources, content, global_arrays)] * clients
+        return [side_class(content, RecordDict(), global_arrays,
+                           resources.train_settings)] * clients
     if states is None:
         states = [RecordDict() for _ in range(clients)]
     if len(states) != clients:
