@@ -170,6 +170,19 @@ def canary_direction(seed: int, index: int, size: int) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
+def canary_sum(seed: int, indices: Iterable[int], clipping_norm: float,
+               like: list[np.ndarray]) -> list[np.ndarray]:
+    """``C · u_i`` summed over the canaries ``indices``, laid out over arrays shaped like
+    ``like`` (in their order, as ``fedtune.audit`` flattens them)."""
+    total = [np.zeros_like(part) for part in like]
+    sizes = [part.size for part in total]
+    for index in indices:
+        direction = canary_direction(seed, int(index), sum(sizes))
+        for part, piece in zip(total, np.split(direction, np.cumsum(sizes)[:-1]), strict=True):
+            part += clipping_norm * piece.reshape(part.shape)
+    return total
+
+
 class DPFedAvg(FedAvg):
     """FedAvg with Poisson client sampling, per-update clipping, Gaussian noise and a server
     optimizer on the noised mean.
@@ -295,17 +308,10 @@ class DPFedAvg(FedAvg):
                                                                              int]:
         """The sum of ``C · u_i`` over the inserted canaries Poisson sampling picks this
         round, shaped like ``like``, and how many there were."""
-        total = [np.zeros_like(part) for part in like]
         draws = np.random.default_rng([self.canary_seed, server_round, _CANARY_SAMPLING]).random(
             len(self.canary_inserted))
         sampled = np.flatnonzero(self.canary_inserted & (draws < self.sample_rate))
-        sizes = [part.size for part in total]
-        for index in sampled:
-            direction = canary_direction(self.canary_seed, int(index), sum(sizes))
-            for part, piece in zip(total, np.split(direction, np.cumsum(sizes)[:-1]),
-                                   strict=True):
-                part += self.clipping_norm * piece.reshape(part.shape)
-        return total, len(sampled)
+        return canary_sum(self.canary_seed, sampled, self.clipping_norm, like), len(sampled)
 
     def _server_step(self, server_round: int, mean: list[np.ndarray],
                      first: list[np.ndarray], second: list[np.ndarray]

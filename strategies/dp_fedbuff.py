@@ -55,8 +55,8 @@ from strategies.dp_fedavg import (
     COHORT,
     NOISE_STD,
     UNCLIPPED,
-    canary_direction,
     canary_inserted,
+    canary_sum,
 )
 from strategies.fedbuff import FedBuff
 from strategies.noise import SecureRandom
@@ -87,7 +87,7 @@ class DPFedBuff(FedBuff):
         self.canary_seed = canary_seed
         self.canary_inserted = canary_inserted(canary_seed, canaries)
         self.shadow: NDArrays = {}  # with canaries: the shadow release's floating arrays
-        self.canary_sum: NDArrays = {}  # C times the inserted canaries' directions, summed
+        self.inserted_canaries: NDArrays = {}  # C times the inserted canaries' directions, summed
 
     def __repr__(self) -> str:
         return (f"DPFedBuff(K={self.buffer_size}, sigma={self.noise_multiplier}, "
@@ -148,16 +148,13 @@ class DPFedBuff(FedBuff):
     def _canaries(self, current: Mapping[str, np.ndarray]) -> NDArrays:
         """``C · Σ u_i`` over the inserted canaries, shaped like the floating arrays of
         ``current`` (in their order, as ``fedtune.audit`` flattens them); drawn once."""
-        if not self.canary_sum:
+        if not self.inserted_canaries:
             names = [n for n in current if np.issubdtype(current[n].dtype, np.floating)]
-            sizes = [current[name].size for name in names]
-            total = np.zeros(sum(sizes))
-            for index in np.flatnonzero(self.canary_inserted):
-                total += canary_direction(self.canary_seed, int(index), total.size)
-            parts = np.split(self.clipping_norm * total, np.cumsum(sizes)[:-1])
-            self.canary_sum = {name: part.reshape(current[name].shape)
-                               for name, part in zip(names, parts, strict=True)}
-        return self.canary_sum
+            parts = canary_sum(self.canary_seed, np.flatnonzero(self.canary_inserted),
+                               self.clipping_norm,
+                               [np.zeros(current[name].shape) for name in names])
+            self.inserted_canaries = dict(zip(names, parts, strict=True))
+        return self.inserted_canaries
 
     def canary_release(self) -> dict[str, np.ndarray]:
         """The shadow release's floating arrays by name (what an observer of a run with the
