@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import ctypes
 import json
 import signal
 import sys
@@ -727,6 +728,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[bold yellow]interrupted[/]")
         return 130
+    finally:
+        _forget_interrupts_seen_by_libraries()
+
+
+def _forget_interrupts_seen_by_libraries() -> None:
+    """Let the exit code be the one ``main`` returns after a Ctrl-C it handled.
+
+    CPython remembers a KeyboardInterrupt that escaped code run through ``PyRun_String``
+    (Ray's Cython module runs code that way while it loads) even when a caller caught it, and
+    at exit kills its own process with SIGINT: the terminal sees return code -2 instead of
+    130, after fedtune printed what it left behind. Running empty code the same way resets
+    that flag (CPython's ``run_eval_code_obj``); there is no Python-level call for it.
+    """
+    ctypes.pythonapi.PyRun_SimpleString(b"")
 
 
 if __name__ == "__main__":

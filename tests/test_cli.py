@@ -203,3 +203,27 @@ def test_the_first_ctrl_c_stops_a_client_that_trains_for_minutes(tmp_path):
     assert took < 15, took
     assert "stopped before round 1 finished: no checkpoint was written" in output
     assert not (run_dir / "metrics.csv").exists()
+
+
+def test_a_handled_ctrl_c_that_passed_through_a_librarys_embedded_code_still_exits_130(tmp_path):
+    """A KeyboardInterrupt that escaped code a library ran through ``PyRun_String`` (Ray's
+    Cython module does while it loads) makes CPython kill its own process with SIGINT at exit
+    even when caught (return code -2, as ``python -m fedtune`` exits); ``main`` exits with the
+    130 it returns."""
+    (tmp_path / "interrupted_while_loading.py").write_text(
+        "import ctypes, sys\n"
+        "from fedtune import cli\n"
+        "def interrupted_while_loading(args, console):\n"
+        "    try:\n"
+        "        ctypes.pythonapi.PyRun_SimpleString(b'raise KeyboardInterrupt')\n"
+        "        raise KeyboardInterrupt  # what the signal handler raises meanwhile\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('nothing to keep')\n"
+        "        return 130\n"
+        "cli.COMMANDS['config'] = interrupted_while_loading\n"
+        "sys.exit(cli.main(['config']))\n")
+    done = subprocess.run([sys.executable, "-m", "interrupted_while_loading"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 130, done.stderr[-1000:]
+    assert done.stdout == "nothing to keep\n"
