@@ -18,13 +18,12 @@ Message protocol: as FedAvg (``"arrays"`` and a MetricRecord with ``"num-example
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import RecordDict
 
-from strategies.records import NDArray, UpdatesFromGlobal, floating, to_record
+from strategies.records import NDArray, UpdatesFromGlobal, floating
 
 
 def _norm(arrays: dict[str, NDArray]) -> float:
@@ -70,14 +69,9 @@ class CenteredClipping(UpdatesFromGlobal):
         self.iterations = iterations
         self.momentum: dict[str, NDArray] | None = None  # the last aggregate update
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        read = self.round_updates(replies)
-        if read is None:
-            return None, None
-        x, contents, updates = read
+    def new_arrays(self, server_round: int, x: dict[str, NDArray], contents: list[RecordDict],
+                   updates: list[dict[str, NDArray]]) -> dict[str, NDArray]:
         moving = floating(x)
         start = self.momentum or {name: np.zeros(v.shape) for name, v in moving.items()}
         self.momentum = centered_clip(updates, start, self.tau, self.iterations)
-        new = {name: x[name] + self.momentum[name] if name in moving else x[name] for name in x}
-        return to_record(new, x), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return {name: x[name] + self.momentum[name] if name in moving else x[name] for name in x}

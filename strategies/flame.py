@@ -26,14 +26,13 @@ Message protocol: as FedAvg (``"arrays"`` and a MetricRecord with ``"num-example
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import RecordDict
 from sklearn.cluster import HDBSCAN
 
-from strategies.records import NDArray, UpdatesFromGlobal, add_flat_step, flatten, to_record
+from strategies.records import NDArray, UpdatesFromGlobal, add_flat_step, flatten
 
 
 def cosine_distances(flat: NDArray) -> NDArray:
@@ -93,14 +92,10 @@ class Flame(UpdatesFromGlobal):
         self.seed = seed
         self.admitted = np.zeros(0, bool)  # the last round's decisions, in reply order
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        read = self.round_updates(replies)
-        if read is None:
-            return None, None
-        x, contents, updates = read
+    def new_arrays(self, server_round: int, x: dict[str, NDArray], contents: list[RecordDict],
+                   updates: list[dict[str, NDArray]]) -> dict[str, NDArray]:
         names = list(updates[0])
         flat = np.stack([flatten(u, names) for u in updates])
         rng = np.random.default_rng([self.seed, server_round])
         step, self.admitted = flame_step(flat, self.noise_lambda, rng)
-        return to_record(add_flat_step(x, names, step), x), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return add_flat_step(x, names, step)

@@ -18,11 +18,11 @@ Message protocol: as FedAvg (``"arrays"`` and a MetricRecord with ``"num-example
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import RecordDict
 
 from strategies.records import (
     NDArray,
@@ -30,7 +30,6 @@ from strategies.records import (
     add_flat_step,
     flatten,
     floating,
-    to_record,
 )
 
 RootUpdate = Callable[[dict[str, NDArray], int], dict[str, NDArray]]  # (x, round) -> g0
@@ -74,14 +73,10 @@ class FLTrust(UpdatesFromGlobal):
         self.root_update = root_update
         self.trust = np.zeros(0)  # the last round's scores, in reply order
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        read = self.round_updates(replies)
-        if read is None:
-            return None, None
-        x, contents, update_arrays = read
+    def new_arrays(self, server_round: int, x: dict[str, NDArray], contents: list[RecordDict],
+                   update_arrays: list[dict[str, NDArray]]) -> dict[str, NDArray]:
         names = list(floating(x))
         server = flatten(self.root_update(x, server_round), names)
         updates = [flatten(update, names) for update in update_arrays]
         step, self.trust = fltrust_update(updates, server)
-        return to_record(add_flat_step(x, names, step), x), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return add_flat_step(x, names, step)

@@ -13,13 +13,12 @@ Message protocol: as FedAvg (``"arrays"`` and a MetricRecord with ``"num-example
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import RecordDict
 
-from strategies.records import NDArray, UpdatesFromGlobal, metric, to_record
+from strategies.records import NDArray, UpdatesFromGlobal, metric
 
 
 def bounded_mean(updates: list[dict[str, NDArray]], weights: list[float], bound: float
@@ -62,16 +61,12 @@ class NormBoundDP(UpdatesFromGlobal):
         self.noise_std = noise_std
         self.seed = seed
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        read = self.round_updates(replies)
-        if read is None:
-            return None, None
-        x, contents, updates = read
+    def new_arrays(self, server_round: int, x: dict[str, NDArray], contents: list[RecordDict],
+                   updates: list[dict[str, NDArray]]) -> dict[str, NDArray]:
         weights = [metric(c, self.weighted_by_key) for c in contents]
         mean = bounded_mean(updates, weights, self.norm_bound)
         rng = np.random.default_rng([self.seed, server_round])
         new = dict(x)
         for name, value in mean.items():
             new[name] = x[name] + value + rng.normal(0.0, self.noise_std, value.shape)
-        return to_record(new, x), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return new

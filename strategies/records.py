@@ -99,7 +99,7 @@ def add_flat_step(x: Mapping[str, NDArray], names: list[str], step: NDArray
 
 class UpdatesFromGlobal(FedAvg):
     """A FedAvg whose aggregation reads each reply as an update from the global model it sent:
-    ``configure_train`` keeps that model, ``round_updates`` gives it with the valid replies and
+    ``configure_train`` keeps that model, ``new_arrays`` gets it with the valid replies and
     their float64 updates ``w_i - x`` of the floating arrays (the robust rules of this package
     that start from the updates: centred clipping, FLTrust, FLAME, norm bounding)."""
 
@@ -114,15 +114,22 @@ class UpdatesFromGlobal(FedAvg):
         self.global_arrays = to_numpy(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
-    def round_updates(self, replies: Iterable[Message]) -> tuple[
-            dict[str, NDArray], list[RecordDict], list[dict[str, NDArray]]] | None:
-        """``(x, contents, updates)`` of the round's valid replies; None when none is valid."""
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The valid replies' float64 updates ``w_i - x`` go to ``new_arrays``; nothing when
+        no reply is valid."""
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:
-            return None
+            return None, None
         x = require_configured(self.global_arrays, self.label)
         moving = floating(x)
         contents = [message.content for message in valid]
         updates = [{name: to_numpy(c[self.arrayrecord_key])[name].astype(np.float64) - value
                     for name, value in moving.items()} for c in contents]
-        return x, contents, updates
+        new = self.new_arrays(server_round, x, contents, updates)
+        return to_record(new, x), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def new_arrays(self, server_round: int, x: dict[str, NDArray], contents: list[RecordDict],
+                   updates: list[dict[str, NDArray]]) -> dict[str, NDArray]:
+        """The next global model from the global one ``x`` and the replies' updates."""
+        raise NotImplementedError
