@@ -483,8 +483,13 @@ def test_distributed_dp_clients_clip_and_their_noise_sums_to_sigma_c(tmp_path):
     expected = sum(clip * v / np.linalg.norm(v) for v in clipped) / N
     noise = change - expected
     m_min = graph.min_survivors(N, N - 1, 0.6)
-    # each client adds N(0, (sigma C)^2 / m_min): the sum carries at least sigma C
-    assert noise.std() == pytest.approx(sigma * clip * np.sqrt(N / m_min) / N, rel=0.05)
+    # each client adds N(0, (sigma C)^2 / m_min): the sum carries at least sigma C. The noise
+    # is drawn from the OS's entropy (never the run's seed), so the sample std of these
+    # noise.size draws is off by ~1/sqrt(2 noise.size) (2.2 %) from run to run: allow 5 of
+    # those (a 5 % bound failed ~1 run in 40). Each client adding (sigma C)^2 / N instead would
+    # read 23 % low.
+    assert noise.std() == pytest.approx(sigma * clip * np.sqrt(N / m_min) / N,
+                                        rel=5 / np.sqrt(2 * noise.size))
     assert noise.std() * N >= sigma * clip
     assert abs(noise.mean()) < 4 * noise.std() / np.sqrt(noise.size)
     assert result.metrics[protocol.SECAGG_CLIPPED] == 0  # the range covers C + 6 std
