@@ -45,7 +45,7 @@ from fedtune.errors import ConfigError
 from fedtune.results.run_dir import ClientRow, RoundRow
 from fedtune.server.grid import CohortSpec, SimulatedGrid
 from fedtune.server.guard import non_finite_tensors
-from fedtune.server.phases import UpdateBounds, evaluate_phase, train_phase
+from fedtune.server.phases import EvaluatePhase, UpdateBounds, evaluate_phase, train_phase
 from fedtune.server.reports import ClientReport
 from fedtune.server.round import (
     FederatedRun,
@@ -56,6 +56,7 @@ from fedtune.server.round import (
 )
 from fedtune.server.screening import reply_limits
 from fedtune.server.summing import weighted_metrics
+from fedtune.train import EvalResult
 from strategies.asynchronous import AsynchronousStrategy
 
 # a clients.csv row's numeric fields, kept as float64 columns (NaN: None)
@@ -332,21 +333,24 @@ class AsyncRound:
         metrics = MetricRecord({**weighted_metrics(accepted), **released}) if accepted else None
         run.privacy.record_round(rows, accepted, metrics)
         state.virtual_time_s = self.loop.now
-        seed_sampling(run.config.run.seed, server_round, "evaluate")
-        to_evaluate = list(run.strategy.configure_evaluate(server_round, state.arrays,
-                                                           ConfigRecord(), run.grid))
-        evaluation = evaluate_phase(
-            run.grid, to_evaluate, self.limits, server_round, run.identities,
-            run.config.strategy.round_timeout_s,
-            lambda done, total: run.progress(server_round, "evaluate", done, total), run.stop)
-        run.progress(server_round, "test", 0, 0)
-        global_eval = evaluate_global(run.resources, state.arrays)
+        every = run.config.strategy.eval_every
+        evaluation, global_eval = EvaluatePhase([], 0, 0), None
+        if server_round % every == 0 or server_round == run.config.run.rounds:
+            seed_sampling(run.config.run.seed, server_round, "evaluate")
+            to_evaluate = list(run.strategy.configure_evaluate(server_round, state.arrays,
+                                                               ConfigRecord(), run.grid))
+            evaluation = evaluate_phase(
+                run.grid, to_evaluate, self.limits, server_round, run.identities,
+                run.config.strategy.round_timeout_s,
+                lambda done, total: run.progress(server_round, "evaluate", done, total),
+                run.stop)
+            run.progress(server_round, "test", 0, 0)
+            global_eval = evaluate_global(run.resources, state.arrays)
         ok = sum(r.status == "ok" for r in rows)
         rows.sort(key=lambda r: r.client_id or 0)
         row = RoundRow(
             round=server_round, train_loss=example_weighted(accepted, protocol.TRAIN_LOSS),
-            eval_loss=global_eval.loss, eval_accuracy=global_eval.accuracy,
-            eval_macro_f1=global_eval.macro_f1, **run.privacy.columns(),
+            **_tested(global_eval), **run.privacy.columns(),
             clients_sampled=len(rows), clients_ok=ok, clients_failed=len(rows) - ok,
             bytes_up=totals["bytes_up"] + evaluation.bytes_up,
             bytes_down=totals["bytes_down"] + evaluation.bytes_down,
@@ -357,6 +361,14 @@ class AsyncRound:
             virtual_time_s=self.loop.now)
         return RoundOutcome(row, rows, global_eval, metrics, len(rows), 0,
                             evaluation.rows(server_round))
+
+
+def _tested(evaluation: EvalResult | None) -> dict[str, float | None]:
+    """metrics.csv's global test columns (empty between evaluations)."""
+    if evaluation is None:
+        return {"eval_loss": None, "eval_accuracy": None, "eval_macro_f1": None}
+    return {"eval_loss": evaluation.loss, "eval_accuracy": evaluation.accuracy,
+            "eval_macro_f1": evaluation.macro_f1}
 
 
 def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np.ndarray],
