@@ -410,7 +410,8 @@ def _row_of(array: np.ndarray) -> tuple[np.ndarray, int] | None:
             or not base.flags.c_contiguous or base.shape[1:] != array.shape
             or base.dtype != array.dtype or not base.size):
         return None
-    row, rest = divmod(array.ctypes.data - base.ctypes.data, base.strides[0])
+    row, rest = divmod(array.__array_interface__["data"][0]
+                       - base.__array_interface__["data"][0], base.strides[0])
     return (base, row) if not rest and 0 <= row < len(base) else None
 
 
