@@ -85,6 +85,7 @@ class AsyncLoop:
         slots = min(self.concurrency, clock.profiles.num_clients)
         self.flight = np.tile(_FREE, (slots, 1))
         self.busy = np.zeros(clock.profiles.num_clients, dtype=bool)  # by client id
+        self.flying = 0  # clients in flight
         # str(training call) -> the model its clients started from and its version, for a call
         # named when the global model moved on, trained when one of its clients is needed
         self.pending: dict[str, dict[str, Any]] = {}
@@ -96,12 +97,9 @@ class AsyncLoop:
     def _draw(self) -> np.random.Generator:
         return np.random.default_rng([self.seed, 28, self.starts])
 
-    def in_flight(self) -> int:
-        return int(np.count_nonzero(self.flight[:, CLIENT] >= 0))
-
     def next_start(self, clock: VirtualClock) -> tuple[float, np.ndarray]:
         """When the next client may start and the clients available then (none: no slot)."""
-        if self.in_flight() >= len(self.flight):
+        if self.flying >= len(self.flight):
             return np.inf, _NO_CLIENTS
         moment = max(self.now, self.next_arrival) if self.arrival_rate else self.now
         idle = np.flatnonzero(~self.busy)
@@ -129,6 +127,7 @@ class AsyncLoop:
         slot = int(np.argmin(self.flight[:, CLIENT]))  # a free slot's -1 is the least
         self.flight[slot] = (client, moment, min(finish, offline), version, lost, lost, -1)
         self.busy[client] = True
+        self.flying += 1
 
     def next_finish(self) -> int:
         """Slot of the client the server hears of next (earliest; ties by client id)."""
@@ -143,6 +142,7 @@ class AsyncLoop:
         client, start, finish, version, lost, _, call = self.flight[slot].tolist()
         self.flight[slot] = _FREE
         self.busy[int(client)] = False
+        self.flying -= 1
         return int(client), start, finish, int(version), bool(lost), int(call)
 
     def take(self, call: int, client: int, strategy: AsynchronousStrategy
