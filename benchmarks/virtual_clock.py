@@ -11,12 +11,15 @@ on hashed Rotten Tomatoes, IID, one local step of batch 8, AdamW), in fedtune's 
   same clients train; the clock times, orders and records them);
 - ``fedbuff K=n/10``: ``strategy.name = fedbuff``, ``concurrency`` = the clients, a buffer of a
   tenth of them (ten server updates, each followed by the server's evaluation of the global
-  model, per thousand client updates);
+  model - the default ``strategy.eval_every = 1`` - per n client updates);
+- ``fedbuff K=n/10 eval_every=10``: the same evaluating the global model after every tenth
+  server update: one evaluation per n client updates, the synchronous round's cadence;
 - ``fedbuff K=n``: the same with a buffer of all of them (one server update and one evaluation
   per n client updates, as a synchronous round has: the event loop's own cost).
 
 Every side is a ``fedtune run`` child process; sides alternate (A B C A B C ...); the first
-round of every run (lazy imports, warm-up) is left out; the table gives medians (min-max) of
+round of every run (lazy imports, warm-up) is left out; the table gives each side's evaluation
+cadence (global evaluations per n client updates) and medians (min-max) of
 wall seconds per round and client updates per wall second (``clients_ok / wall_s`` of
 metrics.csv), and each side's whole process tree's CPU-seconds per client update (children's
 ``getrusage``, start-up included: Ray's workers are children too), with the load average at
@@ -47,18 +50,23 @@ WORKLOAD = [
 ]
 
 
-def sides(clients: int) -> dict[str, list[str]]:
+def sides(clients: int) -> dict[str, tuple[list[str], int, int]]:
+    """Each side's overrides, its server updates per synchronous round and the global
+    evaluations it makes per ``clients`` client updates (the evaluation cadence)."""
+    tenth = max(1, clients // 10)
+    fedbuff = ["strategy.name=fedbuff", "devices.profile=lognormal",
+               f"strategy.concurrency={clients}"]
     return {
-        "sync": [],
-        "sync+devices": ["devices.profile=lognormal"],
-        "fedbuff K=n/10": ["strategy.name=fedbuff", "devices.profile=lognormal",
-                           f"strategy.concurrency={clients}",
-                           f"strategy.fedbuff_buffer_size={max(1, clients // 10)}"],
-        # one server update (and one evaluation of the global model) per n client updates,
-        # as a synchronous round has: what the loop itself costs
-        "fedbuff K=n": ["strategy.name=fedbuff", "devices.profile=lognormal",
-                        f"strategy.concurrency={clients}",
-                        f"strategy.fedbuff_buffer_size={clients}"],
+        "sync": ([], 1, 1),
+        "sync+devices": (["devices.profile=lognormal"], 1, 1),
+        # an evaluation after every server update (the default): ten per n client updates
+        "fedbuff K=n/10": ([*fedbuff, f"strategy.fedbuff_buffer_size={tenth}"], 10, 10),
+        # an evaluation every tenth server update: one per n client updates, as the round
+        "fedbuff K=n/10 eval_every=10": ([*fedbuff, f"strategy.fedbuff_buffer_size={tenth}",
+                                          "strategy.eval_every=10"], 10, 1),
+        # one server update (and one evaluation) per n client updates, as a synchronous
+        # round has: what the loop itself costs
+        "fedbuff K=n": ([*fedbuff, f"strategy.fedbuff_buffer_size={clients}"], 1, 1),
     }
 
 
@@ -106,8 +114,8 @@ def main() -> None:
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
         for repeat in range(args.repeats):
-            for name, extra in sides(args.clients).items():
-                rounds = args.rounds * (10 if name == "fedbuff K=n/10" else 1)
+            for name, (extra, per_round, _) in sides(args.clients).items():
+                rounds = args.rounds * per_round
                 rows, seconds, updates = run_side([*base, *extra, f"run.rounds={rounds}"],
                                                   Path(folder) / f"{name}-{repeat}")
                 wall.setdefault(name, []).extend(float(r["wall_s"]) for r in rows)
@@ -115,19 +123,21 @@ def main() -> None:
                     sum(int(r["clients_ok"]) for r in rows) / sum(float(r["wall_s"]) for r in rows))
                 cpu.setdefault(name, []).append(1000 * seconds / updates)
     load_end = os.getloadavg()
-    sync_wall, sync_rate = statistics.median(wall["sync"]), statistics.median(rate["sync"])
+    sync_rate = statistics.median(rate["sync"])
     print(f"{args.clients:,} clients, {args.backend}, {args.repeats} alternated repeats; load "
           f"average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end")
-    print("| side | wall s per round, median (min-max) | vs sync | client updates per wall s, "
+    sync_cpu = statistics.median(cpu["sync"])
+    cadence = {name: evaluations for name, (_, _, evaluations) in sides(args.clients).items()}
+    print(f"| side | global evaluations per {args.clients:,} client updates | wall s per round "
+          "(FedBuff K=n/10: per server update), median (min-max) | client updates per wall s, "
           "median (min-max) | vs sync | process tree CPU-ms per client update, median "
-          "(min-max) |")
-    print("|---|---|---|---|---|---|")
+          "(min-max) | CPU vs sync |")
+    print("|---|---|---|---|---|---|---|")
     for name, walls in wall.items():
-        per_round = statistics.median(walls)
         updates = statistics.median(rate[name])
-        print(f"| {name} | {_spread(walls, 3)} | {per_round / sync_wall:.2f}x | "
+        print(f"| {name} | {cadence[name]} | {_spread(walls, 3)} | "
               f"{_spread(rate[name], 0)} | {updates / sync_rate:.2f}x | "
-              f"{_spread(cpu[name], 2)} |")
+              f"{_spread(cpu[name], 2)} | {statistics.median(cpu[name]) / sync_cpu:.2f}x |")
 
 if __name__ == "__main__":
     main()

@@ -80,6 +80,7 @@ class StrategySection:
     dp_noise_std: float  # norm_bound_dp
     flame_lambda: float  # flame
     concurrency: int  # fedbuff, fedasync
+    eval_every: int  # fedbuff, fedasync
     fedbuff_buffer_size: int  # fedbuff
     fedasync_alpha: float  # fedasync
     fedasync_staleness: str  # fedasync
@@ -130,6 +131,7 @@ class StrategySection:
         dp_noise_std: float = ...,
         flame_lambda: float = ...,
         concurrency: int = ...,
+        eval_every: int = ...,
         fedbuff_buffer_size: int = ...,
         fedasync_alpha: float = ...,
         fedasync_staleness: str = ...,

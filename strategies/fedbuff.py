@@ -39,14 +39,19 @@ class FedBuff(AsynchronousStrategy):
 
     def prepare(self, start: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray]
                 ) -> NDArrays:
-        return {name: trained[name].astype(np.float64) - start[name] for name in start}
+        deltas = {name: trained[name].astype(np.float64) for name in start}
+        for name, delta in deltas.items():  # in place: one float64 array per tensor
+            delta -= start[name]
+        return deltas
 
     def receive(self, kept: Mapping[str, np.ndarray], staleness: int, weight: float,
                 client: int = -1) -> bool:
         scale = staleness_weight(staleness)
         for name, delta in kept.items():
-            self.buffer[name] = self.buffer[name] + scale * delta if name in self.buffer \
-                else scale * delta
+            if name in self.buffer:
+                self.buffer[name] += scale * delta  # in place, the same float64 arithmetic
+            else:
+                self.buffer[name] = scale * delta
         self.buffered += 1
         return self.buffered >= self.buffer_size
 

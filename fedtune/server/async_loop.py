@@ -9,14 +9,20 @@ an available client that is not training, drawn from (run.seed, the count of sta
 run - a metrics.csv row, a checkpoint, a listener's ``round_ended`` - is one server update.
 
 Training runs at full speed, in batches: a client's virtual duration is known when it starts,
-so clients are trained only when their result is needed, and every client that started on the
-same model version trains in one cohort call (``fedtune.server.phases.train_phase``: the
-engines' cohort path, screening and the update bounds included). A client whose device goes
-offline before it finishes is never trained; its slot frees when it leaves. Everything the loop
-holds - the clients in flight, their results, the clock - is plain attributes, which the
-checkpoint keeps beside the strategy's buffer, so a resumed run continues bit for bit.
+so clients are trained only when their result is needed, and the clients that started on the
+same model version train in one cohort call (``fedtune.server.phases.train_phase``: the
+engines' cohort path, screening and the update bounds included). When the global model moves
+on, the clients still untrained on the old one become a training call named then (its number
+seeds their batches) whose model is kept until one of them is needed: clients the server never
+hears of before the run ends are never trained. A client whose device goes offline before it
+finishes is never trained either; its slot frees when it leaves. Everything the loop holds -
+the table of clients in flight, their results, the named calls' models, the clock - is plain
+attributes, which the checkpoint keeps beside the strategy's buffer, so a resumed run
+continues bit for bit.
 
-The results wait by training call, not by client: one entry per call, the model its clients
+The clients in flight are one float64 table, a row per slot (``CLIENT`` ... ``CALL``), so
+starting one, finding the next to finish and removing it touch one row, not seven arrays. The
+results wait by training call, not by client: one entry per call, the model its clients
 started from, their trained models stacked (the strategy ``prepare``s one when the server hears
 of it) and their clients.csv fields column by column, read-only arrays that the
 checkpoint keeps without copying (``fedtune.server.checkpoint``). A checkpoint is captured after
@@ -39,7 +45,7 @@ from fedtune.errors import ConfigError
 from fedtune.results.run_dir import ClientRow, RoundRow
 from fedtune.server.grid import CohortSpec, SimulatedGrid
 from fedtune.server.guard import non_finite_tensors
-from fedtune.server.phases import UpdateBounds, evaluate_phase, train_phase
+from fedtune.server.phases import EvaluatePhase, UpdateBounds, evaluate_phase, train_phase
 from fedtune.server.reports import ClientReport
 from fedtune.server.round import (
     FederatedRun,
@@ -50,12 +56,16 @@ from fedtune.server.round import (
 )
 from fedtune.server.screening import reply_limits
 from fedtune.server.summing import weighted_metrics
+from fedtune.train import EvalResult
 from strategies.asynchronous import AsynchronousStrategy
 
 # a clients.csv row's numeric fields, kept as float64 columns (NaN: None)
 _NUMBERS = ("num_examples", "train_loss", "epsilon", "duration_s", "examples_trained")
 _INTEGERS = ("num_examples", "examples_trained")
 _NO_CLIENTS = np.zeros(0, dtype=np.int64)
+# the columns of the table of clients in flight (float64: ids and versions are exact)
+CLIENT, START, FINISH, VERSION, LOST, TRAINED, CALL = range(7)
+_FREE = np.array([-1.0, 0.0, np.inf, -1.0, 0.0, 1.0, -1.0])  # a free slot: nobody, never
 
 
 class AsyncLoop:
@@ -71,14 +81,14 @@ class AsyncLoop:
         # client that finishes and starts again on the same model draws other batches
         self.dispatches = 0
         self.next_arrival = 0.0
-        # the clients in flight, one entry each
-        self.client = _NO_CLIENTS.copy()
-        self.start = np.zeros(0)
-        self.finish = np.zeros(0)  # when the server hears of it (or it goes offline)
-        self.version = _NO_CLIENTS.copy()  # the server update its model came from
-        self.lost = np.zeros(0, dtype=bool)  # goes offline before it finishes
-        self.trained = np.zeros(0, dtype=bool)
-        self.call = _NO_CLIENTS.copy()  # the training call that trained it (-1: none yet)
+        # the clients in flight: one row per slot (a free slot: client -1, finish +inf)
+        slots = min(self.concurrency, clock.profiles.num_clients)
+        self.flight = np.tile(_FREE, (slots, 1))
+        self.busy = np.zeros(clock.profiles.num_clients, dtype=bool)  # by client id
+        self.flying = 0  # clients in flight
+        # str(training call) -> the model its clients started from and its version, for a call
+        # named when the global model moved on, trained when one of its clients is needed
+        self.pending: dict[str, dict[str, Any]] = {}
         # str(training call) -> its results (``_call_results``), until its last client is heard
         self.results: dict[str, dict[str, Any]] = {}
 
@@ -89,12 +99,10 @@ class AsyncLoop:
 
     def next_start(self, clock: VirtualClock) -> tuple[float, np.ndarray]:
         """When the next client may start and the clients available then (none: no slot)."""
-        if len(self.client) >= self.concurrency:
+        if self.flying >= len(self.flight):
             return np.inf, _NO_CLIENTS
         moment = max(self.now, self.next_arrival) if self.arrival_rate else self.now
-        busy = np.zeros(clock.profiles.num_clients, dtype=bool)
-        busy[self.client] = True
-        idle = np.flatnonzero(~busy)
+        idle = np.flatnonzero(~self.busy)
         if not len(idle):
             return np.inf, _NO_CLIENTS
         available = idle[clock.available(idle, moment)]
@@ -104,39 +112,38 @@ class AsyncLoop:
         return moment, available
 
     def start_client(self, clock: VirtualClock, moment: float, available: np.ndarray,
-                     version: int, model_bytes: int) -> None:
-        """One client starts at ``moment`` on model ``version``."""
+                     version: int, durations: np.ndarray) -> None:
+        """One client starts at ``moment`` on model ``version`` (``durations``: every
+        client's virtual duration, ``VirtualClock.durations``)."""
         rng = self._draw()
         client = int(rng.choice(available))
         self.starts += 1
         if self.arrival_rate:
             self.next_arrival = moment + float(rng.exponential(1.0 / self.arrival_rate))
         self.now = moment
-        ids = np.array([client])
-        finish = moment + float(clock.durations(ids, model_bytes, model_bytes)[0])
-        offline = float(clock.online_until(ids, moment)[0])
-        lost = finish > offline
-        self.client = np.append(self.client, client)
-        self.start = np.append(self.start, moment)
-        self.finish = np.append(self.finish, min(finish, offline))
-        self.version = np.append(self.version, version)
-        self.lost = np.append(self.lost, lost)
-        self.trained = np.append(self.trained, lost)  # a lost client's work is never needed
-        self.call = np.append(self.call, -1)
+        finish = moment + float(durations[client])
+        offline = float(clock.online_until(np.array([client]), moment)[0])
+        lost = finish > offline  # a lost client's work is never needed: "trained"
+        slot = int(np.argmin(self.flight[:, CLIENT]))  # a free slot's -1 is the least
+        self.flight[slot] = (client, moment, min(finish, offline), version, lost, lost, -1)
+        self.busy[client] = True
+        self.flying += 1
 
     def next_finish(self) -> int:
-        """Index of the client the server hears of next (earliest; ties by client id)."""
-        earliest = np.flatnonzero(self.finish == self.finish.min())
-        return int(earliest[np.argmin(self.client[earliest])])
+        """Slot of the client the server hears of next (earliest; ties by client id)."""
+        finish = self.flight[:, FINISH]
+        earliest = np.flatnonzero(finish == finish.min())
+        if len(earliest) == 1:
+            return int(earliest[0])
+        return int(earliest[np.argmin(self.flight[earliest, CLIENT])])
 
-    def pop(self, index: int) -> tuple[int, float, float, int, bool, int]:
-        """Remove a client: (client, start, finish, version, lost, training call)."""
-        out = (int(self.client[index]), float(self.start[index]), float(self.finish[index]),
-               int(self.version[index]), bool(self.lost[index]), int(self.call[index]))
-        keep = np.arange(len(self.client)) != index
-        for name in ("client", "start", "finish", "version", "lost", "trained", "call"):
-            setattr(self, name, getattr(self, name)[keep])
-        return out
+    def pop(self, slot: int) -> tuple[int, float, float, int, bool, int]:
+        """Free a slot: its (client, start, finish, version, lost, training call)."""
+        client, start, finish, version, lost, _, call = self.flight[slot].tolist()
+        self.flight[slot] = _FREE
+        self.busy[int(client)] = False
+        self.flying -= 1
+        return int(client), start, finish, int(version), bool(lost), int(call)
 
     def take(self, call: int, client: int, strategy: AsynchronousStrategy
              ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
@@ -157,7 +164,7 @@ class AsyncLoop:
             block, position = results["where"][at]
             kept = strategy.prepare(results["start"], {
                 name: stack[position] for name, stack in results["trained"][block].items()})
-        if not np.any(self.call == call):
+        if not np.any(self.flight[:, CALL] == call):
             del self.results[str(call)]
         return fields, kept
 
@@ -184,35 +191,56 @@ class AsyncRound:
             client: node for node, client in nodes.items()}.__getitem__
         self.population = len(nodes)
         self.limits = reply_limits(run.config, run.resources.federation)
+        self.duration_bytes, self.duration_of = -1, np.zeros(0)  # ``_durations``' cache
 
-    def _train_waiting(self, server_round: int, totals: dict[str, Any]) -> None:
-        """Train every started client not yet trained (all on the current model), in one
-        cohort; keep what the strategy needs of each accepted update."""
+    def _train(self, server_round: int, totals: dict[str, Any], slot: int) -> None:
+        """Train the call the client in ``slot`` belongs to, in one cohort: a call named when
+        the model moved on (``_name_call``: on that model, as that server update), or else
+        every untrained client, all on the current model; keep what the strategy needs of each
+        accepted update."""
         loop, state = self.loop, self.run.state
-        waiting = np.flatnonzero(~loop.trained)
-        if not len(waiting):
-            return
-        clients = sorted(int(c) for c in loop.client[waiting])
-        messages = self.strategy.start_messages(server_round, state.arrays,
-                                                [self.node_of(c) for c in clients],
-                                                loop.dispatches)
-        loop.dispatches += 1
+        call = int(loop.flight[slot, CALL])
+        members = (loop.flight[:, TRAINED] == 0) & (loop.flight[:, CALL] == call)
+        if call < 0:  # on the current model: a new call
+            call, start = loop.dispatches, _read_only(protocol.to_numpy(state.arrays))
+            loop.dispatches += 1
+            arrays, as_round = state.arrays, server_round
+        else:
+            named = loop.pending.pop(str(call))
+            start, as_round = named["start"], int(named["version"]) + 1
+            arrays = protocol.to_array_record(start)
+        clients = sorted(int(c) for c in loop.flight[members, CLIENT])
+        messages = self.strategy.start_messages(as_round, arrays,
+                                                [self.node_of(c) for c in clients], call)
         config = self.run.config
-        bounds = UpdateBounds(state.arrays, config.strategy.max_update_norm,
+        bounds = UpdateBounds(arrays, config.strategy.max_update_norm,
                               config.strategy.update_norm_z)
         train = train_phase(
             self.run.grid, messages, CohortSpec(weighted_mean=False, limits=self.limits),
-            server_round, self.run.identities, bounds, config.strategy.round_timeout_s,
+            as_round, self.run.identities, bounds, config.strategy.round_timeout_s,
             lambda done, total: self.run.progress(server_round, "train", done, total),
             self.run.stop)
-        loop.results[str(loop.dispatches - 1)] = _call_results(
-            clients, train.rows(server_round), protocol.to_numpy(state.arrays),
-            train.accepted_reports)
-        loop.call[waiting] = loop.dispatches - 1
-        loop.trained[waiting] = True
+        loop.results[str(call)] = _call_results(clients, train.rows(as_round), start,
+                                                train.accepted_reports)
+        loop.flight[members, CALL] = call
+        loop.flight[members, TRAINED] = 1
         totals["bytes_up"] += train.bytes_up
         totals["bytes_down"] += train.bytes_down
         totals["dropped"] += train.dropped
+
+    def _name_call(self, version: int) -> None:
+        """The global model is about to move on from ``version``: the clients that started on
+        it and are not trained yet become one training call, named now (its number seeds their
+        batches) and trained when one of them is needed (``_train``) - never, for those the
+        server does not hear of before the run ends. Its model is kept until then."""
+        loop = self.loop
+        waiting = (loop.flight[:, TRAINED] == 0) & (loop.flight[:, CALL] < 0)
+        if not waiting.any():
+            return
+        loop.pending[str(loop.dispatches)] = {
+            "version": version, "start": _read_only(protocol.to_numpy(self.run.state.arrays))}
+        loop.flight[waiting, CALL] = loop.dispatches
+        loop.dispatches += 1
 
     def _heard(self, server_round: int, client: int, start: float, finish: float,
                staleness: int, lost: bool, call: int
@@ -232,7 +260,7 @@ class AsyncRound:
         loop, state, strategy = self.loop, run.state, self.strategy
         began = time.perf_counter()
         version = server_round - 1  # server updates made so far
-        model_bytes = state.arrays.count_bytes()
+        durations = self._durations(state.arrays.count_bytes())
         totals = {"bytes_up": 0, "bytes_down": 0, "dropped": 0}
         rows: list[ClientRow] = []
         accepted: list[dict[str, Any]] = []
@@ -243,16 +271,15 @@ class AsyncRound:
         model_update = ""
         while True:
             moment, available = loop.next_start(self.clock)
-            if len(available) and (not len(loop.client)
-                                   or moment <= loop.finish[loop.next_finish()]):
-                loop.start_client(self.clock, moment, available, version, model_bytes)
+            slot = loop.next_finish()
+            if len(available) and moment <= loop.flight[slot, FINISH]:  # none: +inf
+                loop.start_client(self.clock, moment, available, version, durations)
                 continue
-            if not len(loop.client):
+            if loop.flight[slot, CLIENT] < 0:
                 raise RuntimeError("devices: no client is ever available to start")
-            index = loop.next_finish()
-            if not loop.trained[index]:
-                self._train_waiting(server_round, totals)
-            client, start, finish, started_on, lost, call = loop.pop(index)
+            if not loop.flight[slot, TRAINED]:
+                self._train(server_round, totals, slot)
+            client, start, finish, started_on, lost, call = loop.pop(slot)
             loop.now = finish
             row, kept = self._heard(server_round, client, start, finish, version - started_on,
                                     lost, call)
@@ -274,9 +301,17 @@ class AsyncRound:
             if strategy.receive(kept, version - started_on, float(row.num_examples or 0),
                                 client):
                 break
-        self._train_waiting(server_round, totals)  # whoever started on the old model
+        self._name_call(version)  # whoever started on the model about to be replaced
         model_update = model_update or self._release()
         return self._outcome(server_round, rows, accepted, totals, model_update, began)
+
+    def _durations(self, model_bytes: int) -> np.ndarray:
+        """Every client's virtual duration with a model of ``model_bytes`` each way."""
+        if self.duration_bytes != model_bytes:
+            everyone = np.arange(self.clock.profiles.num_clients)
+            self.duration_of = self.clock.durations(everyone, model_bytes, model_bytes)
+            self.duration_bytes = model_bytes
+        return self.duration_of
 
     def _release(self) -> str:
         state = self.run.state
@@ -298,21 +333,24 @@ class AsyncRound:
         metrics = MetricRecord({**weighted_metrics(accepted), **released}) if accepted else None
         run.privacy.record_round(rows, accepted, metrics)
         state.virtual_time_s = self.loop.now
-        seed_sampling(run.config.run.seed, server_round, "evaluate")
-        to_evaluate = list(run.strategy.configure_evaluate(server_round, state.arrays,
-                                                           ConfigRecord(), run.grid))
-        evaluation = evaluate_phase(
-            run.grid, to_evaluate, self.limits, server_round, run.identities,
-            run.config.strategy.round_timeout_s,
-            lambda done, total: run.progress(server_round, "evaluate", done, total), run.stop)
-        run.progress(server_round, "test", 0, 0)
-        global_eval = evaluate_global(run.resources, state.arrays)
+        every = run.config.strategy.eval_every
+        evaluation, global_eval = EvaluatePhase([], 0, 0), None
+        if server_round % every == 0 or server_round == run.config.run.rounds:
+            seed_sampling(run.config.run.seed, server_round, "evaluate")
+            to_evaluate = list(run.strategy.configure_evaluate(server_round, state.arrays,
+                                                               ConfigRecord(), run.grid))
+            evaluation = evaluate_phase(
+                run.grid, to_evaluate, self.limits, server_round, run.identities,
+                run.config.strategy.round_timeout_s,
+                lambda done, total: run.progress(server_round, "evaluate", done, total),
+                run.stop)
+            run.progress(server_round, "test", 0, 0)
+            global_eval = evaluate_global(run.resources, state.arrays)
         ok = sum(r.status == "ok" for r in rows)
         rows.sort(key=lambda r: r.client_id or 0)
         row = RoundRow(
             round=server_round, train_loss=example_weighted(accepted, protocol.TRAIN_LOSS),
-            eval_loss=global_eval.loss, eval_accuracy=global_eval.accuracy,
-            eval_macro_f1=global_eval.macro_f1, **run.privacy.columns(),
+            **_tested(global_eval), **run.privacy.columns(),
             clients_sampled=len(rows), clients_ok=ok, clients_failed=len(rows) - ok,
             bytes_up=totals["bytes_up"] + evaluation.bytes_up,
             bytes_down=totals["bytes_down"] + evaluation.bytes_down,
@@ -323,6 +361,14 @@ class AsyncRound:
             virtual_time_s=self.loop.now)
         return RoundOutcome(row, rows, global_eval, metrics, len(rows), 0,
                             evaluation.rows(server_round))
+
+
+def _tested(evaluation: EvalResult | None) -> dict[str, float | None]:
+    """metrics.csv's global test columns (empty between evaluations)."""
+    if evaluation is None:
+        return {"eval_loss": None, "eval_accuracy": None, "eval_macro_f1": None}
+    return {"eval_loss": evaluation.loss, "eval_accuracy": evaluation.accuracy,
+            "eval_macro_f1": evaluation.macro_f1}
 
 
 def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np.ndarray],
@@ -349,6 +395,13 @@ def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np
     return {**results, "trained": blocks, "notes": notes}
 
 
+def _read_only(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays``, made read-only (the checkpoint keeps them without a copy)."""
+    for array in arrays.values():
+        array.flags.writeable = False
+    return arrays
+
+
 def _row_of(array: np.ndarray) -> tuple[np.ndarray, int] | None:
     """(the array, its row) where ``array`` is a row of a C-contiguous array that owns its data
     (how a cohort keeps a chunk's accepted updates: one copy, ``fedtune.engine.cohort``)."""
@@ -357,7 +410,8 @@ def _row_of(array: np.ndarray) -> tuple[np.ndarray, int] | None:
             or not base.flags.c_contiguous or base.shape[1:] != array.shape
             or base.dtype != array.dtype or not base.size):
         return None
-    row, rest = divmod(array.ctypes.data - base.ctypes.data, base.strides[0])
+    row, rest = divmod(array.__array_interface__["data"][0]
+                       - base.__array_interface__["data"][0], base.strides[0])
     return (base, row) if not rest and 0 <= row < len(base) else None
 
 

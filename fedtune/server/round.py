@@ -85,7 +85,9 @@ class RoundOutcome:
 
     row: RoundRow  # its metrics.csv line
     clients: list[ClientRow]  # one clients.csv line per client sampled for training
-    evaluation: EvalResult  # the new global model on the global test set
+    # the new global model on the global test set (None: an asynchronous run's server update
+    # between evaluations, strategy.eval_every)
+    evaluation: EvalResult | None
     train_metrics: MetricRecord | None  # the strategy's aggregate of the train replies
     sampled: int
     declined: int  # clients that sent no update because their privacy budget is spent

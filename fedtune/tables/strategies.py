@@ -167,6 +167,11 @@ MAX_RFA_ITERATIONS = 1000
 
 SERVER_LR = Key(1.0, "server learning rate", gt=0)
 CONCURRENCY = Key(10, "asynchronous strategies: clients training at the same time", ge=1)
+EVAL_EVERY = Key(1, "asynchronous strategies: evaluate the global model (global test set, "
+                    "federated evaluation) after every this many server updates and after the "
+                    "last; the server updates between keep their metrics.csv rows, with empty "
+                    "evaluation columns (a synchronous round evaluates once per its clients' "
+                    "updates: FedBuff with K = n / 10 matches it at 10)", ge=1)
 ASYNC_REFUSED = {  # what an asynchronous strategy cannot compose with yet, and why
     "secure_aggregation": "SecAgg+ needs a cohort that starts and ends together, and an "
                           "asynchronous buffer fills one update at a time",
@@ -360,7 +365,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "fedbuff": StrategyEntry(
         "FedBuff (Nguyen et al. 2022): asynchronous; the server applies the mean of every K "
         "updates it receives, each weighted by 1/sqrt(1 + staleness)",
-        keys={"concurrency": CONCURRENCY, "server_lr": SERVER_LR,
+        keys={"concurrency": CONCURRENCY, "eval_every": EVAL_EVERY, "server_lr": SERVER_LR,
               "fedbuff_buffer_size": Key(10, "FedBuff: updates K per server step", ge=1)},
         implementation="strategies.fedbuff:FedBuff",
         arguments=lambda c: {"buffer_size": c.strategy.fedbuff_buffer_size,
@@ -371,7 +376,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "fedasync": StrategyEntry(
         "FedAsync (Xie et al. 2019): asynchronous; the server mixes in each update as it "
         "arrives, x <- (1 - a_s) x + a_s x_client, a_s = alpha s(staleness)",
-        keys={"concurrency": CONCURRENCY,
+        keys={"concurrency": CONCURRENCY, "eval_every": EVAL_EVERY,
               "fedasync_alpha": Key(0.6, "FedAsync: mixing weight alpha", gt=0, le=1),
               "fedasync_staleness": Key("polynomial", "FedAsync: s(t) = 1 (constant), "
                                                       "(t + 1)^-a (polynomial), 1 for t <= b "

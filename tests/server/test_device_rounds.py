@@ -3,6 +3,7 @@ over-selection, the asynchronous event loop, and what the config refuses."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,36 @@ def test_fedbuff_receives_k_updates_per_server_step_within_the_concurrency(tmp_p
     assert max(int(c["staleness"]) for c in clients if c["staleness"]) >= 1
 
 
+def test_an_asynchronous_run_evaluates_every_eval_every_server_updates(tmp_path):
+    """strategy.eval_every = 2 of 5 server updates: the global and the federated evaluation in
+    updates 2, 4 and the last, every update keeps its row, and nothing else moves: the same
+    clients trained the same way into the same final model as with an evaluation every update."""
+    runs = {}
+    for every in (1, 2):
+        config = tiny_config(tmp_path / str(every), *DEVICES, "strategy.name=fedbuff",
+                             "run.rounds=5", "strategy.fedbuff_buffer_size=2",
+                             "strategy.concurrency=3", "strategy.fraction_evaluate=0.5",
+                             f"strategy.eval_every={every}")
+        runs[every] = run_inprocess(config).path
+    metrics = rows_of(runs[2] / "metrics.csv")
+    assert [m["round"] for m in metrics] == ["1", "2", "3", "4", "5"]
+    for column in ("eval_accuracy", "eval_loss", "federated_eval_accuracy"):
+        assert [m[column] != "" for m in metrics] == [False, True, False, True, True]
+    every_update = rows_of(runs[1] / "metrics.csv")
+    assert all(m["eval_accuracy"] for m in every_update)
+    for kept in (1, 3, 4):
+        assert metrics[kept]["eval_accuracy"] == every_update[kept]["eval_accuracy"]
+    trained = [{k: v for k, v in c.items() if k != "duration_s"}
+               for run in runs.values() for c in rows_of(run / "clients.csv")
+               if c["phase"] == "train"]
+    half = len(trained) // 2
+    assert trained[:half] == trained[half:]
+    assert ((runs[1] / "model/model.safetensors").read_bytes()
+            == (runs[2] / "model/model.safetensors").read_bytes())
+    summary = json.loads((runs[2] / "summary.json").read_text(encoding="utf-8"))
+    assert summary["final"]["eval_accuracy"] == float(metrics[-1]["eval_accuracy"])
+
+
 def test_fedasync_updates_the_model_with_every_arrival(tmp_path):
     config = tiny_config(tmp_path, *DEVICES, "strategy.name=fedasync", "run.rounds=5",
                          "strategy.concurrency=3")
@@ -125,6 +156,10 @@ def test_without_devices_nothing_is_timed(tmp_path):
       "privacy.delta=1e-3"], "Poisson-sampling accountant does not model"),
     (["devices.speed_median_s=0.5"], "devices.speed_median_s = 0.5 is not allowed with "
                                      "devices.profile = 'none'"),
+    (["strategy.name=fedbuff", "strategy.eval_every=0"], "strategy.eval_every = 0 is not "
+                                                         "allowed: must be an integer >= 1"),
+    (["strategy.eval_every=2"], "strategy.eval_every = 2 is not allowed with strategy.name = "
+                                "'fedavg': only strategy.name = 'fedbuff' or 'fedasync' uses it"),
 ])
 def test_the_config_refuses_what_the_clock_cannot_do(overrides, message):
     with pytest.raises(ConfigError, match=message) as error:
