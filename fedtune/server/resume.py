@@ -66,6 +66,22 @@ def config_digest(config: Config) -> str:
     return hashlib.sha256(tomli_w.dumps(kept).encode("utf-8")).hexdigest()
 
 
+def _refuse_another_event_loop(stateful: Any, description: dict[str, Any]) -> None:
+    """An asynchronous run's checkpoint keeps its event loop's attributes
+    (``fedtune.server.async_loop.AsyncLoop``); one written by a fedtune whose loop kept other
+    ones (before 0d05609: seven arrays instead of the table of clients in flight) would be
+    restored into a loop that ignores them and resume with nobody in flight: CheckpointError."""
+    loop = getattr(stateful, "async_loop", None)
+    saved = description.get("async_loop", {}).get("obj")
+    if loop is None or saved is None or set(saved) == set(vars(loop)):
+        return
+    other = sorted(set(saved) ^ set(vars(loop)))
+    raise CheckpointError(
+        "this checkpoint's asynchronous event loop was written by another version of fedtune "
+        f"(its state differs in {', '.join(other)}); it cannot resume: start the run again, "
+        "or resume it with the fedtune that wrote it")
+
+
 class Checkpointer(RunListener):
     """Keeps the latest round's state in memory; writes it as configured or when asked."""
 
@@ -87,6 +103,7 @@ class Checkpointer(RunListener):
     def restore(self, checkpoint: Checkpoint) -> None:
         """Put strategy, privacy state, RNGs and client states back as ``checkpoint`` recorded
         them."""
+        _refuse_another_event_loop(self.stateful, checkpoint.strategy[0])
         restore_attributes(self.stateful, *checkpoint.strategy)
         restore_rng(*checkpoint.rng)
         saved_states = checkpoint.client_states

@@ -192,3 +192,24 @@ def test_local_dp_never_resumes_without_the_client_accountants(tmp_path):
     with pytest.raises(ConfigError, match="privacy.mode = 'local' is not allowed to resume this "
                                           "checkpoint: it holds no client states"):
         run_inprocess(config)
+
+
+def test_an_asynchronous_checkpoint_of_another_event_loop_is_refused(tmp_path):
+    """A FedBuff checkpoint whose event loop kept other attributes (as the loop before the
+    table of clients in flight did) would resume with nobody in flight: refused in one line."""
+    fedbuff = ["strategy.name=fedbuff", "devices.profile=lognormal",
+               "strategy.fedbuff_buffer_size=2", "strategy.concurrency=3"]
+    run_dir = run_inprocess(tiny_config(tmp_path, *fedbuff)).path
+    state = run_dir / "checkpoint" / "state.json"
+    meta = json.loads(state.read_text())
+    loop = meta["strategy"]["async_loop"]["obj"]
+    loop["in_flight"] = loop.pop("flight")  # what another layout of the loop wrote
+    state.write_text(json.dumps(meta))
+    _rewrite_manifest(run_dir)
+    config = tiny_config(tmp_path, *fedbuff, "run.rounds=3", f"run.dir={run_dir}")
+    config.run.resume = True
+    with pytest.raises(CheckpointError, match="asynchronous event loop was written by another "
+                                              r"version of fedtune \(its state differs in "
+                                              "flight, in_flight\\); it cannot resume"):
+        run_inprocess(config)
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 3  # nothing lost
