@@ -46,6 +46,9 @@ def privacy_setting(config: Config) -> str:
     return f"{p.mode} DP, {budget} at δ = {p.delta:g}"
 
 
+TESTED = ("eval_accuracy", "eval_macro_f1", "eval_loss")  # metrics.csv's global test columns
+
+
 def _backdoor(final: dict[str, str]) -> dict[str, float]:
     """A backdoored run's final attack success rate (nothing for other runs)."""
     rate = _number(final.get("attack_success_rate", ""))
@@ -60,6 +63,17 @@ def _filtered_means(rows: list[dict[str, str]]) -> dict[str, float]:
         if values:
             means[column] = sum(values) / len(values)
     return means
+
+
+def final_tested(row: dict[str, str], final_eval: EvalResult | None) -> dict[str, float | None]:
+    """The kept model's global test metrics: its metrics.csv row's, or, where that row has none
+    (an asynchronous run with ``strategy.eval_every`` > 1 that stopped early between
+    evaluations), ``final_eval``: the evaluation the run made of its final model."""
+    tested = {name: _number(row.get(name, "")) for name in TESTED}
+    if tested["eval_loss"] is None and final_eval is not None:
+        return {"eval_accuracy": final_eval.accuracy, "eval_macro_f1": final_eval.macro_f1,
+                "eval_loss": final_eval.loss}
+    return tested
 
 
 def build_summary(config: Config, resources: TaskResources, run_dir: RunDirectory,
@@ -93,9 +107,7 @@ def build_summary(config: Config, resources: TaskResources, run_dir: RunDirector
         },
         "final": {
             "round": int(final["round"]) if final else None,
-            "eval_accuracy": _number(final.get("eval_accuracy", "")),
-            "eval_macro_f1": _number(final.get("eval_macro_f1", "")),
-            "eval_loss": _number(final.get("eval_loss", "")),
+            **final_tested(final, final_eval if final_round is None else None),
             "train_loss": _number(final.get("train_loss", "")),
             "federated_eval_accuracy": _number(final.get("federated_eval_accuracy", "")),
             **_backdoor(final),

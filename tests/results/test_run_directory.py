@@ -37,3 +37,20 @@ def test_the_lock_file_goes_with_its_holder_and_a_second_writer_is_refused(tmp_p
     assert not (tmp_path / LOCK_NAME).exists()
     with RunLock(tmp_path):  # free again
         assert (tmp_path / LOCK_NAME).is_file()
+
+
+def test_the_summary_takes_the_final_models_evaluation_when_its_row_has_none():
+    """An asynchronous run with strategy.eval_every > 1 that stopped between evaluations: its
+    last metrics.csv row has empty test columns; summary.json's final reads the evaluation the
+    run made of its final model instead, and a row with its own evaluation keeps it."""
+    from fedtune.results.summary import final_tested
+    from fedtune.train import EvalResult
+
+    kept = EvalResult(loss=0.5, accuracy=0.75, macro_f1=0.7, num_examples=8)
+    between = {"round": "3", "eval_accuracy": "", "eval_macro_f1": "", "eval_loss": ""}
+    assert final_tested(between, kept) == {"eval_accuracy": 0.75, "eval_macro_f1": 0.7,
+                                           "eval_loss": 0.5}
+    evaluated = {"round": "4", "eval_accuracy": "0.8", "eval_macro_f1": "0.6", "eval_loss": "0.4"}
+    assert final_tested(evaluated, kept) == {"eval_accuracy": 0.8, "eval_macro_f1": 0.6,
+                                             "eval_loss": 0.4}
+    assert final_tested(between, None)["eval_accuracy"] is None  # a chosen round's own row
