@@ -7,11 +7,11 @@ the round time is metrics.csv's ``wall_s`` (train, aggregate, the server's globa
 personal evaluation of every client runs after it, once at the end, and is timed apart from
 the end of the last round to the end of the run). Round 1 (imports, warm-up) is left out; the
 table shows the median of the other rounds over ``--repeats`` runs, the sides alternating, and
-the ratio to FedAvg on the same runtime. Beside it, the CPU-seconds of each round's train phase
-in the driver process (``time.process_time`` around ``fedtune.server.round.train_phase``, rounds
-2 on): in process every client trains there, so it is the train phase's whole CPU cost and
-barely moves with the machine's load; on Ray the clients train in actors and it is only the
-driver's share. Ditto and APFL do two models' work per step by design. Times need a quiet
+the ratio to FedAvg on the same runtime. Beside it, each round's CPU-seconds in the driver
+process (``time.process_time`` around ``fedtune.server.round.play_round``: train, aggregate, the
+global test; rounds 2 on): in process every client trains there, so it is the round's whole CPU
+cost and barely moves with the machine's load; on Ray the clients train in actors and it is
+only the driver's share. Ditto and APFL do two models' work per step by design. Times need a quiet
 machine:
 
     python benchmarks/personal_round.py --clients 1000 --rounds 4 --repeats 2 \\
@@ -36,19 +36,19 @@ sys.path.insert(0, str(HERE))
 from engine_benchmarks import MLP  # noqa: E402 - the same workload as the engine's benchmark
 
 FINE_TUNING = ("finetune", "fedbabu")  # their evaluation fine-tunes: one step is enough here
-# the child: ``fedtune run`` with each train phase's CPU-seconds written to a JSON file at exit
+# the child: ``fedtune run`` with each round's CPU-seconds written to a JSON file at exit
 CHILD = """
 import atexit, json, sys, time
-import fedtune.server.round as rounds
+import fedtune.server.app as app
 from fedtune.cli import main
-phase, spent, out = rounds.train_phase, [], sys.argv.pop(1)
+play, spent, out = app.play_round, [], sys.argv.pop(1)
 def timed(*args, **kwargs):
     started = time.process_time()
     try:
-        return phase(*args, **kwargs)
+        return play(*args, **kwargs)
     finally:
         spent.append(time.process_time() - started)
-rounds.train_phase = timed
+app.play_round = timed
 atexit.register(lambda: open(out, "w").write(json.dumps(spent)))
 sys.exit(main(sys.argv[1:]))
 """
@@ -61,7 +61,7 @@ def _children_cpu_s() -> float:
 
 def one_run(strategy: str, runtime: str, clients: int, rounds: int, folder: Path
             ) -> tuple[list[float], list[float], float, float, float]:
-    """Round wall times of one run and its train phases' CPU-seconds in the driver (round 1
+    """Round wall times of one run and its rounds' CPU-seconds in the driver (round 1
     left out of both), its whole time in summary.json, and the child process's wall and CPU
     seconds (its reaped process tree: Ray's workers included only as far as their parents reap
     them)."""
@@ -96,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     strategies, runtimes = args.strategies.split(","), args.runtimes.split(",")
     walls: dict[tuple[str, str], list[float]] = {}
-    train_cpu: dict[tuple[str, str], list[float]] = {}
+    round_cpu: dict[tuple[str, str], list[float]] = {}
     totals: dict[tuple[str, str], list[float]] = {}
     processes: dict[tuple[str, str], list[tuple[float, float]]] = {}
     print("load average at start:", Path("/proc/loadavg").read_text().strip(), flush=True)
@@ -108,27 +108,27 @@ def main() -> None:
                     got, phases, total, wall, cpu = one_run(strategy, runtime, args.clients,
                                                             args.rounds, folder)
                     walls.setdefault((strategy, runtime), []).extend(got)
-                    train_cpu.setdefault((strategy, runtime), []).extend(phases)
+                    round_cpu.setdefault((strategy, runtime), []).extend(phases)
                     totals.setdefault((strategy, runtime), []).append(total)
                     processes.setdefault((strategy, runtime), []).append((wall, cpu))
                     print(f"[{repeat + 1}/{args.repeats}] {runtime} {strategy}: rounds "
-                          + " ".join(f"{w:.2f}" for w in got) + "; train phase CPU-s "
+                          + " ".join(f"{w:.2f}" for w in got) + "; round CPU-s "
                           + " ".join(f"{c:.2f}" for c in phases)
                           + f"; process {wall:.1f} s wall, {cpu:.1f} CPU-s", flush=True)
     print("load average at end:", Path("/proc/loadavg").read_text().strip())
-    print("\n| runtime | strategy | round s (median, min-max) | vs FedAvg | train phase CPU-s "
-          "in the driver (median, min-max) | vs FedAvg | run s (rounds + end) "
+    print("\n| runtime | strategy | round s (median, min-max) | vs FedAvg | round CPU-s in "
+          "the driver (median, min-max) | vs FedAvg | run s (rounds + end) "
           "| process wall s / CPU-s (median) |")
     print("|---|---|---|---|---|---|---|---|")
     for runtime in runtimes:
         fedavg = ("fedavg", runtime)
         base = statistics.median(walls[fedavg]) if "fedavg" in strategies else None
-        base_cpu = statistics.median(train_cpu[fedavg]) if "fedavg" in strategies else None
+        base_cpu = statistics.median(round_cpu[fedavg]) if "fedavg" in strategies else None
         for strategy in strategies:
             rounds = walls[(strategy, runtime)]
             median = statistics.median(rounds)
             ratio = f"{median / base:.2f}x" if base else "-"
-            phases = train_cpu[(strategy, runtime)]
+            phases = round_cpu[(strategy, runtime)]
             median_cpu = statistics.median(phases)
             ratio_cpu = f"{median_cpu / base_cpu:.2f}x" if base_cpu else "-"
             wall = statistics.median(w for w, _ in processes[(strategy, runtime)])
