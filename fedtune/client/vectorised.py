@@ -204,7 +204,7 @@ def personal_starts(states: Sequence[bytes], names: Sequence[str],
     row i)."""
     starts = {name: np.empty((len(states), *global_arrays[name].shape),
                              global_arrays[name].dtype) for name in names}
-    for i, state in enumerate(states):
+    for i, state in enumerate(states if names else ()):
         own = read_arrays(state, protocol.PERSONAL_STATE) or {}
         for name in names:
             starts[name][i] = own.get(name, global_arrays[name])
