@@ -7,8 +7,12 @@ the round time is metrics.csv's ``wall_s`` (train, aggregate, the server's globa
 personal evaluation of every client runs after it, once at the end, and is timed apart from
 the end of the last round to the end of the run). Round 1 (imports, warm-up) is left out; the
 table shows the median of the other rounds over ``--repeats`` runs, the sides alternating, and
-the ratio to FedAvg on the same runtime. Ditto and APFL do two models' work per step by design.
-Times need a quiet machine:
+the ratio to FedAvg on the same runtime. Beside it, each round's CPU-seconds in the driver
+process (``time.process_time`` around ``fedtune.server.round.play_round``: train, aggregate, the
+global test; rounds 2 on): in process every client trains there, so it is the round's whole CPU
+cost and barely moves with the machine's load; on Ray the clients train in actors and it is
+only the driver's share. Ditto and APFL do two models' work per step by design. Times need a quiet
+machine:
 
     python benchmarks/personal_round.py --clients 1000 --rounds 4 --repeats 2 \\
         --runtimes inprocess,ray --strategies fedavg,finetune,fedbabu,fedper,fedrep,ditto,apfl
@@ -32,6 +36,22 @@ sys.path.insert(0, str(HERE))
 from engine_benchmarks import MLP  # noqa: E402 - the same workload as the engine's benchmark
 
 FINE_TUNING = ("finetune", "fedbabu")  # their evaluation fine-tunes: one step is enough here
+# the child: ``fedtune run`` with each round's CPU-seconds written to a JSON file at exit
+CHILD = """
+import atexit, json, sys, time
+import fedtune.server.app as app
+from fedtune.cli import main
+play, spent, out = app.play_round, [], sys.argv.pop(1)
+def timed(*args, **kwargs):
+    started = time.process_time()
+    try:
+        return play(*args, **kwargs)
+    finally:
+        spent.append(time.process_time() - started)
+app.play_round = timed
+atexit.register(lambda: open(out, "w").write(json.dumps(spent)))
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def _children_cpu_s() -> float:
@@ -40,16 +60,18 @@ def _children_cpu_s() -> float:
 
 
 def one_run(strategy: str, runtime: str, clients: int, rounds: int, folder: Path
-            ) -> tuple[list[float], float, float, float]:
-    """Round wall times of one run (round 1 left out), its whole time in summary.json, and the
-    child process's wall and CPU seconds (its reaped process tree: Ray's workers included only
-    as far as their parents reap them)."""
+            ) -> tuple[list[float], list[float], float, float, float]:
+    """Round wall times of one run and its rounds' CPU-seconds in the driver (round 1
+    left out of both), its whole time in summary.json, and the child process's wall and CPU
+    seconds (its reaped process tree: Ray's workers included only as far as their parents reap
+    them)."""
     out = folder / f"{strategy}-{runtime}"
     overrides = [*MLP, f"strategy.name={strategy}", f"engine.backend={runtime}",
                  f"data.num_clients={clients}", f"run.rounds={rounds}",
                  "data.local_test_fraction=0.2",
                  *(["strategy.finetune_steps=1"] if strategy in FINE_TUNING else [])]
-    command = [sys.executable, "-m", "fedtune", "run", "--quiet", "--output", str(out)]
+    phases = folder / f"{strategy}-{runtime}.json"
+    command = [sys.executable, "-c", CHILD, str(phases), "run", "--quiet", "--output", str(out)]
     for override in overrides:
         command += ["--set", override]
     cpu, wall = _children_cpu_s(), time.perf_counter()
@@ -60,7 +82,7 @@ def one_run(strategy: str, runtime: str, clients: int, rounds: int, folder: Path
     with (out / "metrics.csv").open(newline="") as handle:
         walls = [float(row["wall_s"]) for row in csv.DictReader(handle)][1:]
     total = json.loads((out / "summary.json").read_text())["total_time_s"]
-    return walls, total, wall, cpu
+    return walls, json.loads(phases.read_text())[1:], total, wall, cpu
 
 
 def main() -> None:
@@ -74,6 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     strategies, runtimes = args.strategies.split(","), args.runtimes.split(",")
     walls: dict[tuple[str, str], list[float]] = {}
+    round_cpu: dict[tuple[str, str], list[float]] = {}
     totals: dict[tuple[str, str], list[float]] = {}
     processes: dict[tuple[str, str], list[tuple[float, float]]] = {}
     print("load average at start:", Path("/proc/loadavg").read_text().strip(), flush=True)
@@ -82,28 +105,37 @@ def main() -> None:
             for runtime in runtimes:
                 for strategy in strategies:
                     folder = Path(tmp) / str(repeat)
-                    got, total, wall, cpu = one_run(strategy, runtime, args.clients,
-                                                    args.rounds, folder)
+                    got, phases, total, wall, cpu = one_run(strategy, runtime, args.clients,
+                                                            args.rounds, folder)
                     walls.setdefault((strategy, runtime), []).extend(got)
+                    round_cpu.setdefault((strategy, runtime), []).extend(phases)
                     totals.setdefault((strategy, runtime), []).append(total)
                     processes.setdefault((strategy, runtime), []).append((wall, cpu))
                     print(f"[{repeat + 1}/{args.repeats}] {runtime} {strategy}: rounds "
-                          + " ".join(f"{w:.2f}" for w in got)
+                          + " ".join(f"{w:.2f}" for w in got) + "; round CPU-s "
+                          + " ".join(f"{c:.2f}" for c in phases)
                           + f"; process {wall:.1f} s wall, {cpu:.1f} CPU-s", flush=True)
     print("load average at end:", Path("/proc/loadavg").read_text().strip())
-    print("\n| runtime | strategy | round s (median, min-max) | vs FedAvg | run s (rounds + end) "
+    print("\n| runtime | strategy | round s (median, min-max) | vs FedAvg | round CPU-s in "
+          "the driver (median, min-max) | vs FedAvg | run s (rounds + end) "
           "| process wall s / CPU-s (median) |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for runtime in runtimes:
-        base = statistics.median(walls[("fedavg", runtime)]) if "fedavg" in strategies else None
+        fedavg = ("fedavg", runtime)
+        base = statistics.median(walls[fedavg]) if "fedavg" in strategies else None
+        base_cpu = statistics.median(round_cpu[fedavg]) if "fedavg" in strategies else None
         for strategy in strategies:
             rounds = walls[(strategy, runtime)]
             median = statistics.median(rounds)
             ratio = f"{median / base:.2f}x" if base else "-"
+            phases = round_cpu[(strategy, runtime)]
+            median_cpu = statistics.median(phases)
+            ratio_cpu = f"{median_cpu / base_cpu:.2f}x" if base_cpu else "-"
             wall = statistics.median(w for w, _ in processes[(strategy, runtime)])
             cpu = statistics.median(c for _, c in processes[(strategy, runtime)])
             print(f"| {runtime} | {strategy} | {median:.3f} ({min(rounds):.3f}-{max(rounds):.3f})"
-                  f" | {ratio} | {statistics.median(totals[(strategy, runtime)]):.1f} | "
+                  f" | {ratio} | {median_cpu:.3f} ({min(phases):.3f}-{max(phases):.3f}) | "
+                  f"{ratio_cpu} | {statistics.median(totals[(strategy, runtime)]):.1f} | "
                   f"{wall:.1f} / {cpu:.1f} |")
 
 

@@ -105,14 +105,12 @@ class ClientSide:
         """Extra reply records and metrics; may update ``state``."""
         return {}, {}
 
-    def personal_start(self, resources: TaskResources) -> dict[str, NDArray]:
+    def personal_part(self, resources: TaskResources) -> list[str]:
         """For clients trained together (``fedtune.client.vectorised``): the travelling
-        tensors this client trains from in place of the global ones and keeps to itself, its
-        reply carrying their global values (FedPer's own head; {}: none)."""
-        return {}
-
-    def keep_personal(self, resources: TaskResources, trained: dict[str, NDArray]) -> None:
-        """Keep the tensors of ``personal_start`` as this client trained them, in ``state``."""
+        tensors each client trains from its own values in place of the global ones and keeps
+        to itself, in its state under ``protocol.PERSONAL_STATE``, its reply carrying their
+        global values (FedPer's head; []: none)."""
+        return []
 
 
 class FedProxClient(ClientSide):

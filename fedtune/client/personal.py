@@ -20,22 +20,17 @@ from fedtune.task import TaskResources
 
 class PersonalClient(ClientSide):
     """Trains as the strategy's personalisation says; its reply carries the shared part.
-    Trained together (a ``client_together`` entry: FedPer), its personal part is the
-    personalisation's ``together_start`` and ``together_keep``."""
-
-    own_state = True
+    Trained together (a ``client_together`` entry: FedPer), it reads and writes no
+    ``RecordDict``: its personal part (the personalisation's ``together_part``) is kept in the
+    state's bytes by ``fedtune.client.vectorised``."""
 
     def train(self, resources: TaskResources, shard: int, seed: int) -> LocalTraining | None:
         result = personalisation_of(resources.config).train(
             resources, shard, seed, self.state, self.global_arrays)
         return None if result is None else LocalTraining(result)
 
-    def personal_start(self, resources: TaskResources) -> dict[str, np.ndarray]:
-        return personalisation_of(resources.config).together_start(
-            resources, self.state, self.global_arrays)
-
-    def keep_personal(self, resources: TaskResources, trained: dict[str, np.ndarray]) -> None:
-        personalisation_of(resources.config).together_keep(resources, self.state, trained)
+    def personal_part(self, resources: TaskResources) -> list[str]:
+        return personalisation_of(resources.config).together_part(resources.model)
 
 
 def personal_metrics(resources: TaskResources, client_id: int, server_round: int,

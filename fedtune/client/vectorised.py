@@ -25,9 +25,11 @@ client side's extra terms are added to the stacked gradients (``_adjust_stacked`
 (FedProx's proximal term) broadcast over the chunk, or each client's own from its state
 (SCAFFOLD's ``c - c_i``, FedDyn's ``g_k``) stacked over it (``chunk_objective``); each client's
 reply and new state come from its own row and state (``chunk_sides``). A side with a
-personal part (FedPer's head, Arivazhagan et al. 2019) starts each client's row of those
-tensors from its own values (``ClientSide.personal_start``), keeps the trained row in its state
-and sets the reply's row back to the global values (``ClientSide.keep_personal``).
+personal part (``ClientSide.personal_part``: FedPer's head, Arivazhagan et al. 2019) starts
+each client's row of those tensors from its own values, keeps the trained row in its state and
+sets the reply's row back to the global values; that part is read from and written into the
+state's bytes (``fedtune.state.arrays``), never a Flower ``RecordDict``, which would cost more
+per client than its share of the training (``personal_starts``, ``keep_personal``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ from fedtune.data.encode import Encoded
 from fedtune.faults import FaultPlan
 from fedtune.models.hf import uses_feature_cache
 from fedtune.models.weights import load_shared_state, travelling_tensors
+from fedtune.state.arrays import read_arrays, with_arrays
+from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.tables.model_kinds import MODEL_KINDS
 from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.runtimes import RUNTIMES
@@ -137,21 +141,23 @@ class TrainedChunk:
     # until the next chunk trains; None when no client of the chunk took a step
     stacked: dict[str, np.ndarray] | None
     share: float
+    states: list[bytes]  # each client's state after it trained (``fedtune.state.codec``)
 
 
 def train_chunks(resources: TaskResources, server_round: int, content: RecordDict,
                  global_arrays: dict[str, np.ndarray], client_ids: Sequence[int],
-                 states: Sequence[RecordDict] | None = None) -> Iterator[TrainedChunk]:
+                 states: Sequence[bytes] | None = None) -> Iterator[TrainedChunk]:
     """Train the clients ``client_ids`` on their training splits from ``global_arrays``
     (``content``: the train message's records), a chunk at a time (``chunk_sizes``).
-    ``states``: each client's Context.state, which a client side with its own state
-    (SCAFFOLD's control variate, FedDyn's gradient) reads before the chunk trains and updates
-    after, as one client at a time does (None: every client's state is empty)."""
+    ``states``: each client's Context.state as bytes (``fedtune.state.codec``; b"": empty),
+    which a client side with its own state (SCAFFOLD's control variate, FedDyn's gradient,
+    FedPer's head) reads before the chunk trains and updates after, as one client at a time
+    does (None: every client's state is empty); each chunk's ``states`` are the new ones."""
     first = 0
     for size in chunk_sizes(len(client_ids), resources.model):
         yield _train_chunk(resources, server_round, content, global_arrays,
                            client_ids[first:first + size],
-                           None if states is None else states[first:first + size])
+                           [b""] * size if states is None else states[first:first + size])
         first += size
 
 
@@ -172,24 +178,55 @@ def group_updates_together(resources: TaskResources, group: tuple[int, ...], ser
 
 
 def chunk_sides(resources: TaskResources, content: RecordDict,
-                global_arrays: dict[str, np.ndarray], states: Sequence[RecordDict] | None,
+                global_arrays: dict[str, np.ndarray], states: Sequence[bytes],
                 clients: int) -> list[ClientSide]:
     """The client side of each of a chunk's ``clients``: plain, or the strategy's
-    ``client_together`` one; a side that keeps no state (FedProx's proximal term, FedNova's
-    reply metric) is one side serving the whole chunk, a side with its own state
-    (``ClientSide.own_state``: SCAFFOLD, FedDyn, FedPer) one per client over that client's
-    state (``states``; None: empty ones)."""
+    ``client_together`` one; a side that reads no ``RecordDict`` state (FedProx's proximal
+    term, FedNova's reply metric, FedPer's, whose personal part ``_train_chunk`` keeps) is one
+    side serving the whole chunk, a side with its own state (``ClientSide.own_state``:
+    SCAFFOLD, FedDyn) one per client over that client's state (``states``, decoded)."""
     entry = STRATEGIES[resources.config.strategy.name]
     side_class = entry.load_client() if entry.client else ClientSide
     if not side_class.own_state:
         return [side_class(content, RecordDict(), global_arrays,
                            resources.train_settings)] * clients
-    if states is None:
-        states = [RecordDict() for _ in range(clients)]
     if len(states) != clients:
         raise ValueError(f"{len(states)} client states for a chunk of {clients} clients")
-    return [side_class(content, state, global_arrays, resources.train_settings)
+    return [side_class(content, state_from_bytes(state) if state else RecordDict(),
+                       global_arrays, resources.train_settings)
             for state in states]
+
+
+def personal_starts(states: Sequence[bytes], names: Sequence[str],
+                    global_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each client's own values of the personal tensors ``names`` (kept in its state under
+    ``protocol.PERSONAL_STATE``; the global ones before its first round), stacked (client i:
+    row i)."""
+    starts = {name: np.empty((len(states), *global_arrays[name].shape),
+                             global_arrays[name].dtype) for name in names}
+    for i, state in enumerate(states if names else ()):
+        own = read_arrays(state, protocol.PERSONAL_STATE) or {}
+        for name in names:
+            starts[name][i] = own.get(name, global_arrays[name])
+    return starts
+
+
+def keep_personal(states: Sequence[bytes], starts: dict[str, np.ndarray],
+                  stacked: dict[str, np.ndarray] | None, trained: np.ndarray,
+                  global_arrays: dict[str, np.ndarray]) -> list[bytes]:
+    """Each client's state with its personal tensors (``starts``' names) as it trained them
+    (row i of ``stacked`` where ``trained[i]``, else its start), in ``protocol.
+    PERSONAL_STATE`` as ``fedtune.personal.base.store_arrays`` keeps them; the trained rows of
+    ``stacked``, which the replies view, are set back to the global values."""
+    kept = []
+    for i, state in enumerate(states):
+        source = stacked if trained[i] else starts
+        kept.append(with_arrays(state, protocol.PERSONAL_STATE,
+                                {name: source[name][i] for name in starts}))
+    if stacked is not None:
+        for name in starts:
+            stacked[name][trained] = global_arrays[name]
+    return kept
 
 
 @dataclass
@@ -234,7 +271,7 @@ def chunk_objective(sides: Sequence[ClientSide], model: nn.Module) -> LocalObjec
 
 def _train_chunk(resources: TaskResources, server_round: int, content: RecordDict,
                  global_arrays: dict[str, np.ndarray], ids: Sequence[int],
-                 states: Sequence[RecordDict] | None = None) -> TrainedChunk:
+                 states: Sequence[bytes]) -> TrainedChunk:
     started = time.perf_counter()
     config = resources.config
     model = resources.model
@@ -242,8 +279,8 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     model.train()
     sides = chunk_sides(resources, content, global_arrays, states, len(ids))
     objective = chunk_objective(sides, model)
-    starts = [side.personal_start(resources) for side in sides] if sides[0].own_state else []
-    personal = list(starts[0]) if starts else []
+    personal = sides[0].personal_part(resources)
+    starts = personal_starts(states, personal, global_arrays)
     seeds = client_round_seeds(config.run.seed, server_round, ids,
                                protocol.message_dispatch(content))
     shards = [client_shard(config, client_id) for client_id in ids]
@@ -261,7 +298,7 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
                             [len(loaders[i]) for i in members])
         group_objective = (objective.rows(members) if isinstance(objective, StackedObjective)
                            and len(members) < len(ids) else objective)
-        start = {name: np.stack([starts[i][name] for i in members]) for name in personal}
+        start = {name: value[members] for name, value in starts.items()}
         arrays, group = _train_group(resources, model, [rows[i] for i in members],
                                      group_objective, masks, start)
         if len(members) == len(ids):
@@ -284,15 +321,15 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
         if result.num_steps:
             client.arrays = {name: value[i] for name, value in stacked.items()}
             client.records, extra = sides[i].reply(client.arrays, result.num_steps)
-        if personal:  # its trained personal part kept, the reply's the global values
-            sides[i].keep_personal(resources, client.arrays or starts[i])
-            for name in personal if client.arrays else ():
-                stacked[name][i] = global_arrays[name]
         client.metrics = train_metrics(resources, shards[i], client_id,
                                        TrainResult(result.loss, result.num_examples,
                                                    result.num_steps, share), {}, extra)
         trained.append(client)
-    return TrainedChunk(trained, stacked, share)
+    if personal:  # its trained personal part kept, the reply's the global values
+        states = keep_personal(states, starts, stacked, steps > 0, global_arrays)
+    elif sides[0].own_state:
+        states = [state_to_bytes(side.state) for side in sides]
+    return TrainedChunk(trained, stacked, share, list(states))
 
 
 def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.ndarray]],

@@ -357,7 +357,7 @@ def _train_together(resources: TaskResources, content: DecodedContent, task: Blo
     (``fedtune.client.vectorised``), each chunk screened and summed as a whole
     (``_keep_chunk``); each client's new state returned as ``_train_one_at_a_time`` returns
     it (``_keep_states``)."""
-    states = [state_from_bytes(c.state) if c.state else RecordDict() for c in task.clients]
+    states = [client.state or b"" for client in task.clients]
     chunks = train_chunks(resources, content.server_round, content.records,
                           content.arrays[protocol.ARRAYS],
                           [client.client_id for client in task.clients], states)
@@ -374,16 +374,14 @@ def _train_together(resources: TaskResources, content: DecodedContent, task: Blo
         _play_update_attacks(resources, content, members, chunk)
         _keep_chunk(result, members, chunk, content, task.spec, client_limit_s)
         if chunk.share <= client_limit_s:  # a timed-out client's state is dropped with it
-            _keep_states(result, members, states[done:done + len(members)])
+            _keep_states(result, members, chunk.states)
         done += len(members)
 
 
-def _keep_states(result: BlockResult, members: list[BlockClient],
-                 states: list[RecordDict]) -> None:
+def _keep_states(result: BlockResult, members: list[BlockClient], states: list[bytes]) -> None:
     """The states of a chunk's clients that changed while they trained (SCAFFOLD's control
-    variates, FedDyn's gradients), into ``result``."""
-    for client, state in zip(members, states, strict=True):
-        after = state_to_bytes(state)
+    variates, FedDyn's gradients, FedPer's heads), into ``result``."""
+    for client, after in zip(members, states, strict=True):
         if after != (client.state or b""):
             result.states[client.client_id] = after
 

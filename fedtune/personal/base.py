@@ -56,17 +56,12 @@ class Personalisation:
         """The client's personalised model (travelling arrays), or None without one."""
         return None
 
-    def together_start(self, resources: TaskResources, state: RecordDict,
-                       global_arrays: Mapping[str, NDArray]) -> dict[str, NDArray]:
-        """For clients trained together (``fedtune.client.vectorised``): the personal tensors
-        a client trains from in place of the global ones (its reply carries their global
-        values). Only an algorithm that trains the whole model as plain training does, from
-        its own values of some tensors, has them (FedPer)."""
-        raise ValueError(f"{type(self).__name__}'s clients train one at a time")
-
-    def together_keep(self, resources: TaskResources, state: RecordDict,
-                      trained: Mapping[str, NDArray]) -> None:
-        """Keep the tensors of ``together_start`` as a client trained together trained them."""
+    def together_part(self, model: nn.Module) -> list[str]:
+        """For clients trained together (``fedtune.client.vectorised``): the travelling
+        tensors a client trains from its own values, kept in its state under
+        ``protocol.PERSONAL_STATE`` as ``store_arrays`` keeps them (its reply carries their
+        global values). Only an algorithm that trains the whole model as plain training does,
+        from its own values of some tensors, has them (FedPer)."""
         raise ValueError(f"{type(self).__name__}'s clients train one at a time")
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from flwr.app import RecordDict
+from torch import nn
 
 from fedtune.models.weights import load_shared_state, travelling_tensors
 from fedtune.personal.base import (
@@ -22,7 +23,7 @@ from fedtune.personal.base import (
     with_part,
 )
 from fedtune.personal.split import head_names, part_names
-from fedtune.protocol import PERSONAL_STATE, npy_view
+from fedtune.protocol import PERSONAL_STATE
 from fedtune.task import TaskResources
 from fedtune.train import TrainResult
 
@@ -66,14 +67,5 @@ class FedPer(Personalisation):
                         ) -> dict[str, NDArray] | None:
         return own_head_model(state, global_arrays)
 
-    def together_start(self, resources: TaskResources, state: RecordDict,
-                       global_arrays: Mapping[str, NDArray]) -> dict[str, NDArray]:
-        # read in place (the chunk stacks them): a copy per client costs a share of the round
-        own = state[PERSONAL_STATE] if PERSONAL_STATE in state else {}
-        return {name: npy_view(own[name]) if name in own else global_arrays[name]
-                for name in head_names(resources.model)}
-
-    def together_keep(self, resources: TaskResources, state: RecordDict,
-                      trained: Mapping[str, NDArray]) -> None:
-        store_arrays(state, PERSONAL_STATE,
-                     {name: trained[name] for name in head_names(resources.model)})
+    def together_part(self, model: nn.Module) -> list[str]:
+        return head_names(model)

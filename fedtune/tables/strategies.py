@@ -46,7 +46,7 @@ class StrategyEntry(Entry):
     # SCAFFOLD's control variate; ClientSide.own_state), and its reply comes from the train
     # message, its trained weights, its step count and that state alone; or it trains the
     # whole model plainly from its own values of some tensors, kept in its state and sent back
-    # as received (FedPer's head; ClientSide.personal_start): clients may train together
+    # as received (FedPer's head; ClientSide.personal_part): clients may train together
     # (engine.vectorise_clients, fedtune.client.vectorised)
     client_together: bool = False
     answers: Mapping[str, str] = field(default_factory=dict)  # reply record -> sent record

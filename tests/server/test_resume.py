@@ -181,6 +181,9 @@ STATEFUL = {
     "ditto": ["strategy.name=ditto", "run.personal_eval_every=2"],
     "fedrep_on_disk": ["strategy.name=fedrep", "run.personal_eval_every=2",
                        "engine.client_state_memory_mb=0"],  # personal heads in files
+    # heads kept in the states' bytes by clients trained together (fedtune.state.arrays)
+    "fedper_on_disk": ["strategy.name=fedper", "run.personal_eval_every=2",
+                       "engine.client_state_memory_mb=0"],
     # the virtual clock; the asynchronous loop's clients in flight, their updates, the buffer
     "devices": ["devices.profile=lognormal", "devices.slow_fraction=0.25"],
     "fedbuff": ["strategy.name=fedbuff", "devices.profile=lognormal",
