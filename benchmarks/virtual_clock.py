@@ -172,8 +172,8 @@ def _spread(values: list[float], digits: int) -> str:
 
 
 def _commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, cwd=Path(__file__).parent)
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False,
+                          capture_output=True, text=True, cwd=Path(__file__).parent)
     return done.stdout.strip() or "unknown"
 
 
