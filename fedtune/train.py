@@ -57,6 +57,11 @@ class EvalResult:
     truth: np.ndarray | None = None  # the labels and the predictions behind the scores
     predicted: np.ndarray | None = None
 
+    def test_columns(self) -> dict[str, float]:
+        """These scores as metrics.csv's and summary.json's global test columns."""
+        return {"eval_accuracy": self.accuracy, "eval_macro_f1": self.macro_f1,
+                "eval_loss": self.loss}
+
     def classification_report(self, label_names: tuple[str, ...]) -> dict | None:
         """Per-class precision, recall and F1 (scikit-learn's report) of these predictions."""
         if self.truth is None or self.predicted is None:

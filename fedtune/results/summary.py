@@ -71,8 +71,7 @@ def final_tested(row: dict[str, str], final_eval: EvalResult | None) -> dict[str
     evaluations), ``final_eval``: the evaluation the run made of its final model."""
     tested = {name: _number(row.get(name, "")) for name in TESTED}
     if tested["eval_loss"] is None and final_eval is not None:
-        return {"eval_accuracy": final_eval.accuracy, "eval_macro_f1": final_eval.macro_f1,
-                "eval_loss": final_eval.loss}
+        return final_eval.test_columns()
     return tested
 
 

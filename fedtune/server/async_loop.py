@@ -367,8 +367,7 @@ def _tested(evaluation: EvalResult | None) -> dict[str, float | None]:
     """metrics.csv's global test columns (empty between evaluations)."""
     if evaluation is None:
         return {"eval_loss": None, "eval_accuracy": None, "eval_macro_f1": None}
-    return {"eval_loss": evaluation.loss, "eval_accuracy": evaluation.accuracy,
-            "eval_macro_f1": evaluation.macro_f1}
+    return evaluation.test_columns()
 
 
 def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np.ndarray],
