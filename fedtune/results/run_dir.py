@@ -130,8 +130,8 @@ def _cells(values: Iterable[Any], texts: Sequence[int]) -> list[Any]:
     for i in texts:
         if line[i]:
             line[i] = one_line(line[i])
-    # NaN is the one float unequal to itself
-    return [(f"{v:.6g}" if v == v else "") if isinstance(v, float) else v for v in line]
+    return [("" if math.isnan(v) else f"{v:.6g}") if isinstance(v, float) else v
+            for v in line]
 
 
 def _append(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
