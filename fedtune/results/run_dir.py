@@ -20,8 +20,10 @@ import os
 import sys
 import tempfile
 import tomllib
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -113,34 +115,45 @@ METRIC_NUMBER_COLUMNS = [f.name for f in fields(RoundRow)[1:] if f.type not in (
 CLIENT_COLUMNS = [f.name for f in fields(ClientRow)]
 
 
-def _cell(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value
-
-
 # the text columns a client's reply can reach: one printable, capped line each
 _TEXT_COLUMNS = ("reason", "model_update")
 # a file of an older version may hold longer fields than the csv module's default (131,072)
 _FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+_CLIENT_FIELDS = attrgetter(*CLIENT_COLUMNS)  # a ClientRow's values, in clients.csv's order
+
+
+def _cells(values: Iterable[Any], texts: Sequence[int]) -> list[Any]:
+    """One CSV line: the values at ``texts`` (a text column's positions) one printable line
+    each, a float to 6 significant digits, NaN and None empty (the csv module writes None as
+    an empty field)."""
+    line = list(values)
+    for i in texts:
+        if line[i]:
+            line[i] = one_line(line[i])
+    return [("" if math.isnan(v) else f"{v:.6g}") if isinstance(v, float) else v
+            for v in line]
 
 
 def _append(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    rows = [{k: one_line(v) if k in _TEXT_COLUMNS and v else v for k, v in row.items()}
-            for row in rows]
+    """Rows (column -> value; a column left out is empty) appended to the CSV file ``path``,
+    which gets ``columns`` as its header when new."""
+    unknown = {key for row in rows for key in row} - set(columns)
+    if unknown:
+        raise ValueError(f"dict contains fields not in fieldnames: {sorted(unknown)}")
+    _append_lines(path, columns, ([row.get(k, "") for k in columns] for row in rows))
+
+
+def _append_lines(path: Path, columns: list[str], lines: Iterable[Iterable[Any]]) -> None:
+    """Lines of values in ``columns`` order appended to the CSV file ``path`` (a new file
+    gets the header first), flushed. csv.DictWriter's lines, from lists: its per-row key
+    checks cost more than the line itself at thousands of clients a round."""
+    texts = [i for i, column in enumerate(columns) if column in _TEXT_COLUMNS]
     new = not path.exists()
     with path.open("a", newline="", encoding="utf-8") as handle:
-        # csv.DictWriter's lines, from lists (its per-row key checks cost more than the
-        # line itself at thousands of clients a round)
-        unknown = {key for row in rows for key in row} - set(columns)
-        if unknown:
-            raise ValueError(f"dict contains fields not in fieldnames: {sorted(unknown)}")
         writer = csv.writer(handle)
         if new:
             writer.writerow(columns)
-        writer.writerows([_cell(row.get(k, "")) for k in columns] for row in rows)
+        writer.writerows(_cells(line, texts) for line in lines)
         handle.flush()
 
 
@@ -298,8 +311,7 @@ class RunDirectory:
         aggregated any) a strategy_metrics.jsonl line: ``{"round": r, "train": {...}}``."""
         # a ClientRow holds scalars: read its fields (``asdict`` deep-copies each one, which
         # costs more per client than training one on a small model)
-        _append(self.clients_csv, CLIENT_COLUMNS,
-                [{name: getattr(c, name) for name in CLIENT_COLUMNS} for c in clients])
+        _append_lines(self.clients_csv, CLIENT_COLUMNS, map(_CLIENT_FIELDS, clients))
         _append(self.metrics_csv, METRICS_COLUMNS, [asdict(row)])
         if strategy_metrics:
             line = json.dumps(json_safe({"round": row.round, "train": strategy_metrics}),

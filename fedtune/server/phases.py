@@ -19,6 +19,7 @@ each accepted update as its own reply, in client order.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO
@@ -123,21 +124,16 @@ class UpdateBounds:
 
 def uses_cohorts(grid: Grid, messages: Sequence[Message]) -> bool:
     """Whether ``grid`` can run these messages as one cohort (all share one content)."""
-    return (isinstance(grid, CohortGrid) and grid.runs_cohorts and bool(messages)
-            and all(m.content is messages[0].content for m in messages))
+    if not (isinstance(grid, CohortGrid) and grid.runs_cohorts and messages):
+        return False
+    content = messages[0].content
+    return all(m.content is content for m in messages)
 
 
-def sent_bytes(messages: Sequence[Message]) -> int:
-    """Serialised size of the arrays the messages carry (a shared content counted once per
-    message, measured once)."""
-    sizes: dict[int, int] = {}
-    total = 0
-    for message in messages:
-        key = id(message.content)
-        if key not in sizes:
-            sizes[key] = protocol.array_bytes(message)
-        total += sizes[key]
-    return total
+def cohort_bytes(messages: Sequence[Message]) -> int:
+    """Serialised size of the arrays a cohort's messages carry (they share one content:
+    ``uses_cohorts``), counted once per message, measured once."""
+    return len(messages) * protocol.array_bytes(messages[0])
 
 
 # --- train -----------------------------------------------------------------------------------
@@ -153,7 +149,7 @@ def train_phase(grid: Grid, messages: list[Message], spec: CohortSpec, server_ro
         summed = (None if cohort.total is None
                   else WeightedSum(cohort.total, cohort.total_weight))
         phase = TrainPhase(messages, cohort.reports, summed,
-                           sum(r.bytes_up for r in cohort.reports), sent_bytes(messages))
+                           sum(r.bytes_up for r in cohort.reports), cohort_bytes(messages))
     else:
         train = exchange(grid, messages, timeout_s, progress, stop)
         reports = screen_train_replies(train, spec.limits, identities)
@@ -192,7 +188,8 @@ def update_reply(report: ClientReport, sent: Message) -> Message:
 
 def _log_phase(server_round: int, phase: str, reports: Sequence[ClientReport]) -> None:
     """What the phase really did, client by client (log.txt)."""
-    counts = {status: sum(r.status == status for r in reports) for status in STATUSES}
+    tally = Counter(r.status for r in reports)
+    counts = {status: tally[status] for status in STATUSES}
     log(INFO, "fedtune: round %s %s: %s of %s clients ok%s", server_round, phase,
         counts["ok"], len(reports),
         "".join(f", {n} {status}" for status, n in counts.items() if n and status != "ok"))
@@ -207,7 +204,7 @@ def evaluate_phase(grid: Grid, messages: list[Message], limits: ReplyLimits, ser
     if uses_cohorts(grid, messages):
         cohort = grid.run_cohort(messages, CohortSpec(weighted_mean=False, limits=limits),
                                  timeout_s, progress, stop)
-        phase = EvaluatePhase(cohort.reports, 0, sent_bytes(messages))
+        phase = EvaluatePhase(cohort.reports, 0, cohort_bytes(messages))
     else:
         federated = exchange(grid, messages, timeout_s, progress, stop)
         reports = screen_evaluate_replies(federated, limits, identities)

@@ -49,18 +49,16 @@ def client_row(server_round: int, phase: str, report: ClientReport) -> ClientRow
     reply claims is not believed. (Only evaluations that did not count get a row: the sound
     ones are the federated evaluation of metrics.csv.)"""
     status = "rejected" if report.status == "declined" else report.status
-    row = ClientRow(server_round, report.client_id, None, None, None, None, status,
-                    report.reason, phase=phase)
     if report.status not in ("ok", "declined") or phase == EVALUATE:
-        return row
-    metrics = report.metrics
-    row.num_examples = int(metrics[protocol.NUM_EXAMPLES])
-    row.train_loss = _number(metrics.get(protocol.TRAIN_LOSS))
-    row.epsilon = _number(metrics.get(protocol.EPSILON))
-    row.duration_s = float(metrics[protocol.DURATION_S])
+        return ClientRow(server_round, report.client_id, None, None, None, None, status,
+                         report.reason, phase=phase)
+    metrics = report.metrics  # one constructor call: a round builds a row per client
     trained = metrics.get(protocol.EXAMPLES_SEEN)
-    row.examples_trained = None if trained is None else int(trained)
-    return row
+    return ClientRow(server_round, report.client_id, int(metrics[protocol.NUM_EXAMPLES]),
+                     _number(metrics.get(protocol.TRAIN_LOSS)),
+                     _number(metrics.get(protocol.EPSILON)),
+                     float(metrics[protocol.DURATION_S]), status, report.reason,
+                     None if trained is None else int(trained), phase)
 
 
 def _number(value: Any) -> float | None:

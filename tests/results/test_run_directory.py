@@ -3,14 +3,17 @@ too), and clients.csv's examples_trained counting the examples the batches reall
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 
+import numpy as np
 import pytest
 
 from fedtune.config import ConfigError
 from fedtune.engine.inprocess import run_inprocess
 from fedtune.results.lock import LOCK_NAME, RunLock
+from fedtune.results.run_dir import CLIENT_COLUMNS, ClientRow, RoundRow, RunDirectory
 from tests.conftest import rows_of, tiny_config
 
 
@@ -54,3 +57,32 @@ def test_the_summary_takes_the_final_models_evaluation_when_its_row_has_none():
     assert final_tested(evaluated, kept) == {"eval_accuracy": 0.8, "eval_macro_f1": 0.6,
                                              "eval_loss": 0.4}
     assert final_tested(between, None)["eval_accuracy"] is None  # a chosen round's own row
+
+
+def test_clients_and_metrics_rows_are_written_cell_by_cell_as_before(tmp_path):
+    """clients.csv's lines come from each row's fields without a dict per client: a float to
+    6 significant digits (numpy's float64 too; a float32 as str() writes it), NaN and None
+    empty, integers of any kind and bools as str() writes them, a reason one printable line
+    (escape sequences and blank text dropped); metrics.csv the same."""
+    run_dir = RunDirectory(tmp_path)
+    clients = [
+        ClientRow(3, 0, 12, 0.6958941, None, 0.000875189, "ok", "", 8),
+        ClientRow(3, None, np.int64(5), math.nan, math.inf, np.float32(0.1), "rejected",
+                  "bad\x1b[31m\nline", None, "evaluate", -0.0, 1e-300, 3),
+        ClientRow(3, 7, True, np.float64(1 / 3), np.nan, 1e20, "failed", "  ", np.int32(2),
+                  "train", 2.5, None, 0),
+    ]
+    row = RoundRow(3, 0.5, math.nan, None, 0.3, None, None, None, None, None, 10, 9, 1, 5, 6,
+                   0.125, model_update="kept: a\nb")
+    run_dir.append_round(row, clients)
+    run_dir.append_round(row, clients[:1])
+    lines = (tmp_path / "clients.csv").read_text(encoding="utf-8").splitlines()
+    assert lines == [",".join(CLIENT_COLUMNS),
+                     "3,0,12,0.695894,,0.000875189,ok,,8,train,,,",
+                     "3,,5,,inf,0.1,rejected,bad line,,evaluate,-0,1e-300,3",
+                     "3,7,True,0.333333,,1e+20,failed,,2,train,2.5,,0",
+                     "3,0,12,0.695894,,0.000875189,ok,,8,train,,,"]
+    metrics = (tmp_path / "metrics.csv").read_text(encoding="utf-8").splitlines()
+    assert metrics[1].startswith("3,0.5,,,0.3,,,,,,10,9,1,5,6,0.125,,,kept: a b,0,")
+    with pytest.raises(ValueError, match="not in fieldnames: \\['nope'\\]"):
+        run_dir.append_personal([{"round": 1, "nope": 2}])
