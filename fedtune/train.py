@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from sklearn.metrics import classification_report, f1_score
+from sklearn.metrics import classification_report
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -197,6 +197,26 @@ def train_local(
     return TrainResult(mean_loss, seen, steps, time.perf_counter() - start)
 
 
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro-averaged F1 over the labels in ``y_true`` or ``y_pred``: scikit-learn's
+    ``f1_score(y_true, y_pred, average="macro", zero_division=0)``, bit for bit.
+
+    Written here because scikit-learn's input validation costs ~1.4 ms a call, paid once per
+    client per evaluation (2,000 calls in a 1,000-client personal evaluation) for a sum over a
+    few labels. The same float64 steps as scikit-learn 1.9 (F = 2 tp / (true + predicted), the
+    mean of the labels'); every label in the union has true + predicted > 0, so no division by
+    zero. ``tests/client/test_train.py`` checks it against ``f1_score`` on random labels.
+    """
+    labels, codes = np.unique(np.concatenate([y_true, y_pred]), return_inverse=True)
+    true_codes, pred_codes = codes[:len(y_true)], codes[len(y_true):]
+    true_sum = np.bincount(true_codes, minlength=len(labels))
+    pred_sum = np.bincount(pred_codes, minlength=len(labels))
+    tp_sum = np.bincount(true_codes[true_codes == pred_codes], minlength=len(labels))
+    f_score = (2.0 * tp_sum.astype(np.float64)) / (
+        1.0 * true_sum.astype(np.float64) + pred_sum.astype(np.float64))
+    return float(np.mean(f_score))
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -220,7 +240,7 @@ def evaluate(
     return EvalResult(
         loss=total_loss / len(y_true),
         accuracy=float((y_true == y_pred).mean()),
-        macro_f1=float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        macro_f1=macro_f1(y_true, y_pred),
         num_examples=len(y_true),
         report=None if label_names is None else per_class_report(y_true, y_pred, label_names),
         truth=y_true,
