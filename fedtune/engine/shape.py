@@ -16,14 +16,14 @@ actors: the user asked for them.
 How many actors, when ``engine.num_actors`` is 0 (``default_actors``): one per
 ``engine.client_cpus`` of the local machine's CPUs but one, which the driver keeps. The driver
 is never idle: it builds a round's messages, reports and evaluation and, with Ray's raylet and
-GCS beside it, costs about 0.1 CPU-ms per client-round at 1,000 MLP clients, a fifth of what
-the actors' training costs (BENCHMARKS.md, "Clients trained together"). Actors on every core
-fight it for them. On this project's 2-core machine a 1,000-client MLP round cost 0.63 CPU-ms
-per client-round with 2 actors and 0.565 with 1 (alternated, issue 30; 0.595 against 0.475
-under heavier load, where the one actor's rounds were faster too: 1.06 against 1.34 s; on a
-quieter machine two actors' rounds were ~10 % faster). Two actors each pay more for the same
-chunks (their ~34 MB of stacked weights, gradients and moments evict each other from the 32 MB
-L3 the cores share: likely, not proven), and one actor spreads nothing, so ``RayGrid`` runs a
+GCS beside it, costs about 0.1 CPU-ms per client-round at 1,000 MLP clients, a fifth of what the
+actors' training costs (BENCHMARKS.md, "Clients trained together"). Actors on every core fight
+it for them. On this project's 2-core machine a 1,000-client MLP round cost 0.63 CPU-ms per
+client-round with 2 actors and 0.565 with 1 (alternated, issue 30; 0.595 against 0.475 under
+heavier load, where the one actor's rounds were faster too: 1.06 against 1.34 s; on a quieter
+machine (load 2.5-5) two actors' rounds were 10-15 % faster). Two actors each pay more for the
+same chunks (their ~34 MB of stacked weights, gradients and moments evict each other from the 32
+MB L3 the cores share: likely, not proven), and one actor spreads nothing, so ``RayGrid`` runs a
 phase's blocks in the driver once a client's time is known (``ray_grid.RayGrid._in_driver``),
 without a Ray call. The count never changes a result: blocks, chunks and the order in which
 block sums are added depend on the cohort alone (``fedtune.engine.cohort``). On a cluster
