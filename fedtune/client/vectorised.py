@@ -373,7 +373,8 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
     # the first step's weights are the global ones for every client (unless some start from
     # their own, ``start``): one unbatched copy, so the forward pass is one matrix product over
     # the chunk's batches instead of a batched one that reads every client's copy (the same
-    # gradients bit for bit; the stacked copies still take the optimizer's step)
+    # gradients bit for bit with one thread: tests/engine/test_vectorised.py and the golden
+    # runs check it; the stacked copies still take the optimizer's step)
     shared = None if start else tuple(travelling[name].detach() for name in names)
     first_step = vmap(grad_and_value(loss), in_dims=(None, 0, 0, 0, 0))
     loss_sums = np.zeros(clients)
