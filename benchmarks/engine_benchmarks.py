@@ -8,9 +8,9 @@ rounds of all repeats. Sub-benchmarks:
 
 - ``rounds``: the workload of issue 13 - MLP 1024->64->2 on hashed Rotten Tomatoes, IID, batch
   8, one local step of AdamW (fused, lr 0.1), every client every round, the server's evaluation
-  on the global test set after every round - on fedtune's Ray engine (2 actors), fedtune in one
-  process, pfl 0.6.0 in one process and with two workers (torchrun, gloo), and Flower's stock
-  simulation; 100, 1,000 and 10,000 clients. fedtune runs each of its runtimes twice: clients
+  on the global test set after every round - on fedtune's Ray engine (its default actors: one
+  on 2 cores, ``fedtune.engine.shape``), fedtune in one process, pfl 0.6.0 in one process
+  and with two workers (torchrun, gloo), and Flower's stock simulation; 100, 1,000 and 10,000 clients. fedtune runs each of its runtimes twice: clients
   one at a time (``engine.vectorise_clients = false``) and trained together (the default,
   ``torch.func.vmap`` over chunks of clients). Ratios are other / fedtune Ray engine.
 - ``floor``: the same clients' steps in a tight torch loop (one model, one fused AdamW reset
@@ -383,7 +383,7 @@ def bench_rounds(out: Path, sizes: list[int], rounds: int, repeats: int,
         row_base, label = workload(base, n)
         overrides = [*row_base, f"data.num_clients={n}", f"run.rounds={rounds}"]
         sides = {  # clients one at a time (engine.vectorise_clients = false)
-            "fedtune ray (2 actors)": lambda i, o=overrides, k=n: fedtune_command(
+            "fedtune ray (default actors)": lambda i, o=overrides, k=n: fedtune_command(
                 [*o, "engine.backend=ray", "engine.vectorise_clients=false"],
                 out / f"ray-{k}-{i}"),
             "fedtune in process": lambda i, o=overrides, k=n: fedtune_command(
@@ -395,7 +395,7 @@ def bench_rounds(out: Path, sizes: list[int], rounds: int, repeats: int,
                 f"{name}, vectorised": lambda i, o=overrides, k=n, b=backend, t=tag:
                 fedtune_command([*o, f"engine.backend={b}", "engine.vectorise_clients=true"],
                                 out / f"{t}-vec-{k}-{i}")
-                for name, backend, tag in (("fedtune ray (2 actors)", "ray", "ray"),
+                for name, backend, tag in (("fedtune ray (default actors)", "ray", "ray"),
                                            ("fedtune in process", "inprocess", "inproc"))}
         sides |= {
             "pfl 1 process": lambda i, o=overrides: pfl_command(o, rounds, 1),
@@ -412,7 +412,8 @@ def bench_rounds(out: Path, sizes: list[int], rounds: int, repeats: int,
                 lines, _ = run_side(command(repeat))
                 results[name] += steady(lines)
                 startups[name] += [line["startup_s"] for line in lines if "startup_s" in line]
-        reference = statistics.median(r["wall_s"] for r in results["fedtune ray (2 actors)"])
+        reference = statistics.median(r["wall_s"]
+                                      for r in results["fedtune ray (default actors)"])
         for name, rows in results.items():
             wall = statistics.median(r["wall_s"] for r in rows)
             cpu = statistics.median(r["cpu_s"] for r in rows)
@@ -464,7 +465,8 @@ def bench_central(out: Path, n: int, rounds: int, repeats: int) -> None:
                 (line["wall_s"], line["cpu_s"], line["startup_s"]) for line in lines[1:])
         lines, _ = run_side(fedtune_command(overrides, out / f"central-{repeat}"))
         startup = [line["startup_s"] for line in lines if "startup_s" in line]
-        rows.setdefault("federated, fedtune ray (2 actors x 1 thread), per round", []).extend(
+        rows.setdefault("federated, fedtune ray (default actors x 1 thread), per round",
+                        []).extend(
             (line["wall_s"], line["cpu_s"], startup[0]) for line in steady(lines))
     reference = statistics.median(r[0] for r in rows["centralized, one process, 1 thread(s)"])
     for name, values in rows.items():

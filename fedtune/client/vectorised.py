@@ -370,6 +370,13 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
         return (per_example * mask).sum() / mask.sum()
 
     step = vmap(grad_and_value(loss))
+    # the first step's weights are the global ones for every client (unless some start from
+    # their own, ``start``): one unbatched copy, so the forward pass is one matrix product over
+    # the chunk's batches instead of a batched one that reads every client's copy (the same
+    # gradients bit for bit with one thread: tests/engine/test_vectorised.py and the golden
+    # runs check it; the stacked copies still take the optimizer's step)
+    shared = None if start else tuple(travelling[name].detach() for name in names)
+    first_step = vmap(grad_and_value(loss), in_dims=(None, 0, 0, 0, 0))
     loss_sums = np.zeros(clients)
     seen = np.zeros(clients, dtype=np.int64)
     encoded, labels = resources.encoded, resources.federation.data.labels
@@ -379,7 +386,10 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
             if masks and not masks.shapes:
                 masks.probe(inputs)
             dropped = masks.draw(s, counts, mask.shape[1]) if masks else ()
-            grads, losses = step(tuple(stacked), inputs, target, mask, dropped)
+            if s == 0 and shared is not None:
+                grads, losses = first_step(shared, inputs, target, mask, dropped)
+            else:
+                grads, losses = step(tuple(stacked), inputs, target, mask, dropped)
             for param, gradient in zip(stacked, grads, strict=True):
                 param.grad = gradient
             if objective is not None:

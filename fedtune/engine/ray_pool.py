@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 from fedtune.config import Config, ConfigError, RunConfigValue
 from fedtune.engine.cohort import TrainFunction
 from fedtune.engine.ray_worker import ClientWorker
+from fedtune.engine.shape import default_actors
 
 
 @contextmanager
@@ -45,8 +46,9 @@ def ray_session(config: Config) -> Iterator[None]:
 
 
 def pool_size(config: Config, cluster: Mapping[str, float]) -> int:
-    """engine.num_actors, or as many actors as the cluster's CPUs (and GPUs) hold; never more
-    than there are clients. An impossible request stops the run before anything starts."""
+    """engine.num_actors, or as many actors as the cluster's CPUs (and GPUs) hold but for the
+    local driver's CPU (``fedtune.engine.shape.default_actors``); never more than there are
+    clients. An impossible request stops the run before anything starts."""
     e = config.engine
     fits = math.floor(cluster.get("CPU", 0) / e.client_cpus + 1e-9)
     if e.client_gpus > 0:
@@ -59,7 +61,7 @@ def pool_size(config: Config, cluster: Mapping[str, float]) -> int:
             f"actors of engine.client_cpus = {e.client_cpus:g} and engine.client_gpus = "
             f"{e.client_gpus:g}"
         )
-    return min(e.num_actors or fits, config.data.num_clients)
+    return min(e.num_actors or default_actors(config, cluster, fits), config.data.num_clients)
 
 
 @dataclass

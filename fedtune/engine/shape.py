@@ -12,9 +12,29 @@ with the actors' threads and the same blocks (the same bits as on actors,
 ``fedtune.engine.ray_grid``); a run that names its actors (``engine.num_actors``), joins a
 cluster (``engine.ray_address``) or gives clients GPUs (``engine.client_gpus``) always gets
 actors: the user asked for them.
+
+How many actors, when ``engine.num_actors`` is 0 (``default_actors``): one per
+``engine.client_cpus`` of the local machine's CPUs but one, which the driver keeps. The driver
+is never idle: it builds a round's messages, reports and evaluation and, with Ray's raylet and
+GCS beside it, costs about 0.1 CPU-ms per client-round at 1,000 MLP clients, a fifth of what the
+actors' training costs (BENCHMARKS.md, "Clients trained together"). Actors on every core fight
+it for them. On this project's 2-core machine a 1,000-client MLP round cost 0.63 CPU-ms per
+client-round with 2 actors and 0.565 with 1 (alternated, issue 30; 0.595 against 0.475 under
+heavier load, where the one actor's rounds were faster too: 1.06 against 1.34 s; on a quieter
+machine (load 2.5-5) two actors' rounds were 10-15 % faster). Two actors each pay more for the
+same chunks (their ~34 MB of stacked weights, gradients and moments evict each other from the 32
+MB L3 the cores share: likely, not proven), and one actor spreads nothing, so ``RayGrid`` runs a
+phase's blocks in the driver once a client's time is known (``ray_grid.RayGrid._in_driver``),
+without a Ray call. The count never changes a result: blocks, chunks and the order in which
+block sums are added depend on the cohort alone (``fedtune.engine.cohort``). On a cluster
+(``engine.ray_address``: the driver may run elsewhere) and for GPU actors every CPU serves
+actors, as before; ``engine.num_actors`` set always wins.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
 
 from fedtune.config import Config
 from fedtune.tables.strategies import clients_per_round
@@ -36,3 +56,18 @@ def runs_in_process(config: Config) -> bool:
     if e.num_actors or e.ray_address or e.client_gpus > 0:
         return False
     return largest_cohort(config) < e.actor_min_cohort
+
+
+DRIVER_CPUS = 1  # CPUs of the local machine the driver keeps when the engine sizes the pool
+
+
+def default_actors(config: Config, cluster: Mapping[str, float], fits: int) -> int:
+    """How many actors the engine starts when ``engine.num_actors`` is 0, out of the ``fits``
+    the ``cluster``'s resources hold: one per ``engine.client_cpus`` of the CPUs the driver
+    leaves (``DRIVER_CPUS``), at least one; all of them on a cluster or for GPU actors (the
+    rule in the module docstring)."""
+    e = config.engine
+    if e.ray_address or e.client_gpus > 0:
+        return fits
+    left = math.floor((cluster.get("CPU", 0) - DRIVER_CPUS) / e.client_cpus + 1e-9)
+    return max(1, min(fits, left))

@@ -96,8 +96,9 @@ RUNTIMES: dict[str, RuntimeEntry] = {
     "ray": RuntimeEntry(
         "fedtune's engine: persistent Ray actors serve many virtual clients each",
         keys={
-            "num_actors": Key(0, "client actors; 0 = as many as the cluster's CPUs/GPUs allow",
-                              ge=0),
+            "num_actors": Key(0, "client actors; 0 = as many as the cluster's CPUs/GPUs allow, "
+                                 "less one CPU that a local run leaves its driver "
+                                 "(fedtune/engine/shape.py: the rule and why)", ge=0),
             "client_timeout_s": Key(600.0, "a client not done after this long is stopped and "
                                            "reported timeout", gt=0),
             "ray_address": Key("", "address of a running Ray cluster to join ('' = start one "

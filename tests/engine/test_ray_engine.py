@@ -18,12 +18,22 @@ RAY = ["engine.backend=ray"]
 
 def test_pool_size_follows_the_cluster_and_the_config(tmp_path):
     config = tiny_config(tmp_path, *RAY, "data.num_clients=20")
-    assert pool_size(config, {"CPU": 2.0}) == 2
-    assert pool_size(tiny_config(tmp_path, *RAY, "engine.client_cpus=0.5"), {"CPU": 2.0}) == 4
+    # a local run leaves one CPU to its driver (fedtune.engine.shape.default_actors)
+    assert pool_size(config, {"CPU": 2.0}) == 1
+    assert pool_size(config, {"CPU": 1.0}) == 1  # but always starts an actor
+    assert pool_size(config, {"CPU": 8.0}) == 7
+    assert pool_size(tiny_config(tmp_path, *RAY, "engine.client_cpus=0.5"), {"CPU": 2.0}) == 2
     assert pool_size(config, {"CPU": 64.0}) == 20  # never more actors than clients
+    # on a cluster (the driver may run elsewhere) and for GPU actors every CPU serves actors
+    cluster = tiny_config(tmp_path, *RAY, "data.num_clients=20",
+                          "engine.ray_address=127.0.0.1:6379")
+    assert pool_size(cluster, {"CPU": 2.0}) == 2
     gpu = tiny_config(tmp_path, *RAY, "data.num_clients=20", "engine.client_gpus=0.25")
     assert pool_size(gpu, {"CPU": 16.0, "GPU": 1.0}) == 4
+    assert pool_size(gpu, {"CPU": 4.0, "GPU": 1.0}) == 4
+    # engine.num_actors wins, up to every CPU
     assert pool_size(tiny_config(tmp_path, *RAY, "engine.num_actors=1"), {"CPU": 8.0}) == 1
+    assert pool_size(tiny_config(tmp_path, *RAY, "engine.num_actors=2"), {"CPU": 2.0}) == 2
     with pytest.raises(ConfigError, match="engine.num_actors = 3 is not allowed here: the Ray "
                                           "cluster has 2 CPUs and 0 GPUs, room for 2 actors"):
         pool_size(tiny_config(tmp_path, *RAY, "engine.num_actors=3"), {"CPU": 2.0})
@@ -48,7 +58,8 @@ def test_faults_are_reported_the_run_finishes_and_state_survives(tmp_path, ray_t
     complete with the other clients; Context.state lives across rounds and dead actors."""
     from fedtune.engine.ray_engine import ray_engine_grid
 
-    config = tiny_config(tmp_path, *RAY, "data.num_clients=8", "engine.client_timeout_s=10")
+    config = tiny_config(tmp_path, *RAY, "data.num_clients=8", "engine.client_timeout_s=10",
+                         "engine.num_actors=2")
     with ray_engine_grid(config, faulty_client.app) as grid:
         run_dir = run_federated(grid, config).path
         assert grid.restarts >= 2 and grid.actor_count == 2
@@ -81,7 +92,7 @@ def test_cohort_faults_are_reported_blocks_rejoin_and_match_a_clean_run(tmp_path
     from fedtune.engine.ray_engine import ray_engine_grid
 
     config = tiny_config(tmp_path, *RAY, "data.num_clients=8", "engine.client_timeout_s=10",
-                         "run.rounds=2")
+                         "run.rounds=2", "engine.num_actors=2")
     with ray_engine_grid(config, train=faulty_client.faulty_train) as grid:
         assert grid.runs_cohorts
         run_dir = run_federated(grid, config).path

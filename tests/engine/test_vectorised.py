@@ -422,3 +422,46 @@ def test_with_dropout_clients_drop_what_they_drop_one_at_a_time(tmp_path, overri
     name = next(iter(first[0]))
     assert not np.array_equal(first[0][name], other_round[0][name])
     assert all(layer.training for layer in resources.model.modules())  # dropout restored
+
+
+@pytest.mark.parametrize("dropout", ["0", "0.3"])
+def test_the_first_step_over_the_shared_weights_gives_the_stacked_copies_bits(
+        tmp_path, dropout, one_torch_thread):
+    """A group's first step runs its forward and backward over the one global copy of the
+    weights; the same clients started from stacked copies of the same values (``start``, as
+    FedPer's heads start from each client's own) end with the same weights and losses, bit for
+    bit, over three steps."""
+    import torch
+
+    from fedtune.client.app import client_shard
+    from fedtune.client.dropout_masks import ClientMasks
+    from fedtune.models.weights import load_shared_state
+    from fedtune.train import local_batches
+
+    config = tiny_config(tmp_path, *VECTORISED, "client.local_steps=3",
+                         f"model.dropout={dropout}")
+    resources = task_resources(config)
+    model = resources.model
+    global_arrays = _global_arrays(resources)
+    ids = list(range(5))
+
+    def trained(start):
+        load_shared_state(model, global_arrays)
+        model.train()
+        loaders = [resources.client_train_row_batches(client_shard(config, c), 100 + c)
+                   for c in ids]
+        rows = [list(local_batches(loader, resources.train_settings)) for loader in loaders]
+        masks = ClientMasks(model, [torch.Generator().manual_seed(100 + c) for c in ids],
+                            [loader.epoch_draws for loader in loaders],
+                            [len(loader) for loader in loaders])
+        arrays, results = vectorised._train_group(resources, model, rows, None, masks, start)
+        return {name: value.copy() for name, value in arrays.items()}, results
+
+    shared, shared_results = trained(None)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    stacked, stacked_results = trained(
+        {name: np.stack([global_arrays[name]] * len(ids)) for name in names})
+    assert [r.loss for r in shared_results] == [r.loss for r in stacked_results]
+    for name, value in stacked.items():
+        assert np.array_equal(shared[name], value), name
+        assert not np.array_equal(value[0], global_arrays[name]), name  # they trained

@@ -168,7 +168,7 @@ def test_all_runtimes_reach_the_same_global_model(tmp_path, monkeypatch):
                                 "run.dir=" + str(tmp_path / "flower"))
     run_flower_simulation(flower_config)
     check_contract(tmp_path / "flower", rounds=2, clients=4)
-    for name, extra, phase_s in (("ray", ["engine.actor_min_cohort=0"], 0.0),
+    for name, extra, phase_s in (("ray", ["engine.num_actors=2"], 0.0),
                                  ("ray-one-actor", ["engine.num_actors=1"], ray_grid.RAY_PHASE_S)):
         monkeypatch.setattr(ray_grid, "RAY_PHASE_S", phase_s)
         run_ray_engine(tiny_config(tmp_path, "engine.backend=ray", *extra,
