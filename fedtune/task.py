@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from fedtune.attacks.plan import AttackPlan
 from fedtune.attacks.poisoned_data import Poisoning
@@ -26,7 +25,7 @@ from fedtune.audit.canary_examples import CanaryExamples, insert_canary_examples
 from fedtune.config import Config, ConfigError, RunConfigValue, from_run_config, to_toml
 from fedtune.data.encode import Batch, Encoded
 from fedtune.data.federation import Federation, build_federation
-from fedtune.data.loaders import eval_loader, train_loader, train_rows
+from fedtune.data.loaders import OrderedBatches, eval_loader, train_loader, train_rows
 from fedtune.faults import FaultPlan
 from fedtune.models.build import ModelSpec, build_model, model_kind, model_spec
 from fedtune.protocol import MAX_ANY_EXAMPLES
@@ -203,7 +202,7 @@ class TaskResources:
             return self.poisoning.train_rows[shard]
         return self.federation.client_train_rows[shard]
 
-    def triggered_test_loader(self) -> DataLoader | None:
+    def triggered_test_loader(self) -> OrderedBatches | None:
         """A backdoor's triggered global test examples of other labels, labelled with its
         target (None without a backdoor)."""
         if self.poisoning is None or self.poisoning.triggered_test_rows is None:
@@ -237,12 +236,12 @@ class TaskResources:
         return train_rows(self.encoded, self.client_train_rows(shard),
                           self.config.client.batch_size, seed)
 
-    def client_test_loader(self, shard: int) -> DataLoader:
+    def client_test_loader(self, shard: int) -> OrderedBatches:
         return eval_loader(self.encoded, self.federation.data.labels,
                            self.federation.client_test_rows[shard],
                            self.config.client.eval_batch_size)
 
-    def client_val_loader(self, shard: int) -> DataLoader | None:
+    def client_val_loader(self, shard: int) -> OrderedBatches | None:
         """The client's local validation split (``data.local_val_fraction``), None without."""
         rows = self.federation.client_val_rows
         if not rows or not len(rows[shard]):
@@ -259,7 +258,7 @@ class TaskResources:
         """The most examples an evaluation reply may claim (any count for private files)."""
         return int(self.federation.test_sizes.sum()) or MAX_ANY_EXAMPLES
 
-    def global_test_loader(self) -> DataLoader:
+    def global_test_loader(self) -> OrderedBatches:
         return eval_loader(self.encoded, self.federation.data.labels, self.federation.test_rows,
                            self.config.client.eval_batch_size)
 

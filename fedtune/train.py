@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from sklearn.metrics import classification_report
 from torch import nn
-from torch.utils.data import DataLoader
 
 from fedtune.data.encode import Batch
 
@@ -220,7 +219,7 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[Batch],
     device: torch.device,
     label_names: tuple[str, ...] | None = None,
 ) -> EvalResult:

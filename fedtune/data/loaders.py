@@ -138,13 +138,37 @@ def train_loader(
     return RowBatches(dataset, ShuffledRows(dataset.rows, batch_size, generator))
 
 
+class OrderedBatches:
+    """The batches ``DataLoader(RowDataset(...), batch_size, shuffle=False)`` yields over
+    ``rows``, in order, without DataLoader's per-example indexing and collation: an evaluation
+    runs once per client per round, and at small batch sizes that machinery costs more than
+    gathering the rows. Each iteration draws DataLoader's base seed from torch's default
+    generator, as DataLoader does, so the random streams after an evaluation stay as they were.
+    """
+
+    def __init__(self, encoded: Encoded, labels: np.ndarray, rows: np.ndarray,
+                 batch_size: int) -> None:
+        self.encoded = encoded
+        self.labels = labels
+        self.rows = rows
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return (len(self.rows) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        torch.empty((), dtype=torch.int64).random_()  # DataLoader's base seed
+        for start in range(0, len(self.rows), self.batch_size):
+            picked = self.rows[start:start + self.batch_size]
+            yield self.encoded.pad(picked), torch.from_numpy(self.labels[picked])
+
+
 def eval_loader(
     encoded: Encoded, labels: np.ndarray, rows: np.ndarray, batch_size: int
-) -> DataLoader:
+) -> OrderedBatches:
     """Batches in length order for texts (little padding), in row order otherwise."""
     rows = np.asarray(rows, dtype=np.int64)
     lengths = text_lengths(encoded, rows)
     if lengths is not None:
         rows = rows[np.argsort(lengths, kind="stable")]
-    dataset = RowDataset(encoded, labels, rows)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate)
+    return OrderedBatches(encoded, labels, rows, batch_size)

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedtune.data.encode import SparseFeatures, hash_bag_of_words
-from fedtune.data.loaders import RowBatches, RowDataset, ShuffledRows, train_loader
+from fedtune.data.loaders import RowBatches, RowDataset, ShuffledRows, eval_loader, train_loader
 from fedtune.data.sources import load_dataset
 from fedtune.train import TrainSettings, local_batches
 
@@ -69,3 +69,34 @@ def test_train_loader_uses_shuffled_batches_for_features_only():
     tokens = TokenIds(np.arange(8, dtype=np.int32), np.array([0, 2, 4, 6, 8]), 0)
     assert isinstance(dense, RowBatches)
     assert isinstance(train_loader(tokens, labels, np.arange(4), 2, 0), DataLoader)
+
+
+@pytest.mark.parametrize("size, batch", [(11, 4), (3, 8), (0, 4), (16, 16)])
+@pytest.mark.parametrize("text", [False, True])
+def test_evaluation_batches_are_dataloaders_batches_and_draw_its_base_seed(size, batch, text):
+    """``eval_loader``'s batches equal an unshuffled DataLoader's over the same (length-sorted)
+    rows, and iterating it leaves torch's default generator where DataLoader leaves it."""
+    from fedtune.data.encode import DenseFeatures, TokenIds
+
+    rng = np.random.default_rng(size)
+    lengths = rng.integers(1, 6, size=20)
+    encoded = (TokenIds(np.arange(lengths.sum(), dtype=np.int32),
+                        np.concatenate([[0], np.cumsum(lengths)]), 0) if text
+               else DenseFeatures(rng.normal(size=(20, 3)).astype(np.float32)))
+    labels = np.arange(20) % 3
+    rows = rng.permutation(20)[:size]
+    ours = eval_loader(encoded, labels, rows, batch)
+    ordered = rows[np.argsort(lengths[rows], kind="stable")] if text else rows
+    dataset = RowDataset(encoded, labels, ordered)
+    theirs = DataLoader(dataset, batch_size=batch, shuffle=False, collate_fn=dataset.collate)
+    assert len(ours) == len(theirs)
+    torch.manual_seed(5)
+    mine = list(ours)
+    after_ours = torch.rand(3)
+    torch.manual_seed(5)
+    reference = list(theirs)
+    assert torch.equal(after_ours, torch.rand(3))
+    assert len(mine) == len(reference)
+    for (a, y_a), (b, y_b) in zip(mine, reference, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert torch.equal(y_a, y_b)
