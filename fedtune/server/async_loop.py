@@ -32,6 +32,7 @@ client made that capture cost more than the clients' training.
 
 from __future__ import annotations
 
+import heapq
 import time
 from typing import Any, cast
 
@@ -63,6 +64,8 @@ from strategies.asynchronous import AsynchronousStrategy
 _NUMBERS = ("num_examples", "train_loss", "epsilon", "duration_s", "examples_trained")
 _INTEGERS = ("num_examples", "examples_trained")
 _NO_CLIENTS = np.zeros(0, dtype=np.int64)
+# a heard client's (start model, trained model), both read-only
+Trained = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
 # the columns of the table of clients in flight (float64: ids and versions are exact)
 CLIENT, START, FINISH, VERSION, LOST, TRAINED, CALL = range(7)
 _FREE = np.array([-1.0, 0.0, np.inf, -1.0, 0.0, 1.0, -1.0])  # a free slot: nobody, never
@@ -112,13 +115,15 @@ class AsyncLoop:
         return moment, available
 
     def start_client(self, clock: VirtualClock, moment: float, available: np.ndarray,
-                     version: int, durations: np.ndarray) -> None:
+                     version: int, durations: np.ndarray) -> tuple[float, int, int]:
         """One client starts at ``moment`` on model ``version`` (``durations``: every
-        client's virtual duration, ``VirtualClock.durations``)."""
-        rng = self._draw()
-        client = int(rng.choice(available))
+        client's virtual duration, ``VirtualClock.durations``); its (finish, client, slot)."""
+        # a draw among one candidate picks it: the generator (seeded afresh per start) is
+        # made only when it draws something
+        rng = self._draw() if self.arrival_rate or len(available) > 1 else None
+        client = int(available[0]) if rng is None else int(rng.choice(available))
         self.starts += 1
-        if self.arrival_rate:
+        if rng is not None and self.arrival_rate:
             self.next_arrival = moment + float(rng.exponential(1.0 / self.arrival_rate))
         self.now = moment
         finish = moment + float(durations[client])
@@ -128,14 +133,16 @@ class AsyncLoop:
         self.flight[slot] = (client, moment, min(finish, offline), version, lost, lost, -1)
         self.busy[client] = True
         self.flying += 1
+        return float(self.flight[slot, FINISH]), client, slot
 
-    def next_finish(self) -> int:
-        """Slot of the client the server hears of next (earliest; ties by client id)."""
-        finish = self.flight[:, FINISH]
-        earliest = np.flatnonzero(finish == finish.min())
-        if len(earliest) == 1:
-            return int(earliest[0])
-        return int(earliest[np.argmin(self.flight[earliest, CLIENT])])
+    def finishing(self) -> list[tuple[float, int, int]]:
+        """The clients in flight as a heap of (finish, client, slot): its first is the client
+        the server hears of next (earliest; ties by client id)."""
+        taken = np.flatnonzero(self.flight[:, CLIENT] >= 0)
+        heap = [(float(self.flight[slot, FINISH]), int(self.flight[slot, CLIENT]), int(slot))
+                for slot in taken]
+        heapq.heapify(heap)
+        return heap
 
     def pop(self, slot: int) -> tuple[int, float, float, int, bool, int]:
         """Free a slot: its (client, start, finish, version, lost, training call)."""
@@ -145,11 +152,10 @@ class AsyncLoop:
         self.flying -= 1
         return int(client), start, finish, int(version), bool(lost), int(call)
 
-    def take(self, call: int, client: int, strategy: AsynchronousStrategy
-             ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
-        """A trained client's clients.csv fields and what ``strategy`` keeps of its update
-        (None: no update), dropping its call's results once no client in flight needs them
-        (after ``pop``)."""
+    def take(self, call: int, client: int) -> tuple[dict[str, Any], Trained | None]:
+        """A trained client's clients.csv fields and its (start model, trained model) (None:
+        no update), dropping its call's results once no client in flight needs them (after
+        ``pop``)."""
         results = self.results[str(call)]
         row = int(np.searchsorted(results["client"], client))
         numbers = results["numbers"][row]
@@ -158,15 +164,14 @@ class AsyncLoop:
             for name, value in zip(_NUMBERS, numbers.tolist(), strict=True)}
         fields["status"], fields["reason"] = results["notes"].get(str(row), ("ok", ""))
         at = int(results["kept_at"][row])
-        if at < 0:
-            kept = None
-        else:
+        trained = None
+        if at >= 0:
             block, position = results["where"][at]
-            kept = strategy.prepare(results["start"], {
-                name: stack[position] for name, stack in results["trained"][block].items()})
+            trained = results["start"], {
+                name: stack[position] for name, stack in results["trained"][block].items()}
         if not np.any(self.flight[:, CALL] == call):
             del self.results[str(call)]
-        return fields, kept
+        return fields, trained
 
 
 class AsyncRound:
@@ -192,6 +197,9 @@ class AsyncRound:
         self.population = len(nodes)
         self.limits = reply_limits(run.config, run.resources.federation)
         self.duration_bytes, self.duration_of = -1, np.zeros(0)  # ``_durations``' cache
+        # the table's clients by finish (``AsyncLoop.finishing``), built at the first server
+        # update (after a resume has restored the table) and kept beside it
+        self.finishing: list[tuple[float, int, int]] | None = None
 
     def _train(self, server_round: int, totals: dict[str, Any], slot: int) -> None:
         """Train the call the client in ``slot`` belongs to, in one cohort: a call named when
@@ -243,17 +251,16 @@ class AsyncRound:
         loop.dispatches += 1
 
     def _heard(self, server_round: int, client: int, start: float, finish: float,
-               staleness: int, lost: bool, call: int
-               ) -> tuple[ClientRow, dict[str, np.ndarray] | None]:
-        """A client the server hears of: its clients.csv row and what the strategy keeps of its
-        update."""
+               staleness: int, lost: bool, call: int) -> tuple[ClientRow, Trained | None]:
+        """A client the server hears of: its clients.csv row and its (start, trained) models
+        (None: no update)."""
         if lost:
             return ClientRow(server_round, client, None, None, None, None, "offline",
                              "the device went offline before it finished",
                              virtual_start_s=start, virtual_duration_s=finish - start), None
-        fields, kept = self.loop.take(call, client, self.strategy)
+        fields, trained = self.loop.take(call, client)
         return ClientRow(server_round, client, **fields, virtual_start_s=start,
-                         virtual_duration_s=finish - start, staleness=staleness), kept
+                         virtual_duration_s=finish - start, staleness=staleness), trained
 
     def __call__(self, run: FederatedRun, server_round: int) -> RoundOutcome:
         """Run the event loop until the strategy updates the global model once."""
@@ -269,25 +276,29 @@ class AsyncRound:
         # after this many the server update ends without a change of the model
         fruitless, patience = 0, 2 * max(loop.concurrency, self.population)
         model_update = ""
+        if self.finishing is None:
+            self.finishing = loop.finishing()
+        finishing = self.finishing
         while True:
             moment, available = loop.next_start(self.clock)
-            slot = loop.next_finish()
-            if len(available) and moment <= loop.flight[slot, FINISH]:  # none: +inf
-                loop.start_client(self.clock, moment, available, version, durations)
+            if len(available) and (not finishing or moment <= finishing[0][0]):
+                heapq.heappush(finishing, loop.start_client(self.clock, moment, available,
+                                                            version, durations))
                 continue
-            if loop.flight[slot, CLIENT] < 0:
+            if not finishing:
                 raise RuntimeError("devices: no client is ever available to start")
+            slot = heapq.heappop(finishing)[2]
             if not loop.flight[slot, TRAINED]:
                 self._train(server_round, totals, slot)
             client, start, finish, started_on, lost, call = loop.pop(slot)
             loop.now = finish
-            row, kept = self._heard(server_round, client, start, finish, version - started_on,
-                                    lost, call)
-            refused = strategy.refuses(client) if kept is not None else ""
+            row, trained = self._heard(server_round, client, start, finish,
+                                       version - started_on, lost, call)
+            refused = strategy.refuses(client) if trained is not None else ""
             if refused:  # central DP: its update is already in this buffer
-                row.status, row.reason, kept = "rejected", refused, None
+                row.status, row.reason, trained = "rejected", refused, None
             rows.append(row)
-            if kept is None:  # offline, failed, rejected: the slot frees, nothing arrives
+            if trained is None:  # offline, failed, rejected: the slot frees, nothing arrives
                 fruitless += 1
                 if fruitless >= patience:
                     state.rounds_without_update += 1
@@ -298,9 +309,10 @@ class AsyncRound:
             metrics = {protocol.NUM_EXAMPLES: row.num_examples or 0,
                        protocol.TRAIN_LOSS: row.train_loss or 0.0}
             accepted.append(metrics)
-            if strategy.receive(kept, version - started_on, float(row.num_examples or 0),
-                                client):
+            if strategy.receive_trained(*trained, version - started_on,
+                                        float(row.num_examples or 0), client):
                 break
+        strategy.settle()  # before the release and any checkpoint of the buffer
         self._name_call(version)  # whoever started on the model about to be replaced
         model_update = model_update or self._release()
         return self._outcome(server_round, rows, accepted, totals, model_update, began)
