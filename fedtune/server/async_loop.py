@@ -44,6 +44,7 @@ from fedtune.config import Config
 from fedtune.devices.clock import VirtualClock
 from fedtune.errors import ConfigError
 from fedtune.results.run_dir import ClientRow, RoundRow
+from fedtune.server.checkpoint import Frozen
 from fedtune.server.grid import CohortSpec, SimulatedGrid
 from fedtune.server.guard import non_finite_tensors
 from fedtune.server.phases import EvaluatePhase, UpdateBounds, evaluate_phase, train_phase
@@ -403,7 +404,7 @@ def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np
     for array in (results["client"], numbers, kept_at, where, *start.values(),
                   *(a for block in blocks for a in block.values())):
         array.flags.writeable = False  # the checkpoint keeps it without a copy
-    return {**results, "trained": blocks, "notes": notes}
+    return Frozen({**results, "trained": blocks, "notes": notes})
 
 
 def _read_only(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -191,6 +191,11 @@ STATEFUL = {
                 "strategy.concurrency=3"],
     "fedasync": ["strategy.name=fedasync", "devices.profile=lognormal",
                  "strategy.concurrency=3"],
+    # every client in flight and a buffer of 3: updates from one start model summed as a
+    # group (strategies/fedbuff.py's settle), the calls' results encoded once (Frozen)
+    "fedbuff_groups": ["strategy.name=fedbuff", "devices.profile=lognormal",
+                       "data.num_clients=6", "strategy.fedbuff_buffer_size=3",
+                       "strategy.concurrency=6"],
     # DP runs repeat bit for bit only with seeded noise (not private); a private run's resume:
     # test_a_private_run_resumes_with_fresh_noise_and_the_same_accountant
     "central_dp": ["privacy.mode=central", "privacy.noise_multiplier=0.5",
