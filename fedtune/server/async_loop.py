@@ -21,13 +21,19 @@ attributes, which the checkpoint keeps beside the strategy's buffer, so a resume
 continues bit for bit.
 
 The clients in flight are one float64 table, a row per slot (``CLIENT`` ... ``CALL``), so
-starting one, finding the next to finish and removing it touch one row, not seven arrays. The
-results wait by training call, not by client: one entry per call, the model its clients
-started from, their trained models stacked (the strategy ``prepare``s one when the server hears
-of it) and their clients.csv fields column by column, read-only arrays that the
-checkpoint keeps without copying (``fedtune.server.checkpoint``). A checkpoint is captured after
-every server update (Ctrl-C writes the latest), and with a thousand clients in flight a dict per
-client made that capture cost more than the clients' training.
+starting one and removing it touch one row, not seven arrays; the next to finish is the top of
+a heap of (finish, client, slot) beside the table (``AsyncLoop.finishing``: rebuilt from the
+table, so a checkpoint needs none). A draw among one available client is no draw: its seeded
+generator is made only when there is a choice (or a Poisson arrival to time). The results wait
+by training call, not by client: one entry per call, the model its clients started from, their
+trained models stacked and their clients.csv fields column by column, read-only arrays that the
+checkpoint keeps without copying (``fedtune.server.checkpoint``). The strategy gets a heard
+client's start and trained models by reference (``receive_trained``) and may defer its
+arithmetic to ``settle`` at the end of the server update (FedBuff sums the updates from one
+start model together there). A checkpoint is captured after every server update (Ctrl-C writes
+the latest); with a thousand clients in flight a dict per client made that capture cost more
+than the clients' training, and each call's entry is ``Frozen``: encoded once, not at every
+capture.
 """
 
 from __future__ import annotations
