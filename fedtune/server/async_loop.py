@@ -167,7 +167,7 @@ class AsyncLoop:
         row = int(np.searchsorted(results["client"], client))
         numbers = results["numbers"][row]
         fields: dict[str, Any] = {
-            name: None if np.isnan(value) else int(value) if name in _INTEGERS else float(value)
+            name: None if value != value else int(value) if name in _INTEGERS else value  # NaN
             for name, value in zip(_NUMBERS, numbers.tolist(), strict=True)}
         fields["status"], fields["reason"] = results["notes"].get(str(row), ("ok", ""))
         at = int(results["kept_at"][row])
@@ -420,16 +420,19 @@ def _read_only(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _row_of(array: np.ndarray) -> tuple[np.ndarray, int] | None:
+def _row_of(array: np.ndarray, addresses: dict[int, int]) -> tuple[np.ndarray, int] | None:
     """(the array, its row) where ``array`` is a row of a C-contiguous array that owns its data
-    (how a cohort keeps a chunk's accepted updates: one copy, ``fedtune.engine.cohort``)."""
+    (how a cohort keeps a chunk's accepted updates: one copy, ``fedtune.engine.cohort``);
+    ``addresses``: the data address of each such array seen so far, by id."""
     base = array.base
     if (not isinstance(base, np.ndarray) or base.base is not None
             or not base.flags.c_contiguous or base.shape[1:] != array.shape
             or base.dtype != array.dtype or not base.size):
         return None
-    row, rest = divmod(array.__array_interface__["data"][0]
-                       - base.__array_interface__["data"][0], base.strides[0])
+    start = addresses.get(id(base))
+    if start is None:
+        start = addresses[id(base)] = base.__array_interface__["data"][0]
+    row, rest = divmod(array.__array_interface__["data"][0] - start, base.strides[0])
     return (base, row) if not rest and 0 <= row < len(base) else None
 
 
@@ -443,8 +446,9 @@ def _stacked(models: list[dict[str, np.ndarray]], names: list[str]
     index: dict[tuple[int, ...], int] = {}
     where = np.zeros((len(models), 2), dtype=np.int64)
     loose: list[int] = []
+    addresses: dict[int, int] = {}  # the cohort's arrays stay alive meanwhile: ids hold
     for j, model in enumerate(models):
-        rows = [_row_of(model[name]) for name in names]
+        rows = [_row_of(model[name], addresses) for name in names]
         if not names or any(r is None or r[1] != rows[0][1] for r in rows):  # type: ignore[index]
             loose.append(j)
             continue
