@@ -4,7 +4,7 @@ Flower's strategies are round-based: configure every sampled node, aggregate eve
 asynchronous server instead starts a client whenever another finishes and takes each update as
 it arrives, however stale (the server updates made since the client fetched its model). An
 ``AsynchronousStrategy`` is a FedAvg subclass (Flower's sampling and federated evaluation)
-with four more steps, which an event loop calls:
+with more steps, which an event loop calls:
 
 - ``start_messages``: train messages for the given nodes, carrying the current model;
 - ``prepare``: what to take of one client's trained model (called when the server receives

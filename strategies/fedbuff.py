@@ -16,8 +16,8 @@ update) wait by reference, and when the server update ends (``settle``) each gro
 arrival order - ``sum_i y_i``, one float64 addition of each float32 model into a sum that stays
 in cache - and scaled once: ``s(tau) (sum_i y_i - n x_v)`` (``n x_v`` is exact in float64). The
 same sum as adding each ``s(tau_i) delta_i``, up to the order of float64 rounding (a group of
-one gives the same bits), at a third of the memory traffic per update. A subclass whose ``prepare`` changes each update (DP-FedBuff clips it) receives each
-prepared update instead.
+one gives the same bits), at a third of the memory traffic per update. A subclass whose
+``prepare`` changes each update (DP-FedBuff clips it) receives each prepared update instead.
 
 Message protocol: FedAvg's (``"arrays"`` out and back, a MetricRecord with ``"num-examples"``).
 """

@@ -32,8 +32,8 @@ client's start and trained models by reference (``receive_trained``) and may def
 arithmetic to ``settle`` at the end of the server update (FedBuff sums the updates from one
 start model together there). A checkpoint is captured after every server update (Ctrl-C writes
 the latest); with a thousand clients in flight a dict per client made that capture cost more
-than the clients' training, and each call's entry is ``Frozen``: encoded once, not at every
-capture.
+than the clients' training, and each call's entry is a ``FrozenMapping``: encoded once, not at
+every capture.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from fedtune.config import Config
 from fedtune.devices.clock import VirtualClock
 from fedtune.errors import ConfigError
 from fedtune.results.run_dir import ClientRow, RoundRow
-from fedtune.server.checkpoint import Frozen
+from fedtune.server.checkpoint import FrozenMapping
 from fedtune.server.grid import CohortSpec, SimulatedGrid
 from fedtune.server.guard import non_finite_tensors
 from fedtune.server.phases import EvaluatePhase, UpdateBounds, evaluate_phase, train_phase
@@ -410,7 +410,7 @@ def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np
     for array in (results["client"], numbers, kept_at, where, *start.values(),
                   *(a for block in blocks for a in block.values())):
         array.flags.writeable = False  # the checkpoint keeps it without a copy
-    return Frozen({**results, "trained": blocks, "notes": notes})
+    return FrozenMapping({**results, "trained": blocks, "notes": notes})
 
 
 def _read_only(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -193,7 +193,7 @@ STATEFUL = {
     "fedasync": ["strategy.name=fedasync", "devices.profile=lognormal",
                  "strategy.concurrency=3"],
     # every client in flight and a buffer of 3: updates from one start model summed as a
-    # group (strategies/fedbuff.py's settle), the calls' results encoded once (Frozen)
+    # group (strategies/fedbuff.py's settle), the calls' results encoded once (FrozenMapping)
     "fedbuff_groups": ["strategy.name=fedbuff", "devices.profile=lognormal",
                        "data.num_clients=6", "strategy.fedbuff_buffer_size=3",
                        "strategy.concurrency=6"],
@@ -449,13 +449,13 @@ def test_a_killed_ditto_run_resumes_bit_identical_with_every_clients_models(tmp_
 
 
 def test_a_frozen_mapping_is_encoded_once_per_path():
-    """The asynchronous loop's per-call results (``Frozen``) are walked at the first capture
+    """The asynchronous loop's per-call results (``FrozenMapping``) are walked at the first capture
     only; a later capture reuses the node and arrays, and restoring gives a plain dict."""
-    from fedtune.server.checkpoint import Frozen
+    from fedtune.server.checkpoint import FrozenMapping
 
     block = np.arange(6, dtype=np.float32).reshape(2, 3).copy()  # owns its data
     block.flags.writeable = False
-    holder = SimpleNamespace(results={"7": Frozen({"trained": [{"w": block}], "n": 2})})
+    holder = SimpleNamespace(results={"7": FrozenMapping({"trained": [{"w": block}], "n": 2})})
     first, second = capture_attributes(holder), capture_attributes(holder)
     assert first[0]["results"]["map"]["7"] is second[0]["results"]["map"]["7"]
     assert second[1]["results.7.trained.0.w"] is block  # read-only: no copy
