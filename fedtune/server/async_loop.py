@@ -39,6 +39,7 @@ every capture.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from typing import Any, cast
 
@@ -167,7 +168,7 @@ class AsyncLoop:
         row = int(np.searchsorted(results["client"], client))
         numbers = results["numbers"][row]
         fields: dict[str, Any] = {
-            name: None if value != value else int(value) if name in _INTEGERS else value  # NaN
+            name: None if math.isnan(value) else int(value) if name in _INTEGERS else value
             for name, value in zip(_NUMBERS, numbers.tolist(), strict=True)}
         fields["status"], fields["reason"] = results["notes"].get(str(row), ("ok", ""))
         at = int(results["kept_at"][row])
