@@ -4,13 +4,15 @@ Flower's strategies are round-based: configure every sampled node, aggregate eve
 asynchronous server instead starts a client whenever another finishes and takes each update as
 it arrives, however stale (the server updates made since the client fetched its model). An
 ``AsynchronousStrategy`` is a FedAvg subclass (Flower's sampling and federated evaluation)
-with four more steps, which an event loop calls:
+with more steps, which an event loop calls:
 
 - ``start_messages``: train messages for the given nodes, carrying the current model;
 - ``prepare``: what to take of one client's trained model (called when the server receives
   it, with the model it started from);
 - ``refuses``: why it will not take a client's update now ("" = it will);
 - ``receive``: take one update and its staleness; True when the server must update now;
+- ``receive_trained``: ``prepare`` then ``receive`` (what the event loop calls); a strategy may
+  defer its arithmetic to ``settle``, which the loop calls at the end of every server update;
 - ``release``: the new global model; ``release_metrics``: what it reports of that release.
 
 Their state is plain attributes (numbers, numpy arrays), so a checkpoint of the strategy keeps
@@ -53,6 +55,17 @@ class AsynchronousStrategy(FedAvg):
                 client: int = -1) -> bool:
         """Take one client's ``prepare``d result; True when the global model must change now."""
         raise NotImplementedError
+
+    def receive_trained(self, start: Mapping[str, np.ndarray],
+                        trained: Mapping[str, np.ndarray], staleness: int, weight: float,
+                        client: int = -1) -> bool:
+        """``receive`` a client's trained model (``start``: the model it began from; both
+        read-only, alive until ``settle``); True when the global model must change now."""
+        return self.receive(self.prepare(start, trained), staleness, weight, client)
+
+    def settle(self) -> None:
+        """Finish what ``receive_trained`` deferred: the event loop calls it at the end of
+        every server update, before ``release`` and before a checkpoint captures the state."""
 
     def release(self, current: Mapping[str, np.ndarray]) -> NDArrays:
         """The new global model from ``current`` and what was received."""

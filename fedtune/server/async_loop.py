@@ -21,17 +21,25 @@ attributes, which the checkpoint keeps beside the strategy's buffer, so a resume
 continues bit for bit.
 
 The clients in flight are one float64 table, a row per slot (``CLIENT`` ... ``CALL``), so
-starting one, finding the next to finish and removing it touch one row, not seven arrays. The
-results wait by training call, not by client: one entry per call, the model its clients
-started from, their trained models stacked (the strategy ``prepare``s one when the server hears
-of it) and their clients.csv fields column by column, read-only arrays that the
-checkpoint keeps without copying (``fedtune.server.checkpoint``). A checkpoint is captured after
-every server update (Ctrl-C writes the latest), and with a thousand clients in flight a dict per
-client made that capture cost more than the clients' training.
+starting one and removing it touch one row, not seven arrays; the next to finish is the top of
+a heap of (finish, client, slot) beside the table (``AsyncLoop.finishing``: rebuilt from the
+table, so a checkpoint needs none). A draw among one available client is no draw: its seeded
+generator is made only when there is a choice (or a Poisson arrival to time). The results wait
+by training call, not by client: one entry per call, the model its clients started from, their
+trained models stacked and their clients.csv fields column by column, read-only arrays that the
+checkpoint keeps without copying (``fedtune.server.checkpoint``). The strategy gets a heard
+client's start and trained models by reference (``receive_trained``) and may defer its
+arithmetic to ``settle`` at the end of the server update (FedBuff sums the updates from one
+start model together there). A checkpoint is captured after every server update (Ctrl-C writes
+the latest); with a thousand clients in flight a dict per client made that capture cost more
+than the clients' training, and each call's entry is a ``FrozenMapping``: encoded once, not at
+every capture.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import time
 from typing import Any, cast
 
@@ -43,6 +51,7 @@ from fedtune.config import Config
 from fedtune.devices.clock import VirtualClock
 from fedtune.errors import ConfigError
 from fedtune.results.run_dir import ClientRow, RoundRow
+from fedtune.server.checkpoint import FrozenMapping
 from fedtune.server.grid import CohortSpec, SimulatedGrid
 from fedtune.server.guard import non_finite_tensors
 from fedtune.server.phases import EvaluatePhase, UpdateBounds, evaluate_phase, train_phase
@@ -63,6 +72,8 @@ from strategies.asynchronous import AsynchronousStrategy
 _NUMBERS = ("num_examples", "train_loss", "epsilon", "duration_s", "examples_trained")
 _INTEGERS = ("num_examples", "examples_trained")
 _NO_CLIENTS = np.zeros(0, dtype=np.int64)
+# a heard client's (start model, trained model), both read-only
+Trained = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
 # the columns of the table of clients in flight (float64: ids and versions are exact)
 CLIENT, START, FINISH, VERSION, LOST, TRAINED, CALL = range(7)
 _FREE = np.array([-1.0, 0.0, np.inf, -1.0, 0.0, 1.0, -1.0])  # a free slot: nobody, never
@@ -112,13 +123,15 @@ class AsyncLoop:
         return moment, available
 
     def start_client(self, clock: VirtualClock, moment: float, available: np.ndarray,
-                     version: int, durations: np.ndarray) -> None:
+                     version: int, durations: np.ndarray) -> tuple[float, int, int]:
         """One client starts at ``moment`` on model ``version`` (``durations``: every
-        client's virtual duration, ``VirtualClock.durations``)."""
-        rng = self._draw()
-        client = int(rng.choice(available))
+        client's virtual duration, ``VirtualClock.durations``); its (finish, client, slot)."""
+        # a draw among one candidate picks it: the generator (seeded afresh per start) is
+        # made only when it draws something
+        rng = self._draw() if self.arrival_rate or len(available) > 1 else None
+        client = int(available[0]) if rng is None else int(rng.choice(available))
         self.starts += 1
-        if self.arrival_rate:
+        if rng is not None and self.arrival_rate:
             self.next_arrival = moment + float(rng.exponential(1.0 / self.arrival_rate))
         self.now = moment
         finish = moment + float(durations[client])
@@ -128,14 +141,16 @@ class AsyncLoop:
         self.flight[slot] = (client, moment, min(finish, offline), version, lost, lost, -1)
         self.busy[client] = True
         self.flying += 1
+        return float(self.flight[slot, FINISH]), client, slot
 
-    def next_finish(self) -> int:
-        """Slot of the client the server hears of next (earliest; ties by client id)."""
-        finish = self.flight[:, FINISH]
-        earliest = np.flatnonzero(finish == finish.min())
-        if len(earliest) == 1:
-            return int(earliest[0])
-        return int(earliest[np.argmin(self.flight[earliest, CLIENT])])
+    def finishing(self) -> list[tuple[float, int, int]]:
+        """The clients in flight as a heap of (finish, client, slot): its first is the client
+        the server hears of next (earliest; ties by client id)."""
+        taken = np.flatnonzero(self.flight[:, CLIENT] >= 0)
+        heap = [(float(self.flight[slot, FINISH]), int(self.flight[slot, CLIENT]), int(slot))
+                for slot in taken]
+        heapq.heapify(heap)
+        return heap
 
     def pop(self, slot: int) -> tuple[int, float, float, int, bool, int]:
         """Free a slot: its (client, start, finish, version, lost, training call)."""
@@ -145,28 +160,26 @@ class AsyncLoop:
         self.flying -= 1
         return int(client), start, finish, int(version), bool(lost), int(call)
 
-    def take(self, call: int, client: int, strategy: AsynchronousStrategy
-             ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
-        """A trained client's clients.csv fields and what ``strategy`` keeps of its update
-        (None: no update), dropping its call's results once no client in flight needs them
-        (after ``pop``)."""
+    def take(self, call: int, client: int) -> tuple[dict[str, Any], Trained | None]:
+        """A trained client's clients.csv fields and its (start model, trained model) (None:
+        no update), dropping its call's results once no client in flight needs them (after
+        ``pop``)."""
         results = self.results[str(call)]
         row = int(np.searchsorted(results["client"], client))
         numbers = results["numbers"][row]
         fields: dict[str, Any] = {
-            name: None if np.isnan(value) else int(value) if name in _INTEGERS else float(value)
+            name: None if math.isnan(value) else int(value) if name in _INTEGERS else value
             for name, value in zip(_NUMBERS, numbers.tolist(), strict=True)}
         fields["status"], fields["reason"] = results["notes"].get(str(row), ("ok", ""))
         at = int(results["kept_at"][row])
-        if at < 0:
-            kept = None
-        else:
+        trained = None
+        if at >= 0:
             block, position = results["where"][at]
-            kept = strategy.prepare(results["start"], {
-                name: stack[position] for name, stack in results["trained"][block].items()})
+            trained = results["start"], {
+                name: stack[position] for name, stack in results["trained"][block].items()}
         if not np.any(self.flight[:, CALL] == call):
             del self.results[str(call)]
-        return fields, kept
+        return fields, trained
 
 
 class AsyncRound:
@@ -192,6 +205,9 @@ class AsyncRound:
         self.population = len(nodes)
         self.limits = reply_limits(run.config, run.resources.federation)
         self.duration_bytes, self.duration_of = -1, np.zeros(0)  # ``_durations``' cache
+        # the table's clients by finish (``AsyncLoop.finishing``), built at the first server
+        # update (after a resume has restored the table) and kept beside it
+        self.finishing: list[tuple[float, int, int]] | None = None
 
     def _train(self, server_round: int, totals: dict[str, Any], slot: int) -> None:
         """Train the call the client in ``slot`` belongs to, in one cohort: a call named when
@@ -243,17 +259,16 @@ class AsyncRound:
         loop.dispatches += 1
 
     def _heard(self, server_round: int, client: int, start: float, finish: float,
-               staleness: int, lost: bool, call: int
-               ) -> tuple[ClientRow, dict[str, np.ndarray] | None]:
-        """A client the server hears of: its clients.csv row and what the strategy keeps of its
-        update."""
+               staleness: int, lost: bool, call: int) -> tuple[ClientRow, Trained | None]:
+        """A client the server hears of: its clients.csv row and its (start, trained) models
+        (None: no update)."""
         if lost:
             return ClientRow(server_round, client, None, None, None, None, "offline",
                              "the device went offline before it finished",
                              virtual_start_s=start, virtual_duration_s=finish - start), None
-        fields, kept = self.loop.take(call, client, self.strategy)
+        fields, trained = self.loop.take(call, client)
         return ClientRow(server_round, client, **fields, virtual_start_s=start,
-                         virtual_duration_s=finish - start, staleness=staleness), kept
+                         virtual_duration_s=finish - start, staleness=staleness), trained
 
     def __call__(self, run: FederatedRun, server_round: int) -> RoundOutcome:
         """Run the event loop until the strategy updates the global model once."""
@@ -269,25 +284,29 @@ class AsyncRound:
         # after this many the server update ends without a change of the model
         fruitless, patience = 0, 2 * max(loop.concurrency, self.population)
         model_update = ""
+        if self.finishing is None:
+            self.finishing = loop.finishing()
+        finishing = self.finishing
         while True:
             moment, available = loop.next_start(self.clock)
-            slot = loop.next_finish()
-            if len(available) and moment <= loop.flight[slot, FINISH]:  # none: +inf
-                loop.start_client(self.clock, moment, available, version, durations)
+            if len(available) and (not finishing or moment <= finishing[0][0]):
+                heapq.heappush(finishing, loop.start_client(self.clock, moment, available,
+                                                            version, durations))
                 continue
-            if loop.flight[slot, CLIENT] < 0:
+            if not finishing:
                 raise RuntimeError("devices: no client is ever available to start")
+            slot = heapq.heappop(finishing)[2]
             if not loop.flight[slot, TRAINED]:
                 self._train(server_round, totals, slot)
             client, start, finish, started_on, lost, call = loop.pop(slot)
             loop.now = finish
-            row, kept = self._heard(server_round, client, start, finish, version - started_on,
-                                    lost, call)
-            refused = strategy.refuses(client) if kept is not None else ""
+            row, trained = self._heard(server_round, client, start, finish,
+                                       version - started_on, lost, call)
+            refused = strategy.refuses(client) if trained is not None else ""
             if refused:  # central DP: its update is already in this buffer
-                row.status, row.reason, kept = "rejected", refused, None
+                row.status, row.reason, trained = "rejected", refused, None
             rows.append(row)
-            if kept is None:  # offline, failed, rejected: the slot frees, nothing arrives
+            if trained is None:  # offline, failed, rejected: the slot frees, nothing arrives
                 fruitless += 1
                 if fruitless >= patience:
                     state.rounds_without_update += 1
@@ -298,9 +317,10 @@ class AsyncRound:
             metrics = {protocol.NUM_EXAMPLES: row.num_examples or 0,
                        protocol.TRAIN_LOSS: row.train_loss or 0.0}
             accepted.append(metrics)
-            if strategy.receive(kept, version - started_on, float(row.num_examples or 0),
-                                client):
+            if strategy.receive_trained(*trained, version - started_on,
+                                        float(row.num_examples or 0), client):
                 break
+        strategy.settle()  # before the release and any checkpoint of the buffer
         self._name_call(version)  # whoever started on the model about to be replaced
         model_update = model_update or self._release()
         return self._outcome(server_round, rows, accepted, totals, model_update, began)
@@ -391,7 +411,7 @@ def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np
     for array in (results["client"], numbers, kept_at, where, *start.values(),
                   *(a for block in blocks for a in block.values())):
         array.flags.writeable = False  # the checkpoint keeps it without a copy
-    return {**results, "trained": blocks, "notes": notes}
+    return FrozenMapping({**results, "trained": blocks, "notes": notes})
 
 
 def _read_only(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -401,16 +421,19 @@ def _read_only(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _row_of(array: np.ndarray) -> tuple[np.ndarray, int] | None:
+def _row_of(array: np.ndarray, addresses: dict[int, int]) -> tuple[np.ndarray, int] | None:
     """(the array, its row) where ``array`` is a row of a C-contiguous array that owns its data
-    (how a cohort keeps a chunk's accepted updates: one copy, ``fedtune.engine.cohort``)."""
+    (how a cohort keeps a chunk's accepted updates: one copy, ``fedtune.engine.cohort``);
+    ``addresses``: the data address of each such array seen so far, by id."""
     base = array.base
     if (not isinstance(base, np.ndarray) or base.base is not None
             or not base.flags.c_contiguous or base.shape[1:] != array.shape
             or base.dtype != array.dtype or not base.size):
         return None
-    row, rest = divmod(array.__array_interface__["data"][0]
-                       - base.__array_interface__["data"][0], base.strides[0])
+    start = addresses.get(id(base))
+    if start is None:
+        start = addresses[id(base)] = base.__array_interface__["data"][0]
+    row, rest = divmod(array.__array_interface__["data"][0] - start, base.strides[0])
     return (base, row) if not rest and 0 <= row < len(base) else None
 
 
@@ -424,8 +447,9 @@ def _stacked(models: list[dict[str, np.ndarray]], names: list[str]
     index: dict[tuple[int, ...], int] = {}
     where = np.zeros((len(models), 2), dtype=np.int64)
     loose: list[int] = []
+    addresses: dict[int, int] = {}  # the cohort's arrays stay alive meanwhile: ids hold
     for j, model in enumerate(models):
-        rows = [_row_of(model[name]) for name in names]
+        rows = [_row_of(model[name], addresses) for name in names]
         if not names or any(r is None or r[1] != rows[0][1] for r in rows):  # type: ignore[index]
             loose.append(j)
             continue

@@ -100,3 +100,41 @@ def test_the_loop_keeps_a_cohorts_stacked_updates_without_copying_them():
     _, arrays = capture_attributes(SimpleNamespace(blocks=blocks))
     assert any(array is chunk["w"] for array in arrays.values())  # kept, not copied
     assert not any(array is loose["w"] for array in arrays.values())
+
+
+def test_fedbuff_regrouped_sum_matches_adding_each_update():
+    """``receive_trained`` sums the updates from one start model together at ``settle``
+    (s(tau) (sum_i y_i - n x)): the sum of ``receive(prepare(...))`` up to float64 rounding,
+    and the same bits for groups of one."""
+    arrivals = [(0, 1), (1, 0), (0, 1), (2, 3), (0, 1), (1, 0)]  # (start, staleness)
+    trained = [{k: v * (1.0 + 0.1 * i) - 0.05 * i for k, v in STARTS[s].items()}
+               for i, (s, _) in enumerate(arrivals)]
+    grouped, each = FedBuff(buffer_size=6), FedBuff(buffer_size=6)
+    due = [grouped.receive_trained(STARTS[s], t, tau, 1.0)
+           for (s, tau), t in zip(arrivals, trained, strict=True)]
+    for (s, tau), t in zip(arrivals, trained, strict=True):
+        each.receive(each.prepare(STARTS[s], t), tau, 1.0)
+    assert due == [False] * 5 + [True] and len(grouped.arrived) == 3
+    got, expected = grouped.release(X0), each.release(X0)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-6)
+    single, alone = FedBuff(buffer_size=3), FedBuff(buffer_size=3)
+    for s, t, tau in zip(STARTS, TRAINED, STALENESS, strict=True):
+        single.receive_trained(s, t, tau, 1.0)
+        alone.receive(alone.prepare(s, t), tau, 1.0)
+    single.settle()
+    for name, value in alone.buffer.items():
+        np.testing.assert_array_equal(single.buffer[name], value)
+    assert single.arrived == [] and grouped.arrived == []
+
+
+def test_a_subclass_that_prepares_each_update_receives_each_prepared_update():
+    class Halving(FedBuff):
+        def prepare(self, start, trained):
+            return {k: v / 2 for k, v in super().prepare(start, trained).items()}
+
+    strategy = Halving(buffer_size=2)
+    strategy.receive_trained(STARTS[0], TRAINED[0], 0, 1.0)
+    assert strategy.arrived == []
+    np.testing.assert_allclose(strategy.buffer["w"],
+                               (TRAINED[0]["w"].astype(np.float64) - STARTS[0]["w"]) / 2)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -191,6 +192,11 @@ STATEFUL = {
                 "strategy.concurrency=3"],
     "fedasync": ["strategy.name=fedasync", "devices.profile=lognormal",
                  "strategy.concurrency=3"],
+    # every client in flight and a buffer of 3: updates from one start model summed as a
+    # group (strategies/fedbuff.py's settle), the calls' results encoded once (FrozenMapping)
+    "fedbuff_groups": ["strategy.name=fedbuff", "devices.profile=lognormal",
+                       "data.num_clients=6", "strategy.fedbuff_buffer_size=3",
+                       "strategy.concurrency=6"],
     # DP runs repeat bit for bit only with seeded noise (not private); a private run's resume:
     # test_a_private_run_resumes_with_fresh_noise_and_the_same_accountant
     "central_dp": ["privacy.mode=central", "privacy.noise_multiplier=0.5",
@@ -440,3 +446,20 @@ def test_a_killed_ditto_run_resumes_bit_identical_with_every_clients_models(tmp_
     _assert_same_run(killed, reference)
     rounds = {row["round"] for row in _rows_without_time(killed, "personal.csv")}
     assert rounds == {"1", "2", "3", "4", "5"}
+
+
+def test_a_frozen_mapping_is_encoded_once_per_path():
+    """The asynchronous loop's per-call results (``FrozenMapping``) are walked at the first capture
+    only; a later capture reuses the node and arrays, and restoring gives a plain dict."""
+    from fedtune.server.checkpoint import FrozenMapping
+
+    block = np.arange(6, dtype=np.float32).reshape(2, 3).copy()  # owns its data
+    block.flags.writeable = False
+    holder = SimpleNamespace(results={"7": FrozenMapping({"trained": [{"w": block}], "n": 2})})
+    first, second = capture_attributes(holder), capture_attributes(holder)
+    assert first[0]["results"]["map"]["7"] is second[0]["results"]["map"]["7"]
+    assert second[1]["results.7.trained.0.w"] is block  # read-only: no copy
+    restored = SimpleNamespace(results={})
+    restore_attributes(restored, *second)
+    assert type(restored.results["7"]) is dict and restored.results["7"]["n"] == 2
+    np.testing.assert_array_equal(restored.results["7"]["trained"][0]["w"], block)
