@@ -188,12 +188,22 @@ def main() -> None:
                         help="synchronous rounds of the long run (default 2x --rounds)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--backend", default="inprocess", choices=("inprocess", "ray"))
+    parser.add_argument("--sides", default="",
+                        help="comma-separated sides to run beside sync (default: all): "
+                             + ", ".join(sides(1000)))
     args = parser.parse_args()
     lengths = (args.rounds, args.long or 2 * args.rounds)
     if not 0 < lengths[0] < lengths[1]:
         raise SystemExit(f"need 0 < --rounds < --long, got {lengths[0]} and {lengths[1]}")
     base = [*WORKLOAD, f"data.num_clients={args.clients}", f"engine.backend={args.backend}"]
     table = sides(args.clients)
+    if args.sides:
+        wanted = args.sides.split(",")
+        unknown = [name for name in wanted if name not in table]
+        if unknown:
+            raise SystemExit(f"--sides {','.join(unknown)} is not a side: must be among "
+                             f"{', '.join(table)}")
+        table = {name: table[name] for name in dict.fromkeys(["sync", *wanted])}  # the ratios' base
     runs: dict[tuple[str, int], list[Run]] = {}
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
