@@ -8,8 +8,8 @@ rounds of all repeats. Sub-benchmarks:
 
 - ``rounds``: the workload of issue 13 - MLP 1024->64->2 on hashed Rotten Tomatoes, IID, batch
   8, one local step of AdamW (fused, lr 0.1), every client every round, the server's evaluation
-  on the global test set after every round - on fedtune's Ray engine (its default actors: one
-  on 2 cores, ``fedtune.engine.shape``), fedtune in one process, pfl 0.6.0 in one process
+  on the global test set after every round - on fedtune's Ray engine (its default shape: on 2
+  cores, a pool of one actor, so the clients run in process, ``fedtune.engine.shape``), fedtune in one process, pfl 0.6.0 in one process
   and with two workers (torchrun, gloo), and Flower's stock simulation; 100, 1,000 and 10,000 clients. fedtune runs each of its runtimes twice: clients
   one at a time (``engine.vectorise_clients = false``) and trained together (the default,
   ``torch.func.vmap`` over chunks of clients). Ratios are other / fedtune Ray engine.
@@ -383,7 +383,7 @@ def bench_rounds(out: Path, sizes: list[int], rounds: int, repeats: int,
         row_base, label = workload(base, n)
         overrides = [*row_base, f"data.num_clients={n}", f"run.rounds={rounds}"]
         sides = {  # clients one at a time (engine.vectorise_clients = false)
-            "fedtune ray (default actors)": lambda i, o=overrides, k=n: fedtune_command(
+            "fedtune ray (default shape)": lambda i, o=overrides, k=n: fedtune_command(
                 [*o, "engine.backend=ray", "engine.vectorise_clients=false"],
                 out / f"ray-{k}-{i}"),
             "fedtune in process": lambda i, o=overrides, k=n: fedtune_command(
@@ -395,7 +395,7 @@ def bench_rounds(out: Path, sizes: list[int], rounds: int, repeats: int,
                 f"{name}, vectorised": lambda i, o=overrides, k=n, b=backend, t=tag:
                 fedtune_command([*o, f"engine.backend={b}", "engine.vectorise_clients=true"],
                                 out / f"{t}-vec-{k}-{i}")
-                for name, backend, tag in (("fedtune ray (default actors)", "ray", "ray"),
+                for name, backend, tag in (("fedtune ray (default shape)", "ray", "ray"),
                                            ("fedtune in process", "inprocess", "inproc"))}
         sides |= {
             "pfl 1 process": lambda i, o=overrides: pfl_command(o, rounds, 1),
@@ -413,7 +413,7 @@ def bench_rounds(out: Path, sizes: list[int], rounds: int, repeats: int,
                 results[name] += steady(lines)
                 startups[name] += [line["startup_s"] for line in lines if "startup_s" in line]
         reference = statistics.median(r["wall_s"]
-                                      for r in results["fedtune ray (default actors)"])
+                                      for r in results["fedtune ray (default shape)"])
         for name, rows in results.items():
             wall = statistics.median(r["wall_s"] for r in rows)
             cpu = statistics.median(r["cpu_s"] for r in rows)
@@ -465,7 +465,7 @@ def bench_central(out: Path, n: int, rounds: int, repeats: int) -> None:
                 (line["wall_s"], line["cpu_s"], line["startup_s"]) for line in lines[1:])
         lines, _ = run_side(fedtune_command(overrides, out / f"central-{repeat}"))
         startup = [line["startup_s"] for line in lines if "startup_s" in line]
-        rows.setdefault("federated, fedtune ray (default actors x 1 thread), per round",
+        rows.setdefault("federated, fedtune ray (default shape x 1 thread), per round",
                         []).extend(
             (line["wall_s"], line["cpu_s"], startup[0]) for line in steady(lines))
     reference = statistics.median(r[0] for r in rows["centralized, one process, 1 thread(s)"])

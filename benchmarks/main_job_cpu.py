@@ -20,7 +20,7 @@ Sides alternate (A B A B ...); medians. Run it on a quiet machine (it takes ~2 �
 pair on 2 cores):
 
     python benchmarks/main_job_cpu.py --pairs 3
-    python benchmarks/main_job_cpu.py --pairs 3 --set engine.actor_min_cohort=0   # on actors
+    python benchmarks/main_job_cpu.py --pairs 3 --set engine.num_actors=2   # on two actors
 
 The goal (issue 30): fedtune's CPU ≤ 1.3× the plain loop's. ``--small`` checks that the
 script works in seconds (the MLP on digits, same shape: 8 clients, 2 a round, 3 rounds).

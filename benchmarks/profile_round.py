@@ -8,9 +8,10 @@ over the profiled rounds) is shared out over its categories by their share of it
 py-spy samples a thread that waits for a core as if it ran, so on a loaded machine a share is
 of time more than of CPU. Ray's C++ raylet and GCS have no Python samples: their CPU is a row
 of its own. The raw stacks are kept with ``--raw FILE`` (flamegraph.pl and speedscope read
-them).
+them). On a machine of 2 CPUs the Ray engine's default pool would be one actor, which
+runs in process (``fedtune.engine.shape``): name the actors to profile them.
 
-    python benchmarks/profile_round.py --clients 1000 --backend ray
+    python benchmarks/profile_round.py --clients 1000 --backend ray --set engine.num_actors=1
     python benchmarks/profile_round.py --clients 1000 --backend inprocess
 
 Needs ``pip install -e '.[bench]'`` (py-spy).

@@ -86,6 +86,15 @@ def _words(value: int) -> list[int]:
     return words
 
 
+def _hashmix(words: np.ndarray, consts: list[int]) -> np.ndarray:
+    """SeedSequence's hashmix of row i of ``words`` with the constants ``consts[i]`` (xor) and
+    ``consts[i + 1]`` (multiply), each row as the i-th of consecutive calls."""
+    rows = len(consts) - 1
+    value = words ^ np.array(consts[:rows], np.uint32)[:, None]
+    value = value * np.array(consts[1:], np.uint32)[:, None]
+    return value ^ (value >> np.uint32(_XSHIFT))
+
+
 def client_round_seeds(run_seed: int, server_round: int, client_ids: Sequence[int],
                        dispatch: int | None = None) -> list[int]:
     """``client_round_seed`` of each client of ``client_ids``, derived for the block at once.
@@ -103,28 +112,24 @@ def client_round_seeds(run_seed: int, server_round: int, client_ids: Sequence[in
     if (not head or len(head) + 1 > _POOL_SIZE or len(ids) == 0 or ids.min() < 0
             or ids.max() > _MASK):
         return [client_round_seed(run_seed, server_round, int(i)) for i in ids]
+    # every hashmix call takes the next constant of one sequence: word ^ c[k], then * c[k + 1]
+    consts = [_INIT_A]
+    for _ in range(_POOL_SIZE * _POOL_SIZE):
+        consts.append((consts[-1] * _MULT_A) & _MASK)
     with np.errstate(over="ignore"):
-        entropy = [np.full(len(ids), word, np.uint32) for word in head]
-        entropy.append(ids.astype(np.uint32))
-        hash_const = _INIT_A
-
-        def hashmix(value: np.ndarray) -> np.ndarray:
-            nonlocal hash_const
-            value = value ^ np.uint32(hash_const)
-            hash_const = (hash_const * _MULT_A) & _MASK
-            value = value * np.uint32(hash_const)
-            return value ^ (value >> np.uint32(_XSHIFT))
-
-        def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-            result = np.uint32(_MIX_MULT_L) * x - np.uint32(_MIX_MULT_R) * y
-            return result ^ (result >> np.uint32(_XSHIFT))
-
-        zeros = np.zeros(len(ids), np.uint32)
-        pool = [hashmix(entropy[i] if i < len(entropy) else zeros) for i in range(_POOL_SIZE)]
+        pool = np.zeros((_POOL_SIZE, len(ids)), np.uint32)
+        pool[:len(head)] = np.array(head, np.uint32)[:, None]
+        pool[len(head)] = ids.astype(np.uint32)
+        pool = _hashmix(pool, consts[:_POOL_SIZE + 1])
+        used = _POOL_SIZE
         for source in range(_POOL_SIZE):
-            for target in range(_POOL_SIZE):
-                if source != target:
-                    pool[target] = mix(pool[target], hashmix(pool[source]))
+            # a source's word is hashed for each other word in turn; it does not change
+            # meanwhile, so the three hashes and mixes run as one (rows: the targets in order)
+            targets = [t for t in range(_POOL_SIZE) if t != source]
+            hashed = _hashmix(pool[source][None, :], consts[used:used + len(targets) + 1])
+            used += len(targets)
+            mixed = np.uint32(_MIX_MULT_L) * pool[targets] - np.uint32(_MIX_MULT_R) * hashed
+            pool[targets] = mixed ^ (mixed >> np.uint32(_XSHIFT))
         # generate_state(1): the first pool word, hashed with INIT_B
         value = pool[0] ^ np.uint32(_INIT_B)
         value = value * np.uint32((_INIT_B * _MULT_B) & _MASK)

@@ -35,7 +35,7 @@ REPRODUCIBLE_NOISE = "privacy.insecure_reproducible_noise=true"
 TINY_HF = ["data.max_examples=300", "data.num_clients=4", "run.rounds=2",
            "strategy.fraction_train=0.5", "client.local_steps=2", "client.batch_size=8",
            "engine.backend=inprocess", "model.max_length=24"]
-RAY_ACTORS = ["engine.backend=ray", "engine.actor_min_cohort=0"]
+RAY_ACTORS = ["engine.backend=ray", "engine.num_actors=1"]
 
 # name -> (config file or None, overrides, slow)
 RUNS: dict[str, tuple[str | None, list[str], bool]] = {
@@ -84,7 +84,8 @@ RUNS: dict[str, tuple[str | None, list[str], bool]] = {
                                        "client.lr=5e-3", "model.feature_cache=false"], False),
     "hf_frozen_features": (None, TINY_HF + ["model.transfer=frozen", "client.lr=5e-3"], False),
     "mlp_digits_ray": ("simulations/mlp_digits.toml", [], True),
-    # 3 clients a round: actors only when asked for (fedtune/engine/shape.py)
+    # actors only when asked for (fedtune/engine/shape.py): a small cohort, or one default
+    # actor on a machine of 2 CPUs, runs in process
     "ray_fedavg": (None, MLP + RAY_ACTORS, True),
     "ray_scaffold": (None, MLP + SGD + RAY_ACTORS + ["strategy.name=scaffold"], True),
     "quickstart": (None, [], True),

@@ -37,6 +37,17 @@ class ClientMasks:
         self.shapes: list[torch.Size] = []
         self.current: tuple[torch.Tensor, ...] = ()
 
+    @classmethod
+    def seeded(cls, model: nn.Module, seeds: Sequence[int], epoch_draws: Sequence[int],
+               epoch_batches: Sequence[int]) -> ClientMasks:
+        """The masks of clients whose generators are seeded with ``seeds``; the generators are
+        made only where the model drops anything (a torch generator and its seeding cost ~2.5
+        us a client, which a model without dropout never draws from)."""
+        masks = cls(model, [], epoch_draws, epoch_batches)
+        if masks.layers:
+            masks.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        return masks
+
     def __bool__(self) -> bool:
         return bool(self.layers)
 

@@ -293,9 +293,9 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     results = [TrainResult(float("nan"), 0, 0, 0.0)] * len(ids)
     for count in np.unique(steps[steps > 0]):  # clients with as many steps train together
         members = np.flatnonzero(steps == count)
-        masks = ClientMasks(model, [torch.Generator().manual_seed(seeds[i]) for i in members],
-                            [loaders[i].epoch_draws for i in members],
-                            [len(loaders[i]) for i in members])
+        masks = ClientMasks.seeded(model, [seeds[i] for i in members],
+                                   [loaders[i].epoch_draws for i in members],
+                                   [len(loaders[i]) for i in members])
         group_objective = (objective.rows(members) if isinstance(objective, StackedObjective)
                            and len(members) < len(ids) else objective)
         start = {name: value[members] for name, value in starts.items()}

@@ -63,6 +63,7 @@ from fedtune.server.reports import ClientReport
 from fedtune.server.screening import (
     check_claims,
     check_kept,
+    check_metric_rows,
     check_metric_values,
     check_update_arrays,
 )
@@ -431,7 +432,8 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
     the reply's records, names, shapes and dtypes checked once (every client's arrays are rows
     of the same stacked arrays), every update's norm in one pass (``update_norms``: a
     non-finite value makes it non-finite, and that client goes through ``_screen_update``,
-    which names the tensor), the bytes counted once, and the accepted updates added to the
+    which names the tensor), the metrics checked a metric at a time over the chunk
+    (``check_metric_rows``), the bytes counted once, and the accepted updates added to the
     block's sum as one contraction (``accumulate_rows``) or kept as one copy."""
     reports = [ClientReport(c.node_id, c.client_id, "ok") for c in members]
     result.reports.extend(reports)
@@ -450,10 +452,13 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
         norms = update_norms(global_arrays, stacked, absurd_bound(content.model_norm))
         chunk_bytes = count_bytes({protocol.ARRAYS: first})
     limits = spec.limits
+    finite = np.isfinite(norms) if norms is not None else None
+    metric_problems = check_metric_rows([trained.metrics for trained in chunk.trained],
+                                        limits.train)
     for i, (report, trained) in enumerate(zip(reports, chunk.trained, strict=True)):
         report.metrics = trained.metrics
         if (trained.arrays is None or chunk_problem or trained.records
-                or not np.isfinite(norms[i])):
+                or not finite[i]):
             received = {} if trained.arrays is None else _received(trained)
             if received:
                 report.bytes_up = count_bytes(received)
@@ -462,7 +467,7 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
             continue
         report.bytes_up = chunk_bytes
         problem = (check_kept(global_arrays, trained.arrays, limits.kept)
-                   or check_metric_values(trained.metrics, limits.train)
+                   or metric_problems[i]
                    or check_claims(trained.metrics, limits, report.client_id,
                                    limits.train_sizes, 1))
         if not problem:

@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from fedtune.config import Config, ConfigError, RunConfigValue
 from fedtune.engine.cohort import TrainFunction
 from fedtune.engine.ray_worker import ClientWorker
-from fedtune.engine.shape import default_actors
+from fedtune.engine.shape import default_actors, local_cpus
 
 
 @contextmanager
@@ -33,7 +33,7 @@ def ray_session(config: Config) -> Iterator[None]:
     if config.engine.ray_address:
         args["address"] = config.engine.ray_address
     else:
-        args.update(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+        args.update(num_cpus=local_cpus(), include_dashboard=False)
         if config.engine.client_gpus > 0:
             import torch
 

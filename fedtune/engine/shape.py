@@ -29,11 +29,21 @@ without a Ray call. The count never changes a result: blocks, chunks and the ord
 block sums are added depend on the cohort alone (``fedtune.engine.cohort``). On a cluster
 (``engine.ray_address``: the driver may run elsewhere) and for GPU actors every CPU serves
 actors, as before; ``engine.num_actors`` set always wins.
+
+A default pool of one local CPU actor starts no actor (``local_pool_is_one``): one actor
+spreads nothing, ``RayGrid`` already runs every phase after a kind's first in the driver, so the
+actor and Ray's processes (raylet, GCS, idle workers) are pure overhead, and Ray's start-up
+costs ~25 CPU-s. At 1,000 MLP clients on 2 cores the one-actor Ray run cost 0.440 CPU-ms per
+client-round against 0.420 in process (BENCHMARKS.md, "Clients trained together"). So
+``engine.backend = "ray"`` with ``engine.num_actors = 0`` on a machine where the pool would be
+one actor (2 CPUs or fewer at ``engine.client_cpus = 1``) is the in-process run, whatever the
+cohort; ``engine.num_actors = 1`` still starts one.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 
 from fedtune.config import Config
@@ -51,11 +61,31 @@ def largest_cohort(config: Config) -> int:
 
 def runs_in_process(config: Config) -> bool:
     """Whether the ``ray`` runtime runs this config's clients in process instead of starting
-    Ray (the rule in the module docstring)."""
+    Ray: a cohort under ``engine.actor_min_cohort``, or a default pool of one local actor
+    (the rules in the module docstring)."""
     e = config.engine
     if e.num_actors or e.ray_address or e.client_gpus > 0:
         return False
-    return largest_cohort(config) < e.actor_min_cohort
+    return largest_cohort(config) < e.actor_min_cohort or local_pool_is_one(config)
+
+
+def local_cpus() -> int:
+    """The CPUs a local Ray session is started with (``fedtune.engine.ray_pool.ray_session``),
+    so the CPUs ``default_actors`` shares out on this machine."""
+    return os.cpu_count() or 1
+
+
+def local_pool_is_one(config: Config) -> bool:
+    """Whether the default pool (``engine.num_actors = 0``, local CPU actors) would hold
+    exactly one actor here: ``default_actors`` over ``local_cpus``, never more than there are
+    clients. A machine too small for even one actor is not one: Ray says why
+    (``fedtune.engine.ray_pool.pool_size``)."""
+    e = config.engine
+    cpus = local_cpus()
+    fits = math.floor(cpus / e.client_cpus + 1e-9)
+    if fits < 1:
+        return False
+    return min(default_actors(config, {"CPU": cpus}, fits), config.data.num_clients) == 1
 
 
 DRIVER_CPUS = 1  # CPUs of the local machine the driver keeps when the engine sizes the pool

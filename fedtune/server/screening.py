@@ -219,6 +219,48 @@ def check_metric_values(record: Mapping[str, Any], schema: ReplySchema) -> str |
     return None
 
 
+def check_metric_rows(records: Sequence[Mapping[str, Any]], schema: ReplySchema
+                      ) -> list[str | None]:
+    """``check_metric_values`` of each record, a chunk of clients' at once: where every record
+    has the first one's keys and the first passes, each metric's values are checked together
+    (their exact types, then finite and in range as one float64 array); a record with any
+    value outside that - or an integer past 2**53, which float64 would round - goes through
+    ``check_metric_values``, so every record gets the answer it alone would get. A chunk's
+    metrics come from one code path (``fedtune.client.vectorised``): checked one at a time
+    they cost ~5 us a client."""
+    if not records:
+        return []
+    keys = tuple(records[0])
+    if (any(tuple(record) != keys for record in records)
+            or check_metric_values(records[0], schema) is not None):
+        return [check_metric_values(record, schema) for record in records]
+    suspect = np.zeros(len(records), dtype=bool)
+    for key in keys:
+        declared = schema.metrics[key]
+        values = [record[key] for record in records]
+        allowed = (int,) if declared.kind is int else (int, float)
+        if not all(type(value) in allowed for value in values):  # bool, numpy, ...: one by one
+            return [check_metric_values(record, schema) for record in records]
+        try:
+            column = np.array(values, dtype=np.float64)
+        except OverflowError:
+            return [check_metric_values(record, schema) for record in records]
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(column) | (np.abs(column) > 2.0**53)
+            for bound, holds in ((declared.ge, column >= (declared.ge or 0)),
+                                 (declared.gt, column > (declared.gt or 0)),
+                                 (declared.le, column <= (declared.le or 0))):
+                if bound is not None:
+                    bad |= ~holds
+        suspect |= bad
+    fixed = [(key, declared) for key, declared in schema.metrics.items()
+             if declared.equals is not None] if schema.client else []
+    return [check_metric_values(record, schema) if alone
+            else next((problem for key, declared in fixed
+                       if (problem := declared.mismatch(key, record, schema.client))), None)
+            for record, alone in zip(records, suspect, strict=True)]
+
+
 def _check_status(reply: Message, schema: ReplySchema) -> str | None:
     if not schema.status:
         return None

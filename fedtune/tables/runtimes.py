@@ -97,8 +97,9 @@ RUNTIMES: dict[str, RuntimeEntry] = {
         "fedtune's engine: persistent Ray actors serve many virtual clients each",
         keys={
             "num_actors": Key(0, "client actors; 0 = as many as the cluster's CPUs/GPUs allow, "
-                                 "less one CPU that a local run leaves its driver "
-                                 "(fedtune/engine/shape.py: the rule and why)", ge=0),
+                                 "less one CPU that a local run leaves its driver, and none "
+                                 "where that is one local actor: the clients run in this "
+                                 "process (fedtune/engine/shape.py: the rules and why)", ge=0),
             "client_timeout_s": Key(600.0, "a client not done after this long is stopped and "
                                            "reported timeout", gt=0),
             "ray_address": Key("", "address of a running Ray cluster to join ('' = start one "
@@ -108,7 +109,8 @@ RUNTIMES: dict[str, RuntimeEntry] = {
                                        "run's clients run in this process, with the same "
                                        "results (fedtune/engine/shape.py: the rule and why). "
                                        "engine.num_actors, ray_address or client_gpus set: "
-                                       "always actors; 0 = always actors", ge=0),
+                                       "always actors; 0 = actors whatever the cohort, unless "
+                                       "the default pool is one local actor", ge=0),
             "vectorise_clients": VECTORISE_CLIENTS,
             "client_state_memory_mb": CLIENT_STATE_MEMORY_MB,
             "client_gpu_memory_mb": Key(0, "GPU memory cap per actor in MiB, enforced (a "
@@ -118,7 +120,8 @@ RUNTIMES: dict[str, RuntimeEntry] = {
         },
         implementation="fedtune.engine.ray_engine:run_ray_engine", check=_check_ray,
         starting="starting the clients (Ray's workers each load the data and the model; a "
-                 "cohort under engine.actor_min_cohort runs here instead)"),
+                 "cohort under engine.actor_min_cohort, or a default pool of one local actor, "
+                 "runs here instead)"),
     "flower": RuntimeEntry(
         "Flower's own Ray simulation (the runtime of `flwr run`)",
         implementation="fedtune.engine.flower_sim:run_flower", client_states=False,

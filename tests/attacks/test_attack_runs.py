@@ -197,8 +197,8 @@ def test_the_ray_engine_plays_attacks_and_defences_as_the_in_process_runtime(
 
     settings = [*EIGHT, "run.rounds=2", f"strategy.name={defence}", f"attack.name={attack}",
                 "attack.count=2"]
-    ray_dir = run_ray_engine(tiny_config(tmp_path / "ray", *settings,
-                                         "engine.backend=ray")).path
+    ray_dir = run_ray_engine(tiny_config(tmp_path / "ray", *settings, "engine.backend=ray",
+                                         "engine.num_actors=1")).path
     local_dir = run_inprocess(tiny_config(tmp_path / "local", *settings)).path
     columns = ("eval_accuracy", "attack_success_rate", "malicious_filtered", "benign_filtered")
     assert ([[r[c] for c in columns] for r in rows_of(ray_dir / "metrics.csv")]

@@ -125,7 +125,7 @@ def test_ten_thousand_clients_with_a_hundred_per_round(tmp_path, ray_two_cpus):
     from fedtune.engine.ray_engine import run_ray_engine
 
     config = tiny_config(tmp_path, base=[
-        *RAY, "data.dataset=rotten_tomatoes", "model.kind=mlp", "model.num_features=256",
+        *RAY, "engine.num_actors=1", "data.dataset=rotten_tomatoes", "model.kind=mlp", "model.num_features=256",
         "model.hidden_sizes=[16]", "data.partitioner=iid", "data.num_clients=10000",
         "data.max_examples=0", "data.local_test_fraction=0", "client.local_steps=1",
         "strategy.fraction_train=0.01", "strategy.fraction_evaluate=0", "run.rounds=1",

@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from fedtune.config import load_config
-from fedtune.engine.shape import largest_cohort, runs_in_process
+from fedtune.engine import shape
+from fedtune.engine.shape import largest_cohort, local_pool_is_one, runs_in_process
 from tests.conftest import rows_of, tiny_config
 
 TIMING = {"wall_s", "duration_s"}
 
 
-def test_the_main_job_runs_in_process_and_a_large_cohort_on_actors(tmp_path):
+def test_the_main_job_runs_in_process_and_a_large_cohort_on_actors(tmp_path, monkeypatch):
+    monkeypatch.setattr(shape, "local_cpus", lambda: 8)  # a default pool of 7 actors
     main_job = load_config("simulations/quickstart.toml")
     assert main_job.engine.backend == "ray" and largest_cohort(main_job) == 2
     assert runs_in_process(main_job)
@@ -33,6 +35,25 @@ def test_the_main_job_runs_in_process_and_a_large_cohort_on_actors(tmp_path):
                   "engine.ray_address=127.0.0.1:6379", "engine.client_gpus=0.5"):
         config = load_config("simulations/quickstart.toml", [asked])
         assert not runs_in_process(config), asked
+
+
+def test_a_default_pool_of_one_local_actor_starts_no_actor(tmp_path, monkeypatch):
+    """engine.num_actors = 0 where the local pool would hold one actor (2 CPUs, one of them
+    the driver's): the in-process run, whatever the cohort; actors asked for, a cluster, GPUs,
+    a larger machine or larger actors' shares keep actors."""
+    large = ["engine.backend=ray", "data.num_clients=400", "strategy.fraction_train=0.25"]
+    config = tiny_config(tmp_path, *large, "engine.actor_min_cohort=0")
+    for cpus, alone in ((1, True), (2, True), (3, False), (16, False)):
+        monkeypatch.setattr(shape, "local_cpus", lambda cpus=cpus: cpus)
+        assert local_pool_is_one(config) is alone and runs_in_process(config) is alone, cpus
+    monkeypatch.setattr(shape, "local_cpus", lambda: 4)
+    assert not runs_in_process(config)  # 3 actors
+    assert runs_in_process(tiny_config(tmp_path, *large, "engine.client_cpus=2"))  # 1 of 2 CPUs
+    assert not local_pool_is_one(tiny_config(tmp_path, *large, "engine.client_cpus=8"))  # none
+    monkeypatch.setattr(shape, "local_cpus", lambda: 2)
+    for asked in ("engine.num_actors=1", "engine.num_actors=2",
+                  "engine.ray_address=127.0.0.1:6379", "engine.client_gpus=0.5"):
+        assert not runs_in_process(tiny_config(tmp_path, *large, asked)), asked
 
 
 def test_a_small_ray_run_is_the_in_process_run_with_the_clients_threads(tmp_path, monkeypatch):
@@ -92,7 +113,7 @@ def test_the_ray_driver_evaluates_with_the_clients_threads(tmp_path, monkeypatch
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        run_ray_engine(tiny_config(tmp_path, "engine.backend=ray", "engine.actor_min_cohort=0",
+        run_ray_engine(tiny_config(tmp_path, "engine.backend=ray", "engine.num_actors=1",
                                    "run.rounds=1"))
         assert torch.get_num_threads() == 2
     finally:

@@ -144,7 +144,7 @@ def test_fewer_than_m_min_inputs_release_nothing_and_the_server_sees_who_took_pa
 def test_secure_aggregation_on_the_ray_runtimes(tmp_path, backend):
     config = tiny_config(tmp_path, *SECURE, f"engine.backend={backend}", "run.rounds=2",
                          "strategy.fraction_evaluate=0", "data.num_clients=4",
-                         *(["engine.actor_min_cohort=0"] if backend == "ray" else []))
+                         *(["engine.num_actors=1"] if backend == "ray" else []))
     run_dir = launch(config).path
     rounds = rows_of(run_dir / "metrics.csv")
     assert [r["clients_ok"] for r in rounds] == ["4", "4"]

@@ -128,8 +128,9 @@ def test_fedper_on_the_ray_engine_gives_the_in_process_personal_csv(tmp_path, on
 
     overrides = ["strategy.name=fedper", "strategy.fraction_train=0.5", "run.rounds=3",
                  "run.personal_eval_every=1", "data.num_clients=6"]
-    runs = [launch(tiny_config(tmp_path / backend, f"engine.backend={backend}", *overrides))
-            .path for backend in ("inprocess", "ray")]
+    runs = [launch(tiny_config(tmp_path / backend, f"engine.backend={backend}", *overrides,
+                               *(["engine.num_actors=1"] if backend == "ray" else []))).path
+            for backend in ("inprocess", "ray")]
     inprocess, ray = (rows_of(run / "personal.csv") for run in runs)
     assert len(inprocess) == 3 * 6 * 2 and inprocess == ray
     personal = [r for r in inprocess if r["model"] == "personalised" and r["round"] == "3"]

@@ -26,6 +26,8 @@ from fedtune.server.screening import (
     ReplyLimits,
     check_decline,
     check_evaluate_reply,
+    check_metric_rows,
+    check_metric_values,
     check_train_reply,
 )
 from fedtune.tables.privacy_modes import PRIVACY_MODES
@@ -183,6 +185,34 @@ def test_strategy_parts_of_the_schema_come_from_the_table():
     assert check_train_reply(sent, reply_, fednova) == "metric 'fednova-a' = 0.0 is not > 0"
     sent, reply_ = _exchange(WEIGHTS, GOOD_METRICS)
     assert check_train_reply(sent, reply_, fednova) == "no 'fednova-a' metric"
+
+
+def test_a_chunks_metrics_checked_together_get_each_records_own_answer():
+    """check_metric_rows (a chunk of clients trained together) answers what
+    check_metric_values answers for each record: the clean fast path, and every record it
+    must send one by one (a bad value, a bool, a numpy number, an integer float64 would round,
+    another key set, a FedNova normaliser the momentum does not give)."""
+    plain = train_reply_schema("fedavg", "none")
+    bad_values = [{"train-loss": math.nan}, {"train-loss": math.inf}, {"num-steps": -1},
+                  {"num-steps": True}, {"train-loss": np.float64(0.5)}, {"num-steps": 2**60},
+                  {"num-examples": 1.5}, {"duration-s": -0.1}]
+    chunks = [[GOOD_METRICS] * 3,
+              *[[GOOD_METRICS, {**GOOD_METRICS, **bad}, GOOD_METRICS] for bad in bad_values],
+              [{**GOOD_METRICS, **bad_values[0]}, GOOD_METRICS],  # the first one is bad
+              [GOOD_METRICS, {k: v for k, v in GOOD_METRICS.items() if k != "num-steps"}],
+              [GOOD_METRICS, {**GOOD_METRICS, "extra": 1.0}], []]
+    for records in chunks:
+        assert check_metric_rows(records, plain) == [check_metric_values(r, plain)
+                                                     for r in records], records
+    assert check_metric_rows([GOOD_METRICS] * 2, plain) == [None, None]
+    assert check_metric_rows(chunks[1], plain)[1] == "metric 'train-loss' is not finite"
+    fednova = train_reply_schema("fednova", "none", {"momentum": 0.0})
+    steps = GOOD_METRICS["num-steps"]
+    records = [{**GOOD_METRICS, NORMALIZER_KEY: float(steps)},
+               {**GOOD_METRICS, NORMALIZER_KEY: steps + 1.0}]
+    answers = check_metric_rows(records, fednova)
+    assert answers == [check_metric_values(r, fednova) for r in records]
+    assert answers[0] is None and "fednova-a" in answers[1]
 
 
 def test_privacy_parts_of_the_schema_use_the_protocols_keys():
