@@ -30,7 +30,7 @@ class RowDataset(Dataset):
     def __getitem__(self, position: int) -> int:
         return int(self.rows[position])
 
-    def collate(self, rows: list[int]) -> Batch:
+    def collate(self, rows: list[int] | np.ndarray) -> Batch:
         picked = np.asarray(rows, dtype=np.int64)
         return self.encoded.pad(picked), torch.from_numpy(self.labels[picked])
 
@@ -94,7 +94,7 @@ class RowBatches:
 
     def __iter__(self) -> Iterator[Batch]:
         for picked in self.row_batches:
-            yield self.dataset.encoded.pad(picked), torch.from_numpy(self.dataset.labels[picked])
+            yield self.dataset.collate(picked)
 
 
 def train_rows(encoded: Encoded, rows: np.ndarray, batch_size: int, seed: int
@@ -139,28 +139,25 @@ def train_loader(
 
 
 class OrderedBatches:
-    """The batches ``DataLoader(RowDataset(...), batch_size, shuffle=False)`` yields over
-    ``rows``, in order, without DataLoader's per-example indexing and collation: an evaluation
-    runs once per client per round, and at small batch sizes that machinery costs more than
+    """The batches ``DataLoader(dataset, batch_size, shuffle=False)`` yields over a
+    ``RowDataset``, in order, without DataLoader's per-example indexing: an evaluation runs
+    once per client per round, and at small batch sizes that machinery costs more than
     gathering the rows. Each iteration draws DataLoader's base seed from torch's default
     generator, as DataLoader does, so the random streams after an evaluation stay as they were.
     """
 
-    def __init__(self, encoded: Encoded, labels: np.ndarray, rows: np.ndarray,
-                 batch_size: int) -> None:
-        self.encoded = encoded
-        self.labels = labels
-        self.rows = rows
+    def __init__(self, dataset: RowDataset, batch_size: int) -> None:
+        self.dataset = dataset
         self.batch_size = batch_size
 
     def __len__(self) -> int:
-        return (len(self.rows) + self.batch_size - 1) // self.batch_size
+        return (len(self.dataset) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[Batch]:
         torch.empty((), dtype=torch.int64).random_()  # DataLoader's base seed
-        for start in range(0, len(self.rows), self.batch_size):
-            picked = self.rows[start:start + self.batch_size]
-            yield self.encoded.pad(picked), torch.from_numpy(self.labels[picked])
+        rows = self.dataset.rows
+        for start in range(0, len(rows), self.batch_size):
+            yield self.dataset.collate(rows[start:start + self.batch_size])
 
 
 def eval_loader(
@@ -171,4 +168,4 @@ def eval_loader(
     lengths = text_lengths(encoded, rows)
     if lengths is not None:
         rows = rows[np.argsort(lengths, kind="stable")]
-    return OrderedBatches(encoded, labels, rows, batch_size)
+    return OrderedBatches(RowDataset(encoded, labels, rows), batch_size)
