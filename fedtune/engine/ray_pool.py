@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ from flwr.clientapp import ClientApp
 from fedtune.config import Config, ConfigError, RunConfigValue
 from fedtune.engine.cohort import TrainFunction
 from fedtune.engine.ray_worker import ClientWorker
-from fedtune.engine.shape import default_actors, local_cpus
+from fedtune.engine.shape import actors_in, default_actors, local_cpus
 
 
 @contextmanager
@@ -50,9 +49,9 @@ def pool_size(config: Config, cluster: Mapping[str, float]) -> int:
     local driver's CPU (``fedtune.engine.shape.default_actors``); never more than there are
     clients. An impossible request stops the run before anything starts."""
     e = config.engine
-    fits = math.floor(cluster.get("CPU", 0) / e.client_cpus + 1e-9)
+    fits = actors_in(cluster.get("CPU", 0), e.client_cpus)
     if e.client_gpus > 0:
-        fits = min(fits, math.floor(cluster.get("GPU", 0) / e.client_gpus + 1e-9))
+        fits = min(fits, actors_in(cluster.get("GPU", 0), e.client_gpus))
     if fits < 1 or e.num_actors > fits:
         asked = e.num_actors or 1
         raise ConfigError(

@@ -69,6 +69,13 @@ def runs_in_process(config: Config) -> bool:
     return largest_cohort(config) < e.actor_min_cohort or local_pool_is_one(config)
 
 
+def actors_in(amount: float, per_actor: float) -> int:
+    """How many actors that each take ``per_actor`` of a resource (CPUs, a GPU fraction) fit
+    in ``amount`` of it, a float's rounding aside (0.3 CPUs hold 3 actors of 0.1 CPU, though
+    0.3 / 0.1 is 2.9999999999999996)."""
+    return math.floor(amount / per_actor + 1e-9)
+
+
 def local_cpus() -> int:
     """The CPUs a local Ray session is started with (``fedtune.engine.ray_pool.ray_session``),
     so the CPUs ``default_actors`` shares out on this machine."""
@@ -82,7 +89,7 @@ def local_pool_is_one(config: Config) -> bool:
     (``fedtune.engine.ray_pool.pool_size``)."""
     e = config.engine
     cpus = local_cpus()
-    fits = math.floor(cpus / e.client_cpus + 1e-9)
+    fits = actors_in(cpus, e.client_cpus)
     if fits < 1:
         return False
     return min(default_actors(config, {"CPU": cpus}, fits), config.data.num_clients) == 1
@@ -99,5 +106,5 @@ def default_actors(config: Config, cluster: Mapping[str, float], fits: int) -> i
     e = config.engine
     if e.ray_address or e.client_gpus > 0:
         return fits
-    left = math.floor((cluster.get("CPU", 0) - DRIVER_CPUS) / e.client_cpus + 1e-9)
+    left = actors_in(cluster.get("CPU", 0) - DRIVER_CPUS, e.client_cpus)
     return max(1, min(fits, left))
