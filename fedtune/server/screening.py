@@ -233,18 +233,18 @@ def check_metric_rows(records: Sequence[Mapping[str, Any]], schema: ReplySchema
     keys = tuple(records[0])
     if (any(tuple(record) != keys for record in records)
             or check_metric_values(records[0], schema) is not None):
-        return [check_metric_values(record, schema) for record in records]
+        return _each_alone(records, schema)
     suspect = np.zeros(len(records), dtype=bool)
     for key in keys:
         declared = schema.metrics[key]
         values = [record[key] for record in records]
         allowed = (int,) if declared.kind is int else (int, float)
         if not all(type(value) in allowed for value in values):  # bool, numpy, ...: one by one
-            return [check_metric_values(record, schema) for record in records]
+            return _each_alone(records, schema)
         try:
             column = np.array(values, dtype=np.float64)
         except OverflowError:
-            return [check_metric_values(record, schema) for record in records]
+            return _each_alone(records, schema)
         with np.errstate(invalid="ignore"):
             bad = ~np.isfinite(column) | (np.abs(column) > 2.0**53)
             for bound, holds in ((declared.ge, column >= (declared.ge or 0)),
@@ -259,6 +259,11 @@ def check_metric_rows(records: Sequence[Mapping[str, Any]], schema: ReplySchema
             else next((problem for key, declared in fixed
                        if (problem := declared.mismatch(key, record, schema.client))), None)
             for record, alone in zip(records, suspect, strict=True)]
+
+
+def _each_alone(records: Sequence[Mapping[str, Any]], schema: ReplySchema) -> list[str | None]:
+    """``check_metric_values`` of each record, one at a time."""
+    return [check_metric_values(record, schema) for record in records]
 
 
 def _check_status(reply: Message, schema: ReplySchema) -> str | None:
