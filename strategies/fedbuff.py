@@ -25,7 +25,7 @@ Message protocol: FedAvg's (``"arrays"`` out and back, a MetricRecord with ``"nu
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import cast
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +37,16 @@ def staleness_weight(staleness: int) -> float:
     return 1.0 / float(np.sqrt(1.0 + staleness))
 
 
+@dataclass
+class Arrivals:
+    """The updates received since the last ``settle`` that started from one model ``start``
+    with staleness weight ``scale``: their trained models, in arrival order (read-only)."""
+
+    start: Mapping[str, np.ndarray]
+    scale: float
+    models: list[Mapping[str, np.ndarray]] = field(default_factory=list)
+
+
 class FedBuff(AsynchronousStrategy):
     """FedBuff with server learning rate ``server_lr`` and buffer size ``buffer_size`` (K)."""
 
@@ -46,9 +56,9 @@ class FedBuff(AsynchronousStrategy):
         self.server_lr = server_lr
         self.buffer: NDArrays = {}  # sum of s(tau_i) delta_i, float64
         self.buffered = 0
-        # [start model, its trained models, s(tau)] per start model received since the last
-        # ``settle`` (read-only arrays; empty whenever a checkpoint captures the state)
-        self.arrived: list[list[object]] = []
+        # per start model received since the last ``settle`` (empty whenever a checkpoint
+        # captures the state)
+        self.arrived: list[Arrivals] = []
 
     def prepare(self, start: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray]
                 ) -> NDArrays:
@@ -74,23 +84,22 @@ class FedBuff(AsynchronousStrategy):
         if type(self).prepare is not FedBuff.prepare:  # each update prepared on its own
             return super().receive_trained(start, trained, staleness, weight, client)
         scale = staleness_weight(staleness)
-        group = next((g for g in self.arrived if g[0] is start and g[2] == scale), None)
+        group = next((g for g in self.arrived if g.start is start and g.scale == scale), None)
         if group is None:
-            group = [start, [], scale]
+            group = Arrivals(start, scale)
             self.arrived.append(group)
-        cast(list[Mapping[str, np.ndarray]], group[1]).append(trained)
+        group.models.append(trained)
         self.buffered += 1
         return self.buffered >= self.buffer_size
 
     def settle(self) -> None:
-        for start, models, scale in cast(
-                list[tuple[NDArrays, list[Mapping[str, np.ndarray]], float]], self.arrived):
-            for name in start:
-                total = np.zeros(np.shape(start[name]))
-                for model in models:
+        for group in self.arrived:
+            for name, start in group.start.items():
+                total = np.zeros(np.shape(start))
+                for model in group.models:
                     np.add(total, model[name], out=total)
-                total -= np.multiply(start[name], len(models), dtype=np.float64)
-                total *= scale
+                total -= np.multiply(start, len(group.models), dtype=np.float64)
+                total *= group.scale
                 if name in self.buffer:
                     self.buffer[name] += total
                 else:
