@@ -23,10 +23,6 @@ sys.path.insert(0, str(HERE))
 import engine_benchmarks as bench  # noqa: E402
 
 
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", help="source tree A (its fedtune package is imported)")
@@ -42,7 +38,7 @@ def main() -> None:
         name, _, overrides = side.partition("=")
         sides[name] = overrides.split(",") if overrides else []
     trees = {"A": str(Path(args.before).resolve()), "B": str(Path(args.after).resolve())}
-    print(f"load average before: {_load()}")
+    print(f"load average before: {bench.load_average()}")
     print("| clients | side | tree | s/round (min-max) | CPU-s/round (min-max) | "
           "CPU-ms per client-round |")
     print("|---|---|---|---|---|---|")
@@ -64,7 +60,7 @@ def main() -> None:
                 print(f"| {label} | {name} | {tree} | {bench._spread(measured, 'wall_s')} | "
                       f"{bench._spread(measured, 'cpu_s')} | {1000 * cpu / n:.3f} |",
                       flush=True)
-    print(f"load average after: {_load()}")
+    print(f"load average after: {bench.load_average()}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from engine_benchmarks import MLP, load_average
 
 # part -> (module, owner attribute or "", function): the driver's calls, where the caller looks
 # them up
@@ -61,9 +63,6 @@ def _timed(function, spent: dict[str, float], label: str, active: list[bool]):
 def side(clients: int, backend: str, rounds: int, out: str) -> None:
     """One run, its driver's parts timed; prints one JSON line."""
     import importlib
-
-    sys.path.insert(0, str(HERE))
-    from engine_benchmarks import MLP
 
     from fedtune.config import load_config
     from fedtune.engine.launch import launch
@@ -138,7 +137,7 @@ def main() -> None:
         side(args.clients, args.backend, args.rounds, args.side)
         return
     trees = {"A": str(Path(args.before).resolve()), "B": str(Path(args.after).resolve())}
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average before: {load_average()}")
     measured: dict[str, list[dict]] = defaultdict(list)
     with tempfile.TemporaryDirectory() as folder:
         for repeat in range(args.repeats):
@@ -152,7 +151,7 @@ def main() -> None:
                                                  HF_HUB_OFFLINE="1"))
                 lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
                 measured[tree].append(json.loads(lines[-1]))
-    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average after: {load_average()}")
     n = args.clients
 
     def cell(values: list[float]) -> str:

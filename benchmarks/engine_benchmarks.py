@@ -88,6 +88,11 @@ FROZEN = [  # the encoder's pooled features are computed once and cached (~/.cac
 
 # --- measuring a process tree -----------------------------------------------------------------
 
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages, as the benchmarks print them before and after."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def _children() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):

@@ -21,6 +21,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from engine_benchmarks import load_average
+
 CLIENTS = 1000
 SERVER_EVALUATIONS = 10
 
@@ -54,22 +57,18 @@ def _probe(tree: Path) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", type=Path, help="source tree A (its fedtune is imported)")
     parser.add_argument("after", type=Path, help="source tree B")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    print(f"load average at start: {_load()}")
+    print(f"load average at start: {load_average()}")
     results: dict[Path, list[dict[str, float]]] = {args.before: [], args.after: []}
     for _ in range(args.repeats):
-        for tree in results:
-            results[tree].append(_probe(tree.resolve()))
-    print(f"load average at end: {_load()}")
+        for tree, runs in results.items():
+            runs.append(_probe(tree.resolve()))
+    print(f"load average at end: {load_average()}")
     print("| tree | server evaluation CPU-ms (min-max) | 1,000 client evaluations CPU-s (min-max) |")
     print("|---|---|---|")
     for tree, runs in results.items():
