@@ -229,7 +229,7 @@ def main() -> None:
                         if tree:
                             os.environ["PYTHONPATH"] = trees[tree]
                         run = run_side([*base, *extra, f"run.rounds={length * per_round}"],
-                                       Path(folder) / f"{len(runs)}-{length}-{repeat}")
+                                       Path(tempfile.mkdtemp(dir=folder)))
                         if run.updates != length * args.clients:
                             print(f"note: {name}, {length} rounds: {run.updates} client "
                                   f"updates, not {length * args.clients}", file=sys.stderr)
