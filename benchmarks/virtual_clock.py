@@ -195,6 +195,8 @@ def main() -> None:
     parser.add_argument("--sides", default="",
                         help="comma-separated sides to run beside sync (default: all): "
                              + ", ".join(sides(1000)))
+    parser.add_argument("--set", action="append", default=[], dest="overrides",
+                        help="an override for every side (repeatable), e.g. engine.num_actors=1")
     parser.add_argument("--tree", action="append", default=[],
                         help="a source tree whose fedtune every side runs (PYTHONPATH), "
                              "repeatable: the trees alternate within each side; each tree's "
@@ -204,7 +206,8 @@ def main() -> None:
     lengths = (args.rounds, args.long or 2 * args.rounds)
     if not 0 < lengths[0] < lengths[1]:
         raise SystemExit(f"need 0 < --rounds < --long, got {lengths[0]} and {lengths[1]}")
-    base = [*WORKLOAD, f"data.num_clients={args.clients}", f"engine.backend={args.backend}"]
+    base = [*WORKLOAD, f"data.num_clients={args.clients}", f"engine.backend={args.backend}",
+            *args.overrides]
     table = sides(args.clients)
     if args.sides:
         wanted = args.sides.split(",")
