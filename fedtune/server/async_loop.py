@@ -22,12 +22,15 @@ continues bit for bit.
 
 The clients in flight are one float64 table, a row per slot (``CLIENT`` ... ``CALL``), so
 starting one and removing it touch one row, not seven arrays; the next to finish is the top of
-a heap of (finish, client, slot) beside the table (``AsyncLoop.finishing``: rebuilt from the
-table, so a checkpoint needs none). A draw among one available client is no draw: its seeded
-generator is made only when there is a choice (or a Poisson arrival to time). The results wait
-by training call, not by client: one entry per call, the model its clients started from, their
-trained models stacked and their clients.csv fields column by column, read-only arrays that the
-checkpoint keeps without copying (``fedtune.server.checkpoint``). The strategy gets a heard
+a heap of (finish, client, slot) beside the table, the lowest free slot the top of another
+(``AsyncRound._index``: rebuilt from the table, so a checkpoint needs neither). A draw among
+one available client is no draw: its seeded generator is made only when there is a choice (or
+a Poisson arrival to time). The results wait by training call, not by client: one entry per
+call, the model its clients started from, their trained models stacked and their clients.csv
+fields column by column, read-only arrays that the checkpoint keeps without copying
+(``fedtune.server.checkpoint``); what the server will hear of each of a call's clients in
+flight (``Heard``) is unpacked from them once per call, when it trains or after a resume, and
+the call's entry dropped after its last client is heard. The strategy gets a heard
 client's start and trained models by reference (``receive_trained``) and may defer its
 arithmetic to ``settle`` at the end of the server update (FedBuff sums the updates from one
 start model together there). A checkpoint is captured after every server update (Ctrl-C writes
