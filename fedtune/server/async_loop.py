@@ -78,6 +78,9 @@ _NUMBER_FIELDS = attrgetter(*_NUMBERS)
 _NO_CLIENTS = np.zeros(0, dtype=np.int64)
 # a heard client's (start model, trained model), both read-only
 Trained = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
+# the columns of the table of clients in flight (float64: ids and versions are exact)
+CLIENT, START, FINISH, VERSION, LOST, TRAINED, CALL = range(7)
+_FREE = np.array([-1.0, 0.0, np.inf, -1.0, 0.0, 1.0, -1.0])  # a free slot: nobody, never
 
 
 class Heard(NamedTuple):
@@ -91,9 +94,6 @@ class Heard(NamedTuple):
     status: str
     reason: str
     trained: Trained | None  # None: no update
-# the columns of the table of clients in flight (float64: ids and versions are exact)
-CLIENT, START, FINISH, VERSION, LOST, TRAINED, CALL = range(7)
-_FREE = np.array([-1.0, 0.0, np.inf, -1.0, 0.0, 1.0, -1.0])  # a free slot: nobody, never
 
 
 class AsyncLoop:
