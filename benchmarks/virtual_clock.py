@@ -45,6 +45,10 @@ the load average at the start and the end (the machine is shared), the commit an
 
     python benchmarks/virtual_clock.py                       # 1,000 clients, in process
     python benchmarks/virtual_clock.py --clients 50 --rounds 2 --repeats 1   # a quick check
+    python benchmarks/virtual_clock.py --sides "fedbuff K=n" --tree /work/main --tree .  # A/B
+
+With ``--tree`` (repeatable) every side runs once per tree (its ``PYTHONPATH``), the trees
+alternating within each side, and each tree's sides are read against its own sync.
 """
 
 from __future__ import annotations
@@ -191,11 +195,19 @@ def main() -> None:
     parser.add_argument("--sides", default="",
                         help="comma-separated sides to run beside sync (default: all): "
                              + ", ".join(sides(1000)))
+    parser.add_argument("--set", action="append", default=[], dest="overrides",
+                        help="an override for every side (repeatable), e.g. engine.num_actors=1")
+    parser.add_argument("--tree", action="append", default=[],
+                        help="a source tree whose fedtune every side runs (PYTHONPATH), "
+                             "repeatable: the trees alternate within each side; each tree's "
+                             "sides are read against its own sync (default: the current "
+                             "PYTHONPATH)")
     args = parser.parse_args()
     lengths = (args.rounds, args.long or 2 * args.rounds)
     if not 0 < lengths[0] < lengths[1]:
         raise SystemExit(f"need 0 < --rounds < --long, got {lengths[0]} and {lengths[1]}")
-    base = [*WORKLOAD, f"data.num_clients={args.clients}", f"engine.backend={args.backend}"]
+    base = [*WORKLOAD, f"data.num_clients={args.clients}", f"engine.backend={args.backend}",
+            *args.overrides]
     table = sides(args.clients)
     if args.sides:
         wanted = args.sides.split(",")
@@ -204,23 +216,33 @@ def main() -> None:
             raise SystemExit(f"--sides {','.join(unknown)} is not a side: must be among "
                              f"{', '.join(table)}")
         table = {name: table[name] for name in dict.fromkeys(["sync", *wanted])}  # the ratios' base
+    trees = {tree: str(Path(tree).resolve()) for tree in args.tree}
+    # per tree, each side under a name saying the tree, the tree's sync first (its ratios' base)
+    named = {f"{name} @ {tree}" if trees else name: (tree, *side)
+             for tree in trees or [""] for name, side in table.items()}
     runs: dict[tuple[str, int], list[Run]] = {}
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
         for repeat in range(args.repeats):
             for length in lengths if repeat % 2 == 0 else lengths[::-1]:
-                for name, (extra, per_round, _) in table.items():
-                    run = run_side([*base, *extra, f"run.rounds={length * per_round}"],
-                                   Path(folder) / f"{name}-{length}-{repeat}")
-                    if run.updates != length * args.clients:
-                        print(f"note: {name}, {length} rounds: {run.updates} client updates, "
-                              f"not {length * args.clients}", file=sys.stderr)
-                    runs.setdefault((name, length), []).append(run)
+                for side in table:
+                    for name, (tree, extra, per_round, _) in named.items():
+                        if name.split(" @ ")[0] != side:
+                            continue
+                        if tree:
+                            os.environ["PYTHONPATH"] = trees[tree]
+                        run = run_side([*base, *extra, f"run.rounds={length * per_round}"],
+                                       Path(tempfile.mkdtemp(dir=folder)))
+                        if run.updates != length * args.clients:
+                            print(f"note: {name}, {length} rounds: {run.updates} client "
+                                  f"updates, not {length * args.clients}", file=sys.stderr)
+                        runs.setdefault((name, length), []).append(run)
     load_end = os.getloadavg()
+    table = {name: side[1:] for name, side in named.items()}
     short, long = lengths
     # a synchronous round's clients all train and are all heard: its bytes per client update
     # are one trained client's upload
-    per_client = statistics.median(r.bytes_up / r.updates for r in runs[("sync", short)])
+    per_client = statistics.median(r.bytes_up / r.updates for r in runs[(next(iter(table)), short)])
     whole = {name: [1000 * r.cpu_s / r.updates for r in runs[(name, short)]] for name in table}
     whole_long = {name: [1000 * r.cpu_s / r.updates for r in runs[(name, long)]]
                   for name in table}
@@ -243,7 +265,9 @@ def main() -> None:
                       sorted({r.updates for r in runs[(name, long)]})) for name in table}
 
     def versus(values: dict[str, list[float]], name: str) -> str:
-        return f"{statistics.median(values[name]) / statistics.median(values['sync']):.2f}x"
+        tree = name.partition(" @ ")[2]
+        sync = values[f"sync @ {tree}" if tree else "sync"]
+        return f"{statistics.median(values[name]) / statistics.median(sync):.2f}x"
 
     print(f"commit {_commit()}: {' '.join(shlex.quote(a) for a in ['python', *sys.argv])}")
     print(f"{args.clients:,} clients, {args.backend}, runs of {short} and {long} rounds, "

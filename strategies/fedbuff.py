@@ -24,6 +24,7 @@ Message protocol: FedAvg's (``"arrays"`` out and back, a MetricRecord with ``"nu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -33,8 +34,9 @@ from strategies.asynchronous import AsynchronousStrategy, NDArrays, same_dtype
 
 
 def staleness_weight(staleness: int) -> float:
-    """FedBuff's staleness scaling 1 / sqrt(1 + tau)."""
-    return 1.0 / float(np.sqrt(1.0 + staleness))
+    """FedBuff's staleness scaling 1 / sqrt(1 + tau) (IEEE's correctly rounded square root:
+    the bits of ``np.sqrt``)."""
+    return 1.0 / math.sqrt(1.0 + staleness)
 
 
 @dataclass

@@ -22,12 +22,15 @@ continues bit for bit.
 
 The clients in flight are one float64 table, a row per slot (``CLIENT`` ... ``CALL``), so
 starting one and removing it touch one row, not seven arrays; the next to finish is the top of
-a heap of (finish, client, slot) beside the table (``AsyncLoop.finishing``: rebuilt from the
-table, so a checkpoint needs none). A draw among one available client is no draw: its seeded
-generator is made only when there is a choice (or a Poisson arrival to time). The results wait
-by training call, not by client: one entry per call, the model its clients started from, their
-trained models stacked and their clients.csv fields column by column, read-only arrays that the
-checkpoint keeps without copying (``fedtune.server.checkpoint``). The strategy gets a heard
+a heap of (finish, client, slot) beside the table, the lowest free slot the top of another
+(``AsyncRound._index``: rebuilt from the table, so a checkpoint needs neither). A draw among
+one available client is no draw: its seeded generator is made only when there is a choice (or
+a Poisson arrival to time). The results wait by training call, not by client: one entry per
+call, the model its clients started from, their trained models stacked and their clients.csv
+fields column by column, read-only arrays that the checkpoint keeps without copying
+(``fedtune.server.checkpoint``); what the server will hear of each of a call's clients in
+flight (``Heard``) is unpacked from them once per call, when it trains or after a resume, and
+the call's entry dropped after its last client is heard. The strategy gets a heard
 client's start and trained models by reference (``receive_trained``) and may defer its
 arithmetic to ``settle`` at the end of the server update (FedBuff sums the updates from one
 start model together there). A checkpoint is captured after every server update (Ctrl-C writes
@@ -41,7 +44,8 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from typing import Any, cast
+from operator import attrgetter
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, MetricRecord
@@ -70,13 +74,26 @@ from strategies.asynchronous import AsynchronousStrategy
 
 # a clients.csv row's numeric fields, kept as float64 columns (NaN: None)
 _NUMBERS = ("num_examples", "train_loss", "epsilon", "duration_s", "examples_trained")
-_INTEGERS = ("num_examples", "examples_trained")
+_NUMBER_FIELDS = attrgetter(*_NUMBERS)
 _NO_CLIENTS = np.zeros(0, dtype=np.int64)
 # a heard client's (start model, trained model), both read-only
 Trained = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
 # the columns of the table of clients in flight (float64: ids and versions are exact)
 CLIENT, START, FINISH, VERSION, LOST, TRAINED, CALL = range(7)
 _FREE = np.array([-1.0, 0.0, np.inf, -1.0, 0.0, 1.0, -1.0])  # a free slot: nobody, never
+
+
+class Heard(NamedTuple):
+    """What the server hears of a trained client: its clients.csv fields and its models."""
+
+    num_examples: int | None
+    train_loss: float | None
+    epsilon: float | None
+    duration_s: float | None
+    examples_trained: int | None
+    status: str
+    reason: str
+    trained: Trained | None  # None: no update
 
 
 class AsyncLoop:
@@ -123,9 +140,10 @@ class AsyncLoop:
         return moment, available
 
     def start_client(self, clock: VirtualClock, moment: float, available: np.ndarray,
-                     version: int, durations: np.ndarray) -> tuple[float, int, int]:
-        """One client starts at ``moment`` on model ``version`` (``durations``: every
-        client's virtual duration, ``VirtualClock.durations``); its (finish, client, slot)."""
+                     version: int, durations: np.ndarray, slot: int) -> tuple[float, int, int]:
+        """One client starts at ``moment`` on model ``version`` in the free ``slot`` (the
+        lowest: ``AsyncRound``'s heap of them); ``durations``: every client's virtual
+        duration, ``VirtualClock.durations``. Its (finish, client, slot)."""
         # a draw among one candidate picks it: the generator (seeded afresh per start) is
         # made only when it draws something
         rng = self._draw() if self.arrival_rate or len(available) > 1 else None
@@ -137,11 +155,11 @@ class AsyncLoop:
         finish = moment + float(durations[client])
         offline = float(clock.online_until(np.array([client]), moment)[0])
         lost = finish > offline  # a lost client's work is never needed: "trained"
-        slot = int(np.argmin(self.flight[:, CLIENT]))  # a free slot's -1 is the least
-        self.flight[slot] = (client, moment, min(finish, offline), version, lost, lost, -1)
+        finish = min(finish, offline)
+        self.flight[slot] = (client, moment, finish, version, lost, lost, -1)
         self.busy[client] = True
         self.flying += 1
-        return float(self.flight[slot, FINISH]), client, slot
+        return finish, client, slot
 
     def finishing(self) -> list[tuple[float, int, int]]:
         """The clients in flight as a heap of (finish, client, slot): its first is the client
@@ -159,27 +177,6 @@ class AsyncLoop:
         self.busy[int(client)] = False
         self.flying -= 1
         return int(client), start, finish, int(version), bool(lost), int(call)
-
-    def take(self, call: int, client: int) -> tuple[dict[str, Any], Trained | None]:
-        """A trained client's clients.csv fields and its (start model, trained model) (None:
-        no update), dropping its call's results once no client in flight needs them (after
-        ``pop``)."""
-        results = self.results[str(call)]
-        row = int(np.searchsorted(results["client"], client))
-        numbers = results["numbers"][row]
-        fields: dict[str, Any] = {
-            name: None if math.isnan(value) else int(value) if name in _INTEGERS else value
-            for name, value in zip(_NUMBERS, numbers.tolist(), strict=True)}
-        fields["status"], fields["reason"] = results["notes"].get(str(row), ("ok", ""))
-        at = int(results["kept_at"][row])
-        trained = None
-        if at >= 0:
-            block, position = results["where"][at]
-            trained = results["start"], {
-                name: stack[position] for name, stack in results["trained"][block].items()}
-        if not np.any(self.flight[:, CALL] == call):
-            del self.results[str(call)]
-        return fields, trained
 
 
 class AsyncRound:
@@ -205,9 +202,18 @@ class AsyncRound:
         self.population = len(nodes)
         self.limits = reply_limits(run.config, run.resources.federation)
         self.duration_bytes, self.duration_of = -1, np.zeros(0)  # ``_durations``' cache
-        # the table's clients by finish (``AsyncLoop.finishing``), built at the first server
-        # update (after a resume has restored the table) and kept beside it
-        self.finishing: list[tuple[float, int, int]] | None = None
+        # kept beside the table, built from it at the first server update (after a resume has
+        # restored it), so a checkpoint needs none of them: its clients by finish
+        # (``AsyncLoop.finishing``), its free slots (a heap: the lowest is taken), and per
+        # trained call the clients in flight it still holds results for (``_heard`` drops its
+        # results after the last)
+        self.finishing: list[tuple[float, int, int]] = []
+        self.free: list[int] = []
+        self.waiting: dict[int, int] = {}
+        self.indexed = False
+        # a trained client in flight -> what the server hears of it (``Heard``), made per call
+        # from its results (``_unpack``)
+        self.ready: dict[int, Heard] = {}
 
     def _train(self, server_round: int, totals: dict[str, Any], slot: int) -> None:
         """Train the call the client in ``slot`` belongs to, in one cohort: a call named when
@@ -240,6 +246,7 @@ class AsyncRound:
                                                 train.accepted_reports)
         loop.flight[members, CALL] = call
         loop.flight[members, TRAINED] = 1
+        self._unpack(call)
         totals["bytes_up"] += train.bytes_up
         totals["bytes_down"] += train.bytes_down
         totals["dropped"] += train.dropped
@@ -258,17 +265,52 @@ class AsyncRound:
         loop.flight[waiting, CALL] = loop.dispatches
         loop.dispatches += 1
 
+    def _index(self) -> None:
+        """Build what is kept beside the table (``__init__``) from it."""
+        flight = self.loop.flight
+        self.finishing = self.loop.finishing()
+        self.free = np.flatnonzero(flight[:, CLIENT] < 0).tolist()  # ascending: a heap
+        for call in np.unique(flight[(flight[:, TRAINED] == 1) & (flight[:, CALL] >= 0), CALL]):
+            self._unpack(int(call))
+        self.indexed = True
+
+    def _unpack(self, call: int) -> None:
+        """What the server will hear of each client in flight of the trained ``call``, from
+        its results (``_call_results``), all at once (``ready``)."""
+        loop = self.loop
+        results = loop.results[str(call)]
+        flying = (loop.flight[:, CALL] == call) & (loop.flight[:, TRAINED] == 1)
+        clients = np.sort(loop.flight[flying, CLIENT].astype(np.int64))
+        rows = np.searchsorted(results["client"], clients)
+        notes, where, blocks = results["notes"], results["where"], results["trained"]
+        starts = results["start"]
+        for client, row, numbers, at in zip(clients.tolist(), rows.tolist(),
+                                            results["numbers"][rows].tolist(),
+                                            results["kept_at"][rows].tolist(), strict=True):
+            trained: Trained | None = None
+            if at >= 0:
+                block, position = where[at].tolist()
+                trained = starts, {name: stack[position] for name, stack in blocks[block].items()}
+            status, reason = notes.get(str(row), ("ok", ""))
+            self.ready[client] = Heard(*_fields(numbers), status, reason, trained)
+        self.waiting[call] = len(clients)
+
     def _heard(self, server_round: int, client: int, start: float, finish: float,
                staleness: int, lost: bool, call: int) -> tuple[ClientRow, Trained | None]:
         """A client the server hears of: its clients.csv row and its (start, trained) models
-        (None: no update)."""
+        (None: no update); its call's results are dropped after its last client in flight."""
         if lost:
             return ClientRow(server_round, client, None, None, None, None, "offline",
                              "the device went offline before it finished",
                              virtual_start_s=start, virtual_duration_s=finish - start), None
-        fields, trained = self.loop.take(call, client)
-        return ClientRow(server_round, client, **fields, virtual_start_s=start,
-                         virtual_duration_s=finish - start, staleness=staleness), trained
+        heard = self.ready.pop(client)
+        self.waiting[call] -= 1
+        if not self.waiting[call]:
+            del self.waiting[call], self.loop.results[str(call)]
+        return ClientRow(server_round, client, heard.num_examples, heard.train_loss,
+                         heard.epsilon, heard.duration_s, heard.status, heard.reason,
+                         heard.examples_trained, "train", start, finish - start,
+                         staleness), heard.trained
 
     def __call__(self, run: FederatedRun, server_round: int) -> RoundOutcome:
         """Run the event loop until the strategy updates the global model once."""
@@ -284,14 +326,14 @@ class AsyncRound:
         # after this many the server update ends without a change of the model
         fruitless, patience = 0, 2 * max(loop.concurrency, self.population)
         model_update = ""
-        if self.finishing is None:
-            self.finishing = loop.finishing()
-        finishing = self.finishing
+        if not self.indexed:
+            self._index()
+        finishing, free = self.finishing, self.free
         while True:
             moment, available = loop.next_start(self.clock)
             if len(available) and (not finishing or moment <= finishing[0][0]):
-                heapq.heappush(finishing, loop.start_client(self.clock, moment, available,
-                                                            version, durations))
+                heapq.heappush(finishing, loop.start_client(
+                    self.clock, moment, available, version, durations, heapq.heappop(free)))
                 continue
             if not finishing:
                 raise RuntimeError("devices: no client is ever available to start")
@@ -299,6 +341,7 @@ class AsyncRound:
             if not loop.flight[slot, TRAINED]:
                 self._train(server_round, totals, slot)
             client, start, finish, started_on, lost, call = loop.pop(slot)
+            heapq.heappush(free, slot)
             loop.now = finish
             row, trained = self._heard(server_round, client, start, finish,
                                        version - started_on, lost, call)
@@ -397,9 +440,8 @@ def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np
     the model they started from and, where ``kept_at`` says so, the accepted clients' trained
     models (in client order, stacked: ``_stacked``)."""
     by_client = {row.client_id: row for row in rows}
-    numbers = np.array([[np.nan if getattr(by_client[c], name) is None
-                         else getattr(by_client[c], name) for name in _NUMBERS]
-                        for c in clients], dtype=np.float64).reshape(len(clients), len(_NUMBERS))
+    numbers = np.array([_NUMBER_FIELDS(by_client[c]) for c in clients],  # None: NaN
+                       dtype=np.float64).reshape(len(clients), len(_NUMBERS))
     notes = {str(i): [by_client[c].status, by_client[c].reason] for i, c in enumerate(clients)
              if (by_client[c].status, by_client[c].reason) != ("ok", "")}
     kept_at = np.full(len(clients), -1, dtype=np.int64)
@@ -412,6 +454,14 @@ def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np
                   *(a for block in blocks for a in block.values())):
         array.flags.writeable = False  # the checkpoint keeps it without a copy
     return FrozenMapping({**results, "trained": blocks, "notes": notes})
+
+
+def _fields(numbers: list[float]) -> tuple[int | float | None, ...]:
+    """A clients.csv row's numbers (``_NUMBERS``) from their float64 values: NaN is None, the
+    counts are ints."""
+    examples, loss, epsilon, duration, trained = (None if math.isnan(v) else v for v in numbers)
+    return (None if examples is None else int(examples), loss, epsilon, duration,
+            None if trained is None else int(trained))
 
 
 def _read_only(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
