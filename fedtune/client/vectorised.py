@@ -51,6 +51,7 @@ from fedtune.client.dropout_masks import ClientMasks
 from fedtune.client.objective import LocalObjective
 from fedtune.config import Config
 from fedtune.data.encode import Encoded
+from fedtune.data.loaders import ShuffledRows, first_epoch_batches
 from fedtune.faults import FaultPlan
 from fedtune.models.hf import uses_feature_cache
 from fedtune.models.weights import load_shared_state, travelling_tensors
@@ -289,9 +290,7 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     seeds = client_round_seeds(config.run.seed, server_round, ids,
                                protocol.message_dispatch(content))
     shards = [client_shard(config, client_id) for client_id in ids]
-    loaders = [resources.client_train_row_batches(shard, seed)
-               for shard, seed in zip(shards, seeds, strict=True)]
-    rows = [list(local_batches(loader, resources.train_settings)) for loader in loaders]
+    rows, epoch_draws, epoch_batches = _client_batches(resources, shards, seeds)
     steps = np.array([len(r) for r in rows])
     travelling = travelling_tensors(model)
     stacked: dict[str, np.ndarray] | None = None
@@ -299,8 +298,8 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     for count in np.unique(steps[steps > 0]):  # clients with as many steps train together
         members = np.flatnonzero(steps == count)
         masks = ClientMasks.seeded(model, [seeds[i] for i in members],
-                                   [loaders[i].epoch_draws for i in members],
-                                   [len(loaders[i]) for i in members])
+                                   [epoch_draws[i] for i in members],
+                                   [epoch_batches[i] for i in members])
         group_objective = (objective.rows(members) if isinstance(objective, StackedObjective)
                            and len(members) < len(ids) else objective)
         start = {name: value[members] for name, value in starts.items()}
@@ -335,6 +334,25 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     elif sides[0].own_state:
         states = [state_to_bytes(side.state) for side in sides]
     return TrainedChunk(trained, stacked, share, list(states))
+
+
+def _client_batches(resources: TaskResources, shards: Sequence[int], seeds: Sequence[int]
+                    ) -> tuple[list[list[np.ndarray]], list[int], list[int]]:
+    """Each client's batches this round (row numbers: ``local_batches`` over its
+    ``TaskResources.client_train_row_batches``), and its loader's draws from torch's default
+    generator and batches per epoch (``ClientMasks``); drawn by ``first_epoch_batches`` where
+    it can."""
+    settings = resources.train_settings
+    first = first_epoch_batches(resources.encoded,
+                                [resources.client_train_rows(shard) for shard in shards],
+                                resources.config.client.batch_size, seeds, settings.local_steps)
+    if first is not None:
+        rows, per_epoch = first
+        return rows, [ShuffledRows.epoch_draws] * len(rows), per_epoch
+    loaders = [resources.client_train_row_batches(shard, seed)
+               for shard, seed in zip(shards, seeds, strict=True)]
+    return ([list(local_batches(loader, settings)) for loader in loaders],
+            [loader.epoch_draws for loader in loaders], [len(loader) for loader in loaders])
 
 
 def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.ndarray]],
