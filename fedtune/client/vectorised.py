@@ -152,18 +152,23 @@ class TrainedChunk:
 
 def train_chunks(resources: TaskResources, server_round: int, content: RecordDict,
                  global_arrays: dict[str, np.ndarray], client_ids: Sequence[int],
-                 states: Sequence[bytes] | None = None) -> Iterator[TrainedChunk]:
+                 states: Sequence[bytes] | None = None, seeds: Sequence[int] | None = None
+                 ) -> Iterator[TrainedChunk]:
     """Train the clients ``client_ids`` on their training splits from ``global_arrays``
     (``content``: the train message's records), a chunk at a time (``chunk_sizes``).
     ``states``: each client's Context.state as bytes (``fedtune.state.codec``; b"": empty),
     which a client side with its own state (SCAFFOLD's control variate, FedDyn's gradient,
     FedPer's head) reads before the chunk trains and updates after, as one client at a time
-    does (None: every client's state is empty); each chunk's ``states`` are the new ones."""
+    does (None: every client's state is empty); each chunk's ``states`` are the new ones.
+    ``seeds``: each client's round seed (``fedtune.task.client_round_seeds`` of this round and
+    message, derived for a whole cohort at once by ``fedtune.engine.cohort.cohort_clients``;
+    None: derived here, a chunk at a time)."""
     first = 0
     for size in chunk_sizes(len(client_ids), resources.model):
         yield _train_chunk(resources, server_round, content, global_arrays,
                            client_ids[first:first + size],
-                           [b""] * size if states is None else states[first:first + size])
+                           [b""] * size if states is None else states[first:first + size],
+                           None if seeds is None else seeds[first:first + size])
         first += size
 
 
@@ -277,7 +282,7 @@ def chunk_objective(sides: Sequence[ClientSide], model: nn.Module) -> LocalObjec
 
 def _train_chunk(resources: TaskResources, server_round: int, content: RecordDict,
                  global_arrays: dict[str, np.ndarray], ids: Sequence[int],
-                 states: Sequence[bytes]) -> TrainedChunk:
+                 states: Sequence[bytes], seeds: Sequence[int] | None = None) -> TrainedChunk:
     started = time.perf_counter()
     config = resources.config
     model = resources.model
@@ -287,8 +292,9 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     objective = chunk_objective(sides, model)
     personal = sides[0].personal_part(resources)
     starts = personal_starts(states, personal, global_arrays)
-    seeds = client_round_seeds(config.run.seed, server_round, ids,
-                               protocol.message_dispatch(content))
+    if seeds is None:
+        seeds = client_round_seeds(config.run.seed, server_round, ids,
+                                   protocol.message_dispatch(content))
     shards = [client_shard(config, client_id) for client_id in ids]
     rows, epoch_draws, epoch_batches = _client_batches(resources, shards, seeds)
     steps = np.array([len(r) for r in rows])
