@@ -171,6 +171,9 @@ class TaskResources:
     _poisoned_shard: int | None = field(default=None, repr=False)  # trains on poisoned rows
     _model: nn.Module | None = field(default=None, repr=False)
     _optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
+    # whether its training clients are trained together (``fedtune.client.vectorised.
+    # vectorisable``), decided on first use: the config and the resident model stay
+    together: bool | None = field(default=None, repr=False)
 
     @cached_property
     def train_settings(self) -> TrainSettings:

@@ -51,6 +51,7 @@ from fedtune.client.dropout_masks import ClientMasks
 from fedtune.client.objective import LocalObjective
 from fedtune.config import Config
 from fedtune.data.encode import Encoded
+from fedtune.data.loaders import ShuffledRows, first_epoch_batches
 from fedtune.faults import FaultPlan
 from fedtune.models.hf import uses_feature_cache
 from fedtune.models.weights import load_shared_state, travelling_tensors
@@ -107,9 +108,14 @@ def one_at_a_time_because(config: Config) -> str | None:
 
 
 def vectorisable(resources: TaskResources) -> bool:
-    """Whether this run's training clients may be trained together (see the module doc)."""
-    return (one_at_a_time_because(resources.config) is None
-            and resources.device.type == "cpu" and _stackable(resources.model))
+    """Whether this run's training clients may be trained together (see the module doc):
+    decided once per ``resources`` (kept in ``TaskResources.together``; every block of a
+    round asks, and the answer took ~0.1 ms a block)."""
+    if resources.together is None:
+        resources.together = (one_at_a_time_because(resources.config) is None
+                               and resources.device.type == "cpu"
+                               and _stackable(resources.model))
+    return resources.together
 
 
 def _stackable(model: nn.Module) -> bool:
@@ -146,18 +152,23 @@ class TrainedChunk:
 
 def train_chunks(resources: TaskResources, server_round: int, content: RecordDict,
                  global_arrays: dict[str, np.ndarray], client_ids: Sequence[int],
-                 states: Sequence[bytes] | None = None) -> Iterator[TrainedChunk]:
+                 states: Sequence[bytes] | None = None, seeds: Sequence[int] | None = None
+                 ) -> Iterator[TrainedChunk]:
     """Train the clients ``client_ids`` on their training splits from ``global_arrays``
     (``content``: the train message's records), a chunk at a time (``chunk_sizes``).
     ``states``: each client's Context.state as bytes (``fedtune.state.codec``; b"": empty),
     which a client side with its own state (SCAFFOLD's control variate, FedDyn's gradient,
     FedPer's head) reads before the chunk trains and updates after, as one client at a time
-    does (None: every client's state is empty); each chunk's ``states`` are the new ones."""
+    does (None: every client's state is empty); each chunk's ``states`` are the new ones.
+    ``seeds``: each client's round seed (``fedtune.task.client_round_seeds`` of this round and
+    message, derived for a whole cohort at once by ``fedtune.engine.cohort.cohort_clients``;
+    None: derived here, a chunk at a time)."""
     first = 0
     for size in chunk_sizes(len(client_ids), resources.model):
         yield _train_chunk(resources, server_round, content, global_arrays,
                            client_ids[first:first + size],
-                           [b""] * size if states is None else states[first:first + size])
+                           [b""] * size if states is None else states[first:first + size],
+                           None if seeds is None else seeds[first:first + size])
         first += size
 
 
@@ -271,7 +282,7 @@ def chunk_objective(sides: Sequence[ClientSide], model: nn.Module) -> LocalObjec
 
 def _train_chunk(resources: TaskResources, server_round: int, content: RecordDict,
                  global_arrays: dict[str, np.ndarray], ids: Sequence[int],
-                 states: Sequence[bytes]) -> TrainedChunk:
+                 states: Sequence[bytes], seeds: Sequence[int] | None = None) -> TrainedChunk:
     started = time.perf_counter()
     config = resources.config
     model = resources.model
@@ -281,12 +292,11 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     objective = chunk_objective(sides, model)
     personal = sides[0].personal_part(resources)
     starts = personal_starts(states, personal, global_arrays)
-    seeds = client_round_seeds(config.run.seed, server_round, ids,
-                               protocol.message_dispatch(content))
+    if seeds is None:
+        seeds = client_round_seeds(config.run.seed, server_round, ids,
+                                   protocol.message_dispatch(content))
     shards = [client_shard(config, client_id) for client_id in ids]
-    loaders = [resources.client_train_row_batches(shard, seed)
-               for shard, seed in zip(shards, seeds, strict=True)]
-    rows = [list(local_batches(loader, resources.train_settings)) for loader in loaders]
+    rows, epoch_draws, epoch_batches = _client_batches(resources, shards, seeds)
     steps = np.array([len(r) for r in rows])
     travelling = travelling_tensors(model)
     stacked: dict[str, np.ndarray] | None = None
@@ -294,8 +304,8 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     for count in np.unique(steps[steps > 0]):  # clients with as many steps train together
         members = np.flatnonzero(steps == count)
         masks = ClientMasks.seeded(model, [seeds[i] for i in members],
-                                   [loaders[i].epoch_draws for i in members],
-                                   [len(loaders[i]) for i in members])
+                                   [epoch_draws[i] for i in members],
+                                   [epoch_batches[i] for i in members])
         group_objective = (objective.rows(members) if isinstance(objective, StackedObjective)
                            and len(members) < len(ids) else objective)
         start = {name: value[members] for name, value in starts.items()}
@@ -330,6 +340,25 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     elif sides[0].own_state:
         states = [state_to_bytes(side.state) for side in sides]
     return TrainedChunk(trained, stacked, share, list(states))
+
+
+def _client_batches(resources: TaskResources, shards: Sequence[int], seeds: Sequence[int]
+                    ) -> tuple[list[list[np.ndarray]], list[int], list[int]]:
+    """Each client's batches this round (row numbers: ``local_batches`` over its
+    ``TaskResources.client_train_row_batches``), and its loader's draws from torch's default
+    generator and batches per epoch (``ClientMasks``); drawn by ``first_epoch_batches`` where
+    it can."""
+    settings = resources.train_settings
+    first = first_epoch_batches(resources.encoded,
+                                [resources.client_train_rows(shard) for shard in shards],
+                                resources.config.client.batch_size, seeds, settings.local_steps)
+    if first is not None:
+        rows, per_epoch = first
+        return rows, [ShuffledRows.epoch_draws] * len(rows), per_epoch
+    loaders = [resources.client_train_row_batches(shard, seed)
+               for shard, seed in zip(shards, seeds, strict=True)]
+    return ([list(local_batches(loader, settings)) for loader in loaders],
+            [loader.epoch_draws for loader in loaders], [len(loader) for loader in loaders])
 
 
 def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.ndarray]],

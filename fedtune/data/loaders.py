@@ -7,7 +7,7 @@ built from row numbers, so a client's loader holds an index array, never a copy 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -108,6 +108,30 @@ def train_rows(encoded: Encoded, rows: np.ndarray, batch_size: int, seed: int
     if lengths is not None:
         return SampledRows(rows, batch_size, _length_grouped(batch_size, lengths, generator))
     return ShuffledRows(rows, batch_size, generator)
+
+
+def first_epoch_batches(encoded: Encoded, rows: Sequence[np.ndarray], batch_size: int,
+                        seeds: Sequence[int], steps: int
+                        ) -> tuple[list[list[np.ndarray]], list[int]] | None:
+    """For each client k, the first ``steps`` batches ``train_rows(encoded, rows[k],
+    batch_size, seeds[k])`` yields and its batches per epoch, where those are shuffled rows (no
+    texts behind them, ``ShuffledRows``) and every client's ``steps`` fit in its first epoch;
+    None otherwise. The same draws (the base seed, one permutation) from one generator seeded
+    again for each client, instead of a generator and a loader each: ~5 us a client less, for
+    a chunk of clients trained together (``fedtune.client.vectorised``)."""
+    sizes = [min(batch_size, max(1, len(r))) for r in rows]
+    if (steps < 1 or text_lengths(encoded, np.empty(0, np.int64)) is not None
+            or any((steps - 1) * size >= len(r) for r, size in zip(rows, sizes, strict=True))):
+        return None
+    generator, base = torch.Generator(), torch.empty((), dtype=torch.int64)
+    batches = []
+    for client_rows, size, seed in zip(rows, sizes, seeds, strict=True):
+        generator.manual_seed(seed)
+        base.random_(generator=generator)  # DataLoader's base seed
+        order = np.asarray(client_rows, dtype=np.int64)[
+            torch.randperm(len(client_rows), generator=generator).numpy()]
+        batches.append([order[start:start + size] for start in range(0, steps * size, size)])
+    return batches, [-(-len(r) // size) for r, size in zip(rows, sizes, strict=True)]
 
 
 def _length_grouped(batch_size: int, lengths: np.ndarray, generator: torch.Generator

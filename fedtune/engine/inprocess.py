@@ -187,7 +187,7 @@ class InProcessGrid(CohortGrid):
         resources = run_config_resources(self._run_config)
         content = DecodedContent.of(messages[0].content)
         store = self.client_states
-        clients = cohort_clients(messages, self.node_to_client, store)
+        clients = cohort_clients(messages, self.node_to_client, store, resources.config.run.seed)
         blocks = cohort_blocks(clients, messages[0].metadata.message_type, spec,
                                least_block(resources.config))
         adder, done = BlockAdder(), 0

@@ -281,9 +281,10 @@ class RayGrid(CohortGrid):
                    stop: threading.Event | None = None) -> CohortResult:
         content = messages[0].content
         kind = messages[0].metadata.message_type
-        clients = cohort_clients(messages, self.node_to_client, self.client_states)
-        blocks = cohort_blocks(clients, kind, spec,
-                               least_block(parsed_run_config(self._factory.run_config)))
+        config = parsed_run_config(self._factory.run_config)
+        clients = cohort_clients(messages, self.node_to_client, self.client_states,
+                                 config.run.seed)
+        blocks = cohort_blocks(clients, kind, spec, least_block(config))
         if self._in_driver(kind, len(clients)):
             return self._run_in_driver(content, blocks, timeout_s, progress, stop)
         cohort = _Cohort(self._put(content), len(blocks), len(clients))

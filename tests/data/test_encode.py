@@ -9,7 +9,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedtune.data.encode import SparseFeatures, hash_bag_of_words
-from fedtune.data.loaders import RowBatches, RowDataset, ShuffledRows, eval_loader, train_loader
+from fedtune.data.loaders import (
+    RowBatches,
+    RowDataset,
+    ShuffledRows,
+    eval_loader,
+    first_epoch_batches,
+    train_loader,
+    train_rows,
+)
 from fedtune.data.sources import load_dataset
 from fedtune.train import TrainSettings, local_batches
 
@@ -59,6 +67,34 @@ def test_shuffled_batches_are_dataloaders_batches(size, batch, steps):
         assert len(mine) == len(reference) == steps
         for (a, y_a), (b, y_b) in zip(mine, reference, strict=True):
             assert torch.equal(a["features"], b["features"]) and torch.equal(y_a, y_b)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_first_epoch_batches_are_each_clients_loader_batches(steps):
+    """A chunk's first-epoch batches from one generator seeded again per client: the rows each
+    client's own loader (``train_rows`` + ``local_batches``) gives, in order, with its batches
+    per epoch; None where a client's steps run past its first epoch, or for texts."""
+    from fedtune.data.encode import DenseFeatures, TokenIds
+
+    encoded = DenseFeatures(np.zeros((40, 2), np.float32))
+    rng = np.random.default_rng(3)
+    sizes = (11, 9, 5, 17, 6, *([3] if steps == 1 else []))  # 3 rows: one batch of 3
+    rows = [np.sort(rng.choice(40, size, replace=False)) for size in sizes]
+    seeds = [int(seed) for seed in rng.integers(0, 2**63, len(rows))]
+    got = first_epoch_batches(encoded, rows, 4, seeds, steps)
+    if steps == 3:  # the clients of 5 and 6 rows have two batches an epoch
+        assert got is None
+        return
+    batches, per_epoch = got
+    for client_rows, seed, mine, epoch in zip(rows, seeds, batches, per_epoch, strict=True):
+        loader = train_rows(encoded, client_rows, 4, seed)
+        theirs = list(local_batches(loader, TrainSettings(local_steps=steps)))
+        assert epoch == len(loader) and len(mine) == len(theirs) == steps
+        for a, b in zip(mine, theirs, strict=True):
+            np.testing.assert_array_equal(a, b)
+    tokens = TokenIds(np.arange(80, dtype=np.int32), np.arange(0, 81, 2), 0)
+    assert first_epoch_batches(tokens, rows, 4, seeds, 1) is None
+    assert first_epoch_batches(encoded, [*rows, np.arange(0)], 4, [*seeds, 1], 1) is None
 
 
 def test_train_loader_uses_shuffled_batches_for_features_only():

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from safetensors.numpy import load_file
 
 from fedtune import protocol
@@ -29,6 +29,7 @@ from fedtune.engine.cohort import (
     add_blocks,
     block_size,
     cohort_blocks,
+    cohort_clients,
     least_block,
     run_block,
 )
@@ -47,7 +48,8 @@ from fedtune.protocol import (
 from fedtune.server.grid import CohortSpec
 from fedtune.server.screening import reply_limits
 from fedtune.state.codec import state_from_bytes, state_to_bytes
-from fedtune.task import task_resources
+from fedtune.state.store import ClientStateStore
+from fedtune.task import client_round_seed, task_resources
 from strategies import feddyn, scaffold
 from strategies.records import floating
 from tests.conftest import rows_of, tiny_config
@@ -215,6 +217,38 @@ def test_blocks_give_the_same_bits_in_any_order_and_chunks_do_not_overwrite_each
     assert [r.status for r in chunked.reports] == ["ok"] * 12
     for name in one_chunk:  # other chunks, other batched arithmetic: float rounding
         np.testing.assert_allclose(chunked.total[name], one_chunk[name], rtol=1e-5, atol=1e-4)
+
+
+def test_a_cohorts_seeds_derived_at_once_are_the_seeds_its_chunks_derive(
+        tmp_path, one_torch_thread):
+    """``cohort_clients`` derives a train cohort's round seeds in one call: each client's
+    ``client_round_seed``; blocks that carry them train to the bits of blocks whose chunks
+    derive their own, and an evaluation gets none."""
+    config = tiny_config(tmp_path, *VECTORISED)
+    resources = task_resources(config)
+    content, blocks = _content_and_blocks(resources, config, range(12))
+    ids = [7, 2, 11, 0, 5, 9, 1, 3, 4, 6, 8, 10]
+    nodes = {1000 + c: c for c in ids}
+    store = ClientStateStore(memory_budget=1 << 20)
+    messages = [Message(content=content.records, dst_node_id=1000 + c,
+                        message_type=MessageType.TRAIN) for c in ids]
+    clients = cohort_clients(messages, nodes, store, config.run.seed)
+    assert [c.seed for c in clients] == [client_round_seed(config.run.seed, 1, c) for c in ids]
+    seeded = cohort_blocks(clients, "train", blocks[0].spec, least=4)
+    assert [[c.client_id for c in b.clients] for b in seeded] == [
+        [c.client_id for c in b.clients] for b in blocks]
+    derived = add_blocks([run_block(resources, content, block) for block in blocks])
+    given = add_blocks([run_block(resources, content, block) for block in seeded])
+    for name in derived.total:
+        assert np.array_equal(derived.total[name], given.total[name])
+    other = cohort_blocks([replace(c, seed=c.seed + 1) for c in clients], "train",
+                          blocks[0].spec, least=4)  # the seeds given are the ones used
+    moved = add_blocks([run_block(resources, content, block) for block in other])
+    assert not all(np.array_equal(derived.total[n], moved.total[n]) for n in derived.total)
+    evaluation = [Message(content=content.records, dst_node_id=1000 + c,
+                          message_type=MessageType.EVALUATE) for c in ids]
+    assert all(c.seed is None
+               for c in cohort_clients(evaluation, nodes, store, config.run.seed))
 
 
 def test_chunks_are_as_large_as_the_budget_allows_and_as_even_as_can_be(tmp_path):
