@@ -332,13 +332,14 @@ def _build_resources(config: Config, data_path: str) -> TaskResources:
     return TaskResources(config, federation, encoded, spec, device, canaries, poisoning)
 
 
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what OpenMP and MKL read when they start
+# what OpenMP, MKL and NumPy's OpenBLAS read when a process loads them
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def limit_threads(cpus: float) -> None:
     """Match torch's thread pools to the CPU share a simulated client was given (and the
-    environment that processes started from here read: OpenMP and MKL read it once, when a
-    process loads them, so for this process only ``torch.set_num_threads`` counts)."""
+    environment that processes started from here read: OpenMP, MKL and OpenBLAS read it once,
+    when a process loads them, so for this process only ``torch.set_num_threads`` counts)."""
     threads = max(1, int(cpus))
     torch.set_num_threads(threads)
     for name in THREAD_ENV:

@@ -58,7 +58,7 @@ def test_a_default_pool_of_one_local_actor_starts_no_actor(tmp_path, monkeypatch
 
 def test_a_small_ray_run_is_the_in_process_run_with_the_clients_threads(tmp_path, monkeypatch):
     """engine.backend = ray with a 4-client cohort starts no Ray; the driver evaluates the
-    global model with engine.client_cpus torch threads and OMP/MKL set alike, the caller's
+    global model with engine.client_cpus torch threads and OMP/MKL/OpenBLAS set alike, the caller's
     come back afterwards; metrics and clients equal the in-process runtime's bit for bit."""
     import ray
 
@@ -71,19 +71,21 @@ def test_a_small_ray_run_is_the_in_process_run_with_the_clients_threads(tmp_path
 
     def watched(resources, arrays):
         seen.append((torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"),
-                     ray.is_initialized()))
+                     os.environ.get("OPENBLAS_NUM_THREADS"), ray.is_initialized()))
         return evaluate_global(resources, arrays)
 
     monkeypatch.setattr(server_round, "evaluate_global", watched)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         ray_dir = run_ray_engine(tiny_config(tmp_path / "r", "engine.backend=ray")).path
         assert torch.get_num_threads() == 2 and "OMP_NUM_THREADS" not in os.environ
+        assert "OPENBLAS_NUM_THREADS" not in os.environ
     finally:
         torch.set_num_threads(before)
-    assert seen == [(1, "1", False)] * 2  # two rounds, one thread, no Ray
+    assert seen == [(1, "1", "1", False)] * 2  # two rounds, one thread, no Ray
     local_dir = run_inprocess(tiny_config(tmp_path / "l")).path
     for name in ("metrics.csv", "clients.csv"):
         ours, theirs = rows_of(ray_dir / name), rows_of(local_dir / name)
