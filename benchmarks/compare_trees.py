@@ -5,8 +5,15 @@ CPU seconds and wall time per round, rounds 2.. kept) with ``PYTHONPATH`` set to
 change is measured against the code before it under the same load. Prints the load average
 before and after and, per side, the medians with their min-max and CPU-ms per client-round.
 
+With ``--floor`` every repeat also runs the batched floor (``engine_benchmarks.py``'s floor
+side, tree B) right after its sides, and each side's CPU-ms per client-round is read against
+it: × the floor of all repeats' medians, and the median (min-max) of each repeat's own ratio
+(its rounds' median over the floor measured beside them). The floor moves with the machine's
+load as much as the sides do (0.23-0.30 CPU-ms in three runs one after another), so a ratio
+against a floor measured minutes later mixes two loads.
+
     python benchmarks/compare_trees.py /work/main . --sizes 1000 --repeats 2 \\
-        --side "ray=engine.backend=ray,engine.vectorise_clients=true"
+        --side "ray=engine.backend=ray,engine.vectorise_clients=true" --floor
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--side", action="append", required=True,
                         help="name=override,override,... (both trees run every side)")
+    parser.add_argument("--floor", action="store_true",
+                        help="run the batched floor after every repeat's sides; print ratios")
     args = parser.parse_args()
     sides = {}
     for side in args.side:
@@ -46,6 +55,8 @@ def main() -> None:
         for n in [int(x) for x in args.sizes.split(",")]:
             base, label = bench.workload(bench.MLP, n)
             rows: dict[tuple[str, str], list[dict]] = {}
+            per_repeat: dict[tuple[str, str], list[float]] = {}  # CPU-ms per client-round
+            floors: list[float] = []  # each repeat's batched floor, CPU-ms per client-round
             for repeat in range(args.repeats):
                 for name, overrides in sides.items():
                     for tree, path in trees.items():
@@ -54,13 +65,37 @@ def main() -> None:
                         lines, _ = bench.run_side(bench.fedtune_command(
                             [*base, f"data.num_clients={n}", f"run.rounds={args.rounds}",
                              *overrides], out))
-                        rows.setdefault((name, tree), []).extend(bench.steady(lines))
+                        kept = bench.steady(lines)
+                        rows.setdefault((name, tree), []).extend(kept)
+                        per_repeat.setdefault((name, tree), []).append(
+                            1000 * statistics.median(r["cpu_s"] for r in kept) / n)
+                if args.floor:
+                    os.environ["PYTHONPATH"] = trees["B"]
+                    floors.append(statistics.median(bench.batched_floor_ms(bench.floor_lines(n))))
             for (name, tree), measured in rows.items():
                 cpu = statistics.median(r["cpu_s"] for r in measured)
                 print(f"| {label} | {name} | {tree} | {bench._spread(measured, 'wall_s')} | "
                       f"{bench._spread(measured, 'cpu_s')} | {1000 * cpu / n:.3f} |",
                       flush=True)
+            if floors:
+                _print_ratios(label, per_repeat, floors)
     print(f"load average after: {bench.load_average()}")
+
+
+def _print_ratios(label: str, per_repeat: dict[tuple[str, str], list[float]],
+                  floors: list[float]) -> None:
+    """Each side against the batched floor measured in the same repeats."""
+    floor = statistics.median(floors)
+    print(f"\nbatched floor, CPU-ms per client-round, each repeat: "
+          f"{' / '.join(f'{f:.3f}' for f in floors)} (median {floor:.3f})")
+    print("| clients | side | tree | CPU-ms per client-round, each repeat | x median floor | "
+          "x its own repeat's floor: median (min-max) |")
+    print("|---|---|---|---|---|---|")
+    for (name, tree), values in per_repeat.items():
+        ratios = [v / f for v, f in zip(values, floors, strict=True)]
+        print(f"| {label} | {name} | {tree} | {' / '.join(f'{v:.3f}' for v in values)} | "
+              f"{statistics.median(values) / floor:.2f} | {statistics.median(ratios):.2f} "
+              f"({min(ratios):.2f}-{max(ratios):.2f}) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -436,6 +436,20 @@ def _spread(rows: list[dict], key: str) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
+def floor_lines(n: int) -> list[dict]:
+    """The floor side's measures for the MLP workload with ``n`` clients (a child process)."""
+    row_base, _ = workload(MLP, n)
+    lines, _ = run_side([sys.executable, __file__, "_side", "floor", "-",
+                         *[x for o in [*row_base, f"data.num_clients={n}"]
+                           for x in ("--set", o)]])
+    return lines
+
+
+def batched_floor_ms(lines: list[dict]) -> list[float]:
+    """The batched floor's CPU-ms per client-round, one value per measure of ``floor_lines``."""
+    return [1000 * line["batched_cpu_s"] / line["batched_clients"] for line in lines]
+
+
 def bench_floor(sizes: list[int]) -> None:
     print("\n## the floor: the same steps in a tight torch loop (one thread), and one server "
           "evaluation")
@@ -443,13 +457,10 @@ def bench_floor(sizes: list[int]) -> None:
           f"(vmap, chunks of {FLOOR_CHUNK}, fused AdamW) | server evaluation CPU-s |")
     print("|---|---|---|---|---|")
     for n in sizes:
-        row_base, label = workload(MLP, n)
-        lines, _ = run_side([sys.executable, __file__, "_side", "floor", "-",
-                             *[x for o in [*row_base, f"data.num_clients={n}"]
-                               for x in ("--set", o)]])
+        lines = floor_lines(n)
+        label = workload(MLP, n)[1]
         steps = statistics.median(line["steps_cpu_s"] for line in lines)
-        batched = statistics.median(line["batched_cpu_s"] / line["batched_clients"]
-                                    for line in lines)
+        batched = statistics.median(batched_floor_ms(lines)) / 1000
         evaluation = statistics.median(line["eval_cpu_s"] for line in lines)
         print(f"| {label} | {steps:.3f} | {1000 * steps / n:.3f} | {1000 * batched:.3f} | "
               f"{evaluation:.3f} |", flush=True)
