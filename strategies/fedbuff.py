@@ -73,12 +73,8 @@ class FedBuff(AsynchronousStrategy):
                 client: int = -1) -> bool:
         scale = staleness_weight(staleness)
         for name, delta in kept.items():
-            if name in self.buffer:
-                self.buffer[name] += scale * delta  # in place, the same float64 arithmetic
-            else:
-                self.buffer[name] = scale * delta
-        self.buffered += 1
-        return self.buffered >= self.buffer_size
+            self._add(name, scale * delta)
+        return self._counted()
 
     def receive_trained(self, start: Mapping[str, np.ndarray],
                         trained: Mapping[str, np.ndarray], staleness: int, weight: float,
@@ -91,8 +87,7 @@ class FedBuff(AsynchronousStrategy):
             group = Arrivals(start, scale)
             self.arrived.append(group)
         group.models.append(trained)
-        self.buffered += 1
-        return self.buffered >= self.buffer_size
+        return self._counted()
 
     def settle(self) -> None:
         for group in self.arrived:
@@ -102,11 +97,21 @@ class FedBuff(AsynchronousStrategy):
                     np.add(total, model[name], out=total)
                 total -= np.multiply(start, len(group.models), dtype=np.float64)
                 total *= group.scale
-                if name in self.buffer:
-                    self.buffer[name] += total
-                else:
-                    self.buffer[name] = total
+                self._add(name, total)
         self.arrived = []
+
+    def _add(self, name: str, scaled: np.ndarray) -> None:
+        """``scaled`` (float64, s(tau) times an update or a group's sum) into the buffer's
+        ``name``: in place, the same float64 arithmetic (the first one is kept as it is)."""
+        if name in self.buffer:
+            self.buffer[name] += scaled
+        else:
+            self.buffer[name] = scaled
+
+    def _counted(self) -> bool:
+        """Count one more update in the buffer; True when it is full (the server updates)."""
+        self.buffered += 1
+        return self.buffered >= self.buffer_size
 
     def release(self, current: Mapping[str, np.ndarray]) -> NDArrays:
         self.settle()
