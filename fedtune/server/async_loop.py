@@ -69,7 +69,7 @@ from fedtune.server.round import (
 )
 from fedtune.server.screening import reply_limits
 from fedtune.server.summing import weighted_metrics
-from fedtune.train import EvalResult
+from fedtune.train import TEST_COLUMNS, EvalResult
 from strategies.asynchronous import AsynchronousStrategy
 
 # a clients.csv row's numeric fields, kept as float64 columns (NaN: None)
@@ -431,7 +431,7 @@ class AsyncRound:
 def _tested(evaluation: EvalResult | None) -> dict[str, float | None]:
     """metrics.csv's global test columns (empty between evaluations)."""
     if evaluation is None:
-        return {"eval_loss": None, "eval_accuracy": None, "eval_macro_f1": None}
+        return dict.fromkeys(TEST_COLUMNS)
     return evaluation.test_columns()
 
 
