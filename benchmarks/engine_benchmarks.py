@@ -317,7 +317,8 @@ def side_startup(overrides: list[str]) -> None:
 
     marks.append(("imports (torch, flwr, ray)", time.perf_counter()))
     from fedtune.config import load_config
-    from fedtune.engine.ray_pool import ActorFactory, pool_size, ray_session, start_actors
+    from fedtune.engine.ray_pool import ActorFactory, ray_session, start_actors
+    from fedtune.engine.shape import pool_size
     from fedtune.task import task_resources
 
     config = load_config(None, overrides)

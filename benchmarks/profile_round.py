@@ -53,6 +53,8 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("clients together: gathering a step's batches", ("_gather_step ",)),
     ("clients together: row orders and batches per client", ("client_train_row_batches ",
                                                             "ShuffledRows", "train_rows ")),
+    ("clients together: a chunk's update norms and weighted sum (one compiled pass)",
+     ("update_norms_and_sum ",)),
     ("clients together: update norms of a chunk", ("update_norms ",)),
     ("clients together: the chunk added to the block sum", ("accumulate_rows ",)),
     ("clients together: screening a chunk (checks, reports)", ("_keep_chunk ",)),

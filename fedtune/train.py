@@ -46,6 +46,9 @@ class TrainResult:
     duration_s: float
 
 
+TEST_COLUMNS = ("eval_accuracy", "eval_macro_f1", "eval_loss")  # metrics.csv's global test scores
+
+
 @dataclass(frozen=True)
 class EvalResult:
     loss: float
@@ -58,8 +61,7 @@ class EvalResult:
 
     def test_columns(self) -> dict[str, float]:
         """These scores as metrics.csv's and summary.json's global test columns."""
-        return {"eval_accuracy": self.accuracy, "eval_macro_f1": self.macro_f1,
-                "eval_loss": self.loss}
+        return dict(zip(TEST_COLUMNS, (self.accuracy, self.macro_f1, self.loss), strict=True))
 
     def classification_report(self, label_names: tuple[str, ...]) -> dict | None:
         """Per-class precision, recall and F1 (scikit-learn's report) of these predictions."""

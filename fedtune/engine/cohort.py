@@ -57,7 +57,6 @@ from fedtune.server.guard import (
     absurd_update,
     model_norm,
     update_norm,
-    update_norms,
 )
 from fedtune.server.reports import ClientReport
 from fedtune.server.screening import (
@@ -67,7 +66,7 @@ from fedtune.server.screening import (
     check_metric_values,
     check_update_arrays,
 )
-from fedtune.server.summing import accumulate, accumulate_rows
+from fedtune.server.summing import accumulate
 from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.state.store import ClientStateStore
 from fedtune.tables.strategies import STRATEGIES
@@ -439,11 +438,15 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
                 content: DecodedContent, spec: CohortSpec, client_limit_s: float) -> None:
     """``_keep_update`` for a chunk of clients trained together, per chunk where it can be:
     the reply's records, names, shapes and dtypes checked once (every client's arrays are rows
-    of the same stacked arrays), every update's norm in one pass (``update_norms``: a
-    non-finite value makes it non-finite, and that client goes through ``_screen_update``,
-    which names the tensor), the metrics checked a metric at a time over the chunk
-    (``check_metric_rows``), the bytes counted once, and the accepted updates added to the
-    block's sum as one contraction (``accumulate_rows``) or kept as one copy."""
+    of the same stacked arrays), every update's norm - and, for a weighted mean, the chunk's
+    weighted sum - from one compiled read of each row (``fedtune.server.chunk_passes``: a
+    non-finite value makes a norm non-finite, and that client goes through
+    ``_screen_update``, which names the tensor), the metrics checked a metric at a time over
+    the chunk (``check_metric_rows``), the bytes counted once; the chunk's sum is added to the
+    block's where every client is accepted, else the accepted rows are summed again
+    (``chunk_passes.accumulate_rows``: the same bits for the same rows), or the accepted
+    updates are kept as one copy."""
+    from fedtune.server import chunk_passes  # numba's import (~0.3 s): chunked runs only
     reports = [ClientReport(c.node_id, c.client_id, "ok") for c in members]
     result.reports.extend(reports)
     if chunk.share > client_limit_s:
@@ -454,11 +457,18 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
         return
     global_arrays = content.arrays[protocol.ARRAYS]
     stacked = chunk.stacked
-    norms, chunk_problem, chunk_bytes = None, "?", 0
+    norms, chunk_sum, chunk_problem, chunk_bytes = None, None, "?", 0
     if stacked is not None:
         first = {name: value[0] for name, value in stacked.items()}
         chunk_problem = _reply_structure({protocol.ARRAYS: first}, content, spec)
-        norms = update_norms(global_arrays, stacked, absurd_bound(content.model_norm))
+        if not chunk_problem:  # else each client is screened alone below
+            bound = absurd_bound(content.model_norm)
+            weights = _chunk_weights(chunk) if spec.weighted_mean else None
+            if weights is None:
+                norms = chunk_passes.update_norms(global_arrays, stacked, bound)
+            else:
+                norms, chunk_sum = chunk_passes.update_norms_and_sum(global_arrays, stacked,
+                                                                     weights, bound)
         chunk_bytes = count_bytes({protocol.ARRAYS: first})
     limits = spec.limits
     finite = np.isfinite(norms) if norms is not None else None
@@ -487,14 +497,18 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
     accepted = np.array([i for i, r in enumerate(reports) if r.status == "ok"], dtype=np.int64)
     if not len(accepted):
         return
-    rows = stacked if len(accepted) == len(reports) else {
-        name: value[accepted] for name, value in stacked.items()}
+    everyone = len(accepted) == len(reports)
+    rows = stacked if everyone else {name: value[accepted] for name, value in stacked.items()}
     if spec.weighted_mean:
         weights = np.array([float(reports[i].metrics[protocol.NUM_EXAMPLES])
                             for i in accepted])
         if result.total is None:
             result.total = block_sums.take(global_arrays)
-        accumulate_rows(result.total, rows, weights)
+        if everyone and chunk_sum is not None:
+            for name, value in chunk_sum.items():
+                result.total[name] += value
+        else:
+            chunk_passes.accumulate_rows(result.total, rows, weights)
         result.weight += float(weights.sum())
     else:  # kept past the next chunk, which overwrites the stacked copies: one copy
         kept = {name: np.array(value) for name, value in rows.items()}
@@ -502,6 +516,16 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
             reports[i].update = {**_received(chunk.trained[i]),
                                  protocol.ARRAYS: {name: value[j]
                                                    for name, value in kept.items()}}
+
+
+def _chunk_weights(chunk: TrainedChunk) -> np.ndarray | None:
+    """Each client's ``num-examples`` as a float64 weight, or None where one is missing or not
+    a number (screening says why; the accepted rows are summed after it)."""
+    try:
+        return np.array([float(trained.metrics[protocol.NUM_EXAMPLES])
+                         for trained in chunk.trained])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _received(trained: TrainedClient) -> dict[str, dict[str, np.ndarray]]:

@@ -14,8 +14,8 @@ from fedtune.config import Config, to_run_config
 from fedtune.engine.cohort import TrainFunction
 from fedtune.engine.inprocess import run_inprocess
 from fedtune.engine.ray_grid import RayGrid, prepare_driver
-from fedtune.engine.ray_pool import ActorFactory, pool_size, ray_session, start_actors
-from fedtune.engine.shape import runs_in_process
+from fedtune.engine.ray_pool import ActorFactory, ray_session, start_actors
+from fedtune.engine.shape import pool_size, runs_in_process
 from fedtune.results.run_dir import RunDirectory
 from fedtune.server.app import run_federated
 from fedtune.server.reporting import Reporter

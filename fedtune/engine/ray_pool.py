@@ -1,9 +1,10 @@
-"""The Ray side of the fast engine: the session, how many actors, starting and stopping them."""
+"""The Ray side of the fast engine: the session, starting and stopping the actors (how many:
+``fedtune.engine.shape.pool_size``)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from flwr.clientapp import ClientApp
 from fedtune.config import Config, ConfigError, RunConfigValue
 from fedtune.engine.cohort import TrainFunction
 from fedtune.engine.ray_worker import ClientWorker
-from fedtune.engine.shape import actors_in, default_actors, local_cpus
+from fedtune.engine.shape import local_cpus
 
 
 @contextmanager
@@ -42,25 +43,6 @@ def ray_session(config: Config) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-
-
-def pool_size(config: Config, cluster: Mapping[str, float]) -> int:
-    """engine.num_actors, or as many actors as the cluster's CPUs (and GPUs) hold but for the
-    local driver's CPU (``fedtune.engine.shape.default_actors``); never more than there are
-    clients. An impossible request stops the run before anything starts."""
-    e = config.engine
-    fits = actors_in(cluster.get("CPU", 0), e.client_cpus)
-    if e.client_gpus > 0:
-        fits = min(fits, actors_in(cluster.get("GPU", 0), e.client_gpus))
-    if fits < 1 or e.num_actors > fits:
-        asked = e.num_actors or 1
-        raise ConfigError(
-            f"engine.num_actors = {asked} is not allowed here: the Ray cluster has "
-            f"{cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs, room for {fits} "
-            f"actors of engine.client_cpus = {e.client_cpus:g} and engine.client_gpus = "
-            f"{e.client_gpus:g}"
-        )
-    return min(e.num_actors or default_actors(config, cluster, fits), config.data.num_clients)
 
 
 @dataclass

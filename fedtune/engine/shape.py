@@ -46,7 +46,7 @@ import math
 import os
 from collections.abc import Mapping
 
-from fedtune.config import Config
+from fedtune.config import Config, ConfigError
 from fedtune.tables.strategies import clients_per_round
 
 
@@ -84,15 +84,12 @@ def local_cpus() -> int:
 
 def local_pool_is_one(config: Config) -> bool:
     """Whether the default pool (``engine.num_actors = 0``, local CPU actors) would hold
-    exactly one actor here: ``default_actors`` over ``local_cpus``, never more than there are
-    clients. A machine too small for even one actor is not one: Ray says why
-    (``fedtune.engine.ray_pool.pool_size``)."""
-    e = config.engine
-    cpus = local_cpus()
-    fits = actors_in(cpus, e.client_cpus)
-    if fits < 1:
+    exactly one actor here: ``pool_size`` over ``local_cpus``. A machine too small for even
+    one actor is not one: ``pool_size`` says why when the run starts Ray."""
+    try:
+        return pool_size(config, {"CPU": local_cpus()}) == 1
+    except ConfigError:
         return False
-    return min(default_actors(config, {"CPU": cpus}, fits), config.data.num_clients) == 1
 
 
 DRIVER_CPUS = 1  # CPUs of the local machine the driver keeps when the engine sizes the pool
@@ -108,3 +105,22 @@ def default_actors(config: Config, cluster: Mapping[str, float], fits: int) -> i
         return fits
     left = actors_in(cluster.get("CPU", 0) - DRIVER_CPUS, e.client_cpus)
     return max(1, min(fits, left))
+
+
+def pool_size(config: Config, cluster: Mapping[str, float]) -> int:
+    """engine.num_actors, or as many actors as the cluster's CPUs (and GPUs) hold but for the
+    local driver's CPU (``default_actors``); never more than there are clients. An impossible
+    request stops the run before anything starts."""
+    e = config.engine
+    fits = actors_in(cluster.get("CPU", 0), e.client_cpus)
+    if e.client_gpus > 0:
+        fits = min(fits, actors_in(cluster.get("GPU", 0), e.client_gpus))
+    if fits < 1 or e.num_actors > fits:
+        asked = e.num_actors or 1
+        raise ConfigError(
+            f"engine.num_actors = {asked} is not allowed here: the Ray cluster has "
+            f"{cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs, room for {fits} "
+            f"actors of engine.client_cpus = {e.client_cpus:g} and engine.client_gpus = "
+            f"{e.client_gpus:g}"
+        )
+    return min(e.num_actors or default_actors(config, cluster, fits), config.data.num_clients)

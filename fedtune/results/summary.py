@@ -12,7 +12,7 @@ from fedtune.faults import FaultPlan
 from fedtune.results.run_dir import RunDirectory, json_safe
 from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.task import TaskResources
-from fedtune.train import EvalResult
+from fedtune.train import TEST_COLUMNS, EvalResult
 
 PERSONAL_FINAL = ("personal_mean", "personal_p10", "personal_worst")
 
@@ -46,9 +46,6 @@ def privacy_setting(config: Config) -> str:
     return f"{p.mode} DP, {budget} at δ = {p.delta:g}"
 
 
-TESTED = ("eval_accuracy", "eval_macro_f1", "eval_loss")  # metrics.csv's global test columns
-
-
 def _backdoor(final: dict[str, str]) -> dict[str, float]:
     """A backdoored run's final attack success rate (nothing for other runs)."""
     rate = _number(final.get("attack_success_rate", ""))
@@ -69,7 +66,7 @@ def final_tested(row: dict[str, str], final_eval: EvalResult | None) -> dict[str
     """The kept model's global test metrics: its metrics.csv row's, or, where that row has none
     (an asynchronous run with ``strategy.eval_every`` > 1 that stopped early between
     evaluations), ``final_eval``: the evaluation the run made of its final model."""
-    tested = {name: _number(row.get(name, "")) for name in TESTED}
+    tested = {name: _number(row.get(name, "")) for name in TEST_COLUMNS}
     if tested["eval_loss"] is None and final_eval is not None:
         return final_eval.test_columns()
     return tested

@@ -69,11 +69,12 @@ from fedtune.server.round import (
 )
 from fedtune.server.screening import reply_limits
 from fedtune.server.summing import weighted_metrics
-from fedtune.train import EvalResult
+from fedtune.train import TEST_COLUMNS, EvalResult
 from strategies.asynchronous import AsynchronousStrategy
 
 # a clients.csv row's numeric fields, kept as float64 columns (NaN: None)
 _NUMBERS = ("num_examples", "train_loss", "epsilon", "duration_s", "examples_trained")
+_COUNTS = frozenset({"num_examples", "examples_trained"})  # of _NUMBERS: ints in clients.csv
 _NUMBER_FIELDS = attrgetter(*_NUMBERS)
 _NO_CLIENTS = np.zeros(0, dtype=np.int64)
 # a heard client's (start model, trained model), both read-only
@@ -292,7 +293,8 @@ class AsyncRound:
                 block, position = where[at].tolist()
                 trained = starts, {name: stack[position] for name, stack in blocks[block].items()}
             status, reason = notes.get(str(row), ("ok", ""))
-            self.ready[client] = Heard(*_fields(numbers), status, reason, trained)
+            self.ready[client] = Heard(**_fields(numbers), status=status, reason=reason,
+                                       trained=trained)
         self.waiting[call] = len(clients)
 
     def _heard(self, server_round: int, client: int, start: float, finish: float,
@@ -429,7 +431,7 @@ class AsyncRound:
 def _tested(evaluation: EvalResult | None) -> dict[str, float | None]:
     """metrics.csv's global test columns (empty between evaluations)."""
     if evaluation is None:
-        return {"eval_loss": None, "eval_accuracy": None, "eval_macro_f1": None}
+        return dict.fromkeys(TEST_COLUMNS)
     return evaluation.test_columns()
 
 
@@ -456,12 +458,11 @@ def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np
     return FrozenMapping({**results, "trained": blocks, "notes": notes})
 
 
-def _fields(numbers: list[float]) -> tuple[int | float | None, ...]:
-    """A clients.csv row's numbers (``_NUMBERS``) from their float64 values: NaN is None, the
-    counts are ints."""
-    examples, loss, epsilon, duration, trained = (None if math.isnan(v) else v for v in numbers)
-    return (None if examples is None else int(examples), loss, epsilon, duration,
-            None if trained is None else int(trained))
+def _fields(numbers: list[float]) -> dict[str, int | float | None]:
+    """A clients.csv row's numbers by name (``_NUMBERS``) from their float64 values: NaN is
+    None, the counts (``_COUNTS``) are ints."""
+    return {name: None if math.isnan(value) else int(value) if name in _COUNTS else value
+            for name, value in zip(_NUMBERS, numbers, strict=True)}
 
 
 def _read_only(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -31,11 +31,9 @@ client reports (``bound_updates``), whichever transport brought them:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord
 
 from fedtune.protocol import ARRAYS, npy_view
@@ -45,8 +43,8 @@ MAD_SCALE = 0.6745  # the normal distribution's MAD in standard deviations (Igle
 # how many times longer than the model (or 1) an update, or than the clients' updates an
 # aggregate step, may be before it is absurd: far beyond any learning rate that trains
 ABSURD = 1e6
-NORM_BUFFER = 2**18  # differences held at once by update_norms (1 MiB of float32)
-NORM_ESTIMATE = 1e-5  # update_norms' relative margin below a bound where it measures exactly
+# chunk_passes.update_norms' relative margin below a bound where it measures exactly
+NORM_ESTIMATE = 1e-5
 
 
 def non_finite_tensors(arrays: ArrayRecord) -> list[str]:
@@ -82,38 +80,6 @@ def update_norm(global_arrays: Mapping[str, np.ndarray],
         if value.dtype.kind == "f":
             total += _squared(np.subtract(arrays[name], value, dtype=np.float64).ravel())
     return float(np.sqrt(total))
-
-
-def update_norms(global_arrays: Mapping[str, np.ndarray], stacked: Mapping[str, np.ndarray],
-                 exact_from: float = math.inf) -> np.ndarray:
-    """``update_norm`` of every row of ``stacked`` (tensor name -> the clients' values, client
-    k in row k) at once, estimated from the differences in the arrays' own precision (float32
-    for fp32 models: one pass per tensor, a few times faster than float64), within about 1e-6
-    relative of ``update_norm``, not its bits. A row whose estimate is not finite (a NaN, an
-    infinity, or a float32 overflow) or reaches ``exact_from`` × (1 - ``NORM_ESTIMATE``) is
-    measured exactly by ``update_norm``, so a bound of ``exact_from`` (the absurd-update
-    guard's) decides, and its reason reads, exactly as with ``update_norm``."""
-    clients = len(next(iter(stacked.values())))
-    totals = np.zeros(clients)
-    for name, value in global_arrays.items():
-        if value.dtype.kind != "f":
-            continue
-        rows = stacked[name].reshape(clients, -1)
-        flat = value.ravel()
-        dtype = np.promote_types(np.result_type(rows, flat), np.float32)
-        step = max(1, NORM_BUFFER // max(flat.size, 1))
-        buffer = np.empty((min(step, clients), flat.size), dtype)
-        for start in range(0, clients, step):
-            part = buffer[:min(step, clients - start)]
-            np.subtract(rows[start:start + len(part)], flat, out=part)
-            norms = torch.linalg.vector_norm(torch.from_numpy(part), dim=1)
-            totals[start:start + len(part)] += norms.double().numpy() ** 2
-    estimates = np.sqrt(totals)
-    exact = ~np.isfinite(estimates) | (estimates >= exact_from * (1 - NORM_ESTIMATE))
-    for k in np.flatnonzero(exact):
-        estimates[k] = update_norm(global_arrays, {name: value[k]
-                                                   for name, value in stacked.items()})
-    return estimates
 
 
 def absurd_bound(global_norm: float) -> float:

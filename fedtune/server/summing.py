@@ -62,17 +62,6 @@ def accumulate(total: dict[str, np.ndarray], arrays: Mapping[str, np.ndarray],
         torch._foreach_add_(fused_totals, fused_values, alpha=weight)
 
 
-def accumulate_rows(total: dict[str, np.ndarray], stacked: Mapping[str, np.ndarray],
-                    weights: np.ndarray) -> None:
-    """``total += Σ_k weights[k] × stacked[name][k]`` in float64 for every tensor: a chunk of
-    clients' updates (row k: client k) added as one contraction per tensor. NumPy's ``einsum``
-    runs one thread in a fixed order, so the bits do not depend on the machine's threads (a
-    BLAS matrix product would); they differ from adding the rows one by one (``accumulate``)
-    in the order of the float64 additions only."""
-    for name, value in stacked.items():
-        total[name] += np.einsum("k,k...->...", weights, value, dtype=np.float64)
-
-
 def sum_updates(reports: Sequence[ClientReport],
                 updates: Sequence[Mapping[str, np.ndarray]]) -> WeightedSum:
     """The weighted sum of accepted clients' models (``updates``: each report's ARRAYS), in

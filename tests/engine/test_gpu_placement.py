@@ -17,7 +17,8 @@ def test_actors_take_their_declared_gpu_share_of_logical_gpus(tmp_path):
     import ray
 
     from fedtune.client.app import app
-    from fedtune.engine.ray_pool import ActorFactory, pool_size, start_actors, stop_actors
+    from fedtune.engine.ray_pool import ActorFactory, start_actors, stop_actors
+    from fedtune.engine.shape import pool_size
 
     config = tiny_config(tmp_path, "engine.backend=ray", "engine.client_gpus=0.5",
                          "engine.client_cpus=0.5", "data.num_clients=8")

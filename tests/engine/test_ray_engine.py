@@ -8,7 +8,7 @@ from safetensors.numpy import load_file
 
 from fedtune.client.app import app as fedtune_client_app
 from fedtune.config import ConfigError, to_run_config
-from fedtune.engine.ray_pool import pool_size
+from fedtune.engine.shape import pool_size
 from fedtune.server.app import run_federated
 from tests import faulty_client
 from tests.conftest import rows_of, tiny_config
