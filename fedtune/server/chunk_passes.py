@@ -87,7 +87,7 @@ def update_norms(global_arrays: Mapping[str, np.ndarray], stacked: Mapping[str, 
     squares = np.zeros(_clients(stacked))
     for name, value in global_arrays.items():
         if value.dtype.kind == "f":
-            _distances(_rows(stacked[name], value), value.ravel(), squares)
+            _distances(_rows(stacked[name], value), _flat(value), squares)
     return _exact_near(np.sqrt(squares), global_arrays, stacked, exact_from)
 
 
@@ -104,7 +104,7 @@ def update_norms_and_sum(global_arrays: Mapping[str, np.ndarray],
         total = np.zeros(value.shape[1:], np.float64)
         start = global_arrays[name]
         if start.dtype.kind == "f":
-            _distances_and_sum(_rows(value, start), start.ravel(), weights, squares,
+            _distances_and_sum(_rows(value, start), _flat(start), weights, squares,
                                total.ravel())
         else:
             _sum(_rows(value, start), weights, total.ravel())
@@ -133,16 +133,31 @@ def _weights(weights: np.ndarray, clients: int) -> np.ndarray:
     """One float64 weight per client, contiguous."""
     if len(weights) != clients:
         raise ValueError(f"{len(weights)} weights for {clients} clients")
-    return np.ascontiguousarray(weights, dtype=np.float64)
+    return _read_only(np.ascontiguousarray(weights, dtype=np.float64))
 
 
 def _rows(value: np.ndarray, like: np.ndarray) -> np.ndarray:
     """A stacked tensor as (clients, its values), C-contiguous (a view where it can be), each
-    row as long as ``like`` (the compiled loops do not check their bounds)."""
+    row as long as ``like`` (the compiled loops do not check their bounds); read-only
+    (``_flat``)."""
     rows = np.ascontiguousarray(value.reshape(len(value), -1))
     if rows.shape[1] != like.size:
         raise ValueError(f"rows of {rows.shape[1]} values against a tensor of {like.size}")
-    return rows
+    return _read_only(rows)
+
+
+def _flat(value: np.ndarray) -> np.ndarray:
+    """A global tensor's values, C-contiguous and read-only: numba compiles a loop once per
+    array type and a read-only array is another type, so the same inputs are always read-only
+    (the global model is writable in the first round and read-only after it: a second
+    compilation, or ~0.2 s to load it from the cache, in the second round)."""
+    return _read_only(np.ascontiguousarray(value).ravel())
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 def _exact_near(estimates: np.ndarray, global_arrays: Mapping[str, np.ndarray],
