@@ -30,15 +30,13 @@ from fedtune import protocol
 from fedtune.errors import ConfigError
 from fedtune.privacy.accounting import (
     ACCOUNTANT_LIBRARY,
-    compose,
     epsilon,
     history_from_lists,
     history_to_lists,
-    steps_within_budget,
 )
 from fedtune.privacy.dp_sgd import (
     LocalDPSettings,
-    client_noise,
+    plan_steps,
     poisson_loader,
     poisson_steps,
     train_private,
@@ -51,6 +49,7 @@ from fedtune.privacy.mode import (
     noise_source,
 )
 from fedtune.tables.privacy_modes import check_prv_compositions
+from fedtune.train import TrainSettings
 
 if TYPE_CHECKING:
     from flwr.app import MetricRecord, RecordDict
@@ -100,15 +99,12 @@ class LocalServer(PrivacyServer):
         for; note where the client's report differs."""
         client = str(int(metrics[protocol.PARTITION_ID]))
         size = self.client_sizes.get(client) or int(metrics[protocol.NUM_EXAMPLES])
-        batches = poisson_steps(size, self.batch_size)
-        rate = 1 / batches
-        wanted = self.local_steps or self.local_epochs * batches
-        dp = self._settings()
-        noise = client_noise(dp, rate, wanted)
         history = history_from_lists(self.histories[client]) if client in self.histories else []
-        steps = wanted if not self.target_epsilon else steps_within_budget(
-            history, noise, rate, wanted, self.target_epsilon, self.delta, self.accountant)
-        history = compose(history, noise, rate, steps)
+        local = TrainSettings(local_epochs=self.local_epochs, local_steps=self.local_steps)
+        plan = plan_steps(size, poisson_steps(size, self.batch_size), local, self._settings(),
+                          history)
+        noise, rate, steps = plan.noise_multiplier, plan.sample_rate, plan.allowed
+        history = plan.history_after(history)
         self.histories[client] = history_to_lists(history)
         spent = epsilon(history, self.delta, self.accountant)
         self.client_epsilons[client] = spent
