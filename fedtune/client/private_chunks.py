@@ -121,10 +121,10 @@ def _train_private_chunk(resources: TaskResources, server_round: int, content: R
                                              dp.max_grad_norm)
         if len(members) == len(ids):
             stacked = arrays
-        else:
+        else:  # a client without a step keeps the global values in its row
             if stacked is None:
-                stacked = {name: np.empty((len(ids), *value.shape),
-                                          value.detach().numpy().dtype)
+                stacked = {name: np.array(np.broadcast_to(value.detach().numpy(),
+                                                          (len(ids), *value.shape)))
                            for name, value in travelling.items()}
             for name, value in arrays.items():
                 stacked[name][members] = value
