@@ -25,9 +25,12 @@ Each client's reply carries what the Opacus path's carries (noise multiplier, sa
 where finite; the stop reason as its status) and its new history goes into its state under
 ``protocol.ACCOUNTANT_STATE``. The draws are secret, so nothing here repeats bit for bit;
 ``privacy.insecure_reproducible_noise`` keeps clients on the Opacus path
-(``private_one_at_a_time_because``). Dropout draws each client's masks from a generator seeded
-with its round seed, as its default generator would be on the Opacus path (not secret there
-either: DP-SGD's guarantee holds for any data-independent dropout).
+(``private_one_at_a_time_because``). Dropout draws each example's masks as the Opacus path
+does (``fedtune.client.dropout_masks``: a generator seeded with the client's round seed, as
+its default generator is there, a DataLoader base seed drawn at each pass over its Poisson
+batches), so given the same Poisson samples and noise both paths train the same weights
+(tests/privacy/test_private_chunks.py); dropout is not secret on either path, nor need it be
+(DP-SGD's guarantee holds whatever data-independent randomness the model uses).
 """
 
 from __future__ import annotations
@@ -114,8 +117,10 @@ def _train_private_chunk(resources: TaskResources, server_round: int, content: R
     results = [TrainResult(math.nan, 0, 0, 0.0)] * len(ids)
     for count in np.unique(steps[steps > 0]):  # clients allowed as many steps train together
         members = np.flatnonzero(steps == count)
-        masks = ClientMasks.seeded(model, [seeds[i] for i in members], [0] * len(members),
-                                   [1] * len(members))
+        # dropout as on the Opacus path: torch's generator seeded with the round seed; its
+        # DataLoader draws a base seed from it at every pass over the Poisson batches
+        masks = ClientMasks.seeded(model, [seeds[i] for i in members], [1] * len(members),
+                                   [poisson_steps(len(rows[i]), batch_size) for i in members])
         arrays, group = _train_private_group(resources, model, [rows[i] for i in members],
                                              [plans[i] for i in members], int(count), masks,
                                              dp.max_grad_norm)

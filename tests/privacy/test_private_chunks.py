@@ -28,7 +28,7 @@ from fedtune.protocol import ARRAYS, CONFIG, SERVER_ROUND, to_array_record
 from fedtune.server.grid import CohortSpec
 from fedtune.server.screening import reply_limits
 from fedtune.state.codec import state_from_bytes, state_to_bytes
-from fedtune.task import task_resources
+from fedtune.task import client_round_seed, seed_torch, task_resources
 from tests.conftest import rows_of, tiny_config
 
 LOCAL = ["privacy.mode=local", "privacy.delta=1e-3", "model.dropout=0", "data.num_clients=6"]
@@ -97,7 +97,10 @@ class _StackReplay:
     ("hooks", ["client.optimizer=adamw"]),
     ("ghost", ["client.optimizer=adamw"]),
     ("hooks", ["client.optimizer=sgd", "client.momentum=0.5", "client.lr=0.2"]),
-], ids=["hooks-adamw", "ghost-adamw", "hooks-sgd"])
+    # dropout: each example's masks from the client's round-seeded generator on both paths,
+    # over steps that pass over the Poisson batches more than once (a new DataLoader pass)
+    ("ghost", ["model.dropout=0.5", "client.batch_size=64"]),
+], ids=["hooks-adamw", "ghost-adamw", "hooks-sgd", "ghost-dropout"])
 def test_given_the_same_draws_a_chunk_takes_opacus_steps(tmp_path, monkeypatch, mode,
                                                          overrides, one_torch_thread):
     """The independent check of the mechanism: Opacus (hooks: per-example gradients; ghost:
@@ -112,16 +115,17 @@ def test_given_the_same_draws_a_chunk_takes_opacus_steps(tmp_path, monkeypatch, 
     resources = task_resources(config)
     assert vectorisable(resources)
     dp, settings = local_dp_settings(config), resources.train_settings
+    batch = config.client.batch_size
     arrays = _global_arrays(resources)
     clients = list(range(6))
     rows = [resources.client_train_rows(c) for c in clients]
     past = [0, 0, 12, 12, 100, 14]  # earlier steps at the client's own sigma and q
     histories = []
     for client_rows, steps in zip(rows, past, strict=True):
-        plan = plan_steps(len(client_rows), poisson_steps(len(client_rows), 32), settings, dp,
-                          [])
+        plan = plan_steps(len(client_rows), poisson_steps(len(client_rows), batch), settings,
+                          dp, [])
         histories.append([(plan.noise_multiplier, plan.sample_rate, steps)] if steps else [])
-    plans = [plan_steps(len(r), poisson_steps(len(r), 32), settings, dp, h)
+    plans = [plan_steps(len(r), poisson_steps(len(r), batch), settings, dp, h)
              for r, h in zip(rows, histories, strict=True)]
     allowed = [plan.allowed for plan in plans]
     assert allowed[:2] == [5, 5] and 0 < allowed[2] == allowed[3] < 5 and allowed[4] == 0
@@ -134,9 +138,10 @@ def test_given_the_same_draws_a_chunk_takes_opacus_steps(tmp_path, monkeypatch, 
     theirs = []
     for client in clients:
         monkeypatch.setattr(dp_sgd, "SecureRandom", _Replay(uniforms[client], normals[client]))
+        seed_torch(client_round_seed(config.run.seed, 1, client))  # as train_client seeds it
         load_shared_state(resources.model, arrays)
         loader = poisson_loader(resources.encoded, resources.federation.data.labels,
-                                rows[client], 32, 0, resources.model)
+                                rows[client], batch, 0, resources.model)
         result = train_private(resources.model, loader, settings, dp, histories[client],
                                torch.device("cpu"))
         theirs.append((shared_state(resources.model), result))
