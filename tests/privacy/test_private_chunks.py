@@ -169,6 +169,41 @@ def test_given_the_same_draws_a_chunk_takes_opacus_steps(tmp_path, monkeypatch, 
     assert theirs[4][1].train.num_steps == 0
 
 
+def test_a_head_on_cached_features_takes_opacus_steps(tmp_path, tiny_bert_path, monkeypatch,
+                                                     one_torch_thread):
+    """A head on a frozen encoder's cached pooled features (the other model clients train
+    together): given the same draws, Opacus' weights to float rounding."""
+    config = tiny_config(tmp_path, base=[
+        "data.dataset=rotten_tomatoes", "data.max_examples=240", "data.num_clients=4",
+        "data.partitioner=iid", f"model.path={tiny_bert_path}", "model.max_length=24",
+        "model.transfer=frozen", "model.dropout=0.3", "client.local_steps=4",
+        "client.batch_size=8", "client.lr=0.02", "engine.backend=inprocess",
+        "privacy.mode=local", "privacy.noise_multiplier=0.7", "privacy.delta=1e-3"])
+    resources = task_resources(config)
+    assert resources.spec.features and vectorisable(resources)
+    arrays = _global_arrays(resources)
+    rows = [resources.client_train_rows(c) for c in range(4)]
+    total = sum(p.numel() for p in resources.model.parameters() if p.requires_grad)
+    rng = np.random.default_rng(5)
+    uniforms = [rng.random((4, len(r))) for r in rows]
+    normals = [rng.standard_normal((4, total)) for _ in rows]
+    monkeypatch.setattr(stacked_dp_sgd, "SecureRandom", _StackReplay(uniforms, normals))
+    (chunk,) = list(train_private_chunks(resources, 1, _content(1), arrays, range(4)))
+    dp = local_dp_settings(config)
+    for client, trained in enumerate(chunk.trained):
+        monkeypatch.setattr(dp_sgd, "SecureRandom", _Replay(uniforms[client], normals[client]))
+        seed_torch(client_round_seed(config.run.seed, 1, client))
+        load_shared_state(resources.model, arrays)
+        loader = poisson_loader(resources.encoded, resources.federation.data.labels,
+                                rows[client], 8, 0, resources.model)
+        result = train_private(resources.model, loader, resources.train_settings, dp, [],
+                               torch.device("cpu"))
+        assert trained.metrics["examples-seen"] == result.train.num_examples
+        weights = shared_state(resources.model)
+        for name in weights:
+            np.testing.assert_allclose(trained.arrays[name], weights[name], atol=2e-5, rtol=0)
+
+
 def test_the_clipped_sum_is_opacus_flat_clipping_of_each_example():
     """Per-example norms over every tensor, factor min(1, C / (norm + 1e-6)), padding left
     out: against a per-example loop in float64."""
