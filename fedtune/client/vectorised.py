@@ -1,9 +1,8 @@
 """Train many plain clients at once: ``torch.func`` over stacked copies of the model.
 
-For clients that train the plain local objective (a FedAvg-family client side, no privacy
-mode, no injected faults, fp32 on CPU, no gradient clipping) of a model that reads dense
-features (the MLP on hashed features, a head on cached pooled features), a chunk of clients'
-steps is one batched computation: the model's trainable parameters are stacked, one copy per
+For clients that train the plain local objective (a FedAvg-family client side, no injected
+faults, fp32 on CPU) of a model that reads dense features (the MLP on hashed features, a head
+on cached pooled features), a chunk of clients' steps is one batched computation: the model's trainable parameters are stacked, one copy per
 client; one ``torch.func.vmap(torch.func.grad_and_value(loss))`` over the stacked copies and
 the clients' stacked batches gives every client's own gradient and loss; and one optimizer step
 over the stacked tensors is every client's own step (Adam, AdamW and SGD update each element
@@ -19,6 +18,13 @@ one-client-at-a-time training to float rounding, not bit for bit. Dropout drops 
 one client at a time: each client's masks come from a generator seeded with its round seed
 (``fedtune.client.dropout_masks``). What a chunk may hold is fixed by the block and the model's size
 (``chunk_sizes``), so every runtime that vectorises gives the same bits.
+
+``client.max_grad_norm`` clips every client's stacked gradients by that client's own total
+norm, as ``torch.nn.utils.clip_grad_norm_`` clips one client's (``clip_stacked``: the same
+formula and eps, one reduction over the stack). Under ``privacy.mode = "local"`` clients train
+together too, by DP-SGD with per-example gradients (``fedtune.client.private_chunks``), unless
+``privacy.insecure_reproducible_noise`` keeps Opacus' seeded draws one client at a time
+(``one_at_a_time_because`` names every reason a run's clients train alone).
 
 A strategy whose entry is ``client_together`` trains its clients' objective here too: its
 client side's extra terms are added to the stacked gradients (``_adjust_stacked``), the round's

@@ -10,7 +10,10 @@ frozen encoders and LoRA adapters work as they are.
 
 The accountant's history is handed in and handed back: the caller keeps it (a Flower client in
 its ``Context.state``), so ε accumulates over every round the client trains. Before a round the
-client computes how many steps its budget still allows and trains at most that many.
+client computes how many steps its budget still allows and trains at most that many
+(``plan_steps``: the one rule this path, clients trained together - ``fedtune.client.
+private_chunks``, which reproduce this path's steps batched, Opacus' numbers without Opacus -
+and the server's own account follow).
 
 Secrecy of the draws: the Poisson sample of every step and the Gaussian noise come from
 ``strategies.noise.SecureRandom`` (ChaCha20 keyed by OS entropy per draw), through

@@ -32,22 +32,23 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.strategies import STRATEGIES
 from strategies.noise import SecureRandom
 
 if TYPE_CHECKING:
     from fedtune.config import Config
 
-# the privacy modes whose clients may train together: their mechanism is this module's
-BATCHED_MODES = ("local",)
 OPACUS_EPS = 1e-6  # Opacus' flat clipping: C / (||g_i|| + 1e-6)
 
 
 def private_one_at_a_time_because(config: Config) -> str | None:
     """Why a run under a privacy mode trains its clients one at a time (None: they may train
-    together under this module's mechanism)."""
+    together under this module's mechanism): this module is the mechanism of a mode whose
+    clients run DP-SGD under their own accountants (the table's ``client_accountants``: local
+    DP)."""
     p, strategy = config.privacy, config.strategy
-    if p.mode not in BATCHED_MODES:
+    if not PRIVACY_MODES[p.mode].client_accountants:
         return f"privacy.mode = {p.mode!r} trains with its own mechanism"
     if p.insecure_reproducible_noise:
         return ("privacy.insecure_reproducible_noise = true: Opacus' seeded draws, one client "
