@@ -2,9 +2,10 @@
 
 For clients that train the plain local objective (a FedAvg-family client side, no injected
 faults, fp32 on CPU) of a model that reads dense features (the MLP on hashed features, a head
-on cached pooled features), a chunk of clients' steps is one batched computation: the model's trainable parameters are stacked, one copy per
-client; one ``torch.func.vmap(torch.func.grad_and_value(loss))`` over the stacked copies and
-the clients' stacked batches gives every client's own gradient and loss; and one optimizer step
+on cached pooled features), a chunk of clients' steps is one batched computation: the model's
+trainable parameters are stacked, one copy per client; one
+``torch.func.vmap(torch.func.grad_and_value(loss))`` over the stacked copies and the clients'
+stacked batches gives every client's own gradient and loss; and one optimizer step
 over the stacked tensors is every client's own step (Adam, AdamW and SGD update each element
 from that element's gradient and state alone). FedJAX (Ro, Suresh and Wu 2021, "FedJAX:
 Federated learning simulation with JAX") trains clients with ``jax.vmap`` the same way; the
@@ -476,7 +477,7 @@ def clip_stacked(stacked: Sequence[torch.Tensor], max_norm: float) -> None:
 
 
 def stacked_copies(model: nn.Module, names: list[str], clients: int, settings: TrainSettings
-                    ) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+                   ) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
     """``clients`` stacked copies of the trainable parameters ``names`` and an optimizer over
     them, reset (as new). Kept on the model for the next chunk of as many clients: fresh
     tensors of a chunk's size are zero-filled page by page on first write, which costs more

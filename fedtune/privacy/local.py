@@ -3,10 +3,10 @@
 A client trains with Opacus (``fedtune.privacy.dp_sgd``), or where clients train together
 with the same numbers batched (``fedtune.client.private_chunks``, ``fedtune.privacy.
 stacked_dp_sgd``); its accountant history lives in its ``Context.state``, so its ε accumulates
-over every round it trains. A client whose budget allows
-no further step sends no update and says why (a reply without arrays whose ``STATUS`` gives the
-reason); the server records it as ``rejected`` with that reason and stops the run once every
-sampled client has spent its budget.
+over every round it trains. A client whose budget allows no further step sends no update and
+says why (a reply without arrays whose ``STATUS`` gives the reason); the server records it as
+``rejected`` with that reason and stops the run once every sampled client has spent its
+budget.
 
 The server does not take a client's word for its ε (a client could report 0). It accounts
 every client itself from what it asked for: the noise multiplier of the config (or the one a
@@ -14,10 +14,10 @@ client must derive from ``target_epsilon``, which the server derives the same wa
 client's Poisson rate (one over its batches per epoch, from its training-set size - known to
 the server in a simulation, as the reply states it when parties hold their own files) and the
 steps the client's budget allowed each round it sent an update (the client's own rule,
-``plan_steps``, replayed on the server's copy of its history). summary.json and metrics.csv report the largest of these;
-clients.csv keeps what each client reported, and summary.json counts the clients whose report
-disagrees. What the server cannot check stays the client's word: that it clipped and noised as
-asked (docs/privacy.md).
+``plan_steps``, replayed on the server's copy of its history). summary.json and metrics.csv
+report the largest of these; clients.csv keeps what each client reported, and summary.json
+counts the clients whose report disagrees. What the server cannot check stays the client's
+word: that it clipped and noised as asked (docs/privacy.md).
 """
 
 from __future__ import annotations
