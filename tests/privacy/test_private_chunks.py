@@ -251,8 +251,8 @@ def test_poisson_samples_take_each_example_at_its_clients_rate_in_secret():
     flips = poisson_flips(sizes, rates, 400)
     assert flips.shape == (400, 260)
     taken = [flips[:, :50].mean(), flips[:, 50:250].mean(), flips[:, 250:].mean()]
-    assert taken[0] == pytest.approx(0.5, abs=0.01)
-    assert taken[1] == pytest.approx(0.05, abs=0.003)
+    assert taken[0] == pytest.approx(0.5, abs=0.02)  # ~6 standard errors
+    assert taken[1] == pytest.approx(0.05, abs=0.004)
     assert taken[2] == 1.0
     assert not np.array_equal(poisson_flips(sizes, rates, 400), flips)
 
