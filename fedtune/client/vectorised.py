@@ -1,11 +1,11 @@
 """Train many plain clients at once: ``torch.func`` over stacked copies of the model.
 
-For clients that train the plain local objective (a FedAvg-family client side, no privacy
-mode, no injected faults, fp32 on CPU, no gradient clipping) of a model that reads dense
-features (the MLP on hashed features, a head on cached pooled features), a chunk of clients'
-steps is one batched computation: the model's trainable parameters are stacked, one copy per
-client; one ``torch.func.vmap(torch.func.grad_and_value(loss))`` over the stacked copies and
-the clients' stacked batches gives every client's own gradient and loss; and one optimizer step
+For clients that train the plain local objective (a FedAvg-family client side, no injected
+faults, fp32 on CPU) of a model that reads dense features (the MLP on hashed features, a head
+on cached pooled features), a chunk of clients' steps is one batched computation: the model's
+trainable parameters are stacked, one copy per client; one
+``torch.func.vmap(torch.func.grad_and_value(loss))`` over the stacked copies and the clients'
+stacked batches gives every client's own gradient and loss; and one optimizer step
 over the stacked tensors is every client's own step (Adam, AdamW and SGD update each element
 from that element's gradient and state alone). FedJAX (Ro, Suresh and Wu 2021, "FedJAX:
 Federated learning simulation with JAX") trains clients with ``jax.vmap`` the same way; the
@@ -19,6 +19,13 @@ one-client-at-a-time training to float rounding, not bit for bit. Dropout drops 
 one client at a time: each client's masks come from a generator seeded with its round seed
 (``fedtune.client.dropout_masks``). What a chunk may hold is fixed by the block and the model's size
 (``chunk_sizes``), so every runtime that vectorises gives the same bits.
+
+``client.max_grad_norm`` clips every client's stacked gradients by that client's own total
+norm, as ``torch.nn.utils.clip_grad_norm_`` clips one client's (``clip_stacked``: the same
+formula and eps, one reduction over the stack). Under ``privacy.mode = "local"`` clients train
+together too, by DP-SGD with per-example gradients (``fedtune.client.private_chunks``), unless
+``privacy.insecure_reproducible_noise`` keeps Opacus' seeded draws one client at a time
+(``one_at_a_time_because`` names every reason a run's clients train alone).
 
 A strategy whose entry is ``client_together`` trains its clients' objective here too: its
 client side's extra terms are added to the stacked gradients (``_adjust_stacked``), the round's
@@ -55,6 +62,7 @@ from fedtune.data.loaders import ShuffledRows, first_epoch_batches
 from fedtune.faults import FaultPlan
 from fedtune.models.hf import uses_feature_cache
 from fedtune.models.weights import load_shared_state, travelling_tensors
+from fedtune.privacy.stacked_dp_sgd import private_one_at_a_time_because
 from fedtune.state.arrays import read_arrays, with_arrays
 from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.tables.model_kinds import MODEL_KINDS
@@ -82,11 +90,13 @@ def one_at_a_time_because(config: Config) -> str | None:
     """Why this run's clients train one at a time (None: they train together), from the config
     and the facts of the tables' entries: the runtime's ``vectorise_clients`` key, the model
     kind's ``vectorisable`` (or a head on cached pooled features), the strategy's client side
-    and the privacy mode's mechanism (each changes a client's objective or steps), and faults,
-    precision and clipping, which the loop alone plays. Under an [attack] the honest clients
-    and update attackers train together and a data attacker alone
-    (``fedtune.engine.cohort.run_block``)."""
+    and the privacy mode's mechanism (each changes a client's objective or steps; local DP-SGD
+    trains together where ``fedtune.privacy.stacked_dp_sgd`` allows it), and faults and
+    precision, which the loop alone plays. Under an [attack] the honest clients and update
+    attackers train together and a data attacker alone (``fedtune.engine.cohort.run_block``)."""
     engine, client = config.engine, config.client
+    private = (private_one_at_a_time_because(config)
+               if PRIVACY_MODES[config.privacy.mode].mechanism else None)
     reasons = [
         (VECTORISE_KEY not in RUNTIMES[engine.backend].keys,
          f"engine.backend = {engine.backend!r} runs one ClientApp per client"),
@@ -97,11 +107,9 @@ def one_at_a_time_because(config: Config) -> str | None:
         (bool(STRATEGIES[config.strategy.name].client)
          and not STRATEGIES[config.strategy.name].client_together,
          f"strategy.name = {config.strategy.name!r} has its own client side"),
-        (bool(PRIVACY_MODES[config.privacy.mode].mechanism),
-         f"privacy.mode = {config.privacy.mode!r} trains with its own mechanism"),
+        (private is not None, private or ""),
         (FaultPlan.from_config(config).active, "[faults] are played"),
         (client.precision != "fp32", f"client.precision = {client.precision!r}"),
-        (bool(client.max_grad_norm), "client.max_grad_norm clips each client's gradients"),
         (resolve_device(client.device).type != "cpu", "clients train on a GPU"),
     ]
     return next((reason for refused, reason in reasons if refused), None)
@@ -131,7 +139,12 @@ def chunk_sizes(clients: int, model: nn.Module) -> list[int]:
     """How ``clients`` consecutive clients are cut into chunks trained together: as many as
     ``CHUNK_BYTES`` of stacked parameters hold, in equal-as-possible consecutive chunks."""
     size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    most = max(1, CHUNK_BYTES // max(size, 1))
+    return even_chunks(clients, max(1, CHUNK_BYTES // max(size, 1)))
+
+
+def even_chunks(clients: int, most: int) -> list[int]:
+    """``clients`` consecutive clients in as few chunks of at most ``most`` as can be, their
+    sizes as equal as can be (the larger first)."""
     count = -(-clients // most)
     base, extra = divmod(clients, count)
     return [base + (i < extra) for i in range(count)]
@@ -378,7 +391,7 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     fixed = {name: t for name, t in (*model.named_parameters(), *model.named_buffers())
              if name not in names}
-    stacked, optimizer = _stacked_copies(model, names, clients, resources.train_settings)
+    stacked, optimizer = stacked_copies(model, names, clients, resources.train_settings)
     with torch.no_grad():  # every client starts from the global weights
         torch._foreach_copy_(stacked, [travelling[name].detach().expand_as(copy)
                                        for name, copy in zip(names, stacked, strict=True)])
@@ -423,6 +436,8 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
                 param.grad = gradient
             if objective is not None:
                 _adjust_stacked(objective, names, stacked)
+            if resources.train_settings.max_grad_norm:
+                clip_stacked(stacked, resources.train_settings.max_grad_norm)
             optimizer.step()
             loss_sums += losses.detach().double().numpy() * counts
             seen += counts
@@ -442,8 +457,27 @@ def _adjust_stacked(objective: LocalObjective, names: list[str],
         objective.adjust_gradient(name, param)
 
 
-def _stacked_copies(model: nn.Module, names: list[str], clients: int, settings: TrainSettings
-                    ) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+def client_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each client's (row's) total 2-norm over ``tensors`` stacked (client i: row i): the
+    norm of its tensors' norms, as ``torch.nn.utils.get_total_norm`` takes it of one
+    client's."""
+    norms = [torch.linalg.vector_norm(t.flatten(1), 2, dim=1) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack(norms, dim=1), 2, dim=1)
+
+
+def clip_stacked(stacked: Sequence[torch.Tensor], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm)`` for every client of the stack at
+    once: each client's gradients scaled by ``min(1, max_norm / (its total norm + 1e-6))``
+    (``client.max_grad_norm``; the norm over all its trainable tensors, the same formula and
+    eps as torch's)."""
+    grads = [param.grad for param in stacked]
+    coefficient = (max_norm / (client_norms(grads) + 1e-6)).clamp_(max=1.0)
+    for gradient in grads:
+        gradient.mul_(coefficient.view(-1, *[1] * (gradient.dim() - 1)))
+
+
+def stacked_copies(model: nn.Module, names: list[str], clients: int, settings: TrainSettings
+                   ) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
     """``clients`` stacked copies of the trainable parameters ``names`` and an optimizer over
     them, reset (as new). Kept on the model for the next chunk of as many clients: fresh
     tensors of a chunk's size are zero-filled page by page on first write, which costs more

@@ -41,6 +41,7 @@ from fedtune.client.attacking import (
     group_update,
     group_updates,
 )
+from fedtune.client.private_chunks import train_private_chunks
 from fedtune.client.vectorised import (
     TrainedChunk,
     group_updates_together,
@@ -69,6 +70,7 @@ from fedtune.server.screening import (
 from fedtune.server.summing import accumulate
 from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.state.store import ClientStateStore
+from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import TaskResources, client_round_seeds
 
@@ -361,15 +363,16 @@ def _trained(resources: TaskResources, content: DecodedContent, task: BlockTask,
 def _train_together(resources: TaskResources, content: DecodedContent, task: BlockTask,
                     result: BlockResult, client_limit_s: float) -> None:
     """The clients of a train block trained together a chunk at a time
-    (``fedtune.client.vectorised``), each chunk screened and summed as a whole
-    (``_keep_chunk``); each client's new state returned as ``_train_one_at_a_time`` returns
-    it (``_keep_states``)."""
+    (``fedtune.client.vectorised``; under local DP ``fedtune.client.private_chunks``), each
+    chunk screened and summed as a whole (``_keep_chunk``); each client's new state returned as
+    ``_train_one_at_a_time`` returns it (``_keep_states``)."""
     states = [client.state or b"" for client in task.clients]
     seeds = [client.seed for client in task.clients]
-    chunks = train_chunks(resources, content.server_round, content.records,
-                          content.arrays[protocol.ARRAYS],
-                          [client.client_id for client in task.clients], states,
-                          None if None in seeds else seeds)
+    trainer = train_private_chunks if _private(resources) else train_chunks
+    chunks = trainer(resources, content.server_round, content.records,
+                     content.arrays[protocol.ARRAYS],
+                     [client.client_id for client in task.clients], states,
+                     None if None in seeds else seeds)
     done = 0
     while done < len(task.clients):
         try:
@@ -417,10 +420,17 @@ def _play_update_attacks(resources: TaskResources, content: DecodedContent,
 def group_trainer(resources: TaskResources, train: TrainFunction = train_client) -> GroupTrainer:
     """How ``run_block`` (training clients with ``train``) trains a collusion group's honest
     updates: as chunks where its plain clients train together, else one at a time (as a
-    strategy's own client side, or ``train_client`` alone, trains them)."""
+    strategy's own client side, ``train_client`` alone, or a privacy mode's mechanism trains
+    them)."""
     plain = not STRATEGIES[resources.config.strategy.name].client
-    together = train is train_client and vectorisable(resources) and plain
+    together = (train is train_client and vectorisable(resources) and plain
+                and not _private(resources))
     return group_updates_together if together else group_updates
+
+
+def _private(resources: TaskResources) -> bool:
+    """Whether the run's clients train under a privacy mode's mechanism (local DP-SGD)."""
+    return PRIVACY_MODES[resources.config.privacy.mode].mechanism
 
 
 def colluders_updates(resources: TaskResources, content: DecodedContent, groups: list[Group],

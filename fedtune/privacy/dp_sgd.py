@@ -10,7 +10,10 @@ frozen encoders and LoRA adapters work as they are.
 
 The accountant's history is handed in and handed back: the caller keeps it (a Flower client in
 its ``Context.state``), so ε accumulates over every round the client trains. Before a round the
-client computes how many steps its budget still allows and trains at most that many.
+client computes how many steps its budget still allows and trains at most that many
+(``plan_steps``: the one rule this path, clients trained together - ``fedtune.client.
+private_chunks``, which reproduce this path's steps batched, Opacus' numbers without Opacus -
+and the server's own account follow).
 
 Secrecy of the draws: the Poisson sample of every step and the Gaussian noise come from
 ``strategies.noise.SecureRandom`` (ChaCha20 keyed by OS entropy per draw), through
@@ -201,12 +204,6 @@ class SecureNoiseEngine(PrivacyEngine):
             generator=None, secure_mode=False, **kwargs)
 
 
-def accounted_sample_rate(loader: DataLoader) -> float:
-    """The rate Opacus' accountant records for one step over ``loader`` (1 / its length),
-    never below the loader's true Poisson rate."""
-    return 1.0 / len(loader)
-
-
 def ties_parameters(model: nn.Module) -> bool:
     """True if one parameter object appears under two names (ghost clipping forbids it)."""
     named = list(model.named_parameters(remove_duplicate=False))
@@ -227,11 +224,6 @@ def _encoder_accepts(model: nn.Module) -> set[str]:
     return set(inspect.signature(inner.forward).parameters)
 
 
-def steps_per_round(settings: TrainSettings, loader: DataLoader) -> int:
-    """local_steps, or local_epochs passes of ``len(loader)`` Poisson batches."""
-    return settings.local_steps or settings.local_epochs * len(loader)
-
-
 def client_noise(dp: LocalDPSettings, sample_rate: float, steps_each_round: int) -> float:
     """The given noise multiplier, or the one that spends ``target_epsilon`` exactly over
     ``planned_rounds`` rounds of ``steps_each_round`` steps."""
@@ -241,13 +233,36 @@ def client_noise(dp: LocalDPSettings, sample_rate: float, steps_each_round: int)
                             dp.planned_rounds * steps_each_round, dp.accountant)
 
 
-def train_private(model: nn.Module, loader: DPDataLoader, settings: TrainSettings,
-                  dp: LocalDPSettings, history: Sequence[HistoryEntry],
-                  device: torch.device) -> PrivateTrainResult:
-    """DP-SGD on a copy of ``model`` (Opacus never touches it), whose trained weights are then
-    copied back, so ``model``'s names never carry Opacus' ``_module.`` prefix."""
-    sample_rate = accounted_sample_rate(loader)
-    wanted = steps_per_round(settings, loader)
+@dataclass(frozen=True)
+class StepPlan:
+    """What one client's DP-SGD does this round, before it draws anything: its accounted
+    Poisson rate, the steps it wants and its budget allows, its noise multiplier, Opacus'
+    expected batch size (the divisor of ``loss_reduction = "mean"``), and why it stops early
+    ("" when every wanted step runs)."""
+
+    sample_rate: float
+    wanted: int
+    allowed: int
+    noise_multiplier: float
+    expected_batch_size: int
+    spent_before: float  # ε of the history it starts from
+    stopped: str
+
+    def history_after(self, history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
+        """The accountant's history after the ``allowed`` steps (Opacus' accountant adds a step
+        at a time, merging equal (σ, q) into the last entry, as ``compose`` does)."""
+        return compose(history, self.noise_multiplier, self.sample_rate, self.allowed)
+
+
+def plan_steps(num_examples: int, batches_per_epoch: int, settings: TrainSettings,
+               dp: LocalDPSettings, history: Sequence[HistoryEntry]) -> StepPlan:
+    """One client's ``StepPlan`` from its training-set size, its Poisson batches per epoch
+    (``poisson_steps``; the loader's length), its settings and its accountant history: the
+    rule ``train_private`` follows, clients trained together follow
+    (``fedtune.privacy.together``) and the server replays (``fedtune.privacy.local``)."""
+    # the rate Opacus' accountant records for a step over such a loader: 1 / its length
+    sample_rate = 1.0 / batches_per_epoch
+    wanted = settings.local_steps or settings.local_epochs * batches_per_epoch
     noise = client_noise(dp, sample_rate, wanted)
     allowed = wanted
     if dp.target_epsilon:
@@ -260,9 +275,21 @@ def train_private(model: nn.Module, loader: DPDataLoader, settings: TrainSetting
                    f"take epsilon from {_eps_text(history, noise, sample_rate, allowed, dp)} "
                    f"above target_epsilon {dp.target_epsilon:g} (after {total_steps(history)} "
                    f"earlier steps, epsilon {spent_before:.4g})")
-    if allowed == 0:
-        return PrivateTrainResult(TrainResult(math.nan, 0, 0, 0.0), list(history), spent_before,
-                                  noise, sample_rate, stopped)
+    # Opacus' make_private: int(len(dataset) * sample_rate)
+    return StepPlan(sample_rate, wanted, allowed, noise, int(num_examples * sample_rate),
+                    spent_before, stopped)
+
+
+def train_private(model: nn.Module, loader: DPDataLoader, settings: TrainSettings,
+                  dp: LocalDPSettings, history: Sequence[HistoryEntry],
+                  device: torch.device) -> PrivateTrainResult:
+    """DP-SGD on a copy of ``model`` (Opacus never touches it), whose trained weights are then
+    copied back, so ``model``'s names never carry Opacus' ``_module.`` prefix."""
+    plan = plan_steps(len(loader.dataset), len(loader), settings, dp, history)
+    sample_rate, noise = plan.sample_rate, plan.noise_multiplier
+    if plan.allowed == 0:
+        return PrivateTrainResult(TrainResult(math.nan, 0, 0, 0.0), list(history),
+                                  plan.spent_before, noise, sample_rate, plan.stopped)
 
     private = copy.deepcopy(model).to(device).train()
     optimizer = make_optimizer([p for p in private.parameters() if p.requires_grad], settings)
@@ -277,13 +304,13 @@ def train_private(model: nn.Module, loader: DPDataLoader, settings: TrainSetting
     )
     dp_model, dp_optimizer = wrapped[0], wrapped[1]
     criterion = wrapped[2] if mode == "ghost" else None
-    result = train_local(dp_model, wrapped[-1], replace(settings, local_steps=allowed),
+    result = train_local(dp_model, wrapped[-1], replace(settings, local_steps=plan.allowed),
                          device, optimizer=dp_optimizer, loss_fn=criterion)
     with torch.no_grad():
         model.load_state_dict(private.state_dict())
     new_history = [(float(n), float(q), int(s)) for n, q, s in engine.accountant.history]
     return PrivateTrainResult(result, new_history, epsilon(new_history, dp.delta, dp.accountant),
-                              noise, sample_rate, stopped)
+                              noise, sample_rate, plan.stopped)
 
 
 def _eps_text(history: Sequence[HistoryEntry], noise: float, rate: float, steps: int,

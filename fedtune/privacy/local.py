@@ -1,21 +1,23 @@
 """``privacy.mode = "local"``: sample-level DP on every client, DP-SGD (Abadi et al. 2016).
 
-A client trains with Opacus (``fedtune.privacy.dp_sgd``); its accountant history lives in its
-``Context.state``, so its ε accumulates over every round it trains. A client whose budget allows
-no further step sends no update and says why (a reply without arrays whose ``STATUS`` gives the
-reason); the server records it as ``rejected`` with that reason and stops the run once every
-sampled client has spent its budget.
+A client trains with Opacus (``fedtune.privacy.dp_sgd``), or where clients train together
+with the same numbers batched (``fedtune.client.private_chunks``, ``fedtune.privacy.
+stacked_dp_sgd``); its accountant history lives in its ``Context.state``, so its ε accumulates
+over every round it trains. A client whose budget allows no further step sends no update and
+says why (a reply without arrays whose ``STATUS`` gives the reason); the server records it as
+``rejected`` with that reason and stops the run once every sampled client has spent its
+budget.
 
 The server does not take a client's word for its ε (a client could report 0). It accounts
 every client itself from what it asked for: the noise multiplier of the config (or the one a
 client must derive from ``target_epsilon``, which the server derives the same way), the
 client's Poisson rate (one over its batches per epoch, from its training-set size - known to
 the server in a simulation, as the reply states it when parties hold their own files) and the
-steps the client's budget allowed each round it sent an update (the client's own rule, replayed
-on the server's copy of its history). summary.json and metrics.csv report the largest of these;
-clients.csv keeps what each client reported, and summary.json counts the clients whose report
-disagrees. What the server cannot check stays the client's word: that it clipped and noised as
-asked (docs/privacy.md).
+steps the client's budget allowed each round it sent an update (the client's own rule,
+``plan_steps``, replayed on the server's copy of its history). summary.json and metrics.csv
+report the largest of these; clients.csv keeps what each client reported, and summary.json
+counts the clients whose report disagrees. What the server cannot check stays the client's
+word: that it clipped and noised as asked (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -30,15 +32,13 @@ from fedtune import protocol
 from fedtune.errors import ConfigError
 from fedtune.privacy.accounting import (
     ACCOUNTANT_LIBRARY,
-    compose,
     epsilon,
     history_from_lists,
     history_to_lists,
-    steps_within_budget,
 )
 from fedtune.privacy.dp_sgd import (
     LocalDPSettings,
-    client_noise,
+    plan_steps,
     poisson_loader,
     poisson_steps,
     train_private,
@@ -51,6 +51,7 @@ from fedtune.privacy.mode import (
     noise_source,
 )
 from fedtune.tables.privacy_modes import check_prv_compositions
+from fedtune.train import TrainSettings
 
 if TYPE_CHECKING:
     from flwr.app import MetricRecord, RecordDict
@@ -100,15 +101,12 @@ class LocalServer(PrivacyServer):
         for; note where the client's report differs."""
         client = str(int(metrics[protocol.PARTITION_ID]))
         size = self.client_sizes.get(client) or int(metrics[protocol.NUM_EXAMPLES])
-        batches = poisson_steps(size, self.batch_size)
-        rate = 1 / batches
-        wanted = self.local_steps or self.local_epochs * batches
-        dp = self._settings()
-        noise = client_noise(dp, rate, wanted)
         history = history_from_lists(self.histories[client]) if client in self.histories else []
-        steps = wanted if not self.target_epsilon else steps_within_budget(
-            history, noise, rate, wanted, self.target_epsilon, self.delta, self.accountant)
-        history = compose(history, noise, rate, steps)
+        local = TrainSettings(local_epochs=self.local_epochs, local_steps=self.local_steps)
+        plan = plan_steps(size, poisson_steps(size, self.batch_size), local, self._settings(),
+                          history)
+        noise, rate, steps = plan.noise_multiplier, plan.sample_rate, plan.allowed
+        history = plan.history_after(history)
         self.histories[client] = history_to_lists(history)
         spent = epsilon(history, self.delta, self.accountant)
         self.client_epsilons[client] = spent

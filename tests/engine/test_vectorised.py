@@ -75,7 +75,11 @@ def _content(server_round):
     # several step counts shared by as many clients (groups that reuse one stacked copy)
     ["client.local_steps=0", "client.local_epochs=1", "client.batch_size=16",
      "data.partitioner=dirichlet", "data.alpha=1.0", "client.optimizer=sgd"],
-], ids=["adamw", "sgd-momentum", "epochs-padded"])
+    # each client's gradients clipped by its own total norm (torch's clip_grad_norm_), a bound
+    # most steps pass: AdamW (which a clipped step moves as far) and SGD (which it moves less)
+    ["client.max_grad_norm=0.05"],
+    ["client.max_grad_norm=0.05", "client.optimizer=sgd", "client.lr=0.5"],
+], ids=["adamw", "sgd-momentum", "epochs-padded", "clipped-adamw", "clipped-sgd"])
 def test_clients_trained_together_match_one_client_at_a_time(tmp_path, overrides,
                                                              one_torch_thread):
     resources = task_resources(tiny_config(tmp_path, *VECTORISED, *overrides))
@@ -86,6 +90,9 @@ def test_clients_trained_together_match_one_client_at_a_time(tmp_path, overrides
                 for chunk in train_chunks(resources, 3, _content(3), arrays, clients)
                 for trained in chunk.trained]
     steps: list[int] = []
+    clipped_sgd = overrides[:2] == ["client.max_grad_norm=0.05", "client.optimizer=sgd"]
+    plain = task_resources(tiny_config(tmp_path, *VECTORISED, *overrides[1:])) if clipped_sgd \
+        else None
     for client_id, (trained, took) in zip(clients, together, strict=True):
         kept = {name: value.copy() for name, value in trained.arrays.items()}
         one = train_client(resources, client_id, 3, _content(3), arrays, RecordDict())
@@ -97,6 +104,9 @@ def test_clients_trained_together_match_one_client_at_a_time(tmp_path, overrides
         assert trained.metrics["train-loss"] == pytest.approx(one.metrics["train-loss"],
                                                               rel=1e-5)
         steps.append(one.metrics["num-steps"])
+        if clipped_sgd:  # the bound bites
+            unclipped = train_client(plain, client_id, 3, _content(3), arrays, RecordDict())
+            assert max(np.abs(kept[n] - unclipped.arrays[n]).max() for n in kept) > 1e-3
     if "data.partitioner=dirichlet" in overrides:  # the case it is for: groups by step count,
         group_sizes = [steps.count(count) for count in set(steps)]  # two of the same size
         assert len(group_sizes) > 1 and len(set(group_sizes)) < len(group_sizes)
@@ -370,12 +380,13 @@ def test_client_states_after_a_batched_round_match_one_at_a_time(tmp_path, monke
 
 @pytest.mark.parametrize("overrides", [
     ["strategy.name=ditto"],  # a personal model of its own, trained by its own loop
-    ["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3"],
+    # Opacus' draws seeded from run.seed (the golden runs' bits)
+    ["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3",
+     "privacy.insecure_reproducible_noise=true"],
     ["faults.nan_fraction=0.25"],
     ["client.precision=bf16"],
-    ["client.max_grad_norm=1.0"],
     ["engine.vectorise_clients=false"],
-], ids=["ditto", "local-dp", "faults", "bf16", "clipping", "off"])
+], ids=["ditto", "local-dp-seeded", "faults", "bf16", "off"])
 def test_clients_that_need_their_own_loop_train_one_at_a_time(tmp_path, overrides):
     resources = task_resources(tiny_config(tmp_path, *VECTORISED, *overrides))
     assert not vectorisable(resources)
@@ -397,7 +408,9 @@ def test_clients_train_together_by_default_where_they_may(tmp_path):
     assert least_block(config) == VECTOR_BLOCK
     for overrides, reason in [
         (["strategy.name=ditto"], "has its own client side"),
-        (["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3"],
+        (["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3",
+          "privacy.insecure_reproducible_noise=true"], "Opacus' seeded draws"),
+        (["privacy.mode=central", "privacy.target_epsilon=2", "privacy.delta=1e-3"],
          "trains with its own mechanism"),
         (["engine.vectorise_clients=false"], "engine.vectorise_clients = false"),
     ]:

@@ -221,9 +221,9 @@ def test_the_server_accounts_every_client_itself_and_ignores_a_reported_zero(tmp
         trained.metrics["epsilon"] = 0.0
         return trained
 
-    monkeypatch.setattr(LocalDP, "train", lying)
+    monkeypatch.setattr(LocalDP, "train", lying)  # the Opacus path, one client at a time
     config = tiny_config(tmp_path, "privacy.mode=local", "privacy.noise_multiplier=1.2",
-                         "run.rounds=2", "client.local_steps=4")
+                         "run.rounds=2", "client.local_steps=4", "engine.vectorise_clients=false")
     run_dir = run_inprocess(config).path
     assert {float(r["epsilon"]) for r in _rows(run_dir / "clients.csv")} == {0.0}
     resources = task_resources(config)
