@@ -191,8 +191,9 @@ def train_local(
             scaler.step(optimizer)
             scaler.update()
         examples = labels.shape[0]  # len() of a tensor goes through torch's function dispatch
-        total_loss += loss.item() * examples
-        seen += examples
+        if examples:  # an empty Poisson sample (DP-SGD) steps on noise alone; its loss is NaN
+            total_loss += loss.item() * examples
+            seen += examples
         steps += 1
     mean_loss = total_loss / seen if seen else math.nan
     return TrainResult(mean_loss, seen, steps, time.perf_counter() - start)

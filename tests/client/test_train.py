@@ -37,6 +37,21 @@ def test_training_lowers_the_loss_and_counts_steps():
     assert after.accuracy > 0.9
 
 
+def test_an_empty_batch_steps_but_leaves_the_mean_loss_of_the_examples_seen():
+    """DP-SGD's Poisson sampling can draw no example for a step (Opacus then steps on noise
+    alone): the reported loss is the mean over the examples seen, not NaN."""
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 1, 0])
+    empty = ({"features": x[:0]}, y[:0])
+    torch.manual_seed(0)
+    model = MLP(6, [5], 2)
+    alone = train_local(model, [({"features": x}, y)], TrainSettings(optimizer="sgd", lr=0.0),
+                        CPU)
+    result = train_local(model, [empty, ({"features": x}, y), empty],
+                         TrainSettings(optimizer="sgd", lr=0.0), CPU)
+    assert result.num_steps == 3 and result.num_examples == 4
+    assert result.loss == pytest.approx(alone.loss)
+
+
 def test_local_steps_cycle_through_the_loader():
     encoded, y = _separable(50)
     result = train_local(MLP(6, [4], 2), train_loader(encoded, y, np.arange(50), 16, seed=0),
