@@ -79,8 +79,9 @@ def _check_ray(config: Config) -> None:
 # fedtune's own runtimes run cohorts of clients, so they can train clients together
 VECTORISE_CLIENTS = Key(
     True, "train eligible clients together, a chunk at a time, with torch.func.vmap (plain "
-          "FedAvg-family, FedProx, FedNova, SCAFFOLD and FedDyn clients, no privacy mode or "
-          "faults, fp32 on CPU, the MLP or a head on pooled features; under an attack the "
+          "FedAvg-family, FedProx, FedNova, SCAFFOLD and FedDyn clients, clipped or under "
+          "local DP-SGD with secret draws, no faults, fp32 on CPU, the MLP or a head on pooled "
+          "features; under an attack the "
           "update attackers train with them, a data attacker alone; any other run "
           "trains one client at a time, and the run's log says which and why): faster, and "
           "agrees with one client at a time to float rounding, not bit for bit; false = always "
