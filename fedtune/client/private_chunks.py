@@ -48,7 +48,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedtune import protocol
 from fedtune.client.app import TrainedClient, client_shard, train_metrics
 from fedtune.client.dropout_masks import ClientMasks
-from fedtune.client.vectorised import TrainedChunk, even_chunks, stacked_copies
+from fedtune.client.vectorised import TrainedChunk, even_chunks, into_chunk, stacked_copies
 from fedtune.data.encode import Encoded
 from fedtune.models.weights import load_shared_state, travelling_tensors
 from fedtune.privacy.accounting import epsilon, history_from_lists, history_to_lists
@@ -124,15 +124,7 @@ def _train_private_chunk(resources: TaskResources, server_round: int, content: R
         arrays, group = _train_private_group(resources, model, [rows[i] for i in members],
                                              [plans[i] for i in members], int(count), masks,
                                              dp.max_grad_norm)
-        if len(members) == len(ids):
-            stacked = arrays
-        else:  # a client without a step keeps the global values in its row
-            if stacked is None:
-                stacked = {name: np.array(np.broadcast_to(value.detach().numpy(),
-                                                          (len(ids), *value.shape)))
-                           for name, value in travelling.items()}
-            for name, value in arrays.items():
-                stacked[name][members] = value
+        stacked = into_chunk(stacked, arrays, members, len(ids), travelling)
         for i, result in zip(members, group, strict=True):
             results[i] = result
     share = (time.perf_counter() - started) / len(ids)

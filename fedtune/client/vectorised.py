@@ -324,15 +324,7 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
         start = {name: value[members] for name, value in starts.items()}
         arrays, group = _train_group(resources, model, [rows[i] for i in members],
                                      group_objective, masks, start)
-        if len(members) == len(ids):
-            stacked = arrays
-        else:  # a later group of as many clients trains in the same stacked copies
-            if stacked is None:
-                stacked = {name: np.empty((len(ids), *value.shape),
-                                          value.detach().numpy().dtype)
-                           for name, value in travelling.items()}
-            for name, value in arrays.items():
-                stacked[name][members] = value
+        stacked = into_chunk(stacked, arrays, members, len(ids), travelling)
         for i, result in zip(members, group, strict=True):
             results[i] = result
     share = (time.perf_counter() - started) / len(ids)
@@ -353,6 +345,26 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     elif sides[0].own_state:
         states = [state_to_bytes(side.state) for side in sides]
     return TrainedChunk(trained, stacked, share, list(states))
+
+
+def into_chunk(stacked: dict[str, np.ndarray] | None, arrays: dict[str, np.ndarray],
+               members: np.ndarray, clients: int, travelling: dict[str, torch.Tensor]
+               ) -> dict[str, np.ndarray]:
+    """A chunk's stacked replies once a group of its clients (rows ``members`` of
+    ``clients``) has trained into ``arrays``: ``arrays`` itself for the whole chunk, else
+    ``stacked`` (made at the first group, every row at the global values ``travelling``: a
+    client without a step sends nothing, and its row stays finite for the chunk's norms) with
+    the group's rows copied in (a later group of as many clients trains in the same stacked
+    copies)."""
+    if len(members) == clients:
+        return arrays
+    if stacked is None:
+        stacked = {name: np.array(np.broadcast_to(value.detach().numpy(),
+                                                  (clients, *value.shape)))
+                   for name, value in travelling.items()}
+    for name, value in arrays.items():
+        stacked[name][members] = value
+    return stacked
 
 
 def _client_batches(resources: TaskResources, shards: Sequence[int], seeds: Sequence[int]

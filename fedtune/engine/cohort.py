@@ -430,7 +430,7 @@ def group_trainer(resources: TaskResources, train: TrainFunction = train_client)
 
 def _private(resources: TaskResources) -> bool:
     """Whether the run's clients train under a privacy mode's mechanism (local DP-SGD)."""
-    return PRIVACY_MODES[resources.config.privacy.mode].mechanism
+    return bool(PRIVACY_MODES[resources.config.privacy.mode].mechanism)
 
 
 def colluders_updates(resources: TaskResources, content: DecodedContent, groups: list[Group],

@@ -259,7 +259,7 @@ def plan_steps(num_examples: int, batches_per_epoch: int, settings: TrainSetting
     """One client's ``StepPlan`` from its training-set size, its Poisson batches per epoch
     (``poisson_steps``; the loader's length), its settings and its accountant history: the
     rule ``train_private`` follows, clients trained together follow
-    (``fedtune.privacy.together``) and the server replays (``fedtune.privacy.local``)."""
+    (``fedtune.client.private_chunks``) and the server replays (``fedtune.privacy.local``)."""
     # the rate Opacus' accountant records for a step over such a loader: 1 / its length
     sample_rate = 1.0 / batches_per_epoch
     wanted = settings.local_steps or settings.local_epochs * batches_per_epoch
