@@ -18,7 +18,9 @@ The **exact reply schema** (``ReplySchema``: ``train_reply_schema``, ``decline_r
 types and ranges, and nothing else: the core metrics below, plus what the strategy's and the
 privacy mode's table entries declare (FedNova's ``fednova-a``; local DP's ``epsilon``,
 ``noise-multiplier``, ``sample-rate`` and its ``status``). ``fedtune.server.screening`` checks
-every reply against it before anything reads the reply.
+every reply against it before anything reads the reply. A metric that is not ``required`` may be
+left out, and is checked where present: ``train-loss`` by a client that saw no example, local
+DP's ``epsilon`` while it is infinite.
 
 With **secure aggregation** (SecAgg+, ``fedtune.server.secagg_plus`` and
 ``fedtune.client.secagg_stages``) the key set-up and the unmasking are messages of type
@@ -181,8 +183,9 @@ TRAIN_METRICS: dict[str, ReplyMetric] = {
     NUM_STEPS: ReplyMetric(int, ge=0),
     DURATION_S: ReplyMetric(float, ge=0, le=MAX_DURATION_S),
     PARTITION_ID: ReplyMetric(int, ge=0),
-    # a local objective may add terms of either sign
-    TRAIN_LOSS: ReplyMetric(float, ge=-MAX_LOSS, le=MAX_LOSS),
+    # a local objective may add terms of either sign; left out by a client that saw no example
+    # (local DP-SGD whose every Poisson sample was empty: it stepped on noise alone)
+    TRAIN_LOSS: ReplyMetric(float, required=False, ge=-MAX_LOSS, le=MAX_LOSS),
 }
 EVALUATE_METRICS: dict[str, ReplyMetric] = {
     EVAL_LOSS: ReplyMetric(float, ge=0, le=MAX_LOSS),

@@ -40,6 +40,9 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What local training did: the mean loss over the examples it saw (NaN: it saw none, and
+    its reply carries no loss), the examples and steps, and the seconds it took."""
+
     loss: float
     num_examples: int
     num_steps: int
@@ -141,7 +144,8 @@ def train_local(
     objective: GradientTerms | None = None, optimizer: torch.optim.Optimizer | None = None,
     loss_fn: LossFunction | None = None,
 ) -> TrainResult:
-    """Train in place; returns the mean training loss over the examples seen.
+    """Train in place; returns the mean training loss over the examples seen (NaN when every
+    batch was empty: DP-SGD steps whose Poisson samples drew no example).
 
     ``objective`` adds an algorithm's terms (FedProx, FedDyn, SCAFFOLD) to every gradient; the
     reported loss is the data loss alone. ``optimizer`` and ``loss_fn`` default to the

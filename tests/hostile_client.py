@@ -34,6 +34,7 @@ SCALE = "scale"  # a finite update scaled by 1e6
 HUGE = "huge"  # 3e38 in every floating tensor: finite, well formed
 HUGE_LOSS = "huge-loss"  # train-loss = 1.7e308
 NEGATIVE_LOSS = "negative-loss"  # train-loss = -1.7e308
+NO_LOSS = "no-loss"  # no train-loss: not an attack, what a client that saw no example sends
 LONG_NAME = "long-name"  # a metric named by 300,000 characters
 HUGE_DECLINE = "huge-decline"  # "budget spent" with a 1 MB reason
 ESCAPES = "escapes"  # raises an error whose text holds ANSI escapes and newlines
@@ -118,6 +119,8 @@ def tamper(attack: str, msg: Message, reply: Message,
         metrics["train-loss"] = 1.7e308
     elif attack == NEGATIVE_LOSS:
         metrics["train-loss"] = -1.7e308
+    elif attack == NO_LOSS:
+        del metrics["train-loss"]
     elif attack == STALE:
         client = int(metrics["partition-id"])
         first = first_messages.setdefault(client, msg)

@@ -108,8 +108,9 @@ def train_metrics(resources: TaskResources, shard: int, client_id: int, result: 
                   ) -> dict[str, float | int]:
     """The metrics of a training reply: the training result, the privacy mode's and the
     strategy's client side's own."""
-    # a client that took no step (its privacy budget is spent) measured no loss
-    loss = {protocol.TRAIN_LOSS: result.loss} if result.num_steps else {}
+    # a client that saw no example measured no loss: its privacy budget allowed no step, or
+    # every Poisson sample of its DP-SGD steps was empty (it stepped on noise alone)
+    loss = {protocol.TRAIN_LOSS: result.loss} if result.num_examples else {}
     return {
         **loss,
         # FedAvg weights by local dataset size (McMahan et al. 2017), not by examples seen

@@ -359,8 +359,8 @@ class AsyncRound:
                     break
                 continue
             fruitless = 0
-            metrics = {protocol.NUM_EXAMPLES: row.num_examples or 0,
-                       protocol.TRAIN_LOSS: row.train_loss or 0.0}
+            metrics = {protocol.NUM_EXAMPLES: row.num_examples or 0,  # no loss: saw no example
+                       **({} if row.train_loss is None else {protocol.TRAIN_LOSS: row.train_loss})}
             accepted.append(metrics)
             if strategy.receive_trained(*trained, version - started_on,
                                         float(row.num_examples or 0), client):

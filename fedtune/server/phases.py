@@ -174,7 +174,26 @@ def aggregate_train(strategy: Strategy, server_round: int, train: TrainPhase,
     sent_to = {m.metadata.dst_node_id: m for m in train.sent}
     replies = [r.reply if r.reply is not None else update_reply(r, sent_to[r.node_id])
                for r in accepted]
-    return strategy.aggregate_train(server_round, replies)
+    return strategy.aggregate_train(server_round, common_metrics(replies, accepted, sent_to))
+
+
+def common_metrics(replies: list[Message], accepted: Sequence[ClientReport],
+                   sent_to: Mapping[int, Message]) -> list[Message]:
+    """The accepted clients' ``replies`` as a Flower strategy takes them: each one's metrics
+    with the same keys, or Flower's ``validate_message_reply_consistency`` fails the whole
+    aggregation. A metric only some carry - the ``train-loss`` a client that saw no example
+    leaves out - is left out of all (metrics.csv's ``train_loss`` weighs those that carry it)."""
+    keys = [set(reply.content[protocol.METRICS].keys()) for reply in replies]
+    common = set.intersection(*keys) if keys else set()
+    if all(len(k) == len(common) for k in keys):
+        return replies
+    shared = []
+    for reply, report in zip(replies, accepted, strict=True):
+        content = RecordDict(dict(reply.content.items()))
+        content[protocol.METRICS] = MetricRecord(
+            {k: v for k, v in reply.content[protocol.METRICS].items() if k in common})
+        shared.append(Message(content=content, reply_to=sent_to[report.node_id]))
+    return shared
 
 
 def update_reply(report: ClientReport, sent: Message) -> Message:

@@ -119,11 +119,14 @@ def seed_sampling(seed: int, server_round: int, phase: str) -> None:
 
 
 def example_weighted(metrics: list[dict[str, Any]], key: str) -> float | None:
-    """Mean of ``key`` weighted by ``num-examples`` (None without examples)."""
-    weights = [float(m[protocol.NUM_EXAMPLES]) for m in metrics]
-    if not metrics or sum(weights) == 0:
+    """Mean of ``key`` weighted by ``num-examples`` over the metrics that carry it (a client
+    that saw no example reports no ``train-loss``: it is left out, not counted as 0); None
+    without examples."""
+    carrying = [m for m in metrics if key in m]
+    weights = [float(m[protocol.NUM_EXAMPLES]) for m in carrying]
+    if not carrying or sum(weights) == 0:
         return None
-    values = [float(m[key]) for m in metrics]
+    values = [float(m[key]) for m in carrying]
     return float(np.average(values, weights=weights))
 
 

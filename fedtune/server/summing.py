@@ -78,15 +78,20 @@ def sum_updates(reports: Sequence[ClientReport],
 
 def weighted_metrics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Flower's ``aggregate_metricrecords`` over these metrics (each key's values weighted by
-    ``num-examples`` over the total), in float64 and client order."""
+    ``num-examples`` over the total), in float64 and client order. A key that only some carry
+    (``train-loss``: a client that saw no example has none) is weighted over those that do; one
+    whose carriers hold no example is left out."""
     weights = [float(m[protocol.NUM_EXAMPLES]) for m in metrics]
-    total = sum(weights)
+    totals: dict[str, float] = {}
+    for values, weight in zip(metrics, weights, strict=True):
+        for key in values:
+            totals[key] = totals.get(key, 0) + weight
     out: dict[str, Any] = {}
     for values, weight in zip(metrics, weights, strict=True):
-        share = weight / total
         for key, value in values.items():
-            if key == protocol.NUM_EXAMPLES:
+            if key == protocol.NUM_EXAMPLES or not totals[key]:
                 continue
+            share = weight / totals[key]
             if isinstance(value, list):
                 scaled = [float(v) * share for v in value]
                 out[key] = ([a + b for a, b in zip(out[key], scaled, strict=True)]

@@ -7,8 +7,9 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from safetensors.numpy import load_file
 
 from fedtune.client import app as fedtune_client
@@ -35,7 +36,7 @@ from fedtune.protocol import ARRAYS, CONFIG, SERVER_ROUND, to_array_record, trai
 from fedtune.server.app import run_federated
 from fedtune.server.grid import CohortSpec
 from fedtune.server.screening import ReplyLimits, reply_limits
-from fedtune.server.summing import accumulate
+from fedtune.server.summing import accumulate, weighted_metrics
 from fedtune.task import task_resources
 from tests.conftest import rows_of, tiny_config
 
@@ -168,6 +169,28 @@ def test_a_whole_weight_is_added_in_one_fused_pass_with_the_bits_of_multiply_the
         for name in expected:
             assert np.array_equal(total[name], expected[name]), (weights, name)
         block_sums.give_back(total)
+
+
+def test_weighted_metrics_are_flowers_and_weigh_a_loss_over_the_clients_that_report_one():
+    """The summing aggregator's metrics: Flower's ``aggregate_metricrecords`` bit for bit where
+    every client carries every key; a train-loss that a client which saw no example leaves out
+    is weighted over the clients that carry it (not counted as 0), and one whose carriers hold
+    no example is left out."""
+    rng = np.random.default_rng(1)
+    records = [{"num-examples": int(n), "train-loss": float(rng.random()),
+                "duration-s": float(rng.random()), "num-steps": 5} for n in (13, 250, 7, 91)]
+    flower = aggregate_metricrecords([RecordDict({"m": MetricRecord(r)}) for r in records],
+                                     "num-examples")
+    assert weighted_metrics(records) == dict(flower)
+    silent = {k: v for k, v in records[1].items() if k != "train-loss"}
+    partial = weighted_metrics([records[0], silent, *records[2:]])
+    others = [records[0], *records[2:]]
+    assert partial["train-loss"] == pytest.approx(
+        np.average([r["train-loss"] for r in others], weights=[r["num-examples"] for r in others]),
+        rel=1e-15)
+    assert partial["duration-s"] == flower["duration-s"]
+    nothing = weighted_metrics([{**records[0], "num-examples": 0}, {**silent, "num-examples": 3}])
+    assert "train-loss" not in nothing and nothing["num-steps"] == 5
 
 
 def test_block_sums_are_reused_zeroed_and_blocks_may_come_in_any_order():

@@ -11,11 +11,13 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
+from fedtune.client import private_chunks
 from fedtune.config import ConfigError, load_config
 from fedtune.engine.inprocess import run_inprocess
 from fedtune.engine.launch import preflight
 from fedtune.models.build import build_model
 from fedtune.models.weights import shared_state
+from fedtune.privacy import dp_sgd
 from fedtune.privacy.dp_sgd import LocalDPSettings, poisson_loader, train_private
 from fedtune.privacy.local import LocalDP
 from fedtune.task import task_resources, train_settings
@@ -322,3 +324,107 @@ def test_the_servers_round_by_round_account_is_one_accountant_from_scratch(tmp_p
         one_more = RDPAccountant()
         one_more.history = [(sigma, q, steps + 1)]
         assert one_more.get_epsilon(delta=1e-3) > 3
+
+
+def _empty_samples_for(monkeypatch, size: int) -> set[str]:
+    """Every Poisson sample of a client with ``size`` examples made empty, on the Opacus path
+    (``SecurePoissonSampler``) and the batched one (``poisson_flips``); the paths that drew one
+    are added to the returned set."""
+    drawn: set[str] = set()
+    sampler = dp_sgd.SecurePoissonSampler.__iter__
+
+    def nothing_sampled(self):
+        if self.num_samples != size:
+            return sampler(self)
+        drawn.add("opacus")
+        return iter([[] for _ in range(self.steps)])
+
+    flips = private_chunks.poisson_flips
+
+    def no_flips(sizes, rates, steps):
+        taken, start = flips(sizes, rates, steps), 0
+        for n in sizes:
+            if n == size:
+                taken[:, start:start + n] = False
+                drawn.add("batched")
+            start += n
+        return taken
+
+    monkeypatch.setattr(dp_sgd.SecurePoissonSampler, "__iter__", nothing_sampled)
+    monkeypatch.setattr(private_chunks, "poisson_flips", no_flips)
+    return drawn
+
+
+@pytest.mark.parametrize(("path", "strategy"), [("opacus", "fedavg"), ("opacus", "fedmedian"),
+                                                ("batched", "fedavg"), ("batched", "krum")])
+def test_a_client_whose_poisson_samples_are_all_empty_is_accepted_without_a_loss(
+        tmp_path, monkeypatch, path, strategy):
+    """DP-SGD's Poisson sampling can draw no example at any step of a small client: it steps on
+    noise alone and measures no loss. It used to send train-loss = NaN, which the reply schema
+    refuses, so an honest client's update was rejected. Now its reply carries no train-loss and
+    is accepted: clients.csv says ok with an empty train_loss, the round's model is applied and
+    its train_loss is the example-weighted mean of the clients that measured one (not counting
+    the silent one as 0) - on the Opacus path and the batched one, through the summing
+    aggregator (fedavg) and through a Flower strategy handed every reply (fedmedian, krum:
+    Flower refuses replies whose metrics differ in keys, so train-loss is left out of all)."""
+    config = tiny_config(tmp_path, "privacy.mode=local", "privacy.noise_multiplier=1",
+                         "privacy.delta=1e-3", "model.dropout=0", "client.local_steps=3",
+                         "data.num_clients=6", "data.partitioner=dirichlet", "data.alpha=1.0",
+                         f"engine.vectorise_clients={path == 'batched'}".lower(),
+                         f"strategy.name={strategy}")
+    sizes = [len(rows) for rows in task_resources(config).federation.client_train_rows]
+    silent = int(np.argmin(sizes))
+    assert sizes.count(sizes[silent]) == 1
+    drawn = _empty_samples_for(monkeypatch, sizes[silent])
+    run_dir = run_inprocess(config).path
+    assert drawn == {path}
+    clients = _rows(run_dir / "clients.csv")
+    strategy_metrics = [json.loads(line)["train"] for line in
+                        (run_dir / "strategy_metrics.jsonl").read_text().splitlines()]
+    for server_round, row, aggregated in zip((1, 2), _rows(run_dir / "metrics.csv"),
+                                             strategy_metrics, strict=True):
+        trained = [r for r in clients if int(r["round"]) == server_round]
+        assert [r["status"] for r in trained] == ["ok"] * 6
+        (mine,) = [r for r in trained if int(r["client_id"]) == silent]
+        assert (mine["train_loss"], mine["examples_trained"]) == ("", "0")
+        others = [r for r in trained if r is not mine]
+        assert all(float(r["train_loss"]) > 0 for r in others)
+        weighted = np.average([float(r["train_loss"]) for r in others],
+                              weights=[int(r["num_examples"]) for r in others])
+        assert (row["clients_ok"], row["model_update"]) == ("6", "applied")
+        assert float(row["train_loss"]) == pytest.approx(weighted, rel=1e-5)
+        if strategy == "fedavg":  # the summing aggregator weighs the clients that carry it
+            assert aggregated["train-loss"] == pytest.approx(weighted, rel=1e-5)
+        else:
+            assert "train-loss" not in aggregated
+
+
+def test_an_asynchronous_round_leaves_a_client_without_a_loss_out_of_its_train_loss(
+        tmp_path, monkeypatch):
+    """FedBuff under local DP: a client whose Poisson samples were all empty is heard, its
+    update buffered (ok), and each server update's train_loss is the example-weighted mean of
+    the heard clients that measured a loss (once counted as 0)."""
+    config = tiny_config(tmp_path, "privacy.mode=local", "privacy.noise_multiplier=1",
+                         "privacy.delta=1e-3", "model.dropout=0", "client.local_steps=3",
+                         "data.num_clients=8", "data.partitioner=dirichlet", "data.alpha=1.0",
+                         "devices.profile=lognormal", "devices.day_s=600",
+                         "strategy.name=fedbuff", "strategy.concurrency=8",
+                         "strategy.fedbuff_buffer_size=4", "run.rounds=4")
+    sizes = [len(rows) for rows in task_resources(config).federation.client_train_rows]
+    silent = int(np.argmin(sizes))
+    assert sizes.count(sizes[silent]) == 1
+    drawn = _empty_samples_for(monkeypatch, sizes[silent])
+    run_dir = run_inprocess(config).path
+    assert drawn
+    clients = _rows(run_dir / "clients.csv")
+    heard_silent = 0
+    for row in _rows(run_dir / "metrics.csv"):
+        ok = [r for r in clients if r["round"] == row["round"] and r["status"] == "ok"]
+        mine = [r for r in ok if int(r["client_id"]) == silent]
+        heard_silent += len(mine)
+        assert all(r["train_loss"] == "" for r in mine)
+        others = [r for r in ok if int(r["client_id"]) != silent]
+        weighted = np.average([float(r["train_loss"]) for r in others],
+                              weights=[int(r["num_examples"]) for r in others])
+        assert float(row["train_loss"]) == pytest.approx(weighted, rel=1e-5)
+    assert heard_silent

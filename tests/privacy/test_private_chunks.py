@@ -26,7 +26,7 @@ from fedtune.privacy.local import LocalServer, local_dp_settings
 from fedtune.privacy.stacked_dp_sgd import clipped_sums, noised_means, poisson_flips
 from fedtune.protocol import ARRAYS, CONFIG, SERVER_ROUND, to_array_record
 from fedtune.server.grid import CohortSpec
-from fedtune.server.screening import reply_limits
+from fedtune.server.screening import check_metric_values, reply_limits
 from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.task import client_round_seed, seed_torch, task_resources
 from tests.conftest import rows_of, tiny_config
@@ -364,7 +364,8 @@ def test_private_chunks_hold_a_bounded_number_of_per_example_gradients(tmp_path,
 def test_an_empty_poisson_sample_takes_a_noise_only_step(tmp_path, monkeypatch,
                                                          one_torch_thread):
     """No example sampled at any step: the step adds the noise alone, divided by the expected
-    batch size (as Opacus' empty batch), and the client reports no loss measured."""
+    batch size (as Opacus' empty batch), and the client's reply carries no train-loss (it
+    measured none; NaN would be refused) and passes the reply schema."""
     resources = task_resources(tiny_config(tmp_path, *LOCAL, "privacy.noise_multiplier=1",
                                            "client.optimizer=sgd", "client.lr=1.0",
                                            "client.local_steps=1"))
@@ -372,9 +373,11 @@ def test_an_empty_poisson_sample_takes_a_noise_only_step(tmp_path, monkeypatch,
     monkeypatch.setattr(private_chunks, "poisson_flips",
                         lambda sizes, rates, steps: np.zeros((steps, sum(sizes)), bool))
     (chunk,) = list(train_private_chunks(resources, 1, _content(1), arrays, [0, 1]))
+    schema = protocol.train_reply_schema("fedavg", "local")
     for client, trained in enumerate(chunk.trained):
         assert trained.metrics["examples-seen"] == 0 and trained.metrics["num-steps"] == 1
-        assert math.isnan(trained.metrics["train-loss"])
+        assert "train-loss" not in trained.metrics
+        assert check_metric_values(trained.metrics, schema) is None
         moved = np.concatenate([(arrays[n] - trained.arrays[n]).ravel() for n in arrays])
         n = len(resources.client_train_rows(client))
         assert moved.std() == pytest.approx(1.0 / int(n / poisson_steps(n, 32)), rel=0.1)

@@ -215,6 +215,48 @@ def test_a_chunks_metrics_checked_together_get_each_records_own_answer():
     assert answers[0] is None and "fednova-a" in answers[1]
 
 
+def test_a_reply_without_a_train_loss_is_sound_and_one_with_nan_is_not():
+    """A client that saw no example (local DP-SGD whose every Poisson sample was empty: it
+    stepped on noise alone) measured no loss and sends none: sound, alone and among a chunk's
+    records. A train-loss that is there is still checked: NaN or inf is refused, so a hostile
+    client gains nothing."""
+    local = ReplyLimits(train=train_reply_schema("fedavg", "local"),
+                        decline=decline_reply_schema("local"), train_sizes=(10,))
+    dp = {"noise-multiplier": 1.1, "sample-rate": 0.1, "epsilon": 0.5}
+    status = {"status": ConfigRecord({"reason": ""})}
+    silent = _metrics(**{"train-loss": None, "examples-seen": 0}) | dp
+    sent, reply = _exchange(WEIGHTS, silent, status)
+    assert check_train_reply(sent, reply, local) is None
+    sent, reply = _exchange(WEIGHTS, _metrics(**{"train-loss": None}))
+    assert check_train_reply(sent, reply, LIMITS) is None
+    for bad in (math.nan, math.inf):
+        sent, reply = _exchange(WEIGHTS, {**silent, "train-loss": bad}, status)
+        assert check_train_reply(sent, reply, local) == "metric 'train-loss' is not finite"
+    records = [GOOD_METRICS | dp, silent, {**silent, "train-loss": math.nan}, GOOD_METRICS | dp]
+    assert check_metric_rows(records, local.train) == [
+        None, None, "metric 'train-loss' is not finite", None]
+    assert check_metric_rows([silent] * 2, local.train) == [None, None]
+
+
+def test_a_client_without_a_train_loss_counts_on_the_message_path(tmp_path):
+    """Flower's message path: a reply without train-loss (what a client that saw no example
+    sends) is accepted beside the others'; the round's train_loss is the example-weighted mean
+    of those that carry one, also where each reply goes to a Flower strategy (fedmedian), which
+    refuses replies whose metrics differ in keys."""
+    for strategy in ("fedavg", "fedmedian"):
+        run_dir, rows, metrics = _hostile_run(tmp_path / strategy, {0: hostile.NO_LOSS},
+                                              f"strategy.name={strategy}")
+        clients = rows_of(run_dir / "clients.csv")
+        for row in metrics:
+            trained = [r for r in clients if r["round"] == row["round"]]
+            assert [(r["status"], bool(r["train_loss"])) for r in trained] == [
+                ("ok", False), ("ok", True), ("ok", True), ("ok", True)]
+            weighted = np.average([float(r["train_loss"]) for r in trained[1:]],
+                                  weights=[int(r["num_examples"]) for r in trained[1:]])
+            assert (row["clients_ok"], row["model_update"]) == ("4", "applied")
+            assert float(row["train_loss"]) == pytest.approx(weighted, rel=1e-5)
+
+
 def test_privacy_parts_of_the_schema_use_the_protocols_keys():
     local = PRIVACY_MODES["local"]
     assert set(local.reply_metrics) == {protocol.EPSILON, protocol.NOISE_MULTIPLIER,
