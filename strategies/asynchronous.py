@@ -12,7 +12,9 @@ with more steps, which an event loop calls:
 - ``refuses``: why it will not take a client's update now ("" = it will);
 - ``receive``: take one update and its staleness; True when the server must update now;
 - ``receive_trained``: ``prepare`` then ``receive`` (what the event loop calls); a strategy may
-  defer its arithmetic to ``settle``, which the loop calls at the end of every server update;
+  defer its arithmetic to ``settle``, which the loop calls at the end of every server update,
+  and sum the trained models it kept with ``sums_in_order`` (the loop may plug in a compiled
+  one that reads a model held as a row of a cohort's stacked arrays without a copy);
 - ``release``: the new global model; ``release_metrics``: what it reports of that release.
 
 Their state is plain attributes (numbers, numpy arrays), so a checkpoint of the strategy keeps
@@ -21,7 +23,7 @@ a half-full buffer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -29,10 +31,27 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp.strategy import FedAvg
 
 NDArrays = dict[str, np.ndarray]
+# (models, names) -> for each name, the float64 sum of models[k][name], k ascending
+SumsInOrder = Callable[[Sequence[Mapping[str, np.ndarray]], Sequence[str]], NDArrays]
+
+
+def sums_in_order(models: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]) -> NDArrays:
+    """For each of ``names``, ``models[0][name] + models[1][name] + ...`` in float64, one
+    addition per model in order (the bits any ``SumsInOrder`` must give)."""
+    totals = {}
+    for name in names:
+        total = np.zeros(np.shape(models[0][name]))
+        for model in models:
+            np.add(total, model[name], out=total)
+        totals[name] = total
+    return totals
 
 
 class AsynchronousStrategy(FedAvg):
-    """The steps an asynchronous event loop calls; subclasses define the update rule."""
+    """The steps an asynchronous event loop calls; subclasses define the update rule.
+    ``sums_in_order``: how ``settle`` sums kept models (configuration: never checkpointed)."""
+
+    sums_in_order: SumsInOrder = staticmethod(sums_in_order)
 
     def start_messages(self, server_round: int, arrays: ArrayRecord,
                        node_ids: Iterable[int], dispatch: int = 0) -> list[Message]:

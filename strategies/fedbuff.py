@@ -14,7 +14,8 @@ What the event loop hands over (``receive_trained``) is added as the paper's sum
 updates that started from the same model ``x_v`` (so with the same staleness, within one server
 update) wait by reference, and when the server update ends (``settle``) each group is summed in
 arrival order - ``sum_i y_i``, one float64 addition of each float32 model into a sum that stays
-in cache - and scaled once: ``s(tau) (sum_i y_i - n x_v)`` (``n x_v`` is exact in float64). The
+in cache (``sums_in_order``: the event loop plugs in a compiled loop over the cohort's stacked
+rows, ``fedtune.server.chunk_passes``) - and scaled once: ``s(tau) (sum_i y_i - n x_v)`` (``n x_v`` is exact in float64). The
 same sum as adding each ``s(tau_i) delta_i``, up to the order of float64 rounding (a group of
 one gives the same bits), at a third of the memory traffic per update. A subclass whose
 ``prepare`` changes each update (DP-FedBuff clips it) receives each prepared update instead.
@@ -91,10 +92,9 @@ class FedBuff(AsynchronousStrategy):
 
     def settle(self) -> None:
         for group in self.arrived:
+            sums = self.sums_in_order(group.models, list(group.start))
             for name, start in group.start.items():
-                total = np.zeros(np.shape(start))
-                for model in group.models:
-                    np.add(total, model[name], out=total)
+                total = sums[name]
                 total -= np.multiply(start, len(group.models), dtype=np.float64)
                 total *= group.scale
                 self._add(name, total)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from collections.abc import Mapping
 from operator import attrgetter
 from typing import Any, NamedTuple, cast
 
@@ -68,6 +69,7 @@ from fedtune.server.round import (
     seed_sampling,
 )
 from fedtune.server.screening import reply_limits
+from fedtune.server.stacked_rows import StackedRow
 from fedtune.server.summing import weighted_metrics
 from fedtune.train import TEST_COLUMNS, EvalResult
 from strategies.asynchronous import AsynchronousStrategy
@@ -78,7 +80,7 @@ _COUNTS = frozenset({"num_examples", "examples_trained"})  # of _NUMBERS: ints i
 _NUMBER_FIELDS = attrgetter(*_NUMBERS)
 _NO_CLIENTS = np.zeros(0, dtype=np.int64)
 # a heard client's (start model, trained model), both read-only
-Trained = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
+Trained = tuple[dict[str, np.ndarray], Mapping[str, np.ndarray]]
 # the columns of the table of clients in flight (float64: ids and versions are exact)
 CLIENT, START, FINISH, VERSION, LOST, TRAINED, CALL = range(7)
 _FREE = np.array([-1.0, 0.0, np.inf, -1.0, 0.0, 1.0, -1.0])  # a free slot: nobody, never
@@ -194,6 +196,8 @@ class AsyncRound:
         # the entry's class: a privacy mode that replaces strategies refuses asynchronous ones
         # (its entry's asynchronous_refused)
         self.strategy = cast(AsynchronousStrategy, run.strategy)
+        from fedtune.server import chunk_passes  # numba's import (~0.3 s): asynchronous runs only
+        self.strategy.sums_in_order = chunk_passes.sums_in_order
         self.run, self.loop, self.clock = run, loop, clock
         nodes = run.identities.node_to_client
         # the client -> node map: a simulation's NodeRange inverts itself in constant memory;
@@ -291,7 +295,7 @@ class AsyncRound:
             trained: Trained | None = None
             if at >= 0:
                 block, position = where[at].tolist()
-                trained = starts, {name: stack[position] for name, stack in blocks[block].items()}
+                trained = starts, StackedRow(blocks[block], position)
             status, reason = notes.get(str(row), ("ok", ""))
             self.ready[client] = Heard(**_fields(numbers), status=status, reason=reason,
                                        trained=trained)

@@ -1,4 +1,5 @@
-"""The passes over a chunk of clients' stacked updates, compiled: their norms and their sum.
+"""The passes over a chunk of clients' stacked updates, compiled: their norms and their sum,
+and an asynchronous buffer's sum of kept rows in arrival order.
 
 Clients trained together (``fedtune.client.vectorised``) reply as rows of stacked arrays
 (tensor name -> the clients' values, client k in row k). The cohort screens a chunk by every
@@ -24,17 +25,28 @@ estimates: each difference exact in float64, the squares added in float64 in any
 ``guard.update_norm`` where a float32 estimate was within ~1e-6; a row whose estimate is not
 finite or reaches the bound it is compared with is measured exactly by ``update_norm``, so a
 bound decides, and its reason reads, as with ``update_norm``.
+
+FedBuff (``strategies.fedbuff``) cannot sum a chunk while it is in cache: it keeps each update
+until the event loop hears it and sums, at the end of the server update, the updates from one
+start model in arrival order - rows of several chunks' stacked copies, interleaved, read back
+from memory. ``sums_in_order`` reads each row once into a float64 total with one addition per
+row in that order (``strategies.asynchronous.sums_in_order``'s bits), 0.024 CPU-ms a client
+where NumPy's per-row casting additions took 0.045 (BENCHMARKS.md, the virtual clock).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numba
 import numpy as np
+from numba.typed import List
 
 from fedtune.server.guard import NORM_ESTIMATE, update_norm
+from fedtune.server.stacked_rows import StackedRow
+from strategies.asynchronous import NDArrays
+from strategies.asynchronous import sums_in_order as sums_one_by_one
 
 
 @numba.njit(fastmath={"reassoc", "nsz"}, nogil=True, cache=True)
@@ -77,6 +89,43 @@ def _sum(rows: np.ndarray, weights: np.ndarray, total: np.ndarray) -> None:
     """``total`` += Σ_k weights[k] × row k."""
     for k in range(rows.shape[0]):
         _add_weighted(total, weights[k], rows[k])
+
+
+@numba.njit(nogil=True, cache=True)
+def _add_rows_in_order(stacks: List, which: np.ndarray, rows: np.ndarray,
+                       total: np.ndarray) -> None:
+    """total[j] += stacks[which[k]][rows[k], j] in float64, k ascending."""
+    for k in range(which.size):
+        row = stacks[which[k]][rows[k]]
+        for j in range(row.size):
+            total[j] += np.float64(row[j])
+
+
+def sums_in_order(models: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]
+                  ) -> NDArrays:
+    """``strategies.asynchronous.sums_in_order``, compiled where every model is a
+    ``StackedRow`` (of float32 stacks: a cohort's), else NumPy's additions one by one."""
+    if not models or not all(isinstance(model, StackedRow) for model in models):
+        return sums_one_by_one(models, names)
+    stacks: dict[int, int] = {}  # id(stack) -> its place in ``which``
+    which = np.array([stacks.setdefault(id(model.stack), len(stacks))  # type: ignore[attr-defined]
+                      for model in models], dtype=np.int64)
+    rows = np.array([model.row for model in models], dtype=np.int64)  # type: ignore[attr-defined]
+    distinct = list({id(model.stack): model.stack  # type: ignore[attr-defined]
+                     for model in models}.values())
+    totals = {}
+    for name in names:
+        values = [stack[name] for stack in distinct]
+        total = np.zeros(values[0].shape[1:])
+        lengths = np.array([len(value) for value in values])
+        if (any(value.dtype != np.float32 or value.shape[1:] != total.shape for value in values)
+                or (rows >= lengths[which]).any() or (rows < 0).any()):  # loops check no bound
+            totals[name] = sums_one_by_one(models, [name])[name]
+            continue
+        typed = List([_rows(value, total) for value in values])
+        _add_rows_in_order(typed, which, rows, total.ravel())
+        totals[name] = total
+    return totals
 
 
 def update_norms(global_arrays: Mapping[str, np.ndarray], stacked: Mapping[str, np.ndarray],
