@@ -67,6 +67,7 @@ from fedtune.server.screening import (
     check_metric_values,
     check_update_arrays,
 )
+from fedtune.server.stacked_rows import StackedRow
 from fedtune.server.summing import accumulate
 from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.state.store import ClientStateStore
@@ -530,8 +531,7 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
             range(len(accepted)))
         for j, i in zip(at, accepted, strict=True):
             reports[i].update = {**_received(chunk.trained[i]),
-                                 protocol.ARRAYS: {name: value[j]
-                                                   for name, value in kept.items()}}
+                                 protocol.ARRAYS: StackedRow(kept, int(j))}
 
 
 def _chunk_weights(chunk: TrainedChunk) -> np.ndarray | None:

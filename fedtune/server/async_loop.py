@@ -476,50 +476,47 @@ def _read_only(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _row_of(array: np.ndarray, addresses: dict[int, int]) -> tuple[np.ndarray, int] | None:
-    """(the array, its row) where ``array`` is a row of a C-contiguous array that owns its data
-    (how a cohort keeps a chunk's accepted updates: one copy, ``fedtune.engine.cohort``);
-    ``addresses``: the data address of each such array seen so far, by id."""
-    base = array.base
-    if (not isinstance(base, np.ndarray) or base.base is not None
-            or not base.flags.c_contiguous or base.shape[1:] != array.shape
-            or base.dtype != array.dtype or not base.size):
-        return None
-    start = addresses.get(id(base))
-    if start is None:
-        start = addresses[id(base)] = base.__array_interface__["data"][0]
-    row, rest = divmod(array.__array_interface__["data"][0] - start, base.strides[0])
-    return (base, row) if not rest and 0 <= row < len(base) else None
-
-
-def _stacked(models: list[dict[str, np.ndarray]], names: list[str]
+def _stacked(models: list[Mapping[str, np.ndarray]], names: list[str]
              ) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
     """The trained models as blocks of arrays stacked along a first axis, and ``where``: model
-    j is row ``where[j, 1]`` of block ``where[j, 0]``. Models that are the same row of the same
-    arrays a cohort stacked keep those arrays (no copy: a thousand updates in flight are a
-    quarter of a GB); the others are stacked here, in one block."""
+    j is row ``where[j, 1]`` of block ``where[j, 0]``. A model that is a row of a cohort's
+    stacked copy (a ``StackedRow`` whose arrays own their data, as a chunk kept in process
+    does) keeps those arrays (no copy: a thousand updates in flight are a quarter of a GB);
+    the others (one at a time, or a Ray actor's, whose arrays are views of its reply) are
+    stacked here, in one block."""
     blocks: list[dict[str, np.ndarray]] = []
-    index: dict[tuple[int, ...], int] = {}
+    index: dict[int, int] = {}  # id(a stack) -> its block, -1: not kept as it is
     where = np.zeros((len(models), 2), dtype=np.int64)
     loose: list[int] = []
-    addresses: dict[int, int] = {}  # the cohort's arrays stay alive meanwhile: ids hold
     for j, model in enumerate(models):
-        rows = [_row_of(model[name], addresses) for name in names]
-        if not names or any(r is None or r[1] != rows[0][1] for r in rows):  # type: ignore[index]
+        block = -1
+        if isinstance(model, StackedRow):
+            block = index.get(id(model.stack), -2)
+            if block == -2:
+                block = index[id(model.stack)] = _block(model.stack, names, len(blocks))
+                if block >= 0:
+                    blocks.append({name: model.stack[name] for name in names})
+        if block < 0:
             loose.append(j)
-            continue
-        key = tuple(id(r[0]) for r in rows)  # type: ignore[index]
-        if key not in index:
-            index[key] = len(blocks)
-            blocks.append({name: r[0] for name, r in zip(names, rows)})  # type: ignore[index]
-        where[j] = index[key], rows[0][1]  # type: ignore[index]
+        else:
+            where[j] = block, model.row  # type: ignore[attr-defined]
     if loose:
         where[loose] = np.column_stack([np.full(len(loose), len(blocks)), np.arange(len(loose))])
         blocks.append({name: np.stack([models[j][name] for j in loose]) for name in names})
     return blocks, where
 
 
-def _trained(report: ClientReport) -> dict[str, np.ndarray]:
+def _block(stack: Mapping[str, np.ndarray], names: list[str], block: int) -> int:
+    """``block`` where ``stack`` has ``names`` as C-contiguous arrays of as many rows that own
+    their data (the checkpoint keeps such an array without a copy), else -1."""
+    arrays = [stack.get(name) for name in names]
+    ok = bool(names) and all(
+        isinstance(a, np.ndarray) and a.base is None and a.flags.c_contiguous and a.ndim >= 1
+        and len(a) == len(arrays[0]) for a in arrays)  # type: ignore[arg-type]
+    return block if ok else -1
+
+
+def _trained(report: ClientReport) -> Mapping[str, np.ndarray]:
     """An accepted client's trained model: kept one by one by a cohort, or its reply."""
     if report.update is not None:
         return report.update[protocol.ARRAYS]
