@@ -196,8 +196,9 @@ class AsyncRound:
         # the entry's class: a privacy mode that replaces strategies refuses asynchronous ones
         # (its entry's asynchronous_refused)
         self.strategy = cast(AsynchronousStrategy, run.strategy)
-        from fedtune.server import chunk_passes  # numba's import (~0.3 s): asynchronous runs only
-        self.strategy.sums_in_order = chunk_passes.sums_in_order
+        # numba's import (~0.3 s): asynchronous runs only
+        from fedtune.server.background_sums import BackgroundSum
+        self.strategy.ordered_sum = BackgroundSum
         self.run, self.loop, self.clock = run, loop, clock
         nodes = run.identities.node_to_client
         # the client -> node map: a simulation's NodeRange inverts itself in constant memory;

@@ -27,26 +27,25 @@ finite or reaches the bound it is compared with is measured exactly by ``update_
 bound decides, and its reason reads, as with ``update_norm``.
 
 FedBuff (``strategies.fedbuff``) cannot sum a chunk while it is in cache: it keeps each update
-until the event loop hears it and sums, at the end of the server update, the updates from one
-start model in arrival order - rows of several chunks' stacked copies, interleaved, read back
-from memory. ``sums_in_order`` reads each row once into a float64 total with one addition per
-row in that order (``strategies.asynchronous.sums_in_order``'s bits), 0.024 CPU-ms a client
-where NumPy's per-row casting additions took 0.045 (BENCHMARKS.md, the virtual clock).
+until the event loop hears it and sums the updates from one start model in arrival order -
+rows of several chunks' stacked copies, interleaved, read back from memory
+(``fedtune.server.background_sums``). ``add_rows_in_order`` reads each row once into a float64
+total with one addition per row in that order (``strategies.asynchronous.add_in_order``'s
+bits), 0.024 CPU-ms a client where NumPy's per-row casting additions took 0.045 (BENCHMARKS.md,
+the virtual clock); the chunk kept for it is copied by the norms' read
+(``update_norms_and_copy``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numba
 import numpy as np
 from numba.typed import List
 
 from fedtune.server.guard import NORM_ESTIMATE, update_norm
-from fedtune.server.stacked_rows import StackedRow
-from strategies.asynchronous import NDArrays
-from strategies.asynchronous import sums_in_order as sums_one_by_one
 
 
 @numba.njit(fastmath={"reassoc", "nsz"}, nogil=True, cache=True)
@@ -113,31 +112,18 @@ def _add_rows_in_order(stacks: List, which: np.ndarray, rows: np.ndarray,
             total[j] += np.float64(row[j])
 
 
-def sums_in_order(models: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]
-                  ) -> NDArrays:
-    """``strategies.asynchronous.sums_in_order``, compiled where every model is a
-    ``StackedRow`` (of float32 stacks: a cohort's), else NumPy's additions one by one."""
-    if not models or not all(isinstance(model, StackedRow) for model in models):
-        return sums_one_by_one(models, names)
-    stacks: dict[int, int] = {}  # id(stack) -> its place in ``which``
-    which = np.array([stacks.setdefault(id(model.stack), len(stacks))  # type: ignore[attr-defined]
-                      for model in models], dtype=np.int64)
-    rows = np.array([model.row for model in models], dtype=np.int64)  # type: ignore[attr-defined]
-    distinct = list({id(model.stack): model.stack  # type: ignore[attr-defined]
-                     for model in models}.values())
-    totals = {}
-    for name in names:
-        values = [stack[name] for stack in distinct]
-        total = np.zeros(values[0].shape[1:])
-        lengths = np.array([len(value) for value in values])
-        if (any(value.dtype != np.float32 or value.shape[1:] != total.shape for value in values)
-                or (rows >= lengths[which]).any() or (rows < 0).any()):  # loops check no bound
-            totals[name] = sums_one_by_one(models, [name])[name]
-            continue
-        typed = List([_rows(value, total) for value in values])
-        _add_rows_in_order(typed, which, rows, total.ravel())
-        totals[name] = total
-    return totals
+def add_rows_in_order(stacks: List, which: np.ndarray, rows: np.ndarray,
+                      total: np.ndarray) -> None:
+    """``total += stacks[which[k]][rows[k]]`` in float64 for k ascending, one addition per
+    row (``strategies.asynchronous.add_in_order``'s bits); ``stacks``: ``stacked_rows`` of
+    float32 stacks, ``rows`` within them (the loop checks no bound)."""
+    _add_rows_in_order(stacks, which, rows, total.reshape(-1))
+
+
+def stacked_rows(value: np.ndarray) -> np.ndarray:
+    """A stacked tensor as (clients, its values), C-contiguous and read-only, as the compiled
+    loops take it."""
+    return _read_only(np.ascontiguousarray(value.reshape(len(value), -1)))
 
 
 def update_norms(global_arrays: Mapping[str, np.ndarray], stacked: Mapping[str, np.ndarray],
@@ -217,13 +203,12 @@ def _weights(weights: np.ndarray, clients: int) -> np.ndarray:
 
 
 def _rows(value: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """A stacked tensor as (clients, its values), C-contiguous (a view where it can be), each
-    row as long as ``like`` (the compiled loops do not check their bounds); read-only
-    (``_flat``)."""
-    rows = np.ascontiguousarray(value.reshape(len(value), -1))
+    """``stacked_rows`` (a view where it can be), each row as long as ``like`` (the compiled
+    loops do not check their bounds); read-only (``_flat``)."""
+    rows = stacked_rows(value)
     if rows.shape[1] != like.size:
         raise ValueError(f"rows of {rows.shape[1]} values against a tensor of {like.size}")
-    return _read_only(rows)
+    return rows
 
 
 def _flat(value: np.ndarray) -> np.ndarray:

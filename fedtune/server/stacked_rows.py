@@ -2,9 +2,10 @@
 
 Clients trained together (``fedtune.client.vectorised``) come back as stacked arrays (tensor
 name -> every client's values, client k in row k), which the cohort keeps as one copy per chunk
-(``fedtune.engine.cohort``). The asynchronous event loop hands a heard client's model to its
-strategy as a ``StackedRow``: a read-only mapping like any model, whose stack and row let a
-compiled sum read the rows in place (``fedtune.server.chunk_passes.sums_in_order``).
+(``fedtune.engine.cohort``), each accepted client's update a ``StackedRow`` of it: a read-only
+mapping like any model, whose stack and row let the asynchronous loop keep the stack as it is
+(``fedtune.server.async_loop``) and a compiled sum read the rows in place
+(``fedtune.server.background_sums``).
 """
 
 from __future__ import annotations

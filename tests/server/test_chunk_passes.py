@@ -8,15 +8,12 @@ import pytest
 
 from fedtune.server.chunk_passes import (
     accumulate_rows,
-    sums_in_order,
     update_norms,
     update_norms_and_copy,
     update_norms_and_sum,
 )
 from fedtune.server.guard import update_norm
-from fedtune.server.stacked_rows import StackedRow
 from fedtune.server.summing import accumulate
-from strategies.asynchronous import sums_in_order as sums_one_by_one
 
 
 def _chunk(dtype: type = np.float32, clients: int = 40, seed: int = 3
@@ -80,32 +77,6 @@ def test_rows_that_do_not_fit_are_refused():
         update_norms({"b": global_arrays["b"][:63]}, {"b": stacked["b"]})
     with pytest.raises(ValueError, match="3 weights for 4 clients"):
         update_norms_and_sum(global_arrays, stacked, np.ones(3))
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_rows_of_several_stacks_summed_in_arrival_order_have_one_by_ones_bits(dtype):
-    """FedBuff's deferred sum: rows of three chunks' stacks, interleaved in a random arrival
-    order (a row heard twice counts twice), summed compiled - float32 stacks - or one by one
-    (float64, an int tensor): ``strategies.asynchronous.sums_in_order``'s bits either way."""
-    stacks = [_chunk(dtype, clients, seed)[1] for clients, seed in ((40, 1), (40, 2), (17, 3))]
-    rng = np.random.default_rng(0)
-    order = [(int(s), int(rng.integers(len(stacks[s]["w"])))) for s in rng.integers(3, size=90)]
-    models = [StackedRow(stacks[s], row) for s, row in order]
-    names = list(stacks[0])
-    compiled, reference = sums_in_order(models, names), sums_one_by_one(models, names)
-    assert list(compiled) == names
-    for name in names:
-        assert compiled[name].dtype == np.float64
-        assert compiled[name].shape == stacks[0][name].shape[1:]
-        np.testing.assert_array_equal(compiled[name], reference[name])
-
-
-def test_models_that_are_not_stacked_rows_are_summed_one_by_one():
-    _, stacked = _chunk(np.float32, 5)
-    models = [{name: value[k].copy() for name, value in stacked.items()} for k in range(5)]
-    models.append(StackedRow(stacked, 2))
-    np.testing.assert_array_equal(sums_in_order(models, ["w"])["w"],
-                                  sums_one_by_one(models, ["w"])["w"])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
