@@ -31,9 +31,11 @@ fields column by column, read-only arrays that the checkpoint keeps without copy
 (``fedtune.server.checkpoint``); what the server will hear of each of a call's clients in
 flight (``Heard``) is unpacked from them once per call, when it trains or after a resume, and
 the call's entry dropped after its last client is heard. The strategy gets a heard
-client's start and trained models by reference (``receive_trained``) and may defer its
-arithmetic to ``settle`` at the end of the server update (FedBuff sums the updates from one
-start model together there). A checkpoint is captured after every server update (Ctrl-C writes
+client's start and trained models by reference (``receive_trained``: the trained one a
+``StackedRow`` of the call's stack) and may defer its arithmetic to ``settle`` at the end of
+the server update; the sums it makes with ``ordered_sum`` are this loop's ``BackgroundSum``
+(FedBuff's sum of the updates from one start model: added on a worker thread as they arrive,
+while the main thread trains, ``fedtune.server.background_sums``). A checkpoint is captured after every server update (Ctrl-C writes
 the latest); with a thousand clients in flight a dict per client made that capture cost more
 than the clients' training, and each call's entry is a ``FrozenMapping``: encoded once, not at
 every capture.
