@@ -45,7 +45,7 @@ class BackgroundSum(OrderedSum):
         super().__init__(names)  # ``models``: the ones added at ``result``, in order
         self.batch: list[StackedRow] = []
         self.jobs: list[Future[None]] = []
-        self.summable: dict[int, bool] = {}  # id(stack) -> whether the worker can add its rows
+        self.lengths: dict[int, int] = {}  # id(stack) -> its rows the worker can add (0: none)
         self.shapes: list[tuple[int, ...]] = []  # each tensor's, from the first such stack
         # the worker's own (no other thread touches them): the stacks seen, by id, each
         # tensor's stacks as the compiled loop reads them, and the totals
@@ -77,16 +77,21 @@ class BackgroundSum(OrderedSum):
         the first such stack had (the compiled loop reads them unchecked)."""
         if not isinstance(model, StackedRow):
             return False
-        key = id(model.stack)
-        if key not in self.summable:
-            arrays = [model.stack.get(name) for name in self.names]
-            ok = bool(self.names) and all(
-                isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim >= 1
-                and len(a) == len(arrays[0]) for a in arrays)  # type: ignore[arg-type]
-            shapes = [a.shape[1:] for a in arrays] if ok else []  # type: ignore[union-attr]
-            self.shapes = self.shapes or shapes
-            self.summable[key] = ok and shapes == self.shapes
-        return self.summable[key] and 0 <= model.row < len(model.stack[self.names[0]])
+        rows = self.lengths.get(id(model.stack))
+        if rows is None:
+            rows = self.lengths[id(model.stack)] = self._rows_of(model.stack)
+        return 0 <= model.row < rows
+
+    def _rows_of(self, stack: Mapping[str, np.ndarray]) -> int:
+        """How many rows ``stack`` has where the worker can add them, else 0."""
+        arrays = [stack.get(name) for name in self.names]
+        if not self.names or not all(isinstance(a, np.ndarray) and a.dtype == np.float32
+                                     and a.ndim >= 1 for a in arrays):
+            return 0
+        shapes = [a.shape for a in arrays]  # type: ignore[union-attr]
+        self.shapes = self.shapes or [shape[1:] for shape in shapes]
+        same = all(shape[0] == shapes[0][0] for shape in shapes)
+        return shapes[0][0] if same and [s[1:] for s in shapes] == self.shapes else 0
 
     def _submit(self) -> None:
         batch, self.batch = self.batch, []
