@@ -99,19 +99,21 @@ def client_round_seeds(run_seed: int, server_round: int, client_ids: Sequence[in
                        dispatch: int | None = None) -> list[int]:
     """``client_round_seed`` of each client of ``client_ids``, derived for the block at once.
 
-    SeedSequence([run_seed, server_round, client_id]).generate_state(1) costs ~20 µs of
-    Python per client; its arithmetic (hash and mix of 32-bit words, every constant sequence
-    independent of the data) runs here over all clients as NumPy uint32 vectors. NumPy has no
-    batched SeedSequence, hence this; tests/client/test_round_seeds.py checks it against
-    SeedSequence. Ids of 2**32 or more, or entropy longer than the pool, go through
-    SeedSequence itself, as do an asynchronous server's dispatches (``dispatch``)."""
+    SeedSequence([run_seed, server_round, client_id(, dispatch)]).generate_state(1) costs
+    ~10-20 µs of Python per client; its arithmetic (hash and mix of 32-bit words, every
+    constant sequence independent of the data) runs here over all clients as NumPy uint32
+    vectors. NumPy has no batched SeedSequence, hence this; tests/client/test_round_seeds.py
+    checks it against SeedSequence. Ids of 2**32 or more, or entropy longer than the pool
+    (four words: an asynchronous server's ``dispatch`` fits beside a run seed and a round
+    below 2**32), go through SeedSequence itself."""
     ids = np.asarray(client_ids, dtype=np.int64)
-    if dispatch is not None:
+    words = [run_seed, server_round] + ([] if dispatch is None else [dispatch])
+    if min(words) < 0:  # SeedSequence says what it allows
         return [client_round_seed(run_seed, server_round, int(i), dispatch) for i in ids]
-    head = [*_words(run_seed), *_words(server_round)] if min(run_seed, server_round) >= 0 else []
-    if (not head or len(head) + 1 > _POOL_SIZE or len(ids) == 0 or ids.min() < 0
-            or ids.max() > _MASK):
-        return [client_round_seed(run_seed, server_round, int(i)) for i in ids]
+    head = [*_words(run_seed), *_words(server_round)]
+    tail = [] if dispatch is None else _words(dispatch)  # after the client's id
+    if (len(head) + 1 + len(tail) > _POOL_SIZE or len(ids) == 0 or ids.min() < 0 or ids.max() > _MASK):
+        return [client_round_seed(run_seed, server_round, int(i), dispatch) for i in ids]
     # every hashmix call takes the next constant of one sequence: word ^ c[k], then * c[k + 1]
     consts = [_INIT_A]
     for _ in range(_POOL_SIZE * _POOL_SIZE):
@@ -120,6 +122,7 @@ def client_round_seeds(run_seed: int, server_round: int, client_ids: Sequence[in
         pool = np.zeros((_POOL_SIZE, len(ids)), np.uint32)
         pool[:len(head)] = np.array(head, np.uint32)[:, None]
         pool[len(head)] = ids.astype(np.uint32)
+        pool[len(head) + 1:len(head) + 1 + len(tail)] = np.array(tail, np.uint32)[:, None]
         pool = _hashmix(pool, consts[:_POOL_SIZE + 1])
         used = _POOL_SIZE
         for source in range(_POOL_SIZE):

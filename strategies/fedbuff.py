@@ -12,11 +12,13 @@ counts the same (the paper's mean over the buffer, not weighted by examples).
 
 What the event loop hands over (``receive_trained``) is added as the paper's sum regrouped: the
 updates that started from the same model ``x_v`` (so with the same staleness, within one server
-update) wait by reference, and when the server update ends (``settle``) each group is summed in
-arrival order - ``sum_i y_i``, one float64 addition of each float32 model into a sum that stays
-in cache - and scaled once: ``s(tau) (sum_i y_i - n x_v)`` (``n x_v`` is exact in float64). The
-same sum as adding each ``s(tau_i) delta_i``, up to the order of float64 rounding (a group of
-one gives the same bits), at a third of the memory traffic per update. A subclass whose
+update) are summed in arrival order - ``sum_i y_i``, one float64 addition of each float32
+model into a sum that stays in cache (an ``OrderedSum``: by default at the end of the server
+update, ``settle``; fedtune's event loop plugs in one that adds them as they arrive, beside
+the clients' training, ``fedtune.server.background_sums``) - and scaled once:
+``s(tau) (sum_i y_i - n x_v)`` (``n x_v`` is exact in float64). The same sum as adding each
+``s(tau_i) delta_i``, up to the order of float64 rounding (a group of one gives the same bits),
+at a third of the memory traffic per update. A subclass whose
 ``prepare`` changes each update (DP-FedBuff clips it) receives each prepared update instead.
 
 Message protocol: FedAvg's (``"arrays"`` out and back, a MetricRecord with ``"num-examples"``).
@@ -26,11 +28,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from strategies.asynchronous import AsynchronousStrategy, NDArrays, same_dtype
+from strategies.asynchronous import AsynchronousStrategy, NDArrays, OrderedSum, same_dtype
 
 
 def staleness_weight(staleness: int) -> float:
@@ -42,11 +44,13 @@ def staleness_weight(staleness: int) -> float:
 @dataclass
 class Arrivals:
     """The updates received since the last ``settle`` that started from one model ``start``
-    with staleness weight ``scale``: their trained models, in arrival order (read-only)."""
+    with staleness weight ``scale``: how many, and their trained models' sum in arrival order
+    (read-only models, alive until ``settle``)."""
 
     start: Mapping[str, np.ndarray]
     scale: float
-    models: list[Mapping[str, np.ndarray]] = field(default_factory=list)
+    total: OrderedSum
+    count: int = 0
 
 
 class FedBuff(AsynchronousStrategy):
@@ -84,18 +88,18 @@ class FedBuff(AsynchronousStrategy):
         scale = staleness_weight(staleness)
         group = next((g for g in self.arrived if g.start is start and g.scale == scale), None)
         if group is None:
-            group = Arrivals(start, scale)
+            group = Arrivals(start, scale, self.ordered_sum(list(start)))
             self.arrived.append(group)
-        group.models.append(trained)
+        group.total.add(trained)
+        group.count += 1
         return self._counted()
 
     def settle(self) -> None:
         for group in self.arrived:
+            sums = group.total.result()
             for name, start in group.start.items():
-                total = np.zeros(np.shape(start))
-                for model in group.models:
-                    np.add(total, model[name], out=total)
-                total -= np.multiply(start, len(group.models), dtype=np.float64)
+                total = sums[name]
+                total -= np.multiply(start, group.count, dtype=np.float64)
                 total *= group.scale
                 self._add(name, total)
         self.arrived = []

@@ -181,7 +181,8 @@ def _implementation_classes(trees: dict[Path, ast.Module]) -> set[str]:
              for table in (DATASETS, MODEL_KINDS, PRIVACY_MODES, RUNTIMES, STRATEGIES)
              for entry in table.values()}
     named |= {entry.client.partition(":")[2] for entry in STRATEGIES.values() if entry.client}
-    found = {*INTERFACES, *named}
+    found = {*INTERFACES, *named} - {""}  # "": an entry without a client side, or a base
+    # that is no name (``Mapping[str, X]``), which no class is a subclass of by name
     classes = [node for path, tree in trees.items() for node in ast.walk(tree)
                if isinstance(node, ast.ClassDef)]
     found |= {node.name for path, tree in trees.items() if path.parts[-2] == "strategies"
@@ -191,7 +192,7 @@ def _implementation_classes(trees: dict[Path, ast.Module]) -> set[str]:
             (base.id if isinstance(base, ast.Name) else getattr(base, "attr", "")) in found
             for base in node.bases)}
         if not more:
-            return found - INTERFACES - {""}
+            return found - INTERFACES
         found |= more
 
 

@@ -67,6 +67,7 @@ from fedtune.server.screening import (
     check_metric_values,
     check_update_arrays,
 )
+from fedtune.server.stacked_rows import StackedRow
 from fedtune.server.summing import accumulate
 from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.state.store import ClientStateStore
@@ -455,7 +456,7 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
     the chunk (``check_metric_rows``), the bytes counted once; the chunk's sum is added to the
     block's where every client is accepted, else the accepted rows are summed again
     (``chunk_passes.accumulate_rows``: the same bits for the same rows), or the accepted
-    updates are kept as one copy."""
+    updates are kept as one copy (written by the norms' read of the rows where it can be)."""
     from fedtune.server import chunk_passes  # numba's import (~0.3 s): chunked runs only
     reports = [ClientReport(c.node_id, c.client_id, "ok") for c in members]
     result.reports.extend(reports)
@@ -468,13 +469,17 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
     global_arrays = content.arrays[protocol.ARRAYS]
     stacked = chunk.stacked
     norms, chunk_sum, chunk_problem, chunk_bytes = None, None, "?", 0
+    copies = None  # the kept updates' copy, made with the norms where updates are kept
     if stacked is not None:
         first = {name: value[0] for name, value in stacked.items()}
         chunk_problem = _reply_structure({protocol.ARRAYS: first}, content, spec)
         if not chunk_problem:  # else each client is screened alone below
             bound = absurd_bound(content.model_norm)
             weights = _chunk_weights(chunk) if spec.weighted_mean else None
-            if weights is None:
+            if not spec.weighted_mean:
+                norms, copies = chunk_passes.update_norms_and_copy(global_arrays, stacked,
+                                                                   bound)
+            elif weights is None:
                 norms = chunk_passes.update_norms(global_arrays, stacked, bound)
             else:
                 norms, chunk_sum = chunk_passes.update_norms_and_sum(global_arrays, stacked,
@@ -508,8 +513,8 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
     if not len(accepted):
         return
     everyone = len(accepted) == len(reports)
-    rows = stacked if everyone else {name: value[accepted] for name, value in stacked.items()}
     if spec.weighted_mean:
+        rows = stacked if everyone else {name: value[accepted] for name, value in stacked.items()}
         weights = np.array([float(reports[i].metrics[protocol.NUM_EXAMPLES])
                             for i in accepted])
         if result.total is None:
@@ -521,11 +526,12 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
             chunk_passes.accumulate_rows(result.total, rows, weights)
         result.weight += float(weights.sum())
     else:  # kept past the next chunk, which overwrites the stacked copies: one copy
-        kept = {name: np.array(value) for name, value in rows.items()}
-        for j, i in enumerate(accepted):
+        kept, at = (copies, accepted) if copies is not None else (
+            {name: np.array(value[accepted]) for name, value in stacked.items()},
+            range(len(accepted)))
+        for j, i in zip(at, accepted, strict=True):
             reports[i].update = {**_received(chunk.trained[i]),
-                                 protocol.ARRAYS: {name: value[j]
-                                                   for name, value in kept.items()}}
+                                 protocol.ARRAYS: StackedRow(kept, int(j))}
 
 
 def _chunk_weights(chunk: TrainedChunk) -> np.ndarray | None:

@@ -31,9 +31,11 @@ fields column by column, read-only arrays that the checkpoint keeps without copy
 (``fedtune.server.checkpoint``); what the server will hear of each of a call's clients in
 flight (``Heard``) is unpacked from them once per call, when it trains or after a resume, and
 the call's entry dropped after its last client is heard. The strategy gets a heard
-client's start and trained models by reference (``receive_trained``) and may defer its
-arithmetic to ``settle`` at the end of the server update (FedBuff sums the updates from one
-start model together there). A checkpoint is captured after every server update (Ctrl-C writes
+client's start and trained models by reference (``receive_trained``: the trained one a
+``StackedRow`` of the call's stack) and may defer its arithmetic to ``settle`` at the end of
+the server update; the sums it makes with ``ordered_sum`` are this loop's ``BackgroundSum``
+(FedBuff's sum of the updates from one start model: added on a worker thread as they arrive,
+while the main thread trains, ``fedtune.server.background_sums``). A checkpoint is captured after every server update (Ctrl-C writes
 the latest); with a thousand clients in flight a dict per client made that capture cost more
 than the clients' training, and each call's entry is a ``FrozenMapping``: encoded once, not at
 every capture.
@@ -44,6 +46,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from collections.abc import Mapping
 from operator import attrgetter
 from typing import Any, NamedTuple, cast
 
@@ -68,6 +71,7 @@ from fedtune.server.round import (
     seed_sampling,
 )
 from fedtune.server.screening import reply_limits
+from fedtune.server.stacked_rows import StackedRow
 from fedtune.server.summing import weighted_metrics
 from fedtune.train import TEST_COLUMNS, EvalResult
 from strategies.asynchronous import AsynchronousStrategy
@@ -78,7 +82,7 @@ _COUNTS = frozenset({"num_examples", "examples_trained"})  # of _NUMBERS: ints i
 _NUMBER_FIELDS = attrgetter(*_NUMBERS)
 _NO_CLIENTS = np.zeros(0, dtype=np.int64)
 # a heard client's (start model, trained model), both read-only
-Trained = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
+Trained = tuple[dict[str, np.ndarray], Mapping[str, np.ndarray]]
 # the columns of the table of clients in flight (float64: ids and versions are exact)
 CLIENT, START, FINISH, VERSION, LOST, TRAINED, CALL = range(7)
 _FREE = np.array([-1.0, 0.0, np.inf, -1.0, 0.0, 1.0, -1.0])  # a free slot: nobody, never
@@ -194,6 +198,9 @@ class AsyncRound:
         # the entry's class: a privacy mode that replaces strategies refuses asynchronous ones
         # (its entry's asynchronous_refused)
         self.strategy = cast(AsynchronousStrategy, run.strategy)
+        # numba's import (~0.3 s): asynchronous runs only
+        from fedtune.server.background_sums import BackgroundSum
+        self.strategy.ordered_sum = BackgroundSum
         self.run, self.loop, self.clock = run, loop, clock
         nodes = run.identities.node_to_client
         # the client -> node map: a simulation's NodeRange inverts itself in constant memory;
@@ -291,7 +298,7 @@ class AsyncRound:
             trained: Trained | None = None
             if at >= 0:
                 block, position = where[at].tolist()
-                trained = starts, {name: stack[position] for name, stack in blocks[block].items()}
+                trained = starts, StackedRow(blocks[block], position)
             status, reason = notes.get(str(row), ("ok", ""))
             self.ready[client] = Heard(**_fields(numbers), status=status, reason=reason,
                                        trained=trained)
@@ -472,50 +479,47 @@ def _read_only(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _row_of(array: np.ndarray, addresses: dict[int, int]) -> tuple[np.ndarray, int] | None:
-    """(the array, its row) where ``array`` is a row of a C-contiguous array that owns its data
-    (how a cohort keeps a chunk's accepted updates: one copy, ``fedtune.engine.cohort``);
-    ``addresses``: the data address of each such array seen so far, by id."""
-    base = array.base
-    if (not isinstance(base, np.ndarray) or base.base is not None
-            or not base.flags.c_contiguous or base.shape[1:] != array.shape
-            or base.dtype != array.dtype or not base.size):
-        return None
-    start = addresses.get(id(base))
-    if start is None:
-        start = addresses[id(base)] = base.__array_interface__["data"][0]
-    row, rest = divmod(array.__array_interface__["data"][0] - start, base.strides[0])
-    return (base, row) if not rest and 0 <= row < len(base) else None
-
-
-def _stacked(models: list[dict[str, np.ndarray]], names: list[str]
+def _stacked(models: list[Mapping[str, np.ndarray]], names: list[str]
              ) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
     """The trained models as blocks of arrays stacked along a first axis, and ``where``: model
-    j is row ``where[j, 1]`` of block ``where[j, 0]``. Models that are the same row of the same
-    arrays a cohort stacked keep those arrays (no copy: a thousand updates in flight are a
-    quarter of a GB); the others are stacked here, in one block."""
+    j is row ``where[j, 1]`` of block ``where[j, 0]``. A model that is a row of a cohort's
+    stacked copy (a ``StackedRow`` whose arrays own their data, as a chunk kept in process
+    does) keeps those arrays (no copy: a thousand updates in flight are a quarter of a GB);
+    the others (one at a time, or a Ray actor's, whose arrays are views of its reply) are
+    stacked here, in one block."""
     blocks: list[dict[str, np.ndarray]] = []
-    index: dict[tuple[int, ...], int] = {}
+    index: dict[int, int] = {}  # id(a stack) -> its block, -1: not kept as it is
     where = np.zeros((len(models), 2), dtype=np.int64)
     loose: list[int] = []
-    addresses: dict[int, int] = {}  # the cohort's arrays stay alive meanwhile: ids hold
     for j, model in enumerate(models):
-        rows = [_row_of(model[name], addresses) for name in names]
-        if not names or any(r is None or r[1] != rows[0][1] for r in rows):  # type: ignore[index]
+        block = -1
+        if isinstance(model, StackedRow):
+            block = index.get(id(model.stack), -2)
+            if block == -2:
+                block = index[id(model.stack)] = _block(model.stack, names, len(blocks))
+                if block >= 0:
+                    blocks.append({name: model.stack[name] for name in names})
+        if block < 0:
             loose.append(j)
-            continue
-        key = tuple(id(r[0]) for r in rows)  # type: ignore[index]
-        if key not in index:
-            index[key] = len(blocks)
-            blocks.append({name: r[0] for name, r in zip(names, rows)})  # type: ignore[index]
-        where[j] = index[key], rows[0][1]  # type: ignore[index]
+        else:
+            where[j] = block, model.row  # type: ignore[attr-defined]
     if loose:
         where[loose] = np.column_stack([np.full(len(loose), len(blocks)), np.arange(len(loose))])
         blocks.append({name: np.stack([models[j][name] for j in loose]) for name in names})
     return blocks, where
 
 
-def _trained(report: ClientReport) -> dict[str, np.ndarray]:
+def _block(stack: Mapping[str, np.ndarray], names: list[str], block: int) -> int:
+    """``block`` where ``stack`` has ``names`` as C-contiguous arrays of as many rows that own
+    their data (the checkpoint keeps such an array without a copy), else -1."""
+    arrays = [stack.get(name) for name in names]
+    ok = bool(names) and all(
+        isinstance(a, np.ndarray) and a.base is None and a.flags.c_contiguous and a.ndim >= 1
+        and len(a) == len(arrays[0]) for a in arrays)  # type: ignore[arg-type]
+    return block if ok else -1
+
+
+def _trained(report: ClientReport) -> Mapping[str, np.ndarray]:
     """An accepted client's trained model: kept one by one by a cohort, or its reply."""
     if report.update is not None:
         return report.update[protocol.ARRAYS]

@@ -1,4 +1,5 @@
-"""The passes over a chunk of clients' stacked updates, compiled: their norms and their sum.
+"""The passes over a chunk of clients' stacked updates, compiled: their norms and their sum,
+and an asynchronous buffer's sum of kept rows in arrival order.
 
 Clients trained together (``fedtune.client.vectorised``) reply as rows of stacked arrays
 (tensor name -> the clients' values, client k in row k). The cohort screens a chunk by every
@@ -24,6 +25,15 @@ estimates: each difference exact in float64, the squares added in float64 in any
 ``guard.update_norm`` where a float32 estimate was within ~1e-6; a row whose estimate is not
 finite or reaches the bound it is compared with is measured exactly by ``update_norm``, so a
 bound decides, and its reason reads, as with ``update_norm``.
+
+FedBuff (``strategies.fedbuff``) cannot sum a chunk while it is in cache: it keeps each update
+until the event loop hears it and sums the updates from one start model in arrival order -
+rows of several chunks' stacked copies, interleaved, read back from memory
+(``fedtune.server.background_sums``). ``add_rows_in_order`` reads each row once into a float64
+total with one addition per row in that order (``strategies.asynchronous.add_in_order``'s
+bits), 0.024 CPU-ms a client where NumPy's per-row casting additions took 0.045 (BENCHMARKS.md,
+the virtual clock); the chunk kept for it is copied by the norms' read
+(``update_norms_and_copy``).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from collections.abc import Mapping
 
 import numba
 import numpy as np
+from numba.typed import List
 
 from fedtune.server.guard import NORM_ESTIMATE, update_norm
 
@@ -73,10 +84,46 @@ def _distances(rows: np.ndarray, flat: np.ndarray, squares: np.ndarray) -> None:
 
 
 @numba.njit(nogil=True, cache=True)
+def _distances_and_copy(rows: np.ndarray, flat: np.ndarray, squares: np.ndarray,
+                        copies: np.ndarray) -> None:
+    """squares[k] += row k's squared distance to ``flat`` (``_distances``' bits), and row k
+    copied into ``copies`` while it is in cache."""
+    for k in range(rows.shape[0]):
+        row, copy = rows[k], copies[k]
+        squares[k] += _squared_distance(row, flat)
+        for j in range(row.size):
+            copy[j] = row[j]
+
+
+@numba.njit(nogil=True, cache=True)
 def _sum(rows: np.ndarray, weights: np.ndarray, total: np.ndarray) -> None:
     """``total`` += Σ_k weights[k] × row k."""
     for k in range(rows.shape[0]):
         _add_weighted(total, weights[k], rows[k])
+
+
+@numba.njit(nogil=True, cache=True)
+def _add_rows_in_order(stacks: List, which: np.ndarray, rows: np.ndarray,
+                       total: np.ndarray) -> None:
+    """total[j] += stacks[which[k]][rows[k], j] in float64, k ascending."""
+    for k in range(which.size):
+        row = stacks[which[k]][rows[k]]
+        for j in range(row.size):
+            total[j] += np.float64(row[j])
+
+
+def add_rows_in_order(stacks: List, which: np.ndarray, rows: np.ndarray,
+                      total: np.ndarray) -> None:
+    """``total += stacks[which[k]][rows[k]]`` in float64 for k ascending, one addition per
+    row (``strategies.asynchronous.add_in_order``'s bits); ``stacks``: ``stacked_rows`` of
+    float32 stacks, ``rows`` within them (the loop checks no bound)."""
+    _add_rows_in_order(stacks, which, rows, total.reshape(-1))
+
+
+def stacked_rows(value: np.ndarray) -> np.ndarray:
+    """A stacked tensor as (clients, its values), C-contiguous and read-only, as the compiled
+    loops take it."""
+    return _read_only(np.ascontiguousarray(value.reshape(len(value), -1)))
 
 
 def update_norms(global_arrays: Mapping[str, np.ndarray], stacked: Mapping[str, np.ndarray],
@@ -89,6 +136,25 @@ def update_norms(global_arrays: Mapping[str, np.ndarray], stacked: Mapping[str, 
         if value.dtype.kind == "f":
             _distances(_rows(stacked[name], value), _flat(value), squares)
     return _exact_near(np.sqrt(squares), global_arrays, stacked, exact_from)
+
+
+def update_norms_and_copy(global_arrays: Mapping[str, np.ndarray],
+                          stacked: Mapping[str, np.ndarray], exact_from: float = math.inf
+                          ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``update_norms`` and a copy of ``stacked`` (C-contiguous arrays that own their data,
+    kept past the chunk whose stacked arrays the next one overwrites), from one read of each
+    row."""
+    squares = np.zeros(_clients(stacked))
+    copies = {}
+    for name, value in stacked.items():
+        start = global_arrays[name]
+        if start.dtype.kind != "f":
+            copies[name] = np.array(value, order="C")
+            continue
+        copies[name] = np.empty(value.shape, value.dtype)
+        _distances_and_copy(_rows(value, start), _flat(start), squares,
+                            copies[name].reshape(len(value), -1))
+    return _exact_near(np.sqrt(squares), global_arrays, stacked, exact_from), copies
 
 
 def update_norms_and_sum(global_arrays: Mapping[str, np.ndarray],
@@ -137,13 +203,12 @@ def _weights(weights: np.ndarray, clients: int) -> np.ndarray:
 
 
 def _rows(value: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """A stacked tensor as (clients, its values), C-contiguous (a view where it can be), each
-    row as long as ``like`` (the compiled loops do not check their bounds); read-only
-    (``_flat``)."""
-    rows = np.ascontiguousarray(value.reshape(len(value), -1))
+    """``stacked_rows`` (a view where it can be), each row as long as ``like`` (the compiled
+    loops do not check their bounds); read-only (``_flat``)."""
+    rows = stacked_rows(value)
     if rows.shape[1] != like.size:
         raise ValueError(f"rows of {rows.shape[1]} values against a tensor of {like.size}")
-    return _read_only(rows)
+    return rows
 
 
 def _flat(value: np.ndarray) -> np.ndarray:

@@ -83,16 +83,20 @@ def test_start_messages_share_one_content_with_the_server_round():
 
 def test_the_loop_keeps_a_cohorts_stacked_updates_without_copying_them():
     """The event loop holds every update in flight (fedtune.server.async_loop._stacked): rows
-    of the arrays a cohort stacked stay views of them (read-only, so the checkpoint captured
-    after every server update keeps them without a copy either); other models are stacked."""
+    of a cohort's stacked copy (``StackedRow``) stay rows of it (read-only, so the checkpoint
+    captured after every server update keeps them without a copy either); other models - plain
+    ones, and rows of arrays that do not own their data (a Ray reply's) - are stacked."""
     from fedtune.server.async_loop import _stacked
+    from fedtune.server.stacked_rows import StackedRow
 
     chunk = {"w": np.arange(24.0).reshape(3, 2, 4).copy(), "b": np.arange(3.0)[:, None].copy()}
+    viewed = {"w": np.arange(16.0).reshape(2, 2, 4)[::1], "b": np.zeros((2, 1))}
     loose = {"w": np.ones((2, 4)), "b": np.ones(1)}
-    models = [{n: a[2] for n, a in chunk.items()}, loose, {n: a[0] for n, a in chunk.items()}]
+    models = [StackedRow(chunk, 2), loose, StackedRow(viewed, 1), StackedRow(chunk, 0)]
     blocks, where = _stacked(models, ["w", "b"])
+    assert len(blocks) == 2
     assert blocks[0]["w"] is chunk["w"] and blocks[0]["b"] is chunk["b"]
-    assert where.tolist() == [[0, 2], [1, 0], [0, 0]]
+    assert where.tolist() == [[0, 2], [1, 0], [1, 1], [0, 0]]
     for model, (block, row) in zip(models, where, strict=True):
         for name, value in model.items():
             np.testing.assert_array_equal(blocks[block][name][row], value)
