@@ -112,7 +112,8 @@ def client_round_seeds(run_seed: int, server_round: int, client_ids: Sequence[in
         return [client_round_seed(run_seed, server_round, int(i), dispatch) for i in ids]
     head = [*_words(run_seed), *_words(server_round)]
     tail = [] if dispatch is None else _words(dispatch)  # after the client's id
-    if (len(head) + 1 + len(tail) > _POOL_SIZE or len(ids) == 0 or ids.min() < 0 or ids.max() > _MASK):
+    if (len(head) + 1 + len(tail) > _POOL_SIZE or len(ids) == 0 or ids.min() < 0
+            or ids.max() > _MASK):
         return [client_round_seed(run_seed, server_round, int(i), dispatch) for i in ids]
     # every hashmix call takes the next constant of one sequence: word ^ c[k], then * c[k + 1]
     consts = [_INIT_A]

@@ -35,10 +35,10 @@ client's start and trained models by reference (``receive_trained``: the trained
 ``StackedRow`` of the call's stack) and may defer its arithmetic to ``settle`` at the end of
 the server update; the sums it makes with ``ordered_sum`` are this loop's ``BackgroundSum``
 (FedBuff's sum of the updates from one start model: added on a worker thread as they arrive,
-while the main thread trains, ``fedtune.server.background_sums``). A checkpoint is captured after every server update (Ctrl-C writes
-the latest); with a thousand clients in flight a dict per client made that capture cost more
-than the clients' training, and each call's entry is a ``FrozenMapping``: encoded once, not at
-every capture.
+while the main thread trains, ``fedtune.server.background_sums``). A checkpoint is captured
+after every server update (Ctrl-C writes the latest); with a thousand clients in flight a dict
+per client made that capture cost more than the clients' training, and each call's entry is a
+``FrozenMapping``: encoded once, not at every capture.
 """
 
 from __future__ import annotations
@@ -492,31 +492,31 @@ def _stacked(models: list[Mapping[str, np.ndarray]], names: list[str]
     where = np.zeros((len(models), 2), dtype=np.int64)
     loose: list[int] = []
     for j, model in enumerate(models):
-        block = -1
-        if isinstance(model, StackedRow):
-            block = index.get(id(model.stack), -2)
-            if block == -2:
-                block = index[id(model.stack)] = _block(model.stack, names, len(blocks))
-                if block >= 0:
-                    blocks.append({name: model.stack[name] for name in names})
+        if not isinstance(model, StackedRow):
+            loose.append(j)
+            continue
+        if id(model.stack) not in index:
+            index[id(model.stack)] = len(blocks) if _owns_rows(model.stack, names) else -1
+            if index[id(model.stack)] >= 0:
+                blocks.append({name: model.stack[name] for name in names})
+        block = index[id(model.stack)]
         if block < 0:
             loose.append(j)
         else:
-            where[j] = block, model.row  # type: ignore[attr-defined]
+            where[j] = block, model.row
     if loose:
         where[loose] = np.column_stack([np.full(len(loose), len(blocks)), np.arange(len(loose))])
         blocks.append({name: np.stack([models[j][name] for j in loose]) for name in names})
     return blocks, where
 
 
-def _block(stack: Mapping[str, np.ndarray], names: list[str], block: int) -> int:
-    """``block`` where ``stack`` has ``names`` as C-contiguous arrays of as many rows that own
-    their data (the checkpoint keeps such an array without a copy), else -1."""
+def _owns_rows(stack: Mapping[str, np.ndarray], names: list[str]) -> bool:
+    """Whether ``stack`` has ``names`` as C-contiguous arrays of as many rows that own their
+    data (the checkpoint keeps such an array without a copy)."""
     arrays = [stack.get(name) for name in names]
-    ok = bool(names) and all(
+    return bool(names) and all(
         isinstance(a, np.ndarray) and a.base is None and a.flags.c_contiguous and a.ndim >= 1
         and len(a) == len(arrays[0]) for a in arrays)  # type: ignore[arg-type]
-    return block if ok else -1
 
 
 def _trained(report: ClientReport) -> Mapping[str, np.ndarray]:
