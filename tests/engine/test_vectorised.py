@@ -34,7 +34,6 @@ from fedtune.engine.cohort import (
     run_block,
 )
 from fedtune.engine.inprocess import act_as_server, run_inprocess
-from fedtune.models.weights import shared_state
 from fedtune.personal.split import head_names
 from fedtune.protocol import (
     ARRAYS,
@@ -52,20 +51,10 @@ from fedtune.state.store import ClientStateStore
 from fedtune.task import client_round_seed, task_resources
 from strategies import feddyn, scaffold
 from strategies.records import floating
+from tests.chunk_inputs import moved_global_arrays, round_content
 from tests.conftest import rows_of, tiny_config
 
 VECTORISED = ["engine.vectorise_clients=true", "data.num_clients=12", "model.dropout=0"]
-
-
-def _global_arrays(resources, seed=0):
-    """The resident model's travelling arrays, moved off its initial weights."""
-    rng = np.random.default_rng(seed)
-    return {name: (value + rng.normal(0, 0.05, value.shape)).astype(value.dtype)
-            for name, value in shared_state(resources.model).items()}
-
-
-def _content(server_round):
-    return RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: server_round})})
 
 
 @pytest.mark.parametrize("overrides", [
@@ -84,10 +73,10 @@ def test_clients_trained_together_match_one_client_at_a_time(tmp_path, overrides
                                                              one_torch_thread):
     resources = task_resources(tiny_config(tmp_path, *VECTORISED, *overrides))
     assert vectorisable(resources)
-    arrays = _global_arrays(resources)
+    arrays = moved_global_arrays(resources)
     clients = list(range(12))
     together = [(trained, chunk.share)
-                for chunk in train_chunks(resources, 3, _content(3), arrays, clients)
+                for chunk in train_chunks(resources, 3, round_content(3), arrays, clients)
                 for trained in chunk.trained]
     steps: list[int] = []
     clipped_sgd = overrides[:2] == ["client.max_grad_norm=0.05", "client.optimizer=sgd"]
@@ -95,7 +84,7 @@ def test_clients_trained_together_match_one_client_at_a_time(tmp_path, overrides
         else None
     for client_id, (trained, took) in zip(clients, together, strict=True):
         kept = {name: value.copy() for name, value in trained.arrays.items()}
-        one = train_client(resources, client_id, 3, _content(3), arrays, RecordDict())
+        one = train_client(resources, client_id, 3, round_content(3), arrays, RecordDict())
         assert kept.keys() == one.arrays.keys() and took > 0
         for name in kept:
             np.testing.assert_allclose(kept[name], one.arrays[name], atol=1e-5, rtol=0)
@@ -105,7 +94,7 @@ def test_clients_trained_together_match_one_client_at_a_time(tmp_path, overrides
                                                               rel=1e-5)
         steps.append(one.metrics["num-steps"])
         if clipped_sgd:  # the bound bites
-            unclipped = train_client(plain, client_id, 3, _content(3), arrays, RecordDict())
+            unclipped = train_client(plain, client_id, 3, round_content(3), arrays, RecordDict())
             assert max(np.abs(kept[n] - unclipped.arrays[n]).max() for n in kept) > 1e-3
     if "data.partitioner=dirichlet" in overrides:  # the case it is for: groups by step count,
         group_sizes = [steps.count(count) for count in set(steps)]  # two of the same size
@@ -197,7 +186,7 @@ def test_a_fedper_run_with_clients_together_matches_the_loop(tmp_path, one_torch
 
 def _content_and_blocks(resources, config, clients):
     act_as_server(1)
-    content = DecodedContent.of(RecordDict({ARRAYS: to_array_record(_global_arrays(resources)),
+    content = DecodedContent.of(RecordDict({ARRAYS: to_array_record(moved_global_arrays(resources)),
                                             CONFIG: ConfigRecord({SERVER_ROUND: 1})}))
     spec = CohortSpec(weighted_mean=True, limits=reply_limits(config, resources.federation))
     blocks = cohort_blocks([BlockClient(1000 + c, c, None) for c in clients], "train", spec,
@@ -286,12 +275,12 @@ def test_fedprox_clients_trained_together_match_one_at_a_time(tmp_path, one_torc
                                            "strategy.proximal_mu=2.0", "client.lr=0.2",
                                            "client.optimizer=sgd"))
     assert vectorisable(resources)
-    arrays = _global_arrays(resources)
+    arrays = moved_global_arrays(resources)
     content = RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: 2, PROXIMAL_KEY: 2.0})})
     (chunk,) = list(train_chunks(resources, 2, content, arrays, range(6)))
     kept = [{n: v.copy() for n, v in trained.arrays.items()} for trained in chunk.trained]
     plain = [{n: v.copy() for n, v in trained.arrays.items()} for trained in next(
-        train_chunks(resources, 2, _content(2), arrays, range(6))).trained]
+        train_chunks(resources, 2, round_content(2), arrays, range(6))).trained]
     for client_id, ours, without in zip(range(6), kept, plain, strict=True):
         one = train_client(resources, client_id, 2, content, arrays, RecordDict())
         for name in one.arrays:
@@ -304,7 +293,7 @@ def _stateful_block(resources, config, strategy):
     random server control variate for SCAFFOLD) and every client's state random (FedPer's: its
     own head), as after earlier rounds, but client 11's (its first round: no state)."""
     rng = np.random.default_rng(1)
-    moving = floating(_global_arrays(resources))
+    moving = floating(moved_global_arrays(resources))
     if strategy == "fedper":
         moving = {name: moving[name] for name in head_names(resources.model)}
 
@@ -312,7 +301,7 @@ def _stateful_block(resources, config, strategy):
         return to_array_record({name: rng.normal(0, 0.05, value.shape).astype(value.dtype)
                                 for name, value in moving.items()})
 
-    records = RecordDict({ARRAYS: to_array_record(_global_arrays(resources)),
+    records = RecordDict({ARRAYS: to_array_record(moved_global_arrays(resources)),
                           CONFIG: ConfigRecord({SERVER_ROUND: 3})})
     if strategy == "scaffold":
         records[scaffold.CONTROL_KEY], key = noise(), SCAFFOLD_STATE
@@ -430,11 +419,11 @@ def test_heads_on_frozen_features_train_together(tmp_path, tiny_bert_path, one_t
         "engine.vectorise_clients=true"])
     resources = task_resources(config)
     assert resources.spec.features and vectorisable(resources)
-    arrays = _global_arrays(resources)
+    arrays = moved_global_arrays(resources)
     clients = list(range(6))
-    (chunk,) = list(train_chunks(resources, 2, _content(2), arrays, clients))
+    (chunk,) = list(train_chunks(resources, 2, round_content(2), arrays, clients))
     for client_id, trained in zip(clients, chunk.trained, strict=True):
-        one = train_client(resources, client_id, 2, _content(2), arrays, RecordDict())
+        one = train_client(resources, client_id, 2, round_content(2), arrays, RecordDict())
         for name in one.arrays:
             np.testing.assert_allclose(trained.arrays[name], one.arrays[name], atol=1e-5,
                                        rtol=0)
@@ -454,16 +443,16 @@ def test_with_dropout_clients_drop_what_they_drop_one_at_a_time(tmp_path, overri
     resources = task_resources(tiny_config(tmp_path, *VECTORISED, "model.dropout=0.5",
                                            *overrides))
     assert vectorisable(resources)
-    arrays = _global_arrays(resources)
+    arrays = moved_global_arrays(resources)
 
     def together(server_round):
-        (chunk,) = list(train_chunks(resources, server_round, _content(server_round), arrays,
+        (chunk,) = list(train_chunks(resources, server_round, round_content(server_round), arrays,
                                      range(4)))
         return [{n: v.copy() for n, v in trained.arrays.items()} for trained in chunk.trained]
 
     first, other_round = together(2), together(3)
     for client_id, ours in enumerate(first):
-        one = train_client(resources, client_id, 2, _content(2), arrays, RecordDict())
+        one = train_client(resources, client_id, 2, round_content(2), arrays, RecordDict())
         for name in one.arrays:
             np.testing.assert_allclose(ours[name], one.arrays[name], atol=1e-5, rtol=0)
     name = next(iter(first[0]))
@@ -489,7 +478,7 @@ def test_the_first_step_over_the_shared_weights_gives_the_stacked_copies_bits(
                          f"model.dropout={dropout}")
     resources = task_resources(config)
     model = resources.model
-    global_arrays = _global_arrays(resources)
+    global_arrays = moved_global_arrays(resources)
     ids = list(range(5))
 
     def trained(start):

@@ -29,19 +29,10 @@ from fedtune.server.grid import CohortSpec
 from fedtune.server.screening import check_metric_values, reply_limits
 from fedtune.state.codec import state_from_bytes, state_to_bytes
 from fedtune.task import client_round_seed, seed_torch, task_resources
+from tests.chunk_inputs import moved_global_arrays, round_content
 from tests.conftest import rows_of, tiny_config
 
 LOCAL = ["privacy.mode=local", "privacy.delta=1e-3", "model.dropout=0", "data.num_clients=6"]
-
-
-def _global_arrays(resources, seed=0):
-    rng = np.random.default_rng(seed)
-    return {name: (value + rng.normal(0, 0.05, value.shape)).astype(value.dtype)
-            for name, value in shared_state(resources.model).items()}
-
-
-def _content(server_round):
-    return RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: server_round})})
 
 
 def _state(history):
@@ -116,7 +107,7 @@ def test_given_the_same_draws_a_chunk_takes_opacus_steps(tmp_path, monkeypatch, 
     assert vectorisable(resources)
     dp, settings = local_dp_settings(config), resources.train_settings
     batch = config.client.batch_size
-    arrays = _global_arrays(resources)
+    arrays = moved_global_arrays(resources)
     clients = list(range(6))
     rows = [resources.client_train_rows(c) for c in clients]
     past = [0, 0, 12, 12, 100, 14]  # earlier steps at the client's own sigma and q
@@ -152,7 +143,7 @@ def test_given_the_same_draws_a_chunk_takes_opacus_steps(tmp_path, monkeypatch, 
         monkeypatch.setattr(stacked_dp_sgd, "SecureRandom",
                             _StackReplay(group_uniforms, group_normals))
         (chunk,) = list(train_private_chunks(
-            resources, 1, _content(1), arrays, members,
+            resources, 1, round_content(1), arrays, members,
             [state_to_bytes(RecordDict({protocol.ACCOUNTANT_STATE: ConfigRecord(
                 history_to_lists(histories[i]))})) for i in members]))
         for i, trained in zip(members, chunk.trained, strict=True):
@@ -181,14 +172,14 @@ def test_a_head_on_cached_features_takes_opacus_steps(tmp_path, tiny_bert_path, 
         "privacy.mode=local", "privacy.noise_multiplier=0.7", "privacy.delta=1e-3"])
     resources = task_resources(config)
     assert resources.spec.features and vectorisable(resources)
-    arrays = _global_arrays(resources)
+    arrays = moved_global_arrays(resources)
     rows = [resources.client_train_rows(c) for c in range(4)]
     total = sum(p.numel() for p in resources.model.parameters() if p.requires_grad)
     rng = np.random.default_rng(5)
     uniforms = [rng.random((4, len(r))) for r in rows]
     normals = [rng.standard_normal((4, total)) for _ in rows]
     monkeypatch.setattr(stacked_dp_sgd, "SecureRandom", _StackReplay(uniforms, normals))
-    (chunk,) = list(train_private_chunks(resources, 1, _content(1), arrays, range(4)))
+    (chunk,) = list(train_private_chunks(resources, 1, round_content(1), arrays, range(4)))
     dp = local_dp_settings(config)
     for client, trained in enumerate(chunk.trained):
         monkeypatch.setattr(dp_sgd, "SecureRandom", _Replay(uniforms[client], normals[client]))
@@ -261,9 +252,9 @@ def test_chunks_trained_twice_from_one_seed_differ(tmp_path, one_torch_thread):
     """Everything a run seeds is seeded alike (the round seeds, the global model): the draws
     are secret, so the weights differ; sampled examples and noise both move them."""
     resources = task_resources(tiny_config(tmp_path, *LOCAL, "privacy.noise_multiplier=1"))
-    arrays = _global_arrays(resources)
+    arrays = moved_global_arrays(resources)
     runs = [[{n: v.copy() for n, v in t.arrays.items()} for t in chunk.trained]
-            for chunk in (next(train_private_chunks(resources, 2, _content(2), arrays,
+            for chunk in (next(train_private_chunks(resources, 2, round_content(2), arrays,
                                                     range(6))) for _ in range(2))]
     for first, second in zip(*runs, strict=True):
         assert all(not np.array_equal(first[n], second[n]) for n in first)
@@ -271,7 +262,7 @@ def test_chunks_trained_twice_from_one_seed_differ(tmp_path, one_torch_thread):
 
 def _budget_block(resources, config, histories):
     act_as_server(1)
-    content = DecodedContent.of(RecordDict({ARRAYS: to_array_record(_global_arrays(resources)),
+    content = DecodedContent.of(RecordDict({ARRAYS: to_array_record(moved_global_arrays(resources)),
                                             CONFIG: ConfigRecord({SERVER_ROUND: 2})}))
     spec = CohortSpec(weighted_mean=True, limits=reply_limits(config, resources.federation))
     clients = [BlockClient(1000 + c, c, _state(h) if h else None)
@@ -369,10 +360,10 @@ def test_an_empty_poisson_sample_takes_a_noise_only_step(tmp_path, monkeypatch,
     resources = task_resources(tiny_config(tmp_path, *LOCAL, "privacy.noise_multiplier=1",
                                            "client.optimizer=sgd", "client.lr=1.0",
                                            "client.local_steps=1"))
-    arrays = _global_arrays(resources)
+    arrays = moved_global_arrays(resources)
     monkeypatch.setattr(private_chunks, "poisson_flips",
                         lambda sizes, rates, steps: np.zeros((steps, sum(sizes)), bool))
-    (chunk,) = list(train_private_chunks(resources, 1, _content(1), arrays, [0, 1]))
+    (chunk,) = list(train_private_chunks(resources, 1, round_content(1), arrays, [0, 1]))
     schema = protocol.train_reply_schema("fedavg", "local")
     for client, trained in enumerate(chunk.trained):
         assert trained.metrics["examples-seen"] == 0 and trained.metrics["num-steps"] == 1
