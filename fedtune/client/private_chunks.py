@@ -48,7 +48,13 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedtune import protocol
 from fedtune.client.app import TrainedClient, client_shard, train_metrics
 from fedtune.client.dropout_masks import ClientMasks
-from fedtune.client.vectorised import TrainedChunk, even_chunks, into_chunk, stacked_copies
+from fedtune.client.vectorised import (
+    TrainedChunk,
+    even_chunks,
+    into_chunk,
+    stacked_arrays,
+    stacked_copies,
+)
 from fedtune.data.encode import Encoded
 from fedtune.models.weights import load_shared_state, travelling_tensors
 from fedtune.privacy.accounting import epsilon, history_from_lists, history_to_lists
@@ -77,23 +83,26 @@ def private_chunk_sizes(clients: int, resources: TaskResources) -> list[int]:
 def train_private_chunks(resources: TaskResources, server_round: int, content: RecordDict,
                          global_arrays: dict[str, np.ndarray], client_ids: Sequence[int],
                          states: Sequence[bytes] | None = None,
-                         seeds: Sequence[int] | None = None) -> Iterator[TrainedChunk]:
+                         seeds: Sequence[int] | None = None,
+                         keep_stacks: bool = False) -> Iterator[TrainedChunk]:
     """``fedtune.client.vectorised.train_chunks`` under local DP: the clients ``client_ids``
     (``states``: their Context.states as bytes, which hold their accountant histories;
     ``seeds``: their round seeds, which seed dropout alone) trained a chunk at a time
-    (``private_chunk_sizes``); each chunk's ``states`` carry the new histories."""
+    (``private_chunk_sizes``); each chunk's ``states`` carry the new histories;
+    ``keep_stacks`` as there."""
     first = 0
     for size in private_chunk_sizes(len(client_ids), resources):
         yield _train_private_chunk(
             resources, server_round, content, global_arrays, client_ids[first:first + size],
             [b""] * size if states is None else states[first:first + size],
-            None if seeds is None else seeds[first:first + size])
+            None if seeds is None else seeds[first:first + size], keep_stacks)
         first += size
 
 
 def _train_private_chunk(resources: TaskResources, server_round: int, content: RecordDict,
                          global_arrays: dict[str, np.ndarray], ids: Sequence[int],
-                         states: Sequence[bytes], seeds: Sequence[int] | None) -> TrainedChunk:
+                         states: Sequence[bytes], seeds: Sequence[int] | None,
+                         keep_stacks: bool) -> TrainedChunk:
     started = time.perf_counter()
     config = resources.config
     model = resources.model
@@ -123,7 +132,8 @@ def _train_private_chunk(resources: TaskResources, server_round: int, content: R
                                    [poisson_steps(len(rows[i]), batch_size) for i in members])
         arrays, group = _train_private_group(resources, model, [rows[i] for i in members],
                                              [plans[i] for i in members], int(count), masks,
-                                             dp.max_grad_norm)
+                                             dp.max_grad_norm,
+                                             keep_stacks and len(members) == len(ids))
         stacked = into_chunk(stacked, arrays, members, len(ids), travelling)
         for i, result in zip(members, group, strict=True):
             results[i] = result
@@ -151,17 +161,19 @@ def _train_private_chunk(resources: TaskResources, server_round: int, content: R
 
 def _train_private_group(resources: TaskResources, model: nn.Module, rows: list[np.ndarray],
                          plans: list[StepPlan], steps: int, masks: ClientMasks,
-                         max_grad_norm: float
+                         max_grad_norm: float, hand_over: bool
                          ) -> tuple[dict[str, np.ndarray], list[TrainResult]]:
     """Clients allowed the same number of ``steps`` (at least one), trained together from the
     global weights by DP-SGD (see the module doc): their travelling arrays stacked (client i:
-    row i) and each one's training result (duration 0: the caller shares the chunk's time)."""
+    row i; ``hand_over``: the caller's, ``vectorised.stacked_arrays``) and each one's training
+    result (duration 0: the caller shares the chunk's time)."""
     travelling = travelling_tensors(model)
     clients = len(rows)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     fixed = {name: t for name, t in (*model.named_parameters(), *model.named_buffers())
              if name not in names}
-    stacked, optimizer = stacked_copies(model, names, clients, resources.train_settings)
+    copies = stacked_copies(model, names, clients, resources.train_settings)
+    stacked, optimizer = copies.tensors, copies.optimizer
     with torch.no_grad():
         torch._foreach_copy_(stacked, [travelling[name].detach().expand_as(copy)
                                        for name, copy in zip(names, stacked, strict=True)])
@@ -189,10 +201,7 @@ def _train_private_group(resources: TaskResources, model: nn.Module, rows: list[
             optimizer.step()
             loss_sums += (losses.detach() * mask).sum(dim=1).double().numpy()
             seen += counts
-    by_name = dict(zip(names, stacked, strict=True))
-    arrays = {name: by_name[name].detach().numpy() if name in by_name
-              else np.broadcast_to(value.detach().numpy(), (clients, *value.shape))
-              for name, value in travelling.items()}
+    arrays = stacked_arrays(copies, names, travelling, clients, hand_over)
     return arrays, [TrainResult(float(loss_sums[i] / seen[i]) if seen[i] else math.nan,
                                 int(seen[i]), steps, 0.0) for i in range(clients)]
 

@@ -157,7 +157,8 @@ class TrainedChunk:
 
     trained: list[TrainedClient]
     # travelling tensor name -> the chunk's clients' values stacked (client i: row i), valid
-    # until the next chunk trains; None when no client of the chunk took a step
+    # until the next chunk trains (``train_chunks``' keep_stacks: the caller's); None when no
+    # client of the chunk took a step
     stacked: dict[str, np.ndarray] | None
     share: float
     states: list[bytes]  # each client's state after it trained (``fedtune.state.codec``)
@@ -165,8 +166,8 @@ class TrainedChunk:
 
 def train_chunks(resources: TaskResources, server_round: int, content: RecordDict,
                  global_arrays: dict[str, np.ndarray], client_ids: Sequence[int],
-                 states: Sequence[bytes] | None = None, seeds: Sequence[int] | None = None
-                 ) -> Iterator[TrainedChunk]:
+                 states: Sequence[bytes] | None = None, seeds: Sequence[int] | None = None,
+                 keep_stacks: bool = False) -> Iterator[TrainedChunk]:
     """Train the clients ``client_ids`` on their training splits from ``global_arrays``
     (``content``: the train message's records), a chunk at a time (``chunk_sizes``).
     ``states``: each client's Context.state as bytes (``fedtune.state.codec``; b"": empty),
@@ -175,13 +176,15 @@ def train_chunks(resources: TaskResources, server_round: int, content: RecordDic
     does (None: every client's state is empty); each chunk's ``states`` are the new ones.
     ``seeds``: each client's round seed (``fedtune.task.client_round_seeds`` of this round and
     message, derived for a whole cohort at once by ``fedtune.engine.cohort.cohort_clients``;
-    None: derived here, a chunk at a time)."""
+    None: derived here, a chunk at a time). ``keep_stacks``: each chunk's ``stacked`` arrays
+    are the caller's to keep (no later chunk writes them: a strategy that keeps every update
+    holds them without a copy); else they are valid until the next chunk trains."""
     first = 0
     for size in chunk_sizes(len(client_ids), resources.model):
         yield _train_chunk(resources, server_round, content, global_arrays,
                            client_ids[first:first + size],
                            [b""] * size if states is None else states[first:first + size],
-                           None if seeds is None else seeds[first:first + size])
+                           None if seeds is None else seeds[first:first + size], keep_stacks)
         first += size
 
 
@@ -295,7 +298,8 @@ def chunk_objective(sides: Sequence[ClientSide], model: nn.Module) -> LocalObjec
 
 def _train_chunk(resources: TaskResources, server_round: int, content: RecordDict,
                  global_arrays: dict[str, np.ndarray], ids: Sequence[int],
-                 states: Sequence[bytes], seeds: Sequence[int] | None = None) -> TrainedChunk:
+                 states: Sequence[bytes], seeds: Sequence[int] | None = None,
+                 keep_stacks: bool = False) -> TrainedChunk:
     started = time.perf_counter()
     config = resources.config
     model = resources.model
@@ -322,8 +326,10 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
         group_objective = (objective.rows(members) if isinstance(objective, StackedObjective)
                            and len(members) < len(ids) else objective)
         start = {name: value[members] for name, value in starts.items()}
+        # a group of the whole chunk is its stack; another's rows are copied into one
         arrays, group = _train_group(resources, model, [rows[i] for i in members],
-                                     group_objective, masks, start)
+                                     group_objective, masks, start,
+                                     keep_stacks and len(members) == len(ids))
         stacked = into_chunk(stacked, arrays, members, len(ids), travelling)
         for i, result in zip(members, group, strict=True):
             results[i] = result
@@ -360,7 +366,7 @@ def into_chunk(stacked: dict[str, np.ndarray] | None, arrays: dict[str, np.ndarr
         return arrays
     if stacked is None:
         stacked = {name: np.array(np.broadcast_to(value.detach().numpy(),
-                                                  (clients, *value.shape)))
+                                                  (clients, *value.shape)), order="C")
                    for name, value in travelling.items()}
     for name, value in arrays.items():
         stacked[name][members] = value
@@ -388,7 +394,7 @@ def _client_batches(resources: TaskResources, shards: Sequence[int], seeds: Sequ
 
 def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.ndarray]],
                  objective: LocalObjective | None, masks: ClientMasks,
-                 start: dict[str, np.ndarray] | None = None
+                 start: dict[str, np.ndarray] | None = None, hand_over: bool = False
                  ) -> tuple[dict[str, np.ndarray], list[TrainResult]]:
     """Clients that take the same number of steps (at least one), trained together: their
     travelling arrays stacked (client i: row i) and each one's training result (duration 0:
@@ -396,14 +402,15 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
     gradient, as ``LocalObjective.adjust_gradients`` adds them to one client's; dropout drops
     what each client's own generator draws (``masks``). Every client starts from the global
     weights but for the trainable tensors of ``start``: its own values (row i: client i's;
-    FedPer's personal head)."""
+    FedPer's personal head). ``hand_over``: the arrays are the caller's (``stacked_arrays``)."""
     travelling = travelling_tensors(model)
     steps = len(rows[0])
     clients = len(rows)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     fixed = {name: t for name, t in (*model.named_parameters(), *model.named_buffers())
              if name not in names}
-    stacked, optimizer = stacked_copies(model, names, clients, resources.train_settings)
+    copies = stacked_copies(model, names, clients, resources.train_settings)
+    stacked, optimizer = copies.tensors, copies.optimizer
     with torch.no_grad():  # every client starts from the global weights
         torch._foreach_copy_(stacked, [travelling[name].detach().expand_as(copy)
                                        for name, copy in zip(names, stacked, strict=True)])
@@ -453,10 +460,7 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
             optimizer.step()
             loss_sums += losses.detach().double().numpy() * counts
             seen += counts
-    by_name = dict(zip(names, stacked, strict=True))
-    arrays = {name: by_name[name].detach().numpy() if name in by_name
-              else np.broadcast_to(value.detach().numpy(), (clients, *value.shape))
-              for name, value in travelling.items()}
+    arrays = stacked_arrays(copies, names, travelling, clients, hand_over)
     return arrays, [TrainResult(float(loss_sums[i] / seen[i]), int(seen[i]), steps, 0.0)
                     for i in range(clients)]
 
@@ -488,23 +492,63 @@ def clip_stacked(stacked: Sequence[torch.Tensor], max_norm: float) -> None:
         gradient.mul_(coefficient.view(-1, *[1] * (gradient.dim() - 1)))
 
 
+@dataclass
+class StackedCopies:
+    """A chunk size's stacked copies of the trainable parameters (client i: row i) and an
+    optimizer over them: ``tensors``, what the optimizer steps, are views of ``owners``, NumPy
+    arrays that own the memory, so a caller that keeps a trained chunk holds those arrays as
+    they are (``hand_over``), read-only and without a copy (``fedtune.server.checkpoint``)."""
+
+    tensors: list[torch.Tensor]
+    owners: list[np.ndarray]
+    optimizer: torch.optim.Optimizer
+
+    def hand_over(self) -> list[np.ndarray]:
+        """The trained values, the caller's from now on: the tensors move to fresh memory,
+        where the next chunk of this size trains (the optimizer and its moments stay)."""
+        trained, self.owners = self.owners, [np.empty_like(owner) for owner in self.owners]
+        with torch.no_grad():
+            for tensor, owner in zip(self.tensors, self.owners, strict=True):
+                tensor.set_(torch.from_numpy(owner))
+        return trained
+
+
 def stacked_copies(model: nn.Module, names: list[str], clients: int, settings: TrainSettings
-                   ) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+                   ) -> StackedCopies:
     """``clients`` stacked copies of the trainable parameters ``names`` and an optimizer over
     them, reset (as new). Kept on the model for the next chunk of as many clients: fresh
     tensors of a chunk's size are zero-filled page by page on first write, which costs more
     than the chunk's optimizer step."""
-    kept: dict[int, tuple[list[torch.Tensor], torch.optim.Optimizer]] = model.__dict__.setdefault(
-        "_fedtune_stacked", {})
+    kept: dict[int, StackedCopies] = model.__dict__.setdefault("_fedtune_stacked", {})
     if clients not in kept:
         if len(kept) >= KEPT_SIZES:
             kept.pop(next(iter(kept)))
         params = dict(model.named_parameters())
-        stacked = [params[name].detach().expand(clients, *params[name].shape).clone()
-                   for name in names]
-        kept[clients] = stacked, make_optimizer(stacked, settings)
-    stacked, optimizer = kept[clients]
-    return stacked, reset_optimizer(optimizer)
+        # C order: NumPy keeps a broadcast's strides otherwise (the clients' axis innermost),
+        # and torch's fused CPU AdamW steps such a tensor wrongly (torch 2.13)
+        owners = [np.array(np.broadcast_to(params[name].detach().numpy(),
+                                           (clients, *params[name].shape)), order="C")
+                  for name in names]
+        tensors = [torch.from_numpy(owner) for owner in owners]
+        kept[clients] = StackedCopies(tensors, owners, make_optimizer(tensors, settings))
+    copies = kept[clients]
+    reset_optimizer(copies.optimizer)
+    return copies
+
+
+def stacked_arrays(copies: StackedCopies, names: list[str],
+                   travelling: dict[str, torch.Tensor], clients: int, hand_over: bool
+                   ) -> dict[str, np.ndarray]:
+    """A trained group's travelling arrays stacked (client i: row i): the trained copies and
+    the frozen tensors broadcast, views valid until the next chunk loads its model and trains
+    in these copies; ``hand_over``: arrays of their own, the caller's (no later chunk writes
+    them), the frozen tensors repeated."""
+    trained = dict(zip(names, copies.hand_over() if hand_over else copies.owners, strict=True))
+    frozen = {name: np.broadcast_to(value.detach().numpy(), (clients, *value.shape))
+              for name, value in travelling.items() if name not in trained}
+    if hand_over:
+        frozen = {name: np.array(value, order="C") for name, value in frozen.items()}
+    return {name: trained[name] if name in trained else frozen[name] for name in travelling}
 
 
 def _gather_step(encoded: Encoded, labels: np.ndarray, rows: list[np.ndarray]

@@ -370,10 +370,11 @@ def _train_together(resources: TaskResources, content: DecodedContent, task: Blo
     states = [client.state or b"" for client in task.clients]
     seeds = [client.seed for client in task.clients]
     trainer = train_private_chunks if _private(resources) else train_chunks
+    # a cohort that keeps every update (no weighted mean) keeps each chunk's stack itself
     chunks = trainer(resources, content.server_round, content.records,
                      content.arrays[protocol.ARRAYS],
                      [client.client_id for client in task.clients], states,
-                     None if None in seeds else seeds)
+                     None if None in seeds else seeds, keep_stacks=not task.spec.weighted_mean)
     done = 0
     while done < len(task.clients):
         try:
@@ -456,7 +457,8 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
     the chunk (``check_metric_rows``), the bytes counted once; the chunk's sum is added to the
     block's where every client is accepted, else the accepted rows are summed again
     (``chunk_passes.accumulate_rows``: the same bits for the same rows), or the accepted
-    updates are kept as one copy (written by the norms' read of the rows where it can be)."""
+    updates are kept as rows of the chunk's stack, which the trainer handed over
+    (``_train_together``'s keep_stacks): no copy."""
     from fedtune.server import chunk_passes  # numba's import (~0.3 s): chunked runs only
     reports = [ClientReport(c.node_id, c.client_id, "ok") for c in members]
     result.reports.extend(reports)
@@ -469,17 +471,13 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
     global_arrays = content.arrays[protocol.ARRAYS]
     stacked = chunk.stacked
     norms, chunk_sum, chunk_problem, chunk_bytes = None, None, "?", 0
-    copies = None  # the kept updates' copy, made with the norms where updates are kept
     if stacked is not None:
         first = {name: value[0] for name, value in stacked.items()}
         chunk_problem = _reply_structure({protocol.ARRAYS: first}, content, spec)
         if not chunk_problem:  # else each client is screened alone below
             bound = absurd_bound(content.model_norm)
             weights = _chunk_weights(chunk) if spec.weighted_mean else None
-            if not spec.weighted_mean:
-                norms, copies = chunk_passes.update_norms_and_copy(global_arrays, stacked,
-                                                                   bound)
-            elif weights is None:
+            if weights is None:
                 norms = chunk_passes.update_norms(global_arrays, stacked, bound)
             else:
                 norms, chunk_sum = chunk_passes.update_norms_and_sum(global_arrays, stacked,
@@ -525,13 +523,10 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
         else:
             chunk_passes.accumulate_rows(result.total, rows, weights)
         result.weight += float(weights.sum())
-    else:  # kept past the next chunk, which overwrites the stacked copies: one copy
-        kept, at = (copies, accepted) if copies is not None else (
-            {name: np.array(value[accepted]) for name, value in stacked.items()},
-            range(len(accepted)))
-        for j, i in zip(at, accepted, strict=True):
+    else:  # the chunk's stack, the cohort's to keep (``_train_together``'s keep_stacks)
+        for i in accepted.tolist():
             reports[i].update = {**_received(chunk.trained[i]),
-                                 protocol.ARRAYS: StackedRow(kept, int(j))}
+                                 protocol.ARRAYS: StackedRow(stacked, i)}
 
 
 def _chunk_weights(chunk: TrainedChunk) -> np.ndarray | None:

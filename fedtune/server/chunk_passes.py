@@ -32,8 +32,8 @@ rows of several chunks' stacked copies, interleaved, read back from memory
 (``fedtune.server.background_sums``). ``add_rows_in_order`` reads each row once into a float64
 total with one addition per row in that order (``strategies.asynchronous.add_in_order``'s
 bits), 0.024 CPU-ms a client where NumPy's per-row casting additions took 0.045 (BENCHMARKS.md,
-the virtual clock); the chunk kept for it is copied by the norms' read
-(``update_norms_and_copy``).
+the virtual clock); the chunk kept for it is the trained stack itself, which the trainer hands
+over (``fedtune.client.vectorised.StackedCopies``), so only its norms are read here.
 """
 
 from __future__ import annotations
@@ -84,18 +84,6 @@ def _distances(rows: np.ndarray, flat: np.ndarray, squares: np.ndarray) -> None:
 
 
 @numba.njit(nogil=True, cache=True)
-def _distances_and_copy(rows: np.ndarray, flat: np.ndarray, squares: np.ndarray,
-                        copies: np.ndarray) -> None:
-    """squares[k] += row k's squared distance to ``flat`` (``_distances``' bits), and row k
-    copied into ``copies`` while it is in cache."""
-    for k in range(rows.shape[0]):
-        row, copy = rows[k], copies[k]
-        squares[k] += _squared_distance(row, flat)
-        for j in range(row.size):
-            copy[j] = row[j]
-
-
-@numba.njit(nogil=True, cache=True)
 def _sum(rows: np.ndarray, weights: np.ndarray, total: np.ndarray) -> None:
     """``total`` += Σ_k weights[k] × row k."""
     for k in range(rows.shape[0]):
@@ -136,25 +124,6 @@ def update_norms(global_arrays: Mapping[str, np.ndarray], stacked: Mapping[str, 
         if value.dtype.kind == "f":
             _distances(_rows(stacked[name], value), _flat(value), squares)
     return _exact_near(np.sqrt(squares), global_arrays, stacked, exact_from)
-
-
-def update_norms_and_copy(global_arrays: Mapping[str, np.ndarray],
-                          stacked: Mapping[str, np.ndarray], exact_from: float = math.inf
-                          ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``update_norms`` and a copy of ``stacked`` (C-contiguous arrays that own their data,
-    kept past the chunk whose stacked arrays the next one overwrites), from one read of each
-    row."""
-    squares = np.zeros(_clients(stacked))
-    copies = {}
-    for name, value in stacked.items():
-        start = global_arrays[name]
-        if start.dtype.kind != "f":
-            copies[name] = np.array(value, order="C")
-            continue
-        copies[name] = np.empty(value.shape, value.dtype)
-        _distances_and_copy(_rows(value, start), _flat(start), squares,
-                            copies[name].reshape(len(value), -1))
-    return _exact_near(np.sqrt(squares), global_arrays, stacked, exact_from), copies
 
 
 def update_norms_and_sum(global_arrays: Mapping[str, np.ndarray],

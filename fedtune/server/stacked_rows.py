@@ -1,10 +1,10 @@
 """A client's trained model held as a row of a cohort's stacked arrays.
 
 Clients trained together (``fedtune.client.vectorised``) come back as stacked arrays (tensor
-name -> every client's values, client k in row k), which the cohort keeps as one copy per chunk
-(``fedtune.engine.cohort``), each accepted client's update a ``StackedRow`` of it: a read-only
-mapping like any model, whose stack and row let the asynchronous loop keep the stack as it is
-(``fedtune.server.async_loop``) and a compiled sum read the rows in place
+name -> every client's values, client k in row k), which the cohort keeps as the trainer hands
+them over (``fedtune.engine.cohort``), each accepted client's update a ``StackedRow`` of it: a
+read-only mapping like any model, whose stack and row let the asynchronous loop keep the stack
+as it is (``fedtune.server.async_loop``) and a compiled sum read the rows in place
 (``fedtune.server.background_sums``).
 """
 

@@ -430,6 +430,39 @@ def test_heads_on_frozen_features_train_together(tmp_path, tiny_bert_path, one_t
 
 
 @pytest.mark.parametrize("overrides", [
+    [],  # every client takes as many steps: the chunk is one group, its stacked copies
+    # shards of other sizes take other numbers of steps: groups copied into the chunk's stack
+    ["client.local_steps=0", "client.local_epochs=1", "client.batch_size=16",
+     "data.partitioner=dirichlet", "data.alpha=1.0"],
+], ids=["one-group", "groups"])
+def test_kept_stacks_are_the_callers_and_hold_the_same_bits(tmp_path, overrides,
+                                                            one_torch_thread):
+    """``keep_stacks``: a chunk's stacked arrays own their memory, C-contiguous, and no later
+    chunk of as many clients (FedBuff's next training call, which trains in the same stacked
+    copies) writes them; their bits are those of the stacks a weighted mean reads in place."""
+    resources = task_resources(tiny_config(tmp_path, *VECTORISED, *overrides))
+    arrays = moved_global_arrays(resources)
+
+    def stacks(clients, keep):
+        (chunk,) = list(train_chunks(resources, 3, round_content(3), arrays, clients,
+                                     keep_stacks=keep))
+        return chunk.stacked
+
+    kept = stacks(range(6), True)
+    values = {name: value.copy() for name, value in kept.items()}
+    later = stacks(range(6, 12), True)
+    for name, value in kept.items():
+        np.testing.assert_array_equal(value, values[name])  # the later chunk wrote elsewhere
+        assert value.base is None and value.flags.c_contiguous
+        assert not np.shares_memory(value, later[name])
+    shared = stacks(range(6), False)
+    for name, value in shared.items():
+        np.testing.assert_array_equal(value, values[name])
+    reused = {name: value.copy() for name, value in stacks(range(6, 12), False).items()}
+    assert all(np.array_equal(shared[n], reused[n]) for n in shared) == (overrides == [])
+
+
+@pytest.mark.parametrize("overrides", [
     ["client.local_steps=3"],
     # one epoch of batches of 16 (a smaller last batch, padded) with two dropout layers
     ["client.local_steps=0", "client.local_epochs=1", "client.batch_size=16",

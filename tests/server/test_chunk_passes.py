@@ -9,7 +9,6 @@ import pytest
 from fedtune.server.chunk_passes import (
     accumulate_rows,
     update_norms,
-    update_norms_and_copy,
     update_norms_and_sum,
 )
 from fedtune.server.guard import update_norm
@@ -77,20 +76,3 @@ def test_rows_that_do_not_fit_are_refused():
         update_norms({"b": global_arrays["b"][:63]}, {"b": stacked["b"]})
     with pytest.raises(ValueError, match="3 weights for 4 clients"):
         update_norms_and_sum(global_arrays, stacked, np.ones(3))
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_kept_copy_is_made_by_the_norms_read(dtype):
-    """A chunk kept past the next one (FedBuff, Krum: no weighted sum): the same norms as
-    ``update_norms`` and a copy equal to the stacked rows that owns its data, so the next
-    chunk's training cannot change it."""
-    global_arrays, stacked = _chunk(dtype)
-    stacked["w"][5] *= 1e3
-    norms, copies = update_norms_and_copy(global_arrays, stacked, exact_from=50.0)
-    np.testing.assert_array_equal(norms, update_norms(global_arrays, stacked, exact_from=50.0))
-    assert list(copies) == list(stacked)
-    for name, value in stacked.items():
-        copy = copies[name]
-        np.testing.assert_array_equal(copy, value)
-        assert copy.dtype == value.dtype and copy.base is None and copy.flags.c_contiguous
-        assert not np.shares_memory(copy, value)
