@@ -34,6 +34,7 @@ from fedtune.config import (
 from fedtune.results.run_dir import check_creatable, is_empty_run_dir, json_safe
 from fedtune.results.run_log import capture_run_log, quiet_libraries
 from fedtune.results.tracking import check_tracking
+from fedtune.startup_collection import imports_outside_collection
 from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.runtimes import RUNTIMES
 from fedtune.terminal import (
@@ -221,7 +222,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     reporter.stage("loading torch, transformers and Flower")
     try:
         with capture_run_log(run_dir, echo=args.verbose) as run_log:
-            stopped = _launch(config, reporter, ctrl_c.stop, args.verbose)
+            stopped = _launch(config, reporter, ctrl_c.stop, args.verbose, args.owns_process)
     except KeyboardInterrupt:
         reporter.close()
         console.print(_interrupted(run_dir), highlight=False)
@@ -270,12 +271,15 @@ class _RunFailed(Exception):
     """A run raised: its message goes to the terminal, its traceback to log.txt."""
 
 
-def _launch(config: Config, reporter: Any, stop: threading.Event, verbose: bool) -> bool:
-    """Run ``config`` (inside its log capture); True when Ctrl-C stopped it."""
+def _launch(config: Config, reporter: Any, stop: threading.Event, verbose: bool,
+            owns_process: bool) -> bool:
+    """Run ``config`` (inside its log capture); True when Ctrl-C stopped it. ``owns_process``:
+    this process runs this command alone (``fedtune.startup_collection``)."""
     quiet_libraries()
-    from fedtune.engine.launch import launch
-    from fedtune.server.exchange import RunStopped
-    from fedtune.server.loop import RunFailed
+    with imports_outside_collection(owns_process):
+        from fedtune.engine.launch import launch
+        from fedtune.server.exchange import RunStopped
+        from fedtune.server.loop import RunFailed
 
     try:
         launch(config, reporter, stop)
@@ -715,7 +719,10 @@ def _config_warnings_as_lines() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; ``argv`` None: ``sys.argv``, in a process that runs this command alone
+    (the ``fedtune`` script, ``python -m fedtune``)."""
     args = build_parser().parse_args(argv)
+    args.owns_process = argv is None
     # bound to this stdout, so that a run's log capture (which takes sys.stdout) leaves it be;
     # long paths stay on one line, also in logs
     console = Console(file=sys.stdout, soft_wrap=True)
