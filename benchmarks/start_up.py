@@ -1,6 +1,6 @@
 """What a short run costs from the command line to its exit, on two source trees, alternated.
 
-Each side is ``python -m fedtune run`` (its own process, as a user starts it) with
+Each side is the ``fedtune run`` script (its own process, as a user starts it) with
 ``PYTHONPATH`` set to one tree, on the engine benchmark's MLP workload
 (``engine_benchmarks.MLP``) for ``--rounds`` rounds (default 1: start-up, one round, the
 results and the exit), or on a simulation file (``--config``). The trees alternate, A B A B,
@@ -55,14 +55,16 @@ def main() -> None:
     workload = [str(args.config)] if args.config else [
         *(f"--set={override}" for override in MLP),
         f"--set=data.num_clients={args.clients}", f"--set=run.rounds={args.rounds}"]
+    # the installed script, whose sys.path puts PYTHONPATH first (``python -m`` from a
+    # checkout would import the checkout's fedtune on both sides)
+    script = Path(sys.executable).with_name("fedtune")
     load = os.getloadavg()[0]
     seconds: dict[Path, list[tuple[float, float]]] = {args.before: [], args.after: []}
     with tempfile.TemporaryDirectory() as scratch:
         for pair in range(args.pairs):
             for tree in (args.before, args.after):
                 out = Path(scratch) / f"{tree.name}-{pair}"
-                command = [sys.executable, "-m", "fedtune", "run", *workload, "--quiet",
-                           "--output", str(out)]
+                command = [str(script), "run", *workload, "--quiet", "--output", str(out)]
                 seconds[tree].append(one_run(tree, command))
                 print(f"pair {pair + 1}, {tree}: {seconds[tree][-1][0]:.2f} s wall, "
                       f"{seconds[tree][-1][1]:.2f} CPU-s", flush=True)
