@@ -44,7 +44,6 @@ per client made that capture cost more than the clients' training, and each call
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from collections.abc import Mapping
 from operator import attrgetter
@@ -284,24 +283,20 @@ class AsyncRound:
 
     def _unpack(self, call: int) -> None:
         """What the server will hear of each client in flight of the trained ``call``, from
-        its results (``_call_results``), all at once (``ready``)."""
+        its results (``_call_results``), all at once (``ready``): column by column, a Python
+        object per client only for its ``Heard`` and its trained model."""
         loop = self.loop
         results = loop.results[str(call)]
         flying = (loop.flight[:, CALL] == call) & (loop.flight[:, TRAINED] == 1)
         clients = np.sort(loop.flight[flying, CLIENT].astype(np.int64))
         rows = np.searchsorted(results["client"], clients)
-        notes, where, blocks = results["notes"], results["where"], results["trained"]
-        starts = results["start"]
-        for client, row, numbers, at in zip(clients.tolist(), rows.tolist(),
-                                            results["numbers"][rows].tolist(),
-                                            results["kept_at"][rows].tolist(), strict=True):
-            trained: Trained | None = None
-            if at >= 0:
-                block, position = where[at].tolist()
-                trained = starts, StackedRow(blocks[block], position)
-            status, reason = notes.get(str(row), ("ok", ""))
-            self.ready[client] = Heard(**_fields(numbers), status=status, reason=reason,
-                                       trained=trained)
+        columns = _columns(results["numbers"][rows])
+        statuses, reasons = _notes(results["notes"], rows.tolist())
+        where, blocks, starts = results["where"].tolist(), results["trained"], results["start"]
+        trained = [None if at < 0 else (starts, StackedRow(blocks[where[at][0]], where[at][1]))
+                   for at in results["kept_at"][rows].tolist()]
+        self.ready.update(zip(clients.tolist(), map(Heard._make, zip(
+            *columns, statuses, reasons, trained, strict=True)), strict=True))
         self.waiting[call] = len(clients)
 
     def _heard(self, server_round: int, client: int, start: float, finish: float,
@@ -465,11 +460,27 @@ def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np
     return FrozenMapping({**results, "trained": blocks, "notes": notes})
 
 
-def _fields(numbers: list[float]) -> dict[str, int | float | None]:
-    """A clients.csv row's numbers by name (``_NUMBERS``) from their float64 values: NaN is
-    None, the counts (``_COUNTS``) are ints."""
-    return {name: None if math.isnan(value) else int(value) if name in _COUNTS else value
-            for name, value in zip(_NUMBERS, numbers, strict=True)}
+def _columns(numbers: np.ndarray) -> list[list[Any]]:
+    """clients.csv's numbers (``_NUMBERS``), a list per column, from their float64 rows: NaN
+    is None, the counts (``_COUNTS``) are ints."""
+    columns = []
+    for name, column in zip(_NUMBERS, numbers.T, strict=True):
+        missing = np.isnan(column)
+        values = (np.where(missing, 0, column).astype(np.int64) if name in _COUNTS
+                  else column).astype(object)
+        values[missing] = None
+        columns.append(values.tolist())
+    return columns
+
+
+def _notes(notes: Mapping[str, list[str]], rows: list[int]) -> tuple[list[str], list[str]]:
+    """The status and reason of each of ``rows`` of a call's results ("notes": by row, only
+    those other than ok without a reason)."""
+    statuses, reasons = ["ok"] * len(rows), [""] * len(rows)
+    if notes:
+        for i, row in enumerate(rows):
+            statuses[i], reasons[i] = notes.get(str(row), ("ok", ""))
+    return statuses, reasons
 
 
 def _read_only(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
