@@ -445,10 +445,11 @@ def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np
     the model they started from and, where ``kept_at`` says so, the accepted clients' trained
     models (in client order, stacked: ``_stacked``)."""
     by_client = {row.client_id: row for row in rows}
-    numbers = np.array([_NUMBER_FIELDS(by_client[c]) for c in clients],  # None: NaN
+    ordered = [by_client[c] for c in clients]
+    numbers = np.array(list(map(_NUMBER_FIELDS, ordered)),  # None: NaN
                        dtype=np.float64).reshape(len(clients), len(_NUMBERS))
-    notes = {str(i): [by_client[c].status, by_client[c].reason] for i, c in enumerate(clients)
-             if (by_client[c].status, by_client[c].reason) != ("ok", "")}
+    notes = {str(i): [row.status, row.reason] for i, row in enumerate(ordered)
+             if row.status != "ok" or row.reason != ""}
     kept_at = np.full(len(clients), -1, dtype=np.int64)
     kept_at[np.searchsorted(clients, np.array([r.client_id for r in accepted], dtype=np.int64))
             ] = np.arange(len(accepted))
