@@ -55,6 +55,7 @@ from flwr.app import ConfigRecord, MetricRecord
 from fedtune import protocol
 from fedtune.config import Config
 from fedtune.devices.clock import VirtualClock
+from fedtune.devices.profiles import Diurnal
 from fedtune.errors import ConfigError
 from fedtune.results.run_dir import ClientRow, RoundRow
 from fedtune.server.checkpoint import FrozenMapping
@@ -137,6 +138,8 @@ class AsyncLoop:
         idle = (~self.busy).nonzero()[0]  # np.flatnonzero's, without its wrapper's cost
         if not len(idle):
             return np.inf, _NO_CLIENTS
+        if _always_available(clock):
+            return moment, idle
         available = idle[clock.available(idle, moment)]
         if not len(available):
             moment = float(clock.next_available(idle, moment).min()) + 1e-6
@@ -157,7 +160,8 @@ class AsyncLoop:
             self.next_arrival = moment + float(rng.exponential(1.0 / self.arrival_rate))
         self.now = moment
         finish = moment + float(durations[client])
-        offline = float(clock.online_until(np.array([client]), moment)[0])
+        offline = np.inf if _always_available(clock) else float(
+            clock.online_until(np.array([client]), moment)[0])
         lost = finish > offline  # a lost client's work is never needed: "trained"
         finish = min(finish, offline)
         self.flight[slot] = (client, moment, finish, version, lost, lost, -1)
@@ -429,6 +433,15 @@ class AsyncRound:
             virtual_time_s=self.loop.now)
         return RoundOutcome(row, rows, global_eval, metrics, len(rows), 0,
                             evaluation.rows(server_round))
+
+
+def _always_available(clock: VirtualClock) -> bool:
+    """Whether every device is available at every moment (a diurnal window of the whole day:
+    ``devices.profile = 'none'``, lognormal's default, a trace without availability), so that
+    the clock need not be asked per start (~3 us a start: a thousand per FedBuff update of
+    K = 1,000)."""
+    availability = clock.profiles.availability
+    return isinstance(availability, Diurnal) and availability.fraction >= 1
 
 
 def _tested(evaluation: EvalResult | None) -> dict[str, float | None]:

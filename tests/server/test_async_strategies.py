@@ -165,3 +165,22 @@ def test_a_calls_results_give_back_each_clients_fields():
         assert got == expected
         assert [type(value) for value in got] == [type(value) for value in expected]
     assert _notes({}, [4, 1]) == (["ok", "ok"], ["", ""])
+
+
+def test_the_loop_asks_the_clock_only_when_devices_can_be_offline():
+    """A start skips the clock's availability queries (``_always_available``) exactly where
+    they would say every client is there, at every moment, until +inf."""
+    from fedtune.devices.clock import VirtualClock
+    from fedtune.devices.profiles import DeviceProfiles, Diurnal
+    from fedtune.server.async_loop import _always_available
+
+    clients, moments = np.arange(50), [0.0, 0.3, 17.25, 1e7]
+    phase = np.random.default_rng(0).random(50)
+    for fraction, always in [(1.0, True), (0.5, False)]:
+        profiles = DeviceProfiles(np.ones(50), np.ones(50), np.ones(50),
+                                  Diurnal(phase, fraction, 10.0))
+        clock = VirtualClock(profiles, np.ones(50, dtype=np.int64))
+        assert _always_available(clock) is always
+        asked = [(clock.available(clients, t).all(), np.isinf(clock.online_until(clients, t)).all())
+                 for t in moments]
+        assert all(answer == (always, always) for answer in asked)
