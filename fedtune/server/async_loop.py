@@ -25,7 +25,8 @@ starting one and removing it touch one row, not seven arrays; the next to finish
 a heap of (finish, client, slot) beside the table, the lowest free slot the top of another
 (``AsyncRound._index``: rebuilt from the table, so a checkpoint needs neither). A draw among
 one available client is no draw: its seeded generator is made only when there is a choice (or
-a Poisson arrival to time). The results wait by training call, not by client: one entry per
+a Poisson arrival to time); devices that are always available are not asked at each start
+whether they are (``_always_available``). The results wait by training call, not by client: one entry per
 call, the model its clients started from, their trained models stacked and their clients.csv
 fields column by column, read-only arrays that the checkpoint keeps without copying
 (``fedtune.server.checkpoint``); what the server will hear of each of a call's clients in
