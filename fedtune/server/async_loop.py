@@ -26,9 +26,9 @@ a heap of (finish, client, slot) beside the table, the lowest free slot the top 
 (``AsyncRound._index``: rebuilt from the table, so a checkpoint needs neither). A draw among
 one available client is no draw: its seeded generator is made only when there is a choice (or
 a Poisson arrival to time); devices that are always available are not asked at each start
-whether they are (``_always_available``). The results wait by training call, not by client: one entry per
-call, the model its clients started from, their trained models stacked and their clients.csv
-fields column by column, read-only arrays that the checkpoint keeps without copying
+whether they are (``_always_available``). The results wait by training call, not by client:
+one entry per call, the model its clients started from, their trained models stacked and their
+clients.csv fields column by column, read-only arrays that the checkpoint keeps without copying
 (``fedtune.server.checkpoint``); what the server will hear of each of a call's clients in
 flight (``Heard``) is unpacked from them once per call, when it trains or after a resume, and
 the call's entry dropped after its last client is heard. The strategy gets a heard
