@@ -86,8 +86,10 @@ class FedBuff(AsynchronousStrategy):
         if type(self).prepare is not FedBuff.prepare:  # each update prepared on its own
             return super().receive_trained(start, trained, staleness, weight, client)
         scale = staleness_weight(staleness)
-        group = next((g for g in self.arrived if g.start is start and g.scale == scale), None)
-        if group is None:
+        for group in self.arrived:
+            if group.start is start and group.scale == scale:
+                break
+        else:
             group = Arrivals(start, scale, self.ordered_sum(list(start)))
             self.arrived.append(group)
         group.total.add(trained)

@@ -142,3 +142,45 @@ def test_a_subclass_that_prepares_each_update_receives_each_prepared_update():
     assert strategy.arrived == []
     np.testing.assert_allclose(strategy.buffer["w"],
                                (TRAINED[0]["w"].astype(np.float64) - STARTS[0]["w"]) / 2)
+
+
+def test_a_calls_results_give_back_each_clients_fields():
+    """The loop keeps a training call's clients.csv numbers as float64 columns (NaN: None) and
+    only the unusual statuses (``_call_results``); unpacked column by column (``_columns``,
+    ``_notes``) they are the rows' own values, ints where clients.csv has ints."""
+    from fedtune.results.run_dir import ClientRow
+    from fedtune.server.async_loop import _call_results, _columns, _notes
+
+    rows = [ClientRow(3, 9, 12, 0.25, None, 1.5, "ok", "", 8),
+            ClientRow(3, 2, None, None, None, None, "failed", "crashed"),
+            ClientRow(3, 5, 7, None, 2.0, 0.75, "rejected", "", 0)]
+    results = _call_results([2, 5, 9], rows, {"w": np.zeros(2)}, [])
+    picked = [0, 2]  # clients 2 and 9
+    columns = _columns(results["numbers"][picked])
+    statuses, reasons = _notes(results["notes"], picked)
+    for i, row in enumerate([rows[1], rows[0]]):
+        got = [column[i] for column in columns] + [statuses[i], reasons[i]]
+        expected = [row.num_examples, row.train_loss, row.epsilon, row.duration_s,
+                    row.examples_trained, row.status, row.reason]
+        assert got == expected
+        assert [type(value) for value in got] == [type(value) for value in expected]
+    assert _notes({}, [4, 1]) == (["ok", "ok"], ["", ""])
+
+
+def test_the_loop_asks_the_clock_only_when_devices_can_be_offline():
+    """A start skips the clock's availability queries (``_always_available``) exactly where
+    they would say every client is there, at every moment, until +inf."""
+    from fedtune.devices.clock import VirtualClock
+    from fedtune.devices.profiles import DeviceProfiles, Diurnal
+    from fedtune.server.async_loop import _always_available
+
+    clients, moments = np.arange(50), [0.0, 0.3, 17.25, 1e7]
+    phase = np.random.default_rng(0).random(50)
+    for fraction, always in [(1.0, True), (0.5, False)]:
+        profiles = DeviceProfiles(np.ones(50), np.ones(50), np.ones(50),
+                                  Diurnal(phase, fraction, 10.0))
+        clock = VirtualClock(profiles, np.ones(50, dtype=np.int64))
+        assert _always_available(clock) is always
+        asked = [(clock.available(clients, t).all(), np.isinf(clock.online_until(clients, t)).all())
+                 for t in moments]
+        assert all(answer == (always, always) for answer in asked)
