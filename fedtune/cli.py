@@ -31,10 +31,10 @@ from fedtune.config import (
     load_config,
     to_toml,
 )
+from fedtune.own_process import imports_outside_collection, keep_freed_memory
 from fedtune.results.run_dir import check_creatable, is_empty_run_dir, json_safe
 from fedtune.results.run_log import capture_run_log, quiet_libraries
 from fedtune.results.tracking import check_tracking
-from fedtune.startup_collection import imports_outside_collection
 from fedtune.tables.privacy_modes import PRIVACY_MODES
 from fedtune.tables.runtimes import RUNTIMES
 from fedtune.terminal import (
@@ -274,7 +274,7 @@ class _RunFailed(Exception):
 def _launch(config: Config, reporter: Any, stop: threading.Event, verbose: bool,
             owns_process: bool) -> bool:
     """Run ``config`` (inside its log capture); True when Ctrl-C stopped it. ``owns_process``:
-    this process runs this command alone (``fedtune.startup_collection``)."""
+    this process runs this command alone (``fedtune.own_process``)."""
     quiet_libraries()
     with imports_outside_collection(owns_process):
         from fedtune.engine.launch import launch
@@ -723,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     (the ``fedtune`` script, ``python -m fedtune``)."""
     args = build_parser().parse_args(argv)
     args.owns_process = argv is None
+    if args.owns_process:
+        keep_freed_memory()
     # bound to this stdout, so that a run's log capture (which takes sys.stdout) leaves it be;
     # long paths stay on one line, also in logs
     console = Console(file=sys.stdout, soft_wrap=True)

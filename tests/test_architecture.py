@@ -25,7 +25,7 @@ LAYERS = [
      "fedtune.audit", "fedtune.personal"},
     {"fedtune.server", "fedtune.client"},
     {"fedtune.engine", "fedtune.studies", "fedtune.deploy"},
-    {"fedtune.cli", "fedtune.__main__", "fedtune", "fedtune.startup_collection"},
+    {"fedtune.cli", "fedtune.__main__", "fedtune", "fedtune.own_process"},
 ]
 
 

@@ -1,4 +1,5 @@
-"""Start-up imports outside Python's cyclic garbage collector (fedtune.startup_collection)."""
+"""What a process of its own sets for itself (fedtune.own_process): start-up imports outside
+Python's cyclic garbage collector, glibc's allocator thresholds."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from fedtune.startup_collection import imports_outside_collection
+from fedtune.own_process import imports_outside_collection
 
 
 @pytest.fixture
@@ -56,3 +57,32 @@ def test_only_the_command_line_process_owns_its_process():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[False, True]"
+
+
+_FAULTS = """
+import resource, sys
+from fedtune.own_process import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "kept" else None
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    block = bytearray(40 * 2**20)  # above glibc's largest default mmap threshold (32 MiB)
+    block[::4096] = bytes(len(block[::4096]))  # touch every page
+    del block
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return out[0], int(out[1])
+
+
+def test_a_freed_block_is_reused_not_faulted_in_again():
+    """Ten 40 MiB blocks one after another: glibc maps each afresh (10,240 page faults a block)
+    unless the thresholds keep the freed one, which the next reuses."""
+    kept, faults = _faults("kept")
+    if kept != "True":
+        pytest.skip("no glibc mallopt here: nothing is set")
+    _, plain = _faults("plain")
+    assert plain >= 9 * 10_240 and faults < 3 * 10_240
