@@ -14,7 +14,8 @@ from side A's clients.csv), each seeded as fedtune seeds a client and trained wi
 ``fedtune.train.train_local`` (the same local steps, optimizer and thread count), a weighted
 mean of the updates in float64, the server's evaluation on the global test set and as many
 clients' local evaluations as fedtune's evaluate phase holds - no Flower, no Ray, no
-screening, no run directory. The same final accuracy says the same work was done.
+screening, no run directory - in a process set up as ``fedtune run`` sets up its own
+(``fedtune.own_process``). The same final accuracy says the same work was done.
 
 Sides alternate (A B A B ...); medians. Run it on a quiet machine (it takes ~2 × 2 min a
 pair on 2 cores):
@@ -122,14 +123,20 @@ def plain_side(fedtune_run: Path, out: Path, sample_s: float) -> dict[str, float
 
 
 def plain_loop(fedtune_run: Path, result_file: Path) -> None:
-    """The same training and evaluations as ``fedtune_run`` in one plain loop (side B)."""
-    import numpy as np
+    """The same training and evaluations as ``fedtune_run`` in one plain loop (side B), with
+    the settings ``fedtune run`` gives its own process (``fedtune.own_process``: the collector
+    paused while importing, glibc's allocator thresholds), as a careful user's loop would."""
+    from fedtune.own_process import imports_outside_collection, keep_freed_memory
 
-    from fedtune.config import load_config
-    from fedtune.engine.shape import largest_cohort
-    from fedtune.models.weights import load_shared_state, shared_state
-    from fedtune.task import client_round_seed, limit_threads, seed_torch, task_resources
-    from fedtune.train import evaluate, train_local
+    keep_freed_memory()
+    with imports_outside_collection(owns_process=True):
+        import numpy as np
+
+        from fedtune.config import load_config
+        from fedtune.engine.shape import largest_cohort
+        from fedtune.models.weights import load_shared_state, shared_state
+        from fedtune.task import client_round_seed, limit_threads, seed_torch, task_resources
+        from fedtune.train import evaluate, train_local
 
     config = load_config(str(fedtune_run / "config.toml"))
     limit_threads(config.engine.client_cpus)
