@@ -94,9 +94,12 @@ def test_a_dropout_after_masking_is_recovered_and_named(tmp_path):
 
 
 def test_distributed_dp_accounts_as_central_dp(tmp_path):
+    # central DP samples clients by secret Poisson draws (no seed): 16 clients at q = 0.75 give
+    # SecAgg+ fewer than 3 clients with probability ~5e-7 a run; 8 did ~1 run in 120 (a CI run
+    # of 2026-12-05 drew 3 and 2)
     dp = ("privacy.mode=central", "privacy.noise_multiplier=0.8", "privacy.delta=1e-3",
-          "privacy.adaptive_clipping=false", "strategy.fraction_train=0.75", "data.num_clients=8", "run.rounds=2",
-          "strategy.fraction_evaluate=0")
+          "privacy.adaptive_clipping=false", "strategy.fraction_train=0.75",
+          "data.num_clients=16", "run.rounds=2", "strategy.fraction_evaluate=0")
     central = run_inprocess(tiny_config(tmp_path, *dp, f"run.dir={tmp_path / 'c'}")).path
     distributed = run_inprocess(tiny_config(tmp_path, *dp, *SECURE,
                                             f"run.dir={tmp_path / 'd'}")).path
