@@ -28,7 +28,6 @@ BENCHMARKS.md, "Start-up and the allocator", has the measurements.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,8 +54,8 @@ def imports_outside_collection(owns_process: bool) -> Iterator[None]:
 def keep_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds (the module doc); False where there is no glibc
     ``mallopt`` or it refused."""
-    name = ctypes.util.find_library("c")
-    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    # the symbols the process already has (libc's among them): no library search
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:
         return False
     # mallopt returns 1 on success, 0 on error

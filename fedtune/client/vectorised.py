@@ -365,9 +365,7 @@ def into_chunk(stacked: dict[str, np.ndarray] | None, arrays: dict[str, np.ndarr
     if len(members) == clients:
         return arrays
     if stacked is None:
-        stacked = {name: np.array(np.broadcast_to(value.detach().numpy(),
-                                                  (clients, *value.shape)), order="C")
-                   for name, value in travelling.items()}
+        stacked = {name: _repeated_rows(value, clients) for name, value in travelling.items()}
     for name, value in arrays.items():
         stacked[name][members] = value
     return stacked
@@ -524,11 +522,7 @@ def stacked_copies(model: nn.Module, names: list[str], clients: int, settings: T
         if len(kept) >= KEPT_SIZES:
             kept.pop(next(iter(kept)))
         params = dict(model.named_parameters())
-        # C order: NumPy keeps a broadcast's strides otherwise (the clients' axis innermost),
-        # and torch's fused CPU AdamW steps such a tensor wrongly (torch 2.13)
-        owners = [np.array(np.broadcast_to(params[name].detach().numpy(),
-                                           (clients, *params[name].shape)), order="C")
-                  for name in names]
+        owners = [_repeated_rows(params[name], clients) for name in names]
         tensors = [torch.from_numpy(owner) for owner in owners]
         kept[clients] = StackedCopies(tensors, owners, make_optimizer(tensors, settings))
     copies = kept[clients]
@@ -544,11 +538,17 @@ def stacked_arrays(copies: StackedCopies, names: list[str],
     in these copies; ``hand_over``: arrays of their own, the caller's (no later chunk writes
     them), the frozen tensors repeated."""
     trained = dict(zip(names, copies.hand_over() if hand_over else copies.owners, strict=True))
-    frozen = {name: np.broadcast_to(value.detach().numpy(), (clients, *value.shape))
-              for name, value in travelling.items() if name not in trained}
-    if hand_over:
-        frozen = {name: np.array(value, order="C") for name, value in frozen.items()}
-    return {name: trained[name] if name in trained else frozen[name] for name in travelling}
+    return {name: trained[name] if name in trained
+            else _repeated_rows(value, clients) if hand_over
+            else np.broadcast_to(value.detach().numpy(), (clients, *value.shape))
+            for name, value in travelling.items()}
+
+
+def _repeated_rows(value: torch.Tensor, clients: int) -> np.ndarray:
+    """``value`` repeated in ``clients`` rows: a C-ordered array that owns its memory. (NumPy's
+    copy of a broadcast keeps its strides, the clients' axis innermost, and torch 2.13's fused
+    CPU AdamW steps a tensor of such strides wrongly.)"""
+    return np.array(np.broadcast_to(value.detach().numpy(), (clients, *value.shape)), order="C")
 
 
 def _gather_step(encoded: Encoded, labels: np.ndarray, rows: list[np.ndarray]
