@@ -22,7 +22,7 @@ A process of its own sets both thresholds once (``mallopt``, glibc's documented 
 the same as its ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` variables), so
 freed blocks are reused from the heap: blocks below ``MMAP_THRESHOLD`` come from the heap, and
 up to ``TRIM_THRESHOLD`` of free heap is kept. Elsewhere (not glibc) nothing is set.
-BENCHMARKS.md, "Start-up and the allocator", has the measurements.
+BENCHMARKS.md, "Start-up, the garbage collector and the allocator", has the measurements.
 """
 
 from __future__ import annotations
