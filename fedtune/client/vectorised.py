@@ -513,19 +513,24 @@ class StackedCopies:
 
 def stacked_copies(model: nn.Module, names: list[str], clients: int, settings: TrainSettings
                    ) -> StackedCopies:
-    """``clients`` stacked copies of the trainable parameters ``names`` and an optimizer over
-    them, reset (as new). Kept on the model for the next chunk of as many clients: fresh
-    tensors of a chunk's size are zero-filled page by page on first write, which costs more
-    than the chunk's optimizer step."""
+    """``clients`` stacked copies of the trainable parameters ``names`` (their values unwritten:
+    the chunk copies its start model in) and an optimizer over them, reset (as new). Kept on
+    the model for the next chunk of as many clients, for the ``KEPT_SIZES`` sizes used last
+    (an asynchronous server's calls come in many sizes): fresh tensors of a chunk's size are
+    zero-filled page by page on first write, which costs more than the chunk's optimizer
+    step."""
     kept: dict[int, StackedCopies] = model.__dict__.setdefault("_fedtune_stacked", {})
-    if clients not in kept:
+    copies = kept.pop(clients, None)  # back in last: the least recently used size goes first
+    if copies is None:
         if len(kept) >= KEPT_SIZES:
             kept.pop(next(iter(kept)))
         params = dict(model.named_parameters())
-        owners = [_repeated_rows(params[name], clients) for name in names]
+        # C-ordered, unwritten: the chunk copies its start model in before it trains
+        owners = [np.empty((clients, *params[name].shape), params[name].detach().numpy().dtype)
+                  for name in names]
         tensors = [torch.from_numpy(owner) for owner in owners]
-        kept[clients] = StackedCopies(tensors, owners, make_optimizer(tensors, settings))
-    copies = kept[clients]
+        copies = StackedCopies(tensors, owners, make_optimizer(tensors, settings))
+    kept[clients] = copies
     reset_optimizer(copies.optimizer)
     return copies
 
