@@ -227,8 +227,7 @@ class AsyncRound:
         began = time.perf_counter()
         version = server_round - 1  # server updates made so far
         durations = self._durations(run.state.arrays.count_bytes())
-        if str(version) not in loop.models:  # the model the clients starting now start from
-            loop.models[str(version)] = _read_only(protocol.to_numpy(run.state.arrays))
+        loop.models.setdefault(str(version), _read_only(protocol.to_numpy(run.state.arrays)))
         totals = {"bytes_up": 0, "bytes_down": 0, "dropped": 0}
         rows: list[ClientRow] = []
         accepted: list[dict[str, Any]] = []

@@ -79,11 +79,6 @@ def test_fedbuff_receives_k_updates_per_server_step_within_the_concurrency(tmp_p
         mine = [c for c in clients if c["round"] == row["round"]]
         assert sum(c["status"] == "ok" for c in mine) == 3 == int(row["clients_ok"])
         assert row["model_update"] == "applied"
-        # the server update ends as its third update arrives: the loop hears three clients,
-        # trains them, and hears more only for those that did not count
-        last = max(mine, key=lambda c: float(c["virtual_start_s"])
-                   + float(c["virtual_duration_s"]))
-        assert last["status"] == "ok"
     # a NaN update is screened where it ran and never received
     assert any(c["status"] == "rejected" for c in clients)
     spans = [(float(c["virtual_start_s"]), float(c["virtual_start_s"])
