@@ -11,11 +11,11 @@ with more steps, which an event loop calls:
   it, with the model it started from);
 - ``refuses``: why it will not take a client's update now ("" = it will);
 - ``receive``: take one update and its staleness; True when the server must update now;
-- ``wanted``: how many more updates it takes before the server must update;
-- ``receive_trained``: ``prepare`` then ``receive`` (what the event loop calls per update);
-- ``receive_sum`` (a strategy whose ``takes_sums`` says so, instead of ``receive_trained``):
-  take the updates of one training call - clients that started from one model and are heard
-  in one server update, so with one staleness - as their sum, added up where they trained;
+- ``receive_trained``: ``prepare`` then ``receive`` (what the event loop calls); a strategy may
+  defer its arithmetic to ``settle``, which the loop calls at the end of every server update,
+  and sum the trained models it takes with an ``OrderedSum`` made by ``ordered_sum`` (the
+  loop plugs in one that adds them as they arrive, on another thread, reading a model held
+  as a row of a cohort's stacked arrays in place);
 - ``release``: the new global model; ``release_metrics``: what it reports of that release.
 
 Their state is plain attributes (numbers, numpy arrays), so a checkpoint of the strategy keeps
@@ -24,7 +24,7 @@ a half-full buffer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -34,12 +34,43 @@ from flwr.serverapp.strategy import FedAvg
 NDArrays = dict[str, np.ndarray]
 
 
+def sums_in_order(models: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]) -> NDArrays:
+    """For each of ``names``, ``models[0][name] + models[1][name] + ...`` in float64, one
+    addition per model in order (the bits every ``OrderedSum`` gives)."""
+    totals = {name: np.zeros(np.shape(models[0][name])) for name in names}
+    add_in_order(totals, models)
+    return totals
+
+
+def add_in_order(totals: NDArrays, models: Iterable[Mapping[str, np.ndarray]]) -> None:
+    """``totals[name] += model[name]`` in float64 for each model in order, in place."""
+    for model in models:
+        for name, total in totals.items():
+            np.add(total, model[name], out=total)
+
+
+class OrderedSum:
+    """The float64 sum, tensor by tensor, of the models ``add``ed, with the bits of adding
+    them one by one in that order (``sums_in_order``); ``result`` once, after the last. This
+    one keeps the models (by reference) and adds them at ``result``."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.models: list[Mapping[str, np.ndarray]] = []
+
+    def add(self, model: Mapping[str, np.ndarray]) -> None:
+        self.models.append(model)
+
+    def result(self) -> NDArrays:
+        return sums_in_order(self.models, self.names)
+
+
 class AsynchronousStrategy(FedAvg):
     """The steps an asynchronous event loop calls; subclasses define the update rule.
-    ``takes_sums``: whether the loop hands it each training call's updates as their sum
-    (``receive_sum``) instead of one by one (``receive_trained``)."""
+    ``ordered_sum``: what sums the models a strategy takes (configuration, which the loop may
+    replace: never checkpointed)."""
 
-    takes_sums: bool = False
+    ordered_sum: Callable[[Sequence[str]], OrderedSum] = OrderedSum
 
     def start_messages(self, server_round: int, arrays: ArrayRecord,
                        node_ids: Iterable[int], dispatch: int = 0) -> list[Message]:
@@ -67,19 +98,12 @@ class AsynchronousStrategy(FedAvg):
                         trained: Mapping[str, np.ndarray], staleness: int, weight: float,
                         client: int = -1) -> bool:
         """``receive`` a client's trained model (``start``: the model it began from; both
-        read-only); True when the global model must change now."""
+        read-only, alive until ``settle``); True when the global model must change now."""
         return self.receive(self.prepare(start, trained), staleness, weight, client)
 
-    def receive_sum(self, start: Mapping[str, np.ndarray], total: Mapping[str, np.ndarray],
-                    count: int, staleness: int) -> bool:
-        """Take ``count`` updates that all started from ``start`` with this ``staleness`` as
-        ``total``, the float64 sum of their trained models (``takes_sums``); True when the
-        global model must change now."""
-        raise NotImplementedError
-
-    def wanted(self) -> int:
-        """How many more updates it takes before the global model must change (at least 1)."""
-        raise NotImplementedError
+    def settle(self) -> None:
+        """Finish what ``receive_trained`` deferred: the event loop calls it at the end of
+        every server update, before ``release`` and before a checkpoint captures the state."""
 
     def release(self, current: Mapping[str, np.ndarray]) -> NDArrays:
         """The new global model from ``current`` and what was received."""

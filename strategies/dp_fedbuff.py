@@ -71,8 +71,6 @@ class DPFedBuff(FedBuff):
     reproducible noise (not private); ``canaries``: canary clients for the audit (0 = none),
     their directions and which half is inserted drawn from ``canary_seed``."""
 
-    takes_sums = False  # each update is clipped on its own (``prepare``)
-
     def __init__(self, *, noise_multiplier: float, clipping_norm: float,
                  seed: int | None = None, canaries: int = 0, canary_seed: int = 0,
                  **kwargs: object) -> None:

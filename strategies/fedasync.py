@@ -55,9 +55,6 @@ class FedAsync(AsynchronousStrategy):
         self.mixing = self.alpha * staleness_factor(self.staleness, staleness, self.a, self.b)
         return True
 
-    def wanted(self) -> int:
-        return 0 if self.received else 1  # every arrival is a server update
-
     def release(self, current: Mapping[str, np.ndarray]) -> NDArrays:
         mix = self.mixing
         new = {name: (1.0 - mix) * current[name].astype(np.float64)

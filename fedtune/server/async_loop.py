@@ -1,41 +1,45 @@
 """The asynchronous server: an event loop on the virtual clock (FedBuff, FedAsync).
 
 Up to ``strategy.concurrency`` clients train at once. Whenever one finishes (on the virtual
-clock, ``fedtune.devices.clock``) the server hears of it - however stale its update: the
-server updates made since the client fetched its model - and a new client starts on the
-current model: an available client that is not training, drawn from (run.seed, the count of
-starts); with ``devices.arrival_rate`` the starts follow a Poisson process instead. The
-strategy (``strategies.asynchronous``) says how many updates it takes before the global model
-changes; a "round" of an asynchronous run - a metrics.csv row, a checkpoint, a listener's
-``round_ended`` - is one server update.
+clock, ``fedtune.devices.clock``) the server receives its update - however stale: the server
+updates made since the client fetched its model - and a new client starts on the current model:
+an available client that is not training, drawn from (run.seed, the count of starts); with
+``devices.arrival_rate`` the starts follow a Poisson process instead. The strategy
+(``strategies.asynchronous``) says when the global model changes; a "round" of an asynchronous
+run - a metrics.csv row, a checkpoint, a listener's ``round_ended`` - is one server update.
 
-Training runs at full speed, in batches, after the clock: who starts when, on which model,
-and when each finishes depends only on the clock and the draws, never on what a client's
-training yields - except how many of the updates heard count (a failed or rejected one does
-not). So the loop first hears as many clients as the strategy still wants (``_hear``: each
-assumed to count; a device that went offline before it finished is known not to), then trains
-them (``_train``): one cohort call per model they started from (``phase.train_phase``, the
-engines' cohort path, screening and the update bounds included; the call's number seeds their
-batches, and a client heard twice from one model is in two calls). The strategy takes each
-call's updates (``_take``) in the order they arrived: one by one (``receive_trained``), or,
-for a strategy that ``takes_sums`` (FedBuff), as the call's sum, added where the clients
-trained while each chunk of them was fresh (``CohortSpec.unit_weights``) - the clients of a
-call all started from one model and are heard in one server update, so with one staleness.
-Where some did not count, the loop hears more, until the strategy has what it wants: the same
-clients, starts and server updates as hearing and training them one at a time. A client is
-trained only once the server hears of it; the clients still in flight at the end of a run
-never are.
+Training runs at full speed, in batches: a client's virtual duration is known when it starts,
+so clients are trained only when their result is needed, and the clients that started on the
+same model version train in one cohort call (``fedtune.server.phases.train_phase``: the
+engines' cohort path, screening and the update bounds included). When the global model moves
+on, the clients still untrained on the old one become a training call named then (its number
+seeds their batches) whose model is kept until one of them is needed: clients the server never
+hears of before the run ends are never trained. A client whose device goes offline before it
+finishes is never trained either; its slot frees when it leaves. Everything the loop holds -
+the table of clients in flight, their results, the named calls' models, the clock - is plain
+attributes, which the checkpoint keeps beside the strategy's buffer, so a resumed run
+continues bit for bit.
 
-Everything the loop holds between server updates - the table of clients in flight, the
-models they started from, the clock, the counters - is plain attributes, which the checkpoint
-keeps beside the strategy's buffer, so a resumed run continues bit for bit. The clients in
-flight are one float64 table, a row per slot (``CLIENT`` ... ``LOST``), so starting one and
-removing it touch one row; the next to finish is the top of a heap of (finish, client, slot)
-beside the table, the lowest free slot the top of another (``AsyncRound._index``: rebuilt
-from the table, so a checkpoint needs neither). A draw among one available client is no draw:
-its seeded generator is made only when there is a choice (or a Poisson arrival to time);
-devices that are always available are not asked at each start whether they are
-(``_always_available``).
+The clients in flight are one float64 table, a row per slot (``CLIENT`` ... ``CALL``), so
+starting one and removing it touch one row, not seven arrays; the next to finish is the top of
+a heap of (finish, client, slot) beside the table, the lowest free slot the top of another
+(``AsyncRound._index``: rebuilt from the table, so a checkpoint needs neither). A draw among
+one available client is no draw: its seeded generator is made only when there is a choice (or
+a Poisson arrival to time); devices that are always available are not asked at each start
+whether they are (``_always_available``). The results wait by training call, not by client:
+one entry per call, the model its clients started from, their trained models stacked and their
+clients.csv fields column by column, read-only arrays that the checkpoint keeps without copying
+(``fedtune.server.checkpoint``); what the server will hear of each of a call's clients in
+flight (``Heard``) is unpacked from them once per call, when it trains or after a resume, and
+the call's entry dropped after its last client is heard. The strategy gets a heard
+client's start and trained models by reference (``receive_trained``: the trained one a
+``StackedRow`` of the call's stack) and may defer its arithmetic to ``settle`` at the end of
+the server update; the sums it makes with ``ordered_sum`` are this loop's ``BackgroundSum``
+(FedBuff's sum of the updates from one start model: added on a worker thread as they arrive,
+while the main thread trains, ``fedtune.server.background_sums``). A checkpoint is captured
+after every server update (Ctrl-C writes the latest); with a thousand clients in flight a dict
+per client made that capture cost more than the clients' training, and each call's entry is a
+``FrozenMapping``: encoded once, not at every capture.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Mapping
+from operator import attrgetter
 from typing import Any, NamedTuple, cast
 
 import numpy as np
@@ -54,10 +59,11 @@ from fedtune.devices.clock import VirtualClock
 from fedtune.devices.profiles import Diurnal
 from fedtune.errors import ConfigError
 from fedtune.results.run_dir import ClientRow, RoundRow
+from fedtune.server.checkpoint import FrozenMapping
 from fedtune.server.grid import CohortSpec, SimulatedGrid
 from fedtune.server.guard import non_finite_tensors
 from fedtune.server.phases import EvaluatePhase, UpdateBounds, evaluate_phase, train_phase
-from fedtune.server.reports import TRAIN, ClientReport, client_row
+from fedtune.server.reports import ClientReport
 from fedtune.server.round import (
     FederatedRun,
     RoundOutcome,
@@ -66,33 +72,34 @@ from fedtune.server.round import (
     seed_sampling,
 )
 from fedtune.server.screening import reply_limits
-from fedtune.server.summing import sum_updates, weighted_metrics
+from fedtune.server.stacked_rows import StackedRow
+from fedtune.server.summing import weighted_metrics
 from fedtune.train import TEST_COLUMNS, EvalResult
 from strategies.asynchronous import AsynchronousStrategy
 
+# a clients.csv row's numeric fields, kept as float64 columns (NaN: None)
+_NUMBERS = ("num_examples", "train_loss", "epsilon", "duration_s", "examples_trained")
+_COUNTS = frozenset({"num_examples", "examples_trained"})  # of _NUMBERS: ints in clients.csv
+_NUMBER_FIELDS = attrgetter(*_NUMBERS)
 _NO_CLIENTS = np.zeros(0, dtype=np.int64)
+# a heard client's (start model, trained model), both read-only
+Trained = tuple[dict[str, np.ndarray], Mapping[str, np.ndarray]]
 # the columns of the table of clients in flight (float64: ids and versions are exact)
-CLIENT, START, FINISH, VERSION, LOST = range(5)
-_FREE = np.array([-1.0, 0.0, np.inf, -1.0, 0.0])  # a free slot: nobody, never
+CLIENT, START, FINISH, VERSION, LOST, TRAINED, CALL = range(7)
+_FREE = np.array([-1.0, 0.0, np.inf, -1.0, 0.0, 1.0, -1.0])  # a free slot: nobody, never
 
 
 class Heard(NamedTuple):
-    """A client the server heard of: when it started and finished on the virtual clock, the
-    server update (version) whose model it started from, and whether its device went offline
-    before it finished (no update)."""
+    """What the server hears of a trained client: its clients.csv fields and its models."""
 
-    client: int
-    start: float
-    finish: float
-    version: int
-    lost: bool
-
-
-class Call(NamedTuple):
-    """One training call of a server update: clients heard of that started from one model."""
-
-    version: int
-    heard: list[int]  # indices into the server update's heard clients, in arrival order
+    num_examples: int | None
+    train_loss: float | None
+    epsilon: float | None
+    duration_s: float | None
+    examples_trained: int | None
+    status: str
+    reason: str
+    trained: Trained | None  # None: no update
 
 
 class AsyncLoop:
@@ -113,9 +120,11 @@ class AsyncLoop:
         self.flight = np.tile(_FREE, (slots, 1))
         self.busy = np.zeros(clock.profiles.num_clients, dtype=bool)  # by client id
         self.flying = 0  # clients in flight
-        # str(version) -> the model (read-only arrays) of that server update, while a client
-        # in flight started from it
-        self.models: dict[str, dict[str, np.ndarray]] = {}
+        # str(training call) -> the model its clients started from and its version, for a call
+        # named when the global model moved on, trained when one of its clients is needed
+        self.pending: dict[str, dict[str, Any]] = {}
+        # str(training call) -> its results (``_call_results``), until its last client is heard
+        self.results: dict[str, dict[str, Any]] = {}
 
     # --- starting clients ------------------------------------------------------------------
 
@@ -154,9 +163,9 @@ class AsyncLoop:
         finish = moment + float(durations[client])
         offline = np.inf if _always_available(clock) else float(
             clock.online_until(np.array([client]), moment)[0])
-        lost = finish > offline  # its work never reaches the server: never trained
+        lost = finish > offline  # a lost client's work is never needed: "trained"
         finish = min(finish, offline)
-        self.flight[slot] = (client, moment, finish, version, lost)
+        self.flight[slot] = (client, moment, finish, version, lost, lost, -1)
         self.busy[client] = True
         self.flying += 1
         return finish, client, slot
@@ -170,19 +179,13 @@ class AsyncLoop:
         heapq.heapify(heap)
         return heap
 
-    def pop(self, slot: int) -> Heard:
-        """Free a slot: the client that was in it."""
-        client, start, finish, version, lost = self.flight[slot].tolist()
+    def pop(self, slot: int) -> tuple[int, float, float, int, bool, int]:
+        """Free a slot: its (client, start, finish, version, lost, training call)."""
+        client, start, finish, version, lost, _, call = self.flight[slot].tolist()
         self.flight[slot] = _FREE
         self.busy[int(client)] = False
         self.flying -= 1
-        return Heard(int(client), start, finish, int(version), bool(lost))
-
-    def keep_models_in_flight(self) -> None:
-        """Forget the models no client in flight started from."""
-        flying = self.flight[self.flight[:, CLIENT] >= 0, VERSION]
-        versions = {str(int(version)) for version in np.unique(flying)}
-        self.models = {key: model for key, model in self.models.items() if key in versions}
+        return int(client), start, finish, int(version), bool(lost), int(call)
 
 
 class AsyncRound:
@@ -199,6 +202,9 @@ class AsyncRound:
         # the entry's class: a privacy mode that replaces strategies refuses asynchronous ones
         # (its entry's asynchronous_refused)
         self.strategy = cast(AsynchronousStrategy, run.strategy)
+        # numba's import (~0.3 s): asynchronous runs only
+        from fedtune.server.background_sums import BackgroundSum
+        self.strategy.ordered_sum = BackgroundSum
         self.run, self.loop, self.clock = run, loop, clock
         nodes = run.identities.node_to_client
         # the client -> node map: a simulation's NodeRange inverts itself in constant memory;
@@ -209,25 +215,118 @@ class AsyncRound:
         self.limits = reply_limits(run.config, run.resources.federation)
         self.duration_bytes, self.duration_of = -1, np.zeros(0)  # ``_durations``' cache
         # kept beside the table, built from it at the first server update (after a resume has
-        # restored it), so a checkpoint needs neither: its clients by finish
-        # (``AsyncLoop.finishing``) and its free slots (a heap: the lowest is taken)
+        # restored it), so a checkpoint needs none of them: its clients by finish
+        # (``AsyncLoop.finishing``), its free slots (a heap: the lowest is taken), and per
+        # trained call the clients in flight it still holds results for (``_heard`` drops its
+        # results after the last)
         self.finishing: list[tuple[float, int, int]] = []
         self.free: list[int] = []
+        self.waiting: dict[int, int] = {}
         self.indexed = False
+        # a trained client in flight -> what the server hears of it (``Heard``), made per call
+        # from its results (``_unpack``)
+        self.ready: dict[int, Heard] = {}
+
+    def _train(self, server_round: int, totals: dict[str, Any], slot: int) -> None:
+        """Train the call the client in ``slot`` belongs to, in one cohort: a call named when
+        the model moved on (``_name_call``: on that model, as that server update), or else
+        every untrained client, all on the current model; keep what the strategy needs of each
+        accepted update."""
+        loop, state = self.loop, self.run.state
+        call = int(loop.flight[slot, CALL])
+        members = (loop.flight[:, TRAINED] == 0) & (loop.flight[:, CALL] == call)
+        if call < 0:  # on the current model: a new call
+            call, start = loop.dispatches, _read_only(protocol.to_numpy(state.arrays))
+            loop.dispatches += 1
+            arrays, as_round = state.arrays, server_round
+        else:
+            named = loop.pending.pop(str(call))
+            start, as_round = named["start"], int(named["version"]) + 1
+            arrays = protocol.to_array_record(start)
+        clients = sorted(int(c) for c in loop.flight[members, CLIENT])
+        messages = self.strategy.start_messages(as_round, arrays,
+                                                [self.node_of(c) for c in clients], call)
+        config = self.run.config
+        bounds = UpdateBounds(arrays, config.strategy.max_update_norm,
+                              config.strategy.update_norm_z)
+        train = train_phase(
+            self.run.grid, messages, CohortSpec(weighted_mean=False, limits=self.limits),
+            as_round, self.run.identities, bounds, config.strategy.round_timeout_s,
+            lambda done, total: self.run.progress(server_round, "train", done, total),
+            self.run.stop)
+        loop.results[str(call)] = _call_results(clients, train.rows(as_round), start,
+                                                train.accepted_reports)
+        loop.flight[members, CALL] = call
+        loop.flight[members, TRAINED] = 1
+        self._unpack(call)
+        totals["bytes_up"] += train.bytes_up
+        totals["bytes_down"] += train.bytes_down
+        totals["dropped"] += train.dropped
+
+    def _name_call(self, version: int) -> None:
+        """The global model is about to move on from ``version``: the clients that started on
+        it and are not trained yet become one training call, named now (its number seeds their
+        batches) and trained when one of them is needed (``_train``) - never, for those the
+        server does not hear of before the run ends. Its model is kept until then."""
+        loop = self.loop
+        waiting = (loop.flight[:, TRAINED] == 0) & (loop.flight[:, CALL] < 0)
+        if not waiting.any():
+            return
+        loop.pending[str(loop.dispatches)] = {
+            "version": version, "start": _read_only(protocol.to_numpy(self.run.state.arrays))}
+        loop.flight[waiting, CALL] = loop.dispatches
+        loop.dispatches += 1
 
     def _index(self) -> None:
         """Build what is kept beside the table (``__init__``) from it."""
+        flight = self.loop.flight
         self.finishing = self.loop.finishing()
-        self.free = np.flatnonzero(self.loop.flight[:, CLIENT] < 0).tolist()  # a heap
+        self.free = np.flatnonzero(flight[:, CLIENT] < 0).tolist()  # ascending: a heap
+        for call in np.unique(flight[(flight[:, TRAINED] == 1) & (flight[:, CALL] >= 0), CALL]):
+            self._unpack(int(call))
         self.indexed = True
+
+    def _unpack(self, call: int) -> None:
+        """What the server will hear of each client in flight of the trained ``call``, from
+        its results (``_call_results``), all at once (``ready``): column by column, a Python
+        object per client only for its ``Heard`` and its trained model."""
+        loop = self.loop
+        results = loop.results[str(call)]
+        flying = (loop.flight[:, CALL] == call) & (loop.flight[:, TRAINED] == 1)
+        clients = np.sort(loop.flight[flying, CLIENT].astype(np.int64))
+        rows = np.searchsorted(results["client"], clients)
+        columns = _columns(results["numbers"][rows])
+        statuses, reasons = _notes(results["notes"], rows.tolist())
+        where, blocks, starts = results["where"].tolist(), results["trained"], results["start"]
+        trained = [None if at < 0 else (starts, StackedRow(blocks[where[at][0]], where[at][1]))
+                   for at in results["kept_at"][rows].tolist()]
+        self.ready.update(zip(clients.tolist(), map(Heard._make, zip(
+            *columns, statuses, reasons, trained, strict=True)), strict=True))
+        self.waiting[call] = len(clients)
+
+    def _heard(self, server_round: int, client: int, start: float, finish: float,
+               staleness: int, lost: bool, call: int) -> tuple[ClientRow, Trained | None]:
+        """A client the server hears of: its clients.csv row and its (start, trained) models
+        (None: no update); its call's results are dropped after its last client in flight."""
+        if lost:
+            return ClientRow(server_round, client, None, None, None, None, "offline",
+                             "the device went offline before it finished",
+                             virtual_start_s=start, virtual_duration_s=finish - start), None
+        heard = self.ready.pop(client)
+        self.waiting[call] -= 1
+        if not self.waiting[call]:
+            del self.waiting[call], self.loop.results[str(call)]
+        return ClientRow(server_round, client, heard.num_examples, heard.train_loss,
+                         heard.epsilon, heard.duration_s, heard.status, heard.reason,
+                         heard.examples_trained, "train", start, finish - start,
+                         staleness), heard.trained
 
     def __call__(self, run: FederatedRun, server_round: int) -> RoundOutcome:
         """Run the event loop until the strategy updates the global model once."""
-        loop, strategy = self.loop, self.strategy
+        loop, state, strategy = self.loop, run.state, self.strategy
         began = time.perf_counter()
         version = server_round - 1  # server updates made so far
-        durations = self._durations(run.state.arrays.count_bytes())
-        loop.models.setdefault(str(version), _read_only(protocol.to_numpy(run.state.arrays)))
+        durations = self._durations(state.arrays.count_bytes())
         totals = {"bytes_up": 0, "bytes_down": 0, "dropped": 0}
         rows: list[ClientRow] = []
         accepted: list[dict[str, Any]] = []
@@ -238,29 +337,7 @@ class AsyncRound:
         model_update = ""
         if not self.indexed:
             self._index()
-        while True:
-            # hear no more than could all come to nothing before the patience runs out
-            heard = self._hear(version, durations, strategy.wanted(), patience - fruitless)
-            reports = self._train(server_round, version, heard, totals)
-            fruitless = self._take(server_round, version, heard, reports, rows, accepted,
-                                   fruitless)
-            if fruitless >= patience:
-                run.state.rounds_without_update += 1
-                model_update = f"kept: no update from the last {fruitless} clients"
-                break
-            if strategy.wanted() <= 0:
-                break
-        loop.keep_models_in_flight()
-        model_update = model_update or self._release()
-        return self._outcome(server_round, rows, accepted, totals, model_update, began)
-
-    def _hear(self, version: int, durations: np.ndarray, wanted: int, room: int
-              ) -> list[Heard]:
-        """Start and hear clients on the clock until ``wanted`` of those heard may bring an
-        update (all but the offline ones), or ``room`` are heard."""
-        loop, finishing, free = self.loop, self.finishing, self.free
-        heard: list[Heard] = []
-        hopeful = 0
+        finishing, free = self.finishing, self.free
         while True:
             moment, available = loop.next_start(self.clock)
             if len(available) and (not finishing or moment <= finishing[0][0]):
@@ -270,99 +347,36 @@ class AsyncRound:
             if not finishing:
                 raise RuntimeError("devices: no client is ever available to start")
             slot = heapq.heappop(finishing)[2]
-            client = loop.pop(slot)
+            if not loop.flight[slot, TRAINED]:
+                self._train(server_round, totals, slot)
+            client, start, finish, started_on, lost, call = loop.pop(slot)
             heapq.heappush(free, slot)
-            loop.now = client.finish
-            heard.append(client)
-            hopeful += not client.lost
-            if hopeful >= wanted or len(heard) >= room:
-                return heard
-
-    def _train(self, server_round: int, version: int, heard: list[Heard],
-               totals: dict[str, int]) -> dict[int, tuple[ClientReport, Any]]:
-        """Train the ``heard`` clients that may bring an update, one cohort call per model
-        they started from (``_calls``). Each one's report, by its index in ``heard``; beside
-        the first of a call's clients, for a strategy that ``takes_sums``, the call's sum and
-        count (None where no update counted); else beside each accepted one its trained
-        model."""
-        loop, state, config = self.loop, self.run.state, self.run.config
-        reports: dict[int, tuple[ClientReport, Any]] = {}
-        sums = self.strategy.takes_sums
-        for call in _calls(heard):
-            arrays = (state.arrays if call.version == version
-                      else protocol.to_array_record(loop.models[str(call.version)]))
-            clients = sorted(heard[i].client for i in call.heard)
-            messages = self.strategy.start_messages(call.version + 1, arrays,
-                                                    [self.node_of(c) for c in clients],
-                                                    loop.dispatches)
-            loop.dispatches += 1
-            bounds = UpdateBounds(arrays, config.strategy.max_update_norm,
-                                  config.strategy.update_norm_z)
-            # the guard needs each update: a bounded call is summed here, after it
-            spec = CohortSpec(weighted_mean=sums and not bounds.active, limits=self.limits,
-                              unit_weights=True)
-            train = train_phase(
-                self.run.grid, messages, spec, call.version + 1, self.run.identities, bounds,
-                config.strategy.round_timeout_s,
-                lambda done, total: self.run.progress(server_round, "train", done, total),
-                self.run.stop)
-            totals["bytes_up"] += train.bytes_up
-            totals["bytes_down"] += train.bytes_down
-            totals["dropped"] += train.dropped
-            by_client = {report.client_id: report for report in train.reports}
-            for i in call.heard:
-                report = by_client[heard[i].client]
-                kept = (_trained(report) if report.status == "ok" and not sums else None)
-                reports[i] = report, kept
-            if sums:
-                ok = train.accepted_reports
-                summed = train.summed or (sum_updates(ok, [_trained(r) for r in ok], True)
-                                          if ok else None)
-                reports[call.heard[0]] = reports[call.heard[0]][0], summed
-        return reports
-
-    def _take(self, server_round: int, version: int, heard: list[Heard],
-              reports: dict[int, tuple[ClientReport, Any]], rows: list[ClientRow],
-              accepted: list[dict[str, Any]], fruitless: int) -> int:
-        """Hand the strategy the ``heard`` clients' updates in the order they arrived (a
-        strategy that ``takes_sums``: each call's sum, refusing none); their clients.csv rows
-        and accepted metrics go to ``rows`` and ``accepted``. The count of clients heard in a
-        row without an update, from ``fruitless`` on."""
-        strategy, models = self.strategy, self.loop.models
-        for i, client in enumerate(heard):
-            staleness = version - client.version
-            if client.lost:
-                rows.append(ClientRow(server_round, client.client, None, None, None, None,
-                                      "offline", "the device went offline before it finished",
-                                      virtual_start_s=client.start,
-                                      virtual_duration_s=client.finish - client.start))
-                fruitless += 1
-                continue
-            report, kept = reports[i]
-            row = client_row(server_round, TRAIN, report)
-            row.virtual_start_s = client.start
-            row.virtual_duration_s = client.finish - client.start
-            row.staleness = staleness
-            rows.append(row)
-            start = models[str(client.version)]
-            if strategy.takes_sums and kept is not None:
-                strategy.receive_sum(start, kept.total, int(kept.weight), staleness)
-            ok = report.status == "ok"
-            refused = strategy.refuses(client.client) if ok and not strategy.takes_sums else ""
+            loop.now = finish
+            row, trained = self._heard(server_round, client, start, finish,
+                                       version - started_on, lost, call)
+            refused = strategy.refuses(client) if trained is not None else ""
             if refused:  # central DP: its update is already in this buffer
-                row.status, row.reason, ok = "rejected", refused, False
-            if not ok:  # failed, rejected, declined: nothing arrives
+                row.status, row.reason, trained = "rejected", refused, None
+            rows.append(row)
+            if trained is None:  # offline, failed, rejected: the slot frees, nothing arrives
                 fruitless += 1
+                if fruitless >= patience:
+                    state.rounds_without_update += 1
+                    model_update = f"kept: no update from the last {fruitless} clients"
+                    break
                 continue
             fruitless = 0
             metrics: dict[str, Any] = {protocol.NUM_EXAMPLES: row.num_examples or 0}
             if row.train_loss is not None:  # none: the client saw no example
                 metrics[protocol.TRAIN_LOSS] = row.train_loss
             accepted.append(metrics)
-            if not strategy.takes_sums:
-                strategy.receive_trained(start, kept, staleness, float(row.num_examples or 0),
-                                         client.client)
-        return fruitless
+            if strategy.receive_trained(*trained, version - started_on,
+                                        float(row.num_examples or 0), client):
+                break
+        strategy.settle()  # before the release and any checkpoint of the buffer
+        self._name_call(version)  # whoever started on the model about to be replaced
+        model_update = model_update or self._release()
+        return self._outcome(server_round, rows, accepted, totals, model_update, began)
 
     def _durations(self, model_bytes: int) -> np.ndarray:
         """Every client's virtual duration with a model of ``model_bytes`` each way."""
@@ -438,34 +452,98 @@ def _tested(evaluation: EvalResult | None) -> dict[str, float | None]:
     return evaluation.test_columns()
 
 
+def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np.ndarray],
+                  accepted: list[ClientReport]) -> dict[str, Any]:
+    """One training call's results, read-only: its clients (sorted), their clients.csv rows'
+    numbers (float64 columns, NaN: None) and any status but ok or reason ("notes", by row),
+    the model they started from and, where ``kept_at`` says so, the accepted clients' trained
+    models (in client order, stacked: ``_stacked``)."""
+    by_client = {row.client_id: row for row in rows}
+    ordered = [by_client[c] for c in clients]
+    numbers = np.array(list(map(_NUMBER_FIELDS, ordered)),  # None: NaN
+                       dtype=np.float64).reshape(len(clients), len(_NUMBERS))
+    notes = {str(i): [row.status, row.reason] for i, row in enumerate(ordered)
+             if row.status != "ok" or row.reason != ""}
+    kept_at = np.full(len(clients), -1, dtype=np.int64)
+    kept_at[np.searchsorted(clients, np.array([r.client_id for r in accepted], dtype=np.int64))
+            ] = np.arange(len(accepted))
+    blocks, where = _stacked([_trained(report) for report in accepted], list(start))
+    results = {"client": np.array(clients, dtype=np.int64), "numbers": numbers,
+               "kept_at": kept_at, "start": start, "where": where}
+    for array in (results["client"], numbers, kept_at, where, *start.values(),
+                  *(a for block in blocks for a in block.values())):
+        array.flags.writeable = False  # the checkpoint keeps it without a copy
+    return FrozenMapping({**results, "trained": blocks, "notes": notes})
 
-def _calls(heard: list[Heard]) -> list[Call]:
-    """The training calls of ``heard``'s clients that may bring an update: one per model they
-    started from (by version), a client heard twice from one model in as many calls, each
-    call's clients in arrival order; ordered by version, then by when their first client
-    arrived (the order their numbers seed them in)."""
-    calls: list[tuple[Call, set[int]]] = []
-    by_version: dict[int, list[int]] = {}  # version -> its calls' places in ``calls``
-    for i, client in enumerate(heard):
-        if client.lost:
-            continue
-        places = by_version.setdefault(client.version, [])
-        place = next((p for p in places if client.client not in calls[p][1]), None)
-        if place is None:
-            place = len(calls)
-            places.append(place)
-            calls.append((Call(client.version, []), set()))
-        calls[place][0].heard.append(i)
-        calls[place][1].add(client.client)
-    return [calls[p][0] for version in sorted(by_version) for p in by_version[version]]
+
+def _columns(numbers: np.ndarray) -> list[list[Any]]:
+    """clients.csv's numbers (``_NUMBERS``), a list per column, from their float64 rows: NaN
+    is None, the counts (``_COUNTS``) are ints."""
+    columns = []
+    for name, column in zip(_NUMBERS, numbers.T, strict=True):
+        missing = np.isnan(column)
+        values = (np.where(missing, 0, column).astype(np.int64) if name in _COUNTS
+                  else column).astype(object)
+        values[missing] = None
+        columns.append(values.tolist())
+    return columns
+
+
+def _notes(notes: Mapping[str, list[str]], rows: list[int]) -> tuple[list[str], list[str]]:
+    """The status and reason of each of ``rows`` of a call's results ("notes": by row, only
+    those other than ok without a reason)."""
+    statuses, reasons = ["ok"] * len(rows), [""] * len(rows)
+    if notes:
+        for i, row in enumerate(rows):
+            statuses[i], reasons[i] = notes.get(str(row), ("ok", ""))
+    return statuses, reasons
+
 
 def _read_only(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Read-only copies of ``arrays`` that own their data (the checkpoint captured after every
-    server update keeps them without a copy)."""
-    copies = {name: np.array(value, order="C") for name, value in arrays.items()}
-    for copy in copies.values():
-        copy.flags.writeable = False
-    return copies
+    """``arrays``, made read-only (the checkpoint keeps them without a copy)."""
+    for array in arrays.values():
+        array.flags.writeable = False
+    return arrays
+
+
+def _stacked(models: list[Mapping[str, np.ndarray]], names: list[str]
+             ) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    """The trained models as blocks of arrays stacked along a first axis, and ``where``: model
+    j is row ``where[j, 1]`` of block ``where[j, 0]``. A model that is a row of a cohort's
+    stacked copy (a ``StackedRow`` whose arrays own their data, as a chunk kept in process
+    does) keeps those arrays (no copy: a thousand updates in flight are a quarter of a GB);
+    the others (one at a time, or a Ray actor's, whose arrays are views of its reply) are
+    stacked here, in one block."""
+    blocks: list[dict[str, np.ndarray]] = []
+    index: dict[int, int] = {}  # id(a stack) -> its block, -1: not kept as it is
+    where = np.zeros((len(models), 2), dtype=np.int64)
+    loose: list[int] = []
+    for j, model in enumerate(models):
+        if not isinstance(model, StackedRow):
+            loose.append(j)
+            continue
+        if id(model.stack) not in index:
+            index[id(model.stack)] = len(blocks) if _owns_rows(model.stack, names) else -1
+            if index[id(model.stack)] >= 0:
+                blocks.append({name: model.stack[name] for name in names})
+        block = index[id(model.stack)]
+        if block < 0:
+            loose.append(j)
+        else:
+            where[j] = block, model.row
+    if loose:
+        where[loose] = np.column_stack([np.full(len(loose), len(blocks)), np.arange(len(loose))])
+        blocks.append({name: np.stack([models[j][name] for j in loose]) for name in names})
+    return blocks, where
+
+
+def _owns_rows(stack: Mapping[str, np.ndarray], names: list[str]) -> bool:
+    """Whether ``stack`` has ``names`` as C-contiguous arrays of as many rows that own their
+    data (the checkpoint keeps such an array without a copy)."""
+    arrays = [stack.get(name) for name in names]
+    return bool(names) and all(
+        isinstance(a, np.ndarray) and a.base is None and a.flags.c_contiguous and a.ndim >= 1
+        and len(a) == len(arrays[0]) for a in arrays)  # type: ignore[arg-type]
 
 
 def _trained(report: ClientReport) -> Mapping[str, np.ndarray]:

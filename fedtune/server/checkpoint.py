@@ -66,16 +66,34 @@ class CheckpointError(ConfigError):
 
 # --- generic state of an object (a strategy and what it holds) --------------------------------
 
+_Mapping = dict[str, Any]
+
+
+class FrozenMapping(_Mapping):
+    """A mapping its owner never changes again, holding only read-only arrays (and such
+    mappings, lists, numbers, strings): its JSON node and arrays (copies only of those that do
+    not own their data) are encoded once per path and reused by every later capture (the
+    asynchronous loop's results of a training call: a capture after every server update walked
+    each of them again). Restored as a dict."""
+
+    encoded: tuple[str, dict[str, Any] | None, dict[str, np.ndarray]] | None = None
+
+
 def _encode(value: Any, path: str, arrays: dict[str, np.ndarray]) -> dict[str, Any] | None:
     """A JSON node for ``value``; arrays go into ``arrays`` under ``path``. None: not state."""
+    if isinstance(value, FrozenMapping):
+        if value.encoded is None or value.encoded[0] != path:
+            own: dict[str, np.ndarray] = {}
+            value.encoded = path, _encode(dict(value), path, own), own
+        arrays.update(value.encoded[2])
+        return value.encoded[1]
     if value is None or isinstance(value, (bool, int, float, str)):
         return {"v": value}
     if isinstance(value, np.generic):
         return {"v": value.item()}
     if isinstance(value, np.ndarray):
         # a copy, as the owner may change it in place; not of a read-only array that owns its
-        # data (nobody can: the asynchronous loop keeps the models of its clients in flight so,
-        # fedtune.server.async_loop)
+        # data (nobody can: the asynchronous loop's results wait so, fedtune.server.async_loop)
         frozen = not value.flags.writeable and value.base is None and value.flags.c_contiguous
         arrays[path] = value if frozen else np.array(value, order="C")
         return {"a": path}

@@ -3,8 +3,9 @@
 Clients trained together (``fedtune.client.vectorised``) come back as stacked arrays (tensor
 name -> every client's values, client k in row k), which the cohort keeps as the trainer hands
 them over (``fedtune.engine.cohort``), each accepted client's update a ``StackedRow`` of it: a
-read-only mapping like any model, read in place (a robust strategy's aggregate, or the
-asynchronous loop's strategy taking updates one by one, ``fedtune.server.async_loop``).
+read-only mapping like any model, whose stack and row let the asynchronous loop keep the stack
+as it is (``fedtune.server.async_loop``) and a compiled sum read the rows in place
+(``fedtune.server.background_sums``).
 """
 
 from __future__ import annotations

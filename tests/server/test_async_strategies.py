@@ -81,59 +81,90 @@ def test_start_messages_share_one_content_with_the_server_round():
     assert messages[0].content["config"]["server-round"] == 4
 
 
-def test_fedbuff_sum_of_a_call_matches_adding_each_update():
-    """``receive_sum`` takes a training call's updates (one start model, one staleness) as
-    their float64 sum: s(tau) (sum_i y_i - n x), the sum of ``receive(prepare(...))`` up to
-    float64 rounding, the same bits for a call of one; ``wanted`` counts down to the release."""
-    calls = [(0, 1, [0, 2, 4]), (1, 0, [1, 5]), (2, 3, [3])]  # (start, staleness, updates)
+def test_the_loop_keeps_a_cohorts_stacked_updates_without_copying_them():
+    """The event loop holds every update in flight (fedtune.server.async_loop._stacked): rows
+    of a cohort's stacked copy (``StackedRow``) stay rows of it (read-only, so the checkpoint
+    captured after every server update keeps them without a copy either); other models - plain
+    ones, and rows of arrays that do not own their data (a Ray reply's) - are stacked."""
+    from fedtune.server.async_loop import _stacked
+    from fedtune.server.stacked_rows import StackedRow
+
+    chunk = {"w": np.arange(24.0).reshape(3, 2, 4).copy(), "b": np.arange(3.0)[:, None].copy()}
+    viewed = {"w": np.arange(16.0).reshape(2, 2, 4)[::1], "b": np.zeros((2, 1))}
+    loose = {"w": np.ones((2, 4)), "b": np.ones(1)}
+    models = [StackedRow(chunk, 2), loose, StackedRow(viewed, 1), StackedRow(chunk, 0)]
+    blocks, where = _stacked(models, ["w", "b"])
+    assert len(blocks) == 2
+    assert blocks[0]["w"] is chunk["w"] and blocks[0]["b"] is chunk["b"]
+    assert where.tolist() == [[0, 2], [1, 0], [1, 1], [0, 0]]
+    for model, (block, row) in zip(models, where, strict=True):
+        for name, value in model.items():
+            np.testing.assert_array_equal(blocks[block][name][row], value)
+    chunk["w"].flags.writeable = False
+    _, arrays = capture_attributes(SimpleNamespace(blocks=blocks))
+    assert any(array is chunk["w"] for array in arrays.values())  # kept, not copied
+    assert not any(array is loose["w"] for array in arrays.values())
+
+
+def test_fedbuff_regrouped_sum_matches_adding_each_update():
+    """``receive_trained`` sums the updates from one start model together at ``settle``
+    (s(tau) (sum_i y_i - n x)): the sum of ``receive(prepare(...))`` up to float64 rounding,
+    and the same bits for groups of one."""
+    arrivals = [(0, 1), (1, 0), (0, 1), (2, 3), (0, 1), (1, 0)]  # (start, staleness)
     trained = [{k: v * (1.0 + 0.1 * i) - 0.05 * i for k, v in STARTS[s].items()}
-               for i, s in enumerate([0, 1, 0, 2, 0, 1])]
-    summed, each = FedBuff(buffer_size=6), FedBuff(buffer_size=6)
-    due = []
-    for start, tau, members in calls:
-        total = {k: sum(trained[i][k].astype(np.float64) for i in members) for k in X0}
-        due.append((summed.wanted(), summed.receive_sum(STARTS[start], total, len(members),
-                                                        tau)))
-        for i in members:
-            each.receive(each.prepare(STARTS[start], trained[i]), tau, 1.0)
-    assert due == [(6, False), (3, False), (1, True)] and summed.wanted() == 0
-    got, expected = summed.release(X0), each.release(X0)
+               for i, (s, _) in enumerate(arrivals)]
+    grouped, each = FedBuff(buffer_size=6), FedBuff(buffer_size=6)
+    due = [grouped.receive_trained(STARTS[s], t, tau, 1.0)
+           for (s, tau), t in zip(arrivals, trained, strict=True)]
+    for (s, tau), t in zip(arrivals, trained, strict=True):
+        each.receive(each.prepare(STARTS[s], t), tau, 1.0)
+    assert due == [False] * 5 + [True] and len(grouped.arrived) == 3
+    got, expected = grouped.release(X0), each.release(X0)
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-6)
-    one, alone = FedBuff(buffer_size=3), FedBuff(buffer_size=3)
+    single, alone = FedBuff(buffer_size=3), FedBuff(buffer_size=3)
     for s, t, tau in zip(STARTS, TRAINED, STALENESS, strict=True):
-        one.receive_sum(s, {k: v.astype(np.float64) for k, v in t.items()}, 1, tau)
+        single.receive_trained(s, t, tau, 1.0)
         alone.receive(alone.prepare(s, t), tau, 1.0)
+    single.settle()
     for name, value in alone.buffer.items():
-        np.testing.assert_array_equal(one.buffer[name], value)
+        np.testing.assert_array_equal(single.buffer[name], value)
+    assert single.arrived == [] and grouped.arrived == []
 
 
-def test_only_plain_fedbuff_takes_sums():
-    """DP-FedBuff clips each update (its ``prepare``), so the loop hands it updates one by
-    one; FedAsync mixes each arrival."""
-    from strategies.dp_fedbuff import DPFedBuff
+def test_a_subclass_that_prepares_each_update_receives_each_prepared_update():
+    class Halving(FedBuff):
+        def prepare(self, start, trained):
+            return {k: v / 2 for k, v in super().prepare(start, trained).items()}
 
-    assert FedBuff.takes_sums
-    assert not DPFedBuff.takes_sums and not FedAsync.takes_sums
-    mixing = FedAsync()
-    assert mixing.wanted() == 1
-    mixing.receive(mixing.prepare(STARTS[0], TRAINED[0]), 0, 1.0)
-    assert mixing.wanted() == 0
-    mixing.release(X0)
-    assert mixing.wanted() == 1
+    strategy = Halving(buffer_size=2)
+    strategy.receive_trained(STARTS[0], TRAINED[0], 0, 1.0)
+    assert strategy.arrived == []
+    np.testing.assert_allclose(strategy.buffer["w"],
+                               (TRAINED[0]["w"].astype(np.float64) - STARTS[0]["w"]) / 2)
 
 
-def test_a_server_updates_clients_are_trained_in_one_call_per_start_model():
-    """The loop trains the clients heard in a server update one call per model they started
-    from, ordered by version, then first arrival; a client heard twice from one model goes in
-    a second call (its own batches), an offline one in none."""
-    from fedtune.server.async_loop import Heard, _calls
+def test_a_calls_results_give_back_each_clients_fields():
+    """The loop keeps a training call's clients.csv numbers as float64 columns (NaN: None) and
+    only the unusual statuses (``_call_results``); unpacked column by column (``_columns``,
+    ``_notes``) they are the rows' own values, ints where clients.csv has ints."""
+    from fedtune.results.run_dir import ClientRow
+    from fedtune.server.async_loop import _call_results, _columns, _notes
 
-    arrivals = [(4, 1), (7, 0), (4, 1), (2, 1), (9, 1), (7, 0), (5, 2)]  # (client, version)
-    heard = [Heard(client, 0.0, 1.0, version, lost=client == 9)
-             for client, version in arrivals]
-    calls = [(call.version, call.heard) for call in _calls(heard)]
-    assert calls == [(0, [1]), (0, [5]), (1, [0, 3]), (1, [2]), (2, [6])]
+    rows = [ClientRow(3, 9, 12, 0.25, None, 1.5, "ok", "", 8),
+            ClientRow(3, 2, None, None, None, None, "failed", "crashed"),
+            ClientRow(3, 5, 7, None, 2.0, 0.75, "rejected", "", 0)]
+    results = _call_results([2, 5, 9], rows, {"w": np.zeros(2)}, [])
+    picked = [0, 2]  # clients 2 and 9
+    columns = _columns(results["numbers"][picked])
+    statuses, reasons = _notes(results["notes"], picked)
+    for i, row in enumerate([rows[1], rows[0]]):
+        got = [column[i] for column in columns] + [statuses[i], reasons[i]]
+        expected = [row.num_examples, row.train_loss, row.epsilon, row.duration_s,
+                    row.examples_trained, row.status, row.reason]
+        assert got == expected
+        assert [type(value) for value in got] == [type(value) for value in expected]
+    assert _notes({}, [4, 1]) == (["ok", "ok"], ["", ""])
 
 
 def test_the_loop_asks_the_clock_only_when_devices_can_be_offline():

@@ -192,8 +192,8 @@ STATEFUL = {
                 "strategy.concurrency=3"],
     "fedasync": ["strategy.name=fedasync", "devices.profile=lognormal",
                  "strategy.concurrency=3"],
-    # every client in flight and a buffer of 3: each training call's updates summed where they
-    # trained (strategies/fedbuff.py's receive_sum), the models in flight kept read-only
+    # every client in flight and a buffer of 3: updates from one start model summed as a
+    # group (strategies/fedbuff.py's settle), the calls' results encoded once (FrozenMapping)
     "fedbuff_groups": ["strategy.name=fedbuff", "devices.profile=lognormal",
                        "data.num_clients=6", "strategy.fedbuff_buffer_size=3",
                        "strategy.concurrency=6"],
@@ -448,17 +448,18 @@ def test_a_killed_ditto_run_resumes_bit_identical_with_every_clients_models(tmp_
     assert rounds == {"1", "2", "3", "4", "5"}
 
 
-def test_a_read_only_array_that_owns_its_data_is_kept_without_a_copy():
-    """The asynchronous loop keeps the models its clients in flight started from read-only
-    (``async_loop._read_only``): a capture after every server update keeps them as they are;
-    an array its owner may still change is copied."""
-    model = np.arange(6, dtype=np.float32).reshape(2, 3).copy()  # owns its data
-    model.flags.writeable = False
-    changing = np.ones(3)
-    holder = SimpleNamespace(models={"7": {"w": model}}, buffer=changing)
-    _, arrays = capture_attributes(holder)
-    assert arrays["models.7.w"] is model
-    assert arrays["buffer"] is not changing
-    restored = SimpleNamespace(models={}, buffer=None)
-    restore_attributes(restored, *capture_attributes(holder))
-    np.testing.assert_array_equal(restored.models["7"]["w"], model)
+def test_a_frozen_mapping_is_encoded_once_per_path():
+    """The asynchronous loop's per-call results (``FrozenMapping``) are walked at the first capture
+    only; a later capture reuses the node and arrays, and restoring gives a plain dict."""
+    from fedtune.server.checkpoint import FrozenMapping
+
+    block = np.arange(6, dtype=np.float32).reshape(2, 3).copy()  # owns its data
+    block.flags.writeable = False
+    holder = SimpleNamespace(results={"7": FrozenMapping({"trained": [{"w": block}], "n": 2})})
+    first, second = capture_attributes(holder), capture_attributes(holder)
+    assert first[0]["results"]["map"]["7"] is second[0]["results"]["map"]["7"]
+    assert second[1]["results.7.trained.0.w"] is block  # read-only: no copy
+    restored = SimpleNamespace(results={})
+    restore_attributes(restored, *second)
+    assert type(restored.results["7"]) is dict and restored.results["7"]["n"] == 2
+    np.testing.assert_array_equal(restored.results["7"]["trained"][0]["w"], block)
