@@ -476,7 +476,7 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
         chunk_problem = _reply_structure({protocol.ARRAYS: first}, content, spec)
         if not chunk_problem:  # else each client is screened alone below
             bound = absurd_bound(content.model_norm)
-            weights = _chunk_weights(chunk, spec) if spec.weighted_mean else None
+            weights = _chunk_weights(chunk) if spec.weighted_mean else None
             if weights is None:
                 norms = chunk_passes.update_norms(global_arrays, stacked, bound)
             else:
@@ -513,7 +513,8 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
     everyone = len(accepted) == len(reports)
     if spec.weighted_mean:
         rows = stacked if everyone else {name: value[accepted] for name, value in stacked.items()}
-        weights = np.array([_sum_weight(reports[i].metrics, spec) for i in accepted])
+        weights = np.array([float(reports[i].metrics[protocol.NUM_EXAMPLES])
+                            for i in accepted])
         if result.total is None:
             result.total = block_sums.take(global_arrays)
         if everyone and chunk_sum is not None:
@@ -528,20 +529,14 @@ def _keep_chunk(result: BlockResult, members: list[BlockClient], chunk: TrainedC
                                  protocol.ARRAYS: StackedRow(stacked, i)}
 
 
-def _chunk_weights(chunk: TrainedChunk, spec: CohortSpec) -> np.ndarray | None:
-    """Each client's weight in the sum (``_sum_weight``) as float64, or None where a
-    ``num-examples`` is missing or not a number (screening says why; the accepted rows are
-    summed after it)."""
+def _chunk_weights(chunk: TrainedChunk) -> np.ndarray | None:
+    """Each client's ``num-examples`` as a float64 weight, or None where one is missing or not
+    a number (screening says why; the accepted rows are summed after it)."""
     try:
-        return np.array([_sum_weight(trained.metrics, spec) for trained in chunk.trained])
+        return np.array([float(trained.metrics[protocol.NUM_EXAMPLES])
+                         for trained in chunk.trained])
     except (KeyError, TypeError, ValueError):
         return None
-
-
-def _sum_weight(metrics: Mapping[str, Any], spec: CohortSpec) -> float:
-    """An accepted update's weight in the cohort's sum: its ``num-examples`` (FedAvg's
-    example-weighted mean), or 1 (``spec.unit_weights``: FedBuff's plain sum of updates)."""
-    return 1.0 if spec.unit_weights else float(metrics[protocol.NUM_EXAMPLES])
 
 
 def _received(trained: TrainedClient) -> dict[str, dict[str, np.ndarray]]:
@@ -580,7 +575,7 @@ def _keep_update(result: BlockResult, report: ClientReport, trained: TrainedClie
     if report.status != "ok":
         return
     if spec.weighted_mean:
-        weight = _sum_weight(trained.metrics, spec)
+        weight = float(trained.metrics[protocol.NUM_EXAMPLES])
         if result.total is None:
             result.total = block_sums.take(received[protocol.ARRAYS])
         accumulate(result.total, received[protocol.ARRAYS], weight)

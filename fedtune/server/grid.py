@@ -128,8 +128,8 @@ class CohortResult:
     ``CohortSpec.weighted_mean`` the accepted updates' sum."""
 
     reports: list[ClientReport]
-    total: dict[str, np.ndarray] | None = None  # sum of weight × update, float64
-    total_weight: float = 0.0  # sum of the weights (CohortSpec.unit_weights: the updates summed)
+    total: dict[str, np.ndarray] | None = None  # sum of num-examples × update, float64
+    total_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -138,9 +138,6 @@ class CohortSpec:
 
     weighted_mean: bool  # sum the accepted updates, weighted by num-examples; else keep each
     limits: ReplyLimits  # the run's exact reply schemas and its clients' sizes
-    # with weighted_mean: weigh every accepted update 1, not its num-examples (their plain sum
-    # and count: FedBuff's buffer, strategies.fedbuff)
-    unit_weights: bool = False
 
 
 class CohortGrid(SimulatedGrid):

@@ -63,16 +63,14 @@ def accumulate(total: dict[str, np.ndarray], arrays: Mapping[str, np.ndarray],
 
 
 def sum_updates(reports: Sequence[ClientReport],
-                updates: Sequence[Mapping[str, np.ndarray]], unit_weights: bool = False
-                ) -> WeightedSum:
+                updates: Sequence[Mapping[str, np.ndarray]]) -> WeightedSum:
     """The weighted sum of accepted clients' models (``updates``: each report's ARRAYS), in
-    client order: weighted by ``num-examples``, or each by 1 (``unit_weights``: their plain
-    sum, as ``CohortSpec.unit_weights`` has a cohort add them)."""
+    client order."""
     first = updates[0]
     summed = WeightedSum({name: np.zeros(value.shape, np.float64)
                           for name, value in first.items()})
     for report, arrays in zip(reports, updates, strict=True):
-        weight = 1.0 if unit_weights else float(report.metrics[protocol.NUM_EXAMPLES])
+        weight = float(report.metrics[protocol.NUM_EXAMPLES])
         accumulate(summed.total, arrays, weight)
         summed.weight += weight
     return summed

@@ -149,32 +149,6 @@ def test_a_split_block_sums_to_the_same_bits_and_block_order_fixes_the_total(tmp
     assert json.dumps([r.status for r in forward.reports]) == json.dumps(["ok"] * 6)
 
 
-@pytest.mark.parametrize("vectorise", ["true", "false"])  # clients in chunks, or one at a time
-def test_unit_weights_sum_the_accepted_updates_as_they_are(tmp_path, vectorise, one_torch_thread):
-    """FedBuff's calls (``CohortSpec.unit_weights``): the block's total is the plain float64
-    sum of the updates the same clients send when kept one by one, in client order, and its
-    weight their count - not their num-examples."""
-    config = tiny_config(tmp_path, "data.num_clients=5", f"engine.vectorise_clients={vectorise}")
-    resources = task_resources(config)
-    act_as_server(1)
-    arrays = shared_state(build_model(resources.spec, 0))
-    content = DecodedContent.of(RecordDict({ARRAYS: to_array_record(arrays),
-                                            CONFIG: ConfigRecord({SERVER_ROUND: 1})}))
-    limits = reply_limits(config, resources.federation)
-    clients = [BlockClient(1000 + c, c, None) for c in range(5)]
-    kept = run_block(resources, content, BlockTask(0, "train", clients,
-                                                   CohortSpec(weighted_mean=False, limits=limits)))
-    summed = run_block(resources, content, BlockTask(0, "train", clients, CohortSpec(
-        weighted_mean=True, limits=limits, unit_weights=True)))
-    assert [r.status for r in kept.reports] == ["ok"] * 5
-    assert summed.weight == 5.0
-    for name, total in summed.total.items():
-        expected = np.zeros(total.shape)
-        for report in kept.reports:
-            expected += np.asarray(report.update[ARRAYS][name], dtype=np.float64)
-        np.testing.assert_array_equal(total, expected)
-
-
 @pytest.mark.parametrize("read_only", [False, True])  # read-only: a reply's bytes, read in place
 def test_a_whole_weight_is_added_in_one_fused_pass_with_the_bits_of_multiply_then_add(read_only):
     rng = np.random.default_rng(0)
