@@ -22,7 +22,10 @@ continues bit for bit.
 
 The clients in flight are one float64 table, a row per slot (``CLIENT`` ... ``CALL``), so
 starting one and removing it touch one row, not seven arrays; the next to finish is the top of
-a heap of (finish, client, slot) beside the table, the lowest free slot the top of another
+a heap of (finish, start number, slot) beside the table - clients that finish at the same
+virtual moment are heard in the order they started, first come first served (with instant
+devices, ``devices.profile = 'none'``, a client that finishes and starts again joins the back
+of the queue instead of being heard again before everyone else) - the lowest free slot the top of another
 (``AsyncRound._index``: rebuilt from the table, so a checkpoint needs neither). A draw among
 one available client is no draw: its seeded generator is made only when there is a choice (or
 a Poisson arrival to time); devices that are always available are not asked at each start
@@ -84,9 +87,10 @@ _NUMBER_FIELDS = attrgetter(*_NUMBERS)
 _NO_CLIENTS = np.zeros(0, dtype=np.int64)
 # a heard client's (start model, trained model), both read-only
 Trained = tuple[dict[str, np.ndarray], Mapping[str, np.ndarray]]
-# the columns of the table of clients in flight (float64: ids and versions are exact)
-CLIENT, START, FINISH, VERSION, LOST, TRAINED, CALL = range(7)
-_FREE = np.array([-1.0, 0.0, np.inf, -1.0, 0.0, 1.0, -1.0])  # a free slot: nobody, never
+# the columns of the table of clients in flight (float64: ids, versions and start numbers are
+# exact); ORDER: the start's number, which orders clients that finish at the same moment
+CLIENT, START, FINISH, VERSION, LOST, TRAINED, CALL, ORDER = range(8)
+_FREE = np.array([-1.0, 0.0, np.inf, -1.0, 0.0, 1.0, -1.0, np.inf])  # a free slot: nobody
 
 
 class Heard(NamedTuple):
@@ -151,11 +155,12 @@ class AsyncLoop:
                      version: int, durations: np.ndarray, slot: int) -> tuple[float, int, int]:
         """One client starts at ``moment`` on model ``version`` in the free ``slot`` (the
         lowest: ``AsyncRound``'s heap of them); ``durations``: every client's virtual
-        duration, ``VirtualClock.durations``. Its (finish, client, slot)."""
+        duration, ``VirtualClock.durations``. Its (finish, start number, slot)."""
         # a draw among one candidate picks it: the generator (seeded afresh per start) is
         # made only when it draws something
         rng = self._draw() if self.arrival_rate or len(available) > 1 else None
         client = int(available[0]) if rng is None else int(rng.choice(available))
+        order = self.starts
         self.starts += 1
         if rng is not None and self.arrival_rate:
             self.next_arrival = moment + float(rng.exponential(1.0 / self.arrival_rate))
@@ -165,23 +170,24 @@ class AsyncLoop:
             clock.online_until(np.array([client]), moment)[0])
         lost = finish > offline  # a lost client's work is never needed: "trained"
         finish = min(finish, offline)
-        self.flight[slot] = (client, moment, finish, version, lost, lost, -1)
+        self.flight[slot] = (client, moment, finish, version, lost, lost, -1, order)
         self.busy[client] = True
         self.flying += 1
-        return finish, client, slot
+        return finish, order, slot
 
     def finishing(self) -> list[tuple[float, int, int]]:
-        """The clients in flight as a heap of (finish, client, slot): its first is the client
-        the server hears of next (earliest; ties by client id)."""
+        """The clients in flight as a heap of (finish, start number, slot): its first is the
+        client the server hears of next (earliest; of those finishing together, the first to
+        start)."""
         taken = np.flatnonzero(self.flight[:, CLIENT] >= 0)
-        heap = [(float(self.flight[slot, FINISH]), int(self.flight[slot, CLIENT]), int(slot))
+        heap = [(float(self.flight[slot, FINISH]), int(self.flight[slot, ORDER]), int(slot))
                 for slot in taken]
         heapq.heapify(heap)
         return heap
 
     def pop(self, slot: int) -> tuple[int, float, float, int, bool, int]:
         """Free a slot: its (client, start, finish, version, lost, training call)."""
-        client, start, finish, version, lost, _, call = self.flight[slot].tolist()
+        client, start, finish, version, lost, _, call, _ = self.flight[slot].tolist()
         self.flight[slot] = _FREE
         self.busy[int(client)] = False
         self.flying -= 1

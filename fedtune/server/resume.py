@@ -16,6 +16,7 @@ import copy
 import hashlib
 import time
 from logging import INFO, WARNING
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,16 +67,24 @@ def config_digest(config: Config) -> str:
     return hashlib.sha256(tomli_w.dumps(kept).encode("utf-8")).hexdigest()
 
 
-def _refuse_another_event_loop(stateful: Any, description: dict[str, Any]) -> None:
+def _refuse_another_event_loop(stateful: Any, description: dict[str, Any],
+                               arrays: Mapping[str, np.ndarray]) -> None:
     """An asynchronous run's checkpoint keeps its event loop's attributes
     (``fedtune.server.async_loop.AsyncLoop``); one written by a fedtune whose loop kept other
-    ones (before 0d05609: seven arrays instead of the table of clients in flight) would be
-    restored into a loop that ignores them and resume with nobody in flight: CheckpointError."""
+    ones (before 0d05609: seven arrays instead of the table of clients in flight) or tables of
+    other columns (before the start number joined the table of clients in flight) would be
+    restored into a loop that misreads them: CheckpointError."""
     loop = getattr(stateful, "async_loop", None)
     saved = description.get("async_loop", {}).get("obj")
-    if loop is None or saved is None or set(saved) == set(vars(loop)):
+    if loop is None or saved is None:
         return
-    other = sorted(set(saved) ^ set(vars(loop)))
+    current = vars(loop)
+    other = sorted(set(saved) ^ set(current)) or sorted(
+        name for name, node in saved.items()
+        if "a" in node and isinstance(current[name], np.ndarray)
+        and arrays[node["a"]].shape[1:] != current[name].shape[1:])
+    if not other:
+        return
     raise CheckpointError(
         "this checkpoint's asynchronous event loop was written by another version of fedtune "
         f"(its state differs in {', '.join(other)}); it cannot resume: start the run again, "
@@ -103,7 +112,7 @@ class Checkpointer(RunListener):
     def restore(self, checkpoint: Checkpoint) -> None:
         """Put strategy, privacy state, RNGs and client states back as ``checkpoint`` recorded
         them."""
-        _refuse_another_event_loop(self.stateful, checkpoint.strategy[0])
+        _refuse_another_event_loop(self.stateful, *checkpoint.strategy)
         restore_attributes(self.stateful, *checkpoint.strategy)
         restore_rng(*checkpoint.rng)
         saved_states = checkpoint.client_states

@@ -131,6 +131,26 @@ def test_fedasync_updates_the_model_with_every_arrival(tmp_path):
     assert float(metrics[-1]["eval_accuracy"]) > 0.1
 
 
+@pytest.mark.parametrize("name", ["fedbuff", "fedasync"])
+def test_without_devices_clients_finishing_together_are_heard_first_come_first_served(
+        tmp_path, name):
+    """Instant devices (no profile): every client finishes the moment it starts, so clients
+    are heard in the order they started. A client heard and started again queues behind the
+    clients in flight (it was heard first again, alone: a buffer of 6 updates all from one
+    client, and the others never heard)."""
+    buffer = ["strategy.fedbuff_buffer_size=6", "run.rounds=3"] if name == "fedbuff" else [
+        "run.rounds=12"]  # FedAsync: a server update per client update
+    config = tiny_config(tmp_path, "data.num_clients=6", f"strategy.name={name}",
+                         "strategy.concurrency=6", *buffer)
+    clients = [int(c["client_id"]) for c in rows_of(run_inprocess(config).path / "clients.csv")
+               if c["phase"] == "train"]
+    # every window of 6 updates in a row has each client once
+    assert len(clients) == 18 if name == "fedbuff" else 12
+    for first in range(0, len(clients), 6):
+        window = clients[first:first + 6]
+        assert len(set(window)) == len(window), clients
+
+
 def test_without_devices_nothing_is_timed(tmp_path):
     run = run_inprocess(tiny_config(tmp_path, "run.rounds=1")).path
     assert rows_of(run / "metrics.csv")[0]["virtual_time_s"] == ""

@@ -463,3 +463,18 @@ def test_a_frozen_mapping_is_encoded_once_per_path():
     restore_attributes(restored, *second)
     assert type(restored.results["7"]) is dict and restored.results["7"]["n"] == 2
     np.testing.assert_array_equal(restored.results["7"]["trained"][0]["w"], block)
+
+
+def test_a_checkpoint_whose_table_of_clients_in_flight_has_other_columns_is_refused():
+    """A checkpoint of an asynchronous run written before the start number joined the table
+    of clients in flight (7 columns, now 8) would be misread: refused in one line, naming it."""
+    from fedtune.server.checkpoint import CheckpointError
+    from fedtune.server.resume import _refuse_another_event_loop
+
+    def stateful(columns: int) -> SimpleNamespace:
+        return SimpleNamespace(async_loop=SimpleNamespace(flight=np.zeros((3, columns)), now=1.0))
+
+    _refuse_another_event_loop(stateful(8), *capture_attributes(stateful(8)))  # the same: fine
+    with pytest.raises(CheckpointError, match=r"another version of fedtune \(its state differs "
+                                              r"in flight\)"):
+        _refuse_another_event_loop(stateful(8), *capture_attributes(stateful(7)))
