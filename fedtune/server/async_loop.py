@@ -30,11 +30,14 @@ of the queue instead of being heard again before everyone else) - the lowest fre
 one available client is no draw: its seeded generator is made only when there is a choice (or
 a Poisson arrival to time); devices that are always available are not asked at each start
 whether they are (``_always_available``). The results wait by training call, not by client:
-one entry per call, the model its clients started from, their trained models stacked and their
-clients.csv fields column by column, read-only arrays that the checkpoint keeps without copying
-(``fedtune.server.checkpoint``); what the server will hear of each of a call's clients in
-flight (``Heard``) is unpacked from them once per call, when it trains or after a resume, and
-the call's entry dropped after its last client is heard. The strategy gets a heard
+one entry per call, the model its clients started from and their clients.csv fields column by
+column, and one per block of its trained models (a chunk's stack: ~32 rows), read-only arrays
+that the checkpoint keeps without copying (``fedtune.server.checkpoint``); what the server will
+hear of each of a call's clients in flight (``Heard``) is unpacked from them once per call,
+when it trains or after a resume. A block is dropped once its last client in flight is heard,
+the call's entry after its last client: a call's clients are heard over several server updates
+(FedBuff's with lognormal devices: over three or four), and holding its stacks whole until the
+last one made a 1,000-client FedBuff run hold several times the models in flight. The strategy gets a heard
 client's start and trained models by reference (``receive_trained``: the trained one a
 ``StackedRow`` of the call's stack) and may defer its arithmetic to ``settle`` at the end of
 the server update; the sums it makes with ``ordered_sum`` are this loop's ``BackgroundSum``
@@ -104,6 +107,7 @@ class Heard(NamedTuple):
     status: str
     reason: str
     trained: Trained | None  # None: no update
+    block: str  # the key of the block of trained models its model is a row of ("": none)
 
 
 class AsyncLoop:
@@ -129,6 +133,9 @@ class AsyncLoop:
         self.pending: dict[str, dict[str, Any]] = {}
         # str(training call) -> its results (``_call_results``), until its last client is heard
         self.results: dict[str, dict[str, Any]] = {}
+        # "call.block" -> a block of a call's trained models (tensor name -> rows), until the
+        # last client in flight whose model is one of its rows is heard
+        self.blocks: dict[str, Mapping[str, np.ndarray]] = {}
 
     # --- starting clients ------------------------------------------------------------------
 
@@ -223,11 +230,13 @@ class AsyncRound:
         # kept beside the table, built from it at the first server update (after a resume has
         # restored it), so a checkpoint needs none of them: its clients by finish
         # (``AsyncLoop.finishing``), its free slots (a heap: the lowest is taken), and per
-        # trained call the clients in flight it still holds results for (``_heard`` drops its
-        # results after the last)
+        # trained call the clients in flight it still holds results for, and per block of
+        # trained models the clients in flight whose model it holds (``_heard`` drops each
+        # after the last)
         self.finishing: list[tuple[float, int, int]] = []
         self.free: list[int] = []
         self.waiting: dict[int, int] = {}
+        self.in_block: dict[str, int] = {}
         self.indexed = False
         # a trained client in flight -> what the server hears of it (``Heard``), made per call
         # from its results (``_unpack``)
@@ -260,8 +269,9 @@ class AsyncRound:
             as_round, self.run.identities, bounds, config.strategy.round_timeout_s,
             lambda done, total: self.run.progress(server_round, "train", done, total),
             self.run.stop)
-        loop.results[str(call)] = _call_results(clients, train.rows(as_round), start,
-                                                train.accepted_reports)
+        loop.results[str(call)], blocks = _call_results(clients, train.rows(as_round), start,
+                                                        train.accepted_reports)
+        loop.blocks.update((f"{call}.{b}", block) for b, block in enumerate(blocks))
         loop.flight[members, CALL] = call
         loop.flight[members, TRAINED] = 1
         self._unpack(call)
@@ -303,12 +313,16 @@ class AsyncRound:
         rows = np.searchsorted(results["client"], clients)
         columns = _columns(results["numbers"][rows])
         statuses, reasons = _notes(results["notes"], rows.tolist())
-        where, blocks, starts = results["where"].tolist(), results["trained"], results["start"]
-        trained = [None if at < 0 else (starts, StackedRow(blocks[where[at][0]], where[at][1]))
-                   for at in results["kept_at"][rows].tolist()]
+        where, starts = results["where"].tolist(), results["start"]
+        kept_at = results["kept_at"][rows].tolist()
+        keys = ["" if at < 0 else f"{call}.{where[at][0]}" for at in kept_at]
+        trained = [None if at < 0 else (starts, StackedRow(loop.blocks[key], where[at][1]))
+                   for at, key in zip(kept_at, keys, strict=True)]
         self.ready.update(zip(clients.tolist(), map(Heard._make, zip(
-            *columns, statuses, reasons, trained, strict=True)), strict=True))
+            *columns, statuses, reasons, trained, keys, strict=True)), strict=True))
         self.waiting[call] = len(clients)
+        for key in filter(None, keys):
+            self.in_block[key] = self.in_block.get(key, 0) + 1
 
     def _heard(self, server_round: int, client: int, start: float, finish: float,
                staleness: int, lost: bool, call: int) -> tuple[ClientRow, Trained | None]:
@@ -322,6 +336,10 @@ class AsyncRound:
         self.waiting[call] -= 1
         if not self.waiting[call]:
             del self.waiting[call], self.loop.results[str(call)]
+        if heard.block:
+            self.in_block[heard.block] -= 1
+            if not self.in_block[heard.block]:  # whoever took its rows holds them still
+                del self.in_block[heard.block], self.loop.blocks[heard.block]
         return ClientRow(server_round, client, heard.num_examples, heard.train_loss,
                          heard.epsilon, heard.duration_s, heard.status, heard.reason,
                          heard.examples_trained, "train", start, finish - start,
@@ -459,11 +477,13 @@ def _tested(evaluation: EvalResult | None) -> dict[str, float | None]:
 
 
 def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np.ndarray],
-                  accepted: list[ClientReport]) -> dict[str, Any]:
+                  accepted: list[ClientReport]
+                  ) -> tuple[dict[str, Any], list[Mapping[str, np.ndarray]]]:
     """One training call's results, read-only: its clients (sorted), their clients.csv rows'
     numbers (float64 columns, NaN: None) and any status but ok or reason ("notes", by row),
-    the model they started from and, where ``kept_at`` says so, the accepted clients' trained
-    models (in client order, stacked: ``_stacked``)."""
+    the model they started from and, where ``kept_at`` says so, where the accepted clients'
+    trained models are (in client order: ``where``); and those models in blocks of stacked
+    rows (``_stacked``)."""
     by_client = {row.client_id: row for row in rows}
     ordered = [by_client[c] for c in clients]
     numbers = np.array(list(map(_NUMBER_FIELDS, ordered)),  # None: NaN
@@ -479,7 +499,8 @@ def _call_results(clients: list[int], rows: list[ClientRow], start: dict[str, np
     for array in (results["client"], numbers, kept_at, where, *start.values(),
                   *(a for block in blocks for a in block.values())):
         array.flags.writeable = False  # the checkpoint keeps it without a copy
-    return FrozenMapping({**results, "trained": blocks, "notes": notes})
+    return (FrozenMapping({**results, "notes": notes}),
+            [FrozenMapping(block) for block in blocks])
 
 
 def _columns(numbers: np.ndarray) -> list[list[Any]]:

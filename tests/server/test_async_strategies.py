@@ -154,7 +154,8 @@ def test_a_calls_results_give_back_each_clients_fields():
     rows = [ClientRow(3, 9, 12, 0.25, None, 1.5, "ok", "", 8),
             ClientRow(3, 2, None, None, None, None, "failed", "crashed"),
             ClientRow(3, 5, 7, None, 2.0, 0.75, "rejected", "", 0)]
-    results = _call_results([2, 5, 9], rows, {"w": np.zeros(2)}, [])
+    results, blocks = _call_results([2, 5, 9], rows, {"w": np.zeros(2)}, [])
+    assert blocks == []  # nobody accepted: no trained model kept
     picked = [0, 2]  # clients 2 and 9
     columns = _columns(results["numbers"][picked])
     statuses, reasons = _notes(results["notes"], picked)
