@@ -15,8 +15,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from logging import INFO, WARNING
 from collections.abc import Mapping
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
