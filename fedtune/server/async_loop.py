@@ -129,7 +129,10 @@ class AsyncLoop:
         # the clients in flight: one row per slot (a free slot: client -1, finish +inf)
         slots = min(self.concurrency, clock.profiles.num_clients)
         self.flight = np.tile(_FREE, (slots, 1))
-        self.busy = np.zeros(clock.profiles.num_clients, dtype=bool)  # by client id
+        self.population = clock.profiles.num_clients
+        # the ids of the clients in flight, ascending: the first ``flying`` entries (a list of
+        # the idle ones, or a flag per client, would cost a pass over a million clients a start)
+        self.busy = np.zeros(slots, dtype=np.int64)
         self.flying = 0  # clients in flight
         # str(training call) -> the model its clients started from and its version, for a call
         # named when the global model moved on, trained when one of its clients is needed
@@ -145,31 +148,35 @@ class AsyncLoop:
     def _draw(self) -> np.random.Generator:
         return np.random.default_rng([self.seed, 28, self.starts])
 
-    def next_start(self, clock: VirtualClock) -> tuple[float, np.ndarray]:
-        """When the next client may start and the clients available then (none: no slot)."""
-        if self.flying >= len(self.flight):
+    def next_start(self, clock: VirtualClock) -> tuple[float, np.ndarray | IdleClients]:
+        """When the next client may start and the clients available then, ascending (none:
+        no slot)."""
+        if self.flying >= len(self.flight) or self.flying >= self.population:
             return np.inf, _NO_CLIENTS
         moment = max(self.now, self.next_arrival) if self.arrival_rate else self.now
-        idle = (~self.busy).nonzero()[0]  # np.flatnonzero's, without its wrapper's cost
-        if not len(idle):
-            return np.inf, _NO_CLIENTS
+        busy = self.busy[:self.flying]
         if _always_available(clock):
-            return moment, idle
+            return moment, IdleClients(self.population, busy)
+        idle = np.ones(self.population, dtype=bool)
+        idle[busy] = False
+        idle = idle.nonzero()[0]  # np.flatnonzero's, without its wrapper's cost
         available = idle[clock.available(idle, moment)]
         if not len(available):
             moment = float(clock.next_available(idle, moment).min()) + 1e-6
             available = idle[clock.available(idle, moment)]
         return moment, available
 
-    def start_client(self, clock: VirtualClock, moment: float, available: np.ndarray,
-                     version: int, durations: np.ndarray, slot: int) -> tuple[float, int, int]:
+    def start_client(self, clock: VirtualClock, moment: float,
+                     available: np.ndarray | IdleClients, version: int, durations: np.ndarray,
+                     slot: int) -> tuple[float, int, int]:
         """One client starts at ``moment`` on model ``version`` in the free ``slot`` (the
         lowest: ``AsyncRound``'s heap of them); ``durations``: every client's virtual
         duration, ``VirtualClock.durations``. Its (finish, start number, slot)."""
         # a draw among one candidate picks it: the generator (seeded afresh per start) is
         # made only when it draws something
         rng = self._draw() if self.arrival_rate or len(available) > 1 else None
-        client = int(available[0]) if rng is None else int(rng.choice(available))
+        # Generator.choice(a) is a[Generator.integers(0, len(a))], the same draw
+        client = int(available[0] if rng is None else available[int(rng.integers(len(available)))])
         order = self.starts
         self.starts += 1
         if rng is not None and self.arrival_rate:
@@ -181,7 +188,9 @@ class AsyncLoop:
         lost = finish > offline  # a lost client's work is never needed: "trained"
         finish = min(finish, offline)
         self.flight[slot] = (client, moment, finish, version, lost, lost, -1, order)
-        self.busy[client] = True
+        at, flying = int(self.busy[:self.flying].searchsorted(client)), self.flying
+        self.busy[at + 1:flying + 1] = self.busy[at:flying]
+        self.busy[at] = client
         self.flying += 1
         return finish, order, slot
 
@@ -199,9 +208,28 @@ class AsyncLoop:
         """Free a slot: its (client, start, finish, version, lost, training call)."""
         client, start, finish, version, lost, _, call, _ = self.flight[slot].tolist()
         self.flight[slot] = _FREE
-        self.busy[int(client)] = False
+        at, flying = int(self.busy[:self.flying].searchsorted(client)), self.flying
+        self.busy[at:flying - 1] = self.busy[at + 1:flying]
         self.flying -= 1
         return int(client), start, finish, int(version), bool(lost), int(call)
+
+
+class IdleClients:
+    """The clients not in flight, ascending, without listing them: the k-th is k plus the number
+    of busy clients below it (a list of a million idle clients cost ~1 ms a start)."""
+
+    def __init__(self, population: int, busy: np.ndarray) -> None:
+        """``busy``: the ids in flight, ascending."""
+        self.count = population - len(busy)
+        self.below = busy - np.arange(len(busy))  # idle clients below each busy one
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k: int) -> int:
+        if not 0 <= k < self.count:
+            raise IndexError(k)
+        return k + int(self.below.searchsorted(k, side="right"))
 
 
 class AsyncRound:

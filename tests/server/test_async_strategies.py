@@ -185,3 +185,28 @@ def test_the_loop_asks_the_clock_only_when_devices_can_be_offline():
         asked = [(clock.available(clients, t).all(), np.isinf(clock.online_until(clients, t)).all())
                  for t in moments]
         assert all(answer == (always, always) for answer in asked)
+
+
+def test_idle_clients_are_indexed_as_the_list_of_them_would_be():
+    """The loop picks a starting client by index among the idle ones, ascending, without
+    listing them (``IdleClients``); the seeded draw is ``Generator.choice``'s: the same client
+    as choosing from the list."""
+    from fedtune.server.async_loop import IdleClients
+
+    rng = np.random.default_rng(5)
+    for population, busy_count in [(1, 0), (5, 4), (10, 10), (50, 7), (1000, 999), (10**6, 300)]:
+        busy = np.sort(rng.choice(population, busy_count, replace=False))
+        if busy_count == 1000 - 1:
+            busy = np.delete(np.arange(population), 0)  # only the first is idle
+        idle = np.setdiff1d(np.arange(population), busy)
+        clients = IdleClients(population, busy)
+        assert len(clients) == len(idle)
+        sample = range(len(idle)) if len(idle) < 100 else rng.integers(len(idle), size=200)
+        assert [clients[int(k)] for k in sample] == [int(idle[k]) for k in sample]
+        with pytest.raises(IndexError):
+            clients[len(idle)]
+        if len(idle):
+            for seed in range(20):
+                draw = np.random.default_rng([seed, 28, 3])
+                assert (clients[int(draw.integers(len(clients)))]
+                        == np.random.default_rng([seed, 28, 3]).choice(idle))
