@@ -26,11 +26,12 @@ a heap of (finish, start number, slot) beside the table, the lowest free slot th
 another (``AsyncRound._index``: rebuilt from the table, so a checkpoint needs neither).
 Clients that finish at the same virtual moment are heard in the order they started, first come
 first served: with instant devices (``devices.profile = 'none'``) every client finishes as it
-starts, and a client heard and started again joins the back of the queue (by client id, it was
-heard again before everyone else, and filled a FedBuff buffer alone). A draw among
-one available client is no draw: its seeded generator is made only when there is a choice (or
-a Poisson arrival to time); devices that are always available are not asked at each start
-whether they are (``_always_available``). The results wait by training call, not by client:
+starts, and a client heard and started again joins the back of the queue (while ties went by
+client id, it was heard again ahead of everyone else and filled a FedBuff buffer alone). A
+draw among one available client is no draw: its seeded generator is made only when there is a
+choice (or a Poisson arrival to time); devices that are always available are not asked at each
+start whether they are (``_always_available``), and a start indexes the idle clients without
+listing them (``IdleClients``). The results wait by training call, not by client:
 one entry per call, the model its clients started from and their clients.csv fields column by
 column, and one per block of its trained models (a chunk's stack: ~32 rows), read-only arrays
 that the checkpoint keeps without copying (``fedtune.server.checkpoint``); what the server will
