@@ -130,7 +130,6 @@ class AsyncLoop:
         # the clients in flight: one row per slot (a free slot: client -1, finish +inf)
         slots = min(self.concurrency, clock.profiles.num_clients)
         self.flight = np.tile(_FREE, (slots, 1))
-        self.population = clock.profiles.num_clients
         # the ids of the clients in flight, ascending: the first ``flying`` entries (a list of
         # the idle ones, or a flag per client, would cost a pass over a million clients a start)
         self.busy = np.zeros(slots, dtype=np.int64)
@@ -152,13 +151,14 @@ class AsyncLoop:
     def next_start(self, clock: VirtualClock) -> tuple[float, np.ndarray | IdleClients]:
         """When the next client may start and the clients available then, ascending (none:
         no slot)."""
-        if self.flying >= len(self.flight) or self.flying >= self.population:
+        population = clock.profiles.num_clients
+        if self.flying >= len(self.flight) or self.flying >= population:
             return np.inf, _NO_CLIENTS
         moment = max(self.now, self.next_arrival) if self.arrival_rate else self.now
         busy = self.busy[:self.flying]
         if _always_available(clock):
-            return moment, IdleClients(self.population, busy)
-        idle = np.ones(self.population, dtype=bool)
+            return moment, IdleClients(population, busy)
+        idle = np.ones(population, dtype=bool)
         idle[busy] = False
         idle = idle.nonzero()[0]  # np.flatnonzero's, without its wrapper's cost
         available = idle[clock.available(idle, moment)]

@@ -194,10 +194,10 @@ def test_idle_clients_are_indexed_as_the_list_of_them_would_be():
     from fedtune.server.async_loop import IdleClients
 
     rng = np.random.default_rng(5)
-    for population, busy_count in [(1, 0), (5, 4), (10, 10), (50, 7), (1000, 999), (10**6, 300)]:
-        busy = np.sort(rng.choice(population, busy_count, replace=False))
-        if busy_count == 1000 - 1:
-            busy = np.delete(np.arange(population), 0)  # only the first is idle
+    cases = [(population, np.sort(rng.choice(population, count, replace=False)))
+             for population, count in [(1, 0), (5, 4), (10, 10), (50, 7), (10**6, 300)]]
+    cases.append((1000, np.arange(1, 1000)))  # only the first is idle
+    for population, busy in cases:
         idle = np.setdiff1d(np.arange(population), busy)
         clients = IdleClients(population, busy)
         assert len(clients) == len(idle)

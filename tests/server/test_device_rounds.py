@@ -145,7 +145,7 @@ def test_without_devices_clients_finishing_together_are_heard_first_come_first_s
     clients = [int(c["client_id"]) for c in rows_of(run_inprocess(config).path / "clients.csv")
                if c["phase"] == "train"]
     # every window of 6 updates in a row has each client once
-    assert len(clients) == 18 if name == "fedbuff" else 12
+    assert len(clients) == (18 if name == "fedbuff" else 12)
     for first in range(0, len(clients), 6):
         window = clients[first:first + 6]
         assert len(set(window)) == len(window), clients
