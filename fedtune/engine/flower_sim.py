@@ -44,9 +44,10 @@ def backend_config(config: Config) -> dict:
     """Ray resources: each client gets engine.client_cpus cores and engine.client_gpus GPUs."""
     import torch
 
-    # workers' output comes to the driver, which the CLI sends to <run dir>/log.txt
-    init_args: dict = {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR",
-                       "log_to_driver": True}
+    # workers' output comes to the driver, which the CLI sends to <run dir>/log.txt; "local":
+    # a Ray of its own, even where `ray start` (or RAY_ADDRESS) names another on this machine
+    init_args: dict = {"address": "local", "num_cpus": os.cpu_count() or 1,
+                       "logging_level": "ERROR", "log_to_driver": True}
     if torch.cuda.is_available():
         init_args["num_gpus"] = torch.cuda.device_count()
         if config.engine.client_gpus == 0 and config.client.device == "auto":

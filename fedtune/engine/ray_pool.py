@@ -32,8 +32,8 @@ def ray_session(config: Config) -> Iterator[None]:
                   "configure_logging": True}
     if config.engine.ray_address:
         args["address"] = config.engine.ray_address
-    else:
-        args.update(num_cpus=local_cpus(), include_dashboard=False)
+    else:  # "local": a Ray of its own, even where `ray start` (or RAY_ADDRESS) names another
+        args.update(address="local", num_cpus=local_cpus(), include_dashboard=False)
         if config.engine.client_gpus > 0:
             import torch
 
