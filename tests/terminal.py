@@ -38,19 +38,20 @@ class Terminal:
         return lines
 
 
-def run_in_terminal(*args: str, timeout: float = 600, env: dict | None = None) -> Terminal:
-    """``python -m fedtune ARGS`` with a terminal of COLUMNS x LINES as stdin, stdout and
+def run_in_terminal(*args: str, timeout: float = 600, env: dict | None = None,
+                    columns: int = COLUMNS) -> Terminal:
+    """``python -m fedtune ARGS`` with a terminal of ``columns`` x LINES as stdin, stdout and
     stderr."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", LINES, COLUMNS, 0, 0))
-    environment = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(COLUMNS),
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", LINES, columns, 0, 0))
+    environment = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(columns),
                    "LINES": str(LINES), **(env or {})}
     environment.pop("NO_COLOR", None)
     process = subprocess.Popen([sys.executable, "-m", "fedtune", *args], stdin=slave,
                                stdout=slave, stderr=slave, cwd=REPO, env=environment,
                                close_fds=True)
     os.close(slave)
-    screen = pyte.Screen(COLUMNS, LINES)
+    screen = pyte.Screen(columns, LINES)
     stream = pyte.ByteStream(screen)
     frames: list[list[str]] = []
     deadline = time.monotonic() + timeout

@@ -40,7 +40,9 @@ def test_a_run_prints_each_round_once_under_a_bar_that_names_the_running_phase(t
         "--set", "run.rounds=3", "--set", "client.local_steps=300",
         "--set", "privacy.mode=central", "--set", "privacy.target_epsilon=8",
         "--set", "privacy.adaptive_clipping=false", "--set", "privacy.clip_norm=1",
-        "--set", "privacy.audit=true", "--set", "privacy.audit_canaries=50", timeout=300)
+        "--set", "privacy.audit=true", "--set", "privacy.audit_canaries=50", timeout=300,
+        columns=len(str(run_dir)) + 100)  # the final lines name the run directory unwrapped
+    # (its length depends on pytest's base directory: longer under pytest-xdist)
     lines = shown.lines()
     assert shown.returncode == 0, "\n".join(lines)
     rows = read_csv(run_dir / "metrics.csv")
