@@ -76,3 +76,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# the longest test files (3 to 4 minutes each, mostly waiting on a SuperLink, SuperNodes and a
+# process per message): first, so that under pytest-xdist (pytest -n 2, a file whole on one
+# worker) they overlap the other tests instead of running alone at the end
+LONGEST_FIRST = ("tests/integration/test_deploy.py", "tests/integration/test_deploy_secagg.py")
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = Path(str(item.path)).relative_to(REPO).as_posix()
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: every other test keeps its place
