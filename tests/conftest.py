@@ -10,9 +10,9 @@ os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-# a Ray started without an address is the test's own: never a cluster that another test
-# (tests/integration/test_ray_cluster.py, on another pytest-xdist worker) has running
-# with its address in /tmp/ray (Flower's simulation starts Ray without one)
+# a Ray started without an address (these tests' own ray.init, `flwr run`'s local simulation)
+# is the test's own: never a cluster that another test (tests/integration/test_ray_cluster.py,
+# on another pytest-xdist worker) has running with its address in /tmp/ray
 os.environ["RAY_ADDRESS"] = "local"
 
 from pathlib import Path  # noqa: E402

@@ -22,8 +22,8 @@ def test_actors_take_their_declared_gpu_share_of_logical_gpus(tmp_path):
 
     config = tiny_config(tmp_path, "engine.backend=ray", "engine.client_gpus=0.5",
                          "engine.client_cpus=0.5", "data.num_clients=8")
-    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False,
-             log_to_driver=False, logging_level="ERROR")
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
     try:
         cluster = ray.cluster_resources()
         assert pool_size(config, cluster) == 2

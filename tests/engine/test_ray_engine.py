@@ -46,8 +46,7 @@ def ray_two_cpus():
     """One local Ray for this module's runs (the engine leaves a running session alone)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield
     ray.shutdown()
 
