@@ -14,8 +14,8 @@ with more steps, which an event loop calls:
 - ``receive_trained``: ``prepare`` then ``receive`` (what the event loop calls); a strategy may
   defer its arithmetic to ``settle``, which the loop calls at the end of every server update,
   and sum the trained models it takes with an ``OrderedSum`` made by ``ordered_sum`` (the
-  loop plugs in one that adds them as they arrive, on another thread, reading a model held
-  as a row of a cohort's stacked arrays in place);
+  loop plugs in one that adds them as they arrive, reading a model held as a row of a
+  cohort's stacked arrays in place);
 - ``release``: the new global model; ``release_metrics``: what it reports of that release.
 
 Their state is plain attributes (numbers, numpy arrays), so a checkpoint of the strategy keeps

@@ -14,8 +14,8 @@ What the event loop hands over (``receive_trained``) is added as the paper's sum
 updates that started from the same model ``x_v`` (so with the same staleness, within one server
 update) are summed in arrival order - ``sum_i y_i``, one float64 addition of each float32
 model into a sum that stays in cache (an ``OrderedSum``: by default at the end of the server
-update, ``settle``; fedtune's event loop plugs in one that adds them as they arrive, beside
-the clients' training, ``fedtune.server.background_sums``) - and scaled once:
+update, ``settle``; fedtune's event loop plugs in one that adds them as they arrive, in a
+compiled loop, ``fedtune.server.kept_row_sums``) - and scaled once:
 ``s(tau) (sum_i y_i - n x_v)`` (``n x_v`` is exact in float64). The same sum as adding each
 ``s(tau_i) delta_i``, up to the order of float64 rounding (a group of one gives the same bits),
 at a third of the memory traffic per update. A subclass whose

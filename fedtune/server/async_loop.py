@@ -44,9 +44,9 @@ consecutive clients lives until its slowest: the blocks still hold ~2.5 rows per
 client in flight there). The strategy gets a heard client's start and trained models by
 reference (``receive_trained``: the trained one a ``StackedRow`` of its block) and may defer
 its arithmetic to ``settle`` at the end of the server update; the sums it makes with
-``ordered_sum`` are this loop's ``BackgroundSum`` (FedBuff's sum of the updates from one start
-model: added on a worker thread as they arrive, while the main thread trains,
-``fedtune.server.background_sums``). A checkpoint is captured
+``ordered_sum`` are this loop's ``KeptRowSum`` (FedBuff's sum of the updates from one start
+model: the rows added in a compiled loop as they arrive, ``fedtune.server.kept_row_sums``).
+A checkpoint is captured
 after every server update (Ctrl-C writes the latest); with a thousand clients in flight a dict
 per client made that capture cost more than the clients' training, and each call's entry and
 each block is a ``FrozenMapping``: encoded once, not at every capture.
@@ -248,8 +248,8 @@ class AsyncRound:
         # (its entry's asynchronous_refused)
         self.strategy = cast(AsynchronousStrategy, run.strategy)
         # numba's import (~0.3 s): asynchronous runs only
-        from fedtune.server.background_sums import BackgroundSum
-        self.strategy.ordered_sum = BackgroundSum
+        from fedtune.server.kept_row_sums import KeptRowSum
+        self.strategy.ordered_sum = KeptRowSum
         self.run, self.loop, self.clock = run, loop, clock
         nodes = run.identities.node_to_client
         # the client -> node map: a simulation's NodeRange inverts itself in constant memory;

@@ -29,7 +29,7 @@ bound decides, and its reason reads, as with ``update_norm``.
 FedBuff (``strategies.fedbuff``) cannot sum a chunk while it is in cache: it keeps each update
 until the event loop hears it and sums the updates from one start model in arrival order -
 rows of several chunks' stacked copies, interleaved, read back from memory
-(``fedtune.server.background_sums``). ``add_rows_in_order`` reads each row once into a float64
+(``fedtune.server.kept_row_sums``). ``add_rows_in_order`` reads each row once into a float64
 total with one addition per row in that order (``strategies.asynchronous.add_in_order``'s
 bits), 0.024 CPU-ms a client where NumPy's per-row casting additions took 0.045 (BENCHMARKS.md,
 the virtual clock); the chunk kept for it is the trained stack itself, which the trainer hands

@@ -5,7 +5,7 @@ name -> every client's values, client k in row k), which the cohort keeps as the
 them over (``fedtune.engine.cohort``), each accepted client's update a ``StackedRow`` of it: a
 read-only mapping like any model, whose stack and row let the asynchronous loop keep the stack
 as it is (``fedtune.server.async_loop``) and a compiled sum read the rows in place
-(``fedtune.server.background_sums``).
+(``fedtune.server.kept_row_sums``).
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
-"""FedBuff's ordered sum added on the worker thread has the bits of adding the models one by one
-in arrival order, whatever they are (rows of float32 stacks, of float64 ones, plain models)."""
+"""FedBuff's ordered sum of kept rows (``KeptRowSum``) has the bits of adding the models one by
+one in arrival order, whatever they are (rows of float32 stacks, of float64 ones, plain
+models)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fedtune.server.background_sums import BATCH, BackgroundSum
+from fedtune.server.kept_row_sums import BATCH, KeptRowSum
 from fedtune.server.stacked_rows import StackedRow
 from strategies.asynchronous import sums_in_order
 
@@ -22,7 +23,7 @@ def _stack(rows: int, seed: int, dtype: type = np.float32) -> dict[str, np.ndarr
 
 
 def _summed(models: list) -> dict[str, np.ndarray]:
-    total = BackgroundSum(["w", "b", "scale"])
+    total = KeptRowSum(["w", "b", "scale"])
     for model in models:
         total.add(model)
     return total.result()
@@ -38,7 +39,7 @@ def _assert_bits(models: list) -> None:
 
 def test_rows_of_several_stacks_interleaved_over_many_batches():
     """Rows of four chunks' stacks in a random arrival order (a row heard twice counts twice),
-    over several of the worker's batches and a partial last one."""
+    over several batches and a partial last one."""
     stacks = [_stack(rows, seed) for rows, seed in ((64, 1), (64, 2), (40, 3), (17, 4))]
     rng = np.random.default_rng(0)
     picks = rng.integers(4, size=3 * BATCH + 5)
@@ -46,10 +47,10 @@ def test_rows_of_several_stacks_interleaved_over_many_batches():
 
 
 @pytest.mark.parametrize("odd", ["plain", "float64", "other shape"])
-def test_a_model_the_worker_cannot_read_is_added_in_its_place(odd):
+def test_a_model_the_compiled_loop_cannot_read_is_added_in_its_place(odd):
     """A plain model, a row of a float64 stack or of a stack of other shapes (no model the
     engines make, but an input all the same) arrives mid-stream: it and every model after it
-    are added at ``result``, after the worker's rows, in arrival order."""
+    are added at ``result``, after the rows before it, in arrival order."""
     stack, rng = _stack(64, 5), np.random.default_rng(1)
     if odd == "plain":
         other = {name: value[3].copy() for name, value in _stack(8, 6).items()}

@@ -1,27 +1,26 @@
-"""FedBuff's buffer summed as its updates arrive, on a worker thread beside the clients' training.
+"""FedBuff's buffer summed as its updates arrive: rows of the cohorts' kept stacks, compiled.
 
 FedBuff (``strategies.fedbuff``) sums the trained models that started from one model in
 arrival order, one float64 addition per model (``strategies.asynchronous.OrderedSum``). A
 synchronous round sums each chunk of clients while it is in cache; FedBuff cannot - a client is
 added when the server hears of it, long after its chunk trained - so every kept row is read
-back from memory, ~0.03 CPU-ms per update of the engine benchmark's MLP (263 KB a row). Done
-at the end of the server update, that read stood between two trainings; here the event loop
-hands each heard row to a worker thread in batches, and the worker adds them (a compiled loop,
-``fedtune.server.chunk_passes.add_rows_in_order``, which releases the GIL) while the main
-thread trains the next clients. ``result`` waits for the worker: the same bits as adding the
-models one by one in arrival order, on whichever thread.
+back from memory, ~0.03 CPU-ms per update of the engine benchmark's MLP (263 KB a row). The
+event loop's ``KeptRowSum`` adds the heard rows BATCH at a time in a compiled loop
+(``fedtune.server.chunk_passes.add_rows_in_order``: NumPy's per-row casting additions read a
+row at half the speed), on the main thread, between the trainings. (It ran on a worker thread
+beside the training until 2026-12-06: on two cores the thread competed with torch's own
+threads, and the server updates of FedBuff K = 1,000 took 16 % longer than summing here,
+BENCHMARKS.md, the virtual clock.) ``result`` gives the same bits as adding the models one by
+one in arrival order.
 
 A model that is not a row of a cohort's kept float32 stack (a Ray actor's reply, one trained
 alone) is added at ``result``, in order, after everything before it; so is every model after
-it. One worker serves every sum (jobs run in the order they are submitted), so no two sums
-compete for the memory bus, and a job never waits for the main thread.
+it.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from numba.typed import List
@@ -30,25 +29,19 @@ from fedtune.server.chunk_passes import add_rows_in_order, stacked_rows
 from fedtune.server.stacked_rows import StackedRow
 from strategies.asynchronous import NDArrays, OrderedSum, add_in_order
 
-BATCH = 64  # rows handed to the worker at once: one job per chunk's worth of arrivals
+BATCH = 64  # rows added in one compiled call: one per chunk's worth of arrivals
 
 
-@functools.cache
-def _worker() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedtune-sums")
-
-
-class BackgroundSum(OrderedSum):
-    """An ``OrderedSum`` whose rows of kept stacks are added on the worker thread."""
+class KeptRowSum(OrderedSum):
+    """An ``OrderedSum`` whose rows of kept stacks are added BATCH at a time as they arrive."""
 
     def __init__(self, names: Sequence[str]) -> None:
         super().__init__(names)  # ``models``: the ones added at ``result``, in order
         self.batch: list[StackedRow] = []
-        self.jobs: list[Future[None]] = []
-        self.lengths: dict[int, int] = {}  # id(stack) -> its rows the worker can add (0: none)
+        self.lengths: dict[int, int] = {}  # id(stack) -> its rows the loop can add (0: none)
         self.shapes: list[tuple[int, ...]] = []  # each tensor's, from the first such stack
-        # the worker's own (no other thread touches them): the stacks seen, by id, each
-        # tensor's stacks as the compiled loop reads them, and the totals
+        # the stacks seen, by id, each tensor's stacks as the compiled loop reads them, and
+        # the totals
         self.places: dict[int, int] = {}
         self.held: list[Mapping[str, np.ndarray]] = []  # alive while their ids are keys
         self.rows: dict[str, List] = {}
@@ -60,13 +53,11 @@ class BackgroundSum(OrderedSum):
             return
         self.batch.append(model)  # type: ignore[arg-type]
         if len(self.batch) >= BATCH:
-            self._submit()
+            self._add_batch()
 
     def result(self) -> NDArrays:
         if self.batch:
-            self._submit()
-        for job in self.jobs:
-            job.result()  # a worker's error is raised here
+            self._add_batch()
         totals = self.totals or {name: np.zeros(np.shape(self.models[0][name]))
                                  for name in self.names}
         add_in_order(totals, self.models)
@@ -83,7 +74,7 @@ class BackgroundSum(OrderedSum):
         return 0 <= model.row < rows
 
     def _rows_of(self, stack: Mapping[str, np.ndarray]) -> int:
-        """How many rows ``stack`` has where the worker can add them, else 0."""
+        """How many rows ``stack`` has where the compiled loop can add them, else 0."""
         arrays = [stack.get(name) for name in self.names]
         if not self.names or not all(isinstance(a, np.ndarray) and a.dtype == np.float32
                                      and a.ndim >= 1 for a in arrays):
@@ -93,12 +84,9 @@ class BackgroundSum(OrderedSum):
         same = all(shape[0] == shapes[0][0] for shape in shapes)
         return shapes[0][0] if same and [s[1:] for s in shapes] == self.shapes else 0
 
-    def _submit(self) -> None:
+    def _add_batch(self) -> None:
+        """Add the batch's rows to the totals, in order."""
         batch, self.batch = self.batch, []
-        self.jobs.append(_worker().submit(self._add_rows, batch))
-
-    def _add_rows(self, batch: list[StackedRow]) -> None:
-        """On the worker: add ``batch``'s rows to the totals, in order."""
         for model in batch:
             if id(model.stack) not in self.places:
                 self.places[id(model.stack)] = len(self.held)
