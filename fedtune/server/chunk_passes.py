@@ -1,5 +1,5 @@
 """The passes over a chunk of clients' stacked updates, compiled: their norms and their sum,
-and an asynchronous buffer's sum of kept rows in arrival order.
+and the addition of one kept row to an asynchronous buffer's sum.
 
 Clients trained together (``fedtune.client.vectorised``) reply as rows of stacked arrays
 (tensor name -> the clients' values, client k in row k). The cohort screens a chunk by every
@@ -29,11 +29,11 @@ bound decides, and its reason reads, as with ``update_norm``.
 FedBuff (``strategies.fedbuff``) cannot sum a chunk while it is in cache: it keeps each update
 until the event loop hears it and sums the updates from one start model in arrival order -
 rows of several chunks' stacked copies, interleaved, read back from memory
-(``fedtune.server.kept_row_sums``). ``add_rows_in_order`` reads each row once into a float64
-total with one addition per row in that order (``strategies.asynchronous.add_in_order``'s
-bits), 0.024 CPU-ms a client where NumPy's per-row casting additions took 0.045 (BENCHMARKS.md,
-the virtual clock); the chunk kept for it is the trained stack itself, which the trainer hands
-over (``fedtune.client.vectorised.StackedCopies``), so only its norms are read here.
+(``fedtune.server.kept_row_sums``). ``add_row`` adds one row to a float64 total, one addition
+per element (``strategies.asynchronous.add_in_order``'s bits), where NumPy's casting addition
+reads a row at half the speed (BENCHMARKS.md, the virtual clock); the chunk kept for it is the
+trained stack itself, which the trainer hands over (``fedtune.client.vectorised.
+StackedCopies``), so only its norms are read here.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from collections.abc import Mapping
 
 import numba
 import numpy as np
-from numba.typed import List
 
 from fedtune.server.guard import NORM_ESTIMATE, update_norm
 
@@ -91,21 +90,12 @@ def _sum(rows: np.ndarray, weights: np.ndarray, total: np.ndarray) -> None:
 
 
 @numba.njit(nogil=True, cache=True)
-def _add_rows_in_order(stacks: List, which: np.ndarray, rows: np.ndarray,
-                       total: np.ndarray) -> None:
-    """total[j] += stacks[which[k]][rows[k], j] in float64, k ascending."""
-    for k in range(which.size):
-        row = stacks[which[k]][rows[k]]
-        for j in range(row.size):
-            total[j] += np.float64(row[j])
-
-
-def add_rows_in_order(stacks: List, which: np.ndarray, rows: np.ndarray,
-                      total: np.ndarray) -> None:
-    """``total += stacks[which[k]][rows[k]]`` in float64 for k ascending, one addition per
-    row (``strategies.asynchronous.add_in_order``'s bits); ``stacks``: ``stacked_rows`` of
-    float32 stacks, ``rows`` within them (the loop checks no bound)."""
-    _add_rows_in_order(stacks, which, rows, total.reshape(-1))
+def add_row(total: np.ndarray, row: np.ndarray) -> None:
+    """``total += row`` in float64, element by element (``strategies.asynchronous.
+    add_in_order``'s bits); ``total``: a flat float64 array, ``row``: a row of
+    ``stacked_rows`` as long (the loop checks no bound)."""
+    for j in range(row.size):
+        total[j] += np.float64(row[j])
 
 
 def stacked_rows(value: np.ndarray) -> np.ndarray:
