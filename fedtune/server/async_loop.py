@@ -46,10 +46,10 @@ reference (``receive_trained``: the trained one a ``StackedRow`` of its block) a
 its arithmetic to ``settle`` at the end of the server update; the sums it makes with
 ``ordered_sum`` are this loop's ``KeptRowSum`` (FedBuff's sum of the updates from one start
 model: the rows added in a compiled loop as they arrive, ``fedtune.server.kept_row_sums``).
-A checkpoint is captured
-after every server update (Ctrl-C writes the latest); with a thousand clients in flight a dict
-per client made that capture cost more than the clients' training, and each call's entry and
-each block is a ``FrozenMapping``: encoded once, not at every capture.
+A checkpoint is captured after every server update (Ctrl-C writes the latest); with a
+thousand clients in flight a dict per client made that capture cost more than the clients'
+training, and each call's entry and each block is a ``FrozenMapping``: encoded once, not at
+every capture.
 """
 
 from __future__ import annotations
