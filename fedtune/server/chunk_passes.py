@@ -29,11 +29,11 @@ bound decides, and its reason reads, as with ``update_norm``.
 FedBuff (``strategies.fedbuff``) cannot sum a chunk while it is in cache: it keeps each update
 until the event loop hears it and sums the updates from one start model in arrival order -
 rows of several chunks' stacked copies, interleaved, read back from memory
-(``fedtune.server.kept_row_sums``). ``add_row`` adds one row to a float64 total, one addition
-per element (``strategies.asynchronous.add_in_order``'s bits), where NumPy's casting addition
-reads a row at half the speed (BENCHMARKS.md, the virtual clock); the chunk kept for it is the
-trained stack itself, which the trainer hands over (``fedtune.client.vectorised.
-StackedCopies``), so only its norms are read here.
+(``fedtune.server.kept_row_sums``). ``add_weighted`` with weight 1 adds one row to a float64
+total, one addition per element (``strategies.asynchronous.add_in_order``'s bits), where
+NumPy's casting addition reads a row at half the speed (BENCHMARKS.md, the virtual clock); the
+chunk kept for it is the trained stack itself, which the trainer hands over
+(``fedtune.client.vectorised.StackedCopies``), so only its norms are read here.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ def _squared_distance(row: np.ndarray, flat: np.ndarray) -> float:
 
 
 @numba.njit(nogil=True, cache=True)
-def _add_weighted(total: np.ndarray, weight: float, row: np.ndarray) -> None:
-    """total[j] += weight × row[j] in float64, element by element (no reassociation)."""
+def add_weighted(total: np.ndarray, weight: float, row: np.ndarray) -> None:
+    """total[j] += weight × row[j] in float64, element by element (no reassociation);
+    ``total``: a flat float64 array, ``row`` as long (the loop checks no bound). With weight 1
+    (exact in float64) the bits of ``strategies.asynchronous.add_in_order``'s addition."""
     for j in range(row.size):
         total[j] += weight * np.float64(row[j])
 
@@ -72,7 +74,7 @@ def _distances_and_sum(rows: np.ndarray, flat: np.ndarray, weights: np.ndarray,
     for k in range(rows.shape[0]):
         row = rows[k]
         squares[k] += _squared_distance(row, flat)
-        _add_weighted(total, weights[k], row)
+        add_weighted(total, weights[k], row)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -86,16 +88,7 @@ def _distances(rows: np.ndarray, flat: np.ndarray, squares: np.ndarray) -> None:
 def _sum(rows: np.ndarray, weights: np.ndarray, total: np.ndarray) -> None:
     """``total`` += Σ_k weights[k] × row k."""
     for k in range(rows.shape[0]):
-        _add_weighted(total, weights[k], rows[k])
-
-
-@numba.njit(nogil=True, cache=True)
-def add_row(total: np.ndarray, row: np.ndarray) -> None:
-    """``total += row`` in float64, element by element (``strategies.asynchronous.
-    add_in_order``'s bits); ``total``: a flat float64 array, ``row``: a row of
-    ``stacked_rows`` as long (the loop checks no bound)."""
-    for j in range(row.size):
-        total[j] += np.float64(row[j])
+        add_weighted(total, weights[k], rows[k])
 
 
 def stacked_rows(value: np.ndarray) -> np.ndarray:

@@ -6,9 +6,9 @@ synchronous round sums each chunk of clients while it is in cache; FedBuff canno
 added when the server hears of it, long after its chunk trained - so every kept row is read
 back from memory, ~0.03 CPU-ms per update of the engine benchmark's MLP (263 KB a row). The
 event loop's ``KeptRowSum`` adds each heard row as it arrives, a tensor at a time, in a
-compiled loop (``fedtune.server.chunk_passes.add_row``: NumPy's casting addition reads a row at
-half the speed), on the main thread between the trainings. ``result`` gives the same bits as
-adding the models one by one in arrival order.
+compiled loop (``fedtune.server.chunk_passes.add_weighted``, the round's own, with weight 1:
+NumPy's casting addition reads a row at half the speed), on the main thread between the
+trainings. ``result`` gives the same bits as adding the models one by one in arrival order.
 
 Until 2026-12-06 the rows were added 64 at a time, on a worker thread beside the training and
 through numba typed Lists of the stacks. On two cores the thread competed with torch's own
@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedtune.server.chunk_passes import add_row, stacked_rows
+from fedtune.server.chunk_passes import add_weighted, stacked_rows
 from fedtune.server.stacked_rows import StackedRow
 from strategies.asynchronous import NDArrays, OrderedSum, add_in_order
 
@@ -50,7 +50,7 @@ class KeptRowSum(OrderedSum):
             return
         row = model.row  # type: ignore[attr-defined]
         for total, values in zip(self.totals, rows, strict=True):
-            add_row(total, values[row])
+            add_weighted(total, 1.0, values[row])
 
     def result(self) -> NDArrays:
         if not self.totals:
