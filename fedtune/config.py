@@ -51,7 +51,7 @@ from fedtune.tables.devices import check_devices
 from fedtune.tables.model_kinds import check_model
 from fedtune.tables.privacy_modes import check_privacy
 from fedtune.tables.runtimes import RUNTIMES, check_runtime
-from fedtune.tables.strategies import check_strategy, clients_per_round
+from fedtune.tables.strategies import STRATEGIES, check_strategy, clients_per_round
 
 __all__ = [
     "Config",
@@ -489,6 +489,21 @@ def _check_mlflow_uri(config: Config) -> None:
                       "URI of scheme " + ", ".join(MLFLOW_SCHEMES))
 
 
+def _check_local_tests(config: Config) -> None:
+    """The personal evaluation (asked for, or a personalised strategy's, always on) measures
+    every client on its own local test split: without one it has nothing to measure."""
+    if config.data.local_test_fraction > 0:
+        return
+    wanted = [f"run.{name} = true" for name in ("personal_eval", "local_reference")
+              if getattr(config.run, name)]
+    if STRATEGIES[config.strategy.name].personal:
+        wanted.append(f"strategy.name = {config.strategy.name!r}")
+    if wanted:
+        raise ConfigError(f"data.local_test_fraction = 0 is not allowed with {wanted[0]}: "
+                          "must be > 0 (the personal evaluation measures every client on its "
+                          "own local test split)")
+
+
 def _check_reference(config: Config) -> None:
     if DATASETS[config.data.dataset].party_files and (config.run.personal_eval
                                                       or config.run.local_reference):
@@ -496,6 +511,7 @@ def _check_reference(config: Config) -> None:
         raise ConfigError(f"run.{key} = true is not allowed with data.dataset = "
                           f"{config.data.dataset!r}: must be false (the server holds no "
                           "client's local splits)")
+    _check_local_tests(config)
     if not config.run.reference:
         return
     if not RUNTIMES[config.engine.backend].federated:

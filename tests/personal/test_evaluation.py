@@ -112,6 +112,11 @@ def test_local_only_does_not_depend_on_the_strategy(tmp_path, ditto_run):
      "run.personal_eval = true is not allowed with data.dataset = 'files'"),
     (["strategy.name=finetune", "strategy.finetune_part=body"],
      "strategy.finetune_part"),
+    # no local test split: the personal evaluation failed after the first round (KeyError)
+    (["strategy.name=fedper", "data.local_test_fraction=0"],
+     "data.local_test_fraction = 0 is not allowed with strategy.name = 'fedper': must be > 0"),
+    (["run.local_reference=true", "data.local_test_fraction=0"],
+     "data.local_test_fraction = 0 is not allowed with run.local_reference = true"),
 ])
 def test_bad_personalisation_settings_are_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError) as error:
