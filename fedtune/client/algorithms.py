@@ -112,6 +112,12 @@ class ClientSide:
         global values (FedPer's head; []: none)."""
         return []
 
+    def fixed_part(self, resources: TaskResources) -> list[str]:
+        """For clients trained together: the trainable tensors that do not train this round
+        (they stay at the global values, and the reply carries them so: FedBABU's head;
+        []: none)."""
+        return []
+
 
 class FedProxClient(ClientSide):
     """FedProx (Li et al. 2020): a proximal term keeps the local model near the global one."""

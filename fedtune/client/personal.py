@@ -20,9 +20,10 @@ from fedtune.task import TaskResources
 
 class PersonalClient(ClientSide):
     """Trains as the strategy's personalisation says; its reply carries the shared part.
-    Trained together (a ``client_together`` entry: FedPer), it reads and writes no
+    Trained together (a ``client_together`` entry: FedPer, FedBABU), it reads and writes no
     ``RecordDict``: its personal part (the personalisation's ``together_part``) is kept in the
-    state's bytes by ``fedtune.client.vectorised``."""
+    state's bytes by ``fedtune.client.vectorised``, and its fixed part
+    (``together_fixed``) does not train."""
 
     def train(self, resources: TaskResources, shard: int, seed: int) -> LocalTraining | None:
         result = personalisation_of(resources.config).train(
@@ -31,6 +32,9 @@ class PersonalClient(ClientSide):
 
     def personal_part(self, resources: TaskResources) -> list[str]:
         return personalisation_of(resources.config).together_part(resources.model)
+
+    def fixed_part(self, resources: TaskResources) -> list[str]:
+        return personalisation_of(resources.config).together_fixed(resources.model)
 
 
 def personal_metrics(resources: TaskResources, client_id: int, server_round: int,

@@ -308,6 +308,7 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     sides = chunk_sides(resources, content, global_arrays, states, len(ids))
     objective = chunk_objective(sides, model)
     personal = sides[0].personal_part(resources)
+    fixed = sides[0].fixed_part(resources)
     starts = personal_starts(states, personal, global_arrays)
     if seeds is None:
         seeds = client_round_seeds(config.run.seed, server_round, ids,
@@ -329,7 +330,7 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
         # a group of the whole chunk is its stack; another's rows are copied into one
         arrays, group = _train_group(resources, model, [rows[i] for i in members],
                                      group_objective, masks, start,
-                                     keep_stacks and len(members) == len(ids))
+                                     keep_stacks and len(members) == len(ids), fixed)
         stacked = into_chunk(stacked, arrays, members, len(ids), travelling)
         for i, result in zip(members, group, strict=True):
             results[i] = result
@@ -392,7 +393,8 @@ def _client_batches(resources: TaskResources, shards: Sequence[int], seeds: Sequ
 
 def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.ndarray]],
                  objective: LocalObjective | None, masks: ClientMasks,
-                 start: dict[str, np.ndarray] | None = None, hand_over: bool = False
+                 start: dict[str, np.ndarray] | None = None, hand_over: bool = False,
+                 fixed_part: Sequence[str] = ()
                  ) -> tuple[dict[str, np.ndarray], list[TrainResult]]:
     """Clients that take the same number of steps (at least one), trained together: their
     travelling arrays stacked (client i: row i) and each one's training result (duration 0:
@@ -400,11 +402,14 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
     gradient, as ``LocalObjective.adjust_gradients`` adds them to one client's; dropout drops
     what each client's own generator draws (``masks``). Every client starts from the global
     weights but for the trainable tensors of ``start``: its own values (row i: client i's;
-    FedPer's personal head). ``hand_over``: the arrays are the caller's (``stacked_arrays``)."""
+    FedPer's personal head). ``hand_over``: the arrays are the caller's (``stacked_arrays``).
+    The trainable tensors of ``fixed_part`` do not train: every client keeps the global values
+    (FedBABU's head), as ``fedtune.personal.base.train_part`` trains one client."""
     travelling = travelling_tensors(model)
     steps = len(rows[0])
     clients = len(rows)
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    names = [name for name, p in model.named_parameters()
+             if p.requires_grad and name not in fixed_part]
     fixed = {name: t for name, t in (*model.named_parameters(), *model.named_buffers())
              if name not in names}
     copies = stacked_copies(model, names, clients, resources.train_settings)
@@ -515,12 +520,15 @@ def stacked_copies(model: nn.Module, names: list[str], clients: int, settings: T
                    ) -> StackedCopies:
     """``clients`` stacked copies of the trainable parameters ``names`` (their values unwritten:
     the chunk copies its start model in) and an optimizer over them, reset (as new). Kept on
-    the model for the next chunk of as many clients, for the ``KEPT_SIZES`` sizes used last
+    the model for the next chunk of as many clients and the same tensors, for the
+    ``KEPT_SIZES`` sizes used last
     (an asynchronous server's calls come in many sizes): fresh tensors of a chunk's size are
     zero-filled page by page on first write, which costs more than the chunk's optimizer
     step."""
-    kept: dict[int, StackedCopies] = model.__dict__.setdefault("_fedtune_stacked", {})
-    copies = kept.pop(clients, None)  # back in last: the least recently used size goes first
+    kept: dict[tuple[int, tuple[str, ...]], StackedCopies] = model.__dict__.setdefault(
+        "_fedtune_stacked", {})
+    key = clients, tuple(names)
+    copies = kept.pop(key, None)  # back in last: the least recently used size goes first
     if copies is None:
         if len(kept) >= KEPT_SIZES:
             kept.pop(next(iter(kept)))
@@ -530,7 +538,7 @@ def stacked_copies(model: nn.Module, names: list[str], clients: int, settings: T
                   for name in names]
         tensors = [torch.from_numpy(owner) for owner in owners]
         copies = StackedCopies(tensors, owners, make_optimizer(tensors, settings))
-    kept[clients] = copies
+    kept[key] = copies
     reset_optimizer(copies.optimizer)
     return copies
 

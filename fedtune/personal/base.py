@@ -64,6 +64,11 @@ class Personalisation:
         from its own values of some tensors, has them (FedPer)."""
         raise ValueError(f"{type(self).__name__}'s clients train one at a time")
 
+    def together_fixed(self, model: nn.Module) -> list[str]:
+        """For clients trained together: the trainable tensors that do not train (they stay
+        at the global values, which the reply carries: FedBABU's head)."""
+        return []
+
 
 def personalisation_of(config: Config) -> Personalisation:
     """The strategy's personalisation (the table entry's ``personal``; the base class, no

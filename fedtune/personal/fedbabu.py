@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from flwr.app import RecordDict
+from torch import nn
 
 from fedtune.personal.base import NDArray, Personalisation, fine_tune, train_part
-from fedtune.personal.split import body_names
+from fedtune.personal.split import body_names, head_names
 from fedtune.task import TaskResources
 from fedtune.train import TrainResult
 
@@ -25,6 +26,12 @@ class FedBABU(Personalisation):
     def train(self, resources: TaskResources, shard: int, seed: int, state: RecordDict,
               global_arrays: Mapping[str, NDArray]) -> TrainResult | None:
         return train_part(resources, shard, seed, body_names(resources.model))
+
+    def together_part(self, model: nn.Module) -> list[str]:
+        return []  # no personal tensor while training: the head is everyone's, and fixed
+
+    def together_fixed(self, model: nn.Module) -> list[str]:
+        return head_names(model)
 
     def personal_arrays(self, resources: TaskResources, shard: int, state: RecordDict | None,
                         global_arrays: Mapping[str, NDArray], seed: int

@@ -437,7 +437,7 @@ STRATEGIES.update({
         "FedBABU (Oh et al. 2022): the body trains under a fixed random head; each client "
         "fine-tunes at evaluation",
         keys=FINETUNE_KEYS, personal="fedtune.personal.fedbabu:FedBABU", shared_part="body",
-        check=_check_shared_body, **PERSONAL),
+        check=_check_shared_body, **PERSONAL, client_together=True),
     "fedper": StrategyEntry(
         "FedPer (Arivazhagan et al. 2019): shared body, personal head, trained together",
         personal="fedtune.personal.fedper:FedPer", personal_part="head", shared_part="body",

@@ -34,6 +34,7 @@ from fedtune.engine.cohort import (
     run_block,
 )
 from fedtune.engine.inprocess import act_as_server, run_inprocess
+from fedtune.personal.evaluation import initial_arrays
 from fedtune.personal.split import head_names
 from fedtune.protocol import (
     ARRAYS,
@@ -139,10 +140,14 @@ def test_a_run_with_clients_together_matches_the_loop(tmp_path, overrides, one_t
         np.testing.assert_allclose(ours[name], theirs[name], atol=1e-5, rtol=0)
 
 
-def test_a_fedper_run_with_clients_together_matches_the_loop(tmp_path, one_torch_thread):
+@pytest.mark.parametrize("strategy", ["fedper", "fedbabu"])
+def test_a_shared_body_run_with_clients_together_matches_the_loop(tmp_path, strategy,
+                                                                   one_torch_thread):
     """FedPer (Arivazhagan et al. 2019) batched: each client starts from its own head, keeps
-    the trained one and replies the global head, as one at a time: the same statuses, metrics
-    and personal evaluation to float rounding, and every client's head in the state store."""
+    the trained one and replies the global head; FedBABU (Oh et al. 2022): the head does not
+    train and every reply carries it as received - as one at a time: the same statuses,
+    metrics and personal evaluation (FedBABU's fine-tunes the head) to float rounding, and
+    every FedPer client's head in the state store; FedBABU's global head never moves."""
     from fedtune.client.app import app as fedtune_client_app
     from fedtune.config import to_run_config
     from fedtune.engine.inprocess import InProcessGrid
@@ -150,14 +155,15 @@ def test_a_fedper_run_with_clients_together_matches_the_loop(tmp_path, one_torch
 
     runs, heads = {}, {}
     for flag in ("false", "true"):
-        config = tiny_config(tmp_path, *VECTORISED, "strategy.name=fedper",
+        config = tiny_config(tmp_path, *VECTORISED, f"strategy.name={strategy}",
                              f"engine.vectorise_clients={flag}", "run.rounds=3",
                              f"run.dir={tmp_path / flag}")
         assert (one_at_a_time_because(config) is None) == (flag == "true")
         grid = InProcessGrid(fedtune_client_app, to_run_config(config), 12)
         runs[flag] = run_federated(grid, config).path
         heads[flag] = {client: protocol.to_numpy(grid.client_states.get(client)[PERSONAL_STATE])
-                       for client in grid.client_states.clients()}
+                       for client in grid.client_states.clients()
+                       if PERSONAL_STATE in grid.client_states.get(client)}
     clients = {flag: [(r["round"], r["client_id"], r["status"], r["num_examples"])
                       for r in rows_of(path / "clients.csv")] for flag, path in runs.items()}
     assert clients["true"] == clients["false"] and len(clients["true"]) == 36
@@ -173,7 +179,8 @@ def test_a_fedper_run_with_clients_together_matches_the_loop(tmp_path, one_torch
         for column in ("accuracy", "loss"):
             if theirs[column]:
                 assert float(ours[column]) == pytest.approx(float(theirs[column]), abs=1e-4)
-    assert heads["true"].keys() == heads["false"].keys() == set(range(12))
+    assert heads["true"].keys() == heads["false"].keys() == (
+        set(range(12)) if strategy == "fedper" else set())
     for client, theirs in heads["false"].items():
         assert heads["true"][client].keys() == theirs.keys() and theirs
         for name in theirs:
@@ -182,6 +189,13 @@ def test_a_fedper_run_with_clients_together_matches_the_loop(tmp_path, one_torch
     ours, theirs = (load_file(str(runs[f] / "model" / "model.safetensors")) for f in runs)
     for name in theirs:
         np.testing.assert_allclose(ours[name], theirs[name], atol=1e-5, rtol=0)
+    if strategy == "fedbabu":
+        resources = task_resources(config)
+        initial, head = initial_arrays(resources), head_names(resources.model)
+        assert head  # every reply carried the initial head: the mean of equal heads is it
+        for name in head:
+            np.testing.assert_array_equal(ours[name], initial[name])
+        assert max(np.abs(ours[n] - initial[n]).max() for n in ours if n not in head) > 1e-3
 
 
 def _content_and_blocks(resources, config, clients):
