@@ -28,6 +28,17 @@ class TrainSettings:
     precision: str = "fp32"  # fp32 | bf16 | fp16 autocast
 
 
+@dataclass(frozen=True)
+class TrainPass:
+    """One pass of a client's local training as clients trained together run it
+    (``fedtune.client.vectorised``): the trainable tensors that stay fixed during it, and its
+    schedule (None: the run's ``TrainSettings``). Most clients make one pass of everything;
+    FedBABU's fixes the head, FedRep's trains the head and then the body."""
+
+    fixed: tuple[str, ...] = ()
+    settings: TrainSettings | None = None
+
+
 class GradientTerms(Protocol):
     """Extra terms of a local objective whose gradients are added after ``backward``
     (``fedtune.client.objective.LocalObjective``)."""

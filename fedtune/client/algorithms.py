@@ -26,7 +26,7 @@ from torch import nn
 
 from fedtune.client.objective import LocalObjective
 from fedtune.protocol import CONFIG, FEDDYN_STATE, SCAFFOLD_STATE
-from fedtune.train import TrainSettings
+from fedtune.train import TrainPass, TrainSettings
 from strategies import feddyn, fednova, scaffold
 from strategies.records import NDArray, floating, to_numpy, to_record, zeros_like
 
@@ -112,11 +112,10 @@ class ClientSide:
         global values (FedPer's head; []: none)."""
         return []
 
-    def fixed_part(self, resources: TaskResources) -> list[str]:
-        """For clients trained together: the trainable tensors that do not train this round
-        (they stay at the global values, and the reply carries them so: FedBABU's head;
-        []: none)."""
-        return []
+    def together_passes(self, resources: TaskResources) -> list[TrainPass]:
+        """For clients trained together: the passes of local training, in order (one of
+        everything; FedBABU's and FedRep's fix part of the model, ``TrainPass``)."""
+        return [TrainPass()]
 
 
 class FedProxClient(ClientSide):

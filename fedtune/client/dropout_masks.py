@@ -40,13 +40,19 @@ class ClientMasks:
     @classmethod
     def seeded(cls, model: nn.Module, seeds: Sequence[int], epoch_draws: Sequence[int],
                epoch_batches: Sequence[int]) -> ClientMasks:
-        """The masks of clients whose generators are seeded with ``seeds``; the generators are
-        made only where the model drops anything (a torch generator and its seeding cost ~2.5
-        us a client, which a model without dropout never draws from)."""
-        masks = cls(model, [], epoch_draws, epoch_batches)
-        if masks.layers:
-            masks.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        return masks
+        """The masks of clients whose generators are seeded with ``seeds`` (``generators``)."""
+        return cls(model, cls.generators(model, seeds) or [], epoch_draws, epoch_batches)
+
+    @staticmethod
+    def generators(model: nn.Module, seeds: Sequence[int]) -> list[torch.Generator] | None:
+        """A generator per client, seeded with its seed, where the model drops anything (None:
+        it drops nothing; a torch generator and its seeding cost ~2.5 us a client, which a
+        model without dropout never draws from). A client trained in several passes
+        (``fedtune.train.TrainPass``) keeps drawing on its own, as one client's default
+        generator goes on from pass to pass."""
+        if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+            return None
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
 
     def __bool__(self) -> bool:
         return bool(self.layers)

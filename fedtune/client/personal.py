@@ -16,14 +16,15 @@ from fedtune.personal.base import personalisation_of
 from fedtune.personal.evaluation import client_rows, initial_arrays, local_only_row
 from fedtune.privacy.mode import LocalTraining
 from fedtune.task import TaskResources
+from fedtune.train import TrainPass
 
 
 class PersonalClient(ClientSide):
     """Trains as the strategy's personalisation says; its reply carries the shared part.
-    Trained together (a ``client_together`` entry: FedPer, FedBABU), it reads and writes no
-    ``RecordDict``: its personal part (the personalisation's ``together_part``) is kept in the
-    state's bytes by ``fedtune.client.vectorised``, and its fixed part
-    (``together_fixed``) does not train."""
+    Trained together (a ``client_together`` entry: FedPer, FedBABU, FedRep), it reads and
+    writes no ``RecordDict``: its personal part (the personalisation's ``together_part``) is
+    kept in the state's bytes by ``fedtune.client.vectorised``, which trains it in the
+    personalisation's passes (``together_passes``)."""
 
     def train(self, resources: TaskResources, shard: int, seed: int) -> LocalTraining | None:
         result = personalisation_of(resources.config).train(
@@ -33,8 +34,8 @@ class PersonalClient(ClientSide):
     def personal_part(self, resources: TaskResources) -> list[str]:
         return personalisation_of(resources.config).together_part(resources.model)
 
-    def fixed_part(self, resources: TaskResources) -> list[str]:
-        return personalisation_of(resources.config).together_fixed(resources.model)
+    def together_passes(self, resources: TaskResources) -> list[TrainPass]:
+        return personalisation_of(resources.config).together_passes(resources)
 
 
 def personal_metrics(resources: TaskResources, client_id: int, server_round: int,

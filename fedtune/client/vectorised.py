@@ -36,7 +36,11 @@ personal part (``ClientSide.personal_part``: FedPer's head, Arivazhagan et al. 2
 each client's row of those tensors from its own values, keeps the trained row in its state and
 sets the reply's row back to the global values; that part is read from and written into the
 state's bytes (``fedtune.state.arrays``), never a Flower ``RecordDict``, which would cost more
-per client than its share of the training (``personal_starts``, ``keep_personal``).
+per client than its share of the training (``personal_starts``, ``keep_personal``). A side
+may train in passes (``ClientSide.together_passes``, ``fedtune.train.TrainPass``), each with
+some tensors fixed and maybe its own schedule: FedBABU's head never trains (Oh et al. 2022);
+FedRep trains each client's own head alone, then the body under it (Collins et al. 2021), the
+fixed heads going through vmap as one value per client (``_train_group``'s ``start``).
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ from fedtune.tables.runtimes import RUNTIMES
 from fedtune.tables.strategies import STRATEGIES
 from fedtune.task import TaskResources, client_round_seeds, resolve_device
 from fedtune.train import (
+    TrainPass,
     TrainResult,
     TrainSettings,
     local_batches,
@@ -238,20 +243,18 @@ def personal_starts(states: Sequence[bytes], names: Sequence[str],
     return starts
 
 
-def keep_personal(states: Sequence[bytes], starts: dict[str, np.ndarray],
+def keep_personal(states: Sequence[bytes], own: dict[str, np.ndarray],
                   stacked: dict[str, np.ndarray] | None, trained: np.ndarray,
-                  global_arrays: dict[str, np.ndarray]) -> list[bytes]:
-    """Each client's state with its personal tensors (``starts``' names) as it trained them
-    (row i of ``stacked`` where ``trained[i]``, else its start), in ``protocol.
-    PERSONAL_STATE`` as ``fedtune.personal.base.store_arrays`` keeps them; the trained rows of
-    ``stacked``, which the replies view, are set back to the global values."""
-    kept = []
-    for i, state in enumerate(states):
-        source = stacked if trained[i] else starts
-        kept.append(with_arrays(state, protocol.PERSONAL_STATE,
-                                {name: source[name][i] for name in starts}))
+                  names: Sequence[str], global_arrays: dict[str, np.ndarray]) -> list[bytes]:
+    """Each client's state with its personal tensors (row i of ``own``: its values, as its
+    passes trained them), in ``protocol.PERSONAL_STATE`` as
+    ``fedtune.personal.base.store_arrays`` keeps them; the rows of ``stacked`` (which the
+    replies view) where ``trained``, of the personal tensors the last pass trained
+    (``names``), are set back to the global values."""
+    kept = [with_arrays(state, protocol.PERSONAL_STATE, {name: own[name][i] for name in own})
+            for i, state in enumerate(states)]
     if stacked is not None:
-        for name in starts:
+        for name in names:
             stacked[name][trained] = global_arrays[name]
     return kept
 
@@ -308,32 +311,22 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     sides = chunk_sides(resources, content, global_arrays, states, len(ids))
     objective = chunk_objective(sides, model)
     personal = sides[0].personal_part(resources)
-    fixed = sides[0].fixed_part(resources)
-    starts = personal_starts(states, personal, global_arrays)
+    own = personal_starts(states, personal, global_arrays)  # trained in place, pass by pass
     if seeds is None:
         seeds = client_round_seeds(config.run.seed, server_round, ids,
                                    protocol.message_dispatch(content))
     shards = [client_shard(config, client_id) for client_id in ids]
-    rows, epoch_draws, epoch_batches = _client_batches(resources, shards, seeds)
-    steps = np.array([len(r) for r in rows])
-    travelling = travelling_tensors(model)
-    stacked: dict[str, np.ndarray] | None = None
-    results = [TrainResult(float("nan"), 0, 0, 0.0)] * len(ids)
-    for count in np.unique(steps[steps > 0]):  # clients with as many steps train together
-        members = np.flatnonzero(steps == count)
-        masks = ClientMasks.seeded(model, [seeds[i] for i in members],
-                                   [epoch_draws[i] for i in members],
-                                   [epoch_batches[i] for i in members])
-        group_objective = (objective.rows(members) if isinstance(objective, StackedObjective)
-                           and len(members) < len(ids) else objective)
-        start = {name: value[members] for name, value in starts.items()}
-        # a group of the whole chunk is its stack; another's rows are copied into one
-        arrays, group = _train_group(resources, model, [rows[i] for i in members],
-                                     group_objective, masks, start,
-                                     keep_stacks and len(members) == len(ids), fixed)
-        stacked = into_chunk(stacked, arrays, members, len(ids), travelling)
-        for i, result in zip(members, group, strict=True):
-            results[i] = result
+    # each client's dropout generator, drawn on across its passes as its own default one is
+    generators = ClientMasks.generators(model, seeds)
+    passes = sides[0].together_passes(resources)
+    for number, train_pass in enumerate(passes):
+        last = number == len(passes) - 1
+        stacked, results, steps = _train_pass(
+            resources, train_pass, shards, seeds, generators, objective, own,
+            keep_stacks and last)
+        for name in own:  # a client without a step keeps its values
+            if name not in train_pass.fixed and stacked is not None:
+                own[name][steps > 0] = stacked[name][steps > 0]
     share = (time.perf_counter() - started) / len(ids)
     trained = []
     for i, client_id in enumerate(ids):
@@ -348,10 +341,45 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
                                                    result.num_steps, share), {}, extra)
         trained.append(client)
     if personal:  # its trained personal part kept, the reply's the global values
-        states = keep_personal(states, starts, stacked, steps > 0, global_arrays)
+        states = keep_personal(states, own, stacked, steps > 0,
+                               [name for name in own if name not in passes[-1].fixed],
+                               global_arrays)
     elif sides[0].own_state:
         states = [state_to_bytes(side.state) for side in sides]
     return TrainedChunk(trained, stacked, share, list(states))
+
+
+def _train_pass(resources: TaskResources, train_pass: TrainPass, shards: Sequence[int],
+                seeds: Sequence[int], generators: list[torch.Generator] | None,
+                objective: LocalObjective | None, own: dict[str, np.ndarray], keep_stack: bool
+                ) -> tuple[dict[str, np.ndarray] | None, list[TrainResult], np.ndarray]:
+    """One pass of a chunk's training (``TrainPass``): its clients grouped by their number of
+    steps, each group trained together from the clients' ``own`` values of their personal
+    tensors (the global ones elsewhere); the chunk's stacked arrays (None: no client took a
+    step), each client's result and its steps."""
+    model, clients = resources.model, len(shards)
+    settings = train_pass.settings or resources.train_settings
+    rows, epoch_draws, epoch_batches = _client_batches(resources, shards, seeds, settings)
+    steps = np.array([len(r) for r in rows])
+    travelling = travelling_tensors(model)
+    stacked: dict[str, np.ndarray] | None = None
+    results = [TrainResult(float("nan"), 0, 0, 0.0)] * clients
+    for count in np.unique(steps[steps > 0]):  # clients with as many steps train together
+        members = np.flatnonzero(steps == count)
+        masks = ClientMasks(model, [generators[i] for i in members] if generators else [],
+                            [epoch_draws[i] for i in members],
+                            [epoch_batches[i] for i in members])
+        group_objective = (objective.rows(members) if isinstance(objective, StackedObjective)
+                           and len(members) < clients else objective)
+        start = {name: value[members] for name, value in own.items()}
+        # a group of the whole chunk is its stack; another's rows are copied into one
+        arrays, group = _train_group(resources, model, [rows[i] for i in members],
+                                     group_objective, masks, start,
+                                     keep_stack and len(members) == clients, train_pass.fixed)
+        stacked = into_chunk(stacked, arrays, members, clients, travelling)
+        for i, result in zip(members, group, strict=True):
+            results[i] = result
+    return stacked, results, steps
 
 
 def into_chunk(stacked: dict[str, np.ndarray] | None, arrays: dict[str, np.ndarray],
@@ -372,13 +400,13 @@ def into_chunk(stacked: dict[str, np.ndarray] | None, arrays: dict[str, np.ndarr
     return stacked
 
 
-def _client_batches(resources: TaskResources, shards: Sequence[int], seeds: Sequence[int]
+def _client_batches(resources: TaskResources, shards: Sequence[int], seeds: Sequence[int],
+                    settings: TrainSettings
                     ) -> tuple[list[list[np.ndarray]], list[int], list[int]]:
     """Each client's batches this round (row numbers: ``local_batches`` over its
     ``TaskResources.client_train_row_batches``), and its loader's draws from torch's default
     generator and batches per epoch (``ClientMasks``); drawn by ``first_epoch_batches`` where
     it can."""
-    settings = resources.train_settings
     first = first_epoch_batches(resources.encoded,
                                 [resources.client_train_rows(shard) for shard in shards],
                                 resources.config.client.batch_size, seeds, settings.local_steps)
@@ -401,33 +429,37 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
     the caller shares the chunk's time). ``objective``'s terms are added to every client's
     gradient, as ``LocalObjective.adjust_gradients`` adds them to one client's; dropout drops
     what each client's own generator draws (``masks``). Every client starts from the global
-    weights but for the trainable tensors of ``start``: its own values (row i: client i's;
-    FedPer's personal head). ``hand_over``: the arrays are the caller's (``stacked_arrays``).
-    The trainable tensors of ``fixed_part`` do not train: every client keeps the global values
-    (FedBABU's head), as ``fedtune.personal.base.train_part`` trains one client."""
+    weights but for the tensors of ``start``: its own values (row i: client i's; FedPer's
+    personal head, and FedRep's, trained or fixed). The trainable tensors of ``fixed_part`` do
+    not train (FedBABU's head; FedRep's head, then its body), as
+    ``fedtune.personal.base.train_part`` trains one client. ``hand_over``: the arrays are the
+    caller's (``stacked_arrays``)."""
     travelling = travelling_tensors(model)
     steps = len(rows[0])
     clients = len(rows)
     names = [name for name, p in model.named_parameters()
              if p.requires_grad and name not in fixed_part]
+    # fixed tensors with a value per client: through vmap beside the trained ones
+    own_fixed = {name: torch.from_numpy(values) for name, values in (start or {}).items()
+                 if name not in names}
     fixed = {name: t for name, t in (*model.named_parameters(), *model.named_buffers())
-             if name not in names}
+             if name not in names and name not in own_fixed}
     copies = stacked_copies(model, names, clients, resources.train_settings)
     stacked, optimizer = copies.tensors, copies.optimizer
     with torch.no_grad():  # every client starts from the global weights
         torch._foreach_copy_(stacked, [travelling[name].detach().expand_as(copy)
                                        for name, copy in zip(names, stacked, strict=True)])
         for name, values in (start or {}).items():
-            if name not in names:
-                raise ValueError(f"the personal tensor {name!r} does not train: clients that "
-                                 "keep it cannot train together")
-            stacked[names.index(name)].copy_(torch.from_numpy(values))
+            if name in names:
+                stacked[names.index(name)].copy_(torch.from_numpy(values))
+    per_client = tuple(own_fixed.values())
 
-    def loss(params: tuple[torch.Tensor, ...], inputs: dict[str, torch.Tensor],
-             labels: torch.Tensor, mask: torch.Tensor, dropped: tuple[torch.Tensor, ...]
-             ) -> torch.Tensor:
+    def loss(params: tuple[torch.Tensor, ...], own: tuple[torch.Tensor, ...],
+             inputs: dict[str, torch.Tensor], labels: torch.Tensor, mask: torch.Tensor,
+             dropped: tuple[torch.Tensor, ...]) -> torch.Tensor:
         masks.current = dropped  # this client's dropout masks (``ClientMasks.applied``)
-        out = functional_call(model, {**fixed, **dict(zip(names, params, strict=True))},
+        out = functional_call(model, {**fixed, **dict(zip(own_fixed, own, strict=True)),
+                                      **dict(zip(names, params, strict=True))},
                               args=(), kwargs=inputs)
         logits = out if isinstance(out, torch.Tensor) else out.logits
         per_example = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
@@ -440,7 +472,7 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
     # gradients bit for bit with one thread: tests/engine/test_vectorised.py and the golden
     # runs check it; the stacked copies still take the optimizer's step)
     shared = None if start else tuple(travelling[name].detach() for name in names)
-    first_step = vmap(grad_and_value(loss), in_dims=(None, 0, 0, 0, 0))
+    first_step = vmap(grad_and_value(loss), in_dims=(None, 0, 0, 0, 0, 0))
     loss_sums = np.zeros(clients)
     seen = np.zeros(clients, dtype=np.int64)
     encoded, labels = resources.encoded, resources.federation.data.labels
@@ -451,9 +483,9 @@ def _train_group(resources: TaskResources, model: nn.Module, rows: list[list[np.
                 masks.probe(inputs)
             dropped = masks.draw(s, counts, mask.shape[1]) if masks else ()
             if s == 0 and shared is not None:
-                grads, losses = first_step(shared, inputs, target, mask, dropped)
+                grads, losses = first_step(shared, per_client, inputs, target, mask, dropped)
             else:
-                grads, losses = step(tuple(stacked), inputs, target, mask, dropped)
+                grads, losses = step(tuple(stacked), per_client, inputs, target, mask, dropped)
             for param, gradient in zip(stacked, grads, strict=True):
                 param.grad = gradient
             if objective is not None:

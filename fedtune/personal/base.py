@@ -28,7 +28,14 @@ from fedtune.models.weights import load_shared_state, shared_state, travelling_t
 from fedtune.personal.split import part_names
 from fedtune.tables import import_object
 from fedtune.tables.strategies import STRATEGIES
-from fedtune.train import GradientTerms, TrainResult, TrainSettings, evaluate, make_optimizer
+from fedtune.train import (
+    GradientTerms,
+    TrainPass,
+    TrainResult,
+    TrainSettings,
+    evaluate,
+    make_optimizer,
+)
 from fedtune.train import train_local as train_loop
 
 if TYPE_CHECKING:
@@ -64,10 +71,10 @@ class Personalisation:
         from its own values of some tensors, has them (FedPer)."""
         raise ValueError(f"{type(self).__name__}'s clients train one at a time")
 
-    def together_fixed(self, model: nn.Module) -> list[str]:
-        """For clients trained together: the trainable tensors that do not train (they stay
-        at the global values, which the reply carries: FedBABU's head)."""
-        return []
+    def together_passes(self, resources: TaskResources) -> list[TrainPass]:
+        """For clients trained together: ``train``'s passes of local training, in order (one
+        pass of everything: FedPer's)."""
+        return [TrainPass()]
 
 
 def personalisation_of(config: Config) -> Personalisation:

@@ -17,7 +17,7 @@ from torch import nn
 from fedtune.personal.base import NDArray, Personalisation, fine_tune, train_part
 from fedtune.personal.split import body_names, head_names
 from fedtune.task import TaskResources
-from fedtune.train import TrainResult
+from fedtune.train import TrainPass, TrainResult
 
 
 class FedBABU(Personalisation):
@@ -30,8 +30,8 @@ class FedBABU(Personalisation):
     def together_part(self, model: nn.Module) -> list[str]:
         return []  # no personal tensor while training: the head is everyone's, and fixed
 
-    def together_fixed(self, model: nn.Module) -> list[str]:
-        return head_names(model)
+    def together_passes(self, resources: TaskResources) -> list[TrainPass]:
+        return [TrainPass(fixed=tuple(head_names(resources.model)))]  # as ``train``
 
     def personal_arrays(self, resources: TaskResources, shard: int, state: RecordDict | None,
                         global_arrays: Mapping[str, NDArray], seed: int

@@ -447,7 +447,7 @@ STRATEGIES.update({
         keys={"fedrep_head_epochs": Key(2, "epochs of head-only training before the body's "
                                            "(Collins et al. 2021)", ge=1)},
         personal="fedtune.personal.fedrep:FedRep", personal_part="head", shared_part="body",
-        check=_check_shared_body, **PERSONAL),
+        check=_check_shared_body, **PERSONAL, client_together=True),
     "ditto": StrategyEntry(
         "Ditto (Li et al. 2021): a personal model pulled towards the global one by lambda",
         keys={"ditto_lambda": Key(0.1, "proximal weight lambda of the personal model (Li et "

@@ -140,14 +140,19 @@ def test_a_run_with_clients_together_matches_the_loop(tmp_path, overrides, one_t
         np.testing.assert_allclose(ours[name], theirs[name], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("strategy", ["fedper", "fedbabu"])
-def test_a_shared_body_run_with_clients_together_matches_the_loop(tmp_path, strategy,
+@pytest.mark.parametrize(("strategy", "extra"), [
+    ("fedper", []), ("fedbabu", []), ("fedrep", []),
+    # dropout: each client's generator goes on from the head's pass to the body's
+    ("fedrep", ["model.dropout=0.3"])], ids=["fedper", "fedbabu", "fedrep", "fedrep-dropout"])
+def test_a_shared_body_run_with_clients_together_matches_the_loop(tmp_path, strategy, extra,
                                                                    one_torch_thread):
     """FedPer (Arivazhagan et al. 2019) batched: each client starts from its own head, keeps
     the trained one and replies the global head; FedBABU (Oh et al. 2022): the head does not
-    train and every reply carries it as received - as one at a time: the same statuses,
-    metrics and personal evaluation (FedBABU's fine-tunes the head) to float rounding, and
-    every FedPer client's head in the state store; FedBABU's global head never moves."""
+    train and every reply carries it as received; FedRep (Collins et al. 2021): two passes, the
+    client's own head alone for strategy.fedrep_head_epochs, then the body under that head -
+    as one at a time: the same statuses, metrics and personal evaluation (FedBABU's fine-tunes
+    the head) to float rounding, and every FedPer and FedRep client's head in the state store;
+    FedBABU's global head never moves."""
     from fedtune.client.app import app as fedtune_client_app
     from fedtune.config import to_run_config
     from fedtune.engine.inprocess import InProcessGrid
@@ -155,7 +160,7 @@ def test_a_shared_body_run_with_clients_together_matches_the_loop(tmp_path, stra
 
     runs, heads = {}, {}
     for flag in ("false", "true"):
-        config = tiny_config(tmp_path, *VECTORISED, f"strategy.name={strategy}",
+        config = tiny_config(tmp_path, *VECTORISED, f"strategy.name={strategy}", *extra,
                              f"engine.vectorise_clients={flag}", "run.rounds=3",
                              f"run.dir={tmp_path / flag}")
         assert (one_at_a_time_because(config) is None) == (flag == "true")
@@ -180,7 +185,7 @@ def test_a_shared_body_run_with_clients_together_matches_the_loop(tmp_path, stra
             if theirs[column]:
                 assert float(ours[column]) == pytest.approx(float(theirs[column]), abs=1e-4)
     assert heads["true"].keys() == heads["false"].keys() == (
-        set(range(12)) if strategy == "fedper" else set())
+        set() if strategy == "fedbabu" else set(range(12)))
     for client, theirs in heads["false"].items():
         assert heads["true"][client].keys() == theirs.keys() and theirs
         for name in theirs:
