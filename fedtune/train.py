@@ -31,12 +31,19 @@ class TrainSettings:
 @dataclass(frozen=True)
 class TrainPass:
     """One pass of a client's local training as clients trained together run it
-    (``fedtune.client.vectorised``): the trainable tensors that stay fixed during it, and its
-    schedule (None: the run's ``TrainSettings``). Most clients make one pass of everything;
-    FedBABU's fixes the head, FedRep's trains the head and then the body."""
+    (``fedtune.client.vectorised``): the trainable tensors that stay fixed during it; its
+    schedule (None: the run's ``TrainSettings``); whether it starts from the client's own
+    values of its personal tensors (else the global model) and keeps what it trains of them
+    (else its trained model is only the reply: a pass that keeps them replies their global
+    values); and the weight of a proximal pull towards the global model (Ditto's lambda). Most
+    clients make one pass of everything; FedBABU's fixes the head, FedRep's trains the head and
+    then the body, Ditto's trains its personal model and then the global one."""
 
     fixed: tuple[str, ...] = ()
     settings: TrainSettings | None = None
+    from_own: bool = True
+    keeps: bool = True
+    proximal: float = 0.0
 
 
 class GradientTerms(Protocol):

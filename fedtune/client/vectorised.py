@@ -40,7 +40,9 @@ per client than its share of the training (``personal_starts``, ``keep_personal`
 may train in passes (``ClientSide.together_passes``, ``fedtune.train.TrainPass``), each with
 some tensors fixed and maybe its own schedule: FedBABU's head never trains (Oh et al. 2022);
 FedRep trains each client's own head alone, then the body under it (Collins et al. 2021), the
-fixed heads going through vmap as one value per client (``_train_group``'s ``start``).
+fixed heads going through vmap as one value per client (``_train_group``'s ``start``); Ditto
+trains each client's personal model with a proximal pull towards the global one, then the
+global model from the global values, its reply (Li et al. 2021).
 """
 
 from __future__ import annotations
@@ -322,10 +324,10 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
     for number, train_pass in enumerate(passes):
         last = number == len(passes) - 1
         stacked, results, steps = _train_pass(
-            resources, train_pass, shards, seeds, generators, objective, own,
+            resources, train_pass, shards, seeds, generators, objective, own, global_arrays,
             keep_stacks and last)
-        for name in own:  # a client without a step keeps its values
-            if name not in train_pass.fixed and stacked is not None:
+        for name in own if train_pass.keeps and stacked is not None else ():
+            if name not in train_pass.fixed:  # a client without a step keeps its values
                 own[name][steps > 0] = stacked[name][steps > 0]
     share = (time.perf_counter() - started) / len(ids)
     trained = []
@@ -342,8 +344,8 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
         trained.append(client)
     if personal:  # its trained personal part kept, the reply's the global values
         states = keep_personal(states, own, stacked, steps > 0,
-                               [name for name in own if name not in passes[-1].fixed],
-                               global_arrays)
+                               [name for name in own if passes[-1].keeps
+                                and name not in passes[-1].fixed], global_arrays)
     elif sides[0].own_state:
         states = [state_to_bytes(side.state) for side in sides]
     return TrainedChunk(trained, stacked, share, list(states))
@@ -351,13 +353,20 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
 
 def _train_pass(resources: TaskResources, train_pass: TrainPass, shards: Sequence[int],
                 seeds: Sequence[int], generators: list[torch.Generator] | None,
-                objective: LocalObjective | None, own: dict[str, np.ndarray], keep_stack: bool
+                objective: LocalObjective | None, own: dict[str, np.ndarray],
+                global_arrays: dict[str, np.ndarray], keep_stack: bool
                 ) -> tuple[dict[str, np.ndarray] | None, list[TrainResult], np.ndarray]:
     """One pass of a chunk's training (``TrainPass``): its clients grouped by their number of
     steps, each group trained together from the clients' ``own`` values of their personal
-    tensors (the global ones elsewhere); the chunk's stacked arrays (None: no client took a
-    step), each client's result and its steps."""
+    tensors where the pass says so (the global ones elsewhere); the chunk's stacked arrays
+    (None: no client took a step), each client's result and its steps."""
     model, clients = resources.model, len(shards)
+    if train_pass.proximal:  # Ditto's pull towards the global model, as ``LocalObjective``
+        if objective is not None:
+            raise ValueError("a pass's proximal pull and the client side's objective, together")
+        objective = LocalObjective(quadratic=train_pass.proximal, anchor={
+            name: torch.as_tensor(global_arrays[name]) for name, p in model.named_parameters()
+            if p.requires_grad})
     settings = train_pass.settings or resources.train_settings
     rows, epoch_draws, epoch_batches = _client_batches(resources, shards, seeds, settings)
     steps = np.array([len(r) for r in rows])
@@ -371,7 +380,8 @@ def _train_pass(resources: TaskResources, train_pass: TrainPass, shards: Sequenc
                             [epoch_batches[i] for i in members])
         group_objective = (objective.rows(members) if isinstance(objective, StackedObjective)
                            and len(members) < clients else objective)
-        start = {name: value[members] for name, value in own.items()}
+        start = ({name: value[members] for name, value in own.items()}
+                 if train_pass.from_own else {})
         # a group of the whole chunk is its stack; another's rows are copied into one
         arrays, group = _train_group(resources, model, [rows[i] for i in members],
                                      group_objective, masks, start,

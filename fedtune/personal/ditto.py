@@ -28,7 +28,7 @@ from fedtune.personal.base import (
 from fedtune.personal.split import part_names
 from fedtune.protocol import PERSONAL_STATE
 from fedtune.task import TaskResources
-from fedtune.train import TrainResult
+from fedtune.train import TrainPass, TrainResult
 
 
 class ProximalPull:
@@ -61,6 +61,14 @@ class Ditto(Personalisation):
         store_arrays(state, PERSONAL_STATE, shared_state(model, copy=False))
         load_shared_state(model, global_arrays)
         return train_part(resources, shard, seed, names)
+
+    def together_part(self, model: nn.Module) -> list[str]:
+        return list(travelling_tensors(model))  # the whole personal model, as ``train`` keeps it
+
+    def together_passes(self, resources: TaskResources) -> list[TrainPass]:
+        # as ``train``: the personal model pulled towards the global one, then the global one
+        return [TrainPass(proximal=self.config.strategy.ditto_lambda),
+                TrainPass(from_own=False, keeps=False)]
 
     def personal_arrays(self, resources: TaskResources, shard: int, state: RecordDict | None,
                         global_arrays: Mapping[str, NDArray], seed: int

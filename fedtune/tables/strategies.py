@@ -453,7 +453,7 @@ STRATEGIES.update({
         keys={"ditto_lambda": Key(0.1, "proximal weight lambda of the personal model (Li et "
                                        "al. 2021 search 0.01-2)", ge=0)},
         personal="fedtune.personal.ditto:Ditto", personal_part="model", shared_part="model",
-        **PERSONAL),
+        **PERSONAL, client_together=True),
     "apfl": StrategyEntry(
         "APFL (Deng et al. 2020): a local model mixed with the global one by a learnt alpha",
         keys={"apfl_alpha": Key(0.25, "initial mixing weight alpha of the local model (Deng "

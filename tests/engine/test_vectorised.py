@@ -143,7 +143,8 @@ def test_a_run_with_clients_together_matches_the_loop(tmp_path, overrides, one_t
 @pytest.mark.parametrize(("strategy", "extra"), [
     ("fedper", []), ("fedbabu", []), ("fedrep", []),
     # dropout: each client's generator goes on from the head's pass to the body's
-    ("fedrep", ["model.dropout=0.3"])], ids=["fedper", "fedbabu", "fedrep", "fedrep-dropout"])
+    ("fedrep", ["model.dropout=0.3"]), ("ditto", ["strategy.ditto_lambda=0.5"])],
+    ids=["fedper", "fedbabu", "fedrep", "fedrep-dropout", "ditto"])
 def test_a_shared_body_run_with_clients_together_matches_the_loop(tmp_path, strategy, extra,
                                                                    one_torch_thread):
     """FedPer (Arivazhagan et al. 2019) batched: each client starts from its own head, keeps
@@ -387,14 +388,14 @@ def test_client_states_after_a_batched_round_match_one_at_a_time(tmp_path, monke
 
 
 @pytest.mark.parametrize("overrides", [
-    ["strategy.name=ditto"],  # a personal model of its own, trained by its own loop
+    ["strategy.name=apfl"],  # a local model mixed with the global one by a learnt alpha
     # Opacus' draws seeded from run.seed (the golden runs' bits)
     ["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3",
      "privacy.insecure_reproducible_noise=true"],
     ["faults.nan_fraction=0.25"],
     ["client.precision=bf16"],
     ["engine.vectorise_clients=false"],
-], ids=["ditto", "local-dp-seeded", "faults", "bf16", "off"])
+], ids=["apfl", "local-dp-seeded", "faults", "bf16", "off"])
 def test_clients_that_need_their_own_loop_train_one_at_a_time(tmp_path, overrides):
     resources = task_resources(tiny_config(tmp_path, *VECTORISED, *overrides))
     assert not vectorisable(resources)
@@ -415,7 +416,7 @@ def test_clients_train_together_by_default_where_they_may(tmp_path):
     assert one_at_a_time_because(config) is None and vectorisable(task_resources(config))
     assert least_block(config) == VECTOR_BLOCK
     for overrides, reason in [
-        (["strategy.name=ditto"], "has its own client side"),
+        (["strategy.name=apfl"], "has its own client side"),
         (["privacy.mode=local", "privacy.target_epsilon=2", "privacy.delta=1e-3",
           "privacy.insecure_reproducible_noise=true"], "Opacus' seeded draws"),
         (["privacy.mode=central", "privacy.target_epsilon=2", "privacy.delta=1e-3"],
