@@ -65,6 +65,7 @@ __all__ = [
     "from_run_config",
     "keys_without_effect",
     "load_config",
+    "personal_evaluation_settings",
     "to_run_config",
     "to_toml",
 ]
@@ -489,15 +490,23 @@ def _check_mlflow_uri(config: Config) -> None:
                       "URI of scheme " + ", ".join(MLFLOW_SCHEMES))
 
 
-def _check_local_tests(config: Config) -> None:
-    """The personal evaluation (asked for, or a personalised strategy's, always on) measures
-    every client on its own local test split: without one it has nothing to measure."""
-    if config.data.local_test_fraction > 0:
-        return
+def personal_evaluation_settings(config: Config) -> list[str]:
+    """The settings that make a run evaluate every client on its own local test split (the
+    personal evaluation): asked for, or a personalised strategy, which always does; empty:
+    none."""
     wanted = [f"run.{name} = true" for name in ("personal_eval", "local_reference")
               if getattr(config.run, name)]
     if STRATEGIES[config.strategy.name].personal:
         wanted.append(f"strategy.name = {config.strategy.name!r}")
+    return wanted
+
+
+def _check_local_tests(config: Config) -> None:
+    """The personal evaluation measures every client on its own local test split: without one
+    it has nothing to measure."""
+    if config.data.local_test_fraction > 0:
+        return
+    wanted = personal_evaluation_settings(config)
     if wanted:
         raise ConfigError(f"data.local_test_fraction = 0 is not allowed with {wanted[0]}: "
                           "must be > 0 (the personal evaluation measures every client on its "

@@ -23,6 +23,7 @@ import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
+from fedtune.config import personal_evaluation_settings
 from fedtune.data.encode import Batch
 from fedtune.models.weights import load_shared_state, shared_state, travelling_tensors
 from fedtune.personal.split import part_names
@@ -85,9 +86,9 @@ def personalisation_of(config: Config) -> Personalisation:
 
 
 def personal_evaluation_on(config: Config) -> bool:
-    """Whether a run evaluates every client: asked for, or a personalised strategy."""
-    return bool(config.run.personal_eval or config.run.local_reference
-                or STRATEGIES[config.strategy.name].personal)
+    """Whether a run evaluates every client: asked for, or a personalised strategy
+    (``fedtune.config.personal_evaluation_settings``)."""
+    return bool(personal_evaluation_settings(config))
 
 
 def stored_arrays(state: RecordDict | None, key: str) -> dict[str, NDArray] | None:
