@@ -45,6 +45,10 @@ class TrainPass:
     keeps: bool = True
     proximal: float = 0.0
 
+    def kept(self, personal: Iterable[str]) -> list[str]:
+        """The ``personal`` tensors this pass trains and keeps."""
+        return [name for name in personal if self.keeps and name not in self.fixed]
+
 
 class GradientTerms(Protocol):
     """Extra terms of a local objective whose gradients are added after ``backward``

@@ -52,7 +52,7 @@ def _decoded(record: ArrayRecord) -> dict[str, NDArray]:
     return _last_decoded[0][1]
 
 
-def _tensors(arrays: dict[str, NDArray], model: nn.Module) -> dict[str, torch.Tensor]:
+def parameter_tensors(arrays: dict[str, NDArray], model: nn.Module) -> dict[str, torch.Tensor]:
     """Arrays of the model's trainable parameters, as tensors beside those parameters."""
     return {name: torch.as_tensor(arrays[name]).to(param.device, param.dtype)
             for name, param in model.named_parameters()
@@ -125,7 +125,7 @@ class FedProxClient(ClientSide):
         mu = float(self.config.get(PROXIMAL_KEY, 0.0))
         if not mu:
             return None
-        return LocalObjective(quadratic=mu, anchor=_tensors(self.global_arrays, model))
+        return LocalObjective(quadratic=mu, anchor=parameter_tensors(self.global_arrays, model))
 
 
 class FedDynClient(ClientSide):
@@ -138,8 +138,9 @@ class FedDynClient(ClientSide):
         if not alpha:
             return None
         gradient = self.stored(FEDDYN_STATE, floating(self.global_arrays))
-        return LocalObjective(quadratic=alpha, anchor=_tensors(self.global_arrays, model),
-                              linear=_tensors(gradient, model))
+        return LocalObjective(quadratic=alpha,
+                              anchor=parameter_tensors(self.global_arrays, model),
+                              linear=parameter_tensors(gradient, model))
 
     def reply(self, local_arrays: dict[str, NDArray], num_steps: int
               ) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
@@ -167,8 +168,8 @@ class ScaffoldClient(ClientSide):
         if server is None:
             return None
         client = self.stored(SCAFFOLD_STATE, server)
-        return LocalObjective(shift=_tensors({name: server[name] - client[name]
-                                              for name in server}, model))
+        return LocalObjective(shift=parameter_tensors(
+            {name: server[name] - client[name] for name in server}, model))
 
     def reply(self, local_arrays: dict[str, NDArray], num_steps: int
               ) -> tuple[dict[str, ArrayRecord], dict[str, float]]:

@@ -21,6 +21,11 @@ import torch
 from torch import nn
 
 
+def dropout_layers(model: nn.Module) -> list[nn.Dropout]:
+    """The model's dropout layers that drop anything (p > 0)."""
+    return [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+
+
 class ClientMasks:
     """The dropout masks of a group of clients trained together, step by step."""
 
@@ -30,7 +35,7 @@ class ClientMasks:
         values its loader draws from the default generator at the start of an epoch;
         ``epoch_batches``: its loader's batches per epoch."""
         self.model = model
-        self.layers = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+        self.layers = dropout_layers(model)
         self.generators = list(generators)
         self.epoch_draws = list(epoch_draws)
         self.epoch_batches = list(epoch_batches)
@@ -50,7 +55,7 @@ class ClientMasks:
         model without dropout never draws from). A client trained in several passes
         (``fedtune.train.TrainPass``) keeps drawing on its own, as one client's default
         generator goes on from pass to pass."""
-        if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        if not dropout_layers(model):
             return None
         return [torch.Generator().manual_seed(seed) for seed in seeds]
 

@@ -58,7 +58,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedtune import protocol
-from fedtune.client.algorithms import ClientSide
+from fedtune.client.algorithms import ClientSide, parameter_tensors
 from fedtune.client.app import TrainedClient, client_shard, train_metrics
 from fedtune.client.dropout_masks import ClientMasks
 from fedtune.client.objective import LocalObjective
@@ -326,9 +326,8 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
         stacked, results, steps = _train_pass(
             resources, train_pass, shards, seeds, generators, objective, own, global_arrays,
             keep_stacks and last)
-        for name in own if train_pass.keeps and stacked is not None else ():
-            if name not in train_pass.fixed:  # a client without a step keeps its values
-                own[name][steps > 0] = stacked[name][steps > 0]
+        for name in train_pass.kept(own) if stacked is not None else ():
+            own[name][steps > 0] = stacked[name][steps > 0]  # without a step: its values
     share = (time.perf_counter() - started) / len(ids)
     trained = []
     for i, client_id in enumerate(ids):
@@ -343,9 +342,8 @@ def _train_chunk(resources: TaskResources, server_round: int, content: RecordDic
                                                    result.num_steps, share), {}, extra)
         trained.append(client)
     if personal:  # its trained personal part kept, the reply's the global values
-        states = keep_personal(states, own, stacked, steps > 0,
-                               [name for name in own if passes[-1].keeps
-                                and name not in passes[-1].fixed], global_arrays)
+        states = keep_personal(states, own, stacked, steps > 0, passes[-1].kept(own),
+                               global_arrays)
     elif sides[0].own_state:
         states = [state_to_bytes(side.state) for side in sides]
     return TrainedChunk(trained, stacked, share, list(states))
@@ -364,9 +362,8 @@ def _train_pass(resources: TaskResources, train_pass: TrainPass, shards: Sequenc
     if train_pass.proximal:  # Ditto's pull towards the global model, as ``LocalObjective``
         if objective is not None:
             raise ValueError("a pass's proximal pull and the client side's objective, together")
-        objective = LocalObjective(quadratic=train_pass.proximal, anchor={
-            name: torch.as_tensor(global_arrays[name]) for name, p in model.named_parameters()
-            if p.requires_grad})
+        objective = LocalObjective(quadratic=train_pass.proximal,
+                                   anchor=parameter_tensors(global_arrays, model))
     settings = train_pass.settings or resources.train_settings
     rows, epoch_draws, epoch_batches = _client_batches(resources, shards, seeds, settings)
     steps = np.array([len(r) for r in rows])

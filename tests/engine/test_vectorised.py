@@ -150,9 +150,11 @@ def test_a_shared_body_run_with_clients_together_matches_the_loop(tmp_path, stra
     """FedPer (Arivazhagan et al. 2019) batched: each client starts from its own head, keeps
     the trained one and replies the global head; FedBABU (Oh et al. 2022): the head does not
     train and every reply carries it as received; FedRep (Collins et al. 2021): two passes, the
-    client's own head alone for strategy.fedrep_head_epochs, then the body under that head -
-    as one at a time: the same statuses, metrics and personal evaluation (FedBABU's fine-tunes
-    the head) to float rounding, and every FedPer and FedRep client's head in the state store;
+    client's own head alone for strategy.fedrep_head_epochs, then the body under that head;
+    Ditto (Li et al. 2021): each client's personal model pulled towards the global one, then
+    the global model, the reply - as one at a time: the same statuses, metrics and personal evaluation (FedBABU's fine-tunes
+    the head) to float rounding, and every FedPer and FedRep client's head (Ditto's model) in
+    the state store;
     FedBABU's global head never moves."""
     from fedtune.client.app import app as fedtune_client_app
     from fedtune.config import to_run_config
